@@ -1,0 +1,38 @@
+# Fresh-machine set-up: `make run` (main job) and `make test` (test suite) each create .venv, install what
+# is missing and build the extension. The venv sees system site-packages, so a machine that already has
+# torch/triton (a GPU box) keeps them; elsewhere torch is installed from TORCH_SPEC.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup run test bench check-cuda clean
+
+setup: $(VENV)/.built
+
+$(VENV)/.deps:
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
+	$(PY) -m pip install $$($(PY) scripts/missing_packages.py)
+	touch $@
+
+$(VENV)/.built: $(VENV)/.deps setup.py $(wildcard csrc/*.cpp kernels/*.cu kernels/*.cuh)
+	$(PY) -m pip install --no-build-isolation --no-deps -e .
+	touch $@
+
+run: setup
+	$(PY) -m vitfast
+
+test: setup
+	$(PY) -m pytest tests -q $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) -m pytest bench --benchmark-only -q $(PYTEST_ARGS)
+
+# Compiles every CUDA kernel and the CUDA glue without a GPU (CI runs this where nvcc is present).
+check-cuda: setup
+	bash scripts/check_cuda.sh $(PY)
+
+clean:
+	rm -rf $(VENV) build *.egg-info vitfast/_C*.so

@@ -1,0 +1,53 @@
+"""Shared test set-up: Triton runs under its interpreter on machines without a GPU, fixed seeds per test,
+the backend cases of each op, and the accuracy rule of DESIGN.md."""
+import os
+import zlib
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Must be set before triton.jit decorates the kernels, i.e. before vitfast.triton is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import vitfast  # noqa: E402
+from vitfast import backend  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    yield
+    vitfast.set_backend(None)
+
+
+def backend_cases(op: str) -> list:
+    """Every (backend, device) that can run `op` on this machine, as pytest params."""
+    cases = []
+    devices = ["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"]
+    for device in devices:
+        for name in backend.BACKENDS:
+            if backend._unavailable(op, name, torch.device(device)) is None:
+                cases.append(pytest.param(name, device, id=f"{name}-{device}"))
+    return cases
+
+
+# Smallest error floor, in units of the dtype's epsilon times the reference's magnitude, so that a kernel is
+# not failed for a difference of a few roundings where plain PyTorch happens to be exact.
+_FLOOR_ULPS = 8
+
+
+def assert_close_to_ref(out: torch.Tensor, ref64: torch.Tensor, plain: torch.Tensor, what: str = "output"):
+    """DESIGN.md's rule: |kernel - fp64 ref| <= 2 |plain PyTorch in the same dtype - fp64 ref| (+ a floor)."""
+    assert out.shape == ref64.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
+    assert out.dtype == plain.dtype, f"{what}: dtype {out.dtype} != {plain.dtype}"
+    if ref64.numel() == 0:
+        return
+    assert torch.isfinite(out).all(), f"{what}: non-finite values"
+    err = (out.double() - ref64).abs().max().item()
+    plain_err = (plain.double() - ref64).abs().max().item()
+    floor = _FLOOR_ULPS * torch.finfo(out.dtype).eps * max(1.0, ref64.abs().max().item())
+    assert err <= 2 * plain_err + floor, (
+        f"{what}: max error {err:.3g} > 2 x plain PyTorch's {plain_err:.3g} + {floor:.3g} ({out.dtype})")

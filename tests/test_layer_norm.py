@@ -1,0 +1,232 @@
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vitfast
+from vitfast.ops.layer_norm import layer_norm_ref
+
+from conftest import DEVICE, assert_close_to_ref, backend_cases
+
+CASES = backend_cases("layer_norm")
+LOW = (torch.float16, torch.bfloat16)
+
+
+def _inputs(shape, n, dtype, device, weight=True, bias=True, residual=False):
+    x = torch.randn(*shape, n, dtype=dtype, device=device) * 2 + 0.5
+    w = torch.randn(n, dtype=dtype, device=device) if weight else None
+    b = torch.randn(n, dtype=dtype, device=device) if bias else None
+    r = torch.randn(*shape, n, dtype=dtype, device=device) if residual else None
+    return x, w, b, r
+
+
+def _run(fn, x, w, b, r, eps, dy, ds):
+    """Forward and every gradient of `fn` (vitfast.layer_norm or the reference)."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b, r)]
+    out = fn(leaves[0], (x.shape[-1],), leaves[1], leaves[2], eps, leaves[3])
+    y, s = out if r is not None else (out, None)
+    loss = (y * dy).sum() + ((s * ds).sum() if s is not None else 0)
+    grads = torch.autograd.grad(loss, [t for t in leaves if t is not None])
+    return [y] + ([s] if s is not None else []) + list(grads)
+
+
+def _check(backend, device, shape, n, dtype, eps=1e-5, **kw):
+    x, w, b, r = _inputs(shape, n, dtype, device, **kw)
+    dy = torch.randn_like(x)
+    ds = torch.randn_like(x)
+    with vitfast.use_backend(backend):
+        got = _run(vitfast.layer_norm, x, w, b, r, eps, dy, ds)
+    d = lambda t: t.double() if t is not None else None  # noqa: E731
+    ref = _run(layer_norm_ref, d(x), d(w), d(b), d(r), eps, d(dy), d(ds))
+    plain = _run(layer_norm_ref, x, w, b, r, eps, dy, ds)
+    names = ["y"] + (["s"] if r is not None else []) + ["dx", "dweight", "dbias", "dresidual"]
+    names = [nm for nm in names if not ((nm == "dweight" and w is None) or (nm == "dbias" and b is None)
+                                        or (nm == "dresidual" and r is None))]
+    assert len(got) == len(ref) == len(names)
+    for nm, g, rf, p in zip(names, got, ref, plain):
+        assert_close_to_ref(g, rf, p, f"{backend} {nm}")
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,n", [((1,), 1), ((3,), 7), ((2, 49), 96), ((197,), 768), ((5,), 1000), ((3,), 1280)])
+def test_matches_fp64(backend, device, dtype, shape, n):
+    _check(backend, device, shape, n, dtype)
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+@pytest.mark.parametrize("weight,bias,residual", [(True, True, True), (False, False, True), (True, False, False),
+                                                  (False, True, False), (False, False, False)])
+def test_affine_and_residual_variants(backend, device, weight, bias, residual):
+    _check(backend, device, (2, 33), 192, torch.float32, weight=weight, bias=bias, residual=residual)
+    _check(backend, device, (17,), 384, torch.bfloat16, weight=weight, bias=bias, residual=residual)
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+def test_large_hidden_and_eps(backend, device):
+    _check(backend, device, (4,), 8192, torch.float32, eps=1e-6, residual=True)
+    _check(backend, device, (3,), 4097, torch.float16, eps=1e-3)
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+def test_float64(backend, device):
+    if backend in ("triton", "cuda"):
+        with vitfast.use_backend(backend), pytest.raises(ValueError, match="float64"):
+            vitfast.layer_norm(torch.randn(3, 8, dtype=torch.float64, device=device), 8)
+        return
+    x = torch.randn(5, 64, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.randn(64, dtype=torch.float64, device=device, requires_grad=True)
+    with vitfast.use_backend(backend):
+        y = vitfast.layer_norm(x, 64, w, None, 1e-5)
+    torch.testing.assert_close(y, F.layer_norm(x, (64,), w, None, 1e-5), rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda a, b: vitfast.layer_norm(a, 64, b, None, 1e-5), (x, w))
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+def test_strided_inputs_are_read_in_place_or_copied_correctly(backend, device):
+    base = torch.randn(40, 200, device=device)
+    cases = [base[:, :96], base.t()[:96, :40].t().contiguous().t().t(), base[::2, 100:196], base.t()[:, :37]]
+    for x in cases:
+        n = x.shape[-1]
+        w = torch.randn(n, device=device)
+        with vitfast.use_backend(backend):
+            y = vitfast.layer_norm(x, n, w, None, 1e-5)
+        ref = layer_norm_ref(x.double(), (n,), w.double(), None, 1e-5)
+        torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+def test_multi_dim_normalized_shape(backend, device):
+    x = torch.randn(3, 4, 5, 6, device=device)
+    w = torch.randn(5, 6, device=device)
+    b = torch.randn(5, 6, device=device)
+    with vitfast.use_backend(backend):
+        y = vitfast.layer_norm(x, (5, 6), w, b)
+    torch.testing.assert_close(y, F.layer_norm(x, (5, 6), w, b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+def test_empty_input(backend, device):
+    x = torch.randn(0, 96, device=device, requires_grad=True)
+    r = torch.randn(0, 96, device=device, requires_grad=True)
+    w = torch.randn(96, device=device, requires_grad=True)
+    with vitfast.use_backend(backend):
+        y, s = vitfast.layer_norm(x, 96, w, None, residual=r)
+        (y.sum() + s.sum()).backward()
+    assert y.shape == s.shape == (0, 96)
+    assert x.grad.shape == (0, 96) and torch.equal(w.grad, torch.zeros_like(w))
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+def test_many_rows(backend, device):
+    """More rows than a grid dimension's 65535 blocks."""
+    x = torch.randn(70_000, 2, device=device, requires_grad=True)
+    with vitfast.use_backend(backend):
+        y = vitfast.layer_norm(x, 2)
+        y.backward(torch.ones_like(y))
+    torch.testing.assert_close(y, F.layer_norm(x.detach(), (2,)), rtol=1e-4, atol=1e-4)
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="2**31 elements need a GPU (tens of GiB on CPU)")
+def test_over_2_pow_31_elements():
+    n = 1024
+    x = torch.randn(2**31 // n + 3, n, device="cuda", dtype=torch.float16)
+    w = torch.randn(n, device="cuda", dtype=torch.float16)
+    for name in ("triton", "cuda"):
+        if name == "cuda" and not vitfast._ext.EXT_CUDA:
+            continue
+        with vitfast.use_backend(name):
+            y = vitfast.layer_norm(x, n, w)
+        tail = slice(-5, None)
+        torch.testing.assert_close(y[tail].float(), F.layer_norm(x[tail].float(), (n,), w.float()),
+                                   rtol=2e-2, atol=2e-2)
+        del y
+
+
+def test_bad_inputs_raise_clear_errors():
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match=r"normalized_shape \(7,\).*\(4, 8\)"):
+        vitfast.layer_norm(x, 7)
+    with pytest.raises(ValueError, match="weight must have shape \\(8,\\), dtype torch.float32.*torch.float16"):
+        vitfast.layer_norm(x, 8, torch.randn(8, dtype=torch.float16))
+    with pytest.raises(ValueError, match="bias must have shape.*meta"):
+        vitfast.layer_norm(x, 8, None, torch.randn(8, device="meta"))
+    with pytest.raises(ValueError, match="residual"):
+        vitfast.layer_norm(x, 8, residual=torch.randn(4, 9))
+    with pytest.raises(ValueError, match="floating point"):
+        vitfast.layer_norm(torch.ones(4, 8, dtype=torch.int32), 8)
+    with pytest.raises(ValueError, match="normalized_shape"):
+        vitfast.layer_norm(x, (2, 4, 8))
+
+
+def test_backend_choice_env_context_and_errors(monkeypatch, caplog):
+    x = torch.randn(4, 8, dtype=torch.float64)
+    monkeypatch.setenv("VITFAST_BACKEND", "torch")
+    assert vitfast.choose_backend("layer_norm", x) == "torch"
+    with vitfast.use_backend("auto"):
+        assert vitfast.choose_backend("layer_norm", x) == "torch"  # the env var still applies
+    monkeypatch.setenv("VITFAST_BACKEND", "tpu")
+    with pytest.raises(ValueError, match="unknown vitfast backend 'tpu'"):
+        vitfast.choose_backend("layer_norm", x)
+    monkeypatch.delenv("VITFAST_BACKEND")
+    with pytest.raises(ValueError, match="unknown vitfast backend"):
+        vitfast.use_backend("fast").__enter__()
+    with caplog.at_level(logging.DEBUG, logger="vitfast.backend"), vitfast.use_backend("triton"):
+        with pytest.raises(ValueError, match=r"no backend can take inputs \[\(4, 8\) torch.float64 cpu\].*float64"):
+            vitfast.layer_norm(x, 8)
+    assert "triton backend skipped" in caplog.text
+
+
+def test_module_is_a_drop_in_for_torch_layer_norm():
+    ref = torch.nn.LayerNorm(96, eps=1e-6)
+    torch.nn.init.normal_(ref.weight)
+    torch.nn.init.normal_(ref.bias)
+    mine = vitfast.nn.LayerNorm(96, eps=1e-6)
+    mine.load_state_dict(ref.state_dict())
+    assert mine.eps == 1e-6 and set(mine.state_dict()) == set(ref.state_dict())
+    ref.load_state_dict(mine.state_dict())
+    x = torch.randn(2, 5, 96)
+    torch.testing.assert_close(mine(x), ref(x))
+    r = torch.randn_like(x)
+    y, s = mine(x, residual=r)
+    torch.testing.assert_close(s, x + r)
+    torch.testing.assert_close(y, ref(x + r))
+
+
+def test_opcheck():
+    x = torch.randn(6, 32, requires_grad=True)
+    args = [(x, torch.randn(32, requires_grad=True), torch.randn(32, requires_grad=True),
+             torch.randn(6, 32, requires_grad=True), 1e-5), (x, None, None, None, 1e-6)]
+    for a in args:
+        torch.library.opcheck(torch.ops.vitfast.layer_norm.default, a)
+    s = torch.randn(6, 32)
+    y, _, mean, rstd = torch.ops.vitfast.layer_norm(s, None, None, None, 1e-5)
+    torch.library.opcheck(torch.ops.vitfast.layer_norm_backward.default,
+                          (torch.randn(6, 32), torch.randn(6, 32), s, torch.randn(32), mean, rstd, True))
+
+
+def test_torch_compile_fullgraph():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = vitfast.nn.LayerNorm(48)
+            self.fc = torch.nn.Linear(48, 48)
+
+        def forward(self, x, r):
+            y, s = self.norm(x, residual=r)
+            return self.fc(y) + s
+
+    torch._dynamo.reset()
+    m = Block()
+    x = torch.randn(3, 7, 48, requires_grad=True)
+    r = torch.randn(3, 7, 48)
+    compiled = torch.compile(m, fullgraph=True)
+    out = compiled(x, r)
+    out.sum().backward()
+    g = x.grad.clone()
+    x.grad = None
+    torch.testing.assert_close(out, m(x, r))
+    m(x, r).sum().backward()
+    torch.testing.assert_close(g, x.grad)

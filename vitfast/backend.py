@@ -1,0 +1,129 @@
+"""Backend choice: which implementation of an op runs for a given set of input tensors.
+
+Backends: "triton" (Triton kernels; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1),
+"cuda" (the extension's CUDA kernels), "cpp" (the extension's CPU kernels), "torch" (the plain
+PyTorch reference). By default CUDA tensors go to each op's GPU preference order and CPU tensors to
+"cpp" then "torch". `VITFAST_BACKEND=<name>` or `use_backend(name)` forces one backend; a forced
+backend that cannot take the inputs raises, it never falls back silently.
+"""
+import contextlib
+import functools
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from vitfast import _ext
+
+log = logging.getLogger("vitfast.backend")
+
+BACKENDS = ("triton", "cuda", "cpp", "torch")
+
+# reason(backend, tensors) -> None if the backend takes these inputs, else why it does not.
+SupportCheck = Callable[[str, tuple], Optional[str]]
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    gpu_order: tuple  # preference on CUDA tensors
+    cpu_order: tuple  # preference on CPU tensors
+    check: SupportCheck
+
+
+_OPS: dict = {}
+_forced: Optional[str] = None
+
+
+def register_op(op: str, *, gpu_order=("triton", "cuda", "torch"), cpu_order=("cpp", "torch"),
+                check: SupportCheck = lambda backend, tensors: None) -> None:
+    """Declares which backends implement `op`, in order of preference, and what each accepts."""
+    for b in gpu_order + cpu_order:
+        if b not in BACKENDS:
+            raise ValueError(f"unknown backend {b!r} for op {op!r}; expected one of {BACKENDS}")
+    _OPS[op] = OpSpec(tuple(gpu_order), tuple(cpu_order), check)
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(None)
+def has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _check_name(name: str) -> str:
+    if name not in BACKENDS + ("auto",):
+        raise ValueError(f"unknown vitfast backend {name!r}; expected one of {BACKENDS + ('auto',)}")
+    return name
+
+
+def set_backend(name: Optional[str]) -> None:
+    """Forces `name` for every op (None or "auto" restores the automatic choice)."""
+    global _forced
+    _forced = None if name in (None, "auto") else _check_name(name)
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Context manager that forces one backend, e.g. `with vitfast.use_backend("triton"): ...`."""
+    global _forced
+    previous = _forced
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+def forced_backend() -> Optional[str]:
+    if _forced is not None:
+        return _forced
+    env = _check_name(os.environ.get("VITFAST_BACKEND", "auto"))
+    return None if env == "auto" else env
+
+
+def _unavailable(op: str, backend: str, device: torch.device) -> Optional[str]:
+    """Why `backend` cannot run `op` on `device` at all (None when it can)."""
+    spec = _OPS[op]
+    order = spec.gpu_order if device.type == "cuda" else spec.cpu_order + (("triton",) if triton_interpret() else ())
+    if backend not in order:
+        return f"{op} has no {backend} implementation for {device.type} tensors"
+    if backend == "triton":
+        if not has_triton():
+            return "triton is not installed"
+        if device.type == "cpu" and not triton_interpret():
+            return "Triton runs CPU tensors only under TRITON_INTERPRET=1"
+    if backend in ("cpp", "cuda"):
+        if not _ext.HAS_EXT:
+            return _ext.EXT_ERROR
+        if backend == "cuda" and not _ext.EXT_CUDA:
+            return "vitfast._C was built without CUDA"
+    return None
+
+
+def choose_backend(op: str, *tensors: Optional[torch.Tensor]) -> str:
+    """Returns the backend that runs `op` for these tensors (None entries are ignored).
+
+    Raises:
+        ValueError: when the forced backend, or every backend, cannot take the inputs.
+    """
+    spec = _OPS[op]
+    present = tuple(t for t in tensors if t is not None)
+    device = present[0].device
+    forced = forced_backend()
+    candidates = (forced,) if forced else (spec.gpu_order if device.type == "cuda" else spec.cpu_order)
+    reasons = []
+    for backend in candidates:
+        reason = _unavailable(op, backend, device) or spec.check(backend, present)
+        if reason is None:
+            log.debug("%s: %s backend chosen%s", op, backend, " (forced)" if forced else "")
+            return backend
+        log.debug("%s: %s backend skipped: %s", op, backend, reason)
+        reasons.append(f"{backend}: {reason}")
+    shapes = ", ".join(f"{tuple(t.shape)} {t.dtype} {t.device}" for t in present)
+    raise ValueError(f"vitfast.{op}: no backend can take inputs [{shapes}]"
+                     f"{' (forced ' + repr(forced) + ')' if forced else ''}; " + "; ".join(reasons))

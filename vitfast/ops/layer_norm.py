@@ -1,0 +1,190 @@
+"""LayerNorm with an optional fused residual add: reference, torch.library ops, autograd, functional API.
+
+`vitfast::layer_norm` (forward) and `vitfast::layer_norm_backward` are torch.library ops with fake
+implementations, so torch.compile sees them whole; each picks its backend at run time:
+"triton" (vitfast.triton.layer_norm), "cuda"/"cpp" (the extension's vitfast::layer_norm_fwd/_bwd),
+or "torch" (plain PyTorch below). All backends share one saved-state format (the normalized input and
+per-row mean/rstd in fp32, fp64 for fp64 input), so forward and backward may run on different backends.
+"""
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from vitfast import backend as _backend
+
+OP = "layer_norm"
+
+
+def layer_norm_ref(x: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,
+                   bias: Optional[Tensor] = None, eps: float = 1e-5, residual: Optional[Tensor] = None):
+    """Plain PyTorch: `F.layer_norm(x + residual)`; returns `(y, x + residual)` with a residual, else y."""
+    s = x if residual is None else x + residual
+    y = F.layer_norm(s, tuple(normalized_shape), weight, bias, eps)
+    return y if residual is None else (y, s)
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _fwd_torch(x, weight, bias, residual, eps):
+    s = x if residual is None else x + residual
+    sf = s.to(_stats_dtype(x.dtype))
+    mean = sf.mean(-1)
+    rstd = torch.rsqrt((sf - mean[:, None]).square().mean(-1) + eps)
+    y = (sf - mean[:, None]) * rstd[:, None]
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y.to(x.dtype), (s if residual is not None else x.new_empty(0)), mean, rstd
+
+
+def _bwd_torch(dy, ds, s, weight, mean, rstd, has_bias):
+    acc = mean.dtype
+    dyf = dy.to(acc)
+    xhat = (s.to(acc) - mean[:, None]) * rstd[:, None]
+    g = dyf * weight.to(acc) if weight is not None else dyf
+    dx = (g - xhat * (g * xhat).mean(-1, keepdim=True) - g.mean(-1, keepdim=True)) * rstd[:, None]
+    if ds is not None:
+        dx = dx + ds
+    param_dtype = weight.dtype if weight is not None else s.dtype
+    dweight = (dyf * xhat).sum(0).to(param_dtype) if weight is not None else s.new_empty(0, dtype=param_dtype)
+    dbias = dyf.sum(0).to(param_dtype) if has_bias else s.new_empty(0, dtype=param_dtype)
+    return dx.to(s.dtype), dweight, dbias
+
+
+def _check_support(backend: str, tensors: tuple) -> Optional[str]:
+    x = tensors[0]
+    if backend == "triton":
+        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            return f"dtype {x.dtype} (Triton takes float32, float16, bfloat16)"
+        from vitfast.triton.layer_norm import MAX_N
+        if x.shape[-1] > MAX_N:
+            return f"hidden size {x.shape[-1]} > {MAX_N}"
+    if backend == "cuda" and x.dtype == torch.float64:
+        return "dtype torch.float64 (the CUDA kernel takes float32, float16, bfloat16)"
+    return None
+
+
+_backend.register_op(OP, gpu_order=("triton", "cuda", "torch"), cpu_order=("cpp", "torch"), check=_check_support)
+
+
+@torch.library.custom_op("vitfast::layer_norm", mutates_args=())
+def _layer_norm_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
+                   eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """x: (M, N) with unit inner stride. Returns y, s (x + residual, or empty), mean, rstd."""
+    if x.numel() == 0:
+        return _fwd_torch(x, weight, bias, residual, eps)
+    which = _backend.choose_backend(OP, x, weight, bias, residual)
+    if which == "triton":
+        from vitfast.triton.layer_norm import layer_norm_fwd
+        return layer_norm_fwd(x, weight, bias, residual, eps)
+    if which in ("cpp", "cuda"):
+        return tuple(torch.ops.vitfast.layer_norm_fwd(x, weight, bias, residual, eps))
+    return _fwd_torch(x, weight, bias, residual, eps)
+
+
+@_layer_norm_op.register_fake
+def _(x, weight, bias, residual, eps):
+    M, N = x.shape
+    stats = _stats_dtype(x.dtype)
+    return (x.new_empty((M, N)), x.new_empty((M, N) if residual is not None else (0,)),
+            x.new_empty(M, dtype=stats), x.new_empty(M, dtype=stats))
+
+
+@torch.library.custom_op("vitfast::layer_norm_backward", mutates_args=())
+def _layer_norm_backward_op(dy: Tensor, ds: Optional[Tensor], s: Tensor, weight: Optional[Tensor], mean: Tensor,
+                            rstd: Tensor, has_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns dx (M, N), dweight (N,) or empty, dbias (N,) or empty."""
+    if s.numel() == 0:
+        return _bwd_torch(dy, ds, s, weight, mean, rstd, has_bias)
+    which = _backend.choose_backend(OP, s, dy, ds, weight)
+    if which == "triton":
+        from vitfast.triton.layer_norm import layer_norm_bwd
+        return layer_norm_bwd(dy, ds, s, weight, mean, rstd, has_bias)
+    if which in ("cpp", "cuda"):
+        return tuple(torch.ops.vitfast.layer_norm_bwd(dy, ds, s, weight, mean, rstd, has_bias))
+    return _bwd_torch(dy, ds, s, weight, mean, rstd, has_bias)
+
+
+@_layer_norm_backward_op.register_fake
+def _(dy, ds, s, weight, mean, rstd, has_bias):
+    N = s.shape[1]
+    param_dtype = weight.dtype if weight is not None else s.dtype
+    return (s.new_empty(s.shape), s.new_empty(N if weight is not None else 0, dtype=param_dtype),
+            s.new_empty(N if has_bias else 0, dtype=param_dtype))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, residual, eps = inputs
+    _, s, mean, rstd = output
+    ctx.save_for_backward(s if residual is not None else x, weight, mean, rstd)
+    ctx.has_bias = bias is not None
+    ctx.has_residual = residual is not None
+
+
+def _backward(ctx, dy, ds, dmean, drstd):
+    s, weight, mean, rstd = ctx.saved_tensors
+    dx, dweight, dbias = _layer_norm_backward_op(
+        _unit_inner_stride(dy), _unit_inner_stride(ds) if ctx.has_residual and ds is not None else None,
+        s, weight, mean, rstd, ctx.has_bias)
+    # x and residual get the same gradient, but autograd must not hand one tensor to both: two leaves
+    # would then share one .grad and accumulate into each other.
+    both = ctx.needs_input_grad[0] and ctx.needs_input_grad[3]
+    dresidual = (dx.clone() if both else dx) if ctx.has_residual else None
+    return dx, dweight if weight is not None else None, dbias if ctx.has_bias else None, dresidual, None
+
+
+_layer_norm_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _unit_inner_stride(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _check_param(name: str, t: Optional[Tensor], x: Tensor, shape: tuple) -> None:
+    if t is None:
+        return
+    if tuple(t.shape) != shape or t.dtype != x.dtype or t.device != x.device:
+        raise ValueError(f"vitfast.layer_norm: {name} must have shape {shape}, dtype {x.dtype} and device "
+                         f"{x.device} (those of the input), got {tuple(t.shape)} {t.dtype} {t.device}")
+
+
+def layer_norm(x: Tensor, normalized_shape: Union[int, Sequence[int]], weight: Optional[Tensor] = None,
+               bias: Optional[Tensor] = None, eps: float = 1e-5, residual: Optional[Tensor] = None):
+    """LayerNorm over the trailing `normalized_shape` dims, with an optional fused residual add.
+
+    Args:
+        x: (*, *normalized_shape), float32/float16/bfloat16 (float64 on the cpp and torch backends).
+        normalized_shape: the trailing dims to normalize over.
+        weight, bias: (*normalized_shape) in x's dtype and device, or None.
+        eps: added to the variance.
+        residual: like x, or None.
+
+    Returns:
+        y = LN(x) like x; with `residual`, the pair (y, s) where s = x + residual and y = LN(s).
+    """
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    if not x.is_floating_point():
+        raise ValueError(f"vitfast.layer_norm: input must be floating point, got {x.dtype}")
+    if len(shape) == 0 or tuple(x.shape[x.dim() - len(shape):]) != shape or x.dim() < len(shape):
+        raise ValueError(f"vitfast.layer_norm: normalized_shape {shape} must match the trailing dims of the "
+                         f"input of shape {tuple(x.shape)}")
+    _check_param("weight", weight, x, shape)
+    _check_param("bias", bias, x, shape)
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype
+                                 or residual.device != x.device):
+        raise ValueError(f"vitfast.layer_norm: residual {tuple(residual.shape)} {residual.dtype} "
+                         f"{residual.device} must match the input {tuple(x.shape)} {x.dtype} {x.device}")
+    n = math.prod(shape)
+    x2 = _unit_inner_stride(x.reshape(-1, n))
+    r2 = _unit_inner_stride(residual.reshape(-1, n)) if residual is not None else None
+    w = weight.reshape(n) if weight is not None else None
+    b = bias.reshape(n) if bias is not None else None
+    y, s, _, _ = _layer_norm_op(x2, w, b, r2, float(eps))
+    y = y.view(x.shape)
+    return y if residual is None else (y, s.view(x.shape))

@@ -1,0 +1,183 @@
+"""Fused residual-add + LayerNorm, forward and backward, in Triton.
+
+LayerNorm (Ba, Kiros, Hinton 2016, arXiv:1607.06450) over the last dim of a (M, N) view. Forward: a
+program normalizes BLOCK_M rows held whole in registers (two-pass mean/variance in fp32), optionally
+adding the residual first and storing the sum (the pre-norm block pattern). Backward: dx per row, and
+dweight/dbias by a two-stage reduction: each program accumulates fp32 column partials over a contiguous
+range of rows and writes one row of a (programs, N) buffer, which a second pass sums. This keeps the
+column reduction parallel at ViT hidden sizes (96..1280), where one program per column block would leave
+the GPU idle and atomics would make the result order-dependent.
+"""
+import torch
+import triton
+import triton.language as tl
+
+MAX_N = 8192
+
+
+def _block_sizes(n: int) -> tuple:
+    block_n = triton.next_power_of_2(n)
+    block_m = max(1, min(16, 4096 // block_n))
+    num_warps = min(max(block_n * block_m // 1024, 1), 16)
+    return block_m, block_n, num_warps
+
+
+@triton.jit
+def _layer_norm_fwd_kernel(
+    X,  # (M, N), row stride stride_x
+    R,  # (M, N) residual, row stride stride_r (unused without HAS_RESIDUAL)
+    S,  # (M, N) out: x + residual (unused without HAS_RESIDUAL)
+    Y,  # (M, N) out
+    W,  # (N,)
+    B,  # (N,)
+    Mean,  # (M,) fp32 out
+    Rstd,  # (M,) fp32 out
+    stride_x,
+    stride_r,
+    M,
+    N,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
+        # Round the sum to the input dtype, as `x + residual` in PyTorch does: backward reads it back.
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
+        tl.store(S + rows[:, None] * N + cols[None, :], x, mask=mask)
+    x = x.to(tl.float32)
+    mean = tl.sum(x, axis=1) / N
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / N + eps)
+    y = xc * rstd[:, None]
+    if HAS_WEIGHT:
+        y = y * tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(B + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + rows[:, None] * N + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Mean + rows, mean, mask=rows < M)
+    tl.store(Rstd + rows, rstd, mask=rows < M)
+
+
+@triton.jit
+def _layer_norm_bwd_kernel(
+    DY,  # (M, N), row stride stride_dy
+    DS,  # (M, N) gradient into the residual sum, row stride stride_ds (unused without HAS_DS)
+    S,  # (M, N) normalized input, row stride stride_s
+    W,  # (N,)
+    Mean,  # (M,) fp32
+    Rstd,  # (M,) fp32
+    DX,  # (M, N) out, contiguous
+    DW_partial,  # (programs, N) fp32 out
+    DB_partial,  # (programs, N) fp32 out
+    stride_dy,
+    stride_ds,
+    stride_s,
+    M,
+    N,
+    rows_per_program,
+    HAS_DS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    if HAS_WEIGHT:
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    db = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    for start in range(row_start, row_end, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        row_mask = rows < row_end
+        mask = row_mask[:, None] & col_mask[None, :]
+        s = tl.load(S + rows[:, None] * stride_s + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
+        rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
+        xhat = tl.where(mask, (s - mean[:, None]) * rstd[:, None], 0.0)
+        g = dy * w[None, :] if HAS_WEIGHT else dy
+        c1 = tl.sum(g * xhat, axis=1) / N
+        c2 = tl.sum(g, axis=1) / N
+        dx = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+        if HAS_DS:
+            dx += tl.load(DS + rows[:, None] * stride_ds + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + rows[:, None] * N + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        if HAS_WEIGHT:
+            dw += tl.sum(dy * xhat, axis=0)
+        if HAS_BIAS:
+            db += tl.sum(dy, axis=0)
+    if HAS_WEIGHT:
+        tl.store(DW_partial + pid * N + cols, dw, mask=col_mask)
+    if HAS_BIAS:
+        tl.store(DB_partial + pid * N + cols, db, mask=col_mask)
+
+
+def layer_norm_fwd(x, weight, bias, residual, eps):
+    """Launches the forward kernel.
+
+    Args:
+        x: (M, N), unit inner stride. weight, bias: (N,) or None. residual: like x, or None.
+    Returns:
+        y (M, N); s = x + residual (M, N), or an empty tensor without residual; mean, rstd (M,) fp32.
+    """
+    M, N = x.shape
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    s = torch.empty((M, N) if residual is not None else (0,), dtype=x.dtype, device=x.device)
+    mean = torch.empty(M, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(M, dtype=torch.float32, device=x.device)
+    block_m, block_n, num_warps = _block_sizes(N)
+    _layer_norm_fwd_kernel[(triton.cdiv(M, block_m),)](
+        x, residual if residual is not None else x, s, y,
+        weight if weight is not None else x, bias if bias is not None else x, mean, rstd,
+        x.stride(0), residual.stride(0) if residual is not None else 0, M, N, eps,
+        HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+    )
+    return y, s, mean, rstd
+
+
+def _num_programs(x: torch.Tensor, row_blocks: int) -> int:
+    if x.device.type == "cuda":
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        return max(1, min(row_blocks, 4 * sms))
+    return max(1, min(row_blocks, 4))  # the interpreter runs programs one after another
+
+
+def layer_norm_bwd(dy, ds, s, weight, mean, rstd, has_bias):
+    """Launches the backward kernel and the second stage of the dweight/dbias reduction.
+
+    Args:
+        dy, ds (or None), s: (M, N), unit inner stride. weight: (N,) or None. mean, rstd: (M,) fp32.
+    Returns:
+        dx (M, N); dweight (N,) or empty; dbias (N,) or empty.
+    """
+    M, N = s.shape
+    block_m, block_n, num_warps = _block_sizes(N)
+    programs = _num_programs(s, triton.cdiv(M, block_m))
+    rows_per_program = triton.cdiv(triton.cdiv(M, programs), block_m) * block_m
+    programs = triton.cdiv(M, rows_per_program)
+    dx = torch.empty((M, N), dtype=s.dtype, device=s.device)
+    partial = torch.empty((2, programs, N), dtype=torch.float32, device=s.device)
+    _layer_norm_bwd_kernel[(programs,)](
+        dy, ds if ds is not None else dy, s, weight if weight is not None else s, mean, rstd,
+        dx, partial[0], partial[1],
+        dy.stride(0), ds.stride(0) if ds is not None else 0, s.stride(0), M, N, rows_per_program,
+        HAS_DS=ds is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+    )
+    param_dtype = weight.dtype if weight is not None else s.dtype
+    dweight = partial[0].sum(0).to(param_dtype) if weight is not None else s.new_empty(0, dtype=param_dtype)
+    dbias = partial[1].sum(0).to(param_dtype) if has_bias else s.new_empty(0, dtype=param_dtype)
+    return dx, dweight, dbias
