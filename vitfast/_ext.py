@@ -4,6 +4,8 @@
 """
 import logging
 
+import torch  # noqa: F401  (loads libtorch/libc10, which vitfast._C links against)
+
 log = logging.getLogger("vitfast")
 
 try:
