@@ -128,17 +128,24 @@ void layer_norm_fwd_kernel(const scalar_t* x,  // (M, N), row stride x_stride
         v = buf;
       }
 
+      // Corrected two-pass algorithm (Chan, Golub, LeVeque 1983): the second pass also sums the
+      // deviations from the first-pass mean, whose rounding error is relative to the spread of the row
+      // rather than to its mean, and uses that sum to correct both the mean and the variance.
       opmath_t sum = 0;
 #pragma omp simd reduction(+ : sum)
       for (int64_t j = 0; j < N; ++j) sum += v[j];
-      const opmath_t mu = N > 0 ? sum / static_cast<opmath_t>(N) : opmath_t(0);
+      const opmath_t inv_n = N > 0 ? opmath_t(1) / static_cast<opmath_t>(N) : opmath_t(0);
+      const opmath_t mu0 = sum * inv_n;
+      opmath_t dev = 0;
       opmath_t sq = 0;
-#pragma omp simd reduction(+ : sq)
+#pragma omp simd reduction(+ : dev, sq)
       for (int64_t j = 0; j < N; ++j) {
-        const opmath_t d = v[j] - mu;
+        const opmath_t d = v[j] - mu0;
+        dev += d;
         sq += d * d;
       }
-      const opmath_t var = N > 0 ? sq / static_cast<opmath_t>(N) : opmath_t(0);
+      const opmath_t mu = mu0 + dev * inv_n;
+      const opmath_t var = std::max(opmath_t(0), (sq - dev * dev * inv_n) * inv_n);
       const opmath_t rs = opmath_t(1) / std::sqrt(var + eps);
       mean[i] = mu;
       rstd[i] = rs;
