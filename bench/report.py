@@ -1,0 +1,87 @@
+"""Turns a pytest-benchmark JSON file into a markdown table and PNG plots.
+
+    python bench/report.py bench.json --out DIR
+
+Rows are grouped by benchmark group (one op or model at one shape); within a group each implementation
+(extra_info["impl"]: "vitfast-<backend>", "torch", "sdpa-flash", ...) gets its median time, its
+throughput and its speedup against the fastest non-vitfast implementation of the group.
+"""
+import argparse
+import json
+import os
+from collections import defaultdict
+
+
+def load(path: str) -> tuple:
+    with open(path) as f:
+        data = json.load(f)
+    groups = defaultdict(list)
+    for b in data["benchmarks"]:
+        impl = b["extra_info"].get("impl", b["name"])
+        groups[b["group"] or b["name"]].append((impl, b["stats"]["median"], b["extra_info"]))
+    return data, groups
+
+
+def header(data: dict) -> str:
+    m = data.get("machine_info", {})
+    bench = data["benchmarks"][0]["extra_info"] if data["benchmarks"] else {}
+    device = bench.get("device", m.get("cpu", {}).get("brand_raw", "?"))
+    return (f"Device: {device}; torch {bench.get('torch', '?')}; python {m.get('python_version', '?')}; "
+            f"date {data.get('datetime', '?')[:10]}; medians of pytest-benchmark rounds.")
+
+
+def speedups(rows: list) -> dict:
+    """impl -> best-baseline time / impl time (baselines are the non-vitfast implementations)."""
+    baseline = min((t for impl, t, _ in rows if not impl.startswith("vitfast")), default=None)
+    return {impl: (baseline / t if baseline else float("nan")) for impl, t, _ in rows}
+
+
+def markdown(data: dict, groups: dict) -> str:
+    lines = [header(data), "", "| benchmark | impl | median (ms) | throughput | vs best baseline |",
+             "|---|---|---|---|---|"]
+    for group, rows in groups.items():
+        sp = speedups(rows)
+        for impl, t, extra in sorted(rows, key=lambda r: r[1]):
+            tput = ", ".join(f"{extra[k]:.1f} {k}" for k in ("TFLOP/s", "GB/s") if k in extra)
+            lines.append(f"| {group} | {impl} | {t * 1e3:.3f} | {tput} | {sp[impl]:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(groups: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, values = [], []
+    for group, rows in groups.items():
+        sp = speedups(rows)
+        best = max((v for impl, v in sp.items() if impl.startswith("vitfast")), default=None)
+        if best is not None:
+            labels.append(group)
+            values.append(best)
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(labels) + 1.5))
+    ax.barh(labels, values, color=["tab:green" if v >= 1 else "tab:red" for v in values])
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_xlabel("speedup of the fastest vitfast backend vs the fastest baseline")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("json_file")
+    parser.add_argument("--out", default=".")
+    args = parser.parse_args(argv)
+    data, groups = load(args.json_file)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "report.md"), "w") as f:
+        f.write(markdown(data, groups))
+    plot(groups, os.path.join(args.out, "speedup.png"))
+    print(markdown(data, groups))
+
+
+if __name__ == "__main__":
+    main()
