@@ -15,6 +15,42 @@ TORCH_LIBRARY(vitfast, m) {
   m.def(
       "layer_norm_bwd(Tensor dy, Tensor? ds, Tensor s, Tensor? weight, Tensor mean, Tensor rstd,"
       " bool has_bias) -> (Tensor dx, Tensor dweight, Tensor dbias)");
+  // attention
+  // q: (B, H, Nq, D); k, v: (B, H, Nk, D); attn_mask: bool (True = attend) or float (added), of shape
+  // (B|1, H|1, Nq|1, Nk|1). With is_causal, key j is visible from query i when j <= i + causal_offset.
+  // out/dq/dk/dv are (B, H, N, D) views of (B, N, H, D) buffers; lse is (B, H, Nq) in op-math precision.
+  // dbias has the shape and dtype of attn_mask when bias_requires_grad, else it is empty.
+  m.def(
+      "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float dropout_p, bool is_causal,"
+      " int causal_offset, float scale) -> (Tensor out, Tensor lse)");
+  m.def(
+      "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? attn_mask,"
+      " float dropout_p, bool is_causal, int causal_offset, float scale, bool bias_requires_grad)"
+      " -> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias)");
+  // end attention
+  // patch_embed / patch_merging
+  // images: (B, C, H, W); weight: (E, C, ph, pw), stride = kernel; pos_embed: (rows, E), patch token l adds
+  // row pos_offset + l (pos_offset == num_prefix: its first rows belong to the prefix tokens); prefix_tokens:
+  // (num_prefix, E) or None (zero slots). Returns out (B, num_prefix + L, E); z, the pre-norm tokens (B*L, E)
+  // (empty unless has_norm and store_z); mean, rstd (B*L,) in op-math precision (empty without norm).
+  m.def(
+      "patch_embed_fwd(Tensor images, Tensor weight, Tensor? bias, Tensor? pos_embed, int pos_offset,"
+      " Tensor? prefix_tokens, Tensor? norm_weight, Tensor? norm_bias, bool has_norm, int num_prefix, float eps,"
+      " bool store_z) -> (Tensor out, Tensor z, Tensor mean, Tensor rstd)");
+  // dz: (B, L, E), the gradient of the tokens before pos_embed (after the norm's backward).
+  m.def(
+      "patch_embed_bwd(Tensor dz, Tensor images, Tensor weight, bool has_bias, bool need_dimages)"
+      " -> (Tensor dimages, Tensor dweight, Tensor dbias)");
+  // x: (B, H, W, C); norm_weight/bias: (4C,); reduction_weight: (N, 4C). Returns out (B, ceil(H/2),
+  // ceil(W/2), N) and the per-row LayerNorm mean, rstd (M,) in op-math precision.
+  m.def(
+      "patch_merging_fwd(Tensor x, Tensor? norm_weight, Tensor? norm_bias, Tensor reduction_weight, float eps)"
+      " -> (Tensor out, Tensor mean, Tensor rstd)");
+  // dy: (M, N). dnorm_weight/dnorm_bias are empty where the norm has no weight/bias.
+  m.def(
+      "patch_merging_bwd(Tensor dy, Tensor x, Tensor? norm_weight, Tensor? norm_bias, Tensor reduction_weight,"
+      " Tensor mean, Tensor rstd) -> (Tensor dx, Tensor dnorm_weight, Tensor dnorm_bias, Tensor dreduction_weight)");
+  // end patch_embed / patch_merging
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -2,8 +2,13 @@
 from vitfast import _ext
 from vitfast.backend import choose_backend, set_backend, use_backend
 from vitfast.info import info
+from vitfast.ops.attention import attention, flash_attn_func
 from vitfast.ops.layer_norm import layer_norm
+from vitfast.ops.patch_embed import patch_embed
+from vitfast.ops.patch_merging import patch_merging
+from vitfast.ops.window_attention import shifted_window_attention, window_attention
 from vitfast import nn
 
 __version__ = "0.1.0"
-__all__ = ["choose_backend", "info", "layer_norm", "nn", "set_backend", "use_backend"]
+__all__ = ["attention", "choose_backend", "flash_attn_func", "info", "layer_norm", "nn", "patch_embed",
+           "patch_merging", "set_backend", "shifted_window_attention", "use_backend", "window_attention"]

@@ -1,0 +1,435 @@
+import contextlib
+from unittest import mock
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+import vitfast
+from vitfast.ops.attention import attention_ref, dropout_keep_ref
+
+from conftest import DEVICE, assert_close_to_ref, backend_cases
+
+CASES = backend_cases("attention")
+LOW = (torch.float16, torch.bfloat16)
+_FLOOR_ULPS = 8
+
+
+def _assert_all_close(names, got, ref, plain, what):
+    """conftest's accuracy rule for every tensor of a case, with the error floor (a few ulps) taken relative
+    to the largest reference value of the whole case. Gradients of attention are differences of rounded
+    terms (dS = P * (dP - rowsum(dO * O))), so one can be near zero while its terms are not (a single key
+    gives dq = 0 exactly, where plain PyTorch's autograd happens to be exact and any flash backward is not)."""
+    scale = max([1.0] + [r.abs().max().item() for r in ref if r.numel()])
+    for nm, g, rf, p in zip(names, got, ref, plain):
+        if nm == "out":
+            assert_close_to_ref(g, rf, p, f"{what} {nm}")
+        else:
+            _assert_close(g, rf, p, f"{what} {nm}", scale)
+
+
+def _assert_close(out, ref64, plain, what, scale):
+    assert out.shape == ref64.shape and out.dtype == plain.dtype, f"{what}: {out.shape} {out.dtype}"
+    if ref64.numel() == 0:
+        return
+    assert torch.isfinite(out).all(), f"{what}: non-finite values"
+    err = (out.double() - ref64).abs().max().item()
+    plain_err = (plain.double() - ref64).abs().max().item()
+    floor = _FLOOR_ULPS * torch.finfo(out.dtype).eps * scale
+    assert err <= 2 * plain_err + floor, (
+        f"{what}: max error {err:.3g} > 2 x plain PyTorch's {plain_err:.3g} + {floor:.3g} ({out.dtype})")
+
+
+def _qkv(B, H, Nq, Nk, D, dtype, device=DEVICE):
+    q = torch.randn(B, H, Nq, D, dtype=dtype, device=device)
+    k = torch.randn(B, H, Nk, D, dtype=dtype, device=device)
+    v = torch.randn(B, H, Nk, D, dtype=dtype, device=device)
+    return q, k, v
+
+
+def _mask(kind, shape, dtype, device=DEVICE):
+    """A mask of `shape`: "bool" (about 1/4 masked, key 0 always visible), "float" (a random bias with
+    some -inf), "dead" (bool, every other query row fully masked) or None."""
+    if kind is None:
+        return None
+    if kind == "bool":
+        m = torch.rand(shape, device=device) > 0.25
+        m[..., 0] = True
+        return m
+    if kind == "dead":
+        m = torch.rand(shape, device=device) > 0.25
+        m[..., ::2, :] = False
+        return m
+    bias = torch.randn(shape, dtype=dtype, device=device)
+    return bias.masked_fill(torch.rand(shape, device=device) < 0.1, float("-inf"))
+
+
+def _run(fn, q, k, v, mask, dout, bias_grad, **kw):
+    """Output and every gradient (q, k, v, and the float mask when bias_grad)."""
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    m = mask
+    if mask is not None and bias_grad:
+        m = mask.detach().clone().requires_grad_()
+        leaves.append(m)
+    out = fn(leaves[0], leaves[1], leaves[2], m, **kw)
+    return [out] + list(torch.autograd.grad(out, leaves, dout))
+
+
+@contextlib.contextmanager
+def _poisoned_empty():
+    """torch.empty returns NaN-filled float tensors, so that an element a kernel fails to write shows."""
+    real = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+    with mock.patch.object(torch, "empty", empty):
+        yield
+
+
+def _check(backend, device, B, H, Nq, Nk, D, dtype, mask_kind=None, mask_shape=None, is_causal=False,
+           bias_grad=False, scale=None, dropout_p=0.0):
+    """vitfast.attention on `backend` vs the fp64 reference (and plain PyTorch in `dtype`): output and every
+    gradient. With dropout, the reference applies the keep-mask of the seed vitfast draws."""
+    q, k, v = _qkv(B, H, Nq, Nk, D, dtype, device)
+    mask = _mask(mask_kind, mask_shape or (B, H, Nq, Nk), dtype, device)
+    bias_grad = bias_grad and mask is not None and mask.dtype != torch.bool
+    dout = torch.randn(B, H, Nq, D, dtype=dtype, device=device)
+    keep = None
+    if dropout_p > 0:
+        state = torch.get_rng_state()
+        seed = int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())  # the draw vitfast.attention makes
+        torch.set_rng_state(state)
+        keep = dropout_keep_ref(seed, B, H, Nq, Nk, dropout_p, device)
+    with vitfast.use_backend(backend), _poisoned_empty():
+        got = _run(lambda *a: vitfast.attention(*a, is_causal=is_causal, scale=scale, dropout_p=dropout_p),
+                   q, k, v, mask, dout, bias_grad)
+
+    def ref_fn(*a):
+        return attention_ref(*a, is_causal=is_causal, scale=scale, dropout_keep=keep, dropout_p=dropout_p)
+    d = lambda t: t.double() if t is not None and t.is_floating_point() else t  # noqa: E731
+    ref = _run(ref_fn, d(q), d(k), d(v), d(mask), d(dout), bias_grad)
+    plain = _run(ref_fn, q, k, v, mask, dout, bias_grad)
+    _assert_all_close(["out", "dq", "dk", "dv", "dbias"], got, ref, plain, backend)
+    return keep
+
+
+# (B, H, Nq, Nk, D): N in {1, 49, 50, 77, 197, 257}, cross-attention, non-power-of-two head dims.
+SHAPES = [(1, 1, 1, 1, 16), (1, 2, 49, 49, 40), (2, 1, 50, 77, 72), (1, 1, 77, 50, 80), (1, 1, 33, 17, 88),
+          (1, 1, 20, 45, 96), (1, 1, 19, 23, 112), (1, 1, 24, 31, 160), (1, 1, 18, 40, 256), (1, 2, 197, 197, 64)]
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_fp64(backend, device, shape):
+    _check(backend, device, *shape, torch.float32)
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+@pytest.mark.parametrize("shape", [(1, 1, 5, 1025, 16), (1, 1, 577, 7, 16), (1, 1, 2, 4096, 16),
+                                   (1, 1, 100, 850, 32)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_long_sequences(backend, device, shape):
+    _check(backend, device, *shape, torch.float16, mask_kind="bool", mask_shape=(1, 1, 1, shape[3]))
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("shape", [(1, 2, 49, 49, 64), (2, 1, 30, 77, 40), (1, 1, 257, 33, 32)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_low_precision(backend, device, dtype, shape):
+    _check(backend, device, *shape, dtype, mask_kind="float", mask_shape=(1, shape[1], shape[2], shape[3]),
+           bias_grad=True)
+
+
+MASKS = [("bool", "B11K"), ("bool", "QK"), ("bool", "BHQK"), ("float", "1HQK"), ("float", "B11K"),
+         ("float", "BHQ1"), ("float", "11QK"), ("dead", "BHQK"), ("dead", "B1Q1")]
+
+
+def _shape(code, B, H, Nq, Nk):
+    dims = {"B": B, "H": H, "Q": Nq, "K": Nk, "1": 1}
+    return tuple(dims[c] for c in code)
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+@pytest.mark.parametrize("kind,code", MASKS, ids=lambda x: x)
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_masks_and_bias_grad(backend, device, kind, code, is_causal):
+    B, H, Nq, Nk = 2, 2, 37, 45
+    _check(backend, device, B, H, Nq, Nk, 24, torch.float32, mask_kind=kind,
+           mask_shape=_shape(code, B, H, Nq, Nk), is_causal=is_causal, bias_grad=True)
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+@pytest.mark.parametrize("Nq,Nk", [(70, 70), (40, 70), (70, 40)])
+def test_causal(backend, device, Nq, Nk):
+    _check(backend, device, 1, 2, Nq, Nk, 32, torch.float32, is_causal=True, scale=0.3)
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+def test_fully_masked_rows_give_zeros_and_zero_grads(backend, device):
+    B, H, Nq, Nk, D = 2, 1, 40, 35, 16
+    q, k, v = _qkv(B, H, Nq, Nk, D, torch.float32, device)
+    pad = torch.ones(B, 1, 1, Nk, dtype=torch.bool, device=device)
+    pad[1] = False  # the second sequence is all padding
+    bias = torch.zeros(B, 1, 1, Nk, device=device).masked_fill(~pad, float("-inf")).requires_grad_()
+    for mask in (pad, bias):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        with vitfast.use_backend(backend):
+            out = vitfast.attention(*leaves, mask)
+            grads = torch.autograd.grad(out.square().sum() + out.sum(), leaves + ([mask] if mask.requires_grad else []))
+        assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
+        assert torch.equal(out[1], torch.zeros_like(out[1]))
+        assert torch.equal(grads[0][1], torch.zeros_like(grads[0][1]))
+        assert torch.equal(grads[1][1], torch.zeros_like(grads[1][1]))
+        if mask.requires_grad:
+            assert torch.equal(grads[3][1], torch.zeros_like(grads[3][1]))
+        torch.testing.assert_close(out[0], attention_ref(q[:1], k[:1], v[:1], pad[:1])[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", [c for c in CASES if c.values[0] != "cpp"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_regenerates_the_seeded_mask(backend, device, dtype):
+    keep = _check(backend, device, 2, 2, 33, 41, 24, dtype, mask_kind="float", mask_shape=(2, 1, 1, 41),
+                  is_causal=True, bias_grad=True, dropout_p=0.3)
+    assert abs(keep.float().mean().item() - 0.7) < 0.03
+
+
+def test_dropout_keep_mask_statistics():
+    keep = dropout_keep_ref(2**40 + 7, 2, 3, 64, 96, 0.1)
+    assert abs(keep.float().mean().item() - 0.9) < 0.01
+    assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0], keep[1, 0])
+    assert not torch.equal(keep, dropout_keep_ref(2**40 + 8, 2, 3, 64, 96, 0.1))
+
+
+@pytest.mark.parametrize("backend,device", [c for c in CASES if c.values[0] == "cpp"])
+def test_cpp_backend_rejects_dropout_when_forced(backend, device):
+    q, k, v = _qkv(1, 1, 4, 4, 16, torch.float32, device)
+    with vitfast.use_backend("cpp"), pytest.raises(ValueError, match="dropout"):
+        vitfast.attention(q, k, v, dropout_p=0.5)
+    assert vitfast.choose_backend("attention", q, k, v, None, torch.zeros(1, dtype=torch.int64)) == "torch"
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+def test_deterministic_backward(backend, device):
+    B, H, Nq, Nk, D = 2, 2, 40, 36, 32
+    q, k, v = _qkv(B, H, Nq, Nk, D, torch.float32, device)
+    bias = torch.randn(1, H, Nq, Nk, device=device)
+    dout = torch.randn(B, H, Nq, D, device=device)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with vitfast.use_backend(backend):
+            first = _run(vitfast.attention, q, k, v, bias, dout, True)
+            second = _run(vitfast.attention, q, k, v, bias, dout, True)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    ref = _run(attention_ref, q.double(), k.double(), v.double(), bias.double(), dout.double(), True)
+    plain = _run(attention_ref, q, k, v, bias, dout, True)
+    _assert_all_close(["out", "dq", "dk", "dv", "dbias"], first, ref, plain, f"{backend} deterministic")
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+def test_packed_qkv_views_are_read_in_place(backend, device, monkeypatch):
+    B, N, H, D = 2, 50, 3, 40
+    x = torch.randn(B, N, 3, H, D, device=device)
+    q, k, v = x.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, D) views of one (B, N, 3*H*D) projection
+    seen = []
+    if backend == "triton":
+        import vitfast.triton.attention as tri
+        launch = tri.attention_fwd
+
+        def spy(q_, k_, v_, *args):
+            seen.append((q_.data_ptr(), k_.data_ptr(), v_.data_ptr()))
+            return launch(q_, k_, v_, *args)
+        monkeypatch.setattr(tri, "attention_fwd", spy)
+    with vitfast.use_backend(backend):
+        out = vitfast.attention(q, k, v)
+    if backend == "triton":
+        assert seen == [(q.data_ptr(), k.data_ptr(), v.data_ptr())]
+    torch.testing.assert_close(out.double(), attention_ref(q.double(), k.double(), v.double()), rtol=1e-5, atol=1e-5)
+    assert out.transpose(1, 2).is_contiguous()  # (B, N, H, D) buffer: merging heads is free
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+@pytest.mark.parametrize("Nq,Nk,causal", [(30, 30, True), (20, 45, True), (45, 20, True), (20, 45, False)])
+def test_flash_attn_func_layout_and_bottom_right_causal(backend, device, Nq, Nk, causal):
+    B, H, D = 2, 2, 32
+    q = torch.randn(B, Nq, H, D, device=device, requires_grad=True)
+    k = torch.randn(B, Nk, H, D, device=device, requires_grad=True)
+    v = torch.randn(B, Nk, H, D, device=device, requires_grad=True)
+    with vitfast.use_backend(backend):
+        out = vitfast.flash_attn_func(q, k, v, softmax_scale=0.2, causal=causal)
+        grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert out.shape == (B, Nq, H, D) and out.is_contiguous()
+    d = [t.detach().double().transpose(1, 2).requires_grad_() for t in (q, k, v)]
+    ref = attention_ref(*d, None, causal, 0.2, causal_offset=Nk - Nq).transpose(1, 2)
+    ref_grads = torch.autograd.grad(ref.sum(), d)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), r.transpose(1, 2), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", [c for c in CASES if c.values[0] != "triton"])
+def test_float64_gradcheck(backend, device):
+    q, k, v = (t.requires_grad_() for t in _qkv(1, 2, 5, 6, 8, torch.float64, device))
+    bias = torch.randn(1, 2, 5, 6, dtype=torch.float64, device=device, requires_grad=True)
+    with vitfast.use_backend(backend):
+        assert torch.autograd.gradcheck(lambda a, b, c, m: vitfast.attention(a, b, c, m, is_causal=True),
+                                        (q, k, v, bias), fast_mode=True)
+
+
+@pytest.mark.skipif(not any(c.values[0] == "triton" for c in CASES), reason="no triton backend on this machine")
+def test_triton_rejects_float64_clearly():
+    q, k, v = _qkv(1, 1, 4, 4, 16, torch.float64)
+    with vitfast.use_backend("triton"), pytest.raises(ValueError, match="float64"):
+        vitfast.attention(q, k, v)
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+def test_empty_sequences(backend, device):
+    q, k, v = (t.requires_grad_() for t in _qkv(2, 1, 0, 5, 16, torch.float32, device))
+    with vitfast.use_backend(backend):
+        out = vitfast.attention(q, k, v)
+        out.sum().backward()
+    assert out.shape == (2, 1, 0, 16) and torch.equal(k.grad, torch.zeros_like(k))
+
+
+@st.composite
+def _cases(draw):
+    B, H = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    Nq, Nk = draw(st.integers(1, 40)), draw(st.integers(1, 40))
+    D = draw(st.sampled_from([16, 24, 40, 64, 80, 96]))
+    dtype = draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+    kind, code = draw(st.sampled_from([(None, None)] + MASKS))
+    return dict(B=B, H=H, Nq=Nq, Nk=Nk, D=D, dtype=dtype, mask_kind=kind,
+                mask_shape=_shape(code, B, H, Nq, Nk) if code else None, is_causal=draw(st.booleans()),
+                bias_grad=draw(st.booleans()), scale=draw(st.sampled_from([None, 0.5])),
+                dropout_p=draw(st.sampled_from([0.0, 0.0, 0.2])))
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+@settings(max_examples=15, deadline=None, derandomize=True)
+@given(case=_cases())
+def test_hypothesis_small_shapes(backend, device, case):
+    if backend == "cpp":  # no dropout in the C++ kernels: auto mode would pick the torch backend
+        case["dropout_p"] = 0.0
+    _check(backend, device, **case)
+
+
+def test_bad_inputs_raise_clear_errors():
+    q, k, v = _qkv(2, 3, 5, 7, 16, torch.float32)
+    with pytest.raises(ValueError, match=r"q must be 4-D \(B, H, N, D\), got rank 3.*\(3, 5, 16\)"):
+        vitfast.attention(q[0], k, v)
+    with pytest.raises(ValueError, match="one head dim, got 16, 8, 16"):
+        vitfast.attention(q, k[..., :8], v)
+    with pytest.raises(ValueError, match="one dtype, got torch.float32, torch.float16"):
+        vitfast.attention(q, k.half(), v)
+    with pytest.raises(ValueError, match="one device, got cpu, meta"):
+        vitfast.attention(q, k.to("meta"), v)
+    with pytest.raises(ValueError, match=r"attn_mask of shape \(2, 3, 5, 6\) does not broadcast.*\(2, 3, 5, 7\)"):
+        vitfast.attention(q, k, v, torch.ones(2, 3, 5, 6, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"attn_mask of shape \(3, 1, 1, 7\) does not broadcast"):
+        vitfast.attention(q, k, v, torch.ones(3, 1, 1, 7))
+    big = torch.randn(1, 1, 4, 320)
+    with pytest.raises(ValueError, match="head dim 320 is not supported"):
+        vitfast.attention(big, big, big)
+    with pytest.raises(ValueError, match="batch and heads"):
+        vitfast.attention(q, k[:1], v[:1])
+    with pytest.raises(ValueError, match="dropout_p must be in"):
+        vitfast.attention(q, k, v, dropout_p=1.0)
+    with pytest.raises(ValueError, match="bool or floating point"):
+        vitfast.attention(q, k, v, torch.ones(5, 7, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"flash_attn_func: q must be 4-D \(B, N, H, D\)"):
+        vitfast.flash_attn_func(q[0], k, v)
+    with pytest.raises(ValueError, match="dtype torch.int32 is not supported"):
+        vitfast.attention(*(t.int() for t in (q, k, v)))
+
+
+def test_cpp_kernel_checks_its_inputs():
+    if not vitfast._ext.HAS_EXT:
+        pytest.skip(vitfast._ext.EXT_ERROR)
+    q, k, v = _qkv(1, 2, 3, 4, 8, torch.float32)
+    with pytest.raises(RuntimeError, match="attn_mask"):
+        torch.ops.vitfast.attention_fwd(q, k, v, torch.ones(1, 2, 3, 5), 0.0, False, 0, 1.0)
+    with pytest.raises(RuntimeError, match="dropout"):
+        torch.ops.vitfast.attention_fwd(q, k, v, None, 0.1, False, 0, 1.0)
+
+
+def _opcheck_args(requires_grad):
+    q, k, v = (t.requires_grad_(requires_grad) for t in _qkv(2, 2, 7, 9, 16, torch.float32))
+    bias = torch.randn(1, 2, 7, 9, requires_grad=requires_grad)
+    pad = torch.rand(2, 1, 1, 9) > 0.3
+    seed = torch.tensor([99], dtype=torch.int64)
+    return [(q, k, v, None, None, 0.0, False, 0, 0.25), (q, k, v, bias, None, 0.0, True, 0, 0.25),
+            (q, k, v, pad, None, 0.0, True, 2, 0.25), (q, k, v, pad, seed, 0.2, False, 0, 0.25)]
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+def test_opcheck(backend, device):
+    with vitfast.use_backend(backend):
+        for a in _opcheck_args(True):
+            if backend == "cpp" and a[4] is not None:
+                continue
+            torch.library.opcheck(torch.ops.vitfast.attention.default, a)
+        q, k, v, bias = _opcheck_args(False)[1][:4]
+        out, lse = torch.ops.vitfast.attention(q, k, v, bias, None, 0.0, True, 0, 0.25)
+        torch.library.opcheck(torch.ops.vitfast.attention_backward.default,
+                              (torch.randn_like(out), q, k, v, out, lse, bias, None, 0.0, True, 0, 0.25, True, False))
+
+
+def test_torch_compile_fullgraph():
+    class Block(torch.nn.Module):
+        def __init__(self, dim=48, heads=3):
+            super().__init__()
+            self.heads = heads
+            self.qkv = torch.nn.Linear(dim, 3 * dim)
+            self.proj = torch.nn.Linear(dim, dim)
+
+        def forward(self, x, pad):
+            B, N, C = x.shape
+            q, k, v = self.qkv(x).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+            y = vitfast.attention(q, k, v, pad[:, None, None, :])
+            return self.proj(y.transpose(1, 2).reshape(B, N, C))
+
+    torch._dynamo.reset()
+    m = Block()
+    x = torch.randn(2, 11, 48, requires_grad=True)
+    pad = torch.rand(2, 11) > 0.2
+    out = torch.compile(m, fullgraph=True)(x, pad)
+    out.sum().backward()
+    g = x.grad.clone()
+    x.grad = None
+    torch.testing.assert_close(out, m(x, pad))
+    m(x, pad).sum().backward()
+    torch.testing.assert_close(g, x.grad)
+
+
+def test_matches_sdpa_semantics():
+    q, k, v = _qkv(2, 3, 9, 9, 16, torch.float32)
+    m = torch.rand(2, 1, 9, 9) > 0.3
+    m[..., 0] = True
+    bias = torch.randn(1, 3, 9, 9)
+    for kw in (dict(attn_mask=m), dict(attn_mask=bias), dict(is_causal=True), dict(attn_mask=bias, scale=0.1)):
+        torch.testing.assert_close(vitfast.attention(q, k, v, **kw), F.scaled_dot_product_attention(q, k, v, **kw),
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="65536+ programs and 2**31 elements need a GPU")
+def test_large_grid_and_int64_offsets():
+    q = torch.randn(70_000, 1, 16, 16, device="cuda", dtype=torch.float16)
+    with vitfast.use_backend("triton"):
+        out = vitfast.attention(q, q, q)
+    torch.testing.assert_close(out[-3:].float(), attention_ref(q[-3:].float(), q[-3:].float(), q[-3:].float()),
+                               rtol=2e-2, atol=2e-2)
+    del q, out
+    B, H, N, D = 2**31 // (8 * 1024 * 64) + 1, 8, 1024, 64
+    q = torch.randn(B, H, N, D, device="cuda", dtype=torch.float16)
+    with vitfast.use_backend("triton"):
+        out = vitfast.attention(q, q, q)
+    tail = q[-1:, -1:]
+    torch.testing.assert_close(out[-1:, -1:].float(), attention_ref(tail.float(), tail.float(), tail.float()),
+                               rtol=2e-2, atol=2e-2)

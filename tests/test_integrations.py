@@ -1,0 +1,105 @@
+"""transformers models with attn_implementation="vitfast" against the same weights run eagerly."""
+import copy
+
+import pytest
+import torch
+
+import vitfast
+
+from conftest import backend_cases
+
+transformers = pytest.importorskip("transformers")
+from vitfast.integrations import transformers as vt  # noqa: E402
+
+vt.register()
+CASES = backend_cases("attention")
+
+
+def _pair(model):
+    """The model in eager attention, and a copy with the same weights in vitfast attention."""
+    model.set_attn_implementation("eager")
+    mine = copy.deepcopy(model)
+    mine.set_attn_implementation("vitfast")
+    return model.eval(), mine.eval()
+
+
+def _compare(eager, mine, backend, inputs, pick, atol=2e-5):
+    """Outputs and every parameter gradient of `pick(model(**inputs))` agree between the two models.
+
+    The loss weights the outputs randomly: a plain sum of squares of LayerNorm outputs is nearly constant,
+    which leaves only rounding noise in the gradients.
+    """
+    out_e = pick(eager(**inputs))
+    weights = torch.randn_like(out_e)
+    (out_e * weights).sum().backward()
+    with vitfast.use_backend(backend):
+        out_m = pick(mine(**inputs))
+        (out_m * weights).sum().backward()
+    torch.testing.assert_close(out_m, out_e, rtol=1e-4, atol=atol)
+    for (name, p_e), (_, p_m) in zip(eager.named_parameters(), mine.named_parameters()):
+        if p_e.grad is not None:
+            scale = p_e.grad.abs().max().item()
+            torch.testing.assert_close(p_m.grad, p_e.grad, rtol=1e-3, atol=5 * atol * max(1.0, scale),
+                                       msg=lambda m: f"{name}: {m}")
+
+
+def _vision_config(cls, **kw):
+    return cls(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48, image_size=32,
+               patch_size=8, **kw)
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+def test_vit(backend, device):
+    model = transformers.ViTModel(_vision_config(transformers.ViTConfig), add_pooling_layer=False)
+    _compare(*_pair(model), backend, {"pixel_values": torch.randn(2, 3, 32, 32)}, lambda o: o.last_hidden_state)
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+def test_deit(backend, device):
+    model = transformers.DeiTModel(_vision_config(transformers.DeiTConfig), add_pooling_layer=False)
+    _compare(*_pair(model), backend, {"pixel_values": torch.randn(2, 3, 32, 32)}, lambda o: o.last_hidden_state)
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+def test_clip_text_padding_and_causal_mask(backend, device):
+    text = dict(vocab_size=99, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                max_position_embeddings=16)
+    vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    model = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    ids = torch.randint(1, 98, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, 5:] = 0  # padding: without the mask interface these positions would be attended to
+    inputs = {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.randn(2, 3, 32, 32)}
+    eager, mine = _pair(model)
+    pick = lambda o: torch.cat([o.text_model_output.last_hidden_state.flatten(1), o.image_embeds], -1)  # noqa: E731
+    _compare(eager, mine, backend, inputs, pick)
+    # the padding mask reaches the kernel: without it the padded positions attend to each other
+    with torch.no_grad(), vitfast.use_backend(backend):
+        unmasked = mine(input_ids=ids, pixel_values=inputs["pixel_values"]).text_model_output.last_hidden_state
+        masked = mine(**inputs).text_model_output.last_hidden_state
+    assert torch.allclose(unmasked[1, :5], masked[1, :5], atol=1e-5)
+    assert not torch.allclose(unmasked[1, 6:], masked[1, 6:], atol=1e-4)
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+def test_detr_self_and_cross_attention_with_padding(backend, device):
+    config = transformers.DetrConfig(
+        use_timm_backbone=False, use_pretrained_backbone=False,
+        backbone_config=dict(model_type="resnet", depths=[1] * 4, hidden_sizes=[16] * 4, embedding_size=16,
+                             out_features=["stage4"]),
+        d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=48, decoder_ffn_dim=48, num_queries=5, dropout=0.0, attention_dropout=0.0)
+    model = transformers.DetrModel(config)
+    pixel_mask = torch.ones(2, 96, 128, dtype=torch.long)
+    pixel_mask[1, :, 64:] = 0
+    inputs = {"pixel_values": torch.randn(2, 3, 96, 128), "pixel_mask": pixel_mask}
+    _compare(*_pair(model), backend, inputs, lambda o: o.last_hidden_state)
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+def test_swin_bias_and_shift_mask_through_the_interface(backend, device):
+    config = transformers.SwinConfig(image_size=32, patch_size=2, embed_dim=16, depths=[2, 1], num_heads=[2, 2],
+                                     window_size=4)
+    model = transformers.SwinModel(config, add_pooling_layer=False)
+    _compare(*_pair(model), backend, {"pixel_values": torch.randn(1, 3, 32, 32)}, lambda o: o.last_hidden_state)

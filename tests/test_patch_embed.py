@@ -1,0 +1,243 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vitfast
+from vitfast.ops import patch_embed as pe_ops
+from vitfast.ops.patch_embed import patch_embed, patch_embed_ref, resample_pos_embed
+
+from conftest import assert_close_to_ref, backend_cases
+
+CASES = backend_cases("patch_embed")
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+# (name, B, C, H, W, patch, E, P, pos rows: "all" | "patch" | None, prefix given, norm, images need grad)
+CONFIGS = [
+    ("vit", 2, 3, 32, 32, 8, 32, 1, "all", True, False, True),
+    ("deit", 2, 3, 32, 32, 16, 48, 2, "all", True, False, False),
+    ("no_embed_class", 1, 3, 16, 32, 8, 32, 1, "patch", True, False, True),
+    ("swin", 2, 3, 32, 32, 4, 40, 0, None, False, True, True),
+    ("odd", 3, 5, 12, 20, (4, 2), 24, 0, "patch", False, False, True),
+    ("empty_slots_and_norm", 1, 1, 8, 8, 4, 16, 1, "all", False, True, True),
+]
+
+
+def _make(cfg, dtype, device):
+    _, B, C, H, W, patch, E, P, pos, prefix, norm, img_grad = cfg
+    ph, pw = (patch, patch) if isinstance(patch, int) else patch
+    L = (H // ph) * (W // pw)
+    t = dict(images=torch.randn(B, C, H, W, dtype=dtype, device=device),
+             weight=torch.randn(E, C, ph, pw, dtype=dtype, device=device) / (C * ph * pw) ** 0.5,
+             bias=torch.randn(E, dtype=dtype, device=device))
+    if pos is not None:
+        t["pos_embed"] = torch.randn(1, L + (P if pos == "all" else 0), E, dtype=dtype, device=device)
+    if prefix:
+        t["prefix_tokens"] = torch.randn(1, P, E, dtype=dtype, device=device)
+    if norm:
+        t["norm_weight"] = torch.randn(E, dtype=dtype, device=device)
+        t["norm_bias"] = torch.randn(E, dtype=dtype, device=device)
+    kw = dict(num_prefix_tokens=P if not prefix else 0)
+    return t, patch, kw, img_grad
+
+
+def _run(fn, tensors, patch, kw, img_grad, dy, cast=None):
+    leaves = {k: (v.to(cast) if cast else v).detach().clone().requires_grad_(k != "images" or img_grad)
+              for k, v in tensors.items()}
+    args = {k: v for k, v in leaves.items() if k not in ("images", "weight", "bias")}
+    out = fn(leaves["images"], leaves["weight"], leaves["bias"], patch, **args, **kw)
+    names = [k for k, v in leaves.items() if v.requires_grad]
+    grads = torch.autograd.grad(out, [leaves[k] for k in names], dy.to(out.dtype))
+    return out, dict(zip(names, grads))
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cfg", CONFIGS, ids=[c[0] for c in CONFIGS])
+def test_matches_conv_reference(backend, device, dtype, cfg):
+    tensors, patch, kw, img_grad = _make(cfg, dtype, device)
+    with torch.no_grad():
+        shape = patch_embed_ref(tensors["images"], tensors["weight"], tensors["bias"], patch,
+                                **{k: v for k, v in tensors.items() if k not in ("images", "weight", "bias")},
+                                **kw).shape
+    dy = torch.randn(shape, dtype=dtype, device=device)
+    with vitfast.use_backend(backend):
+        out, grads = _run(patch_embed, tensors, patch, kw, img_grad, dy)
+    ref, ref_grads = _run(patch_embed_ref, tensors, patch, kw, img_grad, dy, cast=torch.float64)
+    plain, plain_grads = _run(patch_embed_ref, tensors, patch, kw, img_grad, dy)
+    assert_close_to_ref(out, ref, plain, f"{backend} out")
+    assert set(grads) == set(ref_grads)
+    for k in grads:
+        assert_close_to_ref(grads[k], ref_grads[k], plain_grads[k], f"{backend} d{k}")
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+def test_float64_and_gradcheck(backend, device):
+    x = torch.randn(1, 2, 4, 4, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.randn(3, 2, 2, 2, dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, device=device, requires_grad=True)
+    pos = torch.randn(5, 3, dtype=torch.float64, device=device, requires_grad=True)
+    cls = torch.randn(1, 3, dtype=torch.float64, device=device, requires_grad=True)
+    nw = torch.randn(3, dtype=torch.float64, device=device, requires_grad=True)
+    if backend == "triton":
+        with vitfast.use_backend(backend), pytest.raises(ValueError, match="float64"):
+            patch_embed(x, w, b, 2)
+        return
+    with vitfast.use_backend(backend):
+        assert torch.autograd.gradcheck(
+            lambda *a: patch_embed(a[0], a[1], a[2], 2, pos_embed=a[3], prefix_tokens=a[4], norm_weight=a[5]),
+            (x, w, b, pos, cls, nw))
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+def test_strided_images_and_no_bias(backend, device):
+    base = torch.randn(2, 16, 20, 3, device=device)
+    x = base.permute(0, 3, 1, 2)[:, :, :, 2:18]  # channels-last and offset: (2, 3, 16, 16)
+    w = torch.randn(32, 3, 8, 8, device=device)
+    with vitfast.use_backend(backend):
+        out = patch_embed(x, w, None, 8)
+    ref = patch_embed_ref(x.double(), w.double(), None, 8)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-4)
+
+
+def test_image_size_not_a_multiple_of_the_patch_raises():
+    x = torch.randn(1, 3, 30, 32)
+    w = torch.randn(8, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"image size \(30, 32\) must be divisible by the patch size \(8, 8\)"):
+        patch_embed(x, w, None, 8)
+    with pytest.raises(ValueError, match="weight must be"):
+        patch_embed(x[..., :24, :], w, None, 4)
+    with pytest.raises(ValueError, match="pos_embed has 7 rows"):
+        patch_embed(torch.randn(1, 3, 16, 16), w, None, 8, pos_embed=torch.randn(1, 7, 8))
+    with pytest.raises(ValueError, match="prefix_tokens has 2 rows"):
+        patch_embed(torch.randn(1, 3, 16, 16), w, None, 8, num_prefix_tokens=1, prefix_tokens=torch.randn(2, 8))
+    with pytest.raises(ValueError, match="bias must have shape"):
+        patch_embed(torch.randn(1, 3, 16, 16), w, torch.randn(9), 8)
+
+
+def _timm_resample(posemb, new_size, num_prefix):
+    """timm.layers.resample_abs_pos_embed (bicubic, antialias), written out."""
+    prefix, grid = posemb[:, :num_prefix], posemb[:, num_prefix:]
+    side = int(grid.shape[1] ** 0.5)
+    g = grid.float().reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    g = F.interpolate(g, size=new_size, mode="bicubic", antialias=True)
+    g = g.permute(0, 2, 3, 1).reshape(1, -1, posemb.shape[-1]).to(posemb.dtype)
+    return torch.cat([prefix, g], 1)
+
+
+@pytest.mark.parametrize("new_size", [(6, 6), (2, 3)])
+def test_pos_embed_is_resampled_once_and_cached(new_size, monkeypatch):
+    pos = torch.randn(1, 1 + 16, 8, dtype=torch.float64)
+    x = torch.randn(2, 3, 4 * new_size[0], 4 * new_size[1], dtype=torch.float64)
+    w = torch.randn(8, 3, 4, 4, dtype=torch.float64)
+    cls = torch.randn(1, 1, 8, dtype=torch.float64)
+    expected = patch_embed_ref(x, w, None, 4, prefix_tokens=cls, pos_embed=_timm_resample(pos, new_size, 1))
+    ref_grad = torch.autograd.grad(_timm_resample(pos.requires_grad_(), new_size, 1).sum() * x.shape[0], pos)[0]
+    pos.requires_grad_(False)
+    calls = []
+    real = F.interpolate
+    monkeypatch.setattr(pe_ops.F, "interpolate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    pe_ops._RESIZE_CACHE.clear()
+    pe_ops._RESAMPLED_CACHE.clear()
+    with torch.no_grad():
+        for _ in range(3):
+            out = patch_embed(x, w, None, 4, prefix_tokens=cls, pos_embed=pos)
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    assert len(calls) == 1 and len(pe_ops._RESAMPLED_CACHE) == 1
+    # training: the matrix stays cached, the gradient reaches the original table
+    pos.requires_grad_()
+    out = patch_embed(x, w, None, 4, prefix_tokens=cls, pos_embed=pos)
+    out.sum().backward()
+    assert len(calls) == 1 and pos.grad is not None and pos.grad.shape == pos.shape
+    torch.testing.assert_close(pos.grad, ref_grad, rtol=1e-5, atol=1e-6)
+    # an in-place update of the table invalidates the cached resampled copy
+    with torch.no_grad():
+        pos.add_(1.0)
+        out = patch_embed(x, w, None, 4, prefix_tokens=cls, pos_embed=pos.detach())
+        monkeypatch.undo()
+        torch.testing.assert_close(out, patch_embed_ref(x, w, None, 4, prefix_tokens=cls,
+                                                        pos_embed=_timm_resample(pos, new_size, 1)),
+                                   rtol=1e-5, atol=1e-6)
+    assert resample_pos_embed(pos.detach(), (4, 4), num_prefix_tokens=1).shape == (1, 17, 8)
+
+
+def _timm_like(img, patch, C, E, norm, fmt):
+    class Ref(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Conv2d(C, E, patch, patch)
+            self.norm = torch.nn.LayerNorm(E) if norm else torch.nn.Identity()
+
+        def forward(self, x):
+            x = self.proj(x)
+            if fmt == "NCHW":
+                return x
+            x = x.permute(0, 2, 3, 1) if fmt == "NHWC" else x.flatten(2).transpose(1, 2)
+            return self.norm(x)
+    return Ref()
+
+
+@pytest.mark.parametrize("norm,fmt", [(False, None), (True, "NHWC"), (True, None), (False, "NCHW")])
+def test_module_is_a_drop_in_for_timm_patch_embed(norm, fmt):
+    ref = _timm_like(32, 8, 3, 24, norm, fmt)
+    mine = vitfast.nn.PatchEmbed(32, 8, 3, 24, norm_layer=torch.nn.LayerNorm if norm else None, output_fmt=fmt)
+    assert set(mine.state_dict()) == set(ref.state_dict())
+    if norm:
+        torch.nn.init.normal_(ref.norm.weight)
+        torch.nn.init.normal_(ref.norm.bias)
+    mine.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(mine(x), ref(x), rtol=1e-5, atol=1e-5)
+    assert mine.grid_size == (4, 4) and mine.num_patches == 16
+    with pytest.raises(ValueError, match="doesn't match"):
+        mine(torch.randn(1, 3, 40, 40))
+
+
+def test_module_fuses_vit_tokens_and_pads_dynamically():
+    m = vitfast.nn.PatchEmbed(None, 8, 3, 16, dynamic_img_pad=True)
+    x = torch.randn(2, 3, 20, 13)
+    cls = torch.randn(1, 1, 16)
+    pos = torch.randn(1, 1 + 6, 16)
+    out = m(x, pos_embed=pos, prefix_tokens=cls)
+    ref = patch_embed_ref(F.pad(x, (0, 3, 0, 4)), m.proj.weight, m.proj.bias, 8, prefix_tokens=cls, pos_embed=pos)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert m(x).shape == (2, 6, 16)
+
+
+def test_opcheck():
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    w = torch.randn(16, 3, 4, 4, requires_grad=True)
+    b = torch.randn(16, requires_grad=True)
+    pos = torch.randn(5, 16, requires_grad=True)
+    cls = torch.randn(1, 16, requires_grad=True)
+    nw, nb = torch.randn(16, requires_grad=True), torch.randn(16, requires_grad=True)
+    op = torch.ops.vitfast.patch_embed.default
+    torch.library.opcheck(op, (x, w, b, pos, 1, cls, None, None, False, 1, 1e-5, True))
+    torch.library.opcheck(op, (x, w, None, None, 0, None, nw, nb, True, 0, 1e-6, True))
+    torch.library.opcheck(op, (x.detach(), w, b, pos[1:], 0, None, None, None, False, 2, 1e-5, False))
+    dz = torch.randn(2, 4, 16)
+    torch.library.opcheck(torch.ops.vitfast.patch_embed_backward.default, (dz, x.detach(), w.detach(), True, True))
+
+
+def test_torch_compile_fullgraph():
+    class ViTStem(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.patch_embed = vitfast.nn.PatchEmbed(16, 8, 3, 16)
+            self.cls_token = torch.nn.Parameter(torch.randn(1, 1, 16))
+            self.pos_embed = torch.nn.Parameter(torch.randn(1, 5, 16))
+
+        def forward(self, x):
+            return self.patch_embed(x, pos_embed=self.pos_embed, prefix_tokens=self.cls_token).relu()
+
+    torch._dynamo.reset()
+    m = ViTStem()
+    x = torch.randn(2, 3, 16, 16, requires_grad=True)
+    out = torch.compile(m, fullgraph=True)(x)
+    out.sum().backward()
+    g = [x.grad.clone()] + [p.grad.clone() for p in m.parameters()]
+    x.grad = None
+    m.zero_grad()
+    torch.testing.assert_close(out, m(x))
+    m(x).sum().backward()
+    for a, b in zip(g, [x.grad] + [p.grad for p in m.parameters()]):
+        torch.testing.assert_close(a, b)

@@ -1,0 +1,143 @@
+import pytest
+import torch
+
+import vitfast
+from vitfast.ops.patch_merging import patch_merging, patch_merging_ref
+
+from conftest import assert_close_to_ref, backend_cases
+
+CASES = backend_cases("patch_merging")
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _textbook_timm(x, norm, reduction):
+    """timm's PatchMerging.forward (pad, reshape/permute/flatten), to pin the channel order."""
+    B, H, W, C = x.shape
+    x = torch.nn.functional.pad(x, (0, 0, 0, W % 2, 0, H % 2))
+    _, H, W, _ = x.shape
+    x = x.reshape(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3)
+    return reduction(norm(x))
+
+
+def _inputs(shape, out_dim, dtype, device, weight=True, bias=True):
+    C = shape[-1]
+    x = torch.randn(*shape, dtype=dtype, device=device) * 2 + 0.5
+    nw = torch.randn(4 * C, dtype=dtype, device=device) if weight else None
+    nb = torch.randn(4 * C, dtype=dtype, device=device) if bias else None
+    rw = torch.randn(out_dim, 4 * C, dtype=dtype, device=device) / (4 * C) ** 0.5
+    return x, nw, nb, rw
+
+
+def _run(fn, x, nw, nb, rw, dy, cast=None):
+    leaves = [(t.to(cast) if cast else t).detach().clone().requires_grad_() if t is not None else None
+              for t in (x, nw, nb, rw)]
+    out = fn(*leaves, 1e-5)
+    grads = torch.autograd.grad(out, [t for t in leaves if t is not None], dy.to(out.dtype))
+    return [out] + list(grads)
+
+
+def _check(backend, device, shape, out_dim, dtype, **kw):
+    x, nw, nb, rw = _inputs(shape, out_dim, dtype, device, **kw)
+    H, W = shape[-3:-1]
+    dy = torch.randn(*shape[:-3], (H + 1) // 2, (W + 1) // 2, out_dim, dtype=dtype, device=device)
+    with vitfast.use_backend(backend):
+        got = _run(patch_merging, x, nw, nb, rw, dy)
+    ref = _run(patch_merging_ref, x, nw, nb, rw, dy, cast=torch.float64)
+    plain = _run(patch_merging_ref, x, nw, nb, rw, dy)
+    names = ["out", "dx"] + (["dnorm_weight"] if nw is not None else []) + (["dnorm_bias"] if nb is not None
+                                                                              else []) + ["dreduction"]
+    assert len(got) == len(ref) == len(names)
+    for nm, g, r, p in zip(names, got, ref, plain):
+        assert_close_to_ref(g, r, p, f"{backend} {nm}")
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,out_dim", [((2, 8, 8, 16), 32), ((1, 7, 5, 12), 24), ((2, 1, 1, 8), 16),
+                                           ((1, 6, 3, 24), 40)])
+def test_matches_textbook(backend, device, dtype, shape, out_dim):
+    _check(backend, device, shape, out_dim, dtype)
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+@pytest.mark.parametrize("weight,bias", [(False, False), (True, False), (False, True)])
+def test_affine_variants(backend, device, weight, bias):
+    _check(backend, device, (1, 5, 6, 8), 16, torch.float32, weight=weight, bias=bias)
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+def test_leading_dims_and_strided_input(backend, device):
+    base = torch.randn(2, 3, 6, 9, 20, device=device)
+    x = base[..., 2:18:2]  # (2, 3, 6, 9, 8), inner stride 2
+    nw, nb, rw = torch.randn(32, device=device), torch.randn(32, device=device), torch.randn(16, 32, device=device)
+    with vitfast.use_backend(backend):
+        out = patch_merging(x, nw, nb, rw)
+    ref = patch_merging_ref(x.double(), nw.double(), nb.double(), rw.double())
+    assert out.shape == (2, 3, 3, 5, 16)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+def test_float64(backend, device):
+    x = torch.randn(1, 3, 5, 4, dtype=torch.float64, device=device, requires_grad=True)
+    nw = torch.randn(16, dtype=torch.float64, device=device, requires_grad=True)
+    nb = torch.randn(16, dtype=torch.float64, device=device, requires_grad=True)
+    rw = torch.randn(6, 16, dtype=torch.float64, device=device, requires_grad=True)
+    if backend == "triton":
+        with vitfast.use_backend(backend), pytest.raises(ValueError, match="float64"):
+            patch_merging(x, nw, nb, rw)
+        return
+    with vitfast.use_backend(backend):
+        assert torch.autograd.gradcheck(lambda *a: patch_merging(*a), (x, nw, nb, rw))
+
+
+def test_bad_inputs_raise_clear_errors():
+    x = torch.randn(1, 4, 4, 8)
+    with pytest.raises(ValueError, match=r"norm_weight must have shape \(32,\)"):
+        patch_merging(x, torch.randn(16), None, torch.randn(16, 32))
+    with pytest.raises(ValueError, match=r"reduction_weight must have shape \(16, 32\)"):
+        patch_merging(x, None, None, torch.randn(16, 31))
+    with pytest.raises(ValueError, match=r"\(..., H, W, C\)"):
+        patch_merging(torch.randn(4, 8), None, None, torch.randn(16, 32))
+
+
+@pytest.mark.parametrize("hw", [(8, 8), (7, 9)])
+def test_module_is_a_drop_in_for_timm_and_torchvision(hw):
+    mine = vitfast.nn.PatchMerging(12, out_dim=20)
+    torch.nn.init.normal_(mine.norm.weight)
+    torch.nn.init.normal_(mine.norm.bias)
+    assert set(mine.state_dict()) == {"norm.weight", "norm.bias", "reduction.weight"}
+    x = torch.randn(2, *hw, 12)
+    ref_timm = _textbook_timm(x, mine.norm, mine.reduction)
+    ref_tv = patch_merging_ref(x, mine.norm.weight, mine.norm.bias, mine.reduction.weight)
+    out = mine(x)
+    torch.testing.assert_close(out, ref_timm, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, ref_tv, rtol=1e-5, atol=1e-5)
+    assert vitfast.nn.PatchMerging(12).reduction.weight.shape == (24, 48)
+    rms = vitfast.nn.PatchMerging(12, norm_layer=lambda d: torch.nn.RMSNorm(d))
+    torch.testing.assert_close(rms(x), rms.reduction(rms.norm(_textbook_timm(x, torch.nn.Identity(),
+                                                                             torch.nn.Identity()))))
+
+
+def test_opcheck():
+    x = torch.randn(2, 5, 4, 8, requires_grad=True)
+    nw, nb = torch.randn(32, requires_grad=True), torch.randn(32, requires_grad=True)
+    rw = torch.randn(16, 32, requires_grad=True)
+    torch.library.opcheck(torch.ops.vitfast.patch_merging.default, (x, nw, nb, rw, 1e-5))
+    torch.library.opcheck(torch.ops.vitfast.patch_merging.default, (x, None, None, rw, 1e-6))
+    _, mean, rstd = torch.ops.vitfast.patch_merging(x.detach(), nw.detach(), nb.detach(), rw.detach(), 1e-5)
+    torch.library.opcheck(torch.ops.vitfast.patch_merging_backward.default,
+                          (torch.randn(12, 16), x.detach(), nw.detach(), nb.detach(), rw.detach(), mean, rstd))
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    m = vitfast.nn.PatchMerging(8)
+    x = torch.randn(2, 5, 6, 8, requires_grad=True)
+    out = torch.compile(m, fullgraph=True)(x)
+    out.sum().backward()
+    g = x.grad.clone()
+    x.grad = None
+    torch.testing.assert_close(out, m(x))
+    m(x).sum().backward()
+    torch.testing.assert_close(g, x.grad)

@@ -1,0 +1,432 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vitfast
+from vitfast.ops.window_attention import (_torch_keep, relative_position_index, shifted_window_attention_ref,
+                                          window_attention_ref)
+
+from conftest import assert_close_to_ref, backend_cases
+
+CASES = backend_cases("window_attention")
+LOW = (torch.float16, torch.bfloat16)
+
+# (B, H, W, heads, D, window, shift): no padding, padding on one or both axes, shift, N = 49 and 144.
+GEOMETRIES = [
+    (1, 7, 7, 1, 16, 7, 0),
+    (2, 14, 15, 2, 8, 7, 3),
+    (1, 15, 14, 1, 32, 7, 3),
+    (1, 14, 14, 2, 16, 12, 6),
+    (1, 15, 13, 1, 32, 12, 0),
+]
+
+
+def _inputs(B, H, W, heads, D, ws, dtype, device, pad=True, cosine=False, strided=False):
+    if strided:  # a view with non-trivial strides and unit inner stride, like a sliced Linear output
+        qkv = torch.randn(B, H, W, 3, heads, D + 3, dtype=dtype, device=device)[..., :D]
+    else:
+        qkv = torch.randn(B, H, W, 3, heads, D, dtype=dtype, device=device)
+    table = torch.randn((2 * ws - 1) ** 2, heads, dtype=dtype, device=device)
+    qkv_pad = torch.randn(3 * heads * D, dtype=dtype, device=device) if pad else None
+    logit_scale = (torch.rand(heads, 1, 1, dtype=dtype, device=device) * 3 + 1) if cosine else None
+    return qkv, table, qkv_pad, logit_scale
+
+
+def _ref(qkv, table, ws, shift, qkv_pad, logit_scale):
+    """The textbook reference, with torchvision's treatment of the V2 logit scale."""
+    scale = None if logit_scale is None else torch.clamp(logit_scale, max=math.log(100.0)).exp()
+    B, H, W = qkv.shape[:3]
+    return window_attention_ref(qkv, table, ws, shift, qkv_pad, scale).reshape(B, H, W, -1)
+
+
+def _run(fn, tensors, dout):
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in tensors]
+    out = fn(*leaves)
+    present = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad((out * dout).sum(), present, allow_unused=True)
+    return [out] + [torch.zeros_like(t) if g is None else g for g, t in zip(grads, present)]
+
+
+def _check(backend, device, geometry, dtype, pad=True, cosine=False, strided=False):
+    B, H, W, heads, D, ws, shift = geometry
+    tensors = _inputs(B, H, W, heads, D, ws, dtype, device, pad, cosine, strided)
+    dout = torch.randn(B, H, W, heads * D, dtype=dtype, device=device)
+
+    def fused(qkv, table, qkv_pad, logit_scale):
+        return vitfast.window_attention(qkv, table, ws, shift, qkv_pad=qkv_pad, logit_scale=logit_scale)
+
+    def ref(qkv, table, qkv_pad, logit_scale):
+        return _ref(qkv, table, ws, shift, qkv_pad, logit_scale)
+
+    with vitfast.use_backend(backend):
+        got = _run(fused, tensors, dout)
+    d = lambda t: t.double() if t is not None else None  # noqa: E731
+    ref64 = _run(ref, [d(t) for t in tensors], d(dout))
+    plain = _run(ref, tensors, dout)
+    names = ["out", "dqkv", "dtable"] + (["dqkv_pad"] if pad else []) + (["dlogit_scale"] if cosine else [])
+    assert len(got) == len(ref64) == len(names)
+    for nm, g, r, p in zip(names, got, ref64, plain):
+        if nm == "dlogit_scale":
+            # A sum over every score of dS * cos with heavy cancellation (each softmax row of dS sums to 0):
+            # its rounding error varies by 10x with the draw for any summation order, so the 2x rule would
+            # be a coin toss. Bound it by the dtype's epsilon and the magnitude of the scores instead.
+            err, plain_err = (g.double() - r).abs().max().item(), (p.double() - r).abs().max().item()
+            bound = max(2 * plain_err, 256 * torch.finfo(dtype).eps * max(1.0, r.abs().max().item()))
+            assert err <= bound, f"{backend} {nm}: max error {err:.3g} > {bound:.3g} (plain PyTorch {plain_err:.3g})"
+            continue
+        assert_close_to_ref(g, r, p, f"{backend} {dtype} {geometry} {nm}")
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: "B{}_{}x{}_h{}_d{}_w{}_s{}".format(*g))
+def test_matches_textbook_fp32(backend, device, geometry):
+    _check(backend, device, geometry, torch.float32)
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("geometry", [(1, 14, 15, 2, 16, 7, 3), (1, 13, 14, 1, 16, 12, 6)], ids=["w7", "w12"])
+def test_matches_textbook_low_precision(backend, device, dtype, geometry):
+    _check(backend, device, geometry, dtype)
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+def test_large_map_56(backend, device):
+    """Swin-T stage-1 map size (56 x 56), one head, so the interpreter stays affordable."""
+    _check(backend, device, (1, 56, 56, 1, 16, 7, 3), torch.float32, pad=False)
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+@pytest.mark.parametrize("geometry,dtype", [((1, 14, 15, 2, 16, 7, 3), torch.float32),
+                                            ((1, 13, 14, 1, 16, 12, 6), torch.float32),
+                                            ((1, 14, 14, 2, 32, 7, 3), torch.bfloat16)])
+def test_cosine_attention_v2(backend, device, geometry, dtype):
+    _check(backend, device, geometry, dtype, cosine=True)
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+def test_no_pad_values_and_strided_qkv(backend, device):
+    _check(backend, device, (2, 9, 10, 2, 16, 7, 3), torch.float32, pad=False, strided=True)
+
+
+def _swin_params(C, heads, ws, dtype, device, v2=False, qkv_bias=True, proj_bias=True):
+    p = dict(qkv_weight=torch.randn(3 * C, C, dtype=dtype, device=device) * C ** -0.5,
+             proj_weight=torch.randn(C, C, dtype=dtype, device=device) * C ** -0.5,
+             qkv_bias=torch.randn(3 * C, dtype=dtype, device=device) if qkv_bias else None,
+             proj_bias=torch.randn(C, dtype=dtype, device=device) if proj_bias else None)
+    N = ws * ws
+    table = torch.randn((2 * ws - 1) ** 2, heads, dtype=dtype, device=device)
+    p["relative_position_bias"] = table[relative_position_index(ws).to(device)].view(N, N, heads).permute(
+        2, 0, 1).unsqueeze(0).contiguous()
+    p["logit_scale"] = torch.log(10 * torch.rand(heads, 1, 1, dtype=dtype, device=device) + 1) if v2 else None
+    return p
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+@pytest.mark.parametrize("H,W,ws,shift,v2", [(7, 7, 7, 3, False), (14, 15, 7, 3, False), (15, 14, 7, 3, True),
+                                             (14, 14, 12, 6, False)])
+def test_shifted_window_attention_matches_torchvision(backend, device, H, W, ws, shift, v2):
+    """The drop-in against torchvision's function (copied as shifted_window_attention_ref), every gradient."""
+    B, heads, C = 1, 2, 32
+    params = _swin_params(C, heads, ws, torch.float32, device, v2=v2)
+    x = torch.randn(B, H, W, C, device=device)
+    names = ["input"] + [k for k, v in params.items() if v is not None]
+    shift_arg = [shift, shift]
+
+    def call(fn, tensors):
+        kw = dict(zip(names, tensors))
+        x = kw.pop("input")
+        return fn(x, kw["qkv_weight"], kw["proj_weight"], kw["relative_position_bias"], [ws, ws], heads, shift_arg,
+                  qkv_bias=kw.get("qkv_bias"), proj_bias=kw.get("proj_bias"), logit_scale=kw.get("logit_scale"))
+
+    tensors = [x] + [params[k] for k in names[1:]]
+    dout = torch.randn(B, H, W, C, device=device)
+    with vitfast.use_backend(backend):
+        got = _run(lambda *t: call(vitfast.shifted_window_attention, t), tensors, dout)
+    ref64 = _run(lambda *t: call(shifted_window_attention_ref, t), [t.double() for t in tensors], dout.double())
+    plain = _run(lambda *t: call(shifted_window_attention_ref, t), tensors, dout)
+    assert shift_arg == [shift, shift], "the caller's shift_size must not be mutated"
+    for nm, g, r, p in zip(["out"] + ["d" + n for n in names], got, ref64, plain):
+        assert_close_to_ref(g, r, p, f"{backend} {nm}")
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+def test_every_output_element_is_written_and_backward_is_deterministic(backend, device, monkeypatch):
+    """Fresh float buffers are NaN-poisoned; two backward runs must agree bit for bit (no atomics)."""
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+    for geometry in [(2, 14, 15, 2, 8, 7, 3), (1, 13, 14, 1, 16, 12, 6)]:
+        B, H, W, heads, D, ws, shift = geometry
+        tensors = _inputs(B, H, W, heads, D, ws, torch.float32, device, cosine=True)
+        dout = torch.randn(B, H, W, heads * D, device=device)
+
+        def fused(qkv, table, qkv_pad, logit_scale):
+            return vitfast.window_attention(qkv, table, ws, shift, qkv_pad=qkv_pad, logit_scale=logit_scale)
+
+        with vitfast.use_backend(backend):
+            first = _run(fused, tensors, dout)
+            second = _run(fused, tensors, dout)
+        for a, b in zip(first, second):
+            assert torch.isfinite(a).all()
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+def test_attention_dropout_uses_one_mask_forward_and_backward(backend, device):
+    """Drop in the kernel, then compare against the textbook path given the same keep mask."""
+    from vitfast.ops.window_attention import _window_attention_op
+    B, H, W, heads, D, ws, shift, p, seed = 1, 14, 15, 2, 16, 7, 3, 0.3, 1234
+    qkv, table, qkv_pad, _ = _inputs(B, H, W, heads, D, ws, torch.float32, device)
+    nW, N = 2 * 3, ws * ws
+    if backend == "triton":
+        from vitfast.triton.window_attention import dropout_keep_mask
+        keep = dropout_keep_mask(B * heads * nW, N, p, seed, device).view(B, heads, nW, N, N)
+    else:
+        keep = _torch_keep(qkv, [ws, ws], p, seed)
+    assert abs(keep.float().mean().item() - (1 - p)) < 0.05
+    dout = torch.randn(B, H, W, heads * D, device=device)
+    pad3 = qkv_pad.view(3, heads, D)
+
+    def fused(qkv, table, pad3):
+        return _window_attention_op(qkv, table, pad3, None, [ws, ws], [shift, shift], D ** -0.5, p, seed)[0]
+
+    def ref(qkv, table, pad3):
+        return window_attention_ref(qkv, table, ws, shift, pad3, None, D ** -0.5, keep, p).view(B, H, W, -1)
+
+    with vitfast.use_backend(backend):
+        got = _run(fused, [qkv, table, pad3], dout)
+        again = fused(qkv, table, pad3)
+    torch.testing.assert_close(again, got[0], rtol=0, atol=0)
+    want = _run(ref, [qkv.double(), table.double(), pad3.double()], dout.double())
+    for nm, g, r in zip(["out", "dqkv", "dtable", "dpad"], got, want):
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-4, msg=nm)
+    # training=False (or p=0) is the plain attention.
+    with vitfast.use_backend(backend):
+        ev = vitfast.window_attention(qkv, table, ws, shift, qkv_pad=qkv_pad, attention_dropout=p, training=False)
+    torch.testing.assert_close(ev, _ref(qkv, table, ws, shift, pad3, None), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+def test_window_larger_than_map_is_clamped_and_unshifted(backend, device):
+    """Swin's rule: min(H, W) <= window -> window = min(H, W), shift 0 (table for the full or clamped window)."""
+    B, H, W, heads, D = 1, 7, 9, 2, 16
+    qkv, table12, qkv_pad, _ = _inputs(B, H, W, heads, D, 12, torch.float32, device)
+    cropped = table12.view(23, 23, heads)[12 - 7: 12 + 6, 12 - 7: 12 + 6].reshape(-1, heads)
+    want = _ref(qkv, cropped, 7, 0, qkv_pad, None)
+    with vitfast.use_backend(backend):
+        a = vitfast.window_attention(qkv, table12, 12, 6, qkv_pad=qkv_pad)
+        b = vitfast.window_attention(qkv, cropped.clone(), 12, 6, qkv_pad=qkv_pad)
+    torch.testing.assert_close(a, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b, want, rtol=1e-5, atol=1e-5)
+
+
+def test_torchvision_drops_the_shift_but_pads():
+    """torchvision does not clamp: a 7 x 7 map with window 7 and shift 3 is one unshifted window."""
+    x = torch.randn(1, 7, 7, 32)
+    p = _swin_params(32, 2, 7, torch.float32, "cpu")
+    args = (x, p["qkv_weight"], p["proj_weight"], p["relative_position_bias"], [7, 7], 2)
+    got = vitfast.shifted_window_attention(*args, [3, 3], qkv_bias=p["qkv_bias"])
+    torch.testing.assert_close(got, shifted_window_attention_ref(*args, [0, 0], qkv_bias=p["qkv_bias"]))
+
+
+def test_bad_inputs_raise_clear_errors():
+    x = torch.randn(1, 7, 7, 30)
+    with pytest.raises(ValueError, match="C=30 must be divisible by num_heads=4"):
+        vitfast.shifted_window_attention(x, torch.randn(90, 30), torch.randn(30, 30), torch.randn(169, 4), [7, 7], 4,
+                                         [3, 3])
+    with pytest.raises(ValueError, match="divisible"):
+        vitfast.nn.ShiftedWindowAttention(30, [7, 7], [3, 3], 4)
+    qkv = torch.randn(1, 14, 14, 3, 2, 8)
+    with pytest.raises(ValueError, match=r"table must be \(169, 2\).*\(169, 3\)"):
+        vitfast.window_attention(qkv, torch.randn(169, 3), 7, 3)
+    with pytest.raises(ValueError, match=r"\(B, H, W, 3, heads, D\)"):
+        vitfast.window_attention(torch.randn(1, 14, 14, 48), torch.randn(169, 2), 7)
+    with pytest.raises(ValueError, match="shift_size"):
+        vitfast.window_attention(qkv, torch.randn(169, 2), 7, 7)
+    with pytest.raises(ValueError, match="logit_scale must have 2"):
+        vitfast.window_attention(qkv, torch.randn(169, 2), 7, 3, logit_scale=torch.zeros(3))
+    with vitfast.use_backend("triton"), pytest.raises(ValueError, match="float64"):
+        vitfast.window_attention(qkv.double(), torch.randn(169, 2, dtype=torch.float64), 7, 3)
+
+
+def test_float64_on_torch_backend_gradcheck():
+    qkv = torch.randn(1, 4, 5, 3, 1, 2, dtype=torch.float64, requires_grad=True)
+    table = torch.randn(25, 1, dtype=torch.float64, requires_grad=True)
+    pad = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    with vitfast.use_backend("torch"):
+        assert torch.autograd.gradcheck(lambda a, b, c: vitfast.window_attention(a, b, 3, 1, qkv_pad=c),
+                                        (qkv, table, pad))
+
+
+TORCHVISION_V1_KEYS = {"qkv.weight", "qkv.bias", "proj.weight", "proj.bias", "relative_position_bias_table",
+                       "relative_position_index"}
+TORCHVISION_V2_KEYS = {"qkv.weight", "qkv.bias", "proj.weight", "proj.bias", "logit_scale", "cpb_mlp.0.weight",
+                       "cpb_mlp.0.bias", "cpb_mlp.2.weight", "relative_coords_table", "relative_position_index"}
+TIMM_KEYS = {"qkv.weight", "qkv.bias", "proj.weight", "proj.bias", "relative_position_bias_table"}
+
+
+def _torchvision_swin():
+    try:
+        from torchvision.models import swin_transformer
+        return swin_transformer
+    except Exception:
+        return None
+
+
+@pytest.mark.parametrize("v2", [False, True])
+def test_torchvision_module_names_and_outputs(v2):
+    cls = vitfast.nn.ShiftedWindowAttentionV2 if v2 else vitfast.nn.ShiftedWindowAttention
+    m = cls(32, [7, 7], [3, 3], 2).eval()
+    assert set(m.state_dict()) == (TORCHVISION_V2_KEYS if v2 else TORCHVISION_V1_KEYS)
+    x = torch.randn(2, 9, 10, 32)
+    with torch.no_grad():
+        if v2:
+            m.qkv.bias.normal_()
+        want = shifted_window_attention_ref(
+            x, m.qkv.weight, m.proj.weight, m.get_relative_position_bias(), m.window_size, 2, m.shift_size,
+            qkv_bias=m.qkv.bias, proj_bias=m.proj.bias, logit_scale=m.logit_scale if v2 else None, training=False)
+        torch.testing.assert_close(m(x), want, rtol=1e-5, atol=1e-5)
+    tv = _torchvision_swin()
+    if tv is not None:
+        ref = (tv.ShiftedWindowAttentionV2 if v2 else tv.ShiftedWindowAttention)(32, [7, 7], [3, 3], 2).eval()
+        ref.load_state_dict(m.state_dict())
+        m.load_state_dict(ref.state_dict())
+        with torch.no_grad():
+            torch.testing.assert_close(m(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+def test_timm_window_attention_module(backend, device):
+    m = vitfast.nn.WindowAttention(32, num_heads=2, window_size=7, shift_size=3).to(device).eval()
+    assert set(m.state_dict()) == TIMM_KEYS  # timm's relative_position_index is not persistent
+    with torch.no_grad():
+        m.relative_position_bias_table.normal_()
+    wins = torch.randn(4, 49, 32, device=device)
+    mask = torch.where(torch.rand(2, 49, 49, device=device) > 0.5, 0.0, -100.0)
+
+    def timm_ref(x, mask):  # timm's WindowAttention.forward, non-fused path
+        B_, N, C = x.shape
+        q, k, v = m.qkv(x).reshape(B_, N, 3, 2, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (q * m.scale) @ k.transpose(-2, -1) + m._get_rel_pos_bias()
+        if mask is not None:
+            attn = attn.view(-1, mask.shape[0], 2, N, N) + mask.unsqueeze(1).unsqueeze(0)
+            attn = attn.view(-1, 2, N, N)
+        return m.proj((attn.softmax(-1) @ v).transpose(1, 2).reshape(B_, N, -1))
+
+    img = torch.randn(1, 14, 15, 32, device=device)
+    with torch.no_grad(), vitfast.use_backend(backend):
+        torch.testing.assert_close(m(wins), timm_ref(wins, None), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(m(wins, mask), timm_ref(wins, mask), rtol=1e-5, atol=1e-5)
+        got = m(img)
+    want = shifted_window_attention_ref(img, m.qkv.weight, m.proj.weight, m._get_rel_pos_bias(), [7, 7], 2, [3, 3],
+                                        qkv_bias=m.qkv.bias, proj_bias=m.proj.bias, training=False)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+def test_matches_transformers_swin_layer(backend, device):
+    modeling = pytest.importorskip("transformers.models.swin.modeling_swin")
+    from transformers import SwinConfig
+    config = SwinConfig(window_size=7, embed_dim=32, num_heads=[2], depths=[1], hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0, drop_path_rate=0.0)
+    H, W, C, heads = 14, 15, 32, 2
+    layer = modeling.SwinLayer(config, dim=C, input_resolution=(H, W), num_heads=heads, shift_size=3).to(device)
+    layer.eval()
+    attn = layer.attention
+    if hasattr(attn, "q_proj"):  # transformers >= 5
+        q, k, v, o, table = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
+                             attn.relative_position_bias.relative_position_bias_table)
+    else:
+        q, k, v, o = attn.self.query, attn.self.key, attn.self.value, attn.output.dense
+        table = attn.self.relative_position_bias_table
+    with torch.no_grad():
+        table.normal_()
+    x = torch.randn(2, H * W, C, device=device)
+    with torch.no_grad():
+        want = layer(x, (H, W))[0]
+        w = torch.cat([q.weight, k.weight, v.weight])
+        b = torch.cat([q.bias, k.bias, v.bias])
+        h = layer.layernorm_before(x).view(2, H, W, C)
+        qkv = F.linear(h, w, b).view(2, H, W, 3, heads, C // heads)
+        with vitfast.use_backend(backend):
+            a = vitfast.window_attention(qkv, table, 7, 3, qkv_pad=b)
+        s = x + o(a).view(2, H * W, C)
+        got = s + layer.mlp(layer.layernorm_after(s))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_opcheck():
+    from vitfast.ops.window_attention import _window_attention_op
+    qkv = torch.randn(1, 5, 6, 3, 2, 4, requires_grad=True)
+    table = torch.randn(25, 2, requires_grad=True)
+    pad = torch.randn(3, 2, 4, requires_grad=True)
+    scale = torch.rand(2, requires_grad=True) + 1
+    for args in [(qkv, table, pad, None, [3, 3], [1, 1], 0.5, 0.0, 0),
+                 (qkv, torch.randn(2, 9, 9, requires_grad=True), None, scale, [3, 3], [0, 0], 0.5, 0.0, 0)]:
+        torch.library.opcheck(torch.ops.vitfast.window_attention.default, args)
+    out, lse = _window_attention_op(qkv.detach(), table.detach(), pad.detach(), None, [3, 3], [1, 1], 0.5, 0.0, 0)
+    torch.library.opcheck(torch.ops.vitfast.window_attention_backward.default,
+                          (torch.randn_like(out), qkv.detach(), table.detach(), pad.detach(), None, out, lse, [3, 3],
+                           [1, 1], 0.5, 0.0, 0))
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    m = vitfast.nn.ShiftedWindowAttention(16, [3, 3], [1, 1], 2)
+    x = torch.randn(1, 5, 7, 16, requires_grad=True)
+    compiled = torch.compile(m, fullgraph=True)
+    out = compiled(x)
+    out.sum().backward()
+    g = x.grad.clone()
+    x.grad = None
+    torch.testing.assert_close(out, m(x))
+    m(x).sum().backward()
+    torch.testing.assert_close(g, x.grad)
+
+
+_COMPILE_SCRIPT = r"""
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from vitfast.triton import window_attention as wa
+
+dt, n_tiles, cosine_dropout, dense = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4] == "1"
+consts = dict(HAS_PAD=not dense, DENSE_BIAS=dense, HAS_MASK=True, COSINE=cosine_dropout, DROPOUT=cosine_dropout,
+              DOT_PREC="ieee" if dt == "fp32" else "tf32", UPCAST_DOT=False, BLOCK=64, BLOCK_D=32, N_TILES=n_tiles)
+for fn in (wa._window_attn_fwd_kernel, wa._window_attn_bwd_kernel):
+    sig = {}
+    for name in fn.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in ("QKV", "PAD", "OUT", "DO", "DQKV"):
+            sig[name] = "*" + dt
+        elif name in ("BIAS", "SCALE", "LSE", "DELTA", "DBIAS_P", "DPAD_P", "DSCALE_P"):
+            sig[name] = "*fp32"
+        else:
+            sig[name] = "fp32" if name in ("sm_scale", "dropout_p") else "i32"
+    triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32))
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU runs the real kernels in the other tests")
+@pytest.mark.parametrize("variant", [("bf16", 1, 1, 0), ("fp32", 3, 0, 1)], ids=["bf16-1tile-v2-dropout", "fp32-3tiles"])
+def test_kernels_compile_for_hopper(variant):
+    """The interpreter does not type-check like the compiler (loop-carried types, dot shapes): compile for sm_90."""
+    import os
+    import subprocess
+    import sys
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, *map(str, variant)], env=env, capture_output=True,
+                         text=True, timeout=300)
+    if res.returncode != 0 and ("ptxas" in res.stderr or "No module named" in res.stderr):
+        pytest.skip(f"no CUDA toolchain for Triton here: {res.stderr.strip().splitlines()[-1][:200]}")
+    assert res.returncode == 0, res.stderr[-3000:]

@@ -1,0 +1,35 @@
+"""vitfast.nn.PatchMerging: a drop-in for timm's and torchvision's Swin PatchMerging, backed by
+vitfast.patch_merging."""
+from typing import Callable, Optional
+
+from torch import Tensor, nn
+
+from vitfast.ops.patch_merging import _gather, patch_merging
+
+
+class PatchMerging(nn.Module):
+    """Swin patch merging with the parameters of timm (`PatchMerging(dim, out_dim, norm_layer)`) and torchvision
+    (`PatchMerging(dim, norm_layer)`): `norm` (LayerNorm(4*dim)) and `reduction` (Linear(4*dim, out_dim,
+    bias=False)), so their state dicts load unchanged.
+
+    forward(x): (..., H, W, dim) -> (..., ceil(H/2), ceil(W/2), out_dim); odd H or W is zero-padded as Swin does.
+    A norm_layer that is not a LayerNorm runs unfused (gather, norm, reduction in PyTorch).
+    """
+
+    def __init__(self, dim: int, out_dim: Optional[int] = None, norm_layer: Callable = nn.LayerNorm,
+                 device=None, dtype=None):
+        super().__init__()
+        # torchvision calls norm_layer(4 * dim) without factory kwargs: pass them only when given
+        dd = {k: v for k, v in dict(device=device, dtype=dtype).items() if v is not None}
+        self.dim = dim
+        self.out_dim = out_dim or 2 * dim
+        self.norm = norm_layer(4 * dim, **dd)
+        self.reduction = nn.Linear(4 * dim, self.out_dim, bias=False, **dd)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n = self.norm
+        if isinstance(n, nn.LayerNorm) and tuple(n.normalized_shape) == (4 * self.dim,):
+            return patch_merging(x, n.weight, n.bias, self.reduction.weight, n.eps)
+        lead, (H, W, C) = x.shape[:-3], x.shape[-3:]
+        merged = _gather(x.reshape(-1, H, W, C)).view(*lead, (H + 1) // 2, (W + 1) // 2, 4 * C)
+        return self.reduction(n(merged))

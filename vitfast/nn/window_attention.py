@@ -1,0 +1,173 @@
+"""Swin window attention modules with torchvision's and timm's parameter names, backed by vitfast's fused op.
+
+- `ShiftedWindowAttention`, `ShiftedWindowAttentionV2`: torchvision.models.swin_transformer's (state dicts
+  load both ways): qkv, proj, relative_position_bias_table (V1) / logit_scale + cpb_mlp (V2), and the
+  relative_position_index (+ V2's relative_coords_table) buffers.
+- `WindowAttention`: timm.models.swin_transformer.WindowAttention's names (qkv, proj,
+  relative_position_bias_table, non-persistent relative_position_index); takes timm's (B*nW, N, C) windows
+  (optionally with a shift mask) or an image-layout (B, H, W, C) map that it windows itself.
+"""
+from typing import List, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vitfast.ops.window_attention import relative_position_index, shifted_window_attention, window_attention
+
+
+def _pair(v) -> List[int]:
+    return [int(v), int(v)] if isinstance(v, int) else [int(x) for x in v]
+
+
+class ShiftedWindowAttention(nn.Module):
+    """torchvision's ShiftedWindowAttention: forward((B, H, W, C)) -> (B, H, W, C), computed by
+    vitfast.shifted_window_attention with the bias table read inside the kernel (never gathered)."""
+
+    def __init__(self, dim: int, window_size: List[int], shift_size: List[int], num_heads: int, qkv_bias: bool = True,
+                 proj_bias: bool = True, attention_dropout: float = 0.0, dropout: float = 0.0):
+        super().__init__()
+        if len(window_size) != 2 or len(shift_size) != 2:
+            raise ValueError("window_size and shift_size must be of length 2")
+        if dim % num_heads != 0:
+            raise ValueError(f"vitfast.nn.ShiftedWindowAttention: dim={dim} must be divisible by num_heads={num_heads}")
+        self.window_size = list(window_size)
+        self.shift_size = list(shift_size)
+        self.num_heads = num_heads
+        self.attention_dropout = attention_dropout
+        self.dropout = dropout
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        self.define_relative_coords()
+
+    def define_relative_coords(self):
+        self.relative_position_bias_table = nn.Parameter(
+            torch.zeros((2 * self.window_size[0] - 1) * (2 * self.window_size[1] - 1), self.num_heads))
+        self.register_buffer("relative_position_index", relative_position_index(self.window_size))
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+
+    def bias_table(self) -> Tensor:
+        """(num_rel, heads): what the kernel gathers from."""
+        return self.relative_position_bias_table
+
+    def get_relative_position_bias(self) -> Tensor:
+        """(1, heads, N, N), as torchvision's method returns it (not used by forward)."""
+        N = self.window_size[0] * self.window_size[1]
+        bias = self.bias_table()[self.relative_position_index].view(N, N, -1)
+        return bias.permute(2, 0, 1).contiguous().unsqueeze(0)
+
+    def _logit_scale(self) -> Optional[Tensor]:
+        return None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return shifted_window_attention(
+            x, self.qkv.weight, self.proj.weight, self.bias_table(), self.window_size, self.num_heads,
+            shift_size=self.shift_size, attention_dropout=self.attention_dropout, dropout=self.dropout,
+            qkv_bias=self.qkv.bias, proj_bias=self.proj.bias, logit_scale=self._logit_scale(), training=self.training)
+
+
+class ShiftedWindowAttentionV2(ShiftedWindowAttention):
+    """torchvision's ShiftedWindowAttentionV2 (Swin-V2: cosine attention, log-spaced continuous position bias)."""
+
+    def __init__(self, dim: int, window_size: List[int], shift_size: List[int], num_heads: int, qkv_bias: bool = True,
+                 proj_bias: bool = True, attention_dropout: float = 0.0, dropout: float = 0.0,
+                 pretrained_window_size: Sequence[int] = (0, 0)):
+        self.pretrained_window_size = list(pretrained_window_size)
+        super().__init__(dim, window_size, shift_size, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias,
+                         attention_dropout=attention_dropout, dropout=dropout)
+        self.logit_scale = nn.Parameter(torch.log(10 * torch.ones((num_heads, 1, 1))))
+        self.cpb_mlp = nn.Sequential(nn.Linear(2, 512, bias=True), nn.ReLU(inplace=True),
+                                     nn.Linear(512, num_heads, bias=False))
+        if qkv_bias:
+            length = self.qkv.bias.numel() // 3
+            self.qkv.bias[length: 2 * length].data.zero_()
+
+    def define_relative_coords(self):
+        wh, ww = self.window_size
+        rh = torch.arange(-(wh - 1), wh, dtype=torch.float32)
+        rw = torch.arange(-(ww - 1), ww, dtype=torch.float32)
+        table = torch.stack(torch.meshgrid([rh, rw], indexing="ij")).permute(1, 2, 0).contiguous().unsqueeze(0)
+        ref = self.pretrained_window_size if self.pretrained_window_size[0] > 0 else self.window_size
+        table[:, :, :, 0] /= ref[0] - 1
+        table[:, :, :, 1] /= ref[1] - 1
+        table *= 8
+        table = torch.sign(table) * torch.log2(torch.abs(table) + 1.0) / 3.0
+        self.register_buffer("relative_coords_table", table)
+        self.register_buffer("relative_position_index", relative_position_index(self.window_size))
+
+    def bias_table(self) -> Tensor:
+        # 16 * sigmoid commutes with the gather, so the kernel gathers from the transformed table.
+        return 16 * torch.sigmoid(self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads))
+
+    def _logit_scale(self) -> Optional[Tensor]:
+        return self.logit_scale
+
+
+class WindowAttention(nn.Module):
+    """timm's WindowAttention (same parameter and buffer names), computed by vitfast.window_attention.
+
+    forward(x, mask=None):
+        x (B*nW, N, C) windows as timm passes them, with timm's optional (nW, N, N) shift mask; or an
+        image-layout map (B, H, W, C), windowed (and shifted by `shift_size`) inside the kernel.
+    """
+
+    def __init__(self, dim: int, num_heads: int, head_dim: Optional[int] = None,
+                 window_size: Union[int, Sequence[int]] = 7, qkv_bias: bool = True, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0, shift_size: Union[int, Sequence[int]] = 0):
+        super().__init__()
+        self.dim = dim
+        self.window_size = tuple(_pair(window_size))
+        self.shift_size = tuple(_pair(shift_size))
+        self.window_area = self.window_size[0] * self.window_size[1]
+        self.num_heads = num_heads
+        if head_dim is None and dim % num_heads != 0:
+            raise ValueError(f"vitfast.nn.WindowAttention: dim={dim} must be divisible by num_heads={num_heads}")
+        head_dim = head_dim or dim // num_heads
+        attn_dim = head_dim * num_heads
+        self.scale = head_dim ** -0.5
+        self.relative_position_bias_table = nn.Parameter(
+            torch.zeros((2 * self.window_size[0] - 1) * (2 * self.window_size[1] - 1), num_heads))
+        self.register_buffer("relative_position_index", relative_position_index(self.window_size), persistent=False)
+        self.qkv = nn.Linear(dim, attn_dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(attn_dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+
+    def _get_rel_pos_bias(self) -> Tensor:
+        """(1, heads, N, N), as timm's method returns it."""
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        return bias.view(self.window_area, self.window_area, -1).permute(2, 0, 1).contiguous().unsqueeze(0)
+
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        heads = self.num_heads
+        p = self.attn_drop.p if self.training else 0.0
+        if x.dim() == 4:
+            if mask is not None:
+                raise ValueError("vitfast.nn.WindowAttention: an image-layout input takes no mask (the shift mask is "
+                                 "computed in the kernel from shift_size)")
+            B, H, W, _ = x.shape
+            qkv = self.qkv(x).view(B, H, W, 3, heads, -1)
+            out = window_attention(qkv, self.relative_position_bias_table, self.window_size, self.shift_size,
+                                   qkv_pad=self.qkv.bias, attention_dropout=p, training=self.training,
+                                   softmax_scale=self.scale, clamp_window=False)
+            return self.proj_drop(self.proj(out))
+        B_, N, C = x.shape
+        if N != self.window_area:
+            raise ValueError(f"vitfast.nn.WindowAttention: {N} tokens per window, expected {self.window_area} for "
+                             f"window {self.window_size}")
+        qkv = self.qkv(x)
+        if mask is None:
+            wh, ww = self.window_size
+            out = window_attention(qkv.view(B_, wh, ww, 3, heads, -1), self.relative_position_bias_table,
+                                   self.window_size, 0, attention_dropout=p, training=self.training,
+                                   softmax_scale=self.scale, clamp_window=False)
+            return self.proj_drop(self.proj(out.view(B_, N, -1)))
+        # An arbitrary per-window mask: SDPA with bias + mask folded into one float mask.
+        q, k, v = qkv.view(B_, N, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        num_win = mask.shape[0]
+        attn_mask = (self._get_rel_pos_bias().to(q.dtype).view(1, 1, heads, N, N)
+                     + mask.to(q.dtype).view(1, num_win, 1, N, N)).expand(B_ // num_win, -1, -1, -1, -1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask.reshape(B_, heads, N, N), dropout_p=p,
+                                             scale=self.scale)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B_, N, -1)))

@@ -1,0 +1,421 @@
+"""Fused patch embedding: reference, torch.library ops, autograd, functional API.
+
+`vitfast.patch_embed` computes, in one pass over the image, what ViT/DeiT/Swin do in several:
+
+    z = conv2d(images, weight, bias, stride=patch).flatten(2).transpose(1, 2)   # (B, L, E)
+    z = LayerNorm(z)                                  # optional (Swin's patch_norm; timm's PatchEmbed.norm)
+    out = cat([prefix_tokens.expand(B, -1, -1), z], 1) + pos_embed               # (B, P + L, E)
+
+The order follows timm: the norm belongs to the patch embedding and sees only patch tokens; prefix tokens
+(class, distillation) and the positional embedding are added after it.
+
+pos_embed is (1, rows, E) or (rows, E). rows == P + L (timm's default) gives every token its row;
+rows == L (timm's `no_embed_class=True`) gives only the patch tokens one and leaves the prefix tokens without.
+Any other row count is taken as a square grid (after P prefix rows if rows - P is a square, else without)
+and resampled to the image's (Hp, Wp) grid with timm's bicubic, antialiased interpolation: the (L, L_old)
+interpolation matrix is computed once per (old grid, new grid, device) and cached, so a call costs one small
+matmul (differentiable, so pos_embed still trains); without grad the resampled table itself is cached too.
+
+`vitfast::patch_embed` (forward) and `vitfast::patch_embed_backward` are torch.library ops with fake
+implementations; each picks its backend at run time: "triton" (vitfast.triton.patch_embed), "cpp" (the
+extension's vitfast::patch_embed_fwd/_bwd), or "torch" (plain PyTorch below). The LayerNorm epilogue's saved
+state (pre-norm tokens, mean, rstd in fp32) is vitfast.layer_norm's, so its backward is vitfast's
+layer_norm_backward op.
+"""
+import collections
+import math
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from vitfast import backend as _backend
+from vitfast.ops import layer_norm as _ln
+
+OP = "patch_embed"
+
+
+def patch_embed_ref(images: Tensor, weight: Tensor, bias: Optional[Tensor], patch_size, *,
+                    pos_embed: Optional[Tensor] = None, num_prefix_tokens: int = 0,
+                    prefix_tokens: Optional[Tensor] = None, norm_weight: Optional[Tensor] = None,
+                    norm_bias: Optional[Tensor] = None, eps: float = 1e-5, norm: bool = False) -> Tensor:
+    """The textbook sequence: conv2d + flatten + transpose (+ LayerNorm) + cat prefix + add pos_embed.
+
+    pos_embed must already match the grid (rows P + L or L). `norm=True` (or a norm weight/bias) applies it.
+    """
+    B = images.shape[0]
+    x = F.conv2d(images, weight, bias, stride=_pair(patch_size))
+    x = x.flatten(2).transpose(1, 2)
+    E = x.shape[-1]
+    if norm or norm_weight is not None or norm_bias is not None:
+        x = F.layer_norm(x, (E,), norm_weight, norm_bias, eps)
+    P = num_prefix_tokens if prefix_tokens is None else prefix_tokens.reshape(-1, E).shape[0]
+    if P:
+        pre = (prefix_tokens.reshape(1, P, E).expand(B, P, E) if prefix_tokens is not None
+               else x.new_zeros(B, P, E))
+        if pos_embed is not None and pos_embed.reshape(-1, E).shape[0] == x.shape[1]:
+            return torch.cat([pre, x + pos_embed.reshape(1, -1, E)], 1)
+        x = torch.cat([pre, x], 1)
+    if pos_embed is not None:
+        x = x + pos_embed.reshape(1, -1, E)
+    return x
+
+
+def _pair(p) -> Tuple[int, int]:
+    return (int(p), int(p)) if isinstance(p, int) else (int(p[0]), int(p[1]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Positional-embedding resampling, cached.
+
+_RESIZE_CACHE: dict = {}
+_RESAMPLED_CACHE: "collections.OrderedDict" = collections.OrderedDict()
+_RESAMPLED_CACHE_SIZE = 8
+
+
+def _resize_matrix(old_grid: Tuple[int, int], new_grid: Tuple[int, int], mode: str, antialias: bool,
+                   device: torch.device) -> Tensor:
+    """(new_h*new_w, old_h*old_w) fp32 matrix R with interpolate(table) == R @ table, computed once."""
+    key = (old_grid, new_grid, mode, antialias, device)
+    mat = _RESIZE_CACHE.get(key)
+    if mat is None:
+        n_old = old_grid[0] * old_grid[1]
+        with torch.no_grad():
+            basis = torch.eye(n_old, device=device, dtype=torch.float32).reshape(n_old, 1, *old_grid)
+            resized = F.interpolate(basis, size=new_grid, mode=mode, antialias=antialias, align_corners=False)
+            mat = resized.reshape(n_old, -1).t().contiguous()
+        _RESIZE_CACHE[key] = mat
+    return mat
+
+
+def resample_pos_embed(pos_embed: Tensor, new_grid: Sequence[int], old_grid: Optional[Sequence[int]] = None,
+                       num_prefix_tokens: int = 0, mode: str = "bicubic", antialias: bool = True) -> Tensor:
+    """timm's resample_abs_pos_embed with a cached interpolation matrix.
+
+    Args:
+        pos_embed: (1, P + h*w, E) or (P + h*w, E), P = num_prefix_tokens leading rows left as they are.
+        new_grid: (Hp, Wp). old_grid: (h, w); a square grid when None.
+    Returns:
+        (1, P + Hp*Wp, E) in pos_embed's dtype. Differentiable in pos_embed. Without grad the result is
+        cached per (tensor, version, grid), so inference resamples once, not per call.
+    """
+    E = pos_embed.shape[-1]
+    table = pos_embed.reshape(-1, E)
+    n_old = table.shape[0] - num_prefix_tokens
+    if old_grid is None:
+        side = math.isqrt(max(n_old, 0))
+        if side * side != n_old:
+            raise ValueError(f"vitfast.resample_pos_embed: {n_old} patch rows of pos_embed {tuple(pos_embed.shape)} "
+                             f"are not a square grid; pass old_grid")
+        old_grid = (side, side)
+    old_grid, new_grid = tuple(int(v) for v in old_grid), tuple(int(v) for v in new_grid)
+    if old_grid[0] * old_grid[1] != n_old:
+        raise ValueError(f"vitfast.resample_pos_embed: old_grid {old_grid} does not match the {n_old} patch rows "
+                         f"of pos_embed {tuple(pos_embed.shape)}")
+    if old_grid == new_grid:
+        return table.unsqueeze(0)
+    cacheable = not (torch.is_grad_enabled() and pos_embed.requires_grad) and not _is_compiling()
+    key = (pos_embed.data_ptr(), pos_embed._version, tuple(pos_embed.shape), pos_embed.dtype, pos_embed.device,
+           num_prefix_tokens, old_grid, new_grid, mode, antialias) if cacheable else None
+    if key is not None and key in _RESAMPLED_CACHE:
+        _RESAMPLED_CACHE.move_to_end(key)
+        return _RESAMPLED_CACHE[key]
+    mat = _resize_matrix(old_grid, new_grid, mode, antialias, pos_embed.device)
+    patch = (mat @ table[num_prefix_tokens:].float()).to(pos_embed.dtype)
+    out = torch.cat([table[:num_prefix_tokens], patch], 0).unsqueeze(0)
+    if key is not None:
+        _RESAMPLED_CACHE[key] = out
+        while len(_RESAMPLED_CACHE) > _RESAMPLED_CACHE_SIZE:
+            _RESAMPLED_CACHE.popitem(last=False)
+    return out
+
+
+def _is_compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Backends.
+
+def _prefix_rows(prefix, pos, num_prefix, pos_offset, dtype):
+    """The (P, E) values of the prefix slots: prefix tokens plus their positional rows, or None for zeros."""
+    if num_prefix == 0:
+        return None
+    rows = prefix
+    if pos is not None and pos_offset == num_prefix:
+        rows = pos[:num_prefix] if rows is None else rows + pos[:num_prefix]
+    return rows.to(dtype) if rows is not None else None
+
+
+def _patches(images: Tensor, ph: int, pw: int) -> Tensor:
+    """(B*L, C*ph*pw) patch matrix in the conv weight's (c, i, j) order: one copy of a strided view."""
+    B, C, H, W = images.shape
+    Hp, Wp = H // ph, W // pw
+    v = images.reshape(B, C, Hp, ph, Wp, pw).permute(0, 2, 4, 1, 3, 5)
+    return v.reshape(B * Hp * Wp, C * ph * pw)
+
+
+def _fwd_torch(images, weight, bias, pos, pos_offset, prefix, nw, nb, has_norm, num_prefix, eps, store_z):
+    B, C, H, W = images.shape
+    E, _, ph, pw = weight.shape
+    L = (H // ph) * (W // pw)
+    z = F.conv2d(images, weight, bias, stride=(ph, pw)).flatten(2).transpose(1, 2).reshape(B * L, E)
+    stats = torch.float64 if images.dtype == torch.float64 else torch.float32
+    mean = images.new_empty(0, dtype=stats)
+    rstd = images.new_empty(0, dtype=stats)
+    tokens = z
+    if has_norm:
+        tokens, _, mean, rstd = _ln._fwd_torch(z, nw, nb, None, eps)
+    out = images.new_empty(B, num_prefix + L, E)
+    patch = tokens.view(B, L, E)
+    if pos is not None:
+        patch = patch + pos[pos_offset:pos_offset + L]
+    out[:, num_prefix:] = patch
+    if num_prefix:
+        rows = _prefix_rows(prefix, pos, num_prefix, pos_offset, images.dtype)
+        out[:, :num_prefix] = rows if rows is not None else 0
+    return out, (z if has_norm and store_z else images.new_empty(0)), mean, rstd
+
+
+def _bwd_torch(dz, images, weight, has_bias, need_dimages):
+    B, C, H, W = images.shape
+    E, _, ph, pw = weight.shape
+    Hp, Wp = H // ph, W // pw
+    dz2 = dz.reshape(B * Hp * Wp, E)
+    acc = torch.float64 if images.dtype == torch.float64 else torch.float32
+    dweight = (dz2.t().to(acc) @ _patches(images, ph, pw).to(acc)).to(weight.dtype).view(weight.shape)
+    dbias = dz2.to(acc).sum(0).to(weight.dtype) if has_bias else weight.new_empty(0)
+    if need_dimages:
+        cols = dz2 @ weight.reshape(E, -1)  # (B*L, C*ph*pw)
+        dimages = cols.view(B, Hp, Wp, C, ph, pw).permute(0, 3, 1, 4, 2, 5).reshape(B, C, H, W)
+    else:
+        dimages = images.new_empty(0)
+    return dimages, dweight, dbias
+
+
+def _check_support(backend: str, tensors: tuple) -> Optional[str]:
+    x = tensors[0]
+    if backend == "cpp" and not hasattr(torch.ops.vitfast, "patch_embed_fwd"):
+        return "vitfast._C was built without patch_embed_fwd; rebuild the extension"
+    if backend == "triton":
+        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            return f"dtype {x.dtype} (Triton takes float32, float16, bfloat16)"
+    return None
+
+
+_backend.register_op(OP, gpu_order=("triton", "torch"), cpu_order=("cpp", "torch"), check=_check_support)
+
+
+def _norm_support(backend: str, E: int) -> Optional[str]:
+    if backend == "triton":
+        from vitfast.triton.patch_embed import MAX_NORM_E
+        if E > MAX_NORM_E:
+            return f"the LayerNorm epilogue takes embed dims up to {MAX_NORM_E}, got {E}"
+    return None
+
+
+@torch.library.custom_op("vitfast::patch_embed", mutates_args=())
+def _patch_embed_op(images: Tensor, weight: Tensor, bias: Optional[Tensor], pos_embed: Optional[Tensor],
+                    pos_offset: int, prefix_tokens: Optional[Tensor], norm_weight: Optional[Tensor],
+                    norm_bias: Optional[Tensor], has_norm: bool, num_prefix: int, eps: float,
+                    store_z: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """images (B, C, H, W); weight (E, C, ph, pw); pos_embed (rows, E) contiguous, patch l reads row
+    pos_offset + l (pos_offset == num_prefix: the first rows belong to the prefix tokens);
+    prefix_tokens (num_prefix, E) or None (zero slots). Returns out (B, num_prefix + L, E), the pre-norm
+    tokens z (B*L, E) (empty unless has_norm and store_z), mean, rstd (B*L,) (empty without norm)."""
+    which = _backend.choose_backend(OP, images, weight, bias, pos_embed, prefix_tokens, norm_weight, norm_bias)
+    reason = _norm_support(which, weight.shape[0]) if has_norm else None
+    if reason is not None:
+        if _backend.forced_backend() is not None:
+            raise ValueError(f"vitfast.patch_embed: the forced {which} backend cannot run: {reason}")
+        _backend.log.debug("%s: %s backend skipped: %s", OP, which, reason)
+        which = "torch"
+    if which == "triton":
+        from vitfast.triton.patch_embed import patch_embed_fwd
+        rows = _prefix_rows(prefix_tokens, pos_embed, num_prefix, pos_offset, images.dtype)
+        return patch_embed_fwd(images, weight, bias, pos_embed, pos_offset, rows, norm_weight, norm_bias,
+                               has_norm, num_prefix, eps, store_z)
+    if which in ("cpp", "cuda"):
+        return tuple(torch.ops.vitfast.patch_embed_fwd(images, weight, bias, pos_embed, pos_offset, prefix_tokens,
+                                                       norm_weight, norm_bias, has_norm, num_prefix, eps, store_z))
+    return _fwd_torch(images, weight, bias, pos_embed, pos_offset, prefix_tokens, norm_weight, norm_bias, has_norm,
+                      num_prefix, eps, store_z)
+
+
+@_patch_embed_op.register_fake
+def _(images, weight, bias, pos_embed, pos_offset, prefix_tokens, norm_weight, norm_bias, has_norm, num_prefix,
+      eps, store_z):
+    B, _, H, W = images.shape
+    E, _, ph, pw = weight.shape
+    L = (H // ph) * (W // pw)
+    M = B * L
+    stats = torch.float64 if images.dtype == torch.float64 else torch.float32
+    return (images.new_empty(B, num_prefix + L, E),
+            images.new_empty((M, E) if has_norm and store_z else (0,)),
+            images.new_empty(M if has_norm else 0, dtype=stats), images.new_empty(M if has_norm else 0, dtype=stats))
+
+
+@torch.library.custom_op("vitfast::patch_embed_backward", mutates_args=())
+def _patch_embed_backward_op(dz: Tensor, images: Tensor, weight: Tensor, has_bias: bool,
+                             need_dimages: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """dz (B, L, E), unit inner stride: gradient of the tokens before pos_embed (after the norm's backward).
+    Returns dimages (B, C, H, W) or empty, dweight (E, C, ph, pw), dbias (E,) or empty."""
+    which = _backend.choose_backend(OP, images, weight, dz)
+    if which == "triton":
+        from vitfast.triton.patch_embed import patch_embed_bwd
+        return patch_embed_bwd(dz, images, weight, has_bias, need_dimages)
+    if which in ("cpp", "cuda"):
+        return tuple(torch.ops.vitfast.patch_embed_bwd(dz, images, weight, has_bias, need_dimages))
+    return _bwd_torch(dz, images, weight, has_bias, need_dimages)
+
+
+@_patch_embed_backward_op.register_fake
+def _(dz, images, weight, has_bias, need_dimages):
+    return (images.new_empty(images.shape if need_dimages else (0,)), weight.new_empty(weight.shape),
+            weight.new_empty(weight.shape[0] if has_bias else 0))
+
+
+def _setup_context(ctx, inputs, output):
+    images, weight, bias, pos, pos_offset, prefix, nw, nb, has_norm, num_prefix, eps, store_z = inputs
+    _, z, mean, rstd = output
+    ctx.save_for_backward(images, weight, nw, z, mean, rstd)
+    ctx.has_bias = bias is not None
+    ctx.has_pos = pos is not None
+    ctx.pos_offset = pos_offset
+    ctx.has_prefix = prefix is not None
+    ctx.has_norm = has_norm
+    ctx.has_nb = nb is not None
+    ctx.num_prefix = num_prefix
+    ctx.store_z = store_z
+
+
+def _backward(ctx, dout, dz_unused, dmean, drstd):
+    images, weight, nw, z, mean, rstd = ctx.saved_tensors
+    P = ctx.num_prefix
+    B, T, E = dout.shape
+    L = T - P
+    dpatch = dout[:, P:]
+    dpos = dprefix = dnw = dnb = None
+    if ctx.has_pos and ctx.needs_input_grad[3]:
+        dpos = (dout if ctx.pos_offset == P else dpatch).sum(0)
+    if ctx.has_prefix and ctx.needs_input_grad[5]:
+        dprefix = dout[:, :P].sum(0)
+    if ctx.has_norm:
+        if not ctx.store_z:
+            raise RuntimeError("vitfast.patch_embed: backward through a forward that did not save the pre-norm "
+                               "tokens (it ran without grad enabled)")
+        d2 = dpatch.reshape(B * L, E)
+        d2 = d2 if d2.stride(-1) == 1 else d2.contiguous()
+        dz2, dnw, dnb = _ln._layer_norm_backward_op(d2, None, z, nw, mean, rstd, ctx.has_nb)
+        dz = dz2.view(B, L, E)
+    else:
+        dz = dpatch if dpatch.stride(-1) == 1 else dpatch.contiguous()
+    dimages, dweight, dbias = _patch_embed_backward_op(dz, images, weight, ctx.has_bias, ctx.needs_input_grad[0])
+    return (dimages if ctx.needs_input_grad[0] else None, dweight, dbias if ctx.has_bias else None, dpos, None,
+            dprefix, dnw if nw is not None else None, dnb if ctx.has_nb else None, None, None, None, None)
+
+
+_patch_embed_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Public API.
+
+def _check_vec(name: str, t: Optional[Tensor], images: Tensor, E: int) -> None:
+    if t is None:
+        return
+    if tuple(t.shape) != (E,) or t.dtype != images.dtype or t.device != images.device:
+        raise ValueError(f"vitfast.patch_embed: {name} must have shape ({E},), dtype {images.dtype} and device "
+                         f"{images.device}, got {tuple(t.shape)} {t.dtype} {t.device}")
+
+
+def patch_embed(images: Tensor, weight: Tensor, bias: Optional[Tensor], patch_size: Union[int, Sequence[int]], *,
+                pos_embed: Optional[Tensor] = None, num_prefix_tokens: int = 0,
+                prefix_tokens: Optional[Tensor] = None, norm_weight: Optional[Tensor] = None,
+                norm_bias: Optional[Tensor] = None, eps: float = 1e-5, norm: Optional[bool] = None) -> Tensor:
+    """Fused ViT/Swin patch embedding: conv (stride = kernel) + bias (+ LayerNorm) + prefix tokens + pos_embed.
+
+    Args:
+        images: (B, C, H, W), H and W multiples of the patch size.
+        weight: (E, C, ph, pw), the conv kernel (timm's `proj.weight`). bias: (E,) or None.
+        patch_size: int or (ph, pw); must equal the kernel's spatial size (stride = kernel).
+        pos_embed: (1, rows, E) or (rows, E): rows == P + L covers prefix and patch tokens, rows == L only the
+            patch tokens; another square grid is resampled (cached, see the module docstring).
+        num_prefix_tokens: P, the prefix slots at the front of the output (taken from prefix_tokens if given).
+        prefix_tokens: (P, E) or (1, P, E) (class, distillation tokens), broadcast over the batch; None leaves
+            the P slots zero (plus their positional rows).
+        norm_weight, norm_bias: (E,) LayerNorm on the patch tokens (before pos_embed), eps its epsilon.
+        norm: apply the LayerNorm; defaults to True when norm_weight or norm_bias is given.
+
+    Returns:
+        (B, P + Hp*Wp, E), Hp = H // ph, Wp = W // pw. For Swin (P = 0) `.view(B, Hp, Wp, E)` is NHWC.
+    """
+    ph, pw = _pair(patch_size)
+    if images.dim() != 4:
+        raise ValueError(f"vitfast.patch_embed: images must be (B, C, H, W), got shape {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise ValueError(f"vitfast.patch_embed: images must be floating point, got {images.dtype}")
+    B, C, H, W = images.shape
+    if weight.dim() != 4 or weight.shape[1] != C or tuple(weight.shape[2:]) != (ph, pw):
+        raise ValueError(f"vitfast.patch_embed: weight must be (E, {C}, {ph}, {pw}) for {C}-channel images and "
+                         f"patch {(ph, pw)}, got {tuple(weight.shape)}")
+    if weight.dtype != images.dtype or weight.device != images.device:
+        raise ValueError(f"vitfast.patch_embed: weight {weight.dtype} {weight.device} must match the images "
+                         f"{images.dtype} {images.device}")
+    if H % ph or W % pw:
+        raise ValueError(f"vitfast.patch_embed: image size ({H}, {W}) must be divisible by the patch size "
+                         f"({ph}, {pw})")
+    E = weight.shape[0]
+    for name, t in (("bias", bias), ("norm_weight", norm_weight), ("norm_bias", norm_bias)):
+        _check_vec(name, t, images, E)
+    Hp, Wp = H // ph, W // pw
+    L = Hp * Wp
+    if prefix_tokens is not None:
+        if prefix_tokens.dim() not in (2, 3) or prefix_tokens.shape[-1] != E or (
+                prefix_tokens.dim() == 3 and prefix_tokens.shape[0] != 1):
+            raise ValueError(f"vitfast.patch_embed: prefix_tokens must be (P, {E}) or (1, P, {E}), got "
+                             f"{tuple(prefix_tokens.shape)}")
+        P = prefix_tokens.shape[-2]
+        if num_prefix_tokens not in (0, P):
+            raise ValueError(f"vitfast.patch_embed: num_prefix_tokens={num_prefix_tokens} but prefix_tokens has "
+                             f"{P} rows")
+        if prefix_tokens.dtype != images.dtype or prefix_tokens.device != images.device:
+            raise ValueError(f"vitfast.patch_embed: prefix_tokens {prefix_tokens.dtype} {prefix_tokens.device} "
+                             f"must match the images {images.dtype} {images.device}")
+        prefix_tokens = prefix_tokens.reshape(P, E)
+    else:
+        P = int(num_prefix_tokens)
+    pos_offset = 0
+    if pos_embed is not None:
+        if pos_embed.dim() not in (2, 3) or pos_embed.shape[-1] != E or (pos_embed.dim() == 3 and
+                                                                         pos_embed.shape[0] != 1):
+            raise ValueError(f"vitfast.patch_embed: pos_embed must be (1, rows, {E}) or (rows, {E}), got "
+                             f"{tuple(pos_embed.shape)}")
+        if pos_embed.dtype != images.dtype or pos_embed.device != images.device:
+            raise ValueError(f"vitfast.patch_embed: pos_embed {pos_embed.dtype} {pos_embed.device} must match "
+                             f"the images {images.dtype} {images.device}")
+        rows = pos_embed.shape[-2]
+        if rows not in (L, P + L):
+            pos_embed = _resample_for(pos_embed, rows, P, (Hp, Wp))
+            rows = pos_embed.shape[-2]
+        pos_offset = P if rows == P + L else 0
+        pos_embed = pos_embed.reshape(rows, E)
+        pos_embed = pos_embed if pos_embed.is_contiguous() else pos_embed.contiguous()
+    has_norm = bool(norm) if norm is not None else (norm_weight is not None or norm_bias is not None)
+    need_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (images, weight, bias, pos_embed, prefix_tokens, norm_weight,
+                                                    norm_bias))
+    out, _, _, _ = _patch_embed_op(images, weight, bias, pos_embed, pos_offset, prefix_tokens, norm_weight,
+                                   norm_bias, has_norm, P, float(eps), need_grad)
+    return out
+
+
+def _resample_for(pos_embed: Tensor, rows: int, P: int, grid: Tuple[int, int]) -> Tensor:
+    for prefix in ((P, 0) if P else (0,)):
+        n = rows - prefix
+        if n > 0 and math.isqrt(n) ** 2 == n:
+            return resample_pos_embed(pos_embed, grid, num_prefix_tokens=prefix)
+    raise ValueError(f"vitfast.patch_embed: pos_embed has {rows} rows; expected {P + grid[0] * grid[1]} "
+                     f"(prefix + patch tokens), {grid[0] * grid[1]} (patch tokens) or a square grid to resample "
+                     f"(optionally after {P} prefix rows) for the {grid} patch grid")

@@ -1,0 +1,179 @@
+"""Fused Swin patch merging: reference, torch.library ops, autograd, functional API.
+
+    x (B, H, W, C) -> zero-pad odd H/W -> cat [x(0::2, 0::2), x(1::2, 0::2), x(0::2, 1::2), x(1::2, 1::2)]
+      -> LayerNorm(4C) -> Linear(4C -> N, no bias) -> (B, ceil(H/2), ceil(W/2), N)
+
+The channel order is Swin's x0, x1, x2, x3 (torchvision's `_patch_merging_pad`; timm's reshape/permute
+`x.reshape(B, H/2, 2, W/2, 2, C).permute(0, 1, 3, 4, 2, 5)` gives the same order), so both libraries'
+weights apply unchanged.
+
+`vitfast::patch_merging` and `vitfast::patch_merging_backward` are torch.library ops with fake
+implementations; each picks its backend at run time: "triton" (vitfast.triton.patch_merging), "cpp" (the
+extension's vitfast::patch_merging_fwd/_bwd) or "torch" (plain PyTorch below). All share the saved state:
+the input itself and the per-row LayerNorm mean/rstd (fp32; fp64 for fp64 input); the gathered matrix is
+never stored.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from vitfast import backend as _backend
+from vitfast.ops import layer_norm as _ln
+
+OP = "patch_merging"
+
+
+def patch_merging_ref(x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
+                      reduction_weight: Tensor, eps: float = 1e-5) -> Tensor:
+    """The textbook sequence (torchvision's PatchMerging.forward): pad, slice, cat, LayerNorm, linear."""
+    H, W = x.shape[-3:-1]
+    x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
+    x0 = x[..., 0::2, 0::2, :]
+    x1 = x[..., 1::2, 0::2, :]
+    x2 = x[..., 0::2, 1::2, :]
+    x3 = x[..., 1::2, 1::2, :]
+    x = torch.cat([x0, x1, x2, x3], -1)
+    x = F.layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, eps)
+    return F.linear(x, reduction_weight)
+
+
+def _gather(x: Tensor) -> Tensor:
+    """(B, H, W, C) -> (B*H2*W2, 4C) merged rows (one copy)."""
+    B, H, W, C = x.shape
+    x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
+    H2, W2 = x.shape[1] // 2, x.shape[2] // 2
+    return x.reshape(B, H2, 2, W2, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(B * H2 * W2, 4 * C)
+
+
+def _scatter(dxg: Tensor, shape) -> Tensor:
+    """Adjoint of _gather: (M, 4C) -> (B, H, W, C), dropping the padding."""
+    B, H, W, C = shape
+    H2, W2 = (H + 1) // 2, (W + 1) // 2
+    d = dxg.view(B, H2, W2, 2, 2, C).permute(0, 1, 4, 2, 3, 5).reshape(B, 2 * H2, 2 * W2, C)
+    return d[:, :H, :W].contiguous()
+
+
+def _fwd_torch(x, nw, nb, rw, eps):
+    B, H, W, _ = x.shape
+    y, _, mean, rstd = _ln._fwd_torch(_gather(x), nw, nb, None, eps)
+    return (y @ rw.t()).view(B, (H + 1) // 2, (W + 1) // 2, rw.shape[0]), mean, rstd
+
+
+def _bwd_torch(dy, x, nw, nb, rw, mean, rstd):
+    xg = _gather(x)
+    acc = mean.dtype
+    xhat = (xg.to(acc) - mean[:, None]) * rstd[:, None]
+    ln = xhat * nw.to(acc) if nw is not None else xhat
+    ln = (ln + nb.to(acc) if nb is not None else ln).to(x.dtype)
+    drw = (dy.t().to(acc) @ ln.to(acc)).to(rw.dtype)
+    dln = dy @ rw
+    dxg, dnw, dnb = _ln._bwd_torch(dln, None, xg, nw, mean, rstd, nb is not None)
+    return _scatter(dxg, x.shape), dnw, dnb, drw
+
+
+def _check_support(backend: str, tensors: tuple) -> Optional[str]:
+    x = tensors[0]
+    if backend == "cpp" and not hasattr(torch.ops.vitfast, "patch_merging_fwd"):
+        return "vitfast._C was built without patch_merging_fwd; rebuild the extension"
+    if backend == "triton" and x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"dtype {x.dtype} (Triton takes float32, float16, bfloat16)"
+    return None
+
+
+_backend.register_op(OP, gpu_order=("triton", "torch"), cpu_order=("cpp", "torch"), check=_check_support)
+
+
+@torch.library.custom_op("vitfast::patch_merging", mutates_args=())
+def _patch_merging_op(x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
+                      reduction_weight: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """x (B, H, W, C); norm (4C,); reduction (N, 4C). Returns out (B, H2, W2, N), mean, rstd (B*H2*W2,)."""
+    which = _backend.choose_backend(OP, x, norm_weight, norm_bias, reduction_weight)
+    if which == "triton":
+        from vitfast.triton.patch_merging import patch_merging_fwd
+        return patch_merging_fwd(x, norm_weight, norm_bias, reduction_weight, eps)
+    if which in ("cpp", "cuda"):
+        return tuple(torch.ops.vitfast.patch_merging_fwd(x, norm_weight, norm_bias, reduction_weight, eps))
+    return _fwd_torch(x, norm_weight, norm_bias, reduction_weight, eps)
+
+
+@_patch_merging_op.register_fake
+def _(x, norm_weight, norm_bias, reduction_weight, eps):
+    B, H, W, _ = x.shape
+    H2, W2 = (H + 1) // 2, (W + 1) // 2
+    stats = torch.float64 if x.dtype == torch.float64 else torch.float32
+    M = B * H2 * W2
+    return (x.new_empty(B, H2, W2, reduction_weight.shape[0]), x.new_empty(M, dtype=stats),
+            x.new_empty(M, dtype=stats))
+
+
+@torch.library.custom_op("vitfast::patch_merging_backward", mutates_args=())
+def _patch_merging_backward_op(dy: Tensor, x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
+                               reduction_weight: Tensor, mean: Tensor,
+                               rstd: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """dy (M, N) unit inner stride. Returns dx (B, H, W, C), dnorm_weight, dnorm_bias (4C,) or empty,
+    dreduction_weight (N, 4C)."""
+    which = _backend.choose_backend(OP, x, dy, norm_weight, norm_bias, reduction_weight)
+    if which == "triton":
+        from vitfast.triton.patch_merging import patch_merging_bwd
+        return patch_merging_bwd(dy, x, norm_weight, norm_bias, reduction_weight, mean, rstd)
+    if which in ("cpp", "cuda"):
+        return tuple(torch.ops.vitfast.patch_merging_bwd(dy, x, norm_weight, norm_bias, reduction_weight, mean,
+                                                         rstd))
+    return _bwd_torch(dy, x, norm_weight, norm_bias, reduction_weight, mean, rstd)
+
+
+@_patch_merging_backward_op.register_fake
+def _(dy, x, norm_weight, norm_bias, reduction_weight, mean, rstd):
+    p = reduction_weight
+    return (x.new_empty(x.shape), p.new_empty(norm_weight.shape if norm_weight is not None else (0,)),
+            p.new_empty(norm_bias.shape if norm_bias is not None else (0,)), p.new_empty(p.shape))
+
+
+def _setup_context(ctx, inputs, output):
+    x, nw, nb, rw, eps = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, nw, nb, rw, mean, rstd)
+
+
+def _backward(ctx, dout, dmean, drstd):
+    x, nw, nb, rw, mean, rstd = ctx.saved_tensors
+    dy = dout.reshape(-1, dout.shape[-1])
+    dy = dy if dy.stride(-1) == 1 else dy.contiguous()
+    dx, dnw, dnb, drw = _patch_merging_backward_op(dy, x, nw, nb, rw, mean, rstd)
+    return dx, dnw if nw is not None else None, dnb if nb is not None else None, drw, None
+
+
+_patch_merging_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def patch_merging(x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], reduction_weight: Tensor,
+                  eps: float = 1e-5) -> Tensor:
+    """Swin's PatchMerging: 2x2 gather (odd sizes zero-padded), LayerNorm(4C), Linear(4C -> N, no bias).
+
+    Args:
+        x: (..., H, W, C) channels-last (timm's and torchvision's Swin layout).
+        norm_weight, norm_bias: (4C,) or None. reduction_weight: (N, 4C) (`reduction.weight`).
+        eps: the LayerNorm's epsilon.
+
+    Returns:
+        (..., ceil(H/2), ceil(W/2), N).
+    """
+    if x.dim() < 3:
+        raise ValueError(f"vitfast.patch_merging: x must be (..., H, W, C), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"vitfast.patch_merging: x must be floating point, got {x.dtype}")
+    lead = x.shape[:-3]
+    H, W, C = x.shape[-3:]
+    K = 4 * C
+    for name, t, shape in (("norm_weight", norm_weight, (K,)), ("norm_bias", norm_bias, (K,)),
+                           ("reduction_weight", reduction_weight, (reduction_weight.shape[0], K))):
+        if t is None:
+            continue
+        if t.dim() != len(shape) or tuple(t.shape) != shape or t.dtype != x.dtype or t.device != x.device:
+            raise ValueError(f"vitfast.patch_merging: {name} must have shape {shape} (4C = {K} for C = {C}), dtype "
+                             f"{x.dtype} and device {x.device}, got {tuple(t.shape)} {t.dtype} {t.device}")
+    x4 = x.reshape(-1, H, W, C)
+    out, _, _ = _patch_merging_op(x4, norm_weight, norm_bias, reduction_weight, float(eps))
+    return out.view(*lead, *out.shape[1:])

@@ -1,0 +1,560 @@
+"""Swin (shifted) window attention: textbook reference, torch.library ops, autograd, functional API.
+
+`vitfast::window_attention` (forward) and `vitfast::window_attention_backward` are torch.library ops with
+fake implementations, so torch.compile sees them whole; each picks its backend at run time: "triton"
+(vitfast.triton.window_attention: cyclic shift, padding, window partition, bias gather and shift mask by
+index arithmetic in the kernel) or "torch" (the textbook PyTorch below); the "cpp"/"cuda" backends, when
+written, register `vitfast::window_attention_fwd` and `vitfast::window_attention_bwd` in csrc/ with exactly
+the two schemas below (names aside) and get added to the register_op orders. Every backend shares them,
+and the saved state (out, lse), so forward and backward may run on different backends:
+
+    window_attention(Tensor qkv, Tensor bias, Tensor? pad_qkv, Tensor? logit_scale, int[2] window_size,
+                     int[2] shift_size, float softmax_scale, float dropout_p, int seed) -> (Tensor out, Tensor lse)
+
+    qkv:         (B, H, W, 3, heads, D), any strides with stride(-1) == 1 (e.g. a view of the qkv Linear's
+                 output); q, k, v of every pixel of the unpadded feature map.
+    bias:        relative position bias, either the table (num_rel = (2wh-1)(2ww-1), heads), read as
+                 table[(ty_i - ty_j + wh - 1) * (2ww - 1) + (tx_i - tx_j + ww - 1), head] for tokens
+                 i = (ty_i, tx_i), j of a window (token index t = ty * ww + tx), or dense (heads, N, N).
+                 Any float dtype; added in fp32.
+    pad_qkv:     (3, heads, D): q, k, v of the padding pixels (rows >= H or columns >= W of the grid padded
+                 to multiples of the window), i.e. the qkv bias, since Swin pads the input with zeros
+                 before the qkv Linear. None means zeros.
+    logit_scale: None for dot-product attention, scores = softmax_scale * q.k; else (heads,) fp32, the
+                 Swin-V2 multiplier already clamped and exponentiated, scores = logit_scale[h] *
+                 (q/max(|q|,1e-12)).(k/max(|k|,1e-12)) (softmax_scale is then ignored).
+    window_size: (wh, ww), as used (no clamping inside the op). shift_size: (sh, sw), 0 <= s < w, as
+                 used (the caller drops it where the window covers the padded map).
+    Semantics: pad to (Hp, Wp) = multiples of the window, roll by (-sh, -sw), partition into
+                 nW = (Hp/wh)(Wp/ww) windows of N = wh*ww tokens (window index w = wy * (Wp/ww) + wx),
+                 scores + bias, + (-100) between tokens of different shift regions when sh + sw > 0 (region
+                 per axis of the shifted coordinate p: 0 if p < P - w, 1 if p < P - s, else 2), softmax,
+                 dropout with probability dropout_p (keep mask a deterministic function of seed and
+                 (b, head, w, i, j); each backend draws its own bits), @ v, reverse partition, roll back, crop.
+    out:         (B, H, W, heads * D), qkv's dtype, contiguous.
+    lse:         (B, heads, nW, N) fp32, natural-log log-sum-exp of each score row (before dropout).
+    Gradients flow to qkv, bias, pad_qkv and logit_scale; window/shift/scale/p/seed are non-differentiable.
+
+    window_attention_backward(Tensor dout, Tensor qkv, Tensor bias, Tensor? pad_qkv, Tensor? logit_scale,
+                              Tensor out, Tensor lse, int[2] window_size, int[2] shift_size, float softmax_scale,
+                              float dropout_p, int seed) -> (Tensor dqkv, Tensor dbias, Tensor dpad_qkv,
+                              Tensor dlogit_scale)
+
+    dout: (B, H, W, heads * D). dqkv: (B, H, W, 3, heads, D) contiguous, qkv's dtype. dbias: bias's shape
+    and dtype, summed over batch and windows. dpad_qkv: (3, heads, D) in pad_qkv's dtype (its q part is
+    zero: padding queries are cropped), or empty without pad_qkv. dlogit_scale: (heads,) fp32, or empty.
+"""
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from vitfast import backend as _backend
+
+OP = "window_attention"
+MASK_VALUE = -100.0
+
+IntPair = Union[int, Sequence[int]]
+
+
+def _pair(v: IntPair, name: str) -> list:
+    p = [int(v), int(v)] if isinstance(v, int) else [int(x) for x in v]
+    if len(p) != 2:
+        raise ValueError(f"vitfast: {name} must be an int or a pair of ints, got {v!r}")
+    return p
+
+
+def relative_position_index(window_size: IntPair) -> Tensor:
+    """(N*N,) int64: Swin's index into the (num_rel, heads) bias table for each token pair of a window."""
+    wh, ww = _pair(window_size, "window_size")
+    coords = torch.stack(torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij"))
+    coords_flatten = torch.flatten(coords, 1)
+    relative_coords = (coords_flatten[:, :, None] - coords_flatten[:, None, :]).permute(1, 2, 0).contiguous()
+    relative_coords[:, :, 0] += wh - 1
+    relative_coords[:, :, 1] += ww - 1
+    relative_coords[:, :, 0] *= 2 * ww - 1
+    return relative_coords.sum(-1).flatten()
+
+
+def _shift_mask(pad_H: int, pad_W: int, window_size: list, shift_size: list, like: Tensor) -> Tensor:
+    """(nW, N, N) of 0 / -100, built as torchvision builds it."""
+    num_windows = (pad_H // window_size[0]) * (pad_W // window_size[1])
+    attn_mask = like.new_zeros((pad_H, pad_W))
+    h_slices = ((0, -window_size[0]), (-window_size[0], -shift_size[0]), (-shift_size[0], None))
+    w_slices = ((0, -window_size[1]), (-window_size[1], -shift_size[1]), (-shift_size[1], None))
+    count = 0
+    for h in h_slices:
+        for w in w_slices:
+            attn_mask[h[0]: h[1], w[0]: w[1]] = count
+            count += 1
+    attn_mask = attn_mask.view(pad_H // window_size[0], window_size[0], pad_W // window_size[1], window_size[1])
+    attn_mask = attn_mask.permute(0, 2, 1, 3).reshape(num_windows, window_size[0] * window_size[1])
+    attn_mask = attn_mask.unsqueeze(1) - attn_mask.unsqueeze(2)
+    return attn_mask.masked_fill(attn_mask != 0, MASK_VALUE).masked_fill(attn_mask == 0, 0.0)
+
+
+def window_attention_ref(qkv: Tensor, relative_position_bias: Tensor, window_size: IntPair, shift_size: IntPair,
+                         qkv_pad: Optional[Tensor] = None, logit_scale: Optional[Tensor] = None,
+                         softmax_scale: Optional[float] = None, keep: Optional[Tensor] = None,
+                         dropout_p: float = 0.0, return_lse: bool = False):
+    """Plain PyTorch, the textbook way: pad, roll, partition, bias gather, mask, softmax, reverse, roll back, crop.
+
+    Args and semantics as the op `vitfast::window_attention` (module docstring); `keep` is an optional
+    (B, heads, nW, N, N) bool attention-dropout keep mask (kept entries are scaled by 1/(1 - dropout_p)).
+    Returns (B, H, W, heads * D), and the (B, heads, nW, N) fp32 log-sum-exp with `return_lse`.
+    """
+    B, H, W, _, heads, D = qkv.shape
+    window_size, shift_size = _pair(window_size, "window_size"), _pair(shift_size, "shift_size")
+    N, C = window_size[0] * window_size[1], heads * D
+    x = qkv.reshape(B, H, W, 3 * C)
+    pad_r = (window_size[1] - W % window_size[1]) % window_size[1]
+    pad_b = (window_size[0] - H % window_size[0]) % window_size[0]
+    x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+    _, pad_H, pad_W, _ = x.shape
+    if qkv_pad is not None and (pad_r or pad_b):
+        padding = torch.ones(pad_H, pad_W, dtype=torch.bool, device=x.device)
+        padding[:H, :W] = False
+        x = torch.where(padding[None, :, :, None], qkv_pad.reshape(3 * C).to(x.dtype), x)
+    if sum(shift_size) > 0:
+        x = torch.roll(x, shifts=(-shift_size[0], -shift_size[1]), dims=(1, 2))
+    num_windows = (pad_H // window_size[0]) * (pad_W // window_size[1])
+    x = x.view(B, pad_H // window_size[0], window_size[0], pad_W // window_size[1], window_size[1], 3 * C)
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(B * num_windows, N, 3 * C)
+    qkv_w = x.reshape(B * num_windows, N, 3, heads, D).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv_w[0], qkv_w[1], qkv_w[2]
+    if logit_scale is not None:
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        attn = attn * logit_scale.reshape(heads, 1, 1).to(attn.dtype)
+    else:
+        q = q * (softmax_scale if softmax_scale is not None else D ** -0.5)
+        attn = q.matmul(k.transpose(-2, -1))
+    bias = relative_position_bias
+    if bias.dim() == 2:
+        index = relative_position_index(window_size).to(bias.device)
+        bias = bias[index].view(N, N, -1).permute(2, 0, 1)
+    attn = attn + bias.reshape(1, heads, N, N).to(attn.dtype)
+    if sum(shift_size) > 0:
+        attn_mask = _shift_mask(pad_H, pad_W, window_size, shift_size, attn)
+        attn = attn.view(B, num_windows, heads, N, N) + attn_mask.unsqueeze(1).unsqueeze(0)
+        attn = attn.view(-1, heads, N, N)
+    lse = torch.logsumexp(attn.float(), dim=-1).view(B, num_windows, heads, N).transpose(1, 2)
+    attn = F.softmax(attn, dim=-1)
+    if keep is not None:
+        keep_w = keep.view(B, heads, num_windows, N, N).transpose(1, 2).reshape(-1, heads, N, N)
+        attn = attn * keep_w / (1.0 - dropout_p)
+    x = attn.matmul(v).transpose(1, 2).reshape(B * num_windows, N, C)
+    x = x.view(B, pad_H // window_size[0], pad_W // window_size[1], window_size[0], window_size[1], C)
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(B, pad_H, pad_W, C)
+    if sum(shift_size) > 0:
+        x = torch.roll(x, shifts=(shift_size[0], shift_size[1]), dims=(1, 2))
+    x = x[:, :H, :W, :].contiguous()
+    return (x, lse.contiguous()) if return_lse else x
+
+
+def shifted_window_attention_ref(input: Tensor, qkv_weight: Tensor, proj_weight: Tensor,
+                                 relative_position_bias: Tensor, window_size: list, num_heads: int, shift_size: list,
+                                 attention_dropout: float = 0.0, dropout: float = 0.0,
+                                 qkv_bias: Optional[Tensor] = None, proj_bias: Optional[Tensor] = None,
+                                 logit_scale: Optional[Tensor] = None, training: bool = True) -> Tensor:
+    """torchvision.models.swin_transformer.shifted_window_attention, copied: the plain PyTorch reference."""
+    B, H, W, C = input.shape
+    pad_r = (window_size[1] - W % window_size[1]) % window_size[1]
+    pad_b = (window_size[0] - H % window_size[0]) % window_size[0]
+    x = F.pad(input, (0, 0, 0, pad_r, 0, pad_b))
+    _, pad_H, pad_W, _ = x.shape
+    shift_size = list(shift_size)
+    if window_size[0] >= pad_H:
+        shift_size[0] = 0
+    if window_size[1] >= pad_W:
+        shift_size[1] = 0
+    if sum(shift_size) > 0:
+        x = torch.roll(x, shifts=(-shift_size[0], -shift_size[1]), dims=(1, 2))
+    num_windows = (pad_H // window_size[0]) * (pad_W // window_size[1])
+    x = x.view(B, pad_H // window_size[0], window_size[0], pad_W // window_size[1], window_size[1], C)
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(B * num_windows, window_size[0] * window_size[1], C)
+    if logit_scale is not None and qkv_bias is not None:
+        qkv_bias = qkv_bias.clone()
+        length = qkv_bias.numel() // 3
+        qkv_bias[length: 2 * length].zero_()
+    qkv = F.linear(x, qkv_weight, qkv_bias)
+    qkv = qkv.reshape(x.size(0), x.size(1), 3, num_heads, C // num_heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    if logit_scale is not None:
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        logit_scale = torch.clamp(logit_scale, max=math.log(100.0)).exp()
+        attn = attn * logit_scale
+    else:
+        q = q * (C // num_heads) ** -0.5
+        attn = q.matmul(k.transpose(-2, -1))
+    attn = attn + relative_position_bias
+    if sum(shift_size) > 0:
+        attn_mask = _shift_mask(pad_H, pad_W, window_size, shift_size, x)
+        attn = attn.view(x.size(0) // num_windows, num_windows, num_heads, x.size(1), x.size(1))
+        attn = attn + attn_mask.unsqueeze(1).unsqueeze(0)
+        attn = attn.view(-1, num_heads, x.size(1), x.size(1))
+    attn = F.softmax(attn, dim=-1)
+    attn = F.dropout(attn, p=attention_dropout, training=training)
+    x = attn.matmul(v).transpose(1, 2).reshape(x.size(0), x.size(1), C)
+    x = F.linear(x, proj_weight, proj_bias)
+    x = F.dropout(x, p=dropout, training=training)
+    x = x.view(B, pad_H // window_size[0], pad_W // window_size[1], window_size[0], window_size[1], C)
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(B, pad_H, pad_W, C)
+    if sum(shift_size) > 0:
+        x = torch.roll(x, shifts=(shift_size[0], shift_size[1]), dims=(1, 2))
+    return x[:, :H, :W, :].contiguous()
+
+
+# ----------------------------------------------------------------------------------------------- backends
+
+def _torch_keep(qkv: Tensor, window_size: list, dropout_p: float, seed: int) -> Optional[Tensor]:
+    """The torch backend's keep mask: a function of the seed only, so the backward can redraw it."""
+    if dropout_p <= 0:
+        return None
+    B, H, W, _, heads, _ = qkv.shape
+    nW = math.ceil(H / window_size[0]) * math.ceil(W / window_size[1])
+    N = window_size[0] * window_size[1]
+    gen = torch.Generator(device=qkv.device).manual_seed(seed)
+    return torch.rand((B, heads, nW, N, N), generator=gen, device=qkv.device) >= dropout_p
+
+
+def _fwd_torch(qkv, bias, pad_qkv, logit_scale, window_size, shift_size, softmax_scale, dropout_p, seed):
+    keep = _torch_keep(qkv, window_size, dropout_p, seed)
+    out, lse = window_attention_ref(qkv, bias, window_size, shift_size, pad_qkv, logit_scale, softmax_scale, keep,
+                                    dropout_p, return_lse=True)
+    B, H, W = qkv.shape[:3]
+    return out.view(B, H, W, -1), lse
+
+
+def _to_windows(x: Tensor, window_size: list, shift_size: list, fill: Optional[Tensor] = None) -> Tensor:
+    """(B, H, W, F) -> (B, nW, N, F): pad (with `fill` or zeros), roll by -shift, partition."""
+    B, H, W, Fd = x.shape
+    wh, ww = window_size
+    x = F.pad(x, (0, 0, 0, (ww - W % ww) % ww, 0, (wh - H % wh) % wh))
+    Hp, Wp = x.shape[1:3]
+    if fill is not None and (Hp, Wp) != (H, W):
+        padding = torch.ones(Hp, Wp, dtype=torch.bool, device=x.device)
+        padding[:H, :W] = False
+        x = torch.where(padding[None, :, :, None], fill.reshape(Fd).to(x.dtype), x)
+    x = torch.roll(x, shifts=(-shift_size[0], -shift_size[1]), dims=(1, 2))
+    x = x.view(B, Hp // wh, wh, Wp // ww, ww, Fd).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(B, (Hp // wh) * (Wp // ww), wh * ww, Fd)
+
+
+def _from_windows(x: Tensor, Hp: int, Wp: int, window_size: list, shift_size: list) -> Tensor:
+    """(B, nW, N, F) -> (B, Hp, Wp, F): reverse partition, roll back (no crop)."""
+    B, _, _, Fd = x.shape
+    wh, ww = window_size
+    x = x.view(B, Hp // wh, Wp // ww, wh, ww, Fd).permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, Fd)
+    return torch.roll(x, shifts=(shift_size[0], shift_size[1]), dims=(1, 2))
+
+
+def _normalize_bwd(dy: Tensor, x: Tensor, eps: float = 1e-12) -> Tensor:
+    """Gradient through F.normalize(x, dim=-1) = x / max(|x|, eps)."""
+    norm = x.norm(dim=-1, keepdim=True)
+    y = x / norm.clamp_min(eps)
+    proj = torch.where(norm > eps, (y * dy).sum(-1, keepdim=True), torch.zeros_like(norm))
+    return (dy - y * proj) / norm.clamp_min(eps)
+
+
+def _bwd_torch(dout, qkv, bias, pad_qkv, logit_scale, window_size, shift_size, softmax_scale, dropout_p, seed):
+    """The backward written out in PyTorch (a model for a C++ port): windows, recompute P, dS, un-window."""
+    B, H, W, _, heads, D = qkv.shape
+    wh, ww = window_size
+    N, C = wh * ww, heads * D
+    Hp, Wp = math.ceil(H / wh) * wh, math.ceil(W / ww) * ww
+    acc = torch.float64 if qkv.dtype == torch.float64 else torch.float32
+    xw = _to_windows(qkv.reshape(B, H, W, 3 * C).to(acc), window_size, shift_size, pad_qkv)
+    q, k, v = xw.view(B, -1, N, 3, heads, D).permute(3, 0, 1, 4, 2, 5)  # each (B, nW, heads, N, D)
+    nW = q.shape[1]
+    if logit_scale is not None:
+        qq, kk = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        sc = logit_scale.to(acc).view(1, 1, heads, 1, 1)
+    else:
+        qq, kk, sc = q, k, softmax_scale
+    cos = qq @ kk.transpose(-2, -1)
+    dense = bias.to(acc)
+    if bias.dim() == 2:
+        dense = dense[relative_position_index(window_size).to(bias.device)].view(N, N, heads).permute(2, 0, 1)
+    s = cos * sc + dense
+    if sum(shift_size) > 0:
+        s = s + _shift_mask(Hp, Wp, window_size, shift_size, s).view(1, nW, 1, N, N)
+    p = torch.softmax(s, dim=-1)
+    do = _to_windows(dout.reshape(B, H, W, C).to(acc), window_size, shift_size)
+    do = do.view(B, nW, N, heads, D).transpose(2, 3)
+    dp = do @ v.transpose(-2, -1)
+    keep = _torch_keep(qkv, window_size, dropout_p, seed)
+    if keep is not None:
+        drop = keep.transpose(1, 2).to(acc) / (1.0 - dropout_p)  # (B, nW, heads, N, N)
+        pd, dp = p * drop, dp * drop
+    else:
+        pd = p
+    dv = pd.transpose(-2, -1) @ do
+    ds = p * (dp - (p * dp).sum(-1, keepdim=True))
+    dq = (ds * sc) @ kk
+    dk = (ds * sc).transpose(-2, -1) @ qq
+    dscale = qkv.new_empty(0, dtype=torch.float32)
+    if logit_scale is not None:
+        dscale = (ds * cos).sum((0, 1, 3, 4)).to(torch.float32)
+        dq, dk = _normalize_bwd(dq, q), _normalize_bwd(dk, k)
+    dbias = ds.sum((0, 1))  # (heads, N, N)
+    if bias.dim() == 2:
+        index = relative_position_index(window_size).to(bias.device)
+        dbias = dbias.new_zeros(bias.shape).index_add_(0, index, dbias.permute(1, 2, 0).reshape(N * N, heads))
+    grid = torch.stack([dq, dk, dv], dim=3).permute(0, 1, 4, 3, 2, 5).reshape(B, nW, N, 3 * C)
+    grid = _from_windows(grid, Hp, Wp, window_size, shift_size)
+    dqkv = grid[:, :H, :W].reshape(B, H, W, 3, heads, D).to(qkv.dtype).contiguous()
+    dpad = qkv.new_empty(0)
+    if pad_qkv is not None:
+        dpad = (grid[:, H:].sum((0, 1, 2)) + grid[:, :H, W:].sum((0, 1, 2))).view(3, heads, D).to(pad_qkv.dtype)
+    return dqkv, dbias.to(bias.dtype), dpad, dscale
+
+
+def _check_support(backend: str, tensors: tuple) -> Optional[str]:
+    qkv = tensors[0]
+    if backend == "triton":
+        if qkv.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            return f"dtype {qkv.dtype} (Triton takes float32, float16, bfloat16)"
+        if qkv.shape[-1] > 256:
+            return f"head dim {qkv.shape[-1]} > 256"
+    return None
+
+
+_backend.register_op(OP, gpu_order=("triton", "torch"), cpu_order=("torch",), check=_check_support)
+
+
+def _geometry(qkv: Tensor, window_size: Sequence[int]) -> tuple:
+    B, H, W, _, heads, D = qkv.shape
+    nW = math.ceil(H / window_size[0]) * math.ceil(W / window_size[1])
+    return B, H, W, heads, D, nW, window_size[0] * window_size[1]
+
+
+@torch.library.custom_op("vitfast::window_attention", mutates_args=())
+def _window_attention_op(qkv: Tensor, bias: Tensor, pad_qkv: Optional[Tensor], logit_scale: Optional[Tensor],
+                         window_size: list[int], shift_size: list[int], softmax_scale: float, dropout_p: float,
+                         seed: int) -> tuple[Tensor, Tensor]:
+    """See the module docstring. Returns out (B, H, W, heads*D) and lse (B, heads, nW, N) fp32."""
+    if qkv.numel() == 0:
+        return _fake_fwd(qkv, window_size)
+    which = _backend.choose_backend(OP, qkv, bias, pad_qkv, logit_scale)
+    if which == "triton":
+        from vitfast.triton.window_attention import window_attention_fwd
+        return window_attention_fwd(qkv, bias, pad_qkv, logit_scale, window_size, shift_size, softmax_scale,
+                                    dropout_p, seed)
+    if which in ("cpp", "cuda"):
+        return tuple(torch.ops.vitfast.window_attention_fwd(qkv, bias, pad_qkv, logit_scale, window_size, shift_size,
+                                                            softmax_scale, dropout_p, seed))
+    return _fwd_torch(qkv, bias, pad_qkv, logit_scale, window_size, shift_size, softmax_scale, dropout_p, seed)
+
+
+def _fake_fwd(qkv, window_size):
+    B, H, W, heads, D, nW, N = _geometry(qkv, window_size)
+    return qkv.new_empty((B, H, W, heads * D)), qkv.new_empty((B, heads, nW, N), dtype=torch.float32)
+
+
+@_window_attention_op.register_fake
+def _(qkv, bias, pad_qkv, logit_scale, window_size, shift_size, softmax_scale, dropout_p, seed):
+    return _fake_fwd(qkv, window_size)
+
+
+@torch.library.custom_op("vitfast::window_attention_backward", mutates_args=())
+def _window_attention_backward_op(dout: Tensor, qkv: Tensor, bias: Tensor, pad_qkv: Optional[Tensor],
+                                  logit_scale: Optional[Tensor], out: Tensor, lse: Tensor, window_size: list[int],
+                                  shift_size: list[int], softmax_scale: float, dropout_p: float,
+                                  seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns dqkv (B, H, W, 3, heads, D), dbias (like bias), dpad_qkv (3, heads, D) or empty, dlogit_scale."""
+    if qkv.numel() == 0:
+        return _fake_bwd(qkv, bias, pad_qkv, logit_scale, zero=True)
+    which = _backend.choose_backend(OP, qkv, bias, pad_qkv, logit_scale)
+    if which == "triton":
+        from vitfast.triton.window_attention import window_attention_bwd
+        return window_attention_bwd(dout, qkv, bias, pad_qkv, logit_scale, out, lse, window_size, shift_size,
+                                    softmax_scale, dropout_p, seed)
+    if which in ("cpp", "cuda"):
+        return tuple(torch.ops.vitfast.window_attention_bwd(dout, qkv, bias, pad_qkv, logit_scale, out, lse,
+                                                            window_size, shift_size, softmax_scale, dropout_p, seed))
+    return _bwd_torch(dout, qkv, bias, pad_qkv, logit_scale, window_size, shift_size, softmax_scale, dropout_p, seed)
+
+
+def _fake_bwd(qkv, bias, pad_qkv, logit_scale, zero=False):
+    new = torch.zeros if zero else torch.empty
+    kw = dict(device=qkv.device)
+    return (new(qkv.shape, dtype=qkv.dtype, **kw), new(bias.shape, dtype=bias.dtype, **kw),
+            new(pad_qkv.shape if pad_qkv is not None else (0,), dtype=(pad_qkv if pad_qkv is not None else qkv).dtype,
+                **kw),
+            new(logit_scale.shape if logit_scale is not None else (0,), dtype=torch.float32, **kw))
+
+
+@_window_attention_backward_op.register_fake
+def _(dout, qkv, bias, pad_qkv, logit_scale, out, lse, window_size, shift_size, softmax_scale, dropout_p, seed):
+    return _fake_bwd(qkv, bias, pad_qkv, logit_scale)
+
+
+def _setup_context(ctx, inputs, output):
+    qkv, bias, pad_qkv, logit_scale, window_size, shift_size, softmax_scale, dropout_p, seed = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, bias, pad_qkv, logit_scale, out, lse)
+    ctx.args = (window_size, shift_size, softmax_scale, dropout_p, seed)
+
+
+def _backward(ctx, dout, dlse):
+    qkv, bias, pad_qkv, logit_scale, out, lse = ctx.saved_tensors
+    dqkv, dbias, dpad, dscale = _window_attention_backward_op(
+        _unit_inner_stride(dout), qkv, bias, pad_qkv, logit_scale, out, lse, *ctx.args)
+    return (dqkv, dbias, dpad if pad_qkv is not None else None, dscale if logit_scale is not None else None,
+            None, None, None, None, None)
+
+
+_window_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _unit_inner_stride(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+# ------------------------------------------------------------------------------------------ public API
+
+def _check_dense_bias(bias: Tensor, heads: int, n: int, what: str) -> Tensor:
+    if bias.dim() == 4 and bias.shape[0] == 1:
+        bias = bias[0]
+    if tuple(bias.shape) != (heads, n, n):
+        raise ValueError(f"vitfast.{what}: relative_position_bias must be a (num_rel, heads) table or a "
+                         f"(1, heads, N, N) / (heads, N, N) tensor with heads={heads}, N={n}, got {tuple(bias.shape)}")
+    return bias
+
+
+def _draw_seed(p: float) -> int:
+    return int(torch.randint(0, 2**31 - 1, (1,)).item()) if p > 0 else 0
+
+
+def _attention_core(qkv: Tensor, bias: Tensor, window_size: list, shift_size: list, qkv_pad: Optional[Tensor],
+                    logit_scale: Optional[Tensor], softmax_scale: float, dropout_p: float, what: str) -> Tensor:
+    B, H, W, three, heads, D = qkv.shape
+    N = window_size[0] * window_size[1]
+    num_rel = (2 * window_size[0] - 1) * (2 * window_size[1] - 1)
+    if bias.dim() == 2:
+        if tuple(bias.shape) != (num_rel, heads):
+            raise ValueError(f"vitfast.{what}: relative position bias table must be ({num_rel}, {heads}) for window "
+                             f"{tuple(window_size)} and {heads} heads, got {tuple(bias.shape)}")
+    else:
+        bias = _check_dense_bias(bias, heads, N, what)
+    if bias.device != qkv.device or not bias.is_floating_point():
+        raise ValueError(f"vitfast.{what}: relative position bias must be floating point on {qkv.device}, "
+                         f"got {bias.dtype} on {bias.device}")
+    scale = None
+    if logit_scale is not None:
+        if logit_scale.numel() != heads:
+            raise ValueError(f"vitfast.{what}: logit_scale must have {heads} elements (one per head), got shape "
+                             f"{tuple(logit_scale.shape)}")
+        scale = torch.clamp(logit_scale, max=math.log(100.0)).exp().reshape(heads).float()
+    if qkv_pad is not None:
+        qkv_pad = qkv_pad.reshape(3, heads, D).contiguous()
+    out, _ = _window_attention_op(_unit_inner_stride(qkv), bias, qkv_pad, scale, list(window_size), list(shift_size),
+                                  float(softmax_scale), float(dropout_p), _draw_seed(dropout_p))
+    return out
+
+
+def window_attention(qkv: Tensor, relative_position_bias: Tensor, window_size: IntPair, shift_size: IntPair = 0, *,
+                     qkv_pad: Optional[Tensor] = None, logit_scale: Optional[Tensor] = None,
+                     softmax_scale: Optional[float] = None, attention_dropout: float = 0.0, training: bool = True,
+                     clamp_window: bool = True) -> Tensor:
+    """(Shifted) window attention on a qkv projection in image layout, output in image layout.
+
+    Args:
+        qkv: (B, H, W, 3, heads, D), float; any strides with unit inner stride (a view of a Linear's output).
+        relative_position_bias: the (num_rel, heads) table (num_rel = (2wh-1)(2ww-1)), or a dense
+            (heads, N, N) / (1, heads, N, N) bias.
+        window_size, shift_size: int or (h, w) pair.
+        qkv_pad: (3 * heads * D,) values of q, k, v at padding pixels (the qkv Linear's bias: Swin pads the
+            input before the projection), or None for zeros.
+        logit_scale: Swin-V2 cosine attention: the raw per-head parameter (heads elements); scores are
+            cos(q, k) * exp(min(logit_scale, log 100)). None: scaled dot product.
+        softmax_scale: dot-product scale, default D ** -0.5.
+        attention_dropout, training: dropout on the attention probabilities (when training).
+        clamp_window: Swin's rule: when min(H, W) <= the window, the window shrinks to min(H, W) per axis
+            and the shift is dropped (a table for the full window is cropped to the small one). Without
+            it, only torchvision's rule applies: a shift is dropped along an axis the window covers.
+
+    Returns:
+        (B, H, W, heads * D) in qkv's dtype.
+    """
+    if qkv.dim() != 6 or qkv.shape[3] != 3:
+        raise ValueError(f"vitfast.window_attention: qkv must be (B, H, W, 3, heads, D), got {tuple(qkv.shape)}")
+    if not qkv.is_floating_point():
+        raise ValueError(f"vitfast.window_attention: qkv must be floating point, got {qkv.dtype}")
+    B, H, W, _, heads, D = qkv.shape
+    ws, shift = _pair(window_size, "window_size"), _pair(shift_size, "shift_size")
+    table = relative_position_bias
+    if clamp_window and min(H, W) <= max(ws):
+        small = [min(ws[0], H, W), min(ws[1], H, W)]
+        if small != ws and not _fits(table, small, heads):
+            table = _crop_bias(table, ws, small, heads)
+        ws, shift = small, [0, 0]
+    for axis, size in enumerate((H, W)):
+        if ws[axis] >= math.ceil(size / ws[axis]) * ws[axis]:
+            shift[axis] = 0
+        if not 0 <= shift[axis] < ws[axis]:
+            raise ValueError(f"vitfast.window_attention: shift_size {tuple(shift)} must be in [0, window) for window "
+                             f"{tuple(ws)}")
+    p = attention_dropout if training else 0.0
+    return _attention_core(qkv, table, ws, shift, qkv_pad, logit_scale,
+                           D ** -0.5 if softmax_scale is None else softmax_scale, p, "window_attention")
+
+
+def _fits(bias: Tensor, ws: list, heads: int) -> bool:
+    """Whether `bias` is already a table or dense bias for window `ws` (Swin builds it for the clamped window)."""
+    n, num_rel = ws[0] * ws[1], (2 * ws[0] - 1) * (2 * ws[1] - 1)
+    return tuple(bias.shape) == (num_rel, heads) if bias.dim() == 2 else tuple(bias.shape[-2:]) == (n, n)
+
+
+def _crop_bias(bias: Tensor, ws: list, small: list, heads: int) -> Tensor:
+    """A bias made for window `ws`, restricted to the top-left `small` window (Swin's clamped window)."""
+    if bias.dim() == 2:
+        t = bias.view(2 * ws[0] - 1, 2 * ws[1] - 1, -1)
+        t = t[ws[0] - small[0]: ws[0] + small[0] - 1, ws[1] - small[1]: ws[1] + small[1] - 1]
+        return t.reshape(-1, bias.shape[-1])
+    dense = bias.reshape(-1, ws[0] * ws[1], ws[0] * ws[1])
+    idx = (torch.arange(small[0])[:, None] * ws[1] + torch.arange(small[1])[None, :]).flatten().to(bias.device)
+    return dense[:, idx][:, :, idx]
+
+
+def shifted_window_attention(input: Tensor, qkv_weight: Tensor, proj_weight: Tensor, relative_position_bias: Tensor,
+                             window_size: list, num_heads: int, shift_size: list, attention_dropout: float = 0.0,
+                             dropout: float = 0.0, qkv_bias: Optional[Tensor] = None,
+                             proj_bias: Optional[Tensor] = None, logit_scale: Optional[Tensor] = None,
+                             training: bool = True) -> Tensor:
+    """Drop-in for torchvision.models.swin_transformer.shifted_window_attention (same arguments and results).
+
+    Args:
+        input: (B, H, W, C). qkv_weight: (3C, C). proj_weight: (C, C). qkv_bias: (3C,) or None.
+        proj_bias: (C,) or None.
+        relative_position_bias: (1, heads, N, N) as torchvision's module gathers it, or the (num_rel, heads)
+            table itself (no gather at all).
+        window_size, shift_size: [h, w]; the shift is dropped along an axis the window covers (not mutated).
+        logit_scale: Swin-V2's per-head parameter (heads, 1, 1): cosine attention, and the k part of
+            qkv_bias is zeroed, as torchvision does.
+    Returns:
+        (B, H, W, C).
+    """
+    if input.dim() != 4:
+        raise ValueError(f"vitfast.shifted_window_attention: input must be (B, H, W, C), got {tuple(input.shape)}")
+    B, H, W, C = input.shape
+    if C % num_heads != 0:
+        raise ValueError(f"vitfast.shifted_window_attention: channels C={C} must be divisible by num_heads="
+                         f"{num_heads}")
+    ws, shift = _pair(window_size, "window_size"), _pair(shift_size, "shift_size")
+    pad_H, pad_W = math.ceil(H / ws[0]) * ws[0], math.ceil(W / ws[1]) * ws[1]
+    if ws[0] >= pad_H:
+        shift[0] = 0
+    if ws[1] >= pad_W:
+        shift[1] = 0
+    if logit_scale is not None and qkv_bias is not None:
+        qkv_bias = torch.cat([qkv_bias[:C], torch.zeros_like(qkv_bias[C:2 * C]), qkv_bias[2 * C:]])
+    D = C // num_heads
+    qkv = F.linear(input, qkv_weight, qkv_bias).view(B, H, W, 3, num_heads, D)
+    needs_pad = qkv_bias is not None and (pad_H != H or pad_W != W)
+    x = _attention_core(qkv, relative_position_bias, ws, shift, qkv_bias if needs_pad else None, logit_scale,
+                        D ** -0.5, attention_dropout if training else 0.0, "shifted_window_attention")
+    x = F.linear(x, proj_weight, proj_bias)
+    return F.dropout(x, p=dropout, training=training)

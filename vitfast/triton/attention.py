@@ -1,0 +1,628 @@
+"""Scaled dot-product attention, forward and backward, in Triton.
+
+FlashAttention-2 (Dao 2023, "FlashAttention-2: Faster Attention with Better Parallelism and Work
+Partitioning", arXiv:2307.08691). Forward: one program per (query block, batch*head) streams over key
+blocks with an online softmax (running max and sum in fp32, exp2 with log2(e) folded into the scale),
+stores O and the per-row log-sum-exp (LSE, fp32) and never materializes the (Nq, Nk) score matrix.
+Backward: a preprocess kernel computes delta = rowsum(dO * O); a kernel per (key block, batch*head)
+recomputes P from Q, K and the LSE, accumulates dK and dV (and writes dS as the gradient of a float
+additive bias); dQ comes either from atomic adds in that same kernel or, for a deterministic backward,
+from a separate kernel per (query block, batch*head) with no atomics.
+
+Masks and biases are read through four strides (stride 0 on broadcast dims), so a key padding mask
+(B, 1, 1, Nk) is read as a vector per key block and never expanded. A fully masked row has running max
+-inf: it yields O = 0, LSE = -inf and zero gradients, never NaN. Dropout keeps a probability where a
+Philox draw keyed on (seed, batch*head*Nq*Nk + i*Nk + j) is at least the threshold, so backward
+regenerates the forward's mask (vitfast.ops.attention.dropout_keep_ref computes it in plain PyTorch).
+Grids are 1-D (flattened over blocks and batch*head, so no dimension limit of 65535 applies) and
+offsets are int64.
+"""
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_HEAD_DIM = 256
+LOG2E = 1.4426950408889634
+# Dropout compares the top 24 bits of a Philox draw with round(p * 2**24).
+DROPOUT_BITS = 24
+
+# Hopper (H100/H200) forward configurations per padded head dim: (BLOCK_M, BLOCK_N, num_warps, num_stages).
+_FWD_CONFIGS = {
+    16: [(128, 128, 4, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
+    32: [(128, 128, 4, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
+    64: [(128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4), (64, 64, 4, 3)],
+    128: [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
+    256: [(64, 32, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2)],
+}
+# Backward configurations per padded head dim, not autotuned: the dK/dV kernel adds atomically into dQ and
+# dbias, which an autotuner would have to re-zero between trials. BLOCK_N (keys) is the dK/dV kernel's outer
+# block, whose fp32 dK and dV accumulators live in registers, and the dQ kernel's inner one:
+# (BLOCK_M, BLOCK_N, num_warps, num_stages).
+_BWD_CONFIGS = {16: (32, 128, 4, 3), 32: (32, 128, 4, 3), 64: (32, 128, 4, 3), 128: (32, 128, 8, 2),
+                256: (16, 64, 8, 1)}
+
+
+@triton.jit
+def _dropout_keep(
+    seed,  # scalar int64
+    bh,  # scalar int64: batch * H + head
+    offs_m,  # (BLOCK_M,) int64 query indices
+    offs_n,  # (BLOCK_N,) int64 key indices
+    Nq,
+    Nk,
+    dropout_thresh,  # round(p * 2**24)
+):
+    """(BLOCK_M, BLOCK_N) bool: True where the attention probability is kept."""
+    offs = bh * Nq * Nk + offs_m[:, None] * Nk + offs_n[None, :]
+    lo = (offs & 0xFFFFFFFF).to(tl.uint32)
+    hi = (offs >> 32).to(tl.uint32)
+    zero = lo * 0
+    r, _, _, _ = tl.philox(seed, lo, hi, zero, zero)
+    return (r >> (32 - 24)).to(tl.int32) >= dropout_thresh  # 24 = DROPOUT_BITS
+
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    if DOT_UPCAST:
+        # Triton's interpreter multiplies bfloat16 operands as their raw uint16 bits: upcast (exactly) first.
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _scores(
+    q,  # (BLOCK_M, BLOCK_D)
+    k,  # (BLOCK_N, BLOCK_D)
+    Bias,  # pointer to bias[b, h] (unused for BIAS_KIND 0)
+    offs_m,  # (BLOCK_M,) int64 query indices
+    offs_n,  # (BLOCK_N,) int64 key indices
+    Nq,
+    Nk,
+    stride_bm,
+    stride_bn,
+    qk_scale,  # softmax scale * log2(e)
+    causal_offset,  # key j is visible from query i when j <= i + causal_offset
+    BIAS_KIND: tl.constexpr,  # 0 none, 1 bool mask (True = attend), 2 float additive bias
+    BIAS_ROW_BCAST: tl.constexpr,  # the bias has stride 0 over queries: read one row per key block
+    IS_CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
+):
+    """Scores in log2 units, (BLOCK_M, BLOCK_N) fp32, -inf where masked or out of range."""
+    s = _dot(q, tl.trans(k), PRECISION, DOT_UPCAST) * qk_scale
+    valid = (offs_m < Nq)[:, None] & (offs_n < Nk)[None, :]
+    if BIAS_KIND != 0:
+        if BIAS_ROW_BCAST:
+            bias = tl.load(Bias + offs_n * stride_bn, mask=offs_n < Nk, other=0)[None, :]
+        else:
+            bias = tl.load(Bias + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn, mask=valid, other=0)
+        if BIAS_KIND == 1:
+            valid = valid & (bias != 0)
+        else:
+            s = s + bias.to(tl.float32) * 1.4426950408889634
+    if IS_CAUSAL:
+        valid = valid & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
+    return tl.where(valid, s, float("-inf"))
+
+
+@triton.jit
+def _attention_fwd_kernel(
+    Q,  # (B, H, Nq, D)
+    K,  # (B, H, Nk, D)
+    V,  # (B, H, Nk, D)
+    Bias,  # (B|1, H|1, Nq|1, Nk) bool or float, stride 0 on broadcast dims (unused for BIAS_KIND 0)
+    O,  # (B, H, Nq, D) out
+    LSE,  # (B * H, Nq) fp32 out, natural log
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_bb,
+    stride_bh,
+    stride_bm,
+    stride_bn,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_od,
+    H,
+    Nq,
+    Nk,
+    D,
+    qk_scale,  # softmax scale * log2(e)
+    causal_offset,
+    seed,
+    dropout_thresh,
+    dropout_scale,  # 1 / (1 - p)
+    BIAS_KIND: tl.constexpr,
+    BIAS_ROW_BCAST: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    num_m_blocks = tl.cdiv(Nq, BLOCK_M)
+    pid = tl.program_id(0).to(tl.int64)
+    bh = pid // num_m_blocks
+    start_m = (pid % num_m_blocks) * BLOCK_M
+    b = bh // H
+    h = bh % H
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=(offs_m < Nq)[:, None] & d_mask[None, :], other=0.0)
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    Bias += b * stride_bb + h * stride_bh
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    hi = Nk
+    if IS_CAUSAL:
+        # Key blocks entirely above the diagonal of this query block are skipped.
+        hi = tl.maximum(tl.minimum(Nk, start_m + BLOCK_M + causal_offset), 0)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
+        kv_mask = (offs_n < Nk)[:, None] & d_mask[None, :]
+        k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        s = _scores(q, k, Bias, offs_m, offs_n, Nq, Nk, stride_bm, stride_bn, qk_scale, causal_offset,
+                    BIAS_KIND, BIAS_ROW_BCAST, IS_CAUSAL, PRECISION, DOT_UPCAST)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with nothing visible yet keeps max -inf; subtracting 0 instead keeps exp2 at 0, not NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_safe)
+        p = tl.math.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m, offs_n, Nq, Nk, dropout_thresh)
+            p = tl.where(keep, p * dropout_scale, 0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, DOT_UPCAST)
+        m_i = m_new
+    empty = l_i == 0.0
+    o = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+             o.to(O.dtype.element_ty), mask=(offs_m < Nq)[:, None] & d_mask[None, :])
+    tl.store(LSE + bh * Nq + offs_m, lse, mask=offs_m < Nq)
+
+
+@triton.jit
+def _attention_bwd_preprocess_kernel(
+    O,  # (B, H, Nq, D)
+    DO,  # (B, H, Nq, D)
+    Delta,  # (B * H, Nq) fp32 out
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_od,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    stride_dod,
+    H,
+    Nq,
+    D,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    num_m_blocks = tl.cdiv(Nq, BLOCK_M)
+    pid = tl.program_id(0).to(tl.int64)
+    bh = pid // num_m_blocks
+    offs_m = (pid % num_m_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < Nq)[:, None] & (offs_d < D)[None, :]
+    b = bh // H
+    h = bh % H
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                 mask=mask, other=0.0).to(tl.float32)
+    tl.store(Delta + bh * Nq + offs_m, tl.sum(o * do, 1), mask=offs_m < Nq)
+
+
+@triton.jit
+def _attention_bwd_dkdv_kernel(
+    Q,  # (B, H, Nq, D)
+    K,  # (B, H, Nk, D)
+    V,  # (B, H, Nk, D)
+    Bias,  # (B|1, H|1, Nq|1, Nk) bool or float, stride 0 on broadcast dims (unused for BIAS_KIND 0)
+    DO,  # (B, H, Nq, D)
+    LSE,  # (B * H, Nq) fp32
+    Delta,  # (B * H, Nq) fp32
+    DK,  # (B, H, Nk, D) out
+    DV,  # (B, H, Nk, D) out
+    DQ,  # (B, H, Nq, D) fp32, zero-filled, added into atomically (unused without DQ_ATOMIC)
+    DBias,  # (B|1, H|1, Nq|1, Nk) fp32, zero-filled, stride 0 on dims reduced atomically (unused without DBIAS)
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_bb,
+    stride_bh,
+    stride_bm,
+    stride_bn,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    stride_dod,
+    stride_dkb,
+    stride_dkh,
+    stride_dkn,
+    stride_dkd,
+    stride_dvb,
+    stride_dvh,
+    stride_dvn,
+    stride_dvd,
+    stride_dqb,
+    stride_dqh,
+    stride_dqm,
+    stride_dqd,
+    stride_dbb,
+    stride_dbh,
+    stride_dbm,
+    stride_dbn,
+    H,
+    Nq,
+    Nk,
+    D,
+    sm_scale,
+    causal_offset,
+    seed,
+    dropout_thresh,
+    dropout_scale,
+    BIAS_KIND: tl.constexpr,
+    BIAS_ROW_BCAST: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    DQ_ATOMIC: tl.constexpr,
+    DBIAS: tl.constexpr,
+    DBIAS_ATOMIC: tl.constexpr,
+    PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    num_n_blocks = tl.cdiv(Nk, BLOCK_N)
+    pid = tl.program_id(0).to(tl.int64)
+    bh = pid // num_n_blocks
+    start_n = (pid % num_n_blocks) * BLOCK_N
+    b = bh // H
+    h = bh % H
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    kv_mask = (offs_n < Nk)[:, None] & d_mask[None, :]
+    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                mask=kv_mask, other=0.0)
+    Q += b * stride_qb + h * stride_qh
+    DO += b * stride_dob + h * stride_doh
+    DQ += b * stride_dqb + h * stride_dqh
+    Bias += b * stride_bb + h * stride_bh
+    DBias += b * stride_dbb + h * stride_dbh
+    LSE += bh * Nq
+    Delta += bh * Nq
+    qk_scale = sm_scale * 1.4426950408889634
+
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    db_row = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    lo = 0
+    if IS_CAUSAL:
+        # Query blocks that see none of these keys are skipped.
+        lo = tl.maximum(start_n - causal_offset, 0) // BLOCK_M * BLOCK_M
+    for start_m in range(lo, Nq, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M).to(tl.int64)
+        q_mask = (offs_m < Nq)[:, None] & d_mask[None, :]
+        q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
+        do = tl.load(DO + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=q_mask, other=0.0)
+        lse = tl.load(LSE + offs_m, mask=offs_m < Nq, other=0.0)
+        # A fully masked row (LSE -inf) has all scores -inf: subtracting +inf keeps P at 0, not NaN.
+        lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+        delta = tl.load(Delta + offs_m, mask=offs_m < Nq, other=0.0)
+        s = _scores(q, k, Bias, offs_m, offs_n, Nq, Nk, stride_bm, stride_bn, qk_scale, causal_offset,
+                    BIAS_KIND, BIAS_ROW_BCAST, IS_CAUSAL, PRECISION, DOT_UPCAST)
+        p = tl.math.exp2(s - lse[:, None])
+        dp = _dot(do, tl.trans(v), PRECISION, DOT_UPCAST)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m, offs_n, Nq, Nk, dropout_thresh)
+            p_drop = tl.where(keep, p * dropout_scale, 0.0)
+            dp = tl.where(keep, dp * dropout_scale, 0.0)
+        else:
+            p_drop = p
+        dv += _dot(tl.trans(p_drop.to(do.dtype)), do, PRECISION, DOT_UPCAST)
+        ds = p * (dp - delta[:, None])
+        dk += _dot(tl.trans(ds.to(q.dtype)), q, PRECISION, DOT_UPCAST)
+        if DBIAS:
+            if BIAS_ROW_BCAST:
+                db_row += tl.sum(ds, 0)
+            else:
+                db_ptrs = DBias + offs_m[:, None] * stride_dbm + offs_n[None, :] * stride_dbn
+                db_mask = (offs_m < Nq)[:, None] & (offs_n < Nk)[None, :]
+                if DBIAS_ATOMIC:
+                    tl.atomic_add(db_ptrs, ds, mask=db_mask)
+                else:
+                    tl.store(db_ptrs, ds, mask=db_mask)
+        if DQ_ATOMIC:
+            dq = _dot(ds.to(k.dtype), k, PRECISION, DOT_UPCAST) * sm_scale
+            tl.atomic_add(DQ + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq, mask=q_mask)
+    if DBIAS:
+        if BIAS_ROW_BCAST:
+            if DBIAS_ATOMIC:
+                tl.atomic_add(DBias + offs_n * stride_dbn, db_row, mask=offs_n < Nk)
+            else:
+                tl.store(DBias + offs_n * stride_dbn, db_row, mask=offs_n < Nk)
+    tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+             (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _attention_bwd_dq_kernel(
+    Q,  # (B, H, Nq, D)
+    K,  # (B, H, Nk, D)
+    V,  # (B, H, Nk, D)
+    Bias,  # (B|1, H|1, Nq|1, Nk) bool or float, stride 0 on broadcast dims (unused for BIAS_KIND 0)
+    DO,  # (B, H, Nq, D)
+    LSE,  # (B * H, Nq) fp32
+    Delta,  # (B * H, Nq) fp32
+    DQ,  # (B, H, Nq, D) out
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_bb,
+    stride_bh,
+    stride_bm,
+    stride_bn,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    stride_dod,
+    stride_dqb,
+    stride_dqh,
+    stride_dqm,
+    stride_dqd,
+    H,
+    Nq,
+    Nk,
+    D,
+    sm_scale,
+    causal_offset,
+    seed,
+    dropout_thresh,
+    dropout_scale,
+    BIAS_KIND: tl.constexpr,
+    BIAS_ROW_BCAST: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    num_m_blocks = tl.cdiv(Nq, BLOCK_M)
+    pid = tl.program_id(0).to(tl.int64)
+    bh = pid // num_m_blocks
+    start_m = (pid % num_m_blocks) * BLOCK_M
+    b = bh // H
+    h = bh % H
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    q_mask = (offs_m < Nq)[:, None] & d_mask[None, :]
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=q_mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                 mask=q_mask, other=0.0)
+    lse = tl.load(LSE + bh * Nq + offs_m, mask=offs_m < Nq, other=0.0)
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    delta = tl.load(Delta + bh * Nq + offs_m, mask=offs_m < Nq, other=0.0)
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    Bias += b * stride_bb + h * stride_bh
+    qk_scale = sm_scale * 1.4426950408889634
+
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    hi = Nk
+    if IS_CAUSAL:
+        hi = tl.maximum(tl.minimum(Nk, start_m + BLOCK_M + causal_offset), 0)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
+        kv_mask = (offs_n < Nk)[:, None] & d_mask[None, :]
+        k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        s = _scores(q, k, Bias, offs_m, offs_n, Nq, Nk, stride_bm, stride_bn, qk_scale, causal_offset,
+                    BIAS_KIND, BIAS_ROW_BCAST, IS_CAUSAL, PRECISION, DOT_UPCAST)
+        p = tl.math.exp2(s - lse[:, None])
+        dp = _dot(do, tl.trans(v), PRECISION, DOT_UPCAST)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m, offs_n, Nq, Nk, dropout_thresh)
+            dp = tl.where(keep, dp * dropout_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, PRECISION, DOT_UPCAST)
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
+
+
+@functools.lru_cache(None)
+def _fwd_autotuned(block_d: int):
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+               for m, n, w, s in _FWD_CONFIGS[block_d]]
+    key = ["Nq", "Nk", "BIAS_KIND", "BIAS_ROW_BCAST", "IS_CAUSAL", "HAS_DROPOUT", "PRECISION"]
+    return triton.autotune(configs=configs, key=key)(_attention_fwd_kernel)
+
+
+def _block_d(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _interpreted(t: torch.Tensor) -> bool:
+    return t.device.type != "cuda"
+
+
+# The interpreter runs programs one after another, with numpy on each tile: few, mid-sized blocks are fastest.
+_INTERPRET_BLOCK = 32
+
+
+def _precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _dot_upcast(q: torch.Tensor) -> bool:
+    return _interpreted(q) and q.dtype == torch.bfloat16
+
+
+def _dropout_args(dropout_p: float, seed: int) -> tuple:
+    if dropout_p <= 0.0:
+        return 0, 0, 1.0
+    return int(seed), int(round(dropout_p * 2**DROPOUT_BITS)), 1.0 / (1.0 - dropout_p)
+
+
+def _bias_args(bias, B, H, Nq, Nk, q):
+    """(pointer, 4 strides, BIAS_KIND, BIAS_ROW_BCAST) for a bias of shape (B|1, H|1, Nq|1, Nk|1)."""
+    if bias is None:
+        return q, (0, 0, 0, 0), 0, False
+    view = bias.expand(B, H, Nq, Nk)
+    strides = tuple(view.stride())
+    kind = 1 if bias.dtype == torch.bool else 2
+    return view, strides, kind, strides[2] == 0 and Nq > 1
+
+
+def _bnhd_empty(B, H, N, D, like: torch.Tensor) -> torch.Tensor:
+    """(B, H, N, D) view of a (B, N, H, D) buffer: the layout the projections that follow read directly."""
+    return torch.empty((B, N, H, D), dtype=like.dtype, device=like.device).transpose(1, 2)
+
+
+def attention_fwd(q, k, v, bias, dropout_p, seed, is_causal, causal_offset, scale):
+    """Launches the forward kernel.
+
+    Args:
+        q: (B, H, Nq, D); k, v: (B, H, Nk, D); any strides, one dtype (fp16, bf16, fp32).
+        bias: None, or a bool mask (True = attend) or float additive bias of shape (B|1, H|1, Nq|1, Nk|1).
+        dropout_p: probability of dropping an attention weight; seed: Philox seed (int).
+        is_causal: key j is visible from query i only when j <= i + causal_offset.
+        scale: softmax scale.
+    Returns:
+        out (B, H, Nq, D) in a (B, Nq, H, D) buffer; lse (B, H, Nq) fp32, -inf for fully masked rows.
+    """
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    out = _bnhd_empty(B, H, Nq, D, q)
+    lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
+    bias_t, bs, bias_kind, row_bcast = _bias_args(bias, B, H, Nq, Nk, q)
+    seed, thresh, dscale = _dropout_args(dropout_p, seed)
+    block_d = _block_d(D)
+    args = (q, k, v, bias_t, out, lse, *q.stride(), *k.stride(), *v.stride(), *bs, *out.stride(),
+            H, Nq, Nk, D, scale * LOG2E, causal_offset, seed, thresh, dscale)
+    consts = dict(BIAS_KIND=bias_kind, BIAS_ROW_BCAST=row_bcast, IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0,
+                  PRECISION=_precision(q.dtype), DOT_UPCAST=_dot_upcast(q), BLOCK_D=block_d)
+    if _interpreted(q):
+        grid = (triton.cdiv(Nq, _INTERPRET_BLOCK) * B * H,)
+        _attention_fwd_kernel[grid](*args, **consts, BLOCK_M=_INTERPRET_BLOCK, BLOCK_N=_INTERPRET_BLOCK)
+    else:
+        grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]) * B * H,)  # noqa: E731
+        _fwd_autotuned(block_d)[grid](*args, **consts)
+    return out, lse
+
+
+def attention_bwd(dout, q, k, v, out, lse, bias, dropout_p, seed, is_causal, causal_offset, scale,
+                  bias_requires_grad, deterministic):
+    """Launches the backward kernels.
+
+    Args:
+        dout, out: (B, H, Nq, D); q, k, v, bias, dropout_p, seed, is_causal, causal_offset, scale: as in
+            `attention_fwd`; lse: its (B, H, Nq) output.
+        bias_requires_grad: also return the gradient of the float bias, reduced over its broadcast dims.
+        deterministic: dQ from a separate kernel and dbias from per-(batch, head) partials, no atomics.
+    Returns:
+        dq, dk, dv like q, k, v (in (B, N, H, D) buffers); dbias of the bias's shape and dtype, or empty.
+    """
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    block_d = _block_d(D)
+    if _interpreted(q):
+        block_m = block_n = _INTERPRET_BLOCK
+        warps = {}
+    else:
+        block_m, block_n, num_warps, num_stages = _BWD_CONFIGS[block_d]
+        warps = dict(num_warps=num_warps, num_stages=num_stages)
+    delta = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
+    _attention_bwd_preprocess_kernel[(triton.cdiv(Nq, block_m) * B * H,)](
+        out, dout, delta, *out.stride(), *dout.stride(), H, Nq, D, BLOCK_M=block_m, BLOCK_D=block_d)
+
+    bias_t, bs, bias_kind, row_bcast = _bias_args(bias, B, H, Nq, Nk, q)
+    seed, thresh, dscale = _dropout_args(dropout_p, seed)
+    dbias_buf, dbs, dbias_atomic = q, (0, 0, 0, 0), False
+    if bias_requires_grad:
+        # Atomics reduce over broadcast batch/head dims; deterministic mode writes per-(b, h) partials instead.
+        dbias_atomic = not deterministic and (bias.shape[0] < B or bias.shape[1] < H)
+        shape = (bias.shape[0], bias.shape[1]) if dbias_atomic else (B, H)
+        dbias_buf = torch.zeros(shape + (1 if row_bcast else Nq, Nk), dtype=torch.float32, device=q.device)
+        dbs = tuple(dbias_buf.expand(B, H, dbias_buf.shape[2], Nk).stride())
+    dq_atomic = not deterministic
+    dk = _bnhd_empty(B, H, Nk, D, k)
+    dv = _bnhd_empty(B, H, Nk, D, v)
+    dq_acc = torch.zeros((B, H, Nq, D), dtype=torch.float32, device=q.device) if dq_atomic else q
+    common = dict(BIAS_KIND=bias_kind, BIAS_ROW_BCAST=row_bcast, IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0,
+                  PRECISION=_precision(q.dtype), DOT_UPCAST=_dot_upcast(q), BLOCK_M=block_m, BLOCK_N=block_n,
+                  BLOCK_D=block_d, **warps)
+    _attention_bwd_dkdv_kernel[(triton.cdiv(Nk, block_n) * B * H,)](
+        q, k, v, bias_t, dout, lse, delta, dk, dv, dq_acc, dbias_buf,
+        *q.stride(), *k.stride(), *v.stride(), *bs, *dout.stride(), *dk.stride(), *dv.stride(),
+        *(dq_acc.stride() if dq_atomic else (0, 0, 0, 0)), *dbs,
+        H, Nq, Nk, D, scale, causal_offset, seed, thresh, dscale,
+        DQ_ATOMIC=dq_atomic, DBIAS=bias_requires_grad, DBIAS_ATOMIC=dbias_atomic, **common)
+    if dq_atomic:
+        dq = _bnhd_empty(B, H, Nq, D, q)
+        dq.copy_(dq_acc)
+    else:
+        dq = _bnhd_empty(B, H, Nq, D, q)
+        _attention_bwd_dq_kernel[(triton.cdiv(Nq, block_m) * B * H,)](
+            q, k, v, bias_t, dout, lse, delta, dq,
+            *q.stride(), *k.stride(), *v.stride(), *bs, *dout.stride(), *dq.stride(),
+            H, Nq, Nk, D, scale, causal_offset, seed, thresh, dscale, **common)
+    if not bias_requires_grad:
+        return dq, dk, dv, q.new_empty(0)
+    reduce = [d for d in range(4) if bias.shape[d] == 1 and dbias_buf.shape[d] > 1]
+    dbias = dbias_buf.sum(reduce, keepdim=True) if reduce else dbias_buf
+    return dq, dk, dv, dbias.to(bias.dtype)
+

@@ -1,0 +1,400 @@
+"""Swin patch merging (Liu et al. 2021, arXiv:2103.14030): 2x2 gather + LayerNorm + linear reduction, fused.
+
+Forward: one GEMM whose A-operand loads gather the 2x2 neighbourhood straight from the (B, H, W, C) input
+(odd H/W read as zero padding, as Swin pads) in timm's/torchvision's order [x(0,0), x(1,0), x(0,1), x(1,1)].
+LayerNorm is folded into the GEMM: with g the norm weight, beta its bias and R the reduction,
+    LN(x) @ R^T = rstd * (x @ (R*g)^T - mean * sum_k (R*g)[:, k]) + R @ beta,
+so the kernel multiplies raw inputs and accumulates the row statistics (shifted by the row's first element,
+which keeps the one-pass variance accurate) from the same tiles, applying the norm in the epilogue.
+Backward: dR = dY^T @ LN(x) with LN recomputed in the loads (split over rows into fp32 partials);
+dLN = dY @ R tile by tile, which also yields dgamma/dbeta column partials and the per-row sums that the
+LayerNorm backward needs; a last pass forms dx and scatters it back through the gather.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from vitfast.backend import triton_interpret
+
+
+@triton.jit
+def _mma(a, b, acc, UPCAST: tl.constexpr):
+    """acc + a @ b in fp32. UPCAST: bf16 operands as fp32 (exact products), for the interpreter, whose bf16
+    tl.dot returns garbage on triton 3.9 with numpy 2."""
+    if UPCAST:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    return acc
+
+
+@triton.jit
+def _gather_offsets(rm, rk, H, W, H2, W2, C, sxb, sxh, sxw, sxc):
+    """Addresses and validity of gathered element (row rm, column rk) of the (M, 4C) merged matrix."""
+    b = rm // (H2 * W2)
+    t = rm % (H2 * W2)
+    h = 2 * (t // W2)
+    w = 2 * (t % W2)
+    q = rk // C
+    hh = h[:, None] + (q % 2)[None, :]
+    ww = w[:, None] + (q // 2)[None, :]
+    offs = b[:, None] * sxb + hh * sxh + ww * sxw + (rk % C)[None, :] * sxc
+    return offs, (hh < H) & (ww < W)
+
+
+@triton.jit
+def _patch_merging_fwd_kernel(
+    X,  # (B, H, W, C), strides sxb, sxh, sxw, sxc
+    Wg,  # (N, K) reduction weight times norm weight, contiguous, K = 4C
+    C1,  # (N,) fp32: sum_k Wg[n, k]
+    C2,  # (N,) fp32: R @ norm_bias
+    Out,  # (M, N) contiguous, M = B * H2 * W2
+    Mean,  # (M,) fp32 out
+    Rstd,  # (M,) fp32 out
+    sxb,
+    sxh,
+    sxw,
+    sxc,
+    H,
+    W,
+    H2,
+    W2,
+    C,
+    M,
+    N,
+    K,
+    eps,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_n = tl.program_id(1)
+    rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = rm < M
+    n_mask = rn < N
+    # Shift for the statistics: each row's first element (always inside the image).
+    offs0, _ = _gather_offsets(rm, tl.arange(0, 1), H, W, H2, W2, C, sxb, sxh, sxw, sxc)
+    shift = tl.load(X + offs0, mask=m_mask[:, None], other=0.0).to(tl.float32)  # (BLOCK_M, 1)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    s1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    s2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_mask = rk < K
+        offs, inside = _gather_offsets(rm, rk, H, W, H2, W2, C, sxb, sxh, sxw, sxc)
+        valid = m_mask[:, None] & k_mask[None, :]
+        a = tl.load(X + offs, mask=valid & inside, other=0.0)
+        w = tl.load(Wg + rn[None, :] * K + rk[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = _mma(a, w, acc, UPCAST)
+        d = tl.where(valid, a.to(tl.float32) - shift, 0.0)
+        s1 += tl.sum(d, axis=1)
+        s2 += tl.sum(d * d, axis=1)
+    dmean = s1 / K
+    mean = tl.sum(shift, axis=1) + dmean
+    rstd = 1.0 / tl.sqrt(tl.maximum(s2 / K - dmean * dmean, 0.0) + eps)
+    c1 = tl.load(C1 + rn, mask=n_mask, other=0.0)
+    c2 = tl.load(C2 + rn, mask=n_mask, other=0.0)
+    out = rstd[:, None] * (acc - mean[:, None] * c1[None, :]) + c2[None, :]
+    tl.store(Out + rm[:, None] * N + rn[None, :], out.to(Out.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    if pid_n == 0:
+        tl.store(Mean + rm, mean, mask=m_mask)
+        tl.store(Rstd + rm, rstd, mask=m_mask)
+
+
+@triton.jit
+def _patch_merging_bwd_dr_kernel(
+    DY,  # (M, N), row stride sdy, unit inner stride
+    X,  # (B, H, W, C), strides sxb, sxh, sxw, sxc
+    NW,  # (K,) norm weight
+    NB,  # (K,) norm bias
+    Mean,  # (M,) fp32
+    Rstd,  # (M,) fp32
+    DR_partial,  # (splits, N, K) fp32 out
+    sdy,
+    sxb,
+    sxh,
+    sxw,
+    sxc,
+    H,
+    W,
+    H2,
+    W2,
+    C,
+    M,
+    N,
+    K,
+    num_splits,
+    HAS_NW: tl.constexpr,
+    HAS_NB: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # over N
+    BLOCK_N: tl.constexpr,  # over K
+    BLOCK_K: tl.constexpr,  # over the M rows
+):
+    split = tl.program_id(2).to(tl.int64)
+    rn = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < N
+    k_mask = rk < K
+    if HAS_NW:
+        g = tl.load(NW + rk, mask=k_mask, other=0.0).to(tl.float32)
+    if HAS_NB:
+        beta = tl.load(NB + rk, mask=k_mask, other=0.0).to(tl.float32)
+    rows_per_split = tl.cdiv(tl.cdiv(M, num_splits), BLOCK_K) * BLOCK_K
+    m_start = split * rows_per_split
+    m_end = tl.minimum(m_start + rows_per_split, M)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for m0 in range(m_start, m_end, BLOCK_K):
+        rm = m0 + tl.arange(0, BLOCK_K)
+        m_mask = rm < m_end
+        dyt = tl.load(DY + rm[None, :] * sdy + rn[:, None], mask=n_mask[:, None] & m_mask[None, :], other=0.0)
+        offs, inside = _gather_offsets(rm, rk, H, W, H2, W2, C, sxb, sxh, sxw, sxc)
+        valid = m_mask[:, None] & k_mask[None, :]
+        x = tl.load(X + offs, mask=valid & inside, other=0.0).to(tl.float32)
+        mean = tl.load(Mean + rm, mask=m_mask, other=0.0)
+        rstd = tl.load(Rstd + rm, mask=m_mask, other=0.0)
+        ln = (x - mean[:, None]) * rstd[:, None]
+        if HAS_NW:
+            ln = ln * g[None, :]
+        if HAS_NB:
+            ln = ln + beta[None, :]
+        # Round as the normalized activations of the eager sequence are, the reduction's input dtype.
+        ln = tl.where(valid, ln, 0.0).to(DY.dtype.element_ty)
+        acc = _mma(dyt, ln, acc, UPCAST)
+    tl.store(DR_partial + split * N * K + rn[:, None] * K + rk[None, :], acc,
+             mask=n_mask[:, None] & k_mask[None, :])
+
+
+@triton.jit
+def _patch_merging_bwd_dln_kernel(
+    DY,  # (M, N), row stride sdy
+    R,  # (N, K) reduction weight, contiguous
+    X,  # (B, H, W, C)
+    NW,  # (K,)
+    Mean,  # (M,) fp32
+    Rstd,  # (M,) fp32
+    DLN,  # (M, K) out, input dtype: dY @ R
+    ROW_partial,  # (2, K-blocks, M) fp32 out: per-row sums of g*xhat and g over this program's columns
+    COL_partial,  # (2, M-blocks, K) fp32 out: per-column sums of dln*xhat and dln over this program's rows
+    sdy,
+    sxb,
+    sxh,
+    sxw,
+    sxc,
+    H,
+    W,
+    H2,
+    W2,
+    C,
+    M,
+    N,
+    K,
+    HAS_NW: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # over K
+    BLOCK_K: tl.constexpr,  # over N
+):
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = rm < M
+    k_mask = rk < K
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_K):
+        rn = n0 + tl.arange(0, BLOCK_K)
+        n_mask = rn < N
+        dy = tl.load(DY + rm[:, None] * sdy + rn[None, :], mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+        r = tl.load(R + rn[:, None] * K + rk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        acc = _mma(dy, r, acc, UPCAST)
+    mask = m_mask[:, None] & k_mask[None, :]
+    # dLN in the input dtype, as the eager linear backward produces it: half the traffic of fp32, and the
+    # row/column sums below use the same rounded values as the dx pass.
+    dln = acc.to(DLN.dtype.element_ty)
+    tl.store(DLN + rm[:, None] * K + rk[None, :], dln, mask=mask)
+    acc = dln.to(tl.float32)
+    offs, inside = _gather_offsets(rm, rk, H, W, H2, W2, C, sxb, sxh, sxw, sxc)
+    x = tl.load(X + offs, mask=mask & inside, other=0.0).to(tl.float32)
+    mean = tl.load(Mean + rm, mask=m_mask, other=0.0)
+    rstd = tl.load(Rstd + rm, mask=m_mask, other=0.0)
+    xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+    g = acc
+    if HAS_NW:
+        g = acc * tl.load(NW + rk, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+    num_kb = tl.num_programs(1)
+    tl.store(ROW_partial + pid_k * M + rm, tl.sum(g * xhat, axis=1), mask=m_mask)
+    tl.store(ROW_partial + (num_kb + pid_k) * M + rm, tl.sum(g, axis=1), mask=m_mask)
+    num_mb = tl.num_programs(0)
+    tl.store(COL_partial + pid_m * K + rk, tl.sum(acc * xhat, axis=0), mask=k_mask)
+    tl.store(COL_partial + (num_mb + pid_m) * K + rk, tl.sum(acc, axis=0), mask=k_mask)
+
+
+@triton.jit
+def _patch_merging_bwd_dx_kernel(
+    DLN,  # (M, K), input dtype
+    X,  # (B, H, W, C)
+    NW,  # (K,)
+    Mean,  # (M,) fp32
+    Rstd,  # (M,) fp32
+    ROW_sums,  # (2, M) fp32: sum_k g*xhat, sum_k g
+    DX,  # (B, H, W, C) out, strides sdxb, sdxh, sdxw, sdxc
+    sxb,
+    sxh,
+    sxw,
+    sxc,
+    sdxb,
+    sdxh,
+    sdxw,
+    sdxc,
+    H,
+    W,
+    H2,
+    W2,
+    C,
+    M,
+    K,
+    HAS_NW: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = rm < M
+    k_mask = rk < K
+    mask = m_mask[:, None] & k_mask[None, :]
+    offs, inside = _gather_offsets(rm, rk, H, W, H2, W2, C, sxb, sxh, sxw, sxc)
+    x = tl.load(X + offs, mask=mask & inside, other=0.0).to(tl.float32)
+    mean = tl.load(Mean + rm, mask=m_mask, other=0.0)
+    rstd = tl.load(Rstd + rm, mask=m_mask, other=0.0)
+    xhat = (x - mean[:, None]) * rstd[:, None]
+    c1 = tl.load(ROW_sums + rm, mask=m_mask, other=0.0) / K
+    c2 = tl.load(ROW_sums + M + rm, mask=m_mask, other=0.0) / K
+    g = tl.load(DLN + rm[:, None] * K + rk[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_NW:
+        g = g * tl.load(NW + rk, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+    dx = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+    doffs, _ = _gather_offsets(rm, rk, H, W, H2, W2, C, sdxb, sdxh, sdxw, sdxc)
+    tl.store(DX + doffs, dx.to(DX.dtype.element_ty), mask=mask & inside)
+
+
+def _configs() -> list:
+    return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
+                                     (64, 64, 64, 4, 3), (64, 64, 32, 4, 4)]]
+
+
+_fwd_tuned = triton.autotune(_configs(), key=["M", "N", "K"])(_patch_merging_fwd_kernel)
+_dr_tuned = triton.autotune(_configs(), key=["M", "N", "K"])(_patch_merging_bwd_dr_kernel)
+
+_INTERPRET_BLOCKS = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32)
+# dln / dx keep fixed blocks on the GPU too: their partial-buffer shapes depend on the block sizes.
+_DLN_BLOCKS = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    return triton_interpret() and dtype == torch.bfloat16
+
+
+def _geometry(x):
+    B, H, W, C = x.shape
+    H2, W2 = (H + 1) // 2, (W + 1) // 2
+    return B, H, W, C, H2, W2, B * H2 * W2, 4 * C
+
+
+def patch_merging_fwd(x, norm_weight, norm_bias, reduction_weight, eps):
+    """Launches the forward kernel.
+
+    Args:
+        x: (B, H, W, C), any strides. norm_weight, norm_bias: (4C,) or None. reduction_weight: (N, 4C).
+    Returns:
+        out (B, ceil(H/2), ceil(W/2), N); mean, rstd (M,) fp32, M = B * ceil(H/2) * ceil(W/2).
+    """
+    B, H, W, C, H2, W2, M, K = _geometry(x)
+    N = reduction_weight.shape[0]
+    out = torch.empty((B, H2, W2, N), device=x.device, dtype=x.dtype)
+    mean = torch.empty(M, device=x.device, dtype=torch.float32)
+    rstd = torch.empty(M, device=x.device, dtype=torch.float32)
+    if M == 0:
+        return out, mean, rstd
+    r32 = reduction_weight.float()
+    wg32 = r32 * norm_weight.float() if norm_weight is not None else r32
+    wg = wg32.to(x.dtype).contiguous()
+    c1 = wg.float().sum(1)
+    c2 = r32 @ norm_bias.float() if norm_bias is not None else torch.zeros(N, device=x.device)
+    args = (x, wg, c1, c2, out, mean, rstd, *x.stride(), H, W, H2, W2, C, M, N, K, eps)
+    if triton_interpret():
+        b = _INTERPRET_BLOCKS
+        _patch_merging_fwd_kernel[(triton.cdiv(M, b["BLOCK_M"]), triton.cdiv(N, b["BLOCK_N"]))](
+            *args, UPCAST=_upcast(x.dtype), **b)
+    else:
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
+        _fwd_tuned[grid](*args, UPCAST=False)
+    return out, mean, rstd
+
+
+def _num_splits(device: torch.device, tiles: int, M: int) -> int:
+    if device.type != "cuda":
+        return max(1, min(2, triton.cdiv(M, 64)))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(2 * sms, tiles), triton.cdiv(M, 256)))
+
+
+def patch_merging_bwd(dy, x, norm_weight, norm_bias, reduction_weight, mean, rstd):
+    """Launches the backward kernels.
+
+    Args:
+        dy: (M, N) with unit inner stride. x: (B, H, W, C). norm_weight, norm_bias: (4C,) or None.
+        reduction_weight: (N, 4C). mean, rstd: (M,) fp32 from the forward.
+    Returns:
+        dx like x (contiguous); dnorm_weight, dnorm_bias (4C,) or empty; dreduction_weight (N, 4C).
+    """
+    B, H, W, C, H2, W2, M, K = _geometry(x)
+    N = reduction_weight.shape[0]
+    dev, dt = x.device, x.dtype
+    pdt = reduction_weight.dtype
+    dx = torch.empty((B, H, W, C), device=dev, dtype=dt)
+    def empty():
+        return torch.empty(0, device=dev, dtype=pdt)
+
+    if M == 0:
+        return (dx, torch.zeros_like(norm_weight) if norm_weight is not None else empty(),
+                torch.zeros_like(norm_bias) if norm_bias is not None else empty(), torch.zeros_like(reduction_weight))
+    r = reduction_weight.contiguous()
+    has_nw, has_nb = norm_weight is not None, norm_bias is not None
+    nw = norm_weight if has_nw else r
+    nb = norm_bias if has_nb else r
+    upcast = _upcast(dt)
+    interp = triton_interpret()
+
+    tiles = triton.cdiv(N, 64) * triton.cdiv(K, 64)
+    splits = _num_splits(dev, tiles, M)
+    dr_part = torch.empty((splits, N, K), device=dev, dtype=torch.float32)
+    args = (dy, x, nw, nb, mean, rstd, dr_part, dy.stride(0), *x.stride(), H, W, H2, W2, C, M, N, K, splits)
+    flags = dict(HAS_NW=has_nw, HAS_NB=has_nb, UPCAST=upcast)
+    if interp:
+        b = _INTERPRET_BLOCKS
+        _patch_merging_bwd_dr_kernel[(triton.cdiv(N, b["BLOCK_M"]), triton.cdiv(K, b["BLOCK_N"]), splits)](
+            *args, **flags, **b)
+    else:
+        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_N"]), splits)  # noqa: E731
+        _dr_tuned[grid](*args, **flags)
+    dreduction = dr_part.sum(0).to(pdt)
+
+    blocks = _INTERPRET_BLOCKS if interp else _DLN_BLOCKS
+    mb, kb = triton.cdiv(M, blocks["BLOCK_M"]), triton.cdiv(K, blocks["BLOCK_N"])
+    dln = torch.empty((M, K), device=dev, dtype=dt)
+    row_part = torch.empty((2, kb, M), device=dev, dtype=torch.float32)
+    col_part = torch.empty((2, mb, K), device=dev, dtype=torch.float32)
+    _patch_merging_bwd_dln_kernel[(mb, kb)](
+        dy, r, x, nw, mean, rstd, dln, row_part, col_part, dy.stride(0), *x.stride(), H, W, H2, W2, C, M, N, K,
+        HAS_NW=has_nw, UPCAST=upcast, **blocks, num_warps=4)
+    row_sums = row_part.sum(1)
+    _patch_merging_bwd_dx_kernel[(mb, kb)](
+        dln, x, nw, mean, rstd, row_sums, dx, *x.stride(), *dx.stride(), H, W, H2, W2, C, M, K,
+        HAS_NW=has_nw, BLOCK_M=blocks["BLOCK_M"], BLOCK_N=blocks["BLOCK_N"], num_warps=4)
+    dnw = col_part[0].sum(0).to(pdt) if has_nw else empty()
+    dnb = col_part[1].sum(0).to(pdt) if has_nb else empty()
+    return dx, dnw, dnb, dreduction
