@@ -1,0 +1,87 @@
+"""Reference models: the vitfast backend against the eager and sdpa ones, and against transformers."""
+import copy
+
+import pytest
+import torch
+
+import vitfast
+from vitfast.models import VisionTransformer, vit_from_transformers
+from vitfast.models.common import set_backend
+
+from conftest import backend_cases
+
+# One kernel backend per model test keeps the interpreter's cost down: triton (interpreted) and cpp on CPU.
+KERNELS = [c for c in backend_cases("attention") if c.values[0] != "torch"]
+TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=1.5, num_classes=5)
+
+
+def _grads(model, images, weights):
+    model.zero_grad()
+    out = model.forward_features(images)
+    (out * weights).sum().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kernel,device", KERNELS)
+@pytest.mark.parametrize("distilled", [False, True])
+def test_vit_backends_agree(kernel, device, distilled):
+    eager = VisionTransformer(distilled=distilled, backend="eager", **TINY)
+    images = torch.randn(2, 3, 32, 32)
+    weights = torch.randn(2, 16 + (2 if distilled else 1), 32)
+    ref_out, ref_grads = _grads(eager, images, weights)
+    for backend in ("sdpa", "vitfast"):
+        model = set_backend(copy.deepcopy(eager), backend)
+        with vitfast.use_backend(kernel):
+            out, grads = _grads(model, images, weights)
+        torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-4)
+        assert grads.keys() == ref_grads.keys()
+        for name, g in grads.items():
+            torch.testing.assert_close(g, ref_grads[name], rtol=1e-3, atol=1e-4, msg=lambda m: f"{backend} {name}: {m}")
+
+
+def test_deit_heads_average_at_inference_and_split_in_training():
+    model = VisionTransformer(distilled=True, backend="eager", **TINY)
+    images = torch.randn(2, 3, 32, 32)
+    cls, dist = model.train()(images)
+    torch.testing.assert_close(model.eval()(images), (cls + dist) / 2)
+
+
+@pytest.mark.parametrize("family", ["ViT", "DeiT"])
+def test_weights_from_transformers(family):
+    transformers = pytest.importorskip("transformers")
+    config = getattr(transformers, f"{family}Config")(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                      intermediate_size=48, image_size=32, patch_size=8)
+    hf = getattr(transformers, f"{family}Model")(config, add_pooling_layer=False).eval()
+    for p in hf.parameters():  # transformers zero-initialises some; random values test the mapping
+        torch.nn.init.normal_(p, std=0.2)
+    images = torch.randn(2, 3, 32, 32)
+    ref = hf(pixel_values=images).last_hidden_state
+    for backend in ("eager", "vitfast"):
+        model = vit_from_transformers(hf, backend=backend)
+        torch.testing.assert_close(model.forward_features(images), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_training_lowers_the_loss_like_eager():
+    torch.manual_seed(0)
+    eager = VisionTransformer(backend="eager", **TINY)
+    mine = set_backend(copy.deepcopy(eager), "vitfast")
+    images, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 5, (8,))
+    losses = {}
+    for name, model in (("eager", eager), ("vitfast", mine)):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        losses[name] = []
+        for _ in range(4):
+            loss = torch.nn.functional.cross_entropy(model(images), labels)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses[name].append(loss.item())
+    assert losses["vitfast"][-1] < losses["vitfast"][0]
+    torch.testing.assert_close(torch.tensor(losses["vitfast"]), torch.tensor(losses["eager"]), rtol=1e-3, atol=1e-4)
+
+
+def test_bad_backend_and_head_count():
+    with pytest.raises(ValueError, match="unknown model backend 'fast'"):
+        VisionTransformer(backend="fast", **TINY)
+    with pytest.raises(ValueError, match="not divisible by num_heads 3"):
+        VisionTransformer(**{**TINY, "num_heads": 3})

@@ -1,0 +1,56 @@
+"""Pieces every reference model shares: the backend switch, attention and LayerNorm on each backend."""
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import vitfast
+
+MODEL_BACKENDS = ("vitfast", "sdpa", "eager")
+
+
+def check_backend(backend: str) -> str:
+    if backend not in MODEL_BACKENDS:
+        raise ValueError(f"unknown model backend {backend!r}; expected one of {MODEL_BACKENDS}")
+    return backend
+
+
+def attend(backend: str, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, is_causal: bool = False,
+           dropout_p: float = 0.0) -> Tensor:
+    """Attention over (B, H, N, D) with SDPA's mask semantics on the chosen model backend."""
+    if backend == "vitfast":
+        return vitfast.attention(q, k, v, mask, is_causal=is_causal, dropout_p=dropout_p)
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, mask, dropout_p=dropout_p, is_causal=is_causal)
+    s = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    if is_causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
+    return F.dropout(s.softmax(-1), dropout_p) @ v
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (same state dict) that runs vitfast.layer_norm on the vitfast backend, fused with a
+    residual add when one is given: `norm(x, residual)` returns (LN(x + residual), x + residual)."""
+
+    backend = "vitfast"
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None):
+        if self.backend == "vitfast":
+            return vitfast.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps, residual)
+        if residual is None:
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        s = x + residual
+        return F.layer_norm(s, self.normalized_shape, self.weight, self.bias, self.eps), s
+
+
+def set_backend(model: nn.Module, backend: str) -> nn.Module:
+    """Sets the backend of every submodule that has one; returns the model."""
+    check_backend(backend)
+    for m in model.modules():
+        if "backend" in vars(m) or isinstance(m, LayerNorm):
+            m.backend = backend
+    return model

@@ -1,0 +1,153 @@
+"""ViT (Dosovitskiy et al. 2021, arXiv:2010.11929) and DeiT (Touvron et al. 2021, arXiv:2012.12877).
+
+Parameter names are timm's VisionTransformer/VisionTransformerDistilled names, so timm state dicts load
+as they are; `vit_from_transformers` converts a Hugging Face ViTModel/DeiTModel. On the vitfast backend
+the patch embedding (conv + class/distillation tokens + position embedding), the attention and the
+LayerNorms run as vitfast ops, with the second LayerNorm of each block fused with its residual add.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import vitfast
+from vitfast.models.common import LayerNorm, attend, check_backend, set_backend
+
+SIZES = {  # name: (embed_dim, depth, num_heads)
+    "tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16),
+    "huge": (1280, 32, 16),
+}
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, backend: str = "vitfast"):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads, self.backend = num_heads, backend
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, N, C = x.shape
+        # (3, B, H, N, D) views of the packed projection: vitfast reads them in place.
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.proj(attend(self.backend, q, k, v).transpose(1, 2).reshape(B, N, C))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, eps: float, backend: str):
+        super().__init__()
+        self.norm1 = LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, num_heads, qkv_bias, backend)
+        self.norm2 = LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: Tensor) -> Tensor:
+        y, x = self.norm2(self.attn(self.norm1(x)), x)  # fused: x = x + attn(...); y = norm2(x)
+        return x + self.mlp(y)
+
+
+class PatchEmbed(nn.Module):
+    """timm's PatchEmbed names (proj.weight, proj.bias); the class tokens and position embedding live on the
+    model, as in timm, and are fused into the embedding on the vitfast backend."""
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int, backend: str):
+        super().__init__()
+        self.patch_size, self.backend = patch_size, backend
+        self.grid = img_size // patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, patch_size)
+
+    def forward(self, images: Tensor, prefix: Tensor, pos_embed: Tensor) -> Tensor:
+        if self.backend == "vitfast":
+            return vitfast.patch_embed(images, self.proj.weight, self.proj.bias, self.patch_size,
+                                       pos_embed=pos_embed, prefix_tokens=prefix)
+        x = self.proj(images).flatten(2).transpose(1, 2)
+        return torch.cat([prefix.expand(x.shape[0], -1, -1), x], 1) + pos_embed
+
+
+class VisionTransformer(nn.Module):
+    """ViT, or DeiT with `distilled=True` (class + distillation tokens, two heads averaged at inference).
+
+    forward(images (B, C, H, W)) -> logits (B, num_classes); training DeiT returns (cls logits, dist logits).
+    forward_features returns the normalized tokens (B, prefix + patches, embed_dim).
+    """
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
+                 embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
+                 qkv_bias: bool = True, distilled: bool = False, eps: float = 1e-6, backend: str = "vitfast"):
+        super().__init__()
+        self.backend = check_backend(backend)
+        self.num_prefix_tokens = 2 if distilled else 1
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, backend)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, embed_dim) * 0.02)
+        self.dist_token = nn.Parameter(torch.randn(1, 1, embed_dim) * 0.02) if distilled else None
+        self.pos_embed = nn.Parameter(torch.randn(1, self.num_prefix_tokens + self.patch_embed.grid ** 2,
+                                                  embed_dim) * 0.02)
+        self.blocks = nn.Sequential(*[Block(embed_dim, num_heads, mlp_ratio, qkv_bias, eps, backend)
+                                      for _ in range(depth)])
+        self.norm = LayerNorm(embed_dim, eps=eps)
+        self.head = nn.Linear(embed_dim, num_classes)
+        self.head_dist = nn.Linear(embed_dim, num_classes) if distilled else None
+        set_backend(self, backend)
+
+    @classmethod
+    def from_size(cls, size: str, patch_size: int = 16, **kw) -> "VisionTransformer":
+        """ViT-{tiny, small, base, large, huge}/patch_size, e.g. from_size("base", 16)."""
+        dim, depth, heads = SIZES[size]
+        return cls(patch_size=patch_size, embed_dim=dim, depth=depth, num_heads=heads, **kw)
+
+    def forward_features(self, images: Tensor) -> Tensor:
+        prefix = self.cls_token if self.dist_token is None else torch.cat([self.cls_token, self.dist_token], 1)
+        return self.norm(self.blocks(self.patch_embed(images, prefix, self.pos_embed)))
+
+    def forward(self, images: Tensor):
+        x = self.forward_features(images)
+        if self.head_dist is None:
+            return self.head(x[:, 0])
+        cls, dist = self.head(x[:, 0]), self.head_dist(x[:, 1])
+        return (cls, dist) if self.training else (cls + dist) / 2
+
+
+def vit_from_transformers(hf_model: nn.Module, num_classes: int = 0, backend: str = "vitfast") -> VisionTransformer:
+    """A VisionTransformer with the encoder weights of a Hugging Face ViTModel or DeiTModel (transformers 5
+    names; older checkpoints are renamed by transformers when it loads them). The heads stay randomly
+    initialised with max(num_classes, 1) outputs."""
+    cfg = hf_model.config
+    distilled = getattr(hf_model.embeddings, "distillation_token", None) is not None
+    model = VisionTransformer(cfg.image_size, cfg.patch_size, cfg.num_channels, max(num_classes, 1), cfg.hidden_size,
+                              cfg.num_hidden_layers, cfg.num_attention_heads, cfg.intermediate_size / cfg.hidden_size,
+                              cfg.qkv_bias, distilled, cfg.layer_norm_eps, backend)
+    if cfg.hidden_act != "gelu":
+        raise ValueError(f"only GELU MLPs are supported, got hidden_act={cfg.hidden_act!r}")
+    sd = hf_model.state_dict()
+    out = {"cls_token": sd["embeddings.cls_token"], "pos_embed": sd["embeddings.position_embeddings"],
+           "patch_embed.proj.weight": sd["embeddings.patch_embeddings.projection.weight"],
+           "patch_embed.proj.bias": sd["embeddings.patch_embeddings.projection.bias"],
+           "norm.weight": sd["layernorm.weight"], "norm.bias": sd["layernorm.bias"]}
+    if distilled:
+        out["dist_token"] = sd["embeddings.distillation_token"]
+    for i in range(cfg.num_hidden_layers):
+        h, o = f"layers.{i}.", f"blocks.{i}."
+        for part in ("weight", "bias"):
+            if part == "weight" or cfg.qkv_bias:
+                out[o + f"attn.qkv.{part}"] = torch.cat([sd[h + f"attention.{n}_proj.{part}"] for n in "qkv"])
+            for src, dst in (("attention.o_proj", "attn.proj"), ("layernorm_before", "norm1"),
+                             ("layernorm_after", "norm2"), ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")):
+                out[o + f"{dst}.{part}"] = sd[h + f"{src}.{part}"]
+    missing, unexpected = model.load_state_dict(out, strict=False)
+    heads = {k for k in missing if k.startswith(("head.", "head_dist."))}
+    if set(missing) - heads or unexpected:
+        raise ValueError(f"state dict conversion left missing={sorted(set(missing) - heads)} "
+                         f"unexpected={sorted(unexpected)}")
+    return model
