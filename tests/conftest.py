@@ -13,6 +13,11 @@ if not torch.cuda.is_available():
 import vitfast  # noqa: E402
 from vitfast import backend  # noqa: E402
 
+from _optional_libs import apply_torchvision_shim  # noqa: E402
+
+# transformers imports torchvision wherever it is installed (Swin, DETR), so the shim must precede any test.
+apply_torchvision_shim()
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 

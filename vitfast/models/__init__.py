@@ -1,5 +1,8 @@
 """Reference models in eager PyTorch with a backend switch: "vitfast" (fused ops), "sdpa" (PyTorch's
 scaled_dot_product_attention and LayerNorm), "eager" (the textbook ops)."""
+from vitfast.models.swin import SwinTransformer, swin_from_transformers
+from vitfast.models.clip import CLIP, clip_from_transformers, contrastive_loss
 from vitfast.models.vit import VisionTransformer, vit_from_transformers
 
-__all__ = ["VisionTransformer", "vit_from_transformers"]
+__all__ = ["SwinTransformer", "VisionTransformer", "swin_from_transformers", "vit_from_transformers"]
+__all__ += ["CLIP", "clip_from_transformers", "contrastive_loss"]

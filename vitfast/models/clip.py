@@ -1,0 +1,240 @@
+"""CLIP (Radford et al. 2021, arXiv:2103.00020): a ViT image encoder and a causal text transformer trained
+contrastively into one embedding space.
+
+The blocks are the ViT blocks of vitfast.models.vit (fused qkv, timm names) with CLIP's activation (QuickGELU
+or GELU) and, in the text tower, a causal attention combined with the padding mask. `clip_from_transformers`
+converts a Hugging Face CLIPModel (transformers 5 names) and reproduces its outputs, including its rule for
+pooling the end-of-text token. There is no open_clip loader yet.
+"""
+import math
+from typing import Callable, NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vitfast.models import vit
+from vitfast.models.common import LayerNorm, attend, check_backend, set_backend
+
+
+def quick_gelu(x: Tensor) -> Tensor:
+    """OpenAI CLIP's GELU approximation x * sigmoid(1.702 x)."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+def _tanh_gelu(x: Tensor) -> Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu, "gelu_new": _tanh_gelu, "gelu_pytorch_tanh": _tanh_gelu}
+
+
+def _activation(name: str) -> Callable[[Tensor], Tensor]:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported hidden_act {name!r}; expected one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+class Attention(vit.Attention):
+    """vit.Attention with SDPA's mask arguments: attn_mask (bool, True = attend) and is_causal."""
+
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        out = attend(self.backend, q, k, v, attn_mask, is_causal=is_causal)
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+class Mlp(vit.Mlp):
+    def __init__(self, dim: int, hidden: int, act: str = "quick_gelu"):
+        super().__init__(dim, hidden)
+        self.act = _activation(act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (vit.Block's names) with CLIP's activation and optional masks."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_dim: int, act: str, eps: float, backend: str):
+        super().__init__()
+        self.norm1 = LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, num_heads, True, backend)
+        self.norm2 = LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, mlp_dim, act)
+
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+        y, x = self.norm2(self.attn(self.norm1(x), attn_mask, is_causal), x)  # fused residual add + norm2
+        return x + self.mlp(y)
+
+
+class CLIPVision(nn.Module):
+    """CLIP's image tower: patch embedding (conv without bias) + class token + positions, pre-LayerNorm,
+    blocks, post-LayerNorm of the class token, projection without bias.
+
+    forward(images (B, C, H, W)) -> (B, output_dim), not normalized.
+    """
+
+    def __init__(self, image_size: int = 224, patch_size: int = 32, in_chans: int = 3, width: int = 768,
+                 layers: int = 12, heads: int = 12, mlp_dim: int = 3072, hidden_act: str = "quick_gelu",
+                 eps: float = 1e-5, output_dim: int = 512, backend: str = "vitfast"):
+        super().__init__()
+        self.backend = check_backend(backend)
+        self.patch_embed = vit.PatchEmbed(image_size, patch_size, in_chans, width, backend)
+        self.patch_embed.proj.bias = None  # CLIP's patch conv has no bias
+        self.cls_token = nn.Parameter(torch.randn(1, 1, width) * width ** -0.5)
+        self.pos_embed = nn.Parameter(torch.randn(1, 1 + self.patch_embed.grid ** 2, width) * 0.02)
+        self.norm_pre = LayerNorm(width, eps=eps)
+        self.blocks = nn.ModuleList([Block(width, heads, mlp_dim, hidden_act, eps, backend) for _ in range(layers)])
+        self.norm = LayerNorm(width, eps=eps)
+        self.proj = nn.Linear(width, output_dim, bias=False)
+
+    def forward(self, images: Tensor) -> Tensor:
+        x = self.norm_pre(self.patch_embed(images, self.cls_token, self.pos_embed))
+        for block in self.blocks:
+            x = block(x)
+        return self.proj(self.norm(x[:, 0]))
+
+
+class CLIPText(nn.Module):
+    """CLIP's text tower: token + position embeddings, causal blocks (with the padding mask of attention_mask),
+    final LayerNorm, the state at the end-of-text token, projection without bias.
+
+    Pooling follows transformers: with eos_token_id == 2 (or None) the position of the largest token id (OpenAI's
+    rule, the end-of-text token being the last of the vocabulary); otherwise the first position of eos_token_id.
+
+    forward(input_ids (B, N) int, attention_mask (B, N) with 1 = token, 0 = padding, or None) -> (B, output_dim).
+    """
+
+    def __init__(self, vocab_size: int = 49408, context_length: int = 77, width: int = 512, layers: int = 12,
+                 heads: int = 8, mlp_dim: int = 2048, hidden_act: str = "quick_gelu", eps: float = 1e-5,
+                 output_dim: int = 512, eos_token_id: Optional[int] = 49407, backend: str = "vitfast"):
+        super().__init__()
+        self.backend = check_backend(backend)
+        self.eos_token_id = eos_token_id
+        self.token_embedding = nn.Embedding(vocab_size, width)
+        self.pos_embed = nn.Parameter(torch.randn(context_length, width) * 0.01)
+        self.blocks = nn.ModuleList([Block(width, heads, mlp_dim, hidden_act, eps, backend) for _ in range(layers)])
+        self.norm = LayerNorm(width, eps=eps)
+        self.proj = nn.Linear(width, output_dim, bias=False)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+
+    def _mask(self, attention_mask: Optional[Tensor], N: int):
+        """(attn_mask, is_causal) for the blocks: the padding mask as a (B, 1, 1, N) bool view that vitfast reads
+        without expanding, with is_causal; SDPA takes one or the other, so it gets them combined."""
+        if attention_mask is None:
+            return None, True
+        keep = attention_mask.bool()[:, None, None, :]
+        if self.backend != "sdpa":
+            return keep, True
+        causal = torch.ones(N, N, dtype=torch.bool, device=keep.device).tril()
+        return keep & causal, False
+
+    def pool(self, x: Tensor, input_ids: Tensor) -> Tensor:
+        """The states (B, N, C) at each sequence's end-of-text token -> (B, C)."""
+        if self.eos_token_id is None or self.eos_token_id == 2:
+            idx = input_ids.to(torch.int).argmax(-1)
+        else:
+            idx = (input_ids == self.eos_token_id).int().argmax(-1)
+        return x[torch.arange(x.shape[0], device=x.device), idx]
+
+    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
+        N = input_ids.shape[-1]
+        if N > self.pos_embed.shape[0]:
+            raise ValueError(f"{N} tokens do not fit the context length {self.pos_embed.shape[0]}")
+        x = self.token_embedding(input_ids) + self.pos_embed[:N]
+        mask, is_causal = self._mask(attention_mask, N)
+        for block in self.blocks:
+            x = block(x, mask, is_causal)
+        return self.proj(self.pool(self.norm(x), input_ids))
+
+
+class CLIPOutput(NamedTuple):
+    image_embeds: Tensor  # (B_img, embed_dim), unit norm
+    text_embeds: Tensor  # (B_txt, embed_dim), unit norm
+    logits_per_image: Tensor  # (B_img, B_txt), scaled cosine similarities
+    logits_per_text: Tensor  # (B_txt, B_img)
+
+
+def contrastive_loss(logits_per_image: Tensor) -> Tensor:
+    """CLIP's symmetric InfoNCE loss: pair i of the batch is the positive of row i and of column i."""
+    labels = torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_image.t(), labels)) / 2
+
+
+class CLIP(nn.Module):
+    """CLIP: image and text towers projected into `embed_dim`, compared by cosine similarity times exp(logit_scale).
+
+    vision_cfg / text_cfg are the keyword arguments of CLIPVision / CLIPText (output_dim and backend excepted).
+    forward(input_ids (B_txt, N), pixel_values (B_img, C, H, W), attention_mask (B_txt, N) or None) -> CLIPOutput.
+    """
+
+    def __init__(self, embed_dim: int = 512, vision_cfg: Optional[dict] = None, text_cfg: Optional[dict] = None,
+                 logit_scale_init: float = math.log(1 / 0.07), backend: str = "vitfast"):
+        super().__init__()
+        self.backend = check_backend(backend)
+        self.visual = CLIPVision(**(vision_cfg or {}), output_dim=embed_dim, backend=backend)
+        self.text = CLIPText(**(text_cfg or {}), output_dim=embed_dim, backend=backend)
+        self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)))
+        set_backend(self, backend)
+
+    def encode_image(self, pixel_values: Tensor, normalize: bool = False) -> Tensor:
+        x = self.visual(pixel_values)
+        return x / x.norm(dim=-1, keepdim=True) if normalize else x
+
+    def encode_text(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                    normalize: bool = False) -> Tensor:
+        x = self.text(input_ids, attention_mask)
+        return x / x.norm(dim=-1, keepdim=True) if normalize else x
+
+    def forward(self, input_ids: Tensor, pixel_values: Tensor, attention_mask: Optional[Tensor] = None) -> CLIPOutput:
+        image = self.encode_image(pixel_values, normalize=True)
+        text = self.encode_text(input_ids, attention_mask, normalize=True)
+        logits_per_text = (text @ image.t()) * self.logit_scale.exp()
+        return CLIPOutput(image, text, logits_per_text.t(), logits_per_text)
+
+
+def _blocks_from_transformers(sd: dict, prefix: str, dst: str, layers: int) -> dict:
+    out = {}
+    for i in range(layers):
+        h, o = f"{prefix}encoder.layers.{i}.", f"{dst}blocks.{i}."
+        for part in ("weight", "bias"):
+            out[o + f"attn.qkv.{part}"] = torch.cat([sd[h + f"self_attn.{n}_proj.{part}"] for n in "qkv"])
+            for src, name in (("self_attn.out_proj", "attn.proj"), ("layer_norm1", "norm1"),
+                              ("layer_norm2", "norm2"), ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")):
+                out[o + f"{name}.{part}"] = sd[h + f"{src}.{part}"]
+    return out
+
+
+def clip_from_transformers(hf_model: nn.Module, backend: str = "vitfast") -> CLIP:
+    """A CLIP with the weights of a Hugging Face CLIPModel (transformers 5 names)."""
+    cfg, vc, tc = hf_model.config, hf_model.config.vision_config, hf_model.config.text_config
+    eos = tc.eos_token_id
+    if eos is not None and not isinstance(eos, int):
+        raise ValueError(f"only a single eos_token_id is supported, got {eos!r}")
+    vision_cfg = dict(image_size=vc.image_size, patch_size=vc.patch_size, in_chans=vc.num_channels,
+                      width=vc.hidden_size, layers=vc.num_hidden_layers, heads=vc.num_attention_heads,
+                      mlp_dim=vc.intermediate_size, hidden_act=vc.hidden_act, eps=vc.layer_norm_eps)
+    text_cfg = dict(vocab_size=tc.vocab_size, context_length=tc.max_position_embeddings, width=tc.hidden_size,
+                    layers=tc.num_hidden_layers, heads=tc.num_attention_heads, mlp_dim=tc.intermediate_size,
+                    hidden_act=tc.hidden_act, eps=tc.layer_norm_eps, eos_token_id=eos)
+    model = CLIP(cfg.projection_dim, vision_cfg, text_cfg, backend=backend)
+    sd = hf_model.state_dict()
+    v, t = "vision_model.", "text_model."
+    out = {"logit_scale": sd["logit_scale"],
+           "visual.cls_token": sd[v + "embeddings.class_embedding"].view(1, 1, -1),
+           "visual.pos_embed": sd[v + "embeddings.position_embedding.weight"][None],
+           "visual.patch_embed.proj.weight": sd[v + "embeddings.patch_embedding.weight"],
+           "visual.proj.weight": sd["visual_projection.weight"],
+           "text.token_embedding.weight": sd[t + "embeddings.token_embedding.weight"],
+           "text.pos_embed": sd[t + "embeddings.position_embedding.weight"],
+           "text.proj.weight": sd["text_projection.weight"]}
+    for part in ("weight", "bias"):
+        out[f"visual.norm_pre.{part}"] = sd[v + f"pre_layrnorm.{part}"]
+        out[f"visual.norm.{part}"] = sd[v + f"post_layernorm.{part}"]
+        out[f"text.norm.{part}"] = sd[t + f"final_layer_norm.{part}"]
+    out.update(_blocks_from_transformers(sd, v, "visual.", vc.num_hidden_layers))
+    out.update(_blocks_from_transformers(sd, t, "text.", tc.num_hidden_layers))
+    model.load_state_dict(out)
+    return model
