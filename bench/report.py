@@ -11,6 +11,8 @@ import json
 import os
 from collections import defaultdict
 
+from vitfast.report import markdown_table, plot_speedups
+
 
 def load(path: str) -> tuple:
     with open(path) as f:
@@ -37,37 +39,24 @@ def speedups(rows: list) -> dict:
 
 
 def markdown(data: dict, groups: dict) -> str:
-    lines = [header(data), "", "| benchmark | impl | median (ms) | throughput | vs best baseline |",
-             "|---|---|---|---|---|"]
-    for group, rows in groups.items():
-        sp = speedups(rows)
-        for impl, t, extra in sorted(rows, key=lambda r: r[1]):
+    rows = []
+    for group, entries in groups.items():
+        sp = speedups(entries)
+        for impl, t, extra in sorted(entries, key=lambda r: r[1]):
             tput = ", ".join(f"{extra[k]:.1f} {k}" for k in ("TFLOP/s", "GB/s") if k in extra)
-            lines.append(f"| {group} | {impl} | {t * 1e3:.3f} | {tput} | {sp[impl]:.2f}x |")
-    return "\n".join(lines) + "\n"
+            rows.append([group, impl, f"{t * 1e3:.3f}", tput, f"{sp[impl]:.2f}x"])
+    table = markdown_table(["benchmark", "impl", "median (ms)", "throughput", "vs best baseline"], rows)
+    return header(data) + "\n\n" + table + "\n"
 
 
 def plot(groups: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     labels, values = [], []
-    for group, rows in groups.items():
-        sp = speedups(rows)
-        best = max((v for impl, v in sp.items() if impl.startswith("vitfast")), default=None)
+    for group, entries in groups.items():
+        best = max((v for impl, v in speedups(entries).items() if impl.startswith("vitfast")), default=None)
         if best is not None:
             labels.append(group)
             values.append(best)
-    fig, ax = plt.subplots(figsize=(8, 0.35 * len(labels) + 1.5))
-    ax.barh(labels, values, color=["tab:green" if v >= 1 else "tab:red" for v in values])
-    ax.axvline(1.0, color="black", linewidth=0.8)
-    ax.set_xlabel("speedup of the fastest vitfast backend vs the fastest baseline")
-    ax.invert_yaxis()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plot_speedups(labels, values, "speedup of the fastest vitfast backend vs the fastest baseline", path)
 
 
 def main(argv=None) -> None:

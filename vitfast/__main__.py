@@ -1,57 +1,101 @@
-"""`python -m vitfast [info|check|bench]`: the environment, a correctness check of every backend, and timings.
+"""`python -m vitfast [run|info|check|bench]`: what this machine can run, how right and how fast it is.
 
-With no subcommand it runs the main job: every op on its default shapes on this machine's device, each
-available backend against plain PyTorch, printing max error against a float64 reference, time and speedup.
+run (default): every op at its default shapes on this machine's device, forward and forward+backward, each
+    available vitfast backend against the plain PyTorch baseline: max error against a float64 reference
+    (output and every gradient), median time, speedup. On a CPU the shapes are small.
+check: the same comparison, one timed repetition, and exit status 1 if any backend's error exceeds twice
+    the baseline's error in the same dtype (plus a few ulps).
+bench: like run, for the ops named with --op.
+info: the environment only.
 """
 import argparse
 import json
+import math
+import os
 import statistics
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 import vitfast
 from vitfast import backend
+from vitfast.ops.attention import attention_ref
 from vitfast.ops.layer_norm import layer_norm_ref
+from vitfast.ops.patch_embed import patch_embed_ref
+from vitfast.ops.patch_merging import patch_merging_ref
+from vitfast.ops.window_attention import window_attention_ref
+from vitfast.report import markdown_table, plot_speedups
 
 
 @dataclass
 class Case:
-    """One op at one shape: make(device, dtype) -> inputs; fn/ref(*inputs) -> output tensor (ref: plain torch)."""
+    """One op at one shape. make(device, dtype) -> inputs, of which those at `grad` get gradients;
+    fn(*inputs) runs vitfast, baseline(*inputs) the PyTorch it is compared with (also the fp64 reference)."""
 
     op: str
     shape: str
     make: Callable
+    grad: Sequence[int]
     fn: Callable
-    ref: Callable
+    baseline: Callable
+    baseline_name: str = "torch"
 
 
-def _layer_norm_inputs(m: int, n: int, residual: bool):
-    def make(device, dtype):
-        x = torch.randn(m, n, device=device, dtype=dtype)
-        w, b = torch.randn(n, device=device, dtype=dtype), torch.randn(n, device=device, dtype=dtype)
-        return (x, w, b, torch.randn_like(x) if residual else None)
-    return make
+def _randn(device, dtype, *shape, scale=1.0):
+    return torch.randn(*shape, device=device, dtype=dtype) * scale
 
 
-def _cases(small: bool) -> list:
-    m = 8 * 197 if small else 64 * 197
+def _cases(gpu: bool) -> list:
+    B = 64 if gpu else 2
+    m = 64 * 197 if gpu else 8 * 197
+    img = 224 if gpu else 112
+    swin_b = 64 if gpu else 1
     return [
-        Case("layer_norm", f"({m}, 768)", _layer_norm_inputs(m, 768, False),
-             lambda x, w, b, r: vitfast.layer_norm(x, 768, w, b, 1e-6),
-             lambda x, w, b, r: layer_norm_ref(x, (768,), w, b, 1e-6)),
-        Case("layer_norm+residual", f"({m}, 384)", _layer_norm_inputs(m, 384, True),
-             lambda x, w, b, r: vitfast.layer_norm(x, 384, w, b, 1e-6, residual=r)[0],
-             lambda x, w, b, r: layer_norm_ref(x, (384,), w, b, 1e-6, residual=r)[0]),
+        Case("layer_norm", f"({m}, 768)",
+             lambda d, t: (_randn(d, t, m, 768), _randn(d, t, 768), _randn(d, t, 768)), (0, 1, 2),
+             lambda x, w, b: vitfast.layer_norm(x, 768, w, b, 1e-6),
+             lambda x, w, b: layer_norm_ref(x, (768,), w, b, 1e-6), "F.layer_norm"),
+        Case("layer_norm+residual", f"({m}, 384)",
+             lambda d, t: (_randn(d, t, m, 384), _randn(d, t, m, 384), _randn(d, t, 384), _randn(d, t, 384)),
+             (0, 1, 2, 3),
+             lambda x, r, w, b: vitfast.layer_norm(x, 384, w, b, 1e-6, residual=r)[0],
+             lambda x, r, w, b: layer_norm_ref(x, (384,), w, b, 1e-6, residual=r)[0], "x + r, F.layer_norm"),
+        Case("attention ViT-B/16", f"B={B} H=12 N=197 D=64",
+             lambda d, t: tuple(_randn(d, t, B, 12, 197, 64) for _ in range(3)), (0, 1, 2),
+             lambda q, k, v: vitfast.attention(q, k, v), F.scaled_dot_product_attention, "SDPA"),
+        Case("attention CLIP text causal", f"B={B} H=8 N=77 D=64",
+             lambda d, t: tuple(_randn(d, t, B, 8, 77, 64) for _ in range(3)), (0, 1, 2),
+             lambda q, k, v: vitfast.attention(q, k, v, is_causal=True),
+             lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), "SDPA"),
+        Case("attention + rel. bias", f"B={B} H=12 N=197 D=64",
+             lambda d, t: tuple(_randn(d, t, B, 12, 197, 64) for _ in range(3)) + (_randn(d, t, 1, 12, 197, 197),),
+             (0, 1, 2, 3),
+             lambda q, k, v, b: vitfast.attention(q, k, v, b),
+             lambda q, k, v, b: F.scaled_dot_product_attention(q, k, v, b), "SDPA (float mask)"),
+        Case("window attention Swin-T s1", f"B={swin_b} 56x56 3 heads w7 s3",
+             lambda d, t: (_randn(d, t, swin_b, 56, 56, 3, 3, 32), _randn(d, t, 169, 3)), (0, 1),
+             lambda qkv, table: vitfast.window_attention(qkv, table, 7, 3),
+             lambda qkv, table: window_attention_ref(qkv, table, 7, 3), "eager (roll, partition)"),
+        Case("patch embed ViT-B/16", f"B={B} {img}px",
+             lambda d, t: (_randn(d, t, B, 3, img, img), _randn(d, t, 768, 3, 16, 16, scale=0.05), _randn(d, t, 768),
+                           _randn(d, t, 1, 1 + (img // 16) ** 2, 768), _randn(d, t, 1, 1, 768)), (1, 2, 3, 4),
+             lambda x, w, b, pos, cls: vitfast.patch_embed(x, w, b, 16, pos_embed=pos, prefix_tokens=cls),
+             lambda x, w, b, pos, cls: patch_embed_ref(x, w, b, 16, pos_embed=pos, prefix_tokens=cls),
+             "conv2d, cat, add"),
+        Case("patch merging Swin-T s1", f"B={swin_b} 56x56x96",
+             lambda d, t: (_randn(d, t, swin_b, 56, 56, 96), _randn(d, t, 384), _randn(d, t, 384),
+                           _randn(d, t, 192, 384, scale=0.05)), (0, 1, 2, 3),
+             lambda x, w, b, r: vitfast.patch_merging(x, w, b, r), patch_merging_ref, "slice, cat, LN, linear"),
     ]
 
 
 def _time_ms(fn: Callable, device: str, reps: int) -> float:
     """Median wall time of `fn` in ms, synchronizing the GPU around each call."""
-    fn()  # warm-up (compilation, caches)
+    fn()  # warm-up: compilation, autotuning, caches
     times = []
     for _ in range(reps):
         if device == "cuda":
@@ -65,76 +109,121 @@ def _time_ms(fn: Callable, device: str, reps: int) -> float:
 
 
 def _backends(op: str, device: str) -> list:
-    """Backends that can run `op` on `device`, the plain-PyTorch one left out (it is the baseline)."""
+    """vitfast backends that can run `op` on `device`, the plain-PyTorch one left out (it is the baseline)."""
     dev = torch.device(device)
-    return [b for b in backend.BACKENDS if b != "torch" and backend._unavailable(op.split("+")[0], b, dev) is None]
+    return [b for b in backend.BACKENDS if b != "torch" and backend._unavailable(op, b, dev) is None]
+
+
+_OP_OF = {"layer_norm": "layer_norm", "attention": "attention", "window": "window_attention",
+          "patch embed": "patch_embed", "patch merging": "patch_merging"}
+
+
+def _registered_op(case: Case) -> str:
+    return next(v for k, v in _OP_OF.items() if case.op.startswith(k))
+
+
+def _outputs(fn: Callable, inputs: tuple, grad: Sequence[int], backward: bool) -> list:
+    """fn's output, and with `backward` the gradients of <output, fixed random weights> for inputs[grad]."""
+    if not backward:
+        with torch.no_grad():
+            return [fn(*inputs)]
+    leaves = [t.detach().requires_grad_(i in grad) for i, t in enumerate(inputs)]
+    out = fn(*leaves)
+    gen = torch.Generator(device=out.device).manual_seed(0)
+    weights = torch.randn(out.shape, generator=gen, device=out.device).to(out.dtype)  # same draw in every dtype
+    return [out.detach()] + list(torch.autograd.grad(out, [leaves[i] for i in grad], weights))
+
+
+def _max_err(outs: list, refs: list) -> float:
+    return max((o.double() - r).abs().max().item() for o, r in zip(outs, refs))
 
 
 def _run_case(case: Case, device: str, dtype: torch.dtype, reps: int) -> list:
     inputs = case.make(device, dtype)
-    ref64 = case.ref(*[t.double() if t is not None else None for t in inputs])
-    plain_out = case.ref(*inputs)
-    plain_ms = _time_ms(lambda: case.ref(*inputs), device, reps)
-    rows = [dict(op=case.op, shape=case.shape, dtype=str(dtype).replace("torch.", ""), backend="torch (plain)",
-                 max_err=(plain_out.double() - ref64).abs().max().item(), ms=plain_ms, speedup=1.0)]
-    for name in _backends(case.op, device):
-        with vitfast.use_backend(name):
-            out = case.fn(*inputs)
-            ms = _time_ms(lambda: case.fn(*inputs), device, reps)
-        rows.append(dict(op=case.op, shape=case.shape, dtype=rows[0]["dtype"], backend=name,
-                         max_err=(out.double() - ref64).abs().max().item(), ms=ms, speedup=plain_ms / ms))
+    dt = str(dtype).replace("torch.", "")
+    rows = []
+    for backward in (False, True):
+        ref = _outputs(case.baseline, tuple(t.double() for t in inputs), case.grad, backward)
+        ref = [r.double() for r in ref]
+        base_ms = _time_ms(lambda: _outputs(case.baseline, inputs, case.grad, backward), device, reps)
+        base_err = _max_err(_outputs(case.baseline, inputs, case.grad, backward), ref)
+        scale = max(r.abs().max().item() for r in ref)
+        common = dict(op=case.op, shape=case.shape, dtype=dt, pass_="fwd+bwd" if backward else "fwd")
+        rows.append(dict(common, backend=case.baseline_name, max_err=base_err, ms=base_ms, speedup=1.0, ok=True))
+        for name in _backends(_registered_op(case), device):
+            with vitfast.use_backend(name):
+                err = _max_err(_outputs(case.fn, inputs, case.grad, backward), ref)
+                ms = _time_ms(lambda: _outputs(case.fn, inputs, case.grad, backward), device, reps)
+            ok = err <= 2 * base_err + 8 * torch.finfo(dtype).eps * max(1.0, scale)
+            rows.append(dict(common, backend=f"vitfast {name}", max_err=err, ms=ms, speedup=base_ms / ms, ok=ok))
     return rows
 
 
 def _progress(i: int, n: int, label: str) -> None:
     done = int(30 * i / n)
-    sys.stderr.write(f"\r[{'#' * done}{'.' * (30 - done)}] {i}/{n} {label:<40}")
-    sys.stderr.flush()
+    sys.stderr.write(f"\r[{'#' * done}{'.' * (30 - done)}] {i}/{n} {label:<45}")
     if i == n:
         sys.stderr.write("\n")
+    sys.stderr.flush()
 
 
 def _table(rows: list) -> str:
-    head = ["op", "shape", "dtype", "backend", "max err vs fp64", "time (ms)", "speedup vs torch"]
-    body = [[r["op"], r["shape"], r["dtype"], r["backend"], f"{r['max_err']:.2e}", f"{r['ms']:.3f}",
-             f"{r['speedup']:.2f}x"] for r in rows]
-    widths = [max(len(str(c)) for c in col) for col in zip(head, *body)]
-    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(b) for b in body])
+    return markdown_table(
+        ["op", "shape", "dtype", "pass", "backend", "max err vs fp64", "time (ms)", "speedup", "ok"],
+        [[r["op"], r["shape"], r["dtype"], r["pass_"], r["backend"], f"{r['max_err']:.2e}", f"{r['ms']:.3f}",
+          f"{r['speedup']:.2f}x", "yes" if r["ok"] else "NO"] for r in rows])
 
 
-def _print_info() -> None:
-    for k, v in vitfast.info().items():
-        print(f"{k:>18}: {v}")
+def _write_out(out_dir: str, rows: list, header: str) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "vitfast.json"), "w") as f:
+        json.dump({"info": vitfast.info(), "date": time.strftime("%Y-%m-%d"), "rows": rows}, f, indent=1)
+    with open(os.path.join(out_dir, "vitfast.md"), "w") as f:
+        f.write(header + "\n\n" + _table(rows) + "\n")
+    fast = [r for r in rows if r["backend"].startswith("vitfast")]
+    plot_speedups([f"{r['op']} {r['pass_']} ({r['backend'][8:]})" for r in fast], [r["speedup"] for r in fast],
+                  "speedup vs the PyTorch baseline", os.path.join(out_dir, "vitfast.png"))
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vitfast", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m vitfast", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", nargs="?", default="run", choices=["run", "info", "check", "bench"])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                        help="default: bfloat16 on a GPU, float32 on a CPU")
+    parser.add_argument("--op", action="append", default=None,
+                        help="with bench: only cases whose name starts with this (repeatable), e.g. attention")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions per measurement")
-    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    parser.add_argument("--out", default=None, help="also write vitfast.json, vitfast.md and vitfast.png here")
     args = parser.parse_args(argv)
 
-    _print_info()
+    for k, v in vitfast.info().items():
+        print(f"{k:>18}: {v}")
     if args.command == "info":
         return 0
-    small = args.device == "cpu"
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if small else torch.bfloat16)
-    reps = args.reps or (1 if args.command == "check" else 5)
-    cases = _cases(small)
+    gpu = args.device == "cuda"
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if gpu else torch.float32)
+    reps = args.reps or (1 if args.command == "check" else 5 if not gpu else 20)
+    cases = [c for c in _cases(gpu) if not args.op or any(c.op.startswith(o) for o in args.op)]
+    if not cases:
+        parser.error(f"no case matches --op {args.op}")
+    torch.manual_seed(0)
     rows = []
     for i, case in enumerate(cases):
         _progress(i, len(cases), f"{case.op} {case.shape}")
         rows += _run_case(case, args.device, dtype, reps)
     _progress(len(cases), len(cases), "done")
-    print(f"\nvitfast on {args.device}, {dtype}, median of {reps}:")
-    print(_table(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"info": vitfast.info(), "rows": rows}, f, indent=1)
-    return 0
+    header = (f"vitfast {vitfast.__version__} on {vitfast.info()['device']}, {dtype}, torch {torch.__version__}, "
+              f"{time.strftime('%Y-%m-%d')}; median of {reps}; speedup = baseline time / vitfast time")
+    print("\n" + header + "\n" + _table(rows))
+    if args.out:
+        _write_out(args.out, rows, header)
+    bad = [r for r in rows if not r["ok"]]
+    if bad:
+        print(f"\n{len(bad)} backend result(s) exceed 2x the baseline's error: "
+              + "; ".join(f"{r['op']} {r['pass_']} {r['backend']}" for r in bad))
+    return 1 if bad and args.command == "check" else 0
 
 
 if __name__ == "__main__":
