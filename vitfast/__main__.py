@@ -138,7 +138,7 @@ def _max_err(outs: list, refs: list) -> float:
     return max((o.double() - r).abs().max().item() for o, r in zip(outs, refs))
 
 
-def _run_case(case: Case, device: str, dtype: torch.dtype, reps: int) -> list:
+def _run_case(case: Case, device: str, dtype: torch.dtype, reps: int, only: Sequence[str]) -> list:
     inputs = case.make(device, dtype)
     dt = str(dtype).replace("torch.", "")
     rows = []
@@ -150,7 +150,7 @@ def _run_case(case: Case, device: str, dtype: torch.dtype, reps: int) -> list:
         scale = max(r.abs().max().item() for r in ref)
         common = dict(op=case.op, shape=case.shape, dtype=dt, pass_="fwd+bwd" if backward else "fwd")
         rows.append(dict(common, backend=case.baseline_name, max_err=base_err, ms=base_ms, speedup=1.0, ok=True))
-        for name in _backends(_registered_op(case), device):
+        for name in [b for b in _backends(_registered_op(case), device) if not only or b in only]:
             with vitfast.use_backend(name):
                 err = _max_err(_outputs(case.fn, inputs, case.grad, backward), ref)
                 ms = _time_ms(lambda: _outputs(case.fn, inputs, case.grad, backward), device, reps)
@@ -194,6 +194,8 @@ def main(argv=None) -> int:
                         help="default: bfloat16 on a GPU, float32 on a CPU")
     parser.add_argument("--op", action="append", default=None,
                         help="with bench: only cases whose name starts with this (repeatable), e.g. attention")
+    parser.add_argument("--backend", action="append", default=None, choices=["triton", "cuda", "cpp"],
+                        help="only these vitfast backends (repeatable); default: every one available here")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions per measurement")
     parser.add_argument("--out", default=None, help="also write vitfast.json, vitfast.md and vitfast.png here")
     args = parser.parse_args(argv)
@@ -212,7 +214,7 @@ def main(argv=None) -> int:
     rows = []
     for i, case in enumerate(cases):
         _progress(i, len(cases), f"{case.op} {case.shape}")
-        rows += _run_case(case, args.device, dtype, reps)
+        rows += _run_case(case, args.device, dtype, reps, args.backend or ())
     _progress(len(cases), len(cases), "done")
     header = (f"vitfast {vitfast.__version__} on {vitfast.info()['device']}, {dtype}, torch {torch.__version__}, "
               f"{time.strftime('%Y-%m-%d')}; median of {reps}; speedup = baseline time / vitfast time")
