@@ -1,0 +1,119 @@
+"""CLIP reference model: the vitfast backend against eager, and against transformers' CLIPModel."""
+import copy
+
+import pytest
+import torch
+
+import vitfast
+from vitfast.models import CLIP, clip_from_transformers, contrastive_loss
+from vitfast.models.common import set_backend
+
+from conftest import backend_cases
+
+KERNELS = [c for c in backend_cases("attention") if c.values[0] != "torch"]
+VOCAB, EOS = 50, 49
+TINY_VISION = dict(image_size=16, patch_size=8, width=32, layers=2, heads=2, mlp_dim=48)
+TINY_TEXT = dict(vocab_size=VOCAB, context_length=12, width=32, layers=2, heads=2, mlp_dim=48, eos_token_id=EOS)
+
+
+def _text_batch(eos: int = EOS):
+    """Three captions of 7 slots: full, right-padded with pad id 1, padded with the eos id (as some tokenizers do);
+    the attention mask also hides one token inside the first two captions, so the padding mask reaches the
+    pooled token through the causal attention."""
+    ids = torch.randint(3, eos - 1, (3, 7))
+    ids[0, 6], ids[1, 4], ids[1, 5:], ids[2, 3:] = eos, eos, 1, eos
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[0, 2], mask[1, 1], mask[1, 5:], mask[2, 4:] = 0, 0, 0, 0
+    return ids, mask
+
+
+def _grads(model, ids, mask, images, weights):
+    model.zero_grad()
+    out = model(ids, images, mask)
+    sum((o * w).sum() for o, w in zip(out, weights)).backward()
+    return [o.detach() for o in out], {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kernel,device", KERNELS)
+def test_clip_backends_agree(kernel, device):
+    eager = CLIP(24, TINY_VISION, TINY_TEXT, backend="eager")
+    ids, mask = _text_batch()
+    images = torch.randn(2, 3, 16, 16)
+    weights = [torch.randn(2, 24), torch.randn(3, 24), torch.randn(2, 3), torch.randn(3, 2)]
+    ref_out, ref_grads = _grads(eager, ids, mask, images, weights)
+    model = set_backend(copy.deepcopy(eager), "vitfast")
+    with vitfast.use_backend(kernel):
+        out, grads = _grads(model, ids, mask, images, weights)
+    for name, o, r in zip(model(ids, images, mask)._fields, out, ref_out):
+        torch.testing.assert_close(o, r, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+    assert grads.keys() == ref_grads.keys() and "logit_scale" in grads
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], rtol=1e-3, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_sdpa_backend_combines_causal_and_padding_masks():
+    eager = CLIP(24, TINY_VISION, TINY_TEXT, backend="eager").eval()
+    ids, mask = _text_batch()
+    sdpa = set_backend(copy.deepcopy(eager), "sdpa")
+    torch.testing.assert_close(sdpa.encode_text(ids, mask), eager.encode_text(ids, mask), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("eos,act", [(EOS, "quick_gelu"), (2, "gelu")])
+def test_weights_from_transformers(eos, act):
+    transformers = pytest.importorskip("transformers")
+    shared = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48, hidden_act=act)
+    config = transformers.CLIPConfig(
+        text_config=dict(vocab_size=VOCAB, max_position_embeddings=12, eos_token_id=eos, bos_token_id=0,
+                         pad_token_id=1, **shared),
+        vision_config=dict(image_size=16, patch_size=8, **shared), projection_dim=24)
+    hf = transformers.CLIPModel(config).eval()
+    for p in hf.parameters():  # transformers' init is small; larger random values test the mapping
+        torch.nn.init.normal_(p, std=0.2)
+    ids, mask = _text_batch()
+    if eos == 2:  # the legacy rule pools at the largest token id: OpenAI's end-of-text is the last in the vocabulary
+        ids[ids == EOS] = VOCAB - 1
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, pixel_values=images, attention_mask=mask)
+        unmasked = hf(input_ids=ids, pixel_values=images)
+        assert not torch.allclose(unmasked.text_embeds, ref.text_embeds, atol=1e-3), "the mask must matter"
+        for backend in ("eager", "vitfast"):
+            out = clip_from_transformers(hf, backend=backend).eval()(ids, images, mask)
+            for name in out._fields:
+                torch.testing.assert_close(getattr(out, name), getattr(ref, name), rtol=1e-4, atol=1e-4,
+                                           msg=lambda m: f"{backend} {name}: {m}")
+
+
+def test_training_lowers_the_loss_like_eager():
+    eager = CLIP(24, TINY_VISION, TINY_TEXT, backend="eager")
+    mine = set_backend(copy.deepcopy(eager), "vitfast")
+    ids, mask = _text_batch()
+    images = torch.randn(3, 3, 16, 16)
+    losses = {}
+    for name, model in (("eager", eager), ("vitfast", mine)):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        losses[name] = []
+        for _ in range(4):
+            loss = contrastive_loss(model(ids, images, mask).logits_per_image)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses[name].append(loss.item())
+    assert losses["vitfast"][-1] < losses["vitfast"][0]
+    torch.testing.assert_close(torch.tensor(losses["vitfast"]), torch.tensor(losses["eager"]), rtol=1e-3, atol=1e-4)
+
+
+def test_contrastive_loss_is_symmetric_cross_entropy():
+    logits = torch.randn(4, 4)
+    labels = torch.arange(4)
+    ce = torch.nn.functional.cross_entropy
+    expected = (ce(logits, labels) + ce(logits.t(), labels)) / 2
+    torch.testing.assert_close(contrastive_loss(logits), expected)
+
+
+def test_bad_activation_and_too_long_text():
+    with pytest.raises(ValueError, match="unsupported hidden_act 'relu'"):
+        CLIP(24, TINY_VISION, {**TINY_TEXT, "hidden_act": "relu"})
+    model = CLIP(24, TINY_VISION, TINY_TEXT, backend="eager")
+    with pytest.raises(ValueError, match="13 tokens do not fit the context length 12"):
+        model.encode_text(torch.zeros(1, 13, dtype=torch.long))
