@@ -6,15 +6,25 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+# timm, torchvision and open_clip for the integration tests, kept out of the venv in $(VENV)/optional-libs (the
+# tests put it on sys.path): the only torchvision wheel for torch 2.13 links CUDA, and installed into the venv it
+# would break `import transformers` on a CPU machine. --no-deps so that pip never replaces the installed torch.
+OPTIONAL_LIBS_SPEC ?= torchvision==0.28.0 timm open_clip_torch ftfy wcwidth
 
 .PHONY: setup run test bench check-cuda clean
 
-setup: $(VENV)/.built
+setup: $(VENV)/.built $(VENV)/.optional
 
 $(VENV)/.deps:
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
 	$(PY) -m pip install $$($(PY) scripts/missing_packages.py)
+	touch $@
+
+$(VENV)/.optional: $(VENV)/.deps
+	$(PY) -c "import torchvision, timm, open_clip" 2>/dev/null || \
+	  $(PY) -m pip install --no-deps --target $(VENV)/optional-libs $(OPTIONAL_LIBS_SPEC) || \
+	  echo "timm/torchvision/open_clip not installed: their tests will skip"
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps setup.py $(wildcard csrc/*.cpp kernels/*.cu kernels/*.cuh)
@@ -25,7 +35,7 @@ run: setup
 	$(PY) -m vitfast
 
 test: setup
-	$(PY) -m pytest tests -q $(PYTEST_ARGS)
+	VITFAST_OPTIONAL_LIBS=$(abspath $(VENV))/optional-libs $(PY) -m pytest tests -q $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) -m pytest bench --benchmark-only -q $(PYTEST_ARGS)

@@ -8,7 +8,9 @@ from vitfast.ops.patch_embed import patch_embed
 from vitfast.ops.patch_merging import patch_merging
 from vitfast.ops.window_attention import shifted_window_attention, window_attention
 from vitfast import nn
+from vitfast.integrations.patch import patch_model, unpatch_model
 
 __version__ = "0.1.0"
 __all__ = ["attention", "choose_backend", "flash_attn_func", "info", "layer_norm", "nn", "patch_embed",
-           "patch_merging", "set_backend", "shifted_window_attention", "use_backend", "window_attention"]
+           "patch_merging", "patch_model", "set_backend", "shifted_window_attention", "unpatch_model", "use_backend",
+           "window_attention"]

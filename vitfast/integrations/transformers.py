@@ -8,9 +8,14 @@ Both interfaces are registered: AttentionInterface runs the attention, Attention
 masks. Without the second, transformers silently drops masks for an unknown implementation name (CLIP's
 text padding would be lost). Masks are the SDPA ones: bool (True = attend) or additive float.
 """
+from typing import Optional
+
 import torch
 
+from vitfast.integrations.patch import Adapter
 from vitfast.ops.attention import attention
+from vitfast.ops.patch_embed import patch_embed
+from vitfast.ops.window_attention import window_attention
 
 NAME = "vitfast"
 
@@ -38,3 +43,100 @@ def register(name: str = NAME) -> None:
 
     AttentionInterface.register(name, attention_forward)
     AttentionMaskInterface.register(name, sdpa_mask)
+
+
+# ------------------------------------------------------------------------------- vitfast.patch_model support
+
+_SWIN_LAYER = "transformers.models.swin.modeling_swin.SwinLayer"
+
+
+def _swin_layer_forward(self, hidden_states: torch.Tensor, input_dimensions, always_partition: bool = False,
+                        **kwargs):
+    """SwinLayer.forward with pad, roll, partition, shift mask, attention and the reverse fused into one
+    vitfast.window_attention call on the image-layout qkv. Falls back to transformers' path where the semantics
+    differ: always_partition, a window clamped to the input, or attention weights requested."""
+    if not always_partition:
+        self.set_shift_and_window_size(input_dimensions)
+    attn = self.attention
+    ws = attn.relative_position_bias.window_size
+    if always_partition or kwargs.get("output_attentions") or tuple(ws) != (self.window_size, self.window_size):
+        return type(self).forward(self, hidden_states, input_dimensions, always_partition, **kwargs)
+    height, width = input_dimensions
+    batch_size, _, channels = hidden_states.shape
+    shortcut = hidden_states
+    x = self.layernorm_before(hidden_states).view(batch_size, height, width, channels)
+    weight = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+    bias = (torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
+            if attn.q_proj.bias is not None else None)
+    qkv = torch.nn.functional.linear(x, weight, bias).view(batch_size, height, width, 3, attn.num_attention_heads, -1)
+    out = window_attention(qkv, attn.relative_position_bias.relative_position_bias_table, ws, self.shift_size,
+                           qkv_pad=bias, softmax_scale=attn.scaling, attention_dropout=attn.attention_dropout,
+                           training=self.training, clamp_window=False)
+    out = self.dropout(attn.o_proj(out)).view(batch_size, height * width, channels)
+    hidden_states = shortcut + self.drop_path(out)
+    residual = hidden_states
+    hidden_states = self.dropout(self.mlp(self.layernorm_after(hidden_states))) + residual
+    return hidden_states, None
+
+
+def patch(model: torch.nn.Module, prefix: str, attention: bool = True, window_attention: bool = True) -> list:
+    """For vitfast.patch_model: switches a PreTrainedModel to attn_implementation="vitfast" and binds the fused
+    window-attention forward to its SwinLayers. Returns the `Patched` / `Left` records."""
+    from vitfast.integrations.patch import Left, Patched, _bind, qualname
+
+    cls, records = qualname(model), []
+    if "_vitfast_attn_previous" in model.__dict__:
+        return [Left(prefix, cls, "already patched (attn_implementation)")]
+    if not attention:
+        records.append(Left(prefix, cls, "attention=False"))
+    elif not model._can_set_attn_implementation():
+        records.append(Left(prefix, cls, "the model does not use transformers' AttentionInterface"))
+    else:
+        register()
+        previous = model.config._attn_implementation
+        model.set_attn_implementation(NAME)
+        model.__dict__["_vitfast_attn_previous"] = previous
+        records.append(Patched(prefix, cls, "attention", f"attn_implementation {previous!r} -> {NAME!r}"))
+    for name, module in model.named_modules():
+        if qualname(module) != _SWIN_LAYER:
+            continue
+        full = f"{prefix}.{name}" if prefix else name
+        if not window_attention:
+            records.append(Left(full, _SWIN_LAYER, "window_attention=False"))
+            continue
+        _bind(module, "window_attention", {"forward": _swin_layer_forward})
+        records.append(Patched(full, _SWIN_LAYER, "window_attention",
+                               "pad/roll/partition/mask/attention -> one fused vitfast.window_attention"))
+    return records
+
+
+def unpatch(model: torch.nn.Module) -> int:
+    """Restores the attention implementation `patch` replaced (SwinLayers are restored by unpatch_model)."""
+    previous = model.__dict__.pop("_vitfast_attn_previous", None)
+    if previous is None:
+        return 0
+    model.set_attn_implementation(previous)
+    return 1
+
+
+def _patch_embeddings_forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    if pixel_values.shape[1] != self.num_channels:
+        raise ValueError(f"Make sure that the channel dimension of the pixel values match with the one set in the "
+                         f"configuration. Expected {self.num_channels} but got {pixel_values.shape[1]}.")
+    conv = self.projection
+    return patch_embed(pixel_values, conv.weight, conv.bias, tuple(conv.kernel_size))
+
+
+def _patch_embeddings_check(module: torch.nn.Module) -> Optional[str]:
+    conv = getattr(module, "projection", None)
+    if type(conv) is not torch.nn.Conv2d or tuple(conv.stride) != tuple(conv.kernel_size) or any(conv.padding):
+        return "projection is not a non-overlapping patch Conv2d"
+    return None
+
+
+_PATCH_EMBEDDINGS = Adapter("patch_embed", "projection conv + flatten -> vitfast.patch_embed",
+                            {"forward": _patch_embeddings_forward}, _patch_embeddings_check)
+ADAPTERS = {
+    "transformers.models.vit.modeling_vit.ViTPatchEmbeddings": _PATCH_EMBEDDINGS,
+    "transformers.models.deit.modeling_deit.DeiTPatchEmbeddings": _PATCH_EMBEDDINGS,
+}

@@ -1,0 +1,291 @@
+"""vitfast.patch_model / unpatch_model on tiny timm, torchvision, open_clip and transformers models: outputs and every
+parameter gradient equal before and after patching (fp32), state-dict keys unchanged, unpatch restores the original
+forward paths, and torch.compile(fullgraph=True) runs a patched model.
+
+Each model runs with the Triton kernels (under TRITON_INTERPRET=1 without a GPU) and with the automatic CPU choice
+(the C++ extension where the op has a CPU kernel, else PyTorch). timm, torchvision and open_clip are optional: their
+tests skip with the reason where they do not import (see _optional_libs.py).
+"""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import vitfast
+from vitfast import backend as vf_backend
+from vitfast.integrations.patch import PatchReport
+
+from _optional_libs import import_or_skip
+
+
+def _backends():
+    cases = [pytest.param("auto", id="auto")]  # cpp where the op has a CPU kernel, else torch (cuda/triton on GPU)
+    if vf_backend._unavailable("attention", "triton", torch.device("cpu")) is None or torch.cuda.is_available():
+        cases.append(pytest.param("triton", id="triton"))
+    return cases
+
+
+BACKENDS = _backends()
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _run(model, inputs):
+    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+
+
+def _patched_equal(model: nn.Module, inputs, backend: str, pick=lambda o: o, atol: float = 2e-5, **flags):
+    """Patches a deep copy of `model`; checks outputs and gradients against the original, the state dict, and
+    that unpatching restores the original forward. Returns the report."""
+    model = model.to(DEVICE).eval()
+    mine = copy.deepcopy(model)
+    report = vitfast.patch_model(mine, **flags)
+    assert isinstance(report, PatchReport) and report.patched, str(report)
+    assert list(mine.state_dict()) == list(model.state_dict())
+
+    out_e = pick(_run(model, inputs))
+    weights = torch.randn_like(out_e)  # a random projection: a plain sum of LayerNorm outputs has ~no gradient
+    (out_e * weights).sum().backward()
+    with vitfast.use_backend(backend):
+        out_m = pick(_run(mine, inputs))
+        (out_m * weights).sum().backward()
+    torch.testing.assert_close(out_m, out_e, rtol=1e-4, atol=atol)
+    for (name, p_e), (_, p_m) in zip(model.named_parameters(), mine.named_parameters()):
+        assert (p_e.grad is None) == (p_m.grad is None), name
+        if p_e.grad is not None:
+            scale = p_e.grad.abs().max().item()
+            torch.testing.assert_close(p_m.grad, p_e.grad, rtol=1e-3, atol=10 * atol * max(1.0, scale),
+                                       msg=lambda m: f"{name}: {m}")
+
+    restored = vitfast.unpatch_model(mine)
+    assert restored >= len(report.patched)
+    assert not any("_vitfast_patch" in m.__dict__ for m in mine.modules())
+    with torch.no_grad():
+        assert torch.equal(pick(_run(mine, inputs)), pick(_run(model, inputs)))
+    return report
+
+
+def _kinds(report: PatchReport) -> dict:
+    return report.counts()
+
+
+# ----------------------------------------------------------------------------------------------- timm
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_timm_vit(backend):
+    timm = import_or_skip("timm")
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, embed_dim=32,
+                              depth=1, num_heads=2, num_classes=5)
+    report = _patched_equal(model, torch.randn(2, 3, 16, 16, device=DEVICE), backend)
+    assert _kinds(report) == {"attention": 1, "layer_norm": 3, "patch_embed": 1}, str(report)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_timm_swin(backend):
+    timm = import_or_skip("timm")
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=16, patch_size=2,
+                              embed_dim=16, depths=(2,), num_heads=(2,), window_size=4, num_classes=5)
+    batch = 1 if backend == "triton" else 2  # the interpreter runs one program at a time
+    report = _patched_equal(model, torch.randn(batch, 3, 16, 16, device=DEVICE), backend)
+    # each block's _attn (fused roll/partition/mask) and its WindowAttention; PatchEmbed fuses the norm
+    assert _kinds(report) == {"window_attention": 4, "layer_norm": 6, "patch_embed": 1}, str(report)
+
+
+# ----------------------------------------------------------------------------------------------- torchvision
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torchvision_vit(backend):
+    import_or_skip("torchvision")
+    from torchvision.models import VisionTransformer
+
+    model = VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=2, hidden_dim=32, mlp_dim=48,
+                              num_classes=5)
+    report = _patched_equal(model, torch.randn(2, 3, 16, 16, device=DEVICE), backend)
+    assert _kinds(report) == {"attention": 1, "layer_norm": 3, "patch_embed": 1}, str(report)
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torchvision_swin(backend, version):
+    import_or_skip("torchvision")
+    from torchvision.models import swin_transformer as tvs
+
+    extra = dict(block=tvs.SwinTransformerBlockV2, downsample_layer=tvs.PatchMergingV2) if version == "v2" else {}
+    model = tvs.SwinTransformer(patch_size=[2, 2], embed_dim=16, depths=[2], num_heads=[2], window_size=[4, 4],
+                                num_classes=5, **extra)
+    # 8 x 8 patches in windows of 4 (the interpreter is slow), or 10 x 10 padded to 12 (the qkv bias at padding
+    # pixels); the second block is shifted
+    shape = (1, 3, 16, 16) if backend == "triton" else (2, 3, 20, 20)
+    report = _patched_equal(model, torch.randn(*shape, device=DEVICE), backend)
+    assert _kinds(report) == {"window_attention": 2, "layer_norm": 6}, str(report)
+
+
+# ----------------------------------------------------------------------------------------------- open_clip
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_open_clip(backend):
+    open_clip = import_or_skip("open_clip")
+    vision = dict(image_size=16, patch_size=8, width=32, layers=1, head_width=16)
+    model = open_clip.CLIP(embed_dim=16, vision_cfg=vision,
+                           text_cfg=dict(context_length=6, vocab_size=50, width=32, heads=2, layers=1))
+    inputs = {"image": torch.randn(2, 3, 16, 16, device=DEVICE), "text": torch.randint(0, 50, (2, 6), device=DEVICE)}
+
+    def pick(out):
+        out = out if isinstance(out, (tuple, list)) else (out["image_features"], out["text_features"])
+        return torch.cat([out[0], out[1]], -1)
+
+    # the text tower's causal mask reaches nn.MultiheadAttention as a float (L, L) mask
+    report = _patched_equal(model, inputs, backend, pick)
+    assert _kinds(report) == {"attention": 2, "layer_norm": 7}, str(report)
+
+
+def test_open_clip_attention_class():
+    import_or_skip("open_clip")
+    from open_clip.transformer import Attention
+
+    attn = Attention(32, num_heads=2)
+    mask = torch.zeros(5, 5).masked_fill(torch.ones(5, 5, dtype=torch.bool).triu(1), float("-inf"))
+
+    class Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = attn
+
+        def forward(self, x):
+            return self.attn(x, attn_mask=mask)
+
+    report = _patched_equal(Wrap(), torch.randn(2, 5, 32, device=DEVICE), "auto")
+    assert _kinds(report) == {"attention": 1}, str(report)
+
+
+def test_multihead_attention_masks_and_layouts():
+    """nn.MultiheadAttention's own conventions: bool True = masked out, key padding, seq-first, cross attention."""
+    mha = nn.MultiheadAttention(32, 2, batch_first=False)
+    q, kv = torch.randn(5, 2, 32), torch.randn(7, 2, 32)
+    pad = torch.zeros(2, 7, dtype=torch.bool)
+    pad[1, 4:] = True
+    causal = torch.ones(5, 7, dtype=torch.bool).triu(1)
+    ref = mha(q, kv, kv, key_padding_mask=pad, attn_mask=causal, need_weights=False)[0]
+    float_mask = torch.zeros(5, 7).masked_fill(causal, float("-inf"))
+    float_pad = torch.zeros(2, 7).masked_fill(pad, float("-inf"))
+    ref_f = mha(q, kv, kv, key_padding_mask=float_pad, attn_mask=float_mask, need_weights=False)[0]
+    report = vitfast.patch_model(mha)
+    assert _kinds(report) == {"attention": 1}
+    out, weights = mha(q, kv, kv, key_padding_mask=pad, attn_mask=causal, need_weights=False)
+    assert weights is None
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-5)
+    out_f = mha(q, kv, kv, key_padding_mask=float_pad, attn_mask=float_mask, need_weights=False)[0]
+    torch.testing.assert_close(out_f, ref_f, rtol=1e-4, atol=2e-5)
+    # need_weights=True: the original path, weights included
+    assert mha(q, kv, kv, need_weights=True)[1] is not None
+
+
+# ----------------------------------------------------------------------------------------------- transformers
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_transformers_vit(backend):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
+                                    image_size=16, patch_size=8)
+    model = transformers.ViTModel(config, add_pooling_layer=False)
+    model.set_attn_implementation("eager")
+    report = _patched_equal(model, {"pixel_values": torch.randn(2, 3, 16, 16, device=DEVICE)}, backend,
+                            lambda o: o.last_hidden_state)
+    assert _kinds(report) == {"attention": 1, "layer_norm": 3, "patch_embed": 1}, str(report)
+    assert model.config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_transformers_swin_fused_layer(backend, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    from vitfast.integrations import transformers as vt
+
+    calls = []
+    monkeypatch.setattr(vt, "window_attention", lambda *a, **k: calls.append(1) or vitfast.window_attention(*a, **k))
+    # 6 x 6 patches, window 4: padded to 8 (qkv bias at padding pixels) and shifted in the second layer
+    config = transformers.SwinConfig(image_size=12, patch_size=2, embed_dim=16, depths=[2], num_heads=[2],
+                                     window_size=4)
+    model = transformers.SwinModel(config, add_pooling_layer=False)
+    model.set_attn_implementation("eager")
+    batch = 1 if backend == "triton" else 2
+    report = _patched_equal(model, {"pixel_values": torch.randn(batch, 3, 12, 12, device=DEVICE)}, backend,
+                            lambda o: o.last_hidden_state)
+    assert _kinds(report) == {"attention": 1, "window_attention": 2, "layer_norm": 6}, str(report)
+    assert len(calls) == 2  # both layers took the fused path (forward only; unpatched runs do not count)
+
+
+# ----------------------------------------------------------------------------------------------- report, flags
+
+def test_flags_report_and_double_patch():
+    model = nn.Sequential(nn.LayerNorm(8), nn.MultiheadAttention(8, 2, batch_first=True),
+                          nn.MultiheadAttention(8, 2, kdim=4, vdim=4))
+    report = vitfast.patch_model(model, attention=False)
+    assert _kinds(report) == {"layer_norm": 1}
+    reasons = {l.name: l.reason for l in report.left}
+    assert reasons == {"1": "attention=False", "2": "attention=False"}
+    again = vitfast.patch_model(model)
+    assert _kinds(again) == {"attention": 1}
+    assert "already patched" in {l.name: l.reason for l in again.left}["0"]
+    assert "kdim/vdim" in {l.name: l.reason for l in again.left}["2"]
+    assert "patched 0 (torch.nn.modules.normalization.LayerNorm)" in str(report)
+    assert vitfast.unpatch_model(model) == 2
+    assert vitfast.unpatch_model(model) == 0
+
+
+def test_layer_norm_subclass_with_own_forward_is_left():
+    class ChannelsFirstNorm(nn.LayerNorm):
+        def forward(self, x):
+            return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    report = vitfast.patch_model(nn.Sequential(ChannelsFirstNorm(4)))
+    assert not report.patched and "own forward" in report.left[0].reason
+
+
+# ----------------------------------------------------------------------------------------------- torch.compile
+
+def test_compile_fullgraph_patched_model():
+    """A patched model compiles with fullgraph=True (no graph break from vitfast's ops) and matches eager."""
+    timm = import_or_skip("timm")
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, embed_dim=32,
+                              depth=1, num_heads=2, num_classes=5).eval()
+    report = vitfast.patch_model(model)
+    assert _kinds(report) == {"attention": 1, "layer_norm": 3, "patch_embed": 1}
+    x = torch.randn(2, 3, 16, 16)
+    eager = model(x)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    torch.testing.assert_close(out, eager, rtol=1e-4, atol=2e-5)
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_compile_fullgraph_patched_torchvision_swin():
+    import_or_skip("torchvision")
+    from torchvision.models import swin_transformer as tvs
+
+    model = tvs.SwinTransformer(patch_size=[2, 2], embed_dim=16, depths=[2], num_heads=[2], window_size=[4, 4],
+                                num_classes=5).eval()
+    vitfast.patch_model(model)
+    x = torch.randn(1, 3, 16, 16)
+    eager = model(x)
+    torch._dynamo.reset()
+    out = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(out, eager, rtol=1e-4, atol=2e-5)
+
+
+def test_patched_model_pickles_and_deep_copies():
+    """torch.save(model) and copy.deepcopy keep the patch, bound to the new module, not the old one."""
+    import io
+
+    model = nn.TransformerEncoderLayer(16, 2, dim_feedforward=24, dropout=0.0, batch_first=True).eval()
+    vitfast.patch_model(model)
+    x = torch.randn(2, 5, 16)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for clone in (torch.load(buffer, weights_only=False), copy.deepcopy(model)):
+        assert clone.self_attn.forward.args[0] is clone.self_attn
+        assert clone.norm1.forward.args[0] is clone.norm1
+        torch.testing.assert_close(clone(x), model(x), rtol=0, atol=0)
+        assert vitfast.unpatch_model(clone) == 3

@@ -1,0 +1,55 @@
+"""open_clip adapters for `vitfast.patch_model`.
+
+- `open_clip.transformer.Attention` (the custom attention of CustomResidualAttentionBlock / attentional pooling):
+  forward -> vitfast.attention; its scaled-cosine variant runs as vitfast.attention on unit-norm q (times the
+  per-head exp(logit_scale)) and k with scale 1.
+- ResidualAttentionBlock's nn.MultiheadAttention and open_clip's LayerNorm / LayerNormFp32: the torch.nn adapters
+  of integrations/patch.py.
+
+Nothing here imports open_clip: modules are matched by class name.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vitfast.integrations.patch import Adapter
+from vitfast.ops.attention import attention
+
+
+def _attention_forward(self, x: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
+    N, L, C = x.shape
+    q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+    q = q.reshape(N, L, self.num_heads, -1).transpose(1, 2)
+    k = k.reshape(N, L, self.num_heads, -1).transpose(1, 2)
+    v = v.reshape(N, L, self.num_heads, -1).transpose(1, 2)
+    if attn_mask is not None:
+        if attn_mask.ndim == 3:
+            attn_mask = attn_mask.reshape(N, self.num_heads, L, L)
+        # open_clip's bool masks mean "masked out"; vitfast's (SDPA's) mean "attend"
+        attn_mask = ~attn_mask if attn_mask.dtype == torch.bool else attn_mask.to(q.dtype)
+    p = self.attn_drop.p if self.training else 0.0
+    if self.logit_scale is not None:
+        scale = torch.clamp(self.logit_scale, max=self.logit_scale_max).exp()
+        x = attention(F.normalize(q, dim=-1) * scale, F.normalize(k, dim=-1), v, attn_mask, scale=1.0, dropout_p=p)
+    else:
+        x = attention(self.ln_q(q), self.ln_k(k), v, attn_mask, scale=self.scale, dropout_p=p)
+    if self.head_scale is not None:
+        x = x * self.head_scale
+    x = x.transpose(1, 2).reshape(N, L, C)
+    x = self.ln_inner(x)
+    return self.out_drop(self.out_proj(x))
+
+
+def _attention_check(module: nn.Module) -> Optional[str]:
+    missing = [a for a in ("in_proj_weight", "in_proj_bias", "logit_scale", "ln_q", "ln_k", "head_scale", "ln_inner",
+                           "out_proj", "out_drop", "attn_drop", "scale") if not hasattr(module, a)]
+    return f"unexpected open_clip Attention layout (missing {missing})" if missing else None
+
+
+ADAPTERS = {
+    "open_clip.transformer.Attention": Adapter(
+        "attention", "SDPA / scaled-cosine attention -> vitfast.attention", {"forward": _attention_forward},
+        _attention_check),
+}

@@ -1,0 +1,270 @@
+"""`patch_model` / `unpatch_model`: swap the attention, window attention, LayerNorm and patch embedding of a timm,
+torchvision, open_clip or transformers model for vitfast's, in place, keeping every parameter and state-dict key.
+
+    report = vitfast.patch_model(model)      # prints as a table: what was patched, what was left and why
+    vitfast.unpatch_model(model)             # the original forward paths again
+
+How: modules are recognised by the qualified name of their class (`type(m).__module__ + "." + __qualname__`), so
+nothing from the libraries is imported. A recognised module gets instance attributes (usually `forward`) bound to
+vitfast-backed functions that read the module's own parameters; unpatching deletes those attributes, so the class's
+methods show through again. The parameters are the same objects throughout (optimizers, DDP and FSDP see no
+change), and a patched module deep-copies, pickles and compiles (`torch.compile(fullgraph=True)`) like the original.
+A transformers `PreTrainedModel` is switched to `attn_implementation="vitfast"` (see integrations/transformers.py).
+
+An adapter that meets arguments it does not cover at run time (e.g. `need_weights=True` on nn.MultiheadAttention,
+a LayerNorm input whose dtype differs from its weight under autocast) calls the original forward for that call.
+"""
+import functools
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vitfast.ops.attention import attention
+from vitfast.ops.layer_norm import layer_norm
+
+KINDS = ("attention", "window_attention", "layer_norm", "patch_embed")
+_MARK = "_vitfast_patch"  # instance attribute: (kind, names of the instance attributes the patch set)
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """How to patch one class: `methods` are bound to the module as instance attributes."""
+    kind: str
+    what: str
+    methods: Dict[str, Callable]
+    check: Callable[[nn.Module], Optional[str]] = lambda module: None  # why this instance cannot be patched
+
+
+@dataclass
+class Patched:
+    name: str
+    cls: str
+    kind: str
+    what: str
+
+
+@dataclass
+class Left:
+    name: str
+    cls: str
+    reason: str
+
+
+@dataclass
+class PatchReport:
+    """What `patch_model` swapped (`patched`) and what it recognised or suspected but left (`left`, with why)."""
+    patched: List[Patched] = field(default_factory=list)
+    left: List[Left] = field(default_factory=list)
+
+    def counts(self) -> Dict[str, int]:
+        """Number of patched modules per kind."""
+        return {k: sum(p.kind == k for p in self.patched) for k in KINDS if any(p.kind == k for p in self.patched)}
+
+    def __str__(self) -> str:
+        lines = [f"vitfast.patch_model: {len(self.patched)} patched, {len(self.left)} left"]
+        lines += [f"  patched {p.name or '<model>'} ({p.cls}): {p.kind}: {p.what}" for p in self.patched]
+        lines += [f"  left    {l.name or '<model>'} ({l.cls}): {l.reason}" for l in self.left]
+        return "\n".join(lines)
+
+
+def qualname(module: nn.Module) -> str:
+    cls = type(module)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+# --------------------------------------------------------------------------------------- torch.nn adapters
+
+def _layer_norm_forward(self: nn.LayerNorm, x: Tensor) -> Tensor:
+    if (self.weight is not None and x.dtype != self.weight.dtype) or not x.is_floating_point():
+        return type(self).forward(self, x)  # autocast or a subclass's own casts: the original semantics
+    return layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+# nn.LayerNorm subclasses whose forward is F.layer_norm (up to dtype casts, which the fallback keeps)
+_LAYER_NORM_SUBCLASSES = {
+    "timm.layers.norm.LayerNorm",
+    "open_clip.transformer.LayerNorm",
+    "open_clip.transformer.LayerNormFp32",
+}
+
+
+def _layer_norm_check(module: nn.Module) -> Optional[str]:
+    if type(module).forward is not nn.LayerNorm.forward and qualname(module) not in _LAYER_NORM_SUBCLASSES:
+        return "nn.LayerNorm subclass with its own forward (not known to compute a plain LayerNorm)"
+    return None
+
+
+def _mha_forward(self: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor,
+                 key_padding_mask: Optional[Tensor] = None, need_weights: bool = True,
+                 attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True, is_causal: bool = False):
+    """nn.MultiheadAttention.forward on vitfast.attention; returns (output, None) as the original with
+    need_weights=False. Masks keep MultiheadAttention's meaning (bool True = masked out, float added)."""
+    if need_weights or query.dim() != 3:
+        return nn.MultiheadAttention.forward(self, query, key, value, key_padding_mask, need_weights, attn_mask,
+                                             average_attn_weights, is_causal)
+    if not self.batch_first:
+        query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+    B, L, E = query.shape
+    S, H = key.shape[1], self.num_heads
+    if query is key and key is value:
+        q, k, v = F.linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+    else:
+        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
+        q, k, v = F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+    q = q.view(B, L, H, -1).transpose(1, 2)
+    k = k.view(B, S, H, -1).transpose(1, 2)
+    v = v.view(B, S, H, -1).transpose(1, 2)
+    mask = _mha_mask(attn_mask, key_padding_mask, B, H, L, S, q.dtype)
+    causal = bool(is_causal and attn_mask is None and key_padding_mask is None)
+    out = attention(q, k, v, mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0)
+    out = self.out_proj(out.transpose(1, 2).reshape(B, L, E))
+    return (out if self.batch_first else out.transpose(0, 1)), None
+
+
+def _mha_mask(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], B: int, H: int, L: int, S: int,
+              dtype: torch.dtype) -> Optional[Tensor]:
+    """MultiheadAttention's masks (bool True = masked out, or additive float) as one SDPA-style mask."""
+    masks = []
+    if attn_mask is not None:
+        masks.append(attn_mask.view(B, H, L, S) if attn_mask.dim() == 3 else attn_mask.view(1, 1, L, S))
+    if key_padding_mask is not None:
+        masks.append(key_padding_mask.view(B, 1, 1, S))
+    if not masks:
+        return None
+    if all(m.dtype == torch.bool for m in masks):
+        keep = ~masks[0]
+        for m in masks[1:]:
+            keep = keep & ~m
+        return keep
+    total = None
+    for m in masks:
+        m = torch.zeros_like(m, dtype=dtype).masked_fill(m, -math.inf) if m.dtype == torch.bool else m.to(dtype)
+        total = m if total is None else total + m
+    return total
+
+
+def _mha_check(module: nn.Module) -> Optional[str]:
+    if type(module) is not nn.MultiheadAttention:
+        return "nn.MultiheadAttention subclass (its forward may differ)"
+    if not module._qkv_same_embed_dim:
+        return "kdim/vdim differ from embed_dim (separate q/k/v projection weights)"
+    if module.bias_k is not None or module.add_zero_attn:
+        return "add_bias_kv / add_zero_attn are not supported"
+    return None
+
+
+_TORCH_ADAPTERS = {
+    "torch.nn.modules.activation.MultiheadAttention": Adapter(
+        "attention", "nn.MultiheadAttention -> vitfast.attention (need_weights=False calls)",
+        {"forward": _mha_forward}, _mha_check),
+}
+_LAYER_NORM = Adapter("layer_norm", "LayerNorm -> vitfast.layer_norm", {"forward": _layer_norm_forward},
+                      _layer_norm_check)
+
+
+# --------------------------------------------------------------------------------------- driver
+
+def _adapters() -> Dict[str, Adapter]:
+    from vitfast.integrations import open_clip, timm, torchvision, transformers
+
+    table = dict(_TORCH_ADAPTERS)
+    for lib in (timm, torchvision, open_clip, transformers):
+        table.update(lib.ADAPTERS)
+    return table
+
+
+def _is_transformers_model(module: nn.Module) -> bool:
+    return any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers.")
+               for c in type(module).__mro__)
+
+
+# classes whose name suggests something vitfast could swap: reported as left when no adapter takes them
+_SUSPECT = re.compile(r"Attention|LayerNorm|PatchEmbed")
+_NO_ADAPTER = "no vitfast adapter for this class"
+
+
+def _bind(module: nn.Module, kind: str, methods: Dict[str, Callable]) -> None:
+    # functools.partial rather than types.MethodType: a bound method pickles as getattr(module, fn.__name__),
+    # which does not exist on the module; a partial pickles (and deep-copies) with a reference to the module
+    for name, fn in methods.items():
+        object.__setattr__(module, name, functools.partial(fn, module))
+    object.__setattr__(module, _MARK, (kind, tuple(methods)))
+
+
+def patch_model(model: nn.Module, attention: bool = True, window_attention: bool = True, layer_norm: bool = True,
+                patch_embed: bool = True) -> PatchReport:
+    """Swaps vitfast's kernels into `model` in place (parameters and state-dict keys unchanged).
+
+    Args:
+        model: a timm, torchvision, open_clip or transformers model (or any module containing their blocks).
+        attention: global self/cross attention (timm Attention, nn.MultiheadAttention in torchvision's ViT and
+            open_clip, open_clip Attention, transformers' attention interface).
+        window_attention: Swin (timm SwinTransformerBlock/WindowAttention, torchvision ShiftedWindowAttention and
+            V2, transformers SwinLayer).
+        layer_norm: nn.LayerNorm and the known subclasses that compute a plain LayerNorm.
+        patch_embed: timm PatchEmbed, torchvision VisionTransformer's conv_proj, transformers ViT/DeiT patch
+            embeddings.
+
+    Returns:
+        PatchReport: `.patched` and `.left` (with the reason); `print(report)` shows both.
+    """
+    enabled = {"attention": attention, "window_attention": window_attention, "layer_norm": layer_norm,
+               "patch_embed": patch_embed}
+    table = _adapters()
+    report = PatchReport()
+    hf_prefixes: List[str] = []
+    for name, module in model.named_modules():
+        cls = qualname(module)
+        under_hf = any(name == p or name.startswith(p + ".") or p == "" for p in hf_prefixes)
+        if getattr(module, _MARK, None) is not None:
+            if not under_hf:  # (transformers' SwinLayers are patched, and reported, with their model)
+                report.left.append(Left(name, cls, f"already patched ({getattr(module, _MARK)[0]})"))
+            continue
+        if _is_transformers_model(module) and not under_hf:
+            from vitfast.integrations import transformers as hf
+
+            hf_prefixes.append(name)
+            for record in hf.patch(module, name, attention=attention, window_attention=window_attention):
+                (report.patched if isinstance(record, Patched) else report.left).append(record)
+            continue
+        adapter = table.get(cls) or (_LAYER_NORM if isinstance(module, nn.LayerNorm) else None)
+        if adapter is None:
+            # transformers' attention modules run through the attention interface switched above
+            if (_SUSPECT.search(type(module).__name__) and not cls.startswith("vitfast.")
+                    and not (under_hf and "Attention" in type(module).__name__)):
+                report.left.append(Left(name, cls, _NO_ADAPTER))
+            continue
+        reason = None if enabled[adapter.kind] else f"{adapter.kind}=False"
+        reason = reason or adapter.check(module)
+        if reason:
+            report.left.append(Left(name, cls, reason))
+            continue
+        _bind(module, adapter.kind, adapter.methods)
+        report.patched.append(Patched(name, cls, adapter.kind, adapter.what))
+    # a suspect whose parts were patched (e.g. open_clip's ResidualAttentionBlock around its MultiheadAttention)
+    # is covered
+    report.left = [l for l in report.left if l.reason != _NO_ADAPTER
+                   or not any(p.name.startswith(l.name + ".") for p in report.patched)]
+    return report
+
+
+def unpatch_model(model: nn.Module) -> int:
+    """Restores every module `patch_model` changed in `model`; returns how many were restored."""
+    restored = 0
+    for module in model.modules():
+        mark = module.__dict__.pop(_MARK, None)
+        if mark is not None:
+            for name in mark[1]:
+                module.__dict__.pop(name, None)
+            restored += 1
+        if _is_transformers_model(module):
+            from vitfast.integrations import transformers as hf
+
+            restored += hf.unpatch(module)
+    return restored

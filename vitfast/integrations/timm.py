@@ -1,0 +1,105 @@
+"""timm adapters for `vitfast.patch_model`: forward paths bound to timm modules, reading their own parameters.
+
+- `timm.layers.attention.Attention` (ViT, DeiT, ...; older timm: vision_transformer.Attention): SDPA ->
+  vitfast.attention.
+- `timm.models.swin_transformer.SwinTransformerBlock`: `_attn` (roll, pad, partition, mask, attention, reverse)
+  -> one vitfast.window_attention call on the image-layout map (shift and mask computed in the kernel) when the
+  map divides into windows; otherwise timm's path (timm shifts before padding, vitfast after).
+- `timm.models.swin_transformer.WindowAttention`: forward -> vitfast.nn.WindowAttention's (used when called on
+  its own; the patched block no longer calls it).
+- `timm.layers.patch_embed.PatchEmbed`: forward -> vitfast.nn.PatchEmbed's (conv + flatten + LayerNorm fused).
+- timm's LayerNorm: the generic LayerNorm adapter of integrations/patch.py.
+
+Nothing here imports timm: modules are matched by class name.
+"""
+from typing import Optional
+
+from torch import Tensor, nn
+
+from vitfast.integrations.patch import Adapter
+from vitfast.nn.patch_embed import PatchEmbed as _VitfastPatchEmbed
+from vitfast.nn.window_attention import WindowAttention as _VitfastWindowAttention
+from vitfast.ops.attention import attention
+from vitfast.ops.window_attention import window_attention
+
+
+def _attention_forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+    B, N, C = x.shape
+    gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
+    q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = self.q_norm(q), self.k_norm(k)
+    x = attention(q, k, v, attn_mask, is_causal=is_causal, scale=self.scale,
+                  dropout_p=self.attn_drop.p if self.training else 0.0)
+    x = x.transpose(1, 2).reshape(B, N, -1)
+    x = self.norm(x)
+    if gate is not None:
+        x = x * gate
+    return self.proj_drop(self.proj(x))
+
+
+def _attention_check(module: nn.Module) -> Optional[str]:
+    missing = [a for a in ("qkv", "q_norm", "k_norm", "norm", "proj", "proj_drop", "attn_drop", "scale")
+               if not hasattr(module, a)]
+    return f"unexpected timm Attention layout (missing {missing})" if missing else None
+
+
+def _swin_block_attn(self, x: Tensor) -> Tensor:
+    B, H, W, C = x.shape
+    (wh, ww), (sh, sw) = self.window_size, self.shift_size
+    divisible = H % wh == 0 and W % ww == 0 and (sh == 0 or H > wh) and (sw == 0 or W > ww)
+    if not divisible:
+        return type(self)._attn(self, x)
+    attn = self.attn
+    qkv = attn.qkv(x).view(B, H, W, 3, attn.num_heads, -1)
+    out = window_attention(qkv, attn.relative_position_bias_table, (wh, ww), (sh, sw),
+                           attention_dropout=attn.attn_drop.p, training=self.training, softmax_scale=attn.scale,
+                           clamp_window=False)
+    return attn.proj_drop(attn.proj(out))
+
+
+def _swin_block_check(module: nn.Module) -> Optional[str]:
+    attn = getattr(module, "attn", None)
+    if attn is None or not hasattr(attn, "relative_position_bias_table") or not hasattr(module, "_attn"):
+        return "SwinTransformerBlock without timm's WindowAttention (relative_position_bias_table) and _attn"
+    return None
+
+
+def _window_attention_check(module: nn.Module) -> Optional[str]:
+    if not hasattr(module, "relative_position_bias_table") or not hasattr(module, "window_area"):
+        return "unexpected timm WindowAttention layout"
+    return None
+
+
+def _patch_embed_check(module: nn.Module) -> Optional[str]:
+    proj = getattr(module, "proj", None)
+    if type(proj) is not nn.Conv2d:
+        return f"proj is {type(proj).__name__}, not a Conv2d"
+    if (tuple(proj.stride) != tuple(proj.kernel_size) or tuple(proj.kernel_size) != tuple(module.patch_size)
+            or any(proj.padding) or any(d != 1 for d in proj.dilation) or proj.groups != 1):
+        return "proj is not a non-overlapping patch convolution (stride = kernel = patch_size, no padding)"
+    fmt = str(getattr(module.output_fmt, "value", module.output_fmt))
+    if not module.flatten and fmt not in ("NCHW", "NHWC", "NLC"):
+        return f"output_fmt {fmt} is not supported"
+    norm = module.norm
+    if not isinstance(norm, nn.Identity) and not module.flatten and fmt == "NCHW":
+        return "a norm on NCHW output (normalizes over the last spatial dim in timm)"
+    return None
+
+
+ADAPTERS = {
+    "timm.layers.attention.Attention": Adapter(
+        "attention", "SDPA -> vitfast.attention", {"forward": _attention_forward}, _attention_check),
+    "timm.models.vision_transformer.Attention": Adapter(
+        "attention", "SDPA -> vitfast.attention", {"forward": _attention_forward}, _attention_check),
+    "timm.models.swin_transformer.SwinTransformerBlock": Adapter(
+        "window_attention", "roll/pad/partition/mask/attention -> one fused vitfast.window_attention",
+        {"_attn": _swin_block_attn}, _swin_block_check),
+    "timm.models.swin_transformer.WindowAttention": Adapter(
+        "window_attention", "forward -> vitfast.nn.WindowAttention's (windows in, bias table read in-kernel)",
+        {"forward": _VitfastWindowAttention.forward},
+        _window_attention_check),
+    "timm.layers.patch_embed.PatchEmbed": Adapter(
+        "patch_embed", "conv + flatten + norm -> vitfast.patch_embed",
+        {"forward": _VitfastPatchEmbed.forward, "_fused_norm": _VitfastPatchEmbed._fused_norm}, _patch_embed_check),
+}
+

@@ -1,0 +1,72 @@
+"""torchvision adapters for `vitfast.patch_model`: forward paths bound to torchvision modules, reading their own
+parameters.
+
+- `ShiftedWindowAttention` (Swin V1): forward -> vitfast.shifted_window_attention with the bias table itself
+  (torchvision gathers a (1, heads, N, N) bias first; vitfast reads the table inside the kernel).
+- `ShiftedWindowAttentionV2`: the same, with the continuous position bias table (16 * sigmoid(cpb_mlp(coords)),
+  which commutes with the gather) and the cosine-attention logit scale.
+- `VisionTransformer._process_input`: conv_proj + flatten + transpose -> vitfast.patch_embed.
+- ViT's nn.MultiheadAttention (EncoderBlock.self_attention) and nn.LayerNorm: the torch.nn adapters of
+  integrations/patch.py.
+
+Nothing here imports torchvision: modules are matched by class name.
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from vitfast.integrations.patch import Adapter
+from vitfast.ops.patch_embed import patch_embed
+from vitfast.ops.window_attention import shifted_window_attention
+
+
+def _swa_forward(self, x: Tensor) -> Tensor:
+    return shifted_window_attention(
+        x, self.qkv.weight, self.proj.weight, self.relative_position_bias_table, self.window_size, self.num_heads,
+        shift_size=self.shift_size, attention_dropout=self.attention_dropout, dropout=self.dropout,
+        qkv_bias=self.qkv.bias, proj_bias=self.proj.bias, training=self.training)
+
+
+def _swa_v2_forward(self, x: Tensor) -> Tensor:
+    table = 16 * torch.sigmoid(self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads))
+    return shifted_window_attention(
+        x, self.qkv.weight, self.proj.weight, table, self.window_size, self.num_heads,
+        shift_size=self.shift_size, attention_dropout=self.attention_dropout, dropout=self.dropout,
+        qkv_bias=self.qkv.bias, proj_bias=self.proj.bias, logit_scale=self.logit_scale, training=self.training)
+
+
+def _swa_check(module: nn.Module) -> Optional[str]:
+    missing = [a for a in ("qkv", "proj", "window_size", "shift_size", "num_heads", "attention_dropout", "dropout")
+               if not hasattr(module, a)]
+    return f"unexpected ShiftedWindowAttention layout (missing {missing})" if missing else None
+
+
+def _vit_process_input(self, x: Tensor) -> Tensor:
+    n, c, h, w = x.shape
+    p = self.patch_size
+    torch._assert(h == self.image_size, f"Wrong image height! Expected {self.image_size} but got {h}!")
+    torch._assert(w == self.image_size, f"Wrong image width! Expected {self.image_size} but got {w}!")
+    return patch_embed(x, self.conv_proj.weight, self.conv_proj.bias, p)
+
+
+def _vit_check(module: nn.Module) -> Optional[str]:
+    conv = getattr(module, "conv_proj", None)
+    if type(conv) is not nn.Conv2d:
+        return "conv_proj is not a single Conv2d (a conv stem): patch embedding left as is"
+    if tuple(conv.stride) != tuple(conv.kernel_size) or any(conv.padding) or conv.groups != 1:
+        return "conv_proj is not a non-overlapping patch convolution"
+    return None
+
+
+ADAPTERS = {
+    "torchvision.models.swin_transformer.ShiftedWindowAttention": Adapter(
+        "window_attention", "shifted_window_attention -> vitfast's (bias table read in-kernel)",
+        {"forward": _swa_forward}, _swa_check),
+    "torchvision.models.swin_transformer.ShiftedWindowAttentionV2": Adapter(
+        "window_attention", "shifted_window_attention (V2: cosine, CPB) -> vitfast's",
+        {"forward": _swa_v2_forward}, _swa_check),
+    "torchvision.models.vision_transformer.VisionTransformer": Adapter(
+        "patch_embed", "_process_input (conv_proj + flatten) -> vitfast.patch_embed",
+        {"_process_input": _vit_process_input}, _vit_check),
+}
