@@ -51,6 +51,22 @@ TORCH_LIBRARY(vitfast, m) {
       "patch_merging_bwd(Tensor dy, Tensor x, Tensor? norm_weight, Tensor? norm_bias, Tensor reduction_weight,"
       " Tensor mean, Tensor rstd) -> (Tensor dx, Tensor dnorm_weight, Tensor dnorm_bias, Tensor dreduction_weight)");
   // end patch_embed / patch_merging
+  // window attention
+  // Schemas of vitfast::window_attention / window_attention_backward (vitfast/ops/window_attention.py docstring):
+  // qkv (B, H, W, 3, heads, D) with unit inner stride; bias the (num_rel, heads) table or dense (heads, N, N);
+  // pad_qkv (3, heads, D); logit_scale (heads,) fp32 (Swin-V2, clamped and exponentiated). out (B, H, W, heads*D),
+  // lse (B, heads, nW, N) fp32. window_partition: (B, H, W, C) -> (B*nW, N, C) after pad and roll by -shift;
+  // window_reverse: the inverse (roll back, crop to H, W).
+  m.def(
+      "window_attention_fwd(Tensor qkv, Tensor bias, Tensor? pad_qkv, Tensor? logit_scale, int[2] window_size,"
+      " int[2] shift_size, float softmax_scale, float dropout_p, int seed) -> (Tensor out, Tensor lse)");
+  m.def(
+      "window_attention_bwd(Tensor dout, Tensor qkv, Tensor bias, Tensor? pad_qkv, Tensor? logit_scale, Tensor out,"
+      " Tensor lse, int[2] window_size, int[2] shift_size, float softmax_scale, float dropout_p, int seed)"
+      " -> (Tensor dqkv, Tensor dbias, Tensor dpad_qkv, Tensor dlogit_scale)");
+  m.def("window_partition(Tensor x, int[2] window_size, int[2] shift_size) -> Tensor");
+  m.def("window_reverse(Tensor windows, int H, int W, int[2] window_size, int[2] shift_size) -> Tensor");
+  // end window attention
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

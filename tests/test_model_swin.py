@@ -82,3 +82,15 @@ def test_swin_classifies_and_trains_like_eager():
             losses[name].append(loss.item())
     assert losses["vitfast"][-1] < losses["vitfast"][0]
     torch.testing.assert_close(torch.tensor(losses["vitfast"]), torch.tensor(losses["eager"]), rtol=1e-3, atol=1e-4)
+
+
+def test_torchvision_state_dict_loads_as_is():
+    from _optional_libs import import_or_skip
+
+    tv_swin = import_or_skip("torchvision").models.swin_transformer
+    theirs = tv_swin.SwinTransformer(patch_size=[2, 2], embed_dim=16, depths=[2, 2], num_heads=[2, 2],
+                                     window_size=[4, 4], mlp_ratio=1.5, num_classes=3).eval()
+    mine = SwinTransformer(**TINY).eval()
+    mine.load_state_dict(theirs.state_dict())
+    images = torch.randn(1, 3, 14, 14)
+    torch.testing.assert_close(mine(images), theirs(images), rtol=1e-4, atol=1e-4)

@@ -181,6 +181,9 @@ def test_every_output_element_is_written_and_backward_is_deterministic(backend, 
 @pytest.mark.parametrize("backend,device", CASES)
 def test_attention_dropout_uses_one_mask_forward_and_backward(backend, device):
     """Drop in the kernel, then compare against the textbook path given the same keep mask."""
+    if backend == "cpp":
+        pytest.skip("the C++ kernel draws its own dropout bits (no mask to hand to the reference); its forward and "
+                    "backward agree by gradcheck with dropout in tests/test_window_attention_cpp.py")
     from vitfast.ops.window_attention import _window_attention_op
     B, H, W, heads, D, ws, shift, p, seed = 1, 14, 15, 2, 16, 7, 3, 0.3, 1234
     qkv, table, qkv_pad, _ = _inputs(B, H, W, heads, D, ws, torch.float32, device)

@@ -3,10 +3,10 @@
 `vitfast::window_attention` (forward) and `vitfast::window_attention_backward` are torch.library ops with
 fake implementations, so torch.compile sees them whole; each picks its backend at run time: "triton"
 (vitfast.triton.window_attention: cyclic shift, padding, window partition, bias gather and shift mask by
-index arithmetic in the kernel) or "torch" (the textbook PyTorch below); the "cpp"/"cuda" backends, when
-written, register `vitfast::window_attention_fwd` and `vitfast::window_attention_bwd` in csrc/ with exactly
-the two schemas below (names aside) and get added to the register_op orders. Every backend shares them,
-and the saved state (out, lse), so forward and backward may run on different backends:
+index arithmetic in the kernel), "cpp" (csrc/window_attention.cpp, the same fusion on the CPU, registered as
+`vitfast::window_attention_fwd` and `vitfast::window_attention_bwd` with exactly the two schemas below, names
+aside) or "torch" (the textbook PyTorch below). Every backend shares the schemas and the saved state
+(out, lse), so forward and backward may run on different backends:
 
     window_attention(Tensor qkv, Tensor bias, Tensor? pad_qkv, Tensor? logit_scale, int[2] window_size,
                      int[2] shift_size, float softmax_scale, float dropout_p, int seed) -> (Tensor out, Tensor lse)
@@ -321,7 +321,7 @@ def _check_support(backend: str, tensors: tuple) -> Optional[str]:
     return None
 
 
-_backend.register_op(OP, gpu_order=("triton", "torch"), cpu_order=("torch",), check=_check_support)
+_backend.register_op(OP, gpu_order=("triton", "torch"), cpu_order=("cpp", "torch"), check=_check_support)
 
 
 def _geometry(qkv: Tensor, window_size: Sequence[int]) -> tuple:
