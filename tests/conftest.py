@@ -56,3 +56,20 @@ def assert_close_to_ref(out: torch.Tensor, ref64: torch.Tensor, plain: torch.Ten
     floor = _FLOOR_ULPS * torch.finfo(out.dtype).eps * max(1.0, ref64.abs().max().item())
     assert err <= 2 * plain_err + floor, (
         f"{what}: max error {err:.3g} > 2 x plain PyTorch's {plain_err:.3g} + {floor:.3g} ({out.dtype})")
+
+
+def assert_trains_like_eager(eager: torch.nn.Module, mine: torch.nn.Module, loss_fn, steps: int, lr: float):
+    """A few AdamW steps of each model on the same data (`loss_fn(model)`): the vitfast model's loss falls and
+    tracks the eager model's step by step."""
+    losses = {}
+    for name, model in (("eager", eager), ("vitfast", mine)):
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+        losses[name] = []
+        for _ in range(steps):
+            loss = loss_fn(model)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses[name].append(loss.item())
+    assert losses["vitfast"][-1] < losses["vitfast"][0], losses
+    torch.testing.assert_close(torch.tensor(losses["vitfast"]), torch.tensor(losses["eager"]), rtol=1e-3, atol=1e-4)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import vitfast
 from vitfast.ops.layer_norm import layer_norm_ref
 
-from conftest import DEVICE, assert_close_to_ref, backend_cases
+from conftest import assert_close_to_ref, backend_cases
 
 CASES = backend_cases("layer_norm")
 LOW = (torch.float16, torch.bfloat16)

@@ -1,5 +1,5 @@
 """vitfast: fused Triton and CUDA kernels for vision transformers."""
-from vitfast import _ext
+from vitfast import _ext  # noqa: F401  (loads the extension: registers the cpp/cuda kernels)
 from vitfast.backend import choose_backend, set_backend, use_backend
 from vitfast.info import info
 from vitfast.ops.attention import attention, flash_attn_func

@@ -10,7 +10,6 @@ info: the environment only.
 """
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -23,7 +22,6 @@ import torch.nn.functional as F
 
 import vitfast
 from vitfast import backend
-from vitfast.ops.attention import attention_ref
 from vitfast.ops.layer_norm import layer_norm_ref
 from vitfast.ops.patch_embed import patch_embed_ref
 from vitfast.ops.patch_merging import patch_merging_ref

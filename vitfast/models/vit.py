@@ -5,7 +5,6 @@ as they are; `vit_from_transformers` converts a Hugging Face ViTModel/DeiTModel.
 the patch embedding (conv + class/distillation tokens + position embedding), the attention and the
 LayerNorms run as vitfast ops, with the second LayerNorm of each block fused with its residual add.
 """
-from typing import Optional
 
 import torch
 import torch.nn.functional as F

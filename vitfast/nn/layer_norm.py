@@ -1,7 +1,6 @@
 """vitfast.nn.LayerNorm: a drop-in for torch.nn.LayerNorm backed by vitfast.layer_norm."""
 from typing import Optional
 
-import torch
 from torch import Tensor, nn
 
 from vitfast.ops.layer_norm import layer_norm

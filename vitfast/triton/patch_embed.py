@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from vitfast.backend import triton_interpret
+from vitfast.triton.common import mma
 
 MAX_NORM_E = 1024  # the LayerNorm epilogue keeps BLOCK_M x next_pow2(E) fp32 values per program
 
@@ -36,17 +37,6 @@ def _configs(with_n: bool) -> list:
 def _norm_configs() -> list:
     return [triton.Config(dict(BLOCK_M=bm, BLOCK_K=bk), num_warps=w, num_stages=s)
             for bm, bk, w, s in [(32, 32, 4, 3), (64, 32, 8, 3), (16, 64, 4, 3), (32, 64, 8, 4)]]
-
-
-@triton.jit
-def _mma(a, b, acc, UPCAST: tl.constexpr):
-    """acc + a @ b in fp32. UPCAST: bf16 operands as fp32 (exact products), for the interpreter, whose bf16
-    tl.dot returns garbage on triton 3.9 with numpy 2."""
-    if UPCAST:
-        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        acc = tl.dot(a, b, acc, input_precision="ieee")
-    return acc
 
 
 @triton.jit
@@ -101,7 +91,7 @@ def _patch_embed_fwd_kernel(
         col_off = (rk // (PH * PW)) * sxc + ((rk // PW) % PH) * sxh + (rk % PW) * sxw
         a = tl.load(X + row_base[:, None] + col_off[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(Wt + rn[None, :] * K + rk[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = _mma(a, w, acc, UPCAST)
+        acc = mma(a, w, acc, UPCAST)
     if HAS_BIAS:
         acc += tl.load(Bias + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     mask = m_mask[:, None] & n_mask[None, :]
@@ -163,7 +153,7 @@ def _patch_embed_bwd_dx_kernel(
         e_mask = re < E
         dz = tl.load(DZ + dz_row[:, None] + re[None, :], mask=m_mask[:, None] & e_mask[None, :], other=0.0)
         w = tl.load(Wt + re[:, None] * K + rn[None, :], mask=e_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = _mma(dz, w, acc, UPCAST)
+        acc = mma(dz, w, acc, UPCAST)
     row_base = b * sxb + (tok // Wp) * PH * sxh + (tok % Wp) * PW * sxw
     col_off = (rn // (PH * PW)) * sxc + ((rn // PW) % PH) * sxh + (rn % PW) * sxw
     tl.store(DX + row_base[:, None] + col_off[None, :], acc.to(DX.dtype.element_ty),
@@ -217,7 +207,7 @@ def _patch_embed_bwd_dw_kernel(
                       other=0.0)
         row_base = b * sxb + (tok // Wp) * PH * sxh + (tok % Wp) * PW * sxw
         a = tl.load(X + row_base[:, None] + col_off[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        acc = _mma(dzt, a, acc, UPCAST)
+        acc = mma(dzt, a, acc, UPCAST)
         if HAS_BIAS:
             db += tl.sum(dzt.to(tl.float32), axis=1)
     tl.store(DW_partial + split * E * K + re[:, None] * K + rk[None, :], acc,

@@ -15,17 +15,7 @@ import triton
 import triton.language as tl
 
 from vitfast.backend import triton_interpret
-
-
-@triton.jit
-def _mma(a, b, acc, UPCAST: tl.constexpr):
-    """acc + a @ b in fp32. UPCAST: bf16 operands as fp32 (exact products), for the interpreter, whose bf16
-    tl.dot returns garbage on triton 3.9 with numpy 2."""
-    if UPCAST:
-        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        acc = tl.dot(a, b, acc, input_precision="ieee")
-    return acc
+from vitfast.triton.common import mma
 
 
 @triton.jit
@@ -87,7 +77,7 @@ def _patch_merging_fwd_kernel(
         valid = m_mask[:, None] & k_mask[None, :]
         a = tl.load(X + offs, mask=valid & inside, other=0.0)
         w = tl.load(Wg + rn[None, :] * K + rk[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = _mma(a, w, acc, UPCAST)
+        acc = mma(a, w, acc, UPCAST)
         d = tl.where(valid, a.to(tl.float32) - shift, 0.0)
         s1 += tl.sum(d, axis=1)
         s2 += tl.sum(d * d, axis=1)
@@ -162,7 +152,7 @@ def _patch_merging_bwd_dr_kernel(
             ln = ln + beta[None, :]
         # Round as the normalized activations of the eager sequence are, the reduction's input dtype.
         ln = tl.where(valid, ln, 0.0).to(DY.dtype.element_ty)
-        acc = _mma(dyt, ln, acc, UPCAST)
+        acc = mma(dyt, ln, acc, UPCAST)
     tl.store(DR_partial + split * N * K + rn[:, None] * K + rk[None, :], acc,
              mask=n_mask[:, None] & k_mask[None, :])
 
@@ -209,7 +199,7 @@ def _patch_merging_bwd_dln_kernel(
         n_mask = rn < N
         dy = tl.load(DY + rm[:, None] * sdy + rn[None, :], mask=m_mask[:, None] & n_mask[None, :], other=0.0)
         r = tl.load(R + rn[:, None] * K + rk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        acc = _mma(dy, r, acc, UPCAST)
+        acc = mma(dy, r, acc, UPCAST)
     mask = m_mask[:, None] & k_mask[None, :]
     # dLN in the input dtype, as the eager linear backward produces it: half the traffic of fp32, and the
     # row/column sums below use the same rounded values as the dx pass.
