@@ -8,8 +8,8 @@ import vitfast
 
 from conftest import DEVICE, ON_GPU, run_benchmark, vitfast_backends
 
-HIDDEN = [192, 384, 768, 1024, 1280] if ON_GPU else [384]
-ROWS = 64 * 197 if ON_GPU else 8 * 197
+HIDDEN = [192, 384, 768, 1024, 1280] if ON_GPU else [768]
+ROWS = 64 * 197
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
 _compiled = torch.compile(F.layer_norm)
 IMPLS = vitfast_backends("layer_norm") + ["torch", "torch.compile"]
