@@ -2,7 +2,9 @@
 
 On a GPU the real model shapes run; on a CPU only the smallest shapes run, so CI proves the suite works.
 """
+import functools
 import itertools
+import time
 
 import pytest
 import torch
@@ -20,10 +22,40 @@ def vitfast_backends(op: str) -> list:
     return [f"vitfast-{b}" for b in backend.BACKENDS if b != "torch" and backend._unavailable(op, b, dev) is None]
 
 
+def _best_seconds(fn, reps: int = 5) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        if ON_GPU:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if ON_GPU:
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+@functools.lru_cache(None)
+def machine_peaks() -> dict:
+    """This device's measured ceilings, once per session: copy bandwidth (read + write bytes of a large
+    tensor copy) and matmul throughput (bf16 on a GPU, fp32 on a CPU). They set each benchmark's floor."""
+    n = 2**28 if ON_GPU else 2**26  # bytes per copy buffer: 256 MiB on a GPU, 64 MiB on a CPU
+    src = torch.empty(n, dtype=torch.uint8, device=DEVICE).random_()
+    dst = torch.empty_like(src)
+    bandwidth = 2 * n / _best_seconds(lambda: dst.copy_(src))
+    m, dtype = (8192, torch.bfloat16) if ON_GPU else (1024, torch.float32)
+    a = torch.randn(m, m, device=DEVICE, dtype=dtype)
+    b = torch.randn(m, m, device=DEVICE, dtype=dtype)
+    flops = 2 * m**3 / _best_seconds(lambda: a @ b)
+    return {"peak_GB/s": bandwidth / 1e9, "peak_TFLOP/s": flops / 1e12}
+
+
 def run_benchmark(benchmark, fn, make_inputs, *, impl: str, bytes_moved: int = 0, flops: int = 0, rotate: int = 3):
     """Times `fn(*inputs)` with a pool of `rotate` input sets used in turn, so that caches do not flatter.
 
-    A "vitfast-<backend>" impl forces that backend. GB/s and TFLOP/s go into extra_info.
+    A "vitfast-<backend>" impl forces that backend. GB/s and TFLOP/s go into extra_info, and the roofline
+    floor: max(bytes / measured bandwidth, FLOPs / measured matmul peak), the least time the work can take.
     """
     pool = [make_inputs() for _ in range(rotate)]
     cycle = itertools.cycle(pool)
@@ -47,6 +79,11 @@ def run_benchmark(benchmark, fn, make_inputs, *, impl: str, bytes_moved: int = 0
         benchmark.extra_info["GB/s"] = bytes_moved / mean / 1e9
     if flops:
         benchmark.extra_info["TFLOP/s"] = flops / mean / 1e12
+    if bytes_moved or flops:
+        peaks = machine_peaks()
+        benchmark.extra_info.update(peaks)
+        benchmark.extra_info["floor_ms"] = 1e3 * max(bytes_moved / (peaks["peak_GB/s"] * 1e9),
+                                                     flops / (peaks["peak_TFLOP/s"] * 1e12))
     if ON_GPU:
         benchmark.extra_info["peak_mem_MiB"] = torch.cuda.max_memory_allocated() / 2**20
 

@@ -3,8 +3,10 @@
     python bench/report.py bench.json --out DIR
 
 Rows are grouped by benchmark group (one op or model at one shape); within a group each implementation
-(extra_info["impl"]: "vitfast-<backend>", "torch", "sdpa-flash", ...) gets its median time, its
-throughput and its speedup against the fastest non-vitfast implementation of the group.
+(extra_info["impl"]: "vitfast-<backend>", "torch", "sdpa-flash", ...) gets its median time, the roofline
+floor of the shape (bytes over the measured copy bandwidth, FLOPs over the measured matmul peak, whichever
+is larger) with the time's multiple of it, its throughput and its speedup against the fastest non-vitfast
+implementation of the group.
 """
 import argparse
 import json
@@ -28,8 +30,11 @@ def header(data: dict) -> str:
     m = data.get("machine_info", {})
     bench = data["benchmarks"][0]["extra_info"] if data["benchmarks"] else {}
     device = bench.get("device", m.get("cpu", {}).get("brand_raw", "?"))
+    peaks = next((b["extra_info"] for b in data["benchmarks"] if "peak_GB/s" in b["extra_info"]), {})
+    roof = (f" Measured peaks: {peaks['peak_GB/s']:.0f} GB/s copy, {peaks['peak_TFLOP/s']:.1f} TFLOP/s matmul."
+            if peaks else "")
     return (f"Device: {device}; torch {bench.get('torch', '?')}; python {m.get('python_version', '?')}; "
-            f"date {data.get('datetime', '?')[:10]}; medians of pytest-benchmark rounds.")
+            f"date {data.get('datetime', '?')[:10]}; medians of pytest-benchmark rounds.{roof}")
 
 
 def speedups(rows: list) -> dict:
@@ -44,8 +49,11 @@ def markdown(data: dict, groups: dict) -> str:
         sp = speedups(entries)
         for impl, t, extra in sorted(entries, key=lambda r: r[1]):
             tput = ", ".join(f"{extra[k]:.1f} {k}" for k in ("TFLOP/s", "GB/s") if k in extra)
-            rows.append([group, impl, f"{t * 1e3:.3f}", tput, f"{sp[impl]:.2f}x"])
-    table = markdown_table(["benchmark", "impl", "median (ms)", "throughput", "vs best baseline"], rows)
+            floor = extra.get("floor_ms")
+            roof = f"{floor:.3f} ({t * 1e3 / floor:.1f}x)" if floor else ""
+            rows.append([group, impl, f"{t * 1e3:.3f}", roof, tput, f"{sp[impl]:.2f}x"])
+    table = markdown_table(["benchmark", "impl", "median (ms)", "roofline floor ms (time/floor)", "throughput",
+                            "vs best baseline"], rows)
     return header(data) + "\n\n" + table + "\n"
 
 
