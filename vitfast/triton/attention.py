@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vitfast.triton.common import dot
+
 MAX_HEAD_DIM = 256
 LOG2E = 1.4426950408889634
 # Dropout compares the top 24 bits of a Philox draw with round(p * 2**24).
@@ -64,14 +66,6 @@ def _dropout_keep(
 
 
 @triton.jit
-def _dot(a, b, PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
-    if DOT_UPCAST:
-        # Triton's interpreter multiplies bfloat16 operands as their raw uint16 bits: upcast (exactly) first.
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=PRECISION)
-
-
-@triton.jit
 def _scores(
     q,  # (BLOCK_M, BLOCK_D)
     k,  # (BLOCK_N, BLOCK_D)
@@ -91,7 +85,7 @@ def _scores(
     DOT_UPCAST: tl.constexpr,
 ):
     """Scores in log2 units, (BLOCK_M, BLOCK_N) fp32, -inf where masked or out of range."""
-    s = _dot(q, tl.trans(k), PRECISION, DOT_UPCAST) * qk_scale
+    s = dot(q, tl.trans(k), PRECISION, DOT_UPCAST) * qk_scale
     valid = (offs_m < Nq)[:, None] & (offs_n < Nk)[None, :]
     if BIAS_KIND != 0:
         if BIAS_ROW_BCAST:
@@ -192,7 +186,7 @@ def _attention_fwd_kernel(
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m, offs_n, Nq, Nk, dropout_thresh)
             p = tl.where(keep, p * dropout_scale, 0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, DOT_UPCAST)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, PRECISION, DOT_UPCAST)
         m_i = m_new
     empty = l_i == 0.0
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -349,16 +343,16 @@ def _attention_bwd_dkdv_kernel(
         s = _scores(q, k, Bias, offs_m, offs_n, Nq, Nk, stride_bm, stride_bn, qk_scale, causal_offset,
                     BIAS_KIND, BIAS_ROW_BCAST, IS_CAUSAL, PRECISION, DOT_UPCAST)
         p = tl.math.exp2(s - lse[:, None])
-        dp = _dot(do, tl.trans(v), PRECISION, DOT_UPCAST)
+        dp = dot(do, tl.trans(v), PRECISION, DOT_UPCAST)
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m, offs_n, Nq, Nk, dropout_thresh)
             p_drop = tl.where(keep, p * dropout_scale, 0.0)
             dp = tl.where(keep, dp * dropout_scale, 0.0)
         else:
             p_drop = p
-        dv += _dot(tl.trans(p_drop.to(do.dtype)), do, PRECISION, DOT_UPCAST)
+        dv += dot(tl.trans(p_drop.to(do.dtype)), do, PRECISION, DOT_UPCAST)
         ds = p * (dp - delta[:, None])
-        dk += _dot(tl.trans(ds.to(q.dtype)), q, PRECISION, DOT_UPCAST)
+        dk += dot(tl.trans(ds.to(q.dtype)), q, PRECISION, DOT_UPCAST)
         if DBIAS:
             if BIAS_ROW_BCAST:
                 db_row += tl.sum(ds, 0)
@@ -370,7 +364,7 @@ def _attention_bwd_dkdv_kernel(
                 else:
                     tl.store(db_ptrs, ds, mask=db_mask)
         if DQ_ATOMIC:
-            dq = _dot(ds.to(k.dtype), k, PRECISION, DOT_UPCAST) * sm_scale
+            dq = dot(ds.to(k.dtype), k, PRECISION, DOT_UPCAST) * sm_scale
             tl.atomic_add(DQ + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq, mask=q_mask)
     if DBIAS:
         if BIAS_ROW_BCAST:
@@ -471,12 +465,12 @@ def _attention_bwd_dq_kernel(
         s = _scores(q, k, Bias, offs_m, offs_n, Nq, Nk, stride_bm, stride_bn, qk_scale, causal_offset,
                     BIAS_KIND, BIAS_ROW_BCAST, IS_CAUSAL, PRECISION, DOT_UPCAST)
         p = tl.math.exp2(s - lse[:, None])
-        dp = _dot(do, tl.trans(v), PRECISION, DOT_UPCAST)
+        dp = dot(do, tl.trans(v), PRECISION, DOT_UPCAST)
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m, offs_n, Nq, Nk, dropout_thresh)
             dp = tl.where(keep, dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k, PRECISION, DOT_UPCAST)
+        dq += dot(ds.to(k.dtype), k, PRECISION, DOT_UPCAST)
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
 

@@ -29,6 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
+from vitfast.triton.common import dot
+
+
 @triton.jit
 def _tokens(w, start, N, nWw, H, W, Hp, Wp, win_h, win_w, shift_h, shift_w, BLOCK: tl.constexpr):
     """Tokens start..start+BLOCK of window w: in-window mask, real-pixel mask, coords, region id, pixel."""
@@ -71,18 +74,10 @@ def _l2_normalize(x):
 @triton.jit
 def _l2_normalize_bwd(dxn, xn, norm):
     """Gradient through x / max(|x|, eps), given dxn (fp32), xn = the normalized x and norm = max(|x|, eps)."""
-    dot = tl.sum(dxn * xn, axis=1)
+    dxn_xn = tl.sum(dxn * xn, axis=1)
     # Where |x| < eps the denominator is the constant eps: no projection term.
-    proj = tl.where(norm > 1e-12, dot, 0.0)
+    proj = tl.where(norm > 1e-12, dxn_xn, 0.0)
     return (dxn - xn * proj[:, None]) / norm[:, None]
-
-
-@triton.jit
-def _dot(a, b, DOT_PREC: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    if UPCAST_DOT:
-        # The interpreter (triton 3.9) multiplies bfloat16 bit patterns as integers: compute exactly in fp32.
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=DOT_PREC)
 
 
 @triton.jit
@@ -90,7 +85,7 @@ def _scores(q, k, scale, BIAS, bias_base, s_b0, s_b1, s_b2, t_i, in_i, ty_i, tx_
             reg_j, win_h, win_w, DENSE_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr,
             UPCAST_DOT: tl.constexpr):
     """Returns (qk, s): the raw q.k^T product (fp32) and the scores scale*qk + bias (+ mask), -inf off-window."""
-    qk = _dot(q, tl.trans(k), DOT_PREC, UPCAST_DOT)
+    qk = dot(q, tl.trans(k), DOT_PREC, UPCAST_DOT)
     valid = in_i[:, None] & in_j[None, :]
     if DENSE_BIAS:
         boff = t_i[:, None] * s_b1 + t_j[None, :] * s_b2
@@ -184,7 +179,7 @@ def _window_attn_fwd_kernel(
                 l = l * alpha + tl.sum(p, axis=1)
                 if DROPOUT:
                     p = tl.where(_keep(seed, win_base, t_i, t_j, N, dropout_p), p, 0.0)
-                acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PREC, UPCAST_DOT)
+                acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, DOT_PREC, UPCAST_DOT)
                 m = m_new
             out = acc / l[:, None]
             if DROPOUT:
@@ -289,24 +284,24 @@ def _window_attn_bwd_kernel(
                 else:
                     p = tl.exp(s - lse[:, None])
                 p = tl.where(in_i[:, None] & in_j[None, :], p, 0.0)
-                dp = _dot(do, tl.trans(v), DOT_PREC, UPCAST_DOT)
+                dp = dot(do, tl.trans(v), DOT_PREC, UPCAST_DOT)
                 if DROPOUT:
                     keep = _keep(seed, win_base, t_i, t_j, N, dropout_p)
                     pd = tl.where(keep, p * keep_scale, 0.0)
                     dp = tl.where(keep, dp * keep_scale, 0.0)
                 else:
                     pd = p
-                dv += _dot(tl.trans(pd.to(dtype)), do, DOT_PREC, UPCAST_DOT)
+                dv += dot(tl.trans(pd.to(dtype)), do, DOT_PREC, UPCAST_DOT)
                 if N_TILES == 1:
                     # delta = sum_j P dP, consistent with this P (dO.O would carry the rounding of the stored O).
                     delta = tl.sum(p * dp, axis=1)
                 ds = p * (dp - delta[:, None])
                 if COSINE:
                     dscale += tl.sum(ds * qk, axis=1)
-                dk += _dot(tl.trans((ds * scale).to(dtype)), q, DOT_PREC, UPCAST_DOT)
+                dk += dot(tl.trans((ds * scale).to(dtype)), q, DOT_PREC, UPCAST_DOT)
                 if N_TILES == 1:
                     dbias_acc += ds
-                    dq = _dot((ds * scale).to(dtype), k, DOT_PREC, UPCAST_DOT)
+                    dq = dot((ds * scale).to(dtype), k, DOT_PREC, UPCAST_DOT)
                     if COSINE:
                         dq = _l2_normalize_bwd(dq, qn, q_norm)
                     tl.store(DQKV + dq_base + (pix_i * (3 * heads * D))[:, None] + d[None, :], dq.to(dtype),
@@ -356,12 +351,12 @@ def _window_attn_bwd_kernel(
                                    t_j, in_j, ty_j, tx_j, reg_j, win_h, win_w, DENSE_BIAS, HAS_MASK, DOT_PREC,
                                    UPCAST_DOT)
                     p = tl.where(in_i[:, None] & in_j[None, :], tl.exp(s - lse[:, None]), 0.0)
-                    dp = _dot(do, tl.trans(v), DOT_PREC, UPCAST_DOT)
+                    dp = dot(do, tl.trans(v), DOT_PREC, UPCAST_DOT)
                     if DROPOUT:
                         keep = _keep(seed, win_base, t_i, t_j, N, dropout_p)
                         dp = tl.where(keep, dp * keep_scale, 0.0)
                     ds = p * (dp - delta[:, None])
-                    dq += _dot((ds * scale).to(dtype), k, DOT_PREC, UPCAST_DOT)
+                    dq += dot((ds * scale).to(dtype), k, DOT_PREC, UPCAST_DOT)
                 if COSINE:
                     dq = _l2_normalize_bwd(dq, qn, q_norm)
                 tl.store(DQKV + dq_base + (pix_i * (3 * heads * D))[:, None] + d[None, :], dq.to(dtype),
