@@ -1,11 +1,12 @@
-"""CLIP reference model: the vitfast backend against eager, and against transformers' CLIPModel."""
+"""CLIP reference model: the vitfast backend against eager, and against transformers' CLIPModel and open_clip's
+CLIP."""
 import copy
 
 import pytest
 import torch
 
 import vitfast
-from vitfast.models import CLIP, clip_from_transformers, contrastive_loss
+from vitfast.models import CLIP, clip_from_open_clip, clip_from_transformers, contrastive_loss
 from vitfast.models.common import set_backend
 
 from conftest import assert_trains_like_eager, backend_cases
@@ -106,3 +107,40 @@ def test_bad_activation_and_too_long_text():
     model = CLIP(24, TINY_VISION, TINY_TEXT, backend="eager")
     with pytest.raises(ValueError, match="13 tokens do not fit the context length 12"):
         model.encode_text(torch.zeros(1, 13, dtype=torch.long))
+
+
+def _open_clip(quick_gelu: bool):
+    from _optional_libs import import_or_skip
+
+    open_clip = import_or_skip("open_clip")
+    vision = dict(image_size=16, patch_size=8, width=32, layers=2, head_width=16, mlp_ratio=1.5)
+    text = dict(context_length=12, vocab_size=VOCAB, width=32, heads=2, layers=2, mlp_ratio=1.5)
+    theirs = open_clip.model.CLIP(24, vision, text, quick_gelu=quick_gelu).eval()
+    for p in theirs.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    return theirs
+
+
+@pytest.mark.parametrize("quick_gelu", [True, False], ids=["quick_gelu", "gelu"])
+def test_weights_from_open_clip(quick_gelu):
+    theirs = _open_clip(quick_gelu)
+    # open_clip pads every caption to the context length with id 0 and pools at the largest id (the end of text)
+    ids = torch.zeros(3, 12, dtype=torch.long)
+    for row, n in enumerate((12, 7, 3)):
+        ids[row, :n - 1] = torch.randint(1, VOCAB - 1, (n - 1,))
+        ids[row, n - 1] = VOCAB - 1
+    images = torch.randn(2, 3, 16, 16)
+    ref_image, ref_text = theirs.encode_image(images), theirs.encode_text(ids)
+    ref_logits = theirs.get_logits(images, ids)[0]
+    for backend in ("eager", "vitfast"):
+        mine = clip_from_open_clip(theirs, backend=backend).eval()
+        torch.testing.assert_close(mine.encode_image(images), ref_image, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(mine.encode_text(ids), ref_text, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(mine(ids, images).logits_per_image, ref_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_open_clip_variants_without_a_vitfast_layout_are_refused():
+    theirs = _open_clip(True)
+    theirs.logit_bias = torch.nn.Parameter(torch.zeros(()))  # SigLIP's
+    with pytest.raises(ValueError, match="a logit bias"):
+        clip_from_open_clip(theirs)

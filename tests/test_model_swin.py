@@ -1,11 +1,12 @@
-"""Reference Swin: vitfast backend against eager (torchvision's code) and sdpa, and against transformers."""
+"""Reference Swin (V1 and V2): vitfast backend against eager (torchvision's code) and sdpa, and against
+torchvision, timm and transformers."""
 import copy
 
 import pytest
 import torch
 
 import vitfast
-from vitfast.models import SwinTransformer, swin_from_transformers
+from vitfast.models import SwinTransformer, swin_from_timm, swin_from_transformers
 from vitfast.models.common import set_backend
 
 from conftest import assert_trains_like_eager, backend_cases
@@ -22,9 +23,10 @@ def _grads(model, images, weights):
     return [f.detach() for f in feats], {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
 @pytest.mark.parametrize("kernel,device", KERNELS)
-def test_swin_backends_agree(kernel, device):
-    eager = SwinTransformer(backend="eager", **TINY)
+def test_swin_backends_agree(kernel, device, v2):
+    eager = SwinTransformer(backend="eager", v2=v2, **TINY)
     for p in eager.parameters():
         torch.nn.init.normal_(p, std=0.3)  # a trained-looking bias table and norms, not the zero/one init
     images = torch.randn(1, 3, 14, 14)
@@ -65,21 +67,55 @@ def test_weights_from_transformers():
         torch.testing.assert_close(model.forward_features(images)[-1].flatten(1, 2), ref, rtol=1e-4, atol=1e-4)
 
 
-def test_swin_classifies_and_trains_like_eager():
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+def test_swin_classifies_and_trains_like_eager(v2):
     torch.manual_seed(0)
-    eager = SwinTransformer(backend="eager", **TINY)
+    eager = SwinTransformer(backend="eager", v2=v2, **TINY)
     mine = set_backend(copy.deepcopy(eager), "vitfast")
     images, labels = torch.randn(4, 3, 14, 14), torch.randint(0, 3, (4,))
     assert_trains_like_eager(eager, mine, lambda m: torch.nn.functional.cross_entropy(m(images), labels), steps=3, lr=1e-2)
 
 
-def test_torchvision_state_dict_loads_as_is():
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+def test_torchvision_state_dict_loads_as_is(v2):
     from _optional_libs import import_or_skip
 
     tv_swin = import_or_skip("torchvision").models.swin_transformer
+    kw = dict(block=tv_swin.SwinTransformerBlockV2, downsample_layer=tv_swin.PatchMergingV2) if v2 else {}
     theirs = tv_swin.SwinTransformer(patch_size=[2, 2], embed_dim=16, depths=[2, 2], num_heads=[2, 2],
-                                     window_size=[4, 4], mlp_ratio=1.5, num_classes=3).eval()
-    mine = SwinTransformer(**TINY).eval()
+                                     window_size=[4, 4], mlp_ratio=1.5, num_classes=3, **kw).eval()
+    for p in theirs.parameters():
+        torch.nn.init.normal_(p, std=0.2)  # torchvision zero-initialises biases and the V2 key bias
+    mine = SwinTransformer(v2=v2, **TINY).eval()
     mine.load_state_dict(theirs.state_dict())
     images = torch.randn(1, 3, 14, 14)
     torch.testing.assert_close(mine(images), theirs(images), rtol=1e-4, atol=1e-4)
+
+
+def test_weights_from_timm():
+    from _optional_libs import import_or_skip
+
+    timm = import_or_skip("timm")
+    # 16x16 images, patch 2: maps 8x8 (shifted windows) and 4x4 (one window), multiples of the window as in every
+    # standard config (on other maps timm rolls before padding, torchvision and vitfast pad before rolling).
+    theirs = timm.models.swin_transformer.SwinTransformer(img_size=16, patch_size=2, embed_dim=16, depths=(2, 2),
+                                                          num_heads=(2, 2), window_size=4, mlp_ratio=1.5,
+                                                          num_classes=3).eval()
+    for p in theirs.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    images = torch.randn(2, 3, 16, 16)
+    ref = theirs(images)
+    for backend in ("eager", "vitfast"):
+        mine = swin_from_timm(theirs, backend=backend).eval()
+        torch.testing.assert_close(mine(images), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_timm_per_stage_window_is_refused():
+    from _optional_libs import import_or_skip
+
+    timm = import_or_skip("timm")
+    # 14x14 images, patch 2, window 7: stage 2's 4x4 map shrinks timm's window (and bias table) to 4x4.
+    theirs = timm.models.swin_transformer.SwinTransformer(img_size=14, patch_size=2, embed_dim=16, depths=(2, 2),
+                                                          num_heads=(2, 2), window_size=7, num_classes=3)
+    with pytest.raises(ValueError, match="per-stage window sizes"):
+        swin_from_timm(theirs)

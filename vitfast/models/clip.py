@@ -4,7 +4,7 @@ contrastively into one embedding space.
 The blocks are the ViT blocks of vitfast.models.vit (fused qkv, timm names) with CLIP's activation (QuickGELU
 or GELU) and, in the text tower, a causal attention combined with the padding mask. `clip_from_transformers`
 converts a Hugging Face CLIPModel (transformers 5 names) and reproduces its outputs, including its rule for
-pooling the end-of-text token. There is no open_clip loader yet.
+pooling the end-of-text token; `clip_from_open_clip` converts an open_clip CLIP.
 """
 import math
 from typing import Callable, NamedTuple, Optional
@@ -236,5 +236,83 @@ def clip_from_transformers(hf_model: nn.Module, backend: str = "vitfast") -> CLI
         out[f"text.norm.{part}"] = sd[t + f"final_layer_norm.{part}"]
     out.update(_blocks_from_transformers(sd, v, "visual.", vc.num_hidden_layers))
     out.update(_blocks_from_transformers(sd, t, "text.", tc.num_hidden_layers))
+    model.load_state_dict(out)
+    return model
+
+
+def _blocks_from_open_clip(sd: dict, prefix: str, dst: str, layers: int) -> dict:
+    out = {}
+    for i in range(layers):
+        o, c = f"{dst}blocks.{i}.", f"{prefix}transformer.resblocks.{i}."
+        out[o + "attn.qkv.weight"] = sd[c + "attn.in_proj_weight"]
+        out[o + "attn.qkv.bias"] = sd[c + "attn.in_proj_bias"]
+        for part in ("weight", "bias"):
+            for src, name in (("attn.out_proj", "attn.proj"), ("ln_1", "norm1"), ("ln_2", "norm2"),
+                              ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):
+                out[o + f"{name}.{part}"] = sd[c + f"{src}.{part}"]
+    return out
+
+
+def _open_clip_tower(tower: nn.Module, name: str) -> dict:
+    """The CLIPVision / CLIPText keyword arguments shared by an open_clip transformer stack; raises for the block
+    variants vitfast's model does not have (layer scale, custom attention blocks, other norms or activations)."""
+    blocks = list(tower.resblocks)
+    first = blocks[0]
+    unsupported = [type(b).__name__ for b in blocks if type(b).__name__ != "ResidualAttentionBlock"]
+    unsupported += ["layer scale"] * any(not isinstance(b.ls_1, nn.Identity) for b in blocks)
+    acts = {type(b.mlp.gelu).__name__ if not isinstance(b.mlp.gelu, nn.GELU) or b.mlp.gelu.approximate == "none"
+            else "tanh GELU" for b in blocks}
+    if unsupported or not acts <= {"QuickGELU", "GELU"} or len(acts) != 1:
+        raise ValueError(f"open_clip {name} tower does not convert: {sorted(set(unsupported)) or sorted(acts)}")
+    return dict(width=tower.width, layers=len(blocks), heads=first.attn.num_heads, mlp_dim=first.mlp.c_fc.out_features,
+                hidden_act="quick_gelu" if acts == {"QuickGELU"} else "gelu", eps=first.ln_1.eps)
+
+
+def clip_from_open_clip(oc_model: nn.Module, backend: str = "vitfast") -> CLIP:
+    """A CLIP with the weights of an open_clip `CLIP` (the ViT image tower and the built-in text tower, as in
+    ViT-B-32/B-16/L-14 and their quickgelu variants). Refused with a ValueError: attentional pooling, average
+    pooling, no pre-LayerNorm, layer scale, patch dropout, a logit bias (SigLIP), a text projection with bias, a
+    bidirectional text tower, and pooling at an eos id of 2 (which transformers' rule reads as argmax)."""
+    visual = oc_model.visual
+    problems = [what for what, bad in (
+        ("an image tower that is not open_clip's VisionTransformer", type(visual).__name__ != "VisionTransformer"),
+        ("attentional pooling", getattr(visual, "attn_pool", None) is not None),
+        ("image pooling other than the class token", getattr(visual, "pool_type", "tok") != "tok"),
+        ("no pre-LayerNorm", isinstance(getattr(visual, "ln_pre", None), nn.Identity)),
+        ("patch dropout", not isinstance(getattr(visual, "patch_dropout", nn.Identity()), nn.Identity)),
+        ("a logit bias", getattr(oc_model, "logit_bias", None) is not None),
+        ("a text tower of its own class (CustomTextCLIP)", not hasattr(oc_model, "token_embedding")),
+        ("a text projection with bias", isinstance(getattr(oc_model, "text_projection", None), nn.Linear)),
+        ("a bidirectional text tower", getattr(oc_model, "attn_mask", None) is None),
+        ("text pooling other than argmax or eos", getattr(oc_model, "text_pool_type", "") not in ("argmax", "eos")),
+    ) if bad]
+    if problems:
+        raise ValueError(f"open_clip model does not convert: {', '.join(problems)}")
+    eos = getattr(oc_model, "text_eos_id", None) if oc_model.text_pool_type == "eos" else None
+    if eos == 2:
+        raise ValueError("open_clip text pooling at eos id 2 does not convert (id 2 selects the argmax rule)")
+    patch, grid = visual.patch_size, visual.grid_size
+    if patch[0] != patch[1] or grid[0] != grid[1]:
+        raise ValueError(f"only square images and patches convert, got patch {patch} and grid {grid}")
+    vision_cfg = dict(image_size=patch[0] * grid[0], patch_size=patch[0], in_chans=visual.conv1.in_channels,
+                      **_open_clip_tower(visual.transformer, "image"))
+    text_cfg = dict(vocab_size=oc_model.vocab_size, context_length=oc_model.context_length, eos_token_id=eos,
+                    **_open_clip_tower(oc_model.transformer, "text"))
+    model = CLIP(oc_model.text_projection.shape[1], vision_cfg, text_cfg, backend=backend)
+    sd = oc_model.state_dict()
+    out = {"logit_scale": sd["logit_scale"],
+           "visual.cls_token": sd["visual.class_embedding"].view(1, 1, -1),
+           "visual.pos_embed": sd["visual.positional_embedding"][None],
+           "visual.patch_embed.proj.weight": sd["visual.conv1.weight"],
+           "visual.proj.weight": sd["visual.proj"].t(),
+           "text.token_embedding.weight": sd["token_embedding.weight"],
+           "text.pos_embed": sd["positional_embedding"],
+           "text.proj.weight": sd["text_projection"].t()}
+    for part in ("weight", "bias"):
+        out[f"visual.norm_pre.{part}"] = sd[f"visual.ln_pre.{part}"]
+        out[f"visual.norm.{part}"] = sd[f"visual.ln_post.{part}"]
+        out[f"text.norm.{part}"] = sd[f"ln_final.{part}"]
+    out.update(_blocks_from_open_clip(sd, "visual.", "visual.", vision_cfg["layers"]))
+    out.update(_blocks_from_open_clip(sd, "", "text.", text_cfg["layers"]))
     model.load_state_dict(out)
     return model

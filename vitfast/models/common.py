@@ -51,6 +51,6 @@ def set_backend(model: nn.Module, backend: str) -> nn.Module:
     """Sets the backend of every submodule that has one; returns the model."""
     check_backend(backend)
     for m in model.modules():
-        if "backend" in vars(m) or isinstance(m, LayerNorm):
+        if hasattr(m, "backend"):  # an instance attribute, or a class default such as LayerNorm's
             m.backend = backend
     return model

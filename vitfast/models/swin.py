@@ -1,13 +1,17 @@
-"""Swin Transformer (Liu et al. 2021, arXiv:2103.14030), torchvision's layout and parameter names.
+"""Swin Transformer (Liu et al. 2021, arXiv:2103.14030) and Swin-V2 (Liu et al. 2022, arXiv:2111.09883),
+torchvision's layout and parameter names.
 
-torchvision's swin_t/s/b state dicts load as they are; `swin_from_transformers` converts a Hugging Face
-SwinModel. On the vitfast backend the patch embedding runs with its LayerNorm fused (vitfast.patch_embed),
-each block's shifted-window attention is one fused op (pad, roll, partition, bias gather, shift mask,
-softmax, reverse, roll back and crop inside the kernel), its second LayerNorm is fused with the residual
-add, and patch merging gathers the 2x2 neighbourhood inside the LayerNorm + GEMM. `sdpa` runs the textbook
-windowing around F.scaled_dot_product_attention with the bias and shift mask as a float attn_mask; `eager`
-is torchvision's code.
+torchvision's swin_t/s/b and swin_v2_t/s/b state dicts load as they are; `swin_from_transformers` converts a
+Hugging Face SwinModel and `swin_from_timm` a timm SwinTransformer. On the vitfast backend the patch embedding runs
+with its LayerNorm fused (vitfast.patch_embed), each block's shifted-window attention is one fused op (pad, roll,
+partition, bias gather, shift mask, softmax, reverse, roll back and crop inside the kernel), its second LayerNorm is
+fused with the residual add, and patch merging gathers the 2x2 neighbourhood inside the LayerNorm + GEMM. Swin-V2
+(`v2=True`) runs the same fused attention with cosine scores and its per-head logit scale; its blocks normalize
+after the attention and the MLP (res-post-norm) and its patch merging normalizes after the reduction, so those
+LayerNorms are not fused with a residual or a gather. `sdpa` runs the textbook windowing around
+F.scaled_dot_product_attention with the bias and shift mask as a float attn_mask; `eager` is torchvision's code.
 """
+import math
 from typing import List, Sequence
 
 import torch
@@ -18,7 +22,8 @@ import vitfast
 from vitfast.models.common import LayerNorm, check_backend, set_backend
 from vitfast.nn.patch_merging import PatchMerging as _FusedPatchMerging
 from vitfast.nn.window_attention import ShiftedWindowAttention as _FusedWindowAttention
-from vitfast.ops.patch_merging import _gather
+from vitfast.nn.window_attention import ShiftedWindowAttentionV2 as _FusedWindowAttentionV2
+from vitfast.ops.patch_merging import _gather, patch_merging_ref
 from vitfast.ops.window_attention import _from_windows, _shift_mask, _to_windows, shifted_window_attention_ref
 
 SIZES = {  # name: (embed_dim, depths, num_heads)
@@ -70,7 +75,7 @@ class ShiftedWindowAttention(_FusedWindowAttention):
         if self.backend == "eager":
             return shifted_window_attention_ref(x, self.qkv.weight, self.proj.weight, bias, self.window_size,
                                                 self.num_heads, self.shift_size, self.attention_dropout, self.dropout,
-                                                self.qkv.bias, self.proj.bias, training=self.training)
+                                                self.qkv.bias, self.proj.bias, self._logit_scale(), self.training)
         return self._sdpa(x, bias)
 
     def _sdpa(self, x: Tensor, bias: Tensor) -> Tensor:
@@ -78,15 +83,26 @@ class ShiftedWindowAttention(_FusedWindowAttention):
         ws, heads = self.window_size, self.num_heads
         Hp, Wp = -(-H // ws[0]) * ws[0], -(-W // ws[1]) * ws[1]
         shift = [0 if ws[0] >= Hp else self.shift_size[0], 0 if ws[1] >= Wp else self.shift_size[1]]
+        logit_scale, qkv_bias = self._logit_scale(), self.qkv.bias
+        if logit_scale is not None and qkv_bias is not None:  # Swin-V2 has no key bias
+            qkv_bias = torch.cat([qkv_bias[:C], torch.zeros_like(qkv_bias[C:2 * C]), qkv_bias[2 * C:]])
         # Swin pads the input before the projection: padding pixels carry the qkv bias.
-        windows = _to_windows(F.linear(x, self.qkv.weight, self.qkv.bias), ws, shift, fill=self.qkv.bias)
+        windows = _to_windows(F.linear(x, self.qkv.weight, qkv_bias), ws, shift, fill=qkv_bias)
         nW, N = windows.shape[1:3]
         q, k, v = windows.view(B, nW, N, 3, heads, C // heads).permute(3, 0, 1, 4, 2, 5).unbind(0)
+        scale = None
+        if logit_scale is not None:  # cosine attention: unit q and k, the per-head scale folded into q
+            q = F.normalize(q, dim=-1) * torch.clamp(logit_scale, max=math.log(100.0)).exp()
+            k, scale = F.normalize(k, dim=-1), 1.0
         mask = bias if sum(shift) == 0 else bias + _shift_mask(Hp, Wp, ws, shift, bias)[:, None]
         p = self.attention_dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), dropout_p=p)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), dropout_p=p, scale=scale)
         out = _from_windows(out.transpose(2, 3).reshape(B, nW, N, C), Hp, Wp, ws, shift)[:, :H, :W]
         return F.dropout(F.linear(out, self.proj.weight, self.proj.bias), self.dropout, self.training)
+
+
+class ShiftedWindowAttentionV2(ShiftedWindowAttention, _FusedWindowAttentionV2):
+    """torchvision's ShiftedWindowAttentionV2 names (logit_scale, cpb_mlp); forward on the model's backend."""
 
 
 class PatchMerging(_FusedPatchMerging):
@@ -97,14 +113,30 @@ class PatchMerging(_FusedPatchMerging):
     def forward(self, x: Tensor) -> Tensor:
         if self.backend == "vitfast":
             return super().forward(x)
-        return self.reduction(self.norm(_gather(x)))
+        return patch_merging_ref(x, self.norm.weight, self.norm.bias, self.reduction.weight, self.norm.eps)
+
+
+class PatchMergingV2(nn.Module):
+    """torchvision's PatchMergingV2: gather, reduction, then LayerNorm(2 * dim) (the norm runs on the model's
+    backend; it follows the GEMM, so it is not fused into the gather)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.norm = LayerNorm(2 * dim, eps=1e-5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, H, W, C = x.shape
+        return self.norm(self.reduction(_gather(x)).view(B, (H + 1) // 2, (W + 1) // 2, 2 * C))
 
 
 class SwinTransformerBlock(nn.Module):
+    attn_layer = ShiftedWindowAttention
+
     def __init__(self, dim: int, num_heads: int, window_size: List[int], shift_size: List[int], mlp_ratio: float):
         super().__init__()
         self.norm1 = LayerNorm(dim, eps=1e-5)
-        self.attn = ShiftedWindowAttention(dim, window_size, shift_size, num_heads)
+        self.attn = self.attn_layer(dim, window_size, shift_size, num_heads)
         self.norm2 = LayerNorm(dim, eps=1e-5)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(0.0), nn.Linear(hidden, dim),
@@ -115,44 +147,59 @@ class SwinTransformerBlock(nn.Module):
         return x + self.mlp(y)
 
 
-class SwinTransformer(nn.Module):
-    """Swin-T/S/B in torchvision's layout: `features` (patch embed, stages, patch merging), `norm`, `head`.
+class SwinTransformerBlockV2(SwinTransformerBlock):
+    """Swin-V2's block: res-post-norm, x + norm(attn(x)) and x + norm(mlp(x))."""
 
-    forward(images (B, C, H, W)) -> logits; forward_features returns each stage's output (B, H_i, W_i, C_i),
-    the last one normalized, for detection and segmentation heads.
+    attn_layer = ShiftedWindowAttentionV2
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.norm1(self.attn(x))
+        return x + self.norm2(self.mlp(x))
+
+
+class SwinTransformer(nn.Module):
+    """Swin-T/S/B (V1, or V2 with `v2=True`) in torchvision's layout: `features` (patch embed, stages, patch
+    merging), `norm`, `head`.
+
+    forward(images (B, C, H, W)) -> logits (the pooled features when num_classes is 0); forward_features returns
+    each stage's output (B, H_i, W_i, C_i), the last one normalized, for detection and segmentation heads.
     """
 
     def __init__(self, patch_size: int = 4, embed_dim: int = 96, depths: Sequence[int] = (2, 2, 6, 2),
                  num_heads: Sequence[int] = (3, 6, 12, 24), window_size: int = 7, mlp_ratio: float = 4.0,
-                 num_classes: int = 1000, in_chans: int = 3, backend: str = "vitfast"):
+                 num_classes: int = 1000, in_chans: int = 3, v2: bool = False, backend: str = "vitfast"):
         super().__init__()
         self.backend = check_backend(backend)
+        block = SwinTransformerBlockV2 if v2 else SwinTransformerBlock
         layers: List[nn.Module] = [PatchEmbed(in_chans, embed_dim, patch_size)]
         for i, (depth, heads) in enumerate(zip(depths, num_heads)):
             dim = embed_dim * 2 ** i
             layers.append(nn.Sequential(*[
-                SwinTransformerBlock(dim, heads, [window_size] * 2, [0 if j % 2 == 0 else window_size // 2] * 2,
-                                     mlp_ratio) for j in range(depth)]))
+                block(dim, heads, [window_size] * 2, [0 if j % 2 == 0 else window_size // 2] * 2, mlp_ratio)
+                for j in range(depth)]))
             if i < len(depths) - 1:
-                layers.append(PatchMerging(dim, norm_layer=lambda d: LayerNorm(d, eps=1e-5)))
+                layers.append(PatchMergingV2(dim) if v2 else
+                              PatchMerging(dim, norm_layer=lambda d: LayerNorm(d, eps=1e-5)))
         self.features = nn.Sequential(*layers)
         self.num_features = embed_dim * 2 ** (len(depths) - 1)
         self.norm = LayerNorm(self.num_features, eps=1e-5)
-        self.head = nn.Linear(self.num_features, num_classes)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         set_backend(self, backend)
 
     @classmethod
-    def from_size(cls, size: str, **kw) -> "SwinTransformer":
-        """Swin-{tiny, small, base} with window 7, as torchvision's swin_t/s/b."""
+    def from_size(cls, size: str, v2: bool = False, **kw) -> "SwinTransformer":
+        """Swin-{tiny, small, base} as torchvision's swin_t/s/b (window 7) or, with v2=True, swin_v2_t/s/b
+        (window 8)."""
         dim, depths, heads = SIZES[size]
-        return cls(embed_dim=dim, depths=depths, num_heads=heads, **kw)
+        kw.setdefault("window_size", 8 if v2 else 7)
+        return cls(embed_dim=dim, depths=depths, num_heads=heads, v2=v2, **kw)
 
     def forward_features(self, images: Tensor) -> List[Tensor]:
         x = self.features[0](images)
         stages = []
         for layer in self.features[1:]:
             x = layer(x)
-            if not isinstance(layer, PatchMerging):
+            if isinstance(layer, nn.Sequential):  # a stage, not a patch merging
                 stages.append(x)
         stages[-1] = self.norm(stages[-1])
         return stages
@@ -169,7 +216,7 @@ def swin_from_transformers(hf_model: nn.Module, num_classes: int = 1, backend: s
         raise ValueError(f"only GELU, qkv_bias=True and layer_norm_eps=1e-5 Swin configs convert, got "
                          f"{cfg.hidden_act!r}, {cfg.qkv_bias}, {cfg.layer_norm_eps}")
     model = SwinTransformer(cfg.patch_size, cfg.embed_dim, cfg.depths, cfg.num_heads, cfg.window_size, cfg.mlp_ratio,
-                            num_classes, cfg.num_channels, backend)
+                            num_classes, cfg.num_channels, backend=backend)
     sd = hf_model.state_dict()
     out = {"features.0.0.weight": sd["embeddings.patch_embeddings.projection.weight"],
            "features.0.0.bias": sd["embeddings.patch_embeddings.projection.bias"],
@@ -193,4 +240,55 @@ def swin_from_transformers(hf_model: nn.Module, num_classes: int = 1, backend: s
     missing, unexpected = model.load_state_dict(out, strict=False)
     if set(missing) - {"head.weight", "head.bias"} or unexpected:
         raise ValueError(f"state dict conversion left missing={sorted(missing)} unexpected={sorted(unexpected)}")
+    return model
+
+
+def swin_from_timm(timm_model: nn.Module, backend: str = "vitfast") -> SwinTransformer:
+    """A SwinTransformer with the weights (head included) of a timm SwinTransformer (timm >= 0.9 names: each
+    stage's downsample at its start). Only the configurations torchvision's layout can hold convert: no absolute
+    position embedding, GELU, qkv bias, LayerNorm eps 1e-5, and the same window in every stage (timm shrinks a
+    window that covers the whole map, with a smaller bias table; torchvision pads the map instead). On maps that are
+    multiples of the window (every standard config) the outputs are timm's; on others they are torchvision's, which
+    pads before the cyclic shift where timm shifts first."""
+    sd = timm_model.state_dict()
+    if "absolute_pos_embed" in sd:
+        raise ValueError("timm Swin with an absolute position embedding (ape=True) does not convert")
+    tables = [(k, v.shape[0]) for k, v in sd.items() if k.endswith("attn.relative_position_bias_table")]
+    side = int(math.isqrt(tables[0][1]))
+    window = (side + 1) // 2
+    if any(n != side * side for _, n in tables):
+        raise ValueError(f"timm Swin with per-stage window sizes does not convert: bias tables "
+                         f"{[(k, n) for k, n in tables]} (expected {side * side} rows, window {window}, everywhere)")
+    stages = timm_model.layers
+    first = stages[0].blocks[0]
+    dim = first.norm1.normalized_shape[0]
+    norms = [m for m in timm_model.modules() if isinstance(m, nn.LayerNorm)]
+    if not isinstance(first.mlp.act, nn.GELU) or first.attn.qkv.bias is None or any(n.eps != 1e-5 for n in norms):
+        raise ValueError(f"only GELU, qkv_bias=True and LayerNorm eps=1e-5 timm Swin models convert, got "
+                         f"{type(first.mlp.act).__name__}, qkv bias {first.attn.qkv.bias is not None}, eps "
+                         f"{sorted({n.eps for n in norms})}")
+    head = sd.get("head.fc.weight")
+    model = SwinTransformer(timm_model.patch_embed.proj.kernel_size[0], dim, [len(s.blocks) for s in stages],
+                            [s.blocks[0].attn.num_heads for s in stages], window,
+                            first.mlp.fc1.out_features / dim, 0 if head is None else head.shape[0],
+                            timm_model.patch_embed.proj.in_channels, backend=backend)
+    out = {"features.0.0.weight": sd["patch_embed.proj.weight"], "features.0.0.bias": sd["patch_embed.proj.bias"],
+           "features.0.2.weight": sd["patch_embed.norm.weight"], "features.0.2.bias": sd["patch_embed.norm.bias"],
+           "norm.weight": sd["norm.weight"], "norm.bias": sd["norm.bias"]}
+    if head is not None:
+        out.update({"head.weight": head, "head.bias": sd["head.fc.bias"]})
+    for i, stage in enumerate(stages):
+        for j in range(len(stage.blocks)):
+            t, o = f"layers.{i}.blocks.{j}.", f"features.{1 + 2 * i}.{j}."
+            out[o + "attn.relative_position_bias_table"] = sd[t + "attn.relative_position_bias_table"]
+            out[o + "attn.relative_position_index"] = model.state_dict()[o + "attn.relative_position_index"]
+            for part in ("weight", "bias"):
+                for src, dst in (("attn.qkv", "attn.qkv"), ("attn.proj", "attn.proj"), ("norm1", "norm1"),
+                                 ("norm2", "norm2"), ("mlp.fc1", "mlp.0"), ("mlp.fc2", "mlp.3")):
+                    out[o + f"{dst}.{part}"] = sd[t + f"{src}.{part}"]
+        if i > 0:  # timm's downsample opens stage i; torchvision's PatchMerging closes stage i - 1
+            t, o = f"layers.{i}.downsample.", f"features.{2 * i}."
+            out.update({o + "reduction.weight": sd[t + "reduction.weight"], o + "norm.weight": sd[t + "norm.weight"],
+                        o + "norm.bias": sd[t + "norm.bias"]})
+    model.load_state_dict(out)
     return model
