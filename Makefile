@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # would break `import transformers` on a CPU machine. --no-deps so that pip never replaces the installed torch.
 OPTIONAL_LIBS_SPEC ?= torchvision==0.28.0 timm open_clip_torch ftfy wcwidth
 
-.PHONY: setup run test bench check-cuda clean
+.PHONY: setup run test bench check-cuda check-triton clean
 
 setup: $(VENV)/.built $(VENV)/.optional
 
@@ -43,6 +43,12 @@ bench: setup
 # Compiles every CUDA kernel and the CUDA glue without a GPU (CI runs this where nvcc is present).
 check-cuda: setup
 	bash scripts/check_cuda.sh $(PY)
+
+# Compiles every Triton kernel for an H100 (sm_90) without a GPU: Triton's compiler and ptxas run on the CPU.
+# CI runs the bf16 subset; TRITON_ARGS= compiles every dtype and head dim.
+TRITON_ARGS ?= --quick
+check-triton: setup
+	$(PY) scripts/compile_triton.py $(TRITON_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info vitfast/_C*.so

@@ -50,6 +50,15 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Set by vitfast.triton.common.compile_only: CPU tensors then stand in for a GPU's and Triton only compiles.
+_triton_compile_only = False
+
+
+def triton_takes_cpu() -> bool:
+    """Whether the triton backend takes CPU tensors: run by the interpreter, or compiled only."""
+    return triton_interpret() or _triton_compile_only
+
+
 @functools.lru_cache(None)
 def has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
@@ -89,13 +98,13 @@ def forced_backend() -> Optional[str]:
 def _unavailable(op: str, backend: str, device: torch.device) -> Optional[str]:
     """Why `backend` cannot run `op` on `device` at all (None when it can)."""
     spec = _OPS[op]
-    order = spec.gpu_order if device.type == "cuda" else spec.cpu_order + (("triton",) if triton_interpret() else ())
+    order = spec.gpu_order if device.type == "cuda" else spec.cpu_order + (("triton",) if triton_takes_cpu() else ())
     if backend not in order:
         return f"{op} has no {backend} implementation for {device.type} tensors"
     if backend == "triton":
         if not has_triton():
             return "triton is not installed"
-        if device.type == "cpu" and not triton_interpret():
+        if device.type == "cpu" and not triton_takes_cpu():
             return "Triton runs CPU tensors only under TRITON_INTERPRET=1"
     if backend in ("cpp", "cuda"):
         if not _ext.HAS_EXT:

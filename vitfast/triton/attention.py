@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vitfast.triton.common import dot
+from vitfast.triton.common import compiled, dot, upcast_bf16
 
 MAX_HEAD_DIM = 256
 LOG2E = 1.4426950408889634
@@ -487,10 +487,6 @@ def _block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def _interpreted(t: torch.Tensor) -> bool:
-    return t.device.type != "cuda"
-
-
 # The interpreter runs programs one after another, with numpy on each tile: few, mid-sized blocks are fastest.
 _INTERPRET_BLOCK = 32
 
@@ -499,10 +495,6 @@ def _precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "ieee"
-
-
-def _dot_upcast(q: torch.Tensor) -> bool:
-    return _interpreted(q) and q.dtype == torch.bfloat16
 
 
 def _dropout_args(dropout_p: float, seed: int) -> tuple:
@@ -548,8 +540,8 @@ def attention_fwd(q, k, v, bias, dropout_p, seed, is_causal, causal_offset, scal
     args = (q, k, v, bias_t, out, lse, *q.stride(), *k.stride(), *v.stride(), *bs, *out.stride(),
             H, Nq, Nk, D, scale * LOG2E, causal_offset, seed, thresh, dscale)
     consts = dict(BIAS_KIND=bias_kind, BIAS_ROW_BCAST=row_bcast, IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0,
-                  PRECISION=_precision(q.dtype), DOT_UPCAST=_dot_upcast(q), BLOCK_D=block_d)
-    if _interpreted(q):
+                  PRECISION=_precision(q.dtype), DOT_UPCAST=upcast_bf16(q), BLOCK_D=block_d)
+    if not compiled(q):
         grid = (triton.cdiv(Nq, _INTERPRET_BLOCK) * B * H,)
         _attention_fwd_kernel[grid](*args, **consts, BLOCK_M=_INTERPRET_BLOCK, BLOCK_N=_INTERPRET_BLOCK)
     else:
@@ -573,7 +565,7 @@ def attention_bwd(dout, q, k, v, out, lse, bias, dropout_p, seed, is_causal, cau
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     block_d = _block_d(D)
-    if _interpreted(q):
+    if not compiled(q):
         block_m = block_n = _INTERPRET_BLOCK
         warps = {}
     else:
@@ -597,7 +589,7 @@ def attention_bwd(dout, q, k, v, out, lse, bias, dropout_p, seed, is_causal, cau
     dv = _bnhd_empty(B, H, Nk, D, v)
     dq_acc = torch.zeros((B, H, Nq, D), dtype=torch.float32, device=q.device) if dq_atomic else q
     common = dict(BIAS_KIND=bias_kind, BIAS_ROW_BCAST=row_bcast, IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0,
-                  PRECISION=_precision(q.dtype), DOT_UPCAST=_dot_upcast(q), BLOCK_M=block_m, BLOCK_N=block_n,
+                  PRECISION=_precision(q.dtype), DOT_UPCAST=upcast_bf16(q), BLOCK_M=block_m, BLOCK_N=block_n,
                   BLOCK_D=block_d, **warps)
     _attention_bwd_dkdv_kernel[(triton.cdiv(Nk, block_n) * B * H,)](
         q, k, v, bias_t, dout, lse, delta, dk, dv, dq_acc, dbias_buf,

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vitfast.triton.common import compiled, num_sms
+
 MAX_N = 8192
 
 
@@ -149,9 +151,8 @@ def layer_norm_fwd(x, weight, bias, residual, eps):
 
 
 def _num_programs(x: torch.Tensor, row_blocks: int) -> int:
-    if x.device.type == "cuda":
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-        return max(1, min(row_blocks, 4 * sms))
+    if compiled(x):
+        return max(1, min(row_blocks, 4 * num_sms(x)))
     return max(1, min(row_blocks, 4))  # the interpreter runs programs one after another
 
 

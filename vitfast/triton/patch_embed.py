@@ -14,8 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vitfast.backend import triton_interpret
-from vitfast.triton.common import mma
+from vitfast.triton.common import compiled, mma, num_splits, upcast_bf16
 
 MAX_NORM_E = 1024  # the LayerNorm epilogue keeps BLOCK_M x next_pow2(E) fp32 values per program
 
@@ -226,14 +225,6 @@ _dw_tuned = triton.autotune(_configs(True), key=["M", "E", "K"])(_patch_embed_bw
 _INTERPRET_BLOCKS = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32)
 
 
-def _tuned() -> bool:
-    return not triton_interpret()
-
-
-def _upcast(dtype: torch.dtype) -> bool:
-    return triton_interpret() and dtype == torch.bfloat16
-
-
 def patch_embed_fwd(images, weight, bias, pos_embed, pos_offset, prefix_rows, norm_weight, norm_bias, has_norm,
                     num_prefix, eps, store_z):
     """Launches the forward kernel.
@@ -270,9 +261,9 @@ def patch_embed_fwd(images, weight, bias, pos_embed, pos_offset, prefix_rows, no
             out, z, mean, rstd, *images.stride(), M, E, K, L, Wp, T, num_prefix, pos_offset, eps)
     flags = dict(PH=ph, PW=pw, HAS_BIAS=bias is not None, HAS_POS=pos_embed is not None, HAS_NORM=has_norm,
                  HAS_NW=norm_weight is not None, HAS_NB=norm_bias is not None, STORE_Z=has_norm and store_z,
-                 UPCAST=_upcast(dt))
+                 UPCAST=upcast_bf16(images))
     block_n_norm = max(16, triton.next_power_of_2(E))
-    if not _tuned():
+    if not compiled(images):
         blocks = dict(_INTERPRET_BLOCKS, BLOCK_N=block_n_norm) if has_norm else _INTERPRET_BLOCKS
         grid = (triton.cdiv(M, blocks["BLOCK_M"]), triton.cdiv(E, blocks["BLOCK_N"]))
         _patch_embed_fwd_kernel[grid](*args, **flags, **blocks)
@@ -283,14 +274,6 @@ def patch_embed_fwd(images, weight, bias, pos_embed, pos_offset, prefix_rows, no
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(E, meta["BLOCK_N"]))  # noqa: E731
         _fwd_tuned[grid](*args, **flags)
     return out, z, mean, rstd
-
-
-def _num_splits(device: torch.device, tiles: int, M: int) -> int:
-    if device.type != "cuda":
-        return max(1, min(2, triton.cdiv(M, 64)))
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    # enough programs for two waves, but at least 256 tokens per split so the partials stay cheap to sum
-    return max(1, min(triton.cdiv(2 * sms, tiles), triton.cdiv(M, 256)))
 
 
 def patch_embed_bwd(dz, images, weight, has_bias, need_dimages):
@@ -316,10 +299,10 @@ def patch_embed_bwd(dz, images, weight, has_bias, need_dimages):
                 torch.zeros(E if has_bias else 0, device=dev, dtype=weight.dtype))
     w2 = weight.reshape(E, K)
     w2 = w2 if w2.is_contiguous() else w2.contiguous()
-    common = dict(PH=ph, PW=pw, UPCAST=_upcast(dt))
+    common = dict(PH=ph, PW=pw, UPCAST=upcast_bf16(images))
     if need_dimages:
         args = (dz, w2, dimages, dz.stride(0), dz.stride(1), *dimages.stride(), M, E, K, L, Wp)
-        if _tuned():
+        if compiled(images):
             grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_N"]))  # noqa: E731
             _dx_tuned[grid](*args, **common)
         else:
@@ -327,11 +310,11 @@ def patch_embed_bwd(dz, images, weight, has_bias, need_dimages):
             _patch_embed_bwd_dx_kernel[(triton.cdiv(M, b["BLOCK_M"]), triton.cdiv(K, b["BLOCK_N"]))](
                 *args, **common, **b)
     tiles = triton.cdiv(E, 64) * triton.cdiv(K, 64)
-    splits = _num_splits(dev, tiles, M)
+    splits = num_splits(images, tiles, M)
     dw_part = torch.empty((splits, E, K), device=dev, dtype=torch.float32)
     db_part = torch.empty((splits, E) if has_bias else (0,), device=dev, dtype=torch.float32)
     args = (dz, images, dw_part, db_part, dz.stride(0), dz.stride(1), *images.stride(), M, E, K, L, Wp, splits)
-    if _tuned():
+    if compiled(images):
         grid = lambda meta: (triton.cdiv(E, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_N"]), splits)  # noqa: E731
         _dw_tuned[grid](*args, **common, HAS_BIAS=has_bias)
     else:

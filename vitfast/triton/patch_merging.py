@@ -14,8 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vitfast.backend import triton_interpret
-from vitfast.triton.common import mma
+from vitfast.triton.common import compiled, mma, num_splits, upcast_bf16
 
 
 @triton.jit
@@ -284,10 +283,6 @@ _INTERPRET_BLOCKS = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32)
 _DLN_BLOCKS = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)
 
 
-def _upcast(dtype: torch.dtype) -> bool:
-    return triton_interpret() and dtype == torch.bfloat16
-
-
 def _geometry(x):
     B, H, W, C = x.shape
     H2, W2 = (H + 1) // 2, (W + 1) // 2
@@ -315,21 +310,14 @@ def patch_merging_fwd(x, norm_weight, norm_bias, reduction_weight, eps):
     c1 = wg.float().sum(1)
     c2 = r32 @ norm_bias.float() if norm_bias is not None else torch.zeros(N, device=x.device)
     args = (x, wg, c1, c2, out, mean, rstd, *x.stride(), H, W, H2, W2, C, M, N, K, eps)
-    if triton_interpret():
+    if not compiled(x):
         b = _INTERPRET_BLOCKS
         _patch_merging_fwd_kernel[(triton.cdiv(M, b["BLOCK_M"]), triton.cdiv(N, b["BLOCK_N"]))](
-            *args, UPCAST=_upcast(x.dtype), **b)
+            *args, UPCAST=upcast_bf16(x), **b)
     else:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
         _fwd_tuned[grid](*args, UPCAST=False)
     return out, mean, rstd
-
-
-def _num_splits(device: torch.device, tiles: int, M: int) -> int:
-    if device.type != "cuda":
-        return max(1, min(2, triton.cdiv(M, 64)))
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(2 * sms, tiles), triton.cdiv(M, 256)))
 
 
 def patch_merging_bwd(dy, x, norm_weight, norm_bias, reduction_weight, mean, rstd):
@@ -356,11 +344,11 @@ def patch_merging_bwd(dy, x, norm_weight, norm_bias, reduction_weight, mean, rst
     has_nw, has_nb = norm_weight is not None, norm_bias is not None
     nw = norm_weight if has_nw else r
     nb = norm_bias if has_nb else r
-    upcast = _upcast(dt)
-    interp = triton_interpret()
+    upcast = upcast_bf16(x)
+    interp = not compiled(x)
 
     tiles = triton.cdiv(N, 64) * triton.cdiv(K, 64)
-    splits = _num_splits(dev, tiles, M)
+    splits = num_splits(x, tiles, M)
     dr_part = torch.empty((splits, N, K), device=dev, dtype=torch.float32)
     args = (dy, x, nw, nb, mean, rstd, dr_part, dy.stride(0), *x.stride(), H, W, H2, W2, C, M, N, K, splits)
     flags = dict(HAS_NW=has_nw, HAS_NB=has_nb, UPCAST=upcast)

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vitfast.triton.common import dot
+from vitfast.triton.common import compiled, dot, num_sms, upcast_bf16
 
 
 @triton.jit
@@ -391,20 +391,15 @@ def _block_sizes(n: int, d: int) -> tuple:
 
 
 def _windows_per_program(x: torch.Tensor, n_windows: int, batch_heads: int) -> int:
-    if x.device.type != "cuda":
+    if not compiled(x):
         return n_windows  # the interpreter runs programs one after another: fewer, longer ones are cheaper
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-    groups = max(1, min(n_windows, triton.cdiv(8 * sms, batch_heads)))
+    groups = max(1, min(n_windows, triton.cdiv(8 * num_sms(x), batch_heads)))
     return triton.cdiv(n_windows, triton.cdiv(n_windows, groups))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 must not silently become tf32: plain PyTorch's fp32 matmul is exact IEEE by default.
     return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _upcast_dot(x: torch.Tensor) -> bool:
-    return x.dtype == torch.bfloat16 and x.device.type == "cpu"
 
 
 def _geometry(qkv, window_size, shift_size):
@@ -434,7 +429,7 @@ def window_attention_fwd(qkv, bias, pad_qkv, logit_scale, window_size, shift_siz
         softmax_scale, dropout_p, seed, wpp,
         HAS_PAD=pad_qkv is not None, DENSE_BIAS=bias.dim() == 3, HAS_MASK=shift_size[0] + shift_size[1] > 0,
         COSINE=logit_scale is not None, DROPOUT=dropout_p > 0, DOT_PREC=_dot_precision(qkv.dtype),
-        UPCAST_DOT=_upcast_dot(qkv),
+        UPCAST_DOT=upcast_bf16(qkv),
         BLOCK=block, BLOCK_D=block_d, N_TILES=n_tiles, num_warps=4,
     )
     return out.view(B, H, W, heads * D), lse
@@ -487,7 +482,7 @@ def window_attention_bwd(dout, qkv, bias, pad_qkv, logit_scale, out, lse, window
         softmax_scale, dropout_p, seed, wpp,
         HAS_PAD=pad_qkv is not None, DENSE_BIAS=bias.dim() == 3, HAS_MASK=shift_size[0] + shift_size[1] > 0,
         COSINE=logit_scale is not None, DROPOUT=dropout_p > 0, DOT_PREC=_dot_precision(qkv.dtype),
-        UPCAST_DOT=_upcast_dot(qkv),
+        UPCAST_DOT=upcast_bf16(qkv),
         BLOCK=block, BLOCK_D=block_d, N_TILES=n_tiles, num_warps=4,
     )
     dbias = dbias_p.view(B, heads, groups, N, N).sum((0, 2))
