@@ -121,6 +121,13 @@ def cases(quick: bool):
     yield from patch_merging_cases(dtypes)
 
 
+_CAVEAT = ("Compile-time figures only: registers and spill bytes (stores + loads, per thread) from the ptxas that "
+           "ships with this Triton, shared memory from Triton; no kernel ran and nothing here is a timing. Another "
+           "Triton version (the GPU machine's) compiles its own code. Some specializations come out at 32 registers "
+           "with tens of KB of spills, which looks like a register-allocation choice of this ptxas rather than the "
+           "kernel's need: recheck those on the GPU before tuning from them.")
+
+
 def _outcome(r) -> str:
     if r.error or (r.problems and not r.autotuner_skips):
         return "failed"
@@ -151,7 +158,8 @@ def main(argv=None) -> int:
                 outcome = _outcome(r)
                 detail = r.error or "; ".join(r.problems)
                 status = f"{outcome}: {detail}" if detail else outcome
-                lines.append((name, r.kernel, _config(r), r.registers, r.spill_bytes, r.shared_bytes, r.seconds, status))
+                lines.append((name, r.kernel, _config(r), r.registers, r.spill_bytes, r.shared_bytes, r.seconds,
+                              status))
                 if outcome == "failed":
                     failures.append(f"{name}: {r.kernel} {_config(r)}: {detail}")
             print(f"{name}: {len(records) - before} kernels", flush=True)
@@ -164,7 +172,8 @@ def main(argv=None) -> int:
                f"cores, no GPU), {time.strftime('%Y-%m-%d')}, in {time.perf_counter() - start:.0f} s: {dict(counts)}")
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write(f"# Triton kernels compiled for {H100.name}, no GPU\n\n{summary}\n\n" + "\n".join(table) + "\n")
+            f.write(f"# Triton kernels compiled for {H100.name}, no GPU\n\n{summary}\n\n{_CAVEAT}\n\n"
+                    + "\n".join(table) + "\n")
     spilling = sorted({(row[1], row[2], row[4]) for row in lines if row[4]})
     for kernel, config, spill in spilling:
         print(f"spills {spill} bytes: {kernel} {config}")
