@@ -3,20 +3,24 @@
 // Swin Transformer (Liu et al. 2021, arXiv:2103.14030) and Swin-V2 cosine attention (Liu et al. 2022,
 // arXiv:2111.09883). Schemas, semantics and the saved state (out, lse) are those of
 // vitfast/ops/window_attention.py (module docstring). Nothing is materialized in window layout: each
-// (batch, window, head) work item of an at::parallel_for gathers its window's q, k, v rows straight from
-// the strided (B, H, W, 3, heads, D) qkv by index arithmetic (cyclic shift, padding pixels taking
-// pad_qkv), forms the N x N scores in a local buffer (N = 49 or 144 in Swin) with the relative-position
-// bias and the shift-region mask computed from coordinates, takes the softmax in op-math precision, and
-// scatters P @ V un-shifted into the (B, H, W, heads * D) output. The backward recomputes P from q, k
-// and lse (as FlashAttention does, Dao et al. 2022, arXiv:2205.14135), writes dq, dk, dv to the source
-// pixels, and reduces dbias, dpad_qkv and dlogit_scale through per-chunk op-math partials summed in a
-// fixed order (deterministic for a given thread count).
+// (batch, window, head) work item of an at::parallel_for reads its window's q, k, v rows straight from the
+// strided (B, H, W, 3, heads, D) qkv by index arithmetic (cyclic shift, padding pixels taking pad_qkv),
+// forms the N x N scores in a local buffer (N = 49 or 144 in Swin) with the relative-position bias and
+// the shift-region mask computed from coordinates, takes the softmax in op-math precision, and scatters
+// P @ V un-shifted into the (B, H, W, heads * D) output. The backward recomputes P from q, k and lse (as
+// FlashAttention does, Dao et al. 2022, arXiv:2205.14135), writes dq, dk, dv to the source pixels, and
+// reduces dbias, dpad_qkv and dlogit_scale through per-chunk op-math partials summed in a fixed order
+// (deterministic for a given thread count).
 //
-// The small GEMMs (c = a @ bT, all row-major: K is transposed once per item) accumulate 4-row x 64-byte
-// register tiles over the whole reduction, so they vectorize and keep their sums in registers; exp is
-// Cephes' expf polynomial, 8 lanes at a time with AVX. The work-item loops are force-inlined templates
-// instantiated twice: a baseline x86-64 copy and an AVX + FMA copy (a GCC/Clang target attribute),
-// chosen at run time. fp32/fp16/bf16 compute in fp32, fp64 in fp64 (op-math).
+// Memory: a thread gathers a window's rows once for all the heads it processes there, pixel by pixel, and
+// meanwhile prefetches the pixels of its next window (gather_window). Compute: the score-shaped matrices
+// are kept transposed (key by query), so the softmax runs down columns with element-wise vector operations
+// only; the small GEMMs (c = a @ b, a read through strides, so P^T and dS^T serve as P and dS without a
+// copy) accumulate 6-row x 64-byte register tiles over the whole reduction, on rows padded to 32 bytes so
+// that no column is left to scalar code; exp is Cephes' expf polynomial, 8 lanes at a time with AVX. The
+// work-item loops are force-inlined templates instantiated twice: a baseline x86-64 copy and an AVX + FMA
+// copy (a GCC/Clang target attribute), chosen at run time. fp32/fp16/bf16 compute in fp32, fp64 in fp64
+// (op-math).
 //
 // Dropout: the keep mask is a splitmix64 hash of (seed, b, head, window, i, j), so forward and backward
 // agree; it is this backend's own draw (each backend draws its own bits), and dropout_p = 0 is exact.
@@ -127,13 +131,13 @@ C10_ALWAYS_INLINE float exp_op(float x) {
 C10_ALWAYS_INLINE double exp_op(double x) { return std::exp(x); }
 
 #if VITFAST_WA_AVX
-// x[0:n] = exp(x[0:n] - m), exp_op's algorithm 8 lanes at a time (GCC does not vectorize its selects
+// x[0:n] = exp(x[0:n] - m[0:n]), exp_op's algorithm 8 lanes at a time (GCC does not vectorize its selects
 // under strict IEEE semantics).
-__attribute__((target("avx,fma"))) void exp_sub_avx(float* C10_RESTRICT x, float m, int64_t n) {
-  const __m256 vm = _mm256_set1_ps(m), lo = _mm256_set1_ps(-87.0f), hi = _mm256_set1_ps(88.0f);
+__attribute__((target("avx,fma"))) void exp_sub_avx(float* C10_RESTRICT x, const float* C10_RESTRICT m, int64_t n) {
+  const __m256 lo = _mm256_set1_ps(-87.0f), hi = _mm256_set1_ps(88.0f);
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
-    const __m256 v = _mm256_sub_ps(_mm256_loadu_ps(x + j), vm);
+    const __m256 v = _mm256_sub_ps(_mm256_loadu_ps(x + j), _mm256_loadu_ps(m + j));
     const __m256 xc = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
     const __m256 nf = _mm256_floor_ps(
         _mm256_add_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)), _mm256_set1_ps(0.5f)));
@@ -151,166 +155,229 @@ __attribute__((target("avx,fma"))) void exp_sub_avx(float* C10_RESTRICT x, float
     const __m256 underflow = _mm256_cmp_ps(v, lo, _CMP_LT_OQ);
     _mm256_storeu_ps(x + j, _mm256_andnot_ps(underflow, _mm256_mul_ps(y, pow2)));
   }
-  for (; j < n; ++j) x[j] = exp_op(x[j] - m);
+  for (; j < n; ++j) x[j] = exp_op(x[j] - m[j]);
 }
 #endif
 
-// x[0:n] = exp(x[0:n] - m).
+// x[0:n] = exp(x[0:n] - m[0:n]).
 template <bool kAvx, typename A>
-C10_ALWAYS_INLINE void exp_sub(A* C10_RESTRICT x, A m, int64_t n) {
+C10_ALWAYS_INLINE void exp_sub(A* C10_RESTRICT x, const A* C10_RESTRICT m, int64_t n) {
 #if VITFAST_WA_AVX
   if constexpr (kAvx && std::is_same_v<A, float>) {
     exp_sub_avx(x, m, n);
     return;
   }
 #endif
-  for (int64_t j = 0; j < n; ++j) x[j] = exp_op(x[j] - m);
+  for (int64_t j = 0; j < n; ++j) x[j] = exp_op(x[j] - m[j]);
 }
 
 // Row reductions keep kLanes partial results (64 bytes) that the compiler maps to vector registers:
 // strict IEEE code does not reassociate a single accumulator, which would leave the loop scalar. The
-// lane count does not depend on the instruction set, so both copies of the kernels agree bit for bit.
+// lane count does not depend on the instruction set, so both copies of the kernels sum in the same order
+// (they can still differ in the last bit where the AVX + FMA copy fuses a multiply and an add).
 template <typename A>
 constexpr int64_t kLanes = 64 / sizeof(A);
 
+// sum_j a[j] * b[j].
 template <typename A>
-C10_ALWAYS_INLINE A lanes_sum(A* acc) {
+C10_ALWAYS_INLINE A row_dot(const A* C10_RESTRICT a, const A* C10_RESTRICT b, int64_t n) {
+  A acc[kLanes<A>] = {};
+  int64_t j = 0;
+  for (; j + kLanes<A> <= n; j += kLanes<A>) {
+#pragma omp simd
+    for (int64_t k = 0; k < kLanes<A>; ++k) acc[k] += a[j + k] * b[j + k];
+  }
+  for (int64_t k = 0; j + k < n; ++k) acc[k] += a[j + k] * b[j + k];
   for (int64_t width = kLanes<A> / 2; width >= 1; width /= 2) {
     for (int64_t k = 0; k < width; ++k) acc[k] += acc[k + width];
   }
   return acc[0];
 }
 
-// sum_j a[j] * b[j] (b == nullptr: sum_j a[j]).
+// Matrix buffers of a work item pad their rows to a multiple of kHalf elements (32 bytes), so that matmul
+// covers every column with full kLanes or kHalf wide tiles and leaves none to a scalar loop (N = 49 is 3
+// tiles of 16 and one of 8 in fp32), and column-wise loops run over whole vectors. Padding columns of an
+// operand hold finite values (zeros where they enter a reduction); those of a result are never read.
 template <typename A>
-C10_ALWAYS_INLINE A row_dot(const A* C10_RESTRICT a, const A* C10_RESTRICT b, int64_t n) {
-  A acc[kLanes<A>] = {};
-  int64_t j = 0;
-  if (b == nullptr) {
-    for (; j + kLanes<A> <= n; j += kLanes<A>) {
-#pragma omp simd
-      for (int64_t k = 0; k < kLanes<A>; ++k) acc[k] += a[j + k];
-    }
-    for (int64_t k = 0; j + k < n; ++k) acc[k] += a[j + k];
-  } else {
-    for (; j + kLanes<A> <= n; j += kLanes<A>) {
-#pragma omp simd
-      for (int64_t k = 0; k < kLanes<A>; ++k) acc[k] += a[j + k] * b[j + k];
-    }
-    for (int64_t k = 0; j + k < n; ++k) acc[k] += a[j + k] * b[j + k];
-  }
-  return lanes_sum(acc);
-}
+constexpr int64_t kHalf = kLanes<A> / 2;
 
 template <typename A>
-C10_ALWAYS_INLINE A row_max(const A* C10_RESTRICT a, int64_t n) {
-  A acc[kLanes<A>];
-  for (int64_t k = 0; k < kLanes<A>; ++k) acc[k] = a[0];
-  int64_t j = 0;
-  for (; j + kLanes<A> <= n; j += kLanes<A>) {
-#pragma omp simd
-    for (int64_t k = 0; k < kLanes<A>; ++k) acc[k] = acc[k] > a[j + k] ? acc[k] : a[j + k];
-  }
-  for (int64_t k = 0; j + k < n; ++k) acc[k] = acc[k] > a[j + k] ? acc[k] : a[j + k];
-  for (int64_t width = kLanes<A> / 2; width >= 1; width /= 2) {
-    for (int64_t k = 0; k < width; ++k) acc[k] = acc[k] > acc[k + width] ? acc[k] : acc[k + width];
-  }
-  return acc[0];
+constexpr int64_t padded(int64_t n) {
+  return (n + kHalf<A> - 1) / kHalf<A> * kHalf<A>;
 }
 
-// One register tile of c = a @ bT: R rows by kLanes columns, accumulated over all of K in registers.
-template <int R, typename A>
-C10_ALWAYS_INLINE void matmul_tile(const A* C10_RESTRICT a, const A* C10_RESTRICT bT, A* C10_RESTRICT c, int64_t K,
-                                   int64_t Nc) {
-  A acc[R][kLanes<A>] = {};
+// One register tile of c = a @ b: R rows by L columns, accumulated over all of K in registers. a[r, k] is
+// a[r * as + k * ak], so a transposed operand is read in place instead of copied.
+template <int R, int64_t L, typename A>
+C10_ALWAYS_INLINE void matmul_tile(const A* C10_RESTRICT a, int64_t as, int64_t ak, const A* C10_RESTRICT b,
+                                   int64_t ldb, A* C10_RESTRICT c, int64_t ldc, int64_t K) {
+  A acc[R][L] = {};
   for (int64_t k = 0; k < K; ++k) {
-    const A* C10_RESTRICT bk = bT + k * Nc;
+    const A* C10_RESTRICT bk = b + k * ldb;
     for (int r = 0; r < R; ++r) {
-      const A ark = a[r * K + k];
+      const A ark = a[r * as + k * ak];
 #pragma omp simd
-      for (int64_t j = 0; j < kLanes<A>; ++j) acc[r][j] += ark * bk[j];
+      for (int64_t j = 0; j < L; ++j) acc[r][j] += ark * bk[j];
     }
   }
   for (int r = 0; r < R; ++r) {
-    for (int64_t j = 0; j < kLanes<A>; ++j) c[r * Nc + j] = acc[r][j];
+    for (int64_t j = 0; j < L; ++j) c[r * ldc + j] = acc[r][j];
   }
 }
 
-// c[M, Nc] = a[M, K] @ bT[K, Nc], all row-major: 4 x kLanes register tiles, then the leftover rows
-// and columns.
-template <typename A>
-C10_ALWAYS_INLINE void matmul_rows(const A* C10_RESTRICT a, const A* C10_RESTRICT bT, A* C10_RESTRICT c, int64_t M,
+// R rows of c: kLanes wide tiles, then one kLanes or kHalf wide tile for the rest of padded(Nc).
+template <int R, typename A>
+C10_ALWAYS_INLINE void matmul_rows(const A* a, int64_t as, int64_t ak, const A* b, int64_t ldb, A* c, int64_t ldc,
                                    int64_t K, int64_t Nc) {
-  constexpr int kRows = 4;
-  const int64_t Nt = Nc / kLanes<A> * kLanes<A>;
-  int64_t i = 0;
-  for (; i + kRows <= M; i += kRows) {
-    for (int64_t j = 0; j < Nt; j += kLanes<A>) matmul_tile<kRows>(a + i * K, bT + j, c + i * Nc + j, K, Nc);
-  }
-  for (; i < M; ++i) {
-    for (int64_t j = 0; j < Nt; j += kLanes<A>) matmul_tile<1>(a + i * K, bT + j, c + i * Nc + j, K, Nc);
-  }
-  // Leftover columns (N = 49: one) as dot products over kLanes independent partial sums: a single
-  // accumulator through memory would serialize on its load-add-store latency.
-  for (int64_t j = Nt; j < Nc; ++j) {
-    for (i = 0; i < M; ++i) {
-      A acc[kLanes<A>] = {};
-      int64_t k = 0;
-      for (; k + kLanes<A> <= K; k += kLanes<A>) {
-        for (int64_t l = 0; l < kLanes<A>; ++l) acc[l] += a[i * K + k + l] * bT[(k + l) * Nc + j];
-      }
-      for (int64_t l = 0; k + l < K; ++l) acc[l] += a[i * K + k + l] * bT[(k + l) * Nc + j];
-      c[i * Nc + j] = lanes_sum(acc);
-    }
+  int64_t j = 0;
+  for (; j + kLanes<A> <= Nc; j += kLanes<A>) matmul_tile<R, kLanes<A>>(a, as, ak, b + j, ldb, c + j, ldc, K);
+  if (Nc - j > kHalf<A>) {
+    matmul_tile<R, kLanes<A>>(a, as, ak, b + j, ldb, c + j, ldc, K);
+  } else if (j < Nc) {
+    matmul_tile<R, kHalf<A>>(a, as, ak, b + j, ldb, c + j, ldc, K);
   }
 }
 
-// dst[N, D] = rows of q, k or v (`which` = 0, 1, 2) of the window's tokens, head h, in op-math; padding
-// tokens take pad[which, h] (or zeros).
-template <typename scalar_t, typename A>
-C10_ALWAYS_INLINE void gather_rows(const scalar_t* qkv, const int64_t* qs, const A* pad, const Geometry& g, int64_t b,
-                                   int64_t h, int which, const Token* tok, A* C10_RESTRICT dst) {
-  for (int64_t t = 0; t < g.N; ++t) {
-    A* C10_RESTRICT row = dst + t * g.D;
-    if (tok[t].real) {
-      const scalar_t* src = qkv + b * qs[0] + tok[t].y * qs[1] + tok[t].x * qs[2] + which * qs[3] + h * qs[4];
-      for (int64_t d = 0; d < g.D; ++d) row[d] = static_cast<A>(src[d]);
-    } else if (pad != nullptr) {
-      const A* src = pad + (which * g.heads + h) * g.D;
-      for (int64_t d = 0; d < g.D; ++d) row[d] = src[d];
-    } else {
-      for (int64_t d = 0; d < g.D; ++d) row[d] = A(0);
-    }
-  }
-}
-
-// dst[K, N] = src[N, K]^T.
+// c[M, Nc] = a[M, K] @ b[K, Nc] with a[i, k] at a[i * as + k * ak], b and c row-major with leading
+// dimensions ldb and ldc of at least padded(Nc): 6-row register tiles (with AVX, 12 accumulators, a row of
+// b and a broadcast a[i, k]: 15 of the 16 vector registers), then the leftover rows.
 template <typename A>
-C10_ALWAYS_INLINE void transpose(const A* C10_RESTRICT src, A* C10_RESTRICT dst, int64_t N, int64_t K) {
+C10_ALWAYS_INLINE void matmul_impl(const A* a, int64_t as, int64_t ak, const A* b, int64_t ldb, A* c, int64_t ldc,
+                                   int64_t M, int64_t K, int64_t Nc) {
+  constexpr int kRows = 6;
+  int64_t i = 0;
+  for (; i + kRows <= M; i += kRows) matmul_rows<kRows>(a + i * as, as, ak, b, ldb, c + i * ldc, ldc, K, Nc);
+  for (; i < M; ++i) matmul_rows<1>(a + i * as, as, ak, b, ldb, c + i * ldc, ldc, K, Nc);
+}
+
+// matmul_impl as a function of its own in each instruction-set copy: inlined into the work-item loops, its
+// accumulators compete with their many live values for registers and some spill to the stack.
+template <typename A>
+C10_NOINLINE void matmul_base(const A* a, int64_t as, int64_t ak, const A* b, int64_t ldb, A* c, int64_t ldc,
+                              int64_t M, int64_t K, int64_t Nc) {
+  matmul_impl(a, as, ak, b, ldb, c, ldc, M, K, Nc);
+}
+
+#if VITFAST_WA_AVX
+template <typename A>
+__attribute__((target("avx,fma"))) C10_NOINLINE void matmul_avx(const A* a, int64_t as, int64_t ak, const A* b,
+                                                               int64_t ldb, A* c, int64_t ldc, int64_t M, int64_t K,
+                                                               int64_t Nc) {
+  matmul_impl(a, as, ak, b, ldb, c, ldc, M, K, Nc);
+}
+#endif
+
+template <bool kAvx, typename A>
+C10_ALWAYS_INLINE void matmul(const A* a, int64_t as, int64_t ak, const A* b, int64_t ldb, A* c, int64_t ldc, int64_t M,
+                              int64_t K, int64_t Nc) {
+#if VITFAST_WA_AVX
+  if constexpr (kAvx) {
+    matmul_avx(a, as, ak, b, ldb, c, ldc, M, K, Nc);
+    return;
+  }
+#endif
+  matmul_base(a, as, ak, b, ldb, c, ldc, M, K, Nc);
+}
+
+#if VITFAST_WA_AVX
+// dst[K, N] (leading dimension ldd) = src[N, K]^T (leading dimension lds) in 8 x 8 blocks held in registers:
+// one element at a time, the strided stores are the cost.
+__attribute__((target("avx"))) void transpose_avx(const float* C10_RESTRICT src, int64_t lds, float* C10_RESTRICT dst,
+                                                  int64_t ldd, int64_t N, int64_t K) {
+  int64_t t = 0;
+  for (; t + 8 <= N; t += 8) {
+    int64_t d = 0;
+    for (; d + 8 <= K; d += 8) {
+      __m256 r[8], u[8];
+      for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + (t + i) * lds + d);
+      for (int i = 0; i < 8; i += 2) {
+        u[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        u[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+      }
+      for (int i = 0; i < 8; i += 4) {
+        r[i] = _mm256_shuffle_ps(u[i], u[i + 2], 0x44);
+        r[i + 1] = _mm256_shuffle_ps(u[i], u[i + 2], 0xEE);
+        r[i + 2] = _mm256_shuffle_ps(u[i + 1], u[i + 3], 0x44);
+        r[i + 3] = _mm256_shuffle_ps(u[i + 1], u[i + 3], 0xEE);
+      }
+      for (int i = 0; i < 4; ++i) {
+        _mm256_storeu_ps(dst + (d + i) * ldd + t, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+        _mm256_storeu_ps(dst + (d + i + 4) * ldd + t, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+      }
+    }
+    for (; d < K; ++d) {
+      for (int64_t i = 0; i < 8; ++i) dst[d * ldd + t + i] = src[(t + i) * lds + d];
+    }
+  }
+  for (; t < N; ++t) {
+    for (int64_t d = 0; d < K; ++d) dst[d * ldd + t] = src[t * lds + d];
+  }
+}
+#endif
+
+// dst[K, N] (leading dimension ldd) = src[N, K]^T (leading dimension lds).
+template <bool kAvx, typename A>
+C10_ALWAYS_INLINE void transpose(const A* C10_RESTRICT src, int64_t lds, A* C10_RESTRICT dst, int64_t ldd, int64_t N,
+                                 int64_t K) {
+#if VITFAST_WA_AVX
+  if constexpr (kAvx && std::is_same_v<A, float>) {
+    transpose_avx(src, lds, dst, ldd, N, K);
+    return;
+  }
+#endif
   for (int64_t t = 0; t < N; ++t) {
-    for (int64_t d = 0; d < K; ++d) dst[d * N + t] = src[t * K + d];
+    for (int64_t d = 0; d < K; ++d) dst[d * ldd + t] = src[t * lds + d];
   }
 }
 
-// Rows of x[N, D] scaled to unit L2 norm (F.normalize): y = x / max(|x|, eps); norms kept in `norm`.
+// Rows of x[N, D] (leading dimension ld) scaled to unit L2 norm (F.normalize): y = x / max(|x|, eps);
+// norms kept in `norm`.
 template <typename A>
 C10_ALWAYS_INLINE void normalize_rows(const A* C10_RESTRICT x, A* C10_RESTRICT y, A* C10_RESTRICT norm, int64_t N,
-                                      int64_t D) {
+                                      int64_t D, int64_t ld) {
   for (int64_t t = 0; t < N; ++t) {
-    norm[t] = std::sqrt(row_dot(x + t * D, x + t * D, D));
+    norm[t] = std::sqrt(row_dot(x + t * ld, x + t * ld, D));
     const A inv = A(1) / std::max(norm[t], A(kNormEps));
-    for (int64_t d = 0; d < D; ++d) y[t * D + d] = x[t * D + d] * inv;
+    for (int64_t d = 0; d < D; ++d) y[t * ld + d] = x[t * ld + d] * inv;
   }
 }
 
 // In place: dy (gradient w.r.t. y = normalize(x)) becomes the gradient w.r.t. x.
 template <typename A>
 C10_ALWAYS_INLINE void normalize_rows_bwd(A* C10_RESTRICT dy, const A* C10_RESTRICT y, const A* C10_RESTRICT norm,
-                                          int64_t N, int64_t D) {
+                                          int64_t N, int64_t D, int64_t ld) {
   for (int64_t t = 0; t < N; ++t) {
-    const A proj = norm[t] > A(kNormEps) ? row_dot(y + t * D, dy + t * D, D) : A(0);
+    const A proj = norm[t] > A(kNormEps) ? row_dot(y + t * ld, dy + t * ld, D) : A(0);
     const A inv = A(1) / std::max(norm[t], A(kNormEps));
-    for (int64_t d = 0; d < D; ++d) dy[t * D + d] = (dy[t * D + d] - y[t * D + d] * proj) * inv;
+    for (int64_t d = 0; d < D; ++d) dy[t * ld + d] = (dy[t * ld + d] - y[t * ld + d] * proj) * inv;
+  }
+}
+
+// Softmax over each column of sT[N, Np] (a column holds one query's scores) in place; leaves each column's
+// log-sum-exp in lse. Column-wise, every step is an element-wise vector operation over a row of sT, with no
+// horizontal reduction. `sum` is scratch of Np elements.
+template <bool kAvx, typename A>
+C10_ALWAYS_INLINE void column_softmax(A* C10_RESTRICT s, int64_t N, int64_t Np, A* C10_RESTRICT lse,
+                                      A* C10_RESTRICT sum) {
+  A* C10_RESTRICT m = lse;
+  std::copy(s, s + Np, m);
+  for (int64_t j = 1; j < N; ++j) {
+#pragma omp simd
+    for (int64_t i = 0; i < Np; ++i) m[i] = m[i] > s[j * Np + i] ? m[i] : s[j * Np + i];
+  }
+  std::fill(sum, sum + Np, A(0));
+  for (int64_t j = 0; j < N; ++j) {
+    exp_sub<kAvx>(s + j * Np, m, Np);
+#pragma omp simd
+    for (int64_t i = 0; i < Np; ++i) sum[i] += s[j * Np + i];
+  }
+  for (int64_t i = 0; i < Np; ++i) {
+    lse[i] = m[i] + std::log(sum[i]);
+    sum[i] = A(1) / sum[i];
+  }
+  for (int64_t j = 0; j < N; ++j) {
+#pragma omp simd
+    for (int64_t i = 0; i < Np; ++i) s[j * Np + i] *= sum[i];
   }
 }
 
@@ -319,7 +386,7 @@ struct Args {
   Geometry g;
   const scalar_t* qkv;
   int64_t qs[5];           // qkv strides of (B, H, W, 3, heads); the head dim is contiguous
-  const A* bias;           // (heads, N, N) dense bias in op-math
+  const A* biasT;          // (heads, N, N) dense bias in op-math, transposed: biasT[h, j, i] = bias[h, i, j]
   const A* pad;            // (3, heads, D) or nullptr
   const A* logit_scale;    // (heads,) or nullptr
   A scale;                 // softmax_scale (dot-product attention)
@@ -334,87 +401,170 @@ struct Args {
   scalar_t* dqkv;          // (B, H, W, 3, heads, D) contiguous
 };
 
-// Per-thread scratch of one work item.
+// Per-thread scratch of the work items of one window: its tokens, and the rows of its heads, gathered
+// once for all of them (see gather_window). The score-shaped matrices are transposed, key j by query i,
+// so that the softmax runs down columns; they have rows of Np = padded(N) elements, the N x D ones rows
+// of Dp = padded(D), and qT, dOT (D x N) rows of Np.
 template <typename A>
 struct Scratch {
-  std::vector<Token> tok;
-  std::vector<A> region;  // shift region of each token, as a number
-  std::vector<A> q, k, v, qq, kk, kT, vT, s, dp, cos, tr, o, dq, dk, dv, qnorm, knorm;
-  Scratch(int64_t N, int64_t D, bool bwd)
-      : tok(N), region(N), q(N * D), k(N * D), v(N * D), qq(N * D), kk(N * D), kT(N * D), vT(bwd ? N * D : 0),
-        s(N * N), dp(bwd ? N * N : 0), cos(bwd ? N * N : 0), tr(bwd ? N * N : 0), o(N * D),
-        dq(bwd ? N * D : 0), dk(bwd ? N * D : 0), dv(bwd ? N * D : 0), qnorm(N), knorm(N) {}
+  int64_t N, heads, Np, Dp;
+  int64_t b = -1, w = -1;              // the window (batch b, window w) whose tokens and rows it holds
+  std::vector<Token> tok, next_tok;    // its tokens, and those of the next window (prefetched)
+  std::vector<A> region, next_region;  // shift region of each token, as a number
+  std::vector<A> qkv;                  // (3, heads, N, Dp) q, k, v rows of the window
+  std::vector<A> dO;                   // (heads, N, Dp) dout rows of the window (backward)
+  // Per item: normalized q, k (cosine attention), q^T, S^T (then P^T), out rows; dO^T, dP^T (then dS^T),
+  // cosines, dropped-out P^T, dq, dk, dv (backward); row norms; two column vectors.
+  std::vector<A> qq, kk, qT, sT, o, dOT, dpT, cosT, pdT, dq, dk, dv, qnorm, knorm, col0, col1;
+  Scratch(int64_t N, int64_t D, int64_t heads, bool bwd)
+      : N(N), heads(heads), Np(padded<A>(N)), Dp(padded<A>(D)), tok(N), next_tok(N), region(N), next_region(N),
+        qkv(3 * heads * N * Dp), dO(bwd ? heads * N * Dp : 0), qq(N * Dp), kk(N * Dp), qT(D * Np), sT(N * Np),
+        o(bwd ? 0 : N * Dp), dOT(bwd ? D * Np : 0), dpT(bwd ? N * Np : 0), cosT(bwd ? N * Np : 0),
+        pdT(bwd ? N * Np : 0), dq(bwd ? N * Dp : 0), dk(bwd ? N * Dp : 0), dv(bwd ? N * Dp : 0), qnorm(N), knorm(N),
+        col0(Np), col1(Np) {}
+  // The (N, Dp) rows of q, k or v (`which` = 0, 1, 2) of head h.
+  const A* rows(int which, int64_t h) const { return qkv.data() + (which * heads + h) * N * Dp; }
 };
 
-// Scores of item (b, w, h) into sc.s: scale * q.k (or logit_scale * cos(q, k)) + bias + shift mask.
-// Leaves the (normalized) q, k in sc.qq / sc.kk, and the raw q.k (cosine) products in sc.cos if `keep_cos`.
+// Cache prefetch of the `bytes` bytes at p, for reading or writing (a no-op where the compiler has no hint).
+template <bool kWrite>
+C10_ALWAYS_INLINE void prefetch(const void* p, int64_t bytes) {
+#if defined(__GNUC__) || defined(__clang__)
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(static_cast<const char*>(p) + off, kWrite, 2);
+#endif
+}
+
+// Points sc at window w of batch b and gathers, in op-math, the q, k, v rows (and in the backward the dout
+// rows) of its heads [h, h_end): the items of a chunk are consecutive, so these are all the heads it will
+// process in this window. Padding tokens take pad_qkv (or zeros) and a zero dout.
+//
+// Gathering a window's pixels whole (rather than one head's D elements of each pixel per item) lets the
+// q, k, v of all its heads stream in; and each token prefetches the pixel of the same token of the next
+// window in item order (its qkv, and dout and dqkv or out rows), so that the next window's gather and
+// scatters find them in cache: the hardware prefetchers do not anticipate runs of only ww pixels.
 template <typename scalar_t, typename A>
-C10_ALWAYS_INLINE A scores(const Args<scalar_t, A>& a, Scratch<A>& sc, int64_t b, int64_t w, int64_t h,
-                           bool keep_cos) {
+C10_ALWAYS_INLINE void gather_window(const Args<scalar_t, A>& a, Scratch<A>& sc, int64_t b, int64_t w, int64_t h,
+                                     int64_t h_end, bool bwd) {
   const Geometry& g = a.g;
-  const int64_t N = g.N, D = g.D;
+  const int64_t N = g.N, D = g.D, Dp = sc.Dp, row_bytes = D * static_cast<int64_t>(sizeof(scalar_t));
   window_tokens(g, w, sc.tok.data(), sc.region.data());
-  gather_rows(a.qkv, a.qs, a.pad, g, b, h, 0, sc.tok.data(), sc.q.data());
-  gather_rows(a.qkv, a.qs, a.pad, g, b, h, 1, sc.tok.data(), sc.k.data());
-  A mult = a.scale;
-  const A* qq = sc.q.data();
-  const A* kk = sc.k.data();
-  if (a.logit_scale != nullptr) {
-    normalize_rows(sc.q.data(), sc.qq.data(), sc.qnorm.data(), N, D);
-    normalize_rows(sc.k.data(), sc.kk.data(), sc.knorm.data(), N, D);
-    qq = sc.qq.data();
-    kk = sc.kk.data();
-    mult = a.logit_scale[h];
-  }
-  transpose(kk, sc.kT.data(), N, D);
-  A* C10_RESTRICT s = sc.s.data();
-  matmul_rows(qq, sc.kT.data(), s, N, D, N);
-  if (keep_cos) std::copy(s, s + N * N, sc.cos.data());
-  const A* C10_RESTRICT bias = a.bias + h * N * N;
-  const A* C10_RESTRICT region = sc.region.data();
-  for (int64_t i = 0; i < N; ++i) {
-    const A ri = region[i];
-#pragma omp simd
-    for (int64_t j = 0; j < N; ++j) {
-      s[i * N + j] = s[i * N + j] * mult + bias[i * N + j] + (region[j] != ri ? A(kMaskValue) : A(0));
+  sc.b = b;
+  sc.w = w;
+  const int64_t next = b * g.nW + w + 1, nb = next / g.nW;
+  if (nb < g.B) window_tokens(g, next % g.nW, sc.next_tok.data(), sc.next_region.data());
+  for (int64_t t = 0; t < N; ++t) {
+    const Token nt = sc.next_tok[t];
+    if (nb < g.B && nt.real) {
+      const int64_t pixel = (nb * g.H + nt.y) * g.W + nt.x;
+      for (int which = 0; which < 3; ++which) {
+        for (int64_t hh = 0; hh < g.heads; ++hh) {
+          prefetch<false>(a.qkv + nb * a.qs[0] + nt.y * a.qs[1] + nt.x * a.qs[2] + which * a.qs[3] + hh * a.qs[4],
+                          row_bytes);
+        }
+      }
+      if (bwd) {
+        prefetch<false>(a.dout + nb * a.ds[0] + nt.y * a.ds[1] + nt.x * a.ds[2], g.heads * row_bytes);
+        prefetch<true>(a.dqkv + pixel * 3 * g.heads * D, 3 * g.heads * row_bytes);
+      } else {
+        prefetch<true>(a.out + pixel * g.heads * D, g.heads * row_bytes);
+      }
+    }
+    const Token tk = sc.tok[t];
+    const scalar_t* src = a.qkv + b * a.qs[0] + tk.y * a.qs[1] + tk.x * a.qs[2];
+    for (int which = 0; which < 3; ++which) {
+      for (int64_t hh = h; hh < h_end; ++hh) {
+        A* C10_RESTRICT row = sc.qkv.data() + ((which * g.heads + hh) * N + t) * Dp;
+        if (tk.real) {
+          const scalar_t* s = src + which * a.qs[3] + hh * a.qs[4];
+          for (int64_t d = 0; d < D; ++d) row[d] = static_cast<A>(s[d]);
+        } else if (a.pad != nullptr) {
+          const A* s = a.pad + (which * g.heads + hh) * D;
+          for (int64_t d = 0; d < D; ++d) row[d] = s[d];
+        } else {
+          for (int64_t d = 0; d < D; ++d) row[d] = A(0);
+        }
+      }
+    }
+    const scalar_t* dsrc = bwd ? a.dout + b * a.ds[0] + tk.y * a.ds[1] + tk.x * a.ds[2] : nullptr;
+    for (int64_t hh = h; bwd && hh < h_end; ++hh) {
+      A* C10_RESTRICT row = sc.dO.data() + (hh * N + t) * Dp;
+      if (tk.real) {
+        for (int64_t d = 0; d < D; ++d) row[d] = static_cast<A>(dsrc[hh * D + d]);
+      } else {
+        for (int64_t d = 0; d < D; ++d) row[d] = A(0);
+      }
     }
   }
-  return mult;
+}
+
+// The q and k rows the scores of an item are made of (normalized in cosine attention), and their scale.
+template <typename A>
+struct ScoreInputs {
+  const A* q;
+  const A* k;
+  A mult;
+};
+
+// Transposed scores of item (b, w, h) of the window in sc into sc.sT: sT[j, i] = scale * q_i.k_j (or
+// logit_scale * cos(q_i, k_j)) + bias[i, j] + shift mask; the raw products (cosines) also into sc.cosT if
+// `keep_cos`.
+template <bool kAvx, typename scalar_t, typename A>
+C10_ALWAYS_INLINE ScoreInputs<A> scores(const Args<scalar_t, A>& a, Scratch<A>& sc, int64_t h, bool keep_cos) {
+  const Geometry& g = a.g;
+  const int64_t N = g.N, D = g.D, Np = sc.Np, Dp = sc.Dp;
+  ScoreInputs<A> in{sc.rows(0, h), sc.rows(1, h), a.scale};
+  if (a.logit_scale != nullptr) {
+    normalize_rows(in.q, sc.qq.data(), sc.qnorm.data(), N, D, Dp);
+    normalize_rows(in.k, sc.kk.data(), sc.knorm.data(), N, D, Dp);
+    in = {sc.qq.data(), sc.kk.data(), a.logit_scale[h]};
+  }
+  transpose<kAvx>(in.q, Dp, sc.qT.data(), Np, N, D);
+  A* C10_RESTRICT s = sc.sT.data();
+  matmul<kAvx>(in.k, Dp, 1, sc.qT.data(), Np, s, Np, N, D, N);
+  if (keep_cos) std::copy(s, s + N * Np, sc.cosT.data());
+  const A* C10_RESTRICT biasT = a.biasT + h * N * N;
+  const A* C10_RESTRICT region = sc.region.data();
+  for (int64_t j = 0; j < N; ++j) {
+    const A rj = region[j];
+#pragma omp simd
+    for (int64_t i = 0; i < N; ++i) {
+      s[j * Np + i] = s[j * Np + i] * in.mult + biasT[j * N + i] + (region[i] != rj ? A(kMaskValue) : A(0));
+    }
+  }
+  return in;
 }
 
 template <bool kAvx, typename scalar_t, typename A>
 C10_ALWAYS_INLINE void fwd_items(const Args<scalar_t, A>& a, int64_t begin, int64_t end) {
   const Geometry& g = a.g;
   const int64_t N = g.N, D = g.D, C = g.heads * g.D;
-  Scratch<A> sc(N, D, false);
+  Scratch<A> sc(N, D, g.heads, false);
+  const int64_t Np = sc.Np, Dp = sc.Dp;
   const A keep_scale = A(1) / A(1 - a.dropout_p);
   for (int64_t item = begin; item < end; ++item) {
     const int64_t h = item % g.heads, w = (item / g.heads) % g.nW, b = item / (g.heads * g.nW);
-    scores(a, sc, b, w, h, false);
-    gather_rows(a.qkv, a.qs, a.pad, g, b, h, 2, sc.tok.data(), sc.v.data());
-    A* C10_RESTRICT s = sc.s.data();
+    if (b != sc.b || w != sc.w) gather_window(a, sc, b, w, h, std::min(g.heads, h + end - item), false);
+    scores<kAvx>(a, sc, h, false);
+    // P^T in place of S^T.
+    A* C10_RESTRICT p = sc.sT.data();
+    column_softmax<kAvx>(p, N, Np, sc.col0.data(), sc.col1.data());
     float* lse = a.lse + ((b * g.heads + h) * g.nW + w) * N;
-    const uint64_t item_base = static_cast<uint64_t>((b * g.heads + h) * g.nW + w) * static_cast<uint64_t>(N * N);
-    for (int64_t i = 0; i < N; ++i) {
-      A* C10_RESTRICT si = s + i * N;
-      const A m = row_max(si, N);
-      exp_sub<kAvx>(si, m, N);
-      const A sum = row_dot<A>(si, nullptr, N);
-      lse[i] = static_cast<float>(m + std::log(sum));
-      const A inv = A(1) / sum;
-      for (int64_t j = 0; j < N; ++j) si[j] *= inv;
-      if (a.dropout_p > 0) {
-        for (int64_t j = 0; j < N; ++j) {
-          si[j] = keep_element(a.seed, item_base, i, j, N, a.dropout_p) ? si[j] * keep_scale : A(0);
+    for (int64_t i = 0; i < N; ++i) lse[i] = static_cast<float>(sc.col0[i]);
+    if (a.dropout_p > 0) {
+      const uint64_t item_base = static_cast<uint64_t>((b * g.heads + h) * g.nW + w) * static_cast<uint64_t>(N * N);
+      for (int64_t j = 0; j < N; ++j) {
+        for (int64_t i = 0; i < N; ++i) {
+          p[j * Np + i] = keep_element(a.seed, item_base, i, j, N, a.dropout_p) ? p[j * Np + i] * keep_scale : A(0);
         }
       }
     }
+    // o = P @ v, P read through P^T.
     A* C10_RESTRICT o = sc.o.data();
-    matmul_rows(s, sc.v.data(), o, N, N, D);
+    matmul<kAvx>(p, 1, Np, sc.rows(2, h), Dp, o, Dp, N, N, D);
     for (int64_t i = 0; i < N; ++i) {
       if (!sc.tok[i].real) continue;
       scalar_t* dst = a.out + ((b * g.H + sc.tok[i].y) * g.W + sc.tok[i].x) * C + h * D;
-      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(o[i * D + d]);
+      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(o[i * Dp + d]);
     }
   }
 }
@@ -423,93 +573,93 @@ template <bool kAvx, typename scalar_t, typename A>
 C10_ALWAYS_INLINE void bwd_items(const Args<scalar_t, A>& a, int64_t begin, int64_t end, A* C10_RESTRICT partial) {
   const Geometry& g = a.g;
   const int64_t N = g.N, D = g.D, heads = g.heads;
-  Scratch<A> sc(N, D, true);
+  Scratch<A> sc(N, D, heads, true);
+  const int64_t Np = sc.Np, Dp = sc.Dp;
   const bool cosine = a.logit_scale != nullptr;
   const A keep_scale = A(1) / A(1 - a.dropout_p);
-  A* C10_RESTRICT dbias = partial;                         // (heads, N, N)
+  A* C10_RESTRICT dbiasT = partial;                        // (heads, N, N), transposed as biasT
   A* C10_RESTRICT dpad = partial + heads * N * N;          // (3, heads, D)
   A* C10_RESTRICT dlogit = dpad + 3 * heads * D;           // (heads,)
   for (int64_t item = begin; item < end; ++item) {
     const int64_t h = item % heads, w = (item / heads) % g.nW, b = item / (heads * g.nW);
-    const A mult = scores(a, sc, b, w, h, cosine);
-    const A* qq = cosine ? sc.qq.data() : sc.q.data();
-    const A* kk = cosine ? sc.kk.data() : sc.k.data();
-    gather_rows(a.qkv, a.qs, a.pad, g, b, h, 2, sc.tok.data(), sc.v.data());
-    // dO rows of the window (zero for padding tokens, whose outputs are cropped).
-    A* C10_RESTRICT dO = sc.o.data();
-    for (int64_t t = 0; t < N; ++t) {
-      if (sc.tok[t].real) {
-        const scalar_t* src = a.dout + b * a.ds[0] + sc.tok[t].y * a.ds[1] + sc.tok[t].x * a.ds[2] + h * D;
-        for (int64_t d = 0; d < D; ++d) dO[t * D + d] = static_cast<A>(src[d]);
-      } else {
-        for (int64_t d = 0; d < D; ++d) dO[t * D + d] = A(0);
-      }
+    if (b != sc.b || w != sc.w) gather_window(a, sc, b, w, h, std::min(heads, h + end - item), true);
+    const ScoreInputs<A> in = scores<kAvx>(a, sc, h, cosine);
+    const A* dO = sc.dO.data() + h * N * Dp;
+    transpose<kAvx>(dO, Dp, sc.dOT.data(), Np, N, D);
+    // P^T = exp(S^T - lse) in place of S^T. In fp64 the normalizer is recomputed: the saved lse is only fp32.
+    A* C10_RESTRICT p = sc.sT.data();
+    if constexpr (std::is_same_v<A, double>) {
+      column_softmax<kAvx>(p, N, Np, sc.col0.data(), sc.col1.data());
+    } else {
+      const float* lse = a.lse + ((b * heads + h) * g.nW + w) * N;
+      A* C10_RESTRICT l = sc.col0.data();
+      for (int64_t i = 0; i < Np; ++i) l[i] = i < N ? static_cast<A>(lse[i]) : A(0);
+      for (int64_t j = 0; j < N; ++j) exp_sub<kAvx>(p + j * Np, l, Np);
     }
-    // P = exp(S - lse). In fp64 the normalizer is recomputed: the saved lse is only fp32.
-    A* C10_RESTRICT p = sc.s.data();
-    const float* lse = a.lse + ((b * heads + h) * g.nW + w) * N;
-    for (int64_t i = 0; i < N; ++i) {
-      A* C10_RESTRICT pi = p + i * N;
-      if constexpr (std::is_same_v<A, double>) {
-        const A m = row_max(pi, N);
-        exp_sub<kAvx>(pi, m, N);
-        const A inv = A(1) / row_dot<A>(pi, nullptr, N);
-        for (int64_t j = 0; j < N; ++j) pi[j] *= inv;
-      } else {
-        const A l = static_cast<A>(lse[i]);
-        exp_sub<kAvx>(pi, l, N);
-      }
-    }
-    // dPd = dO @ V^T (gradient w.r.t. the dropped-out probabilities).
-    transpose(sc.v.data(), sc.vT.data(), N, D);
-    A* C10_RESTRICT dp = sc.dp.data();
-    matmul_rows(dO, sc.vT.data(), dp, N, D, N);
-    const uint64_t item_base = static_cast<uint64_t>((b * heads + h) * g.nW + w) * static_cast<uint64_t>(N * N);
-    // dv = Pd^T @ dO with Pd the dropped-out probabilities; dP -> dS = P * (dP - rowsum(P * dP)) in place.
-    A* C10_RESTRICT tr = sc.tr.data();
-    for (int64_t i = 0; i < N; ++i) {
-      A* C10_RESTRICT pi = p + i * N;
-      A* C10_RESTRICT dpi = dp + i * N;
-      if (a.dropout_p > 0) {
-        for (int64_t j = 0; j < N; ++j) {
+    // dPd^T = v @ dO^T: the gradient w.r.t. the dropped-out probabilities Pd (Pd = P without dropout).
+    A* C10_RESTRICT dp = sc.dpT.data();
+    matmul<kAvx>(sc.rows(2, h), Dp, 1, sc.dOT.data(), Np, dp, Np, N, D, N);
+    const A* pd = p;
+    if (a.dropout_p > 0) {
+      const uint64_t item_base = static_cast<uint64_t>((b * heads + h) * g.nW + w) * static_cast<uint64_t>(N * N);
+      A* C10_RESTRICT pdT = sc.pdT.data();
+      for (int64_t j = 0; j < N; ++j) {
+        for (int64_t i = 0; i < N; ++i) {
           const bool kept = keep_element(a.seed, item_base, i, j, N, a.dropout_p);
-          dpi[j] = kept ? dpi[j] * keep_scale : A(0);
-          tr[j * N + i] = kept ? pi[j] * keep_scale : A(0);
+          dp[j * Np + i] = kept ? dp[j * Np + i] * keep_scale : A(0);
+          pdT[j * Np + i] = kept ? p[j * Np + i] * keep_scale : A(0);
         }
-      } else {
-        for (int64_t j = 0; j < N; ++j) tr[j * N + i] = pi[j];
       }
-      const A delta = row_dot(pi, dpi, N);
-      for (int64_t j = 0; j < N; ++j) dpi[j] = pi[j] * (dpi[j] - delta);
+      pd = pdT;
     }
+    // dP -> dS = P * (dP - rowsum(P * dP)) in place (the row sums of P are column sums of P^T), summed into
+    // dbias (and, times the cosines, into dlogit_scale), then scaled by mult: dS becomes the gradient
+    // w.r.t. q.k. Padding columns stay zero, as dP's are.
+    A* C10_RESTRICT delta = sc.col1.data();
+    std::fill(delta, delta + Np, A(0));
+    for (int64_t j = 0; j < N; ++j) {
+#pragma omp simd
+      for (int64_t i = 0; i < Np; ++i) delta[i] += p[j * Np + i] * dp[j * Np + i];
+    }
+    A* C10_RESTRICT dcos = sc.col0.data();
+    std::fill(dcos, dcos + Np, A(0));
+    for (int64_t j = 0; j < N; ++j) {
+      A* C10_RESTRICT dsj = dp + j * Np;
+      const A* C10_RESTRICT pj = p + j * Np;
+      const A* C10_RESTRICT cosj = sc.cosT.data() + j * Np;
+      A* C10_RESTRICT dbj = dbiasT + (h * N + j) * N;
+#pragma omp simd
+      for (int64_t i = 0; i < N; ++i) {
+        const A ds = pj[i] * (dsj[i] - delta[i]);
+        dbj[i] += ds;
+        if (cosine) dcos[i] += ds * cosj[i];
+        dsj[i] = ds * in.mult;
+      }
+    }
+    for (int64_t i = 0; cosine && i < N; ++i) dlogit[h] += dcos[i];
+    // dv = Pd^T @ dO, dq = dS @ k (dS read through dS^T), dk = dS^T @ q.
     A* C10_RESTRICT dv = sc.dv.data();
-    matmul_rows(tr, dO, dv, N, N, D);
-    A* C10_RESTRICT db = dbias + h * N * N;
-    for (int64_t e = 0; e < N * N; ++e) db[e] += dp[e];
-    if (cosine) dlogit[h] += row_dot(dp, sc.cos.data(), N * N);
-    // dq = mult * dS @ kk, dk = mult * dS^T @ qq.
-    for (int64_t e = 0; e < N * N; ++e) dp[e] *= mult;
     A* C10_RESTRICT dq = sc.dq.data();
     A* C10_RESTRICT dk = sc.dk.data();
-    matmul_rows(dp, kk, dq, N, N, D);
-    transpose(dp, tr, N, N);
-    matmul_rows(tr, qq, dk, N, N, D);
+    matmul<kAvx>(pd, Np, 1, dO, Dp, dv, Dp, N, N, D);
+    matmul<kAvx>(dp, 1, Np, in.k, Dp, dq, Dp, N, N, D);
+    matmul<kAvx>(dp, Np, 1, in.q, Dp, dk, Dp, N, N, D);
     if (cosine) {
-      normalize_rows_bwd(dq, sc.qq.data(), sc.qnorm.data(), N, D);
-      normalize_rows_bwd(dk, sc.kk.data(), sc.knorm.data(), N, D);
+      normalize_rows_bwd(dq, sc.qq.data(), sc.qnorm.data(), N, D, Dp);
+      normalize_rows_bwd(dk, sc.kk.data(), sc.knorm.data(), N, D, Dp);
     }
     const A* grads[3] = {dq, dk, dv};
     for (int64_t t = 0; t < N; ++t) {
       if (sc.tok[t].real) {
         scalar_t* dst = a.dqkv + (((b * g.H + sc.tok[t].y) * g.W + sc.tok[t].x) * 3 * heads + h) * D;
         for (int which = 0; which < 3; ++which) {
-          const A* src = grads[which] + t * D;
+          const A* src = grads[which] + t * Dp;
           scalar_t* dw = dst + which * heads * D;
           for (int64_t d = 0; d < D; ++d) dw[d] = static_cast<scalar_t>(src[d]);
         }
       } else if (a.pad != nullptr) {
         for (int which = 0; which < 3; ++which) {
-          const A* src = grads[which] + t * D;
+          const A* src = grads[which] + t * Dp;
           A* dw = dpad + (which * heads + h) * D;
           for (int64_t d = 0; d < D; ++d) dw[d] += src[d];
         }
@@ -580,7 +730,7 @@ Geometry make_geometry(const char* op, const at::Tensor& qkv, at::IntArrayRef wi
 }
 
 struct Extras {
-  at::Tensor bias;         // (heads, N, N) op-math, contiguous
+  at::Tensor biasT;        // (heads, N, N) op-math, contiguous, transposed: biasT[h, j, i] = bias[h, i, j]
   at::Tensor pad;          // (3, heads, D) op-math, contiguous, or undefined
   at::Tensor logit_scale;  // (heads,) op-math, or undefined
 };
@@ -601,19 +751,19 @@ Extras prepare_extras(const char* op, const Geometry& g, const at::Tensor& qkv, 
   if (table) {
     // Gather table[(ty_i - ty_j + wh - 1) * (2ww - 1) + (tx_i - tx_j + ww - 1), head] once per call.
     const at::Tensor t = bias.to(acc).contiguous();
-    e.bias = at::empty({g.heads, g.N, g.N}, t.options());
+    e.biasT = at::empty({g.heads, g.N, g.N}, t.options());
     AT_DISPATCH_FLOATING_TYPES(acc, "vitfast_window_attention_bias", [&] {
       const scalar_t* src = t.const_data_ptr<scalar_t>();
-      scalar_t* dst = e.bias.mutable_data_ptr<scalar_t>();
+      scalar_t* dst = e.biasT.mutable_data_ptr<scalar_t>();
       for (int64_t i = 0; i < g.N; ++i) {
         for (int64_t j = 0; j < g.N; ++j) {
           const int64_t r = (i / g.ww - j / g.ww + g.wh - 1) * (2 * g.ww - 1) + (i % g.ww - j % g.ww + g.ww - 1);
-          for (int64_t h = 0; h < g.heads; ++h) dst[(h * g.N + i) * g.N + j] = src[r * g.heads + h];
+          for (int64_t h = 0; h < g.heads; ++h) dst[(h * g.N + j) * g.N + i] = src[r * g.heads + h];
         }
       }
     });
   } else {
-    e.bias = bias.to(acc).contiguous();
+    e.biasT = bias.to(acc).transpose(1, 2).contiguous();
   }
   if (present(pad_qkv)) {
     TORCH_CHECK(pad_qkv->numel() == 3 * g.heads * g.D && at::isFloatingType(pad_qkv->scalar_type()) &&
@@ -645,7 +795,7 @@ Args<scalar_t, A> make_args(const Geometry& g, const at::Tensor& qkv, const Extr
   a.g = g;
   a.qkv = qkv.const_data_ptr<scalar_t>();
   for (int d = 0; d < 5; ++d) a.qs[d] = qkv.stride(d);
-  a.bias = e.bias.const_data_ptr<A>();
+  a.biasT = e.biasT.const_data_ptr<A>();
   a.pad = e.pad.defined() ? e.pad.const_data_ptr<A>() : nullptr;
   a.logit_scale = e.logit_scale.defined() ? e.logit_scale.const_data_ptr<A>() : nullptr;
   a.scale = static_cast<A>(softmax_scale);
@@ -738,26 +888,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_bwd_
   } else {
     dqkv.zero_();
   }
-  // Chunk partials summed in chunk order, then the dense dbias folded onto the table in (i, j) order. The
-  // gradients that are slices of `total` are copied out (copy=true): returns must not share storage.
+  // Chunk partials summed in chunk order, then the dense dbias (transposed, as biasT) folded onto the table
+  // in (i, j) order. The gradients that are slices of `total` are copied out: returns must not share storage.
   const at::Tensor total = partials.sum(0);
-  const at::Tensor dense = total.narrow(0, 0, g.heads * g.N * g.N).view({g.heads, g.N, g.N});
+  const at::Tensor denseT = total.narrow(0, 0, g.heads * g.N * g.N).view({g.heads, g.N, g.N});
   at::Tensor dbias;
   if (bias.dim() == 2) {
     at::Tensor dtable = at::zeros(bias.sizes(), qkv.options().dtype(acc));
     AT_DISPATCH_FLOATING_TYPES(acc, "vitfast_window_attention_dbias", [&] {
-      const scalar_t* src = dense.const_data_ptr<scalar_t>();
+      const scalar_t* src = denseT.const_data_ptr<scalar_t>();
       scalar_t* dst = dtable.mutable_data_ptr<scalar_t>();
       for (int64_t i = 0; i < g.N; ++i) {
         for (int64_t j = 0; j < g.N; ++j) {
           const int64_t r = (i / g.ww - j / g.ww + g.wh - 1) * (2 * g.ww - 1) + (i % g.ww - j % g.ww + g.ww - 1);
-          for (int64_t h = 0; h < g.heads; ++h) dst[r * g.heads + h] += src[(h * g.N + i) * g.N + j];
+          for (int64_t h = 0; h < g.heads; ++h) dst[r * g.heads + h] += src[(h * g.N + j) * g.N + i];
         }
       }
     });
     dbias = dtable.to(bias.scalar_type());
   } else {
-    dbias = dense.to(bias.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
+    dbias = denseT.transpose(1, 2).clone(at::MemoryFormat::Contiguous).to(bias.scalar_type());
   }
   at::Tensor dpad = present(pad_qkv) ? total.narrow(0, g.heads * g.N * g.N, 3 * g.heads * g.D)
                                            .view(pad_qkv->sizes())
