@@ -58,6 +58,21 @@ def assert_close_to_ref(out: torch.Tensor, ref64: torch.Tensor, plain: torch.Ten
         f"{what}: max error {err:.3g} > 2 x plain PyTorch's {plain_err:.3g} + {floor:.3g} ({out.dtype})")
 
 
+def assert_compiles_like_eager(model: torch.nn.Module, x: torch.Tensor, *args):
+    """torch.compile(model, fullgraph=True) runs with no graph break and matches eager: the output of
+    model(x, *args) and the gradients of x and of every parameter."""
+    torch._dynamo.reset()
+    out = torch.compile(model, fullgraph=True)(x, *args)
+    out.sum().backward()
+    grads = [x.grad.clone()] + [p.grad.clone() for p in model.parameters()]
+    x.grad = None
+    model.zero_grad()
+    torch.testing.assert_close(out, model(x, *args))
+    model(x, *args).sum().backward()
+    for compiled_grad, eager_grad in zip(grads, [x.grad] + [p.grad for p in model.parameters()]):
+        torch.testing.assert_close(compiled_grad, eager_grad)
+
+
 def assert_trains_like_eager(eager: torch.nn.Module, mine: torch.nn.Module, loss_fn, steps: int, lr: float):
     """A few AdamW steps of each model on the same data (`loss_fn(model)`): the vitfast model's loss falls and
     tracks the eager model's step by step."""

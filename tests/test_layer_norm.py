@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import vitfast
 from vitfast.ops.layer_norm import layer_norm_ref
 
-from conftest import assert_close_to_ref, backend_cases
+from conftest import assert_close_to_ref, assert_compiles_like_eager, backend_cases
 
 CASES = backend_cases("layer_norm")
 LOW = (torch.float16, torch.bfloat16)
@@ -218,15 +218,4 @@ def test_torch_compile_fullgraph():
             y, s = self.norm(x, residual=r)
             return self.fc(y) + s
 
-    torch._dynamo.reset()
-    m = Block()
-    x = torch.randn(3, 7, 48, requires_grad=True)
-    r = torch.randn(3, 7, 48)
-    compiled = torch.compile(m, fullgraph=True)
-    out = compiled(x, r)
-    out.sum().backward()
-    g = x.grad.clone()
-    x.grad = None
-    torch.testing.assert_close(out, m(x, r))
-    m(x, r).sum().backward()
-    torch.testing.assert_close(g, x.grad)
+    assert_compiles_like_eager(Block(), torch.randn(3, 7, 48, requires_grad=True), torch.randn(3, 7, 48))
