@@ -208,6 +208,11 @@ class SwinTransformer(nn.Module):
         return self.head(self.forward_features(images)[-1].mean((1, 2)))
 
 
+def _own_buffers(model: SwinTransformer) -> dict:
+    """The relative_position_index buffers, which the model computes itself (checkpoints may not carry them)."""
+    return {k: v for k, v in model.state_dict().items() if k.endswith("relative_position_index")}
+
+
 def swin_from_transformers(hf_model: nn.Module, num_classes: int = 1, backend: str = "vitfast") -> SwinTransformer:
     """A SwinTransformer with the weights of a Hugging Face SwinModel (transformers 5 names); the head stays
     randomly initialised."""
@@ -221,13 +226,12 @@ def swin_from_transformers(hf_model: nn.Module, num_classes: int = 1, backend: s
     out = {"features.0.0.weight": sd["embeddings.patch_embeddings.projection.weight"],
            "features.0.0.bias": sd["embeddings.patch_embeddings.projection.bias"],
            "features.0.2.weight": sd["embeddings.norm.weight"], "features.0.2.bias": sd["embeddings.norm.bias"],
-           "norm.weight": sd["layernorm.weight"], "norm.bias": sd["layernorm.bias"]}
+           "norm.weight": sd["layernorm.weight"], "norm.bias": sd["layernorm.bias"], **_own_buffers(model)}
     for i, depth in enumerate(cfg.depths):
         stage = f"features.{1 + 2 * i}."
         for j in range(depth):
             h, o = f"encoder.layers.{i}.blocks.{j}.", f"{stage}{j}."
             out[o + "attn.relative_position_bias_table"] = sd[h + "attention.relative_position_bias.relative_position_bias_table"]
-            out[o + "attn.relative_position_index"] = model.state_dict()[o + "attn.relative_position_index"]
             for part in ("weight", "bias"):
                 out[o + f"attn.qkv.{part}"] = torch.cat([sd[h + f"attention.{n}_proj.{part}"] for n in "qkv"])
                 for src, dst in (("attention.o_proj", "attn.proj"), ("layernorm_before", "norm1"),
@@ -274,14 +278,13 @@ def swin_from_timm(timm_model: nn.Module, backend: str = "vitfast") -> SwinTrans
                             timm_model.patch_embed.proj.in_channels, backend=backend)
     out = {"features.0.0.weight": sd["patch_embed.proj.weight"], "features.0.0.bias": sd["patch_embed.proj.bias"],
            "features.0.2.weight": sd["patch_embed.norm.weight"], "features.0.2.bias": sd["patch_embed.norm.bias"],
-           "norm.weight": sd["norm.weight"], "norm.bias": sd["norm.bias"]}
+           "norm.weight": sd["norm.weight"], "norm.bias": sd["norm.bias"], **_own_buffers(model)}
     if head is not None:
         out.update({"head.weight": head, "head.bias": sd["head.fc.bias"]})
     for i, stage in enumerate(stages):
         for j in range(len(stage.blocks)):
             t, o = f"layers.{i}.blocks.{j}.", f"features.{1 + 2 * i}.{j}."
             out[o + "attn.relative_position_bias_table"] = sd[t + "attn.relative_position_bias_table"]
-            out[o + "attn.relative_position_index"] = model.state_dict()[o + "attn.relative_position_index"]
             for part in ("weight", "bias"):
                 for src, dst in (("attn.qkv", "attn.qkv"), ("attn.proj", "attn.proj"), ("norm1", "norm1"),
                                  ("norm2", "norm2"), ("mlp.fc1", "mlp.0"), ("mlp.fc2", "mlp.3")):
