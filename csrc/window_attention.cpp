@@ -7,8 +7,9 @@
 // strided (B, H, W, 3, heads, D) qkv by index arithmetic (cyclic shift, padding pixels taking pad_qkv),
 // forms the N x N scores in a local buffer (N = 49 or 144 in Swin) with the relative-position bias and
 // the shift-region mask computed from coordinates, takes the softmax in op-math precision, and scatters
-// P @ V un-shifted into the (B, H, W, heads * D) output. The backward recomputes P from q, k and lse (as
-// FlashAttention does, Dao et al. 2022, arXiv:2205.14135), writes dq, dk, dv to the source pixels, and
+// P @ V un-shifted into the (B, H, W, heads * D) output. The backward recomputes P from q and k (as
+// FlashAttention does, Dao et al. 2022, arXiv:2205.14135, but with its own normalizer: the saved lse is only
+// checked, see bwd_items), writes dq, dk, dv to the source pixels, and
 // reduces dbias, dpad_qkv and dlogit_scale through per-chunk op-math partials summed in a fixed order
 // (deterministic for a given thread count).
 //
@@ -26,6 +27,7 @@
 // agree; it is this backend's own draw (each backend draws its own bits), and dropout_p = 0 is exact.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 #include <c10/macros/Macros.h>
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -54,7 +56,9 @@ constexpr double kNormEps = 1e-12;  // F.normalize's eps
 
 bool use_avx() {
 #if VITFAST_WA_AVX
-  static const bool avx = __builtin_cpu_supports("avx") && __builtin_cpu_supports("fma");
+  // ATEN_CPU_CAPABILITY=default turns the vector path off too, so that CI proves the scalar one on any machine.
+  static const bool avx = __builtin_cpu_supports("avx") && __builtin_cpu_supports("fma") &&
+                          at::get_cpu_capability() != "DEFAULT";
   return avx;
 #else
   return false;
@@ -392,7 +396,7 @@ struct Args {
   A scale;                 // softmax_scale (dot-product attention)
   double dropout_p;
   uint64_t seed;
-  float* lse;              // (B, heads, nW, N)
+  float* lse;              // (B, heads, nW, N), written by the forward
   // Forward only.
   scalar_t* out;           // (B, H, W, heads * D) contiguous
   // Backward only.
@@ -586,16 +590,12 @@ C10_ALWAYS_INLINE void bwd_items(const Args<scalar_t, A>& a, int64_t begin, int6
     const ScoreInputs<A> in = scores<kAvx>(a, sc, h, cosine);
     const A* dO = sc.dO.data() + h * N * Dp;
     transpose<kAvx>(dO, Dp, sc.dOT.data(), Np, N, D);
-    // P^T = exp(S^T - lse) in place of S^T. In fp64 the normalizer is recomputed: the saved lse is only fp32.
+    // P^T in place of S^T, with the normalizer recomputed rather than read from the saved lse: delta below is
+    // rowsum(P * dP) of this P, and the saved lse's rounding (relative eps * |lse|, large for V2's scaled
+    // cosines) would scale a whole row of P, leaving each row of dS a non-zero sum that dlogit_scale and
+    // dbias accumulate over every window. A softmax costs O(N^2), the four GEMMs below O(N^2 D).
     A* C10_RESTRICT p = sc.sT.data();
-    if constexpr (std::is_same_v<A, double>) {
-      column_softmax<kAvx>(p, N, Np, sc.col0.data(), sc.col1.data());
-    } else {
-      const float* lse = a.lse + ((b * heads + h) * g.nW + w) * N;
-      A* C10_RESTRICT l = sc.col0.data();
-      for (int64_t i = 0; i < Np; ++i) l[i] = i < N ? static_cast<A>(lse[i]) : A(0);
-      for (int64_t j = 0; j < N; ++j) exp_sub<kAvx>(p + j * Np, l, Np);
-    }
+    column_softmax<kAvx>(p, N, Np, sc.col0.data(), sc.col1.data());
     // dPd^T = v @ dO^T: the gradient w.r.t. the dropped-out probabilities Pd (Pd = P without dropout).
     A* C10_RESTRICT dp = sc.dpT.data();
     matmul<kAvx>(sc.rows(2, h), Dp, 1, sc.dOT.data(), Np, dp, Np, N, D, N);
@@ -636,7 +636,11 @@ C10_ALWAYS_INLINE void bwd_items(const Args<scalar_t, A>& a, int64_t begin, int6
         dsj[i] = ds * in.mult;
       }
     }
-    for (int64_t i = 0; cosine && i < N; ++i) dlogit[h] += dcos[i];
+    if (cosine) {
+      double item_dlogit = 0;
+      for (int64_t i = 0; i < N; ++i) item_dlogit += dcos[i];
+      dlogit[h] += static_cast<A>(item_dlogit);
+    }
     // dv = Pd^T @ dO, dq = dS @ k (dS read through dS^T), dk = dS^T @ q.
     A* C10_RESTRICT dv = sc.dv.data();
     A* C10_RESTRICT dq = sc.dq.data();
@@ -834,7 +838,7 @@ std::tuple<at::Tensor, at::Tensor> window_attention_fwd_cpu(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_bwd_cpu(
     const at::Tensor& dout_in, const at::Tensor& qkv, const at::Tensor& bias, const std::optional<at::Tensor>& pad_qkv,
-    const std::optional<at::Tensor>& logit_scale, const at::Tensor& out, const at::Tensor& lse_in,
+    const std::optional<at::Tensor>& logit_scale, const at::Tensor& out, const at::Tensor& lse,
     at::IntArrayRef window_size, at::IntArrayRef shift_size, double softmax_scale, double dropout_p, int64_t seed) {
   constexpr const char* op = "window_attention_bwd";
   const Geometry g = make_geometry(op, qkv, window_size, shift_size);
@@ -848,12 +852,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_bwd_
               dout_in.scalar_type(), " on ", dout_in.device());
   TORCH_CHECK(out.sizes() == at::IntArrayRef(out_shape), "vitfast ", op, ": out must be ", at::IntArrayRef(out_shape),
               ", got ", out.sizes());
-  TORCH_CHECK(lse_in.dim() == 4 && lse_in.size(0) == g.B && lse_in.size(1) == g.heads && lse_in.size(2) == g.nW &&
-                  lse_in.size(3) == g.N && lse_in.scalar_type() == at::kFloat,
+  TORCH_CHECK(lse.dim() == 4 && lse.size(0) == g.B && lse.size(1) == g.heads && lse.size(2) == g.nW &&
+                  lse.size(3) == g.N && lse.scalar_type() == at::kFloat,
               "vitfast ", op, ": lse must be float32 (B, heads, nW, N) = (", g.B, ", ", g.heads, ", ", g.nW, ", ",
-              g.N, "), got ", lse_in.sizes(), " ", lse_in.scalar_type());
+              g.N, "), got ", lse.sizes(), " ", lse.scalar_type());
   const at::Tensor dout = dout_in.stride(3) == 1 || dout_in.size(3) <= 1 ? dout_in : dout_in.contiguous();
-  const at::Tensor lse = lse_in.contiguous();
   const auto acc = at::toOpMathType(qkv.scalar_type());
 
   at::Tensor dqkv = at::empty(qkv.sizes(), qkv.options().memory_format(at::MemoryFormat::Contiguous));
@@ -866,7 +869,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_bwd_
                                     [&] {
       using A = at::opmath_type<scalar_t>;
       Args<scalar_t, A> a = make_args<scalar_t, A>(g, qkv, e, softmax_scale, dropout_p, seed);
-      a.lse = const_cast<float*>(lse.const_data_ptr<float>());
       a.dout = dout.const_data_ptr<scalar_t>();
       for (int d = 0; d < 3; ++d) a.ds[d] = dout.stride(d);
       a.dqkv = dqkv.mutable_data_ptr<scalar_t>();
