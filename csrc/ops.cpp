@@ -69,6 +69,33 @@ TORCH_LIBRARY(vitfast, m) {
   // end window attention
 }
 
+namespace {
+
+// Autocast stops at the kernels: an AutocastCPU/AutocastCUDA kernel that redispatches below autocast with it
+// excluded, so the ATen calls inside a kernel (at::addmm, at::matmul, ...) compute in the dtypes the kernel chose.
+// The Python ops that call these kernels apply each op's autocast rule first (vitfast/autocast.py) and run them with
+// autocast off already; this keeps a direct call of a kernel op under autocast correct too.
+void below_autocast(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  op.redispatchBoxed(ks & c10::DispatchKeySet(c10::DispatchKeySet::FULL_AFTER, c10::DispatchKey::AutocastCPU), stack);
+}
+
+// Every schema above (tests/test_autocast.py checks that each vitfast op has an autocast kernel).
+constexpr const char* kKernelOps[] = {
+    "layer_norm_fwd",       "layer_norm_bwd",       "attention_fwd",    "attention_bwd",
+    "patch_embed_fwd",      "patch_embed_bwd",      "patch_merging_fwd", "patch_merging_bwd",
+    "window_attention_fwd", "window_attention_bwd", "window_partition",  "window_reverse"};
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(vitfast, AutocastCPU, m) {
+  for (const char* name : kKernelOps) m.impl(name, torch::CppFunction::makeFromBoxedFunction<&below_autocast>());
+}
+
+TORCH_LIBRARY_IMPL(vitfast, AutocastCUDA, m) {
+  for (const char* name : kKernelOps) m.impl(name, torch::CppFunction::makeFromBoxedFunction<&below_autocast>());
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("with_cuda", []() {
 #ifdef VITFAST_WITH_CUDA

@@ -9,7 +9,8 @@ out in a (B, Nq, H, D) buffer viewed as (B, H, Nq, D), and the per-row log-sum-e
 (fp64 for fp64 input), -inf or any finite value for a fully masked row (every backward treats such a
 row as all zeros). Dropout draws a Philox seed from torch's default generator; the mask is a function
 of (seed, batch*head, i, j) only (`dropout_keep_ref` computes it in plain PyTorch), so backward
-regenerates it and the triton and torch backends agree exactly.
+regenerates it and the triton and torch backends agree exactly. Under autocast the forward follows
+F.scaled_dot_product_attention's rule (vitfast.autocast.lower_precision).
 """
 import math
 from typing import Optional
@@ -17,6 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from vitfast import autocast as _autocast
 from vitfast import backend as _backend
 
 OP = "attention"
@@ -235,6 +237,10 @@ def _backward(ctx, dout, dlse):
 
 
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
+# SDPA's autocast rule: q, k, v and a float mask in the region's dtype.
+_autocast.register("attention", _autocast.lower_precision(
+    _attention_op, "attention", ("q", "k", "v", "attn_mask")))
+_autocast.register("attention_backward", _autocast.keep_dtypes(_attention_backward_op))
 
 
 def _describe(name: str, t: Tensor) -> str:
@@ -245,8 +251,9 @@ def _check_inputs(fn: str, layout: str, q: Tensor, k: Tensor, v: Tensor) -> None
     """q, k, v already in (B, H, N, D); `layout` names the caller's layout for messages."""
     if q.dtype not in _DTYPES:
         raise ValueError(f"vitfast.{fn}: dtype {q.dtype} is not supported (float16, bfloat16, float32, float64)")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"vitfast.{fn}: q, k and v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.dtype == k.dtype == v.dtype or _autocast.is_enabled(q.device)):
+        raise ValueError(f"vitfast.{fn}: q, k and v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype} "
+                         f"(they may differ only under autocast, which casts them to its dtype)")
     if not (q.device == k.device == v.device):
         raise ValueError(f"vitfast.{fn}: q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
     if not (q.shape[-1] == k.shape[-1] == v.shape[-1]):
@@ -281,9 +288,16 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
 
     Under `torch.use_deterministic_algorithms(True)` the backward uses no atomics (bitwise reproducible).
 
+    Autocast: as F.scaled_dot_product_attention, q, k, v and a float attn_mask are cast to the region's
+    dtype (float64 aside), so they may differ in dtype there, and the output is in that dtype.
+
     Returns:
         (B, H, Nq, D), stored as (B, Nq, H, D) (so `.transpose(1, 2).reshape(B, Nq, H * D)` is free).
         Rows with no visible key are zero.
+
+    Raises:
+        ValueError: for inputs that are not 4-D, differ in dtype (outside autocast), device, batch, heads or
+            head dim, a head dim above 256, a mask that does not broadcast, or dropout_p outside [0, 1).
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
@@ -303,6 +317,8 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, sof
     Args:
         q: (B, Nq, H, D); k, v: (B, Nk, H, D).
         causal: bottom-right aligned, as flash-attn >= 2.1: query i sees keys j <= i + Nk - Nq.
+
+    Autocast: as `attention`.
 
     Returns:
         (B, Nq, H, D), contiguous.

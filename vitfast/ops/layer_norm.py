@@ -5,6 +5,7 @@ implementations, so torch.compile sees them whole; each picks its backend at run
 "triton" (vitfast.triton.layer_norm), "cuda"/"cpp" (the extension's vitfast::layer_norm_fwd/_bwd),
 or "torch" (plain PyTorch below). All backends share one saved-state format (the normalized input and
 per-row mean/rstd in fp32, fp64 for fp64 input), so forward and backward may run on different backends.
+Under autocast the forward follows `_autocast_rule` (F.layer_norm's rule, see vitfast.autocast).
 """
 import math
 from typing import Optional, Sequence, Union
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vitfast import autocast as _autocast
 from vitfast import backend as _backend
 
 OP = "layer_norm"
@@ -142,6 +144,22 @@ def _backward(ctx, dy, ds, dmean, drstd):
 _layer_norm_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _autocast_rule(device_type, dtype, x, weight, bias, residual, eps):
+    """F.layer_norm's autocast rule: float32 on CUDA (autocast's float32 list); on the CPU, autocast leaves
+    it alone and its kernel computes in float32 and returns the input's dtype. Either way every input is
+    taken in float32 here; y comes back in float32 (CUDA) or in the dtype of x + residual (CPU), and s in
+    the dtype of x + residual (type promotion), as the unfused add would give it."""
+    s_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    args = [_autocast.cast(torch.float32, t) for t in (x, weight, bias, residual)]
+    _autocast.check_same_dtype("layer_norm", **dict(zip(("x", "weight", "bias", "residual"), args)))
+    y, s, mean, rstd = _layer_norm_op(*args, eps)
+    return y.to(s_dtype if device_type == "cpu" else y.dtype), s.to(s_dtype), mean, rstd
+
+
+_autocast.register("layer_norm", _autocast_rule)
+_autocast.register("layer_norm_backward", _autocast.keep_dtypes(_layer_norm_backward_op))
+
+
 def _unit_inner_stride(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -149,9 +167,11 @@ def _unit_inner_stride(t: Tensor) -> Tensor:
 def _check_param(name: str, t: Optional[Tensor], x: Tensor, shape: tuple) -> None:
     if t is None:
         return
-    if tuple(t.shape) != shape or t.dtype != x.dtype or t.device != x.device:
-        raise ValueError(f"vitfast.layer_norm: {name} must have shape {shape}, dtype {x.dtype} and device "
-                         f"{x.device} (those of the input), got {tuple(t.shape)} {t.dtype} {t.device}")
+    if (tuple(t.shape) != shape or t.device != x.device or not t.is_floating_point()
+            or (t.dtype != x.dtype and not _autocast.is_enabled(x.device))):
+        raise ValueError(f"vitfast.layer_norm: {name} must have shape {shape}, dtype {x.dtype} (any floating "
+                         f"point under autocast) and device {x.device}, as the normalized input, got "
+                         f"{tuple(t.shape)} {t.dtype} {t.device}")
 
 
 def layer_norm(x: Tensor, normalized_shape: Union[int, Sequence[int]], weight: Optional[Tensor] = None,
@@ -161,12 +181,22 @@ def layer_norm(x: Tensor, normalized_shape: Union[int, Sequence[int]], weight: O
     Args:
         x: (*, *normalized_shape), float32/float16/bfloat16 (float64 on the cpp and torch backends).
         normalized_shape: the trailing dims to normalize over.
-        weight, bias: (*normalized_shape) in x's dtype and device, or None.
+        weight, bias: (*normalized_shape) in the dtype of the normalized input (x, or x + residual) and on
+            its device, or None; any floating dtype under autocast.
         eps: added to the variance.
-        residual: like x, or None.
+        residual: x's shape and device, any floating dtype: x + residual follows PyTorch's type promotion
+            (a bfloat16 branch plus a float32 residual stream is float32), or None.
+
+    Autocast: as F.layer_norm. On CUDA the op runs in float32 and returns float32 (autocast's float32 list);
+    on the CPU, where autocast leaves F.layer_norm alone, it computes in float32 and returns y in the dtype
+    of the normalized input. s (x + residual) keeps its promoted dtype.
 
     Returns:
         y = LN(x) like x; with `residual`, the pair (y, s) where s = x + residual and y = LN(s).
+
+    Raises:
+        ValueError: for a non-floating input, a normalized_shape that is not x's trailing dims, or a weight,
+            bias or residual whose shape, device or dtype does not fit (naming them).
     """
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     if not x.is_floating_point():
@@ -174,12 +204,15 @@ def layer_norm(x: Tensor, normalized_shape: Union[int, Sequence[int]], weight: O
     if len(shape) == 0 or tuple(x.shape[x.dim() - len(shape):]) != shape or x.dim() < len(shape):
         raise ValueError(f"vitfast.layer_norm: normalized_shape {shape} must match the trailing dims of the "
                          f"input of shape {tuple(x.shape)}")
+    if residual is not None:
+        if residual.shape != x.shape or residual.device != x.device or not residual.is_floating_point():
+            raise ValueError(f"vitfast.layer_norm: residual {tuple(residual.shape)} {residual.dtype} "
+                             f"{residual.device} must be floating point with the shape and device of the input "
+                             f"{tuple(x.shape)} {x.dtype} {x.device}")
+        s_dtype = torch.promote_types(x.dtype, residual.dtype)
+        x, residual = x.to(s_dtype), residual.to(s_dtype)
     _check_param("weight", weight, x, shape)
     _check_param("bias", bias, x, shape)
-    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype
-                                 or residual.device != x.device):
-        raise ValueError(f"vitfast.layer_norm: residual {tuple(residual.shape)} {residual.dtype} "
-                         f"{residual.device} must match the input {tuple(x.shape)} {x.dtype} {x.device}")
     n = math.prod(shape)
     x2 = _unit_inner_stride(x.reshape(-1, n))
     r2 = _unit_inner_stride(residual.reshape(-1, n)) if residual is not None else None

@@ -20,7 +20,7 @@ matmul (differentiable, so pos_embed still trains); without grad the resampled t
 implementations; each picks its backend at run time: "triton" (vitfast.triton.patch_embed), "cpp" (the
 extension's vitfast::patch_embed_fwd/_bwd), or "torch" (plain PyTorch below). The LayerNorm epilogue's saved
 state (pre-norm tokens, mean, rstd in fp32) is vitfast.layer_norm's, so its backward is vitfast's
-layer_norm_backward op.
+layer_norm_backward op. Under autocast the op follows `_autocast_rule` (the rule of the unfused sequence).
 """
 import collections
 import math
@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vitfast import autocast as _autocast
 from vitfast import backend as _backend
 from vitfast.ops import layer_norm as _ln
 
@@ -122,7 +123,8 @@ def resample_pos_embed(pos_embed: Tensor, new_grid: Sequence[int], old_grid: Opt
         _RESAMPLED_CACHE.move_to_end(key)
         return _RESAMPLED_CACHE[key]
     mat = _resize_matrix(old_grid, new_grid, mode, antialias, pos_embed.device)
-    patch = (mat @ table[num_prefix_tokens:].float()).to(pos_embed.dtype)
+    with _autocast.disabled(pos_embed.device):  # F.interpolate's result, which autocast leaves in float32
+        patch = (mat @ table[num_prefix_tokens:].float()).to(pos_embed.dtype)
     out = torch.cat([table[:num_prefix_tokens], patch], 0).unsqueeze(0)
     if key is not None:
         _RESAMPLED_CACHE[key] = out
@@ -156,6 +158,19 @@ def _patches(images: Tensor, ph: int, pw: int) -> Tensor:
     return v.reshape(B * Hp * Wp, C * ph * pw)
 
 
+def _prefix_and_pos(tokens, pos, pos_offset, prefix, num_prefix):
+    """(B, L, E) patch tokens -> (B, P + L, E): the P prefix slots (prefix rows or zeros), then the patch tokens,
+    each plus its positional row; mixed dtypes promote as the unfused cat and add promote them."""
+    B, L, E = tokens.shape
+    patch = tokens if pos is None else tokens + pos[pos_offset:pos_offset + L]
+    if num_prefix == 0:
+        return patch
+    dtype = patch.dtype if prefix is None else torch.promote_types(patch.dtype, prefix.dtype)
+    rows = _prefix_rows(prefix, pos, num_prefix, pos_offset, dtype)
+    slots = rows.expand(B, num_prefix, E) if rows is not None else patch.new_zeros(B, num_prefix, E)
+    return torch.cat([slots, patch], 1)
+
+
 def _fwd_torch(images, weight, bias, pos, pos_offset, prefix, nw, nb, has_norm, num_prefix, eps, store_z):
     B, C, H, W = images.shape
     E, _, ph, pw = weight.shape
@@ -167,14 +182,7 @@ def _fwd_torch(images, weight, bias, pos, pos_offset, prefix, nw, nb, has_norm, 
     tokens = z
     if has_norm:
         tokens, _, mean, rstd = _ln._fwd_torch(z, nw, nb, None, eps)
-    out = images.new_empty(B, num_prefix + L, E)
-    patch = tokens.view(B, L, E)
-    if pos is not None:
-        patch = patch + pos[pos_offset:pos_offset + L]
-    out[:, num_prefix:] = patch
-    if num_prefix:
-        rows = _prefix_rows(prefix, pos, num_prefix, pos_offset, images.dtype)
-        out[:, :num_prefix] = rows if rows is not None else 0
+    out = _prefix_and_pos(tokens.view(B, L, E), pos, pos_offset, prefix, num_prefix)
     return out, (z if has_norm and store_z else images.new_empty(0)), mean, rstd
 
 
@@ -319,15 +327,44 @@ def _backward(ctx, dout, dz_unused, dmean, drstd):
 _patch_embed_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _autocast_rule(device_type, dtype, images, weight, bias, pos_embed, pos_offset, prefix_tokens, norm_weight,
+                   norm_bias, has_norm, num_prefix, eps, store_z):
+    """The unfused sequence's rule: the convolution (fused, with its bias) in the region's dtype, as F.conv2d;
+    the LayerNorm by vitfast.layer_norm's rule; the prefix tokens and pos_embed then added with type promotion,
+    as the unfused cat and add (float32 parameters give float32 tokens). The other outputs, the saved state of
+    the op's own autograd, are empty: the ops called here keep their own."""
+    images, weight, bias = (_autocast.cast(dtype, t) for t in (images, weight, bias))
+    _autocast.check_same_dtype("patch_embed", images=images, weight=weight, bias=bias)
+    tokens, _, _, _ = _patch_embed_op(images, weight, bias, None, 0, None, None, None, False, 0, eps, False)
+    B, L, E = tokens.shape
+    if has_norm:
+        normed, _, _, _ = _ln._autocast_rule(device_type, dtype, tokens.view(B * L, E), norm_weight, norm_bias,
+                                             None, eps)
+        tokens = normed.view(B, L, E)
+    out = _prefix_and_pos(tokens, pos_embed, pos_offset, prefix_tokens, num_prefix)
+    stats = images.new_empty(0, dtype=torch.float64 if images.dtype == torch.float64 else torch.float32)
+    return out, images.new_empty(0), stats, stats.clone()
+
+
+_autocast.register("patch_embed", _autocast_rule)
+_autocast.register("patch_embed_backward", _autocast.keep_dtypes(_patch_embed_backward_op))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Public API.
+
+def _dtype_fits(t: Tensor, images: Tensor) -> bool:
+    """A parameter's dtype must be the images' outside autocast; under autocast the rule casts or promotes it."""
+    return t.is_floating_point() and (t.dtype == images.dtype or _autocast.is_enabled(images.device))
+
 
 def _check_vec(name: str, t: Optional[Tensor], images: Tensor, E: int) -> None:
     if t is None:
         return
-    if tuple(t.shape) != (E,) or t.dtype != images.dtype or t.device != images.device:
-        raise ValueError(f"vitfast.patch_embed: {name} must have shape ({E},), dtype {images.dtype} and device "
-                         f"{images.device}, got {tuple(t.shape)} {t.dtype} {t.device}")
+    if tuple(t.shape) != (E,) or not _dtype_fits(t, images) or t.device != images.device:
+        raise ValueError(f"vitfast.patch_embed: {name} must have shape ({E},), dtype {images.dtype} (any floating "
+                         f"point under autocast) and device {images.device}, got {tuple(t.shape)} {t.dtype} "
+                         f"{t.device}")
 
 
 def patch_embed(images: Tensor, weight: Tensor, bias: Optional[Tensor], patch_size: Union[int, Sequence[int]], *,
@@ -348,8 +385,17 @@ def patch_embed(images: Tensor, weight: Tensor, bias: Optional[Tensor], patch_si
         norm_weight, norm_bias: (E,) LayerNorm on the patch tokens (before pos_embed), eps its epsilon.
         norm: apply the LayerNorm; defaults to True when norm_weight or norm_bias is given.
 
+    Every tensor has the images' dtype and device; under autocast the dtypes may differ, and the op follows the
+    unfused sequence's rule: the convolution runs in the region's dtype (as F.conv2d), the LayerNorm by
+    `vitfast.layer_norm`'s rule, and prefix tokens and pos_embed are added with type promotion (as the unfused
+    cat and add), so float32 prefix tokens or pos_embed give float32 tokens.
+
     Returns:
         (B, P + Hp*Wp, E), Hp = H // ph, Wp = W // pw. For Swin (P = 0) `.view(B, Hp, Wp, E)` is NHWC.
+
+    Raises:
+        ValueError: for images that are not 4-D floating point or not divisible by the patch, or a weight,
+            bias, norm, prefix or pos_embed tensor of the wrong shape, device or dtype (naming them).
     """
     ph, pw = _pair(patch_size)
     if images.dim() != 4:
@@ -360,9 +406,9 @@ def patch_embed(images: Tensor, weight: Tensor, bias: Optional[Tensor], patch_si
     if weight.dim() != 4 or weight.shape[1] != C or tuple(weight.shape[2:]) != (ph, pw):
         raise ValueError(f"vitfast.patch_embed: weight must be (E, {C}, {ph}, {pw}) for {C}-channel images and "
                          f"patch {(ph, pw)}, got {tuple(weight.shape)}")
-    if weight.dtype != images.dtype or weight.device != images.device:
+    if not _dtype_fits(weight, images) or weight.device != images.device:
         raise ValueError(f"vitfast.patch_embed: weight {weight.dtype} {weight.device} must match the images "
-                         f"{images.dtype} {images.device}")
+                         f"{images.dtype} {images.device} (in device; in dtype outside autocast)")
     if H % ph or W % pw:
         raise ValueError(f"vitfast.patch_embed: image size ({H}, {W}) must be divisible by the patch size "
                          f"({ph}, {pw})")
@@ -380,9 +426,10 @@ def patch_embed(images: Tensor, weight: Tensor, bias: Optional[Tensor], patch_si
         if num_prefix_tokens not in (0, P):
             raise ValueError(f"vitfast.patch_embed: num_prefix_tokens={num_prefix_tokens} but prefix_tokens has "
                              f"{P} rows")
-        if prefix_tokens.dtype != images.dtype or prefix_tokens.device != images.device:
+        if not _dtype_fits(prefix_tokens, images) or prefix_tokens.device != images.device:
             raise ValueError(f"vitfast.patch_embed: prefix_tokens {prefix_tokens.dtype} {prefix_tokens.device} "
-                             f"must match the images {images.dtype} {images.device}")
+                             f"must match the images {images.dtype} {images.device} (in device; in dtype outside "
+                             f"autocast)")
         prefix_tokens = prefix_tokens.reshape(P, E)
     else:
         P = int(num_prefix_tokens)
@@ -392,9 +439,9 @@ def patch_embed(images: Tensor, weight: Tensor, bias: Optional[Tensor], patch_si
                                                                          pos_embed.shape[0] != 1):
             raise ValueError(f"vitfast.patch_embed: pos_embed must be (1, rows, {E}) or (rows, {E}), got "
                              f"{tuple(pos_embed.shape)}")
-        if pos_embed.dtype != images.dtype or pos_embed.device != images.device:
+        if not _dtype_fits(pos_embed, images) or pos_embed.device != images.device:
             raise ValueError(f"vitfast.patch_embed: pos_embed {pos_embed.dtype} {pos_embed.device} must match "
-                             f"the images {images.dtype} {images.device}")
+                             f"the images {images.dtype} {images.device} (in device; in dtype outside autocast)")
         rows = pos_embed.shape[-2]
         if rows not in (L, P + L):
             pos_embed = _resample_for(pos_embed, rows, P, (Hp, Wp))

@@ -11,7 +11,7 @@ weights apply unchanged.
 implementations; each picks its backend at run time: "triton" (vitfast.triton.patch_merging), "cpp" (the
 extension's vitfast::patch_merging_fwd/_bwd) or "torch" (plain PyTorch below). All share the saved state:
 the input itself and the per-row LayerNorm mean/rstd (fp32; fp64 for fp64 input); the gathered matrix is
-never stored.
+never stored. Under autocast every floating-point input is cast to the region's dtype (`patch_merging`).
 """
 from typing import Optional
 
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vitfast import autocast as _autocast
 from vitfast import backend as _backend
 from vitfast.ops import layer_norm as _ln
 
@@ -146,6 +147,9 @@ def _backward(ctx, dout, dmean, drstd):
 
 
 _patch_merging_op.register_autograd(_backward, setup_context=_setup_context)
+_autocast.register("patch_merging", _autocast.lower_precision(
+    _patch_merging_op, "patch_merging", ("x", "norm_weight", "norm_bias", "reduction_weight")))
+_autocast.register("patch_merging_backward", _autocast.keep_dtypes(_patch_merging_backward_op))
 
 
 def patch_merging(x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], reduction_weight: Tensor,
@@ -157,8 +161,16 @@ def patch_merging(x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[
         norm_weight, norm_bias: (4C,) or None. reduction_weight: (N, 4C) (`reduction.weight`).
         eps: the LayerNorm's epsilon.
 
+    Autocast: x and the parameters are cast to the region's dtype (so their dtypes may differ there), the
+    LayerNorm statistics are fp32 and the output is in the region's dtype, as the unfused Linear's. Unlike
+    the unfused code, whose LayerNorm reads a float32 x, the fused kernel reads x rounded to that dtype.
+
     Returns:
         (..., ceil(H/2), ceil(W/2), N).
+
+    Raises:
+        ValueError: for x not (..., H, W, C) floating point, or parameters of the wrong shape, device or dtype
+            (the dtype of x outside autocast).
     """
     if x.dim() < 3:
         raise ValueError(f"vitfast.patch_merging: x must be (..., H, W, C), got shape {tuple(x.shape)}")
@@ -171,9 +183,11 @@ def patch_merging(x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[
                            ("reduction_weight", reduction_weight, (reduction_weight.shape[0], K))):
         if t is None:
             continue
-        if t.dim() != len(shape) or tuple(t.shape) != shape or t.dtype != x.dtype or t.device != x.device:
+        if (t.dim() != len(shape) or tuple(t.shape) != shape or t.device != x.device or not t.is_floating_point()
+                or (t.dtype != x.dtype and not _autocast.is_enabled(x.device))):
             raise ValueError(f"vitfast.patch_merging: {name} must have shape {shape} (4C = {K} for C = {C}), dtype "
-                             f"{x.dtype} and device {x.device}, got {tuple(t.shape)} {t.dtype} {t.device}")
+                             f"{x.dtype} (any floating point under autocast) and device {x.device}, got "
+                             f"{tuple(t.shape)} {t.dtype} {t.device}")
     x4 = x.reshape(-1, H, W, C)
     out, _, _ = _patch_merging_op(x4, norm_weight, norm_bias, reduction_weight, float(eps))
     return out.view(*lead, *out.shape[1:])

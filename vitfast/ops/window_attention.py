@@ -43,6 +43,10 @@ aside) or "torch" (the textbook PyTorch below). Every backend shares the schemas
     dout: (B, H, W, heads * D). dqkv: (B, H, W, 3, heads, D) contiguous, qkv's dtype. dbias: bias's shape
     and dtype, summed over batch and windows. dpad_qkv: (3, heads, D) in pad_qkv's dtype (its q part is
     zero: padding queries are cropped), or empty without pad_qkv. dlogit_scale: (heads,) fp32, or empty.
+
+Autocast (`_autocast_rule`): qkv and pad_qkv are cast to the region's dtype, as the qkv Linear's output is;
+bias and logit_scale are taken as they are and, as in the unfused code (a float32 bias added to low-precision
+scores promotes them to float32), enter the scores in fp32; out is in the region's dtype, as attn @ v is.
 """
 import math
 from typing import Optional, Sequence, Union
@@ -51,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vitfast import autocast as _autocast
 from vitfast import backend as _backend
 
 OP = "window_attention"
@@ -220,11 +225,14 @@ def _torch_keep(qkv: Tensor, window_size: list, dropout_p: float, seed: int) -> 
 
 
 def _fwd_torch(qkv, bias, pad_qkv, logit_scale, window_size, shift_size, softmax_scale, dropout_p, seed):
+    """The reference in fp32 (fp64 for fp64 qkv), as the kernels and `_bwd_torch` compute: the bias enters the scores
+    in fp32 whatever qkv's dtype; the output is cast to qkv's dtype once."""
     keep = _torch_keep(qkv, window_size, dropout_p, seed)
-    out, lse = window_attention_ref(qkv, bias, window_size, shift_size, pad_qkv, logit_scale, softmax_scale, keep,
-                                    dropout_p, return_lse=True)
+    acc = torch.float64 if qkv.dtype == torch.float64 else torch.float32
+    out, lse = window_attention_ref(qkv.to(acc), bias, window_size, shift_size, pad_qkv, logit_scale, softmax_scale,
+                                    keep, dropout_p, return_lse=True)
     B, H, W = qkv.shape[:3]
-    return out.view(B, H, W, -1), lse
+    return out.to(qkv.dtype).view(B, H, W, -1), lse
 
 
 def _to_windows(x: Tensor, window_size: list, shift_size: list, fill: Optional[Tensor] = None) -> Tensor:
@@ -409,6 +417,17 @@ def _backward(ctx, dout, dlse):
 _window_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _autocast_rule(device_type, dtype, qkv, bias, pad_qkv, logit_scale, *args):
+    """qkv and pad_qkv in the region's dtype (the qkv Linear's output); bias and logit_scale as given."""
+    qkv, pad_qkv = _autocast.cast(dtype, qkv), _autocast.cast(dtype, pad_qkv)
+    _autocast.check_same_dtype("window_attention", qkv=qkv, qkv_pad=pad_qkv)
+    return _window_attention_op(qkv, bias, pad_qkv, logit_scale, *args)
+
+
+_autocast.register("window_attention", _autocast_rule)
+_autocast.register("window_attention_backward", _autocast.keep_dtypes(_window_attention_backward_op))
+
+
 def _unit_inner_stride(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -476,8 +495,11 @@ def window_attention(qkv: Tensor, relative_position_bias: Tensor, window_size: I
             and the shift is dropped (a table for the full window is cropped to the small one). Without
             it, only torchvision's rule applies: a shift is dropped along an axis the window covers.
 
+    Autocast: qkv and qkv_pad are cast to the region's dtype, the bias and logit scale are added in fp32
+    (as the unfused code's float32 bias promotes the scores), and the output is in the region's dtype.
+
     Returns:
-        (B, H, W, heads * D) in qkv's dtype.
+        (B, H, W, heads * D) in qkv's dtype (the region's dtype under autocast).
     """
     if qkv.dim() != 6 or qkv.shape[3] != 3:
         raise ValueError(f"vitfast.window_attention: qkv must be (B, H, W, 3, heads, D), got {tuple(qkv.shape)}")
@@ -534,6 +556,10 @@ def shifted_window_attention(input: Tensor, qkv_weight: Tensor, proj_weight: Ten
         window_size, shift_size: [h, w]; the shift is dropped along an axis the window covers (not mutated).
         logit_scale: Swin-V2's per-head parameter (heads, 1, 1): cosine attention, and the k part of
             qkv_bias is zeroed, as torchvision does.
+
+    Autocast: the two Linears follow F.linear's rule and the attention core `window_attention`'s, so the
+    output is in the region's dtype, as torchvision's.
+
     Returns:
         (B, H, W, C).
     """
