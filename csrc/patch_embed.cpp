@@ -3,8 +3,8 @@
 // A stride = kernel convolution is a GEMM of the (B*L, C*ph*pw) patch matrix with the flattened kernel. On the
 // CPU the patch matrix is one copy of a strided view of the image, (B, C, Hp, ph, Wp, pw) permuted to
 // (B, Hp, Wp, C, ph, pw), followed by one at::addmm (the bias rides in the GEMM). The epilogue is one
-// parallel pass over the tokens: optional LayerNorm (two-pass mean/variance over the cached row, as
-// layer_norm.cpp), the positional embedding, and the store into the patch slots of the (B, P + L, E) output,
+// parallel pass over the tokens: optional LayerNorm (the statistics of layer_norm_stats.h over the cached
+// row), the positional embedding, and the store into the patch slots of the (B, P + L, E) output,
 // whose prefix slots get the prefix tokens (plus their positional rows). This replaces the eager
 // conv + flatten/transpose + cat + add (+ layer_norm) sequence, which makes three or four passes over the
 // tokens. Backward: dweight = dZ^T @ patches, dimages = dZ @ W scattered back (patches do not overlap),
@@ -14,7 +14,8 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
-#include <cmath>
+#include "layer_norm_stats.h"
+
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -69,18 +70,12 @@ void epilogue_kernel(const scalar_t* z,    // (M, E) GEMM output (bias included)
   at::parallel_for(0, M, std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(E, 1)),
                    [&](int64_t begin, int64_t end) {
     std::vector<opmath_t> row(E);
-    const opmath_t inv_e = opmath_t(1) / static_cast<opmath_t>(E);
     for (int64_t m = begin; m < end; ++m) {
       const int64_t b = m / L, l = m % L;
       const scalar_t* zi = z + m * E;
       for (int64_t j = 0; j < E; ++j) row[j] = static_cast<opmath_t>(zi[j]);
       if (has_norm) {
-        opmath_t s = 0;
-        for (int64_t j = 0; j < E; ++j) s += row[j];
-        const opmath_t mu = s * inv_e;
-        opmath_t sq = 0;
-        for (int64_t j = 0; j < E; ++j) sq += (row[j] - mu) * (row[j] - mu);
-        const opmath_t rs = opmath_t(1) / std::sqrt(sq * inv_e + eps);
+        const auto [mu, rs] = row_stats(row.data(), E, eps);
         mean[m] = mu;
         rstd[m] = rs;
         for (int64_t j = 0; j < E; ++j) {

@@ -114,6 +114,22 @@ def test_image_size_not_a_multiple_of_the_patch_raises():
         patch_embed(torch.randn(1, 3, 16, 16), w, torch.randn(9), 8)
 
 
+@pytest.mark.parametrize("backend,device", CASES)
+def test_fused_norm_of_constant_tokens_is_exactly_its_bias(backend, device):
+    """Tokens whose embedding is constant (every output channel has the same kernel; integer pixels and weights,
+    so the GEMM sums exactly in any order): the fused LayerNorm gives exactly its bias, and its weight gets a zero
+    gradient, as layer_norm does."""
+    images = torch.randint(-3, 4, (2, 3, 8, 12), device=device).float()
+    weight = torch.randint(-2, 3, (1, 3, 4, 4), device=device).float().expand(96, 3, 4, 4)
+    nw = torch.randn(96, device=device, requires_grad=True)
+    nb = torch.randn(96, device=device, requires_grad=True)
+    with vitfast.use_backend(backend):
+        out = patch_embed(images, weight, None, 4, norm_weight=nw, norm_bias=nb, eps=1e-6)
+        dnw, dnb = torch.autograd.grad(out, (nw, nb), torch.randn_like(out))
+    assert torch.equal(out, nb.detach().expand_as(out))
+    assert torch.equal(dnw, torch.zeros_like(dnw)) and dnb.abs().max() > 0
+
+
 def _timm_resample(posemb, new_size, num_prefix):
     """timm.layers.resample_abs_pos_embed (bicubic, antialias), written out."""
     prefix, grid = posemb[:, :num_prefix], posemb[:, num_prefix:]

@@ -30,11 +30,21 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _row_stats(x: Tensor, eps: float) -> tuple:
+    """Mean and 1 / sqrt(var + eps) of the rows of x (M, N) in x's dtype, by the corrected two-pass algorithm of
+    csrc/layer_norm_stats.h (Chan, Golub, LeVeque 1983), which every kernel that normalizes rows uses: accurate
+    for rows with a large mean and exact for constant rows (LN(x) is then exactly the bias)."""
+    mu0 = x.mean(-1, keepdim=True)
+    d = x - mu0
+    dev = d.mean(-1)
+    var = (d.square().mean(-1) - dev * dev).clamp_min(0.0)
+    return mu0[:, 0] + dev, torch.rsqrt(var + eps)
+
+
 def _fwd_torch(x, weight, bias, residual, eps):
     s = x if residual is None else x + residual
     sf = s.to(_stats_dtype(x.dtype))
-    mean = sf.mean(-1)
-    rstd = torch.rsqrt((sf - mean[:, None]).square().mean(-1) + eps)
+    mean, rstd = _row_stats(sf, eps)
     y = (sf - mean[:, None]) * rstd[:, None]
     if weight is not None:
         y = y * weight

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from vitfast.triton.common import compiled, mma, num_splits, upcast_bf16
+from vitfast.triton.layer_norm import row_stats
 
 MAX_NORM_E = 1024  # the LayerNorm epilogue keeps BLOCK_M x next_pow2(E) fp32 values per program
 
@@ -99,11 +100,9 @@ def _patch_embed_fwd_kernel(
         z = acc.to(Out.dtype.element_ty)
         if STORE_Z:
             tl.store(Z + rm[:, None] * E + rn[None, :], z, mask=mask)
-        zf = z.to(tl.float32)
-        mean = tl.sum(tl.where(mask, zf, 0.0), axis=1) / E
-        zc = tl.where(mask, zf - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=1) / E + eps)
-        acc = zc * rstd[:, None]
+        zf = tl.where(mask, z.to(tl.float32), 0.0)
+        mean, rstd = row_stats(zf, mask, E, eps)
+        acc = (zf - mean[:, None]) * rstd[:, None]
         if HAS_NW:
             acc = acc * tl.load(NW + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         if HAS_NB:
