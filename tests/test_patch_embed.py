@@ -19,6 +19,8 @@ CONFIGS = [
     ("swin", 2, 3, 32, 32, 4, 40, 0, None, False, True, True),
     ("odd", 3, 5, 12, 20, (4, 2), 24, 0, "patch", False, False, True),
     ("empty_slots_and_norm", 1, 1, 8, 8, 4, 16, 1, "all", False, True, True),
+    # H, W not multiples of the patch: the convolution drops the last rows and columns (zero gradient there)
+    ("not_a_multiple", 2, 3, 30, 21, (8, 4), 32, 1, "all", True, True, True),
 ]
 
 
@@ -99,11 +101,11 @@ def test_strided_images_and_no_bias(backend, device):
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-4)
 
 
-def test_image_size_not_a_multiple_of_the_patch_raises():
+def test_bad_inputs_raise_clear_errors():
     x = torch.randn(1, 3, 30, 32)
     w = torch.randn(8, 3, 8, 8)
-    with pytest.raises(ValueError, match=r"image size \(30, 32\) must be divisible by the patch size \(8, 8\)"):
-        patch_embed(x, w, None, 8)
+    with pytest.raises(ValueError, match=r"image size \(30, 6\) is smaller than the patch size \(8, 8\)"):
+        patch_embed(x[..., :6], w, None, 8)
     with pytest.raises(ValueError, match="weight must be"):
         patch_embed(x[..., :24, :], w, None, 4)
     with pytest.raises(ValueError, match="pos_embed has 7 rows"):
@@ -206,6 +208,12 @@ def test_module_is_a_drop_in_for_timm_patch_embed(norm, fmt):
     assert mine.grid_size == (4, 4) and mine.num_patches == 16
     with pytest.raises(ValueError, match="doesn't match"):
         mine(torch.randn(1, 3, 40, 40))
+    mine.strict_img_size = False  # timm then asks for whole patches (unless it pads dynamically)
+    with pytest.raises(ValueError, match="should be divisible"):
+        mine(torch.randn(1, 3, 36, 32))
+    mine.img_size = None  # and without a size, its convolution drops the pixels past the last whole patch
+    x = torch.randn(2, 3, 38, 35)
+    torch.testing.assert_close(mine(x), ref(x), rtol=1e-5, atol=1e-5)
 
 
 def test_module_fuses_vit_tokens_and_pads_dynamically():

@@ -3,8 +3,10 @@
 The stride = kernel convolution is a GEMM of the (B*Hp*Wp, C*ph*pw) patch matrix with the (E, C*ph*pw)
 flattened kernel. The patch matrix is never built: each program computes the address of patch element
 (c, i, j) of token (b, hp, wp) in the NCHW image in its loads (implicit im2col, as in cuDNN's implicit-GEMM
-convolution). Forward epilogue: bias, optionally LayerNorm over the embedding (Swin's patch_norm; the
-program then holds whole rows, BLOCK_N >= E), then the positional embedding, stored straight into the
+convolution). Pixels past the last whole patch (H % ph rows, W % pw columns) are never read, as the
+convolution drops them, and get a zero gradient. Forward epilogue: bias, optionally LayerNorm over the
+embedding (Swin's patch_norm; the program then holds whole rows, BLOCK_N >= E, and takes their statistics
+with vitfast.triton.layer_norm.row_stats), then the positional embedding, stored straight into the
 patch slots of a (B, num_prefix + L, E) token tensor. Backward: dimages = dZ @ W (stride = kernel, so
 patches do not overlap and the result is scattered to the image without atomics) and dweight = dZ^T @ patches
 (reading the patches from the image again) with a split over the B*L reduction into fp32 partials, which
@@ -280,9 +282,11 @@ def patch_embed_bwd(dz, images, weight, has_bias, need_dimages):
 
     Args:
         dz: (B, L, E) with unit inner stride: gradient w.r.t. the tokens before the positional embedding
-            (after LayerNorm backward when there is a norm). images: (B, C, H, W). weight: (E, C, ph, pw).
+            (after LayerNorm backward when there is a norm). images: (B, C, H, W), any strides.
+            weight: (E, C, ph, pw), any strides.
     Returns:
-        dimages (B, C, H, W) or empty; dweight (E, C, ph, pw); dbias (E,) or empty.
+        dimages (B, C, H, W), contiguous, zero on the pixels past the last whole patch, or empty; dweight
+        (E, C, ph, pw); dbias (E,) or empty.
     """
     B, C, H, W = images.shape
     E, _, ph, pw = weight.shape
@@ -290,14 +294,13 @@ def patch_embed_bwd(dz, images, weight, has_bias, need_dimages):
     L = (H // ph) * Wp
     M, K = B * L, C * ph * pw
     dev, dt = images.device, images.dtype
-    dimages = torch.empty(images.shape if need_dimages else (0,), device=dev, dtype=dt)
+    # The kernel writes every pixel of a whole patch; the others (none when H, W are multiples) stay zero.
+    whole = M > 0 and H % ph == 0 and W % pw == 0
+    dimages = (torch.empty if whole else torch.zeros)(images.shape if need_dimages else (0,), device=dev, dtype=dt)
     if M == 0:
-        if need_dimages:
-            dimages.zero_()
         return (dimages, torch.zeros_like(weight),
                 torch.zeros(E if has_bias else 0, device=dev, dtype=weight.dtype))
-    w2 = weight.reshape(E, K)
-    w2 = w2 if w2.is_contiguous() else w2.contiguous()
+    w2 = weight.reshape(E, K).contiguous()
     common = dict(PH=ph, PW=pw, UPCAST=upcast_bf16(images))
     if need_dimages:
         args = (dz, w2, dimages, dz.stride(0), dz.stride(1), *dimages.stride(), M, E, K, L, Wp)
