@@ -86,7 +86,8 @@ _backend.register_op(OP, gpu_order=("triton", "cuda", "torch"), cpu_order=("cpp"
 @torch.library.custom_op("vitfast::layer_norm", mutates_args=())
 def _layer_norm_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
                    eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """x: (M, N) with unit inner stride. Returns y, s (x + residual, or empty), mean, rstd."""
+    """x, residual: (M, N) with unit inner stride, any row stride; weight, bias: (N,), any stride. Returns y, s
+    (x + residual, or empty), mean, rstd."""
     if x.numel() == 0:
         return _fwd_torch(x, weight, bias, residual, eps)
     which = _backend.choose_backend(OP, x, weight, bias, residual)
@@ -169,14 +170,24 @@ def layer_norm(x: Tensor, normalized_shape: Union[int, Sequence[int]], weight: O
     """LayerNorm over the trailing `normalized_shape` dims, with an optional fused residual add.
 
     Args:
-        x: (*, *normalized_shape), float32/float16/bfloat16 (float64 on the cpp and torch backends).
+        x: (*, *normalized_shape), float32/float16/bfloat16 (float64 on the cpp and torch backends). Any strides:
+            rows whose normalized elements are contiguous are read in place at any row stride (0 too, for an
+            expanded x); other layouts are copied once.
         normalized_shape: the trailing dims to normalize over.
-        weight, bias: (*normalized_shape) in x's dtype and device, or None.
+        weight, bias: (*normalized_shape) in x's dtype and device, or None; any strides (the kernels copy a
+            non-contiguous one, e.g. an expanded or sliced parameter, into a contiguous vector).
         eps: added to the variance.
-        residual: like x, or None.
+        residual: like x (shape, dtype, device), any strides as x.
+
+    The statistics are the corrected two-pass ones of csrc/layer_norm_stats.h on every backend: a constant row
+    gives exactly the bias (and a zero weight gradient).
 
     Returns:
-        y = LN(x) like x; with `residual`, the pair (y, s) where s = x + residual and y = LN(s).
+        y = LN(x) like x, contiguous; with `residual`, the pair (y, s) where s = x + residual and y = LN(s).
+
+    Raises:
+        ValueError: x not floating point, normalized_shape not its trailing dims, weight, bias or residual of
+            another shape, dtype or device, or no backend that takes the inputs.
     """
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     if not x.is_floating_point():

@@ -462,12 +462,13 @@ def window_attention(qkv: Tensor, relative_position_bias: Tensor, window_size: I
     """(Shifted) window attention on a qkv projection in image layout, output in image layout.
 
     Args:
-        qkv: (B, H, W, 3, heads, D), float; any strides with unit inner stride (a view of a Linear's output).
+        qkv: (B, H, W, 3, heads, D), float; any strides: with unit inner stride (a view of a Linear's output) it
+            is read in place, otherwise copied once.
         relative_position_bias: the (num_rel, heads) table (num_rel = (2wh-1)(2ww-1)), or a dense
-            (heads, N, N) / (1, heads, N, N) bias.
+            (heads, N, N) / (1, heads, N, N) bias; any strides, any float dtype, added in fp32.
         window_size, shift_size: int or (h, w) pair.
         qkv_pad: (3 * heads * D,) values of q, k, v at padding pixels (the qkv Linear's bias: Swin pads the
-            input before the projection), or None for zeros.
+            input before the projection), any stride, or None for zeros.
         logit_scale: Swin-V2 cosine attention: the raw per-head parameter (heads elements); scores are
             cos(q, k) * exp(min(logit_scale, log 100)). None: scaled dot product.
         softmax_scale: dot-product scale, default D ** -0.5.
@@ -477,7 +478,11 @@ def window_attention(qkv: Tensor, relative_position_bias: Tensor, window_size: I
             it, only torchvision's rule applies: a shift is dropped along an axis the window covers.
 
     Returns:
-        (B, H, W, heads * D) in qkv's dtype.
+        (B, H, W, heads * D) in qkv's dtype, contiguous.
+
+    Raises:
+        ValueError: qkv not (B, H, W, 3, heads, D) or not floating point, a bias of another shape, dtype or
+            device, a logit_scale without one element per head, a shift outside [0, window).
     """
     if qkv.dim() != 6 or qkv.shape[3] != 3:
         raise ValueError(f"vitfast.window_attention: qkv must be (B, H, W, 3, heads, D), got {tuple(qkv.shape)}")
@@ -528,9 +533,9 @@ def shifted_window_attention(input: Tensor, qkv_weight: Tensor, proj_weight: Ten
 
     Args:
         input: (B, H, W, C). qkv_weight: (3C, C). proj_weight: (C, C). qkv_bias: (3C,) or None.
-        proj_bias: (C,) or None.
+        proj_bias: (C,) or None. Any strides (the projections are F.linear's).
         relative_position_bias: (1, heads, N, N) as torchvision's module gathers it, or the (num_rel, heads)
-            table itself (no gather at all).
+            table itself (no gather at all); any strides.
         window_size, shift_size: [h, w]; the shift is dropped along an axis the window covers (not mutated).
         logit_scale: Swin-V2's per-head parameter (heads, 1, 1): cosine attention, and the k part of
             qkv_bias is zeroed, as torchvision does.

@@ -160,10 +160,13 @@ def layer_norm_fwd(x, weight, bias, residual, eps):
     """Launches the forward kernel.
 
     Args:
-        x: (M, N), unit inner stride. weight, bias: (N,) or None. residual: like x, or None.
+        x: (M, N), unit inner stride (any row stride). weight, bias: (N,) or None, any stride (copied when not
+            contiguous). residual: like x, or None.
     Returns:
         y (M, N); s = x + residual (M, N), or an empty tensor without residual; mean, rstd (M,) fp32.
     """
+    weight = weight.contiguous() if weight is not None else None
+    bias = bias.contiguous() if bias is not None else None
     M, N = x.shape
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     s = torch.empty((M, N) if residual is not None else (0,), dtype=x.dtype, device=x.device)
@@ -190,10 +193,12 @@ def layer_norm_bwd(dy, ds, s, weight, mean, rstd, has_bias):
     """Launches the backward kernel and the second stage of the dweight/dbias reduction.
 
     Args:
-        dy, ds (or None), s: (M, N), unit inner stride. weight: (N,) or None. mean, rstd: (M,) fp32.
+        dy, ds (or None), s: (M, N), unit inner stride (any row stride). weight: (N,) or None, any stride.
+        mean, rstd: (M,) fp32, contiguous.
     Returns:
         dx (M, N); dweight (N,) or empty; dbias (N,) or empty.
     """
+    weight = weight.contiguous() if weight is not None else None
     M, N = s.shape
     block_m, block_n, num_warps = _block_sizes(N)
     programs = _num_programs(s, triton.cdiv(M, block_m))

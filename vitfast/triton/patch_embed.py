@@ -231,11 +231,12 @@ def patch_embed_fwd(images, weight, bias, pos_embed, pos_offset, prefix_rows, no
     """Launches the forward kernel.
 
     Args:
-        images: (B, C, H, W), H and W multiples of the patch. weight: (E, C, ph, pw). bias: (E,) or None.
+        images: (B, C, H, W), any strides (channels_last too); pixels past the last whole patch are dropped.
+        weight: (E, C, ph, pw), any strides. bias: (E,) or None, any stride.
         pos_embed: (rows, E) contiguous or None; patch token l adds row pos_offset + l.
         prefix_rows: (num_prefix, E) tensor (class/distillation tokens with their positional rows already
             added) written to the prefix slots, or None (the slots are then zero).
-        norm_weight, norm_bias: (E,) or None; has_norm: apply LayerNorm after the bias.
+        norm_weight, norm_bias: (E,) or None, any stride; has_norm: apply LayerNorm after the bias.
         store_z: also return the pre-norm tokens (needed by backward).
     Returns:
         out (B, num_prefix + L, E); z (B*L, E) or empty; mean, rstd (B*L,) fp32 or empty.
@@ -255,8 +256,8 @@ def patch_embed_fwd(images, weight, bias, pos_embed, pos_offset, prefix_rows, no
     rstd = torch.empty(M if has_norm else 0, device=dev, dtype=torch.float32)
     if M == 0:
         return out, z, mean, rstd
-    w2 = weight.reshape(E, K)
-    w2 = w2 if w2.is_contiguous() else w2.contiguous()
+    w2 = weight.reshape(E, K).contiguous()
+    bias, norm_weight, norm_bias = (t.contiguous() if t is not None else None for t in (bias, norm_weight, norm_bias))
     args = (images, w2, bias if bias is not None else w2, pos_embed if pos_embed is not None else w2,
             norm_weight if norm_weight is not None else w2, norm_bias if norm_bias is not None else w2,
             out, z, mean, rstd, *images.stride(), M, E, K, L, Wp, T, num_prefix, pos_offset, eps)
