@@ -51,6 +51,9 @@ namespace {
 
 constexpr double kMaskValue = -100.0;
 constexpr double kNormEps = 1e-12;  // F.normalize's eps
+// Below this magnitude the saved fp32 log-sum-exp keeps log(l) about as well as the scores themselves are
+// rounded; above it (a bias near finfo.min, which the forward handles as plain arithmetic) it can lose log(l).
+constexpr float kExactLse = 1048576.0f;  // 2^20
 
 bool use_avx() {
 #if VITFAST_WA_AVX
@@ -586,12 +589,13 @@ C10_ALWAYS_INLINE void bwd_items(const Args<scalar_t, A>& a, int64_t begin, int6
     const ScoreInputs<A> in = scores<kAvx>(a, sc, h, cosine);
     const A* dO = sc.dO.data() + h * N * Dp;
     transpose<kAvx>(dO, Dp, sc.dOT.data(), Np, N, D);
-    // P^T = exp(S^T - lse) in place of S^T. In fp64 the normalizer is recomputed: the saved lse is only fp32.
+    // P^T = exp(S^T - lse) in place of S^T. The normalizer is recomputed where the saved fp32 lse would not do:
+    // always in fp64, and in a window whose lse is huge (kExactLse).
     A* C10_RESTRICT p = sc.sT.data();
-    if constexpr (std::is_same_v<A, double>) {
+    const float* lse = a.lse + ((b * heads + h) * g.nW + w) * N;
+    if (std::is_same_v<A, double> || std::any_of(lse, lse + N, [](float x) { return !(std::abs(x) < kExactLse); })) {
       column_softmax<kAvx>(p, N, Np, sc.col0.data(), sc.col1.data());
     } else {
-      const float* lse = a.lse + ((b * heads + h) * g.nW + w) * N;
       A* C10_RESTRICT l = sc.col0.data();
       for (int64_t i = 0; i < Np; ++i) l[i] = i < N ? static_cast<A>(lse[i]) : A(0);
       for (int64_t j = 0; j < N; ++j) exp_sub<kAvx>(p + j * Np, l, Np);
