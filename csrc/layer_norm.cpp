@@ -4,8 +4,9 @@
 // pre-norm residual pattern: s = x + residual is stored (rounded to the input dtype, as `x + residual`
 // would be) and normalized. Forward: at::parallel_for over rows; each row is read once into L1 (as
 // op-math values) and its mean and variance are taken by the corrected two-pass algorithm (Chan, Golub,
-// LeVeque 1983) over that cached row, which stays accurate for rows with a large mean, unlike a one-pass
-// sum of squares. Backward: dx per row, and dweight/dbias by a two-stage reduction: each chunk of at
+// LeVeque 1983; layer_norm_stats.h, shared with the LayerNorm fused into patch_embed and patch_merging) over
+// that cached row, which stays accurate for rows with a large mean, unlike a one-pass sum of squares, and is
+// exact for constant rows. Backward: dx per row, and dweight/dbias by a two-stage reduction: each chunk of at
 // most 64 rows accumulates op-math column partials into one row of a (num_chunks, N) buffer, which a
 // second loop sums in a fixed order. The chunking depends only on M and the thread count, so the
 // result is deterministic for a given thread count.
@@ -22,8 +23,9 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "layer_norm_stats.h"
+
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <optional>
 #include <tuple>
@@ -100,57 +102,6 @@ C10_ALWAYS_INLINE void store_row(const opmath_t* C10_RESTRICT src, scalar_t* C10
   for (int64_t j = 0; j < N; ++j) dst[j] = static_cast<scalar_t>(src[j]);
 }
 
-// Row reductions keep kLanes<T> partial sums (128 bytes, four AVX2 registers), which the compiler maps
-// to independent vector accumulators: the add chains overlap (speed) and no partial sum takes more
-// than N / kLanes terms (fp32 accuracy at N = 8192). The count does not depend on the instruction set.
-// `omp simd` on the lane loops keeps GCC from fully unrolling them before it vectorizes (which leaves
-// the double version shuffling and spilling).
-template <typename T>
-constexpr int64_t kLanes = 128 / sizeof(T);
-
-template <typename T>
-C10_ALWAYS_INLINE T tree_sum(T* acc) {
-  for (int64_t width = kLanes<T> / 2; width >= 1; width /= 2) {
-    for (int64_t k = 0; k < width; ++k) acc[k] += acc[k + width];
-  }
-  return acc[0];
-}
-
-// Sum of v[0:N].
-template <typename T>
-C10_ALWAYS_INLINE T row_sum(const T* C10_RESTRICT v, int64_t N) {
-  T acc[kLanes<T>] = {};
-  int64_t j = 0;
-  for (; j + kLanes<T> <= N; j += kLanes<T>) {
-#pragma omp simd
-    for (int64_t k = 0; k < kLanes<T>; ++k) acc[k] += v[j + k];
-  }
-  for (int64_t k = 0; j + k < N; ++k) acc[k] += v[j + k];
-  return tree_sum(acc);
-}
-
-// Sums of (v - c) and of (v - c)^2 over v[0:N].
-template <typename T>
-C10_ALWAYS_INLINE std::pair<T, T> row_dev_sq(const T* C10_RESTRICT v, T c, int64_t N) {
-  T dev[kLanes<T>] = {};
-  T sq[kLanes<T>] = {};
-  int64_t j = 0;
-  for (; j + kLanes<T> <= N; j += kLanes<T>) {
-#pragma omp simd
-    for (int64_t k = 0; k < kLanes<T>; ++k) {
-      const T d = v[j + k] - c;
-      dev[k] += d;
-      sq[k] += d * d;
-    }
-  }
-  for (int64_t k = 0; j + k < N; ++k) {
-    const T d = v[j + k] - c;
-    dev[k] += d;
-    sq[k] += d * d;
-  }
-  return {tree_sum(dev), tree_sum(sq)};
-}
-
 // Row sums of g*xhat and g, with xhat = (s - mu) * rs and g = dy * w (g = dy without a weight). With a
 // weight it also adds dy*xhat into the column partials dwp, while the row is in registers.
 template <typename T, bool kHasWeight>
@@ -211,7 +162,6 @@ C10_ALWAYS_INLINE void layer_norm_fwd_rows(const FwdArgs<scalar_t>& a,
   const int64_t N = a.N;
   const opmath_t* C10_RESTRICT w = a.w;
   const opmath_t* C10_RESTRICT b = a.b;
-  const opmath_t inv_n = N > 0 ? opmath_t(1) / static_cast<opmath_t>(N) : opmath_t(0);
   opmath_t* C10_RESTRICT in_buf = buf;
   opmath_t* C10_RESTRICT res_buf = buf + N;
   opmath_t* C10_RESTRICT out_buf = buf + 2 * N;
@@ -241,13 +191,7 @@ C10_ALWAYS_INLINE void layer_norm_fwd_rows(const FwdArgs<scalar_t>& a,
       v = in_buf;
     }
 
-    // The deviations from the first-pass mean sum to (almost) zero; their rounding error is relative
-    // to the spread of the row, not to its mean, so adding them back corrects the mean and variance.
-    const opmath_t mu0 = row_sum(v, N) * inv_n;
-    const auto [dev, sq] = row_dev_sq(v, mu0, N);
-    const opmath_t mu = mu0 + dev * inv_n;
-    const opmath_t var = std::max(opmath_t(0), (sq - dev * dev * inv_n) * inv_n);
-    const opmath_t rs = opmath_t(1) / std::sqrt(var + a.eps);
+    const auto [mu, rs] = row_stats(v, N, a.eps);
     a.mean[i] = mu;
     a.rstd[i] = rs;
 

@@ -18,7 +18,8 @@ TORCH_LIBRARY(vitfast, m) {
   // attention
   // q: (B, H, Nq, D); k, v: (B, H, Nk, D); attn_mask: bool (True = attend) or float (added), of shape
   // (B|1, H|1, Nq|1, Nk|1). With is_causal, key j is visible from query i when j <= i + causal_offset.
-  // out/dq/dk/dv are (B, H, N, D) views of (B, N, H, D) buffers; lse is (B, H, Nq) in op-math precision.
+  // q, k, v and attn_mask may have any strides. out/dq/dk/dv are (B, H, N, D) views of (B, N, H, D) buffers;
+  // lse is (2, B, H, Nq) in op-math precision: each row's score max m and log(sum exp(s - m)).
   // dbias has the shape and dtype of attn_mask when bias_requires_grad, else it is empty.
   m.def(
       "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float dropout_p, bool is_causal,"

@@ -3,8 +3,8 @@
 // A stride = kernel convolution is a GEMM of the (B*L, C*ph*pw) patch matrix with the flattened kernel. On the
 // CPU the patch matrix is one copy of a strided view of the image, (B, C, Hp, ph, Wp, pw) permuted to
 // (B, Hp, Wp, C, ph, pw), followed by one at::addmm (the bias rides in the GEMM). The epilogue is one
-// parallel pass over the tokens: optional LayerNorm (two-pass mean/variance over the cached row, as
-// layer_norm.cpp), the positional embedding, and the store into the patch slots of the (B, P + L, E) output,
+// parallel pass over the tokens: optional LayerNorm (the statistics of layer_norm_stats.h over the cached
+// row), the positional embedding, and the store into the patch slots of the (B, P + L, E) output,
 // whose prefix slots get the prefix tokens (plus their positional rows). This replaces the eager
 // conv + flatten/transpose + cat + add (+ layer_norm) sequence, which makes three or four passes over the
 // tokens. Backward: dweight = dZ^T @ patches, dimages = dZ @ W scattered back (patches do not overlap),
@@ -14,7 +14,8 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
-#include <cmath>
+#include "layer_norm_stats.h"
+
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -44,16 +45,19 @@ void check_geometry(const at::Tensor& images, const at::Tensor& weight) {
               images.size(1), ", ph, pw), got ", weight.sizes());
   TORCH_CHECK(weight.scalar_type() == dt && weight.device() == images.device(),
               "vitfast patch_embed: weight must have the dtype and device of the images");
-  TORCH_CHECK(images.size(2) % weight.size(2) == 0 && images.size(3) % weight.size(3) == 0,
-              "vitfast patch_embed: image size (", images.size(2), ", ", images.size(3),
-              ") must be divisible by the patch size (", weight.size(2), ", ", weight.size(3), ")");
+  TORCH_CHECK(weight.size(2) > 0 && weight.size(3) > 0, "vitfast patch_embed: empty patch ", weight.sizes());
 }
 
-// (B*L, C*ph*pw) patch matrix in the kernel's (c, i, j) order: one copy of a strided view.
+// (B*L, C*ph*pw) patch matrix in the kernel's (c, i, j) order: one copy of a strided view. Pixels past the
+// last whole patch (H % ph rows, W % pw columns) are dropped, as the stride = kernel convolution drops them.
 at::Tensor patches_of(const at::Tensor& images, int64_t ph, int64_t pw) {
   const int64_t B = images.size(0), C = images.size(1);
   const int64_t Hp = images.size(2) / ph, Wp = images.size(3) / pw;
-  return images.reshape({B, C, Hp, ph, Wp, pw}).permute({0, 2, 4, 1, 3, 5}).reshape({B * Hp * Wp, C * ph * pw});
+  return images.narrow(2, 0, Hp * ph)
+      .narrow(3, 0, Wp * pw)
+      .reshape({B, C, Hp, ph, Wp, pw})
+      .permute({0, 2, 4, 1, 3, 5})
+      .reshape({B * Hp * Wp, C * ph * pw});
 }
 
 template <typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
@@ -69,18 +73,12 @@ void epilogue_kernel(const scalar_t* z,    // (M, E) GEMM output (bias included)
   at::parallel_for(0, M, std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(E, 1)),
                    [&](int64_t begin, int64_t end) {
     std::vector<opmath_t> row(E);
-    const opmath_t inv_e = opmath_t(1) / static_cast<opmath_t>(E);
     for (int64_t m = begin; m < end; ++m) {
       const int64_t b = m / L, l = m % L;
       const scalar_t* zi = z + m * E;
       for (int64_t j = 0; j < E; ++j) row[j] = static_cast<opmath_t>(zi[j]);
       if (has_norm) {
-        opmath_t s = 0;
-        for (int64_t j = 0; j < E; ++j) s += row[j];
-        const opmath_t mu = s * inv_e;
-        opmath_t sq = 0;
-        for (int64_t j = 0; j < E; ++j) sq += (row[j] - mu) * (row[j] - mu);
-        const opmath_t rs = opmath_t(1) / std::sqrt(sq * inv_e + eps);
+        const auto [mu, rs] = row_stats(row.data(), E, eps);
         mean[m] = mu;
         rstd[m] = rs;
         for (int64_t j = 0; j < E; ++j) {
@@ -182,10 +180,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_embed_bwd(const at::Tensor&
   at::Tensor dbias = has_bias ? dz2.sum(0, false, acc).to(weight.scalar_type()) : weight.new_empty({0});
   at::Tensor dimages;
   if (need_dimages) {
-    dimages = at::mm(dz2, weight.reshape({E, -1}))
-                  .view({B, Hp, Wp, C, ph, pw})
-                  .permute({0, 3, 1, 4, 2, 5})
-                  .reshape({B, C, H, W});
+    const at::Tensor dpatches =
+        at::mm(dz2, weight.reshape({E, -1})).view({B, Hp, Wp, C, ph, pw}).permute({0, 3, 1, 4, 2, 5});
+    if (Hp * ph == H && Wp * pw == W) {
+      dimages = dpatches.reshape({B, C, H, W});
+    } else {
+      // The pixels the convolution drops get a zero gradient.
+      dimages = at::zeros({B, C, H, W}, images.options());
+      dimages.narrow(2, 0, Hp * ph).narrow(3, 0, Wp * pw).view({B, C, Hp, ph, Wp, pw}).copy_(dpatches);
+    }
   } else {
     dimages = images.new_empty({0});
   }

@@ -2,8 +2,8 @@
 //
 // Forward: one parallel pass gathers each output token's 2x2 neighbourhood from the (B, H, W, C) input in
 // Swin's order [x(0,0), x(1,0), x(0,1), x(1,1)] (zeros past an odd edge, as Swin pads), normalizes the 4C row
-// while it is in L1 (two-pass mean/variance) and writes it once; one GEMM applies the reduction. The eager
-// sequence (pad, four strided slices, cat, layer_norm, linear) makes three passes before its GEMM.
+// while it is in L1 (the statistics of layer_norm_stats.h) and writes it once; one GEMM applies the reduction.
+// The eager sequence (pad, four strided slices, cat, layer_norm, linear) makes three passes before its GEMM.
 // Backward: the normalized rows are recomputed the same way from the saved mean/rstd for dR = dY^T @ LN(x);
 // dLN = dY @ R; then one pass per row forms the LayerNorm backward and scatters dx straight into the input
 // layout, with dgamma/dbeta reduced over fixed row chunks into a (num_chunks, 4C) buffer summed in order
@@ -13,8 +13,9 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "layer_norm_stats.h"
+
 #include <algorithm>
-#include <cmath>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -93,17 +94,13 @@ void gather_norm_kernel(const scalar_t* x, const Geometry& g, const scalar_t* nw
   const int64_t K = g.K;
   at::parallel_for(0, g.M, std::max<int64_t>(1, at::internal::GRAIN_SIZE / K), [&](int64_t begin, int64_t end) {
     std::vector<opmath_t> row(K);
-    const opmath_t inv_k = opmath_t(1) / static_cast<opmath_t>(K);
     for (int64_t m = begin; m < end; ++m) {
       gather_row(x, g, m, row.data());
       opmath_t mu, rs;
       if constexpr (COMPUTE_STATS) {
-        opmath_t s = 0;
-        for (int64_t k = 0; k < K; ++k) s += row[k];
-        mu = s * inv_k;
-        opmath_t sq = 0;
-        for (int64_t k = 0; k < K; ++k) sq += (row[k] - mu) * (row[k] - mu);
-        rs = opmath_t(1) / std::sqrt(sq * inv_k + eps);
+        const RowStats<opmath_t> st = row_stats(row.data(), K, eps);
+        mu = st.mean;
+        rs = st.rstd;
         mean_out[m] = mu;
         rstd_out[m] = rs;
       } else {

@@ -9,8 +9,11 @@
  * (it * TPR + lane) * VEC + [0, VEC) for it < ITERS, so every load of the group is coalesced. VEC is the
  * widest of 16-, 8-, 4-byte vectors that every pointer, row stride and N allow, else 1 element.
  *
- * Forward: mean and variance in two passes over the registers (no E[x^2] - E[x]^2 cancellation), each a
- * sum over the group by warp shuffles and, for a block per row, across warps through shared memory.
+ * Forward: mean and variance by the corrected two-pass algorithm over the registers (Chan, Golub, LeVeque
+ * 1983; the one every vitfast kernel that normalizes rows uses, csrc/layer_norm_stats.h): mu0 = sum(x) / N,
+ * then dev = sum(x - mu0) and sq = sum((x - mu0)^2), mean = mu0 + dev / N, var = (sq - dev^2 / N) / N. No
+ * E[x^2] - E[x]^2 cancellation, and a constant row gets its value as the mean exactly (y = bias exactly).
+ * Each sum is over the group by warp shuffles and, for a block per row, across warps through shared memory.
  * Backward: dx per row from two row sums (of g * xhat and of g). dweight and dbias by a two-stage
  * reduction: each block accumulates fp32 column partials in registers over the rows it visits (grid-
  * stride loop over a grid that is fully resident), sums them over its row groups, and writes one row of
@@ -151,7 +154,7 @@ __global__ void __launch_bounds__(RowMapping<TPR>::kBlockThreads) _layer_norm_fw
     const float eps) {
   using Map = RowMapping<TPR>;
   constexpr int ITERS = kFwdElemsPerThread / VEC;
-  __shared__ float red[2][Map::kWarpsPerRow];
+  __shared__ float red[2][2 * Map::kWarpsPerRow];
   const int lane = threadIdx.x % TPR;
   const int group = threadIdx.x / TPR;
   const float inv_n = 1.f / static_cast<float>(N);
@@ -191,22 +194,24 @@ __global__ void __launch_bounds__(RowMapping<TPR>::kBlockThreads) _layer_norm_fw
       for (int j = 0; j < VEC; ++j) sum[0] += v[it][j];
     }
     row_sum<TPR>(sum, red[0]);
-    const float mu = sum[0] * inv_n;
+    const float mu0 = sum[0] * inv_n;
 
-    float sq[1] = {0.f};
+    float dev_sq[2] = {0.f, 0.f};
 #pragma unroll
     for (int it = 0; it < ITERS; ++it) {
       const int col = (it * TPR + lane) * VEC;
       if (col < N) {
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-          const float d = v[it][j] - mu;
-          sq[0] += d * d;
+          const float d = v[it][j] - mu0;
+          dev_sq[0] += d;
+          dev_sq[1] += d * d;
         }
       }
     }
-    row_sum<TPR>(sq, red[1]);
-    const float rs = rsqrtf(sq[0] * inv_n + eps);
+    row_sum<TPR>(dev_sq, red[1]);
+    const float mu = mu0 + dev_sq[0] * inv_n;
+    const float rs = rsqrtf(fmaxf((dev_sq[1] - dev_sq[0] * dev_sq[0] * inv_n) * inv_n, 0.f) + eps);
 
 #pragma unroll
     for (int it = 0; it < ITERS; ++it) {

@@ -190,6 +190,79 @@ def test_fully_masked_rows_give_zeros_and_zero_grads(backend, device):
         torch.testing.assert_close(out[0], attention_ref(q[:1], k[:1], v[:1], pad[:1])[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend,device", CASES)
+def test_finite_mask_is_plain_arithmetic(backend, device):
+    """Hugging Face's padding value torch.finfo(float32).min on some keys, and on every key of rows 1 and 4: SDPA's
+    math (the float64 reference) gives those rows the mean of v; every backend does, and its gradients too."""
+    B, H, Nq, Nk, D = 2, 2, 9, 12, 16
+    q, k, v = _qkv(B, H, Nq, Nk, D, torch.float32, device)
+    lowest = torch.finfo(torch.float32).min
+    mask = torch.randn(B, H, Nq, Nk, device=device)
+    mask[..., -3:] = lowest
+    mask[:, :, [1, 4]] = lowest
+    dout = torch.randn(B, H, Nq, D, device=device)
+    with vitfast.use_backend(backend):
+        got = _run(vitfast.attention, q, k, v, mask, dout, True)
+    ref = _run(attention_ref, q.double(), k.double(), v.double(), mask.double(), dout.double(), True)
+    plain = _run(attention_ref, q, k, v, mask, dout, True)
+    # No rounding-noise or lse floor: perturbing finfo.min by one rounding moves a score by ~1e31, and the saved
+    # statistics keep the row max apart from log(l) precisely so that |lse| costs nothing here.
+    _assert_all_close(["out", "dq", "dk", "dv", "dmask"], got, ref, plain, [0.0] * 5, backend, 0.0)
+    torch.testing.assert_close(got[0][:, :, [1, 4]], v.mean(2, keepdim=True).expand(B, H, 2, D))
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        torch.testing.assert_close(got[0], F.scaled_dot_product_attention(q, k, v, mask))
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+@pytest.mark.parametrize("kind", ["bool", "-inf"])
+def test_hidden_keys_never_reach_other_rows(backend, device, kind):
+    """Keys hidden by the mask hold NaN, inf, or a k whose fp32 score overflows: the output and the gradients are
+    those of the same keys holding zeros. A row that sees no key is zero with zero gradients. A key hidden from
+    some rows only, with NaN in v, leaves those rows exact and makes the rows that see it NaN."""
+    B, H, Nq, Nk, D = 2, 2, 9, 12, 16
+    q, k, v = _qkv(B, H, Nq, Nk, D, torch.float32, device)
+    visible = torch.ones(B, H, Nq, Nk, dtype=torch.bool, device=device)
+    visible[..., [3, 7, 10]] = False  # padding keys
+    visible[:, :, 2] = False  # a row that sees no key
+    k_bad, v_bad = k.clone(), v.clone()
+    k_bad[:, :, [3, 7, 10]] = 0.0
+    v_bad[:, :, [3, 7, 10]] = 0.0
+    k_bad[:, :, 3], v_bad[:, :, 3] = float("nan"), float("nan")
+    k_bad[:, :, 7], v_bad[:, :, 7] = 3e38, float("inf")  # q.k overflows to +-inf
+    k_bad[:, :, 10], v_bad[:, :, 10, ::2] = float("-inf"), float("-inf")
+
+    def as_mask(vis):
+        return vis if kind == "bool" else torch.zeros(vis.shape, device=device).masked_fill(~vis, float("-inf"))
+    dout = torch.randn(B, H, Nq, D, device=device)
+    clean = [t.masked_fill(~visible[:, :, 0, :, None], 0.0) for t in (k, v)]
+    with vitfast.use_backend(backend):
+        got = _run(vitfast.attention, q, k_bad, v_bad, as_mask(visible), dout, False)
+    ref = _run(attention_ref, q.double(), clean[0].double(), clean[1].double(), as_mask(visible).double()
+               if kind != "bool" else visible, dout.double(), False)
+    plain = _run(attention_ref, q, clean[0], clean[1], as_mask(visible), dout, False)
+    ref_mask = as_mask(visible).double() if kind != "bool" else visible
+    noise = rounding_noise(lambda t: _run(attention_ref, *t[:3], ref_mask, t[3], False),
+                           [q.double(), clean[0].double(), clean[1].double(), dout.double()], torch.float32)
+    _assert_all_close(["out", "dq", "dk", "dv"], got, ref, plain, noise, f"{backend} {kind}",
+                      _lse_max(q, clean[0], ref_mask, None))
+    assert torch.equal(got[0][:, :, 2], torch.zeros_like(got[0][:, :, 2]))
+    assert torch.equal(got[1][:, :, 2], torch.zeros_like(got[1][:, :, 2]))
+    for g in got[2:]:
+        assert torch.equal(g[:, :, [3, 7, 10]], torch.zeros_like(g[:, :, [3, 7, 10]]))
+
+    partial = visible.clone()
+    partial[:, :, :5, 5] = False  # key 5 hidden from rows 0..4 only
+    v_nan = v.clone()
+    v_nan[:, :, 5, 1] = float("nan")
+    with vitfast.use_backend(backend):
+        out = vitfast.attention(q, k, v_nan, as_mask(partial))
+    expected = attention_ref(q.double(), k.double(), v.double(), as_mask(partial).double() if kind != "bool"
+                             else partial)
+    torch.testing.assert_close(out[:, :, :5].double(), expected[:, :, :5], rtol=1e-5, atol=1e-5)
+    assert partial[:, :, 5:, 5].all()  # rows 5.. see key 5: NaN exactly in v's NaN component
+    assert out[:, :, 5:, 1].isnan().all() and torch.isfinite(out[:, :, 5:, 0]).all()
+
+
 @pytest.mark.parametrize("backend,device", [c for c in CASES if c.values[0] != "cpp"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dropout_regenerates_the_seeded_mask(backend, device, dtype):

@@ -72,6 +72,25 @@ def test_large_hidden_and_eps(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_constant_rows_give_exactly_the_bias(backend, device, dtype):
+    """Rows of 768 x -3.7 (eps 1e-6), alone and as x + residual: the statistics make x - mean exactly 0, so y is
+    exactly the bias and the weight's gradient exactly 0 (a one-pass or plain two-pass mean is off by an ulp,
+    which rstd = 1000 turns into an error of ~1e-3)."""
+    x = torch.full((5, 768), -3.7, dtype=dtype, device=device)
+    r = torch.full((5, 768), 1.25, dtype=dtype, device=device)
+    w = torch.randn(768, dtype=dtype, device=device, requires_grad=True)
+    b = torch.randn(768, dtype=dtype, device=device, requires_grad=True)
+    with vitfast.use_backend(backend):
+        for residual in (None, r):
+            out = vitfast.layer_norm(x, 768, w, b, eps=1e-6, residual=residual)
+            y = out if residual is None else out[0]
+            dw, db = torch.autograd.grad(y, (w, b), torch.randn_like(y))
+            assert torch.equal(y, b.detach().expand_as(y))
+            assert torch.equal(dw, torch.zeros_like(dw)) and db.abs().max() > 0
+
+
+@pytest.mark.parametrize("backend,device", CASES)
 def test_float64(backend, device):
     if backend in ("triton", "cuda"):
         with vitfast.use_backend(backend), pytest.raises(ValueError, match="float64"):

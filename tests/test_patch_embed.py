@@ -19,6 +19,8 @@ CONFIGS = [
     ("swin", 2, 3, 32, 32, 4, 40, 0, None, False, True, True),
     ("odd", 3, 5, 12, 20, (4, 2), 24, 0, "patch", False, False, True),
     ("empty_slots_and_norm", 1, 1, 8, 8, 4, 16, 1, "all", False, True, True),
+    # H, W not multiples of the patch: the convolution drops the last rows and columns (zero gradient there)
+    ("not_a_multiple", 2, 3, 30, 21, (8, 4), 32, 1, "all", True, True, True),
 ]
 
 
@@ -105,11 +107,11 @@ def test_strided_images_and_no_bias(backend, device):
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-4)
 
 
-def test_image_size_not_a_multiple_of_the_patch_raises():
+def test_bad_inputs_raise_clear_errors():
     x = torch.randn(1, 3, 30, 32)
     w = torch.randn(8, 3, 8, 8)
-    with pytest.raises(ValueError, match=r"image size \(30, 32\) must be divisible by the patch size \(8, 8\)"):
-        patch_embed(x, w, None, 8)
+    with pytest.raises(ValueError, match=r"image size \(30, 6\) is smaller than the patch size \(8, 8\)"):
+        patch_embed(x[..., :6], w, None, 8)
     with pytest.raises(ValueError, match="weight must be"):
         patch_embed(x[..., :24, :], w, None, 4)
     with pytest.raises(ValueError, match="pos_embed has 7 rows"):
@@ -118,6 +120,22 @@ def test_image_size_not_a_multiple_of_the_patch_raises():
         patch_embed(torch.randn(1, 3, 16, 16), w, None, 8, num_prefix_tokens=1, prefix_tokens=torch.randn(2, 8))
     with pytest.raises(ValueError, match="bias must have shape"):
         patch_embed(torch.randn(1, 3, 16, 16), w, torch.randn(9), 8)
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+def test_fused_norm_of_constant_tokens_is_exactly_its_bias(backend, device):
+    """Tokens whose embedding is constant (every output channel has the same kernel; integer pixels and weights,
+    so the GEMM sums exactly in any order): the fused LayerNorm gives exactly its bias, and its weight gets a zero
+    gradient, as layer_norm does."""
+    images = torch.randint(-3, 4, (2, 3, 8, 12), device=device).float()
+    weight = torch.randint(-2, 3, (1, 3, 4, 4), device=device).float().expand(96, 3, 4, 4)
+    nw = torch.randn(96, device=device, requires_grad=True)
+    nb = torch.randn(96, device=device, requires_grad=True)
+    with vitfast.use_backend(backend):
+        out = patch_embed(images, weight, None, 4, norm_weight=nw, norm_bias=nb, eps=1e-6)
+        dnw, dnb = torch.autograd.grad(out, (nw, nb), torch.randn_like(out))
+    assert torch.equal(out, nb.detach().expand_as(out))
+    assert torch.equal(dnw, torch.zeros_like(dnw)) and dnb.abs().max() > 0
 
 
 def _timm_resample(posemb, new_size, num_prefix):
@@ -196,6 +214,12 @@ def test_module_is_a_drop_in_for_timm_patch_embed(norm, fmt):
     assert mine.grid_size == (4, 4) and mine.num_patches == 16
     with pytest.raises(ValueError, match="doesn't match"):
         mine(torch.randn(1, 3, 40, 40))
+    mine.strict_img_size = False  # timm then asks for whole patches (unless it pads dynamically)
+    with pytest.raises(ValueError, match="should be divisible"):
+        mine(torch.randn(1, 3, 36, 32))
+    mine.img_size = None  # and without a size, its convolution drops the pixels past the last whole patch
+    x = torch.randn(2, 3, 38, 35)
+    torch.testing.assert_close(mine(x), ref(x), rtol=1e-5, atol=1e-5)
 
 
 def test_module_fuses_vit_tokens_and_pads_dynamically():

@@ -80,6 +80,22 @@ def test_leading_dims_and_strided_input(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", CASES)
+def test_constant_rows_give_exactly_the_norm_bias(backend, device):
+    """A constant input (-3.7, eps 1e-6): every merged row is constant, so the LayerNorm gives exactly its bias and
+    the output is exactly R @ beta (integer beta and R in quarters: exact in any summation order); the norm weight
+    gets a zero gradient."""
+    x = torch.full((2, 6, 4, 48), -3.7, device=device)
+    nw = torch.randn(192, device=device, requires_grad=True)
+    nb = torch.randint(-4, 5, (192,), device=device).float().requires_grad_()
+    rw = torch.randint(-3, 4, (96, 192), device=device).float() / 4
+    with vitfast.use_backend(backend):
+        out = patch_merging(x, nw, nb, rw, 1e-6)
+        dnw, dnb = torch.autograd.grad(out, (nw, nb), torch.randn_like(out))
+    assert torch.equal(out, (nb.detach() @ rw.t()).expand_as(out))
+    assert torch.equal(dnw, torch.zeros_like(dnw)) and dnb.abs().max() > 0
+
+
+@pytest.mark.parametrize("backend,device", CASES)
 def test_float64(backend, device):
     x = torch.randn(1, 3, 5, 4, dtype=torch.float64, device=device, requires_grad=True)
     nw = torch.randn(16, dtype=torch.float64, device=device, requires_grad=True)

@@ -196,6 +196,21 @@ def test_transformers_vit(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["ViT", "DeiT"])
+def test_transformers_interpolated_size_not_a_multiple_of_the_patch(backend, name):
+    """A drop-in is never stricter than what it replaces: at 44x36 with patch 8 the convolution drops the last 4
+    rows and columns and the position embeddings are interpolated to the 5x4 grid; patched, the same."""
+    transformers = pytest.importorskip("transformers")
+    config = getattr(transformers, f"{name}Config")(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                    intermediate_size=48, image_size=16, patch_size=8)
+    model = getattr(transformers, f"{name}Model")(config, add_pooling_layer=False)
+    model.set_attn_implementation("eager")
+    inputs = {"pixel_values": torch.randn(2, 3, 44, 36, device=DEVICE), "interpolate_pos_encoding": True}
+    report = _patched_equal(model, inputs, backend, lambda o: o.last_hidden_state)
+    assert _kinds(report)["patch_embed"] == 1, str(report)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_transformers_swin_fused_layer(backend, monkeypatch):
     transformers = pytest.importorskip("transformers")
     from vitfast.integrations import transformers as vt

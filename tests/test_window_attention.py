@@ -100,6 +100,30 @@ def test_cosine_attention_v2(backend, device, geometry, dtype):
 
 
 @pytest.mark.parametrize("backend,device", CASES)
+def test_huge_finite_bias_is_plain_arithmetic(backend, device):
+    """A dense bias whose row 2 is all torch.finfo(float32).min: as in the textbook softmax, that query weighs its
+    keys equally, in the output and in every gradient (the saved fp32 log-sum-exp loses log(l) there, so a
+    backward must not rebuild P from it)."""
+    B, H, W, heads, D, ws = 1, 6, 6, 2, 8, 3
+    qkv = _inputs(B, H, W, heads, D, ws, torch.float32, device, pad=False)[0]
+    bias = torch.randn(heads, ws * ws, ws * ws, device=device)
+    bias[:, 2] = torch.finfo(torch.float32).min
+    dout = torch.randn(B, H, W, heads * D, device=device)
+
+    def fused(qkv, bias):
+        return vitfast.window_attention(qkv, bias, ws, 0)
+
+    def ref(qkv, bias):
+        return window_attention_ref(qkv, bias, ws, 0)
+    with vitfast.use_backend(backend):
+        got = _run(fused, (qkv, bias), dout)
+    ref64 = _run(ref, (qkv.double(), bias.double()), dout.double())
+    plain = _run(ref, (qkv, bias), dout)
+    for name, g, r, p in zip(["out", "dqkv", "dbias"], got, ref64, plain):
+        assert_close_to_ref(g, r, p, f"{backend} {name}")
+
+
+@pytest.mark.parametrize("backend,device", CASES)
 def test_no_pad_values_and_strided_qkv(backend, device):
     _check(backend, device, (2, 9, 10, 2, 16, 7, 3), torch.float32, pad=False, strided=True)
 

@@ -58,9 +58,14 @@ class PatchEmbed(nn.Module):
                 num_prefix_tokens: int = 0) -> Tensor:
         B, C, H, W = x.shape
         ph, pw = self.patch_size
+        # timm's checks, no more: a fixed size when strict; else whole patches unless padded dynamically. Without
+        # img_size, as timm's convolution, the pixels past the last whole patch are dropped.
         if self.img_size is not None and self.strict_img_size and (H, W) != self.img_size:
             raise ValueError(f"vitfast.nn.PatchEmbed: input size ({H}, {W}) doesn't match the model's "
                              f"{self.img_size} (strict_img_size=True)")
+        if self.img_size is not None and not self.strict_img_size and not self.dynamic_img_pad and (H % ph or W % pw):
+            raise ValueError(f"vitfast.nn.PatchEmbed: input size ({H}, {W}) should be divisible by the patch size "
+                             f"{self.patch_size} (strict_img_size=False, dynamic_img_pad=False)")
         if self.dynamic_img_pad:
             x = F.pad(x, (0, (pw - W % pw) % pw, 0, (ph - H % ph) % ph))
             H, W = x.shape[-2:]

@@ -5,12 +5,25 @@ implementations, so torch.compile sees them whole; each picks its backend at run
 (vitfast.triton.attention, FlashAttention-2), "cpp" (the extension's vitfast::attention_fwd/_bwd: ATen's
 CPU flash attention where it fits, a plain ATen reference otherwise) or "torch" (plain PyTorch below).
 All backends share one saved-state format, so forward and backward may run on different backends:
-out in a (B, Nq, H, D) buffer viewed as (B, H, Nq, D), and the per-row log-sum-exp (B, H, Nq) in fp32
-(fp64 for fp64 input), -inf or any finite value for a fully masked row (every backward treats such a
-row as all zeros). Dropout draws a Philox seed from torch's default generator; the mask is a function
-of (seed, batch*head, i, j) only (`dropout_keep_ref` computes it in plain PyTorch), so backward
-regenerates it and the triton and torch backends agree exactly. Under autocast the forward follows
+out in a (B, Nq, H, D) buffer viewed as (B, H, Nq, D), and the softmax statistics lse (2, B, H, Nq) in fp32
+(fp64 for fp64 input): lse[0] the row max m of the scores, lse[1] log(sum_j exp(s_j - m)), so that the
+log-sum-exp is their sum. They are kept apart because m + log(l) rounds to m when |m| is huge (a row at
+torch.finfo(float32).min, Hugging Face's padding value), which would make the backward's probabilities wrong.
+A row that sees no key has m = -inf (or any m where every score is -inf), and every backward reads it as all
+zeros. Dropout draws a Philox seed from torch's default generator; the mask is a function of
+(seed, batch*head, i, j) only (`dropout_keep_ref` computes it in plain PyTorch), so backward regenerates it and
+the triton and torch backends agree exactly. Under autocast the forward follows
 F.scaled_dot_product_attention's rule (vitfast.autocast.lower_precision).
+
+Mask semantics, the same on every backend (`attention_ref` is their plain PyTorch statement):
+- A bool mask (True = attend), the -inf entries of a float mask and `is_causal` hide keys. A row that sees no
+  key gives zeros, and zero gradients.
+- A finite float mask is added to the scores, plain arithmetic as in F.scaled_dot_product_attention's math: a
+  row whose entries are all torch.finfo(float32).min gives the mean of v, as SDPA does, and so do its
+  gradients.
+- A hidden key never affects a row that does not see it: its scores are -inf by selection, not by addition
+  (NaN or inf in its k, or a q.k that overflows, stay out), and non-finite values of its v reach only the rows
+  that see it (where a row does see them, the result is what the arithmetic gives: NaN or inf).
 """
 import math
 from typing import Optional
@@ -37,7 +50,7 @@ def _causal_visible(Nq: int, Nk: int, offset: int, device) -> Tensor:
 def attention_ref(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False,
                   scale: Optional[float] = None, dropout_keep: Optional[Tensor] = None, dropout_p: float = 0.0,
                   causal_offset: int = 0) -> Tensor:
-    """Plain PyTorch attention in the dtype of q, with SDPA's semantics and zeros for fully masked rows.
+    """Plain PyTorch attention in the dtype of q: SDPA's math with the mask semantics of the module docstring.
 
     Args:
         q: (B, H, Nq, D); k, v: (B, H, Nk, D).
@@ -47,17 +60,57 @@ def attention_ref(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] =
         dropout_keep: (B, H, Nq, Nk) bool keep-mask, applied with scale 1 / (1 - dropout_p).
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    s = (q @ k.transpose(-2, -1)) * scale
-    if attn_mask is not None:
-        s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask
-    if is_causal:
-        s = s.masked_fill(~_causal_visible(q.shape[-2], k.shape[-2], causal_offset, q.device), float("-inf"))
-    # Fully masked rows: softmax over all -inf is NaN; attention over nothing is defined as zero.
-    dead = (s == float("-inf")).all(-1, keepdim=True)
-    p = torch.softmax(s.masked_fill(dead, 0.0), -1).masked_fill(dead, 0.0)
+    s = _scores(q, k, attn_mask, is_causal, causal_offset, scale, q.dtype)
+    p = _probs(s, *_row_stats(s))
     if dropout_keep is not None:
         p = p * dropout_keep / (1.0 - dropout_p)
-    return p @ v
+    return _probs_at_v(p, s, v)
+
+
+def _scores(q: Tensor, k: Tensor, mask: Optional[Tensor], is_causal: bool, causal_offset: int, scale: float,
+            dtype: torch.dtype) -> Tensor:
+    """scale * q @ k^T (+ a float mask) in `dtype`, -inf where a row does not see a key (bool mask False, mask
+    -inf, causal), set by selection: whatever q.k is there (NaN, inf) never reaches the softmax."""
+    s = (q.to(dtype) @ k.to(dtype).transpose(-2, -1)) * scale
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            hidden = ~mask
+        else:
+            mask = mask.to(dtype)
+            s = s + mask
+            hidden = mask == float("-inf")
+        s = s.masked_fill(hidden, float("-inf"))
+    if is_causal:
+        s = s.masked_fill(~_causal_visible(q.shape[-2], k.shape[-2], causal_offset, q.device), float("-inf"))
+    return s
+
+
+def _row_stats(s: Tensor) -> tuple:
+    """The saved softmax statistics of scores s: the row max m (-inf for a row that sees no key) and
+    log(sum exp(s - m)) (0 for such a row)."""
+    m = s.amax(-1)
+    dead = m == float("-inf")
+    log_l = torch.exp(s - m.masked_fill(dead, 0.0)[..., None]).sum(-1).log().masked_fill(dead, 0.0)
+    return m, log_l
+
+
+def _probs(s: Tensor, m: Tensor, log_l: Tensor) -> Tensor:
+    """exp(s - m - log_l): the softmax of s from its statistics, 0 on a row that sees no key (never NaN)."""
+    return torch.exp((s - m.masked_fill(m == float("-inf"), float("inf"))[..., None]) - log_l[..., None])
+
+
+def _probs_at_v(p: Tensor, s: Tensor, v: Tensor) -> Tensor:
+    """p @ v, where a key's non-finite values of v reach only the rows that see it (s > -inf), as in exact
+    arithmetic (a plain matmul would spread them through p = 0 as 0 * NaN = NaN)."""
+    v = v.to(p.dtype)
+    bad = ~torch.isfinite(v)
+    if not bad.any():
+        return p @ v
+    seen = (s != float("-inf")).to(p.dtype)
+    nan, pos, neg = ((seen @ which.to(p.dtype)) > 0 for which in (v.isnan(), v == float("inf"), v == float("-inf")))
+    out = p @ v.masked_fill(bad, 0.0)
+    return out.masked_fill(pos, float("inf")).masked_fill(neg, float("-inf")).masked_fill(nan | (pos & neg),
+                                                                                           float("nan"))
 
 
 def dropout_keep_ref(seed: int, B: int, H: int, Nq: int, Nk: int, dropout_p: float, device=None) -> torch.Tensor:
@@ -94,34 +147,23 @@ def _dropout_keep(seed: Optional[Tensor], dropout_p: float, q: Tensor, Nk: int) 
     return dropout_keep_ref(int(seed.item()), B, H, Nq, Nk, dropout_p, q.device)
 
 
-def _probs_torch(q, k, bias, is_causal, causal_offset, scale, lse=None):
-    """Softmax probabilities in the accumulation dtype, and the LSE (recomputed when not given)."""
-    acc = _acc_dtype(q.dtype)
-    s = (q.to(acc) @ k.to(acc).transpose(-2, -1)) * scale
-    if bias is not None:
-        s = s.masked_fill(~bias, float("-inf")) if bias.dtype == torch.bool else s + bias.to(acc)
-    if is_causal:
-        s = s.masked_fill(~_causal_visible(q.shape[2], k.shape[2], causal_offset, q.device), float("-inf"))
-    if lse is None:
-        lse = torch.logsumexp(s, -1)
-    safe = lse.to(acc).masked_fill(lse == float("-inf"), float("inf"))
-    return torch.exp(s - safe[..., None]), lse
-
-
 def _fwd_torch(q, k, v, bias, seed, dropout_p, is_causal, causal_offset, scale):
-    p, lse = _probs_torch(q, k, bias, is_causal, causal_offset, scale)
+    s = _scores(q, k, bias, is_causal, causal_offset, scale, _acc_dtype(q.dtype))
+    m, log_l = _row_stats(s)
+    p = _probs(s, m, log_l)
     keep = _dropout_keep(seed, dropout_p, q, k.shape[2])
     if keep is not None:
         p = p * keep / (1.0 - dropout_p)
     B, H, Nq, D = q.shape
     out = _bnhd_empty(B, H, Nq, D, q)
-    out.copy_(p @ v.to(p.dtype))
-    return out, lse.contiguous()
+    out.copy_(_probs_at_v(p, s, v))
+    return out, torch.stack([m, log_l])
 
 
 def _bwd_torch(dout, q, k, v, out, lse, bias, seed, dropout_p, is_causal, causal_offset, scale, bias_requires_grad):
-    p, _ = _probs_torch(q, k, bias, is_causal, causal_offset, scale, lse)
-    acc = p.dtype
+    acc = _acc_dtype(q.dtype)
+    s = _scores(q, k, bias, is_causal, causal_offset, scale, acc)
+    p = _probs(s, lse[0].to(acc), lse[1].to(acc))
     do = dout.to(acc)
     dp = do @ v.to(acc).transpose(-2, -1)
     keep = _dropout_keep(seed, dropout_p, q, k.shape[2])
@@ -130,11 +172,14 @@ def _bwd_torch(dout, q, k, v, out, lse, bias, seed, dropout_p, is_causal, causal
         p_drop = p * keep / (1.0 - dropout_p)
         dp = dp * keep / (1.0 - dropout_p)
     delta = (do * out.to(acc)).sum(-1, keepdim=True)
-    ds = p * (dp - delta)
+    # Where a row does not see a key, dS is 0 even if dP is NaN (non-finite v of a masked key), and such a key's
+    # non-finite k enter dQ = dS @ K as 0 (0 * NaN would be NaN).
+    ds = (p * (dp - delta)).masked_fill(s == float("-inf"), 0.0)
+    kf = k.to(acc)
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     dq, dk, dv = _bnhd_empty(B, H, Nq, D, q), _bnhd_empty(B, H, Nk, D, k), _bnhd_empty(B, H, Nk, D, v)
-    dq.copy_((ds @ k.to(acc)) * scale)
+    dq.copy_((ds @ kf.masked_fill(~torch.isfinite(kf), 0.0)) * scale)
     dk.copy_((ds.transpose(-2, -1) @ q.to(acc)) * scale)
     dv.copy_(p_drop.transpose(-2, -1) @ do)
     dbias = ds.sum_to_size(bias.shape).to(bias.dtype).contiguous() if bias_requires_grad else q.new_empty(0)
@@ -156,17 +201,20 @@ _backend.register_op(OP, gpu_order=("triton", "torch"), cpu_order=("cpp", "torch
 
 def _lse_empty(q: Tensor) -> Tensor:
     B, H, Nq, _ = q.shape
-    return q.new_empty((B, H, Nq), dtype=_acc_dtype(q.dtype))
+    return q.new_empty((2, B, H, Nq), dtype=_acc_dtype(q.dtype))
 
 
 @torch.library.custom_op("vitfast::attention", mutates_args=())
 def _attention_op(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], seed: Optional[Tensor], dropout_p: float,
                   is_causal: bool, causal_offset: int, scale: float) -> tuple[Tensor, Tensor]:
-    """q: (B, H, Nq, D); k, v: (B, H, Nk, D); bias: (B|1, H|1, Nq|1, Nk|1) bool or float; seed: (1,) int64
-    on the CPU when dropout_p > 0. Returns out (B, H, Nq, D) in a (B, Nq, H, D) buffer and the LSE (B, H, Nq)."""
+    """q: (B, H, Nq, D); k, v: (B, H, Nk, D), any strides; bias: (B|1, H|1, Nq|1, Nk|1) bool or float, any
+    strides; seed: (1,) int64 on the CPU when dropout_p > 0. Returns out (B, H, Nq, D) in a (B, Nq, H, D)
+    buffer and the softmax statistics lse (2, B, H, Nq) (module docstring)."""
     B, H, Nq, D = q.shape
     if q.numel() == 0 or k.shape[2] == 0:
-        return torch.zeros_like(_bnhd_empty(B, H, Nq, D, q)), torch.full_like(_lse_empty(q), float("-inf"))
+        lse = _lse_empty(q)
+        lse[0], lse[1] = float("-inf"), 0.0
+        return torch.zeros_like(_bnhd_empty(B, H, Nq, D, q)), lse
     which = _backend.choose_backend(OP, q, k, v, bias, seed)
     if which == "triton":
         from vitfast.triton.attention import attention_fwd
@@ -278,13 +326,24 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
 
     Args:
         q: (B, H, Nq, D); k, v: (B, H, Nk, D); one dtype (float16, bfloat16, float32; float64 on the
-            cpp and torch backends) and device; D <= 256. Any strides (views of a packed qkv are read in place).
-        attn_mask: bool (True = attend) or float (added to the scores), broadcastable to (B, H, Nq, Nk);
-            broadcast dims are read with stride 0, never expanded. A float mask that requires grad gets
-            its gradient, reduced over its broadcast dims.
+            cpp and torch backends) and device; D <= 256. Any strides: transposed, a last dim with stride != 1,
+            stride-0 (expanded) dims, storage offsets (views of a packed qkv are read in place by the triton
+            backend; the cpp backend copies a q, k or v whose last dim is strided, as ATen's kernel needs).
+        attn_mask: bool (True = attend) or float (added to the scores), broadcastable to (B, H, Nq, Nk), any
+            strides; broadcast dims, and stride-0 (expanded) dims, are read with stride 0, never materialized.
+            A float mask that requires grad gets its gradient, reduced over its broadcast dims (and, through
+            autograd, over the dims it was expanded along).
         is_causal: query i sees keys j <= i (top-left alignment, as SDPA); may be combined with attn_mask.
         scale: softmax scale, 1/sqrt(D) by default.
         dropout_p: dropout on the attention weights, seeded from torch's default generator.
+
+    Mask semantics (the same on every backend; see the module docstring):
+        - bool False, float -inf and causal entries hide keys; a row that sees no key gives zeros (and zero
+          gradients);
+        - a finite float mask is plain arithmetic, as in SDPA's math: a row all at torch.finfo(float32).min
+          gives the mean of v, as SDPA does;
+        - a hidden key never affects the rows that do not see it, even if its k or v hold NaN or inf or its
+          score overflows.
 
     Under `torch.use_deterministic_algorithms(True)` the backward uses no atomics (bitwise reproducible).
 
@@ -293,11 +352,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
 
     Returns:
         (B, H, Nq, D), stored as (B, Nq, H, D) (so `.transpose(1, 2).reshape(B, Nq, H * D)` is free).
-        Rows with no visible key are zero.
 
     Raises:
-        ValueError: for inputs that are not 4-D, differ in dtype (outside autocast), device, batch, heads or
-            head dim, a head dim above 256, a mask that does not broadcast, or dropout_p outside [0, 1).
+        ValueError: q, k or v not 4-D, of different dtypes (outside autocast), devices, batch, heads or head dims, an unsupported
+            dtype or head dim, a mask that is not bool or float, on another device, or that does not broadcast,
+            dropout_p outside [0, 1), or no backend that takes the inputs.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
@@ -315,13 +374,18 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, sof
     """Attention in flash-attn's layout and signature.
 
     Args:
-        q: (B, Nq, H, D); k, v: (B, Nk, H, D).
-        causal: bottom-right aligned, as flash-attn >= 2.1: query i sees keys j <= i + Nk - Nq.
+        q: (B, Nq, H, D); k, v: (B, Nk, H, D); dtypes, head dims and strides as `attention` takes them (any
+            strides, e.g. views of a packed (B, N, 3, H, D) qkv).
+        causal: bottom-right aligned, as flash-attn >= 2.1: query i sees keys j <= i + Nk - Nq; a query that
+            sees no key (Nq > Nk) gives zeros.
 
     Autocast: as `attention`.
 
     Returns:
         (B, Nq, H, D), contiguous.
+
+    Raises:
+        ValueError: as `attention`.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
@@ -336,7 +400,9 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, sof
 
 
 def _mask_4d(mask: Tensor, q: Tensor, k: Tensor) -> Tensor:
-    """The mask as a (B|1, H|1, Nq|1, Nk|1) view (leading dims added), after checking it broadcasts."""
+    """The mask as a (B|1, H|1, Nq|1, Nk|1) view (leading dims added), after checking it broadcasts. A dim that
+    has stride 0 (an `expand`) becomes the size-1 dim it was expanded from: the kernels then read it as a
+    broadcast dim and reduce the mask's gradient over it, and autograd's expand backward gets its shape."""
     target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     if mask.dtype != torch.bool and not mask.is_floating_point():
         raise ValueError(f"vitfast.attention: attn_mask must be bool or floating point, got {mask.dtype}")
@@ -345,4 +411,6 @@ def _mask_4d(mask: Tensor, q: Tensor, k: Tensor) -> Tensor:
     if mask.dim() > 4 or any(m not in (1, t) for m, t in zip(mask.shape[::-1], target[::-1])):
         raise ValueError(f"vitfast.attention: attn_mask of shape {tuple(mask.shape)} does not broadcast to "
                          f"(B, H, Nq, Nk) = {target}")
-    return mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape)) if mask.dim() < 4 else mask
+    mask = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape)) if mask.dim() < 4 else mask
+    expanded = [st == 0 and n > 1 for st, n in zip(mask.stride(), mask.shape)]
+    return mask[tuple(slice(0, 1) if e else slice(None) for e in expanded)] if any(expanded) else mask

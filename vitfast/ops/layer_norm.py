@@ -32,11 +32,21 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _row_stats(x: Tensor, eps: float) -> tuple:
+    """Mean and 1 / sqrt(var + eps) of the rows of x (M, N) in x's dtype, by the corrected two-pass algorithm of
+    csrc/layer_norm_stats.h (Chan, Golub, LeVeque 1983), which every kernel that normalizes rows uses: accurate
+    for rows with a large mean and exact for constant rows (LN(x) is then exactly the bias)."""
+    mu0 = x.mean(-1, keepdim=True)
+    d = x - mu0
+    dev = d.mean(-1)
+    var = (d.square().mean(-1) - dev * dev).clamp_min(0.0)
+    return mu0[:, 0] + dev, torch.rsqrt(var + eps)
+
+
 def _fwd_torch(x, weight, bias, residual, eps):
     s = x if residual is None else x + residual
     sf = s.to(_stats_dtype(x.dtype))
-    mean = sf.mean(-1)
-    rstd = torch.rsqrt((sf - mean[:, None]).square().mean(-1) + eps)
+    mean, rstd = _row_stats(sf, eps)
     y = (sf - mean[:, None]) * rstd[:, None]
     if weight is not None:
         y = y * weight
@@ -78,7 +88,8 @@ _backend.register_op(OP, gpu_order=("triton", "cuda", "torch"), cpu_order=("cpp"
 @torch.library.custom_op("vitfast::layer_norm", mutates_args=())
 def _layer_norm_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
                    eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """x: (M, N) with unit inner stride. Returns y, s (x + residual, or empty), mean, rstd."""
+    """x, residual: (M, N) with unit inner stride, any row stride; weight, bias: (N,), any stride. Returns y, s
+    (x + residual, or empty), mean, rstd."""
     if x.numel() == 0:
         return _fwd_torch(x, weight, bias, residual, eps)
     which = _backend.choose_backend(OP, x, weight, bias, residual)
@@ -179,24 +190,31 @@ def layer_norm(x: Tensor, normalized_shape: Union[int, Sequence[int]], weight: O
     """LayerNorm over the trailing `normalized_shape` dims, with an optional fused residual add.
 
     Args:
-        x: (*, *normalized_shape), float32/float16/bfloat16 (float64 on the cpp and torch backends).
+        x: (*, *normalized_shape), float32/float16/bfloat16 (float64 on the cpp and torch backends). Any strides:
+            rows whose normalized elements are contiguous are read in place at any row stride (0 too, for an
+            expanded x); other layouts are copied once.
         normalized_shape: the trailing dims to normalize over.
         weight, bias: (*normalized_shape) in the dtype of the normalized input (x, or x + residual) and on
-            its device, or None; any floating dtype under autocast.
+            its device, or None; any floating dtype under autocast; any strides (the kernels copy a
+            non-contiguous one, e.g. an expanded or sliced parameter, into a contiguous vector).
         eps: added to the variance.
-        residual: x's shape and device, any floating dtype: x + residual follows PyTorch's type promotion
-            (a bfloat16 branch plus a float32 residual stream is float32), or None.
+        residual: x's shape and device, any floating dtype and strides: x + residual follows PyTorch's type
+            promotion (a bfloat16 branch plus a float32 residual stream is float32), or None.
+
+    The statistics are the corrected two-pass ones of csrc/layer_norm_stats.h on every backend: a constant row
+    gives exactly the bias (and a zero weight gradient).
 
     Autocast: as F.layer_norm. On CUDA the op runs in float32 and returns float32 (autocast's float32 list);
     on the CPU, where autocast leaves F.layer_norm alone, it computes in float32 and returns y in the dtype
     of the normalized input. s (x + residual) keeps its promoted dtype.
 
     Returns:
-        y = LN(x) like x; with `residual`, the pair (y, s) where s = x + residual and y = LN(s).
+        y = LN(x), contiguous, in the dtype of the normalized input; with `residual`, the pair (y, s) where
+        s = x + residual and y = LN(s).
 
     Raises:
-        ValueError: for a non-floating input, a normalized_shape that is not x's trailing dims, or a weight,
-            bias or residual whose shape, device or dtype does not fit (naming them).
+        ValueError: x not floating point, normalized_shape not its trailing dims, a weight, bias or residual whose
+            shape, device or dtype does not fit (naming them), or no backend that takes the inputs.
     """
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     if not x.is_floating_point():

@@ -151,10 +151,11 @@ def _prefix_rows(prefix, pos, num_prefix, pos_offset, dtype):
 
 
 def _patches(images: Tensor, ph: int, pw: int) -> Tensor:
-    """(B*L, C*ph*pw) patch matrix in the conv weight's (c, i, j) order: one copy of a strided view."""
+    """(B*L, C*ph*pw) patch matrix in the conv weight's (c, i, j) order: one copy of a strided view. Pixels past
+    the last whole patch are dropped, as the stride = kernel convolution drops them."""
     B, C, H, W = images.shape
     Hp, Wp = H // ph, W // pw
-    v = images.reshape(B, C, Hp, ph, Wp, pw).permute(0, 2, 4, 1, 3, 5)
+    v = images[:, :, :Hp * ph, :Wp * pw].reshape(B, C, Hp, ph, Wp, pw).permute(0, 2, 4, 1, 3, 5)
     return v.reshape(B * Hp * Wp, C * ph * pw)
 
 
@@ -196,7 +197,9 @@ def _bwd_torch(dz, images, weight, has_bias, need_dimages):
     dbias = dz2.to(acc).sum(0).to(weight.dtype) if has_bias else weight.new_empty(0)
     if need_dimages:
         cols = dz2 @ weight.reshape(E, -1)  # (B*L, C*ph*pw)
-        dimages = cols.view(B, Hp, Wp, C, ph, pw).permute(0, 3, 1, 4, 2, 5).reshape(B, C, H, W)
+        dpatches = cols.view(B, Hp, Wp, C, ph, pw).permute(0, 3, 1, 4, 2, 5).reshape(B, C, Hp * ph, Wp * pw)
+        # The pixels the convolution drops get a zero gradient.
+        dimages = F.pad(dpatches, (0, W - Wp * pw, 0, H - Hp * ph))
     else:
         dimages = images.new_empty(0)
     return dimages, dweight, dbias
@@ -374,15 +377,18 @@ def patch_embed(images: Tensor, weight: Tensor, bias: Optional[Tensor], patch_si
     """Fused ViT/Swin patch embedding: conv (stride = kernel) + bias (+ LayerNorm) + prefix tokens + pos_embed.
 
     Args:
-        images: (B, C, H, W), H and W multiples of the patch size.
-        weight: (E, C, ph, pw), the conv kernel (timm's `proj.weight`). bias: (E,) or None.
+        images: (B, C, H, W), H >= ph and W >= pw, any strides (channels_last, slices, expanded dims). As with
+            the stride = kernel convolution it replaces, the H % ph last rows and W % pw last columns are
+            dropped (and get a zero gradient).
+        weight: (E, C, ph, pw), the conv kernel (timm's `proj.weight`), any strides. bias: (E,) or None.
         patch_size: int or (ph, pw); must equal the kernel's spatial size (stride = kernel).
-        pos_embed: (1, rows, E) or (rows, E): rows == P + L covers prefix and patch tokens, rows == L only the
-            patch tokens; another square grid is resampled (cached, see the module docstring).
+        pos_embed: (1, rows, E) or (rows, E), any strides: rows == P + L covers prefix and patch tokens,
+            rows == L only the patch tokens; another square grid is resampled (cached, see the module docstring).
         num_prefix_tokens: P, the prefix slots at the front of the output (taken from prefix_tokens if given).
-        prefix_tokens: (P, E) or (1, P, E) (class, distillation tokens), broadcast over the batch; None leaves
-            the P slots zero (plus their positional rows).
-        norm_weight, norm_bias: (E,) LayerNorm on the patch tokens (before pos_embed), eps its epsilon.
+        prefix_tokens: (P, E) or (1, P, E) (class, distillation tokens), any strides, broadcast over the batch;
+            None leaves the P slots zero (plus their positional rows).
+        norm_weight, norm_bias: (E,), any stride: LayerNorm on the patch tokens (before pos_embed), eps its
+            epsilon.
         norm: apply the LayerNorm; defaults to True when norm_weight or norm_bias is given.
 
     Every tensor has the images' dtype and device; under autocast the dtypes may differ, and the op follows the
@@ -391,11 +397,13 @@ def patch_embed(images: Tensor, weight: Tensor, bias: Optional[Tensor], patch_si
     cat and add), so float32 prefix tokens or pos_embed give float32 tokens.
 
     Returns:
-        (B, P + Hp*Wp, E), Hp = H // ph, Wp = W // pw. For Swin (P = 0) `.view(B, Hp, Wp, E)` is NHWC.
+        (B, P + Hp*Wp, E), Hp = H // ph, Wp = W // pw, contiguous. For Swin (P = 0) `.view(B, Hp, Wp, E)` is
+        NHWC.
 
     Raises:
-        ValueError: for images that are not 4-D floating point or not divisible by the patch, or a weight,
-            bias, norm, prefix or pos_embed tensor of the wrong shape, device or dtype (naming them).
+        ValueError: images not 4-D or not floating point; a weight that does not match the channels and patch
+            size; an image smaller than one patch (the convolution rejects it too); a parameter of another shape,
+            dtype or device; a pos_embed whose rows fit neither the tokens nor a square grid.
     """
     ph, pw = _pair(patch_size)
     if images.dim() != 4:
@@ -409,9 +417,8 @@ def patch_embed(images: Tensor, weight: Tensor, bias: Optional[Tensor], patch_si
     if not _dtype_fits(weight, images) or weight.device != images.device:
         raise ValueError(f"vitfast.patch_embed: weight {weight.dtype} {weight.device} must match the images "
                          f"{images.dtype} {images.device} (in device; in dtype outside autocast)")
-    if H % ph or W % pw:
-        raise ValueError(f"vitfast.patch_embed: image size ({H}, {W}) must be divisible by the patch size "
-                         f"({ph}, {pw})")
+    if H < ph or W < pw:
+        raise ValueError(f"vitfast.patch_embed: image size ({H}, {W}) is smaller than the patch size ({ph}, {pw})")
     E = weight.shape[0]
     for name, t in (("bias", bias), ("norm_weight", norm_weight), ("norm_bias", norm_bias)):
         _check_vec(name, t, images, E)

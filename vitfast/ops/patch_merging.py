@@ -157,19 +157,22 @@ def patch_merging(x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[
     """Swin's PatchMerging: 2x2 gather (odd sizes zero-padded), LayerNorm(4C), Linear(4C -> N, no bias).
 
     Args:
-        x: (..., H, W, C) channels-last (timm's and torchvision's Swin layout).
-        norm_weight, norm_bias: (4C,) or None. reduction_weight: (N, 4C) (`reduction.weight`).
-        eps: the LayerNorm's epsilon.
+        x: (..., H, W, C) channels-last (timm's and torchvision's Swin layout), any strides: the triton and cpp
+            kernels gather the 2x2 neighbourhoods through the strides (expanded dims too).
+        norm_weight, norm_bias: (4C,) or None, any stride. reduction_weight: (N, 4C) (`reduction.weight`), any
+            strides (non-contiguous parameters are copied into contiguous ones).
+        eps: the LayerNorm's epsilon (statistics as vitfast.layer_norm's: a constant row gives exactly its bias).
+        Every tensor has x's dtype and device.
 
     Autocast: x and the parameters are cast to the region's dtype (so their dtypes may differ there), the
     LayerNorm statistics are fp32 and the output is in the region's dtype, as the unfused Linear's. Unlike
     the unfused code, whose LayerNorm reads a float32 x, the fused kernel reads x rounded to that dtype.
 
     Returns:
-        (..., ceil(H/2), ceil(W/2), N).
+        (..., ceil(H/2), ceil(W/2), N), contiguous.
 
     Raises:
-        ValueError: for x not (..., H, W, C) floating point, or parameters of the wrong shape, device or dtype
+        ValueError: x of fewer than 3 dims or not floating point, or a parameter of another shape, device or dtype
             (the dtype of x outside autocast).
     """
     if x.dim() < 3:

@@ -16,7 +16,11 @@ aside) or "torch" (the textbook PyTorch below). Every backend shares the schemas
     bias:        relative position bias, either the table (num_rel = (2wh-1)(2ww-1), heads), read as
                  table[(ty_i - ty_j + wh - 1) * (2ww - 1) + (tx_i - tx_j + ww - 1), head] for tokens
                  i = (ty_i, tx_i), j of a window (token index t = ty * ww + tx), or dense (heads, N, N).
-                 Any float dtype; added in fp32.
+                 Any float dtype; added in fp32, plain arithmetic for finite values of any magnitude (a row at
+                 torch.finfo(float32).min weighs its keys equally, as the textbook softmax does), except in
+                 the triton backward of a window of more than one 64-token tile (window 12), which still
+                 rebuilds P from the saved fp32 log-sum-exp and gets such rows wrong (|lse| >= 2^20). -inf
+                 entries are not part of the contract (Swin's shift mask is finite, -100).
     pad_qkv:     (3, heads, D): q, k, v of the padding pixels (rows >= H or columns >= W of the grid padded
                  to multiples of the window), i.e. the qkv bias, since Swin pads the input with zeros
                  before the qkv Linear. None means zeros.
@@ -481,12 +485,13 @@ def window_attention(qkv: Tensor, relative_position_bias: Tensor, window_size: I
     """(Shifted) window attention on a qkv projection in image layout, output in image layout.
 
     Args:
-        qkv: (B, H, W, 3, heads, D), float; any strides with unit inner stride (a view of a Linear's output).
+        qkv: (B, H, W, 3, heads, D), float; any strides: with unit inner stride (a view of a Linear's output) it
+            is read in place, otherwise copied once.
         relative_position_bias: the (num_rel, heads) table (num_rel = (2wh-1)(2ww-1)), or a dense
-            (heads, N, N) / (1, heads, N, N) bias.
+            (heads, N, N) / (1, heads, N, N) bias; any strides, any float dtype, added in fp32.
         window_size, shift_size: int or (h, w) pair.
         qkv_pad: (3 * heads * D,) values of q, k, v at padding pixels (the qkv Linear's bias: Swin pads the
-            input before the projection), or None for zeros.
+            input before the projection), any stride, or None for zeros.
         logit_scale: Swin-V2 cosine attention: the raw per-head parameter (heads elements); scores are
             cos(q, k) * exp(min(logit_scale, log 100)). None: scaled dot product.
         softmax_scale: dot-product scale, default D ** -0.5.
@@ -499,7 +504,11 @@ def window_attention(qkv: Tensor, relative_position_bias: Tensor, window_size: I
     (as the unfused code's float32 bias promotes the scores), and the output is in the region's dtype.
 
     Returns:
-        (B, H, W, heads * D) in qkv's dtype (the region's dtype under autocast).
+        (B, H, W, heads * D) in qkv's dtype (the region's dtype under autocast), contiguous.
+
+    Raises:
+        ValueError: qkv not (B, H, W, 3, heads, D) or not floating point, a bias of another shape, dtype or
+            device, a logit_scale without one element per head, a shift outside [0, window).
     """
     if qkv.dim() != 6 or qkv.shape[3] != 3:
         raise ValueError(f"vitfast.window_attention: qkv must be (B, H, W, 3, heads, D), got {tuple(qkv.shape)}")
@@ -550,9 +559,9 @@ def shifted_window_attention(input: Tensor, qkv_weight: Tensor, proj_weight: Ten
 
     Args:
         input: (B, H, W, C). qkv_weight: (3C, C). proj_weight: (C, C). qkv_bias: (3C,) or None.
-        proj_bias: (C,) or None.
+        proj_bias: (C,) or None. Any strides (the projections are F.linear's).
         relative_position_bias: (1, heads, N, N) as torchvision's module gathers it, or the (num_rel, heads)
-            table itself (no gather at all).
+            table itself (no gather at all); any strides.
         window_size, shift_size: [h, w]; the shift is dropped along an axis the window covers (not mutated).
         logit_scale: Swin-V2's per-head parameter (heads, 1, 1): cosine attention, and the k part of
             qkv_bias is zeroed, as torchvision does.

@@ -2,16 +2,25 @@
 
 FlashAttention-2 (Dao 2023, "FlashAttention-2: Faster Attention with Better Parallelism and Work
 Partitioning", arXiv:2307.08691). Forward: one program per (query block, batch*head) streams over key
-blocks with an online softmax (running max and sum in fp32, exp2 with log2(e) folded into the scale),
-stores O and the per-row log-sum-exp (LSE, fp32) and never materializes the (Nq, Nk) score matrix.
-Backward: a preprocess kernel computes delta = rowsum(dO * O); a kernel per (key block, batch*head)
-recomputes P from Q, K and the LSE, accumulates dK and dV (and writes dS as the gradient of a float
-additive bias); dQ comes either from atomic adds in that same kernel or, for a deterministic backward,
-from a separate kernel per (query block, batch*head) with no atomics.
+blocks with an online softmax (running max and sum in fp32), stores O and the per-row softmax statistics
+and never materializes the (Nq, Nk) score matrix. Backward: a preprocess kernel computes
+delta = rowsum(dO * O); a kernel per (key block, batch*head) recomputes P from Q, K and the statistics,
+accumulates dK and dV (and writes dS as the gradient of a float additive bias); dQ comes either from atomic
+adds in that same kernel or, for a deterministic backward, from a separate kernel per (query block,
+batch*head) with no atomics.
+
+Mask semantics (vitfast.ops.attention): scores s = scale * q.k + bias stay in natural units, in fp32, until
+the running max is subtracted, so that a finite bias near -FLT_MAX (torch.finfo(float32).min, a padding
+value) is plain arithmetic (times log2(e) it would overflow to -inf); exp2 then takes (s - max) * log2(e).
+Masked scores (bool False, a -inf bias, causal, out of range) are set to -inf by selection, never by
+addition, so NaN or inf in a masked key's k never reaches a score. Non-finite values of v enter the P @ V
+dot as zeros and are carried separately (`_poison`) to exactly the rows that see their key. The statistics
+are kept as two numbers per row, the max m and log(l) (l = sum exp(s - m)), because m + log(l) rounds to m
+when |m| is huge (a row at finfo.min), which would make the backward's P wrong. A row that sees no key has
+m = -inf: it yields O = 0 and zero gradients, never NaN.
 
 Masks and biases are read through four strides (stride 0 on broadcast dims), so a key padding mask
-(B, 1, 1, Nk) is read as a vector per key block and never expanded. A fully masked row has running max
--inf: it yields O = 0, LSE = -inf and zero gradients, never NaN. Dropout keeps a probability where a
+(B, 1, 1, Nk) is read as a vector per key block and never expanded. Dropout keeps a probability where a
 Philox draw keyed on (seed, batch*head*Nq*Nk + i*Nk + j) is at least the threshold, so backward
 regenerates the forward's mask (vitfast.ops.attention.dropout_keep_ref computes it in plain PyTorch).
 Grids are 1-D (flattened over blocks and batch*head, so no dimension limit of 65535 applies) and
@@ -26,7 +35,7 @@ import triton.language as tl
 from vitfast.triton.common import compiled, dot, upcast_bf16
 
 MAX_HEAD_DIM = 256
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 # Dropout compares the top 24 bits of a Philox draw with round(p * 2**24).
 DROPOUT_BITS = 24
 
@@ -76,7 +85,7 @@ def _scores(
     Nk,
     stride_bm,
     stride_bn,
-    qk_scale,  # softmax scale * log2(e)
+    sm_scale,
     causal_offset,  # key j is visible from query i when j <= i + causal_offset
     BIAS_KIND: tl.constexpr,  # 0 none, 1 bool mask (True = attend), 2 float additive bias
     BIAS_ROW_BCAST: tl.constexpr,  # the bias has stride 0 over queries: read one row per key block
@@ -84,8 +93,9 @@ def _scores(
     PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
 ):
-    """Scores in log2 units, (BLOCK_M, BLOCK_N) fp32, -inf where masked or out of range."""
-    s = dot(q, tl.trans(k), PRECISION, DOT_UPCAST) * qk_scale
+    """Scores sm_scale * q.k (+ bias), (BLOCK_M, BLOCK_N) fp32 in natural units, -inf where masked (bool
+    False, bias -inf, causal) or out of range, whatever q.k is there."""
+    s = dot(q, tl.trans(k), PRECISION, DOT_UPCAST) * sm_scale
     valid = (offs_m < Nq)[:, None] & (offs_n < Nk)[None, :]
     if BIAS_KIND != 0:
         if BIAS_ROW_BCAST:
@@ -95,10 +105,45 @@ def _scores(
         if BIAS_KIND == 1:
             valid = valid & (bias != 0)
         else:
-            s = s + bias.to(tl.float32) * 1.4426950408889634
+            bias = bias.to(tl.float32)
+            valid = valid & (bias != float("-inf"))
+            s = s + bias
     if IS_CAUSAL:
         valid = valid & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
     return tl.where(valid, s, float("-inf"))
+
+
+@triton.jit
+def _is_finite(x):
+    return (x == x) & (tl.abs(x) != float("inf"))
+
+
+@triton.jit
+def _poison(
+    s,  # (BLOCK_M, BLOCK_N) scores, -inf where a row does not see the key
+    v,  # (BLOCK_N, BLOCK_D) as loaded, with non-finite values
+):
+    """(BLOCK_M, BLOCK_D) int32 flags of the non-finite values of v that p @ v carries into each output element
+    in exact arithmetic: 1 NaN, 2 +inf, 4 -inf, from the keys each row sees. The three counts come from one fp32
+    dot, exact: NaN in the low byte, +inf in the next, -inf in the third (a key block has fewer than 256 keys)."""
+    vf = v.to(tl.float32)
+    code = tl.where(vf != vf, 1.0, tl.where(vf > 0, 256.0, 65536.0))
+    code = tl.where(_is_finite(vf), 0.0, code)
+    seen = (s != float("-inf")).to(tl.float32)
+    hits = tl.dot(seen, code, input_precision="ieee").to(tl.int32)
+    return (((hits & 255) != 0).to(tl.int32) | (((hits >> 8) & 255) != 0).to(tl.int32) * 2
+            | ((hits >> 16) != 0).to(tl.int32) * 4)
+
+
+@triton.jit
+def _probs(
+    s,  # (BLOCK_M, BLOCK_N) scores from _scores
+    m,  # (BLOCK_M,) row max from the forward (-inf: the row sees no key)
+    log_l,  # (BLOCK_M,) log of the row's sum of exp(s - m)
+):
+    """Softmax probabilities from the forward's row statistics; 0 on a row that sees no key, never NaN."""
+    m = tl.where(m == float("-inf"), float("inf"), m)
+    return tl.math.exp2(((s - m[:, None]) - log_l[:, None]) * LOG2E)
 
 
 @triton.jit
@@ -108,7 +153,7 @@ def _attention_fwd_kernel(
     V,  # (B, H, Nk, D)
     Bias,  # (B|1, H|1, Nq|1, Nk) bool or float, stride 0 on broadcast dims (unused for BIAS_KIND 0)
     O,  # (B, H, Nq, D) out
-    LSE,  # (B * H, Nq) fp32 out, natural log
+    LSE,  # (2, B * H, Nq) fp32 out: row max m (-inf: the row sees no key), log(l) (0 then)
     stride_qb,
     stride_qh,
     stride_qm,
@@ -129,11 +174,12 @@ def _attention_fwd_kernel(
     stride_oh,
     stride_om,
     stride_od,
+    stride_lse,  # B * H * Nq: offset of the log(l) plane
     H,
     Nq,
     Nk,
     D,
-    qk_scale,  # softmax scale * log2(e)
+    sm_scale,
     causal_offset,
     seed,
     dropout_thresh,
@@ -166,6 +212,7 @@ def _attention_fwd_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    poison = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.int32)
     hi = Nk
     if IS_CAUSAL:
         # Key blocks entirely above the diagonal of this query block are skipped.
@@ -175,25 +222,31 @@ def _attention_fwd_kernel(
         kv_mask = (offs_n < Nk)[:, None] & d_mask[None, :]
         k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
         v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        s = _scores(q, k, Bias, offs_m, offs_n, Nq, Nk, stride_bm, stride_bn, qk_scale, causal_offset,
+        s = _scores(q, k, Bias, offs_m, offs_n, Nq, Nk, stride_bm, stride_bn, sm_scale, causal_offset,
                     BIAS_KIND, BIAS_ROW_BCAST, IS_CAUSAL, PRECISION, DOT_UPCAST)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with nothing visible yet keeps max -inf; subtracting 0 instead keeps exp2 at 0, not NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_safe)
-        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2((m_i - m_safe) * LOG2E)
+        p = tl.math.exp2((s - m_safe[:, None]) * LOG2E)
         l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m, offs_n, Nq, Nk, dropout_thresh)
             p = tl.where(keep, p * dropout_scale, 0.0)
-        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, PRECISION, DOT_UPCAST)
+        v_ok = _is_finite(v)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), tl.where(v_ok, v, 0.0), PRECISION, DOT_UPCAST)
+        if tl.min(v_ok.to(tl.int32)) == 0:
+            poison = poison | _poison(s, v)
         m_i = m_new
     empty = l_i == 0.0
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    o = tl.where((poison & 2) != 0, float("inf"), o)
+    o = tl.where((poison & 4) != 0, float("-inf"), o)
+    o = tl.where(((poison & 1) != 0) | ((poison & 6) == 6), float("nan"), o)
     tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
              o.to(O.dtype.element_ty), mask=(offs_m < Nq)[:, None] & d_mask[None, :])
-    tl.store(LSE + bh * Nq + offs_m, lse, mask=offs_m < Nq)
+    tl.store(LSE + bh * Nq + offs_m, m_i, mask=offs_m < Nq)
+    tl.store(LSE + stride_lse + bh * Nq + offs_m, tl.math.log(tl.where(empty, 1.0, l_i)), mask=offs_m < Nq)
 
 
 @triton.jit
@@ -237,7 +290,7 @@ def _attention_bwd_dkdv_kernel(
     V,  # (B, H, Nk, D)
     Bias,  # (B|1, H|1, Nq|1, Nk) bool or float, stride 0 on broadcast dims (unused for BIAS_KIND 0)
     DO,  # (B, H, Nq, D)
-    LSE,  # (B * H, Nq) fp32
+    LSE,  # (2, B * H, Nq) fp32: the forward's row max and log(l)
     Delta,  # (B * H, Nq) fp32
     DK,  # (B, H, Nk, D) out
     DV,  # (B, H, Nk, D) out
@@ -279,6 +332,7 @@ def _attention_bwd_dkdv_kernel(
     stride_dbh,
     stride_dbm,
     stride_dbn,
+    stride_lse,  # B * H * Nq: offset of the log(l) plane
     H,
     Nq,
     Nk,
@@ -322,7 +376,9 @@ def _attention_bwd_dkdv_kernel(
     DBias += b * stride_dbb + h * stride_dbh
     LSE += bh * Nq
     Delta += bh * Nq
-    qk_scale = sm_scale * 1.4426950408889634
+    # dQ = dS @ K: a key a row does not see has dS = 0 there, but 0 * NaN = NaN, so non-finite k enter as 0
+    # (where a row sees such a key, its dS is already NaN).
+    k_dq = tl.where(_is_finite(k), k, 0.0)
 
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
@@ -336,13 +392,12 @@ def _attention_bwd_dkdv_kernel(
         q_mask = (offs_m < Nq)[:, None] & d_mask[None, :]
         q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
         do = tl.load(DO + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=q_mask, other=0.0)
-        lse = tl.load(LSE + offs_m, mask=offs_m < Nq, other=0.0)
-        # A fully masked row (LSE -inf) has all scores -inf: subtracting +inf keeps P at 0, not NaN.
-        lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+        m = tl.load(LSE + offs_m, mask=offs_m < Nq, other=0.0)
+        log_l = tl.load(LSE + stride_lse + offs_m, mask=offs_m < Nq, other=0.0)
         delta = tl.load(Delta + offs_m, mask=offs_m < Nq, other=0.0)
-        s = _scores(q, k, Bias, offs_m, offs_n, Nq, Nk, stride_bm, stride_bn, qk_scale, causal_offset,
+        s = _scores(q, k, Bias, offs_m, offs_n, Nq, Nk, stride_bm, stride_bn, sm_scale, causal_offset,
                     BIAS_KIND, BIAS_ROW_BCAST, IS_CAUSAL, PRECISION, DOT_UPCAST)
-        p = tl.math.exp2(s - lse[:, None])
+        p = _probs(s, m, log_l)
         dp = dot(do, tl.trans(v), PRECISION, DOT_UPCAST)
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m, offs_n, Nq, Nk, dropout_thresh)
@@ -351,7 +406,8 @@ def _attention_bwd_dkdv_kernel(
         else:
             p_drop = p
         dv += dot(tl.trans(p_drop.to(do.dtype)), do, PRECISION, DOT_UPCAST)
-        ds = p * (dp - delta[:, None])
+        # Where a row does not see the key, dS is 0 even if dP is NaN (non-finite v of a masked key).
+        ds = tl.where(s == float("-inf"), 0.0, p * (dp - delta[:, None]))
         dk += dot(tl.trans(ds.to(q.dtype)), q, PRECISION, DOT_UPCAST)
         if DBIAS:
             if BIAS_ROW_BCAST:
@@ -364,7 +420,7 @@ def _attention_bwd_dkdv_kernel(
                 else:
                     tl.store(db_ptrs, ds, mask=db_mask)
         if DQ_ATOMIC:
-            dq = dot(ds.to(k.dtype), k, PRECISION, DOT_UPCAST) * sm_scale
+            dq = dot(ds.to(k.dtype), k_dq, PRECISION, DOT_UPCAST) * sm_scale
             tl.atomic_add(DQ + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq, mask=q_mask)
     if DBIAS:
         if BIAS_ROW_BCAST:
@@ -385,7 +441,7 @@ def _attention_bwd_dq_kernel(
     V,  # (B, H, Nk, D)
     Bias,  # (B|1, H|1, Nq|1, Nk) bool or float, stride 0 on broadcast dims (unused for BIAS_KIND 0)
     DO,  # (B, H, Nq, D)
-    LSE,  # (B * H, Nq) fp32
+    LSE,  # (2, B * H, Nq) fp32: the forward's row max and log(l)
     Delta,  # (B * H, Nq) fp32
     DQ,  # (B, H, Nq, D) out
     stride_qb,
@@ -412,6 +468,7 @@ def _attention_bwd_dq_kernel(
     stride_dqh,
     stride_dqm,
     stride_dqd,
+    stride_lse,  # B * H * Nq: offset of the log(l) plane
     H,
     Nq,
     Nk,
@@ -445,13 +502,12 @@ def _attention_bwd_dq_kernel(
                 mask=q_mask, other=0.0)
     do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
                  mask=q_mask, other=0.0)
-    lse = tl.load(LSE + bh * Nq + offs_m, mask=offs_m < Nq, other=0.0)
-    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    m = tl.load(LSE + bh * Nq + offs_m, mask=offs_m < Nq, other=0.0)
+    log_l = tl.load(LSE + stride_lse + bh * Nq + offs_m, mask=offs_m < Nq, other=0.0)
     delta = tl.load(Delta + bh * Nq + offs_m, mask=offs_m < Nq, other=0.0)
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
     Bias += b * stride_bb + h * stride_bh
-    qk_scale = sm_scale * 1.4426950408889634
 
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     hi = Nk
@@ -462,15 +518,16 @@ def _attention_bwd_dq_kernel(
         kv_mask = (offs_n < Nk)[:, None] & d_mask[None, :]
         k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
         v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        s = _scores(q, k, Bias, offs_m, offs_n, Nq, Nk, stride_bm, stride_bn, qk_scale, causal_offset,
+        s = _scores(q, k, Bias, offs_m, offs_n, Nq, Nk, stride_bm, stride_bn, sm_scale, causal_offset,
                     BIAS_KIND, BIAS_ROW_BCAST, IS_CAUSAL, PRECISION, DOT_UPCAST)
-        p = tl.math.exp2(s - lse[:, None])
+        p = _probs(s, m, log_l)
         dp = dot(do, tl.trans(v), PRECISION, DOT_UPCAST)
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m, offs_n, Nq, Nk, dropout_thresh)
             dp = tl.where(keep, dp * dropout_scale, 0.0)
-        ds = p * (dp - delta[:, None])
-        dq += dot(ds.to(k.dtype), k, PRECISION, DOT_UPCAST)
+        # As in the dK/dV kernel: dS is 0 where the row does not see the key, and non-finite k enter as 0.
+        ds = tl.where(s == float("-inf"), 0.0, p * (dp - delta[:, None]))
+        dq += dot(ds.to(k.dtype), tl.where(_is_finite(k), k, 0.0), PRECISION, DOT_UPCAST)
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
 
@@ -510,7 +567,7 @@ def _bias_args(bias, B, H, Nq, Nk, q):
     view = bias.expand(B, H, Nq, Nk)
     strides = tuple(view.stride())
     kind = 1 if bias.dtype == torch.bool else 2
-    return view, strides, kind, strides[2] == 0 and Nq > 1
+    return view, strides, kind, bias.shape[2] == 1 and Nq > 1
 
 
 def _bnhd_empty(B, H, N, D, like: torch.Tensor) -> torch.Tensor:
@@ -528,17 +585,18 @@ def attention_fwd(q, k, v, bias, dropout_p, seed, is_causal, causal_offset, scal
         is_causal: key j is visible from query i only when j <= i + causal_offset.
         scale: softmax scale.
     Returns:
-        out (B, H, Nq, D) in a (B, Nq, H, D) buffer; lse (B, H, Nq) fp32, -inf for fully masked rows.
+        out (B, H, Nq, D) in a (B, Nq, H, D) buffer; lse (2, B, H, Nq) fp32: each row's score max m and
+        log(sum exp(s - m)), (-inf, 0) for a row that sees no key.
     """
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     out = _bnhd_empty(B, H, Nq, D, q)
-    lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
+    lse = torch.empty((2, B, H, Nq), dtype=torch.float32, device=q.device)
     bias_t, bs, bias_kind, row_bcast = _bias_args(bias, B, H, Nq, Nk, q)
     seed, thresh, dscale = _dropout_args(dropout_p, seed)
     block_d = _block_d(D)
-    args = (q, k, v, bias_t, out, lse, *q.stride(), *k.stride(), *v.stride(), *bs, *out.stride(),
-            H, Nq, Nk, D, scale * LOG2E, causal_offset, seed, thresh, dscale)
+    args = (q, k, v, bias_t, out, lse, *q.stride(), *k.stride(), *v.stride(), *bs, *out.stride(), lse.stride(0),
+            H, Nq, Nk, D, scale, causal_offset, seed, thresh, dscale)
     consts = dict(BIAS_KIND=bias_kind, BIAS_ROW_BCAST=row_bcast, IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0,
                   PRECISION=_precision(q.dtype), DOT_UPCAST=upcast_bf16(q), BLOCK_D=block_d)
     if not compiled(q):
@@ -556,7 +614,7 @@ def attention_bwd(dout, q, k, v, out, lse, bias, dropout_p, seed, is_causal, cau
 
     Args:
         dout, out: (B, H, Nq, D); q, k, v, bias, dropout_p, seed, is_causal, causal_offset, scale: as in
-            `attention_fwd`; lse: its (B, H, Nq) output.
+            `attention_fwd`; lse: its (2, B, H, Nq) output.
         bias_requires_grad: also return the gradient of the float bias, reduced over its broadcast dims.
         deterministic: dQ from a separate kernel and dbias from per-(batch, head) partials, no atomics.
     Returns:
@@ -594,7 +652,7 @@ def attention_bwd(dout, q, k, v, out, lse, bias, dropout_p, seed, is_causal, cau
     _attention_bwd_dkdv_kernel[(triton.cdiv(Nk, block_n) * B * H,)](
         q, k, v, bias_t, dout, lse, delta, dk, dv, dq_acc, dbias_buf,
         *q.stride(), *k.stride(), *v.stride(), *bs, *dout.stride(), *dk.stride(), *dv.stride(),
-        *(dq_acc.stride() if dq_atomic else (0, 0, 0, 0)), *dbs,
+        *(dq_acc.stride() if dq_atomic else (0, 0, 0, 0)), *dbs, lse.stride(0),
         H, Nq, Nk, D, scale, causal_offset, seed, thresh, dscale,
         DQ_ATOMIC=dq_atomic, DBIAS=bias_requires_grad, DBIAS_ATOMIC=dbias_atomic, **common)
     if dq_atomic:
@@ -604,7 +662,7 @@ def attention_bwd(dout, q, k, v, out, lse, bias, dropout_p, seed, is_causal, cau
         dq = _bnhd_empty(B, H, Nq, D, q)
         _attention_bwd_dq_kernel[(triton.cdiv(Nq, block_m) * B * H,)](
             q, k, v, bias_t, dout, lse, delta, dq,
-            *q.stride(), *k.stride(), *v.stride(), *bs, *dout.stride(), *dq.stride(),
+            *q.stride(), *k.stride(), *v.stride(), *bs, *dout.stride(), *dq.stride(), lse.stride(0),
             H, Nq, Nk, D, scale, causal_offset, seed, thresh, dscale, **common)
     if not bias_requires_grad:
         return dq, dk, dv, q.new_empty(0)

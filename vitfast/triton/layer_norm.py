@@ -1,8 +1,11 @@
 """Fused residual-add + LayerNorm, forward and backward, in Triton.
 
 LayerNorm (Ba, Kiros, Hinton 2016, arXiv:1607.06450) over the last dim of a (M, N) view. Forward: a
-program normalizes BLOCK_M rows held whole in registers (two-pass mean/variance in fp32), optionally
-adding the residual first and storing the sum (the pre-norm block pattern). Backward: dx per row, and
+program normalizes BLOCK_M rows held whole in registers, optionally adding the residual first and storing
+the sum (the pre-norm block pattern). The row statistics (`row_stats`, also used by the LayerNorm fused into
+patch_embed and patch_merging) are the corrected two-pass algorithm (Chan, Golub, LeVeque 1983) in fp32, as
+in csrc/layer_norm_stats.h: accurate for rows with a large mean, and exact for constant rows (y is then
+exactly the bias). Backward: dx per row, and
 dweight/dbias by a two-stage reduction: each program accumulates fp32 column partials over a contiguous
 range of rows and writes one row of a (programs, N) buffer, which a second pass sums. This keeps the
 column reduction parallel at ViT hidden sizes (96..1280), where one program per column block would leave
@@ -15,6 +18,35 @@ import triton.language as tl
 from vitfast.triton.common import compiled, num_sms
 
 MAX_N = 8192
+
+
+@triton.jit
+def row_stats_from_sums(
+    mu0,  # (BLOCK_M,) first-pass mean: sum(x) / N
+    dev,  # (BLOCK_M,) sum(x - mu0)
+    sq,  # (BLOCK_M,) sum((x - mu0)^2)
+    N,
+    eps,
+):
+    """Mean and 1 / sqrt(var + eps) from the two passes of the corrected two-pass algorithm: the deviations from
+    the first-pass mean sum to (almost) zero, and adding their sum back corrects the mean and the variance:
+    mean = mu0 + dev / N, var = (sq - dev^2 / N) / N."""
+    dmean = dev / N
+    var = tl.maximum((sq - dev * dmean) / N, 0.0)
+    return mu0 + dmean, 1.0 / tl.sqrt(var + eps)
+
+
+@triton.jit
+def row_stats(
+    x,  # (BLOCK_M, BLOCK_N) fp32, 0 outside `mask`
+    mask,  # (BLOCK_M, BLOCK_N): the entries that belong to the rows
+    N,
+    eps,
+):
+    """LayerNorm statistics (mean, 1 / sqrt(var + eps)) of rows held whole in registers."""
+    mu0 = tl.sum(x, axis=1) / N
+    d = tl.where(mask, x - mu0[:, None], 0.0)
+    return row_stats_from_sums(mu0, tl.sum(d, axis=1), tl.sum(d * d, axis=1), N, eps)
 
 
 def _block_sizes(n: int) -> tuple:
@@ -55,10 +87,8 @@ def _layer_norm_fwd_kernel(
         x = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
         tl.store(S + rows[:, None] * N + cols[None, :], x, mask=mask)
     x = x.to(tl.float32)
-    mean = tl.sum(x, axis=1) / N
-    xc = tl.where(mask, x - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / N + eps)
-    y = xc * rstd[:, None]
+    mean, rstd = row_stats(x, mask, N, eps)
+    y = (x - mean[:, None]) * rstd[:, None]
     if HAS_WEIGHT:
         y = y * tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
@@ -130,10 +160,13 @@ def layer_norm_fwd(x, weight, bias, residual, eps):
     """Launches the forward kernel.
 
     Args:
-        x: (M, N), unit inner stride. weight, bias: (N,) or None. residual: like x, or None.
+        x: (M, N), unit inner stride (any row stride). weight, bias: (N,) or None, any stride (copied when not
+            contiguous). residual: like x, or None.
     Returns:
         y (M, N); s = x + residual (M, N), or an empty tensor without residual; mean, rstd (M,) fp32.
     """
+    weight = weight.contiguous() if weight is not None else None
+    bias = bias.contiguous() if bias is not None else None
     M, N = x.shape
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     s = torch.empty((M, N) if residual is not None else (0,), dtype=x.dtype, device=x.device)
@@ -160,10 +193,12 @@ def layer_norm_bwd(dy, ds, s, weight, mean, rstd, has_bias):
     """Launches the backward kernel and the second stage of the dweight/dbias reduction.
 
     Args:
-        dy, ds (or None), s: (M, N), unit inner stride. weight: (N,) or None. mean, rstd: (M,) fp32.
+        dy, ds (or None), s: (M, N), unit inner stride (any row stride). weight: (N,) or None, any stride.
+        mean, rstd: (M,) fp32, contiguous.
     Returns:
         dx (M, N); dweight (N,) or empty; dbias (N,) or empty.
     """
+    weight = weight.contiguous() if weight is not None else None
     M, N = s.shape
     block_m, block_n, num_warps = _block_sizes(N)
     programs = _num_programs(s, triton.cdiv(M, block_m))

@@ -3,8 +3,10 @@
 The stride = kernel convolution is a GEMM of the (B*Hp*Wp, C*ph*pw) patch matrix with the (E, C*ph*pw)
 flattened kernel. The patch matrix is never built: each program computes the address of patch element
 (c, i, j) of token (b, hp, wp) in the NCHW image in its loads (implicit im2col, as in cuDNN's implicit-GEMM
-convolution). Forward epilogue: bias, optionally LayerNorm over the embedding (Swin's patch_norm; the
-program then holds whole rows, BLOCK_N >= E), then the positional embedding, stored straight into the
+convolution). Pixels past the last whole patch (H % ph rows, W % pw columns) are never read, as the
+convolution drops them, and get a zero gradient. Forward epilogue: bias, optionally LayerNorm over the
+embedding (Swin's patch_norm; the program then holds whole rows, BLOCK_N >= E, and takes their statistics
+with vitfast.triton.layer_norm.row_stats), then the positional embedding, stored straight into the
 patch slots of a (B, num_prefix + L, E) token tensor. Backward: dimages = dZ @ W (stride = kernel, so
 patches do not overlap and the result is scattered to the image without atomics) and dweight = dZ^T @ patches
 (reading the patches from the image again) with a split over the B*L reduction into fp32 partials, which
@@ -15,6 +17,7 @@ import triton
 import triton.language as tl
 
 from vitfast.triton.common import compiled, mma, num_splits, upcast_bf16
+from vitfast.triton.layer_norm import row_stats
 
 MAX_NORM_E = 1024  # the LayerNorm epilogue keeps BLOCK_M x next_pow2(E) fp32 values per program
 
@@ -99,11 +102,9 @@ def _patch_embed_fwd_kernel(
         z = acc.to(Out.dtype.element_ty)
         if STORE_Z:
             tl.store(Z + rm[:, None] * E + rn[None, :], z, mask=mask)
-        zf = z.to(tl.float32)
-        mean = tl.sum(tl.where(mask, zf, 0.0), axis=1) / E
-        zc = tl.where(mask, zf - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=1) / E + eps)
-        acc = zc * rstd[:, None]
+        zf = tl.where(mask, z.to(tl.float32), 0.0)
+        mean, rstd = row_stats(zf, mask, E, eps)
+        acc = (zf - mean[:, None]) * rstd[:, None]
         if HAS_NW:
             acc = acc * tl.load(NW + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         if HAS_NB:
@@ -230,11 +231,12 @@ def patch_embed_fwd(images, weight, bias, pos_embed, pos_offset, prefix_rows, no
     """Launches the forward kernel.
 
     Args:
-        images: (B, C, H, W), H and W multiples of the patch. weight: (E, C, ph, pw). bias: (E,) or None.
+        images: (B, C, H, W), any strides (channels_last too); pixels past the last whole patch are dropped.
+        weight: (E, C, ph, pw), any strides. bias: (E,) or None, any stride.
         pos_embed: (rows, E) contiguous or None; patch token l adds row pos_offset + l.
         prefix_rows: (num_prefix, E) tensor (class/distillation tokens with their positional rows already
             added) written to the prefix slots, or None (the slots are then zero).
-        norm_weight, norm_bias: (E,) or None; has_norm: apply LayerNorm after the bias.
+        norm_weight, norm_bias: (E,) or None, any stride; has_norm: apply LayerNorm after the bias.
         store_z: also return the pre-norm tokens (needed by backward).
     Returns:
         out (B, num_prefix + L, E); z (B*L, E) or empty; mean, rstd (B*L,) fp32 or empty.
@@ -254,8 +256,8 @@ def patch_embed_fwd(images, weight, bias, pos_embed, pos_offset, prefix_rows, no
     rstd = torch.empty(M if has_norm else 0, device=dev, dtype=torch.float32)
     if M == 0:
         return out, z, mean, rstd
-    w2 = weight.reshape(E, K)
-    w2 = w2 if w2.is_contiguous() else w2.contiguous()
+    w2 = weight.reshape(E, K).contiguous()
+    bias, norm_weight, norm_bias = (t.contiguous() if t is not None else None for t in (bias, norm_weight, norm_bias))
     args = (images, w2, bias if bias is not None else w2, pos_embed if pos_embed is not None else w2,
             norm_weight if norm_weight is not None else w2, norm_bias if norm_bias is not None else w2,
             out, z, mean, rstd, *images.stride(), M, E, K, L, Wp, T, num_prefix, pos_offset, eps)
@@ -281,9 +283,11 @@ def patch_embed_bwd(dz, images, weight, has_bias, need_dimages):
 
     Args:
         dz: (B, L, E) with unit inner stride: gradient w.r.t. the tokens before the positional embedding
-            (after LayerNorm backward when there is a norm). images: (B, C, H, W). weight: (E, C, ph, pw).
+            (after LayerNorm backward when there is a norm). images: (B, C, H, W), any strides.
+            weight: (E, C, ph, pw), any strides.
     Returns:
-        dimages (B, C, H, W) or empty; dweight (E, C, ph, pw); dbias (E,) or empty.
+        dimages (B, C, H, W), contiguous, zero on the pixels past the last whole patch, or empty; dweight
+        (E, C, ph, pw); dbias (E,) or empty.
     """
     B, C, H, W = images.shape
     E, _, ph, pw = weight.shape
@@ -291,14 +295,13 @@ def patch_embed_bwd(dz, images, weight, has_bias, need_dimages):
     L = (H // ph) * Wp
     M, K = B * L, C * ph * pw
     dev, dt = images.device, images.dtype
-    dimages = torch.empty(images.shape if need_dimages else (0,), device=dev, dtype=dt)
+    # The kernel writes every pixel of a whole patch; the others (none when H, W are multiples) stay zero.
+    whole = M > 0 and H % ph == 0 and W % pw == 0
+    dimages = (torch.empty if whole else torch.zeros)(images.shape if need_dimages else (0,), device=dev, dtype=dt)
     if M == 0:
-        if need_dimages:
-            dimages.zero_()
         return (dimages, torch.zeros_like(weight),
                 torch.zeros(E if has_bias else 0, device=dev, dtype=weight.dtype))
-    w2 = weight.reshape(E, K)
-    w2 = w2 if w2.is_contiguous() else w2.contiguous()
+    w2 = weight.reshape(E, K).contiguous()
     common = dict(PH=ph, PW=pw, UPCAST=upcast_bf16(images))
     if need_dimages:
         args = (dz, w2, dimages, dz.stride(0), dz.stride(1), *dimages.stride(), M, E, K, L, Wp)

@@ -2,10 +2,11 @@
 
 Forward: one GEMM whose A-operand loads gather the 2x2 neighbourhood straight from the (B, H, W, C) input
 (odd H/W read as zero padding, as Swin pads) in timm's/torchvision's order [x(0,0), x(1,0), x(0,1), x(1,1)].
-LayerNorm is folded into the GEMM: with g the norm weight, beta its bias and R the reduction,
-    LN(x) @ R^T = rstd * (x @ (R*g)^T - mean * sum_k (R*g)[:, k]) + R @ beta,
-so the kernel multiplies raw inputs and accumulates the row statistics (shifted by the row's first element,
-which keeps the one-pass variance accurate) from the same tiles, applying the norm in the epilogue.
+Each program first takes its rows' LayerNorm statistics in two passes over the gathered rows (the corrected
+two-pass algorithm of vitfast.triton.layer_norm, `row_stats_from_sums`: exact for constant rows), then
+multiplies the normalized rows, LN(x) rounded to the input dtype as the eager sequence rounds them (and as
+the backward recomputes them), by R^T. (Folding the norm into the GEMM, rstd * (x @ (R*g)^T - mean * rowsum),
+cancels catastrophically for rows of small spread: a constant row came out off by 1e-3 instead of R @ beta.)
 Backward: dR = dY^T @ LN(x) with LN recomputed in the loads (split over rows into fp32 partials);
 dLN = dY @ R tile by tile, which also yields dgamma/dbeta column partials and the per-row sums that the
 LayerNorm backward needs; a last pass forms dx and scatters it back through the gather.
@@ -15,6 +16,7 @@ import triton
 import triton.language as tl
 
 from vitfast.triton.common import compiled, mma, num_splits, upcast_bf16
+from vitfast.triton.layer_norm import row_stats_from_sums
 
 
 @triton.jit
@@ -32,11 +34,34 @@ def _gather_offsets(rm, rk, H, W, H2, W2, C, sxb, sxh, sxw, sxc):
 
 
 @triton.jit
+def _normalized(
+    x,  # (BLOCK_M, BLOCK_K) fp32 gathered values (0 at padding)
+    valid,  # (BLOCK_M, BLOCK_K): inside the (M, K) matrix
+    mean,  # (BLOCK_M,)
+    rstd,  # (BLOCK_M,)
+    NW,  # (K,) norm weight (unused without HAS_NW)
+    NB,  # (K,) norm bias (unused without HAS_NB)
+    rk,  # (BLOCK_K,) columns
+    K,
+    HAS_NW: tl.constexpr,
+    HAS_NB: tl.constexpr,
+):
+    """LN(x) in fp32, 0 outside the matrix: what the forward multiplies and the backward recomputes."""
+    k_mask = rk < K
+    ln = (x - mean[:, None]) * rstd[:, None]
+    if HAS_NW:
+        ln = ln * tl.load(NW + rk, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_NB:
+        ln = ln + tl.load(NB + rk, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+    return tl.where(valid, ln, 0.0)
+
+
+@triton.jit
 def _patch_merging_fwd_kernel(
     X,  # (B, H, W, C), strides sxb, sxh, sxw, sxc
-    Wg,  # (N, K) reduction weight times norm weight, contiguous, K = 4C
-    C1,  # (N,) fp32: sum_k Wg[n, k]
-    C2,  # (N,) fp32: R @ norm_bias
+    R,  # (N, K) reduction weight, contiguous, K = 4C
+    NW,  # (K,) norm weight (unused without HAS_NW)
+    NB,  # (K,) norm bias (unused without HAS_NB)
     Out,  # (M, N) contiguous, M = B * H2 * W2
     Mean,  # (M,) fp32 out
     Rstd,  # (M,) fp32 out
@@ -53,6 +78,8 @@ def _patch_merging_fwd_kernel(
     N,
     K,
     eps,
+    HAS_NW: tl.constexpr,
+    HAS_NB: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -63,30 +90,36 @@ def _patch_merging_fwd_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = rm < M
     n_mask = rn < N
-    # Shift for the statistics: each row's first element (always inside the image).
-    offs0, _ = _gather_offsets(rm, tl.arange(0, 1), H, W, H2, W2, C, sxb, sxh, sxw, sxc)
-    shift = tl.load(X + offs0, mask=m_mask[:, None], other=0.0).to(tl.float32)  # (BLOCK_M, 1)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     s1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    s2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        offs, inside = _gather_offsets(rm, rk, H, W, H2, W2, C, sxb, sxh, sxw, sxc)
+        valid = m_mask[:, None] & (rk < K)[None, :]
+        s1 += tl.sum(tl.load(X + offs, mask=valid & inside, other=0.0).to(tl.float32), axis=1)
+    mu0 = s1 / K
+    dev = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        offs, inside = _gather_offsets(rm, rk, H, W, H2, W2, C, sxb, sxh, sxw, sxc)
+        valid = m_mask[:, None] & (rk < K)[None, :]
+        a = tl.load(X + offs, mask=valid & inside, other=0.0).to(tl.float32)
+        d = tl.where(valid, a - mu0[:, None], 0.0)
+        dev += tl.sum(d, axis=1)
+        sq += tl.sum(d * d, axis=1)
+    mean, rstd = row_stats_from_sums(mu0, dev, sq, K, eps)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         k_mask = rk < K
         offs, inside = _gather_offsets(rm, rk, H, W, H2, W2, C, sxb, sxh, sxw, sxc)
         valid = m_mask[:, None] & k_mask[None, :]
-        a = tl.load(X + offs, mask=valid & inside, other=0.0)
-        w = tl.load(Wg + rn[None, :] * K + rk[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = mma(a, w, acc, UPCAST)
-        d = tl.where(valid, a.to(tl.float32) - shift, 0.0)
-        s1 += tl.sum(d, axis=1)
-        s2 += tl.sum(d * d, axis=1)
-    dmean = s1 / K
-    mean = tl.sum(shift, axis=1) + dmean
-    rstd = 1.0 / tl.sqrt(tl.maximum(s2 / K - dmean * dmean, 0.0) + eps)
-    c1 = tl.load(C1 + rn, mask=n_mask, other=0.0)
-    c2 = tl.load(C2 + rn, mask=n_mask, other=0.0)
-    out = rstd[:, None] * (acc - mean[:, None] * c1[None, :]) + c2[None, :]
-    tl.store(Out + rm[:, None] * N + rn[None, :], out.to(Out.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+        a = tl.load(X + offs, mask=valid & inside, other=0.0).to(tl.float32)
+        # Rounded to the input dtype, as the eager sequence feeds LN(x) to the linear.
+        ln = _normalized(a, valid, mean, rstd, NW, NB, rk, K, HAS_NW, HAS_NB).to(Out.dtype.element_ty)
+        w = tl.load(R + rn[None, :] * K + rk[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = mma(ln, w, acc, UPCAST)
+    tl.store(Out + rm[:, None] * N + rn[None, :], acc.to(Out.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
     if pid_n == 0:
         tl.store(Mean + rm, mean, mask=m_mask)
         tl.store(Rstd + rm, rstd, mask=m_mask)
@@ -127,10 +160,6 @@ def _patch_merging_bwd_dr_kernel(
     rk = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
     k_mask = rk < K
-    if HAS_NW:
-        g = tl.load(NW + rk, mask=k_mask, other=0.0).to(tl.float32)
-    if HAS_NB:
-        beta = tl.load(NB + rk, mask=k_mask, other=0.0).to(tl.float32)
     rows_per_split = tl.cdiv(tl.cdiv(M, num_splits), BLOCK_K) * BLOCK_K
     m_start = split * rows_per_split
     m_end = tl.minimum(m_start + rows_per_split, M)
@@ -144,13 +173,8 @@ def _patch_merging_bwd_dr_kernel(
         x = tl.load(X + offs, mask=valid & inside, other=0.0).to(tl.float32)
         mean = tl.load(Mean + rm, mask=m_mask, other=0.0)
         rstd = tl.load(Rstd + rm, mask=m_mask, other=0.0)
-        ln = (x - mean[:, None]) * rstd[:, None]
-        if HAS_NW:
-            ln = ln * g[None, :]
-        if HAS_NB:
-            ln = ln + beta[None, :]
         # Round as the normalized activations of the eager sequence are, the reduction's input dtype.
-        ln = tl.where(valid, ln, 0.0).to(DY.dtype.element_ty)
+        ln = _normalized(x, valid, mean, rstd, NW, NB, rk, K, HAS_NW, HAS_NB).to(DY.dtype.element_ty)
         acc = mma(dyt, ln, acc, UPCAST)
     tl.store(DR_partial + split * N * K + rn[:, None] * K + rk[None, :], acc,
              mask=n_mask[:, None] & k_mask[None, :])
@@ -293,7 +317,8 @@ def patch_merging_fwd(x, norm_weight, norm_bias, reduction_weight, eps):
     """Launches the forward kernel.
 
     Args:
-        x: (B, H, W, C), any strides. norm_weight, norm_bias: (4C,) or None. reduction_weight: (N, 4C).
+        x: (B, H, W, C), any strides. norm_weight, norm_bias: (4C,) or None, any stride.
+        reduction_weight: (N, 4C), any strides (non-contiguous ones are copied).
     Returns:
         out (B, ceil(H/2), ceil(W/2), N); mean, rstd (M,) fp32, M = B * ceil(H/2) * ceil(W/2).
     """
@@ -304,19 +329,18 @@ def patch_merging_fwd(x, norm_weight, norm_bias, reduction_weight, eps):
     rstd = torch.empty(M, device=x.device, dtype=torch.float32)
     if M == 0:
         return out, mean, rstd
-    r32 = reduction_weight.float()
-    wg32 = r32 * norm_weight.float() if norm_weight is not None else r32
-    wg = wg32.to(x.dtype).contiguous()
-    c1 = wg.float().sum(1)
-    c2 = r32 @ norm_bias.float() if norm_bias is not None else torch.zeros(N, device=x.device)
-    args = (x, wg, c1, c2, out, mean, rstd, *x.stride(), H, W, H2, W2, C, M, N, K, eps)
+    r = reduction_weight.contiguous()
+    nw = norm_weight.contiguous() if norm_weight is not None else r
+    nb = norm_bias.contiguous() if norm_bias is not None else r
+    args = (x, r, nw, nb, out, mean, rstd, *x.stride(), H, W, H2, W2, C, M, N, K, eps)
+    flags = dict(HAS_NW=norm_weight is not None, HAS_NB=norm_bias is not None)
     if not compiled(x):
         b = _INTERPRET_BLOCKS
         _patch_merging_fwd_kernel[(triton.cdiv(M, b["BLOCK_M"]), triton.cdiv(N, b["BLOCK_N"]))](
-            *args, UPCAST=upcast_bf16(x), **b)
+            *args, **flags, UPCAST=upcast_bf16(x), **b)
     else:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
-        _fwd_tuned[grid](*args, UPCAST=False)
+        _fwd_tuned[grid](*args, **flags, UPCAST=False)
     return out, mean, rstd
 
 
@@ -324,8 +348,8 @@ def patch_merging_bwd(dy, x, norm_weight, norm_bias, reduction_weight, mean, rst
     """Launches the backward kernels.
 
     Args:
-        dy: (M, N) with unit inner stride. x: (B, H, W, C). norm_weight, norm_bias: (4C,) or None.
-        reduction_weight: (N, 4C). mean, rstd: (M,) fp32 from the forward.
+        dy: (M, N) with unit inner stride. x: (B, H, W, C), any strides. norm_weight, norm_bias: (4C,) or None,
+        any stride. reduction_weight: (N, 4C), any strides. mean, rstd: (M,) fp32 from the forward.
     Returns:
         dx like x (contiguous); dnorm_weight, dnorm_bias (4C,) or empty; dreduction_weight (N, 4C).
     """
@@ -342,8 +366,8 @@ def patch_merging_bwd(dy, x, norm_weight, norm_bias, reduction_weight, mean, rst
                 torch.zeros_like(norm_bias) if norm_bias is not None else empty(), torch.zeros_like(reduction_weight))
     r = reduction_weight.contiguous()
     has_nw, has_nb = norm_weight is not None, norm_bias is not None
-    nw = norm_weight if has_nw else r
-    nb = norm_bias if has_nb else r
+    nw = norm_weight.contiguous() if has_nw else r
+    nb = norm_bias.contiguous() if has_nb else r
     upcast = upcast_bf16(x)
     interp = not compiled(x)
 
