@@ -348,6 +348,9 @@ def patch_embed(images: Tensor, weight: Tensor, bias: Optional[Tensor], patch_si
         norm_weight, norm_bias: (E,) LayerNorm on the patch tokens (before pos_embed), eps its epsilon.
         norm: apply the LayerNorm; defaults to True when norm_weight or norm_bias is given.
 
+    fp32 products are IEEE fp32 unless `torch.backends.cuda.matmul.allow_tf32` allows TF32 (vitfast's fp32 rule,
+    vitfast.triton.common; F.conv2d follows torch.backends.cudnn.allow_tf32 instead, True by default).
+
     Returns:
         (B, P + Hp*Wp, E), Hp = H // ph, Wp = W // pw. For Swin (P = 0) `.view(B, Hp, Wp, E)` is NHWC.
     """

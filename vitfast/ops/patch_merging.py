@@ -157,6 +157,9 @@ def patch_merging(x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[
         norm_weight, norm_bias: (4C,) or None. reduction_weight: (N, 4C) (`reduction.weight`).
         eps: the LayerNorm's epsilon.
 
+    fp32 products are IEEE fp32 unless `torch.backends.cuda.matmul.allow_tf32` allows TF32 (vitfast's fp32 rule,
+    vitfast.triton.common).
+
     Returns:
         (..., ceil(H/2), ceil(W/2), N).
     """
