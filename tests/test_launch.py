@@ -81,6 +81,37 @@ def test_usable_configs_never_leave_a_spilling_config_beside_one_that_does_not_s
     assert common.usable_configs(configs, [None] * 4) == configs  # none loads: Triton's own error follows
 
 
+def test_prune_hook_compiles_every_config_with_the_launch_arguments():
+    """As Triton's autotuner calls its early_config_prune hook (positional arguments by name; keyword arguments with
+    the launch's grid and warmup flag); the driver's spill counts and OutOfResources are faked."""
+    import triton
+    from triton.runtime.errors import OutOfResources
+
+    class Binary:
+        def __init__(self, block):
+            self.block, self.n_spills = block, {128: 0, 1024: 8}.get(block)
+
+        def _init_handles(self):
+            if self.n_spills is None:
+                raise OutOfResources(300000, 232448, "shared memory")
+
+    compiled = []
+
+    class Kernel:
+        def warmup(self, *args, grid, **kwargs):
+            compiled.append((args, kwargs))
+            return Binary(kwargs["BLOCK"])
+
+    configs = [triton.Config({"BLOCK": b}, num_warps=4) for b in (1024, 128, 4096)]
+    x = torch.empty(8)
+    kept = common._prune_configs(Kernel(), configs, {"X": x, "N": 8}, grid=lambda meta: (1,), warmup=False,
+                                 FLAG=True)
+    assert kept == [configs[1]]
+    assert [args for args, _ in compiled] == [(x, 8)] * 3
+    assert [(kw["BLOCK"], kw["FLAG"], kw["num_warps"]) for _, kw in compiled] == [(1024, True, 4), (128, True, 4),
+                                                                                  (4096, True, 4)]
+
+
 def test_tune_bucket_is_the_next_power_of_two():
     assert [common.tune_bucket(n) for n in (0, 1, 49, 64, 65, 197, 850)] == [1, 1, 64, 64, 128, 256, 1024]
 

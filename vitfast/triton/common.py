@@ -201,10 +201,14 @@ def usable_configs(configs: list, spills: List[Optional[int]]) -> list:
 
 def _prune_configs(kernel, configs, named_args, **kwargs):
     """Autotuner early_config_prune hook: compiles every configuration for the current GPU (the compilations the
-    benchmark then reuses) and keeps `usable_configs` of them, from the spill count the driver reports."""
+    benchmark then reuses) and keeps `usable_configs` of them, from the spill count the driver reports.
+
+    Triton calls it with the launch's positional arguments by name and its keyword arguments, which include the
+    launch's grid and warmup flag."""
     from triton.compiler.errors import CompileTimeAssertionFailure
     from triton.runtime.errors import OutOfResources, PTXASError
 
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
     spills = []
     for config in configs:
         try:
