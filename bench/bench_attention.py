@@ -11,13 +11,11 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import vitfast
 from vitfast.ops.attention import attention_ref
 
-from conftest import DEVICE, ON_GPU, run_benchmark, vitfast_backends
+from conftest import DEVICE, ON_GPU, SDPA, headline, run_benchmark, sdpa, skip_unless_it_runs, vitfast_backends
 
 # name: (B, H, Nq, Nk, D, key padding mask, causal); on the CPU, small versions so that CI runs them quickly.
 if ON_GPU:
@@ -37,9 +35,8 @@ else:
         "detr_decoder_cross": (1, 2, 25, 120, 32, True, False),
         "clip_text": (2, 2, 77, 77, 64, False, True),
     }
+HEADLINE = {"vit_b16", "detr_encoder"}  # the shapes bench/gpu_run.sh runs (pytest -m headline)
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
-SDPA = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
-        "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa-math": SDPBackend.MATH}
 IMPLS = list(SDPA) + ["flex", "eager"] + vitfast_backends("attention")
 _best_sdpa: dict = {}  # benchmark group -> best SDPA mean time (s)
 
@@ -85,13 +82,8 @@ def _flex(causal):
 def _forward(impl, causal):
     """fn(q, k, v, mask) for `impl`, or a reason to skip it here."""
     if impl in SDPA:
-        if not ON_GPU and impl in ("sdpa-efficient", "sdpa-cudnn"):
-            return None, f"{impl} has no CPU kernel"
-
-        def fn(q, k, v, mask):
-            with sdpa_kernel(SDPA[impl]):
-                return F.scaled_dot_product_attention(q, k, v, mask, is_causal=causal)
-        return fn, None
+        fn, reason = sdpa(impl)
+        return (lambda q, k, v, mask: fn(q, k, v, mask, causal)) if fn else None, reason
     if impl == "flex":
         if not ON_GPU:
             return None, "FlexAttention compiles for tens of seconds on the CPU, beyond the CI smoke budget"
@@ -115,10 +107,7 @@ def _bench(benchmark, impl, name, backward):
             return fwd(q, k, v, mask)
     make = _inputs(shape, backward)
     if impl in SDPA:
-        try:
-            fn(*make())
-        except RuntimeError as e:  # the backend does not take this case (mask, head dim, dtype)
-            pytest.skip(f"{impl} does not take {name}: {str(e).splitlines()[0][:200]}")
+        skip_unless_it_runs(impl, fn, make(), name)
     mode = "fwd+bwd" if backward else "fwd"
     benchmark.group = f"attention {mode} {name} (B={B}, H={H}, Nq={Nq}, Nk={Nk}, D={D}) {DTYPE}"
     flops = 4 * B * H * Nq * Nk * D * (0.5 if causal else 1.0) * (3.5 if backward else 1.0)
@@ -131,12 +120,12 @@ def _bench(benchmark, impl, name, backward):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("name", list(SHAPES))
+@pytest.mark.parametrize("name", headline(SHAPES, HEADLINE))
 def test_forward(benchmark, impl, name):
     _bench(benchmark, impl, name, backward=False)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("name", list(SHAPES))
+@pytest.mark.parametrize("name", headline(SHAPES, HEADLINE))
 def test_forward_backward(benchmark, impl, name):
     _bench(benchmark, impl, name, backward=True)

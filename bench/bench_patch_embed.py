@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import vitfast
 from vitfast.ops.patch_merging import patch_merging_ref
 
-from conftest import DEVICE, ON_GPU, run_benchmark, vitfast_backends
+from conftest import DEVICE, ON_GPU, headline, run_benchmark, vitfast_backends
 
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
 
@@ -50,6 +50,7 @@ def _embed_vitfast(x, w, b, cls, pos, nw, nb):
     return out
 
 
+EMBED_HEADLINE = {"vit_b16_224", "vit_tiny"}  # the shapes bench/gpu_run.sh runs (pytest -m headline)
 _embed_compiled = torch.compile(_embed_eager)
 _merge_compiled = torch.compile(patch_merging_ref)
 IMPLS = ["torch", "torch.compile"]
@@ -112,7 +113,7 @@ def _fwd_bwd(fn):
 
 
 @pytest.mark.parametrize("impl", vitfast_backends("patch_embed") + IMPLS)
-@pytest.mark.parametrize("name", list(EMBED))
+@pytest.mark.parametrize("name", headline(EMBED, EMBED_HEADLINE))
 def test_patch_embed_forward(benchmark, impl, name):
     cfg = EMBED[name]
     benchmark.group = f"patch_embed fwd {name} {DTYPE}"
@@ -121,7 +122,7 @@ def test_patch_embed_forward(benchmark, impl, name):
 
 
 @pytest.mark.parametrize("impl", vitfast_backends("patch_embed") + IMPLS)
-@pytest.mark.parametrize("name", list(EMBED))
+@pytest.mark.parametrize("name", headline(EMBED, EMBED_HEADLINE))
 def test_patch_embed_forward_backward(benchmark, impl, name):
     cfg = EMBED[name]
     benchmark.group = f"patch_embed fwd+bwd {name} {DTYPE}"

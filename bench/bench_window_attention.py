@@ -1,6 +1,6 @@
 """Swin (shifted) window attention core: vitfast (each backend) vs the eager textbook path, SDPA with the
-relative position bias and shift mask folded into one float attn_mask, and compiled FlexAttention (bias and
-shift mask as a score_mod on the partitioned windows), forward and forward+backward, at Swin-T's four stages
+relative position bias and shift mask folded into one float attn_mask (forced onto each of its backends that takes
+a float mask), and compiled FlexAttention (bias and shift mask as a score_mod on the partitioned windows), forward and forward+backward, at Swin-T's four stages
 (window 7, shift 3, B = 64 and 128; 56x56x96 with 3 heads down to 7x7x768 with 24 heads, where the shift is
 dropped because the window covers the map).
 
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import vitfast
 from vitfast.ops.window_attention import _shift_mask, relative_position_index, window_attention_ref
 
-from conftest import DEVICE, ON_GPU, run_benchmark, vitfast_backends
+from conftest import DEVICE, ON_GPU, SDPA, headline, run_benchmark, sdpa, skip_unless_it_runs, vitfast_backends
 
 WINDOW, SHIFT = 7, 3
 # name: (B, H, W, heads, D); on the CPU, small versions so that CI runs them in seconds.
@@ -25,8 +25,9 @@ if ON_GPU:
     SHAPES = {f"swin_t_stage{i + 1}_b{b}": (b, 56 >> i, 56 >> i, 3 << i, 32) for b in (64, 128) for i in range(4)}
 else:
     SHAPES = {"swin_t_stage1_small": (1, 14, 14, 2, 32), "swin_t_stage4_small": (2, 7, 7, 4, 32)}
+HEADLINE = {"swin_t_stage1_b128", "swin_t_stage1_small"}  # the shapes bench/gpu_run.sh runs (pytest -m headline)
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
-IMPLS = ["eager", "sdpa", "flex"] + vitfast_backends("window_attention")
+IMPLS = ["eager"] + list(SDPA) + ["flex"] + vitfast_backends("window_attention")
 
 
 def _geometry(H, W):
@@ -64,7 +65,7 @@ def _dense_bias(table):
     return table[index].view(N, N, -1).permute(2, 0, 1)
 
 
-def _sdpa(qkv, table):
+def _sdpa(attend, qkv, table):
     B, H, W, _, heads, D = qkv.shape
     Hp, Wp, shift = _geometry(H, W)
     q, k, v = _windows(qkv, shift)
@@ -73,7 +74,7 @@ def _sdpa(qkv, table):
     if sum(shift):
         shift_mask = _shift_mask(Hp, Wp, [WINDOW, WINDOW], shift, q).view(1, nW, 1, N, N)
         mask = (mask.unsqueeze(0) + shift_mask).expand(B, -1, -1, -1, -1).reshape(B * nW, heads, N, N)
-    return _unwindows(F.scaled_dot_product_attention(q, k, v, attn_mask=mask), B, H, W, shift)
+    return _unwindows(attend(q, k, v, mask), B, H, W, shift)
 
 
 _flex_compiled = None
@@ -101,8 +102,9 @@ def _flex(qkv, table):
 def _forward(impl):
     if impl == "eager":
         return lambda qkv, table: window_attention_ref(qkv, table, WINDOW, _geometry(*qkv.shape[1:3])[2]), None
-    if impl == "sdpa":
-        return _sdpa, None
+    if impl in SDPA:
+        attend, reason = sdpa(impl)
+        return (lambda qkv, table: _sdpa(attend, qkv, table)) if attend else None, reason
     if impl == "flex":
         if not ON_GPU:
             return None, "FlexAttention compiles for tens of seconds on the CPU, beyond the CI smoke budget"
@@ -127,6 +129,8 @@ def _bench(benchmark, impl, name, backward):
     else:
         def fn(qkv, table, dout):
             return fwd(qkv, table)
+    if impl in SDPA:
+        skip_unless_it_runs(impl, fn, make(), name)
     Hp, Wp, shift = _geometry(H, W)
     mode = "fwd+bwd" if backward else "fwd"
     benchmark.group = (f"window_attention {mode} {name} (B={B}, {H}x{W}, heads={heads}, D={D}, window={WINDOW}, "
@@ -136,12 +140,12 @@ def _bench(benchmark, impl, name, backward):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("name", list(SHAPES))
+@pytest.mark.parametrize("name", headline(SHAPES, HEADLINE))
 def test_forward(benchmark, impl, name):
     _bench(benchmark, impl, name, backward=False)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("name", list(SHAPES))
+@pytest.mark.parametrize("name", headline(SHAPES, HEADLINE))
 def test_forward_backward(benchmark, impl, name):
     _bench(benchmark, impl, name, backward=True)

@@ -1,6 +1,10 @@
-"""Shared benchmark helpers: device, input rotation, synchronized timing and the extra_info fields.
+"""Shared benchmark helpers: device, input rotation, synchronized timing and the extra_info fields, SDPA forced onto
+one of its backends, and the `headline` marker.
 
-On a GPU the real model shapes run; on a CPU only the smallest shapes run, so CI proves the suite works.
+On a GPU the real model shapes run; on a CPU only the smallest shapes run, so CI proves the suite works. The
+benchmarks marked `headline` (`pytest bench -m headline`) are the ones bench/gpu_run.sh runs in its short GPU
+window; on a CPU their tiny stand-ins carry the mark, so that `bash bench/gpu_run.sh --dry-run` selects the same
+tests.
 """
 import functools
 import itertools
@@ -8,12 +12,43 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import vitfast
 from vitfast import backend
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEVICE == "cuda"
+
+
+SDPA = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa-math": SDPBackend.MATH}
+
+
+def headline(names, chosen) -> list:
+    """`names` as pytest params, those in `chosen` marked `headline`."""
+    return [pytest.param(n, marks=pytest.mark.headline, id=str(n)) if n in chosen else n for n in names]
+
+
+def sdpa(impl: str):
+    """F.scaled_dot_product_attention(q, k, v, mask, is_causal) forced onto the backend `impl` names, or None and
+    the reason it cannot run here."""
+    if not ON_GPU and impl in ("sdpa-efficient", "sdpa-cudnn"):
+        return None, f"{impl} has no CPU kernel"
+
+    def fn(q, k, v, mask=None, is_causal=False):
+        with sdpa_kernel(SDPA[impl]):
+            return F.scaled_dot_product_attention(q, k, v, mask, is_causal=is_causal)
+    return fn, None
+
+
+def skip_unless_it_runs(impl: str, fn, inputs: tuple, what: str) -> None:
+    """Skips the benchmark when `fn(*inputs)` raises (an SDPA backend that does not take the mask, head dim, dtype)."""
+    try:
+        fn(*inputs)
+    except RuntimeError as e:
+        pytest.skip(f"{impl} does not take {what}: {str(e).splitlines()[0][:200]}")
 
 
 def vitfast_backends(op: str) -> list:

@@ -1,18 +1,134 @@
 #!/usr/bin/env bash
-# One scripted call on a lent GPU (shared/GPU.md): build for Hopper, run the tests natively, run the
-# benchmarks, and leave logs, JSON and the markdown report under $OUT (default ./out).
-# Usage on the device machine, from the repository root: bash bench/gpu_run.sh
+# One call on a lent GPU (shared/GPU.md), at most 9 minutes, that gets the whole first answer: device and versions,
+# an sm_90 build, every kernel checked natively at real model shapes, the headline benchmarks against SDPA,
+# FlexAttention and eager with peak memory, then the full test suite with the time that is left. Each stage runs
+# under its own budget (`timeout`) and writes its results under $OUT as it goes, so a run cut off anywhere still
+# returns everything finished. $OUT holds at most 8 files (the device tool returns no more):
+#   summary.md        device, versions, and one line per stage (budget, time taken, status), appended as it goes
+#   build.log         (b)
+#   correctness.log   (c) pytest -v output
+#   bench.log         (d) pytest output of both parts
+#   bench.json        (d) part 1: vitfast, SDPA (flash, efficient, cudnn, math), eager
+#   bench_compiled.json (d) part 2: compiled FlexAttention and torch.compile baselines
+#   report.md         (d) bench/report.py over both JSON files (median, roofline floor, throughput, peak MiB)
+#   tests.log         (e)
+#
+# Usage, from the repository root: bash bench/gpu_run.sh [--dry-run]    (OUT=dir, default ./out; PYTHON=python3)
+# --dry-run runs the same stages on a CPU with tiny shapes (the suites pick them when no GPU is present: Triton under
+# its interpreter) and small budgets, in under 3 minutes: CI runs it.
+#
+# Stage plan on the H200 machine (16 CPU cores), budgets in seconds, 525 in all (+15 s for a cut-off's grace):
+# (a) env            20  nvidia-smi and one Python import of torch/triton: ~5 s.
+# (b) build         120  csrc/*.cpp (9 translation units with torch headers) and kernels/*.cu (2) for sm_90 only,
+#                        ninja with 16 jobs: bounded by the slowest unit and the link, ~60-90 s.
+# (c) correctness   120  tests/test_model_shapes.py (38 cases: attention at ViT-B/16 B=8, ViT-H/14, DETR encoder and
+#                        decoder with key padding, CLIP text causal, head dim 256, batch*heads 66,560; window attention
+#                        at Swin-T stages 1 and 4 B=4, window 12, head dim 256, Swin-B stage 4 B=2048; LayerNorm
+#                        (128*197, 768) and width 8192; patch embedding ViT-B/16 B=8, Swin-T with norm, norm width
+#                        1024; patch merging Swin-T; bf16 and fp32, forward and backward against float64) and
+#                        tests/test_launch.py (CUDA graph capture, TF32 rule, spill pruning), pytest-xdist on 16
+#                        workers: ~200 Triton compilations (~1-3 s each, autotuned kernels compile every config,
+#                        shared through Triton's disk cache) over 16 processes plus ~0.5 s of autotuning per tuned
+#                        launch: ~60-90 s.
+# (d) benchmarks    240  `pytest bench -m headline`: attention ViT-B/16 B=128 and DETR encoder with key padding,
+#                        Swin-T stage-1 window attention B=128, LayerNorm (128*197, 768), patch embedding ViT-B/16
+#                        B=256, each forward and forward+backward: part 1, 46 benchmarks (vitfast, SDPA flash,
+#                        efficient, cudnn, math, eager) of 26 timed calls each (3 rotating input sets, warm-up
+#                        call, 2 warm-up and 20 timed rounds), ~1 s each with autotuning: ~60-80 s; part 2 with the
+#                        rest of the budget, FlexAttention first (6 compilations, ~15-45 s each), then torch.compile
+#                        of the LayerNorm and patch-embedding baselines (4, ~10-20 s each): ~190 s, so the last
+#                        torch.compile baselines may be cut off.
+# (e) full tests   rest  pytest tests (minus (c)) on 16 workers with what is left: ~150 s if (a)-(d) take their
+#                        estimates; cut off otherwise (the log keeps every finished test).
+# Exit status: 1 when a stage fails, or (a)-(c) or part 1 of (d) is cut off by its budget; part 2 of (d) and (e)
+# run with whatever time their budgets leave and may be cut off (and so may (b) in a dry run).
 set -uo pipefail
+cd "$(dirname "$0")/.."
+DRY=0
+[[ "${1:-}" == "--dry-run" ]] && DRY=1
 OUT=${OUT:-out}
+PY=${PYTHON:-python3}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
-{
-  date -u +%Y-%m-%dT%H:%MZ
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-} | tee "$OUT/env.txt"
-python3 -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
-python3 -m pytest tests -q -x --durations=15 2>&1 | tee "$OUT/tests.log"
-python3 -m pytest bench --benchmark-only -q --benchmark-json="$OUT/bench.json" 2>&1 | tail -40
-python3 bench/report.py "$OUT/bench.json" --out "$OUT"
-python3 -m vitfast --json "$OUT/main_job.json" | tail -30
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=$(nproc)
+# TOTAL leaves 15 s for the last stage's grace period (timeout -k 15): a dry run ends within 165 s, a real one 540 s.
+# RESERVE: seconds kept for (e) from the stages before it (a dry run exercises every stage).
+if (( DRY )); then
+  TOTAL=150; BUDGET=(20 45 75 60); RESERVE=15
+else
+  TOTAL=525; BUDGET=(20 120 120 240); RESERVE=0
+fi
+XDIST=()
+$PY -c "import xdist" 2>/dev/null && XDIST=(-n "$(nproc)")
+START=$SECONDS
+FAILED=0
+SUMMARY="$OUT/summary.md"
+
+left() { echo $(( TOTAL - (SECONDS - START) )); }
+
+# stage NAME BUDGET LOG CUT_OFF_OK CMD...: runs CMD under min(BUDGET, time left) with its output appended to LOG,
+# then appends the stage's line (budget, time taken, status) to the summary. Stages before (e) leave it RESERVE.
+stage() {
+  local name=$1 budget=$2 log=$3 cut_ok=$4
+  shift 4
+  local reserve=$RESERVE
+  [[ $name == "(e)"* ]] && reserve=0
+  local avail=$(( $(left) - reserve ))
+  (( budget > avail )) && budget=$avail
+  local t0=$SECONDS rc status
+  if (( budget < 5 )); then
+    status="not run: no time left"
+  else
+    timeout -k 15 -s INT "$budget" "$@" >>"$log" 2>&1
+    rc=$?
+    if (( rc == 0 )); then status=ok
+    elif (( rc == 124 || rc == 137 )); then status="cut off at its budget"; (( cut_ok )) || FAILED=1
+    else status="failed (exit $rc)"; FAILED=1
+    fi
+  fi
+  echo "- $name: budget $budget s, took $(( SECONDS - t0 )) s, $status" >>"$SUMMARY"
+  echo "== $name: $status ($(( SECONDS - t0 )) s)"
+}
+
+ENV_PY='
+import os, platform, subprocess, numpy, torch, triton
+cuda = torch.cuda.is_available()
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda, "triton",
+      triton.__version__, "numpy", numpy.__version__, "cpus", os.cpu_count())
+print(torch.cuda.get_device_properties(0) if cuda else "device: cpu (no GPU)")
+if cuda:
+    print(subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
+                          "--format=csv,noheader"], capture_output=True, text=True).stdout.strip())
+'
+echo "# bench/gpu_run.sh$( (( DRY )) && echo ' --dry-run'), $(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse \
+  --short HEAD 2>/dev/null)" >"$SUMMARY"
+stage "(a) device and versions" "${BUDGET[0]}" "$SUMMARY" 0 $PY -c "$ENV_PY"
+
+# In a dry run the build may be cut off (a first build of the CPU extension on 2 cores takes minutes; an incremental
+# one seconds): the extension that `make` built is then used.
+stage "(b) build, sm_90 only" "${BUDGET[1]}" "$OUT/build.log" $DRY $PY setup.py build_ext --inplace
+
+stage "(c) correctness at model shapes" "${BUDGET[2]}" "$OUT/correctness.log" 0 \
+  $PY -m pytest tests/test_model_shapes.py tests/test_launch.py "${XDIST[@]}" -v -rfEs --durations=15 \
+  -p no:cacheprovider
+
+t_bench=$SECONDS
+BENCH_FILES=(bench/bench_attention.py bench/bench_window_attention.py bench/bench_layer_norm.py
+             bench/bench_patch_embed.py)  # FlexAttention first in part 2
+stage "(d) benchmarks, part 1: vitfast, SDPA, eager" "${BUDGET[3]}" "$OUT/bench.log" 0 \
+  $PY -m pytest "${BENCH_FILES[@]}" -m headline -k "not flex and not compile" --benchmark-only -q \
+  --benchmark-json="$OUT/bench.json" -p no:cacheprovider
+stage "(d) benchmarks, part 2: compiled FlexAttention, torch.compile" $(( BUDGET[3] - (SECONDS - t_bench) )) \
+  "$OUT/bench.log" 1 $PY -m pytest "${BENCH_FILES[@]}" -m headline -k "flex or compile" --benchmark-only -q \
+  --benchmark-json="$OUT/bench_compiled.json" -p no:cacheprovider
+JSONS=()
+for f in "$OUT/bench.json" "$OUT/bench_compiled.json"; do [[ -s $f ]] && JSONS+=("$f"); done
+if (( ${#JSONS[@]} )); then
+  $PY bench/report.py "${JSONS[@]}" --out "$OUT" --no-plot >/dev/null 2>>"$OUT/bench.log" || FAILED=1
+fi
+
+stage "(e) full test suite" "$(left)" "$OUT/tests.log" 1 \
+  $PY -m pytest tests --ignore=tests/test_model_shapes.py --ignore=tests/test_launch.py "${XDIST[@]}" -q -rfE \
+  --durations=20 -p no:cacheprovider
+
+echo "total $(( SECONDS - START )) s of $TOTAL; $( (( FAILED )) && echo FAILED || echo ok )" | tee -a "$SUMMARY"
+exit $FAILED

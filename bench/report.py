@@ -1,12 +1,13 @@
 """Turns a pytest-benchmark JSON file into a markdown table and PNG plots.
 
-    python bench/report.py bench.json --out DIR
+    python bench/report.py bench.json [more.json ...] --out DIR [--no-plot]
 
 Rows are grouped by benchmark group (one op or model at one shape); within a group each implementation
 (extra_info["impl"]: "vitfast-<backend>", "torch", "sdpa-flash", ...) gets its median time, the roofline
 floor of the shape (bytes over the measured copy bandwidth, FLOPs over the measured matmul peak, whichever
-is larger) with the time's multiple of it, its throughput and its speedup against the fastest non-vitfast
-implementation of the group.
+is larger) with the time's multiple of it, its throughput, its peak memory (on a GPU) and its speedup against
+the fastest non-vitfast implementation of the group. Several JSON files (e.g. one pytest run per part of
+bench/gpu_run.sh) make one report.
 """
 import argparse
 import json
@@ -16,9 +17,16 @@ from collections import defaultdict
 from vitfast.report import markdown_table, plot_speedups
 
 
-def load(path: str) -> tuple:
-    with open(path) as f:
-        data = json.load(f)
+def load(*paths: str) -> tuple:
+    """The first file's metadata with every file's benchmarks, and those benchmarks by group."""
+    data = None
+    for path in paths:
+        with open(path) as f:
+            part = json.load(f)
+        if data is None:
+            data = part
+        else:
+            data["benchmarks"] += part["benchmarks"]
     groups = defaultdict(list)
     for b in data["benchmarks"]:
         impl = b["extra_info"].get("impl", b["name"])
@@ -51,9 +59,10 @@ def markdown(data: dict, groups: dict) -> str:
             tput = ", ".join(f"{extra[k]:.1f} {k}" for k in ("TFLOP/s", "GB/s") if k in extra)
             floor = extra.get("floor_ms")
             roof = f"{floor:.3f} ({t * 1e3 / floor:.1f}x)" if floor else ""
-            rows.append([group, impl, f"{t * 1e3:.3f}", roof, tput, f"{sp[impl]:.2f}x"])
+            mem = f"{extra['peak_mem_MiB']:.0f}" if "peak_mem_MiB" in extra else ""
+            rows.append([group, impl, f"{t * 1e3:.3f}", roof, tput, mem, f"{sp[impl]:.2f}x"])
     table = markdown_table(["benchmark", "impl", "median (ms)", "roofline floor ms (time/floor)", "throughput",
-                            "vs best baseline"], rows)
+                            "peak MiB", "vs best baseline"], rows)
     return header(data) + "\n\n" + table + "\n"
 
 
@@ -69,14 +78,16 @@ def plot(groups: dict, path: str) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json_file")
+    parser.add_argument("json_files", nargs="+")
     parser.add_argument("--out", default=".")
+    parser.add_argument("--no-plot", action="store_true", help="write report.md only, not speedup.png")
     args = parser.parse_args(argv)
-    data, groups = load(args.json_file)
+    data, groups = load(*args.json_files)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "report.md"), "w") as f:
         f.write(markdown(data, groups))
-    plot(groups, os.path.join(args.out, "speedup.png"))
+    if not args.no_plot:
+        plot(groups, os.path.join(args.out, "speedup.png"))
     print(markdown(data, groups))
 
 

@@ -5,16 +5,24 @@ Each op runs forward and backward through its public function with the triton ba
 nothing runs. The cases cover the shapes of the models in scope and every feature that selects another kernel
 specialization: dtypes bf16/fp16/fp32, head dims 16..256 with non powers of two, masks, bias with gradient,
 causal, dropout, cross-attention, strided (flash-attn layout) inputs, Swin windows 7 and 12 with shift, padding
-and V2 cosine attention, patch embedding with and without LayerNorm and prefix tokens, odd patch merging.
+and V2 cosine attention, patch embedding with and without LayerNorm and prefix tokens, odd patch merging; and the
+edges of what each op admits (`edge_cases`: largest head dim, largest fused-norm and LayerNorm widths, in bf16 and
+fp32, and batch * heads past 65535).
 
 Writes one line per compiled specialization (registers, spill bytes, shared memory, compile seconds) and exits 1
-when one fails to compile or needs more shared memory than the GPU has, unless it is a configuration of an
-autotuned launch in which another configuration fits (Triton's autotuner skips configurations that run out of
-resources). Register spills are listed, not failed: they cost speed, which only a GPU can measure.
+when
+- a specialization fails to compile, or needs more shared memory than the GPU has, unless it is a configuration of
+  an autotuned launch that the autotuner skips because another configuration fits;
+- a launch's grid exceeds CUDA's limits (x < 2**31, y and z < 65536), or a kernel is launched without
+  vitfast.triton.common.launch (the device guard);
+- at a headline config (the shapes of the headline benchmarks) a kernel that spills registers can run: a fixed
+  configuration that spills, or a spilling autotuner configuration that is not pruned (`usable_configs`).
+Elsewhere register spills are listed, not failed: they cost speed, which only a GPU can measure.
 
-    python scripts/compile_triton.py [--quick] [--markdown FILE]
+    python scripts/compile_triton.py [--quick] [--cases TEXT] [--markdown FILE]
 
---quick compiles bf16 only, with fewer head dims (CI).
+--quick compiles bf16 only, with fewer head dims, and every edge case (CI); --cases only the cases whose name
+contains TEXT.
 """
 import argparse
 import os
@@ -22,12 +30,21 @@ import platform
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import triton
 
 import vitfast
 from vitfast.triton.common import H100, compile_only
+
+
+@dataclass
+class Case:
+    name: str
+    run: Callable[[], None]
+    headline: bool = False  # a headline benchmark's config: no spilling kernel may run there
 
 
 def _run(fn, *args, **kwargs):
@@ -49,58 +66,69 @@ def layer_norm_cases(dtypes):
             for residual in (False, True):
                 x, w, b = _leaf(2, 197, C, dtype=dt), _leaf(C, dtype=dt), _leaf(C, dtype=dt)
                 r = _leaf(2, 197, C, dtype=dt) if residual else None
-                yield f"layer_norm C={C} residual={residual} {dt}", _run(vitfast.layer_norm, x, (C,), w, b, 1e-6, r)
+                yield Case(f"layer_norm C={C} residual={residual} {dt}",
+                           _run(vitfast.layer_norm, x, (C,), w, b, 1e-6, r), headline=C == 768 and not residual)
+
+
+def _attention(B, H, Nq, Nk, D, dt, mask=None, causal=False, dropout=0.0, flash_layout=False, make=_leaf):
+    if flash_layout:  # (B, N, H, D) views of one packed qkv projection
+        qkv = make(B, Nq, 3, H, D, dtype=dt)
+        return _run(vitfast.flash_attn_func, qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], dropout, causal=causal)
+    q, k, v = make(B, H, Nq, D, dtype=dt), make(B, H, Nk, D, dtype=dt), make(B, H, Nk, D, dtype=dt)
+    return _run(vitfast.attention, q, k, v, mask, is_causal=causal, dropout_p=dropout)
 
 
 def attention_cases(dtypes, head_dims):
-    def case(B, H, Nq, Nk, D, dt, mask=None, causal=False, dropout=0.0, flash_layout=False):
-        if flash_layout:  # (B, N, H, D) views of one packed qkv projection
-            qkv = _leaf(B, Nq, 3, H, D, dtype=dt)
-            return _run(vitfast.flash_attn_func, qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], dropout, causal=causal)
-        q, k, v = _leaf(B, H, Nq, D, dtype=dt), _leaf(B, H, Nk, D, dtype=dt), _leaf(B, H, Nk, D, dtype=dt)
-        return _run(vitfast.attention, q, k, v, mask, is_causal=causal, dropout_p=dropout)
-
     for dt in dtypes:
         for D in head_dims:
-            yield f"attention ViT N=197 D={D} {dt}", case(2, 2, 197, 197, D, dt)
-        yield f"attention DETR encoder N=850 key padding D=32 {dt}", case(
-            2, 8, 850, 850, 32, dt, mask=torch.rand(2, 1, 1, 850) > 0.1)
-        yield f"attention DETR decoder 100x850 key padding D=32 {dt}", case(
-            2, 8, 100, 850, 32, dt, mask=torch.rand(2, 1, 1, 850) > 0.1)
-        yield f"attention bias with grad (1, H, N, N) D=64 {dt}", case(
-            2, 2, 197, 197, 64, dt, mask=_leaf(1, 2, 197, 197, dtype=dt))
-        yield f"attention CLIP text N=77 causal D=64 {dt}", case(2, 8, 77, 77, 64, dt, causal=True)
-        yield f"attention dropout 0.1 D=64 {dt}", case(2, 2, 197, 197, 64, dt, dropout=0.1)
-        yield f"attention flash layout (strided qkv) D=64 {dt}", case(2, 2, 197, 197, 64, dt, flash_layout=True)
+            yield Case(f"attention ViT N=197 D={D} {dt}", _attention(2, 2, 197, 197, D, dt), headline=D == 64)
+        yield Case(f"attention DETR encoder N=850 key padding D=32 {dt}",
+                   _attention(2, 8, 850, 850, 32, dt, mask=torch.rand(2, 1, 1, 850) > 0.1), headline=True)
+        yield Case(f"attention DETR decoder 100x850 key padding D=32 {dt}",
+                   _attention(2, 8, 100, 850, 32, dt, mask=torch.rand(2, 1, 1, 850) > 0.1))
+        yield Case(f"attention bias with grad (1, H, N, N) D=64 {dt}",
+                   _attention(2, 2, 197, 197, 64, dt, mask=_leaf(1, 2, 197, 197, dtype=dt)))
+        yield Case(f"attention CLIP text N=77 causal D=64 {dt}", _attention(2, 8, 77, 77, 64, dt, causal=True))
+        yield Case(f"attention dropout 0.1 D=64 {dt}", _attention(2, 2, 197, 197, 64, dt, dropout=0.1))
+        yield Case(f"attention flash layout (strided qkv) D=64 {dt}",
+                   _attention(2, 2, 197, 197, 64, dt, flash_layout=True))
+
+
+def _window_attention(B, H, heads, D, window, shift, dt, make=_leaf):
+    qkv = make(B, H, H, 3, heads, D, dtype=dt)
+    table = make((2 * window - 1) ** 2, heads, dtype=torch.float32)
+    pad = make(3, heads, D, dtype=dt)
+    return _run(vitfast.window_attention, qkv, table, window, shift, qkv_pad=pad)
 
 
 def window_attention_cases(dtypes):
     for dt in dtypes:
         for H, heads, window, shift in ((56, 3, 7, 3), (14, 12, 7, 0), (15, 4, 7, 3), (24, 4, 12, 6)):
-            qkv = _leaf(2, H, H, 3, heads, 32, dtype=dt)
-            table = _leaf((2 * window - 1) ** 2, heads, dtype=torch.float32)
-            pad = _leaf(3, heads, 32, dtype=dt)
-            yield f"window_attention {H}x{H} heads={heads} window={window} shift={shift} {dt}", _run(
-                vitfast.window_attention, qkv, table, window, shift, qkv_pad=pad)
+            yield Case(f"window_attention {H}x{H} heads={heads} window={window} shift={shift} {dt}",
+                       _window_attention(2, H, heads, 32, window, shift, dt), headline=(H, window) == (56, 7))
         x = _leaf(2, 56, 56, 96, dtype=dt)
         weights = [_leaf(288, 96, dtype=dt), _leaf(96, 96, dtype=dt), _leaf(169, 3, dtype=dt), _leaf(288, dtype=dt)]
         logit_scale = _leaf(3, 1, 1, dtype=torch.float32)
-        yield f"shifted_window_attention Swin-V2 cosine + dropout 56x56 {dt}", _run(
+        yield Case(f"shifted_window_attention Swin-V2 cosine + dropout 56x56 {dt}", _run(
             vitfast.shifted_window_attention, x, *weights[:3], [7, 7], 3, [3, 3], 0.1, qkv_bias=weights[3],
-            logit_scale=logit_scale)
+            logit_scale=logit_scale))
+
+
+def _patch_embed(B, S, E, p, dt, norm=False, prefix=0, make=_leaf):
+    images, w, b = make(B, 3, S, S, dtype=dt), make(E, 3, p, p, dtype=dt), make(E, dtype=dt)
+    kwargs = dict(norm_weight=make(E, dtype=dt), norm_bias=make(E, dtype=dt)) if norm else {}
+    if prefix:
+        kwargs.update(pos_embed=make(1, (S // p) ** 2 + prefix, E, dtype=dt), num_prefix_tokens=prefix,
+                      prefix_tokens=make(1, prefix, E, dtype=dt))
+    return _run(vitfast.patch_embed, images, w, b, p, **kwargs)
 
 
 def patch_embed_cases(dtypes):
     for dt in dtypes:
-        for name, (B, C, S, E, p) in {"ViT-B/16": (2, 3, 224, 768, 16), "ViT-L/14 336": (2, 3, 336, 1024, 14)}.items():
-            images, w, b = _leaf(B, C, S, S, dtype=dt), _leaf(E, C, p, p, dtype=dt), _leaf(E, dtype=dt)
-            pos, cls = _leaf(1, (S // p) ** 2 + 1, E, dtype=dt), _leaf(1, 1, E, dtype=dt)
-            yield f"patch_embed {name} class token + pos {dt}", _run(
-                vitfast.patch_embed, images, w, b, p, pos_embed=pos, num_prefix_tokens=1, prefix_tokens=cls)
-        images, w, b = _leaf(2, 3, 224, 224, dtype=dt), _leaf(96, 3, 4, 4, dtype=dt), _leaf(96, dtype=dt)
-        nw, nb = _leaf(96, dtype=dt), _leaf(96, dtype=dt)
-        yield f"patch_embed Swin-T + LayerNorm {dt}", _run(vitfast.patch_embed, images, w, b, 4, norm_weight=nw,
-                                                            norm_bias=nb)
+        yield Case(f"patch_embed ViT-B/16 class token + pos {dt}", _patch_embed(2, 224, 768, 16, dt, prefix=1),
+                   headline=True)
+        yield Case(f"patch_embed ViT-L/14 336 class token + pos {dt}", _patch_embed(2, 336, 1024, 14, dt, prefix=1))
+        yield Case(f"patch_embed Swin-T + LayerNorm {dt}", _patch_embed(2, 224, 96, 4, dt, norm=True))
 
 
 def patch_merging_cases(dtypes):
@@ -108,10 +136,42 @@ def patch_merging_cases(dtypes):
         for H, C in ((56, 96), (28, 192), (7, 384)):
             x, nw, nb, r = _leaf(2, H, H, C, dtype=dt), _leaf(4 * C, dtype=dt), _leaf(4 * C, dtype=dt), \
                 _leaf(2 * C, 4 * C, dtype=dt)
-            yield f"patch_merging {H}x{H}x{C} {dt}", _run(vitfast.patch_merging, x, nw, nb, r)
+            yield Case(f"patch_merging {H}x{H}x{C} {dt}", _run(vitfast.patch_merging, x, nw, nb, r))
+
+
+def _empty(*shape, dtype):
+    """A large input that nothing reads (compile-only): no memory is touched."""
+    return torch.empty(*shape, dtype=dtype)
+
+
+def edge_cases():
+    """The edges of what each op admits, bf16 and fp32: the largest head dims and fused-norm width, and grids with
+    batch * heads past 65535 (Swin-B stage 4, 32 heads, from batch 2048; here with tiny windows)."""
+    from vitfast.ops.attention import MAX_HEAD_DIM
+    from vitfast.triton.layer_norm import MAX_N
+    from vitfast.triton.patch_embed import MAX_NORM_E
+    for dt in (torch.bfloat16, torch.float32):
+        x, w, b = _leaf(4, MAX_N, dtype=dt), _leaf(MAX_N, dtype=dt), _leaf(MAX_N, dtype=dt)
+        yield Case(f"edge: layer_norm C={MAX_N} + residual {dt}",
+                   _run(vitfast.layer_norm, x, (MAX_N,), w, b, 1e-6, _leaf(4, MAX_N, dtype=dt)))
+        yield Case(f"edge: attention D={MAX_HEAD_DIM} {dt}", _attention(1, 2, 197, 197, MAX_HEAD_DIM, dt))
+        yield Case(f"edge: window_attention D=256 {dt}", _window_attention(1, 14, 2, 256, 7, 3, dt))
+        images, wt, bt = _empty(2, 3, 224, 224, dtype=dt), _empty(MAX_NORM_E, 3, 4, 4, dtype=dt), \
+            _empty(MAX_NORM_E, dtype=dt)
+        yield Case(f"edge: patch_embed E={MAX_NORM_E} + LayerNorm, forward {dt}",
+                   lambda: vitfast.patch_embed(images, wt, bt, 4, norm_weight=bt, norm_bias=bt))
+    yield Case("edge: attention B*H = 66560 > 65535",
+               _attention(520, 128, 16, 16, 64, torch.bfloat16, make=_empty_leaf))
+    yield Case("edge: window_attention B*heads = 65536 > 65535",
+               _window_attention(64, 2, 1024, 16, 2, 0, torch.bfloat16, make=_empty_leaf))
+
+
+def _empty_leaf(*shape, dtype):
+    return _empty(*shape, dtype=dtype).requires_grad_()
 
 
 def cases(quick: bool):
+    """Every Case: the model shapes and features (bf16 only with --quick), then the edge cases (always)."""
     dtypes = (torch.bfloat16,) if quick else (torch.bfloat16, torch.float16, torch.float32)
     head_dims = (32, 64, 80, 256) if quick else (16, 32, 40, 64, 72, 80, 96, 112, 128, 160, 256)
     yield from layer_norm_cases(dtypes)
@@ -119,6 +179,7 @@ def cases(quick: bool):
     yield from window_attention_cases(dtypes)
     yield from patch_embed_cases(dtypes)
     yield from patch_merging_cases(dtypes)
+    yield from edge_cases()
 
 
 _CAVEAT = ("Compile-time figures only: registers and spill bytes (stores + loads, per thread) from the ptxas that "
@@ -128,10 +189,10 @@ _CAVEAT = ("Compile-time figures only: registers and spill bytes (stores + loads
            "kernel's need: recheck those on the GPU before tuning from them.")
 
 
-def _outcome(r) -> str:
-    if r.error or (r.problems and not r.autotuner_skips):
+def _outcome(r, skipped: bool) -> str:
+    if r.error or (r.problems and not skipped):
         return "failed"
-    if r.autotuner_skips:
+    if skipped:
         return "skipped by the autotuner"
     return "spills" if r.spill_bytes else "ok"
 
@@ -140,36 +201,58 @@ def _config(c) -> str:
     return " ".join(f"{k}={v}" for k, v in c.config.items() if k.startswith("BLOCK") or k.startswith("num_"))
 
 
+def _check_case(case, records, first_record, first_launch, lines, failures) -> None:
+    """Adds the case's new specializations to `lines` and every failure of its launches to `failures`."""
+    launches = records.launches[first_launch:]
+    run = {id(launch.compilation) for launch in launches if not launch.autotuner_skips}
+    for r in records[first_record:]:
+        outcome = _outcome(r, skipped=id(r) not in run)
+        detail = r.error or "; ".join(r.problems)
+        lines.append((case.name, r.kernel, _config(r), r.registers, r.spill_bytes, r.shared_bytes, r.seconds,
+                      f"{outcome}: {detail}" if detail else outcome))
+        if outcome == "failed":
+            failures.append(f"{case.name}: {r.kernel} {_config(r)}: {detail}")
+    flagged = set()
+    for launch in launches:
+        r = launch.compilation
+        for problem in launch.problems:
+            failures.append(f"{case.name}: {r.kernel} {_config(r)}: {problem}")
+        if case.headline and r.spill_bytes and not launch.autotuner_skips and id(r) not in flagged:
+            flagged.add(id(r))
+            failures.append(f"{case.name}: {r.kernel} {_config(r)}: spills {r.spill_bytes} bytes at a headline "
+                            f"config and the launch can run it")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="bf16 only, fewer head dims (CI)")
+    parser.add_argument("--quick", action="store_true", help="bf16 only, fewer head dims, every edge case (CI)")
+    parser.add_argument("--cases", default="", help="only the cases whose name contains this text")
     parser.add_argument("--markdown", help="also write the table of compiled kernels to this file")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     start, failures, lines = time.perf_counter(), [], []
     with compile_only(H100) as records, vitfast.use_backend("triton"):
-        for name, run in cases(args.quick):
-            before = len(records)
+        for case in cases(args.quick):
+            if args.cases not in case.name:
+                continue
+            case_start = time.perf_counter()
+            first_record, first_launch = len(records), len(records.launches)
             try:
-                run()
+                case.run()
             except Exception as e:  # noqa: BLE001 - a launcher error is a failure of this case, the run goes on
-                failures.append(f"{name}: {type(e).__name__}: {e}")
-            for r in records[before:]:
-                outcome = _outcome(r)
-                detail = r.error or "; ".join(r.problems)
-                status = f"{outcome}: {detail}" if detail else outcome
-                lines.append((name, r.kernel, _config(r), r.registers, r.spill_bytes, r.shared_bytes, r.seconds,
-                              status))
-                if outcome == "failed":
-                    failures.append(f"{name}: {r.kernel} {_config(r)}: {detail}")
-            print(f"{name}: {len(records) - before} kernels", flush=True)
+                failures.append(f"{case.name}: {type(e).__name__}: {e}")
+            _check_case(case, records, first_record, first_launch, lines, failures)
+            print(f"{case.name}: {len(records.launches) - first_launch} launches, "
+                  f"{len(records) - first_record} new kernels, {time.perf_counter() - case_start:.0f} s", flush=True)
     header = ("case", "kernel", "config", "registers", "spill bytes", "shared bytes", "compile s", "status")
     table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     table += ["| " + " | ".join(f"{v:.1f}" if isinstance(v, float) else str(v) for v in row) + " |" for row in lines]
     counts = Counter(row[-1].split(":")[0] for row in lines)
     summary = (f"{len(lines)} kernel specializations compiled for {H100.name} with triton {triton.__version__}, "
                f"torch {torch.__version__}, on {platform.processor() or platform.machine()} ({os.cpu_count()} "
-               f"cores, no GPU), {time.strftime('%Y-%m-%d')}, in {time.perf_counter() - start:.0f} s: {dict(counts)}")
+               f"cores, no GPU), {time.strftime('%Y-%m-%d')}, in {time.perf_counter() - start:.0f} s: "
+               f"{dict(counts)}; {len(records.launches)} launches checked against CUDA's grid limits; "
+               f"{len(failures)} failures")
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(f"# Triton kernels compiled for {H100.name}, no GPU\n\n{summary}\n\n{_CAVEAT}\n\n"

@@ -13,9 +13,11 @@ from conftest import assert_close_to_ref, assert_compiles_like_eager, backend_ca
 CASES = backend_cases("window_attention")
 LOW = (torch.float16, torch.bfloat16)
 
-# (B, H, W, heads, D, window, shift): no padding, padding on one or both axes, shift, N = 49 and 144.
+# (B, H, W, heads, D, window, shift): no padding, padding on one or both axes, shift, N = 25 (one tile in the
+# Triton backward), 49 and 144.
 GEOMETRIES = [
     (1, 7, 7, 1, 16, 7, 0),
+    (1, 10, 9, 2, 16, 5, 2),
     (2, 14, 15, 2, 8, 7, 3),
     (1, 15, 14, 1, 32, 7, 3),
     (1, 14, 14, 2, 16, 12, 6),

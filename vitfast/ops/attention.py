@@ -12,7 +12,8 @@ torch.finfo(float32).min, Hugging Face's padding value), which would make the ba
 A row that sees no key has m = -inf (or any m where every score is -inf), and every backward reads it as all
 zeros. Dropout draws a Philox seed from torch's default generator; the mask is a function of
 (seed, batch*head, i, j) only (`dropout_keep_ref` computes it in plain PyTorch), so backward regenerates it and
-the triton and torch backends agree exactly. Under autocast the forward follows
+the triton and torch backends agree exactly. The seed is drawn on the host, so dropout is refused inside CUDA
+graph capture (`check_dropout_capture`), where every replay would reuse it. Under autocast the forward follows
 F.scaled_dot_product_attention's rule (vitfast.autocast.lower_precision).
 
 Mask semantics, the same on every backend (`attention_ref` is their plain PyTorch statement):
@@ -199,6 +200,19 @@ def _check_support(backend: str, tensors: tuple) -> Optional[str]:
 _backend.register_op(OP, gpu_order=("triton", "torch"), cpu_order=("cpp", "torch"), check=_check_support)
 
 
+def check_dropout_capture(op: str, dropout_p: float, device: torch.device) -> None:
+    """Refuses dropout inside CUDA graph capture: vitfast's dropout seeds are drawn on the host and become launch
+    arguments, so a captured graph would apply the same dropout mask at every replay, silently.
+
+    Raises:
+        RuntimeError: dropout_p > 0 for CUDA tensors while the current stream is capturing.
+    """
+    if dropout_p > 0 and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"vitfast.{op}: dropout (p={dropout_p}) inside CUDA graph capture is not supported: the "
+                           "dropout seed is drawn on the host, so every replay of the graph would apply the same "
+                           "mask. Capture with dropout off (model.eval() or p=0), or run this step outside the graph.")
+
+
 def _lse_empty(q: Tensor) -> Tensor:
     B, H, Nq, _ = q.shape
     return q.new_empty((2, B, H, Nq), dtype=_acc_dtype(q.dtype))
@@ -215,6 +229,7 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], seed:
         lse = _lse_empty(q)
         lse[0], lse[1] = float("-inf"), 0.0
         return torch.zeros_like(_bnhd_empty(B, H, Nq, D, q)), lse
+    check_dropout_capture(OP, dropout_p, q.device)
     which = _backend.choose_backend(OP, q, k, v, bias, seed)
     if which == "triton":
         from vitfast.triton.attention import attention_fwd
@@ -244,6 +259,7 @@ def _attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
         dbias = torch.zeros_like(bias, memory_format=torch.contiguous_format) if bias_requires_grad else q.new_empty(0)
         return (torch.zeros_like(_bnhd_empty(B, H, Nq, D, q)), torch.zeros_like(_bnhd_empty(B, H, Nk, D, k)),
                 torch.zeros_like(_bnhd_empty(B, H, Nk, D, v)), dbias)
+    check_dropout_capture(OP, dropout_p, q.device)
     which = _backend.choose_backend(OP, q, k, v, bias, seed)
     if which == "triton":
         from vitfast.triton.attention import attention_bwd
@@ -335,7 +351,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
             autograd, over the dims it was expanded along).
         is_causal: query i sees keys j <= i (top-left alignment, as SDPA); may be combined with attn_mask.
         scale: softmax scale, 1/sqrt(D) by default.
-        dropout_p: dropout on the attention weights, seeded from torch's default generator.
+        dropout_p: dropout on the attention weights, seeded from torch's default generator; refused (RuntimeError)
+            inside CUDA graph capture, where every replay would reuse the seed.
 
     Mask semantics (the same on every backend; see the module docstring):
         - bool False, float -inf and causal entries hide keys; a row that sees no key gives zeros (and zero
@@ -345,7 +362,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
         - a hidden key never affects the rows that do not see it, even if its k or v hold NaN or inf or its
           score overflows.
 
-    Under `torch.use_deterministic_algorithms(True)` the backward uses no atomics (bitwise reproducible).
+    Under `torch.use_deterministic_algorithms(True)` the backward uses no atomics (bitwise reproducible). fp32
+    products are IEEE fp32 unless `torch.backends.cuda.matmul.allow_tf32` allows TF32, as for torch.matmul
+    (vitfast's fp32 rule, vitfast.triton.common).
 
     Autocast: as F.scaled_dot_product_attention, q, k, v and a float attn_mask are cast to the region's
     dtype (float64 aside), so they may differ in dtype there, and the output is in that dtype.

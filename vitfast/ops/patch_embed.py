@@ -396,6 +396,9 @@ def patch_embed(images: Tensor, weight: Tensor, bias: Optional[Tensor], patch_si
     `vitfast.layer_norm`'s rule, and prefix tokens and pos_embed are added with type promotion (as the unfused
     cat and add), so float32 prefix tokens or pos_embed give float32 tokens.
 
+    fp32 products are IEEE fp32 unless `torch.backends.cuda.matmul.allow_tf32` allows TF32 (vitfast's fp32 rule,
+    vitfast.triton.common; F.conv2d follows torch.backends.cudnn.allow_tf32 instead, True by default).
+
     Returns:
         (B, P + Hp*Wp, E), Hp = H // ph, Wp = W // pw, contiguous. For Swin (P = 0) `.view(B, Hp, Wp, E)` is
         NHWC.

@@ -168,6 +168,9 @@ def patch_merging(x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[
     LayerNorm statistics are fp32 and the output is in the region's dtype, as the unfused Linear's. Unlike
     the unfused code, whose LayerNorm reads a float32 x, the fused kernel reads x rounded to that dtype.
 
+    fp32 products are IEEE fp32 unless `torch.backends.cuda.matmul.allow_tf32` allows TF32 (vitfast's fp32 rule,
+    vitfast.triton.common).
+
     Returns:
         (..., ceil(H/2), ceil(W/2), N), contiguous.
 

@@ -61,6 +61,7 @@ from torch import Tensor
 
 from vitfast import autocast as _autocast
 from vitfast import backend as _backend
+from vitfast.ops.attention import check_dropout_capture
 
 OP = "window_attention"
 MASK_VALUE = -100.0
@@ -349,6 +350,7 @@ def _window_attention_op(qkv: Tensor, bias: Tensor, pad_qkv: Optional[Tensor], l
     """See the module docstring. Returns out (B, H, W, heads*D) and lse (B, heads, nW, N) fp32."""
     if qkv.numel() == 0:
         return _fake_fwd(qkv, window_size)
+    check_dropout_capture(OP, dropout_p, qkv.device)
     which = _backend.choose_backend(OP, qkv, bias, pad_qkv, logit_scale)
     if which == "triton":
         from vitfast.triton.window_attention import window_attention_fwd
@@ -378,6 +380,7 @@ def _window_attention_backward_op(dout: Tensor, qkv: Tensor, bias: Tensor, pad_q
     """Returns dqkv (B, H, W, 3, heads, D), dbias (like bias), dpad_qkv (3, heads, D) or empty, dlogit_scale."""
     if qkv.numel() == 0:
         return _fake_bwd(qkv, bias, pad_qkv, logit_scale, zero=True)
+    check_dropout_capture(OP, dropout_p, qkv.device)
     which = _backend.choose_backend(OP, qkv, bias, pad_qkv, logit_scale)
     if which == "triton":
         from vitfast.triton.window_attention import window_attention_bwd
@@ -495,13 +498,17 @@ def window_attention(qkv: Tensor, relative_position_bias: Tensor, window_size: I
         logit_scale: Swin-V2 cosine attention: the raw per-head parameter (heads elements); scores are
             cos(q, k) * exp(min(logit_scale, log 100)). None: scaled dot product.
         softmax_scale: dot-product scale, default D ** -0.5.
-        attention_dropout, training: dropout on the attention probabilities (when training).
+        attention_dropout, training: dropout on the attention probabilities (when training); refused
+            (RuntimeError) inside CUDA graph capture, where every replay would reuse the host-drawn seed.
         clamp_window: Swin's rule: when min(H, W) <= the window, the window shrinks to min(H, W) per axis
             and the shift is dropped (a table for the full window is cropped to the small one). Without
             it, only torchvision's rule applies: a shift is dropped along an axis the window covers.
 
     Autocast: qkv and qkv_pad are cast to the region's dtype, the bias and logit scale are added in fp32
     (as the unfused code's float32 bias promotes the scores), and the output is in the region's dtype.
+
+    fp32 products are IEEE fp32 unless `torch.backends.cuda.matmul.allow_tf32` allows TF32 (vitfast's fp32 rule,
+    vitfast.triton.common).
 
     Returns:
         (B, H, W, heads * D) in qkv's dtype (the region's dtype under autocast), contiguous.

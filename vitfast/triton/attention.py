@@ -24,7 +24,7 @@ Masks and biases are read through four strides (stride 0 on broadcast dims), so 
 Philox draw keyed on (seed, batch*head*Nq*Nk + i*Nk + j) is at least the threshold, so backward
 regenerates the forward's mask (vitfast.ops.attention.dropout_keep_ref computes it in plain PyTorch).
 Grids are 1-D (flattened over blocks and batch*head, so no dimension limit of 65535 applies) and
-offsets are int64.
+offsets are int64. The forward is autotuned per (next power of two of Nq, of Nk) bucket.
 """
 import functools
 
@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vitfast.triton.common import compiled, dot, upcast_bf16
+from vitfast.triton.common import autotune, compiled, dot, dot_precision, launch, tune_bucket, upcast_bf16
 
 MAX_HEAD_DIM = 256
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -50,9 +50,14 @@ _FWD_CONFIGS = {
 # Backward configurations per padded head dim, not autotuned: the dK/dV kernel adds atomically into dQ and
 # dbias, which an autotuner would have to re-zero between trials. BLOCK_N (keys) is the dK/dV kernel's outer
 # block, whose fp32 dK and dV accumulators live in registers, and the dQ kernel's inner one:
-# (BLOCK_M, BLOCK_N, num_warps, num_stages).
-_BWD_CONFIGS = {16: (32, 128, 4, 3), 32: (32, 128, 4, 3), 64: (32, 128, 4, 3), 128: (32, 128, 8, 2),
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). 32 x 64 tiles keep dK and dV without register spills on sm_90 up to
+# D=64 (scripts/compile_triton.py; BLOCK_N=128 spills at D=32 with 4 and 8 warps).
+_BWD_CONFIGS = {16: (32, 64, 4, 3), 32: (32, 64, 4, 3), 64: (32, 64, 4, 3), 128: (32, 64, 8, 2),
                 256: (16, 64, 8, 1)}
+# fp32 at head dims 128 and 256: IEEE fp32 products run on FMA units with their operands in registers, and the
+# configs above spill tens of KB per thread there (and take minutes to compile); these spill a few KB.
+_FWD_CONFIGS_FP32 = {128: [(64, 32, 8, 2), (32, 32, 4, 2)], 256: [(16, 32, 4, 1), (32, 32, 8, 1)]}
+_BWD_CONFIGS_FP32 = {128: (16, 64, 8, 1), 256: (16, 32, 8, 1)}
 
 
 @triton.jit
@@ -146,7 +151,7 @@ def _probs(
     return tl.math.exp2(((s - m[:, None]) - log_l[:, None]) * LOG2E)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["nq_bucket", "nk_bucket"])
 def _attention_fwd_kernel(
     Q,  # (B, H, Nq, D)
     K,  # (B, H, Nk, D)
@@ -184,6 +189,8 @@ def _attention_fwd_kernel(
     seed,
     dropout_thresh,
     dropout_scale,  # 1 / (1 - p)
+    nq_bucket,  # tune_bucket(Nq), tune_bucket(Nk): the autotuning key, unused by the kernel
+    nk_bucket,
     BIAS_KIND: tl.constexpr,
     BIAS_ROW_BCAST: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
@@ -533,11 +540,11 @@ def _attention_bwd_dq_kernel(
 
 
 @functools.lru_cache(None)
-def _fwd_autotuned(block_d: int):
-    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-               for m, n, w, s in _FWD_CONFIGS[block_d]]
-    key = ["Nq", "Nk", "BIAS_KIND", "BIAS_ROW_BCAST", "IS_CAUSAL", "HAS_DROPOUT", "PRECISION"]
-    return triton.autotune(configs=configs, key=key)(_attention_fwd_kernel)
+def _fwd_autotuned(block_d: int, fp32: bool):
+    shapes = _FWD_CONFIGS_FP32.get(block_d, _FWD_CONFIGS[block_d]) if fp32 else _FWD_CONFIGS[block_d]
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+    key = ["nq_bucket", "nk_bucket", "BIAS_KIND", "BIAS_ROW_BCAST", "IS_CAUSAL", "HAS_DROPOUT", "PRECISION"]
+    return autotune(configs, key)(_attention_fwd_kernel)
 
 
 def _block_d(d: int) -> int:
@@ -546,12 +553,6 @@ def _block_d(d: int) -> int:
 
 # The interpreter runs programs one after another, with numpy on each tile: few, mid-sized blocks are fastest.
 _INTERPRET_BLOCK = 32
-
-
-def _precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
 
 
 def _dropout_args(dropout_p: float, seed: int) -> tuple:
@@ -596,15 +597,15 @@ def attention_fwd(q, k, v, bias, dropout_p, seed, is_causal, causal_offset, scal
     seed, thresh, dscale = _dropout_args(dropout_p, seed)
     block_d = _block_d(D)
     args = (q, k, v, bias_t, out, lse, *q.stride(), *k.stride(), *v.stride(), *bs, *out.stride(), lse.stride(0),
-            H, Nq, Nk, D, scale, causal_offset, seed, thresh, dscale)
+            H, Nq, Nk, D, scale, causal_offset, seed, thresh, dscale, tune_bucket(Nq), tune_bucket(Nk))
     consts = dict(BIAS_KIND=bias_kind, BIAS_ROW_BCAST=row_bcast, IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0,
-                  PRECISION=_precision(q.dtype), DOT_UPCAST=upcast_bf16(q), BLOCK_D=block_d)
+                  PRECISION=dot_precision(q), DOT_UPCAST=upcast_bf16(q), BLOCK_D=block_d)
     if not compiled(q):
         grid = (triton.cdiv(Nq, _INTERPRET_BLOCK) * B * H,)
-        _attention_fwd_kernel[grid](*args, **consts, BLOCK_M=_INTERPRET_BLOCK, BLOCK_N=_INTERPRET_BLOCK)
+        launch(_attention_fwd_kernel, grid, *args, **consts, BLOCK_M=_INTERPRET_BLOCK, BLOCK_N=_INTERPRET_BLOCK)
     else:
         grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]) * B * H,)  # noqa: E731
-        _fwd_autotuned(block_d)[grid](*args, **consts)
+        launch(_fwd_autotuned(block_d, q.dtype == torch.float32), grid, *args, **consts)
     return out, lse
 
 
@@ -627,10 +628,12 @@ def attention_bwd(dout, q, k, v, out, lse, bias, dropout_p, seed, is_causal, cau
         block_m = block_n = _INTERPRET_BLOCK
         warps = {}
     else:
-        block_m, block_n, num_warps, num_stages = _BWD_CONFIGS[block_d]
+        configs = _BWD_CONFIGS_FP32 if q.dtype == torch.float32 else {}
+        block_m, block_n, num_warps, num_stages = configs.get(block_d, _BWD_CONFIGS[block_d])
         warps = dict(num_warps=num_warps, num_stages=num_stages)
     delta = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
-    _attention_bwd_preprocess_kernel[(triton.cdiv(Nq, block_m) * B * H,)](
+    launch(
+        _attention_bwd_preprocess_kernel, (triton.cdiv(Nq, block_m) * B * H,),
         out, dout, delta, *out.stride(), *dout.stride(), H, Nq, D, BLOCK_M=block_m, BLOCK_D=block_d)
 
     bias_t, bs, bias_kind, row_bcast = _bias_args(bias, B, H, Nq, Nk, q)
@@ -647,9 +650,10 @@ def attention_bwd(dout, q, k, v, out, lse, bias, dropout_p, seed, is_causal, cau
     dv = _bnhd_empty(B, H, Nk, D, v)
     dq_acc = torch.zeros((B, H, Nq, D), dtype=torch.float32, device=q.device) if dq_atomic else q
     common = dict(BIAS_KIND=bias_kind, BIAS_ROW_BCAST=row_bcast, IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0,
-                  PRECISION=_precision(q.dtype), DOT_UPCAST=upcast_bf16(q), BLOCK_M=block_m, BLOCK_N=block_n,
+                  PRECISION=dot_precision(q), DOT_UPCAST=upcast_bf16(q), BLOCK_M=block_m, BLOCK_N=block_n,
                   BLOCK_D=block_d, **warps)
-    _attention_bwd_dkdv_kernel[(triton.cdiv(Nk, block_n) * B * H,)](
+    launch(
+        _attention_bwd_dkdv_kernel, (triton.cdiv(Nk, block_n) * B * H,),
         q, k, v, bias_t, dout, lse, delta, dk, dv, dq_acc, dbias_buf,
         *q.stride(), *k.stride(), *v.stride(), *bs, *dout.stride(), *dk.stride(), *dv.stride(),
         *(dq_acc.stride() if dq_atomic else (0, 0, 0, 0)), *dbs, lse.stride(0),
@@ -660,7 +664,8 @@ def attention_bwd(dout, q, k, v, out, lse, bias, dropout_p, seed, is_causal, cau
         dq.copy_(dq_acc)
     else:
         dq = _bnhd_empty(B, H, Nq, D, q)
-        _attention_bwd_dq_kernel[(triton.cdiv(Nq, block_m) * B * H,)](
+        launch(
+            _attention_bwd_dq_kernel, (triton.cdiv(Nq, block_m) * B * H,),
             q, k, v, bias_t, dout, lse, delta, dq,
             *q.stride(), *k.stride(), *v.stride(), *bs, *dout.stride(), *dq.stride(), lse.stride(0),
             H, Nq, Nk, D, scale, causal_offset, seed, thresh, dscale, **common)

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vitfast.triton.common import compiled, num_sms
+from vitfast.triton.common import compiled, launch, num_sms
 
 MAX_N = 8192
 
@@ -173,7 +173,8 @@ def layer_norm_fwd(x, weight, bias, residual, eps):
     mean = torch.empty(M, dtype=torch.float32, device=x.device)
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
     block_m, block_n, num_warps = _block_sizes(N)
-    _layer_norm_fwd_kernel[(triton.cdiv(M, block_m),)](
+    launch(
+        _layer_norm_fwd_kernel, (triton.cdiv(M, block_m),),
         x, residual if residual is not None else x, s, y,
         weight if weight is not None else x, bias if bias is not None else x, mean, rstd,
         x.stride(0), residual.stride(0) if residual is not None else 0, M, N, eps,
@@ -206,7 +207,8 @@ def layer_norm_bwd(dy, ds, s, weight, mean, rstd, has_bias):
     programs = triton.cdiv(M, rows_per_program)
     dx = torch.empty((M, N), dtype=s.dtype, device=s.device)
     partial = torch.empty((2, programs, N), dtype=torch.float32, device=s.device)
-    _layer_norm_bwd_kernel[(programs,)](
+    launch(
+        _layer_norm_bwd_kernel, (programs,),
         dy, ds if ds is not None else dy, s, weight if weight is not None else s, mean, rstd,
         dx, partial[0], partial[1],
         dy.stride(0), ds.stride(0) if ds is not None else 0, s.stride(0), M, N, rows_per_program,

@@ -10,13 +10,17 @@ with vitfast.triton.layer_norm.row_stats), then the positional embedding, stored
 patch slots of a (B, num_prefix + L, E) token tensor. Backward: dimages = dZ @ W (stride = kernel, so
 patches do not overlap and the result is scattered to the image without atomics) and dweight = dZ^T @ patches
 (reading the patches from the image again) with a split over the B*L reduction into fp32 partials, which
-also yields dbias. fp32 operands use input_precision="ieee", matching an fp32 convolution.
+also yields dbias. fp32 products follow vitfast's fp32 rule (vitfast.triton.common: IEEE unless
+torch.backends.cuda.matmul.allow_tf32). Grids are 1-D over output tiles (the weight gradient adds a dimension of
+at most 2 * SMs splits), and the autotuning key buckets the token count B*L.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from vitfast.triton.common import compiled, mma, num_splits, upcast_bf16
+from vitfast.triton.common import autotune, compiled, dot_precision, launch, mma, num_splits, tune_bucket, upcast_bf16
 from vitfast.triton.layer_norm import row_stats
 
 MAX_NORM_E = 1024  # the LayerNorm epilogue keeps BLOCK_M x next_pow2(E) fp32 values per program
@@ -36,12 +40,7 @@ def _configs(with_n: bool) -> list:
     return configs
 
 
-def _norm_configs() -> list:
-    return [triton.Config(dict(BLOCK_M=bm, BLOCK_K=bk), num_warps=w, num_stages=s)
-            for bm, bk, w, s in [(32, 32, 4, 3), (64, 32, 8, 3), (16, 64, 4, 3), (32, 64, 8, 4)]]
-
-
-@triton.jit
+@triton.jit(do_not_specialize=["m_bucket"])
 def _patch_embed_fwd_kernel(
     X,  # (B, C, H, W) images, strides sxb, sxc, sxh, sxw
     Wt,  # (E, K) flattened kernel, contiguous, K = C * PH * PW in (c, i, j) order
@@ -66,6 +65,7 @@ def _patch_embed_fwd_kernel(
     num_prefix,
     pos_offset,
     eps,
+    m_bucket,  # tune_bucket(M): the autotuning key, unused by the kernel
     PH: tl.constexpr,
     PW: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -74,13 +74,16 @@ def _patch_embed_fwd_kernel(
     HAS_NW: tl.constexpr,
     HAS_NB: tl.constexpr,
     STORE_Z: tl.constexpr,
+    PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(E, BLOCK_N)
+    rm = (pid // n_blocks).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = (pid % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = rm < M
     n_mask = rn < E
     b = rm // L
@@ -93,7 +96,7 @@ def _patch_embed_fwd_kernel(
         col_off = (rk // (PH * PW)) * sxc + ((rk // PW) % PH) * sxh + (rk % PW) * sxw
         a = tl.load(X + row_base[:, None] + col_off[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(Wt + rn[None, :] * K + rk[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = mma(a, w, acc, UPCAST)
+        acc = mma(a, w, acc, PRECISION, UPCAST)
     if HAS_BIAS:
         acc += tl.load(Bias + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     mask = m_mask[:, None] & n_mask[None, :]
@@ -117,7 +120,7 @@ def _patch_embed_fwd_kernel(
     tl.store(Out + out_row[:, None] * E + rn[None, :], acc.to(Out.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["m_bucket"])
 def _patch_embed_bwd_dx_kernel(
     DZ,  # (B, L, E), strides sdb, sdl, 1: gradient of the pre-pos (post-norm-backward) tokens
     Wt,  # (E, K) flattened kernel, contiguous
@@ -133,15 +136,19 @@ def _patch_embed_bwd_dx_kernel(
     K,
     L,
     Wp,
+    m_bucket,  # tune_bucket(M): the autotuning key, unused by the kernel
     PH: tl.constexpr,
     PW: tl.constexpr,
+    PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # over K (patch elements)
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(K, BLOCK_N)
+    rm = (pid // n_blocks).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = (pid % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)  # over K (patch elements)
     m_mask = rm < M
     n_mask = rn < K
     b = rm // L
@@ -153,14 +160,14 @@ def _patch_embed_bwd_dx_kernel(
         e_mask = re < E
         dz = tl.load(DZ + dz_row[:, None] + re[None, :], mask=m_mask[:, None] & e_mask[None, :], other=0.0)
         w = tl.load(Wt + re[:, None] * K + rn[None, :], mask=e_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = mma(dz, w, acc, UPCAST)
+        acc = mma(dz, w, acc, PRECISION, UPCAST)
     row_base = b * sxb + (tok // Wp) * PH * sxh + (tok % Wp) * PW * sxw
     col_off = (rn // (PH * PW)) * sxc + ((rn // PW) % PH) * sxh + (rn % PW) * sxw
     tl.store(DX + row_base[:, None] + col_off[None, :], acc.to(DX.dtype.element_ty),
              mask=m_mask[:, None] & n_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["m_bucket"])
 def _patch_embed_bwd_dw_kernel(
     DZ,  # (B, L, E), strides sdb, sdl, 1
     X,  # (B, C, H, W) images, strides sxb, sxc, sxh, sxw
@@ -178,17 +185,21 @@ def _patch_embed_bwd_dw_kernel(
     L,
     Wp,
     num_splits,
+    m_bucket,  # tune_bucket(M): the autotuning key, unused by the kernel
     PH: tl.constexpr,
     PW: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,  # over E
     BLOCK_N: tl.constexpr,  # over K
     BLOCK_K: tl.constexpr,  # over the B * L tokens
 ):
-    pid_k = tl.program_id(1)
-    split = tl.program_id(2).to(tl.int64)
-    re = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid = tl.program_id(0)
+    k_blocks = tl.cdiv(K, BLOCK_N)
+    pid_k = pid % k_blocks
+    split = tl.program_id(1).to(tl.int64)
+    re = (pid // k_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
     e_mask = re < E
     k_mask = rk < K
@@ -207,7 +218,7 @@ def _patch_embed_bwd_dw_kernel(
                       other=0.0)
         row_base = b * sxb + (tok // Wp) * PH * sxh + (tok % Wp) * PW * sxw
         a = tl.load(X + row_base[:, None] + col_off[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        acc = mma(dzt, a, acc, UPCAST)
+        acc = mma(dzt, a, acc, PRECISION, UPCAST)
         if HAS_BIAS:
             db += tl.sum(dzt.to(tl.float32), axis=1)
     tl.store(DW_partial + split * E * K + re[:, None] * K + rk[None, :], acc,
@@ -217,13 +228,31 @@ def _patch_embed_bwd_dw_kernel(
             tl.store(DB_partial + split * E + re, db, mask=e_mask)
 
 
-_fwd_tuned = triton.autotune(_configs(True), key=["M", "E", "K"])(_patch_embed_fwd_kernel)
-_fwd_norm_tuned = triton.autotune(_norm_configs(), key=["M", "E", "K"])(_patch_embed_fwd_kernel)
-_dx_tuned = triton.autotune(_configs(True), key=["M", "E", "K"])(_patch_embed_bwd_dx_kernel)
-_dw_tuned = triton.autotune(_configs(True), key=["M", "E", "K"])(_patch_embed_bwd_dw_kernel)
+_KEY = ["m_bucket", "E", "K"]
+_fwd_tuned = autotune(_configs(True), _KEY)(_patch_embed_fwd_kernel)
+_dx_tuned = autotune(_configs(True), _KEY)(_patch_embed_bwd_dx_kernel)
+_dw_tuned = autotune(_configs(True), _KEY)(_patch_embed_bwd_dw_kernel)
+
+
+@functools.lru_cache(None)
+def _fwd_norm_tuned(block_n: int, itemsize: int):
+    """The forward with the LayerNorm epilogue, whose programs hold whole rows (BLOCK_N = next_pow2(E) <= 1024),
+    autotuned over the configs whose (BLOCK_K, BLOCK_N) weight tile stays within 32 KiB per pipeline stage (BLOCK_K
+    at least 16, tl.dot's least): for fp32 or 16 bits at E = 1024 only BLOCK_K = 16 fits in shared memory without
+    register spills on sm_90 (scripts/compile_triton.py: the others need 266-811 KB or spill)."""
+    shapes = [(32, 32, 4, 3), (64, 32, 8, 3), (16, 64, 4, 3), (32, 64, 8, 4), (16, 16, 4, 2), (32, 16, 8, 2)]
+    configs = [triton.Config(dict(BLOCK_M=bm, BLOCK_K=bk), num_warps=w, num_stages=s) for bm, bk, w, s in shapes
+               if bk == 16 or bk * block_n * itemsize <= 32768]
+    return autotune(configs, _KEY)(_patch_embed_fwd_kernel)
+
 
 # Under the interpreter (CPU tensors) every program runs one after another in numpy: small fixed blocks.
 _INTERPRET_BLOCKS = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32)
+
+
+def _tiles(rows: int, cols: int, meta: dict) -> int:
+    """Programs of a 1-D grid over the (rows, cols) output in (BLOCK_M, BLOCK_N) tiles."""
+    return triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"])
 
 
 def patch_embed_fwd(images, weight, bias, pos_embed, pos_offset, prefix_rows, norm_weight, norm_bias, has_norm,
@@ -260,21 +289,19 @@ def patch_embed_fwd(images, weight, bias, pos_embed, pos_offset, prefix_rows, no
     bias, norm_weight, norm_bias = (t.contiguous() if t is not None else None for t in (bias, norm_weight, norm_bias))
     args = (images, w2, bias if bias is not None else w2, pos_embed if pos_embed is not None else w2,
             norm_weight if norm_weight is not None else w2, norm_bias if norm_bias is not None else w2,
-            out, z, mean, rstd, *images.stride(), M, E, K, L, Wp, T, num_prefix, pos_offset, eps)
+            out, z, mean, rstd, *images.stride(), M, E, K, L, Wp, T, num_prefix, pos_offset, eps, tune_bucket(M))
     flags = dict(PH=ph, PW=pw, HAS_BIAS=bias is not None, HAS_POS=pos_embed is not None, HAS_NORM=has_norm,
                  HAS_NW=norm_weight is not None, HAS_NB=norm_bias is not None, STORE_Z=has_norm and store_z,
-                 UPCAST=upcast_bf16(images))
+                 PRECISION=dot_precision(images), UPCAST=upcast_bf16(images))
     block_n_norm = max(16, triton.next_power_of_2(E))
     if not compiled(images):
         blocks = dict(_INTERPRET_BLOCKS, BLOCK_N=block_n_norm) if has_norm else _INTERPRET_BLOCKS
-        grid = (triton.cdiv(M, blocks["BLOCK_M"]), triton.cdiv(E, blocks["BLOCK_N"]))
-        _patch_embed_fwd_kernel[grid](*args, **flags, **blocks)
+        launch(_patch_embed_fwd_kernel, (_tiles(M, E, blocks),), *args, **flags, **blocks)
     elif has_norm:
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), 1)  # noqa: E731
-        _fwd_norm_tuned[grid](*args, **flags, BLOCK_N=block_n_norm)
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
+        launch(_fwd_norm_tuned(block_n_norm, images.element_size()), grid, *args, **flags, BLOCK_N=block_n_norm)
     else:
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(E, meta["BLOCK_N"]))  # noqa: E731
-        _fwd_tuned[grid](*args, **flags)
+        launch(_fwd_tuned, lambda meta: (_tiles(M, E, meta),), *args, **flags)
     return out, z, mean, rstd
 
 
@@ -302,28 +329,25 @@ def patch_embed_bwd(dz, images, weight, has_bias, need_dimages):
         return (dimages, torch.zeros_like(weight),
                 torch.zeros(E if has_bias else 0, device=dev, dtype=weight.dtype))
     w2 = weight.reshape(E, K).contiguous()
-    common = dict(PH=ph, PW=pw, UPCAST=upcast_bf16(images))
+    common = dict(PH=ph, PW=pw, PRECISION=dot_precision(images), UPCAST=upcast_bf16(images))
     if need_dimages:
-        args = (dz, w2, dimages, dz.stride(0), dz.stride(1), *dimages.stride(), M, E, K, L, Wp)
+        args = (dz, w2, dimages, dz.stride(0), dz.stride(1), *dimages.stride(), M, E, K, L, Wp, tune_bucket(M))
         if compiled(images):
-            grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_N"]))  # noqa: E731
-            _dx_tuned[grid](*args, **common)
+            launch(_dx_tuned, lambda meta: (_tiles(M, K, meta),), *args, **common)
         else:
-            b = _INTERPRET_BLOCKS
-            _patch_embed_bwd_dx_kernel[(triton.cdiv(M, b["BLOCK_M"]), triton.cdiv(K, b["BLOCK_N"]))](
-                *args, **common, **b)
+            launch(_patch_embed_bwd_dx_kernel, (_tiles(M, K, _INTERPRET_BLOCKS),), *args, **common,
+                   **_INTERPRET_BLOCKS)
     tiles = triton.cdiv(E, 64) * triton.cdiv(K, 64)
     splits = num_splits(images, tiles, M)
     dw_part = torch.empty((splits, E, K), device=dev, dtype=torch.float32)
     db_part = torch.empty((splits, E) if has_bias else (0,), device=dev, dtype=torch.float32)
-    args = (dz, images, dw_part, db_part, dz.stride(0), dz.stride(1), *images.stride(), M, E, K, L, Wp, splits)
+    args = (dz, images, dw_part, db_part, dz.stride(0), dz.stride(1), *images.stride(), M, E, K, L, Wp, splits,
+            tune_bucket(M))
     if compiled(images):
-        grid = lambda meta: (triton.cdiv(E, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_N"]), splits)  # noqa: E731
-        _dw_tuned[grid](*args, **common, HAS_BIAS=has_bias)
+        launch(_dw_tuned, lambda meta: (_tiles(E, K, meta), splits), *args, **common, HAS_BIAS=has_bias)
     else:
-        b = _INTERPRET_BLOCKS
-        _patch_embed_bwd_dw_kernel[(triton.cdiv(E, b["BLOCK_M"]), triton.cdiv(K, b["BLOCK_N"]), splits)](
-            *args, **common, HAS_BIAS=has_bias, **b)
+        launch(_patch_embed_bwd_dw_kernel, (_tiles(E, K, _INTERPRET_BLOCKS), splits), *args, **common,
+               HAS_BIAS=has_bias, **_INTERPRET_BLOCKS)
     dweight = dw_part.sum(0).to(weight.dtype).view(weight.shape)
     dbias = db_part.sum(0).to(weight.dtype) if has_bias else torch.empty(0, device=dev, dtype=weight.dtype)
     return dimages, dweight, dbias

@@ -9,13 +9,15 @@ the backward recomputes them), by R^T. (Folding the norm into the GEMM, rstd * (
 cancels catastrophically for rows of small spread: a constant row came out off by 1e-3 instead of R @ beta.)
 Backward: dR = dY^T @ LN(x) with LN recomputed in the loads (split over rows into fp32 partials);
 dLN = dY @ R tile by tile, which also yields dgamma/dbeta column partials and the per-row sums that the
-LayerNorm backward needs; a last pass forms dx and scatters it back through the gather.
+LayerNorm backward needs; a last pass forms dx and scatters it back through the gather. fp32 products follow
+vitfast's fp32 rule (vitfast.triton.common). Grids are 1-D over output tiles (dR adds a dimension of at most
+2 * SMs splits), and the autotuning key buckets the row count M.
 """
 import torch
 import triton
 import triton.language as tl
 
-from vitfast.triton.common import compiled, mma, num_splits, upcast_bf16
+from vitfast.triton.common import autotune, compiled, dot_precision, launch, mma, num_splits, tune_bucket, upcast_bf16
 from vitfast.triton.layer_norm import row_stats_from_sums
 
 
@@ -56,7 +58,7 @@ def _normalized(
     return tl.where(valid, ln, 0.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["m_bucket"])
 def _patch_merging_fwd_kernel(
     X,  # (B, H, W, C), strides sxb, sxh, sxw, sxc
     R,  # (N, K) reduction weight, contiguous, K = 4C
@@ -78,15 +80,19 @@ def _patch_merging_fwd_kernel(
     N,
     K,
     eps,
+    m_bucket,  # tune_bucket(M): the autotuning key, unused by the kernel
     HAS_NW: tl.constexpr,
     HAS_NB: tl.constexpr,
+    PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    pid_n = tl.program_id(1)
-    rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    pid_n = pid % n_blocks
+    rm = (pid // n_blocks).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = rm < M
     n_mask = rn < N
@@ -118,14 +124,14 @@ def _patch_merging_fwd_kernel(
         # Rounded to the input dtype, as the eager sequence feeds LN(x) to the linear.
         ln = _normalized(a, valid, mean, rstd, NW, NB, rk, K, HAS_NW, HAS_NB).to(Out.dtype.element_ty)
         w = tl.load(R + rn[None, :] * K + rk[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = mma(ln, w, acc, UPCAST)
+        acc = mma(ln, w, acc, PRECISION, UPCAST)
     tl.store(Out + rm[:, None] * N + rn[None, :], acc.to(Out.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
     if pid_n == 0:
         tl.store(Mean + rm, mean, mask=m_mask)
         tl.store(Rstd + rm, rstd, mask=m_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["m_bucket"])
 def _patch_merging_bwd_dr_kernel(
     DY,  # (M, N), row stride sdy, unit inner stride
     X,  # (B, H, W, C), strides sxb, sxh, sxw, sxc
@@ -148,16 +154,20 @@ def _patch_merging_bwd_dr_kernel(
     N,
     K,
     num_splits,
+    m_bucket,  # tune_bucket(M): the autotuning key, unused by the kernel
     HAS_NW: tl.constexpr,
     HAS_NB: tl.constexpr,
+    PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,  # over N
     BLOCK_N: tl.constexpr,  # over K
     BLOCK_K: tl.constexpr,  # over the M rows
 ):
-    split = tl.program_id(2).to(tl.int64)
-    rn = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rk = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid = tl.program_id(0)
+    k_blocks = tl.cdiv(K, BLOCK_N)
+    split = tl.program_id(1).to(tl.int64)
+    rn = (pid // k_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = (pid % k_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
     k_mask = rk < K
     rows_per_split = tl.cdiv(tl.cdiv(M, num_splits), BLOCK_K) * BLOCK_K
@@ -175,7 +185,7 @@ def _patch_merging_bwd_dr_kernel(
         rstd = tl.load(Rstd + rm, mask=m_mask, other=0.0)
         # Round as the normalized activations of the eager sequence are, the reduction's input dtype.
         ln = _normalized(x, valid, mean, rstd, NW, NB, rk, K, HAS_NW, HAS_NB).to(DY.dtype.element_ty)
-        acc = mma(dyt, ln, acc, UPCAST)
+        acc = mma(dyt, ln, acc, PRECISION, UPCAST)
     tl.store(DR_partial + split * N * K + rn[:, None] * K + rk[None, :], acc,
              mask=n_mask[:, None] & k_mask[None, :])
 
@@ -205,13 +215,17 @@ def _patch_merging_bwd_dln_kernel(
     N,
     K,
     HAS_NW: tl.constexpr,
+    PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,  # over K
     BLOCK_K: tl.constexpr,  # over N
 ):
-    pid_m = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    num_kb = tl.cdiv(K, BLOCK_N)
+    num_mb = tl.cdiv(M, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid // num_kb
+    pid_k = pid % num_kb
     rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = rm < M
@@ -222,7 +236,7 @@ def _patch_merging_bwd_dln_kernel(
         n_mask = rn < N
         dy = tl.load(DY + rm[:, None] * sdy + rn[None, :], mask=m_mask[:, None] & n_mask[None, :], other=0.0)
         r = tl.load(R + rn[:, None] * K + rk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        acc = mma(dy, r, acc, UPCAST)
+        acc = mma(dy, r, acc, PRECISION, UPCAST)
     mask = m_mask[:, None] & k_mask[None, :]
     # dLN in the input dtype, as the eager linear backward produces it: half the traffic of fp32, and the
     # row/column sums below use the same rounded values as the dx pass.
@@ -237,10 +251,8 @@ def _patch_merging_bwd_dln_kernel(
     g = acc
     if HAS_NW:
         g = acc * tl.load(NW + rk, mask=k_mask, other=0.0).to(tl.float32)[None, :]
-    num_kb = tl.num_programs(1)
     tl.store(ROW_partial + pid_k * M + rm, tl.sum(g * xhat, axis=1), mask=m_mask)
     tl.store(ROW_partial + (num_kb + pid_k) * M + rm, tl.sum(g, axis=1), mask=m_mask)
-    num_mb = tl.num_programs(0)
     tl.store(COL_partial + pid_m * K + rk, tl.sum(acc * xhat, axis=0), mask=k_mask)
     tl.store(COL_partial + (num_mb + pid_m) * K + rk, tl.sum(acc, axis=0), mask=k_mask)
 
@@ -273,8 +285,10 @@ def _patch_merging_bwd_dx_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rk = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid = tl.program_id(0)
+    k_blocks = tl.cdiv(K, BLOCK_N)
+    rm = (pid // k_blocks).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = (pid % k_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = rm < M
     k_mask = rk < K
     mask = m_mask[:, None] & k_mask[None, :]
@@ -299,12 +313,17 @@ def _configs() -> list:
                                      (64, 64, 64, 4, 3), (64, 64, 32, 4, 4)]]
 
 
-_fwd_tuned = triton.autotune(_configs(), key=["M", "N", "K"])(_patch_merging_fwd_kernel)
-_dr_tuned = triton.autotune(_configs(), key=["M", "N", "K"])(_patch_merging_bwd_dr_kernel)
+_fwd_tuned = autotune(_configs(), ["m_bucket", "N", "K"])(_patch_merging_fwd_kernel)
+_dr_tuned = autotune(_configs(), ["m_bucket", "N", "K"])(_patch_merging_bwd_dr_kernel)
 
 _INTERPRET_BLOCKS = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32)
 # dln / dx keep fixed blocks on the GPU too: their partial-buffer shapes depend on the block sizes.
 _DLN_BLOCKS = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)
+
+
+def _tiles(rows: int, cols: int, meta: dict) -> int:
+    """Programs of a 1-D grid over the (rows, cols) output in (BLOCK_M, BLOCK_N) tiles."""
+    return triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"])
 
 
 def _geometry(x):
@@ -332,15 +351,13 @@ def patch_merging_fwd(x, norm_weight, norm_bias, reduction_weight, eps):
     r = reduction_weight.contiguous()
     nw = norm_weight.contiguous() if norm_weight is not None else r
     nb = norm_bias.contiguous() if norm_bias is not None else r
-    args = (x, r, nw, nb, out, mean, rstd, *x.stride(), H, W, H2, W2, C, M, N, K, eps)
-    flags = dict(HAS_NW=norm_weight is not None, HAS_NB=norm_bias is not None)
+    args = (x, r, nw, nb, out, mean, rstd, *x.stride(), H, W, H2, W2, C, M, N, K, eps, tune_bucket(M))
+    flags = dict(HAS_NW=norm_weight is not None, HAS_NB=norm_bias is not None, PRECISION=dot_precision(x))
     if not compiled(x):
-        b = _INTERPRET_BLOCKS
-        _patch_merging_fwd_kernel[(triton.cdiv(M, b["BLOCK_M"]), triton.cdiv(N, b["BLOCK_N"]))](
-            *args, **flags, UPCAST=upcast_bf16(x), **b)
+        launch(_patch_merging_fwd_kernel, (_tiles(M, N, _INTERPRET_BLOCKS),), *args, **flags, UPCAST=upcast_bf16(x),
+               **_INTERPRET_BLOCKS)
     else:
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
-        _fwd_tuned[grid](*args, **flags, UPCAST=False)
+        launch(_fwd_tuned, lambda meta: (_tiles(M, N, meta),), *args, **flags, UPCAST=False)
     return out, mean, rstd
 
 
@@ -368,21 +385,20 @@ def patch_merging_bwd(dy, x, norm_weight, norm_bias, reduction_weight, mean, rst
     has_nw, has_nb = norm_weight is not None, norm_bias is not None
     nw = norm_weight.contiguous() if has_nw else r
     nb = norm_bias.contiguous() if has_nb else r
-    upcast = upcast_bf16(x)
+    precision, upcast = dot_precision(x), upcast_bf16(x)
     interp = not compiled(x)
 
     tiles = triton.cdiv(N, 64) * triton.cdiv(K, 64)
     splits = num_splits(x, tiles, M)
     dr_part = torch.empty((splits, N, K), device=dev, dtype=torch.float32)
-    args = (dy, x, nw, nb, mean, rstd, dr_part, dy.stride(0), *x.stride(), H, W, H2, W2, C, M, N, K, splits)
-    flags = dict(HAS_NW=has_nw, HAS_NB=has_nb, UPCAST=upcast)
+    args = (dy, x, nw, nb, mean, rstd, dr_part, dy.stride(0), *x.stride(), H, W, H2, W2, C, M, N, K, splits,
+            tune_bucket(M))
+    flags = dict(HAS_NW=has_nw, HAS_NB=has_nb, PRECISION=precision, UPCAST=upcast)
     if interp:
-        b = _INTERPRET_BLOCKS
-        _patch_merging_bwd_dr_kernel[(triton.cdiv(N, b["BLOCK_M"]), triton.cdiv(K, b["BLOCK_N"]), splits)](
-            *args, **flags, **b)
+        launch(_patch_merging_bwd_dr_kernel, (_tiles(N, K, _INTERPRET_BLOCKS), splits), *args, **flags,
+               **_INTERPRET_BLOCKS)
     else:
-        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_N"]), splits)  # noqa: E731
-        _dr_tuned[grid](*args, **flags)
+        launch(_dr_tuned, lambda meta: (_tiles(N, K, meta), splits), *args, **flags)
     dreduction = dr_part.sum(0).to(pdt)
 
     blocks = _INTERPRET_BLOCKS if interp else _DLN_BLOCKS
@@ -390,11 +406,13 @@ def patch_merging_bwd(dy, x, norm_weight, norm_bias, reduction_weight, mean, rst
     dln = torch.empty((M, K), device=dev, dtype=dt)
     row_part = torch.empty((2, kb, M), device=dev, dtype=torch.float32)
     col_part = torch.empty((2, mb, K), device=dev, dtype=torch.float32)
-    _patch_merging_bwd_dln_kernel[(mb, kb)](
+    launch(
+        _patch_merging_bwd_dln_kernel, (mb * kb,),
         dy, r, x, nw, mean, rstd, dln, row_part, col_part, dy.stride(0), *x.stride(), H, W, H2, W2, C, M, N, K,
-        HAS_NW=has_nw, UPCAST=upcast, **blocks, num_warps=4)
+        HAS_NW=has_nw, PRECISION=precision, UPCAST=upcast, **blocks, num_warps=4)
     row_sums = row_part.sum(1)
-    _patch_merging_bwd_dx_kernel[(mb, kb)](
+    launch(
+        _patch_merging_bwd_dx_kernel, (mb * kb,),
         dln, x, nw, mean, rstd, row_sums, dx, *x.stride(), *dx.stride(), H, W, H2, W2, C, M, K,
         HAS_NW=has_nw, BLOCK_M=blocks["BLOCK_M"], BLOCK_N=blocks["BLOCK_N"], num_warps=4)
     dnw = col_part[0].sum(0).to(pdt) if has_nw else empty()

@@ -16,9 +16,10 @@ Everything Swin does around the attention product is index arithmetic here:
 - the shift mask: each token's region id (3 per axis: [0, P - w), [P - w, P - s), [P - s, P) of the
   shifted coordinate) is computed in the kernel, and pairs of different regions get -100, as in Swin.
 
-A program owns whole windows (`windows_per_program` consecutive windows) of one (batch, head), so the
-backward needs no atomics: pass A walks key tiles (dk, dv), pass B query tiles (dq); with a single tile
-per window (N <= BLOCK, e.g. N = 49) one pass does all three. Parameter gradients are two-stage
+A program owns whole windows (`windows_per_program` consecutive windows) of one (batch, head); the grid is
+1-D over (batch*head, window group), so no grid dimension limit of 65535 applies. The backward needs no
+atomics: pass A walks key tiles (dk, dv), pass B query tiles (dq); with a single tile per window
+(N <= BLOCK: see `_config`) one pass does all three. Parameter gradients are two-stage
 reductions: each program writes fp32 partials (dS summed over its windows as an (N, N) tile, the
 padding tokens' dk/dv, the cosine logit-scale gradient), and a second pass in PyTorch sums them over
 programs and folds the (N, N) bias gradient onto the table rows with a fixed gather (deterministic).
@@ -29,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vitfast.triton.common import compiled, dot, num_sms, upcast_bf16
+from vitfast.triton.common import compiled, dot, dot_precision, launch, num_sms, upcast_bf16
 
 
 @triton.jit
@@ -132,8 +133,10 @@ def _window_attn_fwd_kernel(
     BLOCK_D: tl.constexpr,
     N_TILES: tl.constexpr,
 ):
-    g = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    groups = tl.cdiv(nW, windows_per_program)
+    pid = tl.program_id(0)
+    bh = (pid // groups).to(tl.int64)
+    g = pid % groups  # int32: the window index arithmetic stays 32-bit
     b = bh // heads
     h = bh % heads
     d = tl.arange(0, BLOCK_D)
@@ -219,9 +222,11 @@ def _window_attn_bwd_kernel(
     BLOCK_D: tl.constexpr,
     N_TILES: tl.constexpr,
 ):
-    g = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    prog = bh * tl.num_programs(0) + g
+    groups = tl.cdiv(nW, windows_per_program)
+    pid = tl.program_id(0)
+    prog = pid.to(tl.int64)  # = bh * groups + g: the row of this program's partials
+    bh = prog // groups
+    g = pid % groups  # int32: the window index arithmetic stays 32-bit
     b = bh // heads
     h = bh % heads
     d = tl.arange(0, BLOCK_D)
@@ -385,9 +390,22 @@ def _dropout_keep_kernel(
     tl.store(KEEP + (win * N + t[:, None]) * N + t[None, :], keep, mask=mask)
 
 
-def _block_sizes(n: int, d: int) -> tuple:
-    block = max(16, min(64, triton.next_power_of_2(n)))
-    return block, max(16, triton.next_power_of_2(d)), triton.cdiv(n, block)
+def _config(n: int, d: int, dtype: torch.dtype, backward: bool, cosine: bool) -> tuple:
+    """(BLOCK, BLOCK_D, N_TILES, num_warps, num_stages) for windows of n tokens and head dim d.
+
+    Token tiles of BLOCK x BLOCK_D <= 4096 elements, BLOCK <= 64 in the forward and <= 32 in the backward, whose
+    one-tile path keeps five (BLOCK, BLOCK) fp32 tiles live and spills at 64 (Swin's N = 49 then takes two tiles);
+    except for cosine attention, whose logit-scale gradient needs the one-tile path's exactly normalized softmax
+    (exp(s - lse) carries lse's rounding into a sum with heavy cancellation), so windows of up to 64 tokens stay one
+    tile there. 8 warps, and loads multi-buffered across windows only in the 16-bit forward. Compiled for sm_90
+    (scripts/compile_triton.py), this fits in shared memory for every head dim up to 256 in fp32 and 16 bits (the
+    largest, fp32 D=256 backward, 64 KiB of 227) and does not spill at Swin's D=32 in 16 bits without cosine.
+    """
+    block_d = max(16, triton.next_power_of_2(d))
+    block = 32 if backward and not cosine else 64
+    block = max(16, min(block, 4096 // block_d, triton.next_power_of_2(n)))
+    stages = 1 if backward or dtype == torch.float32 else 3
+    return block, block_d, triton.cdiv(n, block), 8, stages
 
 
 def _windows_per_program(x: torch.Tensor, n_windows: int, batch_heads: int) -> int:
@@ -395,11 +413,6 @@ def _windows_per_program(x: torch.Tensor, n_windows: int, batch_heads: int) -> i
         return n_windows  # the interpreter runs programs one after another: fewer, longer ones are cheaper
     groups = max(1, min(n_windows, triton.cdiv(8 * num_sms(x), batch_heads)))
     return triton.cdiv(n_windows, triton.cdiv(n_windows, groups))
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 must not silently become tf32: plain PyTorch's fp32 matmul is exact IEEE by default.
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _geometry(qkv, window_size, shift_size):
@@ -419,18 +432,18 @@ def window_attention_fwd(qkv, bias, pad_qkv, logit_scale, window_size, shift_siz
     nW, N = nWh * nWw, wh * ww
     out = torch.empty((B, H, W, heads, D), dtype=qkv.dtype, device=qkv.device)
     lse = torch.empty((B, heads, nW, N), dtype=torch.float32, device=qkv.device)
-    block, block_d, n_tiles = _block_sizes(N, D)
+    block, block_d, n_tiles, warps, stages = _config(N, D, qkv.dtype, backward=False, cosine=logit_scale is not None)
     wpp = _windows_per_program(qkv, nW, B * heads)
-    grid = (triton.cdiv(nW, wpp), B * heads)
-    _window_attn_fwd_kernel[grid](
+    launch(
+        _window_attn_fwd_kernel, (B * heads * triton.cdiv(nW, wpp),),
         qkv, pad_qkv if pad_qkv is not None else qkv, bias, logit_scale if logit_scale is not None else lse, out, lse,
         *qkv.stride()[:5], *_bias_strides(bias),
         heads, H, W, Hp, Wp, nWw, nW, N, D, wh, ww, shift_size[0], shift_size[1],
         softmax_scale, dropout_p, seed, wpp,
         HAS_PAD=pad_qkv is not None, DENSE_BIAS=bias.dim() == 3, HAS_MASK=shift_size[0] + shift_size[1] > 0,
-        COSINE=logit_scale is not None, DROPOUT=dropout_p > 0, DOT_PREC=_dot_precision(qkv.dtype),
+        COSINE=logit_scale is not None, DROPOUT=dropout_p > 0, DOT_PREC=dot_precision(qkv),
         UPCAST_DOT=upcast_bf16(qkv),
-        BLOCK=block, BLOCK_D=block_d, N_TILES=n_tiles, num_warps=4,
+        BLOCK=block, BLOCK_D=block_d, N_TILES=n_tiles, num_warps=warps, num_stages=stages,
     )
     return out.view(B, H, W, heads * D), lse
 
@@ -455,7 +468,7 @@ def fold_bias_grad(dbias: torch.Tensor, window_size) -> torch.Tensor:
     """(heads, N, N) fp32 -> (num_rel, heads): the gradient of the relative position bias table."""
     heads = dbias.shape[0]
     flat = torch.cat([dbias.reshape(heads, -1), dbias.new_zeros(heads, 1)], dim=1)
-    return flat[:, _table_gather_index(window_size[0], window_size[1], dbias.device)].sum(-1).t()
+    return flat[:, _table_gather_index(window_size[0], window_size[1], dbias.device)].sum(-1).t().contiguous()
 
 
 def window_attention_bwd(dout, qkv, bias, pad_qkv, logit_scale, out, lse, window_size, shift_size, softmax_scale,
@@ -463,7 +476,7 @@ def window_attention_bwd(dout, qkv, bias, pad_qkv, logit_scale, out, lse, window
     """Launches the backward kernel and the second reduction pass. Results as `vitfast::window_attention_backward`."""
     B, H, W, heads, D, wh, ww, Hp, Wp, nWh, nWw = _geometry(qkv, window_size, shift_size)
     nW, N = nWh * nWw, wh * ww
-    block, block_d, n_tiles = _block_sizes(N, D)
+    block, block_d, n_tiles, warps, stages = _config(N, D, qkv.dtype, backward=True, cosine=logit_scale is not None)
     wpp = _windows_per_program(qkv, nW, B * heads)
     groups = triton.cdiv(nW, wpp)
     dout = dout.reshape(B, H, W, heads, D).contiguous()
@@ -474,16 +487,17 @@ def window_attention_bwd(dout, qkv, bias, pad_qkv, logit_scale, out, lse, window
     dbias_p = alloc((programs, N, N), dtype=torch.float32, device=qkv.device)
     dpad_p = torch.empty((programs, 2, block_d), dtype=torch.float32, device=qkv.device)
     dscale_p = torch.empty((programs,), dtype=torch.float32, device=qkv.device)
-    _window_attn_bwd_kernel[(groups, B * heads)](
+    launch(
+        _window_attn_bwd_kernel, (B * heads * groups,),
         qkv, pad_qkv if pad_qkv is not None else qkv, bias, logit_scale if logit_scale is not None else lse,
         dout, lse, delta, dqkv, dbias_p, dpad_p, dscale_p,
         *qkv.stride()[:5], *_bias_strides(bias),
         heads, H, W, Hp, Wp, nWw, nW, N, D, wh, ww, shift_size[0], shift_size[1],
         softmax_scale, dropout_p, seed, wpp,
         HAS_PAD=pad_qkv is not None, DENSE_BIAS=bias.dim() == 3, HAS_MASK=shift_size[0] + shift_size[1] > 0,
-        COSINE=logit_scale is not None, DROPOUT=dropout_p > 0, DOT_PREC=_dot_precision(qkv.dtype),
+        COSINE=logit_scale is not None, DROPOUT=dropout_p > 0, DOT_PREC=dot_precision(qkv),
         UPCAST_DOT=upcast_bf16(qkv),
-        BLOCK=block, BLOCK_D=block_d, N_TILES=n_tiles, num_warps=4,
+        BLOCK=block, BLOCK_D=block_d, N_TILES=n_tiles, num_warps=warps, num_stages=stages,
     )
     dbias = dbias_p.view(B, heads, groups, N, N).sum((0, 2))
     dbias = (dbias if bias.dim() == 3 else fold_bias_grad(dbias, window_size)).to(bias.dtype)
@@ -499,5 +513,5 @@ def window_attention_bwd(dout, qkv, bias, pad_qkv, logit_scale, out, lse, window
 def dropout_keep_mask(n_windows_total: int, n: int, dropout_p: float, seed: int, device) -> torch.Tensor:
     """The keep mask the kernels draw, (B * heads * nW, N, N) bool, for testing against a reference."""
     keep = torch.empty((n_windows_total, n, n), dtype=torch.bool, device=device)
-    _dropout_keep_kernel[(n_windows_total,)](keep, n, dropout_p, seed, BLOCK=triton.next_power_of_2(n))
+    launch(_dropout_keep_kernel, (n_windows_total,), keep, n, dropout_p, seed, BLOCK=triton.next_power_of_2(n))
     return keep
