@@ -5,7 +5,8 @@ Each op runs forward and backward through its public function with the triton ba
 nothing runs. The cases cover the shapes of the models in scope and every feature that selects another kernel
 specialization: dtypes bf16/fp16/fp32, head dims 16..256 with non powers of two, masks, bias with gradient,
 causal, dropout, cross-attention, strided (flash-attn layout) inputs, Swin windows 7 and 12 with shift, padding
-and V2 cosine attention, patch embedding with and without LayerNorm and prefix tokens, odd patch merging.
+and V2 cosine attention, patch embedding with and without LayerNorm and prefix tokens, odd patch merging, SAM's
+decomposed relative-position attention (windowed and global, key grids 1 to 128 wide).
 
 Writes one line per compiled specialization (registers, spill bytes, shared memory, compile seconds) and exits 1
 when one fails to compile or needs more shared memory than the GPU has, unless it is a configuration of an
@@ -111,6 +112,23 @@ def patch_merging_cases(dtypes):
             yield f"patch_merging {H}x{H}x{C} {dt}", _run(vitfast.patch_merging, x, nw, nb, r)
 
 
+def rel_pos_attention_cases(dtypes, head_dims):
+    def case(B, H, q_hw, k_hw, D, dt, dropout=0.0):
+        Nq, Nk = q_hw[0] * q_hw[1], k_hw[0] * k_hw[1]
+        q, k, v = _leaf(B, H, Nq, D, dtype=dt), _leaf(B, H, Nk, D, dtype=dt), _leaf(B, H, Nk, D, dtype=dt)
+        rel_h, rel_w = _leaf(B, H, Nq, k_hw[0], dtype=dt), _leaf(B, H, Nq, k_hw[1], dtype=dt)
+        return _run(vitfast.rel_pos_attention, q, k, v, rel_h, rel_w, dropout_p=dropout)
+
+    for dt in dtypes:
+        for D in head_dims:
+            yield f"rel_pos_attention SAM global 64x64 D={D} {dt}", case(1, 2, (64, 64), (64, 64), D, dt)
+        yield f"rel_pos_attention SAM window 14x14 D=64 {dt}", case(4, 2, (14, 14), (14, 14), 64, dt)
+        yield f"rel_pos_attention SAM window 14x14 D=80 {dt}", case(4, 2, (14, 14), (14, 14), 80, dt)
+        yield f"rel_pos_attention kw=128 (2048 px) D=64 {dt}", case(1, 2, (8, 128), (8, 128), 64, dt)
+        yield f"rel_pos_attention kw=1 D=64 {dt}", case(1, 2, (9, 1), (33, 1), 64, dt)
+        yield f"rel_pos_attention dropout 0.1 D=64 {dt}", case(1, 2, (14, 14), (14, 14), 64, dt, dropout=0.1)
+
+
 def cases(quick: bool):
     dtypes = (torch.bfloat16,) if quick else (torch.bfloat16, torch.float16, torch.float32)
     head_dims = (32, 64, 80, 256) if quick else (16, 32, 40, 64, 72, 80, 96, 112, 128, 160, 256)
@@ -119,6 +137,7 @@ def cases(quick: bool):
     yield from window_attention_cases(dtypes)
     yield from patch_embed_cases(dtypes)
     yield from patch_merging_cases(dtypes)
+    yield from rel_pos_attention_cases(dtypes, head_dims)
 
 
 _CAVEAT = ("Compile-time figures only: registers and spill bytes (stores + loads, per thread) from the ptxas that "

@@ -196,7 +196,7 @@ def _check_support(backend: str, tensors: tuple) -> Optional[str]:
     return None
 
 
-_backend.register_op(OP, gpu_order=("torch",), cpu_order=("torch",), check=_check_support)
+_backend.register_op(OP, gpu_order=("triton", "torch"), cpu_order=("torch",), check=_check_support)
 
 
 # ------------------------------------------------------------------------------------ torch.library ops
@@ -348,8 +348,8 @@ def rel_pos_attention(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Ten
     kh, kw = rel_h.shape[-1], rel_w.shape[-1]
     if kh * kw != k.shape[2]:
         raise ValueError(f"vitfast.rel_pos_attention: k has Nk = {k.shape[2]} keys but rel_h and rel_w give a "
-                         f"kh x kw = {kh} x {kw} = {kh * kw} key grid ({_describe('k', k)}, {_describe('rel_h', rel_h)}, "
-                         f"{_describe('rel_w', rel_w)})")
+                         f"kh x kw = {kh} x {kw} = {kh * kw} key grid ({_describe('k', k)}, "
+                         f"{_describe('rel_h', rel_h)}, {_describe('rel_w', rel_w)})")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"vitfast.rel_pos_attention: dropout_p must be in [0, 1), got {dropout_p}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
