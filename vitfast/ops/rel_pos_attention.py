@@ -196,7 +196,7 @@ def _check_support(backend: str, tensors: tuple) -> Optional[str]:
     return None
 
 
-_backend.register_op(OP, gpu_order=("triton", "torch"), cpu_order=("torch",), check=_check_support)
+_backend.register_op(OP, gpu_order=("triton", "torch"), cpu_order=("cpp", "torch"), check=_check_support)
 
 
 # ------------------------------------------------------------------------------------ torch.library ops
