@@ -457,7 +457,7 @@ void pack_dim_panels(const S* src, int64_t sj, int64_t sd, int64_t n, int64_t D,
 
 // ------------------------------------------------------------------------------------------------ kernels
 
-constexpr int64_t kQueryBlock = 64;  // most rows of a query block (blocks are balanced: Nq = 196 gives 4 x 49)
+constexpr int64_t kQueryBlock = 64;  // rows of a query block, about
 constexpr int64_t kKeyBlock = 512;   // keys of a key block (a multiple of kCols: blocks start at a panel)
 
 template <typename scalar_t, typename A>
@@ -465,7 +465,7 @@ struct Args {
   int64_t B, H, Nq, Nk, D, kh, kw;
   int64_t Dp;   // D rounded up to kCols: the width of padded rows
   int64_t nqb;  // query blocks per (batch, head)
-  int64_t qS;   // most rows of a query block
+  int64_t qS;   // rows of a query block (the last may have fewer)
   int64_t kS;   // keys per key block
   int64_t nkb;  // key blocks per (batch, head)
   int64_t kSp;  // leading dimension of score rows: kS padded off a multiple of 4 KiB, at which rows would share
@@ -498,7 +498,7 @@ struct Args {
   A* drh;  // (B, H, Nq, kh) contiguous
   A* drw;  // (B, H, Nq, kw) contiguous
 
-  int64_t q_begin(int64_t qb) const { return qb * Nq / nqb; }
+  int64_t q_begin(int64_t qb) const { return std::min(Nq, qb * qS); }
   int64_t k_block_size(int64_t jb) const { return std::min(kS, Nk - jb * kS); }
   const A* rel_h_row(int64_t b, int64_t h, int64_t i) const { return rh + b * rhs[0] + h * rhs[1] + i * rhs[2]; }
   const A* rel_w_row(int64_t b, int64_t h, int64_t i) const { return rw + b * rws[0] + h * rws[1] + i * rws[2]; }
@@ -670,8 +670,12 @@ Args<scalar_t, A> make_args(const at::Tensor& q, const at::Tensor& k, const at::
   a.kh = rh.size(3);
   a.kw = rw.size(3);
   a.Dp = round_up(a.D, kCols);
-  a.nqb = (a.Nq + kQueryBlock - 1) / kQueryBlock;
-  a.qS = (a.Nq + a.nqb - 1) / a.nqb;
+  // Query blocks of about kQueryBlock rows, rounded up to whole GEMM tiles (kRows) but for the last: a remainder
+  // tile costs nearly a full one (SAM's windows of 196 tokens as 4 balanced blocks of 49 = 8 x 6 + 1 would pay a
+  // 1-row tile per block; blocks of 54 leave one 34-row block).
+  const int64_t nqb = (a.Nq + kQueryBlock - 1) / kQueryBlock;
+  a.qS = round_up((a.Nq + nqb - 1) / nqb, kRows);
+  a.nqb = (a.Nq + a.qS - 1) / a.qS;
   a.kS = kKeyBlock;
   a.nkb = (a.Nk + a.kS - 1) / a.kS;
   a.kSp = a.kS + kCols;
