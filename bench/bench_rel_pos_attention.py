@@ -111,10 +111,11 @@ def _bench(benchmark, impl, name, backward):
         def fn(q, k, v, rel_h, rel_w, dout):
             return fwd(q, k, v, rel_h, rel_w)
     make = _inputs(shape, backward)
-    if impl in SDPA:
+    if impl in SDPA or impl == "flex":
         try:
             fn(*make())
-        except RuntimeError as e:  # the backend does not take a float bias (flash), or this head dim or dtype
+        except RuntimeError as e:  # an SDPA backend that does not take a float bias (or its gradient), this head
+            # dim or dtype; a FlexAttention that cannot differentiate through the captured rel_h and rel_w
             pytest.skip(f"{impl} does not take {name}: {str(e).splitlines()[0][:200]}")
     mode = "fwd+bwd" if backward else "fwd"
     N = kh * kw
