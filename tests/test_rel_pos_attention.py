@@ -98,7 +98,7 @@ def test_broadcast_terms(backend, device, rel):
 
 @pytest.mark.parametrize("backend,device", CASES)
 def test_expanded_terms_are_read_with_stride_zero(backend, device):
-    """rel_h/rel_w expanded from (1, H, ...) and (B, 1, ...) leaves: stride 0, full shapes; gradients reach the
+    """rel_h/rel_w expanded from (1, H, ...) and (1, 1, ...) leaves: stride 0, full shapes; gradients reach the
     leaves through the expand."""
     q, k, v, rh, rw = _inputs(2, 2, (4, 5), (3, 4), 32, torch.float32, device=device, rel_b=1)
     rw = rw[:, :1].clone()
