@@ -94,7 +94,8 @@ void below_autocast(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch
 constexpr const char* kKernelOps[] = {
     "layer_norm_fwd",       "layer_norm_bwd",       "attention_fwd",    "attention_bwd",
     "patch_embed_fwd",      "patch_embed_bwd",      "patch_merging_fwd", "patch_merging_bwd",
-    "window_attention_fwd", "window_attention_bwd", "window_partition",  "window_reverse"};
+    "window_attention_fwd", "window_attention_bwd", "window_partition",  "window_reverse",
+    "rel_pos_attention_fwd", "rel_pos_attention_bwd"};
 
 }  // namespace
 

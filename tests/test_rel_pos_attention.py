@@ -15,8 +15,8 @@ from vitfast.ops.attention import dropout_keep_ref
 from vitfast.ops.rel_pos_attention import TRITON_MAX_KW, decomposed_rel_pos, get_rel_pos, rel_pos_attention_ref
 
 from _optional_libs import import_or_skip
-from conftest import DEVICE, assert_close_to_ref, assert_compiles_like_eager, backend_cases
-from test_attention import _poisoned_empty
+from conftest import DEVICE, assert_compiles_like_eager, backend_cases, rounding_noise
+from test_attention import _assert_all_close, _lse_max, _poisoned_empty
 
 CASES = backend_cases("rel_pos_attention")
 NAMES = ("out", "dq", "dk", "dv", "drel_h", "drel_w")
@@ -40,6 +40,18 @@ def _run(fn, inputs, dout):
     return [out] + list(torch.autograd.grad(out, leaves, dout))
 
 
+def _assert_like_ref(got, fn, inputs, dout, scale, what):
+    """test_attention's accuracy rule (conftest's, with its rounding-noise and lse-aware floors) for the output and
+    the five gradients: `got` against `fn` in float64 and plain PyTorch (`fn` in the inputs' dtypes)."""
+    x64 = [t.double() for t in inputs] + [dout.double()]
+    ref = _run(fn, x64[:5], x64[5])
+    noise = rounding_noise(lambda t: _run(fn, t[:5], t[5]), x64, dout.dtype)
+    plain = _run(fn, inputs, dout)
+    q, k, rel_h, rel_w = x64[0], x64[1], x64[3], x64[4]
+    bias = (rel_h[..., :, None] + rel_w[..., None, :]).flatten(-2)
+    _assert_all_close(NAMES, got, ref, plain, noise, what, _lse_max(q, k, bias, scale))
+
+
 def _check(backend, device, B, H, q_hw, k_hw, D, dtype, scale=None, dropout_p=0.0, **rel):
     """vitfast.rel_pos_attention on `backend` against the fp64 reference and plain PyTorch in `dtype` (the dense
     bias), output and every gradient. With dropout, the reference applies the keep-mask of the seed vitfast draws."""
@@ -57,10 +69,7 @@ def _check(backend, device, B, H, q_hw, k_hw, D, dtype, scale=None, dropout_p=0.
 
     def ref_fn(*a):
         return rel_pos_attention_ref(*a, scale=scale, dropout_keep=keep, dropout_p=dropout_p)
-    ref = _run(ref_fn, [t.double() for t in inputs], dout.double())
-    plain = _run(ref_fn, inputs, dout)
-    for name, g, r, p in zip(NAMES, got, ref, plain):
-        assert_close_to_ref(g, r, p, f"{backend} {name}")
+    _assert_like_ref(got, ref_fn, inputs, dout, scale, backend)
     return keep
 
 
@@ -107,12 +116,7 @@ def test_expanded_terms_are_read_with_stride_zero(backend, device):
     with vitfast.use_backend(backend):
         out = vitfast.rel_pos_attention(*leaves[:3], leaves[3].expand(2, 2, -1, -1), leaves[4].expand(2, 2, -1, -1))
         got = [out] + list(torch.autograd.grad(out, leaves, dout))
-    d = [t.double().requires_grad_() for t in (q, k, v, rh, rw)]
-    ref = rel_pos_attention_ref(*d)
-    ref = [ref] + list(torch.autograd.grad(ref, d, dout.double()))
-    plain = _run(rel_pos_attention_ref, (q, k, v, rh, rw), dout)
-    for name, g, r, p in zip(NAMES, got, ref, plain):
-        assert_close_to_ref(g, r, p, f"{backend} {name}")
+    _assert_like_ref(got, rel_pos_attention_ref, (q, k, v, rh, rw), dout, None, backend)
 
 
 @pytest.mark.parametrize("backend,device", [c for c in CASES if c.values[0] != "cpp"])
@@ -247,7 +251,7 @@ def test_segment_anything_attention_block(backend, device, input_size):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
 
 
-# ----------------------------------------------------------------------------- torch.library and autocast
+# --------------------------------------------------------------------------------------------- torch.library
 
 @pytest.mark.parametrize("backend,device", CASES)
 def test_opcheck(backend, device):
@@ -285,18 +289,6 @@ def test_torch_compile_fullgraph():
             return self.proj(y.transpose(1, 2).reshape(B, N, C))
 
     assert_compiles_like_eager(Block(), torch.randn(2, 20, 48, requires_grad=True))
-
-
-def test_autocast_runs_in_the_region_dtype():
-    """Like SDPA: fp32 q, k, v run in bf16 under CPU autocast; the terms stay fp32 (added in fp32); the backward
-    returns each input's dtype."""
-    inputs = [t.requires_grad_() for t in _inputs(1, 2, (4, 4), (4, 4), 32, torch.float32, device="cpu")]
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = vitfast.rel_pos_attention(*inputs)
-        grads = torch.autograd.grad(out.float().sum(), inputs)
-    assert out.dtype == torch.bfloat16 and [g.dtype for g in grads] == [torch.float32] * 5
-    bf16 = [t.detach().to(torch.bfloat16) for t in inputs[:3]] + [t.detach() for t in inputs[3:]]
-    torch.testing.assert_close(out, vitfast.rel_pos_attention(*bf16))
 
 
 # ------------------------------------------------------------------------------------------ bad inputs

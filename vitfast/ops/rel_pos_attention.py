@@ -24,8 +24,8 @@ vitfast.ops.attention.dropout_keep_ref(seed, B, H, Nq, Nk, p) does (Philox on (s
 triton and torch backends implement it, the cpp backend does not (a forced cpp backend raises, the automatic
 choice takes torch).
 
-Autocast: like F.scaled_dot_product_attention, q, k and v run in the region's lower-precision dtype (float64 is
-never cast); rel_h and rel_w are taken in any float dtype and added in fp32 whatever the region.
+Autocast (vitfast.autocast): like F.scaled_dot_product_attention, q, k and v run in the region's lower-precision
+dtype (float64 is never cast); rel_h and rel_w are taken in any float dtype and added in fp32 whatever the region.
 """
 import math
 from typing import Optional, Sequence
@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vitfast import autocast as _autocast
 from vitfast import backend as _backend
 from vitfast.ops.attention import _acc_dtype, _bnhd_empty, _check_inputs, _describe, _draw_seed, dropout_keep_ref
 
@@ -95,7 +96,7 @@ def decomposed_rel_pos(q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, q_size: 
         if t.dim() != 2 or t.shape[1] != q.shape[-1]:
             raise ValueError(f"vitfast.decomposed_rel_pos: {name} must be (L, D) with D = {q.shape[-1]} (q's head "
                              f"dim), got {_describe(name, t)}")
-        if t.device != q.device or (t.dtype != q.dtype and not torch.is_autocast_enabled(q.device.type)):
+        if t.device != q.device or (t.dtype != q.dtype and not _autocast.is_enabled(q.device)):
             raise ValueError(f"vitfast.decomposed_rel_pos: {name} must have q's dtype and device "
                              f"({q.dtype}, {q.device}), got {t.dtype}, {t.device}")
     r_q = q.reshape(*q.shape[:-2], q_h, q_w, q.shape[-1])
@@ -277,27 +278,15 @@ def _backward(ctx, dout, dlse):
 _rel_pos_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _autocast_kernels(device_type: str) -> tuple:
-    """AutocastCPU / AutocastCUDA kernels: the forward runs q, k, v in the region's dtype (SDPA's rule), the
-    backward in the dtypes it is given; nothing below them sees autocast (the torch backend's matmuls, the
-    C++ kernels' ATen calls)."""
-    def forward(q, k, v, rel_h, rel_w, seed, dropout_p, scale):
-        dtype = torch.get_autocast_dtype(device_type)
-        q, k, v = (t if t.dtype == torch.float64 else t.to(dtype) for t in (q, k, v))
-        with torch.autocast(device_type, enabled=False):
-            return _rel_pos_attention_op(q, k, v, rel_h, rel_w, seed, dropout_p, scale)
-
-    def backward(*args):
-        with torch.autocast(device_type, enabled=False):
-            return _rel_pos_attention_backward_op(*args)
-    return forward, backward
+def _autocast_rule(device_type, dtype, q, k, v, rel_h, rel_w, seed, dropout_p, scale):
+    """SDPA's rule for q, k and v (the region's dtype); rel_h and rel_w keep theirs, as the op adds them in fp32."""
+    q, k, v = (_autocast.cast(dtype, t) for t in (q, k, v))
+    _autocast.check_same_dtype("rel_pos_attention", q=q, k=k, v=v)
+    return _rel_pos_attention_op(q, k, v, rel_h, rel_w, seed, dropout_p, scale)
 
 
-_LIB = torch.library.Library("vitfast", "FRAGMENT")
-for _device_type, _key in (("cpu", "AutocastCPU"), ("cuda", "AutocastCUDA")):
-    _fwd_kernel, _bwd_kernel = _autocast_kernels(_device_type)
-    _LIB.impl("rel_pos_attention", _fwd_kernel, _key)
-    _LIB.impl("rel_pos_attention_backward", _bwd_kernel, _key)
+_autocast.register("rel_pos_attention", _autocast_rule)
+_autocast.register("rel_pos_attention_backward", _autocast.keep_dtypes(_rel_pos_attention_backward_op))
 
 
 # ----------------------------------------------------------------------------------------- public API
