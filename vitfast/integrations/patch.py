@@ -1,5 +1,5 @@
 """`patch_model` / `unpatch_model`: swap the attention, window attention, LayerNorm and patch embedding of a timm,
-torchvision, open_clip or transformers model for vitfast's, in place, keeping every parameter and state-dict key.
+torchvision, open_clip, transformers or segment_anything model for vitfast's, in place, keeping every parameter and state-dict key.
 
     report = vitfast.patch_model(model)      # prints as a table: what was patched, what was left and why
     vitfast.unpatch_model(model)             # the original forward paths again
@@ -171,10 +171,10 @@ _LAYER_NORM = Adapter("layer_norm", "LayerNorm -> vitfast.layer_norm", {"forward
 # --------------------------------------------------------------------------------------- driver
 
 def _adapters() -> Dict[str, Adapter]:
-    from vitfast.integrations import open_clip, timm, torchvision, transformers
+    from vitfast.integrations import open_clip, segment_anything, timm, torchvision, transformers
 
     table = dict(_TORCH_ADAPTERS)
-    for lib in (timm, torchvision, open_clip, transformers):
+    for lib in (timm, torchvision, open_clip, transformers, segment_anything):
         table.update(lib.ADAPTERS)
     return table
 
@@ -202,9 +202,12 @@ def patch_model(model: nn.Module, attention: bool = True, window_attention: bool
     """Swaps vitfast's kernels into `model` in place (parameters and state-dict keys unchanged).
 
     Args:
-        model: a timm, torchvision, open_clip or transformers model (or any module containing their blocks).
+        model: a timm, torchvision, open_clip, transformers or segment_anything model (or any module containing
+            their blocks).
         attention: global self/cross attention (timm Attention, nn.MultiheadAttention in torchvision's ViT and
-            open_clip, open_clip Attention, transformers' attention interface).
+            open_clip, open_clip Attention, transformers' attention interface) and the windowed and global attention
+            with decomposed relative positions of SAM / ViTDet image encoders (transformers SamVisionAttention,
+            SamVisionSdpaAttention and VitDetAttention, timm vision_transformer_sam, segment_anything).
         window_attention: Swin (timm SwinTransformerBlock/WindowAttention, torchvision ShiftedWindowAttention and
             V2, transformers SwinLayer).
         layer_norm: nn.LayerNorm and the known subclasses that compute a plain LayerNorm.
