@@ -1,6 +1,6 @@
 """vitfast.patch_model / unpatch_model on tiny timm, torchvision, open_clip and transformers models: outputs and every
-parameter gradient equal before and after patching (fp32), state dicts unchanged (keys and values), unpatch restores the original
-forward paths, and torch.compile(fullgraph=True) runs a patched model.
+parameter gradient equal before and after patching (fp32), state dicts unchanged (keys and values), unpatch restores
+the original forward paths, and torch.compile(fullgraph=True) runs a patched model.
 
 Each model runs with the Triton kernels (under TRITON_INTERPRET=1 without a GPU) and with the automatic CPU choice
 (the C++ extension where the op has a CPU kernel, else PyTorch). timm, torchvision and open_clip are optional: their

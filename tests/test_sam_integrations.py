@@ -98,19 +98,30 @@ def test_transformers_sam_vision(family, attn, backend, device, dtype, fused_cal
     assert "vitfast.rel_pos_attention" in attn_layers[0].what
 
 
-def test_transformers_sam_vision_attention_weights_take_the_original_path(fused_calls):
-    """output_attentions=True: the eager attention's weights, as unpatched (transformers 5 records them with hooks)."""
-    model = _sam_vision("sam", "eager").eval()
+def _vitdet():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.VitDetConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
+                                       image_size=32, pretrain_image_size=32, patch_size=8, window_size=3,
+                                       window_block_indices=[0], use_relative_position_embeddings=True)
+    return transformers.VitDetModel(config)
+
+
+@pytest.mark.parametrize("make", [lambda: _sam_vision("sam", "eager"), _vitdet], ids=["sam", "vitdet"])
+def test_transformers_attention_weights_take_the_original_path(make, fused_calls):
+    """output_attentions=True: the eager attention's weights, as unpatched (transformers 5 records SAM's with hooks,
+    ViTDet passes the flag down); without it, the fused op."""
+    model = make().eval()
     _randomize_rel_pos(model)
     x = torch.randn(1, 3, 32, 32)
-    expected = model(x, output_attentions=True).attentions
+    expected = model(pixel_values=x, output_attentions=True).attentions
     report = vitfast.patch_model(model, layer_norm=False)  # nothing else patched: the same weights, bit for bit
-    assert "keep the original path" in next(p.what for p in report.patched if p.name.endswith("layers.0.attn"))
-    out = model(x, output_attentions=True)
+    fused = [p for p in report.patched if "rel_pos_attention" in p.what]
+    assert len(fused) == 2 and all("keep the original path" in p.what for p in fused), str(report)
+    out = model(pixel_values=x, output_attentions=True)
     assert len(out.attentions) == 2 and not fused_calls
     for got, want in zip(out.attentions, expected):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
-    model(x)
+    model(pixel_values=x)
     assert fused_calls == [(4, 9), (1, 16)]
 
 
@@ -120,33 +131,27 @@ def test_transformers_sam_model(fused_calls):
     vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_dim=48, image_size=32, patch_size=8,
                   window_size=3, global_attn_indexes=[1], output_channels=16, num_pos_feats=8, initializer_range=0.1)
     config = transformers.SamConfig(
-        vision_config=vision, prompt_encoder_config=dict(hidden_size=16, image_size=32, patch_size=8, mask_input_channels=4),
+        vision_config=vision,
+        prompt_encoder_config=dict(hidden_size=16, image_size=32, patch_size=8, mask_input_channels=4),
         mask_decoder_config=dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, mlp_dim=32,
                                  iou_head_hidden_dim=16),
         initializer_range=0.1)
     model = transformers.SamModel(config)
     inputs = {"pixel_values": torch.randn(2, 3, 32, 32), "input_points": torch.rand(2, 1, 2, 2) * 32}
-    report = _check(model, inputs, "auto", DEVICE, torch.float32, lambda o: torch.cat([o.pred_masks.flatten(1),
-                                                                               o.iou_scores.flatten(1)], 1),
-                    fused_calls)
+
+    def pick(out):
+        return torch.cat([out.pred_masks.flatten(1), out.iou_scores.flatten(1)], 1)
+
+    report = _check(model, inputs, "auto", DEVICE, torch.float32, pick, fused_calls)
     assert report.patched[0].name == "" and "'vitfast'" in report.patched[0].what  # the mask decoder's interface
     assert _patched(report)[1:] == ["vision_encoder.layers.0.attn", "vision_encoder.layers.1.attn"]
 
 
 @pytest.mark.parametrize("backend,device,dtype", CASES)
 def test_transformers_vitdet(backend, device, dtype, fused_calls):
-    transformers = pytest.importorskip("transformers")
-    config = transformers.VitDetConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
-                                       image_size=32, pretrain_image_size=32, patch_size=8, window_size=3,
-                                       window_block_indices=[0], use_relative_position_embeddings=True)
-    model = transformers.VitDetModel(config)
-    report = _check(model, {"pixel_values": torch.randn(2, 3, 32, 32)}, backend, device, dtype,
+    report = _check(_vitdet(), {"pixel_values": torch.randn(2, 3, 32, 32)}, backend, device, dtype,
                     lambda o: o.last_hidden_state, fused_calls)
     assert _patched(report) == ["encoder.layer.0.attention", "encoder.layer.1.attention"]
-    # output_attentions: VitDetAttention's own path, which returns the weights
-    fused_calls.clear()
-    out = model(pixel_values=torch.randn(1, 3, 32, 32, dtype=dtype, device=device), output_attentions=True)
-    assert len(out.attentions) == 2 and out.attentions[0] is not None
 
 
 # ----------------------------------------------------------------------------------------------- timm

@@ -1,5 +1,6 @@
 """`patch_model` / `unpatch_model`: swap the attention, window attention, LayerNorm and patch embedding of a timm,
-torchvision, open_clip, transformers or segment_anything model for vitfast's, in place, keeping every parameter and state-dict key.
+torchvision, open_clip, transformers or segment_anything model for vitfast's, in place, keeping every parameter and
+state-dict key.
 
     report = vitfast.patch_model(model)      # prints as a table: what was patched, what was left and why
     vitfast.unpatch_model(model)             # the original forward paths again
