@@ -125,6 +125,18 @@ def test_transformers_attention_weights_take_the_original_path(make, fused_calls
     assert fused_calls == [(4, 9), (1, 16)]
 
 
+def test_transformers_sam_vision_compiles_fullgraph():
+    """The patched attention (its check for transformers' attention recorder included) compiles without a break."""
+    model = _sam_vision("sam", "sdpa").eval()
+    _randomize_rel_pos(model)
+    vitfast.patch_model(model)
+    x = torch.randn(2, 3, 32, 32)
+    eager = model(x).last_hidden_state
+    torch._dynamo.reset()
+    out = torch.compile(model, fullgraph=True, backend="aot_eager")(x).last_hidden_state
+    torch.testing.assert_close(out, eager, rtol=1e-4, atol=2e-5)
+
+
 def test_transformers_sam_model(fused_calls):
     """The whole SamModel: the image encoder on the fused op, the mask decoder on the attention interface."""
     transformers = pytest.importorskip("transformers")
