@@ -190,6 +190,15 @@ def test_timm_samvit_rope_keeps_its_path():
     assert "rotary" in left["blocks.0.attn"] and "rotary" in left["blocks.1.attn"], str(report)
 
 
+def test_timm_mvitv2_pooling_attention_is_left_with_why():
+    import_or_skip("timm")
+    from timm.models.mvitv2 import MultiScaleAttention
+
+    model = nn.Sequential(MultiScaleAttention(32, 32, (4, 4), num_heads=2, kernel_kv=(3, 3), stride_kv=(2, 2)))
+    report = vitfast.patch_model(model)
+    assert "MViTv2 pooling attention" in {l.name: l.reason for l in report.left}["0"], str(report)
+
+
 # ----------------------------------------------------------------------------------------------- segment_anything
 
 def _image_encoder(use_rel_pos=True):

@@ -171,13 +171,25 @@ _LAYER_NORM = Adapter("layer_norm", "LayerNorm -> vitfast.layer_norm", {"forward
 
 # --------------------------------------------------------------------------------------- driver
 
-def _adapters() -> Dict[str, Adapter]:
+def _libraries() -> tuple:
     from vitfast.integrations import open_clip, segment_anything, timm, torchvision, transformers
 
+    return timm, torchvision, open_clip, transformers, segment_anything
+
+
+def _adapters() -> Dict[str, Adapter]:
     table = dict(_TORCH_ADAPTERS)
-    for lib in (timm, torchvision, open_clip, transformers, segment_anything):
+    for lib in _libraries():
         table.update(lib.ADAPTERS)
     return table
+
+
+def _known_left() -> Dict[str, str]:
+    """Classes that look like what vitfast swaps but compute something its ops do not cover: why each is left."""
+    reasons = {}
+    for lib in _libraries():
+        reasons.update(getattr(lib, "LEFT", {}))
+    return reasons
 
 
 def _is_transformers_model(module: nn.Module) -> bool:
@@ -220,7 +232,7 @@ def patch_model(model: nn.Module, attention: bool = True, window_attention: bool
     """
     enabled = {"attention": attention, "window_attention": window_attention, "layer_norm": layer_norm,
                "patch_embed": patch_embed}
-    table = _adapters()
+    table, known_left = _adapters(), _known_left()
     report = PatchReport()
     hf_prefixes: List[str] = []
     for name, module in model.named_modules():
@@ -238,6 +250,9 @@ def patch_model(model: nn.Module, attention: bool = True, window_attention: bool
                 (report.patched if isinstance(record, Patched) else report.left).append(record)
             continue
         adapter = table.get(cls) or (_LAYER_NORM if isinstance(module, nn.LayerNorm) else None)
+        if cls in known_left:
+            report.left.append(Left(name, cls, known_left[cls]))
+            continue
         if adapter is None:
             # transformers' attention modules run through the attention interface switched above
             if (_SUSPECT.search(type(module).__name__) and not cls.startswith("vitfast.")

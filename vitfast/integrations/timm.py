@@ -12,6 +12,7 @@
   vitfast.attention; with rotary embeddings (use_rope) it keeps timm's path).
 - `timm.layers.patch_embed.PatchEmbed`: forward -> vitfast.nn.PatchEmbed's (conv + flatten + LayerNorm fused).
 - timm's LayerNorm: the generic LayerNorm adapter of integrations/patch.py.
+- MViTv2's pooling attention is left (`LEFT`, with the reason in the report).
 
 Nothing here imports timm: modules are matched by class name.
 """
@@ -128,3 +129,10 @@ ADAPTERS = {
         {"forward": _VitfastPatchEmbed.forward, "_fused_norm": _VitfastPatchEmbed._fused_norm}, _patch_embed_check),
 }
 
+_MVITV2 = ("MViTv2 pooling attention (q, k, v pooled to other grids, an optional class token outside the rel-pos key "
+           "grid, residual pooling, rel-pos tables indexed without resizing): not covered by "
+           "vitfast.rel_pos_attention, timm's path")
+LEFT = {
+    "timm.models.mvitv2.MultiScaleAttention": _MVITV2,
+    "timm.models.mvitv2.MultiScaleAttentionPoolFirst": _MVITV2,
+}
