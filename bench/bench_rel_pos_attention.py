@@ -10,6 +10,11 @@ windowed layers (12 heads, D=64) and SAM-H's global layer (16 heads, D=80) on a 
 that CI's smoke run stays quick, or with VITFAST_BENCH_FULL=1 the issue's CPU shape, SAM-B's global layer at B=1
 (the README's CPU figures).
 
+`test_sam_encoder`: Hugging Face's SamVisionModel whole (SAM-B: 1024 px, 12 layers, 4 of them global; inference),
+its eager and sdpa attention against the sdpa model patched by vitfast.patch_model (the automatic backend), with
+images/s and, on a GPU, peak memory; on the CPU a tiny encoder (one windowed, one global layer) unless
+VITFAST_BENCH_FULL=1 (SAM-B at B=1).
+
 TFLOP/s counts the two (Nq, Nk, D) matmuls of the forward and 2.5x that for the backward. vitfast rows also get
 `vs_best_sdpa`: the best SDPA backend's mean time over vitfast's (>1 means vitfast is faster), from the SDPA rows
 of the same group run earlier in the session; the GPU rows record peak memory.
@@ -44,6 +49,14 @@ else:
         "sam_b_global": (1, 2, (24, 24), 64),
         "sam_b_window": (4, 2, (14, 14), 64),
     }
+# SamVisionConfig overrides (its defaults are SAM-B's) and the batch.
+if ON_GPU:
+    SAM_ENCODER = ({}, 4)
+elif os.environ.get("VITFAST_BENCH_FULL") == "1":
+    SAM_ENCODER = ({}, 1)
+else:
+    SAM_ENCODER = (dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, global_attn_indexes=[1],
+                        image_size=128, window_size=3, output_channels=32), 1)
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
 SDPA = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
         "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa-math": SDPBackend.MATH}
@@ -138,3 +151,26 @@ def test_forward(benchmark, impl, name):
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_forward_backward(benchmark, impl, name):
     _bench(benchmark, impl, name, backward=True)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa", "vitfast"])
+def test_sam_encoder(benchmark, impl):
+    transformers = pytest.importorskip("transformers")
+    overrides, batch = SAM_ENCODER
+    # SAM's default initializer_range (1e-10) drives activations toward denormals, which CPUs run slowly
+    config = transformers.SamVisionConfig(initializer_range=0.02, **overrides)
+    torch.manual_seed(0)
+    model = transformers.SamVisionModel._from_config(config, attn_implementation="sdpa" if impl == "vitfast" else impl)
+    model = model.to(DEVICE, DTYPE).eval()
+    if impl == "vitfast":
+        vitfast.patch_model(model)
+    size = config.image_size
+
+    def run(x):
+        with torch.no_grad():
+            return model(x).last_hidden_state
+
+    benchmark.group = (f"SAM image encoder inference ({config.hidden_size} wide, {config.num_hidden_layers} layers, "
+                       f"{size} px) B={batch} {DTYPE}")
+    run_benchmark(benchmark, run, lambda: (torch.randn(batch, 3, size, size, device=DEVICE, dtype=DTYPE),), impl=impl)
+    benchmark.extra_info["images/s"] = batch / benchmark.stats.stats.mean
