@@ -6,10 +6,11 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
-# timm, torchvision and open_clip for the integration tests, kept out of the venv in $(VENV)/optional-libs (the
-# tests put it on sys.path): the only torchvision wheel for torch 2.13 links CUDA, and installed into the venv it
-# would break `import transformers` on a CPU machine. --no-deps so that pip never replaces the installed torch.
-OPTIONAL_LIBS_SPEC ?= torchvision==0.28.0 timm open_clip_torch ftfy wcwidth
+# timm, torchvision, open_clip and segment-anything (SAM's reference code) for the integration tests, kept out of the
+# venv in $(VENV)/optional-libs (the tests put it on sys.path): the only torchvision wheel for torch 2.13 links CUDA,
+# and installed into the venv it would break `import transformers` on a CPU machine. --no-deps so that pip never
+# replaces the installed torch.
+OPTIONAL_LIBS_SPEC ?= torchvision==0.28.0 timm open_clip_torch ftfy wcwidth segment-anything
 
 .PHONY: setup run test test-cpu-capabilities bench check-cuda check-triton clean
 
@@ -22,9 +23,9 @@ $(VENV)/.deps:
 	touch $@
 
 $(VENV)/.optional: $(VENV)/.deps
-	$(PY) -c "import torchvision, timm, open_clip" 2>/dev/null || \
+	$(PY) -c "import torchvision, timm, open_clip, segment_anything" 2>/dev/null || \
 	  $(PY) -m pip install --no-deps --target $(VENV)/optional-libs $(OPTIONAL_LIBS_SPEC) || \
-	  echo "timm/torchvision/open_clip not installed: their tests will skip"
+	  echo "timm/torchvision/open_clip/segment_anything not installed: their tests will skip"
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps setup.py $(wildcard csrc/*.cpp kernels/*.cu kernels/*.cuh)

@@ -29,6 +29,16 @@ TORCH_LIBRARY(vitfast, m) {
       " float dropout_p, bool is_causal, int causal_offset, float scale, bool bias_requires_grad)"
       " -> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias)");
   // end attention
+  // rel_pos_attention (vitfast/ops/rel_pos_attention.py): q (B, H, Nq, D); k, v (B, H, Nk, D); rel_h (B|1, H|1, Nq, kh),
+  // rel_w (B|1, H|1, Nq, kw), any float dtype, Nk = kh * kw; score = scale * q.k + rel_h[i, j / kw] + rel_w[i, j % kw].
+  // out/dq/dk/dv are (B, H, N, D) views of (B, N, H, D) buffers; lse is (B, H, Nq) in op-math precision;
+  // drel_h/drel_w have the shapes and dtypes of rel_h/rel_w (summed over their broadcast dims).
+  m.def("rel_pos_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor rel_h, Tensor rel_w, float scale)"
+        " -> (Tensor out, Tensor lse)");
+  m.def(
+      "rel_pos_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor rel_h, Tensor rel_w, Tensor out,"
+      " Tensor lse, float scale) -> (Tensor dq, Tensor dk, Tensor dv, Tensor drel_h, Tensor drel_w)");
+  // end rel_pos_attention
   // patch_embed / patch_merging
   // images: (B, C, H, W); weight: (E, C, ph, pw), stride = kernel; pos_embed: (rows, E), patch token l adds
   // row pos_offset + l (pos_offset == num_prefix: its first rows belong to the prefix tokens); prefix_tokens:
@@ -85,7 +95,8 @@ void below_autocast(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch
 constexpr const char* kKernelOps[] = {
     "layer_norm_fwd",       "layer_norm_bwd",       "attention_fwd",    "attention_bwd",
     "patch_embed_fwd",      "patch_embed_bwd",      "patch_merging_fwd", "patch_merging_bwd",
-    "window_attention_fwd", "window_attention_bwd", "window_partition",  "window_reverse"};
+    "window_attention_fwd", "window_attention_bwd", "window_partition",  "window_reverse",
+    "rel_pos_attention_fwd", "rel_pos_attention_bwd"};
 
 }  // namespace
 

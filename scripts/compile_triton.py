@@ -5,9 +5,10 @@ Each op runs forward and backward through its public function with the triton ba
 nothing runs. The cases cover the shapes of the models in scope and every feature that selects another kernel
 specialization: dtypes bf16/fp16/fp32, head dims 16..256 with non powers of two, masks, bias with gradient,
 causal, dropout, cross-attention, strided (flash-attn layout) inputs, Swin windows 7 and 12 with shift, padding
-and V2 cosine attention, patch embedding with and without LayerNorm and prefix tokens, odd patch merging; and the
-edges of what each op admits (`edge_cases`: largest head dim, largest fused-norm and LayerNorm widths, in bf16 and
-fp32, and batch * heads past 65535).
+and V2 cosine attention, patch embedding with and without LayerNorm and prefix tokens, odd patch merging, SAM's
+decomposed relative-position attention (windowed and global, key grids 1 to 128 wide); and the edges of what each
+op admits (`edge_cases`: largest head dim, largest fused-norm and LayerNorm widths, in bf16 and fp32, and
+batch * heads past 65535).
 
 Writes one line per compiled specialization (registers, spill bytes, shared memory, compile seconds) and exits 1
 when
@@ -162,12 +163,36 @@ def edge_cases():
                    lambda: vitfast.patch_embed(images, wt, bt, 4, norm_weight=bt, norm_bias=bt))
     yield Case("edge: attention B*H = 66560 > 65535",
                _attention(520, 128, 16, 16, 64, torch.bfloat16, make=_empty_leaf))
+    yield Case("edge: rel_pos_attention D=256 float32", _rel_pos_attention(1, 2, (14, 14), (14, 14), 256, torch.float32))
+    yield Case("edge: rel_pos_attention B*H = 66560 > 65535",
+               _rel_pos_attention(520, 128, (4, 4), (4, 4), 64, torch.bfloat16, make=_empty_leaf))
     yield Case("edge: window_attention B*heads = 65536 > 65535",
                _window_attention(64, 2, 1024, 16, 2, 0, torch.bfloat16, make=_empty_leaf))
 
 
 def _empty_leaf(*shape, dtype):
     return _empty(*shape, dtype=dtype).requires_grad_()
+
+
+def _rel_pos_attention(B, H, q_hw, k_hw, D, dt, dropout=0.0, make=None):
+    make = make or _leaf
+    Nq, Nk = q_hw[0] * q_hw[1], k_hw[0] * k_hw[1]
+    q, k, v = make(B, H, Nq, D, dtype=dt), make(B, H, Nk, D, dtype=dt), make(B, H, Nk, D, dtype=dt)
+    rel_h, rel_w = make(B, H, Nq, k_hw[0], dtype=dt), make(B, H, Nq, k_hw[1], dtype=dt)
+    return _run(vitfast.rel_pos_attention, q, k, v, rel_h, rel_w, dropout_p=dropout)
+
+
+def rel_pos_attention_cases(dtypes, head_dims):
+    case = _rel_pos_attention
+    for dt in dtypes:
+        for D in head_dims:
+            yield Case(f"rel_pos_attention SAM global 64x64 D={D} {dt}", case(1, 2, (64, 64), (64, 64), D, dt))
+        yield Case(f"rel_pos_attention SAM window 14x14 D=64 {dt}", case(4, 2, (14, 14), (14, 14), 64, dt))
+        yield Case(f"rel_pos_attention SAM window 14x14 D=80 {dt}", case(4, 2, (14, 14), (14, 14), 80, dt))
+        yield Case(f"rel_pos_attention kw=128 (2048 px) D=64 {dt}", case(1, 2, (8, 128), (8, 128), 64, dt))
+        yield Case(f"rel_pos_attention kw=1 D=64 {dt}", case(1, 2, (9, 1), (33, 1), 64, dt))
+        yield Case(f"rel_pos_attention dropout 0.1 D=64 {dt}",
+                   case(1, 2, (14, 14), (14, 14), 64, dt, dropout=0.1))
 
 
 def cases(quick: bool):
@@ -179,6 +204,7 @@ def cases(quick: bool):
     yield from window_attention_cases(dtypes)
     yield from patch_embed_cases(dtypes)
     yield from patch_merging_cases(dtypes)
+    yield from rel_pos_attention_cases(dtypes, head_dims)
     yield from edge_cases()
 
 

@@ -29,6 +29,7 @@ from vitfast.models import CLIP, DETR, SwinTransformer, VisionTransformer
 from vitfast.models.common import set_backend
 from vitfast.ops.patch_embed import patch_embed_ref, resample_pos_embed
 from vitfast.ops.patch_merging import patch_merging_ref
+from vitfast.ops.rel_pos_attention import decomposed_rel_pos
 from vitfast.ops.window_attention import relative_position_index, shifted_window_attention_ref, window_attention_ref
 
 from _optional_libs import import_or_skip
@@ -221,14 +222,51 @@ def _patch_merging():
             lambda d: (_randn(d, 2, 5, 6, 8), _randn(d, 32), _randn(d, 32), _randn(d, 16, 32)))
 
 
+def _rel_pos_attention():
+    """SAM's attention: q, k, v from a Linear, the decomposed terms from float32 tables (an einsum in the region's
+    dtype); the unfused code, Hugging Face's, passes the dense bias to SDPA."""
+    B, H, hw, D = 1, 2, (3, 4), 16
+    N = hw[0] * hw[1]
+
+    def qkv(x, w):
+        return F.linear(x, w).view(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
+
+    def fused(x, w, table_h, table_w):
+        q, k, v = qkv(x, w)
+        return vitfast.rel_pos_attention(q, k, v, *decomposed_rel_pos(q, table_h, table_w, hw, hw))
+
+    def unfused(x, w, table_h, table_w):
+        q, k, v = qkv(x, w)
+        rel_h, rel_w = decomposed_rel_pos(q, table_h, table_w, hw, hw)
+        return F.scaled_dot_product_attention(q, k, v, (rel_h[..., :, None] + rel_w[..., None, :]).flatten(-2))
+
+    return ("rel_pos_attention", fused, unfused,
+            lambda d: (_randn(d, B, N, 24), _randn(d, 3 * H * D, 24, scale=0.3), _randn(d, 2 * hw[0] - 1, D),
+                       _randn(d, 2 * hw[1] - 1, D)))
+
+
 OP_CASES = {"layer_norm": _layer_norm, "layer_norm_residual": _layer_norm_residual, "attention": _attention,
             "flash_attn_func": _flash_attn_func, "shifted_window_attention": _shifted_window_attention,
             "window_attention_cosine": _window_attention_cosine, "patch_embed_vit": _patch_embed_vit,
-            "patch_embed_swin": _patch_embed_swin, "patch_merging": _patch_merging}
+            "patch_embed_swin": _patch_embed_swin, "patch_merging": _patch_merging,
+            "rel_pos_attention": _rel_pos_attention}
+
+
+# Known defect (issue 14's closing note): the triton rel_pos_attention backward takes delta = rowsum(dO * O) from the
+# output rounded to bfloat16, as FlashAttention does; with SAM's large decomposed terms that error reaches the
+# gradient of the rel-pos tables at ~3x the unfused code's. Strict: the test fails once the kernel is fixed.
+_KNOWN = {("rel_pos_attention", "triton", torch.bfloat16): "triton rel_pos_attention backward: delta from the "
+          "bfloat16-rounded output (~3x the unfused error on the rel-pos table gradient)"}
 
 
 def _op_cases(names=OP_CASES) -> list:
-    return [pytest.param(name, *p.values, id=f"{name}-{p.id}") for name in names for p in _cases(OP_CASES[name]()[0])]
+    cases = []
+    for name in names:
+        for p in _cases(OP_CASES[name]()[0]):
+            known = _KNOWN.get((name, p.values[0], p.values[2]))
+            marks = [pytest.mark.xfail(reason=known, strict=True)] if known else []
+            cases.append(pytest.param(name, *p.values, id=f"{name}-{p.id}", marks=marks))
+    return cases
 
 
 @pytest.mark.parametrize("case,backend,device,dtype", _op_cases())
@@ -252,12 +290,16 @@ def _bare_op(op, d):
                                                                  pos_embed=pos, num_prefix_tokens=1),
                 (_randn(d, 2, 3, 16, 24), _randn(d, 16, 3, 8, 8), _randn(d, 16), _randn(d, 16), _randn(d, 16),
                  _randn(d, 7, 16)))
+    if op == "rel_pos_attention":
+        return vitfast.rel_pos_attention, (*(_randn(d, 2, 2, 12, 16) for _ in range(3)), _randn(d, 2, 2, 12, 3),
+                                           _randn(d, 2, 2, 12, 4))
     return vitfast.patch_merging, (_randn(d, 2, 5, 6, 8), _randn(d, 32), _randn(d, 32), _randn(d, 16, 32))
 
 
 @pytest.mark.parametrize("op,backend,device,dtype", [
     pytest.param(op, *p.values, id=f"{op}-{p.id}")
-    for op in ("layer_norm", "attention", "window_attention", "patch_embed", "patch_merging") for p in _cases(op)])
+    for op in ("layer_norm", "attention", "window_attention", "patch_embed", "patch_merging", "rel_pos_attention")
+    for p in _cases(op)])
 def test_backward_inside_the_region_ignores_it(op, backend, device, dtype):
     """A float32 forward outside autocast, then backward() inside a region (autograd keeps autocast on there):
     the backward ops run in the dtypes the forward saved, so the gradients are those of a backward outside."""

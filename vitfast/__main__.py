@@ -52,6 +52,7 @@ def _cases(gpu: bool) -> list:
     m = 64 * 197 if gpu else 8 * 197
     img = 224 if gpu else 112
     swin_b = 64 if gpu else 1
+    sam_b, sam_n = (8, 64) if gpu else (1, 32)  # SAM-B's global-attention layer at 1024 px (on a CPU, at 512 px)
     return [
         Case("layer_norm", f"({m}, 768)",
              lambda d, t: (_randn(d, t, m, 768), _randn(d, t, 768), _randn(d, t, 768)), (0, 1, 2),
@@ -78,6 +79,12 @@ def _cases(gpu: bool) -> list:
              lambda d, t: (_randn(d, t, swin_b, 56, 56, 3, 3, 32), _randn(d, t, 169, 3)), (0, 1),
              lambda qkv, table: vitfast.window_attention(qkv, table, 7, 3),
              lambda qkv, table: window_attention_ref(qkv, table, 7, 3), "eager (roll, partition)"),
+        Case("rel_pos_attention SAM-B global", f"B={sam_b} H=12 {sam_n}x{sam_n} D=64",
+             lambda d, t: tuple(_randn(d, t, sam_b, 12, sam_n**2, 64) for _ in range(3))
+             + tuple(_randn(d, t, sam_b, 12, sam_n**2, sam_n) for _ in range(2)), (0, 1, 2, 3, 4),
+             vitfast.rel_pos_attention,
+             lambda q, k, v, rh, rw: F.scaled_dot_product_attention(q, k, v, (rh[..., :, None] + rw[..., None, :])
+                                                                    .flatten(-2)), "SDPA (dense bias)"),
         Case("patch embed ViT-B/16", f"B={B} {img}px",
              lambda d, t: (_randn(d, t, B, 3, img, img), _randn(d, t, 768, 3, 16, 16, scale=0.05), _randn(d, t, 768),
                            _randn(d, t, 1, 1 + (img // 16) ** 2, 768), _randn(d, t, 1, 1, 768)), (1, 2, 3, 4),
@@ -113,7 +120,7 @@ def _backends(op: str, device: str) -> list:
 
 
 _OP_OF = {"layer_norm": "layer_norm", "attention": "attention", "window": "window_attention",
-          "patch embed": "patch_embed", "patch merging": "patch_merging"}
+          "patch embed": "patch_embed", "patch merging": "patch_merging", "rel_pos_attention": "rel_pos_attention"}
 
 
 def _registered_op(case: Case) -> str:

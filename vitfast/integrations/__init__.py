@@ -1,1 +1,2 @@
-"""Integrations with timm, transformers, torchvision and open_clip; each imports its library lazily."""
+"""Integrations with timm, transformers, torchvision, open_clip and segment_anything; each imports its library
+lazily."""

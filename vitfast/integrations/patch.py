@@ -1,5 +1,6 @@
 """`patch_model` / `unpatch_model`: swap the attention, window attention, LayerNorm and patch embedding of a timm,
-torchvision, open_clip or transformers model for vitfast's, in place, keeping every parameter and state-dict key.
+torchvision, open_clip, transformers or segment_anything model for vitfast's, in place, keeping every parameter and
+state-dict key.
 
     report = vitfast.patch_model(model)      # prints as a table: what was patched, what was left and why
     vitfast.unpatch_model(model)             # the original forward paths again
@@ -170,13 +171,25 @@ _LAYER_NORM = Adapter("layer_norm", "LayerNorm -> vitfast.layer_norm", {"forward
 
 # --------------------------------------------------------------------------------------- driver
 
-def _adapters() -> Dict[str, Adapter]:
-    from vitfast.integrations import open_clip, timm, torchvision, transformers
+def _libraries() -> tuple:
+    from vitfast.integrations import open_clip, segment_anything, timm, torchvision, transformers
 
+    return timm, torchvision, open_clip, transformers, segment_anything
+
+
+def _adapters() -> Dict[str, Adapter]:
     table = dict(_TORCH_ADAPTERS)
-    for lib in (timm, torchvision, open_clip, transformers):
+    for lib in _libraries():
         table.update(lib.ADAPTERS)
     return table
+
+
+def _known_left() -> Dict[str, str]:
+    """Classes that look like what vitfast swaps but compute something its ops do not cover: why each is left."""
+    reasons = {}
+    for lib in _libraries():
+        reasons.update(getattr(lib, "LEFT", {}))
+    return reasons
 
 
 def _is_transformers_model(module: nn.Module) -> bool:
@@ -202,9 +215,12 @@ def patch_model(model: nn.Module, attention: bool = True, window_attention: bool
     """Swaps vitfast's kernels into `model` in place (parameters and state-dict keys unchanged).
 
     Args:
-        model: a timm, torchvision, open_clip or transformers model (or any module containing their blocks).
+        model: a timm, torchvision, open_clip, transformers or segment_anything model (or any module containing
+            their blocks).
         attention: global self/cross attention (timm Attention, nn.MultiheadAttention in torchvision's ViT and
-            open_clip, open_clip Attention, transformers' attention interface).
+            open_clip, open_clip Attention, transformers' attention interface) and the windowed and global attention
+            with decomposed relative positions of SAM / ViTDet image encoders (transformers SamVisionAttention,
+            SamVisionSdpaAttention and VitDetAttention, timm vision_transformer_sam, segment_anything).
         window_attention: Swin (timm SwinTransformerBlock/WindowAttention, torchvision ShiftedWindowAttention and
             V2, transformers SwinLayer).
         layer_norm: nn.LayerNorm and the known subclasses that compute a plain LayerNorm.
@@ -216,7 +232,7 @@ def patch_model(model: nn.Module, attention: bool = True, window_attention: bool
     """
     enabled = {"attention": attention, "window_attention": window_attention, "layer_norm": layer_norm,
                "patch_embed": patch_embed}
-    table = _adapters()
+    table, known_left = _adapters(), _known_left()
     report = PatchReport()
     hf_prefixes: List[str] = []
     for name, module in model.named_modules():
@@ -234,6 +250,9 @@ def patch_model(model: nn.Module, attention: bool = True, window_attention: bool
                 (report.patched if isinstance(record, Patched) else report.left).append(record)
             continue
         adapter = table.get(cls) or (_LAYER_NORM if isinstance(module, nn.LayerNorm) else None)
+        if cls in known_left:
+            report.left.append(Left(name, cls, known_left[cls]))
+            continue
         if adapter is None:
             # transformers' attention modules run through the attention interface switched above
             if (_SUSPECT.search(type(module).__name__) and not cls.startswith("vitfast.")

@@ -7,8 +7,12 @@
   map divides into windows; otherwise timm's path (timm shifts before padding, vitfast after).
 - `timm.models.swin_transformer.WindowAttention`: forward -> vitfast.nn.WindowAttention's (used when called on
   its own; the patched block no longer calls it).
+- `timm.models.vision_transformer_sam.Attention` (samvit_*: SAM's image encoder, windowed and global blocks): SDPA
+  with the dense decomposed relative-position bias -> vitfast.rel_pos_attention (use_rel_pos=False:
+  vitfast.attention; with rotary embeddings (use_rope) it keeps timm's path).
 - `timm.layers.patch_embed.PatchEmbed`: forward -> vitfast.nn.PatchEmbed's (conv + flatten + LayerNorm fused).
 - timm's LayerNorm: the generic LayerNorm adapter of integrations/patch.py.
+- MViTv2's pooling attention is left (`LEFT`, with the reason in the report).
 
 Nothing here imports timm: modules are matched by class name.
 """
@@ -17,6 +21,7 @@ from typing import Optional
 from torch import Tensor, nn
 
 from vitfast.integrations.patch import Adapter
+from vitfast.integrations.segment_anything import sam_attention
 from vitfast.nn.patch_embed import PatchEmbed as _VitfastPatchEmbed
 from vitfast.nn.window_attention import WindowAttention as _VitfastWindowAttention
 from vitfast.ops.attention import attention
@@ -41,6 +46,23 @@ def _attention_check(module: nn.Module) -> Optional[str]:
     missing = [a for a in ("qkv", "q_norm", "k_norm", "norm", "proj", "proj_drop", "attn_drop", "scale")
                if not hasattr(module, a)]
     return f"unexpected timm Attention layout (missing {missing})" if missing else None
+
+
+def _sam_attention_forward(self, x: Tensor) -> Tensor:
+    rel_pos = (self.rel_pos_h, self.rel_pos_w) if self.use_rel_pos else (None, None)
+    x = sam_attention(x, self.qkv, self.num_heads, self.scale, *rel_pos,
+                      dropout_p=self.attn_drop.p if self.training else 0.0, q_norm=self.q_norm, k_norm=self.k_norm)
+    return self.proj_drop(self.proj(x))
+
+
+def _sam_attention_check(module: nn.Module) -> Optional[str]:
+    missing = [a for a in ("qkv", "q_norm", "k_norm", "proj", "proj_drop", "attn_drop", "scale", "num_heads",
+                           "use_rel_pos") if not hasattr(module, a)]
+    if missing:
+        return f"unexpected timm vision_transformer_sam Attention layout (missing {missing})"
+    if getattr(module, "rope", None) is not None:
+        return "rotary position embedding (use_rope): timm's path"
+    return None
 
 
 def _swin_block_attn(self, x: Tensor) -> Tensor:
@@ -91,6 +113,10 @@ ADAPTERS = {
         "attention", "SDPA -> vitfast.attention", {"forward": _attention_forward}, _attention_check),
     "timm.models.vision_transformer.Attention": Adapter(
         "attention", "SDPA -> vitfast.attention", {"forward": _attention_forward}, _attention_check),
+    "timm.models.vision_transformer_sam.Attention": Adapter(
+        "attention", "SDPA with the dense decomposed rel-pos bias -> vitfast.rel_pos_attention "
+                     "(use_rel_pos=False: vitfast.attention)",
+        {"forward": _sam_attention_forward}, _sam_attention_check),
     "timm.models.swin_transformer.SwinTransformerBlock": Adapter(
         "window_attention", "roll/pad/partition/mask/attention -> one fused vitfast.window_attention",
         {"_attn": _swin_block_attn}, _swin_block_check),
@@ -103,3 +129,10 @@ ADAPTERS = {
         {"forward": _VitfastPatchEmbed.forward, "_fused_norm": _VitfastPatchEmbed._fused_norm}, _patch_embed_check),
 }
 
+_MVITV2 = ("MViTv2 pooling attention (q, k, v pooled to other grids, an optional class token outside the rel-pos key "
+           "grid, residual pooling, rel-pos tables indexed without resizing): not covered by "
+           "vitfast.rel_pos_attention, timm's path")
+LEFT = {
+    "timm.models.mvitv2.MultiScaleAttention": _MVITV2,
+    "timm.models.mvitv2.MultiScaleAttentionPoolFirst": _MVITV2,
+}

@@ -7,12 +7,18 @@
 Both interfaces are registered: AttentionInterface runs the attention, AttentionMaskInterface builds the
 masks. Without the second, transformers silently drops masks for an unknown implementation name (CLIP's
 text padding would be lost). Masks are the SDPA ones: bool (True = attend) or additive float.
+
+`vitfast.patch_model` also binds forward paths to the vision attention modules that do not use the interface:
+SAM's (`SamVisionAttention`, `SamVisionSdpaAttention`, and SAM-HQ's copies) and ViTDet's (`VitDetAttention`), whose
+dense decomposed relative-position bias becomes vitfast.rel_pos_attention (see integrations/segment_anything.py);
+calls that ask for the attention weights take the original path.
 """
 from typing import Optional
 
 import torch
 
 from vitfast.integrations.patch import Adapter
+from vitfast.integrations.segment_anything import sam_attention
 from vitfast.ops.attention import attention
 from vitfast.ops.patch_embed import patch_embed
 from vitfast.ops.window_attention import window_attention
@@ -134,9 +140,70 @@ def _patch_embeddings_check(module: torch.nn.Module) -> Optional[str]:
     return None
 
 
+def _attentions_recorded() -> bool:
+    """Whether the running forward collects attention weights: transformers 5 no longer passes output_attentions
+    to SAM's vision attention but records its outputs with hooks, under a context variable."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # transformers 4: output_attentions reaches the module's forward
+        return False
+    collected = _active_collector.get()
+    return collected is not None and "attentions" in collected
+
+
+def _sam_vision_attention(self, hidden_states: torch.Tensor, output_attentions, dropout_p: float):
+    if output_attentions or _attentions_recorded():
+        return type(self).forward(self, hidden_states, output_attentions=output_attentions)
+    rel_pos = (self.rel_pos_h, self.rel_pos_w) if self.use_rel_pos else (None, None)
+    out = sam_attention(hidden_states, self.qkv, self.num_attention_heads, self.scale, *rel_pos, dropout_p=dropout_p)
+    return self.proj(out), None
+
+
+def _sam_vision_attention_forward(self, hidden_states: torch.Tensor, output_attentions=None):
+    """SamVisionAttention.forward (eager: dropout on the weights) on vitfast.rel_pos_attention; returns
+    (output, None) where the original returns the weights, unless they are asked for."""
+    return _sam_vision_attention(self, hidden_states, output_attentions, self.dropout if self.training else 0.0)
+
+
+def _sam_vision_sdpa_attention_forward(self, hidden_states: torch.Tensor, output_attentions=False):
+    """SamVisionSdpaAttention.forward (its SDPA call has no dropout) on vitfast.rel_pos_attention."""
+    return _sam_vision_attention(self, hidden_states, output_attentions, 0.0)
+
+
+def _sam_vision_attention_check(module: torch.nn.Module) -> Optional[str]:
+    missing = [a for a in ("qkv", "proj", "num_attention_heads", "scale", "dropout", "use_rel_pos")
+               if not hasattr(module, a)]
+    return f"unexpected SAM vision attention layout (missing {missing})" if missing else None
+
+
+def _vitdet_attention_forward(self, hidden_state: torch.Tensor, output_attentions: bool = False):
+    if output_attentions:
+        return type(self).forward(self, hidden_state, output_attentions)
+    rel_pos = (self.rel_pos_h, self.rel_pos_w) if self.use_relative_position_embeddings else (None, None)
+    return (self.proj(sam_attention(hidden_state, self.qkv, self.num_heads, self.scale, *rel_pos)),)
+
+
+def _vitdet_attention_check(module: torch.nn.Module) -> Optional[str]:
+    missing = [a for a in ("qkv", "proj", "num_heads", "scale", "use_relative_position_embeddings")
+               if not hasattr(module, a)]
+    return f"unexpected VitDetAttention layout (missing {missing})" if missing else None
+
+
+_REL_POS = ("dense decomposed rel-pos bias -> vitfast.rel_pos_attention (no rel-pos: vitfast.attention); "
+            "calls that return the attention weights keep the original path")
+_SAM_VISION_ATTENTION = Adapter("attention", _REL_POS, {"forward": _sam_vision_attention_forward},
+                                _sam_vision_attention_check)
+_SAM_VISION_SDPA_ATTENTION = Adapter("attention", _REL_POS, {"forward": _sam_vision_sdpa_attention_forward},
+                                     _sam_vision_attention_check)
 _PATCH_EMBEDDINGS = Adapter("patch_embed", "projection conv + flatten -> vitfast.patch_embed",
                             {"forward": _patch_embeddings_forward}, _patch_embeddings_check)
 ADAPTERS = {
     "transformers.models.vit.modeling_vit.ViTPatchEmbeddings": _PATCH_EMBEDDINGS,
     "transformers.models.deit.modeling_deit.DeiTPatchEmbeddings": _PATCH_EMBEDDINGS,
+    "transformers.models.sam.modeling_sam.SamVisionAttention": _SAM_VISION_ATTENTION,
+    "transformers.models.sam.modeling_sam.SamVisionSdpaAttention": _SAM_VISION_SDPA_ATTENTION,
+    "transformers.models.sam_hq.modeling_sam_hq.SamHQVisionAttention": _SAM_VISION_ATTENTION,
+    "transformers.models.sam_hq.modeling_sam_hq.SamHQVisionSdpaAttention": _SAM_VISION_SDPA_ATTENTION,
+    "transformers.models.vitdet.modeling_vitdet.VitDetAttention": Adapter(
+        "attention", _REL_POS, {"forward": _vitdet_attention_forward}, _vitdet_attention_check),
 }

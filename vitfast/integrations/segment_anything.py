@@ -1,0 +1,72 @@
+"""segment_anything adapters for `vitfast.patch_model`, and the image-encoder attention that the SAM adapters of
+timm and transformers share.
+
+- `segment_anything.modeling.image_encoder.Attention` (the blocks of ImageEncoderViT, ViTDet's layout): the
+  (B*heads, N, N) score matrix plus `add_decomposed_rel_pos` -> vitfast.rel_pos_attention (use_rel_pos=False:
+  vitfast.attention). Windowed blocks (SAM's padded 14 x 14 windows) and global blocks both call it; the window
+  partition and padding stay in the block.
+- segment_anything's LayerNorm2d (the neck) is no nn.LayerNorm and is left; the blocks' nn.LayerNorm takes the
+  generic adapter of integrations/patch.py.
+
+Nothing here imports segment_anything: modules are matched by class name.
+"""
+from typing import Callable, Optional
+
+from torch import Tensor, nn
+
+from vitfast.integrations.patch import Adapter
+from vitfast.ops.attention import attention
+from vitfast.ops.rel_pos_attention import decomposed_rel_pos, rel_pos_attention
+
+
+def sam_attention(x: Tensor, qkv: nn.Module, num_heads: int, scale: float, rel_pos_h: Optional[Tensor] = None,
+                  rel_pos_w: Optional[Tensor] = None, dropout_p: float = 0.0, q_norm: Optional[Callable] = None,
+                  k_norm: Optional[Callable] = None) -> Tensor:
+    """The attention of a SAM / ViTDet image-encoder block on one (window or whole) map, before the output
+    projection: softmax(scale * q k^T + rel_h + rel_w) v with the decomposed relative positions of MViTv2
+    (segment_anything's `add_decomposed_rel_pos`), never forming the (N, N) bias.
+
+    Args:
+        x: (B, H, W, C): B windows (or images) of H x W tokens.
+        qkv: the block's qkv projection, C -> 3 * C, output laid out (3, heads, D) as in every SAM implementation.
+        num_heads: heads; D = C // num_heads.
+        scale: softmax scale (the module's, D ** -0.5 in SAM).
+        rel_pos_h, rel_pos_w: (L_h, D), (L_w, D) tables, or None for plain attention; resized by linear
+            interpolation when L != 2 * size - 1 (see vitfast.decomposed_rel_pos).
+        dropout_p: dropout on the attention weights.
+        q_norm, k_norm: per-head norms applied to q and k (timm's qk_norm), before the relative-position terms.
+
+    Returns:
+        (B, H, W, C) in x's dtype (under autocast, the region's).
+
+    Raises:
+        ValueError: from vitfast.rel_pos_attention / vitfast.attention when no backend takes the inputs.
+    """
+    B, H, W, _ = x.shape
+    q, k, v = qkv(x).reshape(B, H * W, 3, num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    if q_norm is not None:
+        q, k = q_norm(q), k_norm(k)
+    if rel_pos_h is None:
+        out = attention(q, k, v, None, scale=scale, dropout_p=dropout_p)
+    else:
+        rel_h, rel_w = decomposed_rel_pos(q, rel_pos_h, rel_pos_w, (H, W), (H, W))
+        out = rel_pos_attention(q, k, v, rel_h, rel_w, scale=scale, dropout_p=dropout_p)
+    return out.transpose(1, 2).reshape(B, H, W, -1)
+
+
+def _attention_forward(self, x: Tensor) -> Tensor:
+    rel_pos = (self.rel_pos_h, self.rel_pos_w) if self.use_rel_pos else (None, None)
+    return self.proj(sam_attention(x, self.qkv, self.num_heads, self.scale, *rel_pos))
+
+
+def _attention_check(module: nn.Module) -> Optional[str]:
+    missing = [a for a in ("qkv", "proj", "num_heads", "scale", "use_rel_pos") if not hasattr(module, a)]
+    return f"unexpected segment_anything Attention layout (missing {missing})" if missing else None
+
+
+ADAPTERS = {
+    "segment_anything.modeling.image_encoder.Attention": Adapter(
+        "attention", "scores + add_decomposed_rel_pos + softmax -> vitfast.rel_pos_attention "
+                     "(use_rel_pos=False: vitfast.attention)",
+        {"forward": _attention_forward}, _attention_check),
+}
