@@ -30,7 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import vitfast
 from vitfast.ops.rel_pos_attention import rel_pos_attention_ref
 
-from conftest import DEVICE, ON_GPU, run_benchmark, vitfast_backends
+from conftest import DEVICE, ON_GPU, SDPA, headline, run_benchmark, vitfast_backends
 
 # name: (B, H, (kh, kw) = the query and key grid, D).
 if ON_GPU:
@@ -58,9 +58,8 @@ else:
     SAM_ENCODER = (dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, global_attn_indexes=[1],
                         image_size=128, window_size=3, output_channels=32), 1)
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
-SDPA = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
-        "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa-math": SDPBackend.MATH}
 IMPLS = list(SDPA) + ["flex", "eager"] + vitfast_backends("rel_pos_attention")
+HEADLINE = {"sam_b_global"}  # the shapes bench/gpu_run.sh runs (pytest -m headline)
 _best_sdpa: dict = {}  # benchmark group -> best SDPA mean time (s)
 
 
@@ -142,13 +141,13 @@ def _bench(benchmark, impl, name, backward):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("name", list(SHAPES))
+@pytest.mark.parametrize("name", headline(SHAPES, HEADLINE))
 def test_forward(benchmark, impl, name):
     _bench(benchmark, impl, name, backward=False)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("name", list(SHAPES))
+@pytest.mark.parametrize("name", headline(SHAPES, HEADLINE))
 def test_forward_backward(benchmark, impl, name):
     _bench(benchmark, impl, name, backward=True)
 

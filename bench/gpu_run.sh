@@ -32,11 +32,12 @@
 #                        launch: ~60-90 s.
 # (d) benchmarks    240  `pytest bench -m headline`: attention ViT-B/16 B=128 and DETR encoder with key padding,
 #                        Swin-T stage-1 window attention B=128, LayerNorm (128*197, 768), patch embedding ViT-B/16
-#                        B=256, each forward and forward+backward: part 1, 46 benchmarks (vitfast, SDPA flash,
+#                        B=256, SAM-B's global-layer attention with decomposed relative positions (B=8, 12 heads,
+#                        64x64 tokens), each forward and forward+backward: part 1, 58 benchmarks (vitfast, SDPA flash,
 #                        efficient, cudnn, math, eager) of 26 timed calls each (3 rotating input sets, warm-up
-#                        call, 2 warm-up and 20 timed rounds), ~1 s each with autotuning: ~60-80 s; part 2 with the
-#                        rest of the budget, FlexAttention first (6 compilations, ~15-45 s each), then torch.compile
-#                        of the LayerNorm and patch-embedding baselines (4, ~10-20 s each): ~190 s, so the last
+#                        call, 2 warm-up and 20 timed rounds), ~1 s each with autotuning: ~70-95 s; part 2 with the
+#                        rest of the budget, FlexAttention first (8 compilations, ~15-45 s each), then torch.compile
+#                        of the LayerNorm and patch-embedding baselines (4, ~10-20 s each): ~230 s, so the last
 #                        torch.compile baselines may be cut off.
 # (e) full tests   rest  pytest tests (minus (c)) on 16 workers with what is left: ~150 s if (a)-(d) take their
 #                        estimates; cut off otherwise (the log keeps every finished test).
@@ -113,7 +114,7 @@ stage "(c) correctness at model shapes" "${BUDGET[2]}" "$OUT/correctness.log" 0 
 
 t_bench=$SECONDS
 BENCH_FILES=(bench/bench_attention.py bench/bench_window_attention.py bench/bench_layer_norm.py
-             bench/bench_patch_embed.py)  # FlexAttention first in part 2
+             bench/bench_patch_embed.py bench/bench_rel_pos_attention.py)  # FlexAttention first in part 2
 stage "(d) benchmarks, part 1: vitfast, SDPA, eager" "${BUDGET[3]}" "$OUT/bench.log" 0 \
   $PY -m pytest "${BENCH_FILES[@]}" -m headline -k "not flex and not compile" --benchmark-only -q \
   --benchmark-json="$OUT/bench.json" -p no:cacheprovider
