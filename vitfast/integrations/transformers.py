@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from vitfast.integrations.cpu_choice import runs_original
 from vitfast.integrations.patch import Adapter
 from vitfast.ops.attention import attention
 from vitfast.ops.patch_embed import patch_embed
@@ -22,10 +23,17 @@ NAME = "vitfast"
 
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask, dropout: float = 0.0, scaling=None, is_causal=None, **kwargs):
-    """transformers' attention signature: q, k, v (B, H, S, D) in; (B, S, H, D) out, and no weights."""
+    """transformers' attention signature: q, k, v (B, H, S, D) in; (B, S, H, D) out, and no weights. Where
+    integrations/cpu_choice.py says ATen is faster (CPU tensors), transformers' own SDPA path runs instead (the
+    masks are the SDPA ones either way)."""
     if kwargs.get("output_attentions") or kwargs.get("position_bias") is not None or kwargs.get("softcap"):
         raise ValueError("vitfast attention returns no attention weights and takes no position_bias or softcap; "
                          "use attn_implementation='eager' for these")
+    if runs_original("attention", query):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
     groups = getattr(module, "num_key_value_groups", 1)
     if groups > 1:
         key = key.repeat_interleave(groups, dim=1)
@@ -120,6 +128,8 @@ def unpatch(model: torch.nn.Module) -> int:
 
 
 def _patch_embeddings_forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    if runs_original("patch_embed", pixel_values):
+        return type(self).forward(self, pixel_values)
     if pixel_values.shape[1] != self.num_channels:
         raise ValueError(f"Make sure that the channel dimension of the pixel values match with the one set in the "
                          f"configuration. Expected {self.num_channels} but got {pixel_values.shape[1]}.")
