@@ -276,6 +276,46 @@ def test_cpu_choice_runs_the_original_code(grad, monkeypatch):
     assert torch.equal(out, expected) if not grad else torch.allclose(out, expected, rtol=1e-4, atol=2e-5)
 
 
+def _torchvision_vit():
+    import_or_skip("torchvision")
+    from torchvision.models import VisionTransformer
+
+    model = VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=2, hidden_dim=32, mlp_dim=48,
+                              num_classes=5)
+    return model, torch.randn(2, 3, 16, 16), lambda out: out
+
+
+def _open_clip():
+    open_clip = import_or_skip("open_clip")
+    vision = dict(image_size=16, patch_size=8, width=32, layers=1, head_width=16)
+    model = open_clip.CLIP(embed_dim=16, vision_cfg=vision,
+                           text_cfg=dict(context_length=6, vocab_size=50, width=32, heads=2, layers=1))
+    inputs = {"image": torch.randn(2, 3, 16, 16), "text": torch.randint(0, 50, (2, 6))}
+    return model, inputs, lambda out: torch.cat([out[0], out[1]], -1)  # image and text features
+
+
+def _transformers_vit():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
+                                    image_size=16, patch_size=8)
+    model = transformers.ViTModel(config, add_pooling_layer=False)
+    model.set_attn_implementation("sdpa")
+    return model, {"pixel_values": torch.randn(2, 3, 16, 16)}, lambda out: out.last_hidden_state
+
+
+@pytest.mark.parametrize("build", [_torchvision_vit, _open_clip, _transformers_vit],
+                         ids=["torchvision", "open_clip", "transformers"])
+def test_cpu_choice_inference_is_the_original(build):
+    """Without grad on CPU every kind these models patch runs ATen (cpu_choice.py): the patched output is bitwise the
+    original's (transformers: its SDPA attention path)."""
+    model, inputs, pick = build()
+    model.eval()
+    mine = copy.deepcopy(model)
+    assert vitfast.patch_model(mine).patched
+    with torch.inference_mode():
+        assert torch.equal(pick(_run(mine, inputs)), pick(_run(model, inputs)))
+
+
 # ----------------------------------------------------------------------------------------------- report, flags
 
 def test_flags_report_and_double_patch():
