@@ -2,9 +2,9 @@
 parameter gradient equal before and after patching (fp32), state dicts unchanged (keys and values), unpatch restores
 the original forward paths, and torch.compile(fullgraph=True) runs a patched model.
 
-Each model runs with the Triton kernels (under TRITON_INTERPRET=1 without a GPU) and with the automatic CPU choice
-(the C++ extension where the op has a CPU kernel, else PyTorch). timm, torchvision and open_clip are optional: their
-tests skip with the reason where they do not import (see _optional_libs.py).
+Each model runs with the Triton kernels (under TRITON_INTERPRET=1 without a GPU), with the C++ kernels forced, and
+with the automatic choice (on CPU: ATen or vitfast per kind and mode, integrations/cpu_choice.py). timm, torchvision
+and open_clip are optional: their tests skip with the reason where they do not import (see _optional_libs.py).
 """
 import copy
 
@@ -14,13 +14,18 @@ from torch import nn
 
 import vitfast
 from vitfast import backend as vf_backend
-from vitfast.integrations.patch import PatchReport
+from vitfast.integrations import cpu_choice
+from vitfast.integrations.patch import KINDS, PatchReport
 
 from _optional_libs import import_or_skip
 
 
 def _backends():
-    cases = [pytest.param("auto", id="auto")]  # cpp where the op has a CPU kernel, else torch (cuda/triton on GPU)
+    # auto: on CPU, each kind runs what integrations/cpu_choice.py chose (ATen or vitfast's cpp kernel); cpp forces the
+    # C++ kernels wherever the op has one (else torch); triton under TRITON_INTERPRET=1 without a GPU
+    cases = [pytest.param("auto", id="auto")]
+    if vf_backend._unavailable("attention", "cpp", torch.device("cpu")) is None and not torch.cuda.is_available():
+        cases.append(pytest.param("cpp", id="cpp"))
     if vf_backend._unavailable("attention", "triton", torch.device("cpu")) is None or torch.cuda.is_available():
         cases.append(pytest.param("triton", id="triton"))
     return cases
@@ -229,6 +234,88 @@ def test_transformers_swin_fused_layer(backend, monkeypatch):
                             lambda o: o.last_hidden_state)
     assert _kinds(report) == {"attention": 1, "window_attention": 2, "layer_norm": 6}, str(report)
     assert len(calls) == 2  # both layers took the fused path (forward only; unpatched runs do not count)
+
+
+# ----------------------------------------------------------------------------------------------- CPU choice
+
+def test_cpu_choice_rule():
+    """The table's answers: ATen for LayerNorm and attention, ATen for patch embedding only without grad, vitfast for
+    window attention; a forced backend or a CUDA tensor always runs vitfast."""
+    x = torch.randn(2, 3)
+    with torch.no_grad():
+        assert [cpu_choice.runs_original(k, x) for k in KINDS] == [True, False, True, True]
+    assert [cpu_choice.runs_original(k, x) for k in KINDS] == [True, False, True, False]
+    with vitfast.use_backend("torch"):
+        assert not any(cpu_choice.runs_original(k, x) for k in KINDS)
+    assert not any(cpu_choice.runs_original(k, torch.empty(2, 3, device="meta")) for k in KINDS)
+    assert set(cpu_choice.CPU_CHOICE) == set(KINDS)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_cpu_choice_runs_the_original_code(grad, monkeypatch):
+    """Where the table says ATen, a patched timm ViT calls no vitfast op and its output is bitwise the original's;
+    where it says vitfast (patch embedding with grad), vitfast's op runs."""
+    timm = import_or_skip("timm")
+    from vitfast.integrations import patch as vp
+    from vitfast.integrations import timm as vt
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, embed_dim=32,
+                              depth=1, num_heads=2, num_classes=5).eval()
+    mine = copy.deepcopy(model)
+    report = vitfast.patch_model(mine)
+    assert "layer_norm: LayerNorm -> vitfast.layer_norm; on CPU: original ATen code (faster there)" in str(report)
+    assert "on CPU: original ATen code without grad, vitfast with grad" in str(report)
+    calls = []
+    for module, name in ((vp, "layer_norm"), (vp, "attention"), (vt, "attention")):
+        monkeypatch.setattr(module, name, lambda *a, name=name, **k: calls.append(name))
+    fused = vitfast.ops.patch_embed.patch_embed
+    monkeypatch.setattr("vitfast.nn.patch_embed.patch_embed",
+                        lambda *a, **k: calls.append("patch_embed") or fused(*a, **k))
+    x = torch.randn(2, 3, 16, 16)
+    with torch.set_grad_enabled(grad):
+        out, expected = mine(x), model(x)
+    assert calls == (["patch_embed"] if grad else [])
+    assert torch.equal(out, expected) if not grad else torch.allclose(out, expected, rtol=1e-4, atol=2e-5)
+
+
+def _torchvision_vit():
+    import_or_skip("torchvision")
+    from torchvision.models import VisionTransformer
+
+    model = VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=2, hidden_dim=32, mlp_dim=48,
+                              num_classes=5)
+    return model, torch.randn(2, 3, 16, 16), lambda out: out
+
+
+def _open_clip():
+    open_clip = import_or_skip("open_clip")
+    vision = dict(image_size=16, patch_size=8, width=32, layers=1, head_width=16)
+    model = open_clip.CLIP(embed_dim=16, vision_cfg=vision,
+                           text_cfg=dict(context_length=6, vocab_size=50, width=32, heads=2, layers=1))
+    inputs = {"image": torch.randn(2, 3, 16, 16), "text": torch.randint(0, 50, (2, 6))}
+    return model, inputs, lambda out: torch.cat([out[0], out[1]], -1)  # image and text features
+
+
+def _transformers_vit():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
+                                    image_size=16, patch_size=8)
+    model = transformers.ViTModel(config, add_pooling_layer=False)
+    model.set_attn_implementation("sdpa")
+    return model, {"pixel_values": torch.randn(2, 3, 16, 16)}, lambda out: out.last_hidden_state
+
+
+@pytest.mark.parametrize("build", [_torchvision_vit, _open_clip, _transformers_vit],
+                         ids=["torchvision", "open_clip", "transformers"])
+def test_cpu_choice_inference_is_the_original(build):
+    """Without grad on CPU every kind these models patch runs ATen (cpu_choice.py): the patched output is bitwise the
+    original's (transformers: its SDPA attention path)."""
+    model, inputs, pick = build()
+    model.eval()
+    mine = copy.deepcopy(model)
+    assert vitfast.patch_model(mine).patched
+    with torch.inference_mode():
+        assert torch.equal(pick(_run(mine, inputs)), pick(_run(model, inputs)))
 
 
 # ----------------------------------------------------------------------------------------------- report, flags

@@ -57,7 +57,7 @@ def _check(model, inputs, backend, device, dtype, pick, fused_calls, tol=None):
     return report
 
 
-def _patched(report, kind="attention"):
+def _patched(report, kind="rel_pos_attention"):
     return [p.name for p in report.patched if p.kind == kind]
 
 
@@ -156,7 +156,7 @@ def test_transformers_sam_model(fused_calls):
 
     report = _check(model, inputs, "auto", DEVICE, torch.float32, pick, fused_calls)
     assert report.patched[0].name == "" and "'vitfast'" in report.patched[0].what  # the mask decoder's interface
-    assert _patched(report)[1:] == ["vision_encoder.layers.0.attn", "vision_encoder.layers.1.attn"]
+    assert _patched(report) == ["vision_encoder.layers.0.attn", "vision_encoder.layers.1.attn"]
 
 
 @pytest.mark.parametrize("backend,device,dtype", CASES)
@@ -180,7 +180,7 @@ def test_timm_samvit(backend, device, dtype, fused_calls):
     model = _samvit(qk_norm=True)  # q/k norms apply before the rel-pos terms are taken from q
     report = _check(model, {"x": torch.randn(2, 3, 32, 32)}, backend, device, dtype, lambda o: o, fused_calls)
     assert _patched(report) == ["blocks.0.attn", "blocks.1.attn"]
-    assert report.counts() == {"attention": 2, "layer_norm": 8, "patch_embed": 1}, str(report)  # with q_norm, k_norm
+    assert report.counts() == {"rel_pos_attention": 2, "layer_norm": 8, "patch_embed": 1}, str(report)  # with q_norm, k_norm
 
 
 def test_timm_samvit_rope_keeps_its_path():
@@ -214,7 +214,7 @@ def test_segment_anything(backend, device, dtype, fused_calls):
     report = _check(_image_encoder(), {"x": torch.randn(2, 3, 32, 32)}, backend, device, dtype, lambda o: o,
                     fused_calls)
     assert _patched(report) == ["blocks.0.attn", "blocks.1.attn"]
-    assert report.counts() == {"attention": 2, "layer_norm": 4}, str(report)
+    assert report.counts() == {"rel_pos_attention": 2, "layer_norm": 4}, str(report)
 
 
 def test_segment_anything_without_rel_pos_is_plain_attention(fused_calls):

@@ -13,7 +13,10 @@ change), and a patched module deep-copies, pickles and compiles (`torch.compile(
 A transformers `PreTrainedModel` is switched to `attn_implementation="vitfast"` (see integrations/transformers.py).
 
 An adapter that meets arguments it does not cover at run time (e.g. `need_weights=True` on nn.MultiheadAttention,
-a LayerNorm input whose dtype differs from its weight under autocast) calls the original forward for that call.
+a LayerNorm input whose dtype differs from its weight under autocast) calls the original forward for that call, and
+so does one whose vitfast op measured slower than the original code for that device and mode
+(integrations/cpu_choice.py: on CPU tensors LayerNorm and attention always run ATen, patch embedding runs ATen
+without grad); the report says what each kind runs on CPU.
 """
 import functools
 import math
@@ -25,10 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vitfast.integrations.cpu_choice import describe, runs_original
 from vitfast.ops.attention import attention
 from vitfast.ops.layer_norm import layer_norm
 
-KINDS = ("attention", "window_attention", "layer_norm", "patch_embed")
+KINDS = ("attention", "rel_pos_attention", "window_attention", "layer_norm", "patch_embed")
 _MARK = "_vitfast_patch"  # instance attribute: (kind, names of the instance attributes the patch set)
 
 
@@ -68,7 +72,8 @@ class PatchReport:
 
     def __str__(self) -> str:
         lines = [f"vitfast.patch_model: {len(self.patched)} patched, {len(self.left)} left"]
-        lines += [f"  patched {p.name or '<model>'} ({p.cls}): {p.kind}: {p.what}" for p in self.patched]
+        lines += [f"  patched {p.name or '<model>'} ({p.cls}): {p.kind}: {p.what}; {describe(p.kind)}"
+                  for p in self.patched]
         lines += [f"  left    {l.name or '<model>'} ({l.cls}): {l.reason}" for l in self.left]
         return "\n".join(lines)
 
@@ -81,8 +86,9 @@ def qualname(module: nn.Module) -> str:
 # --------------------------------------------------------------------------------------- torch.nn adapters
 
 def _layer_norm_forward(self: nn.LayerNorm, x: Tensor) -> Tensor:
-    if (self.weight is not None and x.dtype != self.weight.dtype) or not x.is_floating_point():
-        return type(self).forward(self, x)  # autocast or a subclass's own casts: the original semantics
+    if ((self.weight is not None and x.dtype != self.weight.dtype) or not x.is_floating_point()
+            or runs_original("layer_norm", x)):
+        return type(self).forward(self, x)  # autocast or a subclass's own casts (the original semantics), or faster
     return layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
@@ -105,7 +111,7 @@ def _mha_forward(self: nn.MultiheadAttention, query: Tensor, key: Tensor, value:
                  attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True, is_causal: bool = False):
     """nn.MultiheadAttention.forward on vitfast.attention; returns (output, None) as the original with
     need_weights=False. Masks keep MultiheadAttention's meaning (bool True = masked out, float added)."""
-    if need_weights or query.dim() != 3:
+    if need_weights or query.dim() != 3 or runs_original("attention", query):
         return nn.MultiheadAttention.forward(self, query, key, value, key_padding_mask, need_weights, attn_mask,
                                              average_attn_weights, is_causal)
     if not self.batch_first:
@@ -230,8 +236,8 @@ def patch_model(model: nn.Module, attention: bool = True, window_attention: bool
     Returns:
         PatchReport: `.patched` and `.left` (with the reason); `print(report)` shows both.
     """
-    enabled = {"attention": attention, "window_attention": window_attention, "layer_norm": layer_norm,
-               "patch_embed": patch_embed}
+    enabled = {"attention": attention, "rel_pos_attention": attention, "window_attention": window_attention,
+               "layer_norm": layer_norm, "patch_embed": patch_embed}
     table, known_left = _adapters(), _known_left()
     report = PatchReport()
     hf_prefixes: List[str] = []

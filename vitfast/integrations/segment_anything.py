@@ -66,7 +66,7 @@ def _attention_check(module: nn.Module) -> Optional[str]:
 
 ADAPTERS = {
     "segment_anything.modeling.image_encoder.Attention": Adapter(
-        "attention", "scores + add_decomposed_rel_pos + softmax -> vitfast.rel_pos_attention "
+        "rel_pos_attention", "scores + add_decomposed_rel_pos + softmax -> vitfast.rel_pos_attention "
                      "(use_rel_pos=False: vitfast.attention)",
         {"forward": _attention_forward}, _attention_check),
 }

@@ -20,6 +20,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
+from vitfast.integrations.cpu_choice import runs_original
 from vitfast.integrations.patch import Adapter
 from vitfast.integrations.segment_anything import sam_attention
 from vitfast.nn.patch_embed import PatchEmbed as _VitfastPatchEmbed
@@ -29,6 +30,10 @@ from vitfast.ops.window_attention import window_attention
 
 
 def _attention_forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+    if runs_original("attention", x):
+        original = type(self).forward
+        # older timm Attention.forward takes no is_causal
+        return original(self, x, attn_mask, is_causal) if is_causal else original(self, x, attn_mask)
     B, N, C = x.shape
     gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
     q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
@@ -92,6 +97,12 @@ def _window_attention_check(module: nn.Module) -> Optional[str]:
     return None
 
 
+def _patch_embed_forward(self, x: Tensor) -> Tensor:
+    if runs_original("patch_embed", x):
+        return type(self).forward(self, x)
+    return _VitfastPatchEmbed.forward(self, x)
+
+
 def _patch_embed_check(module: nn.Module) -> Optional[str]:
     proj = getattr(module, "proj", None)
     if type(proj) is not nn.Conv2d:
@@ -114,7 +125,7 @@ ADAPTERS = {
     "timm.models.vision_transformer.Attention": Adapter(
         "attention", "SDPA -> vitfast.attention", {"forward": _attention_forward}, _attention_check),
     "timm.models.vision_transformer_sam.Attention": Adapter(
-        "attention", "SDPA with the dense decomposed rel-pos bias -> vitfast.rel_pos_attention "
+        "rel_pos_attention", "SDPA with the dense decomposed rel-pos bias -> vitfast.rel_pos_attention "
                      "(use_rel_pos=False: vitfast.attention)",
         {"forward": _sam_attention_forward}, _sam_attention_check),
     "timm.models.swin_transformer.SwinTransformerBlock": Adapter(
@@ -126,7 +137,7 @@ ADAPTERS = {
         _window_attention_check),
     "timm.layers.patch_embed.PatchEmbed": Adapter(
         "patch_embed", "conv + flatten + norm -> vitfast.patch_embed",
-        {"forward": _VitfastPatchEmbed.forward, "_fused_norm": _VitfastPatchEmbed._fused_norm}, _patch_embed_check),
+        {"forward": _patch_embed_forward, "_fused_norm": _VitfastPatchEmbed._fused_norm}, _patch_embed_check),
 }
 
 _MVITV2 = ("MViTv2 pooling attention (q, k, v pooled to other grids, an optional class token outside the rel-pos key "

@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from vitfast.integrations.cpu_choice import runs_original
 from vitfast.integrations.patch import Adapter
 from vitfast.integrations.segment_anything import sam_attention
 from vitfast.ops.attention import attention
@@ -28,10 +29,17 @@ NAME = "vitfast"
 
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask, dropout: float = 0.0, scaling=None, is_causal=None, **kwargs):
-    """transformers' attention signature: q, k, v (B, H, S, D) in; (B, S, H, D) out, and no weights."""
+    """transformers' attention signature: q, k, v (B, H, S, D) in; (B, S, H, D) out, and no weights. Where
+    integrations/cpu_choice.py says ATen is faster (CPU tensors), transformers' own SDPA path runs instead (the
+    masks are the SDPA ones either way)."""
     if kwargs.get("output_attentions") or kwargs.get("position_bias") is not None or kwargs.get("softcap"):
         raise ValueError("vitfast attention returns no attention weights and takes no position_bias or softcap; "
                          "use attn_implementation='eager' for these")
+    if runs_original("attention", query):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
     groups = getattr(module, "num_key_value_groups", 1)
     if groups > 1:
         key = key.repeat_interleave(groups, dim=1)
@@ -126,6 +134,8 @@ def unpatch(model: torch.nn.Module) -> int:
 
 
 def _patch_embeddings_forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    if runs_original("patch_embed", pixel_values):
+        return type(self).forward(self, pixel_values)
     if pixel_values.shape[1] != self.num_channels:
         raise ValueError(f"Make sure that the channel dimension of the pixel values match with the one set in the "
                          f"configuration. Expected {self.num_channels} but got {pixel_values.shape[1]}.")
@@ -191,9 +201,9 @@ def _vitdet_attention_check(module: torch.nn.Module) -> Optional[str]:
 
 _REL_POS = ("dense decomposed rel-pos bias -> vitfast.rel_pos_attention (no rel-pos: vitfast.attention); "
             "calls that return the attention weights keep the original path")
-_SAM_VISION_ATTENTION = Adapter("attention", _REL_POS, {"forward": _sam_vision_attention_forward},
+_SAM_VISION_ATTENTION = Adapter("rel_pos_attention", _REL_POS, {"forward": _sam_vision_attention_forward},
                                 _sam_vision_attention_check)
-_SAM_VISION_SDPA_ATTENTION = Adapter("attention", _REL_POS, {"forward": _sam_vision_sdpa_attention_forward},
+_SAM_VISION_SDPA_ATTENTION = Adapter("rel_pos_attention", _REL_POS, {"forward": _sam_vision_sdpa_attention_forward},
                                      _sam_vision_attention_check)
 _PATCH_EMBEDDINGS = Adapter("patch_embed", "projection conv + flatten -> vitfast.patch_embed",
                             {"forward": _patch_embeddings_forward}, _patch_embeddings_check)
@@ -205,5 +215,5 @@ ADAPTERS = {
     "transformers.models.sam_hq.modeling_sam_hq.SamHQVisionAttention": _SAM_VISION_ATTENTION,
     "transformers.models.sam_hq.modeling_sam_hq.SamHQVisionSdpaAttention": _SAM_VISION_SDPA_ATTENTION,
     "transformers.models.vitdet.modeling_vitdet.VitDetAttention": Adapter(
-        "attention", _REL_POS, {"forward": _vitdet_attention_forward}, _vitdet_attention_check),
+        "rel_pos_attention", _REL_POS, {"forward": _vitdet_attention_forward}, _vitdet_attention_check),
 }

@@ -1,0 +1,139 @@
+"""`vitfast.patch_model` on the models people run: the original model, the patched model and torch.compile of the
+original, timed interleaved in one process (one round calls each once, in turn), with the medians and the ratio
+original / patched (> 1: patched faster) in extra_info.
+
+Models (random weights): timm vit_base_patch16_224 and deit_small_patch16_224, torchvision swin_t, timm
+swin_tiny_patch4_window7_224, Hugging Face CLIPVisionModel (the default config: ViT-B/32) and SwinModel (the default
+config: Swin-T). Modes: inference under torch.inference_mode at batch 1 and 8, and one training step (forward,
+backward, SGD step) at batch 2.
+
+By default (CI, `make bench`) tiny configs of the same classes run in a few seconds and torch.compile is left out.
+`VITFAST_BENCH_REAL=1` runs the real sizes (minutes per model on a 2-core CPU), with torch.compile unless
+`VITFAST_BENCH_COMPILE=0`; `VITFAST_BENCH_THREADS` (default 2) sets torch's CPU threads and `VITFAST_BENCH_REPS`
+(default 7) the rounds. The pytest-benchmark time of a test is that of one whole round.
+
+    VITFAST_BENCH_REAL=1 python -m pytest bench/bench_patched_models.py --benchmark-only -q -s
+"""
+import copy
+import os
+import statistics
+import sys
+import time
+
+import pytest
+import torch
+
+import vitfast
+
+from conftest import DEVICE, ON_GPU
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tests"))
+from _optional_libs import import_or_skip  # noqa: E402  (the torchvision shim timm and torchvision need here)
+
+REAL = os.environ.get("VITFAST_BENCH_REAL", "0") == "1"
+COMPILE = REAL and os.environ.get("VITFAST_BENCH_COMPILE", "1") == "1"
+REPS = int(os.environ.get("VITFAST_BENCH_REPS", "7" if REAL else "3"))
+THREADS = int(os.environ.get("VITFAST_BENCH_THREADS", "2"))
+
+
+def _timm(name, **tiny):
+    def build():
+        timm = import_or_skip("timm")
+        return timm.create_model(name, pretrained=False, **({} if REAL else tiny))
+    return build
+
+
+def _torchvision_swin_t():
+    import_or_skip("torchvision")
+    from torchvision.models import swin_transformer as tvs
+
+    if REAL:
+        return tvs.swin_t()
+    return tvs.SwinTransformer(patch_size=[2, 2], embed_dim=16, depths=[2], num_heads=[2], window_size=[4, 4],
+                               num_classes=5)
+
+
+def _hf(model_cls, config_cls, **tiny):
+    def build():
+        transformers = pytest.importorskip("transformers")
+        return getattr(transformers, model_cls)(getattr(transformers, config_cls)(**({} if REAL else tiny)))
+    return build
+
+
+_TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=5)
+# name -> (builder, image size)
+MODELS = {
+    "timm_vit_base_patch16_224": (_timm("vit_base_patch16_224", **_TINY_VIT), 224 if REAL else 32),
+    "timm_deit_small_patch16_224": (_timm("deit_small_patch16_224", **_TINY_VIT), 224 if REAL else 32),
+    "torchvision_swin_t": (_torchvision_swin_t, 224 if REAL else 16),
+    "timm_swin_tiny_patch4_window7_224": (
+        _timm("swin_tiny_patch4_window7_224", img_size=16, patch_size=2, embed_dim=16, depths=(2,), num_heads=(2,),
+              window_size=4, num_classes=5), 224 if REAL else 16),
+    "hf_clip_vision_b32": (_hf("CLIPVisionModel", "CLIPVisionConfig", hidden_size=32, intermediate_size=48,
+                               num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8),
+                           224 if REAL else 32),
+    "hf_swin_tiny": (_hf("SwinModel", "SwinConfig", image_size=16, patch_size=2, embed_dim=16, depths=[2],
+                         num_heads=[2], window_size=4), 224 if REAL else 16),
+}
+MODES = [("inference", 1), ("inference", 8), ("training", 2)]
+
+
+def _tensor(out) -> torch.Tensor:
+    """The model's main output: logits (timm, torchvision) or last_hidden_state (transformers)."""
+    return out if isinstance(out, torch.Tensor) else out.last_hidden_state
+
+
+def _runner(model: torch.nn.Module, mode: str, x: torch.Tensor):
+    if mode == "inference":
+        model.eval()
+
+        def infer():
+            with torch.inference_mode():
+                _tensor(model(x))
+        return infer
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+
+    def step():
+        _tensor(model(x)).float().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+@pytest.mark.skipif(ON_GPU, reason="the CPU choice of vitfast.patch_model; GPU models are in bench_models.py")
+@pytest.mark.parametrize("mode,batch", MODES, ids=[f"{m}-b{b}" for m, b in MODES])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_patched_model(benchmark, name, mode, batch):
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(0)
+    build, size = MODELS[name]
+    original = build().to(DEVICE)
+    patched = copy.deepcopy(original)
+    report = vitfast.patch_model(patched)
+    impls = {"original": original, "patched": patched}
+    if COMPILE:
+        impls["compiled"] = torch.compile(copy.deepcopy(original))
+    x = torch.randn(batch, 3, size, size, device=DEVICE)
+    runners = {k: _runner(m, mode, x) for k, m in impls.items()}
+    for run in runners.values():  # warm-up (and compilation) outside the timing
+        run()
+    times = {k: [] for k in runners}
+
+    def one_round():
+        for k, run in runners.items():
+            t0 = time.perf_counter()
+            run()
+            times[k].append(time.perf_counter() - t0)
+
+    benchmark.group = f"{name} {mode} B={batch}"
+    benchmark.pedantic(one_round, rounds=REPS, iterations=1, warmup_rounds=0)
+    ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    benchmark.extra_info.update(device="cpu", torch=torch.__version__, threads=torch.get_num_threads(), real=REAL,
+                                mode=mode, batch=batch, reps=REPS, patched_kinds=report.counts(),
+                                **{f"{k}_ms": v for k, v in ms.items()},
+                                speedup_patched=ms["original"] / ms["patched"])
+    if COMPILE:
+        benchmark.extra_info["speedup_compiled"] = ms["original"] / ms["compiled"]
+    print(f"\n| {name} | {batch} | {mode} | {ms['original']:.1f} | {ms['patched']:.1f} | "
+          f"{ms['original'] / ms['patched']:.2f}x |" + (f" {ms['compiled']:.1f} |" if COMPILE else ""))

@@ -1,0 +1,141 @@
+"""Measures, per op and shape class, whether vitfast's CPU kernel or the ATen sequence it replaces is faster, for
+inference (torch.inference_mode) and training (forward + backward). The table it prints is what
+vitfast.integrations.cpu_choice encodes.
+
+    python bench/cpu_choice.py [--reps 9] [--threads 2]
+
+Each row times both implementations interleaved (A, B, A, B, ...) in this one process and reports the medians and
+ATen / vitfast (> 1: vitfast faster). The shapes are those of the models of bench/bench_patched_models.py at batch
+1, 2 and 8. Not collected by pytest (no bench_ prefix): it takes about a minute.
+"""
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import vitfast
+from vitfast.ops.window_attention import relative_position_index, shifted_window_attention_ref
+
+
+def interleaved(fns, reps):
+    """Median seconds of each fn, the fns called in turn `reps` times after one warm-up round."""
+    for fn in fns:
+        fn()
+    times = [[] for _ in fns]
+    for _ in range(reps):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            times[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
+def _train(fn, *leaves):
+    def step():
+        out = fn()
+        (out[0] if isinstance(out, tuple) else out).sum().backward()
+        for t in leaves:
+            t.grad = None
+    return step
+
+
+def _infer(fn):
+    def call():
+        with torch.inference_mode():
+            fn()
+    return call
+
+
+def layer_norm_cases():
+    for what, M, N in [("vit_b b1", 197, 768), ("vit_b b8", 8 * 197, 768), ("deit_s b1", 197, 384),
+                       ("deit_s b8", 8 * 197, 384), ("clip_b32 b1", 50, 768), ("clip_b32 b8", 400, 768),
+                       ("swin s1 b1", 3136, 96), ("swin s1 b8", 8 * 3136, 96), ("swin s4 b1", 49, 768),
+                       ("swin s4 b8", 8 * 49, 768)]:
+        x = torch.randn(M, N, requires_grad=True)
+        r = torch.randn(M, N, requires_grad=True)
+        w = torch.randn(N, requires_grad=True)
+        b = torch.randn(N, requires_grad=True)
+        yield (f"layer_norm {what} ({M}x{N})", lambda: F.layer_norm(x, (N,), w, b, 1e-6),
+               lambda: vitfast.layer_norm(x, (N,), w, b, 1e-6), (x, w, b))
+        yield (f"layer_norm+residual {what} ({M}x{N})", lambda: F.layer_norm(x + r, (N,), w, b, 1e-6),
+               lambda: vitfast.layer_norm(x, (N,), w, b, 1e-6, residual=r), (x, r, w, b))
+
+
+def attention_cases():
+    for what, B, H, N, D in [("vit_b b1", 1, 12, 197, 64), ("vit_b b8", 8, 12, 197, 64), ("deit_s b1", 1, 6, 197, 64),
+                             ("deit_s b8", 8, 6, 197, 64), ("clip_b32 b1", 1, 12, 50, 64),
+                             ("clip_b32 b8", 8, 12, 50, 64)]:
+        q, k, v = (torch.randn(B, H, N, D, requires_grad=True) for _ in range(3))
+        yield (f"attention {what} ({B},{H},{N},{D})", lambda: F.scaled_dot_product_attention(q, k, v),
+               lambda: vitfast.attention(q, k, v), (q, k, v))
+
+
+_INDEX = relative_position_index([7, 7])
+
+
+def _dense_bias(table, heads):
+    """torchvision's per-call gather of the (169, heads) table into a (1, heads, 49, 49) bias."""
+    return table[_INDEX].view(49, 49, heads).permute(2, 0, 1).contiguous().unsqueeze(0)
+
+
+def window_attention_cases():
+    for what, B, H, C, heads, shift in [("swin s1 b1", 1, 56, 96, 3, 3), ("swin s1 b8", 8, 56, 96, 3, 3),
+                                        ("swin s3 b8", 8, 14, 384, 12, 3), ("swin s4 b8", 8, 7, 768, 24, 0)]:
+        x = torch.randn(B, H, H, C, requires_grad=True)
+        wq = (torch.randn(3 * C, C) * C ** -0.5).requires_grad_()
+        bq = torch.randn(3 * C, requires_grad=True)
+        wp = (torch.randn(C, C) * C ** -0.5).requires_grad_()
+        bp = torch.randn(C, requires_grad=True)
+        table = torch.randn(169, heads, requires_grad=True)
+        yield (f"shifted_window_attention {what} ({B},{H},{H},{C}) shift {shift}",
+               lambda: shifted_window_attention_ref(x, wq, wp, _dense_bias(table, heads), [7, 7], heads,
+                                                    [shift, shift], qkv_bias=bq, proj_bias=bp),
+               lambda: vitfast.shifted_window_attention(x, wq, wp, table, [7, 7], heads, [shift, shift], qkv_bias=bq,
+                                                        proj_bias=bp), (x, wq, bq, wp, bp, table))
+
+
+def patch_embed_cases():
+    for what, B, E, p, norm in [("vit_b b1", 1, 768, 16, False), ("vit_b b8", 8, 768, 16, False),
+                                ("deit_s b8", 8, 384, 16, False), ("swin b1", 1, 96, 4, True),
+                                ("swin b8", 8, 96, 4, True)]:
+        img = torch.randn(B, 3, 224, 224, requires_grad=True)
+        w = (torch.randn(E, 3, p, p) * 0.05).requires_grad_()
+        b = torch.randn(E, requires_grad=True)
+        nw = torch.randn(E, requires_grad=True) if norm else None
+        nb = torch.randn(E, requires_grad=True) if norm else None
+
+        def aten(img=img, w=w, b=b, p=p, nw=nw, nb=nb, E=E):
+            z = F.conv2d(img, w, b, stride=p).flatten(2).transpose(1, 2)
+            return F.layer_norm(z, (E,), nw, nb, 1e-5) if nw is not None else z
+
+        yield (f"patch_embed {what} (E={E}, p={p}{', norm' if norm else ''})", aten,
+               lambda img=img, w=w, b=b, p=p, nw=nw, nb=nb: vitfast.patch_embed(img, w, b, p, norm_weight=nw,
+                                                                                norm_bias=nb),
+               tuple(t for t in (w, b, nw, nb) if t is not None))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("-k", default="", help="only the cases whose name contains this")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{torch.backends.cpu.get_cpu_capability()}, medians of {args.reps} interleaved")
+    print("| case | mode | ATen ms | vitfast ms | ATen / vitfast |")
+    print("|---|---|---|---|---|")
+    for cases in (layer_norm_cases, attention_cases, window_attention_cases, patch_embed_cases):
+        for name, aten, fused, leaves in cases():
+            if args.k not in name:
+                continue
+            for mode, wrap in (("inference", _infer), ("training", lambda f: _train(f, *leaves))):
+                ta, tv = interleaved([wrap(aten), wrap(fused)], args.reps)
+                print(f"| {name} | {mode} | {ta * 1e3:.3f} | {tv * 1e3:.3f} | {ta / tv:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Whether a module patched by `vitfast.patch_model` runs vitfast's op or its original (ATen) code, on CPU tensors.
+
+The one rule every adapter asks (`runs_original(kind, x)`): a patched module keeps vitfast's op where it measured
+faster than the code it replaces, and runs its own original forward where it measured slower, so a patched model is
+never slower than the original. `use_backend(...)` or VITFAST_BACKEND, forcing a vitfast backend, always runs
+vitfast's op. CUDA tensors always run vitfast's op (not yet measured against ATen on a GPU).
+
+The table below comes from `python bench/cpu_choice.py --threads 1 --reps 7` (ATen / vitfast time, > 1: vitfast
+faster; medians of 7 interleaved calls in one process), on a 2-core AMD EPYC VM (AVX2), torch 2.13.0+cpu, fp32,
+2026-11-30. The machine was shared: another job kept about 1.2 cores busy, so 2-thread timings of small ops were
+quantized to ~8 ms scheduler slices and only the 1-thread run gives usable op-level ratios. Shapes are those of
+ViT-B/16, DeiT-S/16, CLIP ViT-B/32 and Swin-T at batch 1 and 8 (rows 49 .. 25088, hidden 96 .. 768):
+
+| kind             | inference (no grad)                    | training (forward + backward)           | choice   |
+|------------------|----------------------------------------|-----------------------------------------|----------|
+| layer_norm       | 0.36 .. 0.82 (residual: 0.40 .. 0.90)* | 0.38 .. 0.71 (residual: 0.38 .. 0.73)   | ATen     |
+| attention        | 0.63 .. 0.90                           | 0.64 .. 0.93                            | ATen     |
+| patch_embed      | 0.78 .. 1.13 (Swin, with norm: < 0.88) | 1.23 .. 2.14                            | ATen / vitfast |
+| window_attention | 1.10 .. 1.76                           | 1.00 .. 1.98                            | vitfast  |
+| rel_pos_attention| 1.72 .. 1.74                           | 1.94 .. 2.25                            | vitfast  |
+
+rel_pos_attention (SAM/ViTDet image encoders) is against SDPA with the dense decomposed bias that transformers' and
+timm's SAM attention pass (SAM-B global layer B=1 and windowed layer 25 windows, 12 heads, D=64; 2 threads, same VM,
+2026-11-29, `VITFAST_BENCH_FULL=1 pytest bench/bench_rel_pos_attention.py --benchmark-only`; the README's table).
+
+*two rows with a residual, at batch 8, measured > 1 (2.55, 1.38) in a run where every other large row was < 1.
+
+Every shape class measured falls on the same side for a given kind and mode, so the rule is per (kind, mode);
+a new shape class that measures differently gets its own row in `CPU_CHOICE` here, nowhere else.
+"""
+import torch
+from torch import Tensor
+
+from vitfast import backend as _backend
+
+ATEN, VITFAST = "aten", "vitfast"
+
+# kind -> (choice without grad, choice with grad) on CPU tensors; see the module docstring for the measurements.
+CPU_CHOICE = {
+    "layer_norm": (ATEN, ATEN),
+    "attention": (ATEN, ATEN),
+    "patch_embed": (ATEN, VITFAST),
+    "window_attention": (VITFAST, VITFAST),
+    "rel_pos_attention": (VITFAST, VITFAST),
+}
+
+
+def runs_original(kind: str, x: Tensor) -> bool:
+    """Whether a module patched for `kind` should run its original forward for input `x`.
+
+    Args:
+        kind: one of CPU_CHOICE's keys (vitfast.integrations.patch.KINDS).
+        x: the module's input tensor; only its device is read, with torch.is_grad_enabled() for the mode.
+
+    Returns:
+        True on CPU tensors where the table says ATen for the current mode and no vitfast backend is forced.
+    """
+    if x.device.type != "cpu" or _backend.forced_backend() is not None:
+        return False
+    return CPU_CHOICE[kind][torch.is_grad_enabled()] == ATEN
+
+
+def describe(kind: str) -> str:
+    """What `kind` runs on CPU tensors, for patch_model's report, e.g. "on CPU: ATen (faster there)"."""
+    inference, training = CPU_CHOICE[kind]
+    if inference == training:
+        return f"on CPU: {'original ATen code (faster there)' if inference == ATEN else 'vitfast'}"
+    return (f"on CPU: {'original ATen code' if inference == ATEN else 'vitfast'} without grad, "
+            f"{'original ATen code' if training == ATEN else 'vitfast'} with grad (the faster of the two)")
