@@ -240,11 +240,12 @@ def test_transformers_swin_fused_layer(backend, monkeypatch):
 
 def test_cpu_choice_rule():
     """The table's answers: ATen for LayerNorm and attention, ATen for patch embedding only without grad, vitfast for
-    window attention; a forced backend or a CUDA tensor always runs vitfast."""
+    window attention and rel-pos attention; a forced backend or a CUDA tensor always runs vitfast."""
     x = torch.randn(2, 3)
+    original = {"attention": True, "rel_pos_attention": False, "window_attention": False, "layer_norm": True}
     with torch.no_grad():
-        assert [cpu_choice.runs_original(k, x) for k in KINDS] == [True, False, True, True]
-    assert [cpu_choice.runs_original(k, x) for k in KINDS] == [True, False, True, False]
+        assert {k: cpu_choice.runs_original(k, x) for k in KINDS} == dict(original, patch_embed=True)
+    assert {k: cpu_choice.runs_original(k, x) for k in KINDS} == dict(original, patch_embed=False)
     with vitfast.use_backend("torch"):
         assert not any(cpu_choice.runs_original(k, x) for k in KINDS)
     assert not any(cpu_choice.runs_original(k, torch.empty(2, 3, device="meta")) for k in KINDS)
