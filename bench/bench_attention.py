@@ -7,7 +7,6 @@ TFLOP/s counts the two (Nq, Nk, D) matmuls of the forward (halved when causal) a
 backward. vitfast rows also get `vs_best_sdpa`: the best SDPA backend's mean time over vitfast's (>1 means
 vitfast is faster), from the SDPA rows of the same group run earlier in the session.
 """
-import math
 
 import pytest
 import torch
@@ -15,7 +14,8 @@ import torch
 import vitfast
 from vitfast.ops.attention import attention_ref
 
-from conftest import DEVICE, ON_GPU, SDPA, headline, run_benchmark, sdpa, skip_unless_it_runs, vitfast_backends
+from conftest import (DEVICE, ON_GPU, SDPA, headline, record_vs_best_sdpa, run_benchmark, sdpa, skip_unless_it_runs,
+                      vitfast_backends)
 
 # name: (B, H, Nq, Nk, D, key padding mask, causal); on the CPU, small versions so that CI runs them quickly.
 if ON_GPU:
@@ -38,7 +38,6 @@ else:
 HEADLINE = {"vit_b16", "detr_encoder"}  # the shapes bench/gpu_run.sh runs (pytest -m headline)
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
 IMPLS = list(SDPA) + ["flex", "eager"] + vitfast_backends("attention")
-_best_sdpa: dict = {}  # benchmark group -> best SDPA mean time (s)
 
 
 def _inputs(shape, grad):
@@ -112,11 +111,7 @@ def _bench(benchmark, impl, name, backward):
     benchmark.group = f"attention {mode} {name} (B={B}, H={H}, Nq={Nq}, Nk={Nk}, D={D}) {DTYPE}"
     flops = 4 * B * H * Nq * Nk * D * (0.5 if causal else 1.0) * (3.5 if backward else 1.0)
     run_benchmark(benchmark, fn, make, impl=impl, flops=int(flops))
-    mean = benchmark.stats.stats.mean
-    if impl in SDPA:
-        _best_sdpa[benchmark.group] = min(_best_sdpa.get(benchmark.group, math.inf), mean)
-    elif impl.startswith("vitfast") and benchmark.group in _best_sdpa:
-        benchmark.extra_info["vs_best_sdpa"] = _best_sdpa[benchmark.group] / mean
+    record_vs_best_sdpa(benchmark, impl)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -19,18 +19,17 @@ TFLOP/s counts the two (Nq, Nk, D) matmuls of the forward and 2.5x that for the 
 `vs_best_sdpa`: the best SDPA backend's mean time over vitfast's (>1 means vitfast is faster), from the SDPA rows
 of the same group run earlier in the session; the GPU rows record peak memory.
 """
-import math
 import os
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import sdpa_kernel
 
 import vitfast
 from vitfast.ops.rel_pos_attention import rel_pos_attention_ref
 
-from conftest import DEVICE, ON_GPU, SDPA, headline, run_benchmark, vitfast_backends
+from conftest import DEVICE, ON_GPU, SDPA, headline, record_vs_best_sdpa, run_benchmark, vitfast_backends
 
 # name: (B, H, (kh, kw) = the query and key grid, D).
 if ON_GPU:
@@ -60,7 +59,6 @@ else:
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
 IMPLS = list(SDPA) + ["flex", "eager"] + vitfast_backends("rel_pos_attention")
 HEADLINE = {"sam_b_global"}  # the shapes bench/gpu_run.sh runs (pytest -m headline)
-_best_sdpa: dict = {}  # benchmark group -> best SDPA mean time (s)
 
 
 def _inputs(shape, grad):
@@ -133,11 +131,7 @@ def _bench(benchmark, impl, name, backward):
     N = kh * kw
     benchmark.group = f"rel_pos_attention {mode} {name} (B={B}, H={H}, N={kh}x{kw}, D={D}) {DTYPE}"
     run_benchmark(benchmark, fn, make, impl=impl, flops=int(4 * B * H * N * N * D * (3.5 if backward else 1.0)))
-    mean = benchmark.stats.stats.mean
-    if impl in SDPA:
-        _best_sdpa[benchmark.group] = min(_best_sdpa.get(benchmark.group, math.inf), mean)
-    elif impl.startswith("vitfast") and benchmark.group in _best_sdpa:
-        benchmark.extra_info["vs_best_sdpa"] = _best_sdpa[benchmark.group] / mean
+    record_vs_best_sdpa(benchmark, impl)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -8,6 +8,7 @@ tests.
 """
 import functools
 import itertools
+import math
 import time
 
 import pytest
@@ -49,6 +50,19 @@ def skip_unless_it_runs(impl: str, fn, inputs: tuple, what: str) -> None:
         fn(*inputs)
     except RuntimeError as e:
         pytest.skip(f"{impl} does not take {what}: {str(e).splitlines()[0][:200]}")
+
+
+_best_sdpa: dict = {}  # benchmark group -> best SDPA mean time (s) so far in the session
+
+
+def record_vs_best_sdpa(benchmark, impl: str) -> None:
+    """After a run: an SDPA row updates its group's best SDPA time; a vitfast row of a group whose SDPA rows ran
+    earlier in the session gets extra_info["vs_best_sdpa"] = best SDPA mean / its mean (> 1: vitfast faster)."""
+    group, mean = benchmark.group, benchmark.stats.stats.mean
+    if impl in SDPA:
+        _best_sdpa[group] = min(_best_sdpa.get(group, math.inf), mean)
+    elif impl.startswith("vitfast") and group in _best_sdpa:
+        benchmark.extra_info["vs_best_sdpa"] = _best_sdpa[group] / mean
 
 
 def vitfast_backends(op: str) -> list:
