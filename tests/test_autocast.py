@@ -252,12 +252,12 @@ OP_CASES = {"layer_norm": _layer_norm, "layer_norm_residual": _layer_norm_residu
             "rel_pos_attention": _rel_pos_attention}
 
 
-# Known defect (issue 14's closing note): in bfloat16 the triton rel_pos_attention backward (run here under the
-# interpreter) misses the rel-pos table gradient by ~2.8x the unfused code's error (cpp and torch: within 1x). Not
-# yet traced: its dS is reduced in fp32 as the torch backend's is; the candidates are the bf16 roundings of P and dS
-# before the GEMMs (as FlashAttention) and the interpreter's bf16 emulation. Strict: the test fails once fixed.
-_KNOWN = {("rel_pos_attention", "triton", torch.bfloat16): "triton rel_pos_attention backward in bf16: ~2.8x the "
-          "unfused error on the rel-pos table gradient (not yet traced)"}
+# Known limitation (issue 14's closing note): in bfloat16 the triton rel_pos_attention rounds P to bfloat16 before
+# P @ V (tensor-core operands, as FlashAttention-2 does), one more bf16 rounding of O than CPU SDPA's (the unfused code
+# here), and the backward's delta = rowsum(dO * O) carries it into every dS of the row: the rel-pos table gradient
+# misses by ~2.8x the unfused error (out by ~3x the torch backend's). Strict: the test fails once that changes.
+_KNOWN = {("rel_pos_attention", "triton", torch.bfloat16): "triton rel_pos_attention in bf16: P rounded to bf16 "
+          "before P @ V; ~2.8x the unfused error on the rel-pos table gradient"}
 
 
 def _op_cases(names=OP_CASES) -> list:
