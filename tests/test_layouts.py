@@ -24,6 +24,7 @@ from vitfast.ops.attention import attention_ref
 from vitfast.ops.layer_norm import layer_norm_ref
 from vitfast.ops.patch_embed import patch_embed_ref
 from vitfast.ops.patch_merging import patch_merging_ref
+from vitfast.ops.rel_pos_attention import rel_pos_attention_ref
 from vitfast.ops.window_attention import shifted_window_attention_ref, window_attention_ref
 
 from conftest import assert_close_to_ref, backend_cases
@@ -172,6 +173,10 @@ CASES = [
          dict(images=Input((B, 3, 8, 12), kind="image"), weight=Input((24, 3, 4, 4), scale=0.15, expand_dim=1),
               pos_embed=Input((6, 24)), norm_weight=Input((24,)), norm_bias=Input((24,))),
          _patch_embed(vitfast.patch_embed), _patch_embed(patch_embed_ref)),
+    Case("rel_pos_attention", "rel_pos_attention",  # a 3 x 4 key grid; the terms broadcast over heads when expanded
+         dict(q=Input((B, H, NQ, D), expand_dim=2), k=Input((B, H, 12, D), expand_dim=1), v=Input((B, H, 12, D)),
+              rel_h=Input((B, H, NQ, 3), expand_dim=1), rel_w=Input((B, H, NQ, 4), expand_dim=0)),
+         vitfast.rel_pos_attention, rel_pos_attention_ref),
     Case("patch_merging", "patch_merging",
          dict(x=Input((B, 7, 6, 8), expand_dim=1), norm_weight=Input((32,)), norm_bias=Input((32,)),
               reduction_weight=Input((16, 32), scale=0.2)),
