@@ -35,8 +35,12 @@ $(VENV)/.built: $(VENV)/.deps setup.py $(wildcard csrc/*.cpp kernels/*.cu kernel
 run: setup
 	$(PY) -m vitfast
 
+# The suite runs on every core where pytest-xdist is installed (a machine without registry access may lack it): most
+# of it is single-threaded (the Triton interpreter, numpy). Expanded when the recipe runs, after setup.
+XDIST = $(shell $(PY) -c "import xdist" 2>/dev/null && echo "-n auto")
+
 test: setup
-	VITFAST_OPTIONAL_LIBS=$(abspath $(VENV))/optional-libs $(PY) -m pytest tests -q $(PYTEST_ARGS)
+	VITFAST_OPTIONAL_LIBS=$(abspath $(VENV))/optional-libs $(PY) -m pytest tests -q $(XDIST) $(PYTEST_ARGS)
 
 # The cpp-backend tests again under each ATen CPU capability below this CPU's own (default, and avx2 on an AVX-512
 # CPU): ATen's kernels, and so plain PyTorch's rounding, change with it, and `default` also turns off the C++ kernels'

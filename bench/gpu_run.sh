@@ -51,10 +51,10 @@ OUT=${OUT:-out}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=$(nproc)
-# TOTAL leaves 15 s for the last stage's grace period (timeout -k 15): a dry run ends within 165 s, a real one 540 s.
+# TOTAL leaves 15 s for the last stage's grace period (timeout -k 15): a dry run ends within 115 s, a real one 540 s.
 # RESERVE: seconds kept for (e) from the stages before it (a dry run exercises every stage).
 if (( DRY )); then
-  TOTAL=150; BUDGET=(20 45 75 60); RESERVE=15
+  TOTAL=100; BUDGET=(20 20 45 40); RESERVE=10
 else
   TOTAL=525; BUDGET=(20 120 120 240); RESERVE=0
 fi

@@ -10,7 +10,7 @@ REQUIREMENTS = {  # module -> pip requirement
     "numpy": "numpy",
     "pytest": "pytest",
     "pytest_benchmark": "pytest-benchmark",
-    "xdist": "pytest-xdist",  # bench/gpu_run.sh runs the tests across the CPU cores when it is there
+    "xdist": "pytest-xdist",  # make test and bench/gpu_run.sh run the tests across the CPU cores
     "hypothesis": "hypothesis",
     "ninja": "ninja",
     "pybind11": "pybind11",
