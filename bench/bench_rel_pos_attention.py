@@ -29,7 +29,8 @@ from torch.nn.attention import sdpa_kernel
 import vitfast
 from vitfast.ops.rel_pos_attention import rel_pos_attention_ref
 
-from conftest import DEVICE, ON_GPU, SDPA, headline, record_vs_best_sdpa, run_benchmark, vitfast_backends
+from conftest import (DEVICE, ON_GPU, SDPA, headline, record_vs_best_sdpa, run_benchmark, skip_unless_it_runs,
+                      vitfast_backends)
 
 # name: (B, H, (kh, kw) = the query and key grid, D).
 if ON_GPU:
@@ -121,12 +122,9 @@ def _bench(benchmark, impl, name, backward):
         def fn(q, k, v, rel_h, rel_w, dout):
             return fwd(q, k, v, rel_h, rel_w)
     make = _inputs(shape, backward)
-    if impl in SDPA or impl == "flex":
-        try:
-            fn(*make())
-        except RuntimeError as e:  # an SDPA backend that does not take a float bias (or its gradient), this head
-            # dim or dtype; a FlexAttention that cannot differentiate through the captured rel_h and rel_w
-            pytest.skip(f"{impl} does not take {name}: {str(e).splitlines()[0][:200]}")
+    if impl in SDPA or impl == "flex":  # an SDPA backend that does not take a float bias (or its gradient), this
+        # head dim or dtype; a FlexAttention that cannot differentiate through the captured rel_h and rel_w
+        skip_unless_it_runs(impl, fn, make(), name)
     mode = "fwd+bwd" if backward else "fwd"
     N = kh * kw
     benchmark.group = f"rel_pos_attention {mode} {name} (B={B}, H={H}, N={kh}x{kw}, D={D}) {DTYPE}"
