@@ -20,7 +20,7 @@
 // operands on every call of a block-sized product.
 //
 // fp32, fp16 and bf16 compute in fp32 (operands converted when packed), fp64 in fp64. The inner loops have AVX2 +
-// FMA versions for fp32 (exp by Cephes' expf polynomial, 8 lanes), chosen at run time where the CPU has them and
+// FMA versions for fp32 (exp8 of exp_op.h), chosen at run time where the CPU has them and
 // ATen's CPU capability (ATEN_CPU_CAPABILITY) is not "default"; elsewhere plain loops (which the compiler
 // vectorizes for the baseline instruction set). No dropout: the op's backend choice sends dropout elsewhere.
 #include <ATen/OpMathType.h>
@@ -29,6 +29,8 @@
 #include <c10/macros/Macros.h>
 #include <torch/extension.h>
 #include <torch/library.h>
+
+#include "exp_op.h"
 
 #include <algorithm>
 #include <cmath>
@@ -143,27 +145,6 @@ __attribute__((target("avx2,fma"))) inline float hmax(__m256 v) {
   __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   x = _mm_max_ps(x, _mm_movehl_ps(x, x));
   return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
-}
-
-// exp(x), 8 lanes: Cephes' expf (relative error ~2 ulp); 0 below -87 (where exp underflows to denormals), NaN for
-// NaN.
-__attribute__((target("avx2,fma"))) inline __m256 exp8(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-87.0f);
-  const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(88.0f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(y, r), r, r), _mm256_set1_ps(1.0f));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  const __m256 res = _mm256_andnot_ps(_mm256_cmp_ps(x, lo, _CMP_LT_OQ), _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
-  return _mm256_blendv_ps(res, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
 }
 
 __attribute__((target("avx2,fma"))) float add_bias_max_avx2(float* C10_RESTRICT s, const Segment* segs, int64_t nseg,

@@ -18,7 +18,7 @@
 // are kept transposed (key by query), so the softmax runs down columns with element-wise vector operations
 // only; the small GEMMs (c = a @ b, a read through strides, so P^T and dS^T serve as P and dS without a
 // copy) accumulate 6-row x 64-byte register tiles over the whole reduction, on rows padded to 32 bytes so
-// that no column is left to scalar code; exp is Cephes' expf polynomial, 8 lanes at a time with AVX. The
+// that no column is left to scalar code; exp is exp_op.h's (Cephes' expf), 8 lanes at a time with AVX. The
 // work-item loops are force-inlined templates instantiated twice: a baseline x86-64 copy and an AVX + FMA
 // copy (a GCC/Clang target attribute), chosen at run time. fp32/fp16/bf16 compute in fp32, fp64 in fp64
 // (op-math).
@@ -31,6 +31,8 @@
 #include <c10/macros/Macros.h>
 #include <torch/extension.h>
 #include <torch/library.h>
+
+#include "exp_op.h"
 
 #include <algorithm>
 #include <cmath>
@@ -109,55 +111,13 @@ C10_ALWAYS_INLINE bool keep_element(uint64_t seed, uint64_t item_base, int64_t i
   return static_cast<double>(z >> 11) * 0x1.0p-53 >= dropout_p;
 }
 
-// exp(x) for float: Cephes expf (relative error ~2 ulp), branch-free so that loops over it vectorize;
-// 0 below the smallest normal result.
-C10_ALWAYS_INLINE float exp_op(float x) {
-  const float xc = std::min(std::max(x, -87.0f), 88.0f);
-  const float fx = xc * 1.44269504088896341f + 0.5f;
-  // floor(fx) and 2^n in float arithmetic plus conversions only: AVX without AVX2 has no 256-bit
-  // integer shifts or adds, which would keep the loop scalar.
-  float nf = static_cast<float>(static_cast<int32_t>(fx));
-  nf -= nf > fx ? 1.0f : 0.0f;
-  const float r = xc - nf * 0.693359375f + nf * 2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.0f;
-  const int32_t bits = static_cast<int32_t>((nf + 127.0f) * 8388608.0f);
-  float pow2;
-  std::memcpy(&pow2, &bits, sizeof(pow2));
-  return x < -87.0f ? 0.0f : y * pow2;
-}
-
-C10_ALWAYS_INLINE double exp_op(double x) { return std::exp(x); }
-
 #if VITFAST_WA_AVX
-// x[0:n] = exp(x[0:n] - m[0:n]), exp_op's algorithm 8 lanes at a time (GCC does not vectorize its selects
-// under strict IEEE semantics).
+// x[0:n] = exp(x[0:n] - m[0:n]) by exp8 (GCC does not vectorize exp_op's min and max under strict IEEE
+// semantics).
 __attribute__((target("avx,fma"))) void exp_sub_avx(float* C10_RESTRICT x, const float* C10_RESTRICT m, int64_t n) {
-  const __m256 lo = _mm256_set1_ps(-87.0f), hi = _mm256_set1_ps(88.0f);
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
-    const __m256 v = _mm256_sub_ps(_mm256_loadu_ps(x + j), _mm256_loadu_ps(m + j));
-    const __m256 xc = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
-    const __m256 nf = _mm256_floor_ps(
-        _mm256_add_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)), _mm256_set1_ps(0.5f)));
-    __m256 r = _mm256_sub_ps(xc, _mm256_mul_ps(nf, _mm256_set1_ps(0.693359375f)));
-    r = _mm256_add_ps(r, _mm256_mul_ps(nf, _mm256_set1_ps(2.12194440e-4f)));
-    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
-    y = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(y, r), r, r), _mm256_set1_ps(1.0f));
-    const __m256 pow2 = _mm256_castsi256_ps(
-        _mm256_cvttps_epi32(_mm256_mul_ps(_mm256_add_ps(nf, _mm256_set1_ps(127.0f)), _mm256_set1_ps(8388608.0f))));
-    const __m256 underflow = _mm256_cmp_ps(v, lo, _CMP_LT_OQ);
-    _mm256_storeu_ps(x + j, _mm256_andnot_ps(underflow, _mm256_mul_ps(y, pow2)));
+    _mm256_storeu_ps(x + j, exp8(_mm256_sub_ps(_mm256_loadu_ps(x + j), _mm256_loadu_ps(m + j))));
   }
   for (; j < n; ++j) x[j] = exp_op(x[j] - m[j]);
 }

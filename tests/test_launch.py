@@ -201,24 +201,15 @@ def test_fp32_products_are_ieee_unless_tf32_is_allowed(monkeypatch, op):
 @gpu
 def test_autotuner_prunes_a_spilling_config_on_the_gpu():
     import triton
-    import triton.language as tl
-
-    @triton.jit
-    def _prefix_sum_kernel(X, Y, N, BLOCK: tl.constexpr):
-        carry = 0.0
-        for start in range(0, N, BLOCK):
-            r = start + tl.arange(0, BLOCK)
-            x = tl.load(X + r, mask=r < N, other=0.0)
-            tl.store(Y + r, tl.cumsum(x, 0) + carry, mask=r < N)
-            carry = tl.sum(x, 0) + carry
+    from _prefix_sum import prefix_sum_kernel
 
     x = torch.randn(4096, device="cuda")
     squeezed = triton.Config({"BLOCK": 1024}, num_warps=1, maxnreg=32)  # spills (sm_90, compile_only)
     roomy = triton.Config({"BLOCK": 128}, num_warps=1)
     y = torch.empty_like(x)
-    kept = common._prune_configs(_prefix_sum_kernel, [squeezed, roomy], {"X": x, "Y": y, "N": x.numel()})
+    kept = common._prune_configs(prefix_sum_kernel, [squeezed, roomy], {"X": x, "Y": y, "N": x.numel()})
     assert kept == [roomy]
-    tuned = common.autotune([squeezed, roomy], key=[])(_prefix_sum_kernel)
+    tuned = common.autotune([squeezed, roomy], key=[])(prefix_sum_kernel)
     common.launch(tuned, (1,), x, y, x.numel())
     torch.testing.assert_close(y, x.cumsum(0), atol=1e-4, rtol=1e-4)
     assert tuned.best_config is roomy

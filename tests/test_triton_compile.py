@@ -25,6 +25,8 @@ from vitfast import backend  # noqa: E402
 from vitfast.triton import common  # noqa: E402
 from vitfast.triton.common import GPU, H100, compile_only, launch  # noqa: E402
 
+from _prefix_sum import prefix_sum_kernel  # noqa: E402
+
 if torch.cuda.is_available():
     pytest.skip("compile-only mode stands CPU tensors in for a GPU's; this machine has one", allow_module_level=True)
 compiling = pytest.mark.skipif(backend.triton_interpret(), reason="runs in the TRITON_INTERPRET=0 process")
@@ -136,25 +138,15 @@ def test_a_launch_that_bypasses_launch_is_flagged():
     assert "without vitfast.triton.common.launch" in records.launches[0].problems[0]
 
 
-@triton.jit
-def _prefix_sum_kernel(X, Y, N, BLOCK: tl.constexpr):
-    carry = 0.0
-    for start in range(0, N, BLOCK):
-        r = start + tl.arange(0, BLOCK)
-        x = tl.load(X + r, mask=r < N, other=0.0)
-        tl.store(Y + r, tl.cumsum(x, 0) + carry, mask=r < N)
-        carry = tl.sum(x, 0) + carry
-
-
 @compiling
 def test_a_spilling_config_is_skipped_when_another_does_not_spill():
     x = torch.randn(4096)
     squeezed = triton.Config({"BLOCK": 1024}, num_warps=1, maxnreg=32)  # 1024 values on 32 threads in 32 registers
     roomy = triton.Config({"BLOCK": 128}, num_warps=1)
     with compile_only(H100) as records:
-        launch(common.autotune([squeezed, roomy], key=[])(_prefix_sum_kernel), (1,), x, torch.empty_like(x),
+        launch(common.autotune([squeezed, roomy], key=[])(prefix_sum_kernel), (1,), x, torch.empty_like(x),
                x.numel())
-        launch(common.autotune([squeezed], key=[])(_prefix_sum_kernel), (1,), x, torch.empty_like(x), x.numel())
+        launch(common.autotune([squeezed], key=[])(prefix_sum_kernel), (1,), x, torch.empty_like(x), x.numel())
     spilling, fine = records
     assert spilling.spill_bytes > 0 and spilling.config["BLOCK"] == 1024 and fine.spill_bytes == 0
     assert [launch.autotuner_skips for launch in records.launches] == [True, False, False]
@@ -205,9 +197,9 @@ def _every_op(dtype, N):
 
 
 _KERNELS_WITH_DOTS = {"_attention_fwd_kernel", "_attention_bwd_dkdv_kernel", "_window_attn_fwd_kernel",
-                      "_window_attn_bwd_kernel", "_patch_embed_fwd_kernel", "_patch_embed_bwd_dx_kernel",
-                      "_patch_embed_bwd_dw_kernel", "_patch_merging_fwd_kernel", "_patch_merging_bwd_dr_kernel",
-                      "_patch_merging_bwd_dln_kernel"}
+                      "_window_attn_stats_kernel", "_window_attn_bwd_kernel", "_patch_embed_fwd_kernel",
+                      "_patch_embed_bwd_dx_kernel", "_patch_embed_bwd_dw_kernel", "_patch_merging_fwd_kernel",
+                      "_patch_merging_bwd_dr_kernel", "_patch_merging_bwd_dln_kernel"}
 
 
 @compiling

@@ -102,11 +102,12 @@ def test_cosine_attention_v2(backend, device, geometry, dtype):
 
 
 @pytest.mark.parametrize("backend,device", CASES)
-def test_huge_finite_bias_is_plain_arithmetic(backend, device):
+@pytest.mark.parametrize("ws", [3, 7, 12])
+def test_huge_finite_bias_is_plain_arithmetic(backend, device, ws):
     """A dense bias whose row 2 is all torch.finfo(float32).min: as in the textbook softmax, that query weighs its
     keys equally, in the output and in every gradient (the saved fp32 log-sum-exp loses log(l) there, so a
-    backward must not rebuild P from it)."""
-    B, H, W, heads, D, ws = 1, 6, 6, 2, 8, 3
+    backward must not rebuild P from it). Window 12 (144 tokens) spans several tiles of the triton kernels."""
+    B, H, W, heads, D = 1, ws * 2, ws * 2, 2, 8
     qkv = _inputs(B, H, W, heads, D, ws, torch.float32, device, pad=False)[0]
     bias = torch.randn(heads, ws * ws, ws * ws, device=device)
     bias[:, 2] = torch.finfo(torch.float32).min

@@ -17,9 +17,8 @@ aside) or "torch" (the textbook PyTorch below). Every backend shares the schemas
                  table[(ty_i - ty_j + wh - 1) * (2ww - 1) + (tx_i - tx_j + ww - 1), head] for tokens
                  i = (ty_i, tx_i), j of a window (token index t = ty * ww + tx), or dense (heads, N, N).
                  Any float dtype; added in fp32, plain arithmetic for finite values of any magnitude (a row at
-                 torch.finfo(float32).min weighs its keys equally, as the textbook softmax does), except in
-                 the triton backward of a window of more than one 64-token tile (window 12), which still
-                 rebuilds P from the saved fp32 log-sum-exp and gets such rows wrong (|lse| >= 2^20). -inf
+                 torch.finfo(float32).min weighs its keys equally, as the textbook softmax does; a backward
+                 whose saved log-sum-exp has lost log(l) there recomputes that row's statistics). -inf
                  entries are not part of the contract (Swin's shift mask is finite, -100).
     pad_qkv:     (3, heads, D): q, k, v of the padding pixels (rows >= H or columns >= W of the grid padded
                  to multiples of the window), i.e. the qkv bias, since Swin pads the input with zeros

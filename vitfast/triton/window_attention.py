@@ -103,10 +103,59 @@ def _scores(q, k, scale, BIAS, bias_base, s_b0, s_b1, s_b2, t_i, in_i, ty_i, tx_
 
 
 @triton.jit
+def _row_stats(QKV, PAD, BIAS, q, scale, q_base, bias_base, s_qh, s_qw, s_q3, s_b0, s_b1, s_b2, h, heads, D, w, N,
+               nWw, H, W, Hp, Wp, win_h, win_w, shift_h, shift_w, t_i, in_i, ty_i, tx_i, reg_i,
+               HAS_PAD: tl.constexpr, DENSE_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, COSINE: tl.constexpr,
+               DOT_PREC: tl.constexpr, UPCAST_DOT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+               N_TILES: tl.constexpr):
+    """Each query row's score max m and 1 / l (l = sum_j exp(s_j - m)) over its whole window, recomputed as the
+    forward computes them: the backward's P = exp(s - m) / l where the saved m + log(l) has lost log(l)."""
+    m = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
+    l = tl.zeros((BLOCK,), dtype=tl.float32)
+    for jt in range(N_TILES):
+        t_j, in_j, real_j, ty_j, tx_j, reg_j, sy_j, sx_j = _tokens(
+            w, jt * BLOCK, N, nWw, H, W, Hp, Wp, win_h, win_w, shift_h, shift_w, BLOCK)
+        k = _load_tokens(QKV, PAD, q_base + s_q3, sy_j, sx_j, real_j, in_j, s_qh, s_qw, (heads + h) * D, D, HAS_PAD,
+                         BLOCK_D)
+        if COSINE:
+            kn, k_norm = _l2_normalize(k)
+            k = kn.to(QKV.dtype.element_ty)
+        qk, s = _scores(q, k, scale, BIAS, bias_base, s_b0, s_b1, s_b2, t_i, in_i, ty_i, tx_i, reg_i,
+                        t_j, in_j, ty_j, tx_j, reg_j, win_h, win_w, DENSE_BIAS, HAS_MASK, DOT_PREC, UPCAST_DOT)
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        l = l * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
+        m = m_new
+    return m, 1.0 / l
+
+
+@triton.jit
 def _keep(seed, win_base, t_i, t_j, N, dropout_p):
     """Attention-dropout keep mask of window pairs (i, j): Philox on a unique int64 offset per element."""
     off = (win_base + t_i[:, None].to(tl.int64)) * N + t_j[None, :]
     return tl.rand(seed, off) >= dropout_p
+
+
+@triton.jit
+def _program(SCALE, s_qb, s_qn, s_b0, s_b1, heads, nW, sm_scale, windows_per_program, DENSE_BIAS: tl.constexpr,
+             COSINE: tl.constexpr):
+    """What a forward or statistics program works on: (batch * head bh, b, head h, q's offset, the bias's head
+    offset, the score scale, its windows [w_start, w_end)). Programs run over (bh, group of windows_per_program)."""
+    groups = tl.cdiv(nW, windows_per_program)
+    pid = tl.program_id(0)
+    bh = (pid // groups).to(tl.int64)
+    g = pid % groups  # int32: the window index arithmetic stays 32-bit
+    b = bh // heads
+    h = bh % heads
+    if DENSE_BIAS:
+        bias_base = h * s_b0
+    else:
+        bias_base = h * s_b1
+    if COSINE:
+        scale = tl.load(SCALE + h)
+    else:
+        scale = sm_scale
+    w_start = g * windows_per_program
+    return bh, b, h, b * s_qb + h * s_qn, bias_base, scale, w_start, tl.minimum(w_start + windows_per_program, nW)
 
 
 @triton.jit
@@ -133,25 +182,10 @@ def _window_attn_fwd_kernel(
     BLOCK_D: tl.constexpr,
     N_TILES: tl.constexpr,
 ):
-    groups = tl.cdiv(nW, windows_per_program)
-    pid = tl.program_id(0)
-    bh = (pid // groups).to(tl.int64)
-    g = pid % groups  # int32: the window index arithmetic stays 32-bit
-    b = bh // heads
-    h = bh % heads
+    bh, b, h, q_base, bias_base, scale, w_start, w_end = _program(SCALE, s_qb, s_qn, s_b0, s_b1, heads, nW, sm_scale,
+                                                                  windows_per_program, DENSE_BIAS, COSINE)
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
-    q_base = b * s_qb + h * s_qn
-    if DENSE_BIAS:
-        bias_base = h * s_b0
-    else:
-        bias_base = h * s_b1
-    if COSINE:
-        scale = tl.load(SCALE + h)
-    else:
-        scale = sm_scale
-    w_start = g * windows_per_program
-    w_end = tl.minimum(w_start + windows_per_program, nW)
     for w in range(w_start, w_end):
         win_base = (bh * nW + w) * N
         for it in range(N_TILES):
@@ -194,13 +228,59 @@ def _window_attn_fwd_kernel(
 
 
 @triton.jit
+def _window_attn_stats_kernel(
+    QKV, PAD, BIAS, SCALE,  # as in the forward
+    LSE,  # (B, heads, nW, N) fp32: the forward's log-sum-exp m + log(l)
+    STATS,  # (2, B, heads, nW, N) fp32 out: (m, 1 / l), P = exp(s - m) / l
+    s_qb, s_qh, s_qw, s_q3, s_qn,
+    s_b0, s_b1, s_b2,
+    heads, H, W, Hp, Wp, nWw, nW, N, D,
+    win_h, win_w, shift_h, shift_w,
+    sm_scale, windows_per_program, stats_plane,
+    HAS_PAD: tl.constexpr,
+    DENSE_BIAS: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    COSINE: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    N_TILES: tl.constexpr,
+):
+    """The softmax statistics the backward of a window of several tiles rebuilds P from: (lse, 1) for each row,
+    except in a tile where some row's |lse| >= 2^8, whose rounding (|lse| * 2^-24) would exceed 2^-16 of P (a bias
+    near torch.finfo.min loses log(l) entirely): there (m, 1 / l) recomputed over the window's keys (_row_stats),
+    so finite scores of any magnitude stay plain arithmetic; other tiles only copy."""
+    bh, b, h, q_base, bias_base, scale, w_start, w_end = _program(SCALE, s_qb, s_qn, s_b0, s_b1, heads, nW, sm_scale,
+                                                                  windows_per_program, DENSE_BIAS, COSINE)
+    for w in range(w_start, w_end):
+        win_base = (bh * nW + w) * N
+        for it in range(N_TILES):
+            t_i, in_i, real_i, ty_i, tx_i, reg_i, sy_i, sx_i = _tokens(
+                w, it * BLOCK, N, nWw, H, W, Hp, Wp, win_h, win_w, shift_h, shift_w, BLOCK)
+            m = tl.load(LSE + win_base + t_i, mask=in_i, other=0.0)
+            inv_l = tl.full((BLOCK,), 1.0, dtype=tl.float32)
+            if tl.max(tl.abs(m), axis=0) >= 256.0:
+                q = _load_tokens(QKV, PAD, q_base, sy_i, sx_i, real_i, in_i, s_qh, s_qw, h * D, D, HAS_PAD, BLOCK_D)
+                if COSINE:
+                    qn, q_norm = _l2_normalize(q)
+                    q = qn.to(QKV.dtype.element_ty)
+                m, inv_l = _row_stats(QKV, PAD, BIAS, q, scale, q_base, bias_base, s_qh, s_qw, s_q3, s_b0, s_b1,
+                                      s_b2, h, heads, D, w, N, nWw, H, W, Hp, Wp, win_h, win_w, shift_h, shift_w,
+                                      t_i, in_i, ty_i, tx_i, reg_i, HAS_PAD, DENSE_BIAS, HAS_MASK, COSINE, DOT_PREC,
+                                      UPCAST_DOT, BLOCK, BLOCK_D, N_TILES)
+            tl.store(STATS + win_base + t_i, m, mask=in_i)
+            tl.store(STATS + stats_plane + win_base + t_i, inv_l, mask=in_i)
+
+
+@triton.jit
 def _window_attn_bwd_kernel(
     QKV,  # (B, H, W, 3, heads, D), strides (s_qb, s_qh, s_qw, s_q3, s_qn, 1)
     PAD,  # (3, heads, D) contiguous (unused without HAS_PAD)
     BIAS,  # (num_rel, heads) table or (heads, N, N) dense, as in the forward
     SCALE,  # (heads,) fp32 (unused without COSINE)
     DO,  # (B, H, W, heads, D) contiguous: gradient of the output
-    LSE,  # (B, heads, nW, N) fp32
+    LSE,  # (B, heads, nW, N) fp32; with N_TILES > 1, (2, B, heads, nW, N): _window_attn_stats_kernel's (m, 1 / l)
     DELTA,  # (B, H, W, heads) fp32: rowsum(dO * O)
     DQKV,  # (B, H, W, 3, heads, D) contiguous out
     DBIAS_P,  # (B * heads * programs_per_bh, N, N) fp32 out: dS summed over each program's windows
@@ -210,7 +290,7 @@ def _window_attn_bwd_kernel(
     s_b0, s_b1, s_b2,
     heads, H, W, Hp, Wp, nWw, nW, N, D,
     win_h, win_w, shift_h, shift_w,
-    sm_scale, dropout_p, seed, windows_per_program,
+    sm_scale, dropout_p, seed, windows_per_program, stats_plane,
     HAS_PAD: tl.constexpr,
     DENSE_BIAS: tl.constexpr,
     HAS_MASK: tl.constexpr,
@@ -278,6 +358,7 @@ def _window_attn_bwd_kernel(
                              mask=real_i[:, None] & dmask[None, :], other=0.0).to(dtype)
                 if N_TILES > 1:
                     lse = tl.load(LSE + win_base + t_i, mask=in_i, other=0.0)
+                    inv_l = tl.load(LSE + stats_plane + win_base + t_i, mask=in_i, other=1.0)
                     delta = tl.load(DELTA + pix_i * heads + h, mask=real_i, other=0.0)
                 qk, s = _scores(q, k, scale, BIAS, bias_base, s_b0, s_b1, s_b2, t_i, in_i, ty_i, tx_i, reg_i,
                                 t_j, in_j, ty_j, tx_j, reg_j, win_h, win_w, DENSE_BIAS, HAS_MASK, DOT_PREC, UPCAST_DOT)
@@ -287,7 +368,7 @@ def _window_attn_bwd_kernel(
                     p = tl.exp(s - tl.max(s, axis=1)[:, None])
                     p = p / tl.sum(p, axis=1)[:, None]
                 else:
-                    p = tl.exp(s - lse[:, None])
+                    p = tl.exp(s - lse[:, None]) * inv_l[:, None]
                 p = tl.where(in_i[:, None] & in_j[None, :], p, 0.0)
                 dp = dot(do, tl.trans(v), DOT_PREC, UPCAST_DOT)
                 if DROPOUT:
@@ -340,6 +421,7 @@ def _window_attn_bwd_kernel(
                 do = tl.load(DO + (pix_i * (heads * D) + h * D)[:, None] + d[None, :],
                              mask=real_i[:, None] & dmask[None, :], other=0.0).to(dtype)
                 lse = tl.load(LSE + win_base + t_i, mask=in_i, other=0.0)
+                inv_l = tl.load(LSE + stats_plane + win_base + t_i, mask=in_i, other=1.0)
                 delta = tl.load(DELTA + pix_i * heads + h, mask=real_i, other=0.0)
                 dq = tl.zeros((BLOCK, BLOCK_D), dtype=tl.float32)
                 for jt in range(N_TILES):
@@ -355,7 +437,7 @@ def _window_attn_bwd_kernel(
                     qk, s = _scores(q, k, scale, BIAS, bias_base, s_b0, s_b1, s_b2, t_i, in_i, ty_i, tx_i, reg_i,
                                    t_j, in_j, ty_j, tx_j, reg_j, win_h, win_w, DENSE_BIAS, HAS_MASK, DOT_PREC,
                                    UPCAST_DOT)
-                    p = tl.where(in_i[:, None] & in_j[None, :], tl.exp(s - lse[:, None]), 0.0)
+                    p = tl.where(in_i[:, None] & in_j[None, :], tl.exp(s - lse[:, None]) * inv_l[:, None], 0.0)
                     dp = dot(do, tl.trans(v), DOT_PREC, UPCAST_DOT)
                     if DROPOUT:
                         keep = _keep(seed, win_base, t_i, t_j, N, dropout_p)
@@ -473,7 +555,8 @@ def fold_bias_grad(dbias: torch.Tensor, window_size) -> torch.Tensor:
 
 def window_attention_bwd(dout, qkv, bias, pad_qkv, logit_scale, out, lse, window_size, shift_size, softmax_scale,
                          dropout_p, seed):
-    """Launches the backward kernel and the second reduction pass. Results as `vitfast::window_attention_backward`."""
+    """Launches the statistics kernel (windows of several tiles), the backward kernel and the reductions. Results as
+    `vitfast::window_attention_backward`."""
     B, H, W, heads, D, wh, ww, Hp, Wp, nWh, nWw = _geometry(qkv, window_size, shift_size)
     nW, N = nWh * nWw, wh * ww
     block, block_d, n_tiles, warps, stages = _config(N, D, qkv.dtype, backward=True, cosine=logit_scale is not None)
@@ -487,17 +570,22 @@ def window_attention_bwd(dout, qkv, bias, pad_qkv, logit_scale, out, lse, window
     dbias_p = alloc((programs, N, N), dtype=torch.float32, device=qkv.device)
     dpad_p = torch.empty((programs, 2, block_d), dtype=torch.float32, device=qkv.device)
     dscale_p = torch.empty((programs,), dtype=torch.float32, device=qkv.device)
+    common = (qkv, pad_qkv if pad_qkv is not None else qkv, bias, logit_scale if logit_scale is not None else lse)
+    geometry = (*qkv.stride()[:5], *_bias_strides(bias), heads, H, W, Hp, Wp, nWw, nW, N, D, wh, ww, shift_size[0],
+                shift_size[1])
+    flags = dict(HAS_PAD=pad_qkv is not None, DENSE_BIAS=bias.dim() == 3, HAS_MASK=shift_size[0] + shift_size[1] > 0,
+                 COSINE=logit_scale is not None, DOT_PREC=dot_precision(qkv), UPCAST_DOT=upcast_bf16(qkv),
+                 BLOCK=block, BLOCK_D=block_d, N_TILES=n_tiles, num_warps=warps, num_stages=stages)
+    stats = lse
+    if n_tiles > 1:
+        stats = torch.empty((2,) + tuple(lse.shape), dtype=torch.float32, device=qkv.device)
+        launch(_window_attn_stats_kernel, (B * heads * groups,), *common, lse, stats, *geometry, softmax_scale, wpp,
+               lse.numel(), **flags)
     launch(
         _window_attn_bwd_kernel, (B * heads * groups,),
-        qkv, pad_qkv if pad_qkv is not None else qkv, bias, logit_scale if logit_scale is not None else lse,
-        dout, lse, delta, dqkv, dbias_p, dpad_p, dscale_p,
-        *qkv.stride()[:5], *_bias_strides(bias),
-        heads, H, W, Hp, Wp, nWw, nW, N, D, wh, ww, shift_size[0], shift_size[1],
-        softmax_scale, dropout_p, seed, wpp,
-        HAS_PAD=pad_qkv is not None, DENSE_BIAS=bias.dim() == 3, HAS_MASK=shift_size[0] + shift_size[1] > 0,
-        COSINE=logit_scale is not None, DROPOUT=dropout_p > 0, DOT_PREC=dot_precision(qkv),
-        UPCAST_DOT=upcast_bf16(qkv),
-        BLOCK=block, BLOCK_D=block_d, N_TILES=n_tiles, num_warps=warps, num_stages=stages,
+        *common, dout, stats, delta, dqkv, dbias_p, dpad_p, dscale_p, *geometry,
+        softmax_scale, dropout_p, seed, wpp, lse.numel(),
+        DROPOUT=dropout_p > 0, **flags,
     )
     dbias = dbias_p.view(B, heads, groups, N, N).sum((0, 2))
     dbias = (dbias if bias.dim() == 3 else fold_bias_grad(dbias, window_size)).to(bias.dtype)
