@@ -1,9 +1,9 @@
 // exp(x) for the float softmax loops of the CPU kernels (window_attention.cpp, rel_pos_attention.cpp): Cephes'
 // expf (S. L. Moshier, Cephes Math Library; relative error ~2 ulp), branch-free, one scalar and one 8-lane AVX + FMA
-// version of the same algorithm (and std::exp for double). x = n ln2 + r with n = floor(x log2(e) + 1/2), exp(r) by Cephes' polynomial, 2^n
-// built in float arithmetic (AVX without AVX2 has no 256-bit integer adds or shifts). For x <= 88; the result is 0
-// below about -87.7 (where 2^n would leave the normal range: x is clamped at -88, so n = -127 and 2^n's bits are
-// 0), and NaN for NaN.
+// version of the same algorithm (and std::exp for double). x = n ln2 + r with n = floor(x log2(e) + 1/2), exp(r) by
+// Cephes' polynomial, 2^n built in float arithmetic (AVX without AVX2 has no 256-bit integer adds or shifts). For
+// x <= 88; the result is 0 below about -87.7 (x is clamped at -88, where n = -127 and the bits of 2^n are 0), and
+// NaN for NaN.
 #pragma once
 
 #include <c10/macros/Macros.h>
