@@ -102,27 +102,30 @@ def test_cosine_attention_v2(backend, device, geometry, dtype):
 
 
 @pytest.mark.parametrize("backend,device", CASES)
-@pytest.mark.parametrize("ws", [3, 7, 12])
-def test_huge_finite_bias_is_plain_arithmetic(backend, device, ws):
+@pytest.mark.parametrize("ws,shift,cosine", [(3, 0, False), (7, 3, False), (12, 0, False), (12, 6, True)])
+def test_huge_finite_bias_is_plain_arithmetic(backend, device, ws, shift, cosine):
     """A dense bias whose row 2 is all torch.finfo(float32).min: as in the textbook softmax, that query weighs its
     keys equally, in the output and in every gradient (the saved fp32 log-sum-exp loses log(l) there, so a
-    backward must not rebuild P from it). Window 12 (144 tokens) spans several tiles of the triton kernels."""
-    B, H, W, heads, D = 1, ws * 2, ws * 2, 2, 8
-    qkv = _inputs(B, H, W, heads, D, ws, torch.float32, device, pad=False)[0]
+    backward must not rebuild P from it). Windows 7 and 12 span several tiles of the triton backward; with a shift,
+    padding and Swin-V2's cosine attention."""
+    B, H, W, heads, D = 1, 2 * ws - 1, 2 * ws, 2, 8
+    qkv, _, qkv_pad, logit_scale = _inputs(B, H, W, heads, D, ws, torch.float32, device, cosine=cosine)
     bias = torch.randn(heads, ws * ws, ws * ws, device=device)
     bias[:, 2] = torch.finfo(torch.float32).min
     dout = torch.randn(B, H, W, heads * D, device=device)
 
-    def fused(qkv, bias):
-        return vitfast.window_attention(qkv, bias, ws, 0)
+    def fused(qkv, bias, qkv_pad, logit_scale):
+        return vitfast.window_attention(qkv, bias, ws, shift, qkv_pad=qkv_pad, logit_scale=logit_scale)
 
-    def ref(qkv, bias):
-        return window_attention_ref(qkv, bias, ws, 0)
+    def ref(qkv, bias, qkv_pad, logit_scale):
+        return _ref(qkv, bias, ws, shift, qkv_pad, logit_scale)
+    tensors = (qkv, bias, qkv_pad, logit_scale)
     with vitfast.use_backend(backend):
-        got = _run(fused, (qkv, bias), dout)
-    ref64 = _run(ref, (qkv.double(), bias.double()), dout.double())
-    plain = _run(ref, (qkv, bias), dout)
-    for name, g, r, p in zip(["out", "dqkv", "dbias"], got, ref64, plain):
+        got = _run(fused, tensors, dout)
+    ref64 = _run(ref, tuple(t.double() if t is not None else None for t in tensors), dout.double())
+    plain = _run(ref, tensors, dout)
+    names = ["out", "dqkv", "dbias", "dqkv_pad"] + (["dlogit_scale"] if cosine else [])
+    for name, g, r, p in zip(names, got, ref64, plain):
         assert_close_to_ref(g, r, p, f"{backend} {name}")
 
 
