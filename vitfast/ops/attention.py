@@ -148,13 +148,16 @@ def _dropout_keep(seed: Optional[Tensor], dropout_p: float, q: Tensor, Nk: int) 
     return dropout_keep_ref(int(seed.item()), B, H, Nq, Nk, dropout_p, q.device)
 
 
+def _dropped(x: Tensor, keep: Optional[Tensor], dropout_p: float) -> Tensor:
+    """x through dropout: kept entries scaled by 1 / (1 - dropout_p), the others 0; x itself without a keep-mask."""
+    return x if keep is None else x * keep / (1.0 - dropout_p)
+
+
 def _fwd_torch(q, k, v, bias, seed, dropout_p, is_causal, causal_offset, scale):
     s = _scores(q, k, bias, is_causal, causal_offset, scale, _acc_dtype(q.dtype))
     m, log_l = _row_stats(s)
     p = _probs(s, m, log_l)
-    keep = _dropout_keep(seed, dropout_p, q, k.shape[2])
-    if keep is not None:
-        p = p * keep / (1.0 - dropout_p)
+    p = _dropped(p, _dropout_keep(seed, dropout_p, q, k.shape[2]), dropout_p)
     B, H, Nq, D = q.shape
     out = _bnhd_empty(B, H, Nq, D, q)
     out.copy_(_probs_at_v(p, s, v))
@@ -168,10 +171,7 @@ def _bwd_torch(dout, q, k, v, out, lse, bias, seed, dropout_p, is_causal, causal
     do = dout.to(acc)
     dp = do @ v.to(acc).transpose(-2, -1)
     keep = _dropout_keep(seed, dropout_p, q, k.shape[2])
-    p_drop = p
-    if keep is not None:
-        p_drop = p * keep / (1.0 - dropout_p)
-        dp = dp * keep / (1.0 - dropout_p)
+    p_drop, dp = _dropped(p, keep, dropout_p), _dropped(dp, keep, dropout_p)
     delta = (do * out.to(acc)).sum(-1, keepdim=True)
     # Where a row does not see a key, dS is 0 even if dP is NaN (non-finite v of a masked key), and such a key's
     # non-finite k enter dQ = dS @ K as 0 (0 * NaN would be NaN).

@@ -36,8 +36,8 @@ from torch import Tensor
 
 from vitfast import autocast as _autocast
 from vitfast import backend as _backend
-from vitfast.ops.attention import (_acc_dtype, _bnhd_empty, _check_inputs, _describe, _draw_seed, check_dropout_capture,
-                                   dropout_keep_ref)
+from vitfast.ops.attention import (_acc_dtype, _bnhd_empty, _check_inputs, _describe, _draw_seed, _dropout_keep,
+                                   _dropped, check_dropout_capture)
 
 OP = "rel_pos_attention"
 # The Triton kernels hold a query block's rel_w row (next power of two of kw columns) in registers.
@@ -135,13 +135,6 @@ def rel_pos_attention_ref(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w:
 
 # ------------------------------------------------------------------------------------------- backends
 
-def _dropout_keep(seed: Optional[Tensor], dropout_p: float, q: Tensor, Nk: int) -> Optional[Tensor]:
-    if dropout_p <= 0.0:
-        return None
-    B, H, Nq, _ = q.shape
-    return dropout_keep_ref(int(seed.item()), B, H, Nq, Nk, dropout_p, q.device)
-
-
 def _probs_torch(q, k, rel_h, rel_w, scale, lse=None):
     """Softmax probabilities in the accumulation dtype, and the LSE (recomputed when not given)."""
     acc = _acc_dtype(q.dtype)
@@ -154,9 +147,7 @@ def _probs_torch(q, k, rel_h, rel_w, scale, lse=None):
 
 def _fwd_torch(q, k, v, rel_h, rel_w, seed, dropout_p, scale):
     p, lse = _probs_torch(q, k, rel_h, rel_w, scale)
-    keep = _dropout_keep(seed, dropout_p, q, k.shape[2])
-    if keep is not None:
-        p = p * keep / (1.0 - dropout_p)
+    p = _dropped(p, _dropout_keep(seed, dropout_p, q, k.shape[2]), dropout_p)
     B, H, Nq, D = q.shape
     out = _bnhd_empty(B, H, Nq, D, q)
     out.copy_(p @ v.to(p.dtype))
@@ -169,10 +160,7 @@ def _bwd_torch(dout, q, k, v, rel_h, rel_w, out, lse, seed, dropout_p, scale):
     do = dout.to(acc)
     dp = do @ v.to(acc).transpose(-2, -1)
     keep = _dropout_keep(seed, dropout_p, q, k.shape[2])
-    p_drop = p
-    if keep is not None:
-        p_drop = p * keep / (1.0 - dropout_p)
-        dp = dp * keep / (1.0 - dropout_p)
+    p_drop, dp = _dropped(p, keep, dropout_p), _dropped(dp, keep, dropout_p)
     ds = p * (dp - (do * out.to(acc)).sum(-1, keepdim=True))
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
