@@ -116,6 +116,19 @@ def patch_embed_cases():
                tuple(t for t in (w, b, nw, nb) if t is not None))
 
 
+def linear_gelu_cases():
+    for what, M, K, N in [("vit_b b1", 197, 768, 3072), ("vit_b b8", 8 * 197, 768, 3072), ("deit_s b8", 8 * 197, 384, 1536),
+                          ("clip_b32 b1", 50, 768, 3072), ("clip_b32 b8", 400, 768, 3072),
+                          ("swin s1 b1", 3136, 96, 384), ("swin s1 b8", 8 * 3136, 96, 384),
+                          ("swin s2 b1", 784, 192, 768), ("swin s3 b1", 196, 384, 1536), ("swin s3 b8", 8 * 196, 384, 1536),
+                          ("swin s4 b1", 49, 768, 3072)]:
+        x = torch.randn(M, K, requires_grad=True)
+        w = (torch.randn(N, K) * K ** -0.5).requires_grad_()
+        b = torch.randn(N, requires_grad=True)
+        yield (f"linear_gelu {what} ({M}x{K}x{N})", lambda: F.gelu(F.linear(x, w, b)),
+               lambda: vitfast.linear_gelu(x, w, b), (x, w, b))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=9)
@@ -128,7 +141,8 @@ def main():
           f"{torch.backends.cpu.get_cpu_capability()}, medians of {args.reps} interleaved")
     print("| case | mode | ATen ms | vitfast ms | ATen / vitfast |")
     print("|---|---|---|---|---|")
-    for cases in (layer_norm_cases, attention_cases, window_attention_cases, patch_embed_cases):
+    for cases in (layer_norm_cases, attention_cases, window_attention_cases, patch_embed_cases,
+                  linear_gelu_cases):
         for name, aten, fused, leaves in cases():
             if args.k not in name:
                 continue

@@ -114,7 +114,7 @@ stage "(c) correctness at model shapes" "${BUDGET[2]}" "$OUT/correctness.log" 0 
 
 t_bench=$SECONDS
 BENCH_FILES=(bench/bench_attention.py bench/bench_window_attention.py bench/bench_layer_norm.py
-             bench/bench_patch_embed.py bench/bench_rel_pos_attention.py)  # FlexAttention first in part 2
+             bench/bench_patch_embed.py bench/bench_rel_pos_attention.py bench/bench_linear_gelu.py)  # FlexAttention first in part 2
 stage "(d) benchmarks, part 1: vitfast, SDPA, eager" "${BUDGET[3]}" "$OUT/bench.log" 0 \
   $PY -m pytest "${BENCH_FILES[@]}" -m headline -k "not flex and not compile" --benchmark-only -q \
   --benchmark-json="$OUT/bench.json" -p no:cacheprovider

@@ -3,9 +3,10 @@
 // version of the same algorithm (and std::exp for double). x = n ln2 + r with n = floor(x log2(e) + 1/2), exp(r) by
 // Cephes' polynomial, 2^n built in float arithmetic (AVX without AVX2 has no 256-bit integer adds or shifts). For
 // x <= 88; the result is 0 below about -87.7 (x is clamped at -88, where n = -127 and the bits of 2^n are 0), and
-// NaN for NaN.
+// NaN for NaN. use_avx_fma() says whether the 8-lane versions may run.
 #pragma once
 
+#include <ATen/Version.h>
 #include <c10/macros/Macros.h>
 
 #include <algorithm>
@@ -21,6 +22,18 @@
 #endif
 
 namespace vitfast {
+
+// Whether the CPU has AVX and FMA; ATEN_CPU_CAPABILITY=default turns the vector paths off too, so that CI proves
+// the scalar ones on any machine.
+inline bool use_avx_fma() {
+#if VITFAST_EXP_AVX
+  static const bool avx = __builtin_cpu_supports("avx") && __builtin_cpu_supports("fma") &&
+                          at::get_cpu_capability() != "DEFAULT";
+  return avx;
+#else
+  return false;
+#endif
+}
 
 C10_ALWAYS_INLINE float exp_op(float x) {
   const float xc = std::min(std::max(x, -88.0f), 88.0f);  // NaN stays NaN

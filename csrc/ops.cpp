@@ -78,6 +78,13 @@ TORCH_LIBRARY(vitfast, m) {
   m.def("window_partition(Tensor x, int[2] window_size, int[2] shift_size) -> Tensor");
   m.def("window_reverse(Tensor windows, int H, int W, int[2] window_size, int[2] shift_size) -> Tensor");
   // end window attention
+  // linear_gelu (vitfast/ops/linear_gelu.py): x (M, K), weight (N, K), bias (N,) or None, one dtype; approximate
+  // "none" | "tanh". Returns y = GELU(x @ weight^T + bias) (M, N) and, with save_preact, the pre-activation h (M, N)
+  // (else an empty tensor).
+  m.def(
+      "linear_gelu_fwd(Tensor x, Tensor weight, Tensor? bias, str approximate, bool save_preact)"
+      " -> (Tensor y, Tensor preact)");
+  // end linear_gelu
 }
 
 namespace {
@@ -96,7 +103,7 @@ constexpr const char* kKernelOps[] = {
     "layer_norm_fwd",       "layer_norm_bwd",       "attention_fwd",    "attention_bwd",
     "patch_embed_fwd",      "patch_embed_bwd",      "patch_merging_fwd", "patch_merging_bwd",
     "window_attention_fwd", "window_attention_bwd", "window_partition",  "window_reverse",
-    "rel_pos_attention_fwd", "rel_pos_attention_bwd"};
+    "rel_pos_attention_fwd", "rel_pos_attention_bwd", "linear_gelu_fwd"};
 
 }  // namespace
 

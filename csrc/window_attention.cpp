@@ -27,7 +27,6 @@
 // agree; it is this backend's own draw (each backend draws its own bits), and dropout_p = 0 is exact.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/Version.h>
 #include <c10/macros/Macros.h>
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -55,17 +54,6 @@ namespace {
 
 constexpr double kMaskValue = -100.0;
 constexpr double kNormEps = 1e-12;  // F.normalize's eps
-
-bool use_avx() {
-#if VITFAST_WA_AVX
-  // ATEN_CPU_CAPABILITY=default turns the vector path off too, so that CI proves the scalar one on any machine.
-  static const bool avx = __builtin_cpu_supports("avx") && __builtin_cpu_supports("fma") &&
-                          at::get_cpu_capability() != "DEFAULT";
-  return avx;
-#else
-  return false;
-#endif
-}
 
 struct Geometry {
   int64_t B, H, W, heads, D;
@@ -785,7 +773,7 @@ std::tuple<at::Tensor, at::Tensor> window_attention_fwd_cpu(
     Args<scalar_t, A> a = make_args<scalar_t, A>(g, qkv, e, softmax_scale, dropout_p, seed);
     a.lse = lse.mutable_data_ptr<float>();
     a.out = out.mutable_data_ptr<scalar_t>();
-    const bool avx = use_avx();
+    const bool avx = use_avx_fma();
     at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
 #if VITFAST_WA_AVX
       if (avx) return fwd_items_avx(a, begin, end);
@@ -833,7 +821,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_bwd_
       for (int d = 0; d < 3; ++d) a.ds[d] = dout.stride(d);
       a.dqkv = dqkv.mutable_data_ptr<scalar_t>();
       A* part = partials.mutable_data_ptr<A>();
-      const bool avx = use_avx();
+      const bool avx = use_avx_fma();
       at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
         for (int64_t c = chunk_begin; c < chunk_end; ++c) {
           const int64_t begin = items * c / num_chunks, end = items * (c + 1) / num_chunks;

@@ -197,6 +197,15 @@ def rel_pos_attention_cases(dtypes, head_dims):
                    case(1, 2, (14, 14), (14, 14), 64, dt, dropout=0.1))
 
 
+def linear_gelu_cases(dtypes):
+    for dt in dtypes:
+        for what, M, K, N in (("ViT-B fc1", 197, 768, 3072), ("Swin-T stage 1 fc1", 3136, 96, 384)):
+            for approximate in ("none", "tanh"):
+                x, w, b = _leaf(M, K, dtype=dt), _leaf(N, K, dtype=dt), _leaf(N, dtype=dt)
+                yield Case(f"linear_gelu {what} approximate={approximate} {dt}",
+                           _run(vitfast.linear_gelu, x, w, b, approximate), headline=approximate == "none")
+
+
 def cases(quick: bool):
     """Every Case: the model shapes and features (with --quick bf16 only, head dims 64 and 80, one Swin stage's patch
     merging, no ViT-L patch embedding), then the edge cases (always: head dim 256 among them)."""
@@ -208,6 +217,7 @@ def cases(quick: bool):
     yield from patch_embed_cases(dtypes, quick)
     yield from patch_merging_cases(dtypes, quick)
     yield from rel_pos_attention_cases(dtypes, head_dims)
+    yield from linear_gelu_cases(dtypes)
     yield from edge_cases()
 
 

@@ -84,7 +84,7 @@ def test_timm_vit(backend):
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, embed_dim=32,
                               depth=1, num_heads=2, num_classes=5)
     report = _patched_equal(model, torch.randn(2, 3, 16, 16, device=DEVICE), backend)
-    assert _kinds(report) == {"attention": 1, "layer_norm": 3, "patch_embed": 1}, str(report)
+    assert _kinds(report) == {"attention": 1, "layer_norm": 3, "patch_embed": 1, "linear_gelu": 1}, str(report)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -95,7 +95,7 @@ def test_timm_swin(backend):
     batch = 1 if backend == "triton" else 2  # the interpreter runs one program at a time
     report = _patched_equal(model, torch.randn(batch, 3, 16, 16, device=DEVICE), backend)
     # each block's _attn (fused roll/partition/mask) and its WindowAttention; PatchEmbed fuses the norm
-    assert _kinds(report) == {"window_attention": 4, "layer_norm": 6, "patch_embed": 1}, str(report)
+    assert _kinds(report) == {"window_attention": 4, "layer_norm": 6, "patch_embed": 1, "linear_gelu": 2}, str(report)
 
 
 # ----------------------------------------------------------------------------------------------- torchvision
@@ -108,7 +108,7 @@ def test_torchvision_vit(backend):
     model = VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=2, hidden_dim=32, mlp_dim=48,
                               num_classes=5)
     report = _patched_equal(model, torch.randn(2, 3, 16, 16, device=DEVICE), backend)
-    assert _kinds(report) == {"attention": 1, "layer_norm": 3, "patch_embed": 1}, str(report)
+    assert _kinds(report) == {"attention": 1, "layer_norm": 3, "patch_embed": 1, "linear_gelu": 1}, str(report)
 
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
@@ -124,7 +124,7 @@ def test_torchvision_swin(backend, version):
     # pixels); the second block is shifted
     shape = (1, 3, 16, 16) if backend == "triton" else (2, 3, 20, 20)
     report = _patched_equal(model, torch.randn(*shape, device=DEVICE), backend)
-    assert _kinds(report) == {"window_attention": 2, "layer_norm": 6}, str(report)
+    assert _kinds(report) == {"window_attention": 2, "layer_norm": 6, "linear_gelu": 2}, str(report)
 
 
 # ----------------------------------------------------------------------------------------------- open_clip
@@ -198,7 +198,7 @@ def test_transformers_vit(backend):
     model.set_attn_implementation("eager")
     report = _patched_equal(model, {"pixel_values": torch.randn(2, 3, 16, 16, device=DEVICE)}, backend,
                             lambda o: o.last_hidden_state)
-    assert _kinds(report) == {"attention": 1, "layer_norm": 3, "patch_embed": 1}, str(report)
+    assert _kinds(report) == {"attention": 1, "layer_norm": 3, "patch_embed": 1, "linear_gelu": 1}, str(report)
     assert model.config._attn_implementation == "eager"
 
 
@@ -232,7 +232,7 @@ def test_transformers_swin_fused_layer(backend, monkeypatch):
     batch = 1 if backend == "triton" else 2
     report = _patched_equal(model, {"pixel_values": torch.randn(batch, 3, 12, 12, device=DEVICE)}, backend,
                             lambda o: o.last_hidden_state)
-    assert _kinds(report) == {"attention": 1, "window_attention": 2, "layer_norm": 6}, str(report)
+    assert _kinds(report) == {"attention": 1, "window_attention": 2, "layer_norm": 6, "linear_gelu": 2}, str(report)
     assert len(calls) == 2  # both layers took the fused path (forward only; unpatched runs do not count)
 
 
@@ -240,12 +240,17 @@ def test_transformers_swin_fused_layer(backend, monkeypatch):
 
 def test_cpu_choice_rule():
     """The table's answers: ATen for LayerNorm and attention, ATen for patch embedding only without grad, vitfast for
-    window attention and rel-pos attention; a forced backend or a CUDA tensor always runs vitfast."""
+    window attention and rel-pos attention, vitfast for linear_gelu only without grad and for outputs of 32 MiB or
+    more; a forced backend or a CUDA tensor always runs vitfast."""
     x = torch.randn(2, 3)
-    original = {"attention": True, "rel_pos_attention": False, "window_attention": False, "layer_norm": True}
+    original = {"attention": True, "rel_pos_attention": False, "window_attention": False, "layer_norm": True,
+                "linear_gelu": True}
     with torch.no_grad():
         assert {k: cpu_choice.runs_original(k, x) for k in KINDS} == dict(original, patch_embed=True)
+        assert not cpu_choice.runs_original("linear_gelu", x, out_bytes=2**25)  # 32 MiB outputs: fused
+        assert cpu_choice.runs_original("linear_gelu", x, out_bytes=2**25 - 1)
     assert {k: cpu_choice.runs_original(k, x) for k in KINDS} == dict(original, patch_embed=False)
+    assert cpu_choice.runs_original("linear_gelu", x, out_bytes=2**25)  # with grad: ATen at any size
     with vitfast.use_backend("torch"):
         assert not any(cpu_choice.runs_original(k, x) for k in KINDS)
     assert not any(cpu_choice.runs_original(k, torch.empty(2, 3, device="meta")) for k in KINDS)
@@ -354,7 +359,7 @@ def test_compile_fullgraph_patched_model():
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, embed_dim=32,
                               depth=1, num_heads=2, num_classes=5).eval()
     report = vitfast.patch_model(model)
-    assert _kinds(report) == {"attention": 1, "layer_norm": 3, "patch_embed": 1}
+    assert _kinds(report) == {"attention": 1, "layer_norm": 3, "patch_embed": 1, "linear_gelu": 1}
     x = torch.randn(2, 3, 16, 16)
     eager = model(x)
     torch._dynamo.reset()

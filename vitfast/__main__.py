@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import vitfast
 from vitfast import backend
 from vitfast.ops.layer_norm import layer_norm_ref
+from vitfast.ops.linear_gelu import linear_gelu_ref
 from vitfast.ops.patch_embed import patch_embed_ref
 from vitfast.ops.patch_merging import patch_merging_ref
 from vitfast.ops.window_attention import window_attention_ref
@@ -91,6 +92,9 @@ def _cases(gpu: bool) -> list:
              lambda x, w, b, pos, cls: vitfast.patch_embed(x, w, b, 16, pos_embed=pos, prefix_tokens=cls),
              lambda x, w, b, pos, cls: patch_embed_ref(x, w, b, 16, pos_embed=pos, prefix_tokens=cls),
              "conv2d, cat, add"),
+        Case("linear_gelu Swin-T s1 fc1", f"({swin_b * 3136}, 96) -> 384",
+             lambda d, t: (_randn(d, t, swin_b * 3136, 96), _randn(d, t, 384, 96, scale=0.1), _randn(d, t, 384)),
+             (0, 1, 2), vitfast.linear_gelu, linear_gelu_ref, "F.linear, F.gelu"),
         Case("patch merging Swin-T s1", f"B={swin_b} 56x56x96",
              lambda d, t: (_randn(d, t, swin_b, 56, 56, 96), _randn(d, t, 384), _randn(d, t, 384),
                            _randn(d, t, 192, 384, scale=0.05)), (0, 1, 2, 3),
@@ -120,7 +124,8 @@ def _backends(op: str, device: str) -> list:
 
 
 _OP_OF = {"layer_norm": "layer_norm", "attention": "attention", "window": "window_attention",
-          "patch embed": "patch_embed", "patch merging": "patch_merging", "rel_pos_attention": "rel_pos_attention"}
+          "patch embed": "patch_embed", "patch merging": "patch_merging", "rel_pos_attention": "rel_pos_attention",
+          "linear_gelu": "linear_gelu"}
 
 
 def _registered_op(case: Case) -> str:

@@ -17,14 +17,24 @@ ViT-B/16, DeiT-S/16, CLIP ViT-B/32 and Swin-T at batch 1 and 8 (rows 49 .. 25088
 | patch_embed      | ViT 0.98 .. 1.06, Swin with norm 0.74 .. 0.80 | 1.23 .. 1.97                        | ATen / vitfast |
 | window_attention | 1.07 .. 1.68                               | 1.00 .. 1.78                           | vitfast        |
 | rel_pos_attention| 1.72 .. 1.74                               | 1.94 .. 2.25                           | vitfast        |
+| linear_gelu      | output >= 32 MiB 1.45, else 0.93 .. 1.09   | 0.78 .. 1.01                           | see below      |
 
 rel_pos_attention (SAM/ViTDet image encoders) is against SDPA with the dense decomposed bias that transformers' and
 timm's SAM attention pass (SAM-B global layer B=1 and windowed layer 25 windows, 12 heads, D=64; 2 threads, same VM,
 2026-11-29, `VITFAST_BENCH_FULL=1 pytest bench/bench_rel_pos_attention.py --benchmark-only`; the README's table).
 
+linear_gelu (an MLP's fc1 + GELU; 2026-11-30, same command, 15 reps, fc1 of the models above) wins clearly in one
+place: inference where the (M, N) output is at least 32 MiB (Swin-T's first stage at batch 8, 25088 x 384 fp32:
+1.45). That is glibc's largest mmap threshold: each fresh tensor of that size is mapped and page-faulted anew, and
+the fused op, which writes GELU over the GEMM's own output, allocates one such tensor where F.linear + F.gelu
+allocate two. Below it the op is level (0.93 .. 1.09 per op; whole models with and without it, 15-25 alternating
+rounds: torchvision Swin-T B=1 1.007, DeiT-S B=8 1.009, ViT-B/16 B=1 0.954), so those calls keep ATen. Whole Swin-T
+models at B=8 with the rule against without the op (9-11 paired rounds): torchvision 1.013 and 1.052 in two runs,
+timm 1.116, transformers 1.030. With grad it keeps ATen (it must keep h = x W^T + b anyway: 0.78 .. 1.01).
+
 Every shape class measured falls on the same side for a given kind and mode (patch embedding without grad is
-level at ViT shapes and slower at Swin's, so ATen), so the rule is per (kind, mode);
-a new shape class that measures differently gets its own row in `CPU_CHOICE` here, nowhere else.
+level at ViT shapes and slower at Swin's, so ATen), but for linear_gelu's output size, so the rule is per (kind, mode)
+with `CPU_MIN_OUTPUT_BYTES` for that one; a new shape class that measures differently gets its row here, nowhere else.
 """
 import torch
 from torch import Tensor
@@ -40,27 +50,35 @@ CPU_CHOICE = {
     "patch_embed": (ATEN, VITFAST),
     "window_attention": (VITFAST, VITFAST),
     "rel_pos_attention": (VITFAST, VITFAST),
+    "linear_gelu": (VITFAST, ATEN),
 }
+# kind -> the smallest output (bytes) for which the table's vitfast choice holds on CPU; smaller outputs run ATen.
+CPU_MIN_OUTPUT_BYTES = {"linear_gelu": 2**25}
 
 
-def runs_original(kind: str, x: Tensor) -> bool:
+def runs_original(kind: str, x: Tensor, out_bytes: int = 0) -> bool:
     """Whether a module patched for `kind` should run its original forward for input `x`.
 
     Args:
         kind: one of CPU_CHOICE's keys (vitfast.integrations.patch.KINDS).
         x: the module's input tensor; only its device is read, with torch.is_grad_enabled() for the mode.
+        out_bytes: the size of the op's output in bytes, for the kinds in CPU_MIN_OUTPUT_BYTES.
 
     Returns:
-        True on CPU tensors where the table says ATen for the current mode and no vitfast backend is forced.
+        True on CPU tensors where the table says ATen for the current mode (or the output is below the kind's
+        CPU_MIN_OUTPUT_BYTES) and no vitfast backend is forced.
     """
     if x.device.type != "cpu" or _backend.forced_backend() is not None:
         return False
-    return CPU_CHOICE[kind][torch.is_grad_enabled()] == ATEN
+    return CPU_CHOICE[kind][torch.is_grad_enabled()] == ATEN or out_bytes < CPU_MIN_OUTPUT_BYTES.get(kind, 0)
 
 
 def describe(kind: str) -> str:
     """What `kind` runs on CPU tensors, for patch_model's report, e.g. "on CPU: ATen (faster there)"."""
     inference, training = CPU_CHOICE[kind]
+    if kind in CPU_MIN_OUTPUT_BYTES:
+        return (f"on CPU: vitfast without grad for outputs of {CPU_MIN_OUTPUT_BYTES[kind] >> 20} MiB or more, "
+                f"else the original ATen code (the faster of the two)")
     if inference == training:
         return f"on CPU: {'original ATen code (faster there)' if inference == ATEN else 'vitfast'}"
     return (f"on CPU: {'original ATen code' if inference == ATEN else 'vitfast'} without grad, "

@@ -1,6 +1,6 @@
-"""`patch_model` / `unpatch_model`: swap the attention, window attention, LayerNorm and patch embedding of a timm,
-torchvision, open_clip, transformers or segment_anything model for vitfast's, in place, keeping every parameter and
-state-dict key.
+"""`patch_model` / `unpatch_model`: swap the attention, window attention, LayerNorm, patch embedding and the MLP's
+Linear + GELU of a timm, torchvision, open_clip, transformers or segment_anything model for vitfast's, in place,
+keeping every parameter and state-dict key.
 
     report = vitfast.patch_model(model)      # prints as a table: what was patched, what was left and why
     vitfast.unpatch_model(model)             # the original forward paths again
@@ -16,7 +16,8 @@ An adapter that meets arguments it does not cover at run time (e.g. `need_weight
 a LayerNorm input whose dtype differs from its weight under autocast) calls the original forward for that call, and
 so does one whose vitfast op measured slower than the original code for that device and mode
 (integrations/cpu_choice.py: on CPU tensors LayerNorm and attention always run ATen, patch embedding runs ATen
-without grad); the report says what each kind runs on CPU.
+without grad, the MLP's Linear + GELU runs vitfast only without grad and for outputs of 32 MiB or more); the report
+says what each kind runs on CPU.
 """
 import functools
 import math
@@ -31,8 +32,9 @@ from torch import Tensor, nn
 from vitfast.integrations.cpu_choice import describe, runs_original
 from vitfast.ops.attention import attention
 from vitfast.ops.layer_norm import layer_norm
+from vitfast.ops.linear_gelu import linear_gelu
 
-KINDS = ("attention", "rel_pos_attention", "window_attention", "layer_norm", "patch_embed")
+KINDS = ("attention", "rel_pos_attention", "window_attention", "layer_norm", "patch_embed", "linear_gelu")
 _MARK = "_vitfast_patch"  # instance attribute: (kind, names of the instance attributes the patch set)
 
 
@@ -166,6 +168,34 @@ def _mha_check(module: nn.Module) -> Optional[str]:
     return None
 
 
+def gelu_approximate(act: nn.Module) -> Optional[str]:
+    """F.gelu's `approximate` ("none" / "tanh") for an activation module that computes F.gelu (nn.GELU and
+    transformers' GELUActivation / GELUTanh, whose Python variants are the same formulas); None for any other."""
+    if type(act) is nn.GELU:
+        return act.approximate
+    return {"transformers.activations.GELUActivation": "none",
+            "transformers.activations.GELUTanh": "tanh"}.get(qualname(act))
+
+
+def mlp_fc1(x: Tensor, fc1: nn.Linear, act: nn.Module) -> Tensor:
+    """act(fc1(x)) for an MLP's first layer: one vitfast.linear_gelu call, or the module's own two calls where
+    cpu_choice says ATen, or where x's dtype differs from the weight's outside autocast (F.linear's error)."""
+    out_bytes = x.numel() // max(1, x.shape[-1]) * fc1.out_features * x.element_size()
+    if (runs_original("linear_gelu", x, out_bytes)
+            or (x.dtype != fc1.weight.dtype and not torch.is_autocast_enabled(x.device.type))):
+        return act(fc1(x))
+    return linear_gelu(x, fc1.weight, fc1.bias, gelu_approximate(act))
+
+
+def mlp_check(fc1: Optional[nn.Module], act: Optional[nn.Module]) -> Optional[str]:
+    """Why an MLP whose first layers are `fc1` and `act` cannot take vitfast.linear_gelu, or None."""
+    if type(fc1) is not nn.Linear:
+        return f"first layer is {type(fc1).__name__}, not nn.Linear"
+    if gelu_approximate(act) is None:
+        return f"activation {type(act).__name__} is not GELU (vitfast.linear_gelu fuses GELU only)"
+    return None
+
+
 _TORCH_ADAPTERS = {
     "torch.nn.modules.activation.MultiheadAttention": Adapter(
         "attention", "nn.MultiheadAttention -> vitfast.attention (need_weights=False calls)",
@@ -217,7 +247,7 @@ def _bind(module: nn.Module, kind: str, methods: Dict[str, Callable]) -> None:
 
 
 def patch_model(model: nn.Module, attention: bool = True, window_attention: bool = True, layer_norm: bool = True,
-                patch_embed: bool = True) -> PatchReport:
+                patch_embed: bool = True, mlp: bool = True) -> PatchReport:
     """Swaps vitfast's kernels into `model` in place (parameters and state-dict keys unchanged).
 
     Args:
@@ -232,12 +262,15 @@ def patch_model(model: nn.Module, attention: bool = True, window_attention: bool
         layer_norm: nn.LayerNorm and the known subclasses that compute a plain LayerNorm.
         patch_embed: timm PatchEmbed, torchvision VisionTransformer's conv_proj, transformers ViT/DeiT patch
             embeddings.
+        mlp: the first Linear + GELU of MLP blocks -> vitfast.linear_gelu (timm Mlp, torchvision MLP / MLPBlock,
+            transformers ViT, DeiT, Swin, CLIP, SAM and ViTDet MLPs; other activations, e.g. CLIP's quick_gelu, are
+            left with the reason).
 
     Returns:
         PatchReport: `.patched` and `.left` (with the reason); `print(report)` shows both.
     """
     enabled = {"attention": attention, "rel_pos_attention": attention, "window_attention": window_attention,
-               "layer_norm": layer_norm, "patch_embed": patch_embed}
+               "layer_norm": layer_norm, "patch_embed": patch_embed, "linear_gelu": mlp}
     table, known_left = _adapters(), _known_left()
     report = PatchReport()
     hf_prefixes: List[str] = []

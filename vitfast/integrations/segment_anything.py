@@ -1,10 +1,12 @@
-"""segment_anything adapters for `vitfast.patch_model`, and the image-encoder attention that the SAM adapters of
-timm and transformers share.
+"""segment_anything adapters for `vitfast.patch_model`, and the image-encoder attention and MLP that the SAM adapters
+of timm and transformers share.
 
 - `segment_anything.modeling.image_encoder.Attention` (the blocks of ImageEncoderViT, ViTDet's layout): the
   (B*heads, N, N) score matrix plus `add_decomposed_rel_pos` -> vitfast.rel_pos_attention (use_rel_pos=False:
   vitfast.attention). Windowed blocks (SAM's padded 14 x 14 windows) and global blocks both call it; the window
   partition and padding stay in the block.
+- `segment_anything.modeling.common.MLPBlock` (lin1, act, lin2; transformers' SamMLPBlock has the same layout):
+  lin1 + GELU -> vitfast.linear_gelu.
 - segment_anything's LayerNorm2d (the neck) is no nn.LayerNorm and is left; the blocks' nn.LayerNorm takes the
   generic adapter of integrations/patch.py.
 
@@ -14,7 +16,7 @@ from typing import Callable, Optional
 
 from torch import Tensor, nn
 
-from vitfast.integrations.patch import Adapter
+from vitfast.integrations.patch import Adapter, mlp_check, mlp_fc1
 from vitfast.ops.attention import attention
 from vitfast.ops.rel_pos_attention import decomposed_rel_pos, rel_pos_attention
 
@@ -64,7 +66,14 @@ def _attention_check(module: nn.Module) -> Optional[str]:
     return f"unexpected segment_anything Attention layout (missing {missing})" if missing else None
 
 
+def _mlp_block_forward(self, x: Tensor) -> Tensor:
+    return self.lin2(mlp_fc1(x, self.lin1, self.act))
+
+
+SAM_MLP_BLOCK = Adapter("linear_gelu", "lin1 + GELU -> vitfast.linear_gelu", {"forward": _mlp_block_forward},
+                        lambda module: mlp_check(getattr(module, "lin1", None), getattr(module, "act", None)))
 ADAPTERS = {
+    "segment_anything.modeling.common.MLPBlock": SAM_MLP_BLOCK,
     "segment_anything.modeling.image_encoder.Attention": Adapter(
         "rel_pos_attention", "scores + add_decomposed_rel_pos + softmax -> vitfast.rel_pos_attention "
                      "(use_rel_pos=False: vitfast.attention)",

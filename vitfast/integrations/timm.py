@@ -11,6 +11,7 @@
   with the dense decomposed relative-position bias -> vitfast.rel_pos_attention (use_rel_pos=False:
   vitfast.attention; with rotary embeddings (use_rope) it keeps timm's path).
 - `timm.layers.patch_embed.PatchEmbed`: forward -> vitfast.nn.PatchEmbed's (conv + flatten + LayerNorm fused).
+- `timm.layers.mlp.Mlp` (ViT, DeiT, Swin, ...): fc1 + GELU -> vitfast.linear_gelu (other activations: timm's path).
 - timm's LayerNorm: the generic LayerNorm adapter of integrations/patch.py.
 - MViTv2's pooling attention is left (`LEFT`, with the reason in the report).
 
@@ -21,7 +22,7 @@ from typing import Optional
 from torch import Tensor, nn
 
 from vitfast.integrations.cpu_choice import runs_original
-from vitfast.integrations.patch import Adapter
+from vitfast.integrations.patch import Adapter, mlp_check, mlp_fc1
 from vitfast.integrations.segment_anything import sam_attention
 from vitfast.nn.patch_embed import PatchEmbed as _VitfastPatchEmbed
 from vitfast.nn.window_attention import WindowAttention as _VitfastWindowAttention
@@ -119,7 +120,19 @@ def _patch_embed_check(module: nn.Module) -> Optional[str]:
     return None
 
 
+def _mlp_forward(self, x: Tensor) -> Tensor:
+    x = self.drop1(mlp_fc1(x, self.fc1, self.act))
+    return self.drop2(self.fc2(self.norm(x)))
+
+
+def _mlp_check(module: nn.Module) -> Optional[str]:
+    missing = [a for a in ("fc1", "act", "drop1", "norm", "fc2", "drop2") if not hasattr(module, a)]
+    return f"unexpected timm Mlp layout (missing {missing})" if missing else mlp_check(module.fc1, module.act)
+
+
 ADAPTERS = {
+    "timm.layers.mlp.Mlp": Adapter("linear_gelu", "fc1 + GELU -> vitfast.linear_gelu", {"forward": _mlp_forward},
+                                   _mlp_check),
     "timm.layers.attention.Attention": Adapter(
         "attention", "SDPA -> vitfast.attention", {"forward": _attention_forward}, _attention_check),
     "timm.models.vision_transformer.Attention": Adapter(

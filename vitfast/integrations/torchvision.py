@@ -6,6 +6,8 @@ parameters.
 - `ShiftedWindowAttentionV2`: the same, with the continuous position bias table (16 * sigmoid(cpb_mlp(coords)),
   which commutes with the gather) and the cosine-attention logit scale.
 - `VisionTransformer._process_input`: conv_proj + flatten + transpose -> vitfast.patch_embed.
+- `torchvision.ops.MLP` (Swin's) and ViT's `MLPBlock` (nn.Sequential: Linear, GELU, Dropout, Linear, Dropout):
+  forward -> vitfast.linear_gelu for the first two, then the other layers.
 - ViT's nn.MultiheadAttention (EncoderBlock.self_attention) and nn.LayerNorm: the torch.nn adapters of
   integrations/patch.py.
 
@@ -17,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from vitfast.integrations.cpu_choice import runs_original
-from vitfast.integrations.patch import Adapter
+from vitfast.integrations.patch import Adapter, mlp_check, mlp_fc1
 from vitfast.ops.patch_embed import patch_embed
 from vitfast.ops.window_attention import shifted_window_attention
 
@@ -62,7 +64,21 @@ def _vit_check(module: nn.Module) -> Optional[str]:
     return None
 
 
+def _mlp_forward(self, x: Tensor) -> Tensor:
+    x = mlp_fc1(x, self[0], self[1])
+    for layer in list(self)[2:]:
+        x = layer(x)
+    return x
+
+
+def _mlp_check(module: nn.Module) -> Optional[str]:
+    return "fewer than two layers" if len(module) < 2 else mlp_check(module[0], module[1])
+
+
+_MLP = Adapter("linear_gelu", "Linear + GELU -> vitfast.linear_gelu", {"forward": _mlp_forward}, _mlp_check)
 ADAPTERS = {
+    "torchvision.ops.misc.MLP": _MLP,
+    "torchvision.models.vision_transformer.MLPBlock": _MLP,
     "torchvision.models.swin_transformer.ShiftedWindowAttention": Adapter(
         "window_attention", "shifted_window_attention -> vitfast's (bias table read in-kernel)",
         {"forward": _swa_forward}, _swa_check),

@@ -11,15 +11,16 @@ text padding would be lost). Masks are the SDPA ones: bool (True = attend) or ad
 `vitfast.patch_model` also binds forward paths to the vision attention modules that do not use the interface:
 SAM's (`SamVisionAttention`, `SamVisionSdpaAttention`, and SAM-HQ's copies) and ViTDet's (`VitDetAttention`), whose
 dense decomposed relative-position bias becomes vitfast.rel_pos_attention (see integrations/segment_anything.py);
-calls that ask for the attention weights take the original path.
+calls that ask for the attention weights take the original path; and to the MLPs of ViT, DeiT, Swin, CLIP, SAM and
+ViTDet, whose first Linear + GELU becomes vitfast.linear_gelu (CLIP's default quick_gelu is left, with the reason).
 """
 from typing import Optional
 
 import torch
 
 from vitfast.integrations.cpu_choice import runs_original
-from vitfast.integrations.patch import Adapter
-from vitfast.integrations.segment_anything import sam_attention
+from vitfast.integrations.patch import Adapter, mlp_check, mlp_fc1
+from vitfast.integrations.segment_anything import SAM_MLP_BLOCK, sam_attention
 from vitfast.ops.attention import attention
 from vitfast.ops.patch_embed import patch_embed
 from vitfast.ops.window_attention import window_attention
@@ -199,6 +200,24 @@ def _vitdet_attention_check(module: torch.nn.Module) -> Optional[str]:
     return f"unexpected VitDetAttention layout (missing {missing})" if missing else None
 
 
+def _mlp_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    """ViTMLP / DeiTMLP / SwinMLP / CLIPMLP: fc1, activation_fn, fc2."""
+    return self.fc2(mlp_fc1(hidden_states, self.fc1, self.activation_fn))
+
+
+def _vitdet_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """VitDetMlp: fc1, act, drop, fc2, drop."""
+    return self.drop(self.fc2(self.drop(mlp_fc1(x, self.fc1, self.act))))
+
+
+def _mlp_checker(fc1: str, act: str):
+    def check(module: torch.nn.Module) -> Optional[str]:
+        return mlp_check(getattr(module, fc1, None), getattr(module, act, None))
+    return check
+
+
+_MLP = Adapter("linear_gelu", "fc1 + GELU -> vitfast.linear_gelu", {"forward": _mlp_forward},
+               _mlp_checker("fc1", "activation_fn"))
 _REL_POS = ("dense decomposed rel-pos bias -> vitfast.rel_pos_attention (no rel-pos: vitfast.attention); "
             "calls that return the attention weights keep the original path")
 _SAM_VISION_ATTENTION = Adapter("rel_pos_attention", _REL_POS, {"forward": _sam_vision_attention_forward},
@@ -208,6 +227,14 @@ _SAM_VISION_SDPA_ATTENTION = Adapter("rel_pos_attention", _REL_POS, {"forward": 
 _PATCH_EMBEDDINGS = Adapter("patch_embed", "projection conv + flatten -> vitfast.patch_embed",
                             {"forward": _patch_embeddings_forward}, _patch_embeddings_check)
 ADAPTERS = {
+    "transformers.models.vit.modeling_vit.ViTMLP": _MLP,
+    "transformers.models.deit.modeling_deit.DeiTMLP": _MLP,
+    "transformers.models.swin.modeling_swin.SwinMLP": _MLP,
+    "transformers.models.clip.modeling_clip.CLIPMLP": _MLP,
+    "transformers.models.sam.modeling_sam.SamMLPBlock": SAM_MLP_BLOCK,
+    "transformers.models.vitdet.modeling_vitdet.VitDetMlp": Adapter(
+        "linear_gelu", "fc1 + GELU -> vitfast.linear_gelu", {"forward": _vitdet_mlp_forward},
+        _mlp_checker("fc1", "act")),
     "transformers.models.vit.modeling_vit.ViTPatchEmbeddings": _PATCH_EMBEDDINGS,
     "transformers.models.deit.modeling_deit.DeiTPatchEmbeddings": _PATCH_EMBEDDINGS,
     "transformers.models.sam.modeling_sam.SamVisionAttention": _SAM_VISION_ATTENTION,

@@ -1,0 +1,76 @@
+"""Linear + GELU (an MLP's fc1): vitfast (each backend) vs F.gelu(F.linear(...)), torch.compile of it and, on a GPU,
+torch._addmm_activation (cuBLASLt's bias + GELU epilogue, tanh approximation only: timed for scale, not for equal
+results), forward (no grad, vitfast's in-place path) and forward+backward. Shapes: ViT-B/16 fc1 (197 tokens x 768 ->
+3072) and Swin-T's first-stage fc1 (3136 tokens x 96 -> 384), 64 images on a GPU, batch 1 and 8 on a CPU (Swin-T's
+batch 8 is where the CPU choice fuses: a 38.5 MB output, integrations/cpu_choice.py)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vitfast
+
+from conftest import DEVICE, ON_GPU, headline, run_benchmark, vitfast_backends
+
+DTYPE = torch.bfloat16 if ON_GPU else torch.float32
+BATCHES = (64,) if ON_GPU else (1, 8)
+SHAPES = {"vit_b_fc1": (197, 768, 3072), "swin_t_s1_fc1": (3136, 96, 384)}
+_compiled = torch.compile(lambda x, w, b: F.gelu(F.linear(x, w, b)))
+IMPLS = vitfast_backends("linear_gelu") + ["torch", "torch.compile"] + (["torch._addmm_activation"] if ON_GPU else [])
+
+
+def _fn(impl):
+    if impl.startswith("vitfast"):
+        return lambda x, w, b: vitfast.linear_gelu(x, w, b)
+    if impl == "torch._addmm_activation":
+        return lambda x, w, b: torch._addmm_activation(b, x, w.t(), use_gelu=True)
+    if impl == "torch.compile":
+        return _compiled
+    return lambda x, w, b: F.gelu(F.linear(x, w, b))
+
+
+def _inputs(M, K, N, grad):
+    def make():
+        x = torch.randn(M, K, device=DEVICE, dtype=DTYPE, requires_grad=grad)
+        w = (torch.randn(N, K, device=DEVICE, dtype=DTYPE) * K ** -0.5).requires_grad_(grad)
+        b = torch.randn(N, device=DEVICE, dtype=DTYPE, requires_grad=grad)
+        return x, w, b
+    return make
+
+
+def _cases():
+    return headline([f"{name} B={b}" for name in SHAPES for b in BATCHES], {f"swin_t_s1_fc1 B={BATCHES[-1]}"})
+
+
+def _shape(case):
+    name, batch = case.split(" B=")
+    tokens, K, N = SHAPES[name]
+    return tokens * int(batch), K, N
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", _cases())
+def test_forward(benchmark, impl, case):
+    M, K, N = _shape(case)
+    fn = _fn(impl)
+
+    def fwd(x, w, b):
+        with torch.no_grad():
+            return fn(x, w, b)
+
+    benchmark.group = f"linear_gelu fwd {case} ({M}x{K} -> {N}) {DTYPE}"
+    run_benchmark(benchmark, fwd, _inputs(M, K, N, False), impl=impl, flops=2 * M * K * N,
+                  bytes_moved=(M * K + N * K + 2 * M * N) * DTYPE.itemsize)
+
+
+@pytest.mark.parametrize("impl", [i for i in IMPLS if i != "torch._addmm_activation"])
+@pytest.mark.parametrize("case", _cases())
+def test_forward_backward(benchmark, impl, case):
+    M, K, N = _shape(case)
+    fn = _fn(impl)
+
+    def step(x, w, b):
+        y = fn(x, w, b)
+        return torch.autograd.grad(y, (x, w, b), torch.ones_like(y))
+
+    benchmark.group = f"linear_gelu fwd+bwd {case} ({M}x{K} -> {N}) {DTYPE}"
+    run_benchmark(benchmark, step, _inputs(M, K, N, True), impl=impl, flops=6 * M * K * N)

@@ -1,0 +1,131 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vitfast
+from vitfast.ops.linear_gelu import linear_gelu_ref
+
+from conftest import assert_close_to_ref, assert_compiles_like_eager, backend_cases, rounding_noise
+
+CASES = backend_cases("linear_gelu")
+
+
+def _run(fn, x, w, b, approximate, dy):
+    """Output and every gradient of `fn` (vitfast.linear_gelu or the reference), with autograd."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b)]
+    y = fn(leaves[0], leaves[1], leaves[2], approximate)
+    grads = torch.autograd.grad((y * dy).sum(), [t for t in leaves if t is not None])
+    return [y] + list(grads)
+
+
+def _check(backend, device, shape, K, N, dtype, approximate="none", bias=True, scale=1.0):
+    x = torch.randn(*shape, K, dtype=dtype, device=device) * scale
+    w = (torch.randn(N, K, dtype=dtype, device=device) * K ** -0.5)
+    b = torch.randn(N, dtype=dtype, device=device) if bias else None
+    dy = torch.randn(*shape, N, dtype=dtype, device=device)
+    with vitfast.use_backend(backend):
+        got = _run(vitfast.linear_gelu, x, w, b, approximate, dy)
+        with torch.no_grad():  # the in-place path: no pre-activation kept
+            got_no_grad = vitfast.linear_gelu(x, w, b, approximate)
+    d = lambda t: t.double() if t is not None else None  # noqa: E731
+    ref = _run(linear_gelu_ref, d(x), d(w), d(b), approximate, d(dy))
+    noise = rounding_noise(lambda t: _run(linear_gelu_ref, t[0], t[1], t[2], approximate, t[3]),
+                           [d(x), d(w), d(b), d(dy)], dtype)
+    plain = _run(linear_gelu_ref, x, w, b, approximate, dy)
+    names = ["y", "dx", "dweight"] + (["dbias"] if bias else [])
+    assert len(got) == len(ref) == len(names)
+    for nm, g, rf, p, n in zip(names, got, ref, plain, noise):
+        assert_close_to_ref(g, rf, p, f"{backend} {nm}", noise=n)
+    assert_close_to_ref(got_no_grad, ref[0], plain[0], f"{backend} y without grad", noise=noise[0])
+    assert got[0].is_contiguous() and got_no_grad.shape == got[0].shape
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("shape,K,N", [((1,), 1, 1), ((3,), 7, 5), ((2, 49), 96, 384), ((197,), 64, 131),
+                                       ((2, 3, 5), 40, 24)])
+def test_matches_fp64(backend, device, dtype, approximate, shape, K, N):
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the triton backend takes float32, float16, bfloat16 (float64 goes to another backend)")
+    _check(backend, device, shape, K, N, dtype, approximate)
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_no_bias_and_wide_range(backend, device, approximate):
+    """No bias, and pre-activations from about -60 to 60: GELU's far negative tail (erfc ~ 1e-300 in float64, 0 or
+    a denormal in float32) and its linear positive side, where an exp overflow or 1 - erf cancellation would show."""
+    _check(backend, device, (3, 17), 48, 80, torch.float32, approximate, bias=False, scale=8.0)
+    _check(backend, device, (33,), 48, 40, torch.float32, approximate, bias=True, scale=8.0)
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+def test_no_grad_output_equals_the_grad_path_and_inputs_are_untouched(backend, device):
+    """The no-grad call writes GELU over its own GEMM output, never over an input; it gives what the autograd path
+    gives, and NaN stays NaN in its row only."""
+    x = torch.randn(5, 24, device=device)
+    x[2, 3] = float("nan")
+    w, b = torch.randn(16, 24, device=device), torch.randn(16, device=device)
+    saved = [t.clone() for t in (x, w, b)]
+    with vitfast.use_backend(backend):
+        with torch.no_grad():
+            y0 = vitfast.linear_gelu(x, w, b)
+        y1 = vitfast.linear_gelu(x, w.clone().requires_grad_(), b)
+    for t, s in zip((x, w, b), saved):
+        assert torch.equal(t.nan_to_num(), s.nan_to_num()) and torch.equal(t.isnan(), s.isnan())
+    assert torch.equal(y0.nan_to_num(), y1.detach().nan_to_num())
+    rows = torch.arange(5, device=device) != 2
+    assert y0[2].isnan().all() and not y0[rows].isnan().any()
+    torch.testing.assert_close(y0[rows], F.gelu(F.linear(x[rows], w, b)))
+
+
+def test_bad_inputs_raise_clear_errors():
+    x, w, b = torch.randn(4, 8), torch.randn(6, 8), torch.randn(6)
+    with pytest.raises(ValueError, match=r"weight must be \(N, 8\) for x of shape \(4, 8\), got \(6, 7\)"):
+        vitfast.linear_gelu(x, torch.randn(6, 7))
+    with pytest.raises(ValueError, match=r"bias must be \(6,\) for weight \(6, 8\), got \(5,\)"):
+        vitfast.linear_gelu(x, w, torch.randn(5))
+    with pytest.raises(ValueError, match="approximate must be one of.*'erf'"):
+        vitfast.linear_gelu(x, w, b, approximate="erf")
+    with pytest.raises(ValueError, match="floating-point"):
+        vitfast.linear_gelu(torch.ones(4, 8, dtype=torch.int32), w)
+    with pytest.raises(ValueError, match="one device.*x torch.float32 cpu, weight torch.float16 cpu"):
+        vitfast.linear_gelu(x, w.half(), b)
+    with pytest.raises(ValueError, match="one device.*meta"):
+        vitfast.linear_gelu(x, w, torch.randn(6, device="meta"))
+
+
+def test_autocast_follows_linear():
+    """Under CPU autocast (bfloat16) the op casts x, weight and bias as F.linear does and returns bfloat16; gradients
+    reach the float32 leaves."""
+    x = torch.randn(3, 10, 32, requires_grad=True)
+    lin = torch.nn.Linear(32, 48)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = vitfast.linear_gelu(x, lin.weight, lin.bias)
+        expected = F.gelu(lin(x))
+    assert y.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(y, expected, rtol=2e-2, atol=2e-2)
+    y.float().sum().backward()
+    assert x.grad.dtype == lin.weight.grad.dtype == torch.float32 and torch.isfinite(lin.weight.grad).all()
+
+
+def test_opcheck():
+    x = torch.randn(6, 32, requires_grad=True)
+    w = torch.randn(20, 32, requires_grad=True)
+    b = torch.randn(20, requires_grad=True)
+    for args in [(x, w, b, "none", True), (x, w, None, "tanh", True), (x, w, b, "none", False)]:
+        torch.library.opcheck(torch.ops.vitfast.linear_gelu.default, args)
+
+
+def test_torch_compile_fullgraph():
+    class Mlp(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = torch.nn.Linear(24, 64)
+            self.fc2 = torch.nn.Linear(64, 24)
+
+        def forward(self, x):
+            return self.fc2(vitfast.linear_gelu(x, self.fc1.weight, self.fc1.bias))
+
+    assert_compiles_like_eager(Mlp(), torch.randn(2, 5, 24, requires_grad=True))

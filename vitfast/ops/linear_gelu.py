@@ -1,0 +1,143 @@
+"""Linear + bias + GELU, the first half of a transformer MLP: reference, torch.library op, autograd, functional API.
+
+`vitfast::linear_gelu` is a torch.library op with a fake implementation, so torch.compile sees it whole; it picks
+its backend at run time: "triton" (vitfast.triton.linear_gelu), "cpp" (the extension's vitfast::linear_gelu_fwd) or
+"torch" (F.linear + F.gelu below). The GEMM is ATen's on every backend (cuBLAS, MKL / oneDNN), without the bias;
+the kernels fuse what ATen runs around it: the bias (ATen's addmm first copies it into its output), and GELU in one
+pass over the GEMM's output, in place when autograd needs nothing (a separate GELU allocates a tensor of the same
+size). With grad, the forward keeps the pre-activation h = x W^T + b, as F.linear + F.gelu do, and the backward is
+ATen's: gelu_backward, then the three GEMMs of a linear layer.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from vitfast import autocast as _autocast
+from vitfast import backend as _backend
+
+OP = "linear_gelu"
+APPROXIMATIONS = ("none", "tanh")
+
+
+def linear_gelu_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, approximate: str = "none") -> Tensor:
+    """Plain PyTorch: `F.gelu(F.linear(x, weight, bias), approximate=approximate)`."""
+    return F.gelu(F.linear(x, weight, bias), approximate=approximate)
+
+
+def _fwd_torch(x, weight, bias, approximate, save_preact):
+    h = F.linear(x, weight, bias)
+    return F.gelu(h, approximate=approximate), (h if save_preact else h.new_empty(0))
+
+
+def _check_support(backend: str, tensors: tuple) -> Optional[str]:
+    if backend == "triton" and tensors[0].dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"dtype {tensors[0].dtype} (Triton takes float32, float16, bfloat16)"
+    return None
+
+
+_backend.register_op(OP, gpu_order=("triton", "torch"), cpu_order=("cpp", "torch"), check=_check_support)
+
+
+@torch.library.custom_op("vitfast::linear_gelu", mutates_args=())
+def _linear_gelu_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], approximate: str,
+                    save_preact: bool) -> tuple[Tensor, Tensor]:
+    """x: (M, K), weight: (N, K), bias: (N,) or None, one dtype. Returns y = GELU(x W^T + b) (M, N), contiguous,
+    and h = x W^T + b (M, N) with save_preact, else an empty tensor."""
+    if x.numel() == 0 or weight.numel() == 0:
+        return _fwd_torch(x, weight, bias, approximate, save_preact)
+    which = _backend.choose_backend(OP, x, weight, bias)
+    if which == "triton":
+        from vitfast.triton.linear_gelu import linear_gelu_fwd
+        return linear_gelu_fwd(x, weight, bias, approximate, save_preact)
+    if which == "cpp":
+        return tuple(torch.ops.vitfast.linear_gelu_fwd(x, weight, bias, approximate, save_preact))
+    return _fwd_torch(x, weight, bias, approximate, save_preact)
+
+
+@_linear_gelu_op.register_fake
+def _(x, weight, bias, approximate, save_preact):
+    shape = (x.shape[0], weight.shape[0])
+    return x.new_empty(shape), x.new_empty(shape if save_preact else (0,))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, approximate, _ = inputs
+    ctx.save_for_backward(x, weight, bias, output[1])
+    ctx.approximate = approximate
+
+
+def _backward(ctx, dy, dpreact):
+    x, weight, bias, h = ctx.saved_tensors
+    if h.numel() != dy.numel():  # called without save_preact (e.g. by opcheck): recompute h
+        h = F.linear(x, weight, bias)
+    dh = torch.ops.aten.gelu_backward(dy, h, approximate=ctx.approximate)
+    if dpreact is not None and dpreact.numel() == dh.numel():
+        dh = dh + dpreact
+    dx = dh @ weight if ctx.needs_input_grad[0] else None
+    dweight = dh.t() @ x if ctx.needs_input_grad[1] else None
+    dbias = dh.sum(0) if bias is not None and ctx.needs_input_grad[2] else None
+    return dx, dweight, dbias, None, None
+
+
+_linear_gelu_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _autocast_rule(device_type, dtype, x, weight, bias, approximate, save_preact):
+    """F.linear's autocast rule (the region's lower-precision dtype for x, weight and bias, on CPU and CUDA);
+    GELU, in no autocast list, then runs in that dtype, as F.gelu(F.linear(...)) does."""
+    args = [_autocast.cast(dtype, t) for t in (x, weight, bias)]
+    _autocast.check_same_dtype("linear_gelu", **dict(zip(("x", "weight", "bias"), args)))
+    return _linear_gelu_op(*args, approximate, save_preact)
+
+
+_autocast.register("linear_gelu", _autocast_rule)
+
+
+def linear_gelu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, approximate: str = "none") -> Tensor:
+    """GELU(x @ weight^T + bias): nn.Linear followed by nn.GELU (the first half of a ViT / Swin / CLIP MLP), with
+    the bias and GELU fused into one pass over the GEMM's output (GELU: Hendrycks & Gimpel 2016,
+    arXiv:1606.08415).
+
+    Args:
+        x: (*, K), floating point, any strides (a non-contiguous x is copied by the GEMM as torch.mm does).
+        weight: (N, K), x's dtype and device (any floating dtype under autocast).
+        bias: (N,) or None, likewise.
+        approximate: "none" (exact, erf) or "tanh", as F.gelu.
+
+    The fp32 CPU kernel computes erf by Abramowitz & Stegun 7.1.26 (absolute error <= 1.5e-7), the formula of
+    ATen's vectorized CPU GELU; the other kernels use erf / tanh of the C++ library or of Triton.
+
+    Autocast: as F.linear (x, weight and bias in the region's lower-precision dtype), GELU in that dtype.
+
+    Returns:
+        (*, N) in x's dtype (the autocast dtype inside an autocast region), contiguous.
+
+    Raises:
+        ValueError: non-floating x, a weight that is not (N, K) with K = x.shape[-1], a bias that is not (N,),
+            tensors on different devices or of different dtypes (outside autocast), or an unknown `approximate`.
+    """
+    if approximate not in APPROXIMATIONS:
+        raise ValueError(f"vitfast.linear_gelu: approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
+    if not x.is_floating_point() or x.dim() == 0:
+        raise ValueError(f"vitfast.linear_gelu: x must be a floating-point tensor with at least one dim, got "
+                         f"{tuple(x.shape)} {x.dtype}")
+    K = x.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != K:
+        raise ValueError(f"vitfast.linear_gelu: weight must be (N, {K}) for x of shape {tuple(x.shape)}, got "
+                         f"{tuple(weight.shape)}")
+    N = weight.shape[0]
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"vitfast.linear_gelu: bias must be ({N},) for weight {tuple(weight.shape)}, got "
+                         f"{tuple(bias.shape)}")
+    tensors = {"x": x, "weight": weight, "bias": bias}
+    present = {k: t for k, t in tensors.items() if t is not None}
+    if len({t.device for t in present.values()}) > 1 or (
+            not _autocast.is_enabled(x.device) and len({t.dtype for t in present.values()}) > 1):
+        listed = ", ".join(f"{k} {t.dtype} {t.device}" for k, t in present.items())
+        raise ValueError(f"vitfast.linear_gelu: x, weight and bias must share one device and (outside autocast) one "
+                         f"dtype, got {listed}")
+    save_preact = torch.is_grad_enabled() and any(t.requires_grad for t in present.values())
+    y, _ = _linear_gelu_op(x.reshape(-1, K), weight, bias, approximate, save_preact)
+    return y.view(*x.shape[:-1], N)
