@@ -11,7 +11,7 @@
 //
 // fp32 has an 8-lane AVX + FMA version (erf by Abramowitz & Stegun 7.1.26, as ATen's vectorized CPU erf, with
 // exp8 of exp_op.h; for h < 0, 1 + erf(h / sqrt 2) is formed as the erfc term itself, without cancellation); the
-// tanh form is computed as h * sigmoid(2u). Other dtypes, and fp32 without AVX + FMA, take a scalar loop in op-math
+// tanh form is computed as h * sigmoid(2u), from exp(-2|u|), which cannot overflow. Other dtypes, and fp32 without AVX + FMA, take a scalar loop in op-math
 // precision with std::erf / std::tanh.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -47,15 +47,18 @@ C10_ALWAYS_INLINE A gelu_scalar(A h, bool tanh) {
 #if VITFAST_EXP_AVX
 __attribute__((target("avx,fma"))) inline __m256 gelu8(__m256 h, bool tanh) {
   const __m256 one = _mm256_set1_ps(1.0f);
-  if (tanh) {  // 0.5 h (1 + tanh u) = h / (1 + exp(-2u))
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  if (tanh) {  // 0.5 h (1 + tanh u) = h sigmoid(2u), from e = exp(-2|u|) (no overflow): h / (1 + e) or h e / (1 + e)
     const __m256 h2 = _mm256_mul_ps(h, h);
     const __m256 u = _mm256_mul_ps(_mm256_mul_ps(h, _mm256_set1_ps(float(kSqrtTwoOverPi))),
                                    _mm256_fmadd_ps(h2, _mm256_set1_ps(float(kTanhCubic)), one));
-    return _mm256_div_ps(h, _mm256_add_ps(one, exp8(_mm256_mul_ps(u, _mm256_set1_ps(-2.0f)))));
+    const __m256 e = exp8(_mm256_mul_ps(_mm256_andnot_ps(sign, u), _mm256_set1_ps(-2.0f)));
+    const __m256 negative = _mm256_cmp_ps(u, _mm256_setzero_ps(), _CMP_LT_OQ);
+    const __m256 num = _mm256_or_ps(_mm256_and_ps(negative, e), _mm256_andnot_ps(negative, one));
+    return _mm256_div_ps(_mm256_mul_ps(h, num), _mm256_add_ps(one, e));
   }
   // z = h / sqrt 2; erfc(|z|) ~ t (a1 + a2 t + ... + a5 t^4) exp(-z^2), t = 1 / (1 + p |z|) (A&S 7.1.26);
   // 1 + erf(z) is erfc(|z|) for z < 0 and 2 - erfc(|z|) otherwise.
-  const __m256 sign = _mm256_set1_ps(-0.0f);
   const __m256 z = _mm256_mul_ps(h, _mm256_set1_ps(float(kSqrtHalf)));
   const __m256 az = _mm256_andnot_ps(sign, z);
   const __m256 t = _mm256_div_ps(one, _mm256_fmadd_ps(_mm256_set1_ps(0.3275911f), az, one));

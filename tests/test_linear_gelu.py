@@ -129,3 +129,27 @@ def test_torch_compile_fullgraph():
             return self.fc2(vitfast.linear_gelu(x, self.fc1.weight, self.fc1.bias))
 
     assert_compiles_like_eager(Mlp(), torch.randn(2, 5, 24, requires_grad=True))
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_extreme_values_as_aten(backend, device, approximate):
+    """Pre-activations from -inf to inf, NaN among them, 16 output columns (the vector path of the C++ kernel): what
+    F.gelu gives in float32 (-0 far left, h far right, NaN for NaN and -inf), never an overflow to inf."""
+    h = torch.tensor([-float("inf"), -1e38, -1e30, -1e4, -100.0, -10.0, -3.0, -1.0, -1e-3, 0.0, 1e-3, 1.0, 3.0, 10.0,
+                      100.0, 1e4, 1e30, 1e38, float("inf"), float("nan")], device=device)
+    w = torch.ones(16, 1, device=device)
+    with vitfast.use_backend(backend):
+        y = vitfast.linear_gelu(h[:, None], w, None, approximate)
+    expected = F.gelu(h, approximate=approximate)[:, None].expand(-1, 16)
+    torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+def test_empty_inner_dim_gives_gelu_of_the_bias(backend, device):
+    b = torch.randn(24, device=device)
+    with vitfast.use_backend(backend):
+        y = vitfast.linear_gelu(torch.randn(4, 0, device=device), torch.randn(24, 0, device=device), b)
+        empty = vitfast.linear_gelu(torch.randn(0, 3, 8, device=device), torch.randn(24, 8, device=device), b)
+    torch.testing.assert_close(y, F.gelu(b).expand(4, 24))
+    assert empty.shape == (0, 3, 24)

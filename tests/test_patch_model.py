@@ -399,3 +399,29 @@ def test_patched_model_pickles_and_deep_copies():
         assert clone.norm1.forward.args[0] is clone.norm1
         torch.testing.assert_close(clone(x), model(x), rtol=0, atol=0)
         assert vitfast.unpatch_model(clone) == 3
+
+
+def test_mlp_with_hooks_or_swapped_layers_runs_its_own_calls():
+    """A patched MLP runs fc1 and its activation through their own calls where they carry hooks (a forward hook,
+    the old weight_norm's pre-hook) or were replaced after patching by something linear_gelu does not compute."""
+    timm = import_or_skip("timm")
+    mlp = timm.layers.Mlp(16, 48)
+    original = copy.deepcopy(mlp)
+    vitfast.patch_model(mlp)
+    x = torch.randn(2, 5, 16)
+    seen = []
+    handle = mlp.act.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    with vitfast.use_backend("cpp"):
+        torch.testing.assert_close(mlp(x), original(x))
+    assert seen == [(2, 5, 48)]
+    handle.remove()
+    torch.nn.utils.weight_norm(mlp.fc1)
+    torch.nn.utils.weight_norm(original.fc1)
+    with torch.no_grad():
+        for m in (mlp, original):
+            m.fc1.weight_g.mul_(2.0)
+    with vitfast.use_backend("cpp"):
+        torch.testing.assert_close(mlp(x), original(x))
+    mlp.act = original.act = nn.ReLU()
+    with vitfast.use_backend("cpp"):
+        torch.testing.assert_close(mlp(x), original(x))

@@ -168,23 +168,38 @@ def _mha_check(module: nn.Module) -> Optional[str]:
     return None
 
 
-def gelu_approximate(act: nn.Module) -> Optional[str]:
-    """F.gelu's `approximate` ("none" / "tanh") for an activation module that computes F.gelu (nn.GELU and
-    transformers' GELUActivation / GELUTanh, whose Python variants are the same formulas); None for any other."""
+# activation classes that compute F.gelu(x, approximate=...) (transformers' Python variants are the same formulas)
+_GELU_CLASSES = {"transformers.activations.GELUActivation": "none", "transformers.activations.GELUTanh": "tanh",
+                 "timm.layers.activations.GELU": "none", "timm.layers.activations.GELUTanh": "tanh"}
+
+
+def gelu_approximate(act: Optional[nn.Module]) -> Optional[str]:
+    """F.gelu's `approximate` ("none" / "tanh") for an activation module that computes F.gelu: nn.GELU, timm's and
+    transformers' GELU classes; None for any other."""
     if type(act) is nn.GELU:
         return act.approximate
-    return {"transformers.activations.GELUActivation": "none",
-            "transformers.activations.GELUTanh": "tanh"}.get(qualname(act))
+    return _GELU_CLASSES.get(qualname(act)) if act is not None else None
 
 
-def mlp_fc1(x: Tensor, fc1: nn.Linear, act: nn.Module) -> Tensor:
-    """act(fc1(x)) for an MLP's first layer: one vitfast.linear_gelu call, or the module's own two calls where
-    cpu_choice says ATen, or where x's dtype differs from the weight's outside autocast (F.linear's error)."""
-    out_bytes = x.numel() // max(1, x.shape[-1]) * fc1.out_features * x.element_size()
-    if (runs_original("linear_gelu", x, out_bytes)
-            or (x.dtype != fc1.weight.dtype and not torch.is_autocast_enabled(x.device.type))):
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+def mlp_fc1(x: Tensor, fc1: nn.Module, act: nn.Module) -> Tensor:
+    """act(fc1(x)) for an MLP's first layer: one vitfast.linear_gelu call, or the modules' own calls where cpu_choice
+    says ATen (the output's size counts in the dtype autocast gives it), where x's dtype differs from the weight's
+    outside autocast (F.linear's error), or where the modules are no longer a plain nn.Linear and a GELU or carry
+    hooks (weight_norm's pre-hook, a user's forward hook), which only their own calls run."""
+    approximate = gelu_approximate(act)
+    if type(fc1) is not nn.Linear or approximate is None or _has_hooks(fc1) or _has_hooks(act):
         return act(fc1(x))
-    return linear_gelu(x, fc1.weight, fc1.bias, gelu_approximate(act))
+    autocast = torch.is_autocast_enabled(x.device.type)
+    itemsize = torch.get_autocast_dtype(x.device.type).itemsize if autocast else x.element_size()
+    out_bytes = math.prod(x.shape[:-1]) * fc1.out_features * itemsize
+    if runs_original("linear_gelu", x, out_bytes) or (x.dtype != fc1.weight.dtype and not autocast):
+        return act(fc1(x))
+    return linear_gelu(x, fc1.weight, fc1.bias, approximate)
 
 
 def mlp_check(fc1: Optional[nn.Module], act: Optional[nn.Module]) -> Optional[str]:
@@ -192,7 +207,7 @@ def mlp_check(fc1: Optional[nn.Module], act: Optional[nn.Module]) -> Optional[st
     if type(fc1) is not nn.Linear:
         return f"first layer is {type(fc1).__name__}, not nn.Linear"
     if gelu_approximate(act) is None:
-        return f"activation {type(act).__name__} is not GELU (vitfast.linear_gelu fuses GELU only)"
+        return f"activation {qualname(act)} does not compute F.gelu (vitfast.linear_gelu fuses GELU only)"
     return None
 
 

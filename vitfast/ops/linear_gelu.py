@@ -8,6 +8,7 @@ pass over the GEMM's output, in place when autograd needs nothing (a separate GE
 size). With grad, the forward keeps the pre-activation h = x W^T + b, as F.linear + F.gelu do, and the backward is
 ATen's: gelu_backward, then the three GEMMs of a linear layer.
 """
+import math
 from typing import Optional
 
 import torch
@@ -139,5 +140,5 @@ def linear_gelu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, approx
         raise ValueError(f"vitfast.linear_gelu: x, weight and bias must share one device and (outside autocast) one "
                          f"dtype, got {listed}")
     save_preact = torch.is_grad_enabled() and any(t.requires_grad for t in present.values())
-    y, _ = _linear_gelu_op(x.reshape(-1, K), weight, bias, approximate, save_preact)
+    y, _ = _linear_gelu_op(x.reshape(math.prod(x.shape[:-1]), K), weight, bias, approximate, save_preact)
     return y.view(*x.shape[:-1], N)
