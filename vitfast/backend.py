@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from vitfast import _ext
 
@@ -112,6 +113,23 @@ def _unavailable(op: str, backend: str, device: torch.device) -> Optional[str]:
         if backend == "cuda" and not _ext.EXT_CUDA:
             return "vitfast._C was built without CUDA"
     return None
+
+
+def check_no_forward_ad(op: str, *tensors: Optional[torch.Tensor]) -> None:
+    """vitfast's ops have reverse-mode autograd only; a torch.library op given an input with a forward-mode tangent
+    (torch.func.jvp, torch.autograd.forward_ad) would drop it without a word (jvp returns zeros). Each public op calls
+    this first.
+
+    Raises:
+        NotImplementedError: an input carries a forward-mode tangent.
+    """
+    if fwAD._current_level < 0:  # no dual level is open: no tensor can carry a tangent
+        return
+    if any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors):
+        raise NotImplementedError(
+            f"vitfast.{op} has no forward-mode AD (torch.func.jvp, torch.autograd.forward_ad): its inputs carry "
+            f"tangents it would drop; use reverse mode (backward, torch.func.vjp) or the plain PyTorch reference "
+            f"(vitfast.ops.*_ref)")
 
 
 def choose_backend(op: str, *tensors: Optional[torch.Tensor]) -> str:

@@ -118,7 +118,9 @@ def linear_gelu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, approx
     Raises:
         ValueError: non-floating x, a weight that is not (N, K) with K = x.shape[-1], a bias that is not (N,),
             tensors on different devices or of different dtypes (outside autocast), or an unknown `approximate`.
+        NotImplementedError: an input with a forward-mode AD tangent (torch.func.jvp, torch.autograd.forward_ad).
     """
+    _backend.check_no_forward_ad("linear_gelu", x, weight, bias)
     if approximate not in APPROXIMATIONS:
         raise ValueError(f"vitfast.linear_gelu: approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
     if not x.is_floating_point() or x.dim() == 0:

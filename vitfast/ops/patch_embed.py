@@ -407,7 +407,10 @@ def patch_embed(images: Tensor, weight: Tensor, bias: Optional[Tensor], patch_si
         ValueError: images not 4-D or not floating point; a weight that does not match the channels and patch
             size; an image smaller than one patch (the convolution rejects it too); a parameter of another shape,
             dtype or device; a pos_embed whose rows fit neither the tokens nor a square grid.
+        NotImplementedError: an input with a forward-mode AD tangent (torch.func.jvp, torch.autograd.forward_ad).
     """
+    _backend.check_no_forward_ad("patch_embed", images, weight, bias, pos_embed, prefix_tokens, norm_weight,
+                                 norm_bias)
     ph, pw = _pair(patch_size)
     if images.dim() != 4:
         raise ValueError(f"vitfast.patch_embed: images must be (B, C, H, W), got shape {tuple(images.shape)}")

@@ -455,6 +455,7 @@ def _draw_seed(p: float) -> int:
 
 def _attention_core(qkv: Tensor, bias: Tensor, window_size: list, shift_size: list, qkv_pad: Optional[Tensor],
                     logit_scale: Optional[Tensor], softmax_scale: float, dropout_p: float, what: str) -> Tensor:
+    _backend.check_no_forward_ad(what, qkv, bias, qkv_pad, logit_scale)
     B, H, W, three, heads, D = qkv.shape
     N = window_size[0] * window_size[1]
     num_rel = (2 * window_size[0] - 1) * (2 * window_size[1] - 1)
@@ -515,6 +516,7 @@ def window_attention(qkv: Tensor, relative_position_bias: Tensor, window_size: I
     Raises:
         ValueError: qkv not (B, H, W, 3, heads, D) or not floating point, a bias of another shape, dtype or
             device, a logit_scale without one element per head, a shift outside [0, window).
+        NotImplementedError: an input with a forward-mode AD tangent (torch.func.jvp, torch.autograd.forward_ad).
     """
     if qkv.dim() != 6 or qkv.shape[3] != 3:
         raise ValueError(f"vitfast.window_attention: qkv must be (B, H, W, 3, heads, D), got {tuple(qkv.shape)}")
@@ -577,6 +579,10 @@ def shifted_window_attention(input: Tensor, qkv_weight: Tensor, proj_weight: Ten
 
     Returns:
         (B, H, W, C).
+
+    Raises:
+        ValueError: input not (B, H, W, C), C not divisible by num_heads, or as `window_attention`.
+        NotImplementedError: an input with a forward-mode AD tangent (torch.func.jvp, torch.autograd.forward_ad).
     """
     if input.dim() != 4:
         raise ValueError(f"vitfast.shifted_window_attention: input must be (B, H, W, C), got {tuple(input.shape)}")

@@ -1,0 +1,42 @@
+"""Forward-mode AD: vitfast's ops have reverse-mode autograd only, and a torch.library op would drop a forward-mode
+tangent without a word (torch.func.jvp returned zeros), so every public op raises on tangent inputs instead."""
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+
+import vitfast
+
+
+def _r(*shape):
+    return torch.randn(*shape, dtype=torch.float64)
+
+
+OPS = {
+    "attention": (lambda q: vitfast.attention(q, q, q), _r(1, 2, 5, 8)),
+    "flash_attn_func": (lambda q: vitfast.flash_attn_func(q, q, q), _r(1, 5, 2, 8)),
+    "layer_norm": (lambda x: vitfast.layer_norm(x, 8), _r(3, 8)),
+    "linear_gelu": (lambda x: vitfast.linear_gelu(x, torch.ones(4, 8, dtype=x.dtype)), _r(3, 8)),
+    "patch_embed": (lambda img: vitfast.patch_embed(img, torch.ones(4, 3, 2, 2, dtype=img.dtype), None, 2),
+                    _r(1, 3, 4, 4)),
+    "patch_merging": (lambda x: vitfast.patch_merging(x, None, None, torch.ones(4, 8, dtype=x.dtype)),
+                      _r(1, 4, 4, 2)),
+    "rel_pos_attention": (lambda q: vitfast.rel_pos_attention(q, q, q, q[..., :2], q[..., :3]), _r(1, 2, 6, 8)),
+    "window_attention": (lambda qkv: vitfast.window_attention(qkv, torch.zeros(9, 2, dtype=qkv.dtype), 2),
+                         _r(1, 4, 4, 3, 2, 4)),
+    "shifted_window_attention": (
+        lambda x: vitfast.shifted_window_attention(x, torch.ones(24, 8, dtype=x.dtype), torch.ones(8, 8, dtype=x.dtype),
+                                                   torch.zeros(9, 2, dtype=x.dtype), [2, 2], 2, [1, 1]),
+        _r(1, 4, 4, 8)),
+}
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_forward_mode_ad_raises_instead_of_dropping_the_tangent(op):
+    fn, x = OPS[op]
+    fn(x)  # runs without a tangent
+    with pytest.raises(NotImplementedError, match=f"vitfast.{op} has no forward-mode AD"):
+        torch.func.jvp(fn, (x,), (torch.ones_like(x),))
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="forward-mode AD"):
+        fn(fwAD.make_dual(x, torch.ones_like(x)))
+    with fwAD.dual_level():  # a dual level without tangents on these inputs: runs
+        fn(x)
