@@ -117,10 +117,11 @@ def patch_embed_cases():
 
 
 def linear_gelu_cases():
-    for what, M, K, N in [("vit_b b1", 197, 768, 3072), ("vit_b b8", 8 * 197, 768, 3072), ("deit_s b8", 8 * 197, 384, 1536),
-                          ("clip_b32 b1", 50, 768, 3072), ("clip_b32 b8", 400, 768, 3072),
-                          ("swin s1 b1", 3136, 96, 384), ("swin s1 b8", 8 * 3136, 96, 384),
-                          ("swin s2 b1", 784, 192, 768), ("swin s3 b1", 196, 384, 1536), ("swin s3 b8", 8 * 196, 384, 1536),
+    for what, M, K, N in [("vit_b b1", 197, 768, 3072), ("vit_b b8", 8 * 197, 768, 3072),
+                          ("deit_s b8", 8 * 197, 384, 1536), ("clip_b32 b1", 50, 768, 3072),
+                          ("clip_b32 b8", 400, 768, 3072), ("swin s1 b1", 3136, 96, 384),
+                          ("swin s1 b8", 8 * 3136, 96, 384), ("swin s2 b1", 784, 192, 768),
+                          ("swin s3 b1", 196, 384, 1536), ("swin s3 b8", 8 * 196, 384, 1536),
                           ("swin s4 b1", 49, 768, 3072)]:
         x = torch.randn(M, K, requires_grad=True)
         w = (torch.randn(N, K) * K ** -0.5).requires_grad_()

@@ -2,17 +2,18 @@
 // arXiv:1606.08415), exact (erf) or with the tanh approximation, as F.gelu. Schema and semantics are those of
 // vitfast/ops/linear_gelu.py.
 //
-// The GEMM is ATen's (at::mm: MKL / oneDNN), without the bias for fp32 / fp64: at::addmm would first copy the broadcast
-// bias into its output (fp16 / bf16 keep addmm, which rounds h once, as F.linear). What vitfast fuses is the
-// epilogue: one pass over the GEMM's output, in place, adds the bias and applies GELU, where ATen runs a bias copy before the GEMM and a separate GELU pass that allocates its own output
-// (at batch 8, Swin-T's first-stage fc1 output is 38.5 MB: above glibc's largest mmap threshold, so each fresh
-// tensor of that size is mapped and page-faulted anew). With save_preact (autograd needs h = x W^T + b), the pass
-// writes h in place and GELU(h) to a new tensor.
+// The GEMM is ATen's (at::mm: MKL / oneDNN), without the bias for fp32 / fp64: at::addmm would first copy the
+// broadcast bias into its output (fp16 / bf16 keep addmm, which rounds h once, as F.linear). What vitfast fuses is
+// the epilogue: one pass over the GEMM's output, in place, adds the bias and applies GELU, where ATen runs a bias
+// copy before the GEMM and a separate GELU pass that allocates its own output (at batch 8, Swin-T's first-stage fc1
+// output is 38.5 MB: above glibc's largest mmap threshold, so each fresh tensor of that size is mapped and
+// page-faulted anew). With save_preact (autograd needs h = x W^T + b), the pass writes h in place and GELU(h) to a
+// new tensor.
 //
 // fp32 has an 8-lane AVX + FMA version (erf by Abramowitz & Stegun 7.1.26, as ATen's vectorized CPU erf, with
 // exp8 of exp_op.h; for h < 0, 1 + erf(h / sqrt 2) is formed as the erfc term itself, without cancellation); the
-// tanh form is computed as h * sigmoid(2u), from exp(-2|u|), which cannot overflow. Other dtypes, and fp32 without AVX + FMA, take a scalar loop in op-math
-// precision with std::erf / std::tanh.
+// tanh form is computed as h * sigmoid(2u), from exp(-2|u|), which cannot overflow. Other dtypes, and fp32 without
+// AVX + FMA, take a scalar loop in op-math precision with std::erf / std::tanh.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <c10/macros/Macros.h>

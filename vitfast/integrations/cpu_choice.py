@@ -17,7 +17,7 @@ ViT-B/16, DeiT-S/16, CLIP ViT-B/32 and Swin-T at batch 1 and 8 (rows 49 .. 25088
 | patch_embed      | ViT 0.98 .. 1.06, Swin with norm 0.74 .. 0.80 | 1.23 .. 1.97                        | ATen / vitfast |
 | window_attention | 1.07 .. 1.68                               | 1.00 .. 1.78                           | vitfast        |
 | rel_pos_attention| 1.72 .. 1.74                               | 1.94 .. 2.25                           | vitfast        |
-| linear_gelu      | output >= 32 MiB 1.45, else 0.93 .. 1.09   | 0.78 .. 1.01                           | see below      |
+| linear_gelu      | >= 32 MiB out 1.45, else 0.93 .. 1.09      | 0.78 .. 1.01                           | see below      |
 
 rel_pos_attention (SAM/ViTDet image encoders) is against SDPA with the dense decomposed bias that transformers' and
 timm's SAM attention pass (SAM-B global layer B=1 and windowed layer 25 windows, 12 heads, D=64; 2 threads, same VM,

@@ -202,12 +202,16 @@ def mlp_fc1(x: Tensor, fc1: nn.Module, act: nn.Module) -> Tensor:
     return linear_gelu(x, fc1.weight, fc1.bias, approximate)
 
 
-def mlp_check(fc1: Optional[nn.Module], act: Optional[nn.Module]) -> Optional[str]:
-    """Why an MLP whose first layers are `fc1` and `act` cannot take vitfast.linear_gelu, or None."""
-    if type(fc1) is not nn.Linear:
-        return f"first layer is {type(fc1).__name__}, not nn.Linear"
-    if gelu_approximate(act) is None:
-        return f"activation {qualname(act)} does not compute F.gelu (vitfast.linear_gelu fuses GELU only)"
+def mlp_check(module: nn.Module, fc1: str = "fc1", act: str = "act") -> Optional[str]:
+    """Why an MLP whose first Linear and activation are its attributes `fc1` and `act` (for an nn.Sequential: "0"
+    and "1") cannot take vitfast.linear_gelu, or None."""
+    first, activation = getattr(module, fc1, None), getattr(module, act, None)
+    if type(first) is not nn.Linear:
+        return f"{fc1} is {type(first).__name__}, not nn.Linear"
+    if activation is None:
+        return f"no activation {act!r}"
+    if gelu_approximate(activation) is None:
+        return f"activation {qualname(activation)} does not compute F.gelu (vitfast.linear_gelu fuses GELU only)"
     return None
 
 

@@ -12,6 +12,7 @@ of timm and transformers share.
 
 Nothing here imports segment_anything: modules are matched by class name.
 """
+import functools
 from typing import Callable, Optional
 
 from torch import Tensor, nn
@@ -71,7 +72,7 @@ def _mlp_block_forward(self, x: Tensor) -> Tensor:
 
 
 SAM_MLP_BLOCK = Adapter("linear_gelu", "lin1 + GELU -> vitfast.linear_gelu", {"forward": _mlp_block_forward},
-                        lambda module: mlp_check(getattr(module, "lin1", None), getattr(module, "act", None)))
+                        functools.partial(mlp_check, fc1="lin1"))
 ADAPTERS = {
     "segment_anything.modeling.common.MLPBlock": SAM_MLP_BLOCK,
     "segment_anything.modeling.image_encoder.Attention": Adapter(

@@ -127,7 +127,7 @@ def _mlp_forward(self, x: Tensor) -> Tensor:
 
 def _mlp_check(module: nn.Module) -> Optional[str]:
     missing = [a for a in ("fc1", "act", "drop1", "norm", "fc2", "drop2") if not hasattr(module, a)]
-    return f"unexpected timm Mlp layout (missing {missing})" if missing else mlp_check(module.fc1, module.act)
+    return f"unexpected timm Mlp layout (missing {missing})" if missing else mlp_check(module)
 
 
 ADAPTERS = {

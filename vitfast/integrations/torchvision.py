@@ -72,7 +72,7 @@ def _mlp_forward(self, x: Tensor) -> Tensor:
 
 
 def _mlp_check(module: nn.Module) -> Optional[str]:
-    return "fewer than two layers" if len(module) < 2 else mlp_check(module[0], module[1])
+    return mlp_check(module, "0", "1")
 
 
 _MLP = Adapter("linear_gelu", "Linear + GELU -> vitfast.linear_gelu", {"forward": _mlp_forward}, _mlp_check)

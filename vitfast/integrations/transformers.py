@@ -14,6 +14,7 @@ dense decomposed relative-position bias becomes vitfast.rel_pos_attention (see i
 calls that ask for the attention weights take the original path; and to the MLPs of ViT, DeiT, Swin, CLIP, SAM and
 ViTDet, whose first Linear + GELU becomes vitfast.linear_gelu (CLIP's default quick_gelu is left, with the reason).
 """
+import functools
 from typing import Optional
 
 import torch
@@ -210,14 +211,8 @@ def _vitdet_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     return self.drop(self.fc2(self.drop(mlp_fc1(x, self.fc1, self.act))))
 
 
-def _mlp_checker(fc1: str, act: str):
-    def check(module: torch.nn.Module) -> Optional[str]:
-        return mlp_check(getattr(module, fc1, None), getattr(module, act, None))
-    return check
-
-
 _MLP = Adapter("linear_gelu", "fc1 + GELU -> vitfast.linear_gelu", {"forward": _mlp_forward},
-               _mlp_checker("fc1", "activation_fn"))
+               functools.partial(mlp_check, act="activation_fn"))
 _REL_POS = ("dense decomposed rel-pos bias -> vitfast.rel_pos_attention (no rel-pos: vitfast.attention); "
             "calls that return the attention weights keep the original path")
 _SAM_VISION_ATTENTION = Adapter("rel_pos_attention", _REL_POS, {"forward": _sam_vision_attention_forward},
@@ -233,8 +228,7 @@ ADAPTERS = {
     "transformers.models.clip.modeling_clip.CLIPMLP": _MLP,
     "transformers.models.sam.modeling_sam.SamMLPBlock": SAM_MLP_BLOCK,
     "transformers.models.vitdet.modeling_vitdet.VitDetMlp": Adapter(
-        "linear_gelu", "fc1 + GELU -> vitfast.linear_gelu", {"forward": _vitdet_mlp_forward},
-        _mlp_checker("fc1", "act")),
+        "linear_gelu", "fc1 + GELU -> vitfast.linear_gelu", {"forward": _vitdet_mlp_forward}, mlp_check),
     "transformers.models.vit.modeling_vit.ViTPatchEmbeddings": _PATCH_EMBEDDINGS,
     "transformers.models.deit.modeling_deit.DeiTPatchEmbeddings": _PATCH_EMBEDDINGS,
     "transformers.models.sam.modeling_sam.SamVisionAttention": _SAM_VISION_ATTENTION,

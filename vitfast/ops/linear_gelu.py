@@ -2,11 +2,12 @@
 
 `vitfast::linear_gelu` is a torch.library op with a fake implementation, so torch.compile sees it whole; it picks
 its backend at run time: "triton" (vitfast.triton.linear_gelu), "cpp" (the extension's vitfast::linear_gelu_fwd) or
-"torch" (F.linear + F.gelu below). The GEMM is ATen's on every backend (cuBLAS, MKL / oneDNN), without the bias;
-the kernels fuse what ATen runs around it: the bias (ATen's addmm first copies it into its output), and GELU in one
-pass over the GEMM's output, in place when autograd needs nothing (a separate GELU allocates a tensor of the same
-size). With grad, the forward keeps the pre-activation h = x W^T + b, as F.linear + F.gelu do, and the backward is
-ATen's: gelu_backward, then the three GEMMs of a linear layer.
+"torch" (F.linear + F.gelu below). The GEMM is ATen's on every backend (cuBLAS, MKL / oneDNN); the kernels fuse
+what ATen runs around it: GELU in one pass over the GEMM's output, in place when autograd needs nothing (a separate
+GELU allocates a tensor of the same size), and on the CPU in fp32 / fp64 the bias too (ATen's addmm first copies it
+into its output; cuBLASLt adds it in the GEMM's epilogue). With grad, the forward keeps the pre-activation
+h = x W^T + b, as F.linear + F.gelu do, and the backward is ATen's: gelu_backward, then the three GEMMs of a linear
+layer.
 """
 import math
 from typing import Optional
@@ -98,8 +99,8 @@ _autocast.register("linear_gelu", _autocast_rule)
 
 def linear_gelu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, approximate: str = "none") -> Tensor:
     """GELU(x @ weight^T + bias): nn.Linear followed by nn.GELU (the first half of a ViT / Swin / CLIP MLP), with
-    the bias and GELU fused into one pass over the GEMM's output (GELU: Hendrycks & Gimpel 2016,
-    arXiv:1606.08415).
+    GELU (and on the CPU the bias) fused into one pass over the GEMM's output, in place without grad (GELU: Hendrycks
+    & Gimpel 2016, arXiv:1606.08415).
 
     Args:
         x: (*, K), floating point, any strides (a non-contiguous x is copied by the GEMM as torch.mm does).
