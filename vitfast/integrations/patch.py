@@ -282,8 +282,8 @@ def patch_model(model: nn.Module, attention: bool = True, window_attention: bool
         patch_embed: timm PatchEmbed, torchvision VisionTransformer's conv_proj, transformers ViT/DeiT patch
             embeddings.
         mlp: the first Linear + GELU of MLP blocks -> vitfast.linear_gelu (timm Mlp, torchvision MLP / MLPBlock,
-            transformers ViT, DeiT, Swin, CLIP, SAM and ViTDet MLPs; other activations, e.g. CLIP's quick_gelu, are
-            left with the reason).
+            transformers ViT, DeiT, Swin, CLIP, SAM and ViTDet MLPs, segment_anything MLPBlock; other activations,
+            e.g. CLIP's quick_gelu, are left with the reason).
 
     Returns:
         PatchReport: `.patched` and `.left` (with the reason); `print(report)` shows both.
