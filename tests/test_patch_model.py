@@ -425,3 +425,25 @@ def test_mlp_with_hooks_or_swapped_layers_runs_its_own_calls():
     mlp.act = original.act = nn.ReLU()
     with vitfast.use_backend("cpp"):
         torch.testing.assert_close(mlp(x), original(x))
+
+
+def test_cpu_choice_fuses_large_mlp_outputs_without_grad(monkeypatch):
+    """On CPU without grad a patched MLP calls vitfast.linear_gelu exactly where fc1's output reaches 32 MiB (in
+    the dtype autocast gives it), and matches the original there; with grad it runs the original calls."""
+    timm = import_or_skip("timm")
+    from vitfast.integrations import patch as vp
+
+    mlp = timm.layers.Mlp(8, 4096).eval()
+    original = copy.deepcopy(mlp)
+    vitfast.patch_model(mlp)
+    calls = []
+    fused = vp.linear_gelu
+    monkeypatch.setattr(vp, "linear_gelu", lambda *a, **k: calls.append(a[0].shape) or fused(*a, **k))
+    big, small = torch.randn(2, 1024, 8), torch.randn(2, 1023, 8)  # 2048 x 4096 fp32 = 32 MiB; 8 KiB rows fewer
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(big), original(big))
+        mlp(small)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mlp(big)  # 16 MiB of bf16
+    mlp(big)
+    assert calls == [(2, 1024, 8)]
