@@ -73,6 +73,18 @@ def _l2_normalize(x):
 
 
 @triton.jit
+def _load_key(QKV, PAD, base, sy, sx, real, in_win, s_h, s_w, pad_off, D, HAS_PAD: tl.constexpr,
+              COSINE: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A (BLOCK, BLOCK_D) key tile as the scores take it: L2-normalized and cast back to the input dtype for cosine
+    attention (Swin-V2). (The backward's key-outer pass, which also needs the norms, normalizes itself.)"""
+    k = _load_tokens(QKV, PAD, base, sy, sx, real, in_win, s_h, s_w, pad_off, D, HAS_PAD, BLOCK_D)
+    if COSINE:
+        kn, k_norm = _l2_normalize(k)
+        k = kn.to(QKV.dtype.element_ty)
+    return k
+
+
+@triton.jit
 def _l2_normalize_bwd(dxn, xn, norm):
     """Gradient through x / max(|x|, eps), given dxn (fp32), xn = the normalized x and norm = max(|x|, eps)."""
     dxn_xn = tl.sum(dxn * xn, axis=1)
@@ -115,11 +127,8 @@ def _row_stats(QKV, PAD, BIAS, q, scale, q_base, bias_base, s_qh, s_qw, s_q3, s_
     for jt in range(N_TILES):
         t_j, in_j, real_j, ty_j, tx_j, reg_j, sy_j, sx_j = _tokens(
             w, jt * BLOCK, N, nWw, H, W, Hp, Wp, win_h, win_w, shift_h, shift_w, BLOCK)
-        k = _load_tokens(QKV, PAD, q_base + s_q3, sy_j, sx_j, real_j, in_j, s_qh, s_qw, (heads + h) * D, D, HAS_PAD,
-                         BLOCK_D)
-        if COSINE:
-            kn, k_norm = _l2_normalize(k)
-            k = kn.to(QKV.dtype.element_ty)
+        k = _load_key(QKV, PAD, q_base + s_q3, sy_j, sx_j, real_j, in_j, s_qh, s_qw, (heads + h) * D, D, HAS_PAD,
+                      COSINE, BLOCK_D)
         qk, s = _scores(q, k, scale, BIAS, bias_base, s_b0, s_b1, s_b2, t_i, in_i, ty_i, tx_i, reg_i,
                         t_j, in_j, ty_j, tx_j, reg_j, win_h, win_w, DENSE_BIAS, HAS_MASK, DOT_PREC, UPCAST_DOT)
         m_new = tl.maximum(m, tl.max(s, axis=1))
@@ -201,13 +210,10 @@ def _window_attn_fwd_kernel(
             for jt in range(N_TILES):
                 t_j, in_j, real_j, ty_j, tx_j, reg_j, sy_j, sx_j = _tokens(
                     w, jt * BLOCK, N, nWw, H, W, Hp, Wp, win_h, win_w, shift_h, shift_w, BLOCK)
-                k = _load_tokens(QKV, PAD, q_base + s_q3, sy_j, sx_j, real_j, in_j, s_qh, s_qw, (heads + h) * D, D,
-                                 HAS_PAD, BLOCK_D)
+                k = _load_key(QKV, PAD, q_base + s_q3, sy_j, sx_j, real_j, in_j, s_qh, s_qw, (heads + h) * D, D,
+                              HAS_PAD, COSINE, BLOCK_D)
                 v = _load_tokens(QKV, PAD, q_base + 2 * s_q3, sy_j, sx_j, real_j, in_j, s_qh, s_qw,
                                  (2 * heads + h) * D, D, HAS_PAD, BLOCK_D)
-                if COSINE:
-                    kn, k_norm = _l2_normalize(k)
-                    k = kn.to(QKV.dtype.element_ty)
                 qk, s = _scores(q, k, scale, BIAS, bias_base, s_b0, s_b1, s_b2, t_i, in_i, ty_i, tx_i, reg_i,
                                t_j, in_j, ty_j, tx_j, reg_j, win_h, win_w, DENSE_BIAS, HAS_MASK, DOT_PREC, UPCAST_DOT)
                 m_new = tl.maximum(m, tl.max(s, axis=1))
@@ -427,13 +433,10 @@ def _window_attn_bwd_kernel(
                 for jt in range(N_TILES):
                     t_j, in_j, real_j, ty_j, tx_j, reg_j, sy_j, sx_j = _tokens(
                         w, jt * BLOCK, N, nWw, H, W, Hp, Wp, win_h, win_w, shift_h, shift_w, BLOCK)
-                    k = _load_tokens(QKV, PAD, q_base + s_q3, sy_j, sx_j, real_j, in_j, s_qh, s_qw,
-                                     (heads + h) * D, D, HAS_PAD, BLOCK_D)
+                    k = _load_key(QKV, PAD, q_base + s_q3, sy_j, sx_j, real_j, in_j, s_qh, s_qw,
+                                  (heads + h) * D, D, HAS_PAD, COSINE, BLOCK_D)
                     v = _load_tokens(QKV, PAD, q_base + 2 * s_q3, sy_j, sx_j, real_j, in_j, s_qh, s_qw,
                                      (2 * heads + h) * D, D, HAS_PAD, BLOCK_D)
-                    if COSINE:
-                        kn, k_norm = _l2_normalize(k)
-                        k = kn.to(dtype)
                     qk, s = _scores(q, k, scale, BIAS, bias_base, s_b0, s_b1, s_b2, t_i, in_i, ty_i, tx_i, reg_i,
                                    t_j, in_j, ty_j, tx_j, reg_j, win_h, win_w, DENSE_BIAS, HAS_MASK, DOT_PREC,
                                    UPCAST_DOT)
