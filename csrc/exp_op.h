@@ -41,7 +41,8 @@ inline bool use_avx_fma() {
 #endif
 }
 
-// 1.5 * 2^23: adding it to a float of magnitude below 2^22 rounds it to an integer (round to nearest even).
+// 1.5 * 2^23: adding it to a float of magnitude below 2^22 rounds it to an integer (round to nearest even; IEEE
+// arithmetic needed: -ffast-math would fold (x + magic) - magic into x).
 constexpr float kRoundMagic = 12582912.0f;
 // P's coefficients, constant term first.
 constexpr float kExpP0 = 4.999999404e-1f, kExpP1 = 1.666652113e-1f, kExpP2 = 4.166838899e-2f,

@@ -2,16 +2,18 @@
 //
 // score[i, j] = scale * q_i . k_j + rel_h[i, j / kw] + rel_w[i, j % kw] for key j of a kh x kw key grid (MViTv2,
 // Li et al. 2022, arXiv:2112.01526; segment_anything's add_decomposed_rel_pos). Schemas, semantics and the saved
-// state (out in a (B, Nq, H, D) buffer, lse (B, H, Nq) in op-math precision) are those of
-// vitfast/ops/rel_pos_attention.py. No (Nq, Nk) buffer is ever allocated: this is FlashAttention
-// (Dao et al. 2022, arXiv:2205.14135; FlashAttention-2, arXiv:2307.08691) blocked for CPU caches.
+// state (out in a (B, Nq, H, D) buffer; the softmax statistics (B, H, Nq, 2) in op-math precision, each row's max
+// score m and log of its sum of exp(s - m), kept apart so that a huge finite score does not absorb the log, as
+// m + log(l) would) are those of vitfast/ops/rel_pos_attention.py. No (Nq, Nk) buffer is ever allocated: this is
+// FlashAttention (Dao et al. 2022, arXiv:2205.14135; FlashAttention-2, arXiv:2307.08691) blocked for CPU caches.
 //
 // Forward: an at::parallel_for over (batch * head, query block) items. K^T (in panels of 16 keys) and V (in
 // panels of 16 head dims) are packed once per head in op-math. An item streams over key blocks of 512 keys:
 // S = (scale * Q) @ K^T, then row by row the bias, segment by segment (a segment is a run of keys of one key-grid
 // row: rel_h[i, row] + the contiguous rel_w[i, columns] vector), with the row max, the online softmax (running max
 // and sum) on whole rows, and O += P @ V. Backward: an item per batch * head, so that its dK and dV accumulate
-// without races: for each query block and key block it recomputes P from the saved LSE, forms dP = dO @ V^T and
+// without races: for each query block and key block it recomputes P = exp((S - m) - log l) from the saved
+// statistics, forms dP = dO @ V^T and
 // dS = P * (dP - rowsum(dO * O)), and reduces dS row by row into drel_h (sums over each key-grid row) and drel_w
 // (over each column) while it is in cache; dQ += dS @ K, dK += dS^T @ Q, dV += P^T @ dO, with dS^T and P^T read in
 // place through strides.
@@ -98,12 +100,12 @@ A add_bias_max_plain(A* C10_RESTRICT s, const Segment* segs, int64_t nseg, const
   return mx;
 }
 
-// s[0:n] = exp(s[0:n] - m); returns their sum.
+// s[0:n] = exp((s[0:n] - m) - c); returns their sum.
 template <typename A>
-A exp_sub_sum_plain(A* C10_RESTRICT s, int64_t n, A m) {
+A exp_sub_sum_plain(A* C10_RESTRICT s, int64_t n, A m, A c) {
   A sum = 0;
   for (int64_t t = 0; t < n; ++t) {
-    s[t] = std::exp(s[t] - m);
+    s[t] = std::exp((s[t] - m) - c);
     sum += s[t];
   }
   return sum;
@@ -172,18 +174,18 @@ __attribute__((target("avx2,fma"))) float add_bias_max_avx2(float* C10_RESTRICT 
   return hmax(vmax);
 }
 
-__attribute__((target("avx2,fma"))) float exp_sub_sum_avx2(float* C10_RESTRICT s, int64_t n, float m) {
-  const __m256 vm = _mm256_set1_ps(m);
+__attribute__((target("avx2,fma"))) float exp_sub_sum_avx2(float* C10_RESTRICT s, int64_t n, float m, float c) {
+  const __m256 vm = _mm256_set1_ps(m), vc = _mm256_set1_ps(c);
   __m256 sum = _mm256_setzero_ps();
   int64_t t = 0;
   for (; t + 8 <= n; t += 8) {
-    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + t), vm));
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_sub_ps(_mm256_loadu_ps(s + t), vm), vc));
     _mm256_storeu_ps(s + t, e);
     sum = _mm256_add_ps(sum, e);
   }
   if (t < n) {
     const __m256i mk = lane_mask(n - t);
-    const __m256 e = exp8(_mm256_sub_ps(_mm256_maskload_ps(s + t, mk), vm));
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_sub_ps(_mm256_maskload_ps(s + t, mk), vm), vc));
     _mm256_maskstore_ps(s + t, mk, e);
     sum = _mm256_add_ps(sum, _mm256_and_ps(e, _mm256_castsi256_ps(mk)));
   }
@@ -363,13 +365,13 @@ struct Kernels {
     return add_bias_max_plain(s, segs, nseg, rh, rw);
   }
 
-  A exp_sub_sum(A* s, int64_t n, A m) const {
+  A exp_sub_sum(A* s, int64_t n, A m, A c) const {
 #if VITFAST_RPA_AVX2
     if constexpr (std::is_same_v<A, float>) {
-      if (avx2) return exp_sub_sum_avx2(s, n, m);
+      if (avx2) return exp_sub_sum_avx2(s, n, m, c);
     }
 #endif
-    return exp_sub_sum_plain(s, n, m);
+    return exp_sub_sum_plain(s, n, m, c);
   }
 
   void grad_scores(A* dp, const A* p, A delta, const Segment* segs, int64_t nseg, A* drh, A* drw) const {
@@ -467,7 +469,7 @@ struct Args {
   const A* kp;    // (B * H, np): K^T of each head in key panels (pack_key_panels)
   const A* vp;    // (B * H, Dp * Nk): V of each head in dim panels (pack_dim_panels)
   scalar_t* out;  // (B, Nq, H, D) contiguous
-  A* lse;         // (B, H, Nq) contiguous; read in the backward
+  A* stats;       // (B, H, Nq, 2) contiguous: row max m and log(sum exp(s - m)), -inf both for an empty row
   // Backward.
   const scalar_t* o;  // the forward's out, strides os
   int64_t os[4];
@@ -513,7 +515,7 @@ void fwd_items(const Args<scalar_t, A>& a, int64_t begin, int64_t end) {
         // A row whose bias is -inf everywhere so far keeps max -inf: subtracting 0 keeps its exps at 0, not NaN.
         const A m_safe = m_new == kNegInf<A> ? A(0) : m_new;
         const A alpha = std::exp(m[i] - m_safe);
-        l[i] = l[i] * alpha + ker.exp_sub_sum(si, N, m_safe);
+        l[i] = l[i] * alpha + ker.exp_sub_sum(si, N, m_safe, A(0));
         m[i] = m_new;
         if (alpha != A(1)) {
           for (int64_t d = 0; d < Dp; ++d) o[i * Dp + d] *= alpha;
@@ -527,7 +529,9 @@ void fwd_items(const Args<scalar_t, A>& a, int64_t begin, int64_t end) {
       const A inv = empty ? A(0) : A(1) / l[i];
       scalar_t* dst = a.out + ((b * a.Nq + i0 + i) * a.H + h) * D;
       for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(o[i * Dp + d] * inv);
-      a.lse[bh * a.Nq + i0 + i] = empty ? kNegInf<A> : m[i] + std::log(l[i]);
+      A* st = a.stats + (bh * a.Nq + i0 + i) * 2;
+      st[0] = m[i];  // -inf for an empty row
+      st[1] = empty ? kNegInf<A> : std::log(l[i]);
     }
   }
 }
@@ -541,7 +545,7 @@ void bwd_items(const Args<scalar_t, A>& a, int64_t begin, int64_t end) {
   // block, scale * q rows (a of S), q and dO in dim panels (b of dK and dV), dO rows (a of dP).
   std::vector<A> kp(a.np), vp(a.np), kd(Nk * Dp), dk(Nk * Dp), dv(Nk * Dp);
   std::vector<A> qbuf(qS * D), qd(qS * Dp), dob(qS * D), dod(qS * Dp), s(qS * kSp), dp(qS * kSp), dq(qS * Dp);
-  std::vector<A> lse(qS), delta(qS);
+  std::vector<A> row_max(qS), log_sum(qS), delta(qS);
   std::vector<A> drh(qS * kh), drw(qS * kw);
   std::vector<Segment> segs;
   const A one(1);
@@ -567,9 +571,11 @@ void bwd_items(const Args<scalar_t, A>& a, int64_t begin, int64_t end) {
         A sum = 0;
         for (int64_t d = 0; d < D; ++d) sum += dob[i * D + d] * static_cast<A>(o[i * a.os[2] + d * a.os[3]]);
         delta[i] = sum;
-        // A row with no visible key (LSE -inf) has all scores -inf: subtracting +inf keeps its P at 0, not NaN.
-        const A l = a.lse[bh * a.Nq + i0 + i];
-        lse[i] = l == kNegInf<A> ? std::numeric_limits<A>::infinity() : l;
+        // A row with no visible key (statistics -inf) has all scores -inf: subtracting 0, then +inf, keeps its P at
+        // 0, not NaN.
+        const A* st = a.stats + (bh * a.Nq + i0 + i) * 2;
+        row_max[i] = st[0] == kNegInf<A> ? A(0) : st[0];
+        log_sum[i] = st[1] == kNegInf<A> ? std::numeric_limits<A>::infinity() : st[1];
       }
       std::fill(dq.begin(), dq.end(), A(0));
       std::fill(drh.begin(), drh.end(), A(0));
@@ -583,7 +589,7 @@ void bwd_items(const Args<scalar_t, A>& a, int64_t begin, int64_t end) {
         for (int64_t i = 0; i < M; ++i) {
           A* si = s.data() + i * kSp;
           ker.add_bias_max(si, segs.data(), nseg, a.rel_h_row(b, h, i0 + i), a.rel_w_row(b, h, i0 + i));
-          ker.exp_sub_sum(si, N, lse[i]);
+          ker.exp_sub_sum(si, N, row_max[i], log_sum[i]);
           ker.grad_scores(dp.data() + i * kSp, si, delta[i], segs.data(), nseg, drh.data() + i * kh,
                           drw.data() + i * kw);
         }
@@ -684,11 +690,11 @@ std::tuple<at::Tensor, at::Tensor> rel_pos_attention_fwd_cpu(const at::Tensor& q
   const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), D = q.size(3), Nk = k.size(2);
   const auto acc = at::toOpMathType(q.scalar_type());
   at::Tensor out = at::empty({B, Nq, H, D}, q.options());
-  at::Tensor lse = at::empty({B, H, Nq}, q.options().dtype(acc));
+  at::Tensor stats = at::empty({B, H, Nq, 2}, q.options().dtype(acc));
   if (B * H * Nq == 0 || Nk == 0) {
     out.zero_();
-    lse.fill_(-std::numeric_limits<double>::infinity());
-    return {out.transpose(1, 2), lse};
+    stats.fill_(-std::numeric_limits<double>::infinity());
+    return {out.transpose(1, 2), stats};
   }
   int64_t hs[3], ws[3];
   const at::Tensor rh = rel_term(rel_h, acc, hs), rw = rel_term(rel_w, acc, ws);
@@ -710,15 +716,15 @@ std::tuple<at::Tensor, at::Tensor> rel_pos_attention_fwd_cpu(const at::Tensor& q
     a.kp = kpp;
     a.vp = vpp;
     a.out = out.mutable_data_ptr<scalar_t>();
-    a.lse = lse.mutable_data_ptr<A>();
+    a.stats = stats.mutable_data_ptr<A>();
     at::parallel_for(0, B * H * a.nqb, 1, [&](int64_t begin, int64_t end) { fwd_items(a, begin, end); });
   });
-  return {out.transpose(1, 2), lse};
+  return {out.transpose(1, 2), stats};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rel_pos_attention_bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& rel_h,
-    const at::Tensor& rel_w, const at::Tensor& out, const at::Tensor& lse_in, double scale) {
+    const at::Tensor& rel_w, const at::Tensor& out, const at::Tensor& stats_in, double scale) {
   constexpr const char* op = "rel_pos_attention_bwd";
   check_inputs(op, q, k, v, rel_h, rel_w);
   TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes() && dout.scalar_type() == q.scalar_type() &&
@@ -727,9 +733,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rel_pos_a
               out.scalar_type(), " must have the shape and dtype of q ", q.sizes(), " ", q.scalar_type());
   const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), D = q.size(3), Nk = k.size(2);
   const auto acc = at::toOpMathType(q.scalar_type());
-  TORCH_CHECK(lse_in.dim() == 3 && lse_in.size(0) == B && lse_in.size(1) == H && lse_in.size(2) == Nq, "vitfast ", op,
-              ": lse must be (B, H, Nq) for q ", q.sizes(), ", got ", lse_in.sizes());
-  const at::Tensor lse = lse_in.to(acc).contiguous();
+  TORCH_CHECK(stats_in.dim() == 4 && stats_in.size(0) == B && stats_in.size(1) == H && stats_in.size(2) == Nq &&
+                  stats_in.size(3) == 2,
+              "vitfast ", op, ": stats must be (B, H, Nq, 2) for q ", q.sizes(), ", got ", stats_in.sizes());
+  const at::Tensor stats = stats_in.to(acc).contiguous();
   at::Tensor dq = at::empty({B, Nq, H, D}, q.options());
   at::Tensor dk = at::empty({B, Nk, H, D}, q.options());
   at::Tensor dv = at::empty({B, Nk, H, D}, q.options());
@@ -743,7 +750,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rel_pos_a
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "vitfast_rel_pos_attention_bwd", [&] {
       using A = at::opmath_type<scalar_t>;
       Args<scalar_t, A> a = make_args<scalar_t, A>(q, k, v, rh, rw, hs, ws, scale);
-      a.lse = const_cast<A*>(lse.const_data_ptr<A>());
+      a.stats = const_cast<A*>(stats.const_data_ptr<A>());
       a.o = out.const_data_ptr<scalar_t>();
       a.dout = dout.const_data_ptr<scalar_t>();
       for (int d = 0; d < 4; ++d) {

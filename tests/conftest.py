@@ -1,6 +1,9 @@
 """Shared test set-up: Triton runs under its interpreter on machines without a GPU, fixed seeds per test,
 the backend cases of each op, and the accuracy rule of DESIGN.md."""
+import atexit
 import os
+import shutil
+import tempfile
 import zlib
 
 import pytest
@@ -9,6 +12,11 @@ import torch
 if not torch.cuda.is_available():
     # Must be set before triton.jit decorates the kernels, i.e. before vitfast.triton is imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# torch.compile's on-disk caches key a graph on torch and its traced code, not on vitfast's fake implementations: a
+# cache left by an older checkout replays the output shapes of the old ones. Each test session gets its own.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="vitfast-test-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 import vitfast  # noqa: E402
 from vitfast import backend  # noqa: E402

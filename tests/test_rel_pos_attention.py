@@ -3,6 +3,7 @@ gradients), segment_anything's own functions and Attention module as the referen
 terms, dtypes, dropout, opcheck, torch.compile and the memory the fused op needs."""
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -103,6 +104,25 @@ def test_low_precision(backend, device, dtype, rel_dtype):
 @pytest.mark.parametrize("rel", [dict(rel_b=1), dict(rel_h=1), dict(rel_b=1, rel_h=1)], ids=["1H", "B1", "11"])
 def test_broadcast_terms(backend, device, rel):
     _check(backend, device, 2, 3, (5, 6), (6, 5), 24, torch.float32, scale=0.3, **rel)
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+@pytest.mark.parametrize("value", [-1e9, torch.finfo(torch.float32).min], ids=["-1e9", "finfo.min"])
+def test_huge_finite_bias_is_plain_arithmetic(backend, device, value):
+    """Queries whose every key has a huge finite bias (the mask values people use: -1e9, finfo(float32).min; here
+    through rel_h for one query and rel_w for another): as in plain fp32 arithmetic, where the bias absorbs the
+    scores, they weigh their keys equally, in the output and in every gradient. The saved statistics keep the row
+    max apart from log(sum), which m + log(l) would lose there (a backward that rebuilt P from it got P = 1 per key)."""
+    q, k, v, rel_h, rel_w = _inputs(1, 2, (3, 4), (3, 5), 16, torch.float32, device=device)
+    rel_h[0, 0, 2] = value
+    rel_w[0, 1, 5] = value
+    dout = torch.randn_like(q)
+    with vitfast.use_backend(backend):
+        got = _run(vitfast.rel_pos_attention, (q, k, v, rel_h, rel_w), dout)
+    plain = _run(rel_pos_attention_ref, (q, k, v, rel_h, rel_w), dout)
+    assert torch.allclose(plain[0][0, 0, 2], v[0, 0].mean(0), atol=1e-6), "the reference must weigh keys equally"
+    for name, g, p in zip(NAMES, got, plain):
+        torch.testing.assert_close(g, p, rtol=1e-4, atol=1e-5, msg=lambda m: f"{backend} {name}: {m}")
 
 
 @pytest.mark.parametrize("backend,device", CASES)
@@ -264,9 +284,9 @@ def test_opcheck(backend, device):
         for args in cases:
             torch.library.opcheck(torch.ops.vitfast.rel_pos_attention.default, args)
         plain = [t.detach() for t in (q, k, v, rh, rw)]
-        out, lse = torch.ops.vitfast.rel_pos_attention(*plain, None, 0.0, 0.25)
+        out, stats = torch.ops.vitfast.rel_pos_attention(*plain, None, 0.0, 0.25)
         torch.library.opcheck(torch.ops.vitfast.rel_pos_attention_backward.default,
-                              (torch.randn_like(out), *plain, out, lse, None, 0.0, 0.25))
+                              (torch.randn_like(out), *plain, out, stats, None, 0.0, 0.25))
 
 
 def test_torch_compile_fullgraph():
@@ -317,8 +337,15 @@ def test_bad_inputs_raise_clear_errors():
     qs = q.reshape(6, 20, 16)
     with pytest.raises(ValueError, match=r"Nq = q_h \* q_w = 21 for q_size \(3, 7\)"):
         decomposed_rel_pos(qs, torch.randn(5, 16), torch.randn(13, 16), (3, 7), (3, 7))
-    with pytest.raises(ValueError, match=r"rel_pos_w must be \(L, D\) with D = 16.*\(13, 8\)"):
+    with pytest.raises(ValueError, match=r"rel_pos_w must be \(L, D\) with L >= 1 and D = 16.*\(13, 8\)"):
         decomposed_rel_pos(qs, torch.randn(7, 16), torch.randn(13, 8), (4, 5), (4, 5))
+    with pytest.raises(ValueError, match=r"rel_pos_h must be \(L, D\) with L >= 1.*\(0, 16\)"):
+        decomposed_rel_pos(qs, torch.randn(0, 16), torch.randn(9, 16), (4, 5), (4, 5))
+    for q_size, k_size, bad in [((4, 5), (0, 5), "k_size"), ((-2, -10), (4, 5), "q_size"),
+                                ((4, 5, 1), (4, 5), "q_size")]:
+        size = q_size if bad == "q_size" else k_size
+        with pytest.raises(ValueError, match=rf"{bad} must be two positive sizes \(h, w\), got {re.escape(str(size))}"):
+            decomposed_rel_pos(qs, torch.randn(7, 16), torch.randn(9, 16), q_size, k_size)
     with pytest.raises(ValueError, match="rel_pos_h must have q's dtype and device"):
         decomposed_rel_pos(qs, torch.randn(7, 16, dtype=torch.float64), torch.randn(9, 16), (4, 5), (4, 5))
 

@@ -86,17 +86,22 @@ def decomposed_rel_pos(q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, q_size: 
         rel_h (..., Nq, k_h) and rel_w (..., Nq, k_w), in q's dtype: rel_h[..., i, r] = q_i . R_h[y_i, r] and
         rel_w[..., i, c] = q_i . R_w[x_i, c] with R = get_rel_pos(...).
     Raises:
-        ValueError: q's Nq is not q_h * q_w, a table is not 2-D with q's head dim, or dtypes/devices differ.
+        ValueError: q_size or k_size is not two positive sizes, q's Nq is not q_h * q_w, a table is not 2-D with q's
+            head dim or is empty, or dtypes/devices differ.
     """
+    for name, size in (("q_size", q_size), ("k_size", k_size)):
+        if len(size) != 2 or any(int(s) < 1 for s in size):
+            raise ValueError(f"vitfast.decomposed_rel_pos: {name} must be two positive sizes (h, w), got "
+                             f"{tuple(size)}")
     q_h, q_w = (int(s) for s in q_size)
     k_h, k_w = (int(s) for s in k_size)
     if q.dim() < 2 or q.shape[-2] != q_h * q_w:
         raise ValueError(f"vitfast.decomposed_rel_pos: q must be (..., Nq, D) with Nq = q_h * q_w = {q_h * q_w} for "
                          f"q_size {(q_h, q_w)}, got {_describe('q', q)}")
     for name, t in (("rel_pos_h", rel_pos_h), ("rel_pos_w", rel_pos_w)):
-        if t.dim() != 2 or t.shape[1] != q.shape[-1]:
-            raise ValueError(f"vitfast.decomposed_rel_pos: {name} must be (L, D) with D = {q.shape[-1]} (q's head "
-                             f"dim), got {_describe(name, t)}")
+        if t.dim() != 2 or t.shape[1] != q.shape[-1] or t.shape[0] == 0:
+            raise ValueError(f"vitfast.decomposed_rel_pos: {name} must be (L, D) with L >= 1 and D = {q.shape[-1]} "
+                             f"(q's head dim), got {_describe(name, t)}")
         if t.device != q.device or (t.dtype != q.dtype and not _autocast.is_enabled(q.device)):
             raise ValueError(f"vitfast.decomposed_rel_pos: {name} must have q's dtype and device "
                              f"({q.dtype}, {q.device}), got {t.dtype}, {t.device}")
@@ -135,27 +140,33 @@ def rel_pos_attention_ref(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w:
 
 # ------------------------------------------------------------------------------------------- backends
 
-def _probs_torch(q, k, rel_h, rel_w, scale, lse=None):
-    """Softmax probabilities in the accumulation dtype, and the LSE (recomputed when not given)."""
+def _probs_torch(q, k, rel_h, rel_w, scale, stats=None):
+    """Softmax probabilities in the accumulation dtype, and the softmax statistics (computed when not given): each
+    row's max score m and log l, l = sum(exp(s - m)), both -inf for a row with no visible key. They are kept apart
+    (not as the log-sum-exp m + log l) so that a huge finite bias (-1e9, finfo.min) cannot absorb log l."""
     acc = _acc_dtype(q.dtype)
     s = (q.to(acc) @ k.to(acc).transpose(-2, -1)) * scale + _dense_bias(rel_h, rel_w, acc)
-    if lse is None:
-        lse = torch.logsumexp(s, -1)
-    safe = lse.to(acc).masked_fill(lse == float("-inf"), float("inf"))
-    return torch.exp(s - safe[..., None]), lse
+    if stats is None:
+        m = s.amax(-1)
+        stats = torch.stack((m, torch.exp(s - m.masked_fill(m == float("-inf"), 0.0)[..., None]).sum(-1).log()), -1)
+    m, log_l = stats.to(acc).unbind(-1)
+    # A row with no visible key: (s - 0) - inf keeps its P at 0, not NaN.
+    m = m.masked_fill(m == float("-inf"), 0.0)
+    log_l = log_l.masked_fill(log_l == float("-inf"), float("inf"))
+    return torch.exp((s - m[..., None]) - log_l[..., None]), stats
 
 
 def _fwd_torch(q, k, v, rel_h, rel_w, seed, dropout_p, scale):
-    p, lse = _probs_torch(q, k, rel_h, rel_w, scale)
+    p, stats = _probs_torch(q, k, rel_h, rel_w, scale)
     p = _dropped(p, _dropout_keep(seed, dropout_p, q, k.shape[2]), dropout_p)
     B, H, Nq, D = q.shape
     out = _bnhd_empty(B, H, Nq, D, q)
     out.copy_(p @ v.to(p.dtype))
-    return out, lse.contiguous()
+    return out, stats
 
 
-def _bwd_torch(dout, q, k, v, rel_h, rel_w, out, lse, seed, dropout_p, scale):
-    p, _ = _probs_torch(q, k, rel_h, rel_w, scale, lse)
+def _bwd_torch(dout, q, k, v, rel_h, rel_w, out, stats, seed, dropout_p, scale):
+    p, _ = _probs_torch(q, k, rel_h, rel_w, scale, stats)
     acc = p.dtype
     do = dout.to(acc)
     dp = do @ v.to(acc).transpose(-2, -1)
@@ -193,7 +204,7 @@ _backend.register_op(OP, gpu_order=("triton", "torch"), cpu_order=("cpp", "torch
 
 def _fake_fwd(q):
     B, H, Nq, D = q.shape
-    return _bnhd_empty(B, H, Nq, D, q), q.new_empty((B, H, Nq), dtype=_acc_dtype(q.dtype))
+    return _bnhd_empty(B, H, Nq, D, q), q.new_empty((B, H, Nq, 2), dtype=_acc_dtype(q.dtype))
 
 
 @torch.library.custom_op("vitfast::rel_pos_attention", mutates_args=())
@@ -201,10 +212,11 @@ def _rel_pos_attention_op(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w:
                           dropout_p: float, scale: float) -> tuple[Tensor, Tensor]:
     """q: (B, H, Nq, D); k, v: (B, H, Nk, D); rel_h: (B|1, H|1, Nq, kh); rel_w: (B|1, H|1, Nq, kw), Nk = kh * kw;
     seed: (1,) int64 on the CPU when dropout_p > 0. Returns out (B, H, Nq, D) in a (B, Nq, H, D) buffer and the
-    LSE (B, H, Nq)."""
+    softmax statistics (B, H, Nq, 2) in the accumulation dtype: each row's max score m and log(sum(exp(s - m))),
+    -inf both for a row with no visible key (every backend's; its backward reads them)."""
     if q.numel() == 0 or k.shape[2] == 0:
-        out, lse = _fake_fwd(q)
-        return out.zero_(), lse.fill_(float("-inf"))
+        out, stats = _fake_fwd(q)
+        return out.zero_(), stats.fill_(float("-inf"))
     check_dropout_capture(OP, dropout_p, q.device)
     which = _backend.choose_backend(OP, q, k, v, rel_h, rel_w, seed)
     if which == "triton":
@@ -230,7 +242,7 @@ def _fake_bwd(q, k, rel_h, rel_w):
 
 @torch.library.custom_op("vitfast::rel_pos_attention_backward", mutates_args=())
 def _rel_pos_attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor,
-                                   out: Tensor, lse: Tensor, seed: Optional[Tensor], dropout_p: float,
+                                   out: Tensor, stats: Tensor, seed: Optional[Tensor], dropout_p: float,
                                    scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns dq, dk, dv (in (B, N, H, D) buffers), drel_h and drel_w (the shapes and dtypes of rel_h and rel_w,
     reduced over their broadcast batch and head dims)."""
@@ -240,29 +252,29 @@ def _rel_pos_attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor
     which = _backend.choose_backend(OP, q, k, v, rel_h, rel_w, seed)
     if which == "triton":
         from vitfast.triton.rel_pos_attention import rel_pos_attention_bwd
-        return rel_pos_attention_bwd(dout, q, k, v, rel_h, rel_w, out, lse, dropout_p,
+        return rel_pos_attention_bwd(dout, q, k, v, rel_h, rel_w, out, stats, dropout_p,
                                      int(seed.item()) if seed is not None else 0, scale)
     if which == "cpp":
-        return tuple(torch.ops.vitfast.rel_pos_attention_bwd(dout, q, k, v, rel_h, rel_w, out, lse, scale))
-    return _bwd_torch(dout, q, k, v, rel_h, rel_w, out, lse, seed, dropout_p, scale)
+        return tuple(torch.ops.vitfast.rel_pos_attention_bwd(dout, q, k, v, rel_h, rel_w, out, stats, scale))
+    return _bwd_torch(dout, q, k, v, rel_h, rel_w, out, stats, seed, dropout_p, scale)
 
 
 @_rel_pos_attention_backward_op.register_fake
-def _(dout, q, k, v, rel_h, rel_w, out, lse, seed, dropout_p, scale):
+def _(dout, q, k, v, rel_h, rel_w, out, stats, seed, dropout_p, scale):
     return _fake_bwd(q, k, rel_h, rel_w)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, rel_h, rel_w, seed, dropout_p, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, rel_h, rel_w, out, lse, seed)
+    out, stats = output
+    ctx.save_for_backward(q, k, v, rel_h, rel_w, out, stats, seed)
     ctx.dropout_p = dropout_p
     ctx.scale = scale
 
 
-def _backward(ctx, dout, dlse):
-    q, k, v, rel_h, rel_w, out, lse, seed = ctx.saved_tensors
-    grads = _rel_pos_attention_backward_op(dout, q, k, v, rel_h, rel_w, out, lse, seed, ctx.dropout_p, ctx.scale)
+def _backward(ctx, dout, dstats):
+    q, k, v, rel_h, rel_w, out, stats, seed = ctx.saved_tensors
+    grads = _rel_pos_attention_backward_op(dout, q, k, v, rel_h, rel_w, out, stats, seed, ctx.dropout_p, ctx.scale)
     return *grads, None, None, None
 
 

@@ -9,7 +9,9 @@ padding columns are masked), so the bias of a tile is rel_h[i, its rows] (BLOCK_
 rel_w[i, :] (BLOCK_M, BLOCK_KW), which a query block loads once. No (Nq, Nk) bias exists anywhere.
 
 Forward: one program per (query block, batch*head) streams over the key tiles with an online softmax (running max
-and sum in fp32, exp2 with log2(e) folded into the scale and the bias) and stores O and the per-row log-sum-exp.
+and sum in fp32; scores in natural units, exp2 of (s - m) * log2(e), so that s - m is exact next to a huge finite
+bias and no bias is scaled past the fp32 range) and stores O and each row's statistics: max score m and log l, the
+log of its sum of exp(s - m), kept apart (m + log l would lose log l next to a huge m).
 Backward, with no atomics (so deterministic): delta = rowsum(dO * O) (the attention op's preprocess kernel); a
 program per (key tile, batch*head) recomputes P over all query blocks and accumulates dK and dV; a program per
 (query block, batch*head) accumulates dQ and reduces dS in registers into the gradients of the terms: viewed as
@@ -26,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vitfast.triton.attention import (LOG2E, _attention_bwd_preprocess_kernel, _block_d, _bnhd_empty, _dropout_args,
+from vitfast.triton.attention import (_attention_bwd_preprocess_kernel, _block_d, _bnhd_empty, _dropout_args,
                                       _dropout_keep)
 from vitfast.triton.common import autotune, compiled, dot, dot_precision, launch, tune_bucket, upcast_bf16
 
@@ -82,11 +84,11 @@ def _rel_rows(
     stride_hr,
     BLOCK_KROWS: tl.constexpr,
 ):
-    """(BLOCK_M, BLOCK_KROWS) fp32 in log2 units: rel_h of the tile's key rows."""
+    """(BLOCK_M, BLOCK_KROWS) fp32: rel_h of the tile's key rows."""
     rows = row0 + tl.arange(0, BLOCK_KROWS)
     rh = tl.load(RelH + offs_m[:, None] * stride_hm + rows[None, :] * stride_hr,
                  mask=(offs_m < Nq)[:, None] & (rows < kh)[None, :], other=0.0)
-    return rh.to(tl.float32) * 1.4426950408889634
+    return rh.to(tl.float32)
 
 
 @triton.jit
@@ -99,29 +101,29 @@ def _rel_cols(
     stride_wc,
     BLOCK_KW: tl.constexpr,
 ):
-    """(BLOCK_M, BLOCK_KW) fp32 in log2 units: rel_w of every key column (zero on padding columns)."""
+    """(BLOCK_M, BLOCK_KW) fp32: rel_w of every key column (zero on padding columns)."""
     cols = tl.arange(0, BLOCK_KW)
     rw = tl.load(RelW + offs_m[:, None] * stride_wm + cols[None, :] * stride_wc,
                  mask=(offs_m < Nq)[:, None] & (cols < kw)[None, :], other=0.0)
-    return rw.to(tl.float32) * 1.4426950408889634
+    return rw.to(tl.float32)
 
 
 @triton.jit
 def _scores(
     q,  # (BLOCK_M, BLOCK_D)
     k,  # (BLOCK_KROWS * BLOCK_KW, BLOCK_D)
-    rh,  # (BLOCK_M, BLOCK_KROWS) fp32, log2 units
-    rw,  # (BLOCK_M, BLOCK_KW) fp32, log2 units
+    rh,  # (BLOCK_M, BLOCK_KROWS) fp32
+    rw,  # (BLOCK_M, BLOCK_KW) fp32
     key_valid,  # (BLOCK_KROWS * BLOCK_KW,) bool
-    qk_scale,  # softmax scale * log2(e)
+    sm_scale,  # softmax scale
     PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_KROWS: tl.constexpr,
     BLOCK_KW: tl.constexpr,
 ):
-    """Scores in log2 units, (BLOCK_M, BLOCK_KROWS * BLOCK_KW) fp32, -inf outside the key grid."""
-    s = dot(q, tl.trans(k), PRECISION, DOT_UPCAST) * qk_scale
+    """Scores, (BLOCK_M, BLOCK_KROWS * BLOCK_KW) fp32, -inf outside the key grid."""
+    s = dot(q, tl.trans(k), PRECISION, DOT_UPCAST) * sm_scale
     s += tl.reshape(rh[:, :, None] + rw[:, None, :], (BLOCK_M, BLOCK_KROWS * BLOCK_KW))
     return tl.where(key_valid[None, :], s, float("-inf"))
 
@@ -134,7 +136,7 @@ def _rel_pos_attention_fwd_kernel(
     RelH,  # (B|1, H|1, Nq, kh), stride 0 on broadcast dims
     RelW,  # (B|1, H|1, Nq, kw), stride 0 on broadcast dims
     O,  # (B, H, Nq, D) out
-    LSE,  # (B * H, Nq) fp32 out, natural log
+    Stats,  # (B * H, Nq, 2) fp32 out: row max m, log(sum exp(s - m))
     stride_qb,
     stride_qh,
     stride_qm,
@@ -164,7 +166,7 @@ def _rel_pos_attention_fwd_kernel(
     kh,
     kw,
     D,
-    qk_scale,  # softmax scale * log2(e)
+    sm_scale,
     seed,
     dropout_thresh,
     dropout_scale,  # 1 / (1 - p)
@@ -204,12 +206,12 @@ def _rel_pos_attention_fwd_kernel(
         k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
         v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
         rh = _rel_rows(RelH, offs_m, row0, Nq, kh, stride_hm, stride_hr, BLOCK_KROWS)
-        s = _scores(q, k, rh, rw, key_valid, qk_scale, PRECISION, DOT_UPCAST, BLOCK_M, BLOCK_KROWS, BLOCK_KW)
+        s = _scores(q, k, rh, rw, key_valid, sm_scale, PRECISION, DOT_UPCAST, BLOCK_M, BLOCK_KROWS, BLOCK_KW)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row whose bias is -inf everywhere keeps max -inf: subtracting 0 instead keeps exp2 at 0, not NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_safe)
-        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2((m_i - m_safe) * 1.4426950408889634)
+        p = tl.math.exp2((s - m_safe[:, None]) * 1.4426950408889634)
         l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m, offs_n, Nq, Nk, dropout_thresh)
@@ -218,17 +220,18 @@ def _rel_pos_attention_fwd_kernel(
         m_i = m_new
     empty = l_i == 0.0
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    log_l = tl.where(empty, float("-inf"), tl.math.log2(tl.where(empty, 1.0, l_i)) * 0.6931471805599453)
     tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
              o.to(O.dtype.element_ty), mask=(offs_m < Nq)[:, None] & d_mask[None, :])
-    tl.store(LSE + bh * Nq + offs_m, lse, mask=offs_m < Nq)
+    tl.store(Stats + (bh * Nq + offs_m) * 2, m_i, mask=offs_m < Nq)  # -inf for an empty row
+    tl.store(Stats + (bh * Nq + offs_m) * 2 + 1, log_l, mask=offs_m < Nq)
 
 
 @triton.jit
 def _load_query_block(
     Q,  # pointer to q[b, h]
     DO,  # pointer to dout[b, h]
-    LSE,  # pointer to lse[b, h]
+    Stats,  # pointer to stats[b, h]
     Delta,  # pointer to delta[b, h]
     offs_m,  # (BLOCK_M,) int64 query indices
     offs_d,  # (BLOCK_D,) head-dim indices
@@ -239,14 +242,17 @@ def _load_query_block(
     stride_dom,
     stride_dod,
 ):
-    """q and dO rows, and the row LSE (log2 units; +inf for a row with no visible key, so its P is 0) and delta."""
+    """q and dO rows, the row statistics as m and log2(l), P = exp2((s - m) * log2(e) - log2(l)) (m = 0 and
+    log2(l) = +inf for a row with no visible key, so that its P is 0, not NaN), and delta."""
     mask = (offs_m < Nq)[:, None] & (offs_d < D)[None, :]
     q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=mask, other=0.0)
     do = tl.load(DO + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
-    lse = tl.load(LSE + offs_m, mask=offs_m < Nq, other=0.0)
-    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    m = tl.load(Stats + offs_m * 2, mask=offs_m < Nq, other=0.0)
+    log_l = tl.load(Stats + offs_m * 2 + 1, mask=offs_m < Nq, other=0.0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    log2_l = tl.where(log_l == float("-inf"), float("inf"), log_l * 1.4426950408889634)
     delta = tl.load(Delta + offs_m, mask=offs_m < Nq, other=0.0)
-    return q, do, lse, delta
+    return q, do, m, log2_l, delta
 
 
 @triton.jit
@@ -257,7 +263,7 @@ def _rel_pos_attention_bwd_dkdv_kernel(
     RelH,  # (B|1, H|1, Nq, kh), stride 0 on broadcast dims
     RelW,  # (B|1, H|1, Nq, kw), stride 0 on broadcast dims
     DO,  # (B, H, Nq, D)
-    LSE,  # (B * H, Nq) fp32
+    Stats,  # (B * H, Nq, 2) fp32
     Delta,  # (B * H, Nq) fp32
     DK,  # (B, H, Nk, D) out
     DV,  # (B, H, Nk, D) out
@@ -328,21 +334,20 @@ def _rel_pos_attention_bwd_dkdv_kernel(
     DO += b * stride_dob + h * stride_doh
     RelH += b * stride_hb + h * stride_hh
     RelW += b * stride_wb + h * stride_wh
-    LSE += bh * Nq
+    Stats += bh * Nq * 2
     Delta += bh * Nq
-    qk_scale = sm_scale * 1.4426950408889634
 
     dk = tl.zeros((BLOCK_KROWS * BLOCK_KW, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_KROWS * BLOCK_KW, BLOCK_D), dtype=tl.float32)
     for start_m in range(0, Nq, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M).to(tl.int64)
-        q, do, lse, delta = _load_query_block(Q, DO, LSE, Delta, offs_m, offs_d, Nq, D, stride_qm, stride_qd,
-                                              stride_dom, stride_dod)
+        q, do, m, log2_l, delta = _load_query_block(Q, DO, Stats, Delta, offs_m, offs_d, Nq, D, stride_qm,
+                                                    stride_qd, stride_dom, stride_dod)
         rh = _rel_rows(RelH, offs_m, row0, Nq, kh, stride_hm, stride_hr, BLOCK_KROWS)
         rw = _rel_cols(RelW, offs_m, Nq, kw, stride_wm, stride_wc, BLOCK_KW)
-        s = _scores(q, k, rh, rw, key_valid, qk_scale, PRECISION, DOT_UPCAST, BLOCK_M, BLOCK_KROWS, BLOCK_KW)
+        s = _scores(q, k, rh, rw, key_valid, sm_scale, PRECISION, DOT_UPCAST, BLOCK_M, BLOCK_KROWS, BLOCK_KW)
         # Rows past Nq have q = dO = delta = 0, so they add nothing below.
-        p = tl.math.exp2(s - lse[:, None])
+        p = tl.math.exp2((s - m[:, None]) * 1.4426950408889634 - log2_l[:, None])
         dp = dot(do, tl.trans(v), PRECISION, DOT_UPCAST)
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m, offs_n, Nq, Nk, dropout_thresh)
@@ -367,7 +372,7 @@ def _rel_pos_attention_bwd_dq_kernel(
     RelH,  # (B|1, H|1, Nq, kh), stride 0 on broadcast dims
     RelW,  # (B|1, H|1, Nq, kw), stride 0 on broadcast dims
     DO,  # (B, H, Nq, D)
-    LSE,  # (B * H, Nq) fp32
+    Stats,  # (B * H, Nq, 2) fp32
     Delta,  # (B * H, Nq) fp32
     DQ,  # (B, H, Nq, D) out
     DRelH,  # (B * H, Nq, kh) fp32 out, contiguous
@@ -428,15 +433,15 @@ def _rel_pos_attention_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
     m_mask = offs_m < Nq
-    q, do, lse, delta = _load_query_block(Q + b * stride_qb + h * stride_qh, DO + b * stride_dob + h * stride_doh,
-                                          LSE + bh * Nq, Delta + bh * Nq, offs_m, offs_d, Nq, D, stride_qm,
-                                          stride_qd, stride_dom, stride_dod)
+    q, do, m, log2_l, delta = _load_query_block(Q + b * stride_qb + h * stride_qh,
+                                                DO + b * stride_dob + h * stride_doh, Stats + bh * Nq * 2,
+                                                Delta + bh * Nq, offs_m, offs_d, Nq, D, stride_qm, stride_qd,
+                                                stride_dom, stride_dod)
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
     RelH += b * stride_hb + h * stride_hh
     rw = _rel_cols(RelW + b * stride_wb + h * stride_wh, offs_m, Nq, kw, stride_wm, stride_wc, BLOCK_KW)
     DRelH += bh * Nq * kh
-    qk_scale = sm_scale * 1.4426950408889634
 
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     drw = tl.zeros((BLOCK_M, BLOCK_KW), dtype=tl.float32)
@@ -446,8 +451,8 @@ def _rel_pos_attention_bwd_dq_kernel(
         k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
         v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
         rh = _rel_rows(RelH, offs_m, row0, Nq, kh, stride_hm, stride_hr, BLOCK_KROWS)
-        s = _scores(q, k, rh, rw, key_valid, qk_scale, PRECISION, DOT_UPCAST, BLOCK_M, BLOCK_KROWS, BLOCK_KW)
-        p = tl.math.exp2(s - lse[:, None])
+        s = _scores(q, k, rh, rw, key_valid, sm_scale, PRECISION, DOT_UPCAST, BLOCK_M, BLOCK_KROWS, BLOCK_KW)
+        p = tl.math.exp2((s - m[:, None]) * 1.4426950408889634 - log2_l[:, None])
         dp = dot(do, tl.trans(v), PRECISION, DOT_UPCAST)
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m, offs_n, Nq, Nk, dropout_thresh)
@@ -495,16 +500,17 @@ def rel_pos_attention_fwd(q, k, v, rel_h, rel_w, dropout_p, seed, scale):
         dropout_p: probability of dropping an attention weight; seed: Philox seed (int).
         scale: softmax scale.
     Returns:
-        out (B, H, Nq, D) in a (B, Nq, H, D) buffer; lse (B, H, Nq) fp32.
+        out (B, H, Nq, D) in a (B, Nq, H, D) buffer; stats (B, H, Nq, 2) fp32: each row's max score m and
+        log(sum(exp(s - m))), -inf both for a row with no visible key.
     """
     B, H, Nq, D = q.shape
     kh, kw = rel_h.shape[3], rel_w.shape[3]
     out = _bnhd_empty(B, H, Nq, D, q)
-    lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
+    stats = torch.empty((B, H, Nq, 2), dtype=torch.float32, device=q.device)
     seed, thresh, dscale = _dropout_args(dropout_p, seed)
     block_d, kw_pad = _block_d(D), triton.next_power_of_2(kw)
-    args = (q, k, v, rel_h, rel_w, out, lse, *q.stride(), *k.stride(), *v.stride(), *_strides4(rel_h, B, H),
-            *_strides4(rel_w, B, H), *out.stride(), H, Nq, kh, kw, D, scale * LOG2E.value, seed, thresh, dscale,
+    args = (q, k, v, rel_h, rel_w, out, stats, *q.stride(), *k.stride(), *v.stride(), *_strides4(rel_h, B, H),
+            *_strides4(rel_w, B, H), *out.stride(), H, Nq, kh, kw, D, scale, seed, thresh, dscale,
             tune_bucket(Nq), tune_bucket(kh * kw))
     consts = dict(HAS_DROPOUT=dropout_p > 0, PRECISION=dot_precision(q), DOT_UPCAST=upcast_bf16(q),
                   BLOCK_KW=kw_pad, BLOCK_D=block_d)
@@ -515,15 +521,15 @@ def rel_pos_attention_fwd(q, k, v, rel_h, rel_w, dropout_p, seed, scale):
     else:
         grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]) * B * H,)  # noqa: E731
         launch(_fwd_autotuned(block_d, kw_pad), grid, *args, **consts)
-    return out, lse
+    return out, stats
 
 
-def rel_pos_attention_bwd(dout, q, k, v, rel_h, rel_w, out, lse, dropout_p, seed, scale):
+def rel_pos_attention_bwd(dout, q, k, v, rel_h, rel_w, out, stats, dropout_p, seed, scale):
     """Launches the backward kernels.
 
     Args:
         dout, out: (B, H, Nq, D); q, k, v, rel_h, rel_w, dropout_p, seed, scale: as in `rel_pos_attention_fwd`;
-            lse: its (B, H, Nq) output.
+            stats: its (B, H, Nq, 2) output.
     Returns:
         dq, dk, dv like q, k, v (in (B, N, H, D) buffers); drel_h, drel_w in the shapes and dtypes of rel_h and
         rel_w (summed over their broadcast dims).
@@ -538,8 +544,8 @@ def rel_pos_attention_bwd(dout, q, k, v, rel_h, rel_w, out, lse, dropout_p, seed
         dkdv_config, dq_config = ({"BLOCK_M": m, "BLOCK_KROWS": _krows(n, kw_pad), "num_warps": w, "num_stages": s}
                                   for m, n, w, s in _BWD_CONFIGS[block_d])
     delta = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
-    launch(
-        _attention_bwd_preprocess_kernel, (triton.cdiv(Nq, dq_config["BLOCK_M"]) * B * H,), out, dout, delta, *out.stride(), *dout.stride(), H, Nq, D, BLOCK_M=dq_config["BLOCK_M"], BLOCK_D=block_d)
+    launch(_attention_bwd_preprocess_kernel, (triton.cdiv(Nq, dq_config["BLOCK_M"]) * B * H,), out, dout, delta,
+           *out.stride(), *dout.stride(), H, Nq, D, BLOCK_M=dq_config["BLOCK_M"], BLOCK_D=block_d)
 
     seed, thresh, dscale = _dropout_args(dropout_p, seed)
     dq, dk, dv = _bnhd_empty(B, H, Nq, D, q), _bnhd_empty(B, H, Nk, D, k), _bnhd_empty(B, H, Nk, D, v)
@@ -549,11 +555,13 @@ def rel_pos_attention_bwd(dout, q, k, v, rel_h, rel_w, out, lse, dropout_p, seed
     common = dict(HAS_DROPOUT=dropout_p > 0, PRECISION=dot_precision(q), DOT_UPCAST=upcast_bf16(q),
                   BLOCK_KW=kw_pad, BLOCK_D=block_d)
     launch(
-        _rel_pos_attention_bwd_dkdv_kernel, (triton.cdiv(kh, dkdv_config["BLOCK_KROWS"]) * B * H,), q, k, v, rel_h, rel_w, dout, lse, delta, dk, dv,
+        _rel_pos_attention_bwd_dkdv_kernel, (triton.cdiv(kh, dkdv_config["BLOCK_KROWS"]) * B * H,),
+        q, k, v, rel_h, rel_w, dout, stats, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *rel_strides, *dout.stride(), *dk.stride(), *dv.stride(),
         H, Nq, kh, kw, D, scale, seed, thresh, dscale, **common, **dkdv_config)
     launch(
-        _rel_pos_attention_bwd_dq_kernel, (triton.cdiv(Nq, dq_config["BLOCK_M"]) * B * H,), q, k, v, rel_h, rel_w, dout, lse, delta, dq, drel_h, drel_w,
+        _rel_pos_attention_bwd_dq_kernel, (triton.cdiv(Nq, dq_config["BLOCK_M"]) * B * H,),
+        q, k, v, rel_h, rel_w, dout, stats, delta, dq, drel_h, drel_w,
         *q.stride(), *k.stride(), *v.stride(), *rel_strides, *dout.stride(), *dq.stride(),
         H, Nq, kh, kw, D, scale, seed, thresh, dscale, **common, **dq_config)
     return (dq, dk, dv, drel_h.sum_to_size(rel_h.shape).to(rel_h.dtype),
