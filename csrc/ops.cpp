@@ -31,14 +31,14 @@ TORCH_LIBRARY(vitfast, m) {
   // end attention
   // rel_pos_attention (vitfast/ops/rel_pos_attention.py): q (B, H, Nq, D); k, v (B, H, Nk, D); rel_h (B|1, H|1, Nq, kh),
   // rel_w (B|1, H|1, Nq, kw), any float dtype, Nk = kh * kw; score = scale * q.k + rel_h[i, j / kw] + rel_w[i, j % kw].
-  // out/dq/dk/dv are (B, H, N, D) views of (B, N, H, D) buffers; stats is (B, H, Nq, 2) in op-math precision
-  // (each row's max score m and log(sum exp(s - m)));
+  // out/dq/dk/dv are (B, H, N, D) views of (B, N, H, D) buffers; lse is (2, B, H, Nq) in op-math precision
+  // (attention's: each row's max score m and log(sum exp(s - m)));
   // drel_h/drel_w have the shapes and dtypes of rel_h/rel_w (summed over their broadcast dims).
   m.def("rel_pos_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor rel_h, Tensor rel_w, float scale)"
-        " -> (Tensor out, Tensor stats)");
+        " -> (Tensor out, Tensor lse)");
   m.def(
       "rel_pos_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor rel_h, Tensor rel_w, Tensor out,"
-      " Tensor stats, float scale) -> (Tensor dq, Tensor dk, Tensor dv, Tensor drel_h, Tensor drel_w)");
+      " Tensor lse, float scale) -> (Tensor dq, Tensor dk, Tensor dv, Tensor drel_h, Tensor drel_w)");
   // end rel_pos_attention
   // patch_embed / patch_merging
   // images: (B, C, H, W); weight: (E, C, ph, pw), stride = kernel; pos_embed: (rows, E), patch token l adds

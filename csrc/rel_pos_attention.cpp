@@ -2,10 +2,11 @@
 //
 // score[i, j] = scale * q_i . k_j + rel_h[i, j / kw] + rel_w[i, j % kw] for key j of a kh x kw key grid (MViTv2,
 // Li et al. 2022, arXiv:2112.01526; segment_anything's add_decomposed_rel_pos). Schemas, semantics and the saved
-// state (out in a (B, Nq, H, D) buffer; the softmax statistics (B, H, Nq, 2) in op-math precision, each row's max
-// score m and log of its sum of exp(s - m), kept apart so that a huge finite score does not absorb the log, as
-// m + log(l) would) are those of vitfast/ops/rel_pos_attention.py. No (Nq, Nk) buffer is ever allocated: this is
-// FlashAttention (Dao et al. 2022, arXiv:2205.14135; FlashAttention-2, arXiv:2307.08691) blocked for CPU caches.
+// state (out in a (B, Nq, H, D) buffer; the softmax statistics lse (2, B, H, Nq) in op-math precision, the
+// attention op's: each row's max score m and the log of its sum of exp(s - m), kept apart so that a huge finite
+// score does not absorb the log, as m + log(l) would) are those of vitfast/ops/rel_pos_attention.py. No (Nq, Nk)
+// buffer is ever allocated: this is FlashAttention (Dao et al. 2022, arXiv:2205.14135; FlashAttention-2,
+// arXiv:2307.08691) blocked for CPU caches.
 //
 // Forward: an at::parallel_for over (batch * head, query block) items. K^T (in panels of 16 keys) and V (in
 // panels of 16 head dims) are packed once per head in op-math. An item streams over key blocks of 512 keys:
@@ -469,7 +470,7 @@ struct Args {
   const A* kp;    // (B * H, np): K^T of each head in key panels (pack_key_panels)
   const A* vp;    // (B * H, Dp * Nk): V of each head in dim panels (pack_dim_panels)
   scalar_t* out;  // (B, Nq, H, D) contiguous
-  A* stats;       // (B, H, Nq, 2) contiguous: row max m and log(sum exp(s - m)), -inf both for an empty row
+  A* lse;         // (2, B, H, Nq) contiguous: row max m (-inf: no visible key) and log(sum exp(s - m)) (0 then)
   // Backward.
   const scalar_t* o;  // the forward's out, strides os
   int64_t os[4];
@@ -529,9 +530,8 @@ void fwd_items(const Args<scalar_t, A>& a, int64_t begin, int64_t end) {
       const A inv = empty ? A(0) : A(1) / l[i];
       scalar_t* dst = a.out + ((b * a.Nq + i0 + i) * a.H + h) * D;
       for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(o[i * Dp + d] * inv);
-      A* st = a.stats + (bh * a.Nq + i0 + i) * 2;
-      st[0] = m[i];  // -inf for an empty row
-      st[1] = empty ? kNegInf<A> : std::log(l[i]);
+      a.lse[bh * a.Nq + i0 + i] = m[i];
+      a.lse[(a.B * a.H + bh) * a.Nq + i0 + i] = empty ? A(0) : std::log(l[i]);
     }
   }
 }
@@ -571,11 +571,10 @@ void bwd_items(const Args<scalar_t, A>& a, int64_t begin, int64_t end) {
         A sum = 0;
         for (int64_t d = 0; d < D; ++d) sum += dob[i * D + d] * static_cast<A>(o[i * a.os[2] + d * a.os[3]]);
         delta[i] = sum;
-        // A row with no visible key (statistics -inf) has all scores -inf: subtracting 0, then +inf, keeps its P at
-        // 0, not NaN.
-        const A* st = a.stats + (bh * a.Nq + i0 + i) * 2;
-        row_max[i] = st[0] == kNegInf<A> ? A(0) : st[0];
-        log_sum[i] = st[1] == kNegInf<A> ? std::numeric_limits<A>::infinity() : st[1];
+        // A row with no visible key (m = -inf) has all scores -inf: subtracting +inf keeps its P at 0, not NaN.
+        const A mx = a.lse[bh * a.Nq + i0 + i];
+        row_max[i] = mx == kNegInf<A> ? std::numeric_limits<A>::infinity() : mx;
+        log_sum[i] = a.lse[(a.B * a.H + bh) * a.Nq + i0 + i];
       }
       std::fill(dq.begin(), dq.end(), A(0));
       std::fill(drh.begin(), drh.end(), A(0));
@@ -690,11 +689,12 @@ std::tuple<at::Tensor, at::Tensor> rel_pos_attention_fwd_cpu(const at::Tensor& q
   const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), D = q.size(3), Nk = k.size(2);
   const auto acc = at::toOpMathType(q.scalar_type());
   at::Tensor out = at::empty({B, Nq, H, D}, q.options());
-  at::Tensor stats = at::empty({B, H, Nq, 2}, q.options().dtype(acc));
+  at::Tensor lse = at::empty({2, B, H, Nq}, q.options().dtype(acc));
   if (B * H * Nq == 0 || Nk == 0) {
     out.zero_();
-    stats.fill_(-std::numeric_limits<double>::infinity());
-    return {out.transpose(1, 2), stats};
+    lse[0].fill_(-std::numeric_limits<double>::infinity());
+    lse[1].zero_();
+    return {out.transpose(1, 2), lse};
   }
   int64_t hs[3], ws[3];
   const at::Tensor rh = rel_term(rel_h, acc, hs), rw = rel_term(rel_w, acc, ws);
@@ -716,15 +716,15 @@ std::tuple<at::Tensor, at::Tensor> rel_pos_attention_fwd_cpu(const at::Tensor& q
     a.kp = kpp;
     a.vp = vpp;
     a.out = out.mutable_data_ptr<scalar_t>();
-    a.stats = stats.mutable_data_ptr<A>();
+    a.lse = lse.mutable_data_ptr<A>();
     at::parallel_for(0, B * H * a.nqb, 1, [&](int64_t begin, int64_t end) { fwd_items(a, begin, end); });
   });
-  return {out.transpose(1, 2), stats};
+  return {out.transpose(1, 2), lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rel_pos_attention_bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& rel_h,
-    const at::Tensor& rel_w, const at::Tensor& out, const at::Tensor& stats_in, double scale) {
+    const at::Tensor& rel_w, const at::Tensor& out, const at::Tensor& lse_in, double scale) {
   constexpr const char* op = "rel_pos_attention_bwd";
   check_inputs(op, q, k, v, rel_h, rel_w);
   TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes() && dout.scalar_type() == q.scalar_type() &&
@@ -733,10 +733,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rel_pos_a
               out.scalar_type(), " must have the shape and dtype of q ", q.sizes(), " ", q.scalar_type());
   const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), D = q.size(3), Nk = k.size(2);
   const auto acc = at::toOpMathType(q.scalar_type());
-  TORCH_CHECK(stats_in.dim() == 4 && stats_in.size(0) == B && stats_in.size(1) == H && stats_in.size(2) == Nq &&
-                  stats_in.size(3) == 2,
-              "vitfast ", op, ": stats must be (B, H, Nq, 2) for q ", q.sizes(), ", got ", stats_in.sizes());
-  const at::Tensor stats = stats_in.to(acc).contiguous();
+  TORCH_CHECK(lse_in.dim() == 4 && lse_in.size(0) == 2 && lse_in.size(1) == B && lse_in.size(2) == H &&
+                  lse_in.size(3) == Nq,
+              "vitfast ", op, ": lse must be (2, B, H, Nq) for q ", q.sizes(), ", got ", lse_in.sizes());
+  const at::Tensor lse = lse_in.to(acc).contiguous();
   at::Tensor dq = at::empty({B, Nq, H, D}, q.options());
   at::Tensor dk = at::empty({B, Nk, H, D}, q.options());
   at::Tensor dv = at::empty({B, Nk, H, D}, q.options());
@@ -750,7 +750,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rel_pos_a
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "vitfast_rel_pos_attention_bwd", [&] {
       using A = at::opmath_type<scalar_t>;
       Args<scalar_t, A> a = make_args<scalar_t, A>(q, k, v, rh, rw, hs, ws, scale);
-      a.stats = const_cast<A*>(stats.const_data_ptr<A>());
+      a.lse = const_cast<A*>(lse.const_data_ptr<A>());
       a.o = out.const_data_ptr<scalar_t>();
       a.dout = dout.const_data_ptr<scalar_t>();
       for (int d = 0; d < 4; ++d) {

@@ -125,6 +125,26 @@ def test_huge_finite_bias_is_plain_arithmetic(backend, device, value):
         torch.testing.assert_close(g, p, rtol=1e-4, atol=1e-5, msg=lambda m: f"{backend} {name}: {m}")
 
 
+@pytest.mark.parametrize("fwd,bwd", [(a.values[0], b.values[0]) for a in CASES for b in CASES
+                                     if a.values != b.values and a.values[1] == b.values[1]])
+def test_backends_share_the_saved_state(fwd, bwd):
+    """The saved (out, lse) of one backend's forward serve another's backward: the gradients equal that backend's
+    own (a row whose every key is at finfo.min included, where the saved statistics matter most)."""
+    device = next(c.values[1] for c in CASES if c.values[0] == fwd)
+    q, k, v, rh, rw = _inputs(2, 2, (3, 4), (3, 5), 16, torch.float32, device=device)
+    rh[1, 0, 4] = torch.finfo(torch.float32).min
+    dout = torch.randn_like(q)
+    with vitfast.use_backend(fwd):
+        out, lse = torch.ops.vitfast.rel_pos_attention(q, k, v, rh, rw, None, 0.0, 0.25)
+    with vitfast.use_backend(bwd):
+        own_out, own_lse = torch.ops.vitfast.rel_pos_attention(q, k, v, rh, rw, None, 0.0, 0.25)
+        got = torch.ops.vitfast.rel_pos_attention_backward(dout, q, k, v, rh, rw, out, lse, None, 0.0, 0.25)
+        own = torch.ops.vitfast.rel_pos_attention_backward(dout, q, k, v, rh, rw, own_out, own_lse, None, 0.0, 0.25)
+    torch.testing.assert_close(lse, own_lse)
+    for name, g, o in zip(NAMES[1:], got, own):
+        torch.testing.assert_close(g, o, rtol=1e-4, atol=1e-5, msg=lambda m: f"{fwd} -> {bwd} {name}: {m}")
+
+
 @pytest.mark.parametrize("backend,device", CASES)
 def test_expanded_terms_are_read_with_stride_zero(backend, device):
     """rel_h/rel_w expanded from (1, H, ...) and (1, 1, ...) leaves: stride 0, full shapes; gradients reach the
@@ -284,9 +304,9 @@ def test_opcheck(backend, device):
         for args in cases:
             torch.library.opcheck(torch.ops.vitfast.rel_pos_attention.default, args)
         plain = [t.detach() for t in (q, k, v, rh, rw)]
-        out, stats = torch.ops.vitfast.rel_pos_attention(*plain, None, 0.0, 0.25)
+        out, lse = torch.ops.vitfast.rel_pos_attention(*plain, None, 0.0, 0.25)
         torch.library.opcheck(torch.ops.vitfast.rel_pos_attention_backward.default,
-                              (torch.randn_like(out), *plain, out, stats, None, 0.0, 0.25))
+                              (torch.randn_like(out), *plain, out, lse, None, 0.0, 0.25))
 
 
 def test_torch_compile_fullgraph():

@@ -18,11 +18,12 @@ implementations, so torch.compile sees them whole; each picks its backend at run
 (vitfast.triton.rel_pos_attention, FlashAttention-2 with the bias from rel_h/rel_w rows), "cpp"
 (csrc/rel_pos_attention.cpp, the same fusion on the CPU, as `vitfast::rel_pos_attention_fwd` / `_bwd`) or "torch"
 (plain PyTorch with the dense bias, below). All backends share the saved state of vitfast.ops.attention: out in a
-(B, Nq, H, D) buffer viewed as (B, H, Nq, D), and the per-row log-sum-exp (B, H, Nq) in fp32 (fp64 for fp64
-input), so forward and backward may run on different backends. Dropout keeps a probability where
-vitfast.ops.attention.dropout_keep_ref(seed, B, H, Nq, Nk, p) does (Philox on (seed, batch*head, i, j)); the
-triton and torch backends implement it, the cpp backend does not (a forced cpp backend raises, the automatic
-choice takes torch).
+(B, Nq, H, D) buffer viewed as (B, H, Nq, D), and the softmax statistics lse (2, B, H, Nq) in fp32 (fp64 for fp64
+input), each row's max score and log(sum(exp(s - max))) kept apart (their sum, the log-sum-exp, would lose the log
+next to a huge finite bias such as -1e9 or finfo.min), so forward and backward may run on different backends.
+Dropout keeps a probability where vitfast.ops.attention.dropout_keep_ref(seed, B, H, Nq, Nk, p) does (Philox on
+(seed, batch*head, i, j)); the triton and torch backends implement it, the cpp backend does not (a forced cpp
+backend raises, the automatic choice takes torch).
 
 Autocast (vitfast.autocast): like F.scaled_dot_product_attention, q, k and v run in the region's lower-precision
 dtype (float64 is never cast); rel_h and rel_w are taken in any float dtype and added in fp32 whatever the region.
@@ -37,7 +38,7 @@ from torch import Tensor
 from vitfast import autocast as _autocast
 from vitfast import backend as _backend
 from vitfast.ops.attention import (_acc_dtype, _bnhd_empty, _check_inputs, _describe, _draw_seed, _dropout_keep,
-                                   _dropped, check_dropout_capture)
+                                   _dropped, _probs, _row_stats, check_dropout_capture)
 
 OP = "rel_pos_attention"
 # The Triton kernels hold a query block's rel_w row (next power of two of kw columns) in registers.
@@ -140,33 +141,27 @@ def rel_pos_attention_ref(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w:
 
 # ------------------------------------------------------------------------------------------- backends
 
-def _probs_torch(q, k, rel_h, rel_w, scale, stats=None):
-    """Softmax probabilities in the accumulation dtype, and the softmax statistics (computed when not given): each
-    row's max score m and log l, l = sum(exp(s - m)), both -inf for a row with no visible key. They are kept apart
-    (not as the log-sum-exp m + log l) so that a huge finite bias (-1e9, finfo.min) cannot absorb log l."""
+def _probs_torch(q, k, rel_h, rel_w, scale, lse=None):
+    """Softmax probabilities in the accumulation dtype and the softmax statistics lse (2, B, H, Nq), the attention
+    op's (the row max and log(sum exp(s - m)) kept apart; computed when not given)."""
     acc = _acc_dtype(q.dtype)
     s = (q.to(acc) @ k.to(acc).transpose(-2, -1)) * scale + _dense_bias(rel_h, rel_w, acc)
-    if stats is None:
-        m = s.amax(-1)
-        stats = torch.stack((m, torch.exp(s - m.masked_fill(m == float("-inf"), 0.0)[..., None]).sum(-1).log()), -1)
-    m, log_l = stats.to(acc).unbind(-1)
-    # A row with no visible key: (s - 0) - inf keeps its P at 0, not NaN.
-    m = m.masked_fill(m == float("-inf"), 0.0)
-    log_l = log_l.masked_fill(log_l == float("-inf"), float("inf"))
-    return torch.exp((s - m[..., None]) - log_l[..., None]), stats
+    if lse is None:
+        lse = torch.stack(_row_stats(s))
+    return _probs(s, lse[0].to(acc), lse[1].to(acc)), lse
 
 
 def _fwd_torch(q, k, v, rel_h, rel_w, seed, dropout_p, scale):
-    p, stats = _probs_torch(q, k, rel_h, rel_w, scale)
+    p, lse = _probs_torch(q, k, rel_h, rel_w, scale)
     p = _dropped(p, _dropout_keep(seed, dropout_p, q, k.shape[2]), dropout_p)
     B, H, Nq, D = q.shape
     out = _bnhd_empty(B, H, Nq, D, q)
     out.copy_(p @ v.to(p.dtype))
-    return out, stats
+    return out, lse
 
 
-def _bwd_torch(dout, q, k, v, rel_h, rel_w, out, stats, seed, dropout_p, scale):
-    p, _ = _probs_torch(q, k, rel_h, rel_w, scale, stats)
+def _bwd_torch(dout, q, k, v, rel_h, rel_w, out, lse, seed, dropout_p, scale):
+    p, _ = _probs_torch(q, k, rel_h, rel_w, scale, lse)
     acc = p.dtype
     do = dout.to(acc)
     dp = do @ v.to(acc).transpose(-2, -1)
@@ -204,7 +199,7 @@ _backend.register_op(OP, gpu_order=("triton", "torch"), cpu_order=("cpp", "torch
 
 def _fake_fwd(q):
     B, H, Nq, D = q.shape
-    return _bnhd_empty(B, H, Nq, D, q), q.new_empty((B, H, Nq, 2), dtype=_acc_dtype(q.dtype))
+    return _bnhd_empty(B, H, Nq, D, q), q.new_empty((2, B, H, Nq), dtype=_acc_dtype(q.dtype))
 
 
 @torch.library.custom_op("vitfast::rel_pos_attention", mutates_args=())
@@ -212,11 +207,13 @@ def _rel_pos_attention_op(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w:
                           dropout_p: float, scale: float) -> tuple[Tensor, Tensor]:
     """q: (B, H, Nq, D); k, v: (B, H, Nk, D); rel_h: (B|1, H|1, Nq, kh); rel_w: (B|1, H|1, Nq, kw), Nk = kh * kw;
     seed: (1,) int64 on the CPU when dropout_p > 0. Returns out (B, H, Nq, D) in a (B, Nq, H, D) buffer and the
-    softmax statistics (B, H, Nq, 2) in the accumulation dtype: each row's max score m and log(sum(exp(s - m))),
-    -inf both for a row with no visible key (every backend's; its backward reads them)."""
+    softmax statistics lse (2, B, H, Nq) in the accumulation dtype, in vitfast.ops.attention's format: lse[0] each
+    row's max score m (-inf for a row with no visible key), lse[1] log(sum(exp(s - m))) (0 then), kept apart so
+    that a huge finite bias (-1e9, finfo.min) cannot absorb log(l) as m + log(l) would."""
     if q.numel() == 0 or k.shape[2] == 0:
-        out, stats = _fake_fwd(q)
-        return out.zero_(), stats.fill_(float("-inf"))
+        out, lse = _fake_fwd(q)
+        lse[0], lse[1] = float("-inf"), 0.0
+        return out.zero_(), lse
     check_dropout_capture(OP, dropout_p, q.device)
     which = _backend.choose_backend(OP, q, k, v, rel_h, rel_w, seed)
     if which == "triton":
@@ -242,7 +239,7 @@ def _fake_bwd(q, k, rel_h, rel_w):
 
 @torch.library.custom_op("vitfast::rel_pos_attention_backward", mutates_args=())
 def _rel_pos_attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor,
-                                   out: Tensor, stats: Tensor, seed: Optional[Tensor], dropout_p: float,
+                                   out: Tensor, lse: Tensor, seed: Optional[Tensor], dropout_p: float,
                                    scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns dq, dk, dv (in (B, N, H, D) buffers), drel_h and drel_w (the shapes and dtypes of rel_h and rel_w,
     reduced over their broadcast batch and head dims)."""
@@ -252,29 +249,29 @@ def _rel_pos_attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor
     which = _backend.choose_backend(OP, q, k, v, rel_h, rel_w, seed)
     if which == "triton":
         from vitfast.triton.rel_pos_attention import rel_pos_attention_bwd
-        return rel_pos_attention_bwd(dout, q, k, v, rel_h, rel_w, out, stats, dropout_p,
+        return rel_pos_attention_bwd(dout, q, k, v, rel_h, rel_w, out, lse, dropout_p,
                                      int(seed.item()) if seed is not None else 0, scale)
     if which == "cpp":
-        return tuple(torch.ops.vitfast.rel_pos_attention_bwd(dout, q, k, v, rel_h, rel_w, out, stats, scale))
-    return _bwd_torch(dout, q, k, v, rel_h, rel_w, out, stats, seed, dropout_p, scale)
+        return tuple(torch.ops.vitfast.rel_pos_attention_bwd(dout, q, k, v, rel_h, rel_w, out, lse, scale))
+    return _bwd_torch(dout, q, k, v, rel_h, rel_w, out, lse, seed, dropout_p, scale)
 
 
 @_rel_pos_attention_backward_op.register_fake
-def _(dout, q, k, v, rel_h, rel_w, out, stats, seed, dropout_p, scale):
+def _(dout, q, k, v, rel_h, rel_w, out, lse, seed, dropout_p, scale):
     return _fake_bwd(q, k, rel_h, rel_w)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, rel_h, rel_w, seed, dropout_p, scale = inputs
-    out, stats = output
-    ctx.save_for_backward(q, k, v, rel_h, rel_w, out, stats, seed)
+    out, lse = output
+    ctx.save_for_backward(q, k, v, rel_h, rel_w, out, lse, seed)
     ctx.dropout_p = dropout_p
     ctx.scale = scale
 
 
-def _backward(ctx, dout, dstats):
-    q, k, v, rel_h, rel_w, out, stats, seed = ctx.saved_tensors
-    grads = _rel_pos_attention_backward_op(dout, q, k, v, rel_h, rel_w, out, stats, seed, ctx.dropout_p, ctx.scale)
+def _backward(ctx, dout, dlse):
+    q, k, v, rel_h, rel_w, out, lse, seed = ctx.saved_tensors
+    grads = _rel_pos_attention_backward_op(dout, q, k, v, rel_h, rel_w, out, lse, seed, ctx.dropout_p, ctx.scale)
     return *grads, None, None, None
 
 

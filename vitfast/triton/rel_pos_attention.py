@@ -11,7 +11,7 @@ rel_w[i, :] (BLOCK_M, BLOCK_KW), which a query block loads once. No (Nq, Nk) bia
 Forward: one program per (query block, batch*head) streams over the key tiles with an online softmax (running max
 and sum in fp32; scores in natural units, exp2 of (s - m) * log2(e), so that s - m is exact next to a huge finite
 bias and no bias is scaled past the fp32 range) and stores O and each row's statistics: max score m and log l, the
-log of its sum of exp(s - m), kept apart (m + log l would lose log l next to a huge m).
+log of its sum of exp(s - m), kept apart (m + log l would lose log l next to a huge m), the attention op's format.
 Backward, with no atomics (so deterministic): delta = rowsum(dO * O) (the attention op's preprocess kernel); a
 program per (key tile, batch*head) recomputes P over all query blocks and accumulates dK and dV; a program per
 (query block, batch*head) accumulates dQ and reduces dS in registers into the gradients of the terms: viewed as
@@ -136,7 +136,7 @@ def _rel_pos_attention_fwd_kernel(
     RelH,  # (B|1, H|1, Nq, kh), stride 0 on broadcast dims
     RelW,  # (B|1, H|1, Nq, kw), stride 0 on broadcast dims
     O,  # (B, H, Nq, D) out
-    Stats,  # (B * H, Nq, 2) fp32 out: row max m, log(sum exp(s - m))
+    LSE,  # (2, B * H, Nq) fp32 out: row max m (-inf: the row sees no key), log(sum exp(s - m)) (0 then)
     stride_qb,
     stride_qh,
     stride_qm,
@@ -161,6 +161,7 @@ def _rel_pos_attention_fwd_kernel(
     stride_oh,
     stride_om,
     stride_od,
+    stride_lse,  # B * H * Nq: offset of the log(l) plane
     H,
     Nq,
     kh,
@@ -220,18 +221,18 @@ def _rel_pos_attention_fwd_kernel(
         m_i = m_new
     empty = l_i == 0.0
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
-    log_l = tl.where(empty, float("-inf"), tl.math.log2(tl.where(empty, 1.0, l_i)) * 0.6931471805599453)
+    log_l = tl.math.log(tl.where(empty, 1.0, l_i))
     tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
              o.to(O.dtype.element_ty), mask=(offs_m < Nq)[:, None] & d_mask[None, :])
-    tl.store(Stats + (bh * Nq + offs_m) * 2, m_i, mask=offs_m < Nq)  # -inf for an empty row
-    tl.store(Stats + (bh * Nq + offs_m) * 2 + 1, log_l, mask=offs_m < Nq)
+    tl.store(LSE + bh * Nq + offs_m, m_i, mask=offs_m < Nq)
+    tl.store(LSE + stride_lse + bh * Nq + offs_m, log_l, mask=offs_m < Nq)
 
 
 @triton.jit
 def _load_query_block(
     Q,  # pointer to q[b, h]
     DO,  # pointer to dout[b, h]
-    Stats,  # pointer to stats[b, h]
+    LSE,  # pointer to lse[0, b, h]
     Delta,  # pointer to delta[b, h]
     offs_m,  # (BLOCK_M,) int64 query indices
     offs_d,  # (BLOCK_D,) head-dim indices
@@ -241,16 +242,16 @@ def _load_query_block(
     stride_qd,
     stride_dom,
     stride_dod,
+    stride_lse,
 ):
-    """q and dO rows, the row statistics as m and log2(l), P = exp2((s - m) * log2(e) - log2(l)) (m = 0 and
-    log2(l) = +inf for a row with no visible key, so that its P is 0, not NaN), and delta."""
+    """q and dO rows, the row statistics as m and log2(l), P = exp2((s - m) * log2(e) - log2(l)) (m = +inf for a
+    row with no visible key, so that its P is 0, not NaN), and delta."""
     mask = (offs_m < Nq)[:, None] & (offs_d < D)[None, :]
     q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=mask, other=0.0)
     do = tl.load(DO + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
-    m = tl.load(Stats + offs_m * 2, mask=offs_m < Nq, other=0.0)
-    log_l = tl.load(Stats + offs_m * 2 + 1, mask=offs_m < Nq, other=0.0)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    log2_l = tl.where(log_l == float("-inf"), float("inf"), log_l * 1.4426950408889634)
+    m = tl.load(LSE + offs_m, mask=offs_m < Nq, other=0.0)
+    m = tl.where(m == float("-inf"), float("inf"), m)
+    log2_l = tl.load(LSE + stride_lse + offs_m, mask=offs_m < Nq, other=0.0) * 1.4426950408889634
     delta = tl.load(Delta + offs_m, mask=offs_m < Nq, other=0.0)
     return q, do, m, log2_l, delta
 
@@ -263,7 +264,7 @@ def _rel_pos_attention_bwd_dkdv_kernel(
     RelH,  # (B|1, H|1, Nq, kh), stride 0 on broadcast dims
     RelW,  # (B|1, H|1, Nq, kw), stride 0 on broadcast dims
     DO,  # (B, H, Nq, D)
-    Stats,  # (B * H, Nq, 2) fp32
+    LSE,  # (2, B * H, Nq) fp32: the forward's row max and log(l)
     Delta,  # (B * H, Nq) fp32
     DK,  # (B, H, Nk, D) out
     DV,  # (B, H, Nk, D) out
@@ -299,6 +300,7 @@ def _rel_pos_attention_bwd_dkdv_kernel(
     stride_dvh,
     stride_dvn,
     stride_dvd,
+    stride_lse,  # B * H * Nq: offset of the log(l) plane
     H,
     Nq,
     kh,
@@ -334,15 +336,15 @@ def _rel_pos_attention_bwd_dkdv_kernel(
     DO += b * stride_dob + h * stride_doh
     RelH += b * stride_hb + h * stride_hh
     RelW += b * stride_wb + h * stride_wh
-    Stats += bh * Nq * 2
+    LSE += bh * Nq
     Delta += bh * Nq
 
     dk = tl.zeros((BLOCK_KROWS * BLOCK_KW, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_KROWS * BLOCK_KW, BLOCK_D), dtype=tl.float32)
     for start_m in range(0, Nq, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M).to(tl.int64)
-        q, do, m, log2_l, delta = _load_query_block(Q, DO, Stats, Delta, offs_m, offs_d, Nq, D, stride_qm,
-                                                    stride_qd, stride_dom, stride_dod)
+        q, do, m, log2_l, delta = _load_query_block(Q, DO, LSE, Delta, offs_m, offs_d, Nq, D, stride_qm,
+                                                    stride_qd, stride_dom, stride_dod, stride_lse)
         rh = _rel_rows(RelH, offs_m, row0, Nq, kh, stride_hm, stride_hr, BLOCK_KROWS)
         rw = _rel_cols(RelW, offs_m, Nq, kw, stride_wm, stride_wc, BLOCK_KW)
         s = _scores(q, k, rh, rw, key_valid, sm_scale, PRECISION, DOT_UPCAST, BLOCK_M, BLOCK_KROWS, BLOCK_KW)
@@ -372,7 +374,7 @@ def _rel_pos_attention_bwd_dq_kernel(
     RelH,  # (B|1, H|1, Nq, kh), stride 0 on broadcast dims
     RelW,  # (B|1, H|1, Nq, kw), stride 0 on broadcast dims
     DO,  # (B, H, Nq, D)
-    Stats,  # (B * H, Nq, 2) fp32
+    LSE,  # (2, B * H, Nq) fp32: the forward's row max and log(l)
     Delta,  # (B * H, Nq) fp32
     DQ,  # (B, H, Nq, D) out
     DRelH,  # (B * H, Nq, kh) fp32 out, contiguous
@@ -405,6 +407,7 @@ def _rel_pos_attention_bwd_dq_kernel(
     stride_dqh,
     stride_dqm,
     stride_dqd,
+    stride_lse,  # B * H * Nq: offset of the log(l) plane
     H,
     Nq,
     kh,
@@ -434,9 +437,9 @@ def _rel_pos_attention_bwd_dq_kernel(
     d_mask = offs_d < D
     m_mask = offs_m < Nq
     q, do, m, log2_l, delta = _load_query_block(Q + b * stride_qb + h * stride_qh,
-                                                DO + b * stride_dob + h * stride_doh, Stats + bh * Nq * 2,
+                                                DO + b * stride_dob + h * stride_doh, LSE + bh * Nq,
                                                 Delta + bh * Nq, offs_m, offs_d, Nq, D, stride_qm, stride_qd,
-                                                stride_dom, stride_dod)
+                                                stride_dom, stride_dod, stride_lse)
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
     RelH += b * stride_hb + h * stride_hh
@@ -500,17 +503,17 @@ def rel_pos_attention_fwd(q, k, v, rel_h, rel_w, dropout_p, seed, scale):
         dropout_p: probability of dropping an attention weight; seed: Philox seed (int).
         scale: softmax scale.
     Returns:
-        out (B, H, Nq, D) in a (B, Nq, H, D) buffer; stats (B, H, Nq, 2) fp32: each row's max score m and
-        log(sum(exp(s - m))), -inf both for a row with no visible key.
+        out (B, H, Nq, D) in a (B, Nq, H, D) buffer; lse (2, B, H, Nq) fp32: each row's max score m (-inf for a
+        row with no visible key) and log(sum(exp(s - m))) (0 then).
     """
     B, H, Nq, D = q.shape
     kh, kw = rel_h.shape[3], rel_w.shape[3]
     out = _bnhd_empty(B, H, Nq, D, q)
-    stats = torch.empty((B, H, Nq, 2), dtype=torch.float32, device=q.device)
+    lse = torch.empty((2, B, H, Nq), dtype=torch.float32, device=q.device)
     seed, thresh, dscale = _dropout_args(dropout_p, seed)
     block_d, kw_pad = _block_d(D), triton.next_power_of_2(kw)
-    args = (q, k, v, rel_h, rel_w, out, stats, *q.stride(), *k.stride(), *v.stride(), *_strides4(rel_h, B, H),
-            *_strides4(rel_w, B, H), *out.stride(), H, Nq, kh, kw, D, scale, seed, thresh, dscale,
+    args = (q, k, v, rel_h, rel_w, out, lse, *q.stride(), *k.stride(), *v.stride(), *_strides4(rel_h, B, H),
+            *_strides4(rel_w, B, H), *out.stride(), lse.stride(0), H, Nq, kh, kw, D, scale, seed, thresh, dscale,
             tune_bucket(Nq), tune_bucket(kh * kw))
     consts = dict(HAS_DROPOUT=dropout_p > 0, PRECISION=dot_precision(q), DOT_UPCAST=upcast_bf16(q),
                   BLOCK_KW=kw_pad, BLOCK_D=block_d)
@@ -521,15 +524,15 @@ def rel_pos_attention_fwd(q, k, v, rel_h, rel_w, dropout_p, seed, scale):
     else:
         grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]) * B * H,)  # noqa: E731
         launch(_fwd_autotuned(block_d, kw_pad), grid, *args, **consts)
-    return out, stats
+    return out, lse
 
 
-def rel_pos_attention_bwd(dout, q, k, v, rel_h, rel_w, out, stats, dropout_p, seed, scale):
+def rel_pos_attention_bwd(dout, q, k, v, rel_h, rel_w, out, lse, dropout_p, seed, scale):
     """Launches the backward kernels.
 
     Args:
         dout, out: (B, H, Nq, D); q, k, v, rel_h, rel_w, dropout_p, seed, scale: as in `rel_pos_attention_fwd`;
-            stats: its (B, H, Nq, 2) output.
+            lse: its (2, B, H, Nq) output.
     Returns:
         dq, dk, dv like q, k, v (in (B, N, H, D) buffers); drel_h, drel_w in the shapes and dtypes of rel_h and
         rel_w (summed over their broadcast dims).
@@ -537,6 +540,7 @@ def rel_pos_attention_bwd(dout, q, k, v, rel_h, rel_w, out, stats, dropout_p, se
     B, H, Nq, D = q.shape
     kh, kw = rel_h.shape[3], rel_w.shape[3]
     Nk = kh * kw
+    lse = lse.contiguous()
     block_d, kw_pad = _block_d(D), triton.next_power_of_2(kw)
     if not compiled(q):
         dkdv_config = dq_config = dict(BLOCK_M=_INTERPRET_BLOCK, BLOCK_KROWS=_krows(_INTERPRET_BLOCK, kw_pad))
@@ -556,13 +560,13 @@ def rel_pos_attention_bwd(dout, q, k, v, rel_h, rel_w, out, stats, dropout_p, se
                   BLOCK_KW=kw_pad, BLOCK_D=block_d)
     launch(
         _rel_pos_attention_bwd_dkdv_kernel, (triton.cdiv(kh, dkdv_config["BLOCK_KROWS"]) * B * H,),
-        q, k, v, rel_h, rel_w, dout, stats, delta, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), *rel_strides, *dout.stride(), *dk.stride(), *dv.stride(),
+        q, k, v, rel_h, rel_w, dout, lse, delta, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *rel_strides, *dout.stride(), *dk.stride(), *dv.stride(), lse.stride(0),
         H, Nq, kh, kw, D, scale, seed, thresh, dscale, **common, **dkdv_config)
     launch(
         _rel_pos_attention_bwd_dq_kernel, (triton.cdiv(Nq, dq_config["BLOCK_M"]) * B * H,),
-        q, k, v, rel_h, rel_w, dout, stats, delta, dq, drel_h, drel_w,
-        *q.stride(), *k.stride(), *v.stride(), *rel_strides, *dout.stride(), *dq.stride(),
+        q, k, v, rel_h, rel_w, dout, lse, delta, dq, drel_h, drel_w,
+        *q.stride(), *k.stride(), *v.stride(), *rel_strides, *dout.stride(), *dq.stride(), lse.stride(0),
         H, Nq, kh, kw, D, scale, seed, thresh, dscale, **common, **dq_config)
     return (dq, dk, dv, drel_h.sum_to_size(rel_h.shape).to(rel_h.dtype),
             drel_w.sum_to_size(rel_w.shape).to(rel_w.dtype))
