@@ -14,10 +14,9 @@
 // row: rel_h[i, row] + the contiguous rel_w[i, columns] vector), with the row max, the online softmax (running max
 // and sum) on whole rows, and O += P @ V. Backward: an item per batch * head, so that its dK and dV accumulate
 // without races: for each query block and key block it recomputes P = exp((S - m) - log l) from the saved
-// statistics, forms dP = dO @ V^T and
-// dS = P * (dP - rowsum(dO * O)), and reduces dS row by row into drel_h (sums over each key-grid row) and drel_w
-// (over each column) while it is in cache; dQ += dS @ K, dK += dS^T @ Q, dV += P^T @ dO, with dS^T and P^T read in
-// place through strides.
+// statistics, forms dP = dO @ V^T and dS = P * (dP - rowsum(dO * O)), and reduces dS row by row into drel_h (sums
+// over each key-grid row) and drel_w (over each column) while it is in cache; dQ += dS @ K, dK += dS^T @ Q,
+// dV += P^T @ dO, with dS^T and P^T read in place through strides.
 //
 // The GEMMs are register-tiled here (see "GEMMs" below) rather than calls to ATen's CPU GEMM, which repacks its
 // operands on every call of a block-sized product.
