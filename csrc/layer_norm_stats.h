@@ -7,6 +7,9 @@
 // error is relative to the spread of the row, not to its mean, so adding them back corrects both statistics.
 // A constant row gets its own value as the mean exactly (v - mu0 is exact, and so are its sum and the
 // correction), hence v - mean = 0 exactly: LayerNorm returns exactly the bias and a zero weight gradient.
+// A finite row whose squared deviations overflow (|v| around 1e19 and up in fp32) gets var = inf, so rstd = 0 and
+// LayerNorm returns the bias, as ATen's does, where sq - dev^2 / N would be inf - inf (NaN, and the clamp at 0
+// would make rstd 1 / sqrt(eps), outputs of 1e32).
 // The same formula is written for Triton in vitfast/triton/layer_norm.py (`row_stats`), for CUDA in
 // kernels/layer_norm.cu and for PyTorch in vitfast/ops/layer_norm.py (`_row_stats`).
 #pragma once
@@ -16,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <utility>
 
 namespace vitfast {
@@ -83,7 +87,7 @@ C10_ALWAYS_INLINE RowStats<T> row_stats(const T* C10_RESTRICT v, int64_t N, T ep
   const T inv_n = N > 0 ? T(1) / static_cast<T>(N) : T(0);
   const T mu0 = row_sum(v, N) * inv_n;
   const auto [dev, sq] = row_dev_sq(v, mu0, N);
-  const T var = std::max(T(0), (sq - dev * dev * inv_n) * inv_n);
+  const T var = sq == std::numeric_limits<T>::infinity() ? sq : std::max(T(0), (sq - dev * dev * inv_n) * inv_n);
   return {mu0 + dev * inv_n, T(1) / std::sqrt(var + eps)};
 }
 

@@ -142,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_embed_fwd(
       slots.zero_();
     }
   }
-  if (M == 0) return {out, images.new_empty({0}), mean, rstd};
+  if (M == 0) return {out, (has_norm && store_z) ? images.new_empty({0, E}) : images.new_empty({0}), mean, rstd};
 
   const at::Tensor w2 = weight.reshape({E, -1});
   const at::Tensor patches = patches_of(images, ph, pw);

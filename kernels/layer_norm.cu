@@ -211,7 +211,9 @@ __global__ void __launch_bounds__(RowMapping<TPR>::kBlockThreads) _layer_norm_fw
     }
     row_sum<TPR>(dev_sq, red[1]);
     const float mu = mu0 + dev_sq[0] * inv_n;
-    const float rs = rsqrtf(fmaxf((dev_sq[1] - dev_sq[0] * dev_sq[0] * inv_n) * inv_n, 0.f) + eps);
+    // Squared deviations that overflow give var = inf (rstd 0, y = bias), as csrc/layer_norm_stats.h.
+    const float var = fmaxf((dev_sq[1] - dev_sq[0] * dev_sq[0] * inv_n) * inv_n, 0.f);
+    const float rs = dev_sq[1] == INFINITY ? 0.f : rsqrtf(var + eps);
 
 #pragma unroll
     for (int it = 0; it < ITERS; ++it) {

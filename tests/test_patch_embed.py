@@ -107,6 +107,22 @@ def test_strided_images_and_no_bias(backend, device):
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("backend,device", CASES)
+@pytest.mark.parametrize("norm", [False, True], ids=["no-norm", "norm"])
+def test_empty_batch(backend, device, norm):
+    """B = 0, with and without the fused LayerNorm: empty tokens and zero gradients (the cpp forward returned a
+    pre-norm buffer of the wrong shape there, which broke the backward)."""
+    images = torch.randn(0, 3, 8, 8, device=device)
+    weight = torch.randn(5, 3, 4, 4, device=device, requires_grad=True)
+    nw, nb = (torch.randn(5, device=device, requires_grad=True) for _ in range(2))
+    with vitfast.use_backend(backend):
+        y = vitfast.patch_embed(images, weight, None, 4, norm_weight=nw if norm else None,
+                                norm_bias=nb if norm else None)
+        assert y.shape == (0, 4, 5)
+        grads = torch.autograd.grad(y.sum(), (weight, nw, nb) if norm else (weight,))
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+
+
 def test_bad_inputs_raise_clear_errors():
     x = torch.randn(1, 3, 30, 32)
     w = torch.randn(8, 3, 8, 8)

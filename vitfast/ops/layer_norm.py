@@ -35,11 +35,13 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
 def _row_stats(x: Tensor, eps: float) -> tuple:
     """Mean and 1 / sqrt(var + eps) of the rows of x (M, N) in x's dtype, by the corrected two-pass algorithm of
     csrc/layer_norm_stats.h (Chan, Golub, LeVeque 1983), which every kernel that normalizes rows uses: accurate
-    for rows with a large mean and exact for constant rows (LN(x) is then exactly the bias)."""
+    for rows with a large mean and exact for constant rows (LN(x) is then exactly the bias); var = inf where the
+    squared deviations overflow (the row becomes the bias, as in ATen's LayerNorm)."""
     mu0 = x.mean(-1, keepdim=True)
     d = x - mu0
     dev = d.mean(-1)
-    var = (d.square().mean(-1) - dev * dev).clamp_min(0.0)
+    sq = d.square().mean(-1)
+    var = (sq - dev * dev).clamp_min(0.0).masked_fill(sq == float("inf"), float("inf"))
     return mu0[:, 0] + dev, torch.rsqrt(var + eps)
 
 
