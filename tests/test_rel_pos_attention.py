@@ -125,12 +125,11 @@ def test_huge_finite_bias_is_plain_arithmetic(backend, device, value):
         torch.testing.assert_close(g, p, rtol=1e-4, atol=1e-5, msg=lambda m: f"{backend} {name}: {m}")
 
 
-@pytest.mark.parametrize("fwd,bwd", [(a.values[0], b.values[0]) for a in CASES for b in CASES
-                                     if a.values != b.values and a.values[1] == b.values[1]])
-def test_backends_share_the_saved_state(fwd, bwd):
-    """The saved (out, lse) of one backend's forward serve another's backward: the gradients equal that backend's
-    own (a row whose every key is at finfo.min included, where the saved statistics matter most)."""
-    device = next(c.values[1] for c in CASES if c.values[0] == fwd)
+@pytest.mark.parametrize("fwd,bwd,device", [(a.values[0], b.values[0], a.values[1]) for a in CASES for b in CASES
+                                            if a.values != b.values and a.values[1] == b.values[1]])
+def test_backends_share_the_saved_state(fwd, bwd, device):
+    """The saved (out, lse) of one backend's forward serve another's backward on the same device: the gradients
+    equal that backend's own (a row whose every key is at finfo.min included, where the saved statistics matter)."""
     q, k, v, rh, rw = _inputs(2, 2, (3, 4), (3, 5), 16, torch.float32, device=device)
     rh[1, 0, 4] = torch.finfo(torch.float32).min
     dout = torch.randn_like(q)
