@@ -155,6 +155,20 @@ def test_empty_input(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", CASES)
+def test_empty_normalized_shape(backend, device):
+    """A normalized size of 0 gives the empty output and empty gradients, as F.layer_norm (it raised a reshape
+    error)."""
+    x = torch.randn(3, 2, 0, device=device, requires_grad=True)
+    r = torch.randn(3, 2, 0, device=device, requires_grad=True)
+    w = torch.randn(0, device=device, requires_grad=True)
+    with vitfast.use_backend(backend):
+        y, s = vitfast.layer_norm(x, 0, w, w, residual=r)
+        grads = torch.autograd.grad(y.sum() + s.sum(), (x, r, w))
+    assert y.shape == s.shape == (3, 2, 0)
+    assert [g.shape for g in grads] == [x.shape, r.shape, w.shape]
+
+
+@pytest.mark.parametrize("backend,device", CASES)
 def test_many_rows(backend, device):
     """More rows than a grid dimension's 65535 blocks."""
     x = torch.randn(70_000, 2, device=device, requires_grad=True)

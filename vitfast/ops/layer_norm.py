@@ -235,9 +235,9 @@ def layer_norm(x: Tensor, normalized_shape: Union[int, Sequence[int]], weight: O
         x, residual = x.to(s_dtype), residual.to(s_dtype)
     _check_param("weight", weight, x, shape)
     _check_param("bias", bias, x, shape)
-    n = math.prod(shape)
-    x2 = _unit_inner_stride(x.reshape(-1, n))
-    r2 = _unit_inner_stride(residual.reshape(-1, n)) if residual is not None else None
+    n, rows = math.prod(shape), math.prod(x.shape[:x.dim() - len(shape)])
+    x2 = _unit_inner_stride(x.reshape(rows, n))
+    r2 = _unit_inner_stride(residual.reshape(rows, n)) if residual is not None else None
     w = weight.reshape(n) if weight is not None else None
     b = bias.reshape(n) if bias is not None else None
     y, s, _, _ = _layer_norm_op(x2, w, b, r2, float(eps))

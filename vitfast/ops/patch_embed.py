@@ -404,8 +404,8 @@ def patch_embed(images: Tensor, weight: Tensor, bias: Optional[Tensor], patch_si
         NHWC.
 
     Raises:
-        ValueError: images not 4-D or not floating point; a weight that does not match the channels and patch
-            size; an image smaller than one patch (the convolution rejects it too); a parameter of another shape,
+        ValueError: images not 4-D or not floating point; a patch size below 1; a weight that does not match the
+            channels and patch size; no channels (C = 0) or no embedding dims (E = 0); an image smaller than one patch (the convolution rejects it too); a parameter of another shape,
             dtype or device; a pos_embed whose rows fit neither the tokens nor a square grid.
         NotImplementedError: an input with a forward-mode AD tangent (torch.func.jvp, torch.autograd.forward_ad).
     """
@@ -417,6 +417,8 @@ def patch_embed(images: Tensor, weight: Tensor, bias: Optional[Tensor], patch_si
     if not images.is_floating_point():
         raise ValueError(f"vitfast.patch_embed: images must be floating point, got {images.dtype}")
     B, C, H, W = images.shape
+    if ph < 1 or pw < 1:
+        raise ValueError(f"vitfast.patch_embed: patch_size must be positive, got {(ph, pw)}")
     if weight.dim() != 4 or weight.shape[1] != C or tuple(weight.shape[2:]) != (ph, pw):
         raise ValueError(f"vitfast.patch_embed: weight must be (E, {C}, {ph}, {pw}) for {C}-channel images and "
                          f"patch {(ph, pw)}, got {tuple(weight.shape)}")
@@ -426,6 +428,9 @@ def patch_embed(images: Tensor, weight: Tensor, bias: Optional[Tensor], patch_si
     if H < ph or W < pw:
         raise ValueError(f"vitfast.patch_embed: image size ({H}, {W}) is smaller than the patch size ({ph}, {pw})")
     E = weight.shape[0]
+    if C == 0 or E == 0:
+        raise ValueError(f"vitfast.patch_embed: images {tuple(images.shape)} and weight {tuple(weight.shape)} must "
+                         f"have at least one channel and one embedding dim (F.conv2d gives no tokens or raises)")
     for name, t in (("bias", bias), ("norm_weight", norm_weight), ("norm_bias", norm_bias)):
         _check_vec(name, t, images, E)
     Hp, Wp = H // ph, W // pw
