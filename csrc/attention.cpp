@@ -101,7 +101,12 @@ bool fits_aten(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
   if (is_causal && causal_offset != 0) return false;
   double bound = max_abs(q) * max_abs(k) * static_cast<double>(q.size(3)) * std::abs(scale);
   if (!(bound < kAtenMaxScore) || max_abs(v) == kInf) return false;
-  if (present(mask) && mask->scalar_type() != at::kBool) bound += mask_bound(*mask);
+  if (present(mask) && mask->scalar_type() != at::kBool) {
+    // ATen's kernel reads the mask in the dtype of q: a float mask wider than a float16 / bfloat16 q would be
+    // rounded to it (the other paths add it in op-math precision).
+    if (mask->scalar_type() != q.scalar_type() && q.scalar_type() != at::toOpMathType(q.scalar_type())) return false;
+    bound += mask_bound(*mask);
+  }
   return bound < kAtenMaxScore;
 }
 

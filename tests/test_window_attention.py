@@ -255,6 +255,33 @@ def test_window_larger_than_map_is_clamped_and_unshifted(backend, device):
     torch.testing.assert_close(b, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend,device", CASES)
+@pytest.mark.parametrize("H,W", [(0, 9), (9, 0), (0, 0)])
+def test_empty_map(backend, device, H, W):
+    """A map with no rows or no columns gives the empty output and zero gradients, with the window clamped or not
+    (the clamp made the window 0 and divided by it)."""
+    qkv = torch.randn(2, H, W, 3, 2, 4, device=device, requires_grad=True)
+    table = torch.randn(49, 2, device=device, requires_grad=True)
+    with vitfast.use_backend(backend):
+        for clamp in (True, False):
+            out = vitfast.window_attention(qkv, table, 4, 2, clamp_window=clamp)
+            assert out.shape == (2, H, W, 8)
+            dqkv, dtable = torch.autograd.grad(out.sum(), (qkv, table))
+            assert dqkv.shape == qkv.shape and torch.equal(dtable, torch.zeros_like(dtable))
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+def test_qkv_pad_is_taken_in_qkv_dtype(backend, device):
+    """A qkv_pad wider than qkv (float64 for bfloat16 qkv) gives exactly the result of the pad cast to qkv's dtype,
+    the values the qkv Linear gives padding pixels (the Triton interpreter's float64 -> bfloat16 cast was wrong)."""
+    qkv, table, _, _ = _inputs(1, 9, 10, 2, 8, 4, torch.bfloat16, device)
+    pad = torch.randn(48, dtype=torch.float64, device=device)
+    with vitfast.use_backend(backend):
+        got = vitfast.window_attention(qkv, table, 4, 2, qkv_pad=pad)
+        want = vitfast.window_attention(qkv, table, 4, 2, qkv_pad=pad.to(torch.bfloat16))
+    assert torch.equal(got, want)
+
+
 def test_torchvision_drops_the_shift_but_pads():
     """torchvision does not clamp: a 7 x 7 map with window 7 and shift 3 is one unshifted window."""
     x = torch.randn(1, 7, 7, 32)
@@ -282,6 +309,21 @@ def test_bad_inputs_raise_clear_errors():
         vitfast.window_attention(qkv, torch.randn(169, 2), 7, 3, logit_scale=torch.zeros(3))
     with vitfast.use_backend("triton"), pytest.raises(ValueError, match="float64"):
         vitfast.window_attention(qkv.double(), torch.randn(169, 2, dtype=torch.float64), 7, 3)
+    for ws in (0, (7, -1)):
+        with pytest.raises(ValueError, match="window_size must be positive"):
+            vitfast.window_attention(qkv, torch.randn(169, 2), ws)
+    with pytest.raises(ValueError, match="window_size must be positive"):
+        vitfast.shifted_window_attention(x, torch.randn(90, 30), torch.randn(30, 30), torch.randn(169, 5), 0, 5, 0)
+    with pytest.raises(ValueError, match=r"\(1, 14, 14, 3, 2, 0\) needs at least one head and a head dim"):
+        vitfast.window_attention(torch.randn(1, 14, 14, 3, 2, 0), torch.randn(169, 2), 7)
+    with pytest.raises(ValueError, match="qkv_pad must be 48 .*got \\(47,\\)"):
+        vitfast.window_attention(qkv, torch.randn(169, 2), 7, 3, qkv_pad=torch.randn(47))
+    for p in (1.0, 1.5, -0.5, float("nan")):
+        with pytest.raises(ValueError, match=r"attention_dropout must be in \[0, 1\)"):
+            vitfast.window_attention(qkv, torch.randn(169, 2), 7, 3, attention_dropout=p)
+        with pytest.raises(ValueError, match=r"attention_dropout must be in \[0, 1\)"):
+            vitfast.shifted_window_attention(x, torch.randn(90, 30), torch.randn(30, 30), torch.randn(169, 5), 7, 5,
+                                             3, attention_dropout=p)
 
 
 def test_float64_on_torch_backend_gradcheck():

@@ -75,6 +75,13 @@ def _pair(v: IntPair, name: str) -> list:
     return p
 
 
+def _window_pair(v: IntPair, what: str) -> list:
+    ws = _pair(v, "window_size")
+    if min(ws) < 1:
+        raise ValueError(f"vitfast.{what}: window_size must be positive, got {v!r}")
+    return ws
+
+
 def relative_position_index(window_size: IntPair) -> Tensor:
     """(N*N,) int64: Swin's index into the (num_rel, heads) bias table for each token pair of a window."""
     wh, ww = _pair(window_size, "window_size")
@@ -454,9 +461,15 @@ def _draw_seed(p: float) -> int:
 
 
 def _attention_core(qkv: Tensor, bias: Tensor, window_size: list, shift_size: list, qkv_pad: Optional[Tensor],
-                    logit_scale: Optional[Tensor], softmax_scale: float, dropout_p: float, what: str) -> Tensor:
+                    logit_scale: Optional[Tensor], softmax_scale: Optional[float], dropout_p: float,
+                    what: str) -> Tensor:
     _backend.check_no_forward_ad(what, qkv, bias, qkv_pad, logit_scale)
     B, H, W, three, heads, D = qkv.shape
+    if heads == 0 or D == 0:
+        raise ValueError(f"vitfast.{what}: qkv (B, H, W, 3, heads, D) = {tuple(qkv.shape)} needs at least one head "
+                         f"and a head dim of at least 1")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"vitfast.{what}: attention_dropout must be in [0, 1), got {dropout_p}")
     N = window_size[0] * window_size[1]
     num_rel = (2 * window_size[0] - 1) * (2 * window_size[1] - 1)
     if bias.dim() == 2:
@@ -475,7 +488,12 @@ def _attention_core(qkv: Tensor, bias: Tensor, window_size: list, shift_size: li
                              f"{tuple(logit_scale.shape)}")
         scale = torch.clamp(logit_scale, max=math.log(100.0)).exp().reshape(heads).float()
     if qkv_pad is not None:
-        qkv_pad = qkv_pad.reshape(3, heads, D).contiguous()
+        if qkv_pad.numel() != 3 * heads * D or qkv_pad.device != qkv.device or not qkv_pad.is_floating_point():
+            raise ValueError(f"vitfast.{what}: qkv_pad must be {3 * heads * D} (3 * heads * D) floating-point values "
+                             f"on {qkv.device}, got {tuple(qkv_pad.shape)} {qkv_pad.dtype} on {qkv_pad.device}")
+        # the q, k, v of a padding pixel, in qkv's dtype as the Linear that makes qkv gives them
+        qkv_pad = qkv_pad.reshape(3, heads, D).to(qkv.dtype).contiguous()
+    softmax_scale = D ** -0.5 if softmax_scale is None else softmax_scale
     out, _ = _window_attention_op(_unit_inner_stride(qkv), bias, qkv_pad, scale, list(window_size), list(shift_size),
                                   float(softmax_scale), float(dropout_p), _draw_seed(dropout_p))
     return out
@@ -494,11 +512,11 @@ def window_attention(qkv: Tensor, relative_position_bias: Tensor, window_size: I
             (heads, N, N) / (1, heads, N, N) bias; any strides, any float dtype, added in fp32.
         window_size, shift_size: int or (h, w) pair.
         qkv_pad: (3 * heads * D,) values of q, k, v at padding pixels (the qkv Linear's bias: Swin pads the
-            input before the projection), any stride, or None for zeros.
+            input before the projection), any stride and float dtype (taken in qkv's dtype), or None for zeros.
         logit_scale: Swin-V2 cosine attention: the raw per-head parameter (heads elements); scores are
             cos(q, k) * exp(min(logit_scale, log 100)). None: scaled dot product.
         softmax_scale: dot-product scale, default D ** -0.5.
-        attention_dropout, training: dropout on the attention probabilities (when training); refused
+        attention_dropout, training: dropout on the attention probabilities (when training), in [0, 1); refused
             (RuntimeError) inside CUDA graph capture, where every replay would reuse the host-drawn seed.
         clamp_window: Swin's rule: when min(H, W) <= the window, the window shrinks to min(H, W) per axis
             and the shift is dropped (a table for the full window is cropped to the small one). Without
@@ -511,11 +529,14 @@ def window_attention(qkv: Tensor, relative_position_bias: Tensor, window_size: I
     vitfast.triton.common).
 
     Returns:
-        (B, H, W, heads * D) in qkv's dtype (the region's dtype under autocast), contiguous.
+        (B, H, W, heads * D) in qkv's dtype (the region's dtype under autocast), contiguous; empty for an empty
+        batch or map.
 
     Raises:
         ValueError: qkv not (B, H, W, 3, heads, D) or not floating point, a bias of another shape, dtype or
-            device, a logit_scale without one element per head, a shift outside [0, window).
+            device, a logit_scale without one element per head, a window_size below 1, a shift outside [0, window),
+            no heads or a head dim of 0, a qkv_pad of another size or device, attention_dropout outside [0, 1)
+            when training.
         NotImplementedError: an input with a forward-mode AD tangent (torch.func.jvp, torch.autograd.forward_ad).
     """
     if qkv.dim() != 6 or qkv.shape[3] != 3:
@@ -523,9 +544,9 @@ def window_attention(qkv: Tensor, relative_position_bias: Tensor, window_size: I
     if not qkv.is_floating_point():
         raise ValueError(f"vitfast.window_attention: qkv must be floating point, got {qkv.dtype}")
     B, H, W, _, heads, D = qkv.shape
-    ws, shift = _pair(window_size, "window_size"), _pair(shift_size, "shift_size")
+    ws, shift = _window_pair(window_size, "window_attention"), _pair(shift_size, "shift_size")
     table = relative_position_bias
-    if clamp_window and min(H, W) <= max(ws):
+    if clamp_window and 0 < min(H, W) <= max(ws):
         small = [min(ws[0], H, W), min(ws[1], H, W)]
         if small != ws and not _fits(table, small, heads):
             table = _crop_bias(table, ws, small, heads)
@@ -537,8 +558,7 @@ def window_attention(qkv: Tensor, relative_position_bias: Tensor, window_size: I
             raise ValueError(f"vitfast.window_attention: shift_size {tuple(shift)} must be in [0, window) for window "
                              f"{tuple(ws)}")
     p = attention_dropout if training else 0.0
-    return _attention_core(qkv, table, ws, shift, qkv_pad, logit_scale,
-                           D ** -0.5 if softmax_scale is None else softmax_scale, p, "window_attention")
+    return _attention_core(qkv, table, ws, shift, qkv_pad, logit_scale, softmax_scale, p, "window_attention")
 
 
 def _fits(bias: Tensor, ws: list, heads: int) -> bool:
@@ -587,10 +607,10 @@ def shifted_window_attention(input: Tensor, qkv_weight: Tensor, proj_weight: Ten
     if input.dim() != 4:
         raise ValueError(f"vitfast.shifted_window_attention: input must be (B, H, W, C), got {tuple(input.shape)}")
     B, H, W, C = input.shape
-    if C % num_heads != 0:
+    if num_heads < 1 or C % num_heads != 0:
         raise ValueError(f"vitfast.shifted_window_attention: channels C={C} must be divisible by num_heads="
                          f"{num_heads}")
-    ws, shift = _pair(window_size, "window_size"), _pair(shift_size, "shift_size")
+    ws, shift = _window_pair(window_size, "shifted_window_attention"), _pair(shift_size, "shift_size")
     pad_H, pad_W = math.ceil(H / ws[0]) * ws[0], math.ceil(W / ws[1]) * ws[1]
     if ws[0] >= pad_H:
         shift[0] = 0
@@ -602,6 +622,6 @@ def shifted_window_attention(input: Tensor, qkv_weight: Tensor, proj_weight: Ten
     qkv = F.linear(input, qkv_weight, qkv_bias).view(B, H, W, 3, num_heads, D)
     needs_pad = qkv_bias is not None and (pad_H != H or pad_W != W)
     x = _attention_core(qkv, relative_position_bias, ws, shift, qkv_bias if needs_pad else None, logit_scale,
-                        D ** -0.5, attention_dropout if training else 0.0, "shifted_window_attention")
+                        None, attention_dropout if training else 0.0, "shifted_window_attention")
     x = F.linear(x, proj_weight, proj_bias)
     return F.dropout(x, p=dropout, training=training)
