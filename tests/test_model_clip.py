@@ -52,6 +52,18 @@ def test_clip_backends_agree(kernel, device):
         torch.testing.assert_close(g, ref_grads[name], rtol=1e-3, atol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
+def test_left_padding_is_finite_on_every_backend():
+    """A caption whose first tokens are padding: their rows see no key (causal and padding masks together);
+    every backend gives them zeros, not NaN (eager's softmax gave NaN, which then reached every token)."""
+    eager = CLIP(24, TINY_VISION, TINY_TEXT, backend="eager").eval()
+    ids, mask = _text_batch()
+    mask[0, :2] = 0
+    outs = {b: set_backend(copy.deepcopy(eager), b).encode_text(ids, mask) for b in ("eager", "sdpa", "vitfast")}
+    assert torch.isfinite(outs["eager"]).all()
+    for b in ("sdpa", "vitfast"):
+        torch.testing.assert_close(outs[b], outs["eager"], rtol=1e-5, atol=1e-5)
+
+
 def test_sdpa_backend_combines_causal_and_padding_masks():
     eager = CLIP(24, TINY_VISION, TINY_TEXT, backend="eager").eval()
     ids, mask = _text_batch()

@@ -117,5 +117,41 @@ def test_timm_per_stage_window_is_refused():
     # 14x14 images, patch 2, window 7: stage 2's 4x4 map shrinks timm's window (and bias table) to 4x4.
     theirs = timm.models.swin_transformer.SwinTransformer(img_size=14, patch_size=2, embed_dim=16, depths=(2, 2),
                                                           num_heads=(2, 2), window_size=7, num_classes=3)
-    with pytest.raises(ValueError, match="per-stage window sizes"):
+    with pytest.raises(ValueError, match="per-stage or non-square windows"):
         swin_from_timm(theirs)
+
+
+def test_timm_variants_without_a_torchvision_layout_are_refused():
+    """Configurations whose weights or windows torchvision's layout cannot hold raise, naming the setting (they
+    loaded silently wrong, or raised IndexError / TypeError / a state-dict size mismatch)."""
+    from _optional_libs import import_or_skip
+
+    timm = import_or_skip("timm")
+    base = dict(img_size=16, patch_size=2, depths=(2, 2), num_heads=(2, 4), window_size=4, num_classes=3)
+    swin = timm.models.swin_transformer.SwinTransformer
+    for model, match in [(swin(embed_dim=16, always_partition=True, **base), "always_partition"),
+                         (swin(embed_dim=16, head_dim=4, **base), "qkv width 24"),
+                         (timm.models.swin_transformer_v2.SwinTransformerV2(embed_dim=16, **base),
+                          "expects timm.models.swin_transformer.SwinTransformer, got .*SwinTransformerV2")]:
+        with pytest.raises(ValueError, match=match):
+            swin_from_timm(model)
+
+
+def test_transformers_variants_that_do_not_convert_are_refused():
+    transformers = pytest.importorskip("transformers")
+    base = dict(image_size=32, embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=4)
+    with pytest.raises(ValueError, match="use_absolute_embeddings=True"):
+        swin_from_transformers(transformers.SwinModel(transformers.SwinConfig(patch_size=2,
+                                                                              use_absolute_embeddings=True, **base)))
+    with pytest.raises(ValueError, match=r"square patch_size .*\(2, 4\)"):
+        swin_from_transformers(transformers.SwinModel(transformers.SwinConfig(patch_size=(2, 4), **base)))
+    with pytest.raises(ValueError, match="expects a transformers SwinModel, got SwinForImageClassification"):
+        swin_from_transformers(transformers.SwinForImageClassification(transformers.SwinConfig(patch_size=2,
+                                                                                               **base)))
+
+
+@pytest.mark.parametrize("backend", ["vitfast", "sdpa", "eager"])
+def test_empty_batch(backend):
+    """B = 0 gives (0, num_classes) on every model backend (the vitfast patch embedding's view raised)."""
+    model = SwinTransformer(**TINY, backend=backend).eval()
+    assert model(torch.randn(0, 3, 14, 14)).shape == (0, 3)

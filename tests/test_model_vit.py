@@ -76,6 +76,22 @@ def test_bad_backend_and_head_count():
         VisionTransformer(**{**TINY, "num_heads": 3})
 
 
+def test_other_image_sizes_resample_pos_embed_like_timm():
+    """The vitfast backend resamples the position embedding for another image size as timm's dynamic_img_size
+    does, also where the new patch count equals the table's rows (a 48x24 image: 18 patches, the 2 + 16 rows of a
+    distilled 32 px DeiT), which the op alone would read as a table without prefix rows."""
+    from _optional_libs import import_or_skip
+
+    timm = import_or_skip("timm")
+    base = dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=5)
+    theirs = timm.models.deit.VisionTransformerDistilled(**base, dynamic_img_size=True).double().eval()
+    mine = VisionTransformer(**base, distilled=True).double().eval()
+    mine.load_state_dict(theirs.state_dict())
+    for size in ((40, 40), (48, 24)):
+        images = torch.randn(2, 3, *size, dtype=torch.float64)
+        torch.testing.assert_close(mine(images), theirs(images), rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("distilled", [False, True])
 def test_timm_state_dict_loads_as_is(distilled):
     from _optional_libs import import_or_skip

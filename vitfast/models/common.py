@@ -29,7 +29,8 @@ def attend(backend: str, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]
         s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
-    return F.dropout(s.softmax(-1), dropout_p) @ v
+    p = s.softmax(-1).masked_fill(torch.isneginf(s).all(-1, keepdim=True), 0.0)  # a row seeing no key: zeros
+    return F.dropout(p, dropout_p) @ v
 
 
 class LayerNorm(nn.LayerNorm):

@@ -60,7 +60,7 @@ class PatchEmbed(nn.Sequential):
         p = conv.kernel_size[0]
         tokens = vitfast.patch_embed(images, conv.weight, conv.bias, p, norm_weight=norm.weight, norm_bias=norm.bias,
                                      eps=norm.eps)
-        return tokens.view(B, H // p, W // p, -1)
+        return tokens.view(B, H // p, W // p, conv.out_channels)
 
 
 class ShiftedWindowAttention(_FusedWindowAttention):
@@ -215,14 +215,32 @@ def _own_buffers(model: SwinTransformer) -> dict:
 
 def swin_from_transformers(hf_model: nn.Module, num_classes: int = 1, backend: str = "vitfast") -> SwinTransformer:
     """A SwinTransformer with the weights of a Hugging Face SwinModel (transformers 5 names); the head stays
-    randomly initialised."""
+    randomly initialised. Only configurations torchvision's layout holds convert: GELU, qkv bias, layer_norm_eps
+    1e-5, no absolute position embedding, a square patch. The converted model follows torchvision's rules, which
+    give Hugging Face's outputs on images whose sides are multiples of the patch and on stage maps that are square
+    or larger than the window; elsewhere they differ: Hugging Face pads the image to whole patches (torchvision's
+    convolution drops the remainder) and, where min(H, W) of a map is at most the window, shrinks the window to it
+    and drops the shift on both axes (torchvision drops it per axis, on an axis the window covers).
+
+    Raises:
+        ValueError: a model that is not a SwinModel (e.g. SwinForImageClassification: pass its `.swin`) or a
+            configuration outside the above.
+    """
     cfg = hf_model.config
+    sd = hf_model.state_dict()
+    if "embeddings.patch_embeddings.projection.weight" not in sd:
+        raise ValueError(f"swin_from_transformers expects a transformers SwinModel, got {type(hf_model).__name__} "
+                         f"(for SwinForImageClassification pass its .swin)")
     if cfg.hidden_act != "gelu" or not cfg.qkv_bias or cfg.layer_norm_eps != 1e-5:
         raise ValueError(f"only GELU, qkv_bias=True and layer_norm_eps=1e-5 Swin configs convert, got "
                          f"{cfg.hidden_act!r}, {cfg.qkv_bias}, {cfg.layer_norm_eps}")
+    if getattr(cfg, "use_absolute_embeddings", False):
+        raise ValueError("Hugging Face Swin with an absolute position embedding (use_absolute_embeddings=True) "
+                         "does not convert")
+    if not isinstance(cfg.patch_size, int):
+        raise ValueError(f"only a square patch_size (an int) converts, got {cfg.patch_size!r}")
     model = SwinTransformer(cfg.patch_size, cfg.embed_dim, cfg.depths, cfg.num_heads, cfg.window_size, cfg.mlp_ratio,
                             num_classes, cfg.num_channels, backend=backend)
-    sd = hf_model.state_dict()
     out = {"features.0.0.weight": sd["embeddings.patch_embeddings.projection.weight"],
            "features.0.0.bias": sd["embeddings.patch_embeddings.projection.bias"],
            "features.0.2.weight": sd["embeddings.norm.weight"], "features.0.2.bias": sd["embeddings.norm.bias"],
@@ -253,7 +271,15 @@ def swin_from_timm(timm_model: nn.Module, backend: str = "vitfast") -> SwinTrans
     position embedding, GELU, qkv bias, LayerNorm eps 1e-5, and the same window in every stage (timm shrinks a
     window that covers the whole map, with a smaller bias table; torchvision pads the map instead). On maps that are
     multiples of the window (every standard config) the outputs are timm's; on others they are torchvision's, which
-    pads before the cyclic shift where timm shifts first."""
+    pads before the cyclic shift where timm shifts first.
+
+    Raises:
+        ValueError: a model other than timm's SwinTransformer (V1), or a configuration outside the above (also
+            always_partition, per-stage embedding widths, a head_dim other than dim / heads, a non-square patch).
+    """
+    cls = f"{type(timm_model).__module__}.{type(timm_model).__qualname__}"
+    if cls != "timm.models.swin_transformer.SwinTransformer":
+        raise ValueError(f"swin_from_timm expects timm.models.swin_transformer.SwinTransformer, got {cls}")
     sd = timm_model.state_dict()
     if "absolute_pos_embed" in sd:
         raise ValueError("timm Swin with an absolute position embedding (ape=True) does not convert")
@@ -261,11 +287,24 @@ def swin_from_timm(timm_model: nn.Module, backend: str = "vitfast") -> SwinTrans
     side = int(math.isqrt(tables[0][1]))
     window = (side + 1) // 2
     if any(n != side * side for _, n in tables):
-        raise ValueError(f"timm Swin with per-stage window sizes does not convert: bias tables "
+        raise ValueError(f"timm Swin with per-stage or non-square windows does not convert: bias tables "
                          f"{[(k, n) for k, n in tables]} (expected {side * side} rows, window {window}, everywhere)")
     stages = timm_model.layers
     first = stages[0].blocks[0]
     dim = first.norm1.normalized_shape[0]
+    kernel = tuple(timm_model.patch_embed.proj.kernel_size)
+    if kernel[0] != kernel[1]:
+        raise ValueError(f"timm Swin with a non-square patch {kernel} does not convert")
+    for i, stage in enumerate(stages):
+        for block in stage.blocks:
+            width = block.norm1.normalized_shape[0]
+            if width != dim * 2 ** i or block.attn.qkv.out_features != 3 * width:
+                raise ValueError(f"timm Swin stage {i} has width {width} and qkv width {block.attn.qkv.out_features}"
+                                 f"; only widths embed_dim * 2**stage ({dim * 2 ** i}) and head_dim = width / heads "
+                                 f"convert")
+            if getattr(block, "always_partition", False):
+                raise ValueError("timm Swin with always_partition=True (full windows and shifts on maps the window "
+                                 "covers) does not convert")
     norms = [m for m in timm_model.modules() if isinstance(m, nn.LayerNorm)]
     if not isinstance(first.mlp.act, nn.GELU) or first.attn.qkv.bias is None or any(n.eps != 1e-5 for n in norms):
         raise ValueError(f"only GELU, qkv_bias=True and LayerNorm eps=1e-5 timm Swin models convert, got "

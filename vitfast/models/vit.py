@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 import vitfast
 from vitfast.models.common import LayerNorm, attend, check_backend, set_backend
+from vitfast.ops.patch_embed import resample_pos_embed
 
 SIZES = {  # name: (embed_dim, depth, num_heads)
     "tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16),
@@ -69,6 +70,9 @@ class PatchEmbed(nn.Module):
 
     def forward(self, images: Tensor, prefix: Tensor, pos_embed: Tensor) -> Tensor:
         if self.backend == "vitfast":
+            grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
+            if grid != (self.grid, self.grid):  # resampled here, where the prefix rows are known to be there
+                pos_embed = resample_pos_embed(pos_embed, grid, (self.grid, self.grid), prefix.shape[1])
             return vitfast.patch_embed(images, self.proj.weight, self.proj.bias, self.patch_size,
                                        pos_embed=pos_embed, prefix_tokens=prefix)
         x = self.proj(images).flatten(2).transpose(1, 2)

@@ -384,6 +384,9 @@ def patch_embed(images: Tensor, weight: Tensor, bias: Optional[Tensor], patch_si
         patch_size: int or (ph, pw); must equal the kernel's spatial size (stride = kernel).
         pos_embed: (1, rows, E) or (rows, E), any strides: rows == P + L covers prefix and patch tokens,
             rows == L only the patch tokens; another square grid is resampled (cached, see the module docstring).
+            Where rows == L and rows - P is also a square grid (a table with prefix rows for another grid whose
+            patch count happens to equal rows), it is read as patch rows only: pass such a table resampled to
+            P + L rows (resample_pos_embed) instead.
         num_prefix_tokens: P, the prefix slots at the front of the output (taken from prefix_tokens if given).
         prefix_tokens: (P, E) or (1, P, E) (class, distillation tokens), any strides, broadcast over the batch;
             None leaves the P slots zero (plus their positional rows).
