@@ -427,6 +427,46 @@ def test_mlp_with_hooks_or_swapped_layers_runs_its_own_calls():
         torch.testing.assert_close(mlp(x), original(x))
 
 
+class _Scaled(nn.Module):
+    """A wrapper standing in for a LoRA layer: the wrapped module's output, changed."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x) * 1.5
+
+
+def test_hooks_and_swapped_submodules_take_the_original_path():
+    """Patched modules read their submodules' parameters directly (a Swin block's qkv and proj, a patch
+    embedding's conv, a LayerNorm fused into it): where such a submodule carries a hook that changes its output, or
+    was wrapped after patching, the patched module runs its original forward, so the outputs, gradients and hook
+    calls are the original model's (the hooks were skipped and the outputs differed)."""
+    timm = import_or_skip("timm")
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=16, patch_size=2,
+                              embed_dim=16, depths=(2,), num_heads=(2,), window_size=4, num_classes=5).double().eval()
+    original = copy.deepcopy(model)
+    vitfast.patch_model(model)
+    images = torch.randn(2, 3, 16, 16, dtype=torch.float64)  # float64: rounding far below a skipped hook's effect
+    calls = {"original": 0, "patched": 0}
+    for key, m in (("original", original), ("patched", model)):
+        for sub in (m.patch_embed.proj, m.patch_embed.norm, m.layers[0].blocks[1].attn.qkv):
+            sub.register_forward_hook(lambda mod, i, o, key=key: calls.__setitem__(key, calls[key] + 1) or o * 1.5)
+    with vitfast.use_backend("cpp"):
+        out, grads = _run(model, images), torch.autograd.grad(_run(model, images).sum(), list(model.parameters()))
+    ref, ref_grads = _run(original, images), torch.autograd.grad(_run(original, images).sum(),
+                                                                 list(original.parameters()))
+    torch.testing.assert_close(out, ref)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+    assert calls["patched"] == calls["original"] > 0
+    for m in (original, model):
+        m.layers[0].blocks[0].attn.proj = _Scaled(m.layers[0].blocks[0].attn.proj)
+    with vitfast.use_backend("cpp"):
+        torch.testing.assert_close(_run(model, images), _run(original, images))
+
+
 def test_cpu_choice_fuses_large_mlp_outputs_without_grad(monkeypatch):
     """On CPU without grad a patched MLP calls vitfast.linear_gelu exactly where fc1's output reaches 32 MiB (in
     the dtype autocast gives it), and matches the original there; with grad it runs the original calls."""

@@ -17,7 +17,9 @@ a LayerNorm input whose dtype differs from its weight under autocast) calls the 
 so does one whose vitfast op measured slower than the original code for that device and mode
 (integrations/cpu_choice.py: on CPU tensors LayerNorm and attention always run ATen, patch embedding runs ATen
 without grad, the MLP's Linear + GELU runs vitfast only without grad and for outputs of 32 MiB or more); the report
-says what each kind runs on CPU.
+says what each kind runs on CPU. A patched module whose submodules carry hooks, or were swapped since patching (a
+LoRA wrapper, a parametrization), runs its original forward too, since the patched paths read the submodules'
+parameters directly.
 """
 import functools
 import math
@@ -187,19 +189,16 @@ def _has_hooks(module: nn.Module) -> bool:
 
 
 def mlp_fc1(x: Tensor, fc1: nn.Module, act: nn.Module) -> Tensor:
-    """act(fc1(x)) for an MLP's first layer: one vitfast.linear_gelu call, or the modules' own calls where cpu_choice
-    says ATen (the output's size counts in the dtype autocast gives it), where x's dtype differs from the weight's
-    outside autocast (F.linear's error), or where the modules are no longer a plain nn.Linear and a GELU or carry
-    hooks (weight_norm's pre-hook, a user's forward hook), which only their own calls run."""
-    approximate = gelu_approximate(act)
-    if type(fc1) is not nn.Linear or approximate is None or _has_hooks(fc1) or _has_hooks(act):
-        return act(fc1(x))
+    """act(fc1(x)) for an MLP's first layer (a plain nn.Linear and a GELU, as mlp_check and the guard of the
+    patched method keep them): one vitfast.linear_gelu call, or the modules' own calls where cpu_choice says ATen
+    (the output's size counts in the dtype autocast gives it) or where x's dtype differs from the weight's outside
+    autocast (F.linear's error)."""
     autocast = torch.is_autocast_enabled(x.device.type)
     itemsize = torch.get_autocast_dtype(x.device.type).itemsize if autocast else x.element_size()
     out_bytes = math.prod(x.shape[:-1]) * fc1.out_features * itemsize
     if runs_original("linear_gelu", x, out_bytes) or (x.dtype != fc1.weight.dtype and not autocast):
         return act(fc1(x))
-    return linear_gelu(x, fc1.weight, fc1.bias, approximate)
+    return linear_gelu(x, fc1.weight, fc1.bias, gelu_approximate(act))
 
 
 def mlp_check(module: nn.Module, fc1: str = "fc1", act: str = "act") -> Optional[str]:
@@ -257,11 +256,28 @@ _SUSPECT = re.compile(r"Attention|LayerNorm|PatchEmbed")
 _NO_ADAPTER = "no vitfast adapter for this class"
 
 
+def _layout(module: nn.Module) -> tuple:
+    return tuple((name, type(m)) for name, m in module.named_modules() if name)
+
+
+def _guarded(module: nn.Module, name: str, fn: Callable, layout: tuple, *args, **kwargs):
+    """The patched method `fn`, or the class's own where a submodule now carries hooks (a user's forward hook,
+    weight_norm's pre-hook) or was swapped since patching (a LoRA wrapper): the patched methods read submodules'
+    parameters directly, which would skip those hooks and wrappers."""
+    if _layout(module) != layout or any(_has_hooks(m) for m in module.modules() if m is not module):
+        return getattr(type(module), name)(module, *args, **kwargs)
+    return fn(module, *args, **kwargs)
+
+
 def _bind(module: nn.Module, kind: str, methods: Dict[str, Callable]) -> None:
     # functools.partial rather than types.MethodType: a bound method pickles as getattr(module, fn.__name__),
-    # which does not exist on the module; a partial pickles (and deep-copies) with a reference to the module
+    # which does not exist on the module; a partial pickles (and deep-copies) with a reference to the module.
+    # Methods the class has are guarded (_guarded); helpers the adapter adds are called only from those.
+    layout = _layout(module)
     for name, fn in methods.items():
-        object.__setattr__(module, name, functools.partial(fn, module))
+        bound = (functools.partial(_guarded, module, name, fn, layout) if hasattr(type(module), name)
+                 else functools.partial(fn, module))
+        object.__setattr__(module, name, bound)
     object.__setattr__(module, _MARK, (kind, tuple(methods)))
 
 
