@@ -82,15 +82,68 @@ def test_clip_text_padding_and_causal_mask(backend, device):
     assert not torch.allclose(unmasked[1, 6:], masked[1, 6:], atol=1e-4)
 
 
-@pytest.mark.parametrize("backend,device", CASES)
-def test_detr_self_and_cross_attention_with_padding(backend, device):
+def test_output_attentions_runs_the_eager_attention():
+    """output_attentions=True on the vitfast implementation runs the model's own eager attention: CLIP's text
+    weights with its causal and padding masks (the causal one left to is_causal by the SDPA mask function), its
+    vision weights, and a patched Swin's (its fused layer's fallback); it raised before."""
+    text = dict(vocab_size=99, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=16)
+    vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    eager, mine = _pair(transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision,
+                                                                       projection_dim=16)))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, 5:] = 0
+    inputs = {"input_ids": torch.randint(1, 98, (2, 9)), "attention_mask": mask,
+              "pixel_values": torch.randn(2, 3, 32, 32), "output_attentions": True}
+    want, got = eager(**inputs), mine(**inputs)
+    for part in ("text_model_output", "vision_model_output"):
+        for a, b in zip(getattr(got, part).attentions, getattr(want, part).attentions, strict=True):
+            torch.testing.assert_close(a, b)
+    swin = transformers.SwinModel(transformers.SwinConfig(image_size=36, patch_size=2, embed_dim=16, depths=[2, 2],
+                                                          num_heads=[2, 2], window_size=4)).eval()
+    swin.set_attn_implementation("eager")
+    patched = copy.deepcopy(swin)
+    vitfast.patch_model(patched)
+    x = torch.randn(1, 3, 36, 36)
+    want, got = swin(pixel_values=x, output_attentions=True), patched(pixel_values=x, output_attentions=True)
+    assert want.attentions
+    for a, b in zip(got.attentions, want.attentions, strict=True):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state)
+
+
+def _detr():
+    """A tiny DetrModel with a transformers ResNet backbone (whose own attention implementation is eager)."""
     config = transformers.DetrConfig(
         use_timm_backbone=False, use_pretrained_backbone=False,
         backbone_config=dict(model_type="resnet", depths=[1] * 4, hidden_sizes=[16] * 4, embedding_size=16,
                              out_features=["stage4"]),
         d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
         encoder_ffn_dim=48, decoder_ffn_dim=48, num_queries=5, dropout=0.0, attention_dropout=0.0)
-    model = transformers.DetrModel(config)
+    return transformers.DetrModel(config)
+
+
+def test_unpatch_restores_each_sub_config():
+    """unpatch_model gives each sub-model its own previous implementation back: DETR's ResNet backbone was eager,
+    and restoring the top model's sdpa on it raised, leaving the model half restored."""
+    model = _detr()
+
+    def implementations():
+        return {n: m.config._attn_implementation for n, m in model.named_modules()
+                if isinstance(m, transformers.PreTrainedModel)}
+    before = implementations()
+    assert set(before.values()) == {"sdpa", "eager"}, before
+    vitfast.patch_model(model)
+    assert set(implementations().values()) == {"vitfast"}
+    vitfast.unpatch_model(model)
+    assert implementations() == before
+    assert not any(hasattr(m, "_vitfast_patch") for m in model.modules())
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+def test_detr_self_and_cross_attention_with_padding(backend, device):
+    model = _detr()
     pixel_mask = torch.ones(2, 96, 128, dtype=torch.long)
     pixel_mask[1, :, 64:] = 0
     inputs = {"pixel_values": torch.randn(2, 3, 96, 128), "pixel_mask": pixel_mask}

@@ -15,6 +15,7 @@ calls that ask for the attention weights take the original path; and to the MLPs
 ViTDet, whose first Linear + GELU becomes vitfast.linear_gelu (CLIP's default quick_gelu is left, with the reason).
 """
 import functools
+import sys
 from typing import Optional
 
 import torch
@@ -33,10 +34,13 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                       attention_mask, dropout: float = 0.0, scaling=None, is_causal=None, **kwargs):
     """transformers' attention signature: q, k, v (B, H, S, D) in; (B, S, H, D) out, and no weights. Where
     integrations/cpu_choice.py says ATen is faster (CPU tensors), transformers' own SDPA path runs instead (the
-    masks are the SDPA ones either way)."""
+    masks are the SDPA ones either way). A call that asks for the attention weights (output_attentions) or passes
+    a position_bias or softcap runs the module's own eager_attention_forward (its modeling file's), with the mask
+    made additive as eager expects; a module without one raises ValueError."""
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    is_causal = bool(query.shape[2] > 1 and attention_mask is None and is_causal)
     if kwargs.get("output_attentions") or kwargs.get("position_bias") is not None or kwargs.get("softcap"):
-        raise ValueError("vitfast attention returns no attention weights and takes no position_bias or softcap; "
-                         "use attn_implementation='eager' for these")
+        return _eager(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
     if runs_original("attention", query):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -46,10 +50,22 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     if groups > 1:
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
-    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    is_causal = bool(query.shape[2] > 1 and attention_mask is None and is_causal)
     out = attention(query, key, value, attention_mask, is_causal=is_causal, scale=scaling, dropout_p=dropout)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _eager(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs):
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if eager is None:
+        raise ValueError(f"vitfast attention returns no attention weights and takes no position_bias or softcap, "
+                         f"and {type(module).__name__}'s modeling file has no eager_attention_forward to run them; "
+                         f"use attn_implementation='eager'")
+    if attention_mask is None and is_causal:  # the SDPA mask function leaves a plain causal mask to is_causal
+        attention_mask = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device).tril()
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill_(
+            ~attention_mask, torch.finfo(query.dtype).min)
+    return eager(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
 def register(name: str = NAME) -> None:
@@ -109,10 +125,10 @@ def patch(model: torch.nn.Module, prefix: str, attention: bool = True, window_at
         records.append(Left(prefix, cls, "the model does not use transformers' AttentionInterface"))
     else:
         register()
-        previous = model.config._attn_implementation
+        previous = _implementations(model.config)
         model.set_attn_implementation(NAME)
         model.__dict__["_vitfast_attn_previous"] = previous
-        records.append(Patched(prefix, cls, "attention", f"attn_implementation {previous!r} -> {NAME!r}"))
+        records.append(Patched(prefix, cls, "attention", f"attn_implementation {previous['']!r} -> {NAME!r}"))
     for name, module in model.named_modules():
         if qualname(module) != _SWIN_LAYER:
             continue
@@ -124,6 +140,17 @@ def patch(model: torch.nn.Module, prefix: str, attention: bool = True, window_at
         records.append(Patched(full, _SWIN_LAYER, "window_attention",
                                "pad/roll/partition/mask/attention -> one fused vitfast.window_attention"))
     return records
+
+
+def _implementations(config) -> dict:
+    """The attention implementation of `config` and of each sub-config, nested as set_attn_implementation takes
+    them (a DETR's backbone or a CLIP's towers may differ from the top model)."""
+    out = {"": config._attn_implementation}
+    for key in config.sub_configs:
+        sub = getattr(config, key, None)
+        if sub is not None:
+            out[key] = _implementations(sub)
+    return out
 
 
 def unpatch(model: torch.nn.Module) -> int:
