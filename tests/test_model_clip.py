@@ -156,3 +156,7 @@ def test_open_clip_variants_without_a_vitfast_layout_are_refused():
     theirs.logit_bias = torch.nn.Parameter(torch.zeros(()))  # SigLIP's
     with pytest.raises(ValueError, match="a logit bias"):
         clip_from_open_clip(theirs)
+    theirs = _open_clip(True)
+    theirs.text_projection = None  # proj_type="none"
+    with pytest.raises(ValueError, match="no text projection"):
+        clip_from_open_clip(theirs)

@@ -108,6 +108,8 @@ def test_loader_rejects_what_it_cannot_convert():
         encoder_ffn_dim=48, decoder_ffn_dim=48, num_queries=5, num_labels=3)
     with pytest.raises(ValueError, match="position_embedding_type = 'learned'"):
         detr_from_transformers(transformers.DetrForObjectDetection(config))
+    with pytest.raises(ValueError, match="expects a DetrForObjectDetection .*got DetrModel"):
+        detr_from_transformers(transformers.DetrModel(config))
 
 
 def _detection_loss(out, labels, boxes):

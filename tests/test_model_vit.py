@@ -59,6 +59,11 @@ def test_weights_from_transformers(family):
     for backend in ("eager", "vitfast"):
         model = vit_from_transformers(hf, backend=backend)
         torch.testing.assert_close(model.forward_features(images), ref, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match=f"expects a ViTModel or DeiTModel, got {family}ForImageClassification"):
+        vit_from_transformers(getattr(transformers, f"{family}ForImageClassification")(config))
+    config.image_size = (32, 48)
+    with pytest.raises(ValueError, match=r"only square images and patches .*\(32, 48\)"):
+        vit_from_transformers(getattr(transformers, f"{family}Model")(config))
 
 
 def test_training_lowers_the_loss_like_eager():

@@ -271,8 +271,8 @@ def _open_clip_tower(tower: nn.Module, name: str) -> dict:
 def clip_from_open_clip(oc_model: nn.Module, backend: str = "vitfast") -> CLIP:
     """A CLIP with the weights of an open_clip `CLIP` (the ViT image tower and the built-in text tower, as in
     ViT-B-32/B-16/L-14 and their quickgelu variants). Refused with a ValueError: attentional pooling, average
-    pooling, no pre-LayerNorm, layer scale, patch dropout, a logit bias (SigLIP), a text projection with bias, a
-    bidirectional text tower, and pooling at an eos id of 2 (which transformers' rule reads as argmax)."""
+    pooling, no pre-LayerNorm, layer scale, patch dropout, a logit bias (SigLIP), a text projection with bias or
+    none, no image projection, a bidirectional text tower, and pooling at an eos id of 2 (which transformers' rule reads as argmax)."""
     visual = oc_model.visual
     problems = [what for what, bad in (
         ("an image tower that is not open_clip's VisionTransformer", type(visual).__name__ != "VisionTransformer"),
@@ -283,6 +283,8 @@ def clip_from_open_clip(oc_model: nn.Module, backend: str = "vitfast") -> CLIP:
         ("a logit bias", getattr(oc_model, "logit_bias", None) is not None),
         ("a text tower of its own class (CustomTextCLIP)", not hasattr(oc_model, "token_embedding")),
         ("a text projection with bias", isinstance(getattr(oc_model, "text_projection", None), nn.Linear)),
+        ("no text projection (proj_type 'none')", getattr(oc_model, "text_projection", None) is None),
+        ("no image projection (proj_type 'none')", getattr(visual, "proj", None) is None),
         ("a bidirectional text tower", getattr(oc_model, "attn_mask", None) is None),
         ("text pooling other than argmax or eos", getattr(oc_model, "text_pool_type", "") not in ("argmax", "eos")),
     ) if bad]

@@ -342,6 +342,9 @@ def detr_from_transformers(hf_model: nn.Module, backend: str = "vitfast") -> DET
     output; this model follows the original DETR (the LayerNorm only on the outputs), so its predictions match
     transformers' when auxiliary_loss is False (the released checkpoints' setting)."""
     cfg = hf_model.config
+    if not hasattr(hf_model, "bbox_predictor"):
+        raise ValueError(f"detr_from_transformers expects a DetrForObjectDetection (the heads are converted too), "
+                         f"got {type(hf_model).__name__}")
     bb = cfg.backbone_config
     if getattr(bb, "model_type", None) != "resnet":
         raise ValueError("only DETR with transformers' ResNet backbone (use_timm_backbone=False) is supported")

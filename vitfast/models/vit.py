@@ -127,6 +127,12 @@ def vit_from_transformers(hf_model: nn.Module, num_classes: int = 0, backend: st
     names; older checkpoints are renamed by transformers when it loads them). The heads stay randomly
     initialised with max(num_classes, 1) outputs."""
     cfg = hf_model.config
+    if not hasattr(hf_model, "embeddings"):
+        raise ValueError(f"vit_from_transformers expects a ViTModel or DeiTModel, got {type(hf_model).__name__} "
+                         f"(for a ...ForImageClassification pass its .vit or .deit)")
+    if not isinstance(cfg.image_size, int) or not isinstance(cfg.patch_size, int):
+        raise ValueError(f"only square images and patches (int image_size and patch_size) convert, got "
+                         f"{cfg.image_size!r} and {cfg.patch_size!r}")
     distilled = getattr(hf_model.embeddings, "distillation_token", None) is not None
     model = VisionTransformer(cfg.image_size, cfg.patch_size, cfg.num_channels, max(num_classes, 1), cfg.hidden_size,
                               cfg.num_hidden_layers, cfg.num_attention_heads, cfg.intermediate_size / cfg.hidden_size,
