@@ -98,6 +98,20 @@ def test_other_image_sizes_resample_pos_embed_like_timm():
 
 
 @pytest.mark.parametrize("distilled", [False, True])
+def test_headless_timm_state_dict_loads_as_is(distilled):
+    """num_classes=0: no heads, the pooled tokens, as timm's headless models (a (B, 0) output before)."""
+    from _optional_libs import import_or_skip
+
+    timm = import_or_skip("timm")
+    cls = timm.models.deit.VisionTransformerDistilled if distilled else timm.models.vision_transformer.VisionTransformer
+    theirs = cls(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=1.5, num_classes=0).eval()
+    mine = VisionTransformer(distilled=distilled, **{**TINY, "num_classes": 0}).eval()
+    mine.load_state_dict(theirs.state_dict())
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(mine(images), theirs(images), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("distilled", [False, True])
 def test_timm_state_dict_loads_as_is(distilled):
     from _optional_libs import import_or_skip
 

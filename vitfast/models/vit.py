@@ -83,7 +83,10 @@ class VisionTransformer(nn.Module):
     """ViT, or DeiT with `distilled=True` (class + distillation tokens, two heads averaged at inference).
 
     forward(images (B, C, H, W)) -> logits (B, num_classes); training DeiT returns (cls logits, dist logits).
-    forward_features returns the normalized tokens (B, prefix + patches, embed_dim).
+    With num_classes=0 the heads are nn.Identity (timm's headless models, whose state dicts load): the pooled
+    tokens (B, embed_dim) come out instead. forward_features returns the normalized tokens (B, prefix + patches,
+    embed_dim). timm state dicts carry no pooling or activation: models with timm's global_pool='avg' or another
+    act_layer load without error but compute something else (class-token pooling and GELU here).
     """
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
@@ -100,8 +103,9 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.Sequential(*[Block(embed_dim, num_heads, mlp_ratio, qkv_bias, eps, backend)
                                       for _ in range(depth)])
         self.norm = LayerNorm(embed_dim, eps=eps)
-        self.head = nn.Linear(embed_dim, num_classes)
-        self.head_dist = nn.Linear(embed_dim, num_classes) if distilled else None
+        head = (lambda: nn.Linear(embed_dim, num_classes)) if num_classes > 0 else nn.Identity
+        self.head = head()
+        self.head_dist = head() if distilled else None
         set_backend(self, backend)
 
     @classmethod
