@@ -74,6 +74,18 @@ def test_grid_problem_names_each_dimension_over_the_limit():
     assert "1 to 3 dimensions" in common.grid_problem((1, 1, 1, 1))
 
 
+def test_int32_head_offsets_copies_only_a_head_dim_whose_offsets_pass_2_pow_31():
+    """The attention kernels' head-dim offsets are int32: a view whose head dim is outermost in a huge tensor (so
+    (D - 1) * stride(-1) passes 2**31) is copied to unit stride, every other layout is read in place (meta
+    tensors: no memory behind the strides)."""
+    wide = torch.empty_strided((1, 2, 3, 64), (3, 3, 1, 2**26), device="meta")  # 63 * 2**26 > 2**31
+    edge = torch.empty_strided((1, 2, 3, 65), (3, 3, 1, 2**25), device="meta")  # 64 * 2**25 = 2**31
+    fits = torch.empty_strided((1, 2, 3, 64), (3, 3, 1, 2**25), device="meta")  # 63 * 2**25 < 2**31
+    got = common.int32_head_offsets(wide, edge, fits)
+    assert got[0].stride(-1) == 1 and got[1].stride(-1) == 1
+    assert got[2] is fits
+
+
 def test_usable_configs_never_leave_a_spilling_config_beside_one_that_does_not_spill():
     configs = ["a", "b", "c", "d"]
     assert common.usable_configs(configs, [12, 0, None, 0]) == ["b", "d"]  # spill-free ones only

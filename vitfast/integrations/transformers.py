@@ -158,7 +158,9 @@ def unpatch(model: torch.nn.Module) -> int:
     previous = model.__dict__.pop("_vitfast_attn_previous", None)
     if previous is None:
         return 0
-    model.set_attn_implementation(previous)
+    # through the config's setter, which takes the nested values as they were (None for a sub-config never set,
+    # which set_attn_implementation refuses); sub-models share these config objects
+    model.config._attn_implementation = previous
     return 1
 
 

@@ -32,7 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from vitfast.triton.common import autotune, compiled, dot, dot_precision, launch, tune_bucket, upcast_bf16
+from vitfast.triton.common import (autotune, compiled, dot, dot_precision, int32_head_offsets, launch, tune_bucket,
+                                   upcast_bf16)
 
 MAX_HEAD_DIM = 256
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -589,6 +590,7 @@ def attention_fwd(q, k, v, bias, dropout_p, seed, is_causal, causal_offset, scal
         out (B, H, Nq, D) in a (B, Nq, H, D) buffer; lse (2, B, H, Nq) fp32: each row's score max m and
         log(sum exp(s - m)), (-inf, 0) for a row that sees no key.
     """
+    q, k, v = int32_head_offsets(q, k, v)
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     out = _bnhd_empty(B, H, Nq, D, q)
@@ -621,6 +623,7 @@ def attention_bwd(dout, q, k, v, out, lse, bias, dropout_p, seed, is_causal, cau
     Returns:
         dq, dk, dv like q, k, v (in (B, N, H, D) buffers); dbias of the bias's shape and dtype, or empty.
     """
+    dout, q, k, v, out = int32_head_offsets(dout, q, k, v, out)
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     block_d = _block_d(D)

@@ -118,6 +118,12 @@ def dot_precision(t: torch.Tensor) -> str:
     return "tf32" if t.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
+def int32_head_offsets(*tensors: torch.Tensor) -> tuple:
+    """The tensors, each one whose head-dim offsets (offs_d * stride(-1), int32 in the attention kernels) could
+    pass 2**31 replaced by a contiguous copy: a head dim outermost in memory (a permuted view of a huge tensor)."""
+    return tuple(t.contiguous() if t.stride(-1) * max(t.shape[-1] - 1, 0) > 2**31 - 1 else t for t in tensors)
+
+
 def num_sms(t: torch.Tensor) -> int:
     """Streaming multiprocessors of t's GPU (of the target under compile_only)."""
     if _target is not None:

@@ -30,7 +30,8 @@ import triton.language as tl
 
 from vitfast.triton.attention import (_attention_bwd_preprocess_kernel, _block_d, _bnhd_empty, _dropout_args,
                                       _dropout_keep)
-from vitfast.triton.common import autotune, compiled, dot, dot_precision, launch, tune_bucket, upcast_bf16
+from vitfast.triton.common import (autotune, compiled, dot, dot_precision, int32_head_offsets, launch, tune_bucket,
+                                   upcast_bf16)
 
 # Hopper (H100/H200) forward configurations per padded head dim: (BLOCK_M, BLOCK_N, num_warps, num_stages), where
 # BLOCK_N is a target: a tile is BLOCK_KROWS = max(1, BLOCK_N // BLOCK_KW) whole key rows.
@@ -506,6 +507,7 @@ def rel_pos_attention_fwd(q, k, v, rel_h, rel_w, dropout_p, seed, scale):
         out (B, H, Nq, D) in a (B, Nq, H, D) buffer; lse (2, B, H, Nq) fp32: each row's max score m (-inf for a
         row with no visible key) and log(sum(exp(s - m))) (0 then).
     """
+    q, k, v = int32_head_offsets(q, k, v)
     B, H, Nq, D = q.shape
     kh, kw = rel_h.shape[3], rel_w.shape[3]
     out = _bnhd_empty(B, H, Nq, D, q)
@@ -537,6 +539,7 @@ def rel_pos_attention_bwd(dout, q, k, v, rel_h, rel_w, out, lse, dropout_p, seed
         dq, dk, dv like q, k, v (in (B, N, H, D) buffers); drel_h, drel_w in the shapes and dtypes of rel_h and
         rel_w (summed over their broadcast dims).
     """
+    dout, q, k, v, out = int32_head_offsets(dout, q, k, v, out)
     B, H, Nq, D = q.shape
     kh, kw = rel_h.shape[3], rel_w.shape[3]
     Nk = kh * kw
