@@ -58,10 +58,16 @@ def test_left_padding_is_finite_on_every_backend():
     eager = CLIP(24, TINY_VISION, TINY_TEXT, backend="eager").eval()
     ids, mask = _text_batch()
     mask[0, :2] = 0
-    outs = {b: set_backend(copy.deepcopy(eager), b).encode_text(ids, mask) for b in ("eager", "sdpa", "vitfast")}
-    assert torch.isfinite(outs["eager"]).all()
+    outs, grads = {}, {}
+    for b in ("eager", "sdpa", "vitfast"):
+        model = set_backend(copy.deepcopy(eager), b)
+        outs[b] = model.encode_text(ids, mask)
+        grads[b] = torch.autograd.grad(outs[b].sum(), list(model.text.parameters()))
+    assert torch.isfinite(outs["eager"]).all() and all(torch.isfinite(g).all() for g in grads["eager"])
     for b in ("sdpa", "vitfast"):
         torch.testing.assert_close(outs[b], outs["eager"], rtol=1e-5, atol=1e-5)
+        for g, r in zip(grads[b], grads["eager"]):
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
 
 
 def test_sdpa_backend_combines_causal_and_padding_masks():

@@ -272,7 +272,8 @@ def clip_from_open_clip(oc_model: nn.Module, backend: str = "vitfast") -> CLIP:
     """A CLIP with the weights of an open_clip `CLIP` (the ViT image tower and the built-in text tower, as in
     ViT-B-32/B-16/L-14 and their quickgelu variants). Refused with a ValueError: attentional pooling, average
     pooling, no pre-LayerNorm, layer scale, patch dropout, a logit bias (SigLIP), a text projection with bias or
-    none, no image projection, a bidirectional text tower, and pooling at an eos id of 2 (which transformers' rule reads as argmax)."""
+    none, no image projection, a bidirectional text tower, and pooling at an eos id of 2 (which transformers' rule
+    reads as argmax)."""
     visual = oc_model.visual
     problems = [what for what, bad in (
         ("an image tower that is not open_clip's VisionTransformer", type(visual).__name__ != "VisionTransformer"),

@@ -29,7 +29,8 @@ def attend(backend: str, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]
         s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
-    p = s.softmax(-1).masked_fill(torch.isneginf(s).all(-1, keepdim=True), 0.0)  # a row seeing no key: zeros
+    dead = torch.isneginf(s).all(-1, keepdim=True)  # a row that sees no key: zeros, and zero gradients
+    p = s.masked_fill(dead, 0.0).softmax(-1).masked_fill(dead, 0.0)
     return F.dropout(p, dropout_p) @ v
 
 

@@ -346,7 +346,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
             stride-0 (expanded) dims, storage offsets (views of a packed qkv are read in place by the triton
             backend; the cpp backend copies a q, k or v whose last dim is strided, as ATen's kernel needs).
         attn_mask: bool (True = attend) or float (any float dtype, added to the scores in float32, float64 for
-            float64 inputs, at its own precision), broadcastable to (B, H, Nq, Nk), any strides; broadcast dims, and stride-0 (expanded) dims, are read with stride 0, never materialized.
+            float64 inputs, at its own precision), broadcastable to (B, H, Nq, Nk), any strides; broadcast dims,
+            and stride-0 (expanded) dims, are read with stride 0, never materialized.
             A float mask that requires grad gets its gradient, reduced over its broadcast dims (and, through
             autograd, over the dims it was expanded along).
         is_causal: query i sees keys j <= i (top-left alignment, as SDPA); may be combined with attn_mask.

@@ -408,8 +408,9 @@ def patch_embed(images: Tensor, weight: Tensor, bias: Optional[Tensor], patch_si
 
     Raises:
         ValueError: images not 4-D or not floating point; a patch size below 1; a weight that does not match the
-            channels and patch size; no channels (C = 0) or no embedding dims (E = 0); an image smaller than one patch (the convolution rejects it too); a parameter of another shape,
-            dtype or device; a pos_embed whose rows fit neither the tokens nor a square grid.
+            channels and patch size; no channels (C = 0) or no embedding dims (E = 0); an image smaller than one
+            patch (the convolution rejects it too); a parameter of another shape, dtype or device; a pos_embed
+            whose rows fit neither the tokens nor a square grid.
         NotImplementedError: an input with a forward-mode AD tangent (torch.func.jvp, torch.autograd.forward_ad).
     """
     _backend.check_no_forward_ad("patch_embed", images, weight, bias, pos_embed, prefix_tokens, norm_weight,
