@@ -154,6 +154,16 @@ def test_sine_position_embedding_counts_valid_pixels_only():
     torch.testing.assert_close(pos[:, 0, -1], torch.zeros(2, 4), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("backend", ["vitfast", "sdpa", "eager"])
+def test_empty_batch_with_and_without_pixel_mask(backend):
+    """B = 0 gives (0, num_queries, ...) predictions, with a pixel_mask too (its resize raised on an empty batch)."""
+    model = DETR(**TINY, backend=backend).eval()
+    images = torch.randn(0, 3, 64, 64)
+    for mask in (None, torch.ones(0, 64, 64, dtype=torch.long)):
+        out = model(images, mask)
+        assert out["pred_logits"].shape == (0, 5, 4) and out["pred_boxes"].shape == (0, 5, 4)
+
+
 def test_default_backbone_is_resnet50():
     with torch.device("meta"):  # counting only: skips initialising 23M weights
         resnet = ResNet()

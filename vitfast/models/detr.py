@@ -275,7 +275,7 @@ class DETR(nn.Module):
         else:
             if tuple(pixel_mask.shape) != (B, H, W):
                 raise ValueError(f"pixel_mask must be (B, H, W) = {(B, H, W)}, got {tuple(pixel_mask.shape)}")
-            valid = F.interpolate(pixel_mask[None].float(), size=(h, w)).to(torch.bool)[0]
+            valid = F.interpolate(pixel_mask[:, None].float(), size=(h, w)).to(torch.bool)[:, 0]
             key_mask = valid.view(B, 1, 1, h * w)
         d_model = self.query_embed.weight.shape[1]
         pos = sine_position_embedding(valid, d_model // 2, dtype=images.dtype).flatten(2).transpose(1, 2)
