@@ -4,6 +4,10 @@ Only the cpp backend runs here: the Triton kernels are interpreted under pytest 
 main job's shapes (tests/test_<op>.py cover them on small shapes)."""
 import json
 
+import pytest
+import torch
+
+import vitfast
 from vitfast.__main__ import main
 
 
@@ -21,3 +25,27 @@ def test_check_and_out(tmp_path, capsys):
 def test_info_only(capsys):
     assert main(["info"]) == 0
     assert "torch" in capsys.readouterr().out
+
+
+def test_a_wrong_gradient_fails_run_and_check(monkeypatch, capsys):
+    """Each tensor is held to its own baseline: an input gradient 0.1% off (forward and the weight gradient
+    exact) is caught, where the largest error over all tensors (the weight gradient's) hid it; run exits 1 too."""
+    real = vitfast.layer_norm
+
+    def skewed(x, *args, **kwargs):
+        return real(x + 1e-3 * (x - x.detach()), *args, **kwargs)  # the same values, dx scaled by 1.001
+    monkeypatch.setattr(vitfast, "layer_norm", skewed)
+    for command in ("run", "check"):
+        assert main([command, "--op", "layer_norm", "--backend", "cpp", "--reps", "1"]) == 1
+        printed = capsys.readouterr().out
+        assert "| NO " in printed and "exceed 2x the baseline's error: layer_norm fwd+bwd vitfast cpp" in printed
+
+
+def test_bad_flags_are_refused_clearly(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--reps", "0"])
+    assert "--reps must be at least 1, got 0" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            main(["run", "--device", "cuda"])
+        assert "this torch sees no CUDA device" in capsys.readouterr().err

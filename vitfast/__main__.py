@@ -2,11 +2,13 @@
 
 run (default): every op at its default shapes on this machine's device, forward and forward+backward, each
     available vitfast backend against the plain PyTorch baseline: max error against a float64 reference
-    (output and every gradient), median time, speedup. On a CPU the shapes are small.
-check: the same comparison, one timed repetition, and exit status 1 if any backend's error exceeds twice
-    the baseline's error in the same dtype (plus a few ulps).
+    (output and every gradient), median time (baseline and backends timed in turn, round by round, so that a
+    shared machine's drift hits them alike), speedup. On a CPU the shapes are small.
+check: the same comparison with one timed repetition (its times are not measurements).
 bench: like run, for the ops named with --op.
 info: the environment only.
+Every command but info exits with status 1 if any backend's error, in the output or any gradient, exceeds twice
+the baseline's error for that tensor in the same dtype (plus a few ulps).
 """
 import argparse
 import json
@@ -102,19 +104,22 @@ def _cases(gpu: bool) -> list:
     ]
 
 
-def _time_ms(fn: Callable, device: str, reps: int) -> float:
-    """Median wall time of `fn` in ms, synchronizing the GPU around each call."""
-    fn()  # warm-up: compilation, autotuning, caches
-    times = []
-    for _ in range(reps):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
+def _times_ms(fns: Sequence[Callable], device: str, reps: int) -> list:
+    """Median wall time of each fn in ms, the fns called in turn `reps` times after a warm-up round (compilation,
+    autotuning, caches), synchronizing the GPU around each call."""
+    for fn in fns:
         fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    times = [[] for _ in fns]
+    for _ in range(reps):
+        for fn, t in zip(fns, times):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t.append((time.perf_counter() - t0) * 1e3)
+    return [statistics.median(t) for t in times]
 
 
 def _backends(op: str, device: str) -> list:
@@ -132,40 +137,54 @@ def _registered_op(case: Case) -> str:
     return next(v for k, v in _OP_OF.items() if case.op.startswith(k))
 
 
-def _outputs(fn: Callable, inputs: tuple, grad: Sequence[int], backward: bool) -> list:
-    """fn's output, and with `backward` the gradients of <output, fixed random weights> for inputs[grad]."""
-    if not backward:
+def _outputs(fn: Callable, inputs: tuple, grad: Sequence[int], weights) -> list:
+    """fn's output, and with `weights` (None: forward only) the gradients of <output, weights> for inputs[grad]."""
+    if weights is None:
         with torch.no_grad():
             return [fn(*inputs)]
     leaves = [t.detach().requires_grad_(i in grad) for i, t in enumerate(inputs)]
     out = fn(*leaves)
-    gen = torch.Generator(device=out.device).manual_seed(0)
-    weights = torch.randn(out.shape, generator=gen, device=out.device).to(out.dtype)  # same draw in every dtype
-    return [out.detach()] + list(torch.autograd.grad(out, [leaves[i] for i in grad], weights))
+    return [out.detach()] + list(torch.autograd.grad(out, [leaves[i] for i in grad], weights.to(out.dtype)))
 
 
-def _max_err(outs: list, refs: list) -> float:
-    return max((o.double() - r).abs().max().item() for o, r in zip(outs, refs))
+def _errors(outs: list, refs: list) -> list:
+    """The max abs error of each tensor (output, then each gradient) against its float64 reference."""
+    return [(o.double() - r).abs().max().item() for o, r in zip(outs, refs)]
+
+
+def _with_backend(name: str, fn: Callable) -> Callable:
+    def run():
+        with vitfast.use_backend(name):
+            return fn()
+    return run
 
 
 def _run_case(case: Case, device: str, dtype: torch.dtype, reps: int, only: Sequence[str]) -> list:
     inputs = case.make(device, dtype)
     dt = str(dtype).replace("torch.", "")
     rows = []
+    names = [b for b in _backends(_registered_op(case), device) if not only or b in only]
     for backward in (False, True):
-        ref = _outputs(case.baseline, tuple(t.double() for t in inputs), case.grad, backward)
-        ref = [r.double() for r in ref]
-        base_ms = _time_ms(lambda: _outputs(case.baseline, inputs, case.grad, backward), device, reps)
-        base_err = _max_err(_outputs(case.baseline, inputs, case.grad, backward), ref)
-        scale = max(r.abs().max().item() for r in ref)
-        common = dict(op=case.op, shape=case.shape, dtype=dt, pass_="fwd+bwd" if backward else "fwd")
-        rows.append(dict(common, backend=case.baseline_name, max_err=base_err, ms=base_ms, speedup=1.0, ok=True))
-        for name in [b for b in _backends(_registered_op(case), device) if not only or b in only]:
+        weights = None
+        if backward:  # one draw, outside the timed calls, the same in every dtype
+            shape = case.baseline(*inputs).shape
+            weights = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
+        ref = [r.double() for r in _outputs(case.baseline, tuple(t.double() for t in inputs), case.grad, weights)]
+        base_err = _errors(_outputs(case.baseline, inputs, case.grad, weights), ref)
+        errs = []
+        for name in names:
             with vitfast.use_backend(name):
-                err = _max_err(_outputs(case.fn, inputs, case.grad, backward), ref)
-                ms = _time_ms(lambda: _outputs(case.fn, inputs, case.grad, backward), device, reps)
-            ok = err <= 2 * base_err + 8 * torch.finfo(dtype).eps * max(1.0, scale)
-            rows.append(dict(common, backend=f"vitfast {name}", max_err=err, ms=ms, speedup=base_ms / ms, ok=ok))
+                errs.append(_errors(_outputs(case.fn, inputs, case.grad, weights), ref))
+        fns = [lambda: _outputs(case.baseline, inputs, case.grad, weights)]
+        fns += [_with_backend(name, lambda: _outputs(case.fn, inputs, case.grad, weights)) for name in names]
+        base_ms, *ms = _times_ms(fns, device, reps)
+        common = dict(op=case.op, shape=case.shape, dtype=dt, pass_="fwd+bwd" if backward else "fwd")
+        rows.append(dict(common, backend=case.baseline_name, max_err=max(base_err), ms=base_ms, speedup=1.0,
+                         ok=True))
+        eps = torch.finfo(dtype).eps
+        for name, err, t in zip(names, errs, ms):
+            ok = all(e <= 2 * b + 8 * eps * max(1.0, r.abs().max().item()) for e, b, r in zip(err, base_err, ref))
+            rows.append(dict(common, backend=f"vitfast {name}", max_err=max(err), ms=t, speedup=base_ms / t, ok=ok))
     return rows
 
 
@@ -206,7 +225,8 @@ def main(argv=None) -> int:
                         help="with bench: only cases whose name starts with this (repeatable), e.g. attention")
     parser.add_argument("--backend", action="append", default=None, choices=["triton", "cuda", "cpp"],
                         help="only these vitfast backends (repeatable); default: every one available here")
-    parser.add_argument("--reps", type=int, default=None, help="timed repetitions per measurement")
+    parser.add_argument("--reps", type=int, default=None,
+                        help="timed rounds per measurement (default: 1 for check, 11 on a CPU, 20 on a GPU)")
     parser.add_argument("--out", default=None, help="also write vitfast.json, vitfast.md and vitfast.png here")
     args = parser.parse_args(argv)
 
@@ -215,11 +235,19 @@ def main(argv=None) -> int:
     if args.command == "info":
         return 0
     gpu = args.device == "cuda"
+    if gpu and not torch.cuda.is_available():
+        parser.error("--device cuda: this torch sees no CUDA device (torch.cuda.is_available() is False)")
+    if args.reps is not None and args.reps < 1:
+        parser.error(f"--reps must be at least 1, got {args.reps}")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if gpu else torch.float32)
-    reps = args.reps or (1 if args.command == "check" else 5 if not gpu else 20)
+    reps = args.reps or (1 if args.command == "check" else 20 if gpu else 11)
     cases = [c for c in _cases(gpu) if not args.op or any(c.op.startswith(o) for o in args.op)]
     if not cases:
         parser.error(f"no case matches --op {args.op}")
+    for name in args.backend or ():
+        reasons = {backend._unavailable(_registered_op(c), name, torch.device(args.device)) for c in cases}
+        if None not in reasons:
+            print(f"note: --backend {name} runs none of these cases on {args.device}: {'; '.join(sorted(reasons))}")
     torch.manual_seed(0)
     rows = []
     for i, case in enumerate(cases):
@@ -227,7 +255,8 @@ def main(argv=None) -> int:
         rows += _run_case(case, args.device, dtype, reps, args.backend or ())
     _progress(len(cases), len(cases), "done")
     header = (f"vitfast {vitfast.__version__} on {vitfast.info()['device']}, {dtype}, torch {torch.__version__}, "
-              f"{time.strftime('%Y-%m-%d')}; median of {reps}; speedup = baseline time / vitfast time")
+              f"{time.strftime('%Y-%m-%d')}; median of {reps} interleaved round(s); speedup = baseline time / "
+              f"vitfast time")
     print("\n" + header + "\n" + _table(rows))
     if args.out:
         _write_out(args.out, rows, header)
@@ -235,7 +264,7 @@ def main(argv=None) -> int:
     if bad:
         print(f"\n{len(bad)} backend result(s) exceed 2x the baseline's error: "
               + "; ".join(f"{r['op']} {r['pass_']} {r['backend']}" for r in bad))
-    return 1 if bad and args.command == "check" else 0
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":
