@@ -97,28 +97,17 @@ def test_other_image_sizes_resample_pos_embed_like_timm():
         torch.testing.assert_close(mine(images), theirs(images), rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("num_classes", [5, 0], ids=["head", "headless"])
 @pytest.mark.parametrize("distilled", [False, True])
-def test_headless_timm_state_dict_loads_as_is(distilled):
-    """num_classes=0: no heads, the pooled tokens, as timm's headless models (a (B, 0) output before)."""
+def test_timm_state_dict_loads_as_is(distilled, num_classes):
+    """Also timm's headless models (num_classes=0: identity heads, the pooled tokens; a (B, 0) output before)."""
     from _optional_libs import import_or_skip
 
     timm = import_or_skip("timm")
     cls = timm.models.deit.VisionTransformerDistilled if distilled else timm.models.vision_transformer.VisionTransformer
-    theirs = cls(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=1.5, num_classes=0).eval()
-    mine = VisionTransformer(distilled=distilled, **{**TINY, "num_classes": 0}).eval()
-    mine.load_state_dict(theirs.state_dict())
-    images = torch.randn(2, 3, 32, 32)
-    torch.testing.assert_close(mine(images), theirs(images), rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("distilled", [False, True])
-def test_timm_state_dict_loads_as_is(distilled):
-    from _optional_libs import import_or_skip
-
-    timm = import_or_skip("timm")
-    cls = timm.models.deit.VisionTransformerDistilled if distilled else timm.models.vision_transformer.VisionTransformer
-    theirs = cls(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=1.5, num_classes=5).eval()
-    mine = VisionTransformer(distilled=distilled, **TINY).eval()
+    theirs = cls(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=1.5,
+                 num_classes=num_classes).eval()
+    mine = VisionTransformer(distilled=distilled, **{**TINY, "num_classes": num_classes}).eval()
     mine.load_state_dict(theirs.state_dict())
     images = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(mine(images), theirs(images), rtol=1e-4, atol=1e-4)
