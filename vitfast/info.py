@@ -6,6 +6,15 @@ import torch
 from vitfast import _ext, backend
 
 
+def _cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else the architecture."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def info() -> dict:
     """Returns the environment as a dict (printed by `python -m vitfast info`)."""
     triton_version = None
@@ -19,7 +28,9 @@ def info() -> dict:
         "torch_cuda": torch.version.cuda,
         "triton": triton_version,
         "triton_interpret": backend.triton_interpret(),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})",
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({_cpu_model()})",
+        "cpu": f"{_cpu_model()}, {torch.get_num_threads()} torch threads, "
+               f"{torch.backends.cpu.get_cpu_capability()}",
         "extension_cpu": _ext.HAS_EXT,
         "extension_cuda": _ext.EXT_CUDA,
         "extension_error": _ext.EXT_ERROR or None,
