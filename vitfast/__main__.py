@@ -164,11 +164,10 @@ def _run_case(case: Case, device: str, dtype: torch.dtype, reps: int, only: Sequ
     dt = str(dtype).replace("torch.", "")
     rows = []
     names = [b for b in _backends(_registered_op(case), device) if not only or b in only]
-    for backward in (False, True):
+    for backward in (False, True):  # forward first: its reference output gives the gradient weights' shape
         weights = None
         if backward:  # one draw, outside the timed calls, the same in every dtype
-            shape = case.baseline(*inputs).shape
-            weights = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
+            weights = torch.randn(ref[0].shape, generator=torch.Generator().manual_seed(0)).to(device)
         ref = [r.double() for r in _outputs(case.baseline, tuple(t.double() for t in inputs), case.grad, weights)]
         base_err = _errors(_outputs(case.baseline, inputs, case.grad, weights), ref)
         errs = []

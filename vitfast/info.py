@@ -17,6 +17,7 @@ def _cpu_model() -> str:
 
 def info() -> dict:
     """Returns the environment as a dict (printed by `python -m vitfast info`)."""
+    cpu = _cpu_model()
     triton_version = None
     if backend.has_triton():
         import triton
@@ -28,9 +29,8 @@ def info() -> dict:
         "torch_cuda": torch.version.cuda,
         "triton": triton_version,
         "triton_interpret": backend.triton_interpret(),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({_cpu_model()})",
-        "cpu": f"{_cpu_model()}, {torch.get_num_threads()} torch threads, "
-               f"{torch.backends.cpu.get_cpu_capability()}",
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({cpu})",
+        "cpu": f"{cpu}, {torch.get_num_threads()} torch threads, {torch.backends.cpu.get_cpu_capability()}",
         "extension_cpu": _ext.HAS_EXT,
         "extension_cuda": _ext.EXT_CUDA,
         "extension_error": _ext.EXT_ERROR or None,

@@ -264,7 +264,8 @@ def _guarded(module: nn.Module, name: str, fn: Callable, layout: tuple, *args, *
     """The patched method `fn`, or the class's own where a submodule now carries hooks (a user's forward hook,
     weight_norm's pre-hook) or was swapped since patching (a LoRA wrapper): the patched methods read submodules'
     parameters directly, which would skip those hooks and wrappers."""
-    if _layout(module) != layout or any(_has_hooks(m) for m in module.modules() if m is not module):
+    subs = [(n, m) for n, m in module.named_modules() if n]  # one walk for both checks (a hot path)
+    if tuple((n, type(m)) for n, m in subs) != layout or any(_has_hooks(m) for _, m in subs):
         return getattr(type(module), name)(module, *args, **kwargs)
     return fn(module, *args, **kwargs)
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import vitfast
+from vitfast.integrations.patch import qualname
 from vitfast.models.common import LayerNorm, check_backend, set_backend
 from vitfast.nn.patch_merging import PatchMerging as _FusedPatchMerging
 from vitfast.nn.window_attention import ShiftedWindowAttention as _FusedWindowAttention
@@ -277,7 +278,7 @@ def swin_from_timm(timm_model: nn.Module, backend: str = "vitfast") -> SwinTrans
         ValueError: a model other than timm's SwinTransformer (V1), or a configuration outside the above (also
             always_partition, per-stage embedding widths, a head_dim other than dim / heads, a non-square patch).
     """
-    cls = f"{type(timm_model).__module__}.{type(timm_model).__qualname__}"
+    cls = qualname(timm_model)
     if cls != "timm.models.swin_transformer.SwinTransformer":
         raise ValueError(f"swin_from_timm expects timm.models.swin_transformer.SwinTransformer, got {cls}")
     sd = timm_model.state_dict()
