@@ -6,7 +6,8 @@ vitfast.integrations.cpu_choice encodes.
 
 Each row times both implementations interleaved (A, B, A, B, ...) in this one process and reports the medians and
 ATen / vitfast (> 1: vitfast faster). The shapes are those of the models of bench/bench_patched_models.py at batch
-1, 2 and 8. Not collected by pytest (no bench_ prefix): it takes about a minute.
+1, 2 and 8, and SAM-B's image encoder at 1024 px. Not collected by pytest (no bench_ prefix): it takes a few
+minutes (`-k` picks cases).
 """
 import argparse
 import statistics
@@ -96,6 +97,16 @@ def window_attention_cases():
                                                         proj_bias=bp), (x, wq, bq, wp, bp, table))
 
 
+def rel_pos_attention_cases():
+    for what, B, n in [("sam_b global b1", 1, 64), ("sam_b windowed b1", 25, 14)]:
+        q, k, v = (torch.randn(B, 12, n * n, 64, requires_grad=True) for _ in range(3))
+        rel_h, rel_w = (torch.randn(B, 12, n * n, n, requires_grad=True) for _ in range(2))
+        # the dense bias built per call, as transformers' SamVisionSdpaAttention and timm's samvit pass it
+        yield (f"rel_pos_attention {what} ({B},12,{n}x{n},64)",
+               lambda: F.scaled_dot_product_attention(q, k, v, (rel_h[..., :, None] + rel_w[..., None, :]).flatten(-2)),
+               lambda: vitfast.rel_pos_attention(q, k, v, rel_h, rel_w), (q, k, v, rel_h, rel_w))
+
+
 def patch_embed_cases():
     for what, B, E, p, norm in [("vit_b b1", 1, 768, 16, False), ("vit_b b8", 8, 768, 16, False),
                                 ("deit_s b8", 8, 384, 16, False), ("swin b1", 1, 96, 4, True),
@@ -142,8 +153,8 @@ def main():
           f"{torch.backends.cpu.get_cpu_capability()}, medians of {args.reps} interleaved")
     print("| case | mode | ATen ms | vitfast ms | ATen / vitfast |")
     print("|---|---|---|---|---|")
-    for cases in (layer_norm_cases, attention_cases, window_attention_cases, patch_embed_cases,
-                  linear_gelu_cases):
+    for cases in (layer_norm_cases, attention_cases, window_attention_cases, rel_pos_attention_cases,
+                  patch_embed_cases, linear_gelu_cases):
         for name, aten, fused, leaves in cases():
             if args.k not in name:
                 continue

@@ -202,6 +202,28 @@ def test_empty_queries_and_key_grids(backend, device):
             assert g.shape == t.shape and torch.equal(g, torch.zeros_like(t))
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("backend,device", [c for c in CASES if c.values[0] == "cpp"])
+def test_cpp_results_do_not_depend_on_the_thread_count(backend, device, threads):
+    """The cpp kernels hand their work items out to the threads in turns (whichever thread is free takes the next):
+    every item has outputs of its own, so any thread count gives the same bits as 2 (and, run at 2, every item
+    is done once: test_matches_fp64 holds each element to the reference)."""
+    torch.manual_seed(0)
+    inputs = _inputs(2, 3, (9, 10), (6, 5), 40, torch.float32, device=device)  # 2 x 3 x 2 query blocks: 12 items
+    dout = torch.randn_like(inputs[0])
+    saved = torch.get_num_threads()
+    try:
+        with vitfast.use_backend(backend):
+            torch.set_num_threads(2)
+            two = _run(vitfast.rel_pos_attention, inputs, dout)
+            torch.set_num_threads(threads)
+            other = _run(vitfast.rel_pos_attention, inputs, dout)
+    finally:
+        torch.set_num_threads(saved)
+    for name, a, b in zip(NAMES, two, other):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("backend,device", CASES)
 def test_packed_qkv_views_are_read_in_place(backend, device, monkeypatch):
     """SAM's layout: q, k, v are (B, H, N, D) views of one (B, N, 3, H, D) projection; the output's (B, N, H, D)

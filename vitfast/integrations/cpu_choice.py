@@ -16,12 +16,12 @@ ViT-B/16, DeiT-S/16, CLIP ViT-B/32 and Swin-T at batch 1 and 8 (rows 49 .. 25088
 | attention        | 0.62 .. 0.89                               | 0.59 .. 0.93                           | ATen           |
 | patch_embed      | ViT 0.98 .. 1.06, Swin with norm 0.74 .. 0.80 | 1.23 .. 1.97                        | ATen / vitfast |
 | window_attention | 1.07 .. 1.68                               | 1.00 .. 1.78                           | vitfast        |
-| rel_pos_attention| 1.72 .. 1.74                               | 1.94 .. 2.25                           | vitfast        |
+| rel_pos_attention| 1.86 .. 2.06                               | 2.20 .. 2.44                           | vitfast        |
 | linear_gelu      | >= 32 MiB out 1.45, else 0.93 .. 1.09      | 0.78 .. 1.01                           | see below      |
 
 rel_pos_attention (SAM/ViTDet image encoders) is against SDPA with the dense decomposed bias that transformers' and
-timm's SAM attention pass (SAM-B global layer B=1 and windowed layer 25 windows, 12 heads, D=64; 2 threads, same VM,
-2026-11-29, `VITFAST_BENCH_FULL=1 pytest bench/bench_rel_pos_attention.py --benchmark-only`; the README's table).
+timm's SAM attention pass (SAM-B global layer B=1 and windowed layer 25 windows, 12 heads, D=64; same command with
+`-k rel_pos`, 2 threads, same VM, 2026-11-30; the README's table).
 
 linear_gelu (an MLP's fc1 + GELU; 2026-11-30, same command, 15 reps, fc1 of the models above) wins clearly in one
 place: inference where the (M, N) output is at least 32 MiB (Swin-T's first stage at batch 8, 25088 x 384 fp32:
