@@ -3,6 +3,8 @@
 Only the cpp backend runs here: the Triton kernels are interpreted under pytest on a CPU, far too slow at the
 main job's shapes (tests/test_<op>.py cover them on small shapes)."""
 import json
+import os
+import subprocess
 
 import pytest
 import torch
@@ -25,6 +27,18 @@ def test_check_and_out(tmp_path, capsys):
 def test_info_only(capsys):
     assert main(["info"]) == 0
     assert "torch" in capsys.readouterr().out
+
+
+def test_info_names_the_source_commit():
+    """Results written with --out carry the commit they were measured at (git describe; None outside a checkout)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(vitfast.__file__)))
+    info = vitfast.info()
+    assert info["vitfast"] == vitfast.__version__
+    if not os.path.exists(os.path.join(root, ".git")):
+        assert info["commit"] is None
+        return
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=root, check=True)
+    assert info["commit"].startswith(head.stdout.strip()[:12])
 
 
 def test_a_wrong_gradient_fails_run_and_check(monkeypatch, capsys):

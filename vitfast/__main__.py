@@ -253,7 +253,9 @@ def main(argv=None) -> int:
         _progress(i, len(cases), f"{case.op} {case.shape}")
         rows += _run_case(case, args.device, dtype, reps, args.backend or ())
     _progress(len(cases), len(cases), "done")
-    header = (f"vitfast {vitfast.__version__} on {vitfast.info()['device']}, {dtype}, torch {torch.__version__}, "
+    env = vitfast.info()
+    commit = f" (commit {env['commit']})" if env["commit"] else ""
+    header = (f"vitfast {vitfast.__version__}{commit} on {env['device']}, {dtype}, torch {torch.__version__}, "
               f"{time.strftime('%Y-%m-%d')}; median of {reps} interleaved round(s); speedup = baseline time / "
               f"vitfast time")
     print("\n" + header + "\n" + _table(rows))

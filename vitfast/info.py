@@ -1,8 +1,12 @@
 """What this vitfast installation can run: versions, devices, the extension, the backends."""
+import os
 import platform
+import subprocess
+from typing import Optional
 
 import torch
 
+import vitfast
 from vitfast import _ext, backend
 
 
@@ -15,6 +19,20 @@ def _cpu_model() -> str:
         return platform.processor() or platform.machine()
 
 
+def _source_commit() -> Optional[str]:
+    """The commit of the git checkout vitfast is imported from (an editable install), as `git describe` gives it
+    (with "-dirty" for uncommitted changes); None for an installed copy, or where git is missing."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.exists(os.path.join(root, ".git")):
+        return None
+    try:
+        run = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12", "--exclude=*"],
+                             capture_output=True, text=True, timeout=10, cwd=root)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return run.stdout.strip() if run.returncode == 0 and run.stdout.strip() else None
+
+
 def info() -> dict:
     """Returns the environment as a dict (printed by `python -m vitfast info`)."""
     cpu = _cpu_model()
@@ -24,6 +42,8 @@ def info() -> dict:
 
         triton_version = triton.__version__
     return {
+        "vitfast": vitfast.__version__,
+        "commit": _source_commit(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
