@@ -87,6 +87,44 @@ def test_timm_vit(backend):
     assert _kinds(report) == {"attention": 1, "layer_norm": 3, "patch_embed": 1, "linear_gelu": 1}, str(report)
 
 
+def test_timm_vit_latent_attention_pool_is_left_with_why():
+    timm = import_or_skip("timm")
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, embed_dim=32,
+                              depth=1, num_heads=2, num_classes=5, global_pool="map")
+    report = _patched_equal(model, torch.randn(2, 3, 16, 16, device=DEVICE), "auto")
+    assert {l.name: l.reason for l in report.left} == {
+        "attn_pool": "attention pooling with learned latent queries (global_pool='map'): its attention keeps timm's "
+                     "path (its LayerNorm and MLP are patched)"}, str(report)
+    assert {"attn_pool.norm", "attn_pool.mlp"} <= {p.name for p in report.patched}
+
+
+def test_a_suspect_is_covered_only_by_what_its_name_suggests():
+    """A class named like an attention module, with no adapter, is reported as left unless one of its submodules
+    was patched as attention: a patched LayerNorm inside it does not cover its attention."""
+    class PoolAttention(nn.Module):  # attention of its own, by hand, with a LayerNorm
+        def __init__(self):
+            super().__init__()
+            self.norm, self.qkv = nn.LayerNorm(8), nn.Linear(8, 24)
+
+        def forward(self, x):
+            q, k, v = self.qkv(self.norm(x)).chunk(3, -1)
+            return (q @ k.transpose(-2, -1)).softmax(-1) @ v
+
+    class WrapAttention(nn.Module):  # attention through a MultiheadAttention, which is patched
+        def __init__(self):
+            super().__init__()
+            self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x):
+            return self.mha(x, x, x, need_weights=False)[0]
+
+    report = vitfast.patch_model(nn.Sequential(PoolAttention(), WrapAttention()))
+    assert {p.name: p.kind for p in report.patched} == {"0.norm": "layer_norm", "1.mha": "attention"}
+    assert [(l.name, l.reason) for l in report.left] == [("0", "no vitfast adapter for this class")], str(report)
+    alone = vitfast.patch_model(PoolAttention())  # the model itself is the suspect
+    assert [(l.name, l.reason) for l in alone.left] == [("", "no vitfast adapter for this class")], str(alone)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_timm_swin(backend):
     timm = import_or_skip("timm")

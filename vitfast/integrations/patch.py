@@ -251,8 +251,11 @@ def _is_transformers_model(module: nn.Module) -> bool:
                for c in type(module).__mro__)
 
 
-# classes whose name suggests something vitfast could swap: reported as left when no adapter takes them
+# classes whose name suggests something vitfast could swap: reported as left when no adapter takes them, unless a
+# submodule of theirs was patched for what the name suggests (_COVERING: the word -> the kinds that cover it)
 _SUSPECT = re.compile(r"Attention|LayerNorm|PatchEmbed")
+_COVERING = {"Attention": ("attention", "rel_pos_attention", "window_attention"), "LayerNorm": ("layer_norm",),
+             "PatchEmbed": ("patch_embed",)}
 _NO_ADAPTER = "no vitfast adapter for this class"
 
 
@@ -341,11 +344,17 @@ def patch_model(model: nn.Module, attention: bool = True, window_attention: bool
             continue
         _bind(module, adapter.kind, adapter.methods)
         report.patched.append(Patched(name, cls, adapter.kind, adapter.what))
-    # a suspect whose parts were patched (e.g. open_clip's ResidualAttentionBlock around its MultiheadAttention)
-    # is covered
-    report.left = [l for l in report.left if l.reason != _NO_ADAPTER
-                   or not any(p.name.startswith(l.name + ".") for p in report.patched)]
+    # a suspect whose parts were patched for what its name suggests (e.g. open_clip's ResidualAttentionBlock around
+    # its MultiheadAttention) is covered; one with other parts patched is not (timm's AttentionPoolLatent: its
+    # LayerNorm and MLP are patched, its attention is not)
+    report.left = [l for l in report.left if l.reason != _NO_ADAPTER or not _covered(l, report.patched)]
     return report
+
+
+def _covered(left: Left, patched: List[Patched]) -> bool:
+    kinds = {k for word in _SUSPECT.findall(left.cls.rsplit(".", 1)[-1]) for k in _COVERING[word]}
+    prefix = left.name + "." if left.name else ""  # "": the model itself
+    return any(p.name.startswith(prefix) and p.name != left.name and p.kind in kinds for p in patched)
 
 
 def unpatch_model(model: nn.Module) -> int:

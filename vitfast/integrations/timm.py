@@ -13,7 +13,8 @@
 - `timm.layers.patch_embed.PatchEmbed`: forward -> vitfast.nn.PatchEmbed's (conv + flatten + LayerNorm fused).
 - `timm.layers.mlp.Mlp` (ViT, DeiT, Swin, ...): fc1 + GELU -> vitfast.linear_gelu (other activations: timm's path).
 - timm's LayerNorm: the generic LayerNorm adapter of integrations/patch.py.
-- MViTv2's pooling attention is left (`LEFT`, with the reason in the report).
+- MViTv2's pooling attention and the attention of `AttentionPoolLatent` ("map" pooling) are left (`LEFT`, with the
+  reason in the report).
 
 Nothing here imports timm: modules are matched by class name.
 """
@@ -159,4 +160,7 @@ _MVITV2 = ("MViTv2 pooling attention (q, k, v pooled to other grids, an optional
 LEFT = {
     "timm.models.mvitv2.MultiScaleAttention": _MVITV2,
     "timm.models.mvitv2.MultiScaleAttentionPoolFirst": _MVITV2,
+    "timm.layers.attention_pool.AttentionPoolLatent": (
+        "attention pooling with learned latent queries (global_pool='map'): its attention keeps timm's path (its "
+        "LayerNorm and MLP are patched)"),
 }
