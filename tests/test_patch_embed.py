@@ -107,6 +107,29 @@ def test_strided_images_and_no_bias(backend, device):
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="2**31 elements need a GPU (tens of GiB on CPU)")
+def test_channel_offsets_past_2_pow_31():
+    """A channel-major view of a large batch: channel 2 of each image lies 2 * B*H*W > 2**31 elements past channel 0
+    (int32 offsets wrapped there). Only the last image's tokens get a gradient, so that its slice alone is the
+    reference for the output, dimages and dweight."""
+    B, H, W = 2**30 // (64 * 64) + 1, 64, 64
+    images = torch.randn(3, B, H, W, device="cuda", dtype=torch.float16).transpose(0, 1).requires_grad_()
+    weight = (torch.randn(8, 3, 16, 16, device="cuda", dtype=torch.float16) * 0.05).requires_grad_()
+    with vitfast.use_backend("triton"):
+        out = patch_embed(images, weight, None, 16)
+        dout = torch.zeros_like(out)
+        dout[-1] = torch.randn_like(out[-1])
+        dimages, dweight = torch.autograd.grad(out, (images, weight), dout)
+    tail = images[-2:].detach().double().requires_grad_()
+    w64 = weight.detach().double().requires_grad_()
+    ref = patch_embed_ref(tail, w64, None, 16)
+    dtail, dw_ref = torch.autograd.grad(ref, (tail, w64), dout[-2:].double())
+    torch.testing.assert_close(out[-2:].double(), ref, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(dimages[-2:].double(), dtail, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(dweight.double(), dw_ref, rtol=1e-2, atol=2e-2)
+    assert not dimages[0].any()
+
+
 @pytest.mark.parametrize("backend,device", CASES)
 @pytest.mark.parametrize("norm", [False, True], ids=["no-norm", "norm"])
 def test_empty_batch(backend, device, norm):

@@ -150,3 +150,27 @@ def test_opcheck():
 
 def test_torch_compile_fullgraph():
     assert_compiles_like_eager(vitfast.nn.PatchMerging(8), torch.randn(2, 5, 6, 8, requires_grad=True))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="2**31 elements need a GPU (tens of GiB on CPU)")
+def test_channel_offsets_past_2_pow_31():
+    """A channel-major (B, H, W, C) view: channel 3 lies 3 * B*H*W > 2**31 elements past channel 0 (int32 offsets
+    wrapped there). Only the last image's tokens get a gradient, so that its slice alone is the reference for the
+    output and every gradient."""
+    B, H, W, C = 2**31 // (3 * 64 * 64) + 1, 64, 64, 4
+    x = torch.randn(C, B, H, W, device="cuda", dtype=torch.float16).permute(1, 2, 3, 0).requires_grad_()
+    nw, nb = (torch.randn(4 * C, device="cuda", dtype=torch.float16, requires_grad=True) for _ in range(2))
+    rw = (torch.randn(2 * C, 4 * C, device="cuda", dtype=torch.float16) / 4).requires_grad_()
+    with vitfast.use_backend("triton"):
+        out = patch_merging(x, nw, nb, rw, 1e-5)
+        dout = torch.zeros_like(out)
+        dout[-1] = torch.randn_like(out[-1])
+        grads = torch.autograd.grad(out, (x, nw, nb, rw), dout)
+    leaves = [t.detach().double().requires_grad_() for t in (x[-2:], nw, nb, rw)]
+    ref = patch_merging_ref(*leaves, 1e-5)
+    refs = torch.autograd.grad(ref, leaves, dout[-2:].double())
+    torch.testing.assert_close(out[-2:].double(), ref, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(grads[0][-2:].double(), refs[0], rtol=1e-2, atol=1e-2)
+    for got, want in zip(grads[1:], refs[1:]):
+        torch.testing.assert_close(got.double(), want, rtol=1e-2, atol=5e-2)
+    assert not grads[0][0].any()

@@ -40,6 +40,14 @@ def _configs(with_n: bool) -> list:
     return configs
 
 
+@triton.jit
+def _col_offsets(rk, PH: tl.constexpr, PW: tl.constexpr, sxc, sxh, sxw):
+    """Offsets of patch elements rk (in (c, i, j) order) from a patch's corner: int64, since a channel-major view
+    of a large batch (or one huge image) puts (C - 1) * sxc past 2**31."""
+    return ((rk // (PH * PW)).to(tl.int64) * sxc + ((rk // PW) % PH).to(tl.int64) * sxh
+            + (rk % PW).to(tl.int64) * sxw)
+
+
 @triton.jit(do_not_specialize=["m_bucket"])
 def _patch_embed_fwd_kernel(
     X,  # (B, C, H, W) images, strides sxb, sxc, sxh, sxw
@@ -93,7 +101,7 @@ def _patch_embed_fwd_kernel(
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         k_mask = rk < K
-        col_off = (rk // (PH * PW)) * sxc + ((rk // PW) % PH) * sxh + (rk % PW) * sxw
+        col_off = _col_offsets(rk, PH, PW, sxc, sxh, sxw)
         a = tl.load(X + row_base[:, None] + col_off[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(Wt + rn[None, :] * K + rk[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         acc = mma(a, w, acc, PRECISION, UPCAST)
@@ -162,7 +170,7 @@ def _patch_embed_bwd_dx_kernel(
         w = tl.load(Wt + re[:, None] * K + rn[None, :], mask=e_mask[:, None] & n_mask[None, :], other=0.0)
         acc = mma(dz, w, acc, PRECISION, UPCAST)
     row_base = b * sxb + (tok // Wp) * PH * sxh + (tok % Wp) * PW * sxw
-    col_off = (rn // (PH * PW)) * sxc + ((rn // PW) % PH) * sxh + (rn % PW) * sxw
+    col_off = _col_offsets(rn, PH, PW, sxc, sxh, sxw)
     tl.store(DX + row_base[:, None] + col_off[None, :], acc.to(DX.dtype.element_ty),
              mask=m_mask[:, None] & n_mask[None, :])
 
@@ -203,7 +211,7 @@ def _patch_embed_bwd_dw_kernel(
     rk = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
     e_mask = re < E
     k_mask = rk < K
-    col_off = (rk // (PH * PW)) * sxc + ((rk // PW) % PH) * sxh + (rk % PW) * sxw
+    col_off = _col_offsets(rk, PH, PW, sxc, sxh, sxw)
     rows_per_split = tl.cdiv(tl.cdiv(M, num_splits), BLOCK_K) * BLOCK_K
     m_start = split * rows_per_split
     m_end = tl.minimum(m_start + rows_per_split, M)

@@ -31,7 +31,7 @@ def _gather_offsets(rm, rk, H, W, H2, W2, C, sxb, sxh, sxw, sxc):
     q = rk // C
     hh = h[:, None] + (q % 2)[None, :]
     ww = w[:, None] + (q // 2)[None, :]
-    offs = b[:, None] * sxb + hh * sxh + ww * sxw + (rk % C)[None, :] * sxc
+    offs = b[:, None] * sxb + hh * sxh + ww * sxw + (rk % C).to(tl.int64)[None, :] * sxc
     return offs, (hh < H) & (ww < W)
 
 
