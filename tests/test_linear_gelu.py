@@ -110,6 +110,23 @@ def test_autocast_follows_linear():
     assert x.grad.dtype == lin.weight.grad.dtype == torch.float32 and torch.isfinite(lin.weight.grad).all()
 
 
+@pytest.mark.parametrize("backend,device", CASES)
+def test_backward_inside_autocast_keeps_the_forward_dtypes(backend, device):
+    """README: backward ops run in the dtypes their forward saved, also when backward() is called inside an autocast
+    region (autograd hands the region's state to the backward, whose matmuls would otherwise run in bfloat16)."""
+    x = torch.randn(6, 32, device=device, requires_grad=True)
+    w = torch.randn(48, 32, device=device, requires_grad=True)
+    b = torch.randn(48, device=device, requires_grad=True)
+    dy = torch.randn(6, 48, device=device)
+    with vitfast.use_backend(backend):
+        outside = torch.autograd.grad(vitfast.linear_gelu(x, w, b), (x, w, b), dy)
+        y = vitfast.linear_gelu(x, w, b)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            inside = torch.autograd.grad(y, (x, w, b), dy)
+    for name, a, c in zip(("dx", "dweight", "dbias"), outside, inside):
+        assert c.dtype == torch.float32 and torch.equal(a, c), name
+
+
 def test_opcheck():
     x = torch.randn(6, 32, requires_grad=True)
     w = torch.randn(20, 32, requires_grad=True)

@@ -505,6 +505,34 @@ def test_hooks_and_swapped_submodules_take_the_original_path():
         torch.testing.assert_close(_run(model, images), _run(original, images))
 
 
+def test_global_module_hooks_take_the_original_path():
+    """A hook registered for every module (nn.modules.module.register_module_forward_hook, as module trackers and
+    FLOP counters use) sees, and may change, the submodule calls that the patched modules skip: where one is
+    registered, patched modules run their original forward."""
+    timm = import_or_skip("timm")
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, embed_dim=32,
+                              depth=1, num_heads=2, num_classes=5).double().eval()
+    original = copy.deepcopy(model)
+    vitfast.patch_model(model)
+    images = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    seen = []
+
+    def hook(module, args, out):
+        seen.append(type(module).__name__)
+        return out * 1.5 if isinstance(module, nn.Linear) else out
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        with vitfast.use_backend("cpp"):
+            out = _run(model, images)
+        n_patched = len(seen)
+        seen.clear()
+        ref = _run(original, images)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(out, ref)
+    assert n_patched == len(seen) and seen.count("Linear") == 5, seen
+
+
 def test_cpu_choice_fuses_large_mlp_outputs_without_grad(monkeypatch):
     """On CPU without grad a patched MLP calls vitfast.linear_gelu exactly where fc1's output reaches 32 MiB (in
     the dtype autocast gives it), and matches the original there; with grad it runs the original calls."""

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import vitfast
+from vitfast.backend import _unavailable
 from vitfast.integrations import segment_anything as vsa
 
 from _optional_libs import import_or_skip
@@ -218,6 +219,25 @@ def test_segment_anything(backend, device, dtype, fused_calls):
     assert report.counts() == {"rel_pos_attention": 2, "layer_norm": 4, "linear_gelu": 2}, str(report)
 
 
-def test_segment_anything_without_rel_pos_is_plain_attention(fused_calls):
-    report = _patched_equal(_image_encoder(use_rel_pos=False), torch.randn(2, 3, 32, 32), "auto")
+def test_report_names_the_flags_that_left_modules():
+    report = vitfast.patch_model(_image_encoder(), attention=False, mlp=False)
+    reasons = {l.name: l.reason for l in report.left if l.name.startswith("blocks.0.")}
+    assert reasons == {"blocks.0.attn": "attention=False", "blocks.0.mlp": "mlp=False"}, str(report)
+
+
+@pytest.mark.parametrize("backend", ["auto", "cpp"])
+def test_segment_anything_without_rel_pos_is_plain_attention(fused_calls, monkeypatch, backend):
+    """Plain attention follows the attention row of integrations/cpu_choice.py: ATen's SDPA on CPU (as the other
+    patched attention modules), vitfast.attention where a backend is forced."""
+    if backend == "cpp" and (DEVICE != "cpu" or _unavailable("attention", "cpp", torch.device("cpu")) is not None):
+        pytest.skip("the cpp backend runs CPU tensors only, and only where it is built")
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return vitfast.attention(*args, **kwargs)
+    monkeypatch.setattr(vsa, "attention", spy)
+    report = _patched_equal(_image_encoder(use_rel_pos=False), torch.randn(2, 3, 32, 32), backend)
     assert _patched(report) == ["blocks.0.attn", "blocks.1.attn"] and not fused_calls
+    # _patched_equal runs the patched model once, with grad
+    assert len(calls) == (0 if DEVICE == "cpu" and backend == "auto" else 2), calls

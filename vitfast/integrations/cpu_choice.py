@@ -73,6 +73,12 @@ def runs_original(kind: str, x: Tensor, out_bytes: int = 0) -> bool:
     return CPU_CHOICE[kind][torch.is_grad_enabled()] == ATEN or out_bytes < CPU_MIN_OUTPUT_BYTES.get(kind, 0)
 
 
+# kind -> what the report adds about the CPU path beyond the table
+_CPU_NOTES = {"rel_pos_attention": ("; with attention dropout while training, vitfast's torch backend, which forms "
+                                    "the dense bias as the original does (the C++ kernel has no dropout); "
+                                    "without rel-pos tables, plain attention by the attention row")}
+
+
 def describe(kind: str) -> str:
     """What `kind` runs on CPU tensors, for patch_model's report, e.g. "on CPU: ATen (faster there)"."""
     inference, training = CPU_CHOICE[kind]
@@ -80,6 +86,8 @@ def describe(kind: str) -> str:
         return (f"on CPU: vitfast without grad for outputs of {CPU_MIN_OUTPUT_BYTES[kind] >> 20} MiB or more, "
                 f"else the original ATen code (the faster of the two)")
     if inference == training:
-        return f"on CPU: {'original ATen code (faster there)' if inference == ATEN else 'vitfast'}"
-    return (f"on CPU: {'original ATen code' if inference == ATEN else 'vitfast'} without grad, "
-            f"{'original ATen code' if training == ATEN else 'vitfast'} with grad (the faster of the two)")
+        text = f"on CPU: {'original ATen code (faster there)' if inference == ATEN else 'vitfast'}"
+    else:
+        text = (f"on CPU: {'original ATen code' if inference == ATEN else 'vitfast'} without grad, "
+                f"{'original ATen code' if training == ATEN else 'vitfast'} with grad (the faster of the two)")
+    return text + _CPU_NOTES.get(kind, "")

@@ -29,6 +29,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn.modules import module as _nn_module
 from torch import Tensor, nn
 
 from vitfast.integrations.cpu_choice import describe, runs_original
@@ -188,6 +189,12 @@ def _has_hooks(module: nn.Module) -> bool:
                 or module._backward_pre_hooks)
 
 
+def _global_hooks() -> bool:
+    """Whether hooks for every module are registered (nn.modules.module.register_module_forward_hook and kin)."""
+    return bool(_nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks
+                or _nn_module._global_backward_hooks or _nn_module._global_backward_pre_hooks)
+
+
 def mlp_fc1(x: Tensor, fc1: nn.Module, act: nn.Module) -> Tensor:
     """act(fc1(x)) for an MLP's first layer (a plain nn.Linear and a GELU, as mlp_check and the guard of the
     patched method keep them): one vitfast.linear_gelu call, or the modules' own calls where cpu_choice says ATen
@@ -265,10 +272,11 @@ def _layout(module: nn.Module) -> tuple:
 
 def _guarded(module: nn.Module, name: str, fn: Callable, layout: tuple, *args, **kwargs):
     """The patched method `fn`, or the class's own where a submodule now carries hooks (a user's forward hook,
-    weight_norm's pre-hook) or was swapped since patching (a LoRA wrapper): the patched methods read submodules'
-    parameters directly, which would skip those hooks and wrappers."""
+    weight_norm's pre-hook, hooks registered for every module) or was swapped since patching (a LoRA wrapper): the
+    patched methods read submodules' parameters directly, which would skip those hooks and wrappers."""
     subs = [(n, m) for n, m in module.named_modules() if n]  # one walk for both checks (a hot path)
-    if tuple((n, type(m)) for n, m in subs) != layout or any(_has_hooks(m) for _, m in subs):
+    if (tuple((n, type(m)) for n, m in subs) != layout or any(_has_hooks(m) for _, m in subs)
+            or (subs and _global_hooks())):
         return getattr(type(module), name)(module, *args, **kwargs)
     return fn(module, *args, **kwargs)
 
@@ -308,8 +316,10 @@ def patch_model(model: nn.Module, attention: bool = True, window_attention: bool
     Returns:
         PatchReport: `.patched` and `.left` (with the reason); `print(report)` shows both.
     """
-    enabled = {"attention": attention, "rel_pos_attention": attention, "window_attention": window_attention,
-               "layer_norm": layer_norm, "patch_embed": patch_embed, "linear_gelu": mlp}
+    # kind -> (the flag's name, its value)
+    flags = {"attention": ("attention", attention), "rel_pos_attention": ("attention", attention),
+             "window_attention": ("window_attention", window_attention), "layer_norm": ("layer_norm", layer_norm),
+             "patch_embed": ("patch_embed", patch_embed), "linear_gelu": ("mlp", mlp)}
     table, known_left = _adapters(), _known_left()
     report = PatchReport()
     hf_prefixes: List[str] = []
@@ -337,7 +347,8 @@ def patch_model(model: nn.Module, attention: bool = True, window_attention: bool
                     and not (under_hf and "Attention" in type(module).__name__)):
                 report.left.append(Left(name, cls, _NO_ADAPTER))
             continue
-        reason = None if enabled[adapter.kind] else f"{adapter.kind}=False"
+        flag, on = flags[adapter.kind]
+        reason = None if on else f"{flag}=False"
         reason = reason or adapter.check(module)
         if reason:
             report.left.append(Left(name, cls, reason))

@@ -72,14 +72,17 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, dpreact):
     x, weight, bias, h = ctx.saved_tensors
-    if h.numel() != dy.numel():  # called without save_preact (e.g. by opcheck): recompute h
-        h = F.linear(x, weight, bias)
-    dh = torch.ops.aten.gelu_backward(dy, h, approximate=ctx.approximate)
-    if dpreact is not None and dpreact.numel() == dh.numel():
-        dh = dh + dpreact
-    dx = dh @ weight if ctx.needs_input_grad[0] else None
-    dweight = dh.t() @ x if ctx.needs_input_grad[1] else None
-    dbias = dh.sum(0) if bias is not None and ctx.needs_input_grad[2] else None
+    # in the forward's dtypes, also when backward() is called inside an autocast region (whose state autograd
+    # hands to the backward: its matmuls would run in the region's dtype)
+    with _autocast.disabled(dy.device):
+        if h.numel() != dy.numel():  # called without save_preact (e.g. by opcheck): recompute h
+            h = F.linear(x, weight, bias)
+        dh = torch.ops.aten.gelu_backward(dy, h, approximate=ctx.approximate)
+        if dpreact is not None and dpreact.numel() == dh.numel():
+            dh = dh + dpreact
+        dx = dh @ weight if ctx.needs_input_grad[0] else None
+        dweight = dh.t() @ x if ctx.needs_input_grad[1] else None
+        dbias = dh.sum(0) if bias is not None and ctx.needs_input_grad[2] else None
     return dx, dweight, dbias, None, None
 
 
