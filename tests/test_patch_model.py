@@ -7,10 +7,11 @@ with the automatic choice (on CPU: ATen or vitfast per kind and mode, integratio
 and open_clip are optional: their tests skip with the reason where they do not import (see _optional_libs.py).
 """
 import copy
+import re
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 import vitfast
 from vitfast import backend as vf_backend
@@ -225,6 +226,27 @@ def test_multihead_attention_masks_and_layouts():
     assert mha(q, kv, kv, need_weights=True)[1] is not None
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_multihead_attention_fused_path_keeps_the_original_checks(backend):
+    """On the fused path (a vitfast backend forced, or CUDA) masks of shapes MultiheadAttention refuses, and
+    is_causal without a mask, raise the original's errors rather than being reinterpreted by a view."""
+    mha = nn.MultiheadAttention(16, 2, batch_first=True).to(DEVICE)
+    original = copy.deepcopy(mha)
+    vitfast.patch_model(mha)
+    q, kv = torch.randn(2, 3, 16, device=DEVICE), torch.randn(2, 4, 16, device=DEVICE)
+    good = dict(attn_mask=torch.randn(3, 4, device=DEVICE), key_padding_mask=torch.rand(2, 4, device=DEVICE) > 0.7)
+    bad = [dict(attn_mask=torch.zeros(4, 3, device=DEVICE)), dict(attn_mask=torch.zeros(5, 5, device=DEVICE)),
+           dict(key_padding_mask=torch.zeros(4, 2, dtype=torch.bool, device=DEVICE)), dict(is_causal=True)]
+    with vitfast.use_backend(backend):
+        torch.testing.assert_close(mha(q, kv, kv, need_weights=False, **good)[0],
+                                   original(q, kv, kv, need_weights=False, **good)[0], rtol=1e-4, atol=2e-5)
+        for kwargs in bad:
+            with pytest.raises((RuntimeError, AssertionError)) as theirs:
+                original(q, kv, kv, need_weights=False, **kwargs)
+            with pytest.raises(type(theirs.value), match=re.escape(str(theirs.value).split("\n")[0][:40])):
+                mha(q, kv, kv, need_weights=False, **kwargs)
+
+
 # ----------------------------------------------------------------------------------------------- transformers
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -347,6 +369,50 @@ def _transformers_vit():
     model = transformers.ViTModel(config, add_pooling_layer=False)
     model.set_attn_implementation("sdpa")
     return model, {"pixel_values": torch.randn(2, 3, 16, 16)}, lambda out: out.last_hidden_state
+
+
+def _timm_vit():
+    timm = import_or_skip("timm")
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, embed_dim=32,
+                             depth=1, num_heads=2, num_classes=5), torch.randn(2, 3, 16, 16), None
+
+
+def _mha():
+    return nn.MultiheadAttention(16, 2, batch_first=True), torch.randn(2, 5, 16), None
+
+
+def _vitfast_window_attention():
+    return vitfast.nn.WindowAttention(16, 2, window_size=4), torch.randn(2, 16, 16), None
+
+
+@pytest.mark.parametrize("build", [_timm_vit, _mha, _torchvision_vit, _vitfast_window_attention])
+def test_empty_batch_on_the_fused_paths(build):
+    """B = 0 through every patched attention path with a vitfast backend forced (the default on CUDA) gives the
+    original's empty output (a reshape to (B, N, heads, -1) cannot infer the -1 from 0 elements). (timm's Swin and
+    open_clip, transformers' ViT and Swin fail at B = 0 themselves.)"""
+    model, inputs, _ = build()
+    model = model.to(DEVICE).eval()
+    patched = copy.deepcopy(model)
+    vitfast.patch_model(patched)
+
+    def empty(x):
+        return x[:0].to(DEVICE) if isinstance(x, Tensor) else x
+
+    inputs = {k: empty(v) for k, v in inputs.items()} if isinstance(inputs, dict) else empty(inputs)
+
+    def run(m):
+        if isinstance(m, nn.MultiheadAttention):
+            return m(inputs, inputs, inputs, need_weights=False)[0]
+        out = _run(m, inputs)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out
+
+    forced = "cpp" if DEVICE == "cpu" and vf_backend._unavailable("attention", "cpp", torch.device("cpu")) is None \
+        else "auto" if DEVICE != "cpu" else "torch"
+    with torch.no_grad():
+        ref = run(model)
+        with vitfast.use_backend(forced):
+            got = run(patched)
+    assert got.shape == ref.shape and got.shape[0] == 0, (got.shape, ref.shape)
 
 
 @pytest.mark.parametrize("build", [_torchvision_vit, _open_clip, _transformers_vit],

@@ -116,7 +116,9 @@ def _mha_forward(self: nn.MultiheadAttention, query: Tensor, key: Tensor, value:
                  attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True, is_causal: bool = False):
     """nn.MultiheadAttention.forward on vitfast.attention; returns (output, None) as the original with
     need_weights=False. Masks keep MultiheadAttention's meaning (bool True = masked out, float added)."""
-    if need_weights or query.dim() != 3 or runs_original("attention", query):
+    if (need_weights or query.dim() != 3 or runs_original("attention", query)
+            or not _mha_masks_fit(self, query, key, key_padding_mask, attn_mask, is_causal)):
+        # (masks of other shapes, or is_causal without a mask: the original's own errors)
         return nn.MultiheadAttention.forward(self, query, key, value, key_padding_mask, need_weights, attn_mask,
                                              average_attn_weights, is_causal)
     if not self.batch_first:
@@ -129,14 +131,28 @@ def _mha_forward(self: nn.MultiheadAttention, query: Tensor, key: Tensor, value:
         w_q, w_k, w_v = self.in_proj_weight.chunk(3)
         b_q, b_k, b_v = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
         q, k, v = F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
-    q = q.view(B, L, H, -1).transpose(1, 2)
-    k = k.view(B, S, H, -1).transpose(1, 2)
-    v = v.view(B, S, H, -1).transpose(1, 2)
+    D = E // H  # explicit sizes: a -1 cannot be inferred for an empty batch
+    q = q.view(B, L, H, D).transpose(1, 2)
+    k = k.view(B, S, H, D).transpose(1, 2)
+    v = v.view(B, S, H, D).transpose(1, 2)
     mask = _mha_mask(attn_mask, key_padding_mask, B, H, L, S, q.dtype)
     causal = bool(is_causal and attn_mask is None and key_padding_mask is None)
     out = attention(q, k, v, mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0)
     out = self.out_proj(out.transpose(1, 2).reshape(B, L, E))
     return (out if self.batch_first else out.transpose(0, 1)), None
+
+
+def _mha_masks_fit(self: nn.MultiheadAttention, query: Tensor, key: Tensor, key_padding_mask: Optional[Tensor],
+                   attn_mask: Optional[Tensor], is_causal: bool) -> bool:
+    """Whether the masks have the shapes MultiheadAttention takes for batched inputs: attn_mask (L, S) or
+    (B * heads, L, S), key_padding_mask (B, S), and a mask wherever is_causal is set (its hint)."""
+    b_dim = 0 if self.batch_first else 1
+    B, L, S = query.shape[b_dim], query.shape[1 - b_dim], key.shape[1 - b_dim]
+    if is_causal and attn_mask is None:
+        return False
+    if attn_mask is not None and tuple(attn_mask.shape) not in ((L, S), (B * self.num_heads, L, S)):
+        return False
+    return key_padding_mask is None or tuple(key_padding_mask.shape) == (B, S)
 
 
 def _mha_mask(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], B: int, H: int, L: int, S: int,

@@ -3,8 +3,8 @@ of timm and transformers share.
 
 - `segment_anything.modeling.image_encoder.Attention` (the blocks of ImageEncoderViT, ViTDet's layout): the
   (B*heads, N, N) score matrix plus `add_decomposed_rel_pos` -> vitfast.rel_pos_attention (use_rel_pos=False:
-  vitfast.attention, or ATen's SDPA where integrations/cpu_choice.py says so). Windowed blocks (SAM's padded 14 x 14 windows) and global blocks both call it; the window
-  partition and padding stay in the block.
+  vitfast.attention, or ATen's SDPA where integrations/cpu_choice.py says so). Windowed blocks (SAM's padded
+  14 x 14 windows) and global blocks both call it; the window partition and padding stay in the block.
 - `segment_anything.modeling.common.MLPBlock` (lin1, act, lin2; transformers' SamMLPBlock has the same layout):
   lin1 + GELU -> vitfast.linear_gelu.
 - segment_anything's LayerNorm2d (the neck) is no nn.LayerNorm and is left; the blocks' nn.LayerNorm takes the
@@ -48,7 +48,9 @@ def sam_attention(x: Tensor, qkv: nn.Module, num_heads: int, scale: float, rel_p
         ValueError: from vitfast.rel_pos_attention / vitfast.attention when no backend takes the inputs.
     """
     B, H, W, _ = x.shape
-    q, k, v = qkv(x).reshape(B, H * W, 3, num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    qkv_out = qkv(x)
+    D = qkv_out.shape[-1] // (3 * num_heads)  # explicit sizes: a -1 cannot be inferred for an empty batch
+    q, k, v = qkv_out.reshape(B, H * W, 3, num_heads, D).permute(2, 0, 3, 1, 4).unbind(0)
     if q_norm is not None:
         q, k = q_norm(q), k_norm(k)
     if rel_pos_h is None:  # plain attention, which runs ATen's on CPU (integrations/cpu_choice.py)
@@ -57,7 +59,7 @@ def sam_attention(x: Tensor, qkv: nn.Module, num_heads: int, scale: float, rel_p
     else:
         rel_h, rel_w = decomposed_rel_pos(q, rel_pos_h, rel_pos_w, (H, W), (H, W))
         out = rel_pos_attention(q, k, v, rel_h, rel_w, scale=scale, dropout_p=dropout_p)
-    return out.transpose(1, 2).reshape(B, H, W, -1)
+    return out.transpose(1, 2).reshape(B, H, W, num_heads * D)
 
 
 def _attention_forward(self, x: Tensor) -> Tensor:
