@@ -1,5 +1,6 @@
-"""Forward-mode AD: vitfast's ops have reverse-mode autograd only, and a torch.library op would drop a forward-mode
-tangent without a word (torch.func.jvp returned zeros), so every public op raises on tangent inputs instead."""
+"""Forward-mode AD and torch.func: vitfast's ops have reverse-mode autograd through torch.autograd only. A torch.library
+op would drop a forward-mode tangent without a word (torch.func.jvp returned zeros), and under torch.func's gradient
+transforms its registered autograd fails with an internal error, so every public op raises a clear error instead."""
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -40,3 +41,38 @@ def test_forward_mode_ad_raises_instead_of_dropping_the_tangent(op):
         fn(fwAD.make_dual(x, torch.ones_like(x)))
     with fwAD.dual_level():  # a dual level without tangents on these inputs: runs
         fn(x)
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_torch_func_gradient_transforms_raise_clearly(op):
+    fn, x = OPS[op]
+    for transform in (lambda: torch.func.grad(lambda t: fn(t).sum())(x),
+                      lambda: torch.func.vjp(fn, x)):
+        with pytest.raises(NotImplementedError, match=f"vitfast.{op} does not run under torch.func's gradient"):
+            transform()
+
+
+def test_patched_models_run_their_original_code_under_torch_func():
+    """Per-sample gradients of a patched model (torch.func.grad over functional_call) equal the original's."""
+    model = torch.nn.Sequential(torch.nn.LayerNorm(8), torch.nn.MultiheadAttention(8, 2, batch_first=True))
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.mha = model[0], model[1]
+
+        def forward(self, x):
+            h = self.norm(x)
+            return self.mha(h, h, h, need_weights=False)[0]
+    net = Net().double()
+    x = _r(2, 5, 8)
+    params = {k: v.detach() for k, v in net.named_parameters()}
+
+    def loss(p):
+        return torch.func.functional_call(net, p, (x,)).square().sum()
+    ref = torch.func.grad(loss)(params)
+    vitfast.patch_model(net)
+    with vitfast.use_backend("torch"):  # the fused path but for torch.func
+        got = torch.func.grad(loss)(params)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], msg=name)

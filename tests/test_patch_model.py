@@ -446,6 +446,26 @@ def test_flags_report_and_double_patch():
     assert vitfast.unpatch_model(model) == 0
 
 
+def test_a_forward_set_on_the_instance_is_left_as_it_is():
+    """A forward set on the instance (accelerate's hooks, a user's wrapper, m.forward = torch.compile(m.forward)) is
+    neither overwritten by patch_model nor deleted by unpatch_model."""
+    norm = nn.LayerNorm(8)
+    calls = []
+
+    def wrapped(x):
+        calls.append(1)
+        return nn.LayerNorm.forward(norm, x)
+    norm.forward = wrapped
+    model = nn.Sequential(norm, nn.LayerNorm(8))
+    report = vitfast.patch_model(model)
+    assert [p.name for p in report.patched] == ["1"]
+    assert [(l.name, l.reason) for l in report.left] == [
+        ("0", "forward set on the instance (a wrapper's or a hook library's): left as it is")]
+    vitfast.unpatch_model(model)
+    model(torch.randn(2, 8))
+    assert norm.forward is wrapped and calls == [1]
+
+
 def test_layer_norm_subclass_with_own_forward_is_left():
     class ChannelsFirstNorm(nn.LayerNorm):
         def forward(self, x):

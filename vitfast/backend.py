@@ -115,21 +115,36 @@ def _unavailable(op: str, backend: str, device: torch.device) -> Optional[str]:
     return None
 
 
-def check_no_forward_ad(op: str, *tensors: Optional[torch.Tensor]) -> None:
-    """vitfast's ops have reverse-mode autograd only; a torch.library op given an input with a forward-mode tangent
-    (torch.func.jvp, torch.autograd.forward_ad) would drop it without a word (jvp returns zeros). Each public op calls
-    this first.
+def functorch_grad_active() -> bool:
+    """Whether a torch.func gradient transform (grad, vjp, jacrev, ...) is running: the ops' autograd, a
+    torch.library registration, does not run under them."""
+    if torch.compiler.is_compiling():  # dynamo does not trace the query (and traces torch.func itself)
+        return False
+    stack = torch._C._functorch.get_interpreter_stack()
+    return bool(stack) and any(level.key() == torch._C._functorch.TransformType.Grad for level in stack)
+
+
+def check_transforms(op: str, *tensors: Optional[torch.Tensor]) -> None:
+    """vitfast's ops have reverse-mode autograd through torch.autograd only: a torch.library op given an input with
+    a forward-mode tangent (torch.func.jvp, torch.autograd.forward_ad) would drop it without a word (jvp returns
+    zeros), and under torch.func's gradient transforms (grad, vjp, jacrev) its registered autograd fails with an
+    internal error. Each public op calls this first (vmap runs: per-sample loops through PyTorch's fallback).
 
     Raises:
-        NotImplementedError: an input carries a forward-mode tangent.
+        NotImplementedError: an input carries a forward-mode tangent, or a torch.func gradient transform is active.
     """
+    if functorch_grad_active():
+        raise NotImplementedError(
+            f"vitfast.{op} does not run under torch.func's gradient transforms (grad, vjp, jacrev): its autograd is "
+            f"registered for torch.autograd only; use backward() / torch.autograd.grad, or the plain PyTorch "
+            f"reference (vitfast.ops.*_ref). (Models patched by vitfast.patch_model run their original code there.)")
     if fwAD._current_level < 0:  # no dual level is open: no tensor can carry a tangent
         return
     if any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors):
         raise NotImplementedError(
             f"vitfast.{op} has no forward-mode AD (torch.func.jvp, torch.autograd.forward_ad): its inputs carry "
-            f"tangents it would drop; use reverse mode (backward, torch.func.vjp) or the plain PyTorch reference "
-            f"(vitfast.ops.*_ref)")
+            f"tangents it would drop; use reverse mode (backward(), torch.autograd.grad) or the plain PyTorch "
+            f"reference (vitfast.ops.*_ref)")
 
 
 def choose_backend(op: str, *tensors: Optional[torch.Tensor]) -> str:

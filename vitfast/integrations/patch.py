@@ -29,9 +29,10 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
-from torch.nn.modules import module as _nn_module
 from torch import Tensor, nn
+from torch.nn.modules import module as _nn_module
 
+from vitfast import backend as _backend
 from vitfast.integrations.cpu_choice import describe, runs_original
 from vitfast.ops.attention import attention
 from vitfast.ops.layer_norm import layer_norm
@@ -289,10 +290,11 @@ def _layout(module: nn.Module) -> tuple:
 def _guarded(module: nn.Module, name: str, fn: Callable, layout: tuple, *args, **kwargs):
     """The patched method `fn`, or the class's own where a submodule now carries hooks (a user's forward hook,
     weight_norm's pre-hook, hooks registered for every module) or was swapped since patching (a LoRA wrapper): the
-    patched methods read submodules' parameters directly, which would skip those hooks and wrappers."""
+    patched methods read submodules' parameters directly, which would skip those hooks and wrappers. Under
+    torch.func's gradient transforms, which vitfast's ops do not run under, too."""
     subs = [(n, m) for n, m in module.named_modules() if n]  # one walk for both checks (a hot path)
     if (tuple((n, type(m)) for n, m in subs) != layout or any(_has_hooks(m) for _, m in subs)
-            or (subs and _global_hooks())):
+            or (subs and _global_hooks()) or _backend.functorch_grad_active()):
         return getattr(type(module), name)(module, *args, **kwargs)
     return fn(module, *args, **kwargs)
 
@@ -366,6 +368,9 @@ def patch_model(model: nn.Module, attention: bool = True, window_attention: bool
         flag, on = flags[adapter.kind]
         reason = None if on else f"{flag}=False"
         reason = reason or adapter.check(module)
+        overridden = [m for m in adapter.methods if m in module.__dict__]  # set on the instance by a wrapper
+        reason = reason or (overridden and f"{', '.join(overridden)} set on the instance (a wrapper's or a hook "
+                                           f"library's): left as it is")
         if reason:
             report.left.append(Left(name, cls, reason))
             continue

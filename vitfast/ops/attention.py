@@ -379,7 +379,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
             dropout_p outside [0, 1), or no backend that takes the inputs.
         NotImplementedError: an input with a forward-mode AD tangent (torch.func.jvp, torch.autograd.forward_ad).
     """
-    _backend.check_no_forward_ad("attention", q, k, v, attn_mask)
+    _backend.check_transforms("attention", q, k, v, attn_mask)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"vitfast.attention: {name} must be 4-D (B, H, N, D), got rank {t.dim()}: "
@@ -410,7 +410,7 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, sof
         ValueError: as `attention`.
         NotImplementedError: an input with a forward-mode AD tangent (torch.func.jvp, torch.autograd.forward_ad).
     """
-    _backend.check_no_forward_ad("flash_attn_func", q, k, v)
+    _backend.check_transforms("flash_attn_func", q, k, v)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"vitfast.flash_attn_func: {name} must be 4-D (B, N, H, D), got rank {t.dim()}: "

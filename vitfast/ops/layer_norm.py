@@ -219,7 +219,7 @@ def layer_norm(x: Tensor, normalized_shape: Union[int, Sequence[int]], weight: O
             shape, device or dtype does not fit (naming them), or no backend that takes the inputs.
         NotImplementedError: an input with a forward-mode AD tangent (torch.func.jvp, torch.autograd.forward_ad).
     """
-    _backend.check_no_forward_ad("layer_norm", x, weight, bias, residual)
+    _backend.check_transforms("layer_norm", x, weight, bias, residual)
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     if not x.is_floating_point():
         raise ValueError(f"vitfast.layer_norm: input must be floating point, got {x.dtype}")

@@ -124,7 +124,7 @@ def linear_gelu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, approx
             tensors on different devices or of different dtypes (outside autocast), or an unknown `approximate`.
         NotImplementedError: an input with a forward-mode AD tangent (torch.func.jvp, torch.autograd.forward_ad).
     """
-    _backend.check_no_forward_ad("linear_gelu", x, weight, bias)
+    _backend.check_transforms("linear_gelu", x, weight, bias)
     if approximate not in APPROXIMATIONS:
         raise ValueError(f"vitfast.linear_gelu: approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
     if not x.is_floating_point() or x.dim() == 0:

@@ -413,7 +413,7 @@ def patch_embed(images: Tensor, weight: Tensor, bias: Optional[Tensor], patch_si
             whose rows fit neither the tokens nor a square grid.
         NotImplementedError: an input with a forward-mode AD tangent (torch.func.jvp, torch.autograd.forward_ad).
     """
-    _backend.check_no_forward_ad("patch_embed", images, weight, bias, pos_embed, prefix_tokens, norm_weight,
+    _backend.check_transforms("patch_embed", images, weight, bias, pos_embed, prefix_tokens, norm_weight,
                                  norm_bias)
     ph, pw = _pair(patch_size)
     if images.dim() != 4:

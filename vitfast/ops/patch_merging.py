@@ -179,7 +179,7 @@ def patch_merging(x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[
             (the dtype of x outside autocast).
         NotImplementedError: an input with a forward-mode AD tangent (torch.func.jvp, torch.autograd.forward_ad).
     """
-    _backend.check_no_forward_ad("patch_merging", x, norm_weight, norm_bias, reduction_weight)
+    _backend.check_transforms("patch_merging", x, norm_weight, norm_bias, reduction_weight)
     if x.dim() < 3:
         raise ValueError(f"vitfast.patch_merging: x must be (..., H, W, C), got shape {tuple(x.shape)}")
     if not x.is_floating_point():

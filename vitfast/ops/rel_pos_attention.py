@@ -330,7 +330,7 @@ def rel_pos_attention(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Ten
             inputs (the triton backend takes kw <= 128 and no float64; the cpp backend no dropout).
         NotImplementedError: an input with a forward-mode AD tangent (torch.func.jvp, torch.autograd.forward_ad).
     """
-    _backend.check_no_forward_ad("rel_pos_attention", q, k, v, rel_h, rel_w)
+    _backend.check_transforms("rel_pos_attention", q, k, v, rel_h, rel_w)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"vitfast.rel_pos_attention: {name} must be 4-D (B, H, N, D), got rank {t.dim()}: "

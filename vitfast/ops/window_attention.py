@@ -463,7 +463,7 @@ def _draw_seed(p: float) -> int:
 def _attention_core(qkv: Tensor, bias: Tensor, window_size: list, shift_size: list, qkv_pad: Optional[Tensor],
                     logit_scale: Optional[Tensor], softmax_scale: Optional[float], dropout_p: float,
                     what: str) -> Tensor:
-    _backend.check_no_forward_ad(what, qkv, bias, qkv_pad, logit_scale)
+    _backend.check_transforms(what, qkv, bias, qkv_pad, logit_scale)
     B, H, W, three, heads, D = qkv.shape
     if heads == 0 or D == 0:
         raise ValueError(f"vitfast.{what}: qkv (B, H, W, 3, heads, D) = {tuple(qkv.shape)} needs at least one head "
