@@ -377,6 +377,21 @@ def _timm_vit():
                              depth=1, num_heads=2, num_classes=5), torch.randn(2, 3, 16, 16), None
 
 
+def test_timm_wrong_image_size_raises_timms_error_in_both_modes():
+    """A patched timm PatchEmbed given an image size timm refuses raises timm's own error (AssertionError), with and
+    without grad (with grad, where vitfast's op runs on CPU, it raised vitfast.nn.PatchEmbed's ValueError)."""
+    model, _, _ = _timm_vit()
+    patched = copy.deepcopy(model)
+    vitfast.patch_model(patched)
+    x = torch.randn(1, 3, 24, 24)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            with pytest.raises(AssertionError) as theirs:
+                model(x)
+            with pytest.raises(AssertionError, match=re.escape(str(theirs.value))):
+                patched(x)
+
+
 def _mha():
     return nn.MultiheadAttention(16, 2, batch_first=True), torch.randn(2, 5, 16), None
 

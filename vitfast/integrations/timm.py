@@ -103,7 +103,8 @@ def _window_attention_check(module: nn.Module) -> Optional[str]:
 
 
 def _patch_embed_forward(self, x: Tensor) -> Tensor:
-    if runs_original("patch_embed", x):
+    # an image of a size timm refuses: timm's own path, which raises timm's error (an AssertionError)
+    if runs_original("patch_embed", x) or x.dim() != 4 or _VitfastPatchEmbed._size_error(self, *x.shape[-2:]):
         return type(self).forward(self, x)
     return _VitfastPatchEmbed.forward(self, x)
 
@@ -154,7 +155,8 @@ ADAPTERS = {
         _window_attention_check),
     "timm.layers.patch_embed.PatchEmbed": Adapter(
         "patch_embed", "conv + flatten + norm -> vitfast.patch_embed",
-        {"forward": _patch_embed_forward, "_fused_norm": _VitfastPatchEmbed._fused_norm}, _patch_embed_check),
+        {"forward": _patch_embed_forward, "_fused_norm": _VitfastPatchEmbed._fused_norm,
+         "_size_error": _VitfastPatchEmbed._size_error}, _patch_embed_check),
 }
 
 _MVITV2 = ("MViTv2 pooling attention (q, k, v pooled to other grids, an optional class token outside the rel-pos key "

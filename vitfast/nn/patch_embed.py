@@ -54,18 +54,24 @@ class PatchEmbed(nn.Module):
         n = self.norm
         return isinstance(n, nn.LayerNorm) and tuple(n.normalized_shape) == (self.proj.out_channels,)
 
+    def _size_error(self, H: int, W: int) -> Optional[str]:
+        """timm's checks, no more: a fixed size when strict; else whole patches unless padded dynamically. Without
+        img_size, as timm's convolution, the pixels past the last whole patch are dropped."""
+        ph, pw = self.patch_size
+        if self.img_size is not None and self.strict_img_size and (H, W) != tuple(self.img_size):
+            return f"input size ({H}, {W}) doesn't match the model's {tuple(self.img_size)} (strict_img_size=True)"
+        if self.img_size is not None and not self.strict_img_size and not self.dynamic_img_pad and (H % ph or W % pw):
+            return (f"input size ({H}, {W}) should be divisible by the patch size {tuple(self.patch_size)} "
+                    f"(strict_img_size=False, dynamic_img_pad=False)")
+        return None
+
     def forward(self, x: Tensor, pos_embed: Optional[Tensor] = None, prefix_tokens: Optional[Tensor] = None,
                 num_prefix_tokens: int = 0) -> Tensor:
         B, C, H, W = x.shape
         ph, pw = self.patch_size
-        # timm's checks, no more: a fixed size when strict; else whole patches unless padded dynamically. Without
-        # img_size, as timm's convolution, the pixels past the last whole patch are dropped.
-        if self.img_size is not None and self.strict_img_size and (H, W) != self.img_size:
-            raise ValueError(f"vitfast.nn.PatchEmbed: input size ({H}, {W}) doesn't match the model's "
-                             f"{self.img_size} (strict_img_size=True)")
-        if self.img_size is not None and not self.strict_img_size and not self.dynamic_img_pad and (H % ph or W % pw):
-            raise ValueError(f"vitfast.nn.PatchEmbed: input size ({H}, {W}) should be divisible by the patch size "
-                             f"{self.patch_size} (strict_img_size=False, dynamic_img_pad=False)")
+        error = self._size_error(H, W)
+        if error:
+            raise ValueError(f"vitfast.nn.PatchEmbed: {error}")
         if self.dynamic_img_pad:
             x = F.pad(x, (0, (pw - W % pw) % pw, 0, (ph - H % ph) % ph))
             H, W = x.shape[-2:]
