@@ -66,9 +66,9 @@ TORCH_LIBRARY(vitfast, m) {
   // window attention
   // Schemas of vitfast::window_attention / window_attention_backward (vitfast/ops/window_attention.py docstring):
   // qkv (B, H, W, 3, heads, D) with unit inner stride; bias the (num_rel, heads) table or dense (heads, N, N);
-  // pad_qkv (3, heads, D); logit_scale (heads,) fp32 (Swin-V2, clamped and exponentiated). out (B, H, W, heads*D),
-  // lse (B, heads, nW, N) fp32. window_partition: (B, H, W, C) -> (B*nW, N, C) after pad and roll by -shift;
-  // window_reverse: the inverse (roll back, crop to H, W).
+  // pad_qkv (3, heads, D); logit_scale (heads,) fp32, fp64 for fp64 qkv (Swin-V2, clamped and exponentiated). out
+  // (B, H, W, heads*D), lse (B, heads, nW, N) fp32. window_partition: (B, H, W, C) -> (B*nW, N, C) after pad and
+  // roll by -shift; window_reverse: the inverse (roll back, crop to H, W).
   m.def(
       "window_attention_fwd(Tensor qkv, Tensor bias, Tensor? pad_qkv, Tensor? logit_scale, int[2] window_size,"
       " int[2] shift_size, float softmax_scale, float dropout_p, int seed) -> (Tensor out, Tensor lse)");

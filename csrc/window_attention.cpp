@@ -864,7 +864,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_bwd_
                                            .to(pad_qkv->scalar_type(), /*non_blocking=*/false, /*copy=*/true)
                                      : qkv.new_empty({0});
   const int64_t logit_offset = g.heads * g.N * g.N + 3 * g.heads * g.D;
-  at::Tensor dlogit = present(logit_scale) ? total.narrow(0, logit_offset, g.heads).to(at::kFloat, false, true)
+  at::Tensor dlogit = present(logit_scale) ? total.narrow(0, logit_offset, g.heads)
+                                                 .to(logit_scale->scalar_type(), /*non_blocking=*/false, /*copy=*/true)
                                            : qkv.new_empty({0}, qkv.options().dtype(at::kFloat));
   return {dqkv, dbias, dpad, dlogit};
 }

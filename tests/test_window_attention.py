@@ -101,6 +101,22 @@ def test_cosine_attention_v2(backend, device, geometry, dtype):
     _check(backend, device, geometry, dtype, cosine=True)
 
 
+@pytest.mark.parametrize("backend,device", [c for c in CASES if c.values[0] != "triton"])  # (Triton: no fp64)
+def test_cosine_attention_v2_float64_is_float64_exact(backend, device):
+    """Swin-V2's logit scale in float64 for float64 qkv (it was taken in fp32: agreement ~1e-8, where float64 gives
+    ~1e-15): output and every gradient, the logit scale's included, against the float64 reference."""
+    qkv, table, qkv_pad, logit_scale = _inputs(1, 9, 10, 2, 8, 4, torch.float64, device, cosine=True)
+    dout = torch.randn(1, 9, 10, 16, dtype=torch.float64, device=device)
+    tensors = (qkv, table, qkv_pad, logit_scale)
+    with vitfast.use_backend(backend):
+        got = _run(lambda *t: vitfast.window_attention(t[0], t[1], 4, 2, qkv_pad=t[2], logit_scale=t[3]), tensors,
+                   dout)
+    ref = _run(lambda *t: _ref(t[0], t[1], 4, 2, t[2], t[3]), tensors, dout)
+    for name, g, r in zip(["out", "dqkv", "dtable", "dqkv_pad", "dlogit_scale"], got, ref):
+        assert g.dtype == torch.float64, name
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12, msg=name)
+
+
 @pytest.mark.parametrize("backend,device", CASES)
 @pytest.mark.parametrize("ws,shift,cosine", [(3, 0, False), (7, 3, False), (12, 0, False), (12, 6, True)])
 def test_huge_finite_bias_is_plain_arithmetic(backend, device, ws, shift, cosine):

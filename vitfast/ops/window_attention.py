@@ -23,8 +23,8 @@ aside) or "torch" (the textbook PyTorch below). Every backend shares the schemas
     pad_qkv:     (3, heads, D): q, k, v of the padding pixels (rows >= H or columns >= W of the grid padded
                  to multiples of the window), i.e. the qkv bias, since Swin pads the input with zeros
                  before the qkv Linear. None means zeros.
-    logit_scale: None for dot-product attention, scores = softmax_scale * q.k; else (heads,) fp32, the
-                 Swin-V2 multiplier already clamped and exponentiated, scores = logit_scale[h] *
+    logit_scale: None for dot-product attention, scores = softmax_scale * q.k; else (heads,) fp32 (fp64
+                 for fp64 qkv), the Swin-V2 multiplier already clamped and exponentiated, scores = logit_scale[h] *
                  (q/max(|q|,1e-12)).(k/max(|k|,1e-12)) (softmax_scale is then ignored).
     window_size: (wh, ww), as used (no clamping inside the op). shift_size: (sh, sw), 0 <= s < w, as
                  used (the caller drops it where the window covers the padded map).
@@ -45,7 +45,8 @@ aside) or "torch" (the textbook PyTorch below). Every backend shares the schemas
 
     dout: (B, H, W, heads * D). dqkv: (B, H, W, 3, heads, D) contiguous, qkv's dtype. dbias: bias's shape
     and dtype, summed over batch and windows. dpad_qkv: (3, heads, D) in pad_qkv's dtype (its q part is
-    zero: padding queries are cropped), or empty without pad_qkv. dlogit_scale: (heads,) fp32, or empty.
+    zero: padding queries are cropped), or empty without pad_qkv. dlogit_scale: (heads,) in logit_scale's
+    dtype, or empty (fp32).
 
 Autocast (`_autocast_rule`): qkv and pad_qkv are cast to the region's dtype, as the qkv Linear's output is;
 bias and logit_scale are taken as they are and, as in the unfused code (a float32 bias added to low-precision
@@ -315,7 +316,7 @@ def _bwd_torch(dout, qkv, bias, pad_qkv, logit_scale, window_size, shift_size, s
     dk = (ds * sc).transpose(-2, -1) @ qq
     dscale = qkv.new_empty(0, dtype=torch.float32)
     if logit_scale is not None:
-        dscale = (ds * cos).sum((0, 1, 3, 4)).to(torch.float32)
+        dscale = (ds * cos).sum((0, 1, 3, 4)).to(logit_scale.dtype)
         dq, dk = _normalize_bwd(dq, q), _normalize_bwd(dk, k)
     dbias = ds.sum((0, 1))  # (heads, N, N)
     if bias.dim() == 2:
@@ -404,7 +405,8 @@ def _fake_bwd(qkv, bias, pad_qkv, logit_scale, zero=False):
     return (new(qkv.shape, dtype=qkv.dtype, **kw), new(bias.shape, dtype=bias.dtype, **kw),
             new(pad_qkv.shape if pad_qkv is not None else (0,), dtype=(pad_qkv if pad_qkv is not None else qkv).dtype,
                 **kw),
-            new(logit_scale.shape if logit_scale is not None else (0,), dtype=torch.float32, **kw))
+            new(logit_scale.shape if logit_scale is not None else (0,),
+                dtype=logit_scale.dtype if logit_scale is not None else torch.float32, **kw))
 
 
 @_window_attention_backward_op.register_fake
@@ -486,7 +488,9 @@ def _attention_core(qkv: Tensor, bias: Tensor, window_size: list, shift_size: li
         if logit_scale.numel() != heads:
             raise ValueError(f"vitfast.{what}: logit_scale must have {heads} elements (one per head), got shape "
                              f"{tuple(logit_scale.shape)}")
-        scale = torch.clamp(logit_scale, max=math.log(100.0)).exp().reshape(heads).float()
+        # fp32, as the unfused code's fp32 parameter gives it, but fp64 for fp64 qkv (whose reference is fp64)
+        scale = torch.clamp(logit_scale, max=math.log(100.0)).exp().reshape(heads)
+        scale = scale.to(torch.float64 if qkv.dtype == torch.float64 else torch.float32)
     if qkv_pad is not None:
         if qkv_pad.numel() != 3 * heads * D or qkv_pad.device != qkv.device or not qkv_pad.is_floating_point():
             raise ValueError(f"vitfast.{what}: qkv_pad must be {3 * heads * D} (3 * heads * D) floating-point values "
