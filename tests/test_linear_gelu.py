@@ -131,7 +131,9 @@ def test_opcheck():
     x = torch.randn(6, 32, requires_grad=True)
     w = torch.randn(20, 32, requires_grad=True)
     b = torch.randn(20, requires_grad=True)
-    for args in [(x, w, b, "none", True), (x, w, None, "tanh", True), (x, w, b, "none", False)]:
+    x0 = torch.randn(0, 32, requires_grad=True)  # no rows: without save_preact h must still be recomputed
+    for args in [(x, w, b, "none", True), (x, w, None, "tanh", True), (x, w, b, "none", False),
+                 (x0, w, b, "none", False), (x0, w, b, "tanh", True)]:
         torch.library.opcheck(torch.ops.vitfast.linear_gelu.default, args)
 
 

@@ -323,6 +323,13 @@ def test_bad_inputs_raise_clear_errors():
         vitfast.window_attention(qkv, torch.randn(169, 2), 7, 7)
     with pytest.raises(ValueError, match="logit_scale must have 2"):
         vitfast.window_attention(qkv, torch.randn(169, 2), 7, 3, logit_scale=torch.zeros(3))
+    x9 = torch.randn(1, 9, 9, 30)
+    for shift in ([3, 1], [-1, 1], [5, 0]):  # every backend: a ValueError (cpp raised its own, torch ran)
+        for backend in ("cpp", "torch"):
+            with vitfast.use_backend(backend), pytest.raises(ValueError, match=r"shift_size .* must be in \[0, "
+                                                                                 r"window\) for window \(3, 3\)"):
+                vitfast.shifted_window_attention(x9, torch.randn(90, 30), torch.randn(30, 30), torch.randn(25, 5),
+                                                 [3, 3], 5, shift)
     with vitfast.use_backend("triton"), pytest.raises(ValueError, match="float64"):
         vitfast.window_attention(qkv.double(), torch.randn(169, 2, dtype=torch.float64), 7, 3)
     for ws in (0, (7, -1)):
@@ -386,6 +393,13 @@ def test_torchvision_module_names_and_outputs(v2):
         m.load_state_dict(ref.state_dict())
         with torch.no_grad():
             torch.testing.assert_close(m(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_timm_window_attention_module_takes_factory_kwargs():
+    """timm's WindowAttention takes device= and dtype= (its SwinTransformerBlock passes them)."""
+    m = vitfast.nn.WindowAttention(32, num_heads=2, window_size=4, device="meta", dtype=torch.float64)
+    assert {p.device.type for p in m.parameters()} == {"meta"} and {p.dtype for p in m.parameters()} == {torch.float64}
+    assert m.relative_position_index.device.type == "meta"
 
 
 @pytest.mark.parametrize("backend,device", CASES)

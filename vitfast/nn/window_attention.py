@@ -113,8 +113,9 @@ class WindowAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, head_dim: Optional[int] = None,
                  window_size: Union[int, Sequence[int]] = 7, qkv_bias: bool = True, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0, shift_size: Union[int, Sequence[int]] = 0):
+                 proj_drop: float = 0.0, shift_size: Union[int, Sequence[int]] = 0, device=None, dtype=None):
         super().__init__()
+        dd = dict(device=device, dtype=dtype)  # timm's factory kwargs
         self.dim = dim
         self.window_size = tuple(_pair(window_size))
         self.shift_size = tuple(_pair(shift_size))
@@ -126,11 +127,12 @@ class WindowAttention(nn.Module):
         attn_dim = head_dim * num_heads
         self.scale = head_dim ** -0.5
         self.relative_position_bias_table = nn.Parameter(
-            torch.zeros((2 * self.window_size[0] - 1) * (2 * self.window_size[1] - 1), num_heads))
-        self.register_buffer("relative_position_index", relative_position_index(self.window_size), persistent=False)
-        self.qkv = nn.Linear(dim, attn_dim * 3, bias=qkv_bias)
+            torch.zeros((2 * self.window_size[0] - 1) * (2 * self.window_size[1] - 1), num_heads, **dd))
+        self.register_buffer("relative_position_index", relative_position_index(self.window_size).to(device),
+                             persistent=False)
+        self.qkv = nn.Linear(dim, attn_dim * 3, bias=qkv_bias, **dd)
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(attn_dim, dim)
+        self.proj = nn.Linear(attn_dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
 

@@ -75,10 +75,10 @@ def _backward(ctx, dy, dpreact):
     # in the forward's dtypes, also when backward() is called inside an autocast region (whose state autograd
     # hands to the backward: its matmuls would run in the region's dtype)
     with _autocast.disabled(dy.device):
-        if h.numel() != dy.numel():  # called without save_preact (e.g. by opcheck): recompute h
+        if h.shape != dy.shape:  # called without save_preact (e.g. by opcheck): recompute h
             h = F.linear(x, weight, bias)
         dh = torch.ops.aten.gelu_backward(dy, h, approximate=ctx.approximate)
-        if dpreact is not None and dpreact.numel() == dh.numel():
+        if dpreact is not None and dpreact.shape == dh.shape:
             dh = dh + dpreact
         dx = dh @ weight if ctx.needs_input_grad[0] else None
         dweight = dh.t() @ x if ctx.needs_input_grad[1] else None

@@ -503,6 +503,21 @@ def _attention_core(qkv: Tensor, bias: Tensor, window_size: list, shift_size: li
     return out
 
 
+def _used_shift(ws: list, shift: list, H: int, W: int, what: str) -> list:
+    """The shift as used: dropped along an axis the window covers (torchvision's rule), else in [0, window).
+
+    Raises:
+        ValueError: a shift outside [0, window) along an axis the window does not cover.
+    """
+    for axis, size in enumerate((H, W)):
+        if ws[axis] >= math.ceil(size / ws[axis]) * ws[axis]:
+            shift[axis] = 0
+        if not 0 <= shift[axis] < ws[axis]:
+            raise ValueError(f"vitfast.{what}: shift_size {tuple(shift)} must be in [0, window) for window "
+                             f"{tuple(ws)}")
+    return shift
+
+
 def window_attention(qkv: Tensor, relative_position_bias: Tensor, window_size: IntPair, shift_size: IntPair = 0, *,
                      qkv_pad: Optional[Tensor] = None, logit_scale: Optional[Tensor] = None,
                      softmax_scale: Optional[float] = None, attention_dropout: float = 0.0, training: bool = True,
@@ -555,12 +570,7 @@ def window_attention(qkv: Tensor, relative_position_bias: Tensor, window_size: I
         if small != ws and not _fits(table, small, heads):
             table = _crop_bias(table, ws, small, heads)
         ws, shift = small, [0, 0]
-    for axis, size in enumerate((H, W)):
-        if ws[axis] >= math.ceil(size / ws[axis]) * ws[axis]:
-            shift[axis] = 0
-        if not 0 <= shift[axis] < ws[axis]:
-            raise ValueError(f"vitfast.window_attention: shift_size {tuple(shift)} must be in [0, window) for window "
-                             f"{tuple(ws)}")
+    shift = _used_shift(ws, shift, H, W, "window_attention")
     p = attention_dropout if training else 0.0
     return _attention_core(qkv, table, ws, shift, qkv_pad, logit_scale, softmax_scale, p, "window_attention")
 
@@ -614,12 +624,9 @@ def shifted_window_attention(input: Tensor, qkv_weight: Tensor, proj_weight: Ten
     if num_heads < 1 or C % num_heads != 0:
         raise ValueError(f"vitfast.shifted_window_attention: channels C={C} must be divisible by num_heads="
                          f"{num_heads}")
-    ws, shift = _window_pair(window_size, "shifted_window_attention"), _pair(shift_size, "shift_size")
+    ws = _window_pair(window_size, "shifted_window_attention")
+    shift = _used_shift(ws, _pair(shift_size, "shift_size"), H, W, "shifted_window_attention")
     pad_H, pad_W = math.ceil(H / ws[0]) * ws[0], math.ceil(W / ws[1]) * ws[1]
-    if ws[0] >= pad_H:
-        shift[0] = 0
-    if ws[1] >= pad_W:
-        shift[1] = 0
     if logit_scale is not None and qkv_bias is not None:
         qkv_bias = torch.cat([qkv_bias[:C], torch.zeros_like(qkv_bias[C:2 * C]), qkv_bias[2 * C:]])
     D = C // num_heads
