@@ -124,6 +124,8 @@ def test_a_suspect_is_covered_only_by_what_its_name_suggests():
     assert [(l.name, l.reason) for l in report.left] == [("0", "no vitfast adapter for this class")], str(report)
     alone = vitfast.patch_model(PoolAttention())  # the model itself is the suspect
     assert [(l.name, l.reason) for l in alone.left] == [("", "no vitfast adapter for this class")], str(alone)
+    ClassAttn = type("ClassAttn", (PoolAttention,), {})  # timm's CaiT names ("...Attn") count too
+    assert [l.name for l in vitfast.patch_model(nn.Sequential(ClassAttn())).left] == ["0"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -277,8 +277,9 @@ def _is_transformers_model(module: nn.Module) -> bool:
 
 # classes whose name suggests something vitfast could swap: reported as left when no adapter takes them, unless a
 # submodule of theirs was patched for what the name suggests (_COVERING: the word -> the kinds that cover it)
-_SUSPECT = re.compile(r"Attention|LayerNorm|PatchEmbed")
-_COVERING = {"Attention": ("attention", "rel_pos_attention", "window_attention"), "LayerNorm": ("layer_norm",),
+_SUSPECT = re.compile(r"Attention|Attn|LayerNorm|PatchEmbed")
+_ATTENTION_KINDS = ("attention", "rel_pos_attention", "window_attention")
+_COVERING = {"Attention": _ATTENTION_KINDS, "Attn": _ATTENTION_KINDS, "LayerNorm": ("layer_norm",),
              "PatchEmbed": ("patch_embed",)}
 _NO_ADAPTER = "no vitfast adapter for this class"
 
@@ -362,7 +363,7 @@ def patch_model(model: nn.Module, attention: bool = True, window_attention: bool
         if adapter is None:
             # transformers' attention modules run through the attention interface switched above
             if (_SUSPECT.search(type(module).__name__) and not cls.startswith("vitfast.")
-                    and not (under_hf and "Attention" in type(module).__name__)):
+                    and not (under_hf and re.search("Attention|Attn", type(module).__name__))):
                 report.left.append(Left(name, cls, _NO_ADAPTER))
             continue
         flag, on = flags[adapter.kind]
