@@ -24,10 +24,10 @@ def _attention_forward(self, x: Tensor, attn_mask: Optional[Tensor] = None) -> T
         return type(self).forward(self, x, attn_mask)
     N, L, C = x.shape
     q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
-    D = q.shape[-1] // self.num_heads  # explicit sizes: a -1 cannot be inferred for an empty batch
-    q = q.reshape(N, L, self.num_heads, D).transpose(1, 2)
-    k = k.reshape(N, L, self.num_heads, D).transpose(1, 2)
-    v = v.reshape(N, L, self.num_heads, D).transpose(1, 2)
+    # unflatten infers -1 from the dim's size (a reshape to (B, ..., -1) cannot for an empty batch)
+    q = q.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+    k = k.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+    v = v.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
     if attn_mask is not None:
         if attn_mask.ndim == 3:
             attn_mask = attn_mask.reshape(N, self.num_heads, L, L)

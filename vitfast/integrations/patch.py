@@ -132,10 +132,9 @@ def _mha_forward(self: nn.MultiheadAttention, query: Tensor, key: Tensor, value:
         w_q, w_k, w_v = self.in_proj_weight.chunk(3)
         b_q, b_k, b_v = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
         q, k, v = F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
-    D = E // H  # explicit sizes: a -1 cannot be inferred for an empty batch
-    q = q.view(B, L, H, D).transpose(1, 2)
-    k = k.view(B, S, H, D).transpose(1, 2)
-    v = v.view(B, S, H, D).transpose(1, 2)
+    q = q.unflatten(-1, (H, -1)).transpose(1, 2)  # unflatten infers -1 from the dim's size: an empty batch works
+    k = k.unflatten(-1, (H, -1)).transpose(1, 2)
+    v = v.unflatten(-1, (H, -1)).transpose(1, 2)
     mask = _mha_mask(attn_mask, key_padding_mask, B, H, L, S, q.dtype)
     causal = bool(is_causal and attn_mask is None and key_padding_mask is None)
     out = attention(q, k, v, mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0)

@@ -47,10 +47,9 @@ def sam_attention(x: Tensor, qkv: nn.Module, num_heads: int, scale: float, rel_p
     Raises:
         ValueError: from vitfast.rel_pos_attention / vitfast.attention when no backend takes the inputs.
     """
-    B, H, W, _ = x.shape
-    qkv_out = qkv(x)
-    D = qkv_out.shape[-1] // (3 * num_heads)  # explicit sizes: a -1 cannot be inferred for an empty batch
-    q, k, v = qkv_out.reshape(B, H * W, 3, num_heads, D).permute(2, 0, 3, 1, 4).unbind(0)
+    _, H, W, _ = x.shape
+    # unflatten infers -1 from the dim's size (a reshape to (B, ..., -1) cannot for an empty batch)
+    q, k, v = qkv(x).flatten(1, 2).unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
     if q_norm is not None:
         q, k = q_norm(q), k_norm(k)
     if rel_pos_h is None:  # plain attention, which runs ATen's on CPU (integrations/cpu_choice.py)
@@ -59,7 +58,7 @@ def sam_attention(x: Tensor, qkv: nn.Module, num_heads: int, scale: float, rel_p
     else:
         rel_h, rel_w = decomposed_rel_pos(q, rel_pos_h, rel_pos_w, (H, W), (H, W))
         out = rel_pos_attention(q, k, v, rel_h, rel_w, scale=scale, dropout_p=dropout_p)
-    return out.transpose(1, 2).reshape(B, H, W, num_heads * D)
+    return out.transpose(1, 2).flatten(2).unflatten(1, (H, W))
 
 
 def _attention_forward(self, x: Tensor) -> Tensor:

@@ -36,15 +36,13 @@ def _attention_forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_c
         original = type(self).forward
         # older timm Attention.forward takes no is_causal
         return original(self, x, attn_mask, is_causal) if is_causal else original(self, x, attn_mask)
-    B, N, C = x.shape
     gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
-    qkv = self.qkv(x)
-    D = qkv.shape[-1] // (3 * self.num_heads)  # explicit sizes: a -1 cannot be inferred for an empty batch
-    q, k, v = qkv.reshape(B, N, 3, self.num_heads, D).permute(2, 0, 3, 1, 4).unbind(0)
+    # unflatten infers -1 from the dim's size (a reshape to (B, ..., -1) cannot for an empty batch)
+    q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
     q, k = self.q_norm(q), self.k_norm(k)
     x = attention(q, k, v, attn_mask, is_causal=is_causal, scale=self.scale,
                   dropout_p=self.attn_drop.p if self.training else 0.0)
-    x = x.transpose(1, 2).reshape(B, N, self.num_heads * D)
+    x = x.transpose(1, 2).flatten(2)
     x = self.norm(x)
     if gate is not None:
         x = x * gate
@@ -81,8 +79,7 @@ def _swin_block_attn(self, x: Tensor) -> Tensor:
     if not divisible:
         return type(self)._attn(self, x)
     attn = self.attn
-    qkv = attn.qkv(x)
-    qkv = qkv.view(B, H, W, 3, attn.num_heads, qkv.shape[-1] // (3 * attn.num_heads))
+    qkv = attn.qkv(x).unflatten(-1, (3, attn.num_heads, -1))
     out = window_attention(qkv, attn.relative_position_bias_table, (wh, ww), (sh, sw),
                            attention_dropout=attn.attn_drop.p, training=self.training, softmax_scale=attn.scale,
                            clamp_window=False)

@@ -100,9 +100,7 @@ def _swin_layer_forward(self, hidden_states: torch.Tensor, input_dimensions, alw
     weight = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
     bias = (torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
             if attn.q_proj.bias is not None else None)
-    heads = attn.num_attention_heads
-    qkv = torch.nn.functional.linear(x, weight, bias)
-    qkv = qkv.view(batch_size, height, width, 3, heads, qkv.shape[-1] // (3 * heads))
+    qkv = torch.nn.functional.linear(x, weight, bias).unflatten(-1, (3, attn.num_attention_heads, -1))
     out = window_attention(qkv, attn.relative_position_bias.relative_position_bias_table, ws, self.shift_size,
                            qkv_pad=bias, softmax_scale=attn.scaling, attention_dropout=attn.attention_dropout,
                            training=self.training, clamp_window=False)

@@ -91,5 +91,5 @@ class PatchEmbed(nn.Module):
         Hp, Wp = H // ph, W // pw
         if self.flatten or self.output_fmt == "NLC":
             return out
-        out = out.view(B, Hp, Wp, out.shape[-1])
+        out = out.unflatten(1, (Hp, Wp))
         return out if self.output_fmt == "NHWC" else out.permute(0, 3, 1, 2)

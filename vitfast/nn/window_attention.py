@@ -148,9 +148,8 @@ class WindowAttention(nn.Module):
             if mask is not None:
                 raise ValueError("vitfast.nn.WindowAttention: an image-layout input takes no mask (the shift mask is "
                                  "computed in the kernel from shift_size)")
-            B, H, W, _ = x.shape
-            qkv = self.qkv(x)
-            qkv = qkv.view(B, H, W, 3, heads, qkv.shape[-1] // (3 * heads))  # explicit: B may be 0
+            # unflatten infers -1 from the dim's size (a reshape to (B, ..., -1) cannot for an empty batch)
+            qkv = self.qkv(x).unflatten(-1, (3, heads, -1))
             out = window_attention(qkv, self.relative_position_bias_table, self.window_size, self.shift_size,
                                    qkv_pad=self.qkv.bias, attention_dropout=p, training=self.training,
                                    softmax_scale=self.scale, clamp_window=False)
@@ -159,19 +158,18 @@ class WindowAttention(nn.Module):
         if N != self.window_area:
             raise ValueError(f"vitfast.nn.WindowAttention: {N} tokens per window, expected {self.window_area} for "
                              f"window {self.window_size}")
-        qkv = self.qkv(x)
-        D = qkv.shape[-1] // (3 * heads)  # explicit sizes: a -1 cannot be inferred for an empty batch
+        qkv = self.qkv(x).unflatten(-1, (3, heads, -1))  # (B_, N, 3, heads, D), B_ may be 0
         if mask is None:
             wh, ww = self.window_size
-            out = window_attention(qkv.view(B_, wh, ww, 3, heads, D), self.relative_position_bias_table,
+            out = window_attention(qkv.unflatten(1, (wh, ww)), self.relative_position_bias_table,
                                    self.window_size, 0, attention_dropout=p, training=self.training,
                                    softmax_scale=self.scale, clamp_window=False)
-            return self.proj_drop(self.proj(out.view(B_, N, heads * D)))
+            return self.proj_drop(self.proj(out.flatten(1, 2)))
         # An arbitrary per-window mask: SDPA with bias + mask folded into one float mask.
-        q, k, v = qkv.view(B_, N, 3, heads, D).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         num_win = mask.shape[0]
         attn_mask = (self._get_rel_pos_bias().to(q.dtype).view(1, 1, heads, N, N)
                      + mask.to(q.dtype).view(1, num_win, 1, N, N)).expand(B_ // num_win, -1, -1, -1, -1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask.reshape(B_, heads, N, N), dropout_p=p,
                                              scale=self.scale)
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B_, N, heads * D)))
+        return self.proj_drop(self.proj(out.transpose(1, 2).flatten(2)))
