@@ -202,10 +202,10 @@ def _table(rows: list) -> str:
           f"{r['speedup']:.2f}x", "yes" if r["ok"] else "NO"] for r in rows])
 
 
-def _write_out(out_dir: str, rows: list, header: str) -> None:
+def _write_out(out_dir: str, rows: list, header: str, env: dict) -> None:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "vitfast.json"), "w") as f:
-        json.dump({"info": vitfast.info(), "date": time.strftime("%Y-%m-%d"), "rows": rows}, f, indent=1)
+        json.dump({"info": env, "date": time.strftime("%Y-%m-%d"), "rows": rows}, f, indent=1)
     with open(os.path.join(out_dir, "vitfast.md"), "w") as f:
         f.write(header + "\n\n" + _table(rows) + "\n")
     fast = [r for r in rows if r["backend"].startswith("vitfast")]
@@ -229,7 +229,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="also write vitfast.json, vitfast.md and vitfast.png here")
     args = parser.parse_args(argv)
 
-    for k, v in vitfast.info().items():
+    env = vitfast.info()  # once: it runs git and reads /proc/cpuinfo
+    for k, v in env.items():
         print(f"{k:>18}: {v}")
     if args.command == "info":
         return 0
@@ -253,14 +254,13 @@ def main(argv=None) -> int:
         _progress(i, len(cases), f"{case.op} {case.shape}")
         rows += _run_case(case, args.device, dtype, reps, args.backend or ())
     _progress(len(cases), len(cases), "done")
-    env = vitfast.info()
     commit = f" (commit {env['commit']})" if env["commit"] else ""
     header = (f"vitfast {vitfast.__version__}{commit} on {env['device']}, {dtype}, torch {torch.__version__}, "
               f"{time.strftime('%Y-%m-%d')}; median of {reps} interleaved round(s); speedup = baseline time / "
               f"vitfast time")
     print("\n" + header + "\n" + _table(rows))
     if args.out:
-        _write_out(args.out, rows, header)
+        _write_out(args.out, rows, header, env)
     bad = [r for r in rows if not r["ok"]]
     if bad:
         print(f"\n{len(bad)} backend result(s) exceed 2x the baseline's error: "
