@@ -20,12 +20,12 @@ import copy
 import os
 import statistics
 import sys
-import time
 
 import pytest
 import torch
 
 import vitfast
+from vitfast.report import timed_round
 
 from conftest import DEVICE, ON_GPU
 
@@ -120,17 +120,15 @@ def test_patched_model(benchmark, name, mode, batch):
     runners = {k: _runner(m, mode, x) for k, m in impls.items()}
     for run in runners.values():  # warm-up (and compilation) outside the timing
         run()
-    times = {k: [] for k in runners}
+    names, fns = list(runners), list(runners.values())
+    rounds = [[] for _ in fns]
 
     def one_round():
-        order = list(runners) if len(times["original"]) % 2 == 0 else list(reversed(runners))
-        for k in order:
-            t0 = time.perf_counter()
-            runners[k]()
-            times[k].append(time.perf_counter() - t0)
+        timed_round(fns, rounds, DEVICE, reverse=len(rounds[0]) % 2 == 1)
 
     benchmark.group = f"{name} {mode} B={batch}"
     benchmark.pedantic(one_round, rounds=REPS, iterations=1, warmup_rounds=0)
+    times = dict(zip(names, rounds))
     ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
     paired = statistics.median(o / p for o, p in zip(times["original"], times["patched"]))
     benchmark.extra_info.update(device="cpu", torch=torch.__version__, threads=torch.get_num_threads(), real=REAL,

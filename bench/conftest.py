@@ -9,7 +9,6 @@ tests.
 import functools
 import itertools
 import math
-import time
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import vitfast
 from vitfast import backend
+from vitfast.report import interleaved
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEVICE == "cuda"
@@ -72,17 +72,7 @@ def vitfast_backends(op: str) -> list:
 
 
 def _best_seconds(fn, reps: int = 5) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        if ON_GPU:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if ON_GPU:
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return best
+    return min(interleaved([fn], reps, DEVICE)[0])
 
 
 @functools.lru_cache(None)

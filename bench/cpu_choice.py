@@ -4,33 +4,20 @@ vitfast.integrations.cpu_choice encodes.
 
     python bench/cpu_choice.py [--reps 9] [--threads 2]
 
-Each row times both implementations interleaved (A, B, A, B, ...) in this one process and reports the medians and
-ATen / vitfast (> 1: vitfast faster). The shapes are those of the models of bench/bench_patched_models.py at batch
-1, 2 and 8, and SAM-B's image encoder at 1024 px. Not collected by pytest (no bench_ prefix): it takes a few
-minutes (`-k` picks cases).
+Each row times both implementations interleaved (A, B, B, A, ...: vitfast.report.interleaved) in this one process
+and reports the medians and ATen / vitfast (> 1: vitfast faster). The shapes are those of the models of
+bench/bench_patched_models.py at batch 1, 2 and 8, and SAM-B's image encoder at 1024 px. Not collected by pytest
+(no bench_ prefix): it takes a few minutes (`-k` picks cases).
 """
 import argparse
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 import vitfast
 from vitfast.ops.window_attention import relative_position_index, shifted_window_attention_ref
-
-
-def interleaved(fns, reps):
-    """Median seconds of each fn, the fns called in turn `reps` times after one warm-up round."""
-    for fn in fns:
-        fn()
-    times = [[] for _ in fns]
-    for _ in range(reps):
-        for i, fn in enumerate(fns):
-            t0 = time.perf_counter()
-            fn()
-            times[i].append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
+from vitfast.report import interleaved
 
 
 def _train(fn, *leaves):
@@ -159,7 +146,7 @@ def main():
             if args.k not in name:
                 continue
             for mode, wrap in (("inference", _infer), ("training", lambda f: _train(f, *leaves))):
-                ta, tv = interleaved([wrap(aten), wrap(fused)], args.reps)
+                ta, tv = map(statistics.median, interleaved([wrap(aten), wrap(fused)], args.reps))
                 print(f"| {name} | {mode} | {ta * 1e3:.3f} | {tv * 1e3:.3f} | {ta / tv:.2f} |", flush=True)
 
 

@@ -303,15 +303,16 @@ def test_transformers_swin_fused_layer(backend, monkeypatch):
 def test_cpu_choice_rule():
     """The table's answers: ATen for LayerNorm and attention, ATen for patch embedding only without grad, vitfast for
     window attention and rel-pos attention, vitfast for linear_gelu only without grad and for outputs of 32 MiB or
-    more; a forced backend or a CUDA tensor always runs vitfast."""
+    more (without the output's size, as the guard of a patched method asks: the table alone); a forced backend or a
+    CUDA tensor always runs vitfast."""
     x = torch.randn(2, 3)
-    original = {"attention": True, "rel_pos_attention": False, "window_attention": False, "layer_norm": True,
-                "linear_gelu": True}
+    original = {"attention": True, "rel_pos_attention": False, "window_attention": False, "layer_norm": True}
     with torch.no_grad():
-        assert {k: cpu_choice.runs_original(k, x) for k in KINDS} == dict(original, patch_embed=True)
+        assert ({k: cpu_choice.runs_original(k, x) for k in KINDS}
+                == dict(original, patch_embed=True, linear_gelu=False))
         assert not cpu_choice.runs_original("linear_gelu", x, out_bytes=2**25)  # 32 MiB outputs: fused
         assert cpu_choice.runs_original("linear_gelu", x, out_bytes=2**25 - 1)
-    assert {k: cpu_choice.runs_original(k, x) for k in KINDS} == dict(original, patch_embed=False)
+    assert {k: cpu_choice.runs_original(k, x) for k in KINDS} == dict(original, patch_embed=False, linear_gelu=True)
     assert cpu_choice.runs_original("linear_gelu", x, out_bytes=2**25)  # with grad: ATen at any size
     with vitfast.use_backend("torch"):
         assert not any(cpu_choice.runs_original(k, x) for k in KINDS)
@@ -322,7 +323,9 @@ def test_cpu_choice_rule():
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
 def test_cpu_choice_runs_the_original_code(grad, monkeypatch):
     """Where the table says ATen, a patched timm ViT calls no vitfast op and its output is bitwise the original's;
-    where it says vitfast (patch embedding with grad), vitfast's op runs."""
+    where it says vitfast (patch embedding with grad), vitfast's op runs. The guard of a patched method asks the
+    table first: only the modules whose kind the table gives vitfast in this mode (the MLP's linear_gelu without
+    grad, whose output-size rule the adapter applies; the patch embedding with grad) get to the layout check."""
     timm = import_or_skip("timm")
     from vitfast.integrations import patch as vp
     from vitfast.integrations import timm as vt
@@ -339,10 +342,12 @@ def test_cpu_choice_runs_the_original_code(grad, monkeypatch):
     fused = vitfast.ops.patch_embed.patch_embed
     monkeypatch.setattr("vitfast.nn.patch_embed.patch_embed",
                         lambda *a, **k: calls.append("patch_embed") or fused(*a, **k))
+    unchanged = vp._unchanged
+    monkeypatch.setattr(vp, "_unchanged", lambda layout: calls.append("layout check") or unchanged(layout))
     x = torch.randn(2, 3, 16, 16)
     with torch.set_grad_enabled(grad):
         out, expected = mine(x), model(x)
-    assert calls == (["patch_embed"] if grad else [])
+    assert calls == (["layout check", "patch_embed"] if grad else ["layout check"])
     assert torch.equal(out, expected) if not grad else torch.allclose(out, expected, rtol=1e-4, atol=2e-5)
 
 
@@ -606,6 +611,31 @@ def test_hooks_and_swapped_submodules_take_the_original_path():
         m.layers[0].blocks[0].attn.proj = _Scaled(m.layers[0].blocks[0].attn.proj)
     with vitfast.use_backend("cpp"):
         torch.testing.assert_close(_run(model, images), _run(original, images))
+
+
+def test_layout_check_sees_every_change_below_the_module():
+    """The per-call check of a patched module's tree (a few dict reads): unchanged until a submodule at any depth
+    gets a hook, is swapped (even for one of the same class), gains a child or is parametrized (which changes its
+    class); removing the hook restores it."""
+    from torch.nn.utils import parametrize
+    from vitfast.integrations import patch as vp
+
+    def tree():
+        return nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.LayerNorm(4), nn.GELU()))
+
+    module = tree()
+    layout = vp._layout(module)
+    assert vp._unchanged(layout)
+    handle = module[1][0].register_forward_pre_hook(lambda m, a: None)
+    assert not vp._unchanged(layout)
+    handle.remove()
+    assert vp._unchanged(layout)
+    for change in (lambda m: m[1].__setitem__(0, nn.LayerNorm(4)), lambda m: m[1][1].add_module("extra", nn.ReLU()),
+                   lambda m: parametrize.register_parametrization(m[0], "weight", nn.Identity())):
+        module = tree()
+        layout = vp._layout(module)
+        change(module)
+        assert not vp._unchanged(layout)
 
 
 def test_global_module_hooks_take_the_original_path():

@@ -29,7 +29,7 @@ from vitfast.ops.linear_gelu import linear_gelu_ref
 from vitfast.ops.patch_embed import patch_embed_ref
 from vitfast.ops.patch_merging import patch_merging_ref
 from vitfast.ops.window_attention import window_attention_ref
-from vitfast.report import markdown_table, plot_speedups
+from vitfast.report import interleaved, markdown_table, plot_speedups
 
 
 @dataclass
@@ -104,24 +104,6 @@ def _cases(gpu: bool) -> list:
     ]
 
 
-def _times_ms(fns: Sequence[Callable], device: str, reps: int) -> list:
-    """Median wall time of each fn in ms, the fns called in turn `reps` times after a warm-up round (compilation,
-    autotuning, caches), synchronizing the GPU around each call."""
-    for fn in fns:
-        fn()
-    times = [[] for _ in fns]
-    for _ in range(reps):
-        for fn, t in zip(fns, times):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t.append((time.perf_counter() - t0) * 1e3)
-    return [statistics.median(t) for t in times]
-
-
 def _backends(op: str, device: str) -> list:
     """vitfast backends that can run `op` on `device`, the plain-PyTorch one left out (it is the baseline)."""
     dev = torch.device(device)
@@ -176,7 +158,7 @@ def _run_case(case: Case, device: str, dtype: torch.dtype, reps: int, only: Sequ
                 errs.append(_errors(_outputs(case.fn, inputs, case.grad, weights), ref))
         fns = [lambda: _outputs(case.baseline, inputs, case.grad, weights)]
         fns += [_with_backend(name, lambda: _outputs(case.fn, inputs, case.grad, weights)) for name in names]
-        base_ms, *ms = _times_ms(fns, device, reps)
+        base_ms, *ms = [1e3 * statistics.median(t) for t in interleaved(fns, reps, device)]
         common = dict(op=case.op, shape=case.shape, dtype=dt, pass_="fwd+bwd" if backward else "fwd")
         rows.append(dict(common, backend=case.baseline_name, max_err=max(base_err), ms=base_ms, speedup=1.0,
                          ok=True))

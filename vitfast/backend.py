@@ -65,9 +65,12 @@ def has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+_NAMES = BACKENDS + ("auto",)
+
+
 def _check_name(name: str) -> str:
-    if name not in BACKENDS + ("auto",):
-        raise ValueError(f"unknown vitfast backend {name!r}; expected one of {BACKENDS + ('auto',)}")
+    if name not in _NAMES:
+        raise ValueError(f"unknown vitfast backend {name!r}; expected one of {_NAMES}")
     return name
 
 

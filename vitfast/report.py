@@ -1,5 +1,34 @@
-"""Markdown tables and speedup plots, shared by `python -m vitfast --out` and bench/report.py."""
-from typing import Sequence
+"""Interleaved timing, markdown tables and speedup plots, shared by `python -m vitfast` and bench/."""
+import time
+from typing import Callable, List, Sequence
+
+import torch
+
+
+def timed_round(fns: Sequence[Callable], times: Sequence[list], device: str = "cpu", reverse: bool = False) -> None:
+    """Calls each fn once, in turn (last to first with `reverse`), appending its wall time in seconds to the list
+    of the same index in `times`; on a CUDA device the GPU is synchronized before and after each call."""
+    cuda = torch.device(device).type == "cuda"
+    for i in (reversed(range(len(fns))) if reverse else range(len(fns))):
+        if cuda:
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fns[i]()
+        if cuda:
+            torch.cuda.synchronize(device)
+        times[i].append(time.perf_counter() - t0)
+
+
+def interleaved(fns: Sequence[Callable], reps: int, device: str = "cpu") -> List[List[float]]:
+    """Wall times in seconds of `reps` calls of each fn, after one warm-up round (compilation, autotuning,
+    caches): round by round, each fn once, the order reversed every other round, so that the drift of a shared
+    machine's speed and the order hit every fn alike. Returns one list of times per fn."""
+    for fn in fns:
+        fn()
+    times = [[] for _ in fns]
+    for r in range(reps):
+        timed_round(fns, times, device, reverse=r % 2 == 1)
+    return times
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:

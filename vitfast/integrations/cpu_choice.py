@@ -36,6 +36,8 @@ Every shape class measured falls on the same side for a given kind and mode (pat
 level at ViT shapes and slower at Swin's, so ATen), but for linear_gelu's output size, so the rule is per (kind, mode)
 with `CPU_MIN_OUTPUT_BYTES` for that one; a new shape class that measures differently gets its row here, nowhere else.
 """
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -56,21 +58,25 @@ CPU_CHOICE = {
 CPU_MIN_OUTPUT_BYTES = {"linear_gelu": 2**25}
 
 
-def runs_original(kind: str, x: Tensor, out_bytes: int = 0) -> bool:
+def runs_original(kind: str, x: Tensor, out_bytes: Optional[int] = None) -> bool:
     """Whether a module patched for `kind` should run its original forward for input `x`.
 
     Args:
         kind: one of CPU_CHOICE's keys (vitfast.integrations.patch.KINDS).
         x: the module's input tensor; only its device is read, with torch.is_grad_enabled() for the mode.
-        out_bytes: the size of the op's output in bytes, for the kinds in CPU_MIN_OUTPUT_BYTES.
+        out_bytes: the size of the op's output in bytes, for the kinds in CPU_MIN_OUTPUT_BYTES; None (the size not
+            known yet: the guard of a patched method asks before the adapter runs) leaves that rule out.
 
     Returns:
         True on CPU tensors where the table says ATen for the current mode (or the output is below the kind's
         CPU_MIN_OUTPUT_BYTES) and no vitfast backend is forced.
     """
-    if x.device.type != "cpu" or _backend.forced_backend() is not None:
+    if not x.is_cpu:
         return False
-    return CPU_CHOICE[kind][torch.is_grad_enabled()] == ATEN or out_bytes < CPU_MIN_OUTPUT_BYTES.get(kind, 0)
+    if CPU_CHOICE[kind][torch.is_grad_enabled()] == VITFAST and (
+            out_bytes is None or out_bytes >= CPU_MIN_OUTPUT_BYTES.get(kind, 0)):
+        return False
+    return _backend.forced_backend() is None  # (the environment read last: it is the slowest check)
 
 
 # kind -> what the report adds about the CPU path beyond the table
