@@ -1,9 +1,10 @@
 """Whether a module patched by `vitfast.patch_model` runs vitfast's op or its original (ATen) code, on CPU tensors.
 
-The one rule every adapter asks (`runs_original(kind, x)`): a patched module keeps vitfast's op where it measured
-faster than the code it replaces, and runs its own original forward where it measured slower, so a patched model is
-never slower than the original. `use_backend(...)` or VITFAST_BACKEND, forcing a vitfast backend, always runs
-vitfast's op. CUDA tensors always run vitfast's op (not yet measured against ATen on a GPU).
+The one rule every adapter, and the guard of every patched method, asks (`runs_original(kind, x)`): a patched module
+keeps vitfast's op where it measured faster than the code it replaces, and runs its own original forward where it
+measured slower, so a patched model runs no op slower than the original's (its modules' Python dispatch aside: about
+1% of a DeiT-S forward at batch 1, README). `use_backend(...)` or VITFAST_BACKEND, forcing a vitfast backend, always
+runs vitfast's op. CUDA tensors always run vitfast's op (not yet measured against ATen on a GPU).
 
 The table below comes from `python bench/cpu_choice.py --threads 2 --reps 9` (ATen / vitfast time, > 1: vitfast
 faster; medians of 9 interleaved calls in one process), on a 2-core AMD EPYC VM (AVX2), torch 2.13.0+cpu, fp32,
