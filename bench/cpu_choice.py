@@ -134,6 +134,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("-k", default="", help="only the cases whose name contains this")
     args = ap.parse_args()
+    if args.reps < 1 or args.threads < 1:
+        ap.error(f"--reps and --threads must be at least 1, got {args.reps} and {args.threads}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "

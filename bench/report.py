@@ -18,11 +18,19 @@ from vitfast.report import markdown_table, plot_speedups
 
 
 def load(*paths: str) -> tuple:
-    """The first file's metadata with every file's benchmarks, and those benchmarks by group."""
+    """The first file's metadata with every file's benchmarks, and those benchmarks by group.
+
+    Raises:
+        ValueError: a file that is not pytest-benchmark's JSON (`python -m vitfast --out` writes its own report).
+    """
     data = None
     for path in paths:
         with open(path) as f:
             part = json.load(f)
+        if not isinstance(part, dict) or "benchmarks" not in part:
+            raise ValueError(f"{path} is not a pytest-benchmark JSON (--benchmark-json; no 'benchmarks' key)"
+                             + ("; `python -m vitfast --out` writes its report, vitfast.md, next to it"
+                                if isinstance(part, dict) and "rows" in part else ""))
         if data is None:
             data = part
         else:
@@ -82,7 +90,10 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=".")
     parser.add_argument("--no-plot", action="store_true", help="write report.md only, not speedup.png")
     args = parser.parse_args(argv)
-    data, groups = load(*args.json_files)
+    try:
+        data, groups = load(*args.json_files)
+    except ValueError as e:
+        parser.error(str(e))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "report.md"), "w") as f:
         f.write(markdown(data, groups))

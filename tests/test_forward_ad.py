@@ -76,3 +76,23 @@ def test_patched_models_run_their_original_code_under_torch_func():
         got = torch.func.grad(loss)(params)
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], msg=name)
+
+
+def test_patched_models_run_their_original_code_under_forward_ad():
+    """torch.func.jvp and dual tensors through a patched model (a Swin block: window attention, LayerNorm, MLP) give
+    the original's tangents: its modules run their original code while a forward-AD level is open."""
+    from _optional_libs import import_or_skip
+
+    timm = import_or_skip("timm")
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=16, patch_size=2,
+                              embed_dim=16, depths=(2,), num_heads=(2,), window_size=4, num_classes=5).double().eval()
+    x, t = _r(2, 3, 16, 16), _r(2, 3, 16, 16)
+    ref = torch.func.jvp(model, (x,), (t,))
+    vitfast.patch_model(model)
+    with vitfast.use_backend("cpp"):  # the fused path but for forward AD
+        got = torch.func.jvp(model, (x,), (t,))
+        with fwAD.dual_level():
+            dual = fwAD.unpack_dual(model(fwAD.make_dual(x, t)))
+    for g in (got, (dual.primal, dual.tangent)):
+        torch.testing.assert_close(g[0], ref[0])
+        torch.testing.assert_close(g[1], ref[1])

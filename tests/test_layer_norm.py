@@ -220,6 +220,8 @@ def test_backend_choice_env_context_and_errors(monkeypatch, caplog):
     monkeypatch.setenv("VITFAST_BACKEND", "tpu")
     with pytest.raises(ValueError, match="unknown vitfast backend 'tpu'"):
         vitfast.choose_backend("layer_norm", x)
+    monkeypatch.setenv("VITFAST_BACKEND", "")  # set but empty (`VITFAST_BACKEND= python ...`): auto
+    assert vitfast.backend.forced_backend() is None
     monkeypatch.delenv("VITFAST_BACKEND")
     with pytest.raises(ValueError, match="unknown vitfast backend"):
         vitfast.use_backend("fast").__enter__()

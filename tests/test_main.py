@@ -63,3 +63,21 @@ def test_bad_flags_are_refused_clearly(capsys):
         with pytest.raises(SystemExit):
             main(["run", "--device", "cuda"])
         assert "this torch sees no CUDA device" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["info", "--op", "bogus"])  # (it ran and exited 0, ignoring the flag)
+    assert "info takes no --op" in capsys.readouterr().err
+
+
+def test_bench_report_refuses_the_main_jobs_json(tmp_path, capsys):
+    """bench/report.py reads pytest-benchmark JSON; given the main job's vitfast.json it says so (a KeyError)."""
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(vitfast.__file__)))
+    spec = importlib.util.spec_from_file_location("bench_report", os.path.join(root, "bench", "report.py"))
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    path = tmp_path / "vitfast.json"
+    path.write_text(json.dumps({"info": {}, "date": "2026-11-30", "rows": []}))
+    with pytest.raises(SystemExit):
+        report.main([str(path), "--out", str(tmp_path), "--no-plot"])
+    assert "not a pytest-benchmark JSON" in capsys.readouterr().err

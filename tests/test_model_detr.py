@@ -98,6 +98,28 @@ def test_weights_from_transformers():
         assert (unpadded - ref.logits[1]).abs().max() > 1e-2, "the pixel mask must matter"
 
 
+def test_weights_from_transformers_keep_the_three_dropout_rates():
+    """transformers' DETR has dropout (residual branches), attention_dropout and activation_dropout (after the ReLU);
+    the converted model keeps each (it applied `dropout` to all three); DETR alone applies one rate to all three,
+    as the original DETR."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.DetrConfig(
+        use_timm_backbone=False, use_pretrained_backbone=False,
+        backbone_config=dict(model_type="resnet", depths=[1, 1, 1, 1], hidden_sizes=[8, 8, 8, 8],
+                             embedding_size=8, out_features=["stage4"]),
+        d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=24, decoder_ffn_dim=24, num_queries=3, num_labels=3, dropout=0.0, attention_dropout=0.5,
+        activation_dropout=0.25)
+    model = detr_from_transformers(transformers.DetrForObjectDetection(config))
+    for layer in (model.transformer.encoder.layers[0], model.transformer.decoder.layers[0]):
+        assert (layer.dropout, layer.self_attn.dropout, layer.activation_dropout) == (0.0, 0.5, 0.25)
+    assert model.transformer.decoder.layers[0].multihead_attn.dropout == 0.5
+    layer = DETR(d_model=16, nhead=2, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=24, dropout=0.2,
+                 backbone_depths=[1, 1, 1, 1], backbone_widths=[8, 8, 8, 8], backbone_stem_width=8)
+    layer = layer.transformer.decoder.layers[0]
+    assert (layer.dropout, layer.self_attn.dropout, layer.multihead_attn.dropout, layer.activation_dropout) == (0.2,) * 4
+
+
 def test_loader_rejects_what_it_cannot_convert():
     transformers = pytest.importorskip("transformers")
     config = transformers.DetrConfig(

@@ -137,6 +137,22 @@ def test_timm_variants_without_a_torchvision_layout_are_refused():
             swin_from_timm(model)
 
 
+def test_timm_mlp_ratio_and_global_pool():
+    """timm's own mlp_ratio rebuilds every stage's fc1 width (1.37: int(22 * 30 / 22) was 29, not timm's 30, and
+    the state dict did not load); a global_pool other than 'avg' raises (it converted and average-pooled)."""
+    from _optional_libs import import_or_skip
+
+    timm = import_or_skip("timm")
+    swin = timm.models.swin_transformer.SwinTransformer
+    base = dict(img_size=16, patch_size=2, depths=(2, 2), num_heads=(2, 2), window_size=4, num_classes=3)
+    theirs = swin(embed_dim=22, mlp_ratio=1.37, **base).double().eval()
+    images = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    torch.testing.assert_close(swin_from_timm(theirs).eval()(images), theirs(images))  # (in float64: theirs)
+    for pool in ("max", ""):
+        with pytest.raises(ValueError, match=f"global_pool='{pool}' does not convert"):
+            swin_from_timm(swin(embed_dim=16, global_pool=pool, **base))
+
+
 def test_transformers_variants_that_do_not_convert_are_refused():
     transformers = pytest.importorskip("transformers")
     base = dict(image_size=32, embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=4)

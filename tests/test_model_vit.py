@@ -97,6 +97,36 @@ def test_other_image_sizes_resample_pos_embed_like_timm():
         torch.testing.assert_close(mine(images), theirs(images), rtol=1e-9, atol=1e-9)
 
 
+def test_other_image_sizes_on_every_backend_and_too_small_images():
+    """The eager and sdpa backends resample the position embedding for another image size as the vitfast backend
+    does (they added the native-size table and failed); an image smaller than one patch raises a ValueError
+    naming its shape (it failed inside the interpolation)."""
+    base = dict(img_size=32, patch_size=8, embed_dim=24, depth=1, num_heads=3, num_classes=5)
+    models = {b: VisionTransformer(**base, backend=b).double().eval() for b in ("eager", "sdpa", "vitfast")}
+    for m in models.values():
+        m.load_state_dict(models["eager"].state_dict())
+    images = torch.randn(2, 3, 48, 40, dtype=torch.float64)
+    ref = models["vitfast"](images)
+    for name in ("eager", "sdpa"):
+        torch.testing.assert_close(models[name](images), ref, rtol=1e-10, atol=1e-10)
+        with pytest.raises(ValueError, match=r"at least one 8x8 patch, got \(1, 3, 4, 4\)"):
+            models[name](torch.randn(1, 3, 4, 4, dtype=torch.float64))
+
+
+def test_weights_from_transformers_keep_the_mlp_width():
+    """An intermediate_size that hidden_size * (intermediate / hidden) rounds below (30 / 22 -> 29.99...) converts
+    with fc1's width (the ratio truncated to 29 and the state dict did not load); a float64 model converts in
+    float64 (it was loaded rounded to the default float32)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(hidden_size=22, num_hidden_layers=1, num_attention_heads=2, intermediate_size=30,
+                                    image_size=16, patch_size=8)
+    hf = transformers.ViTModel(config, add_pooling_layer=False).double().eval()
+    images = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    model = vit_from_transformers(hf)
+    assert model.blocks[0].mlp.fc1.out_features == 30 and model.pos_embed.dtype == torch.float64
+    torch.testing.assert_close(model.forward_features(images), hf(pixel_values=images).last_hidden_state)
+
+
 @pytest.mark.parametrize("num_classes", [5, 0], ids=["head", "headless"])
 @pytest.mark.parametrize("distilled", [False, True])
 def test_timm_state_dict_loads_as_is(distilled, num_classes):

@@ -194,7 +194,9 @@ def _timm_resample(posemb, new_size, num_prefix):
 
 
 @pytest.mark.parametrize("new_size", [(6, 6), (2, 3)])
-def test_pos_embed_is_resampled_once_and_cached(new_size, monkeypatch):
+def test_pos_embed_resampling_matrix_is_cached_and_the_table_read_per_call(new_size, monkeypatch):
+    """The interpolation matrix is computed once per sizes; the table itself is read at each call, so an edit of
+    it (in place, or through .data, which bumps no version) and another table at a freed one's address are seen."""
     pos = torch.randn(1, 1 + 16, 8, dtype=torch.float64)
     x = torch.randn(2, 3, 4 * new_size[0], 4 * new_size[1], dtype=torch.float64)
     w = torch.randn(8, 3, 4, 4, dtype=torch.float64)
@@ -206,27 +208,34 @@ def test_pos_embed_is_resampled_once_and_cached(new_size, monkeypatch):
     real = F.interpolate
     monkeypatch.setattr(pe_ops.F, "interpolate", lambda *a, **k: calls.append(1) or real(*a, **k))
     pe_ops._RESIZE_CACHE.clear()
-    pe_ops._RESAMPLED_CACHE.clear()
     with torch.no_grad():
         for _ in range(3):
             out = patch_embed(x, w, None, 4, prefix_tokens=cls, pos_embed=pos)
             torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
-    assert len(calls) == 1 and len(pe_ops._RESAMPLED_CACHE) == 1
+    assert len(calls) == 1
     # training: the matrix stays cached, the gradient reaches the original table
     pos.requires_grad_()
     out = patch_embed(x, w, None, 4, prefix_tokens=cls, pos_embed=pos)
     out.sum().backward()
     assert len(calls) == 1 and pos.grad is not None and pos.grad.shape == pos.shape
     torch.testing.assert_close(pos.grad, ref_grad, rtol=1e-5, atol=1e-6)
-    # an in-place update of the table invalidates the cached resampled copy
+    monkeypatch.undo()
+
+    def check(table):
+        with torch.no_grad():
+            torch.testing.assert_close(patch_embed(x, w, None, 4, prefix_tokens=cls, pos_embed=table),
+                                       patch_embed_ref(x, w, None, 4, prefix_tokens=cls,
+                                                       pos_embed=_timm_resample(table, new_size, 1)),
+                                       rtol=1e-5, atol=1e-6)
     with torch.no_grad():
         pos.add_(1.0)
-        out = patch_embed(x, w, None, 4, prefix_tokens=cls, pos_embed=pos.detach())
-        monkeypatch.undo()
-        torch.testing.assert_close(out, patch_embed_ref(x, w, None, 4, prefix_tokens=cls,
-                                                        pos_embed=_timm_resample(pos, new_size, 1)),
-                                   rtol=1e-5, atol=1e-6)
-    assert resample_pos_embed(pos.detach(), (4, 4), num_prefix_tokens=1).shape == (1, 17, 8)
+    check(pos.detach())
+    pos.data.normal_()
+    check(pos.detach())
+    del pos
+    other = torch.randn(1, 1 + 16, 8, dtype=torch.float64)  # often at the freed table's address, version 0
+    check(other)
+    assert resample_pos_embed(other, (4, 4), num_prefix_tokens=1).shape == (1, 17, 8)
 
 
 def _timm_like(img, patch, C, E, norm, fmt):

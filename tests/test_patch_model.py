@@ -343,7 +343,7 @@ def test_cpu_choice_runs_the_original_code(grad, monkeypatch):
     monkeypatch.setattr("vitfast.nn.patch_embed.patch_embed",
                         lambda *a, **k: calls.append("patch_embed") or fused(*a, **k))
     unchanged = vp._unchanged
-    monkeypatch.setattr(vp, "_unchanged", lambda layout: calls.append("layout check") or unchanged(layout))
+    monkeypatch.setattr(vp, "_unchanged", lambda *a: calls.append("layout check") or unchanged(*a))
     x = torch.randn(2, 3, 16, 16)
     with torch.set_grad_enabled(grad):
         out, expected = mine(x), model(x)
@@ -614,9 +614,13 @@ def test_hooks_and_swapped_submodules_take_the_original_path():
 
 
 def test_layout_check_sees_every_change_below_the_module():
-    """The per-call check of a patched module's tree (a few dict reads): unchanged until a submodule at any depth
-    gets a hook, is swapped (even for one of the same class), gains a child or is parametrized (which changes its
-    class); removing the hook restores it."""
+    """The per-call check of a patched module's tree: unchanged until a submodule at any depth gets a hook, is
+    replaced by one of another class, gains a child or is parametrized (which changes its class); removing the hook
+    restores it, and a replacement of the same class (a fine-tuning head) keeps it. The layout holds no module: a
+    replaced one is freed."""
+    import gc
+    import weakref
+
     from torch.nn.utils import parametrize
     from vitfast.integrations import patch as vp
 
@@ -625,17 +629,67 @@ def test_layout_check_sees_every_change_below_the_module():
 
     module = tree()
     layout = vp._layout(module)
-    assert vp._unchanged(layout)
+    assert vp._unchanged(module, layout)
     handle = module[1][0].register_forward_pre_hook(lambda m, a: None)
-    assert not vp._unchanged(layout)
+    assert not vp._unchanged(module, layout)
     handle.remove()
-    assert vp._unchanged(layout)
-    for change in (lambda m: m[1].__setitem__(0, nn.LayerNorm(4)), lambda m: m[1][1].add_module("extra", nn.ReLU()),
-                   lambda m: parametrize.register_parametrization(m[0], "weight", nn.Identity())):
+    assert vp._unchanged(module, layout)
+    old = weakref.ref(module[1][0])
+    module[1][0] = nn.LayerNorm(4)
+    gc.collect()
+    assert vp._unchanged(module, layout) and old() is None
+    for change in (lambda m: m[1].__setitem__(0, nn.Identity()), lambda m: m[1][1].add_module("extra", nn.ReLU()),
+                   lambda m: parametrize.register_parametrization(m[0], "weight", nn.Identity()),
+                   lambda m: delattr(m[1], "1")):
         module = tree()
         layout = vp._layout(module)
         change(module)
-        assert not vp._unchanged(layout)
+        assert not vp._unchanged(module, layout)
+
+
+def test_patched_methods_take_the_originals_parameter_names():
+    """A patched method is called as the original was, keywords included (`layer_norm(input=x)`, SamMLPBlock's
+    `hidden_states=`): every adapter method has its class's parameter names, for each library installed here."""
+    import importlib
+    import inspect
+
+    from vitfast.integrations import patch as vp
+
+    checked = 0
+    for qualname, adapter in vp._adapters().items():
+        module, _, name = qualname.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except ImportError:
+            continue
+        for method, fn in adapter.methods.items():
+            if hasattr(cls, method):
+                original = list(inspect.signature(getattr(cls, method)).parameters)
+                assert list(inspect.signature(fn).parameters) == original, (qualname, method)
+                checked += 1
+    assert checked >= 10
+    norm = nn.LayerNorm(8)
+    vitfast.patch_model(norm)
+    x = torch.randn(2, 8)
+    with vitfast.use_backend("cpp"):
+        torch.testing.assert_close(norm(input=x), nn.functional.layer_norm(x, (8,), norm.weight, norm.bias))
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_patched_models_run_on_meta_tensors(grad):
+    """Shape inference on the meta device (as model-size tools run it) works on patched models as on the originals
+    (the MLP's autocast query raised for a device without autocast)."""
+    timm = import_or_skip("timm")
+    for name, extra in (("vit_tiny_patch16_224", dict(patch_size=8, embed_dim=32, depth=1, num_heads=2)),
+                        ("swin_tiny_patch4_window7_224", dict(patch_size=2, embed_dim=16, depths=(2,), num_heads=(2,),
+                                                              window_size=4))):
+        model = timm.create_model(name, pretrained=False, img_size=16, num_classes=5, **extra).to("meta")
+        x = torch.randn(2, 3, 16, 16, device="meta")
+        with torch.set_grad_enabled(grad):
+            expected = model(x)
+            vitfast.patch_model(model)
+            out = model(x)
+        assert out.device.type == "meta" and out.shape == expected.shape == (2, 5)
 
 
 def test_global_module_hooks_take_the_original_path():

@@ -210,6 +210,8 @@ def main(argv=None) -> int:
                         help="timed rounds per measurement (default: 1 for check, 11 on a CPU, 20 on a GPU)")
     parser.add_argument("--out", default=None, help="also write vitfast.json, vitfast.md and vitfast.png here")
     args = parser.parse_args(argv)
+    if args.command == "info" and (args.op or args.backend or args.reps is not None or args.out or args.dtype):
+        parser.error("info takes no --op, --backend, --reps, --out or --dtype")
 
     env = vitfast.info()  # once: it runs git and reads /proc/cpuinfo
     for k, v in env.items():

@@ -95,7 +95,7 @@ def use_backend(name: str) -> Iterator[None]:
 def forced_backend() -> Optional[str]:
     if _forced is not None:
         return _forced
-    env = _check_name(os.environ.get("VITFAST_BACKEND", "auto"))
+    env = _check_name(os.environ.get("VITFAST_BACKEND") or "auto")  # (set but empty: auto)
     return None if env == "auto" else env
 
 
@@ -127,6 +127,12 @@ def functorch_grad_active() -> bool:
     return bool(stack) and any(level.key() == torch._C._functorch.TransformType.Grad for level in stack)
 
 
+def forward_ad_open() -> bool:
+    """Whether a forward-mode AD level is open (torch.autograd.forward_ad.dual_level, torch.func.jvp), under which
+    vitfast's ops would drop tangents."""
+    return fwAD._current_level >= 0
+
+
 def check_transforms(op: str, *tensors: Optional[torch.Tensor]) -> None:
     """vitfast's ops have reverse-mode autograd through torch.autograd only: a torch.library op given an input with
     a forward-mode tangent (torch.func.jvp, torch.autograd.forward_ad) would drop it without a word (jvp returns
@@ -141,7 +147,7 @@ def check_transforms(op: str, *tensors: Optional[torch.Tensor]) -> None:
             f"vitfast.{op} does not run under torch.func's gradient transforms (grad, vjp, jacrev): its autograd is "
             f"registered for torch.autograd only; use backward() / torch.autograd.grad, or the plain PyTorch "
             f"reference (vitfast.ops.*_ref). (Models patched by vitfast.patch_model run their original code there.)")
-    if fwAD._current_level < 0:  # no dual level is open: no tensor can carry a tangent
+    if not forward_ad_open():  # no tensor can carry a tangent
         return
     if any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors):
         raise NotImplementedError(

@@ -91,11 +91,11 @@ def qualname(module: nn.Module) -> str:
 
 # --------------------------------------------------------------------------------------- torch.nn adapters
 
-def _layer_norm_forward(self: nn.LayerNorm, x: Tensor) -> Tensor:
-    if ((self.weight is not None and x.dtype != self.weight.dtype) or not x.is_floating_point()
-            or runs_original("layer_norm", x)):
-        return type(self).forward(self, x)  # autocast or a subclass's own casts (the original semantics), or faster
-    return layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+def _layer_norm_forward(self: nn.LayerNorm, input: Tensor) -> Tensor:  # (nn.LayerNorm's parameter name)
+    if ((self.weight is not None and input.dtype != self.weight.dtype) or not input.is_floating_point()
+            or runs_original("layer_norm", input)):
+        return type(self).forward(self, input)  # autocast or a subclass's own casts (the original semantics), or faster
+    return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
 # nn.LayerNorm subclasses whose forward is F.layer_norm (up to dtype casts, which the fallback keeps)
@@ -216,7 +216,7 @@ def mlp_fc1(x: Tensor, fc1: nn.Module, act: nn.Module) -> Tensor:
     patched method keep them): one vitfast.linear_gelu call, or the modules' own calls where cpu_choice says ATen
     (the output's size counts in the dtype autocast gives it) or where x's dtype differs from the weight's outside
     autocast (F.linear's error)."""
-    autocast = torch.is_autocast_enabled(x.device.type)
+    autocast = torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
     itemsize = torch.get_autocast_dtype(x.device.type).itemsize if autocast else x.element_size()
     out_bytes = math.prod(x.shape[:-1]) * fc1.out_features * itemsize
     if runs_original("linear_gelu", x, out_bytes) or (x.dtype != fc1.weight.dtype and not autocast):
@@ -284,23 +284,30 @@ _NO_ADAPTER = "no vitfast adapter for this class"
 
 
 def _layout(module: nn.Module) -> tuple:
-    """`module`'s tree of submodules at patch time: for `module` and each module below it, its `_modules` dict,
-    the dict's size and each child's key, the child and its type (the check of each call, `_unchanged`, then
-    costs a few dict reads instead of a named_modules walk: 1-3 us instead of 10 for a timm Attention)."""
-    return tuple((m._modules, len(m._modules), tuple((k, c, type(c)) for k, c in m._modules.items()))
-                 for m in module.modules())
+    """`module`'s tree of submodules at patch time, as keys and classes only (no references to the modules, which
+    may be replaced and must then be freed): ((key, class, the child's layout), ...) in `_modules` order."""
+    return tuple((key, type(child), _layout(child) if child is not None else ())
+                 for key, child in module._modules.items())
 
 
-def _unchanged(layout: tuple) -> bool:
-    """Whether the tree still holds the layout's submodules (none added, removed, swapped or given another class,
-    as torch.nn.utils.parametrize does) and none of them carries hooks."""
-    for children, size, entries in layout:
-        if len(children) != size:
+def _unchanged(module: nn.Module, layout: tuple) -> bool:
+    """Whether `module`'s tree still has `layout`'s keys and classes at every depth (no submodule added, removed,
+    or replaced by one of another class; torch.nn.utils.parametrize changes the class) and no submodule carries
+    hooks: a walk of the `_modules` dicts, a few microseconds for a timm Attention."""
+    stack = [(module._modules, layout)]
+    while stack:
+        children, entries = stack.pop()
+        if len(children) != len(entries):
             return False
-        for key, child, cls in entries:
-            current = children.get(key)
-            if current is not child or type(current) is not cls or (current is not None and _has_hooks(current)):
+        for key, cls, below in entries:
+            child = children.get(key)
+            if type(child) is not cls:
                 return False
+            if child is not None:
+                if _has_hooks(child):
+                    return False
+                if below or child._modules:
+                    stack.append((child._modules, below))
     return True
 
 
@@ -310,10 +317,10 @@ def _guarded(module: nn.Module, kind: str, name: str, fn: Callable, layout: tupl
     microseconds, not the adapter's checks: 10-50 us per call measured on this project's 2-core CPU), where a
     submodule now carries hooks (a user's forward hook, weight_norm's pre-hook, hooks registered for every module)
     or was swapped since patching (a LoRA wrapper): the patched methods read submodules' parameters directly, which
-    would skip those hooks and wrappers; and under torch.func's gradient transforms, which vitfast's ops do not run
-    under."""
-    if ((args and isinstance(args[0], Tensor) and runs_original(kind, args[0])) or not _unchanged(layout)
-            or (len(layout) > 1 and _global_hooks()) or _backend.functorch_grad_active()):
+    would skip those hooks and wrappers; and under torch.func's gradient transforms and forward-mode AD (jvp, dual
+    tensors), which vitfast's ops do not run under."""
+    if ((args and isinstance(args[0], Tensor) and runs_original(kind, args[0])) or not _unchanged(module, layout)
+            or (layout and _global_hooks()) or _backend.functorch_grad_active() or _backend.forward_ad_open()):
         return getattr(type(module), name)(module, *args, **kwargs)
     return fn(module, *args, **kwargs)
 

@@ -64,8 +64,8 @@ def _vit_check(module: nn.Module) -> Optional[str]:
     return None
 
 
-def _mlp_forward(self, x: Tensor) -> Tensor:
-    x = mlp_fc1(x, self[0], self[1])
+def _mlp_forward(self, input: Tensor) -> Tensor:  # (nn.Sequential's parameter name)
+    x = mlp_fc1(input, self[0], self[1])
     for layer in list(self)[2:]:
         x = layer(x)
     return x

@@ -14,6 +14,7 @@ dense decomposed relative-position bias becomes vitfast.rel_pos_attention (see i
 calls that ask for the attention weights take the original path; and to the MLPs of ViT, DeiT, Swin, CLIP, SAM and
 ViTDet, whose first Linear + GELU becomes vitfast.linear_gelu (CLIP's default quick_gelu is left, with the reason).
 """
+import dataclasses
 import functools
 import sys
 from typing import Optional
@@ -240,6 +241,11 @@ def _vitdet_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     return self.drop(self.fc2(self.drop(mlp_fc1(x, self.fc1, self.act))))
 
 
+def _sam_mlp_block_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    """segment_anything's MLPBlock adapter under SamMLPBlock.forward's parameter name (keyword calls)."""
+    return self.lin2(mlp_fc1(hidden_states, self.lin1, self.act))
+
+
 _MLP = Adapter("linear_gelu", "fc1 + GELU -> vitfast.linear_gelu", {"forward": _mlp_forward},
                functools.partial(mlp_check, act="activation_fn"))
 _REL_POS = ("dense decomposed rel-pos bias -> vitfast.rel_pos_attention (no rel-pos: vitfast.attention); "
@@ -255,7 +261,8 @@ ADAPTERS = {
     "transformers.models.deit.modeling_deit.DeiTMLP": _MLP,
     "transformers.models.swin.modeling_swin.SwinMLP": _MLP,
     "transformers.models.clip.modeling_clip.CLIPMLP": _MLP,
-    "transformers.models.sam.modeling_sam.SamMLPBlock": SAM_MLP_BLOCK,
+    "transformers.models.sam.modeling_sam.SamMLPBlock": dataclasses.replace(
+        SAM_MLP_BLOCK, methods={"forward": _sam_mlp_block_forward}),
     "transformers.models.vitdet.modeling_vitdet.VitDetMlp": Adapter(
         "linear_gelu", "fc1 + GELU -> vitfast.linear_gelu", {"forward": _vitdet_mlp_forward}, mlp_check),
     "transformers.models.vit.modeling_vit.ViTPatchEmbeddings": _PATCH_EMBEDDINGS,

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitfast.models import vit
-from vitfast.models.common import LayerNorm, attend, check_backend, set_backend
+from vitfast.models.common import LayerNorm, attend, check_backend, like, set_backend
 
 
 def quick_gelu(x: Tensor) -> Tensor:
@@ -236,6 +236,7 @@ def clip_from_transformers(hf_model: nn.Module, backend: str = "vitfast") -> CLI
         out[f"text.norm.{part}"] = sd[t + f"final_layer_norm.{part}"]
     out.update(_blocks_from_transformers(sd, v, "visual.", vc.num_hidden_layers))
     out.update(_blocks_from_transformers(sd, t, "text.", tc.num_hidden_layers))
+    model = like(model, hf_model)
     model.load_state_dict(out)
     return model
 
@@ -317,5 +318,6 @@ def clip_from_open_clip(oc_model: nn.Module, backend: str = "vitfast") -> CLIP:
         out[f"text.norm.{part}"] = sd[f"ln_final.{part}"]
     out.update(_blocks_from_open_clip(sd, "visual.", "visual.", vision_cfg["layers"]))
     out.update(_blocks_from_open_clip(sd, "", "text.", text_cfg["layers"]))
+    model = like(model, oc_model)
     model.load_state_dict(out)
     return model

@@ -49,6 +49,14 @@ class LayerNorm(nn.LayerNorm):
         return F.layer_norm(s, self.normalized_shape, self.weight, self.bias, self.eps), s
 
 
+def like(model: nn.Module, source: nn.Module) -> nn.Module:
+    """`model` on the device and in the floating dtype of `source`'s first floating-point parameter: the converters
+    build their model so before loading the source's weights (built in the default dtype on the CPU, a float64 or
+    float16 source was loaded rounded to float32)."""
+    p = next((t for t in source.parameters() if t.is_floating_point()), None)
+    return model if p is None else model.to(device=p.device, dtype=p.dtype)
+
+
 def set_backend(model: nn.Module, backend: str) -> nn.Module:
     """Sets the backend of every submodule that has one; returns the model."""
     check_backend(backend)

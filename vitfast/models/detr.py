@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitfast.models.common import LayerNorm, attend, check_backend, set_backend
+from vitfast.models.common import LayerNorm, attend, check_backend, like, set_backend
 
 
 class FrozenBatchNorm2d(nn.Module):
@@ -147,17 +147,19 @@ class MultiheadAttention(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    """Post-norm: x = norm1(x + attn(x + pos, x + pos, x)); x = norm2(x + ffn(x))."""
+    """Post-norm: x = norm1(x + attn(x + pos, x + pos, x)); x = norm2(x + ffn(x)). Dropout rates: `dropout` on
+    the residual branches, `attention_dropout` on the attention weights, `activation_dropout` after the ReLU."""
 
-    def __init__(self, dim: int, num_heads: int, ffn_dim: int, dropout: float, backend: str):
+    def __init__(self, dim: int, num_heads: int, ffn_dim: int, dropout: float, backend: str,
+                 attention_dropout: float, activation_dropout: float):
         super().__init__()
-        self.self_attn = MultiheadAttention(dim, num_heads, dropout, backend)
+        self.self_attn = MultiheadAttention(dim, num_heads, attention_dropout, backend)
         self.linear1, self.linear2 = nn.Linear(dim, ffn_dim), nn.Linear(ffn_dim, dim)
         self.norm1, self.norm2 = LayerNorm(dim), LayerNorm(dim)
-        self.dropout = dropout
+        self.dropout, self.activation_dropout = dropout, activation_dropout
 
     def _ffn(self, x: Tensor) -> Tensor:
-        h = F.dropout(F.relu(self.linear1(x)), self.dropout, self.training)
+        h = F.dropout(F.relu(self.linear1(x)), self.activation_dropout, self.training)
         return F.dropout(self.linear2(h), self.dropout, self.training)
 
     def forward(self, x: Tensor, pos: Tensor, mask: Optional[Tensor]) -> Tensor:
@@ -170,9 +172,10 @@ class DecoderLayer(EncoderLayer):
     """Post-norm: self-attention over the queries (query_pos on q and k), cross-attention to the memory
     (query_pos on q, pos on the memory's keys, the memory as values), FFN."""
 
-    def __init__(self, dim: int, num_heads: int, ffn_dim: int, dropout: float, backend: str):
-        super().__init__(dim, num_heads, ffn_dim, dropout, backend)
-        self.multihead_attn = MultiheadAttention(dim, num_heads, dropout, backend)
+    def __init__(self, dim: int, num_heads: int, ffn_dim: int, dropout: float, backend: str,
+                 attention_dropout: float, activation_dropout: float):
+        super().__init__(dim, num_heads, ffn_dim, dropout, backend, attention_dropout, activation_dropout)
+        self.multihead_attn = MultiheadAttention(dim, num_heads, attention_dropout, backend)
         self.norm3 = LayerNorm(dim)
 
     def forward(self, tgt: Tensor, memory: Tensor, pos: Tensor, query_pos: Tensor,
@@ -214,9 +217,10 @@ class Decoder(nn.Module):
 
 class Transformer(nn.Module):
     def __init__(self, d_model: int, nhead: int, num_encoder_layers: int, num_decoder_layers: int,
-                 dim_feedforward: int, dropout: float, backend: str):
+                 dim_feedforward: int, dropout: float, backend: str, attention_dropout: float,
+                 activation_dropout: float):
         super().__init__()
-        args = (nhead, dim_feedforward, dropout, backend)
+        args = (nhead, dim_feedforward, dropout, backend, attention_dropout, activation_dropout)
         self.encoder = Encoder(num_encoder_layers, d_model, *args)
         self.decoder = Decoder(num_decoder_layers, d_model, *args)
 
@@ -246,13 +250,16 @@ class DETR(nn.Module):
     forward(images (B, C, H, W), pixel_mask (B, H, W) with 1 = pixel, 0 = padding, or None) -> dict with
     "pred_logits" (B, num_queries, num_classes + 1; the last class is "no object"), "pred_boxes" (B, num_queries, 4)
     normalized (cx, cy, w, h), and with aux_loss "aux_outputs": the same pair for every decoder layer but the last.
+    `dropout` applies to the transformer's residual branches and, unless given their own rates, to the attention
+    weights and after the FFN's ReLU, as in the original DETR (transformers' DetrConfig has the three rates).
     """
 
     def __init__(self, num_classes: int = 91, num_queries: int = 100, d_model: int = 256, nhead: int = 8,
                  num_encoder_layers: int = 6, num_decoder_layers: int = 6, dim_feedforward: int = 2048,
                  dropout: float = 0.1, aux_loss: bool = True, backbone_depths: Sequence[int] = (3, 4, 6, 3),
                  backbone_widths: Sequence[int] = (256, 512, 1024, 2048), backbone_stem_width: int = 64,
-                 backend: str = "vitfast"):
+                 backend: str = "vitfast", attention_dropout: Optional[float] = None,
+                 activation_dropout: Optional[float] = None):
         super().__init__()
         self.backend = check_backend(backend)
         self.aux_loss = aux_loss
@@ -260,7 +267,8 @@ class DETR(nn.Module):
         self.input_proj = nn.Conv2d(self.backbone.num_channels, d_model, 1)
         self.query_embed = nn.Embedding(num_queries, d_model)
         self.transformer = Transformer(d_model, nhead, num_encoder_layers, num_decoder_layers, dim_feedforward,
-                                       dropout, backend)
+                                       dropout, backend, dropout if attention_dropout is None else attention_dropout,
+                                       dropout if activation_dropout is None else activation_dropout)
         self.class_embed = nn.Linear(d_model, num_classes + 1)
         self.bbox_embed = BoxMLP(d_model, d_model, 4, 3)
         set_backend(self, backend)
@@ -336,7 +344,7 @@ def _attn(sd: dict, src: str, dst: str) -> dict:
 
 def detr_from_transformers(hf_model: nn.Module, backend: str = "vitfast") -> DETR:
     """A DETR with the weights of a Hugging Face DetrForObjectDetection whose backbone is transformers' ResNet
-    (use_timm_backbone=False; transformers 5 names). Its dropout is kept; call .eval() for inference.
+    (use_timm_backbone=False; transformers 5 names). Its three dropout rates are kept; call .eval() for inference.
 
     With config.auxiliary_loss, transformers feeds every decoder layer the final LayerNorm of the previous layer's
     output; this model follows the original DETR (the LayerNorm only on the outputs), so its predictions match
@@ -363,7 +371,7 @@ def detr_from_transformers(hf_model: nn.Module, backend: str = "vitfast") -> DET
         raise ValueError("unsupported DETR config: dilation = True")
     model = DETR(cfg.num_labels, cfg.num_queries, cfg.d_model, cfg.encoder_attention_heads, cfg.encoder_layers,
                  cfg.decoder_layers, cfg.encoder_ffn_dim, cfg.dropout, cfg.auxiliary_loss, bb.depths,
-                 bb.hidden_sizes, bb.embedding_size, backend)
+                 bb.hidden_sizes, bb.embedding_size, backend, cfg.attention_dropout, cfg.activation_dropout)
     sd = hf_model.state_dict()
     out = _backbone_from_transformers(sd, "model.backbone.model.")
     out["query_embed.weight"] = sd["model.query_position_embeddings.weight"]
@@ -385,5 +393,6 @@ def detr_from_transformers(hf_model: nn.Module, backend: str = "vitfast") -> DET
         out.update(_attn(sd, h + "encoder_attn.", o + "multihead_attn."))
         for src, dst in {**names, "encoder_attn_layer_norm": "norm2", "final_layer_norm": "norm3"}.items():
             out.update({o + f"{dst}.{p}": sd[h + f"{src}.{p}"] for p in ("weight", "bias")})
+    model = like(model, hf_model)
     model.load_state_dict(out)
     return model

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 import vitfast
 from vitfast.integrations.patch import qualname
-from vitfast.models.common import LayerNorm, check_backend, set_backend
+from vitfast.models.common import LayerNorm, check_backend, like, set_backend
 from vitfast.nn.patch_merging import PatchMerging as _FusedPatchMerging
 from vitfast.nn.window_attention import ShiftedWindowAttention as _FusedWindowAttention
 from vitfast.nn.window_attention import ShiftedWindowAttentionV2 as _FusedWindowAttentionV2
@@ -260,6 +260,7 @@ def swin_from_transformers(hf_model: nn.Module, num_classes: int = 1, backend: s
             merge, h = f"features.{2 + 2 * i}.", f"encoder.layers.{i}.downsample."
             out.update({merge + "reduction.weight": sd[h + "reduction.weight"],
                         merge + "norm.weight": sd[h + "norm.weight"], merge + "norm.bias": sd[h + "norm.bias"]})
+    model = like(model, hf_model)
     missing, unexpected = model.load_state_dict(out, strict=False)
     if set(missing) - {"head.weight", "head.bias"} or unexpected:
         raise ValueError(f"state dict conversion left missing={sorted(missing)} unexpected={sorted(unexpected)}")
@@ -276,7 +277,8 @@ def swin_from_timm(timm_model: nn.Module, backend: str = "vitfast") -> SwinTrans
 
     Raises:
         ValueError: a model other than timm's SwinTransformer (V1), or a configuration outside the above (also
-            always_partition, per-stage embedding widths, a head_dim other than dim / heads, a non-square patch).
+            always_partition, per-stage embedding widths or MLP ratios, a head_dim other than dim / heads, a
+            non-square patch, a global_pool other than 'avg').
     """
     cls = qualname(timm_model)
     if cls != "timm.models.swin_transformer.SwinTransformer":
@@ -306,6 +308,14 @@ def swin_from_timm(timm_model: nn.Module, backend: str = "vitfast") -> SwinTrans
             if getattr(block, "always_partition", False):
                 raise ValueError("timm Swin with always_partition=True (full windows and shifts on maps the window "
                                  "covers) does not convert")
+    # timm's own ratio (int(width * mlp_ratio) in every stage) where one ratio gives every stage's fc1 width
+    mlp_ratio = getattr(first, "mlp_ratio", first.mlp.fc1.out_features / dim)
+    if any(b.mlp.fc1.out_features != int(b.norm1.normalized_shape[0] * mlp_ratio) for s in stages for b in s.blocks):
+        raise ValueError(f"timm Swin with per-stage MLP ratios does not convert (fc1 widths "
+                         f"{[s.blocks[0].mlp.fc1.out_features for s in stages]})")
+    if getattr(timm_model, "global_pool", "avg") != "avg":
+        raise ValueError(f"timm Swin with global_pool={timm_model.global_pool!r} does not convert (torchvision's "
+                         f"layout average-pools)")
     norms = [m for m in timm_model.modules() if isinstance(m, nn.LayerNorm)]
     if not isinstance(first.mlp.act, nn.GELU) or first.attn.qkv.bias is None or any(n.eps != 1e-5 for n in norms):
         raise ValueError(f"only GELU, qkv_bias=True and LayerNorm eps=1e-5 timm Swin models convert, got "
@@ -314,7 +324,7 @@ def swin_from_timm(timm_model: nn.Module, backend: str = "vitfast") -> SwinTrans
     head = sd.get("head.fc.weight")
     model = SwinTransformer(timm_model.patch_embed.proj.kernel_size[0], dim, [len(s.blocks) for s in stages],
                             [s.blocks[0].attn.num_heads for s in stages], window,
-                            first.mlp.fc1.out_features / dim, 0 if head is None else head.shape[0],
+                            mlp_ratio, 0 if head is None else head.shape[0],
                             timm_model.patch_embed.proj.in_channels, backend=backend)
     out = {"features.0.0.weight": sd["patch_embed.proj.weight"], "features.0.0.bias": sd["patch_embed.proj.bias"],
            "features.0.2.weight": sd["patch_embed.norm.weight"], "features.0.2.bias": sd["patch_embed.norm.bias"],
@@ -333,5 +343,6 @@ def swin_from_timm(timm_model: nn.Module, backend: str = "vitfast") -> SwinTrans
             t, o = f"layers.{i}.downsample.", f"features.{2 * i}."
             out.update({o + "reduction.weight": sd[t + "reduction.weight"], o + "norm.weight": sd[t + "norm.weight"],
                         o + "norm.bias": sd[t + "norm.bias"]})
+    model = like(model, timm_model)
     model.load_state_dict(out)
     return model

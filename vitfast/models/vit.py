@@ -6,12 +6,14 @@ the patch embedding (conv + class/distillation tokens + position embedding), the
 LayerNorms run as vitfast ops, with the second LayerNorm of each block fused with its residual add.
 """
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 import vitfast
-from vitfast.models.common import LayerNorm, attend, check_backend, set_backend
+from vitfast.models.common import LayerNorm, attend, check_backend, like, set_backend
 from vitfast.ops.patch_embed import resample_pos_embed
 
 SIZES = {  # name: (embed_dim, depth, num_heads)
@@ -46,12 +48,12 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, eps: float, backend: str):
+    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, qkv_bias: bool, eps: float, backend: str):
         super().__init__()
         self.norm1 = LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, num_heads, qkv_bias, backend)
         self.norm2 = LayerNorm(dim, eps=eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, mlp_hidden)
 
     def forward(self, x: Tensor) -> Tensor:
         y, x = self.norm2(self.attn(self.norm1(x)), x)  # fused: x = x + attn(...); y = norm2(x)
@@ -69,10 +71,13 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, patch_size)
 
     def forward(self, images: Tensor, prefix: Tensor, pos_embed: Tensor) -> Tensor:
+        if images.dim() != 4 or min(images.shape[-2:]) < self.patch_size:
+            raise ValueError(f"VisionTransformer expects images (B, C, H, W) of at least one {self.patch_size}x"
+                             f"{self.patch_size} patch, got {tuple(images.shape)}")
+        grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
+        if grid != (self.grid, self.grid):  # resampled here, where the prefix rows are known to be there
+            pos_embed = resample_pos_embed(pos_embed, grid, (self.grid, self.grid), prefix.shape[1])
         if self.backend == "vitfast":
-            grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
-            if grid != (self.grid, self.grid):  # resampled here, where the prefix rows are known to be there
-                pos_embed = resample_pos_embed(pos_embed, grid, (self.grid, self.grid), prefix.shape[1])
             return vitfast.patch_embed(images, self.proj.weight, self.proj.bias, self.patch_size,
                                        pos_embed=pos_embed, prefix_tokens=prefix)
         x = self.proj(images).flatten(2).transpose(1, 2)
@@ -86,12 +91,18 @@ class VisionTransformer(nn.Module):
     With num_classes=0 the heads are nn.Identity (timm's headless models, whose state dicts load): the pooled
     tokens (B, embed_dim) come out instead. forward_features returns the normalized tokens (B, prefix + patches,
     embed_dim). timm state dicts carry no pooling or activation: models with timm's global_pool='avg' or another
-    act_layer load without error but compute something else (class-token pooling and GELU here).
+    act_layer load without error but compute something else (class-token pooling and GELU here). The MLP's hidden
+    width is int(embed_dim * mlp_ratio), as timm rounds it, or mlp_hidden_dim where given. Images of another size
+    than img_size take the position embedding resampled (bicubic, as timm's dynamic_img_size) on every backend.
+
+    Raises:
+        ValueError: images not (B, C, H, W) or smaller than one patch.
     """
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
-                 qkv_bias: bool = True, distilled: bool = False, eps: float = 1e-6, backend: str = "vitfast"):
+                 qkv_bias: bool = True, distilled: bool = False, eps: float = 1e-6, backend: str = "vitfast",
+                 mlp_hidden_dim: Optional[int] = None):
         super().__init__()
         self.backend = check_backend(backend)
         self.num_prefix_tokens = 2 if distilled else 1
@@ -100,7 +111,8 @@ class VisionTransformer(nn.Module):
         self.dist_token = nn.Parameter(torch.randn(1, 1, embed_dim) * 0.02) if distilled else None
         self.pos_embed = nn.Parameter(torch.randn(1, self.num_prefix_tokens + self.patch_embed.grid ** 2,
                                                   embed_dim) * 0.02)
-        self.blocks = nn.Sequential(*[Block(embed_dim, num_heads, mlp_ratio, qkv_bias, eps, backend)
+        hidden = int(embed_dim * mlp_ratio) if mlp_hidden_dim is None else mlp_hidden_dim  # (timm's rounding)
+        self.blocks = nn.Sequential(*[Block(embed_dim, num_heads, hidden, qkv_bias, eps, backend)
                                       for _ in range(depth)])
         self.norm = LayerNorm(embed_dim, eps=eps)
         head = (lambda: nn.Linear(embed_dim, num_classes)) if num_classes > 0 else nn.Identity
@@ -139,8 +151,9 @@ def vit_from_transformers(hf_model: nn.Module, num_classes: int = 0, backend: st
                          f"{cfg.image_size!r} and {cfg.patch_size!r}")
     distilled = getattr(hf_model.embeddings, "distillation_token", None) is not None
     model = VisionTransformer(cfg.image_size, cfg.patch_size, cfg.num_channels, max(num_classes, 1), cfg.hidden_size,
-                              cfg.num_hidden_layers, cfg.num_attention_heads, cfg.intermediate_size / cfg.hidden_size,
-                              cfg.qkv_bias, distilled, cfg.layer_norm_eps, backend)
+                              cfg.num_hidden_layers, cfg.num_attention_heads, qkv_bias=cfg.qkv_bias,
+                              distilled=distilled, eps=cfg.layer_norm_eps, backend=backend,
+                              mlp_hidden_dim=cfg.intermediate_size)
     if cfg.hidden_act != "gelu":
         raise ValueError(f"only GELU MLPs are supported, got hidden_act={cfg.hidden_act!r}")
     sd = hf_model.state_dict()
@@ -158,6 +171,7 @@ def vit_from_transformers(hf_model: nn.Module, num_classes: int = 0, backend: st
             for src, dst in (("attention.o_proj", "attn.proj"), ("layernorm_before", "norm1"),
                              ("layernorm_after", "norm2"), ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")):
                 out[o + f"{dst}.{part}"] = sd[h + f"{src}.{part}"]
+    model = like(model, hf_model)
     missing, unexpected = model.load_state_dict(out, strict=False)
     heads = {k for k in missing if k.startswith(("head.", "head_dist."))}
     if set(missing) - heads or unexpected:

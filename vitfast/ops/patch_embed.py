@@ -22,7 +22,6 @@ extension's vitfast::patch_embed_fwd/_bwd), or "torch" (plain PyTorch below). Th
 state (pre-norm tokens, mean, rstd in fp32) is vitfast.layer_norm's, so its backward is vitfast's
 layer_norm_backward op. Under autocast the op follows `_autocast_rule` (the rule of the unfused sequence).
 """
-import collections
 import math
 from typing import Optional, Sequence, Tuple, Union
 
@@ -68,11 +67,11 @@ def _pair(p) -> Tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Positional-embedding resampling, cached.
+# Positional-embedding resampling: the interpolation matrix cached per sizes, the product formed per call (a
+# resampled table cached per tensor address and version went stale where a new table took a freed one's address,
+# or was edited through .data, which bumps no version).
 
 _RESIZE_CACHE: dict = {}
-_RESAMPLED_CACHE: "collections.OrderedDict" = collections.OrderedDict()
-_RESAMPLED_CACHE_SIZE = 8
 
 
 def _resize_matrix(old_grid: Tuple[int, int], new_grid: Tuple[int, int], mode: str, antialias: bool,
@@ -98,8 +97,8 @@ def resample_pos_embed(pos_embed: Tensor, new_grid: Sequence[int], old_grid: Opt
         pos_embed: (1, P + h*w, E) or (P + h*w, E), P = num_prefix_tokens leading rows left as they are.
         new_grid: (Hp, Wp). old_grid: (h, w); a square grid when None.
     Returns:
-        (1, P + Hp*Wp, E) in pos_embed's dtype. Differentiable in pos_embed. Without grad the result is
-        cached per (tensor, version, grid), so inference resamples once, not per call.
+        (1, P + Hp*Wp, E) in pos_embed's dtype. Differentiable in pos_embed. The (Hp*Wp, h*w) interpolation
+        matrix is computed once per sizes and device; each call forms its product with the table.
     """
     E = pos_embed.shape[-1]
     table = pos_embed.reshape(-1, E)
@@ -116,25 +115,10 @@ def resample_pos_embed(pos_embed: Tensor, new_grid: Sequence[int], old_grid: Opt
                          f"of pos_embed {tuple(pos_embed.shape)}")
     if old_grid == new_grid:
         return table.unsqueeze(0)
-    cacheable = not (torch.is_grad_enabled() and pos_embed.requires_grad) and not _is_compiling()
-    key = (pos_embed.data_ptr(), pos_embed._version, tuple(pos_embed.shape), pos_embed.dtype, pos_embed.device,
-           num_prefix_tokens, old_grid, new_grid, mode, antialias) if cacheable else None
-    if key is not None and key in _RESAMPLED_CACHE:
-        _RESAMPLED_CACHE.move_to_end(key)
-        return _RESAMPLED_CACHE[key]
     mat = _resize_matrix(old_grid, new_grid, mode, antialias, pos_embed.device)
     with _autocast.disabled(pos_embed.device):  # F.interpolate's result, which autocast leaves in float32
         patch = (mat @ table[num_prefix_tokens:].float()).to(pos_embed.dtype)
-    out = torch.cat([table[:num_prefix_tokens], patch], 0).unsqueeze(0)
-    if key is not None:
-        _RESAMPLED_CACHE[key] = out
-        while len(_RESAMPLED_CACHE) > _RESAMPLED_CACHE_SIZE:
-            _RESAMPLED_CACHE.popitem(last=False)
-    return out
-
-
-def _is_compiling() -> bool:
-    return torch.compiler.is_compiling()
+    return torch.cat([table[:num_prefix_tokens], patch], 0).unsqueeze(0)
 
 
 # ---------------------------------------------------------------------------------------------------------
