@@ -75,15 +75,20 @@ def _randomize(hf):
                 t.normal_(std=0.2)
 
 
-def test_weights_from_transformers():
+def _hf_config(**overrides):
+    """A tiny transformers DetrConfig with its ResNet backbone (two encoder and decoder layers)."""
     transformers = pytest.importorskip("transformers")
-    config = transformers.DetrConfig(
+    return transformers.DetrConfig(**{**dict(
         use_timm_backbone=False, use_pretrained_backbone=False,
         backbone_config=dict(model_type="resnet", depths=[1, 1, 2, 1], hidden_sizes=[16, 24, 24, 32],
                              embedding_size=8, out_features=["stage4"]),
         d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
-        encoder_ffn_dim=48, decoder_ffn_dim=48, num_queries=5, num_labels=3)
-    hf = transformers.DetrForObjectDetection(config).eval()
+        encoder_ffn_dim=48, decoder_ffn_dim=48, num_queries=5, num_labels=3), **overrides})
+
+
+def test_weights_from_transformers():
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.DetrForObjectDetection(_hf_config()).eval()
     _randomize(hf)
     images, pixel_mask = _padded_batch()
     with torch.no_grad():
@@ -103,31 +108,18 @@ def test_weights_from_transformers_keep_the_three_dropout_rates():
     the converted model keeps each (it applied `dropout` to all three); DETR alone applies one rate to all three,
     as the original DETR."""
     transformers = pytest.importorskip("transformers")
-    config = transformers.DetrConfig(
-        use_timm_backbone=False, use_pretrained_backbone=False,
-        backbone_config=dict(model_type="resnet", depths=[1, 1, 1, 1], hidden_sizes=[8, 8, 8, 8],
-                             embedding_size=8, out_features=["stage4"]),
-        d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
-        encoder_ffn_dim=24, decoder_ffn_dim=24, num_queries=3, num_labels=3, dropout=0.0, attention_dropout=0.5,
-        activation_dropout=0.25)
+    config = _hf_config(dropout=0.0, attention_dropout=0.5, activation_dropout=0.25)
     model = detr_from_transformers(transformers.DetrForObjectDetection(config))
     for layer in (model.transformer.encoder.layers[0], model.transformer.decoder.layers[0]):
         assert (layer.dropout, layer.self_attn.dropout, layer.activation_dropout) == (0.0, 0.5, 0.25)
     assert model.transformer.decoder.layers[0].multihead_attn.dropout == 0.5
-    layer = DETR(d_model=16, nhead=2, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=24, dropout=0.2,
-                 backbone_depths=[1, 1, 1, 1], backbone_widths=[8, 8, 8, 8], backbone_stem_width=8)
-    layer = layer.transformer.decoder.layers[0]
+    layer = DETR(**{**TINY, "dropout": 0.2}).transformer.decoder.layers[0]
     assert (layer.dropout, layer.self_attn.dropout, layer.multihead_attn.dropout, layer.activation_dropout) == (0.2,) * 4
 
 
 def test_loader_rejects_what_it_cannot_convert():
     transformers = pytest.importorskip("transformers")
-    config = transformers.DetrConfig(
-        use_timm_backbone=False, use_pretrained_backbone=False, position_embedding_type="learned",
-        backbone_config=dict(model_type="resnet", depths=[1] * 4, hidden_sizes=[16] * 4, embedding_size=16,
-                             out_features=["stage4"]),
-        d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
-        encoder_ffn_dim=48, decoder_ffn_dim=48, num_queries=5, num_labels=3)
+    config = _hf_config(position_embedding_type="learned")
     with pytest.raises(ValueError, match="position_embedding_type = 'learned'"):
         detr_from_transformers(transformers.DetrForObjectDetection(config))
     with pytest.raises(ValueError, match="expects a DetrForObjectDetection .*got DetrModel"):
