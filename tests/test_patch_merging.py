@@ -132,6 +132,9 @@ def test_module_is_a_drop_in_for_timm_and_torchvision(hw):
     torch.testing.assert_close(out, ref_timm, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out, ref_tv, rtol=1e-5, atol=1e-5)
     assert vitfast.nn.PatchMerging(12).reduction.weight.shape == (24, 48)
+    # torchvision's positional PatchMerging(dim, norm_layer), as its SwinTransformer builds downsample layers
+    tv_style = vitfast.nn.PatchMerging(12, torch.nn.LayerNorm)
+    assert tv_style.reduction.weight.shape == (24, 48) and isinstance(tv_style.norm, torch.nn.LayerNorm)
     rms = vitfast.nn.PatchMerging(12, norm_layer=lambda d: torch.nn.RMSNorm(d))
     torch.testing.assert_close(rms(x), rms.reduction(rms.norm(_textbook_timm(x, torch.nn.Identity(),
                                                                              torch.nn.Identity()))))

@@ -402,6 +402,23 @@ def test_timm_window_attention_module_takes_factory_kwargs():
     assert m.relative_position_index.device.type == "meta"
 
 
+def test_timm_window_attention_module_where_heads_do_not_divide_dim():
+    """timm's WindowAttention takes head_dim = dim // num_heads when num_heads does not divide dim (qkv is
+    num_heads * head_dim wide); so does vitfast's (it raised), windows and image layout alike."""
+    m = vitfast.nn.WindowAttention(10, num_heads=3, window_size=2).double()
+    assert m.qkv.out_features == 27 and m.proj.in_features == 9
+    with torch.no_grad():
+        m.relative_position_bias_table.normal_()
+    x = torch.randn(2, 4, 10, dtype=torch.float64)
+    q, k, v = m.qkv(x).reshape(2, 4, 3, 3, 3).permute(2, 0, 3, 1, 4).unbind(0)
+    attn = (q * m.scale) @ k.transpose(-2, -1) + m._get_rel_pos_bias()
+    torch.testing.assert_close(m(x), m.proj((attn.softmax(-1) @ v).transpose(1, 2).reshape(2, 4, 9)))
+    img = torch.randn(1, 2, 2, 10, dtype=torch.float64)
+    torch.testing.assert_close(m(img), m(img.reshape(1, 4, 10)).reshape(1, 2, 2, 10))
+    with pytest.raises(ValueError, match="head_dim=0"):
+        vitfast.nn.WindowAttention(2, num_heads=3)
+
+
 @pytest.mark.parametrize("backend,device", CASES)
 def test_timm_window_attention_module(backend, device):
     m = vitfast.nn.WindowAttention(32, num_heads=2, window_size=7, shift_size=3).to(device).eval()

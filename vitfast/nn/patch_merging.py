@@ -1,6 +1,6 @@
 """vitfast.nn.PatchMerging: a drop-in for timm's and torchvision's Swin PatchMerging, backed by
 vitfast.patch_merging."""
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 from torch import Tensor, nn
 
@@ -16,9 +16,11 @@ class PatchMerging(nn.Module):
     A norm_layer that is not a LayerNorm runs unfused (gather, norm, reduction in PyTorch).
     """
 
-    def __init__(self, dim: int, out_dim: Optional[int] = None, norm_layer: Callable = nn.LayerNorm,
+    def __init__(self, dim: int, out_dim: Union[int, Callable, None] = None, norm_layer: Callable = nn.LayerNorm,
                  device=None, dtype=None):
         super().__init__()
+        if callable(out_dim):  # torchvision's positional PatchMerging(dim, norm_layer), as its SwinTransformer calls it
+            out_dim, norm_layer = None, out_dim
         # torchvision calls norm_layer(4 * dim) without factory kwargs: pass them only when given
         dd = {k: v for k, v in dict(device=device, dtype=dtype).items() if v is not None}
         self.dim = dim

@@ -121,9 +121,10 @@ class WindowAttention(nn.Module):
         self.shift_size = tuple(_pair(shift_size))
         self.window_area = self.window_size[0] * self.window_size[1]
         self.num_heads = num_heads
-        if head_dim is None and dim % num_heads != 0:
-            raise ValueError(f"vitfast.nn.WindowAttention: dim={dim} must be divisible by num_heads={num_heads}")
-        head_dim = head_dim or dim // num_heads
+        head_dim = head_dim or dim // num_heads  # (timm's: dim need not divide; qkv is num_heads * head_dim wide)
+        if head_dim < 1:
+            raise ValueError(f"vitfast.nn.WindowAttention: head_dim={head_dim} (dim={dim} // num_heads={num_heads}) "
+                             f"must be positive")
         attn_dim = head_dim * num_heads
         self.scale = head_dim ** -0.5
         self.relative_position_bias_table = nn.Parameter(
