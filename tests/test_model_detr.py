@@ -114,7 +114,8 @@ def test_weights_from_transformers_keep_the_three_dropout_rates():
         assert (layer.dropout, layer.self_attn.dropout, layer.activation_dropout) == (0.0, 0.5, 0.25)
     assert model.transformer.decoder.layers[0].multihead_attn.dropout == 0.5
     layer = DETR(**{**TINY, "dropout": 0.2}).transformer.decoder.layers[0]
-    assert (layer.dropout, layer.self_attn.dropout, layer.multihead_attn.dropout, layer.activation_dropout) == (0.2,) * 4
+    rates = (layer.dropout, layer.self_attn.dropout, layer.multihead_attn.dropout, layer.activation_dropout)
+    assert rates == (0.2,) * 4
 
 
 def test_loader_rejects_what_it_cannot_convert():
