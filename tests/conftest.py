@@ -27,6 +27,10 @@ from _optional_libs import apply_torchvision_shim  # noqa: E402
 apply_torchvision_shim()
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# vitfast's fp32 products are IEEE fp32 unless torch.backends.cuda.matmul.allow_tf32 (False by default), but PyTorch's
+# convolutions follow torch.backends.cudnn.allow_tf32, True by default (README): on a GPU the F.conv2d that the tests
+# hold vitfast.patch_embed and patched models to would be TF32 (~1e-3 relative). The tests compare IEEE with IEEE.
+torch.backends.cudnn.allow_tf32 = False
 
 
 @pytest.fixture(autouse=True)

@@ -34,7 +34,8 @@ def _lse_max(q, k, mask, scale, is_causal=False, causal_offset=0):
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.double()
     if is_causal:
-        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(causal_offset + 1), float("-inf"))
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(causal_offset + 1),
+                           float("-inf"))
     lse = torch.logsumexp(s, -1)
     lse = lse[torch.isfinite(lse)]
     return lse.abs().max().item() if lse.numel() else 0.0
@@ -376,7 +377,7 @@ def test_empty_sequences(backend, device):
 
 
 def test_bad_inputs_raise_clear_errors():
-    q, k, v = _qkv(2, 3, 5, 7, 16, torch.float32)
+    q, k, v = _qkv(2, 3, 5, 7, 16, torch.float32, "cpu")
     with pytest.raises(ValueError, match=r"q must be 4-D \(B, H, N, D\), got rank 3.*\(3, 5, 16\)"):
         vitfast.attention(q[0], k, v)
     with pytest.raises(ValueError, match="one head dim, got 16, 8, 16"):
@@ -407,17 +408,17 @@ def test_bad_inputs_raise_clear_errors():
 def test_cpp_kernel_checks_its_inputs():
     if not vitfast._ext.HAS_EXT:
         pytest.skip(vitfast._ext.EXT_ERROR)
-    q, k, v = _qkv(1, 2, 3, 4, 8, torch.float32)
+    q, k, v = _qkv(1, 2, 3, 4, 8, torch.float32, "cpu")
     with pytest.raises(RuntimeError, match="attn_mask"):
         torch.ops.vitfast.attention_fwd(q, k, v, torch.ones(1, 2, 3, 5), 0.0, False, 0, 1.0)
     with pytest.raises(RuntimeError, match="dropout"):
         torch.ops.vitfast.attention_fwd(q, k, v, None, 0.1, False, 0, 1.0)
 
 
-def _opcheck_args(requires_grad):
-    q, k, v = (t.requires_grad_(requires_grad) for t in _qkv(2, 2, 7, 9, 16, torch.float32))
-    bias = torch.randn(1, 2, 7, 9, requires_grad=requires_grad)
-    pad = torch.rand(2, 1, 1, 9) > 0.3
+def _opcheck_args(requires_grad, device):
+    q, k, v = (t.requires_grad_(requires_grad) for t in _qkv(2, 2, 7, 9, 16, torch.float32, device))
+    bias = torch.randn(1, 2, 7, 9, device=device, requires_grad=requires_grad)
+    pad = torch.rand(2, 1, 1, 9, device=device) > 0.3
     seed = torch.tensor([99], dtype=torch.int64)
     return [(q, k, v, None, None, 0.0, False, 0, 0.25), (q, k, v, bias, None, 0.0, True, 0, 0.25),
             (q, k, v, pad, None, 0.0, True, 2, 0.25), (q, k, v, pad, seed, 0.2, False, 0, 0.25)]
@@ -426,11 +427,11 @@ def _opcheck_args(requires_grad):
 @pytest.mark.parametrize("backend,device", CASES)
 def test_opcheck(backend, device):
     with vitfast.use_backend(backend):
-        for a in _opcheck_args(True):
+        for a in _opcheck_args(True, device):
             if backend == "cpp" and a[4] is not None:
                 continue
             torch.library.opcheck(torch.ops.vitfast.attention.default, a)
-        q, k, v, bias = _opcheck_args(False)[1][:4]
+        q, k, v, bias = _opcheck_args(False, device)[1][:4]
         out, lse = torch.ops.vitfast.attention(q, k, v, bias, None, 0.0, True, 0, 0.25)
         torch.library.opcheck(torch.ops.vitfast.attention_backward.default,
                               (torch.randn_like(out), q, k, v, out, lse, bias, None, 0.0, True, 0, 0.25, True, False))

@@ -15,20 +15,23 @@ vt.register()
 CASES = backend_cases("attention")
 
 
-def _pair(model):
-    """The model in eager attention, and a copy with the same weights in vitfast attention."""
+def _pair(model, device="cpu"):
+    """The model in eager attention, and a copy with the same weights in vitfast attention, both on `device`."""
     model.set_attn_implementation("eager")
     mine = copy.deepcopy(model)
     mine.set_attn_implementation("vitfast")
-    return model.eval(), mine.eval()
+    return model.to(device).eval(), mine.to(device).eval()
 
 
 def _compare(eager, mine, backend, inputs, pick, atol=2e-5):
-    """Outputs and every parameter gradient of `pick(model(**inputs))` agree between the two models.
+    """Outputs and every parameter gradient of `pick(model(**inputs))` agree between the two models (the inputs are
+    moved to the models' device).
 
     The loss weights the outputs randomly: a plain sum of squares of LayerNorm outputs is nearly constant,
     which leaves only rounding noise in the gradients.
     """
+    device = next(eager.parameters()).device
+    inputs = {name: t.to(device) for name, t in inputs.items()}
     out_e = pick(eager(**inputs))
     weights = torch.randn_like(out_e)
     (out_e * weights).sum().backward()
@@ -51,13 +54,15 @@ def _vision_config(cls, **kw):
 @pytest.mark.parametrize("backend,device", CASES)
 def test_vit(backend, device):
     model = transformers.ViTModel(_vision_config(transformers.ViTConfig), add_pooling_layer=False)
-    _compare(*_pair(model), backend, {"pixel_values": torch.randn(2, 3, 32, 32)}, lambda o: o.last_hidden_state)
+    _compare(*_pair(model, device), backend, {"pixel_values": torch.randn(2, 3, 32, 32)},
+             lambda o: o.last_hidden_state)
 
 
 @pytest.mark.parametrize("backend,device", CASES)
 def test_deit(backend, device):
     model = transformers.DeiTModel(_vision_config(transformers.DeiTConfig), add_pooling_layer=False)
-    _compare(*_pair(model), backend, {"pixel_values": torch.randn(2, 3, 32, 32)}, lambda o: o.last_hidden_state)
+    _compare(*_pair(model, device), backend, {"pixel_values": torch.randn(2, 3, 32, 32)},
+             lambda o: o.last_hidden_state)
 
 
 @pytest.mark.parametrize("backend,device", CASES)
@@ -67,11 +72,11 @@ def test_clip_text_padding_and_causal_mask(backend, device):
     vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, image_size=32,
                   patch_size=8)
     model = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
-    ids = torch.randint(1, 98, (2, 9))
-    mask = torch.ones(2, 9, dtype=torch.long)
+    ids = torch.randint(1, 98, (2, 9), device=device)
+    mask = torch.ones(2, 9, dtype=torch.long, device=device)
     mask[1, 5:] = 0  # padding: without the mask interface these positions would be attended to
-    inputs = {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.randn(2, 3, 32, 32)}
-    eager, mine = _pair(model)
+    inputs = {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.randn(2, 3, 32, 32, device=device)}
+    eager, mine = _pair(model, device)
     pick = lambda o: torch.cat([o.text_model_output.last_hidden_state.flatten(1), o.image_embeds], -1)  # noqa: E731
     _compare(eager, mine, backend, inputs, pick)
     # the padding mask reaches the kernel: without it the padded positions attend to each other
@@ -147,7 +152,7 @@ def test_detr_self_and_cross_attention_with_padding(backend, device):
     pixel_mask = torch.ones(2, 96, 128, dtype=torch.long)
     pixel_mask[1, :, 64:] = 0
     inputs = {"pixel_values": torch.randn(2, 3, 96, 128), "pixel_mask": pixel_mask}
-    _compare(*_pair(model), backend, inputs, lambda o: o.last_hidden_state)
+    _compare(*_pair(model, device), backend, inputs, lambda o: o.last_hidden_state)
 
 
 @pytest.mark.parametrize("backend,device", CASES)
@@ -155,4 +160,5 @@ def test_swin_bias_and_shift_mask_through_the_interface(backend, device):
     config = transformers.SwinConfig(image_size=32, patch_size=2, embed_dim=16, depths=[2, 1], num_heads=[2, 2],
                                      window_size=4)
     model = transformers.SwinModel(config, add_pooling_layer=False)
-    _compare(*_pair(model), backend, {"pixel_values": torch.randn(1, 3, 32, 32)}, lambda o: o.last_hidden_state)
+    _compare(*_pair(model, device), backend, {"pixel_values": torch.randn(1, 3, 32, 32)},
+             lambda o: o.last_hidden_state)

@@ -43,10 +43,12 @@ def _device_recorder(monkeypatch):
 
 
 def test_launch_runs_under_a_guard_for_the_device_of_its_tensors(monkeypatch):
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses import fake_tensor
 
     active = _device_recorder(monkeypatch)
-    with FakeTensorMode():
+    # FakeTensorMode allocates on the real device where CUDA is present ("invalid device ordinal" on one GPU)
+    monkeypatch.setattr(fake_tensor, "init_gpu_context", lambda device: None)
+    with fake_tensor.FakeTensorMode():
         x = torch.empty(4, device="cuda:1")  # a tensor on a second GPU, without needing one
     kernel = _FakeKernel(active)
     common.launch(kernel, (2,), x, 4, BLOCK=4)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import vitfast
 from vitfast.ops.layer_norm import layer_norm_ref
 
-from conftest import assert_close_to_ref, assert_compiles_like_eager, backend_cases, rounding_noise
+from conftest import DEVICE, assert_close_to_ref, assert_compiles_like_eager, backend_cases, rounding_noise
 
 CASES = backend_cases("layer_norm")
 LOW = (torch.float16, torch.bfloat16)
@@ -212,7 +212,7 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_backend_choice_env_context_and_errors(monkeypatch, caplog):
-    x = torch.randn(4, 8, dtype=torch.float64)
+    x = torch.randn(4, 8, dtype=torch.float64, device=DEVICE)
     monkeypatch.setenv("VITFAST_BACKEND", "torch")
     assert vitfast.choose_backend("layer_norm", x) == "torch"
     with vitfast.use_backend("auto"):
@@ -226,7 +226,8 @@ def test_backend_choice_env_context_and_errors(monkeypatch, caplog):
     with pytest.raises(ValueError, match="unknown vitfast backend"):
         vitfast.use_backend("fast").__enter__()
     with caplog.at_level(logging.DEBUG, logger="vitfast.backend"), vitfast.use_backend("triton"):
-        with pytest.raises(ValueError, match=r"no backend can take inputs \[\(4, 8\) torch.float64 cpu\].*float64"):
+        with pytest.raises(ValueError,
+                           match=rf"no backend can take inputs \[\(4, 8\) torch.float64 {x.device}\].*float64"):
             vitfast.layer_norm(x, 8)
     assert "triton backend skipped" in caplog.text
 

@@ -14,7 +14,7 @@ from vitfast.__main__ import main
 
 
 def test_check_and_out(tmp_path, capsys):
-    assert main(["check", "--op", "layer_norm", "--op", "patch merging", "--backend", "cpp",
+    assert main(["check", "--op", "layer_norm", "--op", "patch merging", "--backend", "cpp", "--device", "cpu",
                  "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "layer_norm" in printed and "fwd+bwd" in printed
@@ -50,7 +50,7 @@ def test_a_wrong_gradient_fails_run_and_check(monkeypatch, capsys):
         return real(x + 1e-3 * (x - x.detach()), *args, **kwargs)  # the same values, dx scaled by 1.001
     monkeypatch.setattr(vitfast, "layer_norm", skewed)
     for command in ("run", "check"):
-        assert main([command, "--op", "layer_norm", "--backend", "cpp", "--reps", "1"]) == 1
+        assert main([command, "--op", "layer_norm", "--backend", "cpp", "--device", "cpu", "--reps", "1"]) == 1
         printed = capsys.readouterr().out
         assert "| NO " in printed and "exceed 2x the baseline's error: layer_norm fwd+bwd vitfast cpp" in printed
 

@@ -37,10 +37,10 @@ def _grads(model, ids, mask, images, weights):
 
 @pytest.mark.parametrize("kernel,device", KERNELS)
 def test_clip_backends_agree(kernel, device):
-    eager = CLIP(24, TINY_VISION, TINY_TEXT, backend="eager")
-    ids, mask = _text_batch()
-    images = torch.randn(2, 3, 16, 16)
-    weights = [torch.randn(2, 24), torch.randn(3, 24), torch.randn(2, 3), torch.randn(3, 2)]
+    eager = CLIP(24, TINY_VISION, TINY_TEXT, backend="eager").to(device)
+    ids, mask = (t.to(device) for t in _text_batch())
+    images = torch.randn(2, 3, 16, 16, device=device)
+    weights = [torch.randn(s, device=device) for s in ((2, 24), (3, 24), (2, 3), (3, 2))]
     ref_out, ref_grads = _grads(eager, ids, mask, images, weights)
     model = set_backend(copy.deepcopy(eager), "vitfast")
     with vitfast.use_backend(kernel):

@@ -40,9 +40,10 @@ def _grads(model, images, pixel_mask, weights):
 
 @pytest.mark.parametrize("kernel,device", KERNELS)
 def test_detr_backends_agree(kernel, device):
-    eager = DETR(backend="eager", **TINY)
-    images, pixel_mask = _padded_batch()
-    weights = [torch.randn(2, 5, 4), torch.randn(2, 5, 4)] * 2  # logits (3 + 1 classes) and boxes, final and aux
+    eager = DETR(backend="eager", **TINY).to(device)
+    images, pixel_mask = (t.to(device) for t in _padded_batch())
+    # logits (3 + 1 classes) and boxes, final and aux
+    weights = [torch.randn(2, 5, 4, device=device), torch.randn(2, 5, 4, device=device)] * 2
     ref_out, ref_grads = _grads(eager, images, pixel_mask, weights)
     assert len(ref_out) == 4, "one auxiliary output (first decoder layer) besides the final one"
     model = set_backend(copy.deepcopy(eager), "vitfast")

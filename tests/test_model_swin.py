@@ -29,8 +29,9 @@ def test_swin_backends_agree(kernel, device, v2):
     eager = SwinTransformer(backend="eager", v2=v2, **TINY)
     for p in eager.parameters():
         torch.nn.init.normal_(p, std=0.3)  # a trained-looking bias table and norms, not the zero/one init
-    images = torch.randn(1, 3, 14, 14)
-    weights = [torch.randn(1, 7, 7, 16), torch.randn(1, 4, 4, 32)]
+    eager.to(device)
+    images = torch.randn(1, 3, 14, 14, device=device)
+    weights = [torch.randn(1, 7, 7, 16, device=device), torch.randn(1, 4, 4, 32, device=device)]
     ref_feats, ref_grads = _grads(eager, images, weights)
     for backend in ("sdpa", "vitfast"):
         model = set_backend(copy.deepcopy(eager), backend)

@@ -25,9 +25,9 @@ def _grads(model, images, weights):
 @pytest.mark.parametrize("kernel,device", KERNELS)
 @pytest.mark.parametrize("distilled", [False, True])
 def test_vit_backends_agree(kernel, device, distilled):
-    eager = VisionTransformer(distilled=distilled, backend="eager", **TINY)
-    images = torch.randn(2, 3, 32, 32)
-    weights = torch.randn(2, 16 + (2 if distilled else 1), 32)
+    eager = VisionTransformer(distilled=distilled, backend="eager", **TINY).to(device)
+    images = torch.randn(2, 3, 32, 32, device=device)
+    weights = torch.randn(2, 16 + (2 if distilled else 1), 32, device=device)
     ref_out, ref_grads = _grads(eager, images, weights)
     for backend in ("sdpa", "vitfast"):
         model = set_backend(copy.deepcopy(eager), backend)

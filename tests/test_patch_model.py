@@ -192,7 +192,8 @@ def test_open_clip_attention_class():
     from open_clip.transformer import Attention
 
     attn = Attention(32, num_heads=2)
-    mask = torch.zeros(5, 5).masked_fill(torch.ones(5, 5, dtype=torch.bool).triu(1), float("-inf"))
+    mask = torch.zeros(5, 5, device=DEVICE).masked_fill(torch.ones(5, 5, dtype=torch.bool, device=DEVICE).triu(1),
+                                                         float("-inf"))
 
     class Wrap(nn.Module):
         def __init__(self):

@@ -166,7 +166,7 @@ def test_dropout_regenerates_the_seeded_mask(backend, device):
 
 @pytest.mark.parametrize("backend,device", [c for c in CASES if c.values[0] == "cpp"])
 def test_cpp_backend_rejects_dropout_when_forced(backend, device):
-    q, k, v, rh, rw = _inputs(1, 1, (2, 2), (2, 2), 16, torch.float32)
+    q, k, v, rh, rw = _inputs(1, 1, (2, 2), (2, 2), 16, torch.float32, device=device)
     with vitfast.use_backend("cpp"), pytest.raises(ValueError, match="dropout"):
         vitfast.rel_pos_attention(q, k, v, rh, rw, dropout_p=0.5)
     assert vitfast.choose_backend("rel_pos_attention", q, k, v, rh, rw, torch.zeros(1, dtype=torch.int64)) == "torch"
@@ -316,7 +316,8 @@ def test_segment_anything_attention_block(backend, device, input_size):
 
 @pytest.mark.parametrize("backend,device", CASES)
 def test_opcheck(backend, device):
-    q, k, v, rh, rw = (t.requires_grad_() for t in _inputs(2, 2, (3, 2), (2, 3), 16, torch.float32, rel_b=1))
+    q, k, v, rh, rw = (t.requires_grad_() for t in _inputs(2, 2, (3, 2), (2, 3), 16, torch.float32, rel_b=1,
+                                                           device=device))
     seed = torch.tensor([7], dtype=torch.int64)
     cases = [(q, k, v, rh, rw, None, 0.0, 0.25)]
     if backend == "torch":  # the seed argument's handling is the op's, not a backend's (and cpp has no dropout)

@@ -237,7 +237,7 @@ def test_segment_anything_without_rel_pos_is_plain_attention(fused_calls, monkey
         calls.append(args[0].shape)
         return vitfast.attention(*args, **kwargs)
     monkeypatch.setattr(vsa, "attention", spy)
-    report = _patched_equal(_image_encoder(use_rel_pos=False), torch.randn(2, 3, 32, 32), backend)
+    report = _patched_equal(_image_encoder(use_rel_pos=False), torch.randn(2, 3, 32, 32, device=DEVICE), backend)
     assert _patched(report) == ["blocks.0.attn", "blocks.1.attn"] and not fused_calls
     # _patched_equal runs the patched model once, with grad
     assert len(calls) == (0 if DEVICE == "cpu" and backend == "auto" else 2), calls

@@ -8,7 +8,7 @@ import vitfast
 from vitfast.ops.window_attention import (_torch_keep, relative_position_index, shifted_window_attention_ref,
                                           window_attention_ref)
 
-from conftest import assert_close_to_ref, assert_compiles_like_eager, backend_cases, rounding_noise
+from conftest import DEVICE, assert_close_to_ref, assert_compiles_like_eager, backend_cases, rounding_noise
 
 CASES = backend_cases("window_attention")
 LOW = (torch.float16, torch.bfloat16)
@@ -331,7 +331,8 @@ def test_bad_inputs_raise_clear_errors():
                 vitfast.shifted_window_attention(x9, torch.randn(90, 30), torch.randn(30, 30), torch.randn(25, 5),
                                                  [3, 3], 5, shift)
     with vitfast.use_backend("triton"), pytest.raises(ValueError, match="float64"):
-        vitfast.window_attention(qkv.double(), torch.randn(169, 2, dtype=torch.float64), 7, 3)
+        vitfast.window_attention(qkv.double().to(DEVICE), torch.randn(169, 2, dtype=torch.float64, device=DEVICE),
+                                 7, 3)
     for ws in (0, (7, -1)):
         with pytest.raises(ValueError, match="window_size must be positive"):
             vitfast.window_attention(qkv, torch.randn(169, 2), ws)

@@ -5,7 +5,9 @@ program normalizes BLOCK_M rows held whole in registers, optionally adding the r
 the sum (the pre-norm block pattern). The row statistics (`row_stats`, also used by the LayerNorm fused into
 patch_embed and patch_merging) are the corrected two-pass algorithm (Chan, Golub, LeVeque 1983) in fp32, as
 in csrc/layer_norm_stats.h: accurate for rows with a large mean, and exact for constant rows (y is then
-exactly the bias). Backward: dx per row, and
+exactly the bias). Their divisions by the row length are IEEE (`tl.math.div_rn`): Triton's `/` on fp32 is
+PTX's approximate div.full.f32 (2 ulp), the likely cause of a one-element row's dx of 2e-6 instead of 0 on an
+H200. Backward: dx per row, and
 dweight/dbias by a two-stage reduction: each program accumulates fp32 column partials over a contiguous
 range of rows and writes one row of a (programs, N) buffer, which a second pass sums. This keeps the
 column reduction parallel at ViT hidden sizes (96..1280), where one program per column block would leave
@@ -32,8 +34,8 @@ def row_stats_from_sums(
     the first-pass mean sum to (almost) zero, and adding their sum back corrects the mean and the variance:
     mean = mu0 + dev / N, var = (sq - dev^2 / N) / N; var = inf where sq overflowed (rstd 0: the row becomes the
     bias, as ATen's; inf - inf would give NaN, clamped to 0), as csrc/layer_norm_stats.h."""
-    dmean = dev / N
-    var = tl.where(sq == float("inf"), float("inf"), tl.maximum((sq - dev * dmean) / N, 0.0))
+    dmean = tl.math.div_rn(dev, N * 1.0)
+    var = tl.where(sq == float("inf"), float("inf"), tl.maximum(tl.math.div_rn(sq - dev * dmean, N * 1.0), 0.0))
     return mu0 + dmean, 1.0 / tl.sqrt(var + eps)
 
 
@@ -45,7 +47,7 @@ def row_stats(
     eps,
 ):
     """LayerNorm statistics (mean, 1 / sqrt(var + eps)) of rows held whole in registers."""
-    mu0 = tl.sum(x, axis=1) / N
+    mu0 = tl.math.div_rn(tl.sum(x, axis=1), N * 1.0)
     d = tl.where(mask, x - mu0[:, None], 0.0)
     return row_stats_from_sums(mu0, tl.sum(d, axis=1), tl.sum(d * d, axis=1), N, eps)
 
@@ -141,8 +143,8 @@ def _layer_norm_bwd_kernel(
         rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
         xhat = tl.where(mask, (s - mean[:, None]) * rstd[:, None], 0.0)
         g = dy * w[None, :] if HAS_WEIGHT else dy
-        c1 = tl.sum(g * xhat, axis=1) / N
-        c2 = tl.sum(g, axis=1) / N
+        c1 = tl.math.div_rn(tl.sum(g * xhat, axis=1), N * 1.0)
+        c2 = tl.math.div_rn(tl.sum(g, axis=1), N * 1.0)
         dx = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
         if HAS_DS:
             dx += tl.load(DS + rows[:, None] * stride_ds + cols[None, :], mask=mask, other=0.0).to(tl.float32)

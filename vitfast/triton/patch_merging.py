@@ -102,7 +102,7 @@ def _patch_merging_fwd_kernel(
         offs, inside = _gather_offsets(rm, rk, H, W, H2, W2, C, sxb, sxh, sxw, sxc)
         valid = m_mask[:, None] & (rk < K)[None, :]
         s1 += tl.sum(tl.load(X + offs, mask=valid & inside, other=0.0).to(tl.float32), axis=1)
-    mu0 = s1 / K
+    mu0 = tl.math.div_rn(s1, K * 1.0)
     dev = tl.zeros((BLOCK_M,), dtype=tl.float32)
     sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -297,8 +297,8 @@ def _patch_merging_bwd_dx_kernel(
     mean = tl.load(Mean + rm, mask=m_mask, other=0.0)
     rstd = tl.load(Rstd + rm, mask=m_mask, other=0.0)
     xhat = (x - mean[:, None]) * rstd[:, None]
-    c1 = tl.load(ROW_sums + rm, mask=m_mask, other=0.0) / K
-    c2 = tl.load(ROW_sums + M + rm, mask=m_mask, other=0.0) / K
+    c1 = tl.math.div_rn(tl.load(ROW_sums + rm, mask=m_mask, other=0.0), K * 1.0)
+    c2 = tl.math.div_rn(tl.load(ROW_sums + M + rm, mask=m_mask, other=0.0), K * 1.0)
     g = tl.load(DLN + rm[:, None] * K + rk[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_NW:
         g = g * tl.load(NW + rk, mask=k_mask, other=0.0).to(tl.float32)[None, :]
