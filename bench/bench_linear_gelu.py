@@ -2,7 +2,7 @@
 torch._addmm_activation (cuBLASLt's bias + GELU epilogue, tanh approximation only: timed for scale, not for equal
 results), forward (no grad, vitfast's in-place path) and forward+backward. Shapes: ViT-B/16 fc1 (197 tokens x 768 ->
 3072) and Swin-T's first-stage fc1 (3136 tokens x 96 -> 384), 64 images on a GPU, batch 1 and 8 on a CPU (Swin-T's
-batch 8 is where the CPU choice fuses: a 38.5 MB output, integrations/cpu_choice.py)."""
+batch 8 is where the CPU choice fuses: a 38.5 MB output, integrations/choice.py)."""
 import pytest
 import torch
 import torch.nn.functional as F

@@ -1,6 +1,6 @@
 """Measures, per op and shape class, whether vitfast's CPU kernel or the ATen sequence it replaces is faster, for
 inference (torch.inference_mode) and training (forward + backward). The table it prints is what
-vitfast.integrations.cpu_choice encodes.
+vitfast.integrations.choice encodes.
 
     python bench/cpu_choice.py [--reps 9] [--threads 2]
 

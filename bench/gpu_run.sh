@@ -14,15 +14,18 @@
 #   tests.log         (e)
 #
 # Usage, from the repository root: bash bench/gpu_run.sh [--dry-run]    (OUT=dir, default ./out; PYTHON=python3;
-# GPU_RUN_TOTAL=seconds shortens the whole run below its 525 s, taken from (e), e.g. to leave a lease time to rerun)
+# GPU_RUN_TOTAL=seconds shortens the whole run below its 525 s, taken from (e), e.g. to leave a lease time to rerun;
+# GPU_RUN_TESTS="tests/test_a.py tests/test_b.py" gives (e) those files or node ids instead of the whole suite, e.g.
+# the files an earlier run's (e) did not reach)
 # --dry-run runs the same stages on a CPU with tiny shapes (the suites pick them when no GPU is present: Triton under
 # its interpreter) and small budgets, in under 3 minutes: CI runs it.
 #
-# Stage plan on the H200 machine (16 CPU cores), budgets in seconds, 525 in all (+15 s for a cut-off's grace):
+# Stage plan on the H200 machine (16 CPU cores), budgets in seconds, 525 in all (+15 s for a cut-off's grace); "took":
+# the first run, 2026-11-30 (torch 2.11, triton 3.6; bench/results/h200-2026-11-30):
 # (a) env            20  nvidia-smi and one Python import of torch/triton: ~5 s.
 # (b) build         120  csrc/*.cpp (11 translation units with torch headers) and kernels/*.cu (2) for sm_90 only,
-#                        ninja with 16 jobs: bounded by the slowest unit and the link, ~60-90 s.
-# (c) correctness   120  tests/test_model_shapes.py (38 cases: attention at ViT-B/16 B=8, ViT-H/14, DETR encoder and
+#                        ninja with 16 jobs: bounded by the slowest unit and the link; took 59 s (78 s once).
+# (c) correctness   150  tests/test_model_shapes.py (38 cases: attention at ViT-B/16 B=8, ViT-H/14, DETR encoder and
 #                        decoder with key padding, CLIP text causal, head dim 256, batch*heads 66,560; window attention
 #                        at Swin-T stages 1 and 4 B=4, window 12, head dim 256, Swin-B stage 4 B=2048; LayerNorm
 #                        (128*197, 768) and width 8192; patch embedding ViT-B/16 B=8, Swin-T with norm, norm width
@@ -30,18 +33,19 @@
 #                        tests/test_launch.py (CUDA graph capture, TF32 rule, spill pruning), pytest-xdist on 16
 #                        workers: ~200 Triton compilations (~1-3 s each, autotuned kernels compile every config,
 #                        shared through Triton's disk cache) over 16 processes plus ~0.5 s of autotuning per tuned
-#                        launch: ~60-90 s.
-# (d) benchmarks    240  `pytest bench -m headline`: attention ViT-B/16 B=128 and DETR encoder with key padding,
+#                        launch: took 113 s.
+# (d) benchmarks    150  `pytest bench -m headline`: attention ViT-B/16 B=128 and DETR encoder with key padding,
 #                        Swin-T stage-1 window attention B=128, LayerNorm (128*197, 768), patch embedding ViT-B/16
 #                        B=256, SAM-B's global-layer attention with decomposed relative positions (B=8, 12 heads,
 #                        64x64 tokens), each forward and forward+backward: part 1, 58 benchmarks (vitfast, SDPA flash,
 #                        efficient, cudnn, math, eager) of 26 timed calls each (3 rotating input sets, warm-up
-#                        call, 2 warm-up and 20 timed rounds), ~1 s each with autotuning: ~70-95 s; part 2 with the
-#                        rest of the budget, FlexAttention first (8 compilations, ~15-45 s each), then torch.compile
-#                        of the LayerNorm and patch-embedding baselines (4, ~10-20 s each): ~230 s, so the last
-#                        torch.compile baselines may be cut off.
-# (e) full tests   rest  pytest tests (minus (c)) on 16 workers with what is left: ~150 s if (a)-(d) take their
-#                        estimates; cut off otherwise (the log keeps every finished test).
+#                        call, 2 warm-up and 20 timed rounds): took 40 s; part 2 with the rest of the budget,
+#                        FlexAttention first, then torch.compile of the LayerNorm, patch-embedding and Linear + GELU
+#                        baselines: took 59 s.
+# (e) full tests   rest  pytest tests (minus (c)), or GPU_RUN_TESTS, on 16 workers with what is left, -v so that a
+#                        cut-off log still names every finished test: the whole suite needs more than one run gives
+#                        it (the first reached 826 tests in 204 s: each Triton test compiles its autotuned kernels,
+#                        up to ~70 s a test with 16 compiling at once).
 # Exit status: 1 when a stage fails, or (a)-(c) or part 1 of (d) is cut off by its budget; part 2 of (d) and (e)
 # run with whatever time their budgets leave and may be cut off (and so may (b) in a dry run).
 set -uo pipefail
@@ -57,7 +61,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TORCH_CUD
 if (( DRY )); then
   TOTAL=100; BUDGET=(20 20 45 40); RESERVE=10
 else
-  TOTAL=${GPU_RUN_TOTAL:-525}; BUDGET=(20 120 120 240); RESERVE=0
+  TOTAL=${GPU_RUN_TOTAL:-525}; BUDGET=(20 120 150 150); RESERVE=0
 fi
 XDIST=()
 $PY -c "import xdist" 2>/dev/null && XDIST=(-n "$(nproc)")
@@ -128,9 +132,13 @@ if (( ${#JSONS[@]} )); then
   $PY bench/report.py "${JSONS[@]}" --out "$OUT" --no-plot >/dev/null 2>>"$OUT/bench.log" || FAILED=1
 fi
 
+if [[ -n ${GPU_RUN_TESTS:-} ]]; then
+  read -ra TESTS <<<"$GPU_RUN_TESTS"
+else
+  TESTS=(tests --ignore=tests/test_model_shapes.py --ignore=tests/test_launch.py)
+fi
 stage "(e) full test suite" "$(left)" "$OUT/tests.log" 1 \
-  $PY -m pytest tests --ignore=tests/test_model_shapes.py --ignore=tests/test_launch.py "${XDIST[@]}" -q -rfE \
-  --durations=20 -p no:cacheprovider --continue-on-collection-errors
+  $PY -m pytest "${TESTS[@]}" "${XDIST[@]}" -v -rfE --durations=20 -p no:cacheprovider --continue-on-collection-errors
 
 echo "total $(( SECONDS - START )) s of $TOTAL; $( (( FAILED )) && echo FAILED || echo ok )" | tee -a "$SUMMARY"
 exit $FAILED

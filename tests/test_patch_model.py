@@ -3,7 +3,7 @@ parameter gradient equal before and after patching (fp32), state dicts unchanged
 the original forward paths, and torch.compile(fullgraph=True) runs a patched model.
 
 Each model runs with the Triton kernels (under TRITON_INTERPRET=1 without a GPU), with the C++ kernels forced, and
-with the automatic choice (on CPU: ATen or vitfast per kind and mode, integrations/cpu_choice.py). timm, torchvision
+with the automatic choice (on CPU: ATen or vitfast per kind and mode, integrations/choice.py). timm, torchvision
 and open_clip are optional: their tests skip with the reason where they do not import (see _optional_libs.py).
 """
 import copy
@@ -15,14 +15,14 @@ from torch import Tensor, nn
 
 import vitfast
 from vitfast import backend as vf_backend
-from vitfast.integrations import cpu_choice
+from vitfast.integrations import choice
 from vitfast.integrations.patch import KINDS, PatchReport
 
 from _optional_libs import import_or_skip
 
 
 def _backends():
-    # auto: on CPU, each kind runs what integrations/cpu_choice.py chose (ATen or vitfast's cpp kernel); cpp forces the
+    # auto: on CPU, each kind runs what integrations/choice.py chose (ATen or vitfast's cpp kernel); cpp forces the
     # C++ kernels wherever the op has one (else torch); triton under TRITON_INTERPRET=1 without a GPU
     cases = [pytest.param("auto", id="auto")]
     if vf_backend._unavailable("attention", "cpp", torch.device("cpu")) is None and not torch.cuda.is_available():
@@ -301,24 +301,35 @@ def test_transformers_swin_fused_layer(backend, monkeypatch):
 
 # ----------------------------------------------------------------------------------------------- CPU choice
 
-def test_cpu_choice_rule():
-    """The table's answers: ATen for LayerNorm and attention, ATen for patch embedding only without grad, vitfast for
-    window attention and rel-pos attention, vitfast for linear_gelu only without grad and for outputs of 32 MiB or
-    more (without the output's size, as the guard of a patched method asks: the table alone); a forced backend or a
-    CUDA tensor always runs vitfast."""
+def test_choice_rule(monkeypatch):
+    """The tables' answers. CPU: ATen for LayerNorm and attention, ATen for patch embedding only without grad, vitfast
+    for window attention and rel-pos attention, vitfast for linear_gelu only without grad and for outputs of 32 MiB or
+    more (without the output's size, as the guard of a patched method asks: the table alone). CUDA: ATen for
+    LayerNorm, attention and linear_gelu at any size, vitfast for the rest. A forced backend or a meta tensor always
+    runs vitfast."""
+    from torch._subclasses import fake_tensor
+
     x = torch.randn(2, 3)
     original = {"attention": True, "rel_pos_attention": False, "window_attention": False, "layer_norm": True}
     with torch.no_grad():
-        assert ({k: cpu_choice.runs_original(k, x) for k in KINDS}
+        assert ({k: choice.runs_original(k, x) for k in KINDS}
                 == dict(original, patch_embed=True, linear_gelu=False))
-        assert not cpu_choice.runs_original("linear_gelu", x, out_bytes=2**25)  # 32 MiB outputs: fused
-        assert cpu_choice.runs_original("linear_gelu", x, out_bytes=2**25 - 1)
-    assert {k: cpu_choice.runs_original(k, x) for k in KINDS} == dict(original, patch_embed=False, linear_gelu=True)
-    assert cpu_choice.runs_original("linear_gelu", x, out_bytes=2**25)  # with grad: ATen at any size
+        assert not choice.runs_original("linear_gelu", x, out_bytes=2**25)  # 32 MiB outputs: fused
+        assert choice.runs_original("linear_gelu", x, out_bytes=2**25 - 1)
+    assert {k: choice.runs_original(k, x) for k in KINDS} == dict(original, patch_embed=False, linear_gelu=True)
+    assert choice.runs_original("linear_gelu", x, out_bytes=2**25)  # with grad: ATen at any size
+    # a CUDA tensor without a GPU (FakeTensorMode would allocate on the real device where CUDA is present)
+    monkeypatch.setattr(fake_tensor, "init_gpu_context", lambda device: None)
+    with fake_tensor.FakeTensorMode():
+        gpu = torch.empty(2, 3, device="cuda")
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            assert ({k: choice.runs_original(k, gpu, out_bytes=2**30) for k in KINDS}
+                    == dict(original, patch_embed=False, linear_gelu=True))
     with vitfast.use_backend("torch"):
-        assert not any(cpu_choice.runs_original(k, x) for k in KINDS)
-    assert not any(cpu_choice.runs_original(k, torch.empty(2, 3, device="meta")) for k in KINDS)
-    assert set(cpu_choice.CPU_CHOICE) == set(KINDS)
+        assert not any(choice.runs_original(k, t) for k in KINDS for t in (x, gpu))
+    assert not any(choice.runs_original(k, torch.empty(2, 3, device="meta")) for k in KINDS)
+    assert set(choice.CHOICE) == {"cpu", "cuda"} and all(set(t) == set(KINDS) for t in choice.CHOICE.values())
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
@@ -335,7 +346,8 @@ def test_cpu_choice_runs_the_original_code(grad, monkeypatch):
                               depth=1, num_heads=2, num_classes=5).eval()
     mine = copy.deepcopy(model)
     report = vitfast.patch_model(mine)
-    assert "layer_norm: LayerNorm -> vitfast.layer_norm; on CPU: original ATen code (faster there)" in str(report)
+    assert ("layer_norm: LayerNorm -> vitfast.layer_norm; on CPU: original ATen code (faster there); on CUDA: original "
+            "ATen code (faster there)") in str(report)
     assert "on CPU: original ATen code without grad, vitfast with grad" in str(report)
     calls = []
     for module, name in ((vp, "layer_norm"), (vp, "attention"), (vt, "attention")):
@@ -410,7 +422,7 @@ def _vitfast_window_attention():
 
 @pytest.mark.parametrize("build", [_timm_vit, _mha, _torchvision_vit, _vitfast_window_attention])
 def test_empty_batch_on_the_fused_paths(build):
-    """B = 0 through every patched attention path with a vitfast backend forced (the default on CUDA) gives the
+    """B = 0 through every patched attention path with a vitfast backend forced gives the
     original's empty output (a reshape to (B, N, heads, -1) cannot infer the -1 from 0 elements). (timm's Swin and
     open_clip, transformers' ViT and Swin fail at B = 0 themselves.)"""
     model, inputs, _ = build()
@@ -430,7 +442,7 @@ def test_empty_batch_on_the_fused_paths(build):
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out
 
     forced = "cpp" if DEVICE == "cpu" and vf_backend._unavailable("attention", "cpp", torch.device("cpu")) is None \
-        else "auto" if DEVICE != "cpu" else "torch"
+        else "triton" if DEVICE != "cpu" else "torch"
     with torch.no_grad():
         ref = run(model)
         with vitfast.use_backend(forced):
@@ -441,7 +453,7 @@ def test_empty_batch_on_the_fused_paths(build):
 @pytest.mark.parametrize("build", [_torchvision_vit, _open_clip, _transformers_vit],
                          ids=["torchvision", "open_clip", "transformers"])
 def test_cpu_choice_inference_is_the_original(build):
-    """Without grad on CPU every kind these models patch runs ATen (cpu_choice.py): the patched output is bitwise the
+    """Without grad on CPU every kind these models patch runs ATen (choice.py): the patched output is bitwise the
     original's (transformers: its SDPA attention path)."""
     model, inputs, pick = build()
     model.eval()

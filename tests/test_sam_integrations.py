@@ -227,7 +227,7 @@ def test_report_names_the_flags_that_left_modules():
 
 @pytest.mark.parametrize("backend", ["auto", "cpp"])
 def test_segment_anything_without_rel_pos_is_plain_attention(fused_calls, monkeypatch, backend):
-    """Plain attention follows the attention row of integrations/cpu_choice.py: ATen's SDPA on CPU (as the other
+    """Plain attention follows the attention row of integrations/choice.py: ATen's SDPA on CPU (as the other
     patched attention modules), vitfast.attention where a backend is forced."""
     if backend == "cpp" and (DEVICE != "cpu" or _unavailable("attention", "cpp", torch.device("cpu")) is not None):
         pytest.skip("the cpp backend runs CPU tensors only, and only where it is built")

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitfast.integrations.cpu_choice import runs_original
+from vitfast.integrations.choice import runs_original
 from vitfast.integrations.patch import Adapter
 from vitfast.ops.attention import attention
 

@@ -15,9 +15,9 @@ A transformers `PreTrainedModel` is switched to `attn_implementation="vitfast"` 
 An adapter that meets arguments it does not cover at run time (e.g. `need_weights=True` on nn.MultiheadAttention,
 a LayerNorm input whose dtype differs from its weight under autocast) calls the original forward for that call, and
 so does one whose vitfast op measured slower than the original code for that device and mode
-(integrations/cpu_choice.py: on CPU tensors LayerNorm and attention always run ATen, patch embedding runs ATen
-without grad, the MLP's Linear + GELU runs vitfast only without grad and for outputs of 32 MiB or more); the report
-says what each kind runs on CPU. A patched module whose submodules carry hooks, or were swapped since patching (a
+(integrations/choice.py: on CPU tensors LayerNorm and attention always run ATen, patch embedding runs ATen
+without grad, the MLP's Linear + GELU runs vitfast only without grad and for outputs of 32 MiB or more; on CUDA
+tensors LayerNorm, attention and the MLP run ATen); the report says what each kind runs on CPU and CUDA. A patched module whose submodules carry hooks, or were swapped since patching (a
 LoRA wrapper, a parametrization), runs its original forward too, since the patched paths read the submodules'
 parameters directly.
 """
@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _nn_module
 
 from vitfast import backend as _backend
-from vitfast.integrations.cpu_choice import describe, runs_original
+from vitfast.integrations.choice import describe, runs_original
 from vitfast.ops.attention import attention
 from vitfast.ops.layer_norm import layer_norm
 from vitfast.ops.linear_gelu import linear_gelu
@@ -213,7 +213,7 @@ def _global_hooks() -> bool:
 
 def mlp_fc1(x: Tensor, fc1: nn.Module, act: nn.Module) -> Tensor:
     """act(fc1(x)) for an MLP's first layer (a plain nn.Linear and a GELU, as mlp_check and the guard of the
-    patched method keep them): one vitfast.linear_gelu call, or the modules' own calls where cpu_choice says ATen
+    patched method keep them): one vitfast.linear_gelu call, or the modules' own calls where choice.py says ATen
     (the output's size counts in the dtype autocast gives it) or where x's dtype differs from the weight's outside
     autocast (F.linear's error)."""
     autocast = torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
@@ -312,7 +312,7 @@ def _unchanged(module: nn.Module, layout: tuple) -> bool:
 
 
 def _guarded(module: nn.Module, kind: str, name: str, fn: Callable, layout: tuple, *args, **kwargs):
-    """The patched method `fn`, or the class's own: where cpu_choice's table says ATen for `kind` on the first
+    """The patched method `fn`, or the class's own: where choice.py's table says ATen for `kind` on the first
     argument's device in this mode (asked here first, so that a module that runs its original pays a few
     microseconds, not the adapter's checks: 10-50 us per call measured on this project's 2-core CPU), where a
     submodule now carries hooks (a user's forward hook, weight_norm's pre-hook, hooks registered for every module)

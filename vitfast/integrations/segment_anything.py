@@ -3,7 +3,7 @@ of timm and transformers share.
 
 - `segment_anything.modeling.image_encoder.Attention` (the blocks of ImageEncoderViT, ViTDet's layout): the
   (B*heads, N, N) score matrix plus `add_decomposed_rel_pos` -> vitfast.rel_pos_attention (use_rel_pos=False:
-  vitfast.attention, or ATen's SDPA where integrations/cpu_choice.py says so). Windowed blocks (SAM's padded
+  vitfast.attention, or ATen's SDPA where integrations/choice.py says so). Windowed blocks (SAM's padded
   14 x 14 windows) and global blocks both call it; the window partition and padding stay in the block.
 - `segment_anything.modeling.common.MLPBlock` (lin1, act, lin2; transformers' SamMLPBlock has the same layout):
   lin1 + GELU -> vitfast.linear_gelu.
@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitfast.integrations.cpu_choice import runs_original
+from vitfast.integrations.choice import runs_original
 from vitfast.integrations.patch import Adapter, mlp_check, mlp_fc1
 from vitfast.ops.attention import attention
 from vitfast.ops.rel_pos_attention import decomposed_rel_pos, rel_pos_attention
@@ -52,7 +52,7 @@ def sam_attention(x: Tensor, qkv: nn.Module, num_heads: int, scale: float, rel_p
     q, k, v = qkv(x).flatten(1, 2).unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
     if q_norm is not None:
         q, k = q_norm(q), k_norm(k)
-    if rel_pos_h is None:  # plain attention, which runs ATen's on CPU (integrations/cpu_choice.py)
+    if rel_pos_h is None:  # plain attention, which runs ATen's on CPU (integrations/choice.py)
         sdpa = F.scaled_dot_product_attention if runs_original("attention", q) else attention
         out = sdpa(q, k, v, None, scale=scale, dropout_p=dropout_p)
     else:

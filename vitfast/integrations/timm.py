@@ -22,7 +22,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from vitfast.integrations.cpu_choice import runs_original
+from vitfast.integrations.choice import runs_original
 from vitfast.integrations.patch import Adapter, mlp_check, mlp_fc1
 from vitfast.integrations.segment_anything import sam_attention
 from vitfast.nn.patch_embed import PatchEmbed as _VitfastPatchEmbed

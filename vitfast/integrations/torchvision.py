@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from vitfast.integrations.cpu_choice import runs_original
+from vitfast.integrations.choice import runs_original
 from vitfast.integrations.patch import Adapter, mlp_check, mlp_fc1
 from vitfast.ops.patch_embed import patch_embed
 from vitfast.ops.window_attention import shifted_window_attention

@@ -1,11 +1,30 @@
-"""Whether a module patched by `vitfast.patch_model` runs vitfast's op or its original (ATen) code, on CPU tensors.
+"""Whether a module patched by `vitfast.patch_model` runs vitfast's op or its original (ATen) code, per device type.
 
 The one rule every adapter, and the guard of every patched method, asks (`runs_original(kind, x)`): a patched module
 keeps vitfast's op where it measured faster than the code it replaces, and runs its own original forward where it
 measured slower, so a patched model runs no op slower than the original's (its modules' Python dispatch aside: about
 1% of a DeiT-S forward at batch 1, README). `use_backend(...)` or VITFAST_BACKEND, forcing a vitfast backend, always
-runs vitfast's op. CUDA tensors always run vitfast's op (not yet measured against ATen on a GPU).
+runs vitfast's op. Tensors on other devices (meta) run vitfast's op.
 
+CUDA (the GPU table, `CHOICE["cuda"]`): from the first GPU run, bench/results/h200-2026-11-30 (`bash
+bench/gpu_run.sh`: NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, bf16, pytest-benchmark medians, one shape class
+per kind; vitfast time / ATen time, > 1: vitfast faster):
+
+| kind             | forward                                        | forward + backward                     | choice  |
+|------------------|------------------------------------------------|----------------------------------------|---------|
+| layer_norm       | triton 0.56x, CUDA kernel 1.03x of F.layer_norm | triton 0.21x, CUDA 0.51x              | ATen    |
+| attention        | 0.28x cuDNN SDPA (ViT-B/16), 0.52x (DETR encoder, key padding) | 0.29x, 0.37x            | ATen    |
+| patch_embed      | 5.19x conv2d + flatten (ViT-B/16 B=256)        | 1.83x                                  | vitfast |
+| window_attention | 2.99x the fastest SDPA over the partitioned windows (Swin-T stage 1) | 1.08x            | vitfast |
+| rel_pos_attention| 3.36x cuDNN SDPA with the dense decomposed bias (SAM-B global) | 3.20x                   | vitfast |
+| linear_gelu      | 0.33x torch._addmm_activation, 0.55x F.linear + F.gelu (Swin-T fc1) | 0.52x             | ATen    |
+
+The ATen code a patched attention module falls back to is its own: SDPA in timm (fused_attn, the default),
+torchvision's MultiheadAttention, open_clip and transformers' SDPA path; a timm model built with fused_attn=False
+runs its eager attention, which vitfast's measured 3.3x faster (forward) but which the user chose. Not yet measured on
+a GPU: float16 and float32, other shape classes, whole models.
+
+CPU (`CHOICE["cpu"]`):
 The table below comes from `python bench/cpu_choice.py --threads 2 --reps 9` (ATen / vitfast time, > 1: vitfast
 faster; medians of 9 interleaved calls in one process), on a 2-core AMD EPYC VM (AVX2), torch 2.13.0+cpu, fp32,
 2026-11-30, on a quiet machine (an earlier 1-thread run under load gave the same sides). Shapes are those of
@@ -46,36 +65,48 @@ from vitfast import backend as _backend
 
 ATEN, VITFAST = "aten", "vitfast"
 
-# kind -> (choice without grad, choice with grad) on CPU tensors; see the module docstring for the measurements.
-CPU_CHOICE = {
-    "layer_norm": (ATEN, ATEN),
-    "attention": (ATEN, ATEN),
-    "patch_embed": (ATEN, VITFAST),
-    "window_attention": (VITFAST, VITFAST),
-    "rel_pos_attention": (VITFAST, VITFAST),
-    "linear_gelu": (VITFAST, ATEN),
+# device type -> kind -> (choice without grad, choice with grad); see the module docstring for the measurements.
+CHOICE = {
+    "cpu": {
+        "layer_norm": (ATEN, ATEN),
+        "attention": (ATEN, ATEN),
+        "patch_embed": (ATEN, VITFAST),
+        "window_attention": (VITFAST, VITFAST),
+        "rel_pos_attention": (VITFAST, VITFAST),
+        "linear_gelu": (VITFAST, ATEN),
+    },
+    "cuda": {
+        "layer_norm": (ATEN, ATEN),
+        "attention": (ATEN, ATEN),
+        "patch_embed": (VITFAST, VITFAST),
+        "window_attention": (VITFAST, VITFAST),
+        "rel_pos_attention": (VITFAST, VITFAST),
+        "linear_gelu": (ATEN, ATEN),
+    },
 }
-# kind -> the smallest output (bytes) for which the table's vitfast choice holds on CPU; smaller outputs run ATen.
+# kind -> the smallest output (bytes) for which the CPU table's vitfast choice holds; smaller outputs run ATen.
 CPU_MIN_OUTPUT_BYTES = {"linear_gelu": 2**25}
+_CPU, _CUDA = CHOICE["cpu"], CHOICE["cuda"]
 
 
 def runs_original(kind: str, x: Tensor, out_bytes: Optional[int] = None) -> bool:
     """Whether a module patched for `kind` should run its original forward for input `x`.
 
     Args:
-        kind: one of CPU_CHOICE's keys (vitfast.integrations.patch.KINDS).
+        kind: one of the tables' keys (vitfast.integrations.patch.KINDS).
         x: the module's input tensor; only its device is read, with torch.is_grad_enabled() for the mode.
         out_bytes: the size of the op's output in bytes, for the kinds in CPU_MIN_OUTPUT_BYTES; None (the size not
             known yet: the guard of a patched method asks before the adapter runs) leaves that rule out.
 
     Returns:
-        True on CPU tensors where the table says ATen for the current mode (or the output is below the kind's
-        CPU_MIN_OUTPUT_BYTES) and no vitfast backend is forced.
+        True on CPU and CUDA tensors where the device's table says ATen for the current mode (on CPU, or the output
+        is below the kind's CPU_MIN_OUTPUT_BYTES) and no vitfast backend is forced.
     """
-    if not x.is_cpu:
-        return False
-    if CPU_CHOICE[kind][torch.is_grad_enabled()] == VITFAST and (
-            out_bytes is None or out_bytes >= CPU_MIN_OUTPUT_BYTES.get(kind, 0)):
+    if x.is_cpu:
+        if _CPU[kind][torch.is_grad_enabled()] == VITFAST and (
+                out_bytes is None or out_bytes >= CPU_MIN_OUTPUT_BYTES.get(kind, 0)):
+            return False
+    elif not x.is_cuda or _CUDA[kind][torch.is_grad_enabled()] == VITFAST:
         return False
     return _backend.forced_backend() is None  # (the environment read last: it is the slowest check)
 
@@ -86,15 +117,23 @@ _CPU_NOTES = {"rel_pos_attention": ("; with attention dropout while training, vi
                                     "without rel-pos tables, plain attention by the attention row")}
 
 
+def _side(choice: str) -> str:
+    return "original ATen code" if choice == ATEN else "vitfast"
+
+
 def describe(kind: str) -> str:
-    """What `kind` runs on CPU tensors, for patch_model's report, e.g. "on CPU: ATen (faster there)"."""
-    inference, training = CPU_CHOICE[kind]
+    """What `kind` runs on CPU and CUDA tensors, for patch_model's report, e.g. "on CPU: original ATen code (faster
+    there); on CUDA: vitfast"."""
+    inference, training = _CPU[kind]
     if kind in CPU_MIN_OUTPUT_BYTES:
-        return (f"on CPU: vitfast without grad for outputs of {CPU_MIN_OUTPUT_BYTES[kind] >> 20} MiB or more, "
+        text = (f"on CPU: vitfast without grad for outputs of {CPU_MIN_OUTPUT_BYTES[kind] >> 20} MiB or more, "
                 f"else the original ATen code (the faster of the two)")
-    if inference == training:
+    elif inference == training:
         text = f"on CPU: {'original ATen code (faster there)' if inference == ATEN else 'vitfast'}"
     else:
-        text = (f"on CPU: {'original ATen code' if inference == ATEN else 'vitfast'} without grad, "
-                f"{'original ATen code' if training == ATEN else 'vitfast'} with grad (the faster of the two)")
-    return text + _CPU_NOTES.get(kind, "")
+        text = f"on CPU: {_side(inference)} without grad, {_side(training)} with grad (the faster of the two)"
+    inference, training = _CUDA[kind]
+    text += _CPU_NOTES.get(kind, "") + "; on CUDA: "
+    if inference == training:
+        return text + ("original ATen code (faster there)" if inference == ATEN else "vitfast")
+    return text + f"{_side(inference)} without grad, {_side(training)} with grad (the faster of the two)"
