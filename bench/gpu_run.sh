@@ -5,7 +5,7 @@
 # under its own budget (`timeout`) and writes its results under $OUT as it goes, so a run cut off anywhere still
 # returns everything finished. $OUT holds at most 8 files (the device tool returns no more):
 #   summary.md        device, versions, and one line per stage (budget, time taken, status), appended as it goes
-#   build.log         (b)
+#   build.log         (b) and the extension error-path probe
 #   correctness.log   (c) pytest -v output
 #   bench.log         (d) pytest output of both parts
 #   bench.json        (d) part 1: vitfast, SDPA (flash, efficient, cudnn, math), eager
@@ -112,6 +112,31 @@ stage "(a) device and versions" "${BUDGET[0]}" "$SUMMARY" 0 $PY -c "$ENV_PY"
 # In a dry run the build may be cut off (a first build of the CPU extension on 2 cores takes minutes; an incremental
 # one seconds): the extension that `make` built is then used.
 stage "(b) build, sm_90 only" "${BUDGET[1]}" "$OUT/build.log" $DRY $PY setup.py build_ext --inplace
+
+# An error raised inside the extension (a TORCH_CHECK) crashed the process on the H200 machine (2026-11-30: a
+# segmentation fault in tests/test_attention.py::test_cpp_kernel_checks_its_inputs; a RuntimeError on the CPU
+# machines). The same call, alone; where it crashes, again under cuda-gdb (or gdb) for the native backtrace.
+PROBE='
+import torch, vitfast._ext as ext
+assert ext.HAS_EXT, ext.EXT_ERROR
+q, k = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 4, 8)
+try:
+    torch.ops.vitfast.attention_fwd(q, k, k, torch.ones(1, 2, 3, 5), 0.0, False, 0, 1.0)
+except RuntimeError as e:
+    print("extension error path: RuntimeError raised:", str(e).splitlines()[0][:100])
+else:
+    raise SystemExit("extension error path: no error raised")
+'
+probe() {
+  $PY -X faulthandler -c "$PROBE" && return 0
+  local gdb
+  gdb=$(command -v cuda-gdb || command -v gdb) && "$gdb" -q -batch -ex run -ex bt \
+    --args "$($PY -c 'import sys; print(sys.executable)')" -c "$PROBE"
+  return 1
+}
+export PY PROBE
+export -f probe
+stage "(b) extension error path" 60 "$OUT/build.log" 0 bash -c probe
 
 stage "(c) correctness at model shapes" "${BUDGET[2]}" "$OUT/correctness.log" 0 \
   $PY -m pytest tests/test_model_shapes.py tests/test_launch.py "${XDIST[@]}" -v -rfEs --durations=15 \
