@@ -362,6 +362,14 @@ def test_cpu_choice_runs_the_original_code(grad, monkeypatch):
         out, expected = mine(x), model(x)
     assert calls == (["layout check", "patch_embed"] if grad else ["layout check"])
     assert torch.equal(out, expected) if not grad else torch.allclose(out, expected, rtol=1e-4, atol=2e-5)
+    # keyword calls too: the guard finds the input among the keywords (the adapters leave the choice to it)
+    calls.clear()
+    tokens = torch.randn(2, 5, 32)
+    with torch.set_grad_enabled(grad):
+        norm, attn = mine.blocks[0].norm1(x=tokens), mine.blocks[0].attn(x=tokens)
+        mine.patch_embed(x=x)
+    assert calls == (["layout check", "patch_embed"] if grad else [])
+    assert torch.equal(norm, model.blocks[0].norm1(x=tokens)) and torch.equal(attn, model.blocks[0].attn(x=tokens))
 
 
 def _torchvision_vit():
@@ -686,6 +694,11 @@ def test_patched_methods_take_the_originals_parameter_names():
     x = torch.randn(2, 8)
     with vitfast.use_backend("cpp"):
         torch.testing.assert_close(norm(input=x), nn.functional.layer_norm(x, (8,), norm.weight, norm.bias))
+    timm = import_or_skip("timm")  # its LayerNorm names the input x (it raised TypeError when patched)
+    norm = timm.layers.LayerNorm(8)
+    vitfast.patch_model(norm)
+    with vitfast.use_backend("cpp"):
+        torch.testing.assert_close(norm(x=x), nn.functional.layer_norm(x, (8,), norm.weight, norm.bias, norm.eps))
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])

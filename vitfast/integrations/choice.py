@@ -1,6 +1,8 @@
 """Whether a module patched by `vitfast.patch_model` runs vitfast's op or its original (ATen) code, per device type.
 
-The one rule every adapter, and the guard of every patched method, asks (`runs_original(kind, x)`): a patched module
+The one rule the guard of every patched method asks (`runs_original(kind, x)`, x: the call's first tensor, positional
+or keyword), and with it the choices made inside a call (the MLP's output-size rule, SAM's attention without rel-pos
+tables, transformers' attention interface, which is no patched method): a patched module
 keeps vitfast's op where it measured faster than the code it replaces, and runs its own original forward where it
 measured slower, so a patched model runs no op slower than the original's (its modules' Python dispatch aside: about
 1% of a DeiT-S forward at batch 1, README). `use_backend(...)` or VITFAST_BACKEND, forcing a vitfast backend, always

@@ -3,8 +3,8 @@
 - `open_clip.transformer.Attention` (the custom attention of CustomResidualAttentionBlock / attentional pooling):
   forward -> vitfast.attention; its scaled-cosine variant runs as vitfast.attention on unit-norm q (times the
   per-head exp(logit_scale)) and k with scale 1.
-- ResidualAttentionBlock's nn.MultiheadAttention and open_clip's LayerNorm / LayerNormFp32: the torch.nn adapters
-  of integrations/patch.py.
+- ResidualAttentionBlock's nn.MultiheadAttention: the torch.nn adapter of integrations/patch.py; open_clip's
+  LayerNorm / LayerNormFp32: its LayerNorm adapter under their parameter name (x).
 
 Nothing here imports open_clip: modules are matched by class name.
 """
@@ -14,14 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitfast.integrations.choice import runs_original
-from vitfast.integrations.patch import Adapter
+from vitfast.integrations.patch import LAYER_NORM_X, Adapter
 from vitfast.ops.attention import attention
 
 
 def _attention_forward(self, x: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
-    if runs_original("attention", x):
-        return type(self).forward(self, x, attn_mask)
     N, L, C = x.shape
     q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
     # unflatten infers -1 from the dim's size (a reshape to (B, ..., -1) cannot for an empty batch)
@@ -56,4 +53,6 @@ ADAPTERS = {
     "open_clip.transformer.Attention": Adapter(
         "attention", "SDPA / scaled-cosine attention -> vitfast.attention", {"forward": _attention_forward},
         _attention_check),
+    "open_clip.transformer.LayerNorm": LAYER_NORM_X,
+    "open_clip.transformer.LayerNormFp32": LAYER_NORM_X,
 }

@@ -92,22 +92,17 @@ def qualname(module: nn.Module) -> str:
 # --------------------------------------------------------------------------------------- torch.nn adapters
 
 def _layer_norm_forward(self: nn.LayerNorm, input: Tensor) -> Tensor:  # (nn.LayerNorm's parameter name)
-    if ((self.weight is not None and input.dtype != self.weight.dtype) or not input.is_floating_point()
-            or runs_original("layer_norm", input)):
-        return type(self).forward(self, input)  # autocast or a subclass's own casts (the original semantics), or faster
+    if (self.weight is not None and input.dtype != self.weight.dtype) or not input.is_floating_point():
+        return type(self).forward(self, input)  # autocast or a subclass's own casts: the original semantics
     return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
-# nn.LayerNorm subclasses whose forward is F.layer_norm (up to dtype casts, which the fallback keeps)
-_LAYER_NORM_SUBCLASSES = {
-    "timm.layers.norm.LayerNorm",
-    "open_clip.transformer.LayerNorm",
-    "open_clip.transformer.LayerNormFp32",
-}
+def _layer_norm_forward_x(self: nn.LayerNorm, x: Tensor) -> Tensor:  # (timm's and open_clip's parameter name)
+    return _layer_norm_forward(self, x)
 
 
 def _layer_norm_check(module: nn.Module) -> Optional[str]:
-    if type(module).forward is not nn.LayerNorm.forward and qualname(module) not in _LAYER_NORM_SUBCLASSES:
+    if type(module).forward is not nn.LayerNorm.forward:
         return "nn.LayerNorm subclass with its own forward (not known to compute a plain LayerNorm)"
     return None
 
@@ -117,7 +112,7 @@ def _mha_forward(self: nn.MultiheadAttention, query: Tensor, key: Tensor, value:
                  attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True, is_causal: bool = False):
     """nn.MultiheadAttention.forward on vitfast.attention; returns (output, None) as the original with
     need_weights=False. Masks keep MultiheadAttention's meaning (bool True = masked out, float added)."""
-    if (need_weights or query.dim() != 3 or runs_original("attention", query)
+    if (need_weights or query.dim() != 3
             or not _mha_masks_fit(self, query, key, key_padding_mask, attn_mask, is_causal)):
         # (masks of other shapes, or is_causal without a mask: the original's own errors)
         return nn.MultiheadAttention.forward(self, query, key, value, key_padding_mask, need_weights, attn_mask,
@@ -244,6 +239,9 @@ _TORCH_ADAPTERS = {
 }
 _LAYER_NORM = Adapter("layer_norm", "LayerNorm -> vitfast.layer_norm", {"forward": _layer_norm_forward},
                       _layer_norm_check)
+# nn.LayerNorm subclasses whose forward(x) is F.layer_norm up to dtype casts (which the fallback keeps): timm's and
+# open_clip's, in their libraries' tables
+LAYER_NORM_X = Adapter("layer_norm", "LayerNorm -> vitfast.layer_norm", {"forward": _layer_norm_forward_x})
 
 
 # --------------------------------------------------------------------------------------- driver
@@ -311,15 +309,24 @@ def _unchanged(module: nn.Module, layout: tuple) -> bool:
     return True
 
 
+def _input(args: tuple, kwargs: dict) -> Optional[Tensor]:
+    """The first tensor among a call's arguments, positional then keyword (a module's inputs share one device)."""
+    if args and isinstance(args[0], Tensor):
+        return args[0]
+    return next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), None)
+
+
 def _guarded(module: nn.Module, kind: str, name: str, fn: Callable, layout: tuple, *args, **kwargs):
-    """The patched method `fn`, or the class's own: where choice.py's table says ATen for `kind` on the first
-    argument's device in this mode (asked here first, so that a module that runs its original pays a few
-    microseconds, not the adapter's checks: 10-50 us per call measured on this project's 2-core CPU), where a
+    """The patched method `fn`, or the class's own: where choice.py's table says ATen for `kind` on the input's
+    device in this mode (the adapters leave that check to this guard, which asks it first, so that a module that
+    runs its original pays a few microseconds, not the adapter's checks: 10-50 us per call measured on this
+    project's 2-core CPU), where a
     submodule now carries hooks (a user's forward hook, weight_norm's pre-hook, hooks registered for every module)
     or was swapped since patching (a LoRA wrapper): the patched methods read submodules' parameters directly, which
     would skip those hooks and wrappers; and under torch.func's gradient transforms and forward-mode AD (jvp, dual
     tensors), which vitfast's ops do not run under."""
-    if ((args and isinstance(args[0], Tensor) and runs_original(kind, args[0])) or not _unchanged(module, layout)
+    x = _input(args, kwargs)
+    if ((x is not None and runs_original(kind, x)) or not _unchanged(module, layout)
             or (layout and _global_hooks()) or _backend.functorch_grad_active() or _backend.forward_ad_open()):
         return getattr(type(module), name)(module, *args, **kwargs)
     return fn(module, *args, **kwargs)

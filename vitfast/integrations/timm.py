@@ -12,7 +12,7 @@
   vitfast.attention; with rotary embeddings (use_rope) it keeps timm's path).
 - `timm.layers.patch_embed.PatchEmbed`: forward -> vitfast.nn.PatchEmbed's (conv + flatten + LayerNorm fused).
 - `timm.layers.mlp.Mlp` (ViT, DeiT, Swin, ...): fc1 + GELU -> vitfast.linear_gelu (other activations: timm's path).
-- timm's LayerNorm: the generic LayerNorm adapter of integrations/patch.py.
+- timm's LayerNorm: integrations/patch.py's LayerNorm adapter under timm's parameter name (x).
 - MViTv2's pooling attention and the attention of `AttentionPoolLatent` ("map" pooling) are left (`LEFT`, with the
   reason in the report).
 
@@ -22,8 +22,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from vitfast.integrations.choice import runs_original
-from vitfast.integrations.patch import Adapter, mlp_check, mlp_fc1
+from vitfast.integrations.patch import LAYER_NORM_X, Adapter, mlp_check, mlp_fc1
 from vitfast.integrations.segment_anything import sam_attention
 from vitfast.nn.patch_embed import PatchEmbed as _VitfastPatchEmbed
 from vitfast.nn.window_attention import WindowAttention as _VitfastWindowAttention
@@ -32,10 +31,6 @@ from vitfast.ops.window_attention import window_attention
 
 
 def _attention_forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
-    if runs_original("attention", x):
-        original = type(self).forward
-        # older timm Attention.forward takes no is_causal
-        return original(self, x, attn_mask, is_causal) if is_causal else original(self, x, attn_mask)
     gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
     # unflatten infers -1 from the dim's size (a reshape to (B, ..., -1) cannot for an empty batch)
     q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
@@ -101,7 +96,7 @@ def _window_attention_check(module: nn.Module) -> Optional[str]:
 
 def _patch_embed_forward(self, x: Tensor) -> Tensor:
     # an image of a size timm refuses: timm's own path, which raises timm's error (an AssertionError)
-    if runs_original("patch_embed", x) or x.dim() != 4 or _VitfastPatchEmbed._size_error(self, *x.shape[-2:]):
+    if x.dim() != 4 or _VitfastPatchEmbed._size_error(self, *x.shape[-2:]):
         return type(self).forward(self, x)
     return _VitfastPatchEmbed.forward(self, x)
 
@@ -154,6 +149,7 @@ ADAPTERS = {
         "patch_embed", "conv + flatten + norm -> vitfast.patch_embed",
         {"forward": _patch_embed_forward, "_fused_norm": _VitfastPatchEmbed._fused_norm,
          "_size_error": _VitfastPatchEmbed._size_error}, _patch_embed_check),
+    "timm.layers.norm.LayerNorm": LAYER_NORM_X,
 }
 
 _MVITV2 = ("MViTv2 pooling attention (q, k, v pooled to other grids, an optional class token outside the rel-pos key "

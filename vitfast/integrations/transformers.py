@@ -166,8 +166,6 @@ def unpatch(model: torch.nn.Module) -> int:
 
 
 def _patch_embeddings_forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-    if runs_original("patch_embed", pixel_values):
-        return type(self).forward(self, pixel_values)
     if pixel_values.shape[1] != self.num_channels:
         raise ValueError(f"Make sure that the channel dimension of the pixel values match with the one set in the "
                          f"configuration. Expected {self.num_channels} but got {pixel_values.shape[1]}.")
