@@ -14,7 +14,11 @@ the running max is subtracted, so that a finite bias near -FLT_MAX (torch.finfo(
 value) is plain arithmetic (times log2(e) it would overflow to -inf); exp2 then takes (s - max) * log2(e).
 Masked scores (bool False, a -inf bias, causal, out of range) are set to -inf by selection, never by
 addition, so NaN or inf in a masked key's k never reaches a score. Non-finite values of v enter the P @ V
-dot as zeros and are carried separately (`_poison`) to exactly the rows that see their key. The statistics
+dot as zeros and are carried separately (`_poison`) to exactly the rows that see their key, by a second launch
+of the forward kernel (POISON) that recomputes only the rows whose key blocks held one (flagged by the first) and
+exits at once elsewhere: carried in the first launch, that fp32 dot raised the kernel's registers from ~180 to ~250
+and its shared memory by half at ViT-B/16 shapes (sm_90 compile; the H200 measured the forward at 0.28x cuDNN
+SDPA with it). The statistics
 are kept as two numbers per row, the max m and log(l) (l = sum exp(s - m)), because m + log(l) rounds to m
 when |m| is huge (a row at finfo.min), which would make the backward's P wrong. A row that sees no key has
 m = -inf: it yields O = 0 and zero gradients, never NaN.
@@ -160,6 +164,7 @@ def _attention_fwd_kernel(
     Bias,  # (B|1, H|1, Nq|1, Nk) bool or float, stride 0 on broadcast dims (unused for BIAS_KIND 0)
     O,  # (B, H, Nq, D) out
     LSE,  # (2, B * H, Nq) fp32 out: row max m (-inf: the row sees no key), log(l) (0 then)
+    Flags,  # (B * H * Nq,) int8: 1 where the row's key blocks held a non-finite v (out without POISON, in with it)
     stride_qb,
     stride_qh,
     stride_qm,
@@ -198,6 +203,7 @@ def _attention_fwd_kernel(
     HAS_DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
+    POISON: tl.constexpr,  # the second launch: only the flagged rows, with the non-finite values of v carried
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -209,6 +215,9 @@ def _attention_fwd_kernel(
     b = bh // H
     h = bh % H
     offs_m = start_m + tl.arange(0, BLOCK_M)
+    if POISON:
+        if tl.max(tl.load(Flags + bh * Nq + offs_m, mask=offs_m < Nq, other=0).to(tl.int32)) == 0:
+            return
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
@@ -220,7 +229,10 @@ def _attention_fwd_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    poison = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.int32)
+    if POISON:
+        poison = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.int32)
+    else:
+        bad = tl.zeros((), dtype=tl.int32)
     hi = Nk
     if IS_CAUSAL:
         # Key blocks entirely above the diagonal of this query block are skipped.
@@ -243,18 +255,24 @@ def _attention_fwd_kernel(
             p = tl.where(keep, p * dropout_scale, 0.0)
         v_ok = _is_finite(v)
         acc = acc * alpha[:, None] + dot(p.to(v.dtype), tl.where(v_ok, v, 0.0), PRECISION, DOT_UPCAST)
-        if tl.min(v_ok.to(tl.int32)) == 0:
-            poison = poison | _poison(s, v)
+        if POISON:
+            if tl.min(v_ok.to(tl.int32)) == 0:
+                poison = poison | _poison(s, v)
+        else:
+            bad = tl.maximum(bad, 1 - tl.min(v_ok.to(tl.int32)))
         m_i = m_new
     empty = l_i == 0.0
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
-    o = tl.where((poison & 2) != 0, float("inf"), o)
-    o = tl.where((poison & 4) != 0, float("-inf"), o)
-    o = tl.where(((poison & 1) != 0) | ((poison & 6) == 6), float("nan"), o)
+    if POISON:
+        o = tl.where((poison & 2) != 0, float("inf"), o)
+        o = tl.where((poison & 4) != 0, float("-inf"), o)
+        o = tl.where(((poison & 1) != 0) | ((poison & 6) == 6), float("nan"), o)
     tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
              o.to(O.dtype.element_ty), mask=(offs_m < Nq)[:, None] & d_mask[None, :])
-    tl.store(LSE + bh * Nq + offs_m, m_i, mask=offs_m < Nq)
-    tl.store(LSE + stride_lse + bh * Nq + offs_m, tl.math.log(tl.where(empty, 1.0, l_i)), mask=offs_m < Nq)
+    if not POISON:  # (the statistics do not depend on v: the first launch's stand)
+        tl.store(LSE + bh * Nq + offs_m, m_i, mask=offs_m < Nq)
+        tl.store(LSE + stride_lse + bh * Nq + offs_m, tl.math.log(tl.where(empty, 1.0, l_i)), mask=offs_m < Nq)
+        tl.store(Flags + bh * Nq + offs_m, tl.zeros((BLOCK_M,), dtype=tl.int8) + bad.to(tl.int8), mask=offs_m < Nq)
 
 
 @triton.jit
@@ -554,6 +572,9 @@ def _block_d(d: int) -> int:
 
 # The interpreter runs programs one after another, with numpy on each tile: few, mid-sized blocks are fastest.
 _INTERPRET_BLOCK = 32
+# Query rows per program of the forward's second (POISON) launch: the flags are per row, so its tiles need not be
+# the autotuned first launch's.
+_POISON_BLOCK_M = 16
 
 
 def _dropout_args(dropout_p: float, seed: int) -> tuple:
@@ -595,19 +616,25 @@ def attention_fwd(q, k, v, bias, dropout_p, seed, is_causal, causal_offset, scal
     Nk = k.shape[2]
     out = _bnhd_empty(B, H, Nq, D, q)
     lse = torch.empty((2, B, H, Nq), dtype=torch.float32, device=q.device)
+    flags = torch.empty((B * H * Nq,), dtype=torch.int8, device=q.device)
     bias_t, bs, bias_kind, row_bcast = _bias_args(bias, B, H, Nq, Nk, q)
     seed, thresh, dscale = _dropout_args(dropout_p, seed)
     block_d = _block_d(D)
-    args = (q, k, v, bias_t, out, lse, *q.stride(), *k.stride(), *v.stride(), *bs, *out.stride(), lse.stride(0),
+    args = (q, k, v, bias_t, out, lse, flags, *q.stride(), *k.stride(), *v.stride(), *bs, *out.stride(), lse.stride(0),
             H, Nq, Nk, D, scale, causal_offset, seed, thresh, dscale, tune_bucket(Nq), tune_bucket(Nk))
     consts = dict(BIAS_KIND=bias_kind, BIAS_ROW_BCAST=row_bcast, IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0,
                   PRECISION=dot_precision(q), DOT_UPCAST=upcast_bf16(q), BLOCK_D=block_d)
     if not compiled(q):
         grid = (triton.cdiv(Nq, _INTERPRET_BLOCK) * B * H,)
-        launch(_attention_fwd_kernel, grid, *args, **consts, BLOCK_M=_INTERPRET_BLOCK, BLOCK_N=_INTERPRET_BLOCK)
-    else:
-        grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]) * B * H,)  # noqa: E731
-        launch(_fwd_autotuned(block_d, q.dtype == torch.float32), grid, *args, **consts)
+        for poison in (False, True):
+            launch(_attention_fwd_kernel, grid, *args, **consts, POISON=poison, BLOCK_M=_INTERPRET_BLOCK,
+                   BLOCK_N=_INTERPRET_BLOCK)
+        return out, lse
+    grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]) * B * H,)  # noqa: E731
+    launch(_fwd_autotuned(block_d, q.dtype == torch.float32), grid, *args, **consts, POISON=False)
+    # the flagged rows again, small tiles (rare: a non-finite v); every other program returns at once
+    launch(_attention_fwd_kernel, (triton.cdiv(Nq, _POISON_BLOCK_M) * B * H,), *args, **consts, POISON=True,
+           BLOCK_M=_POISON_BLOCK_M, BLOCK_N=32, num_warps=4, num_stages=1)
     return out, lse
 
 
