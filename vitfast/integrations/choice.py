@@ -113,29 +113,28 @@ def runs_original(kind: str, x: Tensor, out_bytes: Optional[int] = None) -> bool
     return _backend.forced_backend() is None  # (the environment read last: it is the slowest check)
 
 
-# kind -> what the report adds about the CPU path beyond the table
-_CPU_NOTES = {"rel_pos_attention": ("; with attention dropout while training, vitfast's torch backend, which forms "
-                                    "the dense bias as the original does (the C++ kernel has no dropout); "
-                                    "without rel-pos tables, plain attention by the attention row")}
+# kind -> what the report adds beyond the tables
+_NOTES = {"rel_pos_attention": ("; with attention dropout while training on CPU, vitfast's torch backend, which forms "
+                                "the dense bias as the original does (the C++ kernel has no dropout); without rel-pos "
+                                "tables, plain attention by the attention row")}
 
 
 def _side(choice: str) -> str:
     return "original ATen code" if choice == ATEN else "vitfast"
 
 
-def describe(kind: str) -> str:
-    """What `kind` runs on CPU and CUDA tensors, for patch_model's report, e.g. "on CPU: original ATen code (faster
-    there); on CUDA: vitfast"."""
-    inference, training = _CPU[kind]
-    if kind in CPU_MIN_OUTPUT_BYTES:
-        text = (f"on CPU: vitfast without grad for outputs of {CPU_MIN_OUTPUT_BYTES[kind] >> 20} MiB or more, "
-                f"else the original ATen code (the faster of the two)")
-    elif inference == training:
-        text = f"on CPU: {'original ATen code (faster there)' if inference == ATEN else 'vitfast'}"
-    else:
-        text = f"on CPU: {_side(inference)} without grad, {_side(training)} with grad (the faster of the two)"
-    inference, training = _CUDA[kind]
-    text += _CPU_NOTES.get(kind, "") + "; on CUDA: "
+def _mode_text(inference: str, training: str) -> str:
     if inference == training:
-        return text + ("original ATen code (faster there)" if inference == ATEN else "vitfast")
-    return text + f"{_side(inference)} without grad, {_side(training)} with grad (the faster of the two)"
+        return "original ATen code (faster there)" if inference == ATEN else "vitfast"
+    return f"{_side(inference)} without grad, {_side(training)} with grad (the faster of the two)"
+
+
+def describe(kind: str) -> str:
+    """What `kind` runs on CPU and CUDA tensors, for patch_model's report, e.g. "on CPU and CUDA: original ATen code
+    (faster there)"."""
+    cpu, cuda = _mode_text(*_CPU[kind]), _mode_text(*_CUDA[kind])
+    if kind in CPU_MIN_OUTPUT_BYTES:
+        cpu = (f"vitfast without grad for outputs of {CPU_MIN_OUTPUT_BYTES[kind] >> 20} MiB or more, else the "
+               f"original ATen code (the faster of the two)")
+    text = f"on CPU and CUDA: {cpu}" if cpu == cuda else f"on CPU: {cpu}; on CUDA: {cuda}"
+    return text + _NOTES.get(kind, "")

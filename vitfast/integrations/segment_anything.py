@@ -52,7 +52,7 @@ def sam_attention(x: Tensor, qkv: nn.Module, num_heads: int, scale: float, rel_p
     q, k, v = qkv(x).flatten(1, 2).unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
     if q_norm is not None:
         q, k = q_norm(q), k_norm(k)
-    if rel_pos_h is None:  # plain attention, which runs ATen's on CPU (integrations/choice.py)
+    if rel_pos_h is None:  # plain attention: ATen's on CPU and CUDA (integrations/choice.py)
         sdpa = F.scaled_dot_product_attention if runs_original("attention", q) else attention
         out = sdpa(q, k, v, None, scale=scale, dropout_p=dropout_p)
     else:

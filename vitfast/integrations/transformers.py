@@ -34,7 +34,7 @@ NAME = "vitfast"
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask, dropout: float = 0.0, scaling=None, is_causal=None, **kwargs):
     """transformers' attention signature: q, k, v (B, H, S, D) in; (B, S, H, D) out, and no weights. Where
-    integrations/choice.py says ATen is faster (CPU tensors), transformers' own SDPA path runs instead (the
+    integrations/choice.py says ATen is faster (CPU and CUDA tensors), transformers' own SDPA path runs instead (the
     masks are the SDPA ones either way). A call that asks for the attention weights (output_attentions) or passes
     a position_bias or softcap runs the module's own eager_attention_forward (its modeling file's), with the mask
     made additive as eager expects; a module without one raises ValueError."""
