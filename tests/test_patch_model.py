@@ -347,7 +347,8 @@ def test_cpu_choice_runs_the_original_code(grad, monkeypatch):
                               depth=1, num_heads=2, num_classes=5).eval()
     mine = copy.deepcopy(model)
     report = vitfast.patch_model(mine)
-    assert "layer_norm: LayerNorm -> vitfast.layer_norm; on CPU and CUDA: original ATen code (faster there)" in str(report)
+    assert ("layer_norm: LayerNorm -> vitfast.layer_norm; on CPU and CUDA: original ATen code (faster there)"
+            in str(report))
     assert "on CPU: original ATen code without grad, vitfast with grad" in str(report)
     calls = []
     for module, name in ((vp, "layer_norm"), (vp, "attention"), (vt, "attention")):

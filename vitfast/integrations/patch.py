@@ -17,9 +17,9 @@ a LayerNorm input whose dtype differs from its weight under autocast) calls the 
 so does one whose vitfast op measured slower than the original code for that device and mode
 (integrations/choice.py: on CPU tensors LayerNorm and attention always run ATen, patch embedding runs ATen
 without grad, the MLP's Linear + GELU runs vitfast only without grad and for outputs of 32 MiB or more; on CUDA
-tensors LayerNorm, attention and the MLP run ATen); the report says what each kind runs on CPU and CUDA. A patched module whose submodules carry hooks, or were swapped since patching (a
-LoRA wrapper, a parametrization), runs its original forward too, since the patched paths read the submodules'
-parameters directly.
+tensors LayerNorm, attention and the MLP run ATen); the report says what each kind runs on CPU and CUDA. A
+patched module whose submodules carry hooks, or were swapped since patching (a LoRA wrapper, a parametrization),
+runs its original forward too, since the patched paths read the submodules' parameters directly.
 """
 import functools
 import math
