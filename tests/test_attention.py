@@ -263,6 +263,26 @@ def test_hidden_keys_never_reach_other_rows(backend, device, kind):
     assert out[:, :, 5:, 1].isnan().all() and torch.isfinite(out[:, :, 5:, 0]).all()
 
 
+@pytest.mark.parametrize("backend,device", CASES)
+@pytest.mark.parametrize("dtype", LOW)
+def test_hidden_non_finite_keys_in_low_precision(backend, device, dtype):
+    """A key hidden from every row holds NaN in k and v, in fp16 and bf16: the output and dQ stay finite (under the
+    interpreter, which holds bf16 as raw 16-bit integers, the finiteness test saw every bf16 value as finite and the
+    NaN reached every row)."""
+    q, k, v = _qkv(1, 1, 4, 4, 16, dtype, device)
+    visible = torch.ones(1, 1, 4, 4, dtype=torch.bool, device=device)
+    visible[..., 0] = False
+    k_bad, v_bad = k.clone(), v.clone()
+    k_bad[0, 0, 0, 0] = v_bad[0, 0, 0, 0] = float("nan")
+    leaves = [t.clone().requires_grad_() for t in (q, k_bad, v_bad)]
+    with vitfast.use_backend(backend):
+        out = vitfast.attention(*leaves, visible)
+        dq = torch.autograd.grad(out.float().sum(), leaves[0])[0]
+    assert torch.isfinite(out).all() and torch.isfinite(dq).all(), (out, dq)
+    clean = [t.float().masked_fill(~visible[:, :, 0, :, None], 0.0) for t in (k, v)]
+    torch.testing.assert_close(out.float(), attention_ref(q.float(), *clean, visible), rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("backend,device", [c for c in CASES if c.values[0] != "cpp"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dropout_regenerates_the_seeded_mask(backend, device, dtype):

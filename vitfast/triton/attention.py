@@ -124,7 +124,11 @@ def _scores(
 
 
 @triton.jit
-def _is_finite(x):
+def _is_finite(x, UPCAST: tl.constexpr):
+    """x is neither NaN nor +-inf. UPCAST (bf16 under the interpreter, which holds bf16 as raw 16-bit integers, so
+    that the comparisons would see integers and find every value finite): compared in fp32."""
+    if UPCAST:
+        x = x.to(tl.float32)
     return (x == x) & (tl.abs(x) != float("inf"))
 
 
@@ -138,7 +142,7 @@ def _poison(
     dot, exact: NaN in the low byte, +inf in the next, -inf in the third (a key block has fewer than 256 keys)."""
     vf = v.to(tl.float32)
     code = tl.where(vf != vf, 1.0, tl.where(vf > 0, 256.0, 65536.0))
-    code = tl.where(_is_finite(vf), 0.0, code)
+    code = tl.where(_is_finite(vf, False), 0.0, code)
     seen = (s != float("-inf")).to(tl.float32)
     hits = tl.dot(seen, code, input_precision="ieee").to(tl.int32)
     return (((hits & 255) != 0).to(tl.int32) | (((hits >> 8) & 255) != 0).to(tl.int32) * 2
@@ -253,7 +257,7 @@ def _attention_fwd_kernel(
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m, offs_n, Nq, Nk, dropout_thresh)
             p = tl.where(keep, p * dropout_scale, 0.0)
-        v_ok = _is_finite(v)
+        v_ok = _is_finite(v, DOT_UPCAST)
         acc = acc * alpha[:, None] + dot(p.to(v.dtype), tl.where(v_ok, v, 0.0), PRECISION, DOT_UPCAST)
         if POISON:
             if tl.min(v_ok.to(tl.int32)) == 0:
@@ -404,7 +408,7 @@ def _attention_bwd_dkdv_kernel(
     Delta += bh * Nq
     # dQ = dS @ K: a key a row does not see has dS = 0 there, but 0 * NaN = NaN, so non-finite k enter as 0
     # (where a row sees such a key, its dS is already NaN).
-    k_dq = tl.where(_is_finite(k), k, 0.0)
+    k_dq = tl.where(_is_finite(k, DOT_UPCAST), k, 0.0)
 
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
@@ -553,7 +557,7 @@ def _attention_bwd_dq_kernel(
             dp = tl.where(keep, dp * dropout_scale, 0.0)
         # As in the dK/dV kernel: dS is 0 where the row does not see the key, and non-finite k enter as 0.
         ds = tl.where(s == float("-inf"), 0.0, p * (dp - delta[:, None]))
-        dq += dot(ds.to(k.dtype), tl.where(_is_finite(k), k, 0.0), PRECISION, DOT_UPCAST)
+        dq += dot(ds.to(k.dtype), tl.where(_is_finite(k, DOT_UPCAST), k, 0.0), PRECISION, DOT_UPCAST)
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
 
