@@ -71,11 +71,11 @@ def _attention_check(module: nn.Module) -> Optional[str]:
     return f"unexpected segment_anything Attention layout (missing {missing})" if missing else None
 
 
-def _mlp_block_forward(self, x: Tensor) -> Tensor:
+def mlp_block_forward(self, x: Tensor) -> Tensor:
     return self.lin2(mlp_fc1(x, self.lin1, self.act))
 
 
-SAM_MLP_BLOCK = Adapter("linear_gelu", "lin1 + GELU -> vitfast.linear_gelu", {"forward": _mlp_block_forward},
+SAM_MLP_BLOCK = Adapter("linear_gelu", "lin1 + GELU -> vitfast.linear_gelu", {"forward": mlp_block_forward},
                         functools.partial(mlp_check, fc1="lin1"))
 ADAPTERS = {
     "segment_anything.modeling.common.MLPBlock": SAM_MLP_BLOCK,

@@ -23,7 +23,7 @@ import torch
 
 from vitfast.integrations.choice import runs_original
 from vitfast.integrations.patch import Adapter, mlp_check, mlp_fc1
-from vitfast.integrations.segment_anything import SAM_MLP_BLOCK, sam_attention
+from vitfast.integrations.segment_anything import SAM_MLP_BLOCK, mlp_block_forward, sam_attention
 from vitfast.ops.attention import attention
 from vitfast.ops.patch_embed import patch_embed
 from vitfast.ops.window_attention import window_attention
@@ -241,7 +241,7 @@ def _vitdet_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 def _sam_mlp_block_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     """segment_anything's MLPBlock adapter under SamMLPBlock.forward's parameter name (keyword calls)."""
-    return self.lin2(mlp_fc1(hidden_states, self.lin1, self.act))
+    return mlp_block_forward(self, hidden_states)
 
 
 _MLP = Adapter("linear_gelu", "fc1 + GELU -> vitfast.linear_gelu", {"forward": _mlp_forward},
