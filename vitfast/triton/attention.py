@@ -13,12 +13,14 @@ Mask semantics (vitfast.ops.attention): scores s = scale * q.k + bias stay in na
 the running max is subtracted, so that a finite bias near -FLT_MAX (torch.finfo(float32).min, a padding
 value) is plain arithmetic (times log2(e) it would overflow to -inf); exp2 then takes (s - max) * log2(e).
 Masked scores (bool False, a -inf bias, causal, out of range) are set to -inf by selection, never by
-addition, so NaN or inf in a masked key's k never reaches a score. Non-finite values of v enter the P @ V
-dot as zeros and are carried separately (`_poison`) to exactly the rows that see their key, by a second launch
-of the forward kernel (POISON) that recomputes only the rows whose key blocks held one (flagged by the first) and
-exits at once elsewhere: carried in the first launch, that fp32 dot raised the kernel's registers from ~180 to ~250
-and its shared memory by half at ViT-B/16 shapes (sm_90 compile; the H200 measured the forward at 0.28x cuDNN
-SDPA with it). The statistics
+addition, so NaN or inf in a masked key's k never reaches a score. Non-finite values of v reach exactly the
+rows that see their key: the first launch of the forward kernel runs the plain P @ V dot (v straight from memory,
+no per-block test: on Hopper the dot reads v from shared memory as loaded) and flags the rows whose output is not
+finite, which every row that read a block holding a non-finite v has (0 * NaN and 0 * inf are NaN); a second
+launch (POISON) recomputes only the flagged rows, with those values entering the dot as zeros and carried
+separately (`_poison`) to the rows that see their key, and exits at once elsewhere. Carried in the one launch,
+that fp32 dot raised the kernel's registers from ~180 to ~250 at ViT-B/16 shapes (sm_90 compile; the H200
+measured the forward at 0.28x cuDNN SDPA with it). The statistics
 are kept as two numbers per row, the max m and log(l) (l = sum exp(s - m)), because m + log(l) rounds to m
 when |m| is huge (a row at finfo.min), which would make the backward's P wrong. A row that sees no key has
 m = -inf: it yields O = 0 and zero gradients, never NaN.
@@ -168,7 +170,7 @@ def _attention_fwd_kernel(
     Bias,  # (B|1, H|1, Nq|1, Nk) bool or float, stride 0 on broadcast dims (unused for BIAS_KIND 0)
     O,  # (B, H, Nq, D) out
     LSE,  # (2, B * H, Nq) fp32 out: row max m (-inf: the row sees no key), log(l) (0 then)
-    Flags,  # (B * H * Nq,) int8: 1 where the row's key blocks held a non-finite v (out without POISON, in with it)
+    Flags,  # (B * H * Nq,) int8: 1 where the row's output is not finite (out without POISON, in with it)
     stride_qb,
     stride_qh,
     stride_qm,
@@ -235,8 +237,6 @@ def _attention_fwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     if POISON:
         poison = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.int32)
-    else:
-        bad = tl.zeros((), dtype=tl.int32)
     hi = Nk
     if IS_CAUSAL:
         # Key blocks entirely above the diagonal of this query block are skipped.
@@ -257,13 +257,13 @@ def _attention_fwd_kernel(
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m, offs_n, Nq, Nk, dropout_thresh)
             p = tl.where(keep, p * dropout_scale, 0.0)
-        v_ok = _is_finite(v, DOT_UPCAST)
-        acc = acc * alpha[:, None] + dot(p.to(v.dtype), tl.where(v_ok, v, 0.0), PRECISION, DOT_UPCAST)
         if POISON:
+            v_ok = _is_finite(v, DOT_UPCAST)
+            acc = acc * alpha[:, None] + dot(p.to(v.dtype), tl.where(v_ok, v, 0.0), PRECISION, DOT_UPCAST)
             if tl.min(v_ok.to(tl.int32)) == 0:
                 poison = poison | _poison(s, v)
-        else:
-            bad = tl.maximum(bad, 1 - tl.min(v_ok.to(tl.int32)))
+        else:  # (v straight from memory into the dot)
+            acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, PRECISION, DOT_UPCAST)
         m_i = m_new
     empty = l_i == 0.0
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -276,7 +276,11 @@ def _attention_fwd_kernel(
     if not POISON:  # (the statistics do not depend on v: the first launch's stand)
         tl.store(LSE + bh * Nq + offs_m, m_i, mask=offs_m < Nq)
         tl.store(LSE + stride_lse + bh * Nq + offs_m, tl.math.log(tl.where(empty, 1.0, l_i)), mask=offs_m < Nq)
-        tl.store(Flags + bh * Nq + offs_m, tl.zeros((BLOCK_M,), dtype=tl.int8) + bad.to(tl.int8), mask=offs_m < Nq)
+        # A non-finite v in any key block the row read leaves a non-finite output (0 * NaN and 0 * inf are NaN, and a
+        # non-finite accumulator stays non-finite): such rows are flagged for the second launch. So is a row made
+        # non-finite by q, k, the bias or an overflow; the second launch computes the same values there.
+        bad = tl.max(1 - _is_finite(o, False).to(tl.int32), 1)
+        tl.store(Flags + bh * Nq + offs_m, bad.to(tl.int8), mask=offs_m < Nq)
 
 
 @triton.jit
