@@ -95,6 +95,26 @@ def relative_position_index(window_size: IntPair) -> Tensor:
     return relative_coords.sum(-1).flatten()
 
 
+def _diagonal_sums(a: Tensor) -> Tensor:
+    """(..., n, n) -> (..., 2n - 1): entry d + n - 1 sums a[..., i, j] over i - j = d. Deterministic on every
+    device (plain sums: index_add_ adds with atomics on CUDA): row i of a, its columns reversed, is shifted i places
+    to the right (a zero-padded row length one short of 2n), so that columns then hold the diagonals."""
+    n = a.shape[-1]
+    skewed = F.pad(a.flip(-1), (0, n)).flatten(-2)[..., :n * (2 * n - 1)].unflatten(-1, (n, 2 * n - 1))
+    return skewed.sum(-2)
+
+
+def fold_bias_grad(dbias: Tensor, window_size: IntPair) -> Tensor:
+    """(heads, N, N) -> (num_rel, heads): the gradient of the relative position bias table from that of the dense
+    bias it is read into (relative_position_index): the entry of offset (dy, dx) sums the token pairs at that offset.
+    Used by the torch and triton backends."""
+    wh, ww = window_size
+    heads = dbias.shape[0]
+    d = dbias.view(heads, wh, ww, wh, ww).permute(0, 2, 4, 1, 3)  # (heads, xi, xj, yi, yj)
+    d = _diagonal_sums(d).permute(0, 3, 1, 2)  # (heads, dy, xi, xj)
+    return _diagonal_sums(d).reshape(heads, -1).t().contiguous()  # (heads, dy, dx) -> (num_rel, heads)
+
+
 def _shift_mask(pad_H: int, pad_W: int, window_size: list, shift_size: list, like: Tensor) -> Tensor:
     """(nW, N, N) of 0 / -100, built as torchvision builds it."""
     num_windows = (pad_H // window_size[0]) * (pad_W // window_size[1])
@@ -320,8 +340,7 @@ def _bwd_torch(dout, qkv, bias, pad_qkv, logit_scale, window_size, shift_size, s
         dq, dk = _normalize_bwd(dq, q), _normalize_bwd(dk, k)
     dbias = ds.sum((0, 1))  # (heads, N, N)
     if bias.dim() == 2:
-        index = relative_position_index(window_size).to(bias.device)
-        dbias = dbias.new_zeros(bias.shape).index_add_(0, index, dbias.permute(1, 2, 0).reshape(N * N, heads))
+        dbias = fold_bias_grad(dbias, window_size)
     grid = torch.stack([dq, dk, dv], dim=3).permute(0, 1, 4, 3, 2, 5).reshape(B, nW, N, 3 * C)
     grid = _from_windows(grid, Hp, Wp, window_size, shift_size)
     dqkv = grid[:, :H, :W].reshape(B, H, W, 3, heads, D).to(qkv.dtype).contiguous()

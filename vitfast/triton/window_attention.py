@@ -22,14 +22,14 @@ atomics: pass A walks key tiles (dk, dv), pass B query tiles (dq); with a single
 (N <= BLOCK: see `_config`) one pass does all three. Parameter gradients are two-stage
 reductions: each program writes fp32 partials (dS summed over its windows as an (N, N) tile, the
 padding tokens' dk/dv, the cosine logit-scale gradient), and a second pass in PyTorch sums them over
-programs and folds the (N, N) bias gradient onto the table rows with a fixed gather (deterministic).
+programs and folds the (N, N) bias gradient onto the table rows (fold_bias_grad: plain sums, deterministic).
 """
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
+from vitfast.ops.window_attention import fold_bias_grad
 from vitfast.triton.common import compiled, dot, dot_precision, launch, num_sms, upcast_bf16
 
 
@@ -531,29 +531,6 @@ def window_attention_fwd(qkv, bias, pad_qkv, logit_scale, window_size, shift_siz
         BLOCK=block, BLOCK_D=block_d, N_TILES=n_tiles, num_warps=warps, num_stages=stages,
     )
     return out.view(B, H, W, heads * D), lse
-
-
-@functools.lru_cache(None)
-def _table_gather_index(wh: int, ww: int, device: torch.device) -> torch.Tensor:
-    """(num_rel, max_pairs) indices into a flattened (N*N + 1) row whose last entry is zero: the (i, j)
-    pairs of each relative offset, so a gather + sum folds an (N, N) gradient onto the table rows."""
-    coords = torch.stack(torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")).flatten(1)
-    rel = coords[:, :, None] - coords[:, None, :]
-    index = ((rel[0] + wh - 1) * (2 * ww - 1) + rel[1] + ww - 1).flatten()
-    num_rel, n2 = (2 * wh - 1) * (2 * ww - 1), index.numel()
-    order = torch.argsort(index, stable=True)
-    counts = torch.bincount(index, minlength=num_rel)
-    slot = torch.arange(n2) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-    out = torch.full((num_rel, int(counts.max())), n2, dtype=torch.long)
-    out[index[order], slot] = order
-    return out.to(device)
-
-
-def fold_bias_grad(dbias: torch.Tensor, window_size) -> torch.Tensor:
-    """(heads, N, N) fp32 -> (num_rel, heads): the gradient of the relative position bias table."""
-    heads = dbias.shape[0]
-    flat = torch.cat([dbias.reshape(heads, -1), dbias.new_zeros(heads, 1)], dim=1)
-    return flat[:, _table_gather_index(window_size[0], window_size[1], dbias.device)].sum(-1).t().contiguous()
 
 
 def window_attention_bwd(dout, qkv, bias, pad_qkv, logit_scale, out, lse, window_size, shift_size, softmax_scale,
