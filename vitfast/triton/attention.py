@@ -61,10 +61,18 @@ _FWD_CONFIGS = {
 # D=64 (scripts/compile_triton.py; BLOCK_N=128 spills at D=32 with 4 and 8 warps).
 _BWD_CONFIGS = {16: (32, 64, 4, 3), 32: (32, 64, 4, 3), 64: (32, 64, 4, 3), 128: (32, 64, 8, 2),
                 256: (16, 64, 8, 1)}
-# fp32 at head dims 128 and 256: IEEE fp32 products run on FMA units with their operands in registers, and the
-# configs above spill tens of KB per thread there (and take minutes to compile); these spill a few KB.
-_FWD_CONFIGS_FP32 = {128: [(64, 32, 8, 2), (32, 32, 4, 2)], 256: [(16, 32, 4, 1), (32, 32, 8, 1)]}
-_BWD_CONFIGS_FP32 = {128: (16, 64, 8, 1), 256: (16, 32, 8, 1)}
+# fp32: IEEE fp32 products run on FMA units with their operands in registers, and the configs above spill tens of KB
+# per thread there (and take minutes to compile). Up to head dim 64 these compile without spills on sm_90; at 128 and
+# 256 they spill a few KB (scripts/compile_triton.py).
+_FWD_CONFIGS_FP32 = {
+    16: [(64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2)],
+    32: [(64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 8, 2)],
+    64: [(64, 32, 8, 2), (32, 32, 4, 2)],
+    128: [(64, 32, 8, 2), (32, 32, 4, 2)],
+    256: [(16, 32, 4, 1), (32, 32, 8, 1)],
+}
+_BWD_CONFIGS_FP32 = {16: (32, 32, 8, 1), 32: (32, 32, 8, 1), 64: (16, 32, 8, 1), 128: (16, 64, 8, 1),
+                     256: (16, 32, 8, 1)}
 
 
 @triton.jit

@@ -54,6 +54,10 @@ _BWD_CONFIGS = {
     128: ((32, 64, 8, 2), (64, 64, 8, 2)),
     256: ((32, 32, 8, 1), (32, 32, 8, 1)),
 }
+# fp32 up to head dim 64 (IEEE fp32 products run on FMA units with their operands in registers: the tiles above spill
+# KBs there): these compile without spills on sm_90 at SAM's global and windowed layers (scripts/compile_triton.py).
+_FWD_CONFIGS_FP32 = {d: [(32, 64, 8, 2), (16, 64, 4, 2)] for d in (16, 32, 64)}
+_BWD_CONFIGS_FP32 = {d: ((16, 64, 8, 1), (32, 32, 8, 1)) for d in (16, 32, 64)}
 # Under the interpreter each program costs a fixed overhead, so fewer, larger tiles are faster: at SAM's 14 x 14
 # windows, 64 (4 key rows of 16 per tile) took 1.3 s forward and 3.2 s backward where 32 took 5.1 s and 9.6 s.
 _INTERPRET_BLOCK = 64
@@ -481,9 +485,10 @@ def _krows(block_n: int, kw_pad: int) -> int:
 
 
 @functools.lru_cache(None)
-def _fwd_autotuned(block_d: int, kw_pad: int):
+def _fwd_autotuned(block_d: int, kw_pad: int, fp32: bool):
+    shapes = _FWD_CONFIGS_FP32.get(block_d, _FWD_CONFIGS[block_d]) if fp32 else _FWD_CONFIGS[block_d]
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_KROWS": _krows(n, kw_pad)}, num_warps=w, num_stages=s)
-               for m, n, w, s in _FWD_CONFIGS[block_d]]
+               for m, n, w, s in shapes]
     # Configs that give the same tile (kw_pad >= the target BLOCK_N) are compiled and timed once.
     unique = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_KROWS"], c.num_warps, c.num_stages): c for c in configs}
     return autotune(list(unique.values()), ["q_bucket", "k_bucket", "HAS_DROPOUT", "PRECISION"])(
@@ -525,7 +530,7 @@ def rel_pos_attention_fwd(q, k, v, rel_h, rel_w, dropout_p, seed, scale):
                BLOCK_KROWS=_krows(_INTERPRET_BLOCK, kw_pad))
     else:
         grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]) * B * H,)  # noqa: E731
-        launch(_fwd_autotuned(block_d, kw_pad), grid, *args, **consts)
+        launch(_fwd_autotuned(block_d, kw_pad, q.dtype == torch.float32), grid, *args, **consts)
     return out, lse
 
 
@@ -549,7 +554,8 @@ def rel_pos_attention_bwd(dout, q, k, v, rel_h, rel_w, out, lse, dropout_p, seed
         dkdv_config = dq_config = dict(BLOCK_M=_INTERPRET_BLOCK, BLOCK_KROWS=_krows(_INTERPRET_BLOCK, kw_pad))
     else:
         dkdv_config, dq_config = ({"BLOCK_M": m, "BLOCK_KROWS": _krows(n, kw_pad), "num_warps": w, "num_stages": s}
-                                  for m, n, w, s in _BWD_CONFIGS[block_d])
+                                  for m, n, w, s in (_BWD_CONFIGS_FP32 if q.dtype == torch.float32 else {}).get(
+                                      block_d, _BWD_CONFIGS[block_d]))
     delta = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
     launch(_attention_bwd_preprocess_kernel, (triton.cdiv(Nq, dq_config["BLOCK_M"]) * B * H,), out, dout, delta,
            *out.stride(), *dout.stride(), H, Nq, D, BLOCK_M=dq_config["BLOCK_M"], BLOCK_D=block_d)
