@@ -38,6 +38,9 @@ else:
 HEADLINE = {"vit_b16", "detr_encoder"}  # the shapes bench/gpu_run.sh runs (pytest -m headline)
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
 IMPLS = list(SDPA) + ["flex", "eager"] + vitfast_backends("attention")
+# The Triton backward with torch.use_deterministic_algorithms(True): dQ from its own kernel (which recomputes the
+# scores) instead of atomic adds from the dK/dV kernel; timed next to the default to tell which is faster.
+DETERMINISTIC = [f"{impl}-deterministic" for impl in vitfast_backends("attention") if impl == "vitfast-triton"]
 
 
 def _inputs(shape, grad):
@@ -98,7 +101,14 @@ def _bench(benchmark, impl, name, backward):
     fwd, reason = _forward(impl, causal)
     if fwd is None:
         pytest.skip(reason)
-    if backward:
+    if backward and impl.endswith("-deterministic"):
+        def fn(q, k, v, mask, dout):
+            torch.use_deterministic_algorithms(True)
+            try:
+                return torch.autograd.grad(fwd(q, k, v, mask), (q, k, v), dout)
+            finally:
+                torch.use_deterministic_algorithms(False)
+    elif backward:
         def fn(q, k, v, mask, dout):
             return torch.autograd.grad(fwd(q, k, v, mask), (q, k, v), dout)
     else:
@@ -120,7 +130,7 @@ def test_forward(benchmark, impl, name):
     _bench(benchmark, impl, name, backward=False)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPLS + DETERMINISTIC)
 @pytest.mark.parametrize("name", headline(SHAPES, HEADLINE))
 def test_forward_backward(benchmark, impl, name):
     _bench(benchmark, impl, name, backward=True)

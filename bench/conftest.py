@@ -93,12 +93,12 @@ def machine_peaks() -> dict:
 def run_benchmark(benchmark, fn, make_inputs, *, impl: str, bytes_moved: int = 0, flops: int = 0, rotate: int = 3):
     """Times `fn(*inputs)` with a pool of `rotate` input sets used in turn, so that caches do not flatter.
 
-    A "vitfast-<backend>" impl forces that backend. GB/s and TFLOP/s go into extra_info, and the roofline
+    A "vitfast-<backend>[-<variant>]" impl forces that backend. GB/s and TFLOP/s go into extra_info, and the roofline
     floor: max(bytes / measured bandwidth, FLOPs / measured matmul peak), the least time the work can take.
     """
     pool = [make_inputs() for _ in range(rotate)]
     cycle = itertools.cycle(pool)
-    forced = impl.split("-", 1)[1] if impl.startswith("vitfast-") else None
+    forced = impl.split("-")[1] if impl.startswith("vitfast-") else None
 
     def call():
         out = fn(*next(cycle))
