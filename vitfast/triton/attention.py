@@ -286,7 +286,9 @@ def _attention_fwd_kernel(
         tl.store(LSE + stride_lse + bh * Nq + offs_m, tl.math.log(tl.where(empty, 1.0, l_i)), mask=offs_m < Nq)
         # A non-finite v in any key block the row read leaves a non-finite output (0 * NaN and 0 * inf are NaN, and a
         # non-finite accumulator stays non-finite): such rows are flagged for the second launch. So is a row made
-        # non-finite by q, k, the bias or an overflow; the second launch computes the same values there.
+        # non-finite by q, k, the bias or an overflow, which the second launch computes again (in its own tiles: finite
+        # values may differ by rounding, and an overflow of the unnormalised sum, with |v| near the dtype's max, by
+        # where it happens).
         bad = tl.max(1 - _is_finite(o, False).to(tl.int32), 1)
         tl.store(Flags + bh * Nq + offs_m, bad.to(tl.int8), mask=offs_m < Nq)
 
