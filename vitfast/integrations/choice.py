@@ -54,8 +54,8 @@ rounds: torchvision Swin-T B=1 1.007, DeiT-S B=8 1.009, ViT-B/16 B=1 0.954), so 
 models at B=8 with the rule against without the op (9-11 paired rounds): torchvision 1.013 and 1.052 in two runs,
 timm 1.116, transformers 1.030. With grad it keeps ATen (it must keep h = x W^T + b anyway: 0.78 .. 1.01).
 
-The same command on an AVX-512 machine (Zen 4, 2026-12-01: bench/results/cpu-choice-avx512-2026-12-01.md) puts every
-kind and mode on the same side as this table.
+The same command on an AVX-512 machine (Zen 4, 2026-12-01: bench/results/cpu-avx512-2026-12-01/cpu_choice.md) puts
+every kind and mode on the same side as this table.
 
 Every shape class measured falls on the same side for a given kind and mode (patch embedding without grad is
 level at ViT shapes and slower at Swin's, so ATen), but for linear_gelu's output size, so the rule is per (kind, mode)
