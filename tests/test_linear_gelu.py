@@ -158,7 +158,7 @@ def test_extreme_values_as_aten(backend, device, approximate):
     """Pre-activations from -inf to inf, NaN among them, 16 output columns (the vector path of the C++ kernel): the
     float64 GELU rounded to float32 (-0 far left, h far right, never an overflow to inf), inf at inf, NaN for NaN and
     -inf (-inf * 0). ATen's float32 F.gelu is no reference at inf, where it depends on the CPU: NaN on this project's
-    AVX-512 machines whatever ATEN_CPU_CAPABILITY says (inf for a tensor of fewer than 4 elements), inf on its AVX2
+    AVX-512 machines whatever ATEN_CPU_CAPABILITY says (inf for a one-element tensor), inf on its AVX2
     ones; the torch backend, which is that F.gelu, is checked everywhere else."""
     h = torch.tensor([-float("inf"), -1e38, -1e30, -1e4, -100.0, -10.0, -3.0, -1.0, -1e-3, 0.0, 1e-3, 1.0, 3.0, 10.0,
                       100.0, 1e4, 1e30, 1e38, float("inf"), float("nan")], device=device)
