@@ -103,11 +103,12 @@ def _bench(benchmark, impl, name, backward):
         pytest.skip(reason)
     if backward and impl.endswith("-deterministic"):
         def fn(q, k, v, mask, dout):
+            before = torch.are_deterministic_algorithms_enabled()
             torch.use_deterministic_algorithms(True)
             try:
                 return torch.autograd.grad(fwd(q, k, v, mask), (q, k, v), dout)
             finally:
-                torch.use_deterministic_algorithms(False)
+                torch.use_deterministic_algorithms(before)
     elif backward:
         def fn(q, k, v, mask, dout):
             return torch.autograd.grad(fwd(q, k, v, mask), (q, k, v), dout)
