@@ -6,7 +6,8 @@ vitfast.integrations.choice encodes.
 
 Each row times both implementations interleaved (A, B, B, A, ...: vitfast.report.interleaved) in this one process
 and reports the medians and ATen / vitfast (> 1: vitfast faster). The shapes are those of the models of
-bench/bench_patched_models.py at batch 1, 2 and 8, and SAM-B's image encoder at 1024 px. Not collected by pytest
+bench/bench_patched_models.py at batch 1, 2 and 8, and SAM-B's image encoder at 1024 px; for linear, "vitfast" is
+vitfast.linear (oneDNN on these float32 tensors) and "ATen" F.linear (MKL's sgemm). Not collected by pytest
 (no bench_ prefix): it takes a few minutes (`-k` picks cases).
 """
 import argparse
@@ -128,6 +129,21 @@ def linear_gelu_cases():
                lambda: vitfast.linear_gelu(x, w, b), (x, w, b))
 
 
+def linear_cases():
+    # (what, rows, in, out): qkv, proj and fc2 of each model (fc1 is linear_gelu's)
+    for what, M, K, N in [("vit_b b1 qkv", 197, 768, 2304), ("vit_b b1 proj", 197, 768, 768),
+                          ("vit_b b1 fc2", 197, 3072, 768), ("vit_b b8 qkv", 8 * 197, 768, 2304),
+                          ("vit_b b8 fc2", 8 * 197, 3072, 768), ("deit_s b8 qkv", 8 * 197, 384, 1152),
+                          ("deit_s b8 fc2", 8 * 197, 1536, 384), ("clip_b32 b1 qkv", 50, 768, 768),
+                          ("clip_b32 b8 fc2", 400, 3072, 768), ("swin s1 b1 qkv", 3136, 96, 288),
+                          ("swin s1 b8 qkv", 8 * 3136, 96, 288), ("swin s1 b8 fc2", 8 * 3136, 384, 96),
+                          ("swin s3 b1 qkv", 196, 384, 1152), ("swin s4 b8 fc2", 8 * 49, 3072, 768)]:
+        x = torch.randn(M, K, requires_grad=True)
+        w = (torch.randn(N, K) * K ** -0.5).requires_grad_()
+        b = torch.randn(N, requires_grad=True)
+        yield (f"linear {what} ({M}x{K}x{N})", lambda: F.linear(x, w, b), lambda: vitfast.linear(x, w, b), (x, w, b))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=9)
@@ -143,7 +159,7 @@ def main():
     print("| case | mode | ATen ms | vitfast ms | ATen / vitfast |")
     print("|---|---|---|---|---|")
     for cases in (layer_norm_cases, attention_cases, window_attention_cases, rel_pos_attention_cases,
-                  patch_embed_cases, linear_gelu_cases):
+                  patch_embed_cases, linear_gelu_cases, linear_cases):
         for name, aten, fused, leaves in cases():
             if args.k not in name:
                 continue

@@ -45,7 +45,7 @@ def _model() -> nn.Module:
     torch.manual_seed(0)
     model = TinyViT()
     report = vitfast.patch_model(model)
-    assert report.counts() == {"attention": 1, "layer_norm": 3}, str(report)
+    assert report.counts() == {"attention": 1, "layer_norm": 3, "linear": 6}, str(report)
     return model
 
 

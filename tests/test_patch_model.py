@@ -48,6 +48,8 @@ def _patched_equal(model: nn.Module, inputs, backend: str, pick=lambda o: o, ato
     mine = copy.deepcopy(model)
     report = vitfast.patch_model(mine, **flags)
     assert isinstance(report, PatchReport) and report.patched, str(report)
+    linears = {n for n, m in mine.named_modules() if type(m) in _LINEAR_CLASSES} if flags.get("linear", True) else set()
+    assert {p.name for p in report.patched if p.kind == "linear"} == linears, str(report)
     assert list(mine.state_dict()) == list(model.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(mine.state_dict().values(), model.state_dict().values()))
 
@@ -73,8 +75,12 @@ def _patched_equal(model: nn.Module, inputs, backend: str, pick=lambda o: o, ato
     return report
 
 
+_LINEAR_CLASSES = (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
+
+
 def _kinds(report: PatchReport) -> dict:
-    return report.counts()
+    """Patched modules per kind, Linear layers apart (_patched_equal checks that every nn.Linear was patched)."""
+    return {k: n for k, n in report.counts().items() if k != "linear"}
 
 
 # ----------------------------------------------------------------------------------------------- timm
@@ -120,7 +126,8 @@ def test_a_suspect_is_covered_only_by_what_its_name_suggests():
             return self.mha(x, x, x, need_weights=False)[0]
 
     report = vitfast.patch_model(nn.Sequential(PoolAttention(), WrapAttention()))
-    assert {p.name: p.kind for p in report.patched} == {"0.norm": "layer_norm", "1.mha": "attention"}
+    assert {p.name: p.kind for p in report.patched} == {"0.norm": "layer_norm", "0.qkv": "linear", "1.mha": "attention",
+                                                        "1.mha.out_proj": "linear"}
     assert [(l.name, l.reason) for l in report.left] == [("0", "no vitfast adapter for this class")], str(report)
     alone = vitfast.patch_model(PoolAttention())  # the model itself is the suspect
     assert [(l.name, l.reason) for l in alone.left] == [("", "no vitfast adapter for this class")], str(alone)
@@ -304,9 +311,9 @@ def test_transformers_swin_fused_layer(backend, monkeypatch):
 
 def test_choice_rule(monkeypatch):
     """The tables' answers. CPU: ATen for LayerNorm and attention, ATen for patch embedding only without grad, vitfast
-    for window attention and rel-pos attention, vitfast for linear_gelu only without grad and for outputs of 32 MiB or
-    more (without the output's size, as the guard of a patched method asks: the table alone). CUDA: ATen for
-    LayerNorm, attention and linear_gelu at any size, vitfast for the rest. A forced backend or a meta tensor always
+    for window attention, rel-pos attention and Linear layers, vitfast for linear_gelu only without grad and for
+    outputs of 32 MiB or more (without the output's size, as the guard of a patched method asks: the table alone).
+    CUDA: ATen for LayerNorm, attention, linear_gelu at any size and Linear layers, vitfast for the rest. A forced backend or a meta tensor always
     runs vitfast."""
     from torch._subclasses import fake_tensor
 
@@ -314,10 +321,11 @@ def test_choice_rule(monkeypatch):
     original = {"attention": True, "rel_pos_attention": False, "window_attention": False, "layer_norm": True}
     with torch.no_grad():
         assert ({k: choice.runs_original(k, x) for k in KINDS}
-                == dict(original, patch_embed=True, linear_gelu=False))
+                == dict(original, patch_embed=True, linear_gelu=False, linear=False))
         assert not choice.runs_original("linear_gelu", x, out_bytes=2**25)  # 32 MiB outputs: fused
         assert choice.runs_original("linear_gelu", x, out_bytes=2**25 - 1)
-    assert {k: choice.runs_original(k, x) for k in KINDS} == dict(original, patch_embed=False, linear_gelu=True)
+    assert ({k: choice.runs_original(k, x) for k in KINDS}
+            == dict(original, patch_embed=False, linear_gelu=True, linear=False))
     assert choice.runs_original("linear_gelu", x, out_bytes=2**25)  # with grad: ATen at any size
     # a CUDA tensor without a GPU (FakeTensorMode would allocate on the real device where CUDA is present)
     monkeypatch.setattr(fake_tensor, "init_gpu_context", lambda device: None)
@@ -326,7 +334,7 @@ def test_choice_rule(monkeypatch):
     for grad in (False, True):
         with torch.set_grad_enabled(grad):
             assert ({k: choice.runs_original(k, gpu, out_bytes=2**30) for k in KINDS}
-                    == dict(original, patch_embed=False, linear_gelu=True))
+                    == dict(original, patch_embed=False, linear_gelu=True, linear=True))
     with vitfast.use_backend("torch"):
         assert not any(choice.runs_original(k, t) for k in KINDS for t in (x, gpu))
     assert not any(choice.runs_original(k, torch.empty(2, 3, device="meta")) for k in KINDS)
@@ -346,7 +354,7 @@ def test_cpu_choice_runs_the_original_code(grad, monkeypatch):
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, embed_dim=32,
                               depth=1, num_heads=2, num_classes=5).eval()
     mine = copy.deepcopy(model)
-    report = vitfast.patch_model(mine)
+    report = vitfast.patch_model(mine, linear=False)  # (Linear layers run vitfast.linear in both modes)
     assert ("layer_norm: LayerNorm -> vitfast.layer_norm; on CPU and CUDA: original ATen code (faster there)"
             in str(report))
     assert "on CPU: original ATen code without grad, vitfast with grad" in str(report)
@@ -462,17 +470,35 @@ def test_empty_batch_on_the_fused_paths(build):
 @pytest.mark.parametrize("build", [_torchvision_vit, _open_clip, _transformers_vit],
                          ids=["torchvision", "open_clip", "transformers"])
 def test_cpu_choice_inference_is_the_original(build):
-    """Without grad on CPU every kind these models patch runs ATen (choice.py): the patched output is bitwise the
-    original's (transformers: its SDPA attention path)."""
+    """Without grad on CPU every kind these models patch but Linear layers (vitfast.linear: oneDNN) runs ATen
+    (choice.py): the patched output is bitwise the original's (transformers: its SDPA attention path)."""
     model, inputs, pick = build()
     model.eval()
     mine = copy.deepcopy(model)
-    assert vitfast.patch_model(mine).patched
+    assert vitfast.patch_model(mine, linear=False).patched
     with torch.inference_mode():
         assert torch.equal(pick(_run(mine, inputs)), pick(_run(model, inputs)))
 
 
 # ----------------------------------------------------------------------------------------------- report, flags
+
+def test_linear_layers_run_vitfast_linear_where_onednn_pays(monkeypatch):
+    """A patched nn.Linear calls vitfast.linear (oneDNN) where the op's rule says it pays (K, N >= 384, M K N >=
+    2**25) and its own F.linear below; outputs and gradients match the original model; linear=False leaves them."""
+    from vitfast.ops import linear as vl
+
+    model = nn.Sequential(nn.Linear(384, 512), nn.GELU(), nn.Linear(512, 384), nn.Linear(384, 8)).eval()
+    calls = []
+    real = vl.onednn_linear
+    monkeypatch.setattr(vl, "onednn_linear", lambda *a: calls.append(tuple(a[1].shape)) or real(*a))
+    x = torch.randn(3, 100, 384)
+    report = _patched_equal(model, x, "auto", atol=1e-4, rtol=1e-4, device="cpu")
+    assert {p.name for p in report.patched} == {"0", "2", "3"}
+    # the two forwards, then the backward's dx of layer 2 (its weight transposed; layer 0's input needs no grad)
+    expected = [(512, 384), (384, 512), (512, 384)] if vf_backend.why_not("linear", "onednn", x, x) is None else []
+    assert calls == expected
+    assert not vitfast.patch_model(copy.deepcopy(model), linear=False).counts().get("linear")
+
 
 def test_flags_report_and_double_patch():
     model = nn.Sequential(nn.LayerNorm(8), nn.MultiheadAttention(8, 2, batch_first=True),
@@ -486,7 +512,7 @@ def test_flags_report_and_double_patch():
     assert "already patched" in {l.name: l.reason for l in again.left}["0"]
     assert "kdim/vdim" in {l.name: l.reason for l in again.left}["2"]
     assert "patched 0 (torch.nn.modules.normalization.LayerNorm)" in str(report)
-    assert vitfast.unpatch_model(model) == 2
+    assert vitfast.unpatch_model(model) == 4  # (with the two MultiheadAttentions' out_proj Linears)
     assert vitfast.unpatch_model(model) == 0
 
 
@@ -566,7 +592,7 @@ def test_patched_model_pickles_and_deep_copies():
         assert clone.self_attn.forward.args[0] is clone.self_attn
         assert clone.norm1.forward.args[0] is clone.norm1
         torch.testing.assert_close(clone(x), model(x), rtol=0, atol=0)
-        assert vitfast.unpatch_model(clone) == 3
+        assert vitfast.unpatch_model(clone) == 6  # (attention, 2 LayerNorms, out_proj and the 2 MLP Linears)
 
 
 def test_mlp_with_hooks_or_swapped_layers_runs_its_own_calls():

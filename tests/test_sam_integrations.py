@@ -181,7 +181,8 @@ def test_timm_samvit(backend, device, dtype, fused_calls):
     model = _samvit(qk_norm=True)  # q/k norms apply before the rel-pos terms are taken from q
     report = _check(model, {"x": torch.randn(2, 3, 32, 32)}, backend, device, dtype, lambda o: o, fused_calls)
     assert _patched(report) == ["blocks.0.attn", "blocks.1.attn"]
-    assert report.counts() == {"rel_pos_attention": 2, "layer_norm": 8, "patch_embed": 1, "linear_gelu": 2}, str(report)
+    assert report.counts() == {"rel_pos_attention": 2, "layer_norm": 8, "patch_embed": 1, "linear_gelu": 2,
+                               "linear": 8}, str(report)
     # (layer_norm: with q_norm, k_norm)
 
 
@@ -216,7 +217,7 @@ def test_segment_anything(backend, device, dtype, fused_calls):
     report = _check(_image_encoder(), {"x": torch.randn(2, 3, 32, 32)}, backend, device, dtype, lambda o: o,
                     fused_calls)
     assert _patched(report) == ["blocks.0.attn", "blocks.1.attn"]
-    assert report.counts() == {"rel_pos_attention": 2, "layer_norm": 4, "linear_gelu": 2}, str(report)
+    assert report.counts() == {"rel_pos_attention": 2, "layer_norm": 4, "linear_gelu": 2, "linear": 8}, str(report)
 
 
 def test_report_names_the_flags_that_left_modules():

@@ -1,9 +1,10 @@
 """Backend choice: which implementation of an op runs for a given set of input tensors.
 
 Backends: "triton" (Triton kernels; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1),
-"cuda" (the extension's CUDA kernels), "cpp" (the extension's CPU kernels), "torch" (the plain
-PyTorch reference). By default CUDA tensors go to each op's GPU preference order and CPU tensors to
-"cpp" then "torch". `VITFAST_BACKEND=<name>` or `use_backend(name)` forces one backend; a forced
+"cuda" (the extension's CUDA kernels), "cpp" (the extension's CPU kernels), "onednn" (oneDNN's primitives as
+PyTorch ships them, torch.ops.mkldnn: CPU tensors, where PyTorch was built with oneDNN and
+torch.backends.mkldnn.enabled), "torch" (the plain PyTorch reference). By default CUDA tensors go to each op's GPU
+preference order and CPU tensors to the op's CPU order ("cpp" then "torch" unless the op says otherwise). `VITFAST_BACKEND=<name>` or `use_backend(name)` forces one backend; a forced
 backend that cannot take the inputs raises, it never falls back silently.
 """
 import contextlib
@@ -21,7 +22,7 @@ from vitfast import _ext
 
 log = logging.getLogger("vitfast.backend")
 
-BACKENDS = ("triton", "cuda", "cpp", "torch")
+BACKENDS = ("triton", "cuda", "cpp", "onednn", "torch")
 
 # reason(backend, tensors) -> None if the backend takes these inputs, else why it does not.
 SupportCheck = Callable[[str, tuple], Optional[str]]
@@ -63,6 +64,11 @@ def triton_takes_cpu() -> bool:
 @functools.lru_cache(None)
 def has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
+
+
+@functools.lru_cache(None)
+def _has_onednn_ops() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 _NAMES = BACKENDS + ("auto",)
@@ -115,6 +121,11 @@ def _unavailable(op: str, backend: str, device: torch.device) -> Optional[str]:
             return _ext.EXT_ERROR
         if backend == "cuda" and not _ext.EXT_CUDA:
             return "vitfast._C was built without CUDA"
+    if backend == "onednn":
+        if not _has_onednn_ops():
+            return "this PyTorch build has no oneDNN (torch.backends.mkldnn.is_available() is False)"
+        if not torch.backends.mkldnn.enabled:
+            return "oneDNN is switched off (torch.backends.mkldnn.enabled is False)"
     return None
 
 
@@ -154,6 +165,13 @@ def check_transforms(op: str, *tensors: Optional[torch.Tensor]) -> None:
             f"vitfast.{op} has no forward-mode AD (torch.func.jvp, torch.autograd.forward_ad): its inputs carry "
             f"tangents it would drop; use reverse mode (backward(), torch.autograd.grad) or the plain PyTorch "
             f"reference (vitfast.ops.*_ref)")
+
+
+def why_not(op: str, backend: str, *tensors: Optional[torch.Tensor]) -> Optional[str]:
+    """Why `backend` cannot run `op` for these tensors (None entries are ignored), whatever backend is forced; None
+    when it can."""
+    present = tuple(t for t in tensors if t is not None)
+    return _unavailable(op, backend, present[0].device) or _OPS[op].check(backend, present)
 
 
 def choose_backend(op: str, *tensors: Optional[torch.Tensor]) -> str:

@@ -79,6 +79,7 @@ CHOICE = {
         "window_attention": (VITFAST, VITFAST),
         "rel_pos_attention": (VITFAST, VITFAST),
         "linear_gelu": (VITFAST, ATEN),
+        "linear": (VITFAST, VITFAST),
     },
     "cuda": {
         "layer_norm": (ATEN, ATEN),
@@ -87,6 +88,7 @@ CHOICE = {
         "window_attention": (VITFAST, VITFAST),
         "rel_pos_attention": (VITFAST, VITFAST),
         "linear_gelu": (ATEN, ATEN),
+        "linear": (ATEN, ATEN),
     },
 }
 # kind -> the smallest output (bytes) for which the CPU table's vitfast choice holds; smaller outputs run ATen.

@@ -1,6 +1,6 @@
-"""`patch_model` / `unpatch_model`: swap the attention, window attention, LayerNorm, patch embedding and the MLP's
-Linear + GELU of a timm, torchvision, open_clip, transformers or segment_anything model for vitfast's, in place,
-keeping every parameter and state-dict key.
+"""`patch_model` / `unpatch_model`: swap the attention, window attention, LayerNorm, patch embedding, the MLP's
+Linear + GELU and the Linear layers of a timm, torchvision, open_clip, transformers or segment_anything model for
+vitfast's, in place, keeping every parameter and state-dict key.
 
     report = vitfast.patch_model(model)      # prints as a table: what was patched, what was left and why
     vitfast.unpatch_model(model)             # the original forward paths again
@@ -16,8 +16,9 @@ An adapter that meets arguments it does not cover at run time (e.g. `need_weight
 a LayerNorm input whose dtype differs from its weight under autocast) calls the original forward for that call, and
 so does one whose vitfast op measured slower than the original code for that device and mode
 (integrations/choice.py: on CPU tensors LayerNorm and attention always run ATen, patch embedding runs ATen
-without grad, the MLP's Linear + GELU runs vitfast only without grad and for outputs of 32 MiB or more; on CUDA
-tensors LayerNorm, attention and the MLP run ATen); the report says what each kind runs on CPU and CUDA. A
+without grad, the MLP's Linear + GELU runs vitfast only without grad and for outputs of 32 MiB or more, Linear
+layers run vitfast.linear (oneDNN for float32); on CUDA tensors LayerNorm, attention, the MLP and Linear layers run
+ATen); the report says what each kind runs on CPU and CUDA. A
 patched module whose submodules carry hooks, or were swapped since patching (a LoRA wrapper, a parametrization),
 runs its original forward too, since the patched paths read the submodules' parameters directly.
 """
@@ -36,9 +37,10 @@ from vitfast import backend as _backend
 from vitfast.integrations.choice import describe, runs_original
 from vitfast.ops.attention import attention
 from vitfast.ops.layer_norm import layer_norm
+from vitfast.ops.linear import linear, onednn_pays
 from vitfast.ops.linear_gelu import linear_gelu
 
-KINDS = ("attention", "rel_pos_attention", "window_attention", "layer_norm", "patch_embed", "linear_gelu")
+KINDS = ("attention", "rel_pos_attention", "window_attention", "layer_norm", "patch_embed", "linear_gelu", "linear")
 _MARK = "_vitfast_patch"  # instance attribute: (kind, names of the instance attributes the patch set)
 
 
@@ -105,6 +107,19 @@ def _layer_norm_check(module: nn.Module) -> Optional[str]:
     if type(module).forward is not nn.LayerNorm.forward:
         return "nn.LayerNorm subclass with its own forward (not known to compute a plain LayerNorm)"
     return None
+
+
+def _linear_forward(self: nn.Linear, input: Tensor) -> Tensor:  # (nn.Linear's parameter name)
+    """vitfast.linear where its automatic choice takes oneDNN (ops/linear.py's onednn_pays; a forced backend: always),
+    else the original F.linear call without the op's dispatch; the original too where x's dtype differs from the
+    weight's outside autocast (F.linear's own error) or x is not floating point."""
+    if _backend.forced_backend() is None and not onednn_pays(math.prod(input.shape[:-1]), self.in_features,
+                                                             self.out_features):
+        return nn.Linear.forward(self, input)
+    if not input.is_floating_point() or (input.dtype != self.weight.dtype and not (
+            torch.amp.is_autocast_available(input.device.type) and torch.is_autocast_enabled(input.device.type))):
+        return nn.Linear.forward(self, input)
+    return linear(input, self.weight, self.bias)
 
 
 def _mha_forward(self: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor,
@@ -232,7 +247,10 @@ def mlp_check(module: nn.Module, fc1: str = "fc1", act: str = "act") -> Optional
     return None
 
 
+_LINEAR = Adapter("linear", "Linear -> vitfast.linear", {"forward": _linear_forward})
 _TORCH_ADAPTERS = {
+    "torch.nn.modules.linear.Linear": _LINEAR,
+    "torch.nn.modules.linear.NonDynamicallyQuantizableLinear": _LINEAR,  # (MultiheadAttention's out_proj)
     "torch.nn.modules.activation.MultiheadAttention": Adapter(
         "attention", "nn.MultiheadAttention -> vitfast.attention (need_weights=False calls)",
         {"forward": _mha_forward}, _mha_check),
@@ -345,7 +363,7 @@ def _bind(module: nn.Module, kind: str, methods: Dict[str, Callable]) -> None:
 
 
 def patch_model(model: nn.Module, attention: bool = True, window_attention: bool = True, layer_norm: bool = True,
-                patch_embed: bool = True, mlp: bool = True) -> PatchReport:
+                patch_embed: bool = True, mlp: bool = True, linear: bool = True) -> PatchReport:
     """Swaps vitfast's kernels into `model` in place (parameters and state-dict keys unchanged).
 
     Args:
@@ -363,6 +381,8 @@ def patch_model(model: nn.Module, attention: bool = True, window_attention: bool
         mlp: the first Linear + GELU of MLP blocks -> vitfast.linear_gelu (timm Mlp, torchvision MLP / MLPBlock,
             transformers ViT, DeiT, Swin, CLIP, SAM and ViTDet MLPs, segment_anything MLPBlock; other activations,
             e.g. CLIP's quick_gelu, are left with the reason).
+        linear: nn.Linear layers (exactly that class and MultiheadAttention's out_proj, not subclasses) ->
+            vitfast.linear.
 
     Returns:
         PatchReport: `.patched` and `.left` (with the reason); `print(report)` shows both.
@@ -370,7 +390,8 @@ def patch_model(model: nn.Module, attention: bool = True, window_attention: bool
     # kind -> (the flag's name, its value)
     flags = {"attention": ("attention", attention), "rel_pos_attention": ("attention", attention),
              "window_attention": ("window_attention", window_attention), "layer_norm": ("layer_norm", layer_norm),
-             "patch_embed": ("patch_embed", patch_embed), "linear_gelu": ("mlp", mlp)}
+             "patch_embed": ("patch_embed", patch_embed), "linear_gelu": ("mlp", mlp),
+             "linear": ("linear", linear)}
     table, known_left = _adapters(), _known_left()
     report = PatchReport()
     hf_prefixes: List[str] = []

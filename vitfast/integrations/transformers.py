@@ -25,6 +25,7 @@ from vitfast.integrations.choice import runs_original
 from vitfast.integrations.patch import Adapter, mlp_check, mlp_fc1
 from vitfast.integrations.segment_anything import SAM_MLP_BLOCK, mlp_block_forward, sam_attention
 from vitfast.ops.attention import attention
+from vitfast.ops.linear import linear
 from vitfast.ops.patch_embed import patch_embed
 from vitfast.ops.window_attention import window_attention
 
@@ -101,7 +102,7 @@ def _swin_layer_forward(self, hidden_states: torch.Tensor, input_dimensions, alw
     weight = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
     bias = (torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
             if attn.q_proj.bias is not None else None)
-    qkv = torch.nn.functional.linear(x, weight, bias).unflatten(-1, (3, attn.num_attention_heads, -1))
+    qkv = linear(x, weight, bias).unflatten(-1, (3, attn.num_attention_heads, -1))
     out = window_attention(qkv, attn.relative_position_bias.relative_position_bias_table, ws, self.shift_size,
                            qkv_pad=bias, softmax_scale=attn.scaling, attention_dropout=attn.attention_dropout,
                            training=self.training, clamp_window=False)

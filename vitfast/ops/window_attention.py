@@ -62,6 +62,7 @@ from torch import Tensor
 from vitfast import autocast as _autocast
 from vitfast import backend as _backend
 from vitfast.ops.attention import check_dropout_capture
+from vitfast.ops.linear import linear
 
 OP = "window_attention"
 MASK_VALUE = -100.0
@@ -620,7 +621,7 @@ def shifted_window_attention(input: Tensor, qkv_weight: Tensor, proj_weight: Ten
 
     Args:
         input: (B, H, W, C). qkv_weight: (3C, C). proj_weight: (C, C). qkv_bias: (3C,) or None.
-        proj_bias: (C,) or None. Any strides (the projections are F.linear's).
+        proj_bias: (C,) or None. Any strides (the projections are vitfast.linear's).
         relative_position_bias: (1, heads, N, N) as torchvision's module gathers it, or the (num_rel, heads)
             table itself (no gather at all); any strides.
         window_size, shift_size: [h, w]; the shift is dropped along an axis the window covers (not mutated).
@@ -637,6 +638,8 @@ def shifted_window_attention(input: Tensor, qkv_weight: Tensor, proj_weight: Ten
         ValueError: input not (B, H, W, C), C not divisible by num_heads, or as `window_attention`.
         NotImplementedError: an input with a forward-mode AD tangent (torch.func.jvp, torch.autograd.forward_ad).
     """
+    _backend.check_transforms("shifted_window_attention", input, qkv_weight, proj_weight, relative_position_bias,
+                              qkv_bias, proj_bias, logit_scale)
     if input.dim() != 4:
         raise ValueError(f"vitfast.shifted_window_attention: input must be (B, H, W, C), got {tuple(input.shape)}")
     B, H, W, C = input.shape
@@ -649,9 +652,9 @@ def shifted_window_attention(input: Tensor, qkv_weight: Tensor, proj_weight: Ten
     if logit_scale is not None and qkv_bias is not None:
         qkv_bias = torch.cat([qkv_bias[:C], torch.zeros_like(qkv_bias[C:2 * C]), qkv_bias[2 * C:]])
     D = C // num_heads
-    qkv = F.linear(input, qkv_weight, qkv_bias).view(B, H, W, 3, num_heads, D)
+    qkv = linear(input, qkv_weight, qkv_bias).view(B, H, W, 3, num_heads, D)
     needs_pad = qkv_bias is not None and (pad_H != H or pad_W != W)
     x = _attention_core(qkv, relative_position_bias, ws, shift, qkv_bias if needs_pad else None, logit_scale,
                         None, attention_dropout if training else 0.0, "shifted_window_attention")
-    x = F.linear(x, proj_weight, proj_bias)
+    x = linear(x, proj_weight, proj_bias)
     return F.dropout(x, p=dropout, training=training)

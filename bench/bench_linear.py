@@ -1,0 +1,71 @@
+"""Linear layers (qkv, proj, fc2 of the models): vitfast.linear (each backend that runs here: oneDNN on a CPU) vs
+F.linear (MKL's sgemm on an x86-64 CPU, cuBLAS on a GPU) and torch.compile of it, forward (no grad) and
+forward+backward. Shapes: ViT-B/16's qkv (197 tokens x 768 -> 2304) and fc2 (197 x 3072 -> 768) and Swin-T's
+first-stage qkv (3136 x 96 -> 288), 64 images on a GPU, batch 1 and 8 on a CPU."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vitfast
+
+from conftest import DEVICE, ON_GPU, headline, run_benchmark, vitfast_backends
+
+DTYPE = torch.bfloat16 if ON_GPU else torch.float32
+BATCHES = (64,) if ON_GPU else (1, 8)
+SHAPES = {"vit_b_qkv": (197, 768, 2304), "vit_b_fc2": (197, 3072, 768), "swin_t_s1_qkv": (3136, 96, 288)}
+_compiled = torch.compile(F.linear)
+IMPLS = vitfast_backends("linear") + ["torch", "torch.compile"]
+
+
+def _fn(impl):
+    if impl.startswith("vitfast"):
+        return vitfast.linear
+    return _compiled if impl == "torch.compile" else F.linear
+
+
+def _inputs(M, K, N, grad):
+    def make():
+        x = torch.randn(M, K, device=DEVICE, dtype=DTYPE, requires_grad=grad)
+        w = (torch.randn(N, K, device=DEVICE, dtype=DTYPE) * K ** -0.5).requires_grad_(grad)
+        b = torch.randn(N, device=DEVICE, dtype=DTYPE, requires_grad=grad)
+        return x, w, b
+    return make
+
+
+def _cases():
+    return headline([f"{name} B={b}" for name in SHAPES for b in BATCHES], {f"vit_b_qkv B={BATCHES[-1]}"})
+
+
+def _shape(case):
+    name, batch = case.split(" B=")
+    tokens, K, N = SHAPES[name]
+    return tokens * int(batch), K, N
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", _cases())
+def test_forward(benchmark, impl, case):
+    M, K, N = _shape(case)
+    fn = _fn(impl)
+
+    def fwd(x, w, b):
+        with torch.no_grad():
+            return fn(x, w, b)
+
+    benchmark.group = f"linear fwd {case} ({M}x{K} -> {N}) {DTYPE}"
+    run_benchmark(benchmark, fwd, _inputs(M, K, N, False), impl=impl, flops=2 * M * K * N,
+                  bytes_moved=(M * K + N * K + M * N) * DTYPE.itemsize)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", _cases())
+def test_forward_backward(benchmark, impl, case):
+    M, K, N = _shape(case)
+    fn = _fn(impl)
+
+    def step(x, w, b):
+        y = fn(x, w, b)
+        return torch.autograd.grad(y, (x, w, b), torch.ones_like(y))
+
+    benchmark.group = f"linear fwd+bwd {case} ({M}x{K} -> {N}) {DTYPE}"
+    run_benchmark(benchmark, step, _inputs(M, K, N, True), impl=impl, flops=6 * M * K * N)

@@ -1,0 +1,182 @@
+"""vitfast.linear: outputs and every gradient against float64 on each backend (onednn: float32 CPU; torch: every
+dtype and device), odd shapes and strides, the backend rule, autocast, opcheck and torch.compile."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vitfast
+from vitfast import backend as vf_backend
+from vitfast.ops.linear import linear_ref
+
+from conftest import DEVICE, assert_close_to_ref, assert_compiles_like_eager, backend_cases, rounding_noise
+
+CASES = backend_cases("linear")
+ONEDNN = vf_backend._unavailable("linear", "onednn", torch.device("cpu")) is None
+
+
+def _run(fn, x, w, b, dy):
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b)]
+    y = fn(*leaves)
+    grads = torch.autograd.grad((y * dy).sum(), [t for t in leaves if t is not None])
+    return [y] + list(grads)
+
+
+def _check(backend, device, x, w, b, dtype):
+    dy = torch.randn(*x.shape[:-1], w.shape[0], dtype=dtype, device=device)
+    with vitfast.use_backend(backend):
+        got = _run(vitfast.linear, x, w, b, dy)
+        with torch.inference_mode():
+            got_inference = vitfast.linear(x, w, b)
+    d = lambda t: t.double() if t is not None else None  # noqa: E731
+    ref = _run(linear_ref, d(x), d(w), d(b), d(dy))
+    noise = rounding_noise(lambda t: _run(linear_ref, *t), [d(x), d(w), d(b), d(dy)], dtype)
+    plain = _run(linear_ref, x, w, b, dy)
+    names = ["y", "dx", "dweight"] + (["dbias"] if b is not None else [])
+    assert len(got) == len(ref) == len(names)
+    for nm, g, rf, p, n in zip(names, got, ref, plain, noise):
+        assert_close_to_ref(g, rf, p, f"{backend} {nm}", noise=n)
+    assert torch.equal(got_inference, got[0].detach())
+    assert got[0].is_contiguous()
+
+
+def _skip_dtype(backend, dtype):
+    if backend == "onednn" and dtype != torch.float32:
+        pytest.skip("the onednn backend takes float32 (other dtypes go to the torch backend)")
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape,K,N,bias", [((1,), 1, 1, True), ((3,), 7, 5, False), ((2, 49), 96, 288, True),
+                                            ((197,), 768, 131, True), ((2, 3, 5), 40, 24, False)])
+def test_matches_fp64(backend, device, dtype, shape, K, N, bias):
+    _skip_dtype(backend, dtype)
+    x = torch.randn(*shape, K, dtype=dtype, device=device)
+    w = torch.randn(N, K, dtype=dtype, device=device) * K ** -0.5
+    b = torch.randn(N, dtype=dtype, device=device) if bias else None
+    _check(backend, device, x, w, b, dtype)
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+def test_strided_inputs(backend, device):
+    """A transposed x, a weight that is a column slice of a wider one, a bias read with a stride: the results of
+    contiguous copies."""
+    x = torch.randn(33, 2, 24, device=device).transpose(0, 1)  # (2, 33, 24), not contiguous
+    w = torch.randn(40, 48, device=device)[:, ::2] * 0.2  # (40, 24), strides (48, 2)
+    b = torch.randn(80, device=device)[::2]
+    _check(backend, device, x, w, b, torch.float32)
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+def test_empty_and_degenerate_shapes(backend, device):
+    """No rows gives (0, N) and zero gradients; an empty inner dim K = 0 gives the bias (the onednn backend, which
+    has no primitive for it, hands it to F.linear when not forced); N = 0 gives (M, 0)."""
+    w, b = torch.randn(6, 8, device=device), torch.randn(6, device=device)
+    with vitfast.use_backend("torch" if backend == "onednn" else backend):
+        y = vitfast.linear(torch.randn(3, 0, device=device), torch.randn(6, 0, device=device), b)
+    torch.testing.assert_close(y, b.expand(3, 6))
+    with vitfast.use_backend(backend):
+        x0 = torch.randn(0, 4, 8, device=device, requires_grad=True)
+        y0 = vitfast.linear(x0, w.requires_grad_(), b)
+        assert y0.shape == (0, 4, 6)
+        y0.sum().backward()
+        assert torch.equal(w.grad, torch.zeros_like(w)) and x0.grad.shape == x0.shape
+        assert vitfast.linear(torch.randn(5, 8, device=device), torch.randn(0, 8, device=device)).shape == (5, 0)
+    assert vitfast.linear(torch.randn(3, 0, device=device), torch.randn(6, 0, device=device)).shape == (3, 6)
+
+
+@pytest.mark.skipif(not ONEDNN, reason="PyTorch without oneDNN")
+def test_backend_rule():
+    """float32 CPU tensors take onednn; float64 and (under autocast) bfloat16 take torch; forcing onednn on what it
+    cannot take raises naming the dtype; forcing one of vitfast's kernel backends (which a GEMM has none of) leaves
+    the automatic choice; switching oneDNN off in PyTorch is obeyed."""
+    x, w = torch.randn(4, 8), torch.randn(6, 8)
+    assert vf_backend.why_not("linear", "onednn", x, w) is None
+    assert "float64" in vf_backend.why_not("linear", "onednn", x.double(), w.double())
+    assert "K = 0" in vf_backend.why_not("linear", "onednn", torch.randn(4, 0), torch.randn(6, 0))
+    with vitfast.use_backend("onednn"):
+        with pytest.raises(ValueError, match=r"linear: no backend can take inputs.*float64.*onednn: dtype"):
+            vitfast.linear(x.double(), w.double())
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert "torch.backends.mkldnn.enabled" in vf_backend.why_not("linear", "onednn", x, w)
+        with vitfast.use_backend("onednn"), pytest.raises(ValueError, match="mkldnn.enabled is False"):
+            vitfast.linear(x, w)
+    for forced in ("cpp", "triton", "cuda"):
+        with vitfast.use_backend(forced):
+            torch.testing.assert_close(vitfast.linear(x, w), F.linear(x, w))
+
+
+@pytest.mark.skipif(not ONEDNN, reason="PyTorch without oneDNN")
+@pytest.mark.parametrize("M,K,N,expected", [(256, 384, 384, True), (100, 768, 3072, True), (227, 384, 384, False),
+                                            (4096, 256, 1024, False), (4096, 1024, 128, False)])
+def test_automatic_choice_takes_onednn_where_it_pays(monkeypatch, M, K, N, expected):
+    """The automatic choice runs oneDNN for float32 products with K, N >= 384 and M K N >= 2**25 (ops/linear.py's
+    measurements), F.linear for the others, in the forward and in the backward's dx = dy W (K and N swapped)."""
+    from vitfast.ops import linear as vl
+
+    calls = []
+    real = vl.onednn_linear
+    monkeypatch.setattr(vl, "onednn_linear", lambda *a: calls.append(a[0].shape) or real(*a))
+    x = torch.randn(M, K, requires_grad=True)
+    w = (torch.randn(N, K) * K ** -0.5).requires_grad_()
+    y = vitfast.linear(x, w)
+    y.backward(torch.ones_like(y))
+    assert calls == ([(M, K), (M, N)] if expected else [])
+    assert vl.onednn_pays(M, K, N) == expected
+    torch.testing.assert_close(y, F.linear(x, w))
+    torch.testing.assert_close(x.grad, torch.ones(M, N) @ w.detach(), rtol=1e-5, atol=1e-4)
+
+
+def test_bad_inputs_raise_clear_errors():
+    x, w = torch.randn(4, 8), torch.randn(6, 8)
+    with pytest.raises(ValueError, match=r"linear: weight must be \(N, 8\) for x of shape \(4, 8\), got \(6, 7\)"):
+        vitfast.linear(x, torch.randn(6, 7))
+    with pytest.raises(ValueError, match=r"bias must be \(6,\) for weight \(6, 8\), got \(5,\)"):
+        vitfast.linear(x, w, torch.randn(5))
+    with pytest.raises(ValueError, match="floating-point"):
+        vitfast.linear(torch.ones(4, 8, dtype=torch.int32), w)
+    with pytest.raises(ValueError, match="one device.*x torch.float32 cpu, weight torch.float16 cpu"):
+        vitfast.linear(x, w.half())
+    with pytest.raises(ValueError, match="one device.*meta"):
+        vitfast.linear(x, w, torch.randn(6, device="meta"))
+
+
+def test_autocast_follows_linear():
+    """Under CPU autocast (bfloat16) x, weight and bias are cast as F.linear casts them; gradients reach the float32
+    leaves; backward() called inside the region keeps the forward's dtypes."""
+    x = torch.randn(3, 10, 32, requires_grad=True)
+    lin = torch.nn.Linear(32, 48)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = vitfast.linear(x, lin.weight, lin.bias)
+        expected = lin(x)
+    assert y.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(y, expected)
+    y.float().sum().backward()
+    assert x.grad.dtype == lin.weight.grad.dtype == torch.float32 and torch.isfinite(lin.weight.grad).all()
+    y32 = vitfast.linear(x, lin.weight, lin.bias)
+    outside = torch.autograd.grad(y32.sum(), (x, lin.weight), retain_graph=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = torch.autograd.grad(y32.sum(), (x, lin.weight))
+    assert all(a.dtype == c.dtype == torch.float32 and torch.equal(a, c) for a, c in zip(outside, inside))
+
+
+def test_opcheck():
+    x = torch.randn(6, 32, requires_grad=True)
+    w = torch.randn(20, 32, requires_grad=True)
+    b = torch.randn(20, requires_grad=True)
+    for args in [(x, w, b), (x, w, None), (torch.randn(0, 32, requires_grad=True), w, b),
+                 (x.double(), w.double(), None)]:
+        torch.library.opcheck(torch.ops.vitfast.linear.default, args)
+
+
+def test_torch_compile_fullgraph():
+    class Mlp(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = torch.nn.Linear(24, 64)
+            self.fc2 = torch.nn.Linear(64, 24)
+
+        def forward(self, x):
+            return vitfast.linear(F.gelu(vitfast.linear(x, self.fc1.weight, self.fc1.bias)), self.fc2.weight,
+                                  self.fc2.bias)
+
+    assert_compiles_like_eager(Mlp().to(DEVICE), torch.randn(2, 5, 24, device=DEVICE, requires_grad=True))

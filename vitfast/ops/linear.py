@@ -1,0 +1,170 @@
+"""Linear layer, y = x W^T + b: reference, torch.library op, autograd, functional API.
+
+vitfast writes no GEMM of its own. On the CPU the op picks the faster of the two GEMM libraries PyTorch ships:
+"onednn" runs oneDNN's inner-product primitive (torch.ops.mkldnn._linear_pointwise, the kernel behind
+torch.compile's frozen CPU graphs, with the bias added in its epilogue), "torch" runs F.linear, which for float32 on
+x86-64 CPUs is MKL's sgemm (cblas). At the larger Linear shapes of ViT-B/16, DeiT-S, CLIP ViT-B/32 and Swin-T
+(`python bench/cpu_choice.py -k "linear "`, 2 threads, float32, 2026-12-01, integrations/choice.py) oneDNN is
+1.05-1.3x faster on an AVX-512 (Zen 4) CPU; at small ones its higher cost per call loses, so the automatic choice
+takes it only where `onednn_pays` (below). The backward's dx = dy W is the same primitive with W^T as
+its weight (a strided view, no copy); dW = dy^T x and db stay ATen's. The onednn backend takes float32 (the dtype
+measured); other dtypes, and CUDA tensors (cuBLAS), take the torch backend.
+"""
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from vitfast import autocast as _autocast
+from vitfast import backend as _backend
+
+OP = "linear"
+
+
+def linear_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """Plain PyTorch: `F.linear(x, weight, bias)`."""
+    return F.linear(x, weight, bias)
+
+
+def _check_support(backend: str, tensors: tuple) -> Optional[str]:
+    if backend == "onednn":
+        if tensors[0].dtype != torch.float32:
+            return f"dtype {tensors[0].dtype} (the onednn backend takes float32)"
+        if tensors[0].shape[-1] == 0:
+            return "an empty inner dim K = 0 (oneDNN has no inner product for it)"
+    return None
+
+
+_backend.register_op(OP, gpu_order=("torch",), cpu_order=("onednn", "torch"), check=_check_support)
+
+# oneDNN's inner product costs ~15 us a call more than F.linear (ideep's tensor and primitive-cache set-up: 15.5 vs
+# 2.8 us on a 4 x 8 x 6 product) and gains only where both K and N are large: 2 threads, Zen 4, 40 interleaved calls
+# of vitfast.linear against F.linear without grad, M x K -> N: 197 x 768 -> 768 1.12x, 50 x 768 -> 3072 1.29x,
+# 197 x 384 -> 1152 1.14x, 400 x 768 -> 768 1.06x, but 197 x 384 -> 384 0.90x, 50 x 768 -> 768 1.01x,
+# 784 x 192 -> 576 0.95x, 3136 x 96 -> 288 0.81x, 784 x 768 -> 192 1.01x, 3136 x 384 -> 96 0.98x. So the automatic
+# choice takes oneDNN for float32 products with K and N of at least ONEDNN_MIN_DIM and M K N of at least
+# ONEDNN_MIN_MACS multiply-adds, F.linear for the others.
+ONEDNN_MIN_DIM = 384
+ONEDNN_MIN_MACS = 2**25
+
+
+def onednn_pays(M: int, K: int, N: int) -> bool:
+    """Whether the automatic choice runs an (M, K) x (K, N) product on oneDNN (the rule above), dtype aside."""
+    return min(K, N) >= ONEDNN_MIN_DIM and M * K * N >= ONEDNN_MIN_MACS
+
+
+def onednn_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """oneDNN's inner product: x (M, K), weight (N, K) (any strides: a transposed view is read in place), bias (N,)
+    (any strides) or None; float32 CPU tensors, K > 0. Returns (M, N), contiguous."""
+    # (the op reads the bias as if contiguous whatever its stride: a strided or expanded bias gives wrong sums)
+    bias = bias.contiguous() if bias is not None else None
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def _gemm(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """x W^T + b for x (M, K), weight (N, K) on the backend chosen for these tensors. A forced onednn or torch
+    backend is obeyed (onednn raises where it cannot take the tensors); a forced triton, cuda or cpp backend, which
+    names vitfast's own kernels, of which a GEMM has none, leaves the choice automatic: oneDNN where it can take the
+    tensors and `onednn_pays`, else F.linear."""
+    if _backend.forced_backend() in ("onednn", "torch"):
+        which = _backend.choose_backend(OP, x, weight, bias)
+    elif onednn_pays(x.shape[0], x.shape[1], weight.shape[0]) and _backend.why_not(OP, "onednn", x, weight,
+                                                                                      bias) is None:
+        which = "onednn"
+    else:
+        which = "torch"
+    return onednn_linear(x, weight, bias) if which == "onednn" else F.linear(x, weight, bias)
+
+
+@torch.library.custom_op("vitfast::linear", mutates_args=())
+def _linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """x: (M, K), weight: (N, K), bias: (N,) or None, one dtype and device. Returns x W^T + b (M, N)."""
+    return _gemm(x, weight, bias)
+
+
+@_linear_op.register_fake
+def _(x, weight, bias):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, dy):
+    x, weight = ctx.saved_tensors
+    # in the forward's dtypes, also when backward() is called inside an autocast region
+    with _autocast.disabled(dy.device):
+        dx = _linear_op(dy, weight.t(), None) if ctx.needs_input_grad[0] else None  # (the op: opaque to compile)
+        dweight = dy.t() @ x if ctx.needs_input_grad[1] else None
+        dbias = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    return dx, dweight, dbias
+
+
+_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _autocast_rule(device_type, dtype, x, weight, bias):
+    """F.linear's autocast rule: x, weight and bias in the region's lower-precision dtype, on CPU and CUDA."""
+    args = [_autocast.cast(dtype, t) for t in (x, weight, bias)]
+    _autocast.check_same_dtype("linear", **dict(zip(("x", "weight", "bias"), args)))
+    return _linear_op(*args)
+
+
+_autocast.register("linear", _autocast_rule)
+
+
+def check_linear_args(op: str, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
+    """The argument checks of F.linear-like ops (vitfast.linear, vitfast.linear_gelu), with vitfast's messages.
+
+    Raises:
+        ValueError: non-floating x, a weight that is not (N, K) with K = x.shape[-1], a bias that is not (N,),
+            tensors on different devices or of different dtypes (outside autocast).
+    """
+    if not x.is_floating_point() or x.dim() == 0:
+        raise ValueError(f"vitfast.{op}: x must be a floating-point tensor with at least one dim, got "
+                         f"{tuple(x.shape)} {x.dtype}")
+    K = x.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != K:
+        raise ValueError(f"vitfast.{op}: weight must be (N, {K}) for x of shape {tuple(x.shape)}, got "
+                         f"{tuple(weight.shape)}")
+    N = weight.shape[0]
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"vitfast.{op}: bias must be ({N},) for weight {tuple(weight.shape)}, got "
+                         f"{tuple(bias.shape)}")
+    present = {k: t for k, t in (("x", x), ("weight", weight), ("bias", bias)) if t is not None}
+    if len({t.device for t in present.values()}) > 1 or (
+            not _autocast.is_enabled(x.device) and len({t.dtype for t in present.values()}) > 1):
+        listed = ", ".join(f"{k} {t.dtype} {t.device}" for k, t in present.items())
+        raise ValueError(f"vitfast.{op}: x, weight and bias must share one device and (outside autocast) one "
+                         f"dtype, got {listed}")
+
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """x @ weight^T + bias, as F.linear (nn.Linear's forward), on the faster GEMM library for the device (module
+    docstring: oneDNN for float32 CPU tensors, else ATen's F.linear).
+
+    Args:
+        x: (*, K), floating point, any strides.
+        weight: (N, K), x's dtype and device (any floating dtype under autocast); any strides.
+        bias: (N,) or None, likewise.
+
+    Autocast: as F.linear (x, weight and bias in the region's lower-precision dtype).
+
+    Returns:
+        (*, N) in x's dtype (the autocast dtype inside an autocast region), contiguous.
+
+    Raises:
+        ValueError: non-floating x, a weight that is not (N, K) with K = x.shape[-1], a bias that is not (N,),
+            tensors on different devices or of different dtypes (outside autocast), or a forced backend that cannot
+            take the inputs (e.g. VITFAST_BACKEND=onednn with float64 or CUDA tensors).
+        NotImplementedError: an input with a forward-mode AD tangent (torch.func.jvp, torch.autograd.forward_ad).
+    """
+    _backend.check_transforms("linear", x, weight, bias)
+    check_linear_args("linear", x, weight, bias)
+    y = _linear_op(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), weight, bias)
+    return y.view(*x.shape[:-1], weight.shape[0])
