@@ -163,8 +163,9 @@ def test_opcheck():
     x = torch.randn(6, 32, requires_grad=True)
     w = torch.randn(20, 32, requires_grad=True)
     b = torch.randn(20, requires_grad=True)
-    for args in [(x, w, b), (x, w, None), (torch.randn(0, 32, requires_grad=True), w, b),
-                 (x.double(), w.double(), None)]:
+    frozen = torch.nn.Parameter(torch.randn(20, 32), requires_grad=False)
+    for args in [(x, w, b, False), (x, w, None, False), (torch.randn(0, 32, requires_grad=True), w, b, False),
+                 (x.double(), w.double(), None, False), (x, frozen, b, True)]:
         torch.library.opcheck(torch.ops.vitfast.linear.default, args)
 
 
@@ -180,3 +181,49 @@ def test_torch_compile_fullgraph():
                                   self.fc2.bias)
 
     assert_compiles_like_eager(Mlp().to(DEVICE), torch.randn(2, 5, 24, device=DEVICE, requires_grad=True))
+
+
+@pytest.mark.skipif(not ONEDNN, reason="PyTorch without oneDNN")
+def test_prepacked_weight_follows_the_parameter(monkeypatch):
+    """Without grad a Parameter's weight is prepacked once and reused; an in-place update (optimizer step, init,
+    load_state_dict), new storage (.data = ...) or a new Parameter is seen at the next call; with grad, for a plain
+    tensor and for an inference tensor nothing is packed. Each result equals F.linear's."""
+    from vitfast.ops import linear as vl
+
+    packs = []
+    real = torch.ops.mkldnn._reorder_linear_weight
+    monkeypatch.setattr(vl.torch.ops.mkldnn, "_reorder_linear_weight",
+                        lambda w, b: packs.append(tuple(w.shape)) or real(w, b), raising=False)
+    lin = torch.nn.Linear(384, 512)
+    x = torch.randn(200, 384)
+
+    def check():
+        with torch.no_grad():
+            y = vitfast.linear(x, lin.weight, lin.bias)
+            torch.testing.assert_close(y, F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-4)
+
+    check()
+    check()
+    assert len(packs) == 1
+    with torch.no_grad():
+        lin.weight.mul_(-2.0)
+    check()
+    lin.load_state_dict({"weight": torch.randn(512, 384), "bias": lin.bias.detach()})
+    check()
+    lin.weight.data = torch.randn(512, 384)
+    check()
+    assert len(packs) == 4
+    with torch.inference_mode():
+        vitfast.linear(x, lin.weight, lin.bias)
+    assert len(packs) == 4
+    vitfast.linear(x, lin.weight, lin.bias).sum().backward()  # with grad: the plain weight
+    with torch.no_grad():
+        vitfast.linear(x, lin.weight.detach().clone(), lin.bias)  # not a Parameter
+        with torch.inference_mode():
+            frozen = torch.nn.Parameter(torch.randn(512, 384), requires_grad=False)  # an inference tensor
+        vitfast.linear(x, frozen, lin.bias)
+    assert len(packs) == 4
+    ident = id(lin.weight)
+    assert ident in vl._PACKED
+    del lin
+    assert ident not in vl._PACKED  # (an entry leaves with its Parameter)
