@@ -20,6 +20,7 @@ per kind; vitfast time / ATen time, > 1: vitfast faster):
 | window_attention | 2.99x the fastest SDPA over the partitioned windows (Swin-T stage 1) | 1.08x            | vitfast |
 | rel_pos_attention| 3.36x cuDNN SDPA with the dense decomposed bias (SAM-B global) | 3.20x                   | vitfast |
 | linear_gelu      | 0.33x torch._addmm_activation, 0.55x F.linear + F.gelu (Swin-T fc1) | 0.52x             | ATen    |
+| linear           | not measured: vitfast.linear is F.linear (cuBLAS) on CUDA tensors | -                   | ATen    |
 
 The ATen code a patched attention module falls back to is its own: SDPA in timm (fused_attn, the default),
 torchvision's MultiheadAttention, open_clip and transformers' SDPA path; a timm model built with fused_attn=False
@@ -40,6 +41,7 @@ ViT-B/16, DeiT-S/16, CLIP ViT-B/32 and Swin-T at batch 1 and 8 (rows 49 .. 25088
 | window_attention | 1.07 .. 1.68                               | 1.00 .. 1.78                           | vitfast        |
 | rel_pos_attention| 1.86 .. 2.06                               | 2.20 .. 2.44                           | vitfast        |
 | linear_gelu      | >= 32 MiB out 1.45, else 0.93 .. 1.09      | 0.78 .. 1.01                           | see below      |
+| linear           | see below                                  | see below                              | vitfast        |
 
 rel_pos_attention (SAM/ViTDet image encoders) is against SDPA with the dense decomposed bias that transformers' and
 timm's SAM attention pass (SAM-B global layer B=1 and windowed layer 25 windows, 12 heads, D=64; same command with
@@ -54,12 +56,23 @@ rounds: torchvision Swin-T B=1 1.007, DeiT-S B=8 1.009, ViT-B/16 B=1 0.954), so 
 models at B=8 with the rule against without the op (9-11 paired rounds): torchvision 1.013 and 1.052 in two runs,
 timm 1.116, transformers 1.030. With grad it keeps ATen (it must keep h = x W^T + b anyway: 0.78 .. 1.01).
 
+linear (every nn.Linear; 2026-12-01, same command with `-k "linear "`, on the AVX-512 machine below): vitfast.linear
+runs oneDNN's inner product where its own rule (ops/linear.py, `onednn_pays`: K and N at least 384, M K N at least
+2**25) says it pays, F.linear elsewhere, so the module-level choice is vitfast in both modes; a patched nn.Linear
+asks that rule first and calls its own F.linear where it says no, without the op's dispatch. Against F.linear (MKL):
+ViT-B/16 qkv, proj, fc2 at batch 1 1.22, 1.15, 1.28 without grad and 1.14, 1.07, 1.19 with; at batch 8 (qkv, fc2)
+1.04, 1.05 and 1.04, 1.05; CLIP B/32 fc2 at batch 8 1.15 / 1.10; DeiT-S at batch 8 1.01 .. 1.03; Swin-T stages 3-4
+1.00 .. 1.07 (full table: bench/results/cpu-avx512-2026-12-01/cpu_choice_linear.md). Below the rule (Swin-T's
+first stages, K = 96 or 192; 29M multiply-adds or fewer) oneDNN measured 0.78 .. 0.95.
+
 The same command on an AVX-512 machine (Zen 4, 2026-12-01: bench/results/cpu-avx512-2026-12-01/cpu_choice.md) puts
 every kind and mode on the same side as this table.
 
 Every shape class measured falls on the same side for a given kind and mode (patch embedding without grad is
-level at ViT shapes and slower at Swin's, so ATen), but for linear_gelu's output size, so the rule is per (kind, mode)
-with `CPU_MIN_OUTPUT_BYTES` for that one; a new shape class that measures differently gets its row here, nowhere else.
+level at ViT shapes and slower at Swin's, so ATen), but for linear_gelu's output size and linear's product size, so
+the rule is per (kind, mode), with `CPU_MIN_OUTPUT_BYTES` for linear_gelu and the op's own `onednn_pays` for linear
+(a backend choice inside the op, which vitfast.linear makes for every caller); a new shape class that measures
+differently gets its row here (or in that rule), nowhere else.
 """
 from typing import Optional
 

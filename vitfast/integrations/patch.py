@@ -37,7 +37,7 @@ from vitfast import backend as _backend
 from vitfast.integrations.choice import describe, runs_original
 from vitfast.ops.attention import attention
 from vitfast.ops.layer_norm import layer_norm
-from vitfast.ops.linear import linear, onednn_pays
+from vitfast.ops.linear import linear
 from vitfast.ops.linear_gelu import linear_gelu
 
 KINDS = ("attention", "rel_pos_attention", "window_attention", "layer_norm", "patch_embed", "linear_gelu", "linear")
@@ -110,12 +110,8 @@ def _layer_norm_check(module: nn.Module) -> Optional[str]:
 
 
 def _linear_forward(self: nn.Linear, input: Tensor) -> Tensor:  # (nn.Linear's parameter name)
-    """vitfast.linear where its automatic choice takes oneDNN (ops/linear.py's onednn_pays; a forced backend: always),
-    else the original F.linear call without the op's dispatch; the original too where x's dtype differs from the
-    weight's outside autocast (F.linear's own error) or x is not floating point."""
-    if _backend.forced_backend() is None and not onednn_pays(math.prod(input.shape[:-1]), self.in_features,
-                                                             self.out_features):
-        return nn.Linear.forward(self, input)
+    """vitfast.linear (oneDNN where its rule says it pays, else F.linear); the original where x's dtype differs from
+    the weight's outside autocast (F.linear's own error) or x is not floating point."""
     if not input.is_floating_point() or (input.dtype != self.weight.dtype and not (
             torch.amp.is_autocast_available(input.device.type) and torch.is_autocast_enabled(input.device.type))):
         return nn.Linear.forward(self, input)

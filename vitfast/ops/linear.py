@@ -181,7 +181,7 @@ def check_linear_args(op: str, x: Tensor, weight: Tensor, bias: Optional[Tensor]
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """x @ weight^T + bias, as F.linear (nn.Linear's forward), on the faster GEMM library for the device (module
-    docstring: oneDNN for float32 CPU tensors, else ATen's F.linear).
+    docstring: oneDNN for float32 CPU products where `onednn_pays`, else F.linear itself, called directly).
 
     Args:
         x: (*, K), floating point, any strides.
@@ -201,6 +201,9 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """
     _backend.check_transforms("linear", x, weight, bias)
     check_linear_args("linear", x, weight, bias)
+    if _backend.forced_backend() not in ("onednn", "torch") and not (
+            x.is_cpu and onednn_pays(math.prod(x.shape[:-1]), x.shape[-1], weight.shape[0])):
+        return F.linear(x, weight, bias)  # (the op's automatic choice, without its dispatch: ~40 us a call)
     prepack = isinstance(weight, nn.Parameter) and not (torch.is_grad_enabled() and weight.requires_grad)
     y = _linear_op(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), weight, bias, prepack)
     return y.view(*x.shape[:-1], weight.shape[0])
