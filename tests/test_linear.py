@@ -107,11 +107,13 @@ def test_backend_rule():
 
 
 @pytest.mark.skipif(not ONEDNN, reason="PyTorch without oneDNN")
-@pytest.mark.parametrize("M,K,N,expected", [(256, 384, 384, True), (100, 768, 3072, True), (227, 384, 384, False),
-                                            (4096, 256, 1024, False), (4096, 1024, 128, False)])
-def test_automatic_choice_takes_onednn_where_it_pays(monkeypatch, M, K, N, expected):
-    """The automatic choice runs oneDNN for float32 products with K, N >= 384 and M K N >= 2**25 (ops/linear.py's
-    measurements), F.linear for the others, in the forward and in the backward's dx = dy W (K and N swapped)."""
+@pytest.mark.parametrize("M,K,N,without_grad,with_grad", [
+    (256, 384, 384, True, False), (100, 768, 3072, True, True), (64, 768, 768, True, True),
+    (227, 384, 384, False, False), (4096, 256, 1024, False, False), (4096, 1024, 128, False, False)])
+def test_automatic_choice_takes_onednn_where_it_pays(monkeypatch, M, K, N, without_grad, with_grad):
+    """The automatic choice runs oneDNN for float32 products with K, N >= 384 (768 where autograd records the call)
+    and M K N >= 2**25 (ops/linear.py's measurements), F.linear for the others; with grad the backward's dx = dy W
+    (K and N swapped) takes the same path."""
     from vitfast.ops import linear as vl
 
     calls = []
@@ -119,10 +121,14 @@ def test_automatic_choice_takes_onednn_where_it_pays(monkeypatch, M, K, N, expec
     monkeypatch.setattr(vl, "onednn_linear", lambda *a: calls.append(a[0].shape) or real(*a))
     x = torch.randn(M, K, requires_grad=True)
     w = (torch.randn(N, K) * K ** -0.5).requires_grad_()
+    with torch.no_grad():
+        torch.testing.assert_close(vitfast.linear(x, w), F.linear(x, w))
+    assert calls == ([(M, K)] if without_grad else [])
+    calls.clear()
     y = vitfast.linear(x, w)
     y.backward(torch.ones_like(y))
-    assert calls == ([(M, K), (M, N)] if expected else [])
-    assert vl.onednn_pays(M, K, N) == expected
+    assert calls == ([(M, K), (M, N)] if with_grad else [])
+    assert (vl.onednn_pays(M, K, N), vl.onednn_pays(M, K, N, grad=True)) == (without_grad, with_grad)
     torch.testing.assert_close(y, F.linear(x, w))
     torch.testing.assert_close(x.grad, torch.ones(M, N) @ w.detach(), rtol=1e-5, atol=1e-4)
 

@@ -483,20 +483,27 @@ def test_cpu_choice_inference_is_the_original(build):
 # ----------------------------------------------------------------------------------------------- report, flags
 
 def test_linear_layers_run_vitfast_linear_where_onednn_pays(monkeypatch):
-    """A patched nn.Linear calls vitfast.linear (oneDNN) where the op's rule says it pays (K, N >= 384, M K N >=
-    2**25) and its own F.linear below; outputs and gradients match the original model; linear=False leaves them."""
+    """A patched nn.Linear calls vitfast.linear, which runs oneDNN where its rule says it pays (with grad: K, N >= 768,
+    M K N >= 2**25) and F.linear below; outputs and gradients match the original model, with grad and without;
+    linear=False leaves the layers."""
     from vitfast.ops import linear as vl
 
-    model = nn.Sequential(nn.Linear(384, 512), nn.GELU(), nn.Linear(512, 384), nn.Linear(384, 8)).eval()
+    model = nn.Sequential(nn.Linear(768, 1024), nn.GELU(), nn.Linear(1024, 768), nn.Linear(768, 8)).eval()
     calls = []
     real = vl.onednn_linear
     monkeypatch.setattr(vl, "onednn_linear", lambda *a: calls.append(tuple(a[1].shape)) or real(*a))
-    x = torch.randn(3, 100, 384)
+    x = torch.randn(3, 100, 768)
     report = _patched_equal(model, x, "auto", atol=1e-4, rtol=1e-4, device="cpu")
     assert {p.name for p in report.patched} == {"0", "2", "3"}
+    onednn = vf_backend.why_not("linear", "onednn", x, x) is None
     # the two forwards, then the backward's dx of layer 2 (its weight transposed; layer 0's input needs no grad)
-    expected = [(512, 384), (384, 512), (512, 384)] if vf_backend.why_not("linear", "onednn", x, x) is None else []
-    assert calls == expected
+    assert calls == ([(1024, 768), (768, 1024), (1024, 768)] if onednn else [])
+    mine = copy.deepcopy(model)
+    vitfast.patch_model(mine)
+    calls.clear()
+    with torch.inference_mode():
+        torch.testing.assert_close(mine(x), model(x), rtol=1e-4, atol=1e-4)
+    assert len(calls) == (2 if onednn else 0)  # (prepacked weights: an opaque oneDNN layout)
     assert not vitfast.patch_model(copy.deepcopy(model), linear=False).counts().get("linear")
 
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import vitfast
 from vitfast import backend
 from vitfast.ops.layer_norm import layer_norm_ref
+from vitfast.ops.linear import linear_ref
 from vitfast.ops.linear_gelu import linear_gelu_ref
 from vitfast.ops.patch_embed import patch_embed_ref
 from vitfast.ops.patch_merging import patch_merging_ref
@@ -97,6 +98,9 @@ def _cases(gpu: bool) -> list:
         Case("linear_gelu Swin-T s1 fc1", f"({swin_b * 3136}, 96) -> 384",
              lambda d, t: (_randn(d, t, swin_b * 3136, 96), _randn(d, t, 384, 96, scale=0.1), _randn(d, t, 384)),
              (0, 1, 2), vitfast.linear_gelu, linear_gelu_ref, "F.linear, F.gelu"),
+        Case("linear ViT-B/16 qkv", f"({m}, 768) -> 2304",
+             lambda d, t: (_randn(d, t, m, 768), _randn(d, t, 2304, 768, scale=0.036), _randn(d, t, 2304)),
+             (0, 1, 2), vitfast.linear, linear_ref, "F.linear"),
         Case("patch merging Swin-T s1", f"B={swin_b} 56x56x96",
              lambda d, t: (_randn(d, t, swin_b, 56, 56, 96), _randn(d, t, 384), _randn(d, t, 384),
                            _randn(d, t, 192, 384, scale=0.05)), (0, 1, 2, 3),
@@ -112,7 +116,7 @@ def _backends(op: str, device: str) -> list:
 
 _OP_OF = {"layer_norm": "layer_norm", "attention": "attention", "window": "window_attention",
           "patch embed": "patch_embed", "patch merging": "patch_merging", "rel_pos_attention": "rel_pos_attention",
-          "linear_gelu": "linear_gelu"}
+          "linear_gelu": "linear_gelu", "linear ": "linear"}
 
 
 def _registered_op(case: Case) -> str:
@@ -204,7 +208,7 @@ def main(argv=None) -> int:
                         help="default: bfloat16 on a GPU, float32 on a CPU")
     parser.add_argument("--op", action="append", default=None,
                         help="with bench: only cases whose name starts with this (repeatable), e.g. attention")
-    parser.add_argument("--backend", action="append", default=None, choices=["triton", "cuda", "cpp"],
+    parser.add_argument("--backend", action="append", default=None, choices=["triton", "cuda", "cpp", "onednn"],
                         help="only these vitfast backends (repeatable); default: every one available here")
     parser.add_argument("--reps", type=int, default=None,
                         help="timed rounds per measurement (default: 1 for check, 11 on a CPU, 20 on a GPU)")

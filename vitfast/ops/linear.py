@@ -53,16 +53,21 @@ _backend.register_op(OP, gpu_order=("torch",), cpu_order=("onednn", "torch"), ch
 # 2.8 us on a 4 x 8 x 6 product) and gains only where both K and N are large: 2 threads, Zen 4, 40 interleaved calls
 # of vitfast.linear against F.linear without grad, M x K -> N: 197 x 768 -> 768 1.12x, 50 x 768 -> 3072 1.29x,
 # 197 x 384 -> 1152 1.14x, 400 x 768 -> 768 1.06x, but 197 x 384 -> 384 0.90x, 50 x 768 -> 768 1.01x,
-# 784 x 192 -> 576 0.95x, 3136 x 96 -> 288 0.81x, 784 x 768 -> 192 1.01x, 3136 x 384 -> 96 0.98x. So the automatic
-# choice takes oneDNN for float32 products with K and N of at least ONEDNN_MIN_DIM and M K N of at least
-# ONEDNN_MIN_MACS multiply-adds, F.linear for the others.
+# 784 x 192 -> 576 0.95x, 3136 x 96 -> 288 0.81x, 784 x 768 -> 192 1.01x, 3136 x 384 -> 96 0.98x. With grad the op's
+# autograd adds ~0.1 ms a call of Python (its backward and the dx product's dispatch), and products with a dim of 384
+# lose: forward + backward at 394 x 384 -> 384, 1152, 1536 and 394 x 1536 -> 384 (DeiT-S at batch 2) 0.78-0.96x,
+# a whole DeiT-S training step 0.95x, where ViT-B/16's (768) measured 1.08x. So the automatic choice takes oneDNN for
+# float32 products with K and N of at least ONEDNN_MIN_DIM (ONEDNN_MIN_DIM_GRAD where autograd records the call) and
+# M K N of at least ONEDNN_MIN_MACS multiply-adds, F.linear for the others.
 ONEDNN_MIN_DIM = 384
+ONEDNN_MIN_DIM_GRAD = 768
 ONEDNN_MIN_MACS = 2**25
 
 
-def onednn_pays(M: int, K: int, N: int) -> bool:
-    """Whether the automatic choice runs an (M, K) x (K, N) product on oneDNN (the rule above), dtype aside."""
-    return min(K, N) >= ONEDNN_MIN_DIM and M * K * N >= ONEDNN_MIN_MACS
+def onednn_pays(M: int, K: int, N: int, grad: bool = False) -> bool:
+    """Whether the automatic choice runs an (M, K) x (K, N) product on oneDNN (the rule above), dtype aside; grad:
+    autograd records the call."""
+    return min(K, N) >= (ONEDNN_MIN_DIM_GRAD if grad else ONEDNN_MIN_DIM) and M * K * N >= ONEDNN_MIN_MACS
 
 
 def onednn_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -201,9 +206,10 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """
     _backend.check_transforms("linear", x, weight, bias)
     check_linear_args("linear", x, weight, bias)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     if _backend.forced_backend() not in ("onednn", "torch") and not (
-            x.is_cpu and onednn_pays(math.prod(x.shape[:-1]), x.shape[-1], weight.shape[0])):
+            x.is_cpu and onednn_pays(math.prod(x.shape[:-1]), x.shape[-1], weight.shape[0], grad)):
         return F.linear(x, weight, bias)  # (the op's automatic choice, without its dispatch: ~40 us a call)
-    prepack = isinstance(weight, nn.Parameter) and not (torch.is_grad_enabled() and weight.requires_grad)
+    prepack = isinstance(weight, nn.Parameter) and not (grad and weight.requires_grad)
     y = _linear_op(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), weight, bias, prepack)
     return y.view(*x.shape[:-1], weight.shape[0])
