@@ -6,8 +6,10 @@ vitfast.integrations.choice encodes.
 
 Each row times both implementations interleaved (A, B, B, A, ...: vitfast.report.interleaved) in this one process
 and reports the medians and ATen / vitfast (> 1: vitfast faster). The shapes are those of the models of
-bench/bench_patched_models.py at batch 1, 2 and 8, and SAM-B's image encoder at 1024 px; for linear, "vitfast" is
-vitfast.linear (oneDNN on these float32 tensors) and "ATen" F.linear (MKL's sgemm). Not collected by pytest
+bench/bench_patched_models.py at batch 1, 2 and 8, and SAM-B's image encoder at 1024 px. Linear rows: "vitfast" is
+vitfast.linear (oneDNN where its rule says so) and "ATen" F.linear (MKL's sgemm). linear_gelu rows: "ATen" is what a
+patched MLP runs where the table says ATen, vitfast.linear then F.gelu. Weights of both are nn.Parameters, as in a
+model (vitfast prepacks those for oneDNN without grad). Not collected by pytest
 (no bench_ prefix): it takes a few minutes (`-k` picks cases).
 """
 import argparse
@@ -123,9 +125,9 @@ def linear_gelu_cases():
                           ("swin s3 b1", 196, 384, 1536), ("swin s3 b8", 8 * 196, 384, 1536),
                           ("swin s4 b1", 49, 768, 3072)]:
         x = torch.randn(M, K, requires_grad=True)
-        w = (torch.randn(N, K) * K ** -0.5).requires_grad_()
-        b = torch.randn(N, requires_grad=True)
-        yield (f"linear_gelu {what} ({M}x{K}x{N})", lambda: F.gelu(F.linear(x, w, b)),
+        w = torch.nn.Parameter(torch.randn(N, K) * K ** -0.5)  # (Parameters, as in a model: oneDNN prepacks them)
+        b = torch.nn.Parameter(torch.randn(N))
+        yield (f"linear_gelu {what} ({M}x{K}x{N})", lambda: F.gelu(vitfast.linear(x, w, b)),
                lambda: vitfast.linear_gelu(x, w, b), (x, w, b))
 
 
@@ -139,8 +141,8 @@ def linear_cases():
                           ("swin s1 b8 qkv", 8 * 3136, 96, 288), ("swin s1 b8 fc2", 8 * 3136, 384, 96),
                           ("swin s3 b1 qkv", 196, 384, 1152), ("swin s4 b8 fc2", 8 * 49, 3072, 768)]:
         x = torch.randn(M, K, requires_grad=True)
-        w = (torch.randn(N, K) * K ** -0.5).requires_grad_()
-        b = torch.randn(N, requires_grad=True)
+        w = torch.nn.Parameter(torch.randn(N, K) * K ** -0.5)
+        b = torch.nn.Parameter(torch.randn(N))
         yield (f"linear {what} ({M}x{K}x{N})", lambda: F.linear(x, w, b), lambda: vitfast.linear(x, w, b), (x, w, b))
 
 

@@ -111,9 +111,9 @@ def test_backend_rule():
     (256, 384, 384, True, False), (100, 768, 3072, True, True), (64, 768, 768, True, True),
     (227, 384, 384, False, False), (4096, 256, 1024, False, False), (4096, 1024, 128, False, False)])
 def test_automatic_choice_takes_onednn_where_it_pays(monkeypatch, M, K, N, without_grad, with_grad):
-    """The automatic choice runs oneDNN for float32 products with K, N >= 384 (768 where autograd records the call)
-    and M K N >= 2**25 (ops/linear.py's measurements), F.linear for the others; with grad the backward's dx = dy W
-    (K and N swapped) takes the same path."""
+    """The automatic choice runs oneDNN for float32 products of M K N >= 2**25 with K, N >= 384 (plain weight without
+    grad; 768 where autograd records the call), F.linear for the others (ops/linear.py's measurements); with grad the
+    backward's dx = dy W (K and N swapped) takes the same path."""
     from vitfast.ops import linear as vl
 
     calls = []
@@ -128,9 +128,26 @@ def test_automatic_choice_takes_onednn_where_it_pays(monkeypatch, M, K, N, witho
     y = vitfast.linear(x, w)
     y.backward(torch.ones_like(y))
     assert calls == ([(M, K), (M, N)] if with_grad else [])
-    assert (vl.onednn_pays(M, K, N), vl.onednn_pays(M, K, N, grad=True)) == (without_grad, with_grad)
+    assert (vl.onednn_pays(M, K, N), vl.onednn_pays(M, K, N, "grad")) == (without_grad, with_grad)
     torch.testing.assert_close(y, F.linear(x, w))
     torch.testing.assert_close(x.grad, torch.ones(M, N) @ w.detach(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.skipif(not ONEDNN, reason="PyTorch without oneDNN")
+@pytest.mark.parametrize("M,K,N,expected", [(3136, 96, 288, True), (25088, 96, 96, True), (197, 384, 384, False)])
+def test_automatic_choice_with_a_prepacked_parameter(monkeypatch, M, K, N, expected):
+    """Without grad, an nn.Parameter weight (prepacked) takes oneDNN for every product of M K N >= 2**25, small K or N
+    included."""
+    from vitfast.ops import linear as vl
+
+    calls = []
+    real = vl.onednn_linear
+    monkeypatch.setattr(vl, "onednn_linear", lambda *a: calls.append(a[0].shape) or real(*a))
+    lin = torch.nn.Linear(K, N)
+    x = torch.randn(M, K)
+    with torch.no_grad():
+        torch.testing.assert_close(vitfast.linear(x, lin.weight, lin.bias), lin(x), rtol=1e-5, atol=1e-4)
+    assert calls == ([(M, K)] if expected else []) and vl.onednn_pays(M, K, N, "prepacked") == expected
 
 
 def test_bad_inputs_raise_clear_errors():

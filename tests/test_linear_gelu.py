@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import vitfast
+from vitfast import backend as vf_backend
 from vitfast.ops.linear_gelu import linear_gelu_ref
 
 from conftest import assert_close_to_ref, assert_compiles_like_eager, backend_cases, rounding_noise
@@ -50,6 +51,8 @@ def _check(backend, device, shape, K, N, dtype, approximate="none", bias=True, s
 def test_matches_fp64(backend, device, dtype, approximate, shape, K, N):
     if backend == "triton" and dtype == torch.float64:
         pytest.skip("the triton backend takes float32, float16, bfloat16 (float64 goes to another backend)")
+    if backend == "onednn" and dtype != torch.float32:
+        pytest.skip("the onednn backend takes float32 (other dtypes go to another backend)")
     _check(backend, device, shape, K, N, dtype, approximate)
 
 
@@ -168,7 +171,7 @@ def test_extreme_values_as_aten(backend, device, approximate):
     expected = F.gelu(h.double(), approximate=approximate).float()
     expected[h == float("inf")], expected[h == -float("inf")], expected[h.isnan()] = float("inf"), math.nan, math.nan
     expected = expected[:, None].expand(-1, 16)
-    if backend == "torch":
+    if backend in ("torch", "onednn"):  # (oneDNN's GELU, like F.gelu here, gives NaN at +inf)
         y, expected = y[h != float("inf")], expected[h != float("inf")]
     torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6, equal_nan=True)
 
@@ -181,3 +184,26 @@ def test_empty_inner_dim_gives_gelu_of_the_bias(backend, device):
         empty = vitfast.linear_gelu(torch.randn(0, 3, 8, device=device), torch.randn(24, 8, device=device), b)
     torch.testing.assert_close(y, F.gelu(b).expand(4, 24))
     assert empty.shape == (0, 3, 24)
+
+
+@pytest.mark.skipif(vf_backend.why_not("linear_gelu", "onednn", torch.ones(1, 1), torch.ones(1, 1)) is not None,
+                    reason="PyTorch without oneDNN")
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_automatic_choice_fuses_on_onednn(monkeypatch, approximate):
+    """Without grad and with an nn.Parameter weight (prepacked) the automatic choice runs oneDNN with GELU in the
+    product's epilogue where vitfast.linear's rule says oneDNN pays, the cpp kernel below it; both within the float32
+    rule of the float64 reference."""
+    from vitfast.ops import linear as vl
+
+    calls = []
+    real = vl.onednn_linear
+    monkeypatch.setattr(vl, "onednn_linear", lambda *a, **k: calls.append((a[0].shape, k.get("gelu"))) or real(*a, **k))
+    for M, fused in ((256, True), (8, False)):  # 256 x 384 -> 512: 50M multiply-adds; 8 rows: 1.6M
+        fc1 = torch.nn.Linear(384, 512)
+        x = torch.randn(M, 384)
+        calls.clear()
+        with torch.no_grad():
+            y = vitfast.linear_gelu(x, fc1.weight, fc1.bias, approximate)
+            ref = linear_gelu_ref(x.double(), fc1.weight.double(), fc1.bias.double(), approximate)
+            assert_close_to_ref(y, ref, linear_gelu_ref(x, fc1.weight, fc1.bias, approximate), f"M={M}")
+        assert calls == ([((M, 384), approximate)] if fused else [])

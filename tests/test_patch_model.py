@@ -313,8 +313,8 @@ def test_choice_rule(monkeypatch):
     """The tables' answers. CPU: ATen for LayerNorm and attention, ATen for patch embedding only without grad, vitfast
     for window attention, rel-pos attention and Linear layers, vitfast for linear_gelu only without grad and for
     outputs of 32 MiB or more (without the output's size, as the guard of a patched method asks: the table alone).
-    CUDA: ATen for LayerNorm, attention, linear_gelu at any size and Linear layers, vitfast for the rest. A forced backend or a meta tensor always
-    runs vitfast."""
+    CUDA: ATen for LayerNorm, attention, linear_gelu at any size and Linear layers, vitfast for the rest. A forced
+    backend or a meta tensor always runs vitfast."""
     from torch._subclasses import fake_tensor
 
     x = torch.randn(2, 3)
@@ -483,8 +483,8 @@ def test_cpu_choice_inference_is_the_original(build):
 # ----------------------------------------------------------------------------------------------- report, flags
 
 def test_linear_layers_run_vitfast_linear_where_onednn_pays(monkeypatch):
-    """A patched nn.Linear calls vitfast.linear, which runs oneDNN where its rule says it pays (with grad: K, N >= 768,
-    M K N >= 2**25) and F.linear below; outputs and gradients match the original model, with grad and without;
+    """A patched nn.Linear calls vitfast.linear, which runs oneDNN where its rule says it pays (M K N >= 2**25; with
+    grad K, N >= 768 too) and F.linear below; outputs and gradients match the original model, with grad and without;
     linear=False leaves the layers."""
     from vitfast.ops import linear as vl
 
@@ -782,21 +782,45 @@ def test_global_module_hooks_take_the_original_path():
 
 def test_cpu_choice_fuses_large_mlp_outputs_without_grad(monkeypatch):
     """On CPU without grad a patched MLP calls vitfast.linear_gelu exactly where fc1's output reaches 32 MiB (in
-    the dtype autocast gives it), and matches the original there; with grad it runs the original calls."""
+    the dtype autocast gives it), and matches the original there; with grad it runs the original calls. (With 2
+    input features the product stays below oneDNN's rule, test_cpu_choice_fuses_mlps_on_onednn_without_grad.)"""
     timm = import_or_skip("timm")
     from vitfast.integrations import patch as vp
 
-    mlp = timm.layers.Mlp(8, 4096).eval()
+    mlp = timm.layers.Mlp(2, 4096).eval()
     original = copy.deepcopy(mlp)
     vitfast.patch_model(mlp)
     calls = []
     fused = vp.linear_gelu
     monkeypatch.setattr(vp, "linear_gelu", lambda *a, **k: calls.append(a[0].shape) or fused(*a, **k))
-    big, small = torch.randn(2, 1024, 8), torch.randn(2, 1023, 8)  # 2048 x 4096 fp32 = 32 MiB; 8 KiB rows fewer
+    big, small = torch.randn(2, 1024, 2), torch.randn(2, 1023, 2)  # 2048 x 4096 fp32 = 32 MiB; 8 KiB rows fewer
     with torch.no_grad():
         torch.testing.assert_close(mlp(big), original(big))
         mlp(small)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             mlp(big)  # 16 MiB of bf16
     mlp(big)
-    assert calls == [(2, 1024, 8)]
+    assert calls == [(2, 1024, 2)]
+
+
+def test_cpu_choice_fuses_mlps_on_onednn_without_grad(monkeypatch):
+    """On CPU without grad a patched MLP whose fc1 product passes oneDNN's rule calls vitfast.linear_gelu (oneDNN with
+    GELU in the epilogue) at any output size, and matches the original; with grad, under autocast, or where oneDNN
+    is missing it runs the original calls."""
+    timm = import_or_skip("timm")
+    from vitfast.integrations import patch as vp
+
+    mlp = timm.layers.Mlp(384, 1536).eval()  # 200 x 384 -> 1536: 118M multiply-adds, a 1.2 MB output
+    original = copy.deepcopy(mlp)
+    vitfast.patch_model(mlp)
+    calls = []
+    fused = vp.linear_gelu
+    monkeypatch.setattr(vp, "linear_gelu", lambda *a, **k: calls.append(a[0].shape) or fused(*a, **k))
+    x = torch.randn(2, 100, 384)
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x), original(x), rtol=1e-4, atol=1e-4)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mlp(x)
+    torch.testing.assert_close(mlp(x), original(x), rtol=1e-4, atol=1e-4)
+    onednn = vf_backend.why_not("linear_gelu", "onednn", x, mlp.fc1.weight) is None
+    assert calls == ([(2, 100, 384)] if onednn else [])

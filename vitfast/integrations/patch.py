@@ -38,7 +38,7 @@ from vitfast.integrations.choice import describe, runs_original
 from vitfast.ops.attention import attention
 from vitfast.ops.layer_norm import layer_norm
 from vitfast.ops.linear import linear
-from vitfast.ops.linear_gelu import linear_gelu
+from vitfast.ops.linear_gelu import linear_gelu, uses_onednn as linear_gelu_uses_onednn
 
 KINDS = ("attention", "rel_pos_attention", "window_attention", "layer_norm", "patch_embed", "linear_gelu", "linear")
 _MARK = "_vitfast_patch"  # instance attribute: (kind, names of the instance attributes the patch set)
@@ -220,12 +220,16 @@ def _global_hooks() -> bool:
 def mlp_fc1(x: Tensor, fc1: nn.Module, act: nn.Module) -> Tensor:
     """act(fc1(x)) for an MLP's first layer (a plain nn.Linear and a GELU, as mlp_check and the guard of the
     patched method keep them): one vitfast.linear_gelu call, or the modules' own calls where choice.py says ATen
-    (the output's size counts in the dtype autocast gives it) or where x's dtype differs from the weight's outside
+    (the output's size counts in the dtype autocast gives it; without grad on CPU, where linear_gelu's onednn backend
+    takes the call, the table's vitfast holds at any size) or where x's dtype differs from the weight's outside
     autocast (F.linear's error)."""
     autocast = torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
+    if x.dtype != fc1.weight.dtype and not autocast:
+        return act(fc1(x))
     itemsize = torch.get_autocast_dtype(x.device.type).itemsize if autocast else x.element_size()
-    out_bytes = math.prod(x.shape[:-1]) * fc1.out_features * itemsize
-    if runs_original("linear_gelu", x, out_bytes) or (x.dtype != fc1.weight.dtype and not autocast):
+    M = math.prod(x.shape[:-1])
+    if runs_original("linear_gelu", x, M * fc1.out_features * itemsize) and not (
+            not autocast and linear_gelu_uses_onednn(x, fc1.weight, fc1.bias)):
         return act(fc1(x))
     return linear_gelu(x, fc1.weight, fc1.bias, gelu_approximate(act))
 

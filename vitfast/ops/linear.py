@@ -38,7 +38,8 @@ def linear_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tens
     return F.linear(x, weight, bias)
 
 
-def _check_support(backend: str, tensors: tuple) -> Optional[str]:
+def check_support(backend: str, tensors: tuple) -> Optional[str]:
+    """Why `backend` cannot take these tensors of a linear product (the onednn backend: float32, K > 0), or None."""
     if backend == "onednn":
         if tensors[0].dtype != torch.float32:
             return f"dtype {tensors[0].dtype} (the onednn backend takes float32)"
@@ -47,35 +48,42 @@ def _check_support(backend: str, tensors: tuple) -> Optional[str]:
     return None
 
 
-_backend.register_op(OP, gpu_order=("torch",), cpu_order=("onednn", "torch"), check=_check_support)
+_backend.register_op(OP, gpu_order=("torch",), cpu_order=("onednn", "torch"), check=check_support)
 
 # oneDNN's inner product costs ~15 us a call more than F.linear (ideep's tensor and primitive-cache set-up: 15.5 vs
-# 2.8 us on a 4 x 8 x 6 product) and gains only where both K and N are large: 2 threads, Zen 4, 40 interleaved calls
-# of vitfast.linear against F.linear without grad, M x K -> N: 197 x 768 -> 768 1.12x, 50 x 768 -> 3072 1.29x,
-# 197 x 384 -> 1152 1.14x, 400 x 768 -> 768 1.06x, but 197 x 384 -> 384 0.90x, 50 x 768 -> 768 1.01x,
-# 784 x 192 -> 576 0.95x, 3136 x 96 -> 288 0.81x, 784 x 768 -> 192 1.01x, 3136 x 384 -> 96 0.98x. With grad the op's
-# autograd adds ~0.1 ms a call of Python (its backward and the dx product's dispatch), and products with a dim of 384
-# lose: forward + backward at 394 x 384 -> 384, 1152, 1536 and 394 x 1536 -> 384 (DeiT-S at batch 2) 0.78-0.96x,
-# a whole DeiT-S training step 0.95x, where ViT-B/16's (768) measured 1.08x. So the automatic choice takes oneDNN for
-# float32 products with K and N of at least ONEDNN_MIN_DIM (ONEDNN_MIN_DIM_GRAD where autograd records the call) and
-# M K N of at least ONEDNN_MIN_MACS multiply-adds, F.linear for the others.
-ONEDNN_MIN_DIM = 384
-ONEDNN_MIN_DIM_GRAD = 768
+# 2.8 us on a 4 x 8 x 6 product), so it gains only on large enough products; which ones depends on the mode (2
+# threads, Zen 4, 30-40 interleaved calls against F.linear, M x K -> N):
+# - prepacked weight (inference, nn.Parameter): 25088 x 96 -> 288 1.13x, 25088 x 384 -> 96 1.34x, 6272 x 192 -> 192
+#   1.15x, 3136 x 96 -> 288 1.02x, 784 x 192 -> 576 1.01x, 400 x 768 -> 768 1.04x, but below 2**25 multiply-adds:
+#   197 x 384 -> 384 0.94x, 3136 x 96 -> 96 0.94x, 784 x 192 -> 192 0.92x, 1 x 768 -> 768 0.54x;
+# - plain weight without grad (read in its own layout): 197 x 768 -> 768 1.12x, 50 x 768 -> 3072 1.29x, 197 x 384 ->
+#   1152 1.14x, 400 x 768 -> 768 1.06x, but with a small K or N 784 x 192 -> 576 0.95x, 3136 x 96 -> 288 0.81x,
+#   3136 x 384 -> 96 0.98x;
+# - with grad the op's autograd adds ~0.1 ms a call of Python (its backward and the dx product's dispatch), and
+#   products with a dim of 384 lose: forward + backward at 394 x 384 -> 384, 1152, 1536 and 394 x 1536 -> 384
+#   (DeiT-S at batch 2) 0.78-0.96x, a whole DeiT-S training step 0.95x, where ViT-B/16's (768) measured 1.07x.
+# So the automatic choice takes oneDNN for float32 products of at least ONEDNN_MIN_MACS multiply-adds whose K and N
+# are at least ONEDNN_MIN_DIM[mode], F.linear for the others.
 ONEDNN_MIN_MACS = 2**25
+ONEDNN_MIN_DIM = {"prepacked": 1, "plain": 384, "grad": 768}
 
 
-def onednn_pays(M: int, K: int, N: int, grad: bool = False) -> bool:
-    """Whether the automatic choice runs an (M, K) x (K, N) product on oneDNN (the rule above), dtype aside; grad:
-    autograd records the call."""
-    return min(K, N) >= (ONEDNN_MIN_DIM_GRAD if grad else ONEDNN_MIN_DIM) and M * K * N >= ONEDNN_MIN_MACS
+def onednn_pays(M: int, K: int, N: int, mode: str = "plain") -> bool:
+    """Whether the automatic choice runs an (M, K) x (K, N) product on oneDNN (the rule above), dtype aside; mode:
+    "prepacked" (no grad, the weight an nn.Parameter), "plain" (no grad, another weight) or "grad" (autograd records
+    the call)."""
+    return min(K, N) >= ONEDNN_MIN_DIM[mode] and M * K * N >= ONEDNN_MIN_MACS
 
 
-def onednn_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """oneDNN's inner product: x (M, K), weight (N, K) (any strides: a transposed view is read in place), bias (N,)
-    (any strides) or None; float32 CPU tensors, K > 0. Returns (M, N), contiguous."""
+def onednn_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], gelu: Optional[str] = None) -> Tensor:
+    """oneDNN's inner product: x (M, K), weight (N, K) (any strides: a transposed view is read in place; or its
+    prepacked copy, `onednn_weight`), bias (N,) (any strides) or None; float32 CPU tensors, K > 0. gelu: "none"
+    (erf) or "tanh" applies GELU in the product's epilogue (oneDNN's eltwise GELU). Returns (M, N), contiguous."""
     # (the op reads the bias as if contiguous whatever its stride: a strided or expanded bias gives wrong sums)
     bias = bias.contiguous() if bias is not None else None
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    if gelu is None:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], gelu)
 
 
 # id(weight Parameter) -> (a weak reference to it, (its version, data pointer), oneDNN's blocked copy of it); an
@@ -84,9 +92,12 @@ def onednn_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
 _PACKED: dict = {}
 
 
-def _packed(weight: Tensor) -> Tensor:
-    """oneDNN's blocked (prepacked) copy of `weight`, made once and redone when the Parameter changes in place (its
-    version counter: optimizer steps, load_state_dict, init) or gets new storage (`.data = ...`)."""
+def onednn_weight(weight: Tensor, prepack: bool) -> Tensor:
+    """`weight` as oneDNN's products read it: with prepack, oneDNN's blocked copy of this nn.Parameter, made once and
+    redone when the Parameter changes in place (its version counter: optimizer steps, load_state_dict, init) or gets
+    new storage (`.data = ...`); else (and for an inference tensor, which has no version counter) the weight itself."""
+    if not prepack or weight.is_inference():
+        return weight
     key = (weight._version, weight.data_ptr())
     entry = _PACKED.get(id(weight))
     if entry is None or entry[0]() is not weight or entry[1] != key:
@@ -104,15 +115,15 @@ def _gemm(x: Tensor, weight: Tensor, bias: Optional[Tensor], prepack: bool = Fal
     tensors and `onednn_pays`, else F.linear."""
     if _backend.forced_backend() in ("onednn", "torch"):
         which = _backend.choose_backend(OP, x, weight, bias)
-    elif onednn_pays(x.shape[0], x.shape[1], weight.shape[0]) and _backend.why_not(OP, "onednn", x, weight,
-                                                                                      bias) is None:
+    elif onednn_pays(x.shape[0], x.shape[1], weight.shape[0], "prepacked" if prepack else "plain") and (
+            _backend.why_not(OP, "onednn", x, weight, bias) is None):
         which = "onednn"
     else:
         which = "torch"
     if which == "torch":
         return F.linear(x, weight, bias)
     # (an inference tensor has no version counter to tell a change by)
-    return onednn_linear(x, _packed(weight) if prepack and not weight.is_inference() else weight, bias)
+    return onednn_linear(x, onednn_weight(weight, prepack), bias)
 
 
 @torch.library.custom_op("vitfast::linear", mutates_args=())
@@ -207,9 +218,10 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     _backend.check_transforms("linear", x, weight, bias)
     check_linear_args("linear", x, weight, bias)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-    if _backend.forced_backend() not in ("onednn", "torch") and not (
-            x.is_cpu and onednn_pays(math.prod(x.shape[:-1]), x.shape[-1], weight.shape[0], grad)):
-        return F.linear(x, weight, bias)  # (the op's automatic choice, without its dispatch: ~40 us a call)
     prepack = isinstance(weight, nn.Parameter) and not (grad and weight.requires_grad)
+    mode = "grad" if grad else "prepacked" if prepack else "plain"
+    if _backend.forced_backend() not in ("onednn", "torch") and not (
+            x.is_cpu and onednn_pays(math.prod(x.shape[:-1]), x.shape[-1], weight.shape[0], mode)):
+        return F.linear(x, weight, bias)  # (the op's automatic choice, without its dispatch: ~40 us a call)
     y = _linear_op(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), weight, bias, prepack)
     return y.view(*x.shape[:-1], weight.shape[0])

@@ -1,8 +1,13 @@
 """Linear + bias + GELU, the first half of a transformer MLP: reference, torch.library op, autograd, functional API.
 
 `vitfast::linear_gelu` is a torch.library op with a fake implementation, so torch.compile sees it whole; it picks
-its backend at run time: "triton" (vitfast.triton.linear_gelu), "cpp" (the extension's vitfast::linear_gelu_fwd) or
-"torch" (F.linear + F.gelu below). The GEMM is ATen's on every backend (cuBLAS, MKL / oneDNN); the kernels fuse
+its backend at run time: "triton" (vitfast.triton.linear_gelu), "onednn" (float32 CPU tensors: oneDNN's inner
+product with the bias and GELU in its epilogue, on the weight prepacked as vitfast.linear prepacks it; taken
+automatically where vitfast.linear's rule, ops/linear.py's onednn_pays, says oneDNN pays, else the next backend),
+"cpp" (the extension's vitfast::linear_gelu_fwd) or "torch" (F.linear + F.gelu below). oneDNN's GELU has the error
+of ATen's vectorized float32 F.gelu (at most 1.2e-6 absolute over [-12, 12], as F.gelu on an AVX-512 CPU) and, like
+that F.gelu, gives NaN at +inf. With grad the onednn backend runs the product alone and F.gelu after it (autograd
+needs h). The other backends take the GEMM from ATen (cuBLAS, MKL / oneDNN); their kernels fuse
 what ATen runs around it: GELU in one pass over the GEMM's output, in place when autograd needs nothing (a separate
 GELU allocates a tensor of the same size), and on the CPU in fp32 / fp64 the bias too (ATen's addmm first copies it
 into its output; cuBLASLt adds it in the GEMM's epilogue). With grad, the forward keeps the pre-activation
@@ -18,6 +23,7 @@ from torch import Tensor
 
 from vitfast import autocast as _autocast
 from vitfast import backend as _backend
+from vitfast.ops import linear as _linear
 
 OP = "linear_gelu"
 APPROXIMATIONS = ("none", "tanh")
@@ -33,13 +39,30 @@ def _fwd_torch(x, weight, bias, approximate, save_preact):
     return F.gelu(h, approximate=approximate), (h if save_preact else h.new_empty(0))
 
 
+def _fwd_onednn(x, weight, bias, approximate, save_preact):
+    if save_preact:
+        h = _linear.onednn_linear(x, weight, bias)
+        return F.gelu(h, approximate=approximate), h
+    w = _linear.onednn_weight(weight, isinstance(weight, torch.nn.Parameter))
+    return _linear.onednn_linear(x, w, bias, gelu=approximate), x.new_empty(0)
+
+
+def uses_onednn(x: Tensor, weight: Tensor, bias: Optional[Tensor], save_preact: bool = False) -> bool:
+    """Whether the automatic choice runs linear_gelu(x, weight, bias) on the onednn backend: oneDNN takes the tensors
+    (float32 CPU) and vitfast.linear's rule (ops/linear.py's onednn_pays) says it pays for the product, in the mode
+    of the call (prepacked: no grad and an nn.Parameter weight). x: (*, K)."""
+    mode = "grad" if save_preact else "prepacked" if isinstance(weight, torch.nn.Parameter) else "plain"
+    return (_linear.onednn_pays(math.prod(x.shape[:-1]), x.shape[-1], weight.shape[0], mode)
+            and _backend.why_not(OP, "onednn", x, weight, bias) is None)
+
+
 def _check_support(backend: str, tensors: tuple) -> Optional[str]:
     if backend == "triton" and tensors[0].dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"dtype {tensors[0].dtype} (Triton takes float32, float16, bfloat16)"
-    return None
+    return _linear.check_support(backend, tensors)
 
 
-_backend.register_op(OP, gpu_order=("triton", "torch"), cpu_order=("cpp", "torch"), check=_check_support)
+_backend.register_op(OP, gpu_order=("triton", "torch"), cpu_order=("onednn", "cpp", "torch"), check=_check_support)
 
 
 @torch.library.custom_op("vitfast::linear_gelu", mutates_args=())
@@ -50,6 +73,10 @@ def _linear_gelu_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], approxima
     if x.numel() == 0 or weight.numel() == 0:
         return _fwd_torch(x, weight, bias, approximate, save_preact)
     which = _backend.choose_backend(OP, x, weight, bias)
+    if which == "onednn" and _backend.forced_backend() is None and not uses_onednn(x, weight, bias, save_preact):
+        which = next(b for b in ("cpp", "torch") if _backend.why_not(OP, b, x, weight, bias) is None)
+    if which == "onednn":
+        return _fwd_onednn(x, weight, bias, approximate, save_preact)
     if which == "triton":
         from vitfast.triton.linear_gelu import linear_gelu_fwd
         return linear_gelu_fwd(x, weight, bias, approximate, save_preact)
@@ -127,24 +154,8 @@ def linear_gelu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, approx
     _backend.check_transforms("linear_gelu", x, weight, bias)
     if approximate not in APPROXIMATIONS:
         raise ValueError(f"vitfast.linear_gelu: approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
-    if not x.is_floating_point() or x.dim() == 0:
-        raise ValueError(f"vitfast.linear_gelu: x must be a floating-point tensor with at least one dim, got "
-                         f"{tuple(x.shape)} {x.dtype}")
-    K = x.shape[-1]
-    if weight.dim() != 2 or weight.shape[1] != K:
-        raise ValueError(f"vitfast.linear_gelu: weight must be (N, {K}) for x of shape {tuple(x.shape)}, got "
-                         f"{tuple(weight.shape)}")
-    N = weight.shape[0]
-    if bias is not None and tuple(bias.shape) != (N,):
-        raise ValueError(f"vitfast.linear_gelu: bias must be ({N},) for weight {tuple(weight.shape)}, got "
-                         f"{tuple(bias.shape)}")
-    tensors = {"x": x, "weight": weight, "bias": bias}
-    present = {k: t for k, t in tensors.items() if t is not None}
-    if len({t.device for t in present.values()}) > 1 or (
-            not _autocast.is_enabled(x.device) and len({t.dtype for t in present.values()}) > 1):
-        listed = ", ".join(f"{k} {t.dtype} {t.device}" for k, t in present.items())
-        raise ValueError(f"vitfast.linear_gelu: x, weight and bias must share one device and (outside autocast) one "
-                         f"dtype, got {listed}")
-    save_preact = torch.is_grad_enabled() and any(t.requires_grad for t in present.values())
+    _linear.check_linear_args("linear_gelu", x, weight, bias)
+    K, N = x.shape[-1], weight.shape[0]
+    save_preact = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     y, _ = _linear_gelu_op(x.reshape(math.prod(x.shape[:-1]), K), weight, bias, approximate, save_preact)
     return y.view(*x.shape[:-1], N)
