@@ -136,8 +136,8 @@ def test_automatic_choice_takes_onednn_where_it_pays(monkeypatch, M, K, N, witho
 @pytest.mark.skipif(not ONEDNN, reason="PyTorch without oneDNN")
 @pytest.mark.parametrize("M,K,N,expected", [(3136, 96, 288, True), (25088, 96, 96, True), (197, 384, 384, False)])
 def test_automatic_choice_with_a_prepacked_parameter(monkeypatch, M, K, N, expected):
-    """Without grad, an nn.Parameter weight (prepacked) takes oneDNN for every product of M K N >= 2**25, small K or N
-    included."""
+    """Without grad and with prepack=True, an nn.Parameter weight takes oneDNN for every product of M K N >= 2**25,
+    small K or N included."""
     from vitfast.ops import linear as vl
 
     calls = []
@@ -146,7 +146,8 @@ def test_automatic_choice_with_a_prepacked_parameter(monkeypatch, M, K, N, expec
     lin = torch.nn.Linear(K, N)
     x = torch.randn(M, K)
     with torch.no_grad():
-        torch.testing.assert_close(vitfast.linear(x, lin.weight, lin.bias), lin(x), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(vitfast.linear(x, lin.weight, lin.bias, prepack=True), lin(x), rtol=1e-5,
+                                   atol=1e-4)
     assert calls == ([(M, K)] if expected else []) and vl.onednn_pays(M, K, N, "prepacked") == expected
 
 
@@ -221,9 +222,10 @@ def test_torch_compile_fullgraph():
 
 @pytest.mark.skipif(not ONEDNN, reason="PyTorch without oneDNN")
 def test_prepacked_weight_follows_the_parameter(monkeypatch):
-    """Without grad a Parameter's weight is prepacked once and reused; an in-place update (optimizer step, init,
-    load_state_dict), new storage (.data = ...) or a new Parameter is seen at the next call; with grad, for a plain
-    tensor and for an inference tensor nothing is packed. Each result equals F.linear's."""
+    """With prepack=True and without grad a Parameter's weight is prepacked once and reused; an in-place update
+    (optimizer step, init, load_state_dict), new storage (.data = ...) or a new Parameter is seen at the next call;
+    by default, with grad, for a plain tensor and for an inference tensor nothing is packed. Each result equals
+    F.linear's."""
     from vitfast.ops import linear as vl
 
     packs = []
@@ -235,7 +237,7 @@ def test_prepacked_weight_follows_the_parameter(monkeypatch):
 
     def check():
         with torch.no_grad():
-            y = vitfast.linear(x, lin.weight, lin.bias)
+            y = vitfast.linear(x, lin.weight, lin.bias, prepack=True)
             torch.testing.assert_close(y, F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-4)
 
     check()
@@ -250,14 +252,15 @@ def test_prepacked_weight_follows_the_parameter(monkeypatch):
     check()
     assert len(packs) == 4
     with torch.inference_mode():
-        vitfast.linear(x, lin.weight, lin.bias)
+        vitfast.linear(x, lin.weight, lin.bias, prepack=True)
+        vitfast.linear(x, torch.nn.Parameter(torch.randn(512, 384)), lin.bias)  # (prepack=False: the default)
     assert len(packs) == 4
-    vitfast.linear(x, lin.weight, lin.bias).sum().backward()  # with grad: the plain weight
+    vitfast.linear(x, lin.weight, lin.bias, prepack=True).sum().backward()  # with grad: the plain weight
     with torch.no_grad():
-        vitfast.linear(x, lin.weight.detach().clone(), lin.bias)  # not a Parameter
+        vitfast.linear(x, lin.weight.detach().clone(), lin.bias, prepack=True)  # not a Parameter
         with torch.inference_mode():
             frozen = torch.nn.Parameter(torch.randn(512, 384), requires_grad=False)  # an inference tensor
-        vitfast.linear(x, frozen, lin.bias)
+        vitfast.linear(x, frozen, lin.bias, prepack=True)
     assert len(packs) == 4
     ident = id(lin.weight)
     assert ident in vl._PACKED

@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import pytest
@@ -137,8 +138,10 @@ def test_opcheck():
     w = torch.randn(20, 32, requires_grad=True)
     b = torch.randn(20, requires_grad=True)
     x0 = torch.randn(0, 32, requires_grad=True)  # no rows: without save_preact h must still be recomputed
-    for args in [(x, w, b, "none", True), (x, w, None, "tanh", True), (x, w, b, "none", False),
-                 (x0, w, b, "none", False), (x0, w, b, "tanh", True)]:
+    frozen = torch.nn.Parameter(torch.randn(20, 32), requires_grad=False)
+    for args in [(x, w, b, "none", True, False), (x, w, None, "tanh", True, False), (x, w, b, "none", False, False),
+                 (x0, w, b, "none", False, False), (x0, w, b, "tanh", True, False),
+                 (x, frozen, b, "none", False, True)]:
         torch.library.opcheck(torch.ops.vitfast.linear_gelu.default, args)
 
 
@@ -190,20 +193,20 @@ def test_empty_inner_dim_gives_gelu_of_the_bias(backend, device):
                     reason="PyTorch without oneDNN")
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 def test_automatic_choice_fuses_on_onednn(monkeypatch, approximate):
-    """Without grad and with an nn.Parameter weight (prepacked) the automatic choice runs oneDNN with GELU in the
-    product's epilogue where vitfast.linear's rule says oneDNN pays, the cpp kernel below it; both within the float32
-    rule of the float64 reference."""
+    """Without grad the automatic choice runs oneDNN with GELU in the product's epilogue where vitfast.linear's rule
+    says oneDNN pays, with the plain weight and prepacked, the cpp kernel below it; each within the float32 rule of
+    the float64 reference."""
     from vitfast.ops import linear as vl
 
     calls = []
     real = vl.onednn_linear
     monkeypatch.setattr(vl, "onednn_linear", lambda *a, **k: calls.append((a[0].shape, k.get("gelu"))) or real(*a, **k))
-    for M, fused in ((256, True), (8, False)):  # 256 x 384 -> 512: 50M multiply-adds; 8 rows: 1.6M
+    for (M, fused), prepack in itertools.product(((256, True), (8, False)), (False, True)):  # 50M, 1.6M mul-adds
         fc1 = torch.nn.Linear(384, 512)
         x = torch.randn(M, 384)
         calls.clear()
         with torch.no_grad():
-            y = vitfast.linear_gelu(x, fc1.weight, fc1.bias, approximate)
+            y = vitfast.linear_gelu(x, fc1.weight, fc1.bias, approximate, prepack=prepack)
             ref = linear_gelu_ref(x.double(), fc1.weight.double(), fc1.bias.double(), approximate)
             assert_close_to_ref(y, ref, linear_gelu_ref(x, fc1.weight, fc1.bias, approximate), f"M={M}")
         assert calls == ([((M, 384), approximate)] if fused else [])

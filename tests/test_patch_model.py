@@ -483,9 +483,10 @@ def test_cpu_choice_inference_is_the_original(build):
 # ----------------------------------------------------------------------------------------------- report, flags
 
 def test_linear_layers_run_vitfast_linear_where_onednn_pays(monkeypatch):
-    """A patched nn.Linear calls vitfast.linear, which runs oneDNN where its rule says it pays (M K N >= 2**25; with
-    grad K, N >= 768 too) and F.linear below; outputs and gradients match the original model, with grad and without;
-    linear=False leaves the layers."""
+    """A patched nn.Linear calls vitfast.linear, which runs oneDNN where its rule says it pays (M K N >= 2**25, K and
+    N >= 384, with grad >= 768) and F.linear below; outputs and gradients match the original model, with grad and
+    without; prepack_weights=True packs the weights it runs on oneDNN, unpatch removes the flag; linear=False leaves
+    the layers."""
     from vitfast.ops import linear as vl
 
     model = nn.Sequential(nn.Linear(768, 1024), nn.GELU(), nn.Linear(1024, 768), nn.Linear(768, 8)).eval()
@@ -503,7 +504,16 @@ def test_linear_layers_run_vitfast_linear_where_onednn_pays(monkeypatch):
     calls.clear()
     with torch.inference_mode():
         torch.testing.assert_close(mine(x), model(x), rtol=1e-4, atol=1e-4)
-    assert len(calls) == (2 if onednn else 0)  # (prepacked weights: an opaque oneDNN layout)
+    assert len(calls) == (2 if onednn else 0) and not any(id(p) in vl._PACKED for p in mine.parameters())
+    packed = copy.deepcopy(model)
+    vitfast.patch_model(packed, prepack_weights=True)
+    calls.clear()
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(x), model(x), rtol=1e-4, atol=1e-4)
+    assert len(calls) == (2 if onednn else 0)
+    assert [id(packed[i].weight) in vl._PACKED for i in (0, 2)] == [onednn, onednn]
+    vitfast.unpatch_model(packed)
+    assert not any("_vitfast_prepack" in m.__dict__ for m in packed.modules())
     assert not vitfast.patch_model(copy.deepcopy(model), linear=False).counts().get("linear")
 
 

@@ -42,6 +42,8 @@ from vitfast.ops.linear_gelu import linear_gelu, uses_onednn as linear_gelu_uses
 
 KINDS = ("attention", "rel_pos_attention", "window_attention", "layer_norm", "patch_embed", "linear_gelu", "linear")
 _MARK = "_vitfast_patch"  # instance attribute: (kind, names of the instance attributes the patch set)
+_PREPACK = "_vitfast_prepack"  # instance attribute of an nn.Linear: patch_model(prepack_weights=True)
+_LINEAR_CLASSES = ("torch.nn.modules.linear.Linear", "torch.nn.modules.linear.NonDynamicallyQuantizableLinear")
 
 
 @dataclass(frozen=True)
@@ -110,12 +112,13 @@ def _layer_norm_check(module: nn.Module) -> Optional[str]:
 
 
 def _linear_forward(self: nn.Linear, input: Tensor) -> Tensor:  # (nn.Linear's parameter name)
-    """vitfast.linear (oneDNN where its rule says it pays, else F.linear); the original where x's dtype differs from
-    the weight's outside autocast (F.linear's own error) or x is not floating point."""
+    """vitfast.linear (oneDNN where its rule says it pays, else F.linear; prepacked weights where patch_model was
+    asked for them); the original where x's dtype differs from the weight's outside autocast (F.linear's own error)
+    or x is not floating point."""
     if not input.is_floating_point() or (input.dtype != self.weight.dtype and not (
             torch.amp.is_autocast_available(input.device.type) and torch.is_autocast_enabled(input.device.type))):
         return nn.Linear.forward(self, input)
-    return linear(input, self.weight, self.bias)
+    return linear(input, self.weight, self.bias, prepack=self.__dict__.get(_PREPACK, False))
 
 
 def _mha_forward(self: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor,
@@ -228,10 +231,11 @@ def mlp_fc1(x: Tensor, fc1: nn.Module, act: nn.Module) -> Tensor:
         return act(fc1(x))
     itemsize = torch.get_autocast_dtype(x.device.type).itemsize if autocast else x.element_size()
     M = math.prod(x.shape[:-1])
+    prepack = fc1.__dict__.get(_PREPACK, False)
     if runs_original("linear_gelu", x, M * fc1.out_features * itemsize) and not (
-            not autocast and linear_gelu_uses_onednn(x, fc1.weight, fc1.bias)):
+            not autocast and linear_gelu_uses_onednn(x, fc1.weight, fc1.bias, prepack=prepack)):
         return act(fc1(x))
-    return linear_gelu(x, fc1.weight, fc1.bias, gelu_approximate(act))
+    return linear_gelu(x, fc1.weight, fc1.bias, gelu_approximate(act), prepack=prepack)
 
 
 def mlp_check(module: nn.Module, fc1: str = "fc1", act: str = "act") -> Optional[str]:
@@ -249,8 +253,7 @@ def mlp_check(module: nn.Module, fc1: str = "fc1", act: str = "act") -> Optional
 
 _LINEAR = Adapter("linear", "Linear -> vitfast.linear", {"forward": _linear_forward})
 _TORCH_ADAPTERS = {
-    "torch.nn.modules.linear.Linear": _LINEAR,
-    "torch.nn.modules.linear.NonDynamicallyQuantizableLinear": _LINEAR,  # (MultiheadAttention's out_proj)
+    **{cls: _LINEAR for cls in _LINEAR_CLASSES},  # (NonDynamicallyQuantizableLinear: MultiheadAttention's out_proj)
     "torch.nn.modules.activation.MultiheadAttention": Adapter(
         "attention", "nn.MultiheadAttention -> vitfast.attention (need_weights=False calls)",
         {"forward": _mha_forward}, _mha_check),
@@ -363,7 +366,8 @@ def _bind(module: nn.Module, kind: str, methods: Dict[str, Callable]) -> None:
 
 
 def patch_model(model: nn.Module, attention: bool = True, window_attention: bool = True, layer_norm: bool = True,
-                patch_embed: bool = True, mlp: bool = True, linear: bool = True) -> PatchReport:
+                patch_embed: bool = True, mlp: bool = True, linear: bool = True,
+                prepack_weights: bool = False) -> PatchReport:
     """Swaps vitfast's kernels into `model` in place (parameters and state-dict keys unchanged).
 
     Args:
@@ -383,6 +387,11 @@ def patch_model(model: nn.Module, attention: bool = True, window_attention: bool
             e.g. CLIP's quick_gelu, are left with the reason).
         linear: nn.Linear layers (exactly that class and MultiheadAttention's out_proj, not subclasses) ->
             vitfast.linear.
+        prepack_weights: the nn.Linear layers' products on oneDNN without grad (vitfast.linear's and the MLPs'
+            linear_gelu) keep oneDNN's blocked copy of the weight between calls (`prepack=True`: more memory, faster
+            on CPU; ops/linear.py). Then the weights must change only in ways PyTorch tracks (optimizer steps,
+            load_state_dict, in-place ops on the Parameter, `p.data = ...`), not through `p.data` in place, which
+            the copy would not see. Default False.
 
     Returns:
         PatchReport: `.patched` and `.left` (with the reason); `print(report)` shows both.
@@ -393,6 +402,10 @@ def patch_model(model: nn.Module, attention: bool = True, window_attention: bool
              "patch_embed": ("patch_embed", patch_embed), "linear_gelu": ("mlp", mlp),
              "linear": ("linear", linear)}
     table, known_left = _adapters(), _known_left()
+    if prepack_weights:
+        for module in model.modules():
+            if qualname(module) in _LINEAR_CLASSES:
+                object.__setattr__(module, _PREPACK, True)
     report = PatchReport()
     hf_prefixes: List[str] = []
     for name, module in model.named_modules():
@@ -447,6 +460,7 @@ def unpatch_model(model: nn.Module) -> int:
     """Restores every module `patch_model` changed in `model`; returns how many were restored."""
     restored = 0
     for module in model.modules():
+        module.__dict__.pop(_PREPACK, None)
         mark = module.__dict__.pop(_MARK, None)
         if mark is not None:
             for name in mark[1]:

@@ -9,12 +9,15 @@ x86-64 CPUs is MKL's sgemm (cblas). At the larger Linear shapes of ViT-B/16, Dei
 takes it only where `onednn_pays` (below). The onednn backend takes float32 (the dtype measured); other dtypes, and
 CUDA tensors (cuBLAS), take the torch backend.
 
-Prepacked weights: where autograd does not track the weight (inference, torch.no_grad, frozen layers) and it is an
-nn.Parameter, the op keeps oneDNN's blocked copy of it (as torch.compile's freezing does), made on first use and
-redone when the Parameter changes (its version counter or its storage). That memory doubles the weights of the
-Linear layers it runs (ViT-B/16: +330 MB) and saves oneDNN's reorder of the weight on each call (timm ViT-B/16 at
-batch 1, every nn.Linear on oneDNN against F.linear, interleaved whole-model rounds on the machine above: 1.21x
-prepacked, 1.13x with the plain weight).
+Prepacked weights (opt-in, `prepack=True`; `patch_model(prepack_weights=True)`): where autograd does not record
+the call and the weight is an nn.Parameter, the op keeps oneDNN's blocked copy of it (as torch.compile's freezing and
+IPEX's optimize do), made on first use and redone when the Parameter changes in a way PyTorch tracks: an in-place op
+on it (optimizer steps, load_state_dict, `with torch.no_grad(): w.copy_(...)`: its version counter) or new storage
+(`w.data = ...`). A change through `w.data` in place (`w.data.mul_(2)`) bumps no version counter and is NOT seen:
+hence opt-in. The copy doubles the memory of the weights it packs (ViT-B/16: +330 MB) and saves oneDNN's reorder
+of the weight on each call, which also makes oneDNN pay on products with a small K or N (timm ViT-B/16 at batch 1,
+every nn.Linear on oneDNN against F.linear, interleaved whole-model rounds on the machine above: 1.21x prepacked,
+1.13x with the plain weight).
 
 Backward: dx = dy W is the same primitive with W^T as its weight (a strided view, no copy); dW = dy^T x and db stay
 ATen's.
@@ -53,9 +56,9 @@ _backend.register_op(OP, gpu_order=("torch",), cpu_order=("onednn", "torch"), ch
 # oneDNN's inner product costs ~15 us a call more than F.linear (ideep's tensor and primitive-cache set-up: 15.5 vs
 # 2.8 us on a 4 x 8 x 6 product), so it gains only on large enough products; which ones depends on the mode (2
 # threads, Zen 4, 30-40 interleaved calls against F.linear, M x K -> N):
-# - prepacked weight (inference, nn.Parameter): 25088 x 96 -> 288 1.13x, 25088 x 384 -> 96 1.34x, 6272 x 192 -> 192
-#   1.15x, 3136 x 96 -> 288 1.02x, 784 x 192 -> 576 1.01x, 400 x 768 -> 768 1.04x, but below 2**25 multiply-adds:
-#   197 x 384 -> 384 0.94x, 3136 x 96 -> 96 0.94x, 784 x 192 -> 192 0.92x, 1 x 768 -> 768 0.54x;
+# - prepacked weight (no grad, prepack=True, an nn.Parameter): 25088 x 96 -> 288 1.13x, 25088 x 384 -> 96 1.34x,
+#   6272 x 192 -> 192 1.15x, 3136 x 96 -> 288 1.02x, 784 x 192 -> 576 1.01x, 400 x 768 -> 768 1.04x, but below 2**25
+#   multiply-adds: 197 x 384 -> 384 0.94x, 3136 x 96 -> 96 0.94x, 784 x 192 -> 192 0.92x, 1 x 768 -> 768 0.54x;
 # - plain weight without grad (read in its own layout): 197 x 768 -> 768 1.12x, 50 x 768 -> 3072 1.29x, 197 x 384 ->
 #   1152 1.14x, 400 x 768 -> 768 1.06x, but with a small K or N 784 x 192 -> 576 0.95x, 3136 x 96 -> 288 0.81x,
 #   3136 x 384 -> 96 0.98x;
@@ -70,8 +73,8 @@ ONEDNN_MIN_DIM = {"prepacked": 1, "plain": 384, "grad": 768}
 
 def onednn_pays(M: int, K: int, N: int, mode: str = "plain") -> bool:
     """Whether the automatic choice runs an (M, K) x (K, N) product on oneDNN (the rule above), dtype aside; mode:
-    "prepacked" (no grad, the weight an nn.Parameter), "plain" (no grad, another weight) or "grad" (autograd records
-    the call)."""
+    "prepacked" (no grad, a prepacked nn.Parameter weight), "plain" (no grad, the weight as it is) or "grad"
+    (autograd records the call)."""
     return min(K, N) >= ONEDNN_MIN_DIM[mode] and M * K * N >= ONEDNN_MIN_MACS
 
 
@@ -129,7 +132,7 @@ def _gemm(x: Tensor, weight: Tensor, bias: Optional[Tensor], prepack: bool = Fal
 @torch.library.custom_op("vitfast::linear", mutates_args=())
 def _linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], prepack: bool) -> Tensor:
     """x: (M, K), weight: (N, K), bias: (N,) or None, one dtype and device. Returns x W^T + b (M, N). prepack: a
-    oneDNN product reads its cached blocked copy of weight (an nn.Parameter that autograd does not track here)."""
+    oneDNN product reads its cached blocked copy of weight (an nn.Parameter; autograd does not record the call)."""
     return _gemm(x, weight, bias, prepack)
 
 
@@ -195,7 +198,7 @@ def check_linear_args(op: str, x: Tensor, weight: Tensor, bias: Optional[Tensor]
                          f"dtype, got {listed}")
 
 
-def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, prepack: bool = False) -> Tensor:
     """x @ weight^T + bias, as F.linear (nn.Linear's forward), on the faster GEMM library for the device (module
     docstring: oneDNN for float32 CPU products where `onednn_pays`, else F.linear itself, called directly).
 
@@ -203,6 +206,9 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         x: (*, K), floating point, any strides.
         weight: (N, K), x's dtype and device (any floating dtype under autocast); any strides.
         bias: (N,) or None, likewise.
+        prepack: where oneDNN runs the product without grad and weight is an nn.Parameter, keep oneDNN's blocked copy
+            of it between calls (module docstring). The caller promises that the weight changes only in ways PyTorch
+            tracks (in-place ops on it, `.data = ...`), not through `weight.data` in place. Default False.
 
     Autocast: as F.linear (x, weight and bias in the region's lower-precision dtype).
 
@@ -218,7 +224,7 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     _backend.check_transforms("linear", x, weight, bias)
     check_linear_args("linear", x, weight, bias)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-    prepack = isinstance(weight, nn.Parameter) and not (grad and weight.requires_grad)
+    prepack = prepack and not grad and isinstance(weight, nn.Parameter)
     mode = "grad" if grad else "prepacked" if prepack else "plain"
     if _backend.forced_backend() not in ("onednn", "torch") and not (
             x.is_cpu and onednn_pays(math.prod(x.shape[:-1]), x.shape[-1], weight.shape[0], mode)):

@@ -2,7 +2,7 @@
 
 `vitfast::linear_gelu` is a torch.library op with a fake implementation, so torch.compile sees it whole; it picks
 its backend at run time: "triton" (vitfast.triton.linear_gelu), "onednn" (float32 CPU tensors: oneDNN's inner
-product with the bias and GELU in its epilogue, on the weight prepacked as vitfast.linear prepacks it; taken
+product with the bias and GELU in its epilogue, with `prepack` as vitfast.linear's; taken
 automatically where vitfast.linear's rule, ops/linear.py's onednn_pays, says oneDNN pays, else the next backend),
 "cpp" (the extension's vitfast::linear_gelu_fwd) or "torch" (F.linear + F.gelu below). oneDNN's GELU has the error
 of ATen's vectorized float32 F.gelu (at most 1.2e-6 absolute over [-12, 12], as F.gelu on an AVX-512 CPU) and, like
@@ -39,19 +39,20 @@ def _fwd_torch(x, weight, bias, approximate, save_preact):
     return F.gelu(h, approximate=approximate), (h if save_preact else h.new_empty(0))
 
 
-def _fwd_onednn(x, weight, bias, approximate, save_preact):
+def _fwd_onednn(x, weight, bias, approximate, save_preact, prepack):
     if save_preact:
         h = _linear.onednn_linear(x, weight, bias)
         return F.gelu(h, approximate=approximate), h
-    w = _linear.onednn_weight(weight, isinstance(weight, torch.nn.Parameter))
+    w = _linear.onednn_weight(weight, prepack)
     return _linear.onednn_linear(x, w, bias, gelu=approximate), x.new_empty(0)
 
 
-def uses_onednn(x: Tensor, weight: Tensor, bias: Optional[Tensor], save_preact: bool = False) -> bool:
+def uses_onednn(x: Tensor, weight: Tensor, bias: Optional[Tensor], save_preact: bool = False,
+                prepack: bool = False) -> bool:
     """Whether the automatic choice runs linear_gelu(x, weight, bias) on the onednn backend: oneDNN takes the tensors
     (float32 CPU) and vitfast.linear's rule (ops/linear.py's onednn_pays) says it pays for the product, in the mode
-    of the call (prepacked: no grad and an nn.Parameter weight). x: (*, K)."""
-    mode = "grad" if save_preact else "prepacked" if isinstance(weight, torch.nn.Parameter) else "plain"
+    of the call (save_preact: autograd records it; prepack: no grad and a prepacked Parameter). x: (*, K)."""
+    mode = "grad" if save_preact else "prepacked" if prepack else "plain"
     return (_linear.onednn_pays(math.prod(x.shape[:-1]), x.shape[-1], weight.shape[0], mode)
             and _backend.why_not(OP, "onednn", x, weight, bias) is None)
 
@@ -66,17 +67,19 @@ _backend.register_op(OP, gpu_order=("triton", "torch"), cpu_order=("onednn", "cp
 
 
 @torch.library.custom_op("vitfast::linear_gelu", mutates_args=())
-def _linear_gelu_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], approximate: str,
-                    save_preact: bool) -> tuple[Tensor, Tensor]:
+def _linear_gelu_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], approximate: str, save_preact: bool,
+                    prepack: bool) -> tuple[Tensor, Tensor]:
     """x: (M, K), weight: (N, K), bias: (N,) or None, one dtype. Returns y = GELU(x W^T + b) (M, N), contiguous,
-    and h = x W^T + b (M, N) with save_preact, else an empty tensor."""
+    and h = x W^T + b (M, N) with save_preact, else an empty tensor. prepack: as vitfast.linear's (the onednn
+    backend without save_preact)."""
     if x.numel() == 0 or weight.numel() == 0:
         return _fwd_torch(x, weight, bias, approximate, save_preact)
     which = _backend.choose_backend(OP, x, weight, bias)
-    if which == "onednn" and _backend.forced_backend() is None and not uses_onednn(x, weight, bias, save_preact):
+    if which == "onednn" and _backend.forced_backend() is None and not uses_onednn(x, weight, bias, save_preact,
+                                                                                       prepack):
         which = next(b for b in ("cpp", "torch") if _backend.why_not(OP, b, x, weight, bias) is None)
     if which == "onednn":
-        return _fwd_onednn(x, weight, bias, approximate, save_preact)
+        return _fwd_onednn(x, weight, bias, approximate, save_preact, prepack)
     if which == "triton":
         from vitfast.triton.linear_gelu import linear_gelu_fwd
         return linear_gelu_fwd(x, weight, bias, approximate, save_preact)
@@ -86,13 +89,13 @@ def _linear_gelu_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], approxima
 
 
 @_linear_gelu_op.register_fake
-def _(x, weight, bias, approximate, save_preact):
+def _(x, weight, bias, approximate, save_preact, prepack):
     shape = (x.shape[0], weight.shape[0])
     return x.new_empty(shape), x.new_empty(shape if save_preact else (0,))
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, approximate, _ = inputs
+    x, weight, bias, approximate, _, _ = inputs
     ctx.save_for_backward(x, weight, bias, output[1])
     ctx.approximate = approximate
 
@@ -110,24 +113,25 @@ def _backward(ctx, dy, dpreact):
         dx = dh @ weight if ctx.needs_input_grad[0] else None
         dweight = dh.t() @ x if ctx.needs_input_grad[1] else None
         dbias = dh.sum(0) if bias is not None and ctx.needs_input_grad[2] else None
-    return dx, dweight, dbias, None, None
+    return dx, dweight, dbias, None, None, None
 
 
 _linear_gelu_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _autocast_rule(device_type, dtype, x, weight, bias, approximate, save_preact):
+def _autocast_rule(device_type, dtype, x, weight, bias, approximate, save_preact, prepack):
     """F.linear's autocast rule (the region's lower-precision dtype for x, weight and bias, on CPU and CUDA);
     GELU, in no autocast list, then runs in that dtype, as F.gelu(F.linear(...)) does."""
     args = [_autocast.cast(dtype, t) for t in (x, weight, bias)]
     _autocast.check_same_dtype("linear_gelu", **dict(zip(("x", "weight", "bias"), args)))
-    return _linear_gelu_op(*args, approximate, save_preact)
+    return _linear_gelu_op(*args, approximate, save_preact, prepack and args[1] is weight)
 
 
 _autocast.register("linear_gelu", _autocast_rule)
 
 
-def linear_gelu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, approximate: str = "none") -> Tensor:
+def linear_gelu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, approximate: str = "none",
+                prepack: bool = False) -> Tensor:
     """GELU(x @ weight^T + bias): nn.Linear followed by nn.GELU (the first half of a ViT / Swin / CLIP MLP), with
     GELU (and on the CPU the bias) fused into one pass over the GEMM's output, in place without grad (GELU: Hendrycks
     & Gimpel 2016, arXiv:1606.08415).
@@ -137,6 +141,8 @@ def linear_gelu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, approx
         weight: (N, K), x's dtype and device (any floating dtype under autocast).
         bias: (N,) or None, likewise.
         approximate: "none" (exact, erf) or "tanh", as F.gelu.
+        prepack: as vitfast.linear's (oneDNN's blocked copy of an nn.Parameter weight kept between calls without
+            grad; the weight must not change through `weight.data` in place). Default False.
 
     The fp32 CPU kernel computes erf by Abramowitz & Stegun 7.1.26 (absolute error <= 1.5e-7), the formula of
     ATen's vectorized CPU GELU; the other kernels use erf / tanh of the C++ library or of Triton.
@@ -157,5 +163,6 @@ def linear_gelu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, approx
     _linear.check_linear_args("linear_gelu", x, weight, bias)
     K, N = x.shape[-1], weight.shape[0]
     save_preact = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-    y, _ = _linear_gelu_op(x.reshape(math.prod(x.shape[:-1]), K), weight, bias, approximate, save_preact)
+    prepack = prepack and not save_preact and isinstance(weight, torch.nn.Parameter)
+    y, _ = _linear_gelu_op(x.reshape(math.prod(x.shape[:-1]), K), weight, bias, approximate, save_preact, prepack)
     return y.view(*x.shape[:-1], N)
