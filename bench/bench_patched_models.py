@@ -1,5 +1,5 @@
-"""`vitfast.patch_model` on the models people run: the original model, the patched model and torch.compile of the
-original, timed interleaved in one process (one round calls each once, in turn, the order reversed every other
+"""`vitfast.patch_model` on the models people run: the original model, the patched model, in inference also the
+model patched with `prepack_weights=True`, and torch.compile of the original, timed interleaved in one process (one round calls each once, in turn, the order reversed every other
 round), with the medians, the ratio of the medians original / patched (> 1: patched faster) and the paired ratio
 (the median over rounds of each round's original / patched: the two calls of a round run a few seconds apart, so
 the slow drift of a shared VM's speed cancels) in extra_info.
@@ -114,6 +114,9 @@ def test_patched_model(benchmark, name, mode, batch):
     patched = copy.deepcopy(original)
     report = vitfast.patch_model(patched)
     impls = {"original": original, "patched": patched}
+    if mode == "inference":  # (prepacked weights serve calls without grad only)
+        impls["prepacked"] = copy.deepcopy(original)
+        vitfast.patch_model(impls["prepacked"], prepack_weights=True)
     if COMPILE:
         impls["compiled"] = torch.compile(copy.deepcopy(original))
     x = torch.randn(batch, 3, size, size, device=DEVICE)
@@ -135,7 +138,13 @@ def test_patched_model(benchmark, name, mode, batch):
                                 mode=mode, batch=batch, reps=REPS, patched_kinds=report.counts(),
                                 **{f"{k}_ms": v for k, v in ms.items()},
                                 speedup_patched=ms["original"] / ms["patched"], speedup_patched_paired=paired)
+    if "prepacked" in ms:
+        benchmark.extra_info["speedup_prepacked_paired"] = statistics.median(
+            o / p for o, p in zip(times["original"], times["prepacked"]))
     if COMPILE:
         benchmark.extra_info["speedup_compiled"] = ms["original"] / ms["compiled"]
+    prepacked = (f" {ms['prepacked']:.1f} ({benchmark.extra_info['speedup_prepacked_paired']:.2f}x) |"
+                 if "prepacked" in ms else " - |")
     print(f"\n| {name} | {batch} | {mode} | {ms['original']:.1f} | {ms['patched']:.1f} | "
-          f"{ms['original'] / ms['patched']:.2f}x | {paired:.2f}x |" + (f" {ms['compiled']:.1f} |" if COMPILE else ""))
+          f"{ms['original'] / ms['patched']:.2f}x | {paired:.2f}x |" + prepacked
+          + (f" {ms['compiled']:.1f} |" if COMPILE else ""))

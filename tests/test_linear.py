@@ -264,5 +264,9 @@ def test_prepacked_weight_follows_the_parameter(monkeypatch):
     assert len(packs) == 4
     ident = id(lin.weight)
     assert ident in vl._PACKED
+    vl.drop_prepacked(lin.weight)
+    assert ident not in vl._PACKED
+    check()
+    assert len(packs) == 5 and ident in vl._PACKED
     del lin
     assert ident not in vl._PACKED  # (an entry leaves with its Parameter)

@@ -512,8 +512,14 @@ def test_linear_layers_run_vitfast_linear_where_onednn_pays(monkeypatch):
         torch.testing.assert_close(packed(x), model(x), rtol=1e-4, atol=1e-4)
     assert len(calls) == (2 if onednn else 0)
     assert [id(packed[i].weight) in vl._PACKED for i in (0, 2)] == [onednn, onednn]
+    vitfast.patch_model(packed)  # (prepack_weights=False again: the copies go)
+    assert not any(id(p) in vl._PACKED for p in packed.parameters())
+    vitfast.patch_model(packed, prepack_weights=True)
+    with torch.inference_mode():
+        packed(x)
     vitfast.unpatch_model(packed)
     assert not any("_vitfast_prepack" in m.__dict__ for m in packed.modules())
+    assert not any(id(p) in vl._PACKED for p in packed.parameters())
     assert not vitfast.patch_model(copy.deepcopy(model), linear=False).counts().get("linear")
 
 
@@ -579,6 +585,21 @@ def test_compile_fullgraph_patched_model():
     torch.testing.assert_close(out, eager, rtol=1e-4, atol=2e-5)
     out.sum().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_compile_fullgraph_patched_mlp_on_onednn_without_grad():
+    """A patched MLP whose products pass oneDNN's rule compiles with fullgraph=True without grad (the choices read no
+    untraceable state), prepacked or not, and matches the original."""
+    timm = import_or_skip("timm")
+    mlp = timm.layers.Mlp(384, 1536).eval()
+    x = torch.randn(1, 100, 384)
+    for prepack in (False, True):
+        mine = copy.deepcopy(mlp)
+        vitfast.patch_model(mine, prepack_weights=prepack)
+        torch._dynamo.reset()
+        with torch.no_grad():
+            out = torch.compile(mine, fullgraph=True, backend="aot_eager")(x)
+            torch.testing.assert_close(out, mlp(x), rtol=1e-4, atol=1e-4)
 
 
 def test_compile_fullgraph_patched_torchvision_swin():

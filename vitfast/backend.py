@@ -66,9 +66,8 @@ def has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-@functools.lru_cache(None)
-def _has_onednn_ops() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# (read once here: torch.compile cannot trace torch.backends.mkldnn.is_available, which the ops' choices would call)
+_HAS_ONEDNN_OPS = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 _NAMES = BACKENDS + ("auto",)
@@ -122,7 +121,7 @@ def _unavailable(op: str, backend: str, device: torch.device) -> Optional[str]:
         if backend == "cuda" and not _ext.EXT_CUDA:
             return "vitfast._C was built without CUDA"
     if backend == "onednn":
-        if not _has_onednn_ops():
+        if not _HAS_ONEDNN_OPS:
             return "this PyTorch build has no oneDNN (torch.backends.mkldnn.is_available() is False)"
         if not torch.backends.mkldnn.enabled:
             return "oneDNN is switched off (torch.backends.mkldnn.enabled is False)"

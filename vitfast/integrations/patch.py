@@ -37,7 +37,7 @@ from vitfast import backend as _backend
 from vitfast.integrations.choice import describe, runs_original
 from vitfast.ops.attention import attention
 from vitfast.ops.layer_norm import layer_norm
-from vitfast.ops.linear import linear
+from vitfast.ops.linear import drop_prepacked, linear
 from vitfast.ops.linear_gelu import linear_gelu, uses_onednn as linear_gelu_uses_onednn
 
 KINDS = ("attention", "rel_pos_attention", "window_attention", "layer_norm", "patch_embed", "linear_gelu", "linear")
@@ -389,9 +389,10 @@ def patch_model(model: nn.Module, attention: bool = True, window_attention: bool
             vitfast.linear.
         prepack_weights: the nn.Linear layers' products on oneDNN without grad (vitfast.linear's and the MLPs'
             linear_gelu) keep oneDNN's blocked copy of the weight between calls (`prepack=True`: more memory, faster
-            on CPU; ops/linear.py). Then the weights must change only in ways PyTorch tracks (optimizer steps,
-            load_state_dict, in-place ops on the Parameter, `p.data = ...`), not through `p.data` in place, which
-            the copy would not see. Default False.
+            on CPU; ops/linear.py): for frozen weights (inference, serving). Changes PyTorch counts (load_state_dict,
+            in-place ops on the Parameter) are seen, others not (`p.data` in place, fused optimizers' steps): change
+            the weights only after unpatch_model, which drops the copies. Applies to every nn.Linear of `model` at
+            each call (False drops earlier copies). Default False.
 
     Returns:
         PatchReport: `.patched` and `.left` (with the reason); `print(report)` shows both.
@@ -402,10 +403,12 @@ def patch_model(model: nn.Module, attention: bool = True, window_attention: bool
              "patch_embed": ("patch_embed", patch_embed), "linear_gelu": ("mlp", mlp),
              "linear": ("linear", linear)}
     table, known_left = _adapters(), _known_left()
-    if prepack_weights:
-        for module in model.modules():
-            if qualname(module) in _LINEAR_CLASSES:
+    for module in model.modules():
+        if qualname(module) in _LINEAR_CLASSES:
+            if prepack_weights:
                 object.__setattr__(module, _PREPACK, True)
+            elif module.__dict__.pop(_PREPACK, False):
+                drop_prepacked(module.weight)
     report = PatchReport()
     hf_prefixes: List[str] = []
     for name, module in model.named_modules():
@@ -457,10 +460,12 @@ def _covered(left: Left, patched: List[Patched]) -> bool:
 
 
 def unpatch_model(model: nn.Module) -> int:
-    """Restores every module `patch_model` changed in `model`; returns how many were restored."""
+    """Restores every module `patch_model` changed in `model` and frees the prepacked copies of its Linear weights
+    (prepack_weights=True); returns how many modules were restored."""
     restored = 0
     for module in model.modules():
-        module.__dict__.pop(_PREPACK, None)
+        if module.__dict__.pop(_PREPACK, False):
+            drop_prepacked(module.weight)
         mark = module.__dict__.pop(_MARK, None)
         if mark is not None:
             for name in mark[1]:

@@ -9,15 +9,17 @@ x86-64 CPUs is MKL's sgemm (cblas). At the larger Linear shapes of ViT-B/16, Dei
 takes it only where `onednn_pays` (below). The onednn backend takes float32 (the dtype measured); other dtypes, and
 CUDA tensors (cuBLAS), take the torch backend.
 
-Prepacked weights (opt-in, `prepack=True`; `patch_model(prepack_weights=True)`): where autograd does not record
-the call and the weight is an nn.Parameter, the op keeps oneDNN's blocked copy of it (as torch.compile's freezing and
-IPEX's optimize do), made on first use and redone when the Parameter changes in a way PyTorch tracks: an in-place op
-on it (optimizer steps, load_state_dict, `with torch.no_grad(): w.copy_(...)`: its version counter) or new storage
-(`w.data = ...`). A change through `w.data` in place (`w.data.mul_(2)`) bumps no version counter and is NOT seen:
-hence opt-in. The copy doubles the memory of the weights it packs (ViT-B/16: +330 MB) and saves oneDNN's reorder
-of the weight on each call, which also makes oneDNN pay on products with a small K or N (timm ViT-B/16 at batch 1,
-every nn.Linear on oneDNN against F.linear, interleaved whole-model rounds on the machine above: 1.21x prepacked,
-1.13x with the plain weight).
+Prepacked weights (opt-in, `prepack=True`; `patch_model(prepack_weights=True)`), for frozen weights (inference,
+serving), as torch.compile's freezing and IPEX's optimize treat them: where autograd does not record the call and
+the weight is an nn.Parameter, the op keeps oneDNN's blocked copy of it, made on first use. It is redone when
+PyTorch sees the Parameter change (its version counter: load_state_dict, in-place ops on it; its storage:
+`w.data = ...`), but not for changes PyTorch does not count: `w.data` changed in place, steps of optimizers built
+with fused=True (their kernels bump no version counter), writes through another alias of the storage. So weights
+must not change while prepacked: change them after `drop_prepacked` (unpatch_model calls it), or do not prepack.
+The copy doubles the memory of the weights it packs (ViT-B/16: +330 MB) and saves oneDNN's reorder of the weight on
+each call, which also makes oneDNN pay on products with a small K or N (timm ViT-B/16 at batch 1, every nn.Linear on
+oneDNN against F.linear, interleaved whole-model rounds on the machine above: 1.21x prepacked, 1.13x with the plain
+weight).
 
 Backward: dx = dy W is the same primitive with W^T as its weight (a strided view, no copy); dW = dy^T x and db stay
 ATen's.
@@ -95,10 +97,17 @@ def onednn_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], gelu: Optio
 _PACKED: dict = {}
 
 
+def drop_prepacked(weight: Tensor) -> None:
+    """Frees the prepacked copy of `weight` (an nn.Parameter), if there is one: its next prepacked use packs anew."""
+    entry = _PACKED.get(id(weight))
+    if entry is not None and entry[0]() is weight:
+        del _PACKED[id(weight)]
+
+
 def onednn_weight(weight: Tensor, prepack: bool) -> Tensor:
     """`weight` as oneDNN's products read it: with prepack, oneDNN's blocked copy of this nn.Parameter, made once and
-    redone when the Parameter changes in place (its version counter: optimizer steps, load_state_dict, init) or gets
-    new storage (`.data = ...`); else (and for an inference tensor, which has no version counter) the weight itself."""
+    redone when PyTorch sees it change (module docstring: its version counter or its storage); else (and for an
+    inference tensor, which has no version counter) the weight itself."""
     if not prepack or weight.is_inference():
         return weight
     key = (weight._version, weight.data_ptr())
@@ -207,8 +216,8 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, prepack: bo
         weight: (N, K), x's dtype and device (any floating dtype under autocast); any strides.
         bias: (N,) or None, likewise.
         prepack: where oneDNN runs the product without grad and weight is an nn.Parameter, keep oneDNN's blocked copy
-            of it between calls (module docstring). The caller promises that the weight changes only in ways PyTorch
-            tracks (in-place ops on it, `.data = ...`), not through `weight.data` in place. Default False.
+            of it between calls (module docstring): for frozen weights; change them only after drop_prepacked(weight).
+            Default False.
 
     Autocast: as F.linear (x, weight and bias in the region's lower-precision dtype).
 

@@ -142,7 +142,7 @@ def linear_gelu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, approx
         bias: (N,) or None, likewise.
         approximate: "none" (exact, erf) or "tanh", as F.gelu.
         prepack: as vitfast.linear's (oneDNN's blocked copy of an nn.Parameter weight kept between calls without
-            grad; the weight must not change through `weight.data` in place). Default False.
+            grad: for frozen weights). Default False.
 
     The fp32 CPU kernel computes erf by Abramowitz & Stegun 7.1.26 (absolute error <= 1.5e-7), the formula of
     ATen's vectorized CPU GELU; the other kernels use erf / tanh of the C++ library or of Triton.
