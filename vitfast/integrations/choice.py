@@ -40,7 +40,7 @@ ViT-B/16, DeiT-S/16, CLIP ViT-B/32 and Swin-T at batch 1 and 8 (rows 49 .. 25088
 | patch_embed      | ViT 0.98 .. 1.06, Swin with norm 0.74 .. 0.80 | 1.23 .. 1.97                        | ATen / vitfast |
 | window_attention | 1.07 .. 1.68                               | 1.00 .. 1.78                           | vitfast        |
 | rel_pos_attention| 1.86 .. 2.06                               | 2.20 .. 2.44                           | vitfast        |
-| linear_gelu      | >= 32 MiB out 1.45, else 0.93 .. 1.09      | 0.78 .. 1.01                           | see below      |
+| linear_gelu      | >= 32 MiB out 1.45, oneDNN 1.00 .. 1.08, else 0.93 .. 1.09 | 0.78 .. 1.01           | see below      |
 | linear           | see below                                  | see below                              | vitfast        |
 
 rel_pos_attention (SAM/ViTDet image encoders) is against SDPA with the dense decomposed bias that transformers' and
@@ -55,24 +55,31 @@ allocate two. Below it the op is level (0.93 .. 1.09 per op; whole models with a
 rounds: torchvision Swin-T B=1 1.007, DeiT-S B=8 1.009, ViT-B/16 B=1 0.954), so those calls keep ATen. Whole Swin-T
 models at B=8 with the rule against without the op (9-11 paired rounds): torchvision 1.013 and 1.052 in two runs,
 timm 1.116, transformers 1.030. With grad it keeps ATen (it must keep h = x W^T + b anyway: 0.78 .. 1.01).
+Since 2026-12-01 (AVX-512 machine below) linear_gelu has an onednn backend (GELU in oneDNN's inner-product
+epilogue) that it takes for float32 where vitfast.linear's rule says oneDNN pays; against what a patched MLP runs
+otherwise (vitfast.linear, then F.gelu) it measured 1.00 .. 1.08 without grad at those shapes (ViT-B/16, DeiT-S,
+CLIP B/32, Swin-T stages 3-4) and 1.38 at Swin-T's first stage at batch 8 (the cpp kernel, 32 MiB), while the rows
+it leaves to the cpp kernel below 32 MiB measured 0.91 .. 0.93. So a patched MLP without grad on CPU calls
+linear_gelu where the output reaches 32 MiB or where the onednn backend takes the call (integrations/patch.py's
+mlp_fc1); with grad 0.75 .. 0.96: ATen (bench/results/cpu-avx512-2026-12-01/cpu_choice_linear.md).
 
-linear (every nn.Linear; 2026-12-01, same command with `-k "linear "`, on the AVX-512 machine below): vitfast.linear
-runs oneDNN's inner product where its own rule (ops/linear.py, `onednn_pays`: K and N at least 384, M K N at least
-2**25) says it pays, F.linear elsewhere, so the module-level choice is vitfast in both modes; a patched nn.Linear
-asks that rule first and calls its own F.linear where it says no, without the op's dispatch. Against F.linear (MKL):
-ViT-B/16 qkv, proj, fc2 at batch 1 1.22, 1.15, 1.28 without grad and 1.14, 1.07, 1.19 with; at batch 8 (qkv, fc2)
-1.04, 1.05 and 1.04, 1.05; CLIP B/32 fc2 at batch 8 1.15 / 1.10; DeiT-S at batch 8 1.01 .. 1.03; Swin-T stages 3-4
-1.00 .. 1.07 (full table: bench/results/cpu-avx512-2026-12-01/cpu_choice_linear.md). Below the rule (Swin-T's
-first stages, K = 96 or 192; 29M multiply-adds or fewer) oneDNN measured 0.78 .. 0.95.
+linear (every nn.Linear; 2026-12-01, same command with `-k linear`, on the AVX-512 machine below, Parameter
+weights, not prepacked): vitfast.linear runs oneDNN's inner product where its own rule (ops/linear.py,
+`onednn_pays`: M K N at least 2**25, K and N at least 384, 768 with grad) says it pays and calls F.linear itself
+elsewhere, so the module-level choice is vitfast in both modes. Against F.linear (MKL), without grad / with grad:
+ViT-B/16 qkv, proj, fc2 at batch 1 1.25, 1.13, 1.23 / 1.16, 1.08, 1.17; at batch 8 (qkv, fc2) 1.04, 1.05 / 1.05,
+1.03; CLIP B/32 fc2 at batch 8 1.12 / 1.11; DeiT-S at batch 8 1.00, 1.03 / 1.00, 1.00 (F.linear with grad); Swin-T
+stages 3-4 1.07, 1.13 / 1.00, 1.13; the rows below the rule (F.linear through vitfast.linear) 0.96 .. 0.99, its
+dispatch. Below the rule oneDNN itself measured 0.78 .. 0.95 (ops/linear.py).
 
 The same command on an AVX-512 machine (Zen 4, 2026-12-01: bench/results/cpu-avx512-2026-12-01/cpu_choice.md) puts
 every kind and mode on the same side as this table.
 
 Every shape class measured falls on the same side for a given kind and mode (patch embedding without grad is
-level at ViT shapes and slower at Swin's, so ATen), but for linear_gelu's output size and linear's product size, so
-the rule is per (kind, mode), with `CPU_MIN_OUTPUT_BYTES` for linear_gelu and the op's own `onednn_pays` for linear
-(a backend choice inside the op, which vitfast.linear makes for every caller); a new shape class that measures
-differently gets its row here (or in that rule), nowhere else.
+level at ViT shapes and slower at Swin's, so ATen), but for linear_gelu's output size and both linear kinds'
+product size, so the rule is per (kind, mode), with `CPU_MIN_OUTPUT_BYTES` for linear_gelu and the ops' own
+`onednn_pays` for the oneDNN choices (a backend choice inside the ops, made for every caller); a new shape class that
+measures differently gets its row here (or in that rule), nowhere else.
 """
 from typing import Optional
 
@@ -132,7 +139,8 @@ def runs_original(kind: str, x: Tensor, out_bytes: Optional[int] = None) -> bool
 
 
 # kind -> what the report adds beyond the tables
-_NOTES = {"rel_pos_attention": ("; with attention dropout while training on CPU, vitfast's torch backend, which forms "
+_NOTES = {"linear": " (on CPU oneDNN for large float32 products, F.linear for the others: vitfast.linear's rule)",
+          "rel_pos_attention": ("; with attention dropout while training on CPU, vitfast's torch backend, which forms "
                                 "the dense bias as the original does (the C++ kernel has no dropout); without rel-pos "
                                 "tables, plain attention by the attention row")}
 
@@ -152,7 +160,7 @@ def describe(kind: str) -> str:
     (faster there)"."""
     cpu, cuda = _mode_text(*_CPU[kind]), _mode_text(*_CUDA[kind])
     if kind in CPU_MIN_OUTPUT_BYTES:
-        cpu = (f"vitfast without grad for outputs of {CPU_MIN_OUTPUT_BYTES[kind] >> 20} MiB or more, else the "
-               f"original ATen code (the faster of the two)")
+        cpu = (f"vitfast without grad for outputs of {CPU_MIN_OUTPUT_BYTES[kind] >> 20} MiB or more or where its "
+               f"oneDNN backend takes the call, else the original ATen code (the faster of the two)")
     text = f"on CPU and CUDA: {cpu}" if cpu == cuda else f"on CPU: {cpu}; on CUDA: {cuda}"
     return text + _NOTES.get(kind, "")

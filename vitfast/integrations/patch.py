@@ -16,9 +16,9 @@ An adapter that meets arguments it does not cover at run time (e.g. `need_weight
 a LayerNorm input whose dtype differs from its weight under autocast) calls the original forward for that call, and
 so does one whose vitfast op measured slower than the original code for that device and mode
 (integrations/choice.py: on CPU tensors LayerNorm and attention always run ATen, patch embedding runs ATen
-without grad, the MLP's Linear + GELU runs vitfast only without grad and for outputs of 32 MiB or more, Linear
-layers run vitfast.linear (oneDNN for float32); on CUDA tensors LayerNorm, attention, the MLP and Linear layers run
-ATen); the report says what each kind runs on CPU and CUDA. A
+without grad, the MLP's Linear + GELU runs vitfast only without grad and for outputs of 32 MiB or more or where its
+oneDNN backend takes the call, Linear layers run vitfast.linear (oneDNN for large float32 products); on CUDA tensors
+LayerNorm, attention, the MLP and Linear layers run ATen); the report says what each kind runs on CPU and CUDA. A
 patched module whose submodules carry hooks, or were swapped since patching (a LoRA wrapper, a parametrization),
 runs its original forward too, since the patched paths read the submodules' parameters directly.
 """
