@@ -9,11 +9,12 @@ import torch.nn.functional as F
 
 import vitfast
 
-from conftest import DEVICE, ON_GPU, headline, run_benchmark, vitfast_backends
+from conftest import ON_GPU, linear_cases, linear_inputs, linear_shape, run_benchmark, vitfast_backends
 
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
 BATCHES = (64,) if ON_GPU else (1, 8)
 SHAPES = {"vit_b_fc1": (197, 768, 3072), "swin_t_s1_fc1": (3136, 96, 384)}
+CASES = linear_cases(SHAPES, BATCHES, f"swin_t_s1_fc1 B={BATCHES[-1]}")
 _compiled = torch.compile(lambda x, w, b: F.gelu(F.linear(x, w, b)))
 IMPLS = vitfast_backends("linear_gelu") + ["torch", "torch.compile"] + (["torch._addmm_activation"] if ON_GPU else [])
 
@@ -28,29 +29,10 @@ def _fn(impl):
     return lambda x, w, b: F.gelu(F.linear(x, w, b))
 
 
-def _inputs(M, K, N, grad):
-    def make():
-        x = torch.randn(M, K, device=DEVICE, dtype=DTYPE, requires_grad=grad)
-        w = (torch.randn(N, K, device=DEVICE, dtype=DTYPE) * K ** -0.5).requires_grad_(grad)
-        b = torch.randn(N, device=DEVICE, dtype=DTYPE, requires_grad=grad)
-        return x, w, b
-    return make
-
-
-def _cases():
-    return headline([f"{name} B={b}" for name in SHAPES for b in BATCHES], {f"swin_t_s1_fc1 B={BATCHES[-1]}"})
-
-
-def _shape(case):
-    name, batch = case.split(" B=")
-    tokens, K, N = SHAPES[name]
-    return tokens * int(batch), K, N
-
-
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("case", _cases())
+@pytest.mark.parametrize("case", CASES)
 def test_forward(benchmark, impl, case):
-    M, K, N = _shape(case)
+    M, K, N = linear_shape(case, SHAPES)
     fn = _fn(impl)
 
     def fwd(x, w, b):
@@ -58,14 +40,14 @@ def test_forward(benchmark, impl, case):
             return fn(x, w, b)
 
     benchmark.group = f"linear_gelu fwd {case} ({M}x{K} -> {N}) {DTYPE}"
-    run_benchmark(benchmark, fwd, _inputs(M, K, N, False), impl=impl, flops=2 * M * K * N,
+    run_benchmark(benchmark, fwd, linear_inputs(M, K, N, DTYPE, False), impl=impl, flops=2 * M * K * N,
                   bytes_moved=(M * K + N * K + 2 * M * N) * DTYPE.itemsize)
 
 
 @pytest.mark.parametrize("impl", [i for i in IMPLS if i != "torch._addmm_activation"])
-@pytest.mark.parametrize("case", _cases())
+@pytest.mark.parametrize("case", CASES)
 def test_forward_backward(benchmark, impl, case):
-    M, K, N = _shape(case)
+    M, K, N = linear_shape(case, SHAPES)
     fn = _fn(impl)
 
     def step(x, w, b):
@@ -73,4 +55,4 @@ def test_forward_backward(benchmark, impl, case):
         return torch.autograd.grad(y, (x, w, b), torch.ones_like(y))
 
     benchmark.group = f"linear_gelu fwd+bwd {case} ({M}x{K} -> {N}) {DTYPE}"
-    run_benchmark(benchmark, step, _inputs(M, K, N, True), impl=impl, flops=6 * M * K * N)
+    run_benchmark(benchmark, step, linear_inputs(M, K, N, DTYPE, True), impl=impl, flops=6 * M * K * N)

@@ -32,6 +32,29 @@ def headline(names, chosen) -> list:
     return [pytest.param(n, marks=pytest.mark.headline, id=str(n)) if n in chosen else n for n in names]
 
 
+def linear_cases(shapes: dict, batches: tuple, chosen: str) -> list:
+    """"<name> B=<batch>" for each Linear shape (name -> (tokens per image, K, N)) and batch, as pytest params, the
+    `chosen` one marked `headline` (bench_linear.py, bench_linear_gelu.py)."""
+    return headline([f"{name} B={b}" for name in shapes for b in batches], {chosen})
+
+
+def linear_shape(case: str, shapes: dict) -> tuple:
+    """(M, K, N) of a linear_cases case: M = tokens per image x batch."""
+    name, batch = case.split(" B=")
+    tokens, K, N = shapes[name]
+    return tokens * int(batch), K, N
+
+
+def linear_inputs(M: int, K: int, N: int, dtype: torch.dtype, grad: bool):
+    """A maker of x (M, K), weight (N, K) scaled by K**-0.5 and bias (N,) on DEVICE, for run_benchmark."""
+    def make():
+        x = torch.randn(M, K, device=DEVICE, dtype=dtype, requires_grad=grad)
+        w = (torch.randn(N, K, device=DEVICE, dtype=dtype) * K ** -0.5).requires_grad_(grad)
+        b = torch.randn(N, device=DEVICE, dtype=dtype, requires_grad=grad)
+        return x, w, b
+    return make
+
+
 def sdpa(impl: str):
     """F.scaled_dot_product_attention(q, k, v, mask, is_causal) forced onto the backend `impl` names, or None and
     the reason it cannot run here."""

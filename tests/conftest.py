@@ -113,6 +113,23 @@ def assert_close_to_ref(out: torch.Tensor, ref64: torch.Tensor, plain: torch.Ten
         f"{what}: max error {err:.3g} > 2 x plain PyTorch's {plain_err:.3g} + {floor:.3g} ({out.dtype})")
 
 
+def assert_backward_keeps_forward_dtypes(fn, backend: str, device: str):
+    """README: backward ops run in the dtypes their forward saved, also when backward() is called inside an autocast
+    region (autograd hands the region's state to the backward, whose matmuls would otherwise run in bfloat16). fn(x,
+    weight, bias) is a Linear-shaped op (x (6, 32), weight (48, 32), bias (48,), float32)."""
+    x = torch.randn(6, 32, device=device, requires_grad=True)
+    w = torch.randn(48, 32, device=device, requires_grad=True)
+    b = torch.randn(48, device=device, requires_grad=True)
+    dy = torch.randn(6, 48, device=device)
+    with vitfast.use_backend(backend):
+        outside = torch.autograd.grad(fn(x, w, b), (x, w, b), dy)
+        y = fn(x, w, b)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            inside = torch.autograd.grad(y, (x, w, b), dy)
+    for name, a, c in zip(("dx", "dweight", "dbias"), outside, inside):
+        assert c.dtype == torch.float32 and torch.equal(a, c), name
+
+
 def assert_compiles_like_eager(model: torch.nn.Module, x: torch.Tensor, *args):
     """torch.compile(model, fullgraph=True) runs with no graph break and matches eager: the output of
     model(x, *args) and the gradients of x and of every parameter."""

@@ -8,7 +8,8 @@ import vitfast
 from vitfast import backend as vf_backend
 from vitfast.ops.linear import linear_ref
 
-from conftest import DEVICE, assert_close_to_ref, assert_compiles_like_eager, backend_cases, rounding_noise
+from conftest import (DEVICE, assert_backward_keeps_forward_dtypes, assert_close_to_ref, assert_compiles_like_eager,
+                      backend_cases, rounding_noise)
 
 # (a forced triton backend, which the interpreter offers every op on CPU tensors, leaves linear's choice automatic)
 CASES = [case for case in backend_cases("linear") if case.values[0] in ("onednn", "torch")]
@@ -181,19 +182,7 @@ def test_autocast_follows_linear():
 
 @pytest.mark.parametrize("backend,device", CASES)
 def test_backward_inside_autocast_keeps_the_forward_dtypes(backend, device):
-    """The op's backward runs in the dtypes its forward saved, also when backward() is called inside an autocast
-    region (README)."""
-    x = torch.randn(6, 32, device=device, requires_grad=True)
-    w = torch.randn(48, 32, device=device, requires_grad=True)
-    b = torch.randn(48, device=device, requires_grad=True)
-    dy = torch.randn(6, 48, device=device)
-    with vitfast.use_backend(backend):
-        outside = torch.autograd.grad(vitfast.linear(x, w, b), (x, w, b), dy)
-        y = vitfast.linear(x, w, b)
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
-            inside = torch.autograd.grad(y, (x, w, b), dy)
-    for name, a, c in zip(("dx", "dweight", "dbias"), outside, inside):
-        assert c.dtype == torch.float32 and torch.equal(a, c), name
+    assert_backward_keeps_forward_dtypes(vitfast.linear, backend, device)
 
 
 def test_opcheck():

@@ -9,7 +9,8 @@ import vitfast
 from vitfast import backend as vf_backend
 from vitfast.ops.linear_gelu import linear_gelu_ref
 
-from conftest import assert_close_to_ref, assert_compiles_like_eager, backend_cases, rounding_noise
+from conftest import (assert_backward_keeps_forward_dtypes, assert_close_to_ref, assert_compiles_like_eager,
+                      backend_cases, rounding_noise)
 
 CASES = backend_cases("linear_gelu")
 
@@ -118,19 +119,7 @@ def test_autocast_follows_linear():
 
 @pytest.mark.parametrize("backend,device", CASES)
 def test_backward_inside_autocast_keeps_the_forward_dtypes(backend, device):
-    """README: backward ops run in the dtypes their forward saved, also when backward() is called inside an autocast
-    region (autograd hands the region's state to the backward, whose matmuls would otherwise run in bfloat16)."""
-    x = torch.randn(6, 32, device=device, requires_grad=True)
-    w = torch.randn(48, 32, device=device, requires_grad=True)
-    b = torch.randn(48, device=device, requires_grad=True)
-    dy = torch.randn(6, 48, device=device)
-    with vitfast.use_backend(backend):
-        outside = torch.autograd.grad(vitfast.linear_gelu(x, w, b), (x, w, b), dy)
-        y = vitfast.linear_gelu(x, w, b)
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
-            inside = torch.autograd.grad(y, (x, w, b), dy)
-    for name, a, c in zip(("dx", "dweight", "dbias"), outside, inside):
-        assert c.dtype == torch.float32 and torch.equal(a, c), name
+    assert_backward_keeps_forward_dtypes(vitfast.linear_gelu, backend, device)
 
 
 def test_opcheck():
