@@ -1,11 +1,12 @@
 """Backend choice: which implementation of an op runs for a given set of input tensors.
 
-Backends: "triton" (Triton kernels; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1),
-"cuda" (the extension's CUDA kernels), "cpp" (the extension's CPU kernels), "onednn" (oneDNN's primitives as
-PyTorch ships them, torch.ops.mkldnn: CPU tensors, where PyTorch was built with oneDNN and
-torch.backends.mkldnn.enabled), "torch" (the plain PyTorch reference). By default CUDA tensors go to each op's GPU
-preference order and CPU tensors to the op's CPU order ("cpp" then "torch" unless the op says otherwise). `VITFAST_BACKEND=<name>` or `use_backend(name)` forces one backend; a forced
-backend that cannot take the inputs raises, it never falls back silently.
+Backends: "triton" (Triton kernels; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1), "cuda" (the extension's
+CUDA kernels), "cpp" (the extension's CPU kernels), "onednn" (oneDNN's primitives as PyTorch ships them,
+torch.ops.mkldnn: CPU tensors, where PyTorch was built with oneDNN and torch.backends.mkldnn.enabled), "torch" (the
+plain PyTorch reference). By default CUDA tensors go to each op's GPU preference order and CPU tensors to the op's
+CPU order ("cpp" then "torch" unless the op says otherwise). `VITFAST_BACKEND=<name>` or `use_backend(name)` forces
+one backend; a forced backend that cannot take the inputs raises, it never falls back silently (vitfast.linear, which
+has no kernel of vitfast's, leaves its choice automatic under a forced triton, cuda or cpp).
 """
 import contextlib
 import functools

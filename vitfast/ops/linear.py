@@ -134,7 +134,6 @@ def _gemm(x: Tensor, weight: Tensor, bias: Optional[Tensor], prepack: bool = Fal
         which = "torch"
     if which == "torch":
         return F.linear(x, weight, bias)
-    # (an inference tensor has no version counter to tell a change by)
     return onednn_linear(x, onednn_weight(weight, prepack), bias)
 
 
