@@ -174,20 +174,27 @@ def why_not(op: str, backend: str, *tensors: Optional[torch.Tensor]) -> Optional
     return _unavailable(op, backend, present[0].device) or _OPS[op].check(backend, present)
 
 
-def choose_backend(op: str, *tensors: Optional[torch.Tensor]) -> str:
-    """Returns the backend that runs `op` for these tensors (None entries are ignored).
+def choose_backend(op: str, *tensors: Optional[torch.Tensor], skip: tuple = ()) -> str:
+    """Returns the backend that runs `op` for these tensors (None entries are ignored). skip: backends the automatic
+    choice passes over for this call (an op's own rule, e.g. oneDNN below the size where it pays); a forced backend
+    ignores it.
 
     Raises:
         ValueError: when the forced backend, or every backend, cannot take the inputs.
     """
     spec = _OPS[op]
     present = tuple(t for t in tensors if t is not None)
-    device = present[0].device
     forced = forced_backend()
-    candidates = (forced,) if forced else (spec.gpu_order if device.type == "cuda" else spec.cpu_order)
+    if forced:
+        candidates = (forced,)
+    else:
+        order = spec.gpu_order if present[0].device.type == "cuda" else spec.cpu_order
+        candidates = tuple(b for b in order if b not in skip)
+        for backend in set(order) & set(skip):
+            log.debug("%s: %s backend skipped: passed over by the op's own rule for this call", op, backend)
     reasons = []
     for backend in candidates:
-        reason = _unavailable(op, backend, device) or spec.check(backend, present)
+        reason = why_not(op, backend, *present)
         if reason is None:
             log.debug("%s: %s backend chosen%s", op, backend, " (forced)" if forced else "")
             return backend

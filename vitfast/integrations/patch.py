@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _nn_module
 
+from vitfast import autocast as _autocast
 from vitfast import backend as _backend
 from vitfast.integrations.choice import describe, runs_original
 from vitfast.ops.attention import attention
@@ -115,8 +116,7 @@ def _linear_forward(self: nn.Linear, input: Tensor) -> Tensor:  # (nn.Linear's p
     """vitfast.linear (oneDNN where its rule says it pays, else F.linear; prepacked weights where patch_model was
     asked for them); the original where x's dtype differs from the weight's outside autocast (F.linear's own error)
     or x is not floating point."""
-    if not input.is_floating_point() or (input.dtype != self.weight.dtype and not (
-            torch.amp.is_autocast_available(input.device.type) and torch.is_autocast_enabled(input.device.type))):
+    if not input.is_floating_point() or (input.dtype != self.weight.dtype and not _autocast.is_enabled(input.device)):
         return nn.Linear.forward(self, input)
     return linear(input, self.weight, self.bias, prepack=self.__dict__.get(_PREPACK, False))
 
@@ -226,7 +226,7 @@ def mlp_fc1(x: Tensor, fc1: nn.Module, act: nn.Module) -> Tensor:
     (the output's size counts in the dtype autocast gives it; without grad on CPU, where linear_gelu's onednn backend
     takes the call, the table's vitfast holds at any size) or where x's dtype differs from the weight's outside
     autocast (F.linear's error)."""
-    autocast = torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
+    autocast = _autocast.is_enabled(x.device)
     if x.dtype != fc1.weight.dtype and not autocast:
         return act(fc1(x))
     itemsize = torch.get_autocast_dtype(x.device.type).itemsize if autocast else x.element_size()

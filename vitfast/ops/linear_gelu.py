@@ -52,9 +52,12 @@ def uses_onednn(x: Tensor, weight: Tensor, bias: Optional[Tensor], save_preact: 
     """Whether the automatic choice runs linear_gelu(x, weight, bias) on the onednn backend: oneDNN takes the tensors
     (float32 CPU) and vitfast.linear's rule (ops/linear.py's onednn_pays) says it pays for the product, in the mode
     of the call (save_preact: autograd records it; prepack: no grad and a prepacked Parameter). x: (*, K)."""
+    return _onednn_pays(x, weight, save_preact, prepack) and _backend.why_not(OP, "onednn", x, weight, bias) is None
+
+
+def _onednn_pays(x: Tensor, weight: Tensor, save_preact: bool, prepack: bool) -> bool:
     mode = "grad" if save_preact else "prepacked" if prepack else "plain"
-    return (_linear.onednn_pays(math.prod(x.shape[:-1]), x.shape[-1], weight.shape[0], mode)
-            and _backend.why_not(OP, "onednn", x, weight, bias) is None)
+    return _linear.onednn_pays(math.prod(x.shape[:-1]), x.shape[-1], weight.shape[0], mode)
 
 
 def _check_support(backend: str, tensors: tuple) -> Optional[str]:
@@ -74,10 +77,8 @@ def _linear_gelu_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], approxima
     backend without save_preact)."""
     if x.numel() == 0 or weight.numel() == 0:
         return _fwd_torch(x, weight, bias, approximate, save_preact)
-    which = _backend.choose_backend(OP, x, weight, bias)
-    if which == "onednn" and _backend.forced_backend() is None and not uses_onednn(x, weight, bias, save_preact,
-                                                                                       prepack):
-        which = next(b for b in ("cpp", "torch") if _backend.why_not(OP, b, x, weight, bias) is None)
+    skip = () if _onednn_pays(x, weight, save_preact, prepack) else ("onednn",)
+    which = _backend.choose_backend(OP, x, weight, bias, skip=skip)
     if which == "onednn":
         return _fwd_onednn(x, weight, bias, approximate, save_preact, prepack)
     if which == "triton":
