@@ -9,7 +9,9 @@ and reports the medians and ATen / vitfast (> 1: vitfast faster). The shapes are
 bench/bench_patched_models.py at batch 1, 2 and 8, and SAM-B's image encoder at 1024 px. Linear rows: "vitfast" is
 vitfast.linear (oneDNN where its rule says so) and "ATen" F.linear (MKL's sgemm). linear_gelu rows: "ATen" is what a
 patched MLP runs where the table says ATen, vitfast.linear then F.gelu. Weights of both are nn.Parameters, as in a
-model (vitfast prepacks those for oneDNN without grad). Not collected by pytest
+model. "mlp rows" rows (inference only): "ATen" is a patched MLP (Linear, GELU, Linear; the
+torchvision adapter's calls) run in one call, "vitfast" the same run in chunks of rows (integrations/patch.py's
+mlp_rows, with the chunk size of choice.py's rule, forced also where the rule would not chunk). Not collected by pytest
 (no bench_ prefix): it takes a few minutes (`-k` picks cases).
 """
 import argparse
@@ -146,6 +148,32 @@ def linear_cases():
         yield (f"linear {what} ({M}x{K}x{N})", lambda: F.linear(x, w, b), lambda: vitfast.linear(x, w, b), (x, w, b))
 
 
+def mlp_rows_cases():
+    from vitfast.integrations import choice
+    from vitfast.integrations import patch as vp
+
+    def body(mlp, x):
+        return mlp[2](vp.mlp_fc1(x, mlp[0], mlp[1]))
+
+    def chunked(mlp, x):
+        rule = vp.mlp_chunk_rows
+        vp.mlp_chunk_rows = lambda x, hidden, param_bytes: choice.MLP_ROWS_CHUNK_BYTES // (hidden * 4)
+        try:
+            return vp.mlp_rows(mlp, x, mlp[0], body)
+        finally:
+            vp.mlp_chunk_rows = rule
+
+    # (what, rows, features): the hidden layer has 4x the features
+    for what, M, C in [("swin s1 b2", 2 * 3136, 96), ("swin s1 b4", 4 * 3136, 96), ("swin s1 b8", 8 * 3136, 96),
+                       ("swin s1 b16", 16 * 3136, 96), ("swin s2 b8", 8 * 784, 192), ("swin s2 b16", 16 * 784, 192),
+                       ("swin s3 b32", 32 * 196, 384), ("vit_b b16", 16 * 197, 768)]:
+        mlp = torch.nn.Sequential(torch.nn.Linear(C, 4 * C), torch.nn.GELU(), torch.nn.Linear(4 * C, C)).eval()
+        vitfast.patch_model(mlp)
+        x = torch.randn(M, C)
+        yield (f"mlp rows {what} ({M}x{C}x{4 * C})", lambda mlp=mlp, x=x: body(mlp, x),
+               lambda mlp=mlp, x=x: chunked(mlp, x), None)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=9)
@@ -161,11 +189,12 @@ def main():
     print("| case | mode | ATen ms | vitfast ms | ATen / vitfast |")
     print("|---|---|---|---|---|")
     for cases in (layer_norm_cases, attention_cases, window_attention_cases, rel_pos_attention_cases,
-                  patch_embed_cases, linear_gelu_cases, linear_cases):
+                  patch_embed_cases, linear_gelu_cases, linear_cases, mlp_rows_cases):
         for name, aten, fused, leaves in cases():
             if args.k not in name:
                 continue
-            for mode, wrap in (("inference", _infer), ("training", lambda f: _train(f, *leaves))):
+            modes = [("inference", _infer)] + ([("training", lambda f: _train(f, *leaves))] if leaves else [])
+            for mode, wrap in modes:
                 ta, tv = map(statistics.median, interleaved([wrap(aten), wrap(fused)], args.reps))
                 print(f"| {name} | {mode} | {ta * 1e3:.3f} | {tv * 1e3:.3f} | {ta / tv:.2f} |", flush=True)
 

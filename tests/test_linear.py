@@ -110,10 +110,11 @@ def test_backend_rule():
 @pytest.mark.skipif(not ONEDNN, reason="PyTorch without oneDNN")
 @pytest.mark.parametrize("M,K,N,without_grad,with_grad", [
     (256, 384, 384, True, False), (100, 768, 3072, True, True), (64, 768, 768, True, True),
-    (227, 384, 384, False, False), (4096, 256, 1024, False, False), (4096, 1024, 128, False, False)])
+    (227, 384, 384, False, False), (4096, 256, 1024, True, False), (4096, 1024, 128, True, False),
+    (3136, 96, 288, True, False), (3136, 96, 96, False, False)])
 def test_automatic_choice_takes_onednn_where_it_pays(monkeypatch, M, K, N, without_grad, with_grad):
-    """The automatic choice runs oneDNN for float32 products of M K N >= 2**25 with K, N >= 384 (plain weight without
-    grad; 768 where autograd records the call), F.linear for the others (ops/linear.py's measurements); with grad the
+    """The automatic choice runs oneDNN for float32 products of M K N >= 2**25 (any K and N without grad; K, N >= 768
+    where autograd records the call), F.linear for the others (ops/linear.py's measurements); with grad the
     backward's dx = dy W (K and N swapped) takes the same path."""
     from vitfast.ops import linear as vl
 

@@ -821,6 +821,7 @@ def test_cpu_choice_fuses_large_mlp_outputs_without_grad(monkeypatch):
     mlp = timm.layers.Mlp(2, 4096).eval()
     original = copy.deepcopy(mlp)
     vitfast.patch_model(mlp)
+    monkeypatch.setattr(vp, "mlp_chunk_rows", lambda *a: None)  # (the whole MLP in one call: fc1's rule alone)
     calls = []
     fused = vp.linear_gelu
     monkeypatch.setattr(vp, "linear_gelu", lambda *a, **k: calls.append(a[0].shape) or fused(*a, **k))
@@ -832,6 +833,72 @@ def test_cpu_choice_fuses_large_mlp_outputs_without_grad(monkeypatch):
             mlp(big)  # 16 MiB of bf16
     mlp(big)
     assert calls == [(2, 1024, 2)]
+
+
+def _small_mlp(library: str):
+    """A small MLP (8 -> 40 -> 8, GELU) of `library` whose adapter runs in row chunks, and its first Linear."""
+    if library == "timm":
+        m = import_or_skip("timm").layers.Mlp(8, 40)
+        return m, m.fc1
+    if library == "torchvision":
+        import_or_skip("torchvision")
+        from torchvision.ops import MLP
+
+        m = MLP(8, [40, 8], activation_layer=nn.GELU, dropout=0.1)
+        return m, m[0]
+    transformers = pytest.importorskip("transformers")
+    m = transformers.models.swin.modeling_swin.SwinMLP(transformers.SwinConfig(hidden_act="gelu", mlp_ratio=5.0), 8)
+    return m, m.fc1
+
+
+@pytest.mark.parametrize("library", ["timm", "torchvision", "transformers"])
+def test_cpu_mlp_runs_in_row_chunks_without_grad(monkeypatch, library):
+    """Without grad, in eval mode, on float32 CPU tensors a patched MLP whose hidden activation reaches choice.py's
+    MLP_ROWS_MIN_HIDDEN_BYTES and whose parameters fit in MLP_ROWS_CHUNK_BYTES runs in chunks of rows (the last one
+    shorter) and matches the original; with grad, in training mode, under autocast, for float64, below that hidden
+    size or with larger parameters it runs in one call. (The constants are shrunk to test shapes.)"""
+    from vitfast.integrations import timm as vtimm, torchvision as vtv, transformers as vhf
+
+    mlp, fc1 = _small_mlp(library)
+    mlp.eval()
+    original = copy.deepcopy(mlp)
+    vitfast.patch_model(mlp)
+    monkeypatch.setattr(choice, "MLP_ROWS_MIN_HIDDEN_BYTES", 100 * 40 * 4)  # 100 rows of the hidden activation
+    monkeypatch.setattr(choice, "MLP_ROWS_CHUNK_BYTES", 30 * 40 * 4)  # 30 rows a chunk
+    rows = []
+    for module in (vtimm, vtv, vhf):
+        monkeypatch.setattr(module, "mlp_fc1",
+                            lambda x, *a, fc1=module.mlp_fc1: rows.append(x.numel() // 8) or fc1(x, *a))
+    x = torch.randn(2, 3, 17, 8)  # 102 rows
+    with torch.no_grad():
+        out = mlp(x)
+    assert rows == [30, 30, 30, 12]
+    assert out.shape == (2, 3, 17, 8)
+    torch.testing.assert_close(out, original(x))
+
+    rows.clear()
+    with torch.no_grad():
+        mlp(x[:, :, :16])  # 96 rows: below the hidden size
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mlp(x)
+    with vitfast.use_backend("torch"):  # (else with grad the guard runs the original forward)
+        mlp(x)
+    mlp.train()
+    with torch.no_grad():
+        mlp(x)
+    mlp.eval()
+    monkeypatch.setattr(choice, "MLP_ROWS_CHUNK_BYTES", fc1.weight.numel() * 4)  # less than all the parameters
+    with torch.no_grad():
+        mlp(x)
+    assert rows == [96, 102, 102, 102, 102]
+
+    double = copy.deepcopy(original).double()
+    vitfast.patch_model(double)
+    monkeypatch.setattr(choice, "MLP_ROWS_CHUNK_BYTES", 30 * 40 * 4)
+    rows.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(double(x.double()), original.double()(x.double()))
+    assert rows == [102]
 
 
 def test_cpu_choice_fuses_mlps_on_onednn_without_grad(monkeypatch):

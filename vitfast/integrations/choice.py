@@ -61,16 +61,36 @@ otherwise (vitfast.linear, then F.gelu) it measured 1.00 .. 1.08 without grad at
 CLIP B/32, Swin-T stages 3-4) and 1.38 at Swin-T's first stage at batch 8 (the cpp kernel, 32 MiB), while the rows
 it leaves to the cpp kernel below 32 MiB measured 0.91 .. 0.93. So a patched MLP without grad on CPU calls
 linear_gelu where the output reaches 32 MiB or where the onednn backend takes the call (integrations/patch.py's
-mlp_fc1); with grad 0.75 .. 0.96: ATen (bench/results/cpu-avx512-2026-12-01/cpu_choice_linear.md).
+mlp_fc1); with grad 0.75 .. 0.96: ATen (bench/results/cpu-avx512-2026-12-01/cpu_choice_linear.md). Since
+vitfast.linear's rule dropped its K, N >= 384 condition without grad (below), oneDNN takes every fc1 of these models
+without grad: the same command (cpu_choice_linear_min_dim_1.md there) gave 1.01 .. 1.08 for ViT-B/16, DeiT-S, CLIP
+and Swin-T stages 3-4, 1.05 and 1.04 for Swin-T stages 1 and 2 at batch 1, 1.51 for stage 1 at batch 8.
 
 linear (every nn.Linear; 2026-12-01, same command with `-k linear`, on the AVX-512 machine below, Parameter
 weights, not prepacked): vitfast.linear runs oneDNN's inner product where its own rule (ops/linear.py,
-`onednn_pays`: M K N at least 2**25, K and N at least 384, 768 with grad) says it pays and calls F.linear itself
+`onednn_pays`: M K N at least 2**25; with grad K and N at least 768) says it pays and calls F.linear itself
 elsewhere, so the module-level choice is vitfast in both modes. Against F.linear (MKL), without grad / with grad:
 ViT-B/16 qkv, proj, fc2 at batch 1 1.25, 1.13, 1.23 / 1.16, 1.08, 1.17; at batch 8 (qkv, fc2) 1.04, 1.05 / 1.05,
 1.03; CLIP B/32 fc2 at batch 8 1.12 / 1.11; DeiT-S at batch 8 1.00, 1.03 / 1.00, 1.00 (F.linear with grad); Swin-T
 stages 3-4 1.07, 1.13 / 1.00, 1.13; the rows below the rule (F.linear through vitfast.linear) 0.96 .. 0.99, its
-dispatch. Below the rule oneDNN itself measured 0.78 .. 0.95 (ops/linear.py).
+dispatch. Below the rule oneDNN itself measured 0.78 .. 0.95 (ops/linear.py). The rule then asked K, N >= 384
+without grad too; with products of any K and N on oneDNN whole Swin-T models ran 1.00 .. 1.07x faster (ops/linear.py)
+and the same command (cpu_choice_linear_min_dim_1.md) gave Swin-T stage 1 fc2 (K 384, N 96) at batch 8 1.23 and
+stage 1 qkv (K 96) 0.82 at batch 1 and 0.90 at batch 8, where another run of those two products on oneDNN itself,
+21 interleaved rounds, gave 1.01 and 1.10 (this machine's spread at that size); the other rows as before.
+
+MLP rows (inference; the whole MLP, fc1 + GELU + fc2, of a patched module): without grad on CPU a patched MLP runs
+in chunks of rows (integrations/patch.py's mlp_rows) where its hidden activation (M, hidden) reaches
+MLP_ROWS_MIN_HIDDEN_BYTES and all its parameters fit in one chunk's hidden activation (MLP_ROWS_CHUNK_BYTES): the
+chunk's hidden stays in cache and below glibc's mmap threshold instead of being mapped, written, read back and
+unmapped. Each chunk takes the rules above. Measured (`python bench/cpu_choice.py --reps 15 -k "mlp rows"`, float32,
+2 threads, the AVX-512 machine below, 2026-12-01: bench/results/cpu-avx512-2026-12-01/cpu_choice_mlp_rows.md; the
+MLP in one call / in chunks, > 1: chunks faster), hidden of 32 MiB or more: Swin-T stage 1 at batch 8 (25088 x 96 ->
+384 -> 96) 1.28, at batch 16 1.32; stage 2 at batch 16 (12544 x 192 -> 768) 1.23; stage 3 at batch 32 (6272 x 384
+-> 1536, parameters 4.5 MiB) 1.09; but ViT-B/16 at batch 16 (3152 x 768 -> 3072, parameters 18 MiB, re-read by
+every chunk) 0.97; below 32 MiB chunks lose (stage 1 at batch 2 and 4, 9 and 18 MiB: 0.90, 0.91; stage 2 at batch
+8: 0.92). An earlier run (before the linear rule's change below) gave the same sides but at stage 1 batch 8 (1.01)
+and stage 2 batch 8 (1.11). With grad autograd keeps every chunk's hidden anyway: one call.
 
 The same command on an AVX-512 machine (Zen 4, 2026-12-01: bench/results/cpu-avx512-2026-12-01/cpu_choice.md) puts
 every kind and mode on the same side as this table.
@@ -114,6 +134,10 @@ CHOICE = {
 # kind -> the smallest output (bytes) for which the CPU table's vitfast choice holds; smaller outputs run ATen.
 CPU_MIN_OUTPUT_BYTES = {"linear_gelu": 2**25}
 _CPU, _CUDA = CHOICE["cpu"], CHOICE["cuda"]
+# patched MLPs without grad on CPU: chunks of rows where the hidden activation is at least MLP_ROWS_MIN_HIDDEN_BYTES
+# and the MLP's parameters at most MLP_ROWS_CHUNK_BYTES, each chunk's hidden activation MLP_ROWS_CHUNK_BYTES
+MLP_ROWS_MIN_HIDDEN_BYTES = 2**25
+MLP_ROWS_CHUNK_BYTES = 2**23
 
 
 def runs_original(kind: str, x: Tensor, out_bytes: Optional[int] = None) -> bool:
@@ -136,6 +160,25 @@ def runs_original(kind: str, x: Tensor, out_bytes: Optional[int] = None) -> bool
     elif not x.is_cuda or _CUDA[kind][torch.is_grad_enabled()] == VITFAST:
         return False
     return _backend.forced_backend() is None  # (the environment read last: it is the slowest check)
+
+
+def mlp_chunk_rows(x: Tensor, hidden: int, param_bytes: int) -> Optional[int]:
+    """The rows per chunk in which a patched MLP without grad runs on CPU (module docstring, "MLP rows"), or None
+    (at once).
+
+    Args:
+        x: the MLP's float32 input (*, C), on CPU, outside autocast; other dtypes and devices, which were not
+            measured, return None.
+        hidden: the MLP's hidden features (fc1's out_features).
+        param_bytes: the bytes of all the MLP's parameters (re-read by every chunk).
+    """
+    if not x.is_cpu or x.dtype != torch.float32 or x.dim() == 0:
+        return None
+    M = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    rows = MLP_ROWS_CHUNK_BYTES // max(hidden * 4, 1)
+    if M * hidden * 4 < MLP_ROWS_MIN_HIDDEN_BYTES or param_bytes > MLP_ROWS_CHUNK_BYTES or rows < 1:
+        return None
+    return rows
 
 
 # kind -> what the report adds beyond the tables

@@ -35,7 +35,7 @@ from torch.nn.modules import module as _nn_module
 
 from vitfast import autocast as _autocast
 from vitfast import backend as _backend
-from vitfast.integrations.choice import describe, runs_original
+from vitfast.integrations.choice import describe, mlp_chunk_rows, runs_original
 from vitfast.ops.attention import attention
 from vitfast.ops.layer_norm import layer_norm
 from vitfast.ops.linear import drop_prepacked, linear
@@ -236,6 +236,25 @@ def mlp_fc1(x: Tensor, fc1: nn.Module, act: nn.Module) -> Tensor:
             not autocast and linear_gelu_uses_onednn(x, fc1.weight, fc1.bias, prepack=prepack)):
         return act(fc1(x))
     return linear_gelu(x, fc1.weight, fc1.bias, gelu_approximate(act), prepack=prepack)
+
+
+def mlp_rows(module: nn.Module, x: Tensor, fc1: nn.Linear, body: Callable[[nn.Module, Tensor], Tensor]) -> Tensor:
+    """body(module, x) for an MLP `module` that computes each row of x (*, C) on its own (fc1: its first Linear),
+    run over chunks of x's rows where choice.py's mlp_chunk_rows says so: in inference (autograd records nothing,
+    eval mode, not under torch.compile's tracing or autocast) on float32 CPU tensors with a hidden activation of 32 MiB
+    or more and small weights (Swin-T's first stage from batch 8); else in one call."""
+    rows = (None if module.training or _autocast.is_enabled(x.device) or torch.compiler.is_compiling()
+            else mlp_chunk_rows(x, fc1.out_features, sum(p.numel() * p.element_size() for p in module.parameters())))
+    if rows is None or (torch.is_grad_enabled() and (x.requires_grad or any(
+            p.requires_grad for p in module.parameters()))):
+        return body(module, x)
+    flat = x.reshape(-1, x.shape[-1])
+    first = body(module, flat[:rows])
+    out = first.new_empty(flat.shape[0], first.shape[-1])
+    out[:rows] = first
+    for start in range(rows, flat.shape[0], rows):
+        out[start:start + rows] = body(module, flat[start:start + rows])
+    return out.view(*x.shape[:-1], first.shape[-1])
 
 
 def mlp_check(module: nn.Module, fc1: str = "fc1", act: str = "act") -> Optional[str]:

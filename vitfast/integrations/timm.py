@@ -22,7 +22,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from vitfast.integrations.patch import LAYER_NORM_X, Adapter, mlp_check, mlp_fc1
+from vitfast.integrations.patch import LAYER_NORM_X, Adapter, mlp_check, mlp_fc1, mlp_rows
 from vitfast.integrations.segment_anything import sam_attention
 from vitfast.nn.patch_embed import PatchEmbed as _VitfastPatchEmbed
 from vitfast.nn.window_attention import WindowAttention as _VitfastWindowAttention
@@ -117,9 +117,13 @@ def _patch_embed_check(module: nn.Module) -> Optional[str]:
     return None
 
 
-def _mlp_forward(self, x: Tensor) -> Tensor:
+def _mlp_body(self, x: Tensor) -> Tensor:
     x = self.drop1(mlp_fc1(x, self.fc1, self.act))
     return self.drop2(self.fc2(self.norm(x)))
+
+
+def _mlp_forward(self, x: Tensor) -> Tensor:
+    return mlp_rows(self, x, self.fc1, _mlp_body)
 
 
 def _mlp_check(module: nn.Module) -> Optional[str]:

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from vitfast.integrations.patch import Adapter, mlp_check, mlp_fc1
+from vitfast.integrations.patch import Adapter, mlp_check, mlp_fc1, mlp_rows
 from vitfast.ops.patch_embed import patch_embed
 from vitfast.ops.window_attention import shifted_window_attention
 
@@ -61,11 +61,15 @@ def _vit_check(module: nn.Module) -> Optional[str]:
     return None
 
 
-def _mlp_forward(self, input: Tensor) -> Tensor:  # (nn.Sequential's parameter name)
-    x = mlp_fc1(input, self[0], self[1])
+def _mlp_body(self, x: Tensor) -> Tensor:
+    x = mlp_fc1(x, self[0], self[1])
     for layer in list(self)[2:]:
         x = layer(x)
     return x
+
+
+def _mlp_forward(self, input: Tensor) -> Tensor:  # (nn.Sequential's parameter name)
+    return mlp_rows(self, input, self[0], _mlp_body)
 
 
 def _mlp_check(module: nn.Module) -> Optional[str]:

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from vitfast.integrations.choice import runs_original
-from vitfast.integrations.patch import Adapter, mlp_check, mlp_fc1
+from vitfast.integrations.patch import Adapter, mlp_check, mlp_fc1, mlp_rows
 from vitfast.integrations.segment_anything import SAM_MLP_BLOCK, mlp_block_forward, sam_attention
 from vitfast.ops.attention import attention
 from vitfast.ops.linear import linear
@@ -230,9 +230,13 @@ def _vitdet_attention_check(module: torch.nn.Module) -> Optional[str]:
     return f"unexpected VitDetAttention layout (missing {missing})" if missing else None
 
 
+def _mlp_body(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    return self.fc2(mlp_fc1(hidden_states, self.fc1, self.activation_fn))
+
+
 def _mlp_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     """ViTMLP / DeiTMLP / SwinMLP / CLIPMLP: fc1, activation_fn, fc2."""
-    return self.fc2(mlp_fc1(hidden_states, self.fc1, self.activation_fn))
+    return mlp_rows(self, hidden_states, self.fc1, _mlp_body)
 
 
 def _vitdet_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -17,9 +17,8 @@ PyTorch sees the Parameter change (its version counter: load_state_dict, in-plac
 with fused=True (their kernels bump no version counter), writes through another alias of the storage. So weights
 must not change while prepacked: change them after `drop_prepacked` (unpatch_model calls it), or do not prepack.
 The copy doubles the memory of the weights it packs (ViT-B/16: +330 MB) and saves oneDNN's reorder of the weight on
-each call, which also makes oneDNN pay on products with a small K or N (timm ViT-B/16 at batch 1, every nn.Linear on
-oneDNN against F.linear, interleaved whole-model rounds on the machine above: 1.21x prepacked, 1.13x with the plain
-weight).
+each call (timm ViT-B/16 at batch 1, every nn.Linear on oneDNN against F.linear, interleaved whole-model rounds on
+the machine above: 1.21x prepacked, 1.13x with the plain weight).
 
 Backward: dx = dy W is the same primitive with W^T as its weight (a strided view, no copy); dW = dy^T x and db stay
 ATen's.
@@ -62,15 +61,21 @@ _backend.register_op(OP, gpu_order=("torch",), cpu_order=("onednn", "torch"), ch
 #   6272 x 192 -> 192 1.15x, 3136 x 96 -> 288 1.02x, 784 x 192 -> 576 1.01x, 400 x 768 -> 768 1.04x, but below 2**25
 #   multiply-adds: 197 x 384 -> 384 0.94x, 3136 x 96 -> 96 0.94x, 784 x 192 -> 192 0.92x, 1 x 768 -> 768 0.54x;
 # - plain weight without grad (read in its own layout): 197 x 768 -> 768 1.12x, 50 x 768 -> 3072 1.29x, 197 x 384 ->
-#   1152 1.14x, 400 x 768 -> 768 1.06x, but with a small K or N 784 x 192 -> 576 0.95x, 3136 x 96 -> 288 0.81x,
-#   3136 x 384 -> 96 0.98x;
+#   1152 1.14x, 400 x 768 -> 768 1.06x; with a small K or N a first run measured 784 x 192 -> 576 0.95x, 3136 x 96 ->
+#   288 0.81x, 3136 x 384 -> 96 0.98x, but the same products interleaved call by call (21 rounds, 2026-12-01) 1.02x,
+#   1.00x, 1.11x, and 25088 x 96 -> 288 1.10x, 25088 x 384 -> 96 1.30x, 6272 x 192 -> 576 1.10x; whole models settle
+#   it: every nn.Linear of at least 2**25 multiply-adds on oneDNN whatever its K and N (and linear_gelu's), against
+#   the same with K, N >= 384 only (the ratio of their paired speedups over the original model, 11 interleaved rounds,
+#   inference, random weights): timm Swin-T batch 1 1.06x and 1.03x (two runs), batch 8 1.07x,
+#   torchvision Swin-T batch 1 1.06x and 1.04x, transformers Swin-T batch 1 1.04x, batch 8 1.00x, timm ViT-B/16 and
+#   DeiT-S batch 1 1.01x and 1.00x (their products all have K, N >= 384);
 # - with grad the op's autograd adds ~0.1 ms a call of Python (its backward and the dx product's dispatch), and
 #   products with a dim of 384 lose: forward + backward at 394 x 384 -> 384, 1152, 1536 and 394 x 1536 -> 384
 #   (DeiT-S at batch 2) 0.78-0.96x, a whole DeiT-S training step 0.95x, where ViT-B/16's (768) measured 1.07x.
 # So the automatic choice takes oneDNN for float32 products of at least ONEDNN_MIN_MACS multiply-adds whose K and N
-# are at least ONEDNN_MIN_DIM[mode], F.linear for the others.
+# are at least ONEDNN_MIN_DIM[mode] (any K and N without grad), F.linear for the others.
 ONEDNN_MIN_MACS = 2**25
-ONEDNN_MIN_DIM = {"prepacked": 1, "plain": 384, "grad": 768}
+ONEDNN_MIN_DIM = {"prepacked": 1, "plain": 1, "grad": 768}
 
 
 def onednn_pays(M: int, K: int, N: int, mode: str = "plain") -> bool:
