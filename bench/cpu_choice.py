@@ -157,7 +157,7 @@ def mlp_rows_cases():
 
     def chunked(mlp, x):
         rule = vp.mlp_chunk_rows
-        vp.mlp_chunk_rows = lambda x, hidden, param_bytes: choice.MLP_ROWS_CHUNK_BYTES // (hidden * 4)
+        vp.mlp_chunk_rows = lambda x, mlp, hidden: choice.MLP_ROWS_CHUNK_BYTES // (hidden * 4)
         try:
             return vp.mlp_rows(mlp, x, mlp[0], body)
         finally:

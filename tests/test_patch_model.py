@@ -901,6 +901,21 @@ def test_cpu_mlp_runs_in_row_chunks_without_grad(monkeypatch, library):
     assert rows == [102]
 
 
+def test_compile_fullgraph_patched_mlp_where_it_would_run_in_chunks(monkeypatch):
+    """Under torch.compile's tracing a patched MLP runs in one call (no chunk loop traced), with fullgraph=True, and
+    matches the original."""
+    mlp, _ = _small_mlp("timm")
+    mlp.eval()
+    original = copy.deepcopy(mlp)
+    vitfast.patch_model(mlp)
+    monkeypatch.setattr(choice, "MLP_ROWS_MIN_HIDDEN_BYTES", 100 * 40 * 4)
+    monkeypatch.setattr(choice, "MLP_ROWS_CHUNK_BYTES", 30 * 40 * 4)
+    x = torch.randn(2, 51, 8)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(mlp, fullgraph=True, backend="aot_eager")(x), original(x))
+
+
 def test_cpu_choice_fuses_mlps_on_onednn_without_grad(monkeypatch):
     """On CPU without grad a patched MLP whose fc1 product passes oneDNN's rule calls vitfast.linear_gelu (oneDNN with
     GELU in the epilogue) at any output size, and matches the original; with grad, under autocast, or where oneDNN

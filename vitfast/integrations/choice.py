@@ -104,7 +104,7 @@ measures differently gets its row here (or in that rule), nowhere else.
 from typing import Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from vitfast import backend as _backend
 
@@ -162,21 +162,21 @@ def runs_original(kind: str, x: Tensor, out_bytes: Optional[int] = None) -> bool
     return _backend.forced_backend() is None  # (the environment read last: it is the slowest check)
 
 
-def mlp_chunk_rows(x: Tensor, hidden: int, param_bytes: int) -> Optional[int]:
+def mlp_chunk_rows(x: Tensor, mlp: nn.Module, hidden: int) -> Optional[int]:
     """The rows per chunk in which a patched MLP without grad runs on CPU (module docstring, "MLP rows"), or None
-    (at once).
+    (in one call).
 
     Args:
-        x: the MLP's float32 input (*, C), on CPU, outside autocast; other dtypes and devices, which were not
-            measured, return None.
-        hidden: the MLP's hidden features (fc1's out_features).
-        param_bytes: the bytes of all the MLP's parameters (re-read by every chunk).
+        x: the MLP's input (*, C); float32 CPU tensors only (other dtypes and devices were not measured: None).
+        mlp: the MLP module; all its parameters count (every chunk reads them).
+        hidden: its hidden features (fc1's out_features).
     """
-    if not x.is_cpu or x.dtype != torch.float32 or x.dim() == 0:
+    if not x.is_cpu or x.dtype != torch.float32 or x.dim() == 0 or hidden < 1:
         return None
     M = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    rows = MLP_ROWS_CHUNK_BYTES // max(hidden * 4, 1)
-    if M * hidden * 4 < MLP_ROWS_MIN_HIDDEN_BYTES or param_bytes > MLP_ROWS_CHUNK_BYTES or rows < 1:
+    rows = MLP_ROWS_CHUNK_BYTES // (hidden * 4)
+    if M * hidden * 4 < MLP_ROWS_MIN_HIDDEN_BYTES or rows < 1 or (
+            sum(p.numel() * p.element_size() for p in mlp.parameters()) > MLP_ROWS_CHUNK_BYTES):
         return None
     return rows
 

@@ -244,7 +244,7 @@ def mlp_rows(module: nn.Module, x: Tensor, fc1: nn.Linear, body: Callable[[nn.Mo
     eval mode, not under torch.compile's tracing or autocast) on float32 CPU tensors with a hidden activation of 32 MiB
     or more and small weights (Swin-T's first stage from batch 8); else in one call."""
     rows = (None if module.training or _autocast.is_enabled(x.device) or torch.compiler.is_compiling()
-            else mlp_chunk_rows(x, fc1.out_features, sum(p.numel() * p.element_size() for p in module.parameters())))
+            else mlp_chunk_rows(x, module, fc1.out_features))
     if rows is None or (torch.is_grad_enabled() and (x.requires_grad or any(
             p.requires_grad for p in module.parameters()))):
         return body(module, x)
