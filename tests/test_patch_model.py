@@ -916,6 +916,23 @@ def test_compile_fullgraph_patched_mlp_where_it_would_run_in_chunks(monkeypatch)
         torch.testing.assert_close(torch.compile(mlp, fullgraph=True, backend="aot_eager")(x), original(x))
 
 
+def test_mlp_traced_or_given_a_wrong_width_runs_in_one_call(monkeypatch):
+    """torch.jit.trace of a patched MLP that would run in chunks records one call, so the trace is right at other
+    batch sizes; an input of the wrong width raises with its own shape, not a chunk's."""
+    mlp, _ = _small_mlp("timm")
+    mlp.eval()
+    original = copy.deepcopy(mlp)
+    vitfast.patch_model(mlp)
+    monkeypatch.setattr(choice, "MLP_ROWS_MIN_HIDDEN_BYTES", 100 * 40 * 4)
+    monkeypatch.setattr(choice, "MLP_ROWS_CHUNK_BYTES", 30 * 40 * 4)
+    with torch.no_grad():
+        traced = torch.jit.trace(mlp, torch.randn(2, 51, 8), check_trace=False)
+        x = torch.randn(4, 51, 8)
+        torch.testing.assert_close(traced(x), original(x))
+        with pytest.raises((ValueError, RuntimeError), match=r"\(4, 51, 9\)"):
+            mlp(torch.randn(4, 51, 9))
+
+
 def test_cpu_choice_fuses_mlps_on_onednn_without_grad(monkeypatch):
     """On CPU without grad a patched MLP whose fc1 product passes oneDNN's rule calls vitfast.linear_gelu (oneDNN with
     GELU in the epilogue) at any output size, and matches the original; with grad, under autocast, or where oneDNN

@@ -241,9 +241,12 @@ def mlp_fc1(x: Tensor, fc1: nn.Module, act: nn.Module) -> Tensor:
 def mlp_rows(module: nn.Module, x: Tensor, fc1: nn.Linear, body: Callable[[nn.Module, Tensor], Tensor]) -> Tensor:
     """body(module, x) for an MLP `module` that computes each row of x (*, C) on its own (fc1: its first Linear),
     run over chunks of x's rows where choice.py's mlp_chunk_rows says so: in inference (autograd records nothing,
-    eval mode, not under torch.compile's tracing or autocast) on float32 CPU tensors with a hidden activation of 32 MiB
-    or more and small weights (Swin-T's first stage from batch 8); else in one call."""
-    rows = (None if module.training or _autocast.is_enabled(x.device) or torch.compiler.is_compiling()
+    eval mode, not under autocast, nor under torch.compile's or torch.jit.trace's tracing, which would record the
+    loop for one batch size) on float32 CPU tensors with a hidden activation of 32 MiB or more and small weights
+    (Swin-T's first stage from batch 8); else in one call (as is an x that fc1 does not take, whose error then names
+    x's own shape)."""
+    rows = (None if module.training or x.shape[-1:] != (fc1.in_features,) or _autocast.is_enabled(x.device)
+            or torch.compiler.is_compiling() or torch.jit.is_tracing()
             else mlp_chunk_rows(x, module, fc1.out_features))
     if rows is None or (torch.is_grad_enabled() and (x.requires_grad or any(
             p.requires_grad for p in module.parameters()))):
