@@ -14,6 +14,7 @@ from conftest import (DEVICE, assert_backward_keeps_forward_dtypes, assert_close
 # (a forced triton backend, which the interpreter offers every op on CPU tensors, leaves linear's choice automatic)
 CASES = [case for case in backend_cases("linear") if case.values[0] in ("onednn", "torch")]
 ONEDNN = vf_backend._unavailable("linear", "onednn", torch.device("cpu")) is None
+AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")  # (ATen's, ATEN_CPU_CAPABILITY included)
 
 
 def _run(fn, x, w, b, dy):
@@ -110,12 +111,12 @@ def test_backend_rule():
 @pytest.mark.skipif(not ONEDNN, reason="PyTorch without oneDNN")
 @pytest.mark.parametrize("M,K,N,without_grad,with_grad", [
     (256, 384, 384, True, False), (100, 768, 3072, True, True), (64, 768, 768, True, True),
-    (227, 384, 384, False, False), (4096, 256, 1024, True, False), (4096, 1024, 128, True, False),
-    (3136, 96, 288, True, False), (3136, 96, 96, False, False)])
+    (227, 384, 384, False, False), (4096, 256, 1024, AVX512, False), (4096, 1024, 128, AVX512, False),
+    (3136, 96, 288, AVX512, False), (3136, 96, 96, False, False)])
 def test_automatic_choice_takes_onednn_where_it_pays(monkeypatch, M, K, N, without_grad, with_grad):
-    """The automatic choice runs oneDNN for float32 products of M K N >= 2**25 (any K and N without grad; K, N >= 768
-    where autograd records the call), F.linear for the others (ops/linear.py's measurements); with grad the
-    backward's dx = dy W (K and N swapped) takes the same path."""
+    """The automatic choice runs oneDNN for float32 products of M K N >= 2**25 (without grad any K and N on an
+    AVX-512 CPU, K, N >= 384 below it; K, N >= 768 where autograd records the call), F.linear for the others
+    (ops/linear.py's measurements); with grad the backward's dx = dy W (K and N swapped) takes the same path."""
     from vitfast.ops import linear as vl
 
     calls = []

@@ -483,8 +483,8 @@ def test_cpu_choice_inference_is_the_original(build):
 # ----------------------------------------------------------------------------------------------- report, flags
 
 def test_linear_layers_run_vitfast_linear_where_onednn_pays(monkeypatch):
-    """A patched nn.Linear calls vitfast.linear, which runs oneDNN where its rule says it pays (M K N >= 2**25, K and
-    N >= 384, with grad >= 768) and F.linear below; outputs and gradients match the original model, with grad and
+    """A patched nn.Linear calls vitfast.linear, which runs oneDNN where its rule says it pays (M K N >= 2**25; with
+    grad K and N >= 768) and F.linear below; outputs and gradients match the original model, with grad and
     without; prepack_weights=True packs the weights it runs on oneDNN, unpatch removes the flag; linear=False leaves
     the layers."""
     from vitfast.ops import linear as vl

@@ -62,20 +62,21 @@ CLIP B/32, Swin-T stages 3-4) and 1.38 at Swin-T's first stage at batch 8 (the c
 it leaves to the cpp kernel below 32 MiB measured 0.91 .. 0.93. So a patched MLP without grad on CPU calls
 linear_gelu where the output reaches 32 MiB or where the onednn backend takes the call (integrations/patch.py's
 mlp_fc1); with grad 0.75 .. 0.96: ATen (bench/results/cpu-avx512-2026-12-01/cpu_choice_linear.md). Since
-vitfast.linear's rule dropped its K, N >= 384 condition without grad (below), oneDNN takes every fc1 of these models
-without grad: the same command (cpu_choice_linear_min_dim_1.md there) gave 1.01 .. 1.08 for ViT-B/16, DeiT-S, CLIP
+vitfast.linear's rule dropped its K, N >= 384 condition without grad on AVX-512 (below), oneDNN takes every fc1 of
+these models without grad there: the same command (cpu_choice_linear_min_dim_1.md there) gave 1.01 .. 1.08 for ViT-B/16, DeiT-S, CLIP
 and Swin-T stages 3-4, 1.05 and 1.04 for Swin-T stages 1 and 2 at batch 1, 1.51 for stage 1 at batch 8.
 
 linear (every nn.Linear; 2026-12-01, same command with `-k linear`, on the AVX-512 machine below, Parameter
 weights, not prepacked): vitfast.linear runs oneDNN's inner product where its own rule (ops/linear.py,
-`onednn_pays`: M K N at least 2**25; with grad K and N at least 768) says it pays and calls F.linear itself
+`onednn_pays`: M K N at least 2**25; with grad K and N at least 768, below AVX-512 384 without grad) says it pays
+and calls F.linear itself
 elsewhere, so the module-level choice is vitfast in both modes. Against F.linear (MKL), without grad / with grad:
 ViT-B/16 qkv, proj, fc2 at batch 1 1.25, 1.13, 1.23 / 1.16, 1.08, 1.17; at batch 8 (qkv, fc2) 1.04, 1.05 / 1.05,
 1.03; CLIP B/32 fc2 at batch 8 1.12 / 1.11; DeiT-S at batch 8 1.00, 1.03 / 1.00, 1.00 (F.linear with grad); Swin-T
 stages 3-4 1.07, 1.13 / 1.00, 1.13; the rows below the rule (F.linear through vitfast.linear) 0.96 .. 0.99, its
 dispatch. Below the rule oneDNN itself measured 0.78 .. 0.95 (ops/linear.py). The rule then asked K, N >= 384
-without grad too; with products of any K and N on oneDNN whole Swin-T models ran 1.00 .. 1.07x faster (ops/linear.py)
-and the same command (cpu_choice_linear_min_dim_1.md) gave Swin-T stage 1 fc2 (K 384, N 96) at batch 8 1.23 and
+without grad too; with products of any K and N on oneDNN whole Swin-T models ran 1.00 .. 1.07x faster on AVX-512
+(0.94 .. 1.07x with the libraries held to AVX2, where the rule keeps K, N >= 384; ops/linear.py) and the same command (cpu_choice_linear_min_dim_1.md) gave Swin-T stage 1 fc2 (K 384, N 96) at batch 8 1.23 and
 stage 1 qkv (K 96) 0.82 at batch 1 and 0.90 at batch 8, where another run of those two products on oneDNN itself,
 21 interleaved rounds, gave 1.01 and 1.10 (this machine's spread at that size); the other rows as before.
 

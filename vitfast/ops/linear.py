@@ -68,14 +68,18 @@ _backend.register_op(OP, gpu_order=("torch",), cpu_order=("onednn", "torch"), ch
 #   the same with K, N >= 384 only (the ratio of their paired speedups over the original model, 11 interleaved rounds,
 #   inference, random weights): timm Swin-T batch 1 1.06x and 1.03x (two runs), batch 8 1.07x,
 #   torchvision Swin-T batch 1 1.06x and 1.04x, transformers Swin-T batch 1 1.04x, batch 8 1.00x, timm ViT-B/16 and
-#   DeiT-S batch 1 1.01x and 1.00x (their products all have K, N >= 384);
+#   DeiT-S batch 1 1.01x and 1.00x (their products all have K, N >= 384). With oneDNN, MKL and ATen held to AVX2 on
+#   the same machine (ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2) the same
+#   comparison went the other way at batch 8: timm Swin-T 0.94x and 0.97x, torchvision 0.96x, transformers 1.00x (at
+#   batch 1 timm 0.97x, torchvision 1.07x), so below AVX-512 (ATen's CPU capability) the rule keeps K, N >= 384;
 # - with grad the op's autograd adds ~0.1 ms a call of Python (its backward and the dx product's dispatch), and
 #   products with a dim of 384 lose: forward + backward at 394 x 384 -> 384, 1152, 1536 and 394 x 1536 -> 384
 #   (DeiT-S at batch 2) 0.78-0.96x, a whole DeiT-S training step 0.95x, where ViT-B/16's (768) measured 1.07x.
 # So the automatic choice takes oneDNN for float32 products of at least ONEDNN_MIN_MACS multiply-adds whose K and N
-# are at least ONEDNN_MIN_DIM[mode] (any K and N without grad), F.linear for the others.
+# are at least ONEDNN_MIN_DIM[mode], F.linear for the others.
 ONEDNN_MIN_MACS = 2**25
-ONEDNN_MIN_DIM = {"prepacked": 1, "plain": 1, "grad": 768}
+ONEDNN_MIN_DIM = {"prepacked": 1, "plain": 1 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 384,
+                  "grad": 768}
 
 
 def onednn_pays(M: int, K: int, N: int, mode: str = "plain") -> bool:
