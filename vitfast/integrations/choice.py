@@ -55,30 +55,30 @@ allocate two. Below it the op is level (0.93 .. 1.09 per op; whole models with a
 rounds: torchvision Swin-T B=1 1.007, DeiT-S B=8 1.009, ViT-B/16 B=1 0.954), so those calls keep ATen. Whole Swin-T
 models at B=8 with the rule against without the op (9-11 paired rounds): torchvision 1.013 and 1.052 in two runs,
 timm 1.116, transformers 1.030. With grad it keeps ATen (it must keep h = x W^T + b anyway: 0.78 .. 1.01).
-Since 2026-12-01 (AVX-512 machine below) linear_gelu has an onednn backend (GELU in oneDNN's inner-product
-epilogue) that it takes for float32 where vitfast.linear's rule says oneDNN pays; against what a patched MLP runs
-otherwise (vitfast.linear, then F.gelu) it measured 1.00 .. 1.08 without grad at those shapes (ViT-B/16, DeiT-S,
-CLIP B/32, Swin-T stages 3-4) and 1.38 at Swin-T's first stage at batch 8 (the cpp kernel, 32 MiB), while the rows
-it leaves to the cpp kernel below 32 MiB measured 0.91 .. 0.93. So a patched MLP without grad on CPU calls
-linear_gelu where the output reaches 32 MiB or where the onednn backend takes the call (integrations/patch.py's
-mlp_fc1); with grad 0.75 .. 0.96: ATen (bench/results/cpu-avx512-2026-12-01/cpu_choice_linear.md). Since
-vitfast.linear's rule dropped its K, N >= 384 condition without grad on AVX-512 (below), oneDNN takes every fc1 of
-these models without grad there: the same command (cpu_choice_linear_min_dim_1.md there) gave 1.01 .. 1.08 for ViT-B/16, DeiT-S, CLIP
-and Swin-T stages 3-4, 1.05 and 1.04 for Swin-T stages 1 and 2 at batch 1, 1.51 for stage 1 at batch 8.
+Since 2026-12-01 (AVX-512 machine below) linear_gelu has an onednn backend (GELU in oneDNN's inner-product epilogue)
+that it takes for float32 where vitfast.linear's rule says oneDNN pays; against what a patched MLP runs otherwise
+(vitfast.linear, then F.gelu) it measured 1.00 .. 1.08 without grad at those shapes (ViT-B/16, DeiT-S, CLIP B/32,
+Swin-T stages 3-4) and 1.38 at Swin-T's first stage at batch 8 (the cpp kernel, 32 MiB), while the rows it leaves to
+the cpp kernel below 32 MiB measured 0.91 .. 0.93. So a patched MLP without grad on CPU calls linear_gelu where the
+output reaches 32 MiB or where the onednn backend takes the call (integrations/patch.py's mlp_fc1); with grad 0.75
+.. 0.96: ATen (bench/results/cpu-avx512-2026-12-01/cpu_choice_linear.md). Since vitfast.linear's rule dropped its K,
+N >= 384 condition without grad on AVX-512 (below), oneDNN takes every fc1 of these models without grad there: the
+same command (cpu_choice_linear_min_dim_1.md there) gave 1.01 .. 1.08 for ViT-B/16, DeiT-S, CLIP and Swin-T stages
+3-4, 1.05 and 1.04 for Swin-T stages 1 and 2 at batch 1, 1.51 for stage 1 at batch 8.
 
-linear (every nn.Linear; 2026-12-01, same command with `-k linear`, on the AVX-512 machine below, Parameter
-weights, not prepacked): vitfast.linear runs oneDNN's inner product where its own rule (ops/linear.py,
-`onednn_pays`: M K N at least 2**25; with grad K and N at least 768, below AVX-512 384 without grad) says it pays
-and calls F.linear itself
-elsewhere, so the module-level choice is vitfast in both modes. Against F.linear (MKL), without grad / with grad:
-ViT-B/16 qkv, proj, fc2 at batch 1 1.25, 1.13, 1.23 / 1.16, 1.08, 1.17; at batch 8 (qkv, fc2) 1.04, 1.05 / 1.05,
-1.03; CLIP B/32 fc2 at batch 8 1.12 / 1.11; DeiT-S at batch 8 1.00, 1.03 / 1.00, 1.00 (F.linear with grad); Swin-T
-stages 3-4 1.07, 1.13 / 1.00, 1.13; the rows below the rule (F.linear through vitfast.linear) 0.96 .. 0.99, its
-dispatch. Below the rule oneDNN itself measured 0.78 .. 0.95 (ops/linear.py). The rule then asked K, N >= 384
+linear (every nn.Linear; 2026-12-01, same command with `-k linear`, on the AVX-512 machine below, Parameter weights,
+not prepacked): vitfast.linear runs oneDNN's inner product where its own rule (ops/linear.py, `onednn_pays`: M K N
+at least 2**25; with grad K and N at least 768, below AVX-512 384 without grad) says it pays and calls F.linear
+itself elsewhere, so the module-level choice is vitfast in both modes. Against F.linear (MKL), without grad / with
+grad: ViT-B/16 qkv, proj, fc2 at batch 1 1.25, 1.13, 1.23 / 1.16, 1.08, 1.17; at batch 8 (qkv, fc2) 1.04, 1.05 /
+1.05, 1.03; CLIP B/32 fc2 at batch 8 1.12 / 1.11; DeiT-S at batch 8 1.00, 1.03 / 1.00, 1.00 (F.linear with grad);
+Swin-T stages 3-4 1.07, 1.13 / 1.00, 1.13; the rows below the rule (F.linear through vitfast.linear) 0.96 .. 0.99,
+its dispatch. Below the rule oneDNN itself measured 0.78 .. 0.95 (ops/linear.py). The rule then asked K, N >= 384
 without grad too; with products of any K and N on oneDNN whole Swin-T models ran 1.00 .. 1.07x faster on AVX-512
-(0.94 .. 1.07x with the libraries held to AVX2, where the rule keeps K, N >= 384; ops/linear.py) and the same command (cpu_choice_linear_min_dim_1.md) gave Swin-T stage 1 fc2 (K 384, N 96) at batch 8 1.23 and
-stage 1 qkv (K 96) 0.82 at batch 1 and 0.90 at batch 8, where another run of those two products on oneDNN itself,
-21 interleaved rounds, gave 1.01 and 1.10 (this machine's spread at that size); the other rows as before.
+(0.94 .. 1.07x with the libraries held to AVX2, where the rule keeps K, N >= 384; ops/linear.py) and the same
+command (cpu_choice_linear_min_dim_1.md) gave Swin-T stage 1 fc2 (K 384, N 96) at batch 8 1.23 and stage 1 qkv (K
+96) 0.82 at batch 1 and 0.90 at batch 8, where another run of those two products on oneDNN itself, 21 interleaved
+rounds, gave 1.01 and 1.10 (this machine's spread at that size); the other rows as before.
 
 MLP rows (inference; the whole MLP, fc1 + GELU + fc2, of a patched module): without grad on CPU a patched MLP runs
 in chunks of rows (integrations/patch.py's mlp_rows) where its hidden activation (M, hidden) reaches
@@ -90,8 +90,9 @@ MLP in one call / in chunks, > 1: chunks faster), hidden of 32 MiB or more: Swin
 384 -> 96) 1.28, at batch 16 1.32; stage 2 at batch 16 (12544 x 192 -> 768) 1.23; stage 3 at batch 32 (6272 x 384
 -> 1536, parameters 4.5 MiB) 1.09; but ViT-B/16 at batch 16 (3152 x 768 -> 3072, parameters 18 MiB, re-read by
 every chunk) 0.97; below 32 MiB chunks lose (stage 1 at batch 2 and 4, 9 and 18 MiB: 0.90, 0.91; stage 2 at batch
-8: 0.92). An earlier run (before the linear rule's change below) gave the same sides but at stage 1 batch 8 (1.01)
-and stage 2 batch 8 (1.11). With grad autograd keeps every chunk's hidden anyway: one call.
+8: 0.92). An earlier run, before the linear rule's change above (bench/results/cpu-avx512-2026-12-01/README.md),
+gave the same sides but two: stage 1 at batch 8 level (1.01) and stage 2 at batch 8 (18 MiB, not chunked) 1.11.
+With grad autograd keeps every chunk's hidden anyway: one call.
 
 The same command on an AVX-512 machine (Zen 4, 2026-12-01: bench/results/cpu-avx512-2026-12-01/cpu_choice.md) puts
 every kind and mode on the same side as this table.
