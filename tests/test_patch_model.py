@@ -851,6 +851,18 @@ def _small_mlp(library: str):
     return m, m.fc1
 
 
+def _chunking_mlp(monkeypatch, library: str):
+    """`_small_mlp(library)` in eval mode, patched, with choice.py's row-chunk constants shrunk so that 100 rows or
+    more run in chunks of 30: (patched, unpatched copy, its fc1)."""
+    mlp, fc1 = _small_mlp(library)
+    mlp.eval()
+    original = copy.deepcopy(mlp)
+    vitfast.patch_model(mlp)
+    monkeypatch.setattr(choice, "MLP_ROWS_MIN_HIDDEN_BYTES", 100 * 40 * 4)  # 100 rows of the hidden activation
+    monkeypatch.setattr(choice, "MLP_ROWS_CHUNK_BYTES", 30 * 40 * 4)  # 30 rows a chunk
+    return mlp, original, fc1
+
+
 @pytest.mark.parametrize("library", ["timm", "torchvision", "transformers"])
 def test_cpu_mlp_runs_in_row_chunks_without_grad(monkeypatch, library):
     """Without grad, in eval mode, on float32 CPU tensors a patched MLP whose hidden activation reaches choice.py's
@@ -859,12 +871,7 @@ def test_cpu_mlp_runs_in_row_chunks_without_grad(monkeypatch, library):
     size or with larger parameters it runs in one call. (The constants are shrunk to test shapes.)"""
     from vitfast.integrations import timm as vtimm, torchvision as vtv, transformers as vhf
 
-    mlp, fc1 = _small_mlp(library)
-    mlp.eval()
-    original = copy.deepcopy(mlp)
-    vitfast.patch_model(mlp)
-    monkeypatch.setattr(choice, "MLP_ROWS_MIN_HIDDEN_BYTES", 100 * 40 * 4)  # 100 rows of the hidden activation
-    monkeypatch.setattr(choice, "MLP_ROWS_CHUNK_BYTES", 30 * 40 * 4)  # 30 rows a chunk
+    mlp, original, fc1 = _chunking_mlp(monkeypatch, library)
     rows = []
     for module in (vtimm, vtv, vhf):
         monkeypatch.setattr(module, "mlp_fc1",
@@ -904,12 +911,7 @@ def test_cpu_mlp_runs_in_row_chunks_without_grad(monkeypatch, library):
 def test_compile_fullgraph_patched_mlp_where_it_would_run_in_chunks(monkeypatch):
     """Under torch.compile's tracing a patched MLP runs in one call (no chunk loop traced), with fullgraph=True, and
     matches the original."""
-    mlp, _ = _small_mlp("timm")
-    mlp.eval()
-    original = copy.deepcopy(mlp)
-    vitfast.patch_model(mlp)
-    monkeypatch.setattr(choice, "MLP_ROWS_MIN_HIDDEN_BYTES", 100 * 40 * 4)
-    monkeypatch.setattr(choice, "MLP_ROWS_CHUNK_BYTES", 30 * 40 * 4)
+    mlp, original, _ = _chunking_mlp(monkeypatch, "timm")
     x = torch.randn(2, 51, 8)
     torch._dynamo.reset()
     with torch.no_grad():
@@ -919,12 +921,7 @@ def test_compile_fullgraph_patched_mlp_where_it_would_run_in_chunks(monkeypatch)
 def test_mlp_traced_or_given_a_wrong_width_runs_in_one_call(monkeypatch):
     """torch.jit.trace of a patched MLP that would run in chunks records one call, so the trace is right at other
     batch sizes; an input of the wrong width raises with its own shape, not a chunk's."""
-    mlp, _ = _small_mlp("timm")
-    mlp.eval()
-    original = copy.deepcopy(mlp)
-    vitfast.patch_model(mlp)
-    monkeypatch.setattr(choice, "MLP_ROWS_MIN_HIDDEN_BYTES", 100 * 40 * 4)
-    monkeypatch.setattr(choice, "MLP_ROWS_CHUNK_BYTES", 30 * 40 * 4)
+    mlp, original, _ = _chunking_mlp(monkeypatch, "timm")
     with torch.no_grad():
         traced = torch.jit.trace(mlp, torch.randn(2, 51, 8), check_trace=False)
         x = torch.randn(4, 51, 8)
