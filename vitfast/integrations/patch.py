@@ -243,7 +243,7 @@ def mlp_rows(module: nn.Module, x: Tensor, fc1: nn.Linear, body: Callable[[nn.Mo
     run over chunks of x's rows where choice.py's mlp_chunk_rows says so: in inference (autograd records nothing,
     eval mode, not under autocast, nor under torch.compile's or torch.jit.trace's tracing, which would record the
     loop for one batch size) on float32 CPU tensors with a hidden activation of 32 MiB or more and small weights
-    (Swin-T's first stage from batch 8); else in one call (as is an x that fc1 does not take, whose error then names
+    (Swin-T's first stage from batch 7); else in one call (as is an x that fc1 does not take, whose error then names
     x's own shape)."""
     rows = (None if module.training or x.shape[-1:] != (fc1.in_features,) or _autocast.is_enabled(x.device)
             or torch.compiler.is_compiling() or torch.jit.is_tracing()
