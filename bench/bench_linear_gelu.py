@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import vitfast
 
-from conftest import ON_GPU, linear_cases, linear_inputs, linear_shape, run_benchmark, vitfast_backends
+from conftest import ON_GPU, linear_cases, run_linear_benchmark, vitfast_backends
 
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
 BATCHES = (64,) if ON_GPU else (1, 8)
@@ -32,27 +32,10 @@ def _fn(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", CASES)
 def test_forward(benchmark, impl, case):
-    M, K, N = linear_shape(case, SHAPES)
-    fn = _fn(impl)
-
-    def fwd(x, w, b):
-        with torch.no_grad():
-            return fn(x, w, b)
-
-    benchmark.group = f"linear_gelu fwd {case} ({M}x{K} -> {N}) {DTYPE}"
-    run_benchmark(benchmark, fwd, linear_inputs(M, K, N, DTYPE, False), impl=impl, flops=2 * M * K * N,
-                  bytes_moved=(M * K + N * K + 2 * M * N) * DTYPE.itemsize)
+    run_linear_benchmark(benchmark, "linear_gelu", _fn(impl), impl, case, SHAPES, DTYPE, grad=False, outputs=2)
 
 
 @pytest.mark.parametrize("impl", [i for i in IMPLS if i != "torch._addmm_activation"])
 @pytest.mark.parametrize("case", CASES)
 def test_forward_backward(benchmark, impl, case):
-    M, K, N = linear_shape(case, SHAPES)
-    fn = _fn(impl)
-
-    def step(x, w, b):
-        y = fn(x, w, b)
-        return torch.autograd.grad(y, (x, w, b), torch.ones_like(y))
-
-    benchmark.group = f"linear_gelu fwd+bwd {case} ({M}x{K} -> {N}) {DTYPE}"
-    run_benchmark(benchmark, step, linear_inputs(M, K, N, DTYPE, True), impl=impl, flops=6 * M * K * N)
+    run_linear_benchmark(benchmark, "linear_gelu", _fn(impl), impl, case, SHAPES, DTYPE, grad=True)

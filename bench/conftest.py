@@ -38,21 +38,36 @@ def linear_cases(shapes: dict, batches: tuple, chosen: str) -> list:
     return headline([f"{name} B={b}" for name in shapes for b in batches], {chosen})
 
 
-def linear_shape(case: str, shapes: dict) -> tuple:
-    """(M, K, N) of a linear_cases case: M = tokens per image x batch."""
+def run_linear_benchmark(benchmark, op: str, fn, impl: str, case: str, shapes: dict, dtype: torch.dtype, grad: bool,
+                         outputs: int = 1) -> None:
+    """Times fn(x, weight, bias), a Linear-shaped op (bench_linear.py, bench_linear_gelu.py), on a linear_cases
+    case (M = tokens per image x batch): x (M, K), weight (N, K) scaled by K**-0.5, bias (N,), on DEVICE in `dtype`.
+    Without grad the forward under torch.no_grad (2 M K N flops; bytes: x, weight and `outputs` (M, N) tensors),
+    with grad forward + backward to x, weight and bias (6 M K N flops)."""
     name, batch = case.split(" B=")
     tokens, K, N = shapes[name]
-    return tokens * int(batch), K, N
+    M = tokens * int(batch)
 
-
-def linear_inputs(M: int, K: int, N: int, dtype: torch.dtype, grad: bool):
-    """A maker of x (M, K), weight (N, K) scaled by K**-0.5 and bias (N,) on DEVICE, for run_benchmark."""
     def make():
         x = torch.randn(M, K, device=DEVICE, dtype=dtype, requires_grad=grad)
         w = (torch.randn(N, K, device=DEVICE, dtype=dtype) * K ** -0.5).requires_grad_(grad)
         b = torch.randn(N, device=DEVICE, dtype=dtype, requires_grad=grad)
         return x, w, b
-    return make
+
+    def step(x, w, b):
+        y = fn(x, w, b)
+        return torch.autograd.grad(y, (x, w, b), torch.ones_like(y))
+
+    def fwd(x, w, b):
+        with torch.no_grad():
+            return fn(x, w, b)
+
+    benchmark.group = f"{op} {'fwd+bwd' if grad else 'fwd'} {case} ({M}x{K} -> {N}) {dtype}"
+    if grad:
+        run_benchmark(benchmark, step, make, impl=impl, flops=6 * M * K * N)
+    else:
+        run_benchmark(benchmark, fwd, make, impl=impl, flops=2 * M * K * N,
+                      bytes_moved=(M * K + N * K + outputs * M * N) * dtype.itemsize)
 
 
 def sdpa(impl: str):

@@ -130,6 +130,21 @@ def assert_backward_keeps_forward_dtypes(fn, backend: str, device: str):
         assert c.dtype == torch.float32 and torch.equal(a, c), name
 
 
+def assert_autocast_follows_linear(fn, reference, **tolerance):
+    """Under CPU autocast (bfloat16) fn(x, weight, bias), a Linear-shaped op, casts x, weight and bias as F.linear
+    does: it returns bfloat16 and matches reference(nn.Linear module, x) computed in the same region (with
+    `tolerance`, assert_close's rtol / atol); gradients reach the float32 leaves."""
+    x = torch.randn(3, 10, 32, requires_grad=True)
+    lin = torch.nn.Linear(32, 48)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fn(x, lin.weight, lin.bias)
+        expected = reference(lin, x)
+    assert y.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(y, expected, **tolerance)
+    y.float().sum().backward()
+    assert x.grad.dtype == lin.weight.grad.dtype == torch.float32 and torch.isfinite(lin.weight.grad).all()
+
+
 def assert_compiles_like_eager(model: torch.nn.Module, x: torch.Tensor, *args):
     """torch.compile(model, fullgraph=True) runs with no graph break and matches eager: the output of
     model(x, *args) and the gradients of x and of every parameter."""

@@ -8,8 +8,8 @@ import vitfast
 from vitfast import backend as vf_backend
 from vitfast.ops.linear import linear_ref
 
-from conftest import (DEVICE, assert_backward_keeps_forward_dtypes, assert_close_to_ref, assert_compiles_like_eager,
-                      backend_cases, rounding_noise)
+from conftest import (DEVICE, assert_autocast_follows_linear, assert_backward_keeps_forward_dtypes, assert_close_to_ref,
+                      assert_compiles_like_eager, backend_cases, rounding_noise)
 
 # (a forced triton backend, which the interpreter offers every op on CPU tensors, leaves linear's choice automatic)
 CASES = [case for case in backend_cases("linear") if case.values[0] in ("onednn", "torch")]
@@ -169,17 +169,7 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_autocast_follows_linear():
-    """Under CPU autocast (bfloat16) x, weight and bias are cast as F.linear casts them; gradients reach the float32
-    leaves."""
-    x = torch.randn(3, 10, 32, requires_grad=True)
-    lin = torch.nn.Linear(32, 48)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = vitfast.linear(x, lin.weight, lin.bias)
-        expected = lin(x)
-    assert y.dtype == expected.dtype == torch.bfloat16
-    torch.testing.assert_close(y, expected)
-    y.float().sum().backward()
-    assert x.grad.dtype == lin.weight.grad.dtype == torch.float32 and torch.isfinite(lin.weight.grad).all()
+    assert_autocast_follows_linear(vitfast.linear, lambda lin, x: lin(x))
 
 
 @pytest.mark.parametrize("backend,device", CASES)

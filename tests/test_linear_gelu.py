@@ -9,8 +9,8 @@ import vitfast
 from vitfast import backend as vf_backend
 from vitfast.ops.linear_gelu import linear_gelu_ref
 
-from conftest import (assert_backward_keeps_forward_dtypes, assert_close_to_ref, assert_compiles_like_eager,
-                      backend_cases, rounding_noise)
+from conftest import (assert_autocast_follows_linear, assert_backward_keeps_forward_dtypes, assert_close_to_ref,
+                      assert_compiles_like_eager, backend_cases, rounding_noise)
 
 CASES = backend_cases("linear_gelu")
 
@@ -104,17 +104,7 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_autocast_follows_linear():
-    """Under CPU autocast (bfloat16) the op casts x, weight and bias as F.linear does and returns bfloat16; gradients
-    reach the float32 leaves."""
-    x = torch.randn(3, 10, 32, requires_grad=True)
-    lin = torch.nn.Linear(32, 48)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = vitfast.linear_gelu(x, lin.weight, lin.bias)
-        expected = F.gelu(lin(x))
-    assert y.dtype == expected.dtype == torch.bfloat16
-    torch.testing.assert_close(y, expected, rtol=2e-2, atol=2e-2)
-    y.float().sum().backward()
-    assert x.grad.dtype == lin.weight.grad.dtype == torch.float32 and torch.isfinite(lin.weight.grad).all()
+    assert_autocast_follows_linear(vitfast.linear_gelu, lambda lin, x: F.gelu(lin(x)), rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("backend,device", CASES)
