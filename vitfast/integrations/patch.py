@@ -232,8 +232,8 @@ def mlp_fc1(x: Tensor, fc1: nn.Module, act: nn.Module) -> Tensor:
     itemsize = torch.get_autocast_dtype(x.device.type).itemsize if autocast else x.element_size()
     M = math.prod(x.shape[:-1])
     prepack = fc1.__dict__.get(_PREPACK, False)
-    if runs_original("linear_gelu", x, M * fc1.out_features * itemsize) and not (
-            not autocast and linear_gelu_uses_onednn(x, fc1.weight, fc1.bias, prepack=prepack)):
+    if runs_original("linear_gelu", x, M * fc1.out_features * itemsize) and (
+            autocast or not linear_gelu_uses_onednn(x, fc1.weight, fc1.bias, prepack=prepack)):
         return act(fc1(x))
     return linear_gelu(x, fc1.weight, fc1.bias, gelu_approximate(act), prepack=prepack)
 
