@@ -52,6 +52,29 @@ def test_torch_func_gradient_transforms_raise_clearly(op):
             transform()
 
 
+# the op whose backward a public function calls (its name in the error)
+_BACKWARD_OP = {"flash_attn_func": "attention", "shifted_window_attention": "window_attention"}
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_double_backward_raises_clearly_or_matches_the_reference(op):
+    """A gradient taken with create_graph=True runs; differentiating it again raises a clear NotImplementedError
+    (the backward ops have no autograd of their own), except linear_gelu, whose backward is ATen's ops and so has
+    second-order gradients: those match plain PyTorch's."""
+    fn, x = OPS[op]
+    x = x.clone().requires_grad_()
+    g, = torch.autograd.grad(fn(x).square().sum(), x, create_graph=True)
+    if op == "linear_gelu":
+        x0 = x.detach().clone().requires_grad_()
+        g0, = torch.autograd.grad(torch.nn.functional.gelu(torch.nn.functional.linear(
+            x0, torch.ones(4, 8, dtype=x0.dtype))).square().sum(), x0, create_graph=True)
+        torch.testing.assert_close(torch.autograd.grad(g.square().sum(), x)[0],
+                                   torch.autograd.grad(g0.square().sum(), x0)[0])
+        return
+    with pytest.raises(NotImplementedError, match=f"vitfast.{_BACKWARD_OP.get(op, op)} has no double backward"):
+        g.square().sum().backward()
+
+
 def test_patched_models_run_their_original_code_under_torch_func():
     """Per-sample gradients of a patched model (torch.func.grad over functional_call) equal the original's."""
     model = torch.nn.Sequential(torch.nn.LayerNorm(8), torch.nn.MultiheadAttention(8, 2, batch_first=True))

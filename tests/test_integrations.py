@@ -140,10 +140,38 @@ def test_unpatch_restores_each_sub_config():
     before = implementations()
     assert set(before.values()) == {"sdpa", "eager"}, before
     vitfast.patch_model(model)
-    assert set(implementations().values()) == {"vitfast"}
+    assert implementations() == {n: vt.NAME_EAGER if impl == "eager" else vt.NAME for n, impl in before.items()}
     vitfast.unpatch_model(model)
     assert implementations() == before
     assert not any(hasattr(m, "_vitfast_patch") for m in model.modules())
+
+
+def test_patched_eager_models_keep_eager_masks():
+    """A model built with eager attention keeps eager's masks when patch_model switches it to vitfast's attention
+    (NAME_EAGER): a query that sees no key (every pixel of a DETR image padded, left-padded CLIP text tokens) averages
+    over all the keys as before, where SDPA's masks changed those outputs (by 0.3 in DETR's logits)."""
+    detr = transformers.DetrForObjectDetection(_detr().config)
+    detr.set_attn_implementation("eager")
+    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=8, bos_token_id=0, eos_token_id=2, pad_token_id=1))
+    text.set_attn_implementation("eager")
+    pixel_mask = torch.ones(2, 64, 64, dtype=torch.long)
+    pixel_mask[1] = 0
+    ids = torch.randint(3, 100, (2, 8))
+    ids[:, -1] = 2
+    attention_mask = torch.ones(2, 8, dtype=torch.long)
+    attention_mask[1, :3] = 0
+    cases = [(detr, {"pixel_values": torch.randn(2, 3, 64, 64), "pixel_mask": pixel_mask},
+              lambda o: torch.cat([o.logits.flatten(1), o.pred_boxes.flatten(1)], 1)),
+             (text, {"input_ids": ids, "attention_mask": attention_mask}, lambda o: o.last_hidden_state)]
+    for model, inputs, pick in cases:
+        model.eval()
+        patched = copy.deepcopy(model)
+        report = vitfast.patch_model(patched)
+        with torch.no_grad():
+            torch.testing.assert_close(pick(patched(**inputs)), pick(model(**inputs)), atol=2e-5, rtol=1e-4)
+        assert f"'eager' -> '{vt.NAME_EAGER}'" in str(report)
 
 
 @pytest.mark.parametrize("backend,device", CASES)

@@ -247,15 +247,28 @@ def test_multihead_attention_fused_path_keeps_the_original_checks(backend):
     q, kv = torch.randn(2, 3, 16, device=DEVICE), torch.randn(2, 4, 16, device=DEVICE)
     good = dict(attn_mask=torch.randn(3, 4, device=DEVICE), key_padding_mask=torch.rand(2, 4, device=DEVICE) > 0.7)
     bad = [dict(attn_mask=torch.zeros(4, 3, device=DEVICE)), dict(attn_mask=torch.zeros(5, 5, device=DEVICE)),
-           dict(key_padding_mask=torch.zeros(4, 2, dtype=torch.bool, device=DEVICE)), dict(is_causal=True)]
+           dict(key_padding_mask=torch.zeros(4, 2, dtype=torch.bool, device=DEVICE)), dict(is_causal=True),
+           # masks of dtypes it refuses (an integer padding mask is not read as an additive 0/1 mask)
+           dict(key_padding_mask=torch.zeros(2, 4, dtype=torch.long, device=DEVICE)),
+           dict(attn_mask=torch.zeros(3, 4, dtype=torch.float64, device=DEVICE))]
+    # inputs it refuses: another embed dim, key and value of different lengths
+    bad_inputs = [(torch.randn(2, 3, 8, device=DEVICE), kv, kv), (q, kv, torch.randn(2, 5, 16, device=DEVICE))]
     with vitfast.use_backend(backend):
         torch.testing.assert_close(mha(q, kv, kv, need_weights=False, **good)[0],
                                    original(q, kv, kv, need_weights=False, **good)[0], rtol=1e-4, atol=2e-5)
-        for kwargs in bad:
+        calls = [((q, kv, kv), kwargs) for kwargs in bad] + [(inputs, {}) for inputs in bad_inputs]
+        for inputs, kwargs in calls:
             with pytest.raises((RuntimeError, AssertionError)) as theirs:
-                original(q, kv, kv, need_weights=False, **kwargs)
+                original(*inputs, need_weights=False, **kwargs)
             with pytest.raises(type(theirs.value), match=re.escape(str(theirs.value).split("\n")[0][:40])):
-                mha(q, kv, kv, need_weights=False, **kwargs)
+                mha(*inputs, need_weights=False, **kwargs)
+        norm = nn.LayerNorm(16).to(DEVICE)
+        patched_norm = copy.deepcopy(norm)
+        vitfast.patch_model(patched_norm)
+        with pytest.raises(RuntimeError) as theirs:
+            norm(q[..., :8])
+        with pytest.raises(RuntimeError, match=re.escape(str(theirs.value)[:40])):
+            patched_norm(q[..., :8])
 
 
 # ----------------------------------------------------------------------------------------------- transformers
@@ -427,6 +440,37 @@ def test_timm_wrong_image_size_raises_timms_error_in_both_modes():
                 model(x)
             with pytest.raises(AssertionError, match=re.escape(str(theirs.value))):
                 patched(x)
+
+
+@pytest.mark.parametrize("build", [_timm_vit, _torchvision_vit])
+def test_patch_embedding_given_other_channels_or_dtypes_raises_the_originals_error(build):
+    """An image of another channel count or dtype than the patch convolution's raises conv2d's own error through a
+    patched model, with grad too (where vitfast's op runs on CPU, it raised vitfast.patch_embed's ValueError)."""
+    model, x, _ = build()
+    patched = copy.deepcopy(model)
+    vitfast.patch_model(patched)
+    for bad in (torch.randn(1, 4, *x.shape[-2:]), x[:1].double(), x[:1].long()):
+        for grad in (False, True):
+            with torch.set_grad_enabled(grad):
+                with pytest.raises(RuntimeError) as theirs:
+                    model(bad)
+                with pytest.raises(RuntimeError, match=re.escape(str(theirs.value)[:60])):
+                    patched(bad)
+
+
+def test_jit_script_of_a_patched_model_raises_clearly():
+    """torch.jit.script cannot compile the patched methods: it raises a clear error (it failed on a partial's missing
+    __globals__), torch.jit.trace still works, and once unpatched the model scripts again."""
+    model, x, _ = _torchvision_vit()
+    model.eval()
+    vitfast.patch_model(model)
+    with pytest.raises(NotImplementedError, match="torch.jit.script cannot compile a model patched"):
+        torch.jit.script(model)
+    with torch.no_grad():  # (trace's check re-traces without grad: with grad the CPU choice differs, ATen there)
+        torch.testing.assert_close(torch.jit.trace(model, x)(x), model(x))
+    vitfast.unpatch_model(model)
+    assert not any("__prepare_scriptable__" in m.__dict__ for m in model.modules())
+    torch.testing.assert_close(torch.jit.script(model)(x), model(x))
 
 
 def _mha():

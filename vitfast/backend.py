@@ -167,6 +167,20 @@ def check_transforms(op: str, *tensors: Optional[torch.Tensor]) -> None:
             f"reference (vitfast.ops.*_ref)")
 
 
+def no_double_backward(op: str, backward_op) -> None:
+    """Gives `backward_op` (the torch.library op that `op`'s backward calls) an autograd formula that raises:
+    vitfast has no second-order gradients, and without a formula PyTorch's error would name the internal op and
+    ask for register_autograd. A first backward with create_graph=True still runs; differentiating its result
+    raises."""
+    def _backward(ctx, *grads):
+        raise NotImplementedError(
+            f"vitfast.{op} has no double backward (differentiating its gradient, e.g. a gradient penalty through "
+            f"torch.autograd.grad(..., create_graph=True)): use the plain PyTorch reference (vitfast.ops.*_ref), "
+            f"or vitfast.unpatch_model on a patched model")
+
+    backward_op.register_autograd(_backward, setup_context=lambda ctx, inputs, output: None)
+
+
 def why_not(op: str, backend: str, *tensors: Optional[torch.Tensor]) -> Optional[str]:
     """Why `backend` cannot run `op` for these tensors (None entries are ignored), whatever backend is forced; None
     when it can."""

@@ -44,6 +44,7 @@ from vitfast.ops.linear_gelu import linear_gelu, uses_onednn as linear_gelu_uses
 KINDS = ("attention", "rel_pos_attention", "window_attention", "layer_norm", "patch_embed", "linear_gelu", "linear")
 _MARK = "_vitfast_patch"  # instance attribute: (kind, names of the instance attributes the patch set)
 _PREPACK = "_vitfast_prepack"  # instance attribute of an nn.Linear: patch_model(prepack_weights=True)
+_SCRIPT = "__prepare_scriptable__"  # what torch.jit.script asks each module first (_bind: a clear error)
 _LINEAR_CLASSES = ("torch.nn.modules.linear.Linear", "torch.nn.modules.linear.NonDynamicallyQuantizableLinear")
 
 
@@ -97,8 +98,10 @@ def qualname(module: nn.Module) -> str:
 # --------------------------------------------------------------------------------------- torch.nn adapters
 
 def _layer_norm_forward(self: nn.LayerNorm, input: Tensor) -> Tensor:  # (nn.LayerNorm's parameter name)
-    if (self.weight is not None and input.dtype != self.weight.dtype) or not input.is_floating_point():
-        return type(self).forward(self, input)  # autocast or a subclass's own casts: the original semantics
+    # autocast or a subclass's own casts: the original semantics; an input of another trailing shape: its error
+    if ((self.weight is not None and input.dtype != self.weight.dtype) or not input.is_floating_point()
+            or tuple(input.shape[input.dim() - len(self.normalized_shape):]) != tuple(self.normalized_shape)):
+        return type(self).forward(self, input)
     return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
@@ -121,14 +124,22 @@ def _linear_forward(self: nn.Linear, input: Tensor) -> Tensor:  # (nn.Linear's p
     return linear(input, self.weight, self.bias, prepack=self.__dict__.get(_PREPACK, False))
 
 
+def conv_takes(conv: nn.Conv2d, x: Tensor) -> bool:
+    """Whether `conv`'s own call takes x as vitfast.patch_embed would: an image batch (B, in_channels, H, W), floating
+    point, in the weight's dtype outside autocast. A patch embedding given anything else runs its original code,
+    whose error (conv2d's) a user of the original model expects."""
+    return (x.dim() == 4 and x.shape[1] == conv.in_channels and x.is_floating_point()
+            and (x.dtype == conv.weight.dtype or _autocast.is_enabled(x.device)))
+
+
 def _mha_forward(self: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor,
                  key_padding_mask: Optional[Tensor] = None, need_weights: bool = True,
                  attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True, is_causal: bool = False):
     """nn.MultiheadAttention.forward on vitfast.attention; returns (output, None) as the original with
     need_weights=False. Masks keep MultiheadAttention's meaning (bool True = masked out, float added)."""
-    if (need_weights or query.dim() != 3
+    if (need_weights or not _mha_inputs_fit(self, query, key, value)
             or not _mha_masks_fit(self, query, key, key_padding_mask, attn_mask, is_causal)):
-        # (masks of other shapes, or is_causal without a mask: the original's own errors)
+        # (inputs or masks the original refuses, or is_causal without a mask: the original's own errors)
         return nn.MultiheadAttention.forward(self, query, key, value, key_padding_mask, need_weights, attn_mask,
                                              average_attn_weights, is_causal)
     if not self.batch_first:
@@ -151,13 +162,26 @@ def _mha_forward(self: nn.MultiheadAttention, query: Tensor, key: Tensor, value:
     return (out if self.batch_first else out.transpose(0, 1)), None
 
 
+def _mha_inputs_fit(self: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor) -> bool:
+    """Whether query, key, value are batched inputs MultiheadAttention takes: 3-D, embed_dim wide, in one floating
+    dtype, key and value of one batch and length, and the query's batch."""
+    b_dim = 0 if self.batch_first else 1
+    return (query.dim() == key.dim() == value.dim() == 3 and query.is_floating_point()
+            and query.dtype == key.dtype == value.dtype
+            and query.shape[2] == key.shape[2] == value.shape[2] == self.embed_dim
+            and key.shape[:2] == value.shape[:2] and key.shape[b_dim] == query.shape[b_dim])
+
+
 def _mha_masks_fit(self: nn.MultiheadAttention, query: Tensor, key: Tensor, key_padding_mask: Optional[Tensor],
                    attn_mask: Optional[Tensor], is_causal: bool) -> bool:
-    """Whether the masks have the shapes MultiheadAttention takes for batched inputs: attn_mask (L, S) or
-    (B * heads, L, S), key_padding_mask (B, S), and a mask wherever is_causal is set (its hint)."""
+    """Whether the masks have the shapes and dtypes MultiheadAttention takes for batched inputs: attn_mask (L, S) or
+    (B * heads, L, S), key_padding_mask (B, S), each bool or in the query's dtype, and a mask wherever is_causal is
+    set (its hint)."""
     b_dim = 0 if self.batch_first else 1
     B, L, S = query.shape[b_dim], query.shape[1 - b_dim], key.shape[1 - b_dim]
     if is_causal and attn_mask is None:
+        return False
+    if any(m is not None and m.dtype not in (torch.bool, query.dtype) for m in (attn_mask, key_padding_mask)):
         return False
     if attn_mask is not None and tuple(attn_mask.shape) not in ((L, S), (B * self.num_heads, L, S)):
         return False
@@ -375,16 +399,26 @@ def _guarded(module: nn.Module, kind: str, name: str, fn: Callable, layout: tupl
     return fn(module, *args, **kwargs)
 
 
+def _refuse_script(module: nn.Module) -> nn.Module:
+    raise NotImplementedError(
+        f"torch.jit.script cannot compile a model patched by vitfast.patch_model (its {qualname(module)} runs "
+        f"vitfast's Python adapters): torch.jit.trace and torch.compile take it; or script the model unpatched "
+        f"(vitfast.unpatch_model)")
+
+
 def _bind(module: nn.Module, kind: str, methods: Dict[str, Callable]) -> None:
     # functools.partial rather than types.MethodType: a bound method pickles as getattr(module, fn.__name__),
     # which does not exist on the module; a partial pickles (and deep-copies) with a reference to the module.
     # Methods the class has are guarded (_guarded); helpers the adapter adds are called only from those.
+    # torch.jit.script calls every submodule's __prepare_scriptable__ first: it gets a clear error there rather
+    # than failing on a partial's missing __globals__.
     layout = _layout(module)
     for name, fn in methods.items():
         bound = (functools.partial(_guarded, module, kind, name, fn, layout) if hasattr(type(module), name)
                  else functools.partial(fn, module))
         object.__setattr__(module, name, bound)
-    object.__setattr__(module, _MARK, (kind, tuple(methods)))
+    object.__setattr__(module, _SCRIPT, functools.partial(_refuse_script, module))
+    object.__setattr__(module, _MARK, (kind, (*methods, _SCRIPT)))
 
 
 def patch_model(model: nn.Module, attention: bool = True, window_attention: bool = True, layer_norm: bool = True,

@@ -22,7 +22,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from vitfast.integrations.patch import LAYER_NORM_X, Adapter, mlp_check, mlp_fc1, mlp_rows
+from vitfast.integrations.patch import LAYER_NORM_X, Adapter, conv_takes, mlp_check, mlp_fc1, mlp_rows
 from vitfast.integrations.segment_anything import sam_attention
 from vitfast.nn.patch_embed import PatchEmbed as _VitfastPatchEmbed
 from vitfast.nn.window_attention import WindowAttention as _VitfastWindowAttention
@@ -95,8 +95,8 @@ def _window_attention_check(module: nn.Module) -> Optional[str]:
 
 
 def _patch_embed_forward(self, x: Tensor) -> Tensor:
-    # an image of a size timm refuses: timm's own path, which raises timm's error (an AssertionError)
-    if x.dim() != 4 or _VitfastPatchEmbed._size_error(self, *x.shape[-2:]):
+    # an image of a size, channel count or dtype timm refuses: timm's own path, which raises timm's error
+    if not conv_takes(self.proj, x) or _VitfastPatchEmbed._size_error(self, *x.shape[-2:]):
         return type(self).forward(self, x)
     return _VitfastPatchEmbed.forward(self, x)
 

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from vitfast.integrations.patch import Adapter, mlp_check, mlp_fc1, mlp_rows
+from vitfast.integrations.patch import Adapter, conv_takes, mlp_check, mlp_fc1, mlp_rows
 from vitfast.ops.patch_embed import patch_embed
 from vitfast.ops.window_attention import shifted_window_attention
 
@@ -45,6 +45,8 @@ def _swa_check(module: nn.Module) -> Optional[str]:
 
 
 def _vit_process_input(self, x: Tensor) -> Tensor:
+    if not conv_takes(self.conv_proj, x):  # (another channel count or dtype: the original's error)
+        return type(self)._process_input(self, x)
     n, c, h, w = x.shape
     p = self.patch_size
     torch._assert(h == self.image_size, f"Wrong image height! Expected {self.image_size} but got {h}!")

@@ -30,6 +30,7 @@ from vitfast.ops.patch_embed import patch_embed
 from vitfast.ops.window_attention import window_attention
 
 NAME = "vitfast"
+NAME_EAGER = "vitfast_eager"  # the same attention, with eager's masks: what patch_model gives a model that ran eager
 
 
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -70,13 +71,18 @@ def _eager(module, query, key, value, attention_mask, dropout, scaling, is_causa
     return eager(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
-def register(name: str = NAME) -> None:
-    """Registers `name` with transformers' AttentionInterface and AttentionMaskInterface."""
+def register(name: str = NAME, masks: str = "sdpa") -> None:
+    """Registers `name` with transformers' AttentionInterface (vitfast's attention_forward) and
+    AttentionMaskInterface, with transformers' SDPA masks (masks="sdpa": bool, True = attend) or its eager ones
+    (masks="eager": additive float, finfo.min where masked, so that a query which sees no key averages over all the
+    keys, as eager attention gives; patch_model registers them as NAME_EAGER for models that ran eager)."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
+    if masks not in ("sdpa", "eager"):
+        raise ValueError(f"vitfast.integrations.transformers.register: masks must be 'sdpa' or 'eager', got {masks!r}")
     AttentionInterface.register(name, attention_forward)
-    AttentionMaskInterface.register(name, sdpa_mask)
+    AttentionMaskInterface.register(name, sdpa_mask if masks == "sdpa" else eager_mask)
 
 
 # ------------------------------------------------------------------------------- vitfast.patch_model support
@@ -127,10 +133,12 @@ def patch(model: torch.nn.Module, prefix: str, attention: bool = True, window_at
         records.append(Left(prefix, cls, "the model does not use transformers' AttentionInterface"))
     else:
         register()
+        register(NAME_EAGER, "eager")
         previous = _implementations(model.config)
-        model.set_attn_implementation(NAME)
+        names = _vitfast_names(previous)
+        model.set_attn_implementation(names)
         model.__dict__["_vitfast_attn_previous"] = previous
-        records.append(Patched(prefix, cls, "attention", f"attn_implementation {previous['']!r} -> {NAME!r}"))
+        records.append(Patched(prefix, cls, "attention", f"attn_implementation {previous['']!r} -> {names['']!r}"))
     for name, module in model.named_modules():
         if qualname(module) != _SWIN_LAYER:
             continue
@@ -153,6 +161,13 @@ def _implementations(config) -> dict:
         if sub is not None:
             out[key] = _implementations(sub)
     return out
+
+
+def _vitfast_names(implementations: dict) -> dict:
+    """`_implementations`' nesting with each implementation replaced by vitfast's: NAME_EAGER for "eager" (its masks
+    decide what a query that sees no key gives: eager's averages the keys, SDPA's differs), NAME for the others."""
+    return {key: _vitfast_names(value) if isinstance(value, dict) else NAME_EAGER if value == "eager" else NAME
+            for key, value in implementations.items()}
 
 
 def unpatch(model: torch.nn.Module) -> int:

@@ -301,6 +301,7 @@ def _backward(ctx, dout, dlse):
 
 
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
+_backend.no_double_backward(OP, _attention_backward_op)
 # SDPA's autocast rule: q, k, v and a float mask in the region's dtype.
 _autocast.register("attention", _autocast.lower_precision(
     _attention_op, "attention", ("q", "k", "v", "attn_mask")))

@@ -155,6 +155,7 @@ def _backward(ctx, dy, ds, dmean, drstd):
 
 
 _layer_norm_op.register_autograd(_backward, setup_context=_setup_context)
+_backend.no_double_backward(OP, _layer_norm_backward_op)
 
 
 def _autocast_rule(device_type, dtype, x, weight, bias, residual, eps):

@@ -312,6 +312,7 @@ def _backward(ctx, dout, dz_unused, dmean, drstd):
 
 
 _patch_embed_op.register_autograd(_backward, setup_context=_setup_context)
+_backend.no_double_backward(OP, _patch_embed_backward_op)
 
 
 def _autocast_rule(device_type, dtype, images, weight, bias, pos_embed, pos_offset, prefix_tokens, norm_weight,

@@ -147,6 +147,7 @@ def _backward(ctx, dout, dmean, drstd):
 
 
 _patch_merging_op.register_autograd(_backward, setup_context=_setup_context)
+_backend.no_double_backward(OP, _patch_merging_backward_op)
 _autocast.register("patch_merging", _autocast.lower_precision(
     _patch_merging_op, "patch_merging", ("x", "norm_weight", "norm_bias", "reduction_weight")))
 _autocast.register("patch_merging_backward", _autocast.keep_dtypes(_patch_merging_backward_op))

@@ -276,6 +276,7 @@ def _backward(ctx, dout, dlse):
 
 
 _rel_pos_attention_op.register_autograd(_backward, setup_context=_setup_context)
+_backend.no_double_backward(OP, _rel_pos_attention_backward_op)
 
 
 def _autocast_rule(device_type, dtype, q, k, v, rel_h, rel_w, seed, dropout_p, scale):

@@ -450,6 +450,7 @@ def _backward(ctx, dout, dlse):
 
 
 _window_attention_op.register_autograd(_backward, setup_context=_setup_context)
+_backend.no_double_backward(OP, _window_attention_backward_op)
 
 
 def _autocast_rule(device_type, dtype, qkv, bias, pad_qkv, logit_scale, *args):
