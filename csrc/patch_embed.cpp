@@ -105,6 +105,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_embed_fwd(
     const std::optional<at::Tensor>& norm_weight, const std::optional<at::Tensor>& norm_bias, bool has_norm,
     int64_t num_prefix, double eps, bool store_z) {
   check_geometry(images, weight);
+  TORCH_CHECK(num_prefix >= 0 && pos_offset >= 0,
+              "vitfast patch_embed: num_prefix_tokens and pos_offset must be >= 0, got ", num_prefix, " and ",
+              pos_offset);
   const int64_t B = images.size(0);
   const int64_t E = weight.size(0), ph = weight.size(2), pw = weight.size(3);
   const int64_t L = (images.size(2) / ph) * (images.size(3) / pw);

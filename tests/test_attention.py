@@ -191,6 +191,30 @@ def test_fully_masked_rows_give_zeros_and_zero_grads(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", CASES)
+def test_expanded_mask_leaf_gets_a_gradient_per_element(backend, device):
+    """A float mask that is itself an expand()ed leaf (stride 0, requires grad) gets one gradient per element, as
+    from SDPA; its expanded dims were read as broadcast dims, which put each row's sum in the first column. An
+    expand of a tensor that requires grad keeps its reduced gradient (autograd's expand backward)."""
+    B, H, Nq, Nk, D = 1, 2, 4, 5, 8
+    q, k, v = _qkv(B, H, Nq, Nk, D, torch.float32, device)
+    base = torch.randn(1, 1, Nq, 1, device=device)
+    for leaf in (True, False):
+        src = base.clone().requires_grad_(not leaf)
+        mask = src.expand(B, H, Nq, Nk)
+        if leaf:
+            mask = mask.detach().requires_grad_()
+        wanted = mask.detach().double().expand(B, H, Nq, Nk).clone().requires_grad_()
+        with vitfast.use_backend(backend):
+            out = vitfast.attention(q, k, v, mask)
+        ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), wanted)
+        dout = torch.randn_like(ref)
+        (out.double() * dout).sum().backward()
+        (ref * dout).sum().backward()
+        got, want = (mask.grad, wanted.grad) if leaf else (src.grad, wanted.grad.sum((0, 1, 3), keepdim=True))
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend,device", CASES)
 def test_finite_mask_is_plain_arithmetic(backend, device):
     """Hugging Face's padding value torch.finfo(float32).min on some keys, and on every key of rows 1 and 4: SDPA's
     math (the float64 reference) gives those rows the mean of v; every backend does, and its gradients too."""

@@ -165,6 +165,16 @@ def test_bad_inputs_raise_clear_errors():
         patch_embed(x, torch.randn(0, 3, 8, 8), None, 8)
     with pytest.raises(ValueError, match=r"images \(1, 0, 30, 32\) and weight \(8, 0, 8, 8\) must have at least"):
         patch_embed(x[:, :0], torch.randn(8, 0, 8, 8), torch.randn(8), 8)
+    # a negative prefix count returned a tensor shorter than the patches and wrote before the output
+    with pytest.raises(ValueError, match="num_prefix_tokens must be >= 0, got -1"):
+        patch_embed(torch.randn(1, 3, 8, 8), torch.randn(8, 3, 4, 4), None, 4, num_prefix_tokens=-1)
+    for backend in ("torch", "cpp"):
+        with vitfast.use_backend(backend), pytest.raises(ValueError, match="must be >= 0, got -1"):
+            torch.ops.vitfast.patch_embed(torch.randn(1, 3, 8, 8), torch.randn(8, 3, 4, 4), None, None, 0, None,
+                                          None, None, False, -1, 1e-5, False)
+    with pytest.raises(RuntimeError, match="num_prefix_tokens and pos_offset must be >= 0"):
+        torch.ops.vitfast.patch_embed_fwd(torch.randn(1, 3, 8, 8), torch.randn(8, 3, 4, 4), None, None, 0, None,
+                                          None, None, False, -1, 1e-5, False)
 
 
 @pytest.mark.parametrize("backend,device", CASES)

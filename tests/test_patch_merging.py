@@ -109,6 +109,22 @@ def test_float64(backend, device):
         assert torch.autograd.gradcheck(lambda *a: patch_merging(*a), (x, nw, nb, rw))
 
 
+@pytest.mark.parametrize("backend,device", CASES)
+@pytest.mark.parametrize("shape", [(1, 0, 4, 8), (1, 4, 0, 8), (2, 3, 0, 6, 8)], ids=lambda s: "x".join(map(str, s)))
+def test_empty_map(backend, device, shape):
+    """H or W = 0 gives the empty output of the unfused code and empty gradients (the (-1, H, W, C) reshape raised:
+    -1 cannot be inferred from 0 elements)."""
+    x = torch.randn(shape, device=device, requires_grad=True)
+    nw, nb = (torch.randn(32, device=device, requires_grad=True) for _ in range(2))
+    rw = torch.randn(16, 32, device=device, requires_grad=True)
+    want = patch_merging_ref(x, nw, nb, rw)
+    with vitfast.use_backend(backend):
+        got = vitfast.patch_merging(x, nw, nb, rw)
+        assert got.shape == want.shape
+        grads = torch.autograd.grad(got.sum(), (x, nw, nb, rw))
+    assert grads[0].shape == x.shape and all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+
+
 def test_bad_inputs_raise_clear_errors():
     x = torch.randn(1, 4, 4, 8)
     with pytest.raises(ValueError, match=r"norm_weight must have shape \(32,\)"):

@@ -269,6 +269,9 @@ def test_window_larger_than_map_is_clamped_and_unshifted(backend, device):
         b = vitfast.window_attention(qkv, cropped.clone(), 12, 6, qkv_pad=qkv_pad)
     torch.testing.assert_close(a, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(b, want, rtol=1e-5, atol=1e-5)
+    # a table for neither window: the table-size error (cropping it failed inside a view)
+    with vitfast.use_backend(backend), pytest.raises(ValueError, match="relative position bias table must be"):
+        vitfast.window_attention(qkv, table12[:-1], 12, 6, qkv_pad=qkv_pad)
 
 
 @pytest.mark.parametrize("backend,device", CASES)

@@ -219,6 +219,8 @@ def _patch_embed_op(images: Tensor, weight: Tensor, bias: Optional[Tensor], pos_
     pos_offset + l (pos_offset == num_prefix: the first rows belong to the prefix tokens);
     prefix_tokens (num_prefix, E) or None (zero slots). Returns out (B, num_prefix + L, E), the pre-norm
     tokens z (B*L, E) (empty unless has_norm and store_z), mean, rstd (B*L,) (empty without norm)."""
+    if num_prefix < 0 or pos_offset < 0:  # (the kernels would write before the output)
+        raise ValueError(f"vitfast.patch_embed: num_prefix and pos_offset must be >= 0, got {num_prefix}, {pos_offset}")
     which = _backend.choose_backend(OP, images, weight, bias, pos_embed, prefix_tokens, norm_weight, norm_bias)
     reason = _norm_support(which, weight.shape[0]) if has_norm else None
     if reason is not None:
@@ -395,7 +397,7 @@ def patch_embed(images: Tensor, weight: Tensor, bias: Optional[Tensor], patch_si
         ValueError: images not 4-D or not floating point; a patch size below 1; a weight that does not match the
             channels and patch size; no channels (C = 0) or no embedding dims (E = 0); an image smaller than one
             patch (the convolution rejects it too); a parameter of another shape, dtype or device; a pos_embed
-            whose rows fit neither the tokens nor a square grid.
+            whose rows fit neither the tokens nor a square grid; a negative num_prefix_tokens.
         NotImplementedError: an input with a forward-mode AD tangent (torch.func.jvp, torch.autograd.forward_ad).
     """
     _backend.check_transforms("patch_embed", images, weight, bias, pos_embed, prefix_tokens, norm_weight,
@@ -440,6 +442,8 @@ def patch_embed(images: Tensor, weight: Tensor, bias: Optional[Tensor], patch_si
         prefix_tokens = prefix_tokens.reshape(P, E)
     else:
         P = int(num_prefix_tokens)
+        if P < 0:
+            raise ValueError(f"vitfast.patch_embed: num_prefix_tokens must be >= 0, got {num_prefix_tokens}")
     pos_offset = 0
     if pos_embed is not None:
         if pos_embed.dim() not in (2, 3) or pos_embed.shape[-1] != E or (pos_embed.dim() == 3 and

@@ -13,6 +13,7 @@ extension's vitfast::patch_merging_fwd/_bwd) or "torch" (plain PyTorch below). A
 the input itself and the per-row LayerNorm mean/rstd (fp32; fp64 for fp64 input); the gathered matrix is
 never stored. Under autocast every floating-point input is cast to the region's dtype (`patch_merging`).
 """
+import math
 from typing import Optional
 
 import torch
@@ -197,6 +198,6 @@ def patch_merging(x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[
             raise ValueError(f"vitfast.patch_merging: {name} must have shape {shape} (4C = {K} for C = {C}), dtype "
                              f"{x.dtype} (any floating point under autocast) and device {x.device}, got "
                              f"{tuple(t.shape)} {t.dtype} {t.device}")
-    x4 = x.reshape(-1, H, W, C)
+    x4 = x.reshape(math.prod(lead), H, W, C)  # (not -1: it cannot be inferred for an empty map)
     out, _, _ = _patch_merging_op(x4, norm_weight, norm_bias, reduction_weight, float(eps))
     return out.view(*lead, *out.shape[1:])

@@ -588,8 +588,8 @@ def window_attention(qkv: Tensor, relative_position_bias: Tensor, window_size: I
     table = relative_position_bias
     if clamp_window and 0 < min(H, W) <= max(ws):
         small = [min(ws[0], H, W), min(ws[1], H, W)]
-        if small != ws and not _fits(table, small, heads):
-            table = _crop_bias(table, ws, small, heads)
+        if small != ws and not _fits(table, small, heads) and _fits(table, ws, heads):
+            table = _crop_bias(table, ws, small, heads)  # (a table fitting neither: _attention_core's error)
         ws, shift = small, [0, 0]
     shift = _used_shift(ws, shift, H, W, "window_attention")
     p = attention_dropout if training else 0.0
