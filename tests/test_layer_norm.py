@@ -211,15 +211,56 @@ def test_bad_inputs_raise_clear_errors():
         vitfast.layer_norm(x, (2, 4, 8))
 
 
+def test_use_backend_blocks_of_several_threads():
+    """use_backend is process-wide: blocks open in two threads, the one entered last rules; each exit removes its own
+    choice only (a block's exit restored the value it had seen on entry: B's block then saw the automatic choice,
+    and after both exits the process stayed on A's backend)."""
+    import threading
+
+    a_in, b_in, a_out, b_checked = (threading.Event() for _ in range(4))
+    seen = {}
+
+    def thread_a():
+        with vitfast.use_backend("torch"):
+            a_in.set()
+            b_in.wait()
+        a_out.set()
+
+    def thread_b():
+        a_in.wait()
+        with vitfast.use_backend("cpp"):
+            b_in.set()
+            a_out.wait()
+            seen["b"] = vitfast.backend.forced_backend()
+        b_checked.set()
+
+    threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert b_checked.is_set() and seen["b"] == "cpp"
+    assert vitfast.backend.forced_backend() is None
+
+
 def test_backend_choice_env_context_and_errors(monkeypatch, caplog):
     x = torch.randn(4, 8, dtype=torch.float64, device=DEVICE)
+    auto = vitfast.choose_backend("layer_norm", x)
+    assert auto != "torch"
     monkeypatch.setenv("VITFAST_BACKEND", "torch")
     assert vitfast.choose_backend("layer_norm", x) == "torch"
-    with vitfast.use_backend("auto"):
-        assert vitfast.choose_backend("layer_norm", x) == "torch"  # the env var still applies
+    with vitfast.use_backend("auto"):  # the automatic choice, whatever the variable says
+        assert vitfast.choose_backend("layer_norm", x) == auto
+        with vitfast.use_backend(None):  # back to the variable's
+            assert vitfast.choose_backend("layer_norm", x) == "torch"
+    vitfast.set_backend("auto")
+    assert vitfast.choose_backend("layer_norm", x) == auto
+    vitfast.set_backend(None)
     monkeypatch.setenv("VITFAST_BACKEND", "tpu")
-    with pytest.raises(ValueError, match="unknown vitfast backend 'tpu'"):
+    with pytest.raises(ValueError, match="VITFAST_BACKEND='tpu' is not a vitfast backend"):
         vitfast.choose_backend("layer_norm", x)
+    with vitfast.use_backend("auto"):  # (overrides the variable: not read)
+        assert vitfast.choose_backend("layer_norm", x) == auto
     monkeypatch.setenv("VITFAST_BACKEND", "")  # set but empty (`VITFAST_BACKEND= python ...`): auto
     assert vitfast.backend.forced_backend() is None
     monkeypatch.delenv("VITFAST_BACKEND")
@@ -246,6 +287,12 @@ def test_module_is_a_drop_in_for_torch_layer_norm():
     y, s = mine(x, residual=r)
     torch.testing.assert_close(s, x + r)
     torch.testing.assert_close(y, ref(x + r))
+    # a bfloat16 input to float32 parameters (a bf16 model keeping its norms in fp32), which nn.LayerNorm takes
+    xb, rb = x.bfloat16(), r.bfloat16()
+    torch.testing.assert_close(mine(xb), ref(xb))
+    y, s = mine(xb, residual=rb)
+    torch.testing.assert_close(s, xb + rb)
+    torch.testing.assert_close(y, ref(xb + rb))
 
 
 def test_opcheck():

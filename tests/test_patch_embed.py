@@ -6,6 +6,7 @@ import vitfast
 from vitfast.ops import patch_embed as pe_ops
 from vitfast.ops.patch_embed import patch_embed, patch_embed_ref, resample_pos_embed
 
+from _optional_libs import import_or_skip
 from conftest import assert_close_to_ref, assert_compiles_like_eager, backend_cases, rounding_noise
 
 CASES = backend_cases("patch_embed")
@@ -284,6 +285,49 @@ def test_module_is_a_drop_in_for_timm_patch_embed(norm, fmt):
     mine.img_size = None  # and without a size, its convolution drops the pixels past the last whole patch
     x = torch.randn(2, 3, 38, 35)
     torch.testing.assert_close(mine(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_module_in_a_timm_vit_sizes_and_resamples_as_timm_does():
+    """timm's ViT built with embed_layer=vitfast.nn.PatchEmbed: forward_intermediates and set_input_size (a new
+    image size, then a new patch size: the projection resampled by timm's resample_patch_embed) give what the same
+    ViT with timm's PatchEmbed gives; feat_ratio and dynamic_feat_size are timm's."""
+    timm = import_or_skip("timm")
+    from timm.models.vision_transformer import VisionTransformer
+
+    kw = dict(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2, num_classes=3)
+    ref = VisionTransformer(**kw).eval()
+    mine = VisionTransformer(embed_layer=vitfast.nn.PatchEmbed, **kw).eval()
+    mine.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    for a, b in zip(mine.forward_intermediates(x)[1], ref.forward_intermediates(x)[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for kwargs, size in ((dict(img_size=(48, 40)), (48, 40)), (dict(patch_size=4), (48, 40))):
+        for m in (ref, mine):
+            m.set_input_size(**kwargs)
+        assert (mine.patch_embed.patch_size, mine.patch_embed.grid_size, mine.patch_embed.num_patches) == (
+            ref.patch_embed.patch_size, ref.patch_embed.grid_size, ref.patch_embed.num_patches)
+        x = torch.randn(2, 3, *size)
+        torch.testing.assert_close(mine(x), ref(x), rtol=1e-4, atol=1e-5)
+    pe, tpe = vitfast.nn.PatchEmbed(None, (4, 6), dynamic_img_pad=True), timm.layers.PatchEmbed(
+        None, (4, 6), dynamic_img_pad=True)
+    assert pe.feat_ratio() == tpe.feat_ratio() == 6 and pe.feat_ratio(False) == tpe.feat_ratio(False) == (4, 6)
+    assert pe.dynamic_feat_size((9, 13)) == tpe.dynamic_feat_size((9, 13)) == (3, 3)
+
+
+def test_module_with_a_float32_norm_in_a_bfloat16_model():
+    """A bf16 projection with its LayerNorm kept in fp32 (timm takes it: nn.LayerNorm on mixed dtypes) runs the norm
+    unfused, as timm does, rather than refusing the norm's dtype."""
+    ref = _timm_like(16, 8, 3, 24, True, None)
+    mine = vitfast.nn.PatchEmbed(16, 8, 3, 24, norm_layer=torch.nn.LayerNorm)
+    mine.load_state_dict(ref.state_dict())
+    for m in (ref, mine):
+        m.proj.bfloat16()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.bfloat16)
+    out = mine(x)
+    assert out.dtype == torch.bfloat16 and mine.norm.weight.dtype == torch.float32
+    torch.testing.assert_close(out, ref(x), rtol=2e-2, atol=2e-2)
+    with pytest.raises(ValueError, match="in the projection's dtype, not LayerNorm"):
+        mine(x, pos_embed=torch.randn(1, 4, 24, dtype=torch.bfloat16))
 
 
 def test_module_fuses_vit_tokens_and_pads_dynamically():

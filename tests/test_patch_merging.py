@@ -156,6 +156,19 @@ def test_module_is_a_drop_in_for_timm_and_torchvision(hw):
                                                                              torch.nn.Identity()))))
 
 
+def test_module_with_a_float32_norm_in_a_bfloat16_model():
+    """bf16 x and reduction with the LayerNorm kept in fp32 (torchvision takes it: nn.LayerNorm on mixed dtypes) run
+    unfused, as torchvision computes them, rather than refusing the norm's dtype; an empty map works there too."""
+    mine = vitfast.nn.PatchMerging(12, out_dim=20)
+    mine.reduction.bfloat16()
+    x = torch.randn(2, 7, 9, 12, dtype=torch.bfloat16)
+    out = mine(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, mine.reduction(mine.norm(_textbook_timm(x, torch.nn.Identity(),
+                                                                            torch.nn.Identity()))))
+    assert mine(x[:, :0]).shape == (2, 0, 5, 20)
+
+
 def test_opcheck():
     x = torch.randn(2, 5, 4, 8, requires_grad=True)
     nw, nb = torch.randn(32, requires_grad=True), torch.randn(32, requires_grad=True)

@@ -13,6 +13,7 @@ import functools
 import importlib.util
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
@@ -37,7 +38,12 @@ class OpSpec:
 
 
 _OPS: dict = {}
+# What forced_backend reads (a plain string, which torch.compile guards on): the newest open use_backend block's name,
+# else set_backend's; None defers to VITFAST_BACKEND. "auto" is the automatic choice whatever that variable says.
 _forced: Optional[str] = None
+_set: Optional[str] = None  # set_backend's name
+_blocks: list = []  # [token, name] of the open use_backend blocks, in any thread, oldest first
+_blocks_lock = threading.Lock()
 
 
 def register_op(op: str, *, gpu_order=("triton", "cuda", "torch"), cpu_order=("cpp", "torch"),
@@ -80,29 +86,59 @@ def _check_name(name: str) -> str:
     return name
 
 
-def set_backend(name: Optional[str]) -> None:
-    """Forces `name` for every op (None or "auto" restores the automatic choice)."""
+def _refresh() -> None:
     global _forced
-    _forced = None if name in (None, "auto") else _check_name(name)
+    _forced = _blocks[-1][1] if _blocks else _set
+
+
+def set_backend(name: Optional[str]) -> None:
+    """Forces `name` for every op ("auto": the automatic choice, whatever VITFAST_BACKEND says; None: back to
+    VITFAST_BACKEND, automatic where it is unset). An open use_backend block takes precedence.
+
+    Raises:
+        ValueError: a name that is not one of BACKENDS, "auto" or None.
+    """
+    global _set
+    with _blocks_lock:
+        _set = None if name is None else _check_name(name)
+        _refresh()
 
 
 @contextlib.contextmanager
-def use_backend(name: str) -> Iterator[None]:
-    """Context manager that forces one backend, e.g. `with vitfast.use_backend("triton"): ...`."""
-    global _forced
-    previous = _forced
-    set_backend(name)
+def use_backend(name: Optional[str]) -> Iterator[None]:
+    """Context manager that forces one backend ("auto": the automatic choice, whatever set_backend or
+    VITFAST_BACKEND say), e.g. `with vitfast.use_backend("triton"): ...`. The choice is process-wide, as the
+    backward passes that autograd runs in its own threads need: while blocks of several threads are open, the one
+    entered last rules; leaving a block removes its own choice only, so the choice goes back to the blocks still
+    open, then to set_backend's.
+
+    Raises:
+        ValueError: a name that is not one of BACKENDS or "auto".
+    """
+    token = [object(), None if name is None else _check_name(name)]  # (None: VITFAST_BACKEND's choice)
+    with _blocks_lock:
+        _blocks.append(token)
+        _refresh()
     try:
         yield
     finally:
-        _forced = previous
+        with _blocks_lock:
+            _blocks.remove(token)
+            _refresh()
 
 
 def forced_backend() -> Optional[str]:
-    if _forced is not None:
-        return _forced
-    env = _check_name(os.environ.get("VITFAST_BACKEND") or "auto")  # (set but empty: auto)
-    return None if env == "auto" else env
+    """The backend every op must run (use_backend, set_backend, else VITFAST_BACKEND), or None: the automatic choice.
+
+    Raises:
+        ValueError: VITFAST_BACKEND names no backend (read here, at each choice: it may change at run time).
+    """
+    name = _forced
+    if name is None:
+        name = os.environ.get("VITFAST_BACKEND") or "auto"  # (set but empty: auto)
+        if name not in _NAMES:
+            raise ValueError(f"VITFAST_BACKEND={name!r} is not a vitfast backend; expected one of {_NAMES}")
+    return None if name == "auto" else name
 
 
 def _unavailable(op: str, backend: str, device: torch.device) -> Optional[str]:

@@ -2,9 +2,11 @@
 import math
 from typing import Callable, Optional, Tuple, Union
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vitfast import autocast as _autocast
 from vitfast.ops.patch_embed import patch_embed
 
 
@@ -31,10 +33,7 @@ class PatchEmbed(nn.Module):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
         self.patch_size = _pair(patch_size)
-        self.img_size = _pair(img_size) if img_size is not None else None
-        self.grid_size = (tuple(s // p for s, p in zip(self.img_size, self.patch_size))
-                          if self.img_size is not None else None)
-        self.num_patches = math.prod(self.grid_size) if self.grid_size is not None else None
+        self.img_size, self.grid_size, self.num_patches = self._sizes(img_size)
         if output_fmt is not None:
             self.flatten = False
             self.output_fmt = str(getattr(output_fmt, "value", output_fmt)).upper()
@@ -50,9 +49,61 @@ class PatchEmbed(nn.Module):
         norm_dd = {k: v for k, v in dd.items() if v is not None}  # a norm_layer may take no factory kwargs
         self.norm = norm_layer(embed_dim, **norm_dd) if norm_layer else nn.Identity()
 
+    def _sizes(self, img_size) -> tuple:
+        """img_size as a pair, the token grid and the number of patches it gives (None, None, None without one)."""
+        if img_size is None:
+            return None, None, None
+        img_size = _pair(img_size)
+        grid = tuple(s // p for s, p in zip(img_size, self.patch_size))
+        return img_size, grid, math.prod(grid)
+
+    def feat_ratio(self, as_scalar: bool = True) -> Union[int, Tuple[int, int]]:
+        """timm's: the input pixels per output token along each axis (the patch size; its larger side as a
+        scalar)."""
+        return max(self.patch_size) if as_scalar else self.patch_size
+
+    def dynamic_feat_size(self, img_size: Tuple[int, int]) -> Tuple[int, int]:
+        """timm's: the token grid (Hp, Wp) of an image of size (H, W), rounded up where the module pads dynamically."""
+        (ph, pw), (H, W) = self.patch_size, img_size
+        return (-(-H // ph), -(-W // pw)) if self.dynamic_img_pad else (H // ph, W // pw)
+
+    def set_input_size(self, img_size: Optional[Union[int, Tuple[int, int]]] = None,
+                       patch_size: Optional[Union[int, Tuple[int, int]]] = None) -> None:
+        """timm's: a new image size (grid_size and num_patches follow) and/or patch size. A new patch size resamples
+        the projection with timm's resample_patch_embed (FlexiViT's pseudo-inverse resize, Beyer et al. 2023,
+        arXiv:2212.08013), so it needs timm (ImportError without it)."""
+        new_patch = _pair(patch_size) if patch_size is not None else None
+        if new_patch is not None and new_patch != self.patch_size:
+            try:
+                from timm.layers import resample_patch_embed
+            except ImportError as e:
+                raise ImportError("vitfast.nn.PatchEmbed.set_input_size: a new patch_size resamples the projection "
+                                  "with timm's resample_patch_embed; install timm") from e
+            old = self.proj
+            proj = nn.Conv2d(old.in_channels, old.out_channels, kernel_size=new_patch, stride=new_patch,
+                             bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
+            with torch.no_grad():
+                proj.weight.copy_(resample_patch_embed(old.weight, list(new_patch), verbose=False))
+                if old.bias is not None:
+                    proj.bias.copy_(old.bias)
+            proj.weight.requires_grad_(old.weight.requires_grad)
+            if old.bias is not None:
+                proj.bias.requires_grad_(old.bias.requires_grad)
+            proj.train(old.training)
+            self.proj = proj
+            self.patch_size = new_patch
+        img_size = img_size or self.img_size
+        if img_size != self.img_size or new_patch is not None:
+            self.img_size, self.grid_size, self.num_patches = self._sizes(img_size)
+
     def _fused_norm(self) -> bool:
+        """Whether the norm is a LayerNorm over the embedding whose parameters are in the projection's dtype (a
+        bfloat16 model that keeps its norms in float32 runs the norm unfused: vitfast's kernels take one dtype;
+        under autocast every parameter is cast to the region's dtype)."""
         n = self.norm
-        return isinstance(n, nn.LayerNorm) and tuple(n.normalized_shape) == (self.proj.out_channels,)
+        return (isinstance(n, nn.LayerNorm) and tuple(n.normalized_shape) == (self.proj.out_channels,)
+                and (_autocast.is_enabled(self.proj.weight.device)
+                     or all(p.dtype == self.proj.weight.dtype for p in n.parameters())))
 
     def _size_error(self, H: int, W: int) -> Optional[str]:
         """timm's checks, no more: a fixed size when strict; else whole patches unless padded dynamically. Without
@@ -84,7 +135,8 @@ class PatchEmbed(nn.Module):
         if not fused and not isinstance(n, nn.Identity):
             if pos_embed is not None or prefix_tokens is not None or num_prefix_tokens:
                 raise ValueError("vitfast.nn.PatchEmbed: pos_embed/prefix tokens can be fused only with a "
-                                 f"LayerNorm (or no) norm_layer, not {type(n).__name__}")
+                                 f"LayerNorm (or no) norm_layer in the projection's dtype, not {type(n).__name__} "
+                                 f"({', '.join(str(p.dtype) for p in n.parameters()) or 'no parameters'})")
             out = n(out)
         if pos_embed is not None or prefix_tokens is not None or num_prefix_tokens:
             return out

@@ -1,9 +1,11 @@
 """vitfast.nn.PatchMerging: a drop-in for timm's and torchvision's Swin PatchMerging, backed by
 vitfast.patch_merging."""
+import math
 from typing import Callable, Optional, Union
 
 from torch import Tensor, nn
 
+from vitfast import autocast as _autocast
 from vitfast.ops.patch_merging import _gather, patch_merging
 
 
@@ -13,7 +15,9 @@ class PatchMerging(nn.Module):
     bias=False)), so their state dicts load unchanged.
 
     forward(x): (..., H, W, dim) -> (..., ceil(H/2), ceil(W/2), out_dim); odd H or W is zero-padded as Swin does.
-    A norm_layer that is not a LayerNorm runs unfused (gather, norm, reduction in PyTorch).
+    A norm_layer that is not a LayerNorm, or one whose parameters are in another dtype than x and the reduction
+    outside autocast (a bfloat16 model that keeps its norms in float32: vitfast's kernels take one dtype), runs
+    unfused (gather, norm, reduction in PyTorch).
     """
 
     def __init__(self, dim: int, out_dim: Union[int, Callable, None] = None, norm_layer: Callable = nn.LayerNorm,
@@ -30,8 +34,10 @@ class PatchMerging(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         n = self.norm
-        if isinstance(n, nn.LayerNorm) and tuple(n.normalized_shape) == (4 * self.dim,):
+        if isinstance(n, nn.LayerNorm) and tuple(n.normalized_shape) == (4 * self.dim,) and (
+                _autocast.is_enabled(x.device) or all(p.dtype == x.dtype for p in (*n.parameters(),
+                                                                                   self.reduction.weight))):
             return patch_merging(x, n.weight, n.bias, self.reduction.weight, n.eps)
         lead, (H, W, C) = x.shape[:-3], x.shape[-3:]
-        merged = _gather(x.reshape(-1, H, W, C)).view(*lead, (H + 1) // 2, (W + 1) // 2, 4 * C)
+        merged = _gather(x.reshape(math.prod(lead), H, W, C)).view(*lead, (H + 1) // 2, (W + 1) // 2, 4 * C)
         return self.reduction(n(merged))

@@ -100,9 +100,10 @@ def onednn_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], gelu: Optio
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], gelu)
 
 
-# id(weight Parameter) -> (a weak reference to it, (its version, data pointer), oneDNN's blocked copy of it); an
-# entry leaves with its Parameter (the weak reference's callback). (Not a WeakKeyDictionary: its lookups compare
-# tensors with ==.)
+# id(weight Parameter) -> (a weak reference to it, (its version, data pointer, storage), its storage, oneDNN's blocked
+# copy of it); an entry leaves with its Parameter (the weak reference's callback). (Not a WeakKeyDictionary: its
+# lookups compare tensors with ==.) The entry holds the storage it packed, so that after `w.data = new` no new
+# storage can take the old one's address (the allocator reused it, and the old copy went on being used).
 _PACKED: dict = {}
 
 
@@ -119,14 +120,15 @@ def onednn_weight(weight: Tensor, prepack: bool) -> Tensor:
     inference tensor, which has no version counter) the weight itself."""
     if not prepack or weight.is_inference():
         return weight
-    key = (weight._version, weight.data_ptr())
+    storage = weight.untyped_storage()
+    key = (weight._version, weight.data_ptr(), storage._cdata)
     entry = _PACKED.get(id(weight))
     if entry is None or entry[0]() is not weight or entry[1] != key:
         ident = id(weight)
         ref = weakref.ref(weight, lambda _: _PACKED.pop(ident, None))
-        entry = (ref, key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None))
+        entry = (ref, key, storage, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None))
         _PACKED[ident] = entry
-    return entry[2]
+    return entry[3]
 
 
 def _gemm(x: Tensor, weight: Tensor, bias: Optional[Tensor], prepack: bool = False) -> Tensor:
