@@ -65,7 +65,34 @@ def test_bad_flags_are_refused_clearly(capsys):
         assert "this torch sees no CUDA device" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["info", "--op", "bogus"])  # (it ran and exited 0, ignoring the flag)
-    assert "info takes no --op" in capsys.readouterr().err
+    assert "info takes no --device, --op" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["info", "--device", "cpu"])
+    # refused before any measuring (a path it cannot create, a backend that runs none of the cases on the device)
+    for flags, message in ((["--out", "/proc/vitfast-out"], "--out /proc/vitfast-out: "),
+                           (["--backend", "onednn"], "--backend onednn runs none of these cases on cpu")):
+        with pytest.raises(SystemExit) as e:
+            main(["check", "--op", "layer_norm", "--device", "cpu", *flags])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_backends_that_cannot_take_the_dtype_are_skipped(capsys):
+    """onednn (float32 only) is skipped with a note in bfloat16, not a traceback; asked for alone, it ran none of the
+    cases: exit status 1."""
+    assert main(["check", "--op", "linear ", "--device", "cpu", "--dtype", "bfloat16"]) == 0
+    assert "note: vitfast onednn skipped where it cannot take the inputs" in capsys.readouterr().out
+    assert main(["check", "--op", "linear ", "--device", "cpu", "--dtype", "bfloat16", "--backend", "onednn"]) == 1
+    assert "--backend onednn ran none of the cases" in capsys.readouterr().out
+
+
+def test_a_bad_vitfast_backend_variable(monkeypatch, capsys):
+    """info reports a bad VITFAST_BACKEND (it is there to diagnose the environment); the other commands refuse it."""
+    monkeypatch.setenv("VITFAST_BACKEND", "bogus")
+    assert main(["info"]) == 0
+    assert "forced_backend: error: VITFAST_BACKEND='bogus'" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["check", "--op", "layer_norm"])
+    assert e.value.code == 2 and "VITFAST_BACKEND='bogus' is not a vitfast backend" in capsys.readouterr().err
 
 
 def test_bench_report_refuses_the_main_jobs_json(tmp_path, capsys):

@@ -157,6 +157,17 @@ def test_weights_from_open_clip(quick_gelu):
         torch.testing.assert_close(mine(ids, images).logits_per_image, ref_logits, rtol=1e-4, atol=1e-4)
 
 
+def test_loaders_refuse_other_models():
+    """One tower, or the other library's CLIP: the loader's ValueError (an AttributeError before)."""
+    transformers = pytest.importorskip("transformers")
+    vision = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=8))
+    with pytest.raises(ValueError, match="expects a transformers CLIPModel .both towers., got CLIPVisionModel"):
+        clip_from_transformers(vision)
+    with pytest.raises(ValueError, match="clip_from_open_clip expects an open_clip CLIP, got CLIPVisionModel"):
+        clip_from_open_clip(vision)
+
+
 def test_open_clip_variants_without_a_vitfast_layout_are_refused():
     theirs = _open_clip(True)
     theirs.logit_bias = torch.nn.Parameter(torch.zeros(()))  # SigLIP's

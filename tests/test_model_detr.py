@@ -126,6 +126,8 @@ def test_loader_rejects_what_it_cannot_convert():
         detr_from_transformers(transformers.DetrForObjectDetection(config))
     with pytest.raises(ValueError, match="expects a DetrForObjectDetection .*got DetrModel"):
         detr_from_transformers(transformers.DetrModel(config))
+    with pytest.raises(ValueError, match="got Linear .not a transformers model"):
+        detr_from_transformers(torch.nn.Linear(2, 2))
 
 
 def _detection_loss(out, labels, boxes):

@@ -165,6 +165,25 @@ def test_transformers_variants_that_do_not_convert_are_refused():
     with pytest.raises(ValueError, match="expects a transformers SwinModel, got SwinForImageClassification"):
         swin_from_transformers(transformers.SwinForImageClassification(transformers.SwinConfig(patch_size=2,
                                                                                                **base)))
+    # another family, or no transformers model at all: the loader's error (a KeyError or AttributeError before)
+    with pytest.raises(ValueError, match="expects a transformers SwinModel, got Swinv2Model .model_type 'swinv2'"):
+        swin_from_transformers(transformers.Swinv2Model(transformers.Swinv2Config(patch_size=2, **base)))
+    with pytest.raises(ValueError, match="got Linear .not a transformers model"):
+        swin_from_transformers(torch.nn.Linear(2, 2))
+
+
+def test_dropped_drop_path_and_dropout_are_warned_about():
+    """The converted model has no drop path or dropout: converting a model that has some says so (its training
+    would silently differ), and one without converts quietly."""
+    import warnings
+
+    transformers = pytest.importorskip("transformers")
+    base = dict(image_size=32, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=4)
+    with pytest.warns(UserWarning, match=r"swin_from_transformers: .*drop path \(rates \[0.0667, 0.1333, 0.2\]\) are not"):
+        swin_from_transformers(transformers.SwinModel(transformers.SwinConfig(drop_path_rate=0.2, **base)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        swin_from_transformers(transformers.SwinModel(transformers.SwinConfig(drop_path_rate=0.0, **base)))
 
 
 @pytest.mark.parametrize("backend", ["vitfast", "sdpa", "eager"])

@@ -113,6 +113,18 @@ def test_other_image_sizes_on_every_backend_and_too_small_images():
             models[name](torch.randn(1, 3, 4, 4, dtype=torch.float64))
 
 
+def test_loader_refuses_other_models():
+    """Another transformers family, or a module that is no transformers model: the loader's ValueError (an
+    AttributeError on the config before)."""
+    transformers = pytest.importorskip("transformers")
+    swin = transformers.SwinModel(transformers.SwinConfig(image_size=32, patch_size=2, embed_dim=16, depths=[2],
+                                                          num_heads=[2], window_size=4))
+    with pytest.raises(ValueError, match="expects a transformers ViTModel or DeiTModel, got SwinModel"):
+        vit_from_transformers(swin)
+    with pytest.raises(ValueError, match="got Linear .not a transformers model"):
+        vit_from_transformers(torch.nn.Linear(2, 2))
+
+
 def test_weights_from_transformers_keep_the_mlp_width():
     """An intermediate_size that hidden_size * (intermediate / hidden) rounds below (30 / 22 -> 29.99...) converts
     with fc1's width (the ratio truncated to 29 and the state dict did not load); a float64 model converts in

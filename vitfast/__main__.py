@@ -8,7 +8,10 @@ check: the same comparison with one timed repetition (its times are not measurem
 bench: like run, for the ops named with --op.
 info: the environment only.
 Every command but info exits with status 1 if any backend's error, in the output or any gradient, exceeds twice
-the baseline's error for that tensor in the same dtype (plus a few ulps).
+the baseline's error for that tensor in the same dtype (plus a few ulps), or if a backend asked for with --backend
+runs none of the cases (a backend that cannot take a case's inputs, e.g. onednn, float32 only, in bfloat16, is
+skipped with a note); with status 2 on bad arguments (argparse's), a bad VITFAST_BACKEND or an --out it cannot
+write.
 """
 import argparse
 import json
@@ -145,11 +148,21 @@ def _with_backend(name: str, fn: Callable) -> Callable:
     return run
 
 
-def _run_case(case: Case, device: str, dtype: torch.dtype, reps: int, only: Sequence[str]) -> list:
+def _run_case(case: Case, device: str, dtype: torch.dtype, reps: int, only: Sequence[str],
+              skipped: dict) -> list:
+    """The case's rows: the baseline and each vitfast backend (those in `only`, if any) that takes its inputs; a
+    backend that does not (e.g. onednn, float32 only, in bfloat16) goes into `skipped` with the reason."""
     inputs = case.make(device, dtype)
     dt = str(dtype).replace("torch.", "")
     rows = []
-    names = [b for b in _backends(_registered_op(case), device) if not only or b in only]
+    op = _registered_op(case)
+    names = []
+    for name in _backends(op, device):
+        reason = backend.why_not(op, name, *inputs) if not only or name in only else "not asked for"
+        if reason is None:
+            names.append(name)
+        elif reason != "not asked for":
+            skipped.setdefault(name, set()).add(f"{case.op}: {reason}")
     for backward in (False, True):  # forward first: its reference output gives the gradient weights' shape
         weights = None
         if backward:  # one draw, outside the timed calls, the same in every dtype
@@ -203,30 +216,44 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vitfast", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", nargs="?", default="run", choices=["run", "info", "check", "bench"])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--device", default=None, choices=["cpu", "cuda"],
+                        help="default: cuda where this torch sees a GPU, else cpu")
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                         help="default: bfloat16 on a GPU, float32 on a CPU")
     parser.add_argument("--op", action="append", default=None,
-                        help="with bench: only cases whose name starts with this (repeatable), e.g. attention")
+                        help="only cases whose name starts with this (repeatable), e.g. attention")
     parser.add_argument("--backend", action="append", default=None, choices=["triton", "cuda", "cpp", "onednn"],
                         help="only these vitfast backends (repeatable); default: every one available here")
     parser.add_argument("--reps", type=int, default=None,
                         help="timed rounds per measurement (default: 1 for check, 11 on a CPU, 20 on a GPU)")
     parser.add_argument("--out", default=None, help="also write vitfast.json, vitfast.md and vitfast.png here")
     args = parser.parse_args(argv)
-    if args.command == "info" and (args.op or args.backend or args.reps is not None or args.out or args.dtype):
-        parser.error("info takes no --op, --backend, --reps, --out or --dtype")
+    if args.command == "info" and (args.op or args.backend or args.reps is not None or args.out or args.dtype
+                                   or args.device):
+        parser.error("info takes no --device, --op, --backend, --reps, --out or --dtype")
 
     env = vitfast.info()  # once: it runs git and reads /proc/cpuinfo
     for k, v in env.items():
         print(f"{k:>18}: {v}")
     if args.command == "info":
         return 0
+    try:
+        backend.forced_backend()
+    except ValueError as e:  # (a bad VITFAST_BACKEND)
+        parser.error(str(e))
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     gpu = args.device == "cuda"
     if gpu and not torch.cuda.is_available():
         parser.error("--device cuda: this torch sees no CUDA device (torch.cuda.is_available() is False)")
     if args.reps is not None and args.reps < 1:
         parser.error(f"--reps must be at least 1, got {args.reps}")
+    if args.out:  # (checked before minutes of measuring, not after)
+        try:
+            os.makedirs(args.out, exist_ok=True)
+        except OSError as e:
+            parser.error(f"--out {args.out}: {e}")
+        if not os.access(args.out, os.W_OK):
+            parser.error(f"--out {args.out}: not writable")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if gpu else torch.float32)
     reps = args.reps or (1 if args.command == "check" else 20 if gpu else 11)
     cases = [c for c in _cases(gpu) if not args.op or any(c.op.startswith(o) for o in args.op)]
@@ -235,13 +262,15 @@ def main(argv=None) -> int:
     for name in args.backend or ():
         reasons = {backend._unavailable(_registered_op(c), name, torch.device(args.device)) for c in cases}
         if None not in reasons:
-            print(f"note: --backend {name} runs none of these cases on {args.device}: {'; '.join(sorted(reasons))}")
+            parser.error(f"--backend {name} runs none of these cases on {args.device}: {'; '.join(sorted(reasons))}")
     torch.manual_seed(0)
-    rows = []
+    rows, skipped = [], {}
     for i, case in enumerate(cases):
         _progress(i, len(cases), f"{case.op} {case.shape}")
-        rows += _run_case(case, args.device, dtype, reps, args.backend or ())
+        rows += _run_case(case, args.device, dtype, reps, args.backend or (), skipped)
     _progress(len(cases), len(cases), "done")
+    for name, reasons in skipped.items():
+        print(f"note: vitfast {name} skipped where it cannot take the inputs: {'; '.join(sorted(reasons))}")
     commit = f" (commit {env['commit']})" if env["commit"] else ""
     header = (f"vitfast {vitfast.__version__}{commit} on {env['device']}, {dtype}, torch {torch.__version__}, "
               f"{time.strftime('%Y-%m-%d')}; median of {reps} interleaved round(s); speedup = baseline time / "
@@ -253,7 +282,10 @@ def main(argv=None) -> int:
     if bad:
         print(f"\n{len(bad)} backend result(s) exceed 2x the baseline's error: "
               + "; ".join(f"{r['op']} {r['pass_']} {r['backend']}" for r in bad))
-    return 1 if bad else 0
+    idle = [name for name in args.backend or () if not any(r["backend"] == f"vitfast {name}" for r in rows)]
+    if idle:
+        print(f"\n--backend {', '.join(idle)} ran none of the cases (above: why)")
+    return 1 if bad or idle else 0
 
 
 if __name__ == "__main__":

@@ -54,5 +54,13 @@ def info() -> dict:
         "extension_cpu": _ext.HAS_EXT,
         "extension_cuda": _ext.EXT_CUDA,
         "extension_error": _ext.EXT_ERROR or None,
-        "forced_backend": backend.forced_backend(),
+        "forced_backend": _forced_backend(),
     }
+
+
+def _forced_backend() -> Optional[str]:
+    """The forced backend, or what is wrong with VITFAST_BACKEND (info reports the environment; it does not fail)."""
+    try:
+        return backend.forced_backend()
+    except ValueError as e:
+        return f"error: {e}"

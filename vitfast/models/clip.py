@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitfast.models import vit
-from vitfast.models.common import LayerNorm, attend, check_backend, like, set_backend
+from vitfast.models.common import (LayerNorm, attend, check_backend, check_transformers_model, like, set_backend,
+                                   warn_dropped_regularization)
 
 
 def quick_gelu(x: Tensor) -> Tensor:
@@ -208,7 +209,15 @@ def _blocks_from_transformers(sd: dict, prefix: str, dst: str, layers: int) -> d
 
 
 def clip_from_transformers(hf_model: nn.Module, backend: str = "vitfast") -> CLIP:
-    """A CLIP with the weights of a Hugging Face CLIPModel (transformers 5 names)."""
+    """A CLIP with the weights of a Hugging Face CLIPModel (transformers 5 names). The model has no dropout: the
+    source's is not carried over (a warning says so where it has some).
+
+    Raises:
+        ValueError: a model that is not a transformers CLIPModel (both towers; not CLIPVisionModel or
+            CLIPTextModel), or a configuration it cannot hold.
+    """
+    check_transformers_model(hf_model, "clip_from_transformers", ("clip",), "a transformers CLIPModel (both towers)")
+    warn_dropped_regularization(hf_model, "clip_from_transformers")
     cfg, vc, tc = hf_model.config, hf_model.config.vision_config, hf_model.config.text_config
     eos = tc.eos_token_id
     if eos is not None and not isinstance(eos, int):
@@ -274,7 +283,11 @@ def clip_from_open_clip(oc_model: nn.Module, backend: str = "vitfast") -> CLIP:
     ViT-B-32/B-16/L-14 and their quickgelu variants). Refused with a ValueError: attentional pooling, average
     pooling, no pre-LayerNorm, layer scale, patch dropout, a logit bias (SigLIP), a text projection with bias or
     none, no image projection, a bidirectional text tower, and pooling at an eos id of 2 (which transformers' rule
-    reads as argmax)."""
+    reads as argmax). The model has no dropout: the source's is not carried over (a warning says so where it has
+    some)."""
+    if not hasattr(oc_model, "visual") or not hasattr(oc_model, "encode_text"):
+        raise ValueError(f"clip_from_open_clip expects an open_clip CLIP, got {type(oc_model).__name__}")
+    warn_dropped_regularization(oc_model, "clip_from_open_clip")
     visual = oc_model.visual
     problems = [what for what, bad in (
         ("an image tower that is not open_clip's VisionTransformer", type(visual).__name__ != "VisionTransformer"),

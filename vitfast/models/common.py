@@ -1,5 +1,6 @@
 """Pieces every reference model shares: the backend switch, attention and LayerNorm on each backend."""
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -9,6 +10,27 @@ from torch import Tensor, nn
 import vitfast
 
 MODEL_BACKENDS = ("vitfast", "sdpa", "eager")
+
+
+def check_transformers_model(model: nn.Module, loader: str, model_types: tuple, expected: str) -> None:
+    """Raises ValueError unless `model` is a transformers model whose config.model_type is one of `model_types`
+    (a loader given another library's model, or a transformers model of another family)."""
+    got = getattr(getattr(model, "config", None), "model_type", None)
+    if got not in model_types:
+        raise ValueError(f"{loader} expects {expected}, got {type(model).__name__}"
+                         + (f" (model_type {got!r})" if got is not None else " (not a transformers model)"))
+
+
+def warn_dropped_regularization(model: nn.Module, loader: str) -> None:
+    """Warns where `model` has dropout or stochastic depth (drop path) that the converted model, which has none, does
+    not carry over: inference is the same, training (fine-tuning) is not."""
+    rates = sorted({round(float(p), 4) for m in model.modules()
+                    for p in ((m.p,) if isinstance(m, nn.Dropout) else (getattr(m, "drop_prob", 0.0) or 0.0,))
+                    if p > 0})
+    if rates:
+        warnings.warn(f"{loader}: the source model's dropout / drop path (rates {rates}) are not carried over: the "
+                      f"converted model has none (its outputs in eval mode are the same; training is not)",
+                      stacklevel=3)
 
 
 def check_backend(backend: str) -> str:

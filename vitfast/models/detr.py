@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitfast.models.common import LayerNorm, attend, check_backend, like, set_backend
+from vitfast.models.common import LayerNorm, attend, check_backend, check_transformers_model, like, set_backend
 
 
 class FrozenBatchNorm2d(nn.Module):
@@ -349,6 +349,7 @@ def detr_from_transformers(hf_model: nn.Module, backend: str = "vitfast") -> DET
     With config.auxiliary_loss, transformers feeds every decoder layer the final LayerNorm of the previous layer's
     output; this model follows the original DETR (the LayerNorm only on the outputs), so its predictions match
     transformers' when auxiliary_loss is False (the released checkpoints' setting)."""
+    check_transformers_model(hf_model, "detr_from_transformers", ("detr",), "a transformers DetrForObjectDetection")
     cfg = hf_model.config
     if not hasattr(hf_model, "bbox_predictor"):
         raise ValueError(f"detr_from_transformers expects a DetrForObjectDetection (the heads are converted too), "

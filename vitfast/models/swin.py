@@ -20,7 +20,8 @@ from torch import Tensor, nn
 
 import vitfast
 from vitfast.integrations.patch import qualname
-from vitfast.models.common import LayerNorm, check_backend, like, set_backend
+from vitfast.models.common import (LayerNorm, check_backend, check_transformers_model, like, set_backend,
+                                   warn_dropped_regularization)
 from vitfast.nn.patch_merging import PatchMerging as _FusedPatchMerging
 from vitfast.nn.window_attention import ShiftedWindowAttention as _FusedWindowAttention
 from vitfast.nn.window_attention import ShiftedWindowAttentionV2 as _FusedWindowAttentionV2
@@ -223,10 +224,14 @@ def swin_from_transformers(hf_model: nn.Module, num_classes: int = 1, backend: s
     convolution drops the remainder) and, where min(H, W) of a map is at most the window, shrinks the window to it
     and drops the shift on both axes (torchvision drops it per axis, on an axis the window covers).
 
+    The model has no dropout or drop path: the source's are not carried over (a warning says so where it has some).
+
     Raises:
-        ValueError: a model that is not a SwinModel (e.g. SwinForImageClassification: pass its `.swin`) or a
-            configuration outside the above.
+        ValueError: a model that is not a SwinModel (e.g. SwinForImageClassification: pass its `.swin`; a Swin-V2
+            model) or a configuration outside the above.
     """
+    check_transformers_model(hf_model, "swin_from_transformers", ("swin",), "a transformers SwinModel")
+    warn_dropped_regularization(hf_model, "swin_from_transformers")
     cfg = hf_model.config
     sd = hf_model.state_dict()
     if "embeddings.patch_embeddings.projection.weight" not in sd:
@@ -279,10 +284,13 @@ def swin_from_timm(timm_model: nn.Module, backend: str = "vitfast") -> SwinTrans
         ValueError: a model other than timm's SwinTransformer (V1), or a configuration outside the above (also
             always_partition, per-stage embedding widths or MLP ratios, a head_dim other than dim / heads, a
             non-square patch, a global_pool other than 'avg').
+
+    The model has no dropout or drop path: the source's are not carried over (a warning says so where it has some).
     """
     cls = qualname(timm_model)
     if cls != "timm.models.swin_transformer.SwinTransformer":
         raise ValueError(f"swin_from_timm expects timm.models.swin_transformer.SwinTransformer, got {cls}")
+    warn_dropped_regularization(timm_model, "swin_from_timm")
     sd = timm_model.state_dict()
     if "absolute_pos_embed" in sd:
         raise ValueError("timm Swin with an absolute position embedding (ape=True) does not convert")

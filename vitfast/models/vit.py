@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import vitfast
-from vitfast.models.common import LayerNorm, attend, check_backend, like, set_backend
+from vitfast.models.common import (LayerNorm, attend, check_backend, check_transformers_model, like, set_backend,
+                                   warn_dropped_regularization)
 from vitfast.ops.patch_embed import resample_pos_embed
 
 SIZES = {  # name: (embed_dim, depth, num_heads)
@@ -141,11 +142,18 @@ class VisionTransformer(nn.Module):
 def vit_from_transformers(hf_model: nn.Module, num_classes: int = 0, backend: str = "vitfast") -> VisionTransformer:
     """A VisionTransformer with the encoder weights of a Hugging Face ViTModel or DeiTModel (transformers 5
     names; older checkpoints are renamed by transformers when it loads them). The heads stay randomly
-    initialised with max(num_classes, 1) outputs."""
+    initialised with max(num_classes, 1) outputs. The model has no dropout: the source's is not carried over (a
+    warning says so where it has some).
+
+    Raises:
+        ValueError: a model that is not a transformers ViT or DeiT base model, or a configuration it cannot hold.
+    """
+    check_transformers_model(hf_model, "vit_from_transformers", ("vit", "deit"), "a transformers ViTModel or DeiTModel")
     cfg = hf_model.config
     if not hasattr(hf_model, "embeddings"):
         raise ValueError(f"vit_from_transformers expects a ViTModel or DeiTModel, got {type(hf_model).__name__} "
                          f"(for a ...ForImageClassification pass its .vit or .deit)")
+    warn_dropped_regularization(hf_model, "vit_from_transformers")
     if not isinstance(cfg.image_size, int) or not isinstance(cfg.patch_size, int):
         raise ValueError(f"only square images and patches (int image_size and patch_size) convert, got "
                          f"{cfg.image_size!r} and {cfg.patch_size!r}")
