@@ -143,7 +143,9 @@ def vit_from_transformers(hf_model: nn.Module, num_classes: int = 0, backend: st
     """A VisionTransformer with the encoder weights of a Hugging Face ViTModel or DeiTModel (transformers 5
     names; older checkpoints are renamed by transformers when it loads them). The heads stay randomly
     initialised with max(num_classes, 1) outputs. The model has no dropout: the source's is not carried over (a
-    warning says so where it has some).
+    warning says so where it has some). At another image size it resamples the position embedding as timm does
+    (bicubic with antialiasing, the model's docstring), which differs from transformers' interpolate_pos_encoding
+    (on DeiT, whose interpolation is timm's, they agree).
 
     Raises:
         ValueError: a model that is not a transformers ViT or DeiT base model, or a configuration it cannot hold.
