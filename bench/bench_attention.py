@@ -103,12 +103,15 @@ def _bench(benchmark, impl, name, backward):
         pytest.skip(reason)
     if backward and impl.endswith("-deterministic"):
         def fn(q, k, v, mask, dout):
-            before = torch.are_deterministic_algorithms_enabled()
+            # (deterministic mode also fills every torch.empty with NaN, a cost the comparison is not about)
+            before = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
             torch.use_deterministic_algorithms(True)
+            torch.utils.deterministic.fill_uninitialized_memory = False
             try:
                 return torch.autograd.grad(fwd(q, k, v, mask), (q, k, v), dout)
             finally:
-                torch.use_deterministic_algorithms(before)
+                torch.use_deterministic_algorithms(before[0])
+                torch.utils.deterministic.fill_uninitialized_memory = before[1]
     elif backward:
         def fn(q, k, v, mask, dout):
             return torch.autograd.grad(fwd(q, k, v, mask), (q, k, v), dout)

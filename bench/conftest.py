@@ -7,6 +7,7 @@ window; on a CPU their tiny stand-ins carry the mark, so that `bash bench/gpu_ru
 tests.
 """
 import functools
+import importlib
 import itertools
 import math
 
@@ -21,6 +22,7 @@ from vitfast.report import interleaved
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEVICE == "cuda"
+_TRITON_VERSION = importlib.import_module("triton").__version__ if backend.has_triton() else None  # (with each result)
 
 
 SDPA = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
@@ -151,7 +153,7 @@ def run_benchmark(benchmark, fn, make_inputs, *, impl: str, bytes_moved: int = 0
         benchmark.pedantic(call, rounds=20 if ON_GPU else 3, iterations=1, warmup_rounds=2 if ON_GPU else 0)
     mean = benchmark.stats.stats.mean
     benchmark.extra_info.update(device=torch.cuda.get_device_name() if ON_GPU else "cpu", impl=impl,
-                                torch=torch.__version__)
+                                torch=torch.__version__, cuda=torch.version.cuda, triton=_TRITON_VERSION)
     if bytes_moved:
         benchmark.extra_info["GB/s"] = bytes_moved / mean / 1e9
     if flops:

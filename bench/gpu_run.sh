@@ -16,7 +16,9 @@
 # Usage, from the repository root: bash bench/gpu_run.sh [--dry-run]    (OUT=dir, default ./out; PYTHON=python3;
 # GPU_RUN_TOTAL=seconds shortens the whole run below its 525 s, taken from (e), e.g. to leave a lease time to rerun;
 # GPU_RUN_TESTS="tests/test_a.py tests/test_b.py" gives (e) those files or node ids instead of the whole suite, e.g.
-# the files an earlier run's (e) did not reach)
+# the files an earlier run's (e) did not reach, most important first: the workers take them in order; a path that
+# does not exist is dropped with a line in the summary (pytest would stop at once); GPU_RUN_SKIP="c d" skips stages
+# (c) and/or (d), leaving their time to (e), for a run that is about the tests)
 # --dry-run runs the same stages on a CPU with tiny shapes (the suites pick them when no GPU is present: Triton under
 # its interpreter) and small budgets, in under 3 minutes: CI runs it.
 #
@@ -136,21 +138,31 @@ probe() {
 }
 export PY PROBE
 export -f probe
-stage "(b) extension error path" 60 "$OUT/build.log" 0 bash -c probe
+stage "(b) extension error path" 30 "$OUT/build.log" 0 bash -c probe
 
-stage "(c) correctness at model shapes" "${BUDGET[2]}" "$OUT/correctness.log" 0 \
-  $PY -m pytest tests/test_model_shapes.py tests/test_launch.py "${XDIST[@]}" -v -rfEs --durations=15 \
-  -p no:cacheprovider
+SKIP=" ${GPU_RUN_SKIP:-} "
+skipped() { echo "- $1: skipped (GPU_RUN_SKIP)" >>"$SUMMARY"; echo "== $1: skipped"; }
+if [[ $SKIP == *" c "* ]]; then
+  skipped "(c) correctness at model shapes"
+else
+  stage "(c) correctness at model shapes" "${BUDGET[2]}" "$OUT/correctness.log" 0 \
+    $PY -m pytest tests/test_model_shapes.py tests/test_launch.py "${XDIST[@]}" -v -rfEs --durations=15 \
+    -p no:cacheprovider
+fi
 
 t_bench=$SECONDS
 BENCH_FILES=(bench/bench_attention.py bench/bench_window_attention.py bench/bench_layer_norm.py
              bench/bench_patch_embed.py bench/bench_rel_pos_attention.py bench/bench_linear_gelu.py)  # FlexAttention first in part 2
-stage "(d) benchmarks, part 1: vitfast, SDPA, eager" "${BUDGET[3]}" "$OUT/bench.log" 0 \
-  $PY -m pytest "${BENCH_FILES[@]}" -m headline -k "not flex and not compile" --benchmark-only -q \
-  --benchmark-json="$OUT/bench.json" -p no:cacheprovider
-stage "(d) benchmarks, part 2: compiled FlexAttention, torch.compile" $(( BUDGET[3] - (SECONDS - t_bench) )) \
-  "$OUT/bench.log" 1 $PY -m pytest "${BENCH_FILES[@]}" -m headline -k "flex or compile" --benchmark-only -q \
-  --benchmark-json="$OUT/bench_compiled.json" -p no:cacheprovider
+if [[ $SKIP == *" d "* ]]; then
+  skipped "(d) benchmarks"
+else
+  stage "(d) benchmarks, part 1: vitfast, SDPA, eager" "${BUDGET[3]}" "$OUT/bench.log" 0 \
+    $PY -m pytest "${BENCH_FILES[@]}" -m headline -k "not flex and not compile" --benchmark-only -q \
+    --benchmark-json="$OUT/bench.json" -p no:cacheprovider
+  stage "(d) benchmarks, part 2: compiled FlexAttention, torch.compile" $(( BUDGET[3] - (SECONDS - t_bench) )) \
+    "$OUT/bench.log" 1 $PY -m pytest "${BENCH_FILES[@]}" -m headline -k "flex or compile" --benchmark-only -q \
+    --benchmark-json="$OUT/bench_compiled.json" -p no:cacheprovider
+fi
 JSONS=()
 for f in "$OUT/bench.json" "$OUT/bench_compiled.json"; do [[ -s $f ]] && JSONS+=("$f"); done
 if (( ${#JSONS[@]} )); then
@@ -158,12 +170,19 @@ if (( ${#JSONS[@]} )); then
 fi
 
 if [[ -n ${GPU_RUN_TESTS:-} ]]; then
-  read -ra TESTS <<<"$GPU_RUN_TESTS"
+  TESTS=()
+  for t in $GPU_RUN_TESTS; do
+    if [[ -e ${t%%::*} ]]; then TESTS+=("$t"); else echo "- GPU_RUN_TESTS: $t does not exist, dropped" >>"$SUMMARY"; fi
+  done
 else
   TESTS=(tests --ignore=tests/test_model_shapes.py --ignore=tests/test_launch.py)
 fi
-stage "(e) full test suite" "$(left)" "$OUT/tests.log" 1 \
-  $PY -m pytest "${TESTS[@]}" "${XDIST[@]}" -v -rfE --durations=20 -p no:cacheprovider --continue-on-collection-errors
+if (( ${#TESTS[@]} )); then
+  stage "(e) full test suite" "$(left)" "$OUT/tests.log" 1 \
+    $PY -m pytest "${TESTS[@]}" "${XDIST[@]}" -v -rfE --durations=20 -p no:cacheprovider --continue-on-collection-errors
+else
+  echo "- (e): no test of GPU_RUN_TESTS exists, not run" >>"$SUMMARY"; FAILED=1
+fi
 
 echo "total $(( SECONDS - START )) s of $TOTAL; $( (( FAILED )) && echo FAILED || echo ok )" | tee -a "$SUMMARY"
 exit $FAILED
