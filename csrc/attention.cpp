@@ -75,11 +75,11 @@ void check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, cons
 // Below this magnitude a score's log-sum-exp keeps log(l) as well as the score itself is rounded.
 constexpr double kAtenMaxScore = 1048576.0;  // 2^20
 
-// max |t| when t is finite, else +inf (NaN propagates through aminmax).
+// max |t| when t is finite, else +inf (NaN propagates through the infinity norm, a reduction that reads a strided
+// t in place: aminmax copied a non-contiguous q, k, v whole first).
 double max_abs(const at::Tensor& t) {
   if (t.numel() == 0) return 0.0;
-  auto [lo, hi] = at::aminmax(t);
-  const double a = std::max(std::abs(lo.item<double>()), std::abs(hi.item<double>()));
+  const double a = at::linalg_vector_norm(t, kInf).item<double>();
   return std::isfinite(a) ? a : kInf;
 }
 

@@ -10,8 +10,8 @@ info: the environment only.
 Every command but info exits with status 1 if any backend's error, in the output or any gradient, exceeds twice
 the baseline's error for that tensor in the same dtype (plus a few ulps), or if a backend asked for with --backend
 runs none of the cases (a backend that cannot take a case's inputs, e.g. onednn, float32 only, in bfloat16, is
-skipped with a note); with status 2 on bad arguments (argparse's), a bad VITFAST_BACKEND or an --out it cannot
-write.
+skipped with a note); with status 2 on bad arguments (argparse's; a --backend that runs no case on the device at
+all), a bad VITFAST_BACKEND or an --out it cannot write, all checked before measuring.
 """
 import argparse
 import json
