@@ -245,22 +245,23 @@ def test_use_backend_blocks_of_several_threads():
 
 def test_backend_choice_env_context_and_errors(monkeypatch, caplog):
     x = torch.randn(4, 8, dtype=torch.float64, device=DEVICE)
-    auto = vitfast.choose_backend("layer_norm", x)
+    x32 = x.float()  # (float32: a kernel of vitfast's takes it on CPU and GPU, float64 has none on a GPU)
+    auto = vitfast.choose_backend("layer_norm", x32)
     assert auto != "torch"
     monkeypatch.setenv("VITFAST_BACKEND", "torch")
-    assert vitfast.choose_backend("layer_norm", x) == "torch"
+    assert vitfast.choose_backend("layer_norm", x32) == "torch"
     with vitfast.use_backend("auto"):  # the automatic choice, whatever the variable says
-        assert vitfast.choose_backend("layer_norm", x) == auto
+        assert vitfast.choose_backend("layer_norm", x32) == auto
         with vitfast.use_backend(None):  # back to the variable's
-            assert vitfast.choose_backend("layer_norm", x) == "torch"
+            assert vitfast.choose_backend("layer_norm", x32) == "torch"
     vitfast.set_backend("auto")
-    assert vitfast.choose_backend("layer_norm", x) == auto
+    assert vitfast.choose_backend("layer_norm", x32) == auto
     vitfast.set_backend(None)
     monkeypatch.setenv("VITFAST_BACKEND", "tpu")
     with pytest.raises(ValueError, match="VITFAST_BACKEND='tpu' is not a vitfast backend"):
-        vitfast.choose_backend("layer_norm", x)
+        vitfast.choose_backend("layer_norm", x32)
     with vitfast.use_backend("auto"):  # (overrides the variable: not read)
-        assert vitfast.choose_backend("layer_norm", x) == auto
+        assert vitfast.choose_backend("layer_norm", x32) == auto
     monkeypatch.setenv("VITFAST_BACKEND", "")  # set but empty (`VITFAST_BACKEND= python ...`): auto
     assert vitfast.backend.forced_backend() is None
     monkeypatch.delenv("VITFAST_BACKEND")
