@@ -243,6 +243,19 @@ def test_use_backend_blocks_of_several_threads():
     assert vitfast.backend.forced_backend() is None
 
 
+def test_use_backend_inside_a_compiled_function():
+    """A use_backend block inside a function that torch.compile traces (fullgraph: no graph break; the stack of blocks
+    took a lock and made an object, which dynamo cannot trace), and the choice is back afterwards."""
+    x = torch.randn(4, 8, device=DEVICE)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(t):
+        with vitfast.use_backend("torch"):
+            return vitfast.layer_norm(t, 8)
+    torch.testing.assert_close(f(x), F.layer_norm(x, (8,)))
+    assert vitfast.backend.forced_backend() is None
+
+
 def test_backend_choice_env_context_and_errors(monkeypatch, caplog):
     x = torch.randn(4, 8, dtype=torch.float64, device=DEVICE)
     x32 = x.float()  # (float32: a kernel of vitfast's takes it on CPU and GPU, float64 has none on a GPU)

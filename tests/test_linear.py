@@ -1,5 +1,7 @@
 """vitfast.linear: outputs and every gradient against float64 on each backend (onednn: float32 CPU; torch: every
 dtype and device), odd shapes and strides, the backend rule, autocast, opcheck and torch.compile."""
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -215,6 +217,10 @@ def test_prepacked_weight_follows_new_storage_at_the_old_address():
         with torch.no_grad():
             torch.testing.assert_close(vitfast.linear(x, lin.weight, lin.bias, prepack=True),
                                        F.linear(x, lin.weight, lin.bias), msg=f"round {i}")
+    # and the cache does not keep a replaced storage alive (module.to(dtype) replaces weights this way)
+    old = weakref.ref(lin.weight.untyped_storage())
+    lin.weight.data = torch.zeros(N, K)
+    assert old() is None
 
 
 def test_prepacked_weight_follows_the_parameter(monkeypatch):

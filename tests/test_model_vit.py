@@ -123,6 +123,12 @@ def test_loader_refuses_other_models():
         vit_from_transformers(swin)
     with pytest.raises(ValueError, match="got Linear .not a transformers model"):
         vit_from_transformers(torch.nn.Linear(2, 2))
+    # attention dropout, which transformers keeps as a float of the attention module, is warned about too
+    vit = transformers.ViTModel(transformers.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                                       intermediate_size=32, image_size=16, patch_size=8,
+                                                       attention_probs_dropout_prob=0.1))
+    with pytest.warns(UserWarning, match=r"vit_from_transformers: .*\(rates \[0.1\]\) are not carried over"):
+        vit_from_transformers(vit)
 
 
 def test_weights_from_transformers_keep_the_mlp_width():

@@ -456,6 +456,11 @@ def test_patch_embedding_given_other_channels_or_dtypes_raises_the_originals_err
                     model(bad)
                 with pytest.raises(RuntimeError, match=re.escape(str(theirs.value)[:60])):
                     patched(bad)
+    with torch.autocast("cpu", dtype=torch.bfloat16), vitfast.use_backend("cpp"):  # (autocast casts no float64)
+        with pytest.raises(RuntimeError) as theirs:
+            model(x[:1].double())
+        with pytest.raises(RuntimeError, match=re.escape(str(theirs.value)[:60])):
+            patched(x[:1].double())
 
 
 def test_jit_script_of_a_patched_model_raises_clearly():

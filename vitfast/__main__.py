@@ -247,13 +247,6 @@ def main(argv=None) -> int:
         parser.error("--device cuda: this torch sees no CUDA device (torch.cuda.is_available() is False)")
     if args.reps is not None and args.reps < 1:
         parser.error(f"--reps must be at least 1, got {args.reps}")
-    if args.out:  # (checked before minutes of measuring, not after)
-        try:
-            os.makedirs(args.out, exist_ok=True)
-        except OSError as e:
-            parser.error(f"--out {args.out}: {e}")
-        if not os.access(args.out, os.W_OK):
-            parser.error(f"--out {args.out}: not writable")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if gpu else torch.float32)
     reps = args.reps or (1 if args.command == "check" else 20 if gpu else 11)
     cases = [c for c in _cases(gpu) if not args.op or any(c.op.startswith(o) for o in args.op)]
@@ -263,6 +256,13 @@ def main(argv=None) -> int:
         reasons = {backend._unavailable(_registered_op(c), name, torch.device(args.device)) for c in cases}
         if None not in reasons:
             parser.error(f"--backend {name} runs none of these cases on {args.device}: {'; '.join(sorted(reasons))}")
+    if args.out:  # (checked before minutes of measuring, not after; the last check: it creates the folder)
+        try:
+            os.makedirs(args.out, exist_ok=True)
+        except OSError as e:
+            parser.error(f"--out {args.out}: {e}")
+        if not os.access(args.out, os.W_OK):
+            parser.error(f"--out {args.out}: not writable")
     torch.manual_seed(0)
     rows, skipped = [], {}
     for i, case in enumerate(cases):

@@ -110,12 +110,23 @@ def use_backend(name: Optional[str]) -> Iterator[None]:
     VITFAST_BACKEND say), e.g. `with vitfast.use_backend("triton"): ...`. The choice is process-wide, as the
     backward passes that autograd runs in its own threads need: while blocks of several threads are open, the one
     entered last rules; leaving a block removes its own choice only, so the choice goes back to the blocks still
-    open, then to set_backend's.
+    open, then to set_backend's. None: VITFAST_BACKEND's choice (automatic where it is unset). Inside a function
+    that torch.compile traces, the block sets and restores the choice as a plain global, which dynamo replays (it
+    traces no lock).
 
     Raises:
-        ValueError: a name that is not one of BACKENDS or "auto".
+        ValueError: a name that is not one of BACKENDS, "auto" or None.
     """
-    token = [object(), None if name is None else _check_name(name)]  # (None: VITFAST_BACKEND's choice)
+    name = None if name is None else _check_name(name)
+    if torch.compiler.is_compiling():
+        global _forced
+        previous, _forced = _forced, name
+        try:
+            yield
+        finally:
+            _forced = previous
+        return
+    token = [object(), name]
     with _blocks_lock:
         _blocks.append(token)
         _refresh()
@@ -131,7 +142,9 @@ def forced_backend() -> Optional[str]:
     """The backend every op must run (use_backend, set_backend, else VITFAST_BACKEND), or None: the automatic choice.
 
     Raises:
-        ValueError: VITFAST_BACKEND names no backend (read here, at each choice: it may change at run time).
+        ValueError: VITFAST_BACKEND names no backend (read here, at each choice, so it may change at run time; a
+            graph torch.compile traced keeps the variable's choice of its tracing: dynamo guards on use_backend's
+            and set_backend's choice, not on the environment).
     """
     name = _forced
     if name is None:

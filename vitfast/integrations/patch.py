@@ -126,10 +126,10 @@ def _linear_forward(self: nn.Linear, input: Tensor) -> Tensor:  # (nn.Linear's p
 
 def conv_takes(conv: nn.Conv2d, x: Tensor) -> bool:
     """Whether `conv`'s own call takes x as vitfast.patch_embed would: an image batch (B, in_channels, H, W), floating
-    point, in the weight's dtype outside autocast. A patch embedding given anything else runs its original code,
-    whose error (conv2d's) a user of the original model expects."""
+    point, in the weight's dtype (under autocast any but float64, which autocast does not cast). A patch embedding
+    given anything else runs its original code, whose error (conv2d's) a user of the original model expects."""
     return (x.dim() == 4 and x.shape[1] == conv.in_channels and x.is_floating_point()
-            and (x.dtype == conv.weight.dtype or _autocast.is_enabled(x.device)))
+            and (x.dtype == conv.weight.dtype or (_autocast.is_enabled(x.device) and x.dtype != torch.float64)))
 
 
 def _mha_forward(self: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor,

@@ -21,12 +21,22 @@ def check_transformers_model(model: nn.Module, loader: str, model_types: tuple, 
                          + (f" (model_type {got!r})" if got is not None else " (not a transformers model)"))
 
 
+# where libraries keep dropout rates: dropout modules' p; float attributes of attention modules (transformers'
+# ViT and CLIP attention, nn.MultiheadAttention) and DropPath modules (timm's, transformers' drop_prob)
+_DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+_RATE_ATTRIBUTES = ("drop_prob", "dropout", "dropout_prob", "attention_dropout")
+
+
+def _rate(value) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
+
+
 def warn_dropped_regularization(model: nn.Module, loader: str) -> None:
     """Warns where `model` has dropout or stochastic depth (drop path) that the converted model, which has none, does
     not carry over: inference is the same, training (fine-tuning) is not."""
-    rates = sorted({round(float(p), 4) for m in model.modules()
-                    for p in ((m.p,) if isinstance(m, nn.Dropout) else (getattr(m, "drop_prob", 0.0) or 0.0,))
-                    if p > 0})
+    rates = {m.p for m in model.modules() if isinstance(m, _DROPOUT_MODULES)}
+    rates |= {_rate(getattr(m, a, None)) for m in model.modules() for a in _RATE_ATTRIBUTES}
+    rates = sorted({round(r, 4) for r in rates if r > 0})
     if rates:
         warnings.warn(f"{loader}: the source model's dropout / drop path (rates {rates}) are not carried over: the "
                       f"converted model has none (its outputs in eval mode are the same; training is not)",

@@ -100,10 +100,12 @@ def onednn_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], gelu: Optio
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], gelu)
 
 
-# id(weight Parameter) -> (a weak reference to it, (its version, data pointer, storage), its storage, oneDNN's blocked
-# copy of it); an entry leaves with its Parameter (the weak reference's callback). (Not a WeakKeyDictionary: its
-# lookups compare tensors with ==.) The entry holds the storage it packed, so that after `w.data = new` no new
-# storage can take the old one's address (the allocator reused it, and the old copy went on being used).
+# id(weight Parameter) -> (a weak reference to it, (its version, data pointer), a weak reference to the storage it
+# packed (PyTorch keeps one Python object per live storage), oneDNN's blocked copy of it); an entry leaves with its
+# Parameter (the weak reference's callback). (Not a WeakKeyDictionary: its lookups compare tensors with ==.) The
+# storage, not only the data pointer, identifies what was packed: after `w.data = new` the allocator may give the new
+# storage the old one's address (the old copy then went on being used), and holding the old storage instead would
+# keep its memory (e.g. after module.to(dtype)).
 _PACKED: dict = {}
 
 
@@ -121,12 +123,12 @@ def onednn_weight(weight: Tensor, prepack: bool) -> Tensor:
     if not prepack or weight.is_inference():
         return weight
     storage = weight.untyped_storage()
-    key = (weight._version, weight.data_ptr(), storage._cdata)
+    key = (weight._version, weight.data_ptr())
     entry = _PACKED.get(id(weight))
-    if entry is None or entry[0]() is not weight or entry[1] != key:
+    if entry is None or entry[0]() is not weight or entry[1] != key or entry[2]() is not storage:
         ident = id(weight)
         ref = weakref.ref(weight, lambda _: _PACKED.pop(ident, None))
-        entry = (ref, key, storage, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None))
+        entry = (ref, key, weakref.ref(storage), torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None))
         _PACKED[ident] = entry
     return entry[3]
 
