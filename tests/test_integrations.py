@@ -146,6 +146,29 @@ def test_unpatch_restores_each_sub_config():
     assert not any(hasattr(m, "_vitfast_patch") for m in model.modules())
 
 
+def test_patched_model_saved_whole_runs_in_a_fresh_process(tmp_path):
+    """torch.save of a whole patched model, torch.load in another process: its config names vitfast's attention,
+    which unpickling registers (the forward raised KeyError: not a registered attention implementation); unpatch
+    there restores the original's."""
+    import subprocess
+    import sys
+
+    model = transformers.ViTModel(transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                         intermediate_size=48, image_size=16, patch_size=8)).eval()
+    vitfast.patch_model(model)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        want = model(pixel_values=x).last_hidden_state
+    torch.save({"model": model, "x": x, "want": want}, tmp_path / "patched.pt")
+    code = (f"import torch, vitfast\nd = torch.load({str(tmp_path / 'patched.pt')!r}, weights_only=False)\n"
+            "with torch.no_grad():\n    got = d['model'](pixel_values=d['x']).last_hidden_state\n"
+            "torch.testing.assert_close(got, d['want'])\nvitfast.unpatch_model(d['model'])\n"
+            "print(d['model'].config._attn_implementation)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().splitlines()[-1] == "sdpa"
+
+
 def test_patched_eager_models_keep_eager_masks():
     """A model built with eager attention keeps eager's masks when patch_model switches it to vitfast's attention
     (NAME_EAGER): a query that sees no key (every pixel of a DETR image padded, left-padded CLIP text tokens) averages

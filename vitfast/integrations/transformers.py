@@ -137,7 +137,7 @@ def patch(model: torch.nn.Module, prefix: str, attention: bool = True, window_at
         previous = _implementations(model.config)
         names = _vitfast_names(previous)
         model.set_attn_implementation(names)
-        model.__dict__["_vitfast_attn_previous"] = previous
+        model.__dict__["_vitfast_attn_previous"] = _Previous(previous)
         records.append(Patched(prefix, cls, "attention", f"attn_implementation {previous['']!r} -> {names['']!r}"))
     for name, module in model.named_modules():
         if qualname(module) != _SWIN_LAYER:
@@ -170,6 +170,21 @@ def _vitfast_names(implementations: dict) -> dict:
             for key, value in implementations.items()}
 
 
+class _Previous(dict):
+    """The implementations `patch` replaced, kept on the model for `unpatch`. Unpickled (a patched model saved whole
+    with torch.save and loaded in another process), it registers vitfast's names with transformers first: the model's
+    config names them, and nothing else in that process may have imported this module."""
+
+    def __reduce__(self):
+        return _restore_previous, (dict(self),)
+
+
+def _restore_previous(implementations: dict) -> _Previous:
+    register()
+    register(NAME_EAGER, "eager")
+    return _Previous(implementations)
+
+
 def unpatch(model: torch.nn.Module) -> int:
     """Restores the attention implementation `patch` replaced (SwinLayers are restored by unpatch_model)."""
     previous = model.__dict__.pop("_vitfast_attn_previous", None)
@@ -177,7 +192,7 @@ def unpatch(model: torch.nn.Module) -> int:
         return 0
     # through the config's setter, which takes the nested values as they were (None for a sub-config never set,
     # which set_attn_implementation refuses); sub-models share these config objects
-    model.config._attn_implementation = previous
+    model.config._attn_implementation = dict(previous)
     return 1
 
 
