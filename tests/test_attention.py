@@ -198,11 +198,13 @@ def test_expanded_mask_leaf_gets_a_gradient_per_element(backend, device):
     B, H, Nq, Nk, D = 1, 2, 4, 5, 8
     q, k, v = _qkv(B, H, Nq, Nk, D, torch.float32, device)
     base = torch.randn(1, 1, Nq, 1, device=device)
-    for leaf in (True, False):
-        src = base.clone().requires_grad_(not leaf)
+    for kind in ("leaf", "expand", "retained"):  # (an expand that retains its grad: per element, like a leaf)
+        src = base.clone().requires_grad_(kind != "leaf")
         mask = src.expand(B, H, Nq, Nk)
-        if leaf:
+        if kind == "leaf":
             mask = mask.detach().requires_grad_()
+        if kind == "retained":
+            mask.retain_grad()
         wanted = mask.detach().double().expand(B, H, Nq, Nk).clone().requires_grad_()
         with vitfast.use_backend(backend):
             out = vitfast.attention(q, k, v, mask)
@@ -210,7 +212,8 @@ def test_expanded_mask_leaf_gets_a_gradient_per_element(backend, device):
         dout = torch.randn_like(ref)
         (out.double() * dout).sum().backward()
         (ref * dout).sum().backward()
-        got, want = (mask.grad, wanted.grad) if leaf else (src.grad, wanted.grad.sum((0, 1, 3), keepdim=True))
+        got, want = ((src.grad, wanted.grad.sum((0, 1, 3), keepdim=True)) if kind == "expand"
+                     else (mask.grad, wanted.grad))
         torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)
 
 

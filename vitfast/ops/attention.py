@@ -428,8 +428,8 @@ def _mask_4d(mask: Tensor, q: Tensor, k: Tensor) -> Tensor:
     """The mask as a (B|1, H|1, Nq|1, Nk|1) view (leading dims added), after checking it broadcasts. A dim that
     has stride 0 (an `expand`) becomes the size-1 dim it was expanded from: the kernels then read it as a
     broadcast dim and reduce the mask's gradient over it, and autograd's expand backward gets its shape. Not for a
-    leaf that requires grad (an expanded tensor made a leaf): its gradient is one per element, which the slice's
-    backward would put in the first element only."""
+    leaf that requires grad (an expanded tensor made a leaf) or a mask that retains its grad: their gradient is one
+    per element, which the slice's backward would put in the first element only."""
     target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     if mask.dtype != torch.bool and not mask.is_floating_point():
         raise ValueError(f"vitfast.attention: attn_mask must be bool or floating point, got {mask.dtype}")
@@ -440,6 +440,6 @@ def _mask_4d(mask: Tensor, q: Tensor, k: Tensor) -> Tensor:
                          f"(B, H, Nq, Nk) = {target}")
     mask = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape)) if mask.dim() < 4 else mask
     expanded = [st == 0 and n > 1 for st, n in zip(mask.stride(), mask.shape)]
-    if not any(expanded) or (mask.requires_grad and mask.is_leaf):
+    if not any(expanded) or (mask.requires_grad and (mask.is_leaf or mask.retains_grad)):
         return mask
     return mask[tuple(slice(0, 1) if e else slice(None) for e in expanded)]
