@@ -87,6 +87,12 @@ def register(name: str = NAME, masks: str = "sdpa") -> None:
 
 # ------------------------------------------------------------------------------- vitfast.patch_model support
 
+def _register_names() -> None:
+    """Registers the two names patch_model gives models: NAME (SDPA's masks) and NAME_EAGER (eager's)."""
+    register()
+    register(NAME_EAGER, "eager")
+
+
 _SWIN_LAYER = "transformers.models.swin.modeling_swin.SwinLayer"
 
 
@@ -132,8 +138,7 @@ def patch(model: torch.nn.Module, prefix: str, attention: bool = True, window_at
     elif not model._can_set_attn_implementation():
         records.append(Left(prefix, cls, "the model does not use transformers' AttentionInterface"))
     else:
-        register()
-        register(NAME_EAGER, "eager")
+        _register_names()
         previous = _implementations(model.config)
         names = _vitfast_names(previous)
         model.set_attn_implementation(names)
@@ -180,8 +185,7 @@ class _Previous(dict):
 
 
 def _restore_previous(implementations: dict) -> _Previous:
-    register()
-    register(NAME_EAGER, "eager")
+    _register_names()
     return _Previous(implementations)
 
 
