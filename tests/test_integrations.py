@@ -197,6 +197,54 @@ def test_patched_eager_models_keep_eager_masks():
         assert f"'eager' -> '{vt.NAME_EAGER}'" in str(report)
 
 
+def test_patched_eager_model_gradients_where_a_query_sees_no_key():
+    """Where the original is faster (CPU), a patched model that ran eager runs its own eager attention: transformers'
+    SDPA path, which it ran before, got the gradients of a query that sees no key (left padding under the causal
+    mask) wrong by O(1) with eager's finfo.min masks, so a loss over every token's output trained differently."""
+    config = transformers.CLIPTextConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                         intermediate_size=64, max_position_embeddings=16, bos_token_id=0,
+                                         eos_token_id=2, pad_token_id=1)
+    model = transformers.CLIPTextModel(config)
+    model.set_attn_implementation("eager")
+    patched = copy.deepcopy(model)
+    vitfast.patch_model(patched)
+    ids = torch.randint(3, 90, (2, 8))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, :3] = 0
+
+    def grads(m):
+        m.zero_grad()
+        (m(input_ids=ids, attention_mask=mask).last_hidden_state.mean(1) * torch.linspace(-1, 1, 32)).sum().backward()
+        return {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+    want, got = grads(model), grads(patched)
+    assert want.keys() == got.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_swin_backbone_runs_the_fused_window_attention():
+    """SwinBackbone (UperNet, MaskFormer) calls its layers with always_partition=True, which changes nothing where
+    the map is larger than the window: the fused op runs there (it ran transformers' path on every call) and the
+    layers on a map no larger than the window keep transformers' path (it partitions them unclamped)."""
+    config = transformers.SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 2],
+                                     window_size=4, out_features=["stage1", "stage2"])
+    model = transformers.SwinBackbone(config).eval()
+    for name, p in model.named_parameters():
+        if "relative_position_bias_table" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    patched = copy.deepcopy(model)
+    vitfast.patch_model(patched)
+    for size, fused in [(64, 4), (24, 2)]:  # maps 16 and 8 / 6 and 3: the last smaller than the window
+        x = torch.randn(2, 3, size, size)
+        with torch.no_grad(), vitfast.use_backend("cpp"), torch.profiler.profile() as prof:
+            got = patched(x).feature_maps
+        assert sum(e.name == "vitfast::window_attention" for e in prof.events()) == fused
+        with torch.no_grad():
+            want = model(x).feature_maps
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("backend,device", CASES)
 def test_detr_self_and_cross_attention_with_padding(backend, device):
     model = _detr()

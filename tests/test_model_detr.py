@@ -128,6 +128,9 @@ def test_loader_rejects_what_it_cannot_convert():
         detr_from_transformers(transformers.DetrModel(config))
     with pytest.raises(ValueError, match="got Linear .not a transformers model"):
         detr_from_transformers(torch.nn.Linear(2, 2))
+    config = _hf_config(decoder_attention_heads=4)
+    with pytest.raises(ValueError, match="encoder and decoder must have the same attention heads, got 2 and 4"):
+        detr_from_transformers(transformers.DetrForObjectDetection(config))
 
 
 def _detection_loss(out, labels, boxes):

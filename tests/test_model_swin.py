@@ -191,3 +191,14 @@ def test_empty_batch(backend):
     """B = 0 gives (0, num_classes) on every model backend (the vitfast patch embedding's view raised)."""
     model = SwinTransformer(**TINY, backend=backend).eval()
     assert model(torch.randn(0, 3, 14, 14)).shape == (0, 3)
+
+
+def test_bad_images_and_stage_lists_are_refused():
+    """An unbatched image failed inside a tuple unpack; depths and num_heads of other lengths built fewer stages."""
+    model = SwinTransformer(**TINY)
+    for images in (torch.randn(3, 14, 14), torch.randn(1, 3, 14, 1)):
+        with pytest.raises(ValueError, match=r"expects images \(B, C, H, W\) of at least one 2x2 patch, got "):
+            model(images)
+    with pytest.raises(ValueError, match=r"one depth and one head count per stage, got depths \(2, 2, 2\) and "
+                                         r"num_heads \(2, 4\)"):
+        SwinTransformer(embed_dim=16, depths=(2, 2, 2), num_heads=(2, 4))

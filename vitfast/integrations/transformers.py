@@ -35,16 +35,33 @@ NAME_EAGER = "vitfast_eager"  # the same attention, with eager's masks: what pat
 
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask, dropout: float = 0.0, scaling=None, is_causal=None, **kwargs):
-    """transformers' attention signature: q, k, v (B, H, S, D) in; (B, S, H, D) out, and no weights. Where
-    integrations/choice.py says ATen is faster (CPU and CUDA tensors), transformers' own SDPA path runs instead (the
-    masks are the SDPA ones either way). A call that asks for the attention weights (output_attentions) or passes
-    a position_bias or softcap runs the module's own eager_attention_forward (its modeling file's), with the mask
-    made additive as eager expects; a module without one raises ValueError."""
+    """transformers' attention signature: q, k, v (B, H, S, D) in; (B, S, H, D) out, and no weights; the masks are
+    SDPA's (NAME). Where integrations/choice.py says ATen is faster (CPU and CUDA tensors), transformers' own SDPA
+    path runs instead. A call that asks for the attention weights (output_attentions) or passes a position_bias or
+    softcap runs the module's own eager_attention_forward (its modeling file's), with the mask made additive as eager
+    expects; a module without one raises ValueError."""
+    return _forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, eager_masks=False,
+                    **kwargs)
+
+
+def eager_masks_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                                  value: torch.Tensor, attention_mask, dropout: float = 0.0, scaling=None,
+                                  is_causal=None, **kwargs):
+    """attention_forward for eager's masks (NAME_EAGER: a model that ran eager attention before patch_model). Where
+    ATen is faster, the module's own eager_attention_forward runs, the code the model ran before: SDPA given eager's
+    finfo.min masks gets the gradients of a query that sees no key wrong (off by O(1), torch 2.13, CPU)."""
+    return _forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, eager_masks=True,
+                    **kwargs)
+
+
+def _forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, eager_masks, **kwargs):
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     is_causal = bool(query.shape[2] > 1 and attention_mask is None and is_causal)
     if kwargs.get("output_attentions") or kwargs.get("position_bias") is not None or kwargs.get("softcap"):
         return _eager(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
     if runs_original("attention", query):
+        if eager_masks:
+            return _eager(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
@@ -72,16 +89,16 @@ def _eager(module, query, key, value, attention_mask, dropout, scaling, is_causa
 
 
 def register(name: str = NAME, masks: str = "sdpa") -> None:
-    """Registers `name` with transformers' AttentionInterface (vitfast's attention_forward) and
-    AttentionMaskInterface, with transformers' SDPA masks (masks="sdpa": bool, True = attend) or its eager ones
-    (masks="eager": additive float, finfo.min where masked, so that a query which sees no key averages over all the
-    keys, as eager attention gives; patch_model registers them as NAME_EAGER for models that ran eager)."""
+    """Registers `name` with transformers' AttentionInterface and AttentionMaskInterface, with transformers' SDPA
+    masks (masks="sdpa": bool, True = attend; attention_forward) or its eager ones (masks="eager": additive float,
+    finfo.min where masked, so that a query which sees no key averages over all the keys, as eager attention gives;
+    eager_masks_attention_forward; patch_model registers them as NAME_EAGER for models that ran eager)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
     if masks not in ("sdpa", "eager"):
         raise ValueError(f"vitfast.integrations.transformers.register: masks must be 'sdpa' or 'eager', got {masks!r}")
-    AttentionInterface.register(name, attention_forward)
+    AttentionInterface.register(name, attention_forward if masks == "sdpa" else eager_masks_attention_forward)
     AttentionMaskInterface.register(name, sdpa_mask if masks == "sdpa" else eager_mask)
 
 
@@ -100,7 +117,10 @@ def _swin_layer_forward(self, hidden_states: torch.Tensor, input_dimensions, alw
                         **kwargs):
     """SwinLayer.forward with pad, roll, partition, shift mask, attention and the reverse fused into one
     vitfast.window_attention call on the image-layout qkv. Falls back to transformers' path where the semantics
-    differ: always_partition, a window clamped to the input, or attention weights requested."""
+    differ: always_partition on a map no larger than the window (SwinBackbone's calls: elsewhere it changes
+    nothing), a window clamped to the input, or attention weights requested."""
+    if always_partition and min(input_dimensions) > self.window_size:
+        always_partition = False  # set_shift_and_window_size keeps the window and shift of such a map
     if not always_partition:
         self.set_shift_and_window_size(input_dimensions)
     attn = self.attention

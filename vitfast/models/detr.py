@@ -362,12 +362,15 @@ def detr_from_transformers(hf_model: nn.Module, backend: str = "vitfast") -> DET
                    "downsample_in_first_stage": (bb.downsample_in_first_stage, False),
                    "out_features": (list(bb.out_features), ["stage4"]),
                    "position_embedding_type": (cfg.position_embedding_type, "sine"),
-                   "activation_function": (cfg.activation_function, "relu"),
-                   "encoder/decoder heads": (cfg.encoder_attention_heads, cfg.decoder_attention_heads),
-                   "encoder/decoder ffn": (cfg.encoder_ffn_dim, cfg.decoder_ffn_dim)}
+                   "activation_function": (cfg.activation_function, "relu")}
     for name, (got, want) in unsupported.items():
         if got != want:
             raise ValueError(f"unsupported DETR config: {name} = {got!r} (supported: {want!r})")
+    for name, enc, dec in [("attention heads", cfg.encoder_attention_heads, cfg.decoder_attention_heads),
+                           ("ffn_dim", cfg.encoder_ffn_dim, cfg.decoder_ffn_dim)]:
+        if enc != dec:
+            raise ValueError(f"unsupported DETR config: the encoder and decoder must have the same {name}, got "
+                             f"{enc} and {dec}")
     if cfg.dilation:
         raise ValueError("unsupported DETR config: dilation = True")
     model = DETR(cfg.num_labels, cfg.num_queries, cfg.d_model, cfg.encoder_attention_heads, cfg.encoder_layers,

@@ -172,6 +172,9 @@ class SwinTransformer(nn.Module):
                  num_classes: int = 1000, in_chans: int = 3, v2: bool = False, backend: str = "vitfast"):
         super().__init__()
         self.backend = check_backend(backend)
+        if len(depths) != len(num_heads) or not depths:
+            raise ValueError(f"SwinTransformer needs one depth and one head count per stage, got depths "
+                             f"{tuple(depths)} and num_heads {tuple(num_heads)}")
         block = SwinTransformerBlockV2 if v2 else SwinTransformerBlock
         layers: List[nn.Module] = [PatchEmbed(in_chans, embed_dim, patch_size)]
         for i, (depth, heads) in enumerate(zip(depths, num_heads)):
@@ -197,6 +200,10 @@ class SwinTransformer(nn.Module):
         return cls(embed_dim=dim, depths=depths, num_heads=heads, v2=v2, **kw)
 
     def forward_features(self, images: Tensor) -> List[Tensor]:
+        p = self.features[0][0].kernel_size[0]
+        if images.dim() != 4 or min(images.shape[-2:]) < p:
+            raise ValueError(f"SwinTransformer expects images (B, C, H, W) of at least one {p}x{p} patch, got "
+                             f"{tuple(images.shape)}")
         x = self.features[0](images)
         stages = []
         for layer in self.features[1:]:
