@@ -119,3 +119,24 @@ def test_patched_models_run_their_original_code_under_forward_ad():
     for g in (got, (dual.primal, dual.tangent)):
         torch.testing.assert_close(g[0], ref[0])
         torch.testing.assert_close(g[1], ref[1])
+
+
+def test_patched_transformers_attention_runs_the_original_under_torch_func():
+    """transformers' attention interface (attn_implementation="vitfast") is no patched method: on a forced backend it
+    called vitfast.attention under torch.func.grad, which raised; it now runs transformers' SDPA path there, as every
+    patched module runs its original."""
+    transformers = pytest.importorskip("transformers")
+    model = transformers.ViTModel(transformers.ViTConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=16,
+        patch_size=8), add_pooling_layer=False).double().eval()
+    x = _r(2, 3, 16, 16)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p):
+        return torch.func.functional_call(model, p, (x,)).last_hidden_state.square().sum()
+    ref = torch.func.grad(loss)(params)
+    vitfast.patch_model(model)
+    with vitfast.use_backend("torch"):
+        got = torch.func.grad(loss)(params)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], msg=name)

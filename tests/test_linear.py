@@ -272,3 +272,21 @@ def test_prepacked_weight_follows_the_parameter(monkeypatch):
     assert len(packs) == 5 and ident in vl._PACKED
     del lin
     assert ident not in vl._PACKED  # (an entry leaves with its Parameter)
+
+
+def test_export_with_a_bounded_dynamic_batch():
+    """A patched model under torch.export with Dim("batch", max=...): vitfast.linear's size rule (and the patched
+    MLP's) tested the symbolic row count while tracing, which export refused (a guard on the batch); they now leave
+    symbolic sizes to the op, which applies the rule to each call's sizes."""
+    from _optional_libs import import_or_skip
+
+    timm = import_or_skip("timm")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(768, 768), timm.layers.Mlp(768, 768)).eval()
+    vitfast.patch_model(model)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with torch.no_grad():
+        program = torch.export.export(model, (torch.randn(64, 768),), dynamic_shapes=({0: batch},))
+        for M in (4, 1000):  # the product below and above the rule's 2**25 multiply-adds
+            x = torch.randn(M, 768)
+            torch.testing.assert_close(program.module()(x), model(x), rtol=1e-4, atol=1e-5)

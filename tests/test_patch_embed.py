@@ -356,6 +356,22 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.vitfast.patch_embed_backward.default, (dz, x.detach(), w.detach(), True, True))
 
 
+@pytest.mark.parametrize("backend,device", CASES)
+def test_batch_of_one_gives_rows_as_the_fake_says(backend, device):
+    """One image without prefix rows or pos_embed: the torch backend returned the conv's output transposed (strides
+    (4, 1, 4)), not the contiguous rows the fake promises, and torch.compile failed on it."""
+    x = torch.randn(1, 3, 8, 8, device=device)
+    w, b = torch.randn(8, 3, 4, 4, device=device), torch.randn(8, device=device)
+    nw, nb = torch.randn(8, device=device), torch.randn(8, device=device)
+    op = torch.ops.vitfast.patch_embed.default
+    with vitfast.use_backend(backend):
+        for norm in (False, True):
+            args = (x, w, b, None, 0, None, nw if norm else None, nb if norm else None, norm, 0, 1e-5, True)
+            out, z = op(*args)[:2]
+            assert out.is_contiguous() and (z.numel() == 0 or z.is_contiguous())
+            torch.library.opcheck(op, args, test_utils=("test_faketensor",))
+
+
 def test_torch_compile_fullgraph():
     class ViTStem(torch.nn.Module):
         def __init__(self):

@@ -97,6 +97,7 @@ def test_transformers_sam_vision(family, attn, backend, device, dtype, fused_cal
     attn_layers = [p for p in report.patched if p.cls.endswith("." + cls)]
     assert [p.name for p in attn_layers] == ["vision_encoder.layers.0.attn", "vision_encoder.layers.1.attn"]
     assert "vitfast.rel_pos_attention" in attn_layers[0].what
+    assert _patched(report, "linear_gelu") == ["vision_encoder.layers.0.mlp", "vision_encoder.layers.1.mlp"]
 
 
 def _vitdet():

@@ -38,7 +38,7 @@ from vitfast import backend as _backend
 from vitfast.integrations.choice import describe, mlp_chunk_rows, runs_original
 from vitfast.ops.attention import attention
 from vitfast.ops.layer_norm import layer_norm
-from vitfast.ops.linear import drop_prepacked, linear
+from vitfast.ops.linear import drop_prepacked, linear, symbolic
 from vitfast.ops.linear_gelu import linear_gelu, uses_onednn as linear_gelu_uses_onednn
 
 KINDS = ("attention", "rel_pos_attention", "window_attention", "layer_norm", "patch_embed", "linear_gelu", "linear")
@@ -248,13 +248,14 @@ def mlp_fc1(x: Tensor, fc1: nn.Module, act: nn.Module) -> Tensor:
     """act(fc1(x)) for an MLP's first layer (a plain nn.Linear and a GELU, as mlp_check and the guard of the
     patched method keep them): one vitfast.linear_gelu call, or the modules' own calls where choice.py says ATen
     (the output's size counts in the dtype autocast gives it; without grad on CPU, where linear_gelu's onednn backend
-    takes the call, the table's vitfast holds at any size) or where x's dtype differs from the weight's outside
-    autocast (F.linear's error)."""
+    takes the call, the table's vitfast holds at any size), where x's dtype differs from the weight's outside
+    autocast (F.linear's error) or where the size is symbolic (torch.export, dynamic torch.compile: the size rules
+    would become guards on it)."""
     autocast = _autocast.is_enabled(x.device)
-    if x.dtype != fc1.weight.dtype and not autocast:
+    M = math.prod(x.shape[:-1])
+    if (x.dtype != fc1.weight.dtype and not autocast) or symbolic(M):
         return act(fc1(x))
     itemsize = torch.get_autocast_dtype(x.device.type).itemsize if autocast else x.element_size()
-    M = math.prod(x.shape[:-1])
     prepack = fc1.__dict__.get(_PREPACK, False)
     if runs_original("linear_gelu", x, M * fc1.out_features * itemsize) and (
             autocast or not linear_gelu_uses_onednn(x, fc1.weight, fc1.bias, prepack=prepack)):

@@ -11,7 +11,7 @@ text padding would be lost). Masks are the SDPA ones: bool (True = attend) or ad
 `vitfast.patch_model` also binds forward paths to the vision attention modules that do not use the interface:
 SAM's (`SamVisionAttention`, `SamVisionSdpaAttention`, and SAM-HQ's copies) and ViTDet's (`VitDetAttention`), whose
 dense decomposed relative-position bias becomes vitfast.rel_pos_attention (see integrations/segment_anything.py);
-calls that ask for the attention weights take the original path; and to the MLPs of ViT, DeiT, Swin, CLIP, SAM and
+calls that ask for the attention weights take the original path; and to the MLPs of ViT, DeiT, Swin, CLIP, SAM, SAM-HQ and
 ViTDet, whose first Linear + GELU becomes vitfast.linear_gelu (CLIP's default quick_gelu is left, with the reason).
 """
 import dataclasses
@@ -21,6 +21,7 @@ from typing import Optional
 
 import torch
 
+from vitfast import backend as _backend
 from vitfast.integrations.choice import runs_original
 from vitfast.integrations.patch import Adapter, mlp_check, mlp_fc1, mlp_rows
 from vitfast.integrations.segment_anything import SAM_MLP_BLOCK, mlp_block_forward, sam_attention
@@ -36,8 +37,9 @@ NAME_EAGER = "vitfast_eager"  # the same attention, with eager's masks: what pat
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask, dropout: float = 0.0, scaling=None, is_causal=None, **kwargs):
     """transformers' attention signature: q, k, v (B, H, S, D) in; (B, S, H, D) out, and no weights; the masks are
-    SDPA's (NAME). Where integrations/choice.py says ATen is faster (CPU and CUDA tensors), transformers' own SDPA
-    path runs instead. A call that asks for the attention weights (output_attentions) or passes a position_bias or
+    SDPA's (NAME). Where integrations/choice.py says ATen is faster (CPU and CUDA tensors), and under torch.func's
+    gradient transforms and forward-mode AD (as patch_model's other modules), transformers' own SDPA path runs
+    instead. A call that asks for the attention weights (output_attentions) or passes a position_bias or
     softcap runs the module's own eager_attention_forward (its modeling file's), with the mask made additive as eager
     expects; a module without one raises ValueError."""
     return _forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, eager_masks=False,
@@ -48,7 +50,7 @@ def eager_masks_attention_forward(module: torch.nn.Module, query: torch.Tensor, 
                                   value: torch.Tensor, attention_mask, dropout: float = 0.0, scaling=None,
                                   is_causal=None, **kwargs):
     """attention_forward for eager's masks (NAME_EAGER: a model that ran eager attention before patch_model). Where
-    ATen is faster, the module's own eager_attention_forward runs, the code the model ran before: SDPA given eager's
+    attention_forward runs transformers' SDPA path, the module's own eager_attention_forward runs, the code the model ran before: SDPA given eager's
     finfo.min masks gets the gradients of a query that sees no key wrong (off by O(1), torch 2.13, CPU)."""
     return _forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, eager_masks=True,
                     **kwargs)
@@ -59,7 +61,7 @@ def _forward(module, query, key, value, attention_mask, dropout, scaling, is_cau
     is_causal = bool(query.shape[2] > 1 and attention_mask is None and is_causal)
     if kwargs.get("output_attentions") or kwargs.get("position_bias") is not None or kwargs.get("softcap"):
         return _eager(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
-    if runs_original("attention", query):
+    if runs_original("attention", query) or _backend.functorch_grad_active() or _backend.forward_ad_open():
         if eager_masks:
             return _eager(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -311,6 +313,7 @@ _SAM_VISION_ATTENTION = Adapter("rel_pos_attention", _REL_POS, {"forward": _sam_
                                 _sam_vision_attention_check)
 _SAM_VISION_SDPA_ATTENTION = Adapter("rel_pos_attention", _REL_POS, {"forward": _sam_vision_sdpa_attention_forward},
                                      _sam_vision_attention_check)
+_SAM_MLP_BLOCK = dataclasses.replace(SAM_MLP_BLOCK, methods={"forward": _sam_mlp_block_forward})
 _PATCH_EMBEDDINGS = Adapter("patch_embed", "projection conv + flatten -> vitfast.patch_embed",
                             {"forward": _patch_embeddings_forward}, _patch_embeddings_check)
 ADAPTERS = {
@@ -318,8 +321,8 @@ ADAPTERS = {
     "transformers.models.deit.modeling_deit.DeiTMLP": _MLP,
     "transformers.models.swin.modeling_swin.SwinMLP": _MLP,
     "transformers.models.clip.modeling_clip.CLIPMLP": _MLP,
-    "transformers.models.sam.modeling_sam.SamMLPBlock": dataclasses.replace(
-        SAM_MLP_BLOCK, methods={"forward": _sam_mlp_block_forward}),
+    "transformers.models.sam.modeling_sam.SamMLPBlock": _SAM_MLP_BLOCK,
+    "transformers.models.sam_hq.modeling_sam_hq.SamHQMLPBlock": _SAM_MLP_BLOCK,
     "transformers.models.vitdet.modeling_vitdet.VitDetMlp": Adapter(
         "linear_gelu", "fc1 + GELU -> vitfast.linear_gelu", {"forward": _vitdet_mlp_forward}, mlp_check),
     "transformers.models.vit.modeling_vit.ViTPatchEmbeddings": _PATCH_EMBEDDINGS,

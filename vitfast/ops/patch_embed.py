@@ -160,7 +160,8 @@ def _fwd_torch(images, weight, bias, pos, pos_offset, prefix, nw, nb, has_norm, 
     B, C, H, W = images.shape
     E, _, ph, pw = weight.shape
     L = (H // ph) * (W // pw)
-    z = F.conv2d(images, weight, bias, stride=(ph, pw)).flatten(2).transpose(1, 2).reshape(B * L, E)
+    # (contiguous: at B = 1 the reshape is a view of the conv's output, strides (1, L), where the op promises rows)
+    z = F.conv2d(images, weight, bias, stride=(ph, pw)).flatten(2).transpose(1, 2).reshape(B * L, E).contiguous()
     stats = torch.float64 if images.dtype == torch.float64 else torch.float32
     mean = images.new_empty(0, dtype=stats)
     rstd = images.new_empty(0, dtype=stats)
