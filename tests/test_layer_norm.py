@@ -1,4 +1,5 @@
 import logging
+import unittest.mock
 
 import pytest
 import torch
@@ -244,16 +245,27 @@ def test_use_backend_blocks_of_several_threads():
 
 
 def test_use_backend_inside_a_compiled_function():
-    """A use_backend block inside a function that torch.compile traces (fullgraph: no graph break; the stack of blocks
-    took a lock and made an object, which dynamo cannot trace), and the choice is back afterwards."""
+    """A use_backend block inside a function that torch.compile traces raises (it compiled, but the ops, which choose
+    their backend when the graph runs, kept the automatic choice); around the compiled call it reaches them."""
     x = torch.randn(4, 8, device=DEVICE)
 
-    @torch.compile(fullgraph=True, backend="aot_eager")
     def f(t):
         with vitfast.use_backend("torch"):
             return vitfast.layer_norm(t, 8)
-    torch.testing.assert_close(f(x), F.layer_norm(x, (8,)))
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"use_backend\('torch'\) inside a function that torch.compile traces"):
+        torch.compile(f, fullgraph=True, backend="aot_eager")(x)
     assert vitfast.backend.forced_backend() is None
+    chosen = []
+    real = vitfast.backend.choose_backend
+
+    def spy(*args, **kwargs):
+        chosen.append(real(*args, **kwargs))
+        return chosen[-1]
+    g = torch.compile(lambda t: vitfast.layer_norm(t, 8), fullgraph=True, backend="aot_eager")
+    with unittest.mock.patch.object(vitfast.backend, "choose_backend", spy), vitfast.use_backend("torch"):
+        torch.testing.assert_close(g(x), F.layer_norm(x, (8,)))
+    assert chosen and set(chosen) == {"torch"}
 
 
 def test_backend_choice_env_context_and_errors(monkeypatch, caplog):
@@ -319,6 +331,19 @@ def test_opcheck():
     y, _, mean, rstd = torch.ops.vitfast.layer_norm(s, None, None, None, 1e-5)
     torch.library.opcheck(torch.ops.vitfast.layer_norm_backward.default,
                           (torch.randn(6, 32), torch.randn(6, 32), s, torch.randn(32), mean, rstd, True))
+
+
+def test_torch_backend_outputs_are_contiguous_as_the_fakes_say():
+    """The torch backend's results kept the layout of a permuted x (strides (1, 6)), where the fakes say rows."""
+    x = torch.randn(8, 6).t().requires_grad_()
+    w, b, r = torch.randn(8, requires_grad=True), torch.randn(8, requires_grad=True), torch.randn(8, 6).t()
+    with vitfast.use_backend("torch"):
+        torch.library.opcheck(torch.ops.vitfast.layer_norm.default, (x, w, b, r, 1e-5),
+                              test_utils=("test_faketensor", "test_autograd_registration"))
+        y, s, mean, rstd = torch.ops.vitfast.layer_norm(x.detach(), w, b, r, 1e-5)
+        assert y.is_contiguous() and s.is_contiguous()
+        dx = torch.ops.vitfast.layer_norm_backward(torch.randn(8, 6).t(), None, x.detach(), w, mean, rstd, True)[0]
+        assert dx.is_contiguous()
 
 
 def test_torch_compile_fullgraph():

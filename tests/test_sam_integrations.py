@@ -244,3 +244,15 @@ def test_segment_anything_without_rel_pos_is_plain_attention(fused_calls, monkey
     # _patched_equal runs the patched model once, with grad
     # (auto: ATen's SDPA on CPU and CUDA alike, by the attention row)
     assert len(calls) == (0 if backend == "auto" else 2), calls
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_transformers_sam_config_builds_after_patching(attn):
+    """patch_model names vitfast's attention in the config; SAM picks its vision attention class by that name when
+    built, so a model built from the patched model's config raised KeyError: 'vitfast'. It builds the class the name
+    stands for (SDPA's masks: the sdpa class; eager's: the eager one)."""
+    model = _sam_vision("sam", attn)
+    vitfast.patch_model(model)
+    rebuilt = type(model)(model.config)
+    want = {"eager": "SamVisionAttention", "sdpa": "SamVisionSdpaAttention"}[attn]
+    assert type(rebuilt.vision_encoder.layers[0].attn).__name__ == want

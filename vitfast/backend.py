@@ -110,22 +110,21 @@ def use_backend(name: Optional[str]) -> Iterator[None]:
     VITFAST_BACKEND say), e.g. `with vitfast.use_backend("triton"): ...`. The choice is process-wide, as the
     backward passes that autograd runs in its own threads need: while blocks of several threads are open, the one
     entered last rules; leaving a block removes its own choice only, so the choice goes back to the blocks still
-    open, then to set_backend's. None: VITFAST_BACKEND's choice (automatic where it is unset). Inside a function
-    that torch.compile traces, the block sets and restores the choice as a plain global, which dynamo replays (it
-    traces no lock).
+    open, then to set_backend's. None: VITFAST_BACKEND's choice (automatic where it is unset). A compiled graph
+    runs the ops on the choice in force when it runs (dynamo guards on it): open the block around the call of a
+    torch.compile'd function, not inside it.
 
     Raises:
         ValueError: a name that is not one of BACKENDS, "auto" or None.
+        RuntimeError: the block is entered inside a function that torch.compile traces: vitfast's ops choose their
+            backend when the compiled graph runs, and dynamo replays the block's setting and restoring around the
+            graph, so it would not reach them.
     """
     name = None if name is None else _check_name(name)
     if torch.compiler.is_compiling():
-        global _forced
-        previous, _forced = _forced, name
-        try:
-            yield
-        finally:
-            _forced = previous
-        return
+        raise RuntimeError(
+            f"vitfast.use_backend({name!r}) inside a function that torch.compile traces would not reach vitfast's "
+            f"ops, which choose their backend when the compiled graph runs: enter it around the compiled call")
     token = [object(), name]
     with _blocks_lock:
         _blocks.append(token)

@@ -107,9 +107,19 @@ def register(name: str = NAME, masks: str = "sdpa") -> None:
 # ------------------------------------------------------------------------------- vitfast.patch_model support
 
 def _register_names() -> None:
-    """Registers the two names patch_model gives models: NAME (SDPA's masks) and NAME_EAGER (eager's)."""
+    """Registers the two names patch_model gives models: NAME (SDPA's masks) and NAME_EAGER (eager's). Models that
+    pick attention classes by name when built (SAM's vision encoder: SAM_VISION_ATTENTION_CLASSES[name]) get the
+    names as aliases of "sdpa" and "eager" in those tables, so that a model built from a patched model's config
+    builds (it raised KeyError: 'vitfast')."""
     register()
     register(NAME_EAGER, "eager")
+    for module in list(sys.modules.values()):
+        if not getattr(module, "__name__", "").startswith("transformers.models."):
+            continue
+        for key, table in list(vars(module).items()):
+            if key.endswith("ATTENTION_CLASSES") and isinstance(table, dict) and {"eager", "sdpa"} <= table.keys():
+                table.setdefault(NAME, table["sdpa"])
+                table.setdefault(NAME_EAGER, table["eager"])
 
 
 _SWIN_LAYER = "transformers.models.swin.modeling_swin.SwinLayer"

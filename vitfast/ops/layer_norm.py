@@ -54,7 +54,8 @@ def _fwd_torch(x, weight, bias, residual, eps):
         y = y * weight
     if bias is not None:
         y = y + bias
-    return y.to(x.dtype), (s if residual is not None else x.new_empty(0)), mean, rstd
+    # (contiguous, as the fake says: element-wise results keep the layout of a permuted x)
+    return y.to(x.dtype).contiguous(), (s.contiguous() if residual is not None else x.new_empty(0)), mean, rstd
 
 
 def _bwd_torch(dy, ds, s, weight, mean, rstd, has_bias):
@@ -68,7 +69,7 @@ def _bwd_torch(dy, ds, s, weight, mean, rstd, has_bias):
     param_dtype = weight.dtype if weight is not None else s.dtype
     dweight = (dyf * xhat).sum(0).to(param_dtype) if weight is not None else s.new_empty(0, dtype=param_dtype)
     dbias = dyf.sum(0).to(param_dtype) if has_bias else s.new_empty(0, dtype=param_dtype)
-    return dx.to(s.dtype), dweight, dbias
+    return dx.to(s.dtype).contiguous(), dweight, dbias
 
 
 def _check_support(backend: str, tensors: tuple) -> Optional[str]:
