@@ -249,8 +249,8 @@ def mlp_fc1(x: Tensor, fc1: nn.Module, act: nn.Module) -> Tensor:
     patched method keep them): one vitfast.linear_gelu call, or the modules' own calls where choice.py says ATen
     (the output's size counts in the dtype autocast gives it; without grad on CPU, where linear_gelu's onednn backend
     takes the call, the table's vitfast holds at any size), where x's dtype differs from the weight's outside
-    autocast (F.linear's error) or where the size is symbolic (torch.export, dynamic torch.compile: the size rules
-    would become guards on it)."""
+    autocast (F.linear's error) or where the size is symbolic (torch.export: the size rules would become guards on
+    it; ops/linear.py's symbolic)."""
     autocast = _autocast.is_enabled(x.device)
     M = math.prod(x.shape[:-1])
     if (x.dtype != fc1.weight.dtype and not autocast) or symbolic(M):

@@ -11,8 +11,9 @@ text padding would be lost). Masks are the SDPA ones: bool (True = attend) or ad
 `vitfast.patch_model` also binds forward paths to the vision attention modules that do not use the interface:
 SAM's (`SamVisionAttention`, `SamVisionSdpaAttention`, and SAM-HQ's copies) and ViTDet's (`VitDetAttention`), whose
 dense decomposed relative-position bias becomes vitfast.rel_pos_attention (see integrations/segment_anything.py);
-calls that ask for the attention weights take the original path; and to the MLPs of ViT, DeiT, Swin, CLIP, SAM, SAM-HQ and
-ViTDet, whose first Linear + GELU becomes vitfast.linear_gelu (CLIP's default quick_gelu is left, with the reason).
+calls that ask for the attention weights take the original path; and to the MLPs of ViT, DeiT, Swin, CLIP, SAM,
+SAM-HQ and ViTDet, whose first Linear + GELU becomes vitfast.linear_gelu (CLIP's default quick_gelu is left, with the
+reason).
 """
 import dataclasses
 import functools
@@ -50,8 +51,9 @@ def eager_masks_attention_forward(module: torch.nn.Module, query: torch.Tensor, 
                                   value: torch.Tensor, attention_mask, dropout: float = 0.0, scaling=None,
                                   is_causal=None, **kwargs):
     """attention_forward for eager's masks (NAME_EAGER: a model that ran eager attention before patch_model). Where
-    attention_forward runs transformers' SDPA path, the module's own eager_attention_forward runs, the code the model ran before: SDPA given eager's
-    finfo.min masks gets the gradients of a query that sees no key wrong (off by O(1), torch 2.13, CPU)."""
+    attention_forward runs transformers' SDPA path, this runs the module's own eager_attention_forward, the code the
+    model ran before: SDPA given eager's finfo.min masks gets the gradients of a query that sees no key wrong (off by
+    O(1), torch 2.13, CPU)."""
     return _forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, eager_masks=True,
                     **kwargs)
 

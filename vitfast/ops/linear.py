@@ -90,7 +90,9 @@ def onednn_pays(M: int, K: int, N: int, mode: str = "plain") -> bool:
 
 
 def symbolic(*sizes) -> bool:
-    """Whether any of these sizes is symbolic (torch.SymInt: torch.export, torch.compile with dynamic shapes)."""
+    """Whether any of these sizes is symbolic: a torch.SymInt, as torch.export's default (non-strict) tracing gives
+    them (dynamo, which torch.compile and strict export run, shows them to Python as ints: there a size rule becomes
+    a guard, which torch.compile honours by recompiling, and strict export with a bounded Dim refuses)."""
     return any(isinstance(n, torch.SymInt) for n in sizes)
 
 
@@ -253,8 +255,8 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, prepack: bo
     prepack = prepack and not grad and isinstance(weight, nn.Parameter)
     mode = "grad" if grad else "prepacked" if prepack else "plain"
     M, K, N = math.prod(x.shape[:-1]), x.shape[-1], weight.shape[0]
-    # (symbolic sizes, under torch.export or torch.compile with dynamic shapes: the op, which applies the rule to each
-    # call's sizes, as a test here would become a guard on them; export with a bounded batch failed on it)
+    # (symbolic sizes, under torch.export: the op, which applies the rule to each call's sizes, as a test here would
+    # become a guard on them; export with a bounded batch failed on it)
     if _backend.forced_backend() not in ("onednn", "torch") and not (
             x.is_cpu and (symbolic(M, K, N) or onednn_pays(M, K, N, mode))):
         return F.linear(x, weight, bias)  # (the op's automatic choice, without its dispatch: ~40 us a call)
