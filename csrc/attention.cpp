@@ -214,16 +214,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   const auto acc = p.scalar_type();
   at::Tensor dof = dout.to(acc);
   at::Tensor dp = at::matmul(dof, v.to(acc).transpose(-2, -1));
-  at::Tensor delta = (dof * out.to(acc)).sum(-1, /*keepdim=*/true);
-  // Where a row does not see a key, dS is 0 even if dP is NaN (non-finite v of a hidden key), and such a
-  // key's non-finite k enter dQ = dS @ K as 0 (0 * NaN would be NaN).
-  at::Tensor ds = (p * (dp - delta)).masked_fill_(s.eq(-kInf), 0.0);
-  const at::Tensor kf = k.to(acc);
+  const at::Tensor hidden = s.eq(-kInf);
+  // delta = rowsum(P * dP), as vitfast/ops/attention.py's _bwd_torch (exact dS = 0 where the softmax saturates).
+  // Where a row does not see a key, dS is 0 even if dP is NaN (non-finite v of a hidden key), and such a key's
+  // non-finite k (a row's non-finite q) enter dQ = dS @ K (dK = dS^T @ Q) as 0 (0 * NaN would be NaN).
+  at::Tensor delta = (p * dp).masked_fill_(hidden, 0.0).sum(-1, /*keepdim=*/true);
+  at::Tensor ds = (p * (dp - delta)).masked_fill_(hidden, 0.0);
+  const at::Tensor kf = k.to(acc), qf = q.to(acc);
   at::Tensor dq = bnhd_empty(q, q.size(2), dtype);
   at::Tensor dk = bnhd_empty(q, k.size(2), dtype);
   at::Tensor dv = bnhd_empty(q, k.size(2), dtype);
   dq.copy_(at::matmul(ds, kf.masked_fill(at::isfinite(kf).logical_not(), 0.0)).mul_(scale));
-  dk.copy_(at::matmul(ds.transpose(-2, -1), q.to(acc)).mul_(scale));
+  dk.copy_(at::matmul(ds.transpose(-2, -1), qf.masked_fill(at::isfinite(qf).logical_not(), 0.0)).mul_(scale));
   dv.copy_(at::matmul(p.transpose(-2, -1), dof));
   at::Tensor dbias = bias_requires_grad ? ds.sum_to_size(attn_mask->sizes()).to(attn_mask->scalar_type()).contiguous()
                                         : q.new_empty({0});

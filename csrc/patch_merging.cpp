@@ -92,7 +92,8 @@ void gather_norm_kernel(const scalar_t* x, const Geometry& g, const scalar_t* nw
                         opmath_t* rstd_out,
                         scalar_t* ln) {
   const int64_t K = g.K;
-  at::parallel_for(0, g.M, std::max<int64_t>(1, at::internal::GRAIN_SIZE / K), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.M, std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(K, 1)),
+                   [&](int64_t begin, int64_t end) {
     std::vector<opmath_t> row(K);
     for (int64_t m = begin; m < end; ++m) {
       gather_row(x, g, m, row.data());

@@ -191,6 +191,47 @@ def test_fully_masked_rows_give_zeros_and_zero_grads(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", CASES)
+def test_non_finite_query_that_sees_no_key_leaves_the_gradients_alone(backend, device):
+    """A query row hidden from every key (padding garbage, the top rows of a bottom-right causal mask) holding NaN or
+    inf: its output and gradient are zeros and dK is that of the other rows (dK = dS^T @ Q took 0 * NaN)."""
+    B, H, Nq, Nk, D = 1, 2, 6, 5, 8
+    q, k, v = _qkv(B, H, Nq, Nk, D, torch.float32, device)
+    q[:, 0, 0, 1], q[:, 1, 0, 2] = float("nan"), float("inf")
+    mask = torch.ones(B, 1, Nq, Nk, dtype=torch.bool, device=device)
+    mask[:, :, 0] = False
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    with vitfast.use_backend(backend):
+        out = vitfast.attention(*leaves, mask)
+        dout = torch.randn_like(out)
+        dq, dk, dv = torch.autograd.grad(out, leaves, dout)
+    ref = [t[:, :, 1:].double() if i == 0 else t.double() for i, t in enumerate((q, k, v))]
+    ref = [t.requires_grad_() for t in ref]
+    want = F.scaled_dot_product_attention(*ref)
+    want_dk, want_dv = torch.autograd.grad(want, ref[1:], dout[:, :, 1:].double())
+    assert torch.equal(out[:, :, 0], torch.zeros_like(out[:, :, 0]))
+    assert torch.equal(dq[:, :, 0], torch.zeros_like(dq[:, :, 0]))
+    torch.testing.assert_close(out[:, :, 1:].double(), want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(dk.double(), want_dk, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(dv.double(), want_dv, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_saturated_softmax_gives_exact_zero_gradients_on_the_reference_paths(backend):
+    """Scores past 2**20 take the cpp and torch backends' reference code, where the softmax saturates (one key per row
+    takes all the weight) and the exact dQ, dK are 0, as plain float32 SDPA gives: delta = rowsum(dO * O) left
+    |dS| ~ 1 ulp of dP, times |k| ~ 1e3 in dQ (4e-4); rowsum(P * dP) cancels it."""
+    if backend == "cpp" and not vitfast._ext.HAS_EXT:
+        pytest.skip(vitfast._ext.EXT_ERROR)
+    q, k, v = _qkv(1, 2, 16, 16, 16, torch.float32, "cpu")
+    q, k = (q * 1e3).requires_grad_(), (k * 1e3).requires_grad_()
+    v = v.requires_grad_()
+    with vitfast.use_backend(backend):
+        out = vitfast.attention(q, k, v)
+        dq, dk, _ = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert dq.abs().max() < 1e-6 and dk.abs().max() < 1e-6, (dq.abs().max(), dk.abs().max())
+
+
+@pytest.mark.parametrize("backend,device", CASES)
 def test_expanded_mask_leaf_gets_a_gradient_per_element(backend, device):
     """A float mask that is itself an expand()ed leaf (stride 0, requires grad) gets one gradient per element, as
     from SDPA; its expanded dims were read as broadcast dims, which put each row's sum in the first column. An

@@ -125,6 +125,18 @@ def test_empty_map(backend, device, shape):
     assert grads[0].shape == x.shape and all(torch.equal(g, torch.zeros_like(g)) for g in grads)
 
 
+@pytest.mark.parametrize("backend,device", CASES)
+def test_zero_channels(backend, device):
+    """C = 0 gives the unfused code's result, zeros (the C++ kernel divided its grain by 4C = 0: SIGFPE)."""
+    x = torch.randn(1, 4, 4, 0, device=device, requires_grad=True)
+    rw = torch.randn(5, 0, device=device, requires_grad=True)
+    with vitfast.use_backend(backend):
+        got = vitfast.patch_merging(x, None, None, rw)
+        grads = torch.autograd.grad(got.sum(), (x, rw))
+    assert torch.equal(got, patch_merging_ref(x, None, None, rw).detach())
+    assert all(g.shape == t.shape for g, t in zip(grads, (x, rw)))
+
+
 def test_bad_inputs_raise_clear_errors():
     x = torch.randn(1, 4, 4, 8)
     with pytest.raises(ValueError, match=r"norm_weight must have shape \(32,\)"):

@@ -172,16 +172,19 @@ def _bwd_torch(dout, q, k, v, out, lse, bias, seed, dropout_p, is_causal, causal
     dp = do @ v.to(acc).transpose(-2, -1)
     keep = _dropout_keep(seed, dropout_p, q, k.shape[2])
     p_drop, dp = _dropped(p, keep, dropout_p), _dropped(dp, keep, dropout_p)
-    delta = (do * out.to(acc)).sum(-1, keepdim=True)
+    hidden = s == float("-inf")
+    # delta = rowsum(P * dP), which equals rowsum(dO * O) but cancels dP's own rounding where the softmax saturates
+    # (there the exact dS is 0; rowsum(dO * O), summed in another order, left |dS| ~ 1 ulp of dP, times |k| in dQ).
     # Where a row does not see a key, dS is 0 even if dP is NaN (non-finite v of a masked key), and such a key's
-    # non-finite k enter dQ = dS @ K as 0 (0 * NaN would be NaN).
-    ds = (p * (dp - delta)).masked_fill(s == float("-inf"), 0.0)
-    kf = k.to(acc)
+    # non-finite k (a row's non-finite q) enter dQ = dS @ K (dK = dS^T @ Q) as 0 (0 * NaN would be NaN).
+    delta = (p * dp).masked_fill(hidden, 0.0).sum(-1, keepdim=True)
+    ds = (p * (dp - delta)).masked_fill(hidden, 0.0)
+    kf, qf = k.to(acc), q.to(acc)
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     dq, dk, dv = _bnhd_empty(B, H, Nq, D, q), _bnhd_empty(B, H, Nk, D, k), _bnhd_empty(B, H, Nk, D, v)
     dq.copy_((ds @ kf.masked_fill(~torch.isfinite(kf), 0.0)) * scale)
-    dk.copy_((ds.transpose(-2, -1) @ q.to(acc)) * scale)
+    dk.copy_((ds.transpose(-2, -1) @ qf.masked_fill(~torch.isfinite(qf), 0.0)) * scale)
     dv.copy_(p_drop.transpose(-2, -1) @ do)
     dbias = ds.sum_to_size(bias.shape).to(bias.dtype).contiguous() if bias_requires_grad else q.new_empty(0)
     return dq, dk, dv, dbias

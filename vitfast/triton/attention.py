@@ -454,7 +454,8 @@ def _attention_bwd_dkdv_kernel(
         dv += dot(tl.trans(p_drop.to(do.dtype)), do, PRECISION, DOT_UPCAST)
         # Where a row does not see the key, dS is 0 even if dP is NaN (non-finite v of a masked key).
         ds = tl.where(s == float("-inf"), 0.0, p * (dp - delta[:, None]))
-        dk += dot(tl.trans(ds.to(q.dtype)), q, PRECISION, DOT_UPCAST)
+        # dK = dS^T @ Q: a row that does not see the key has dS = 0 there, so its non-finite q enter as 0, as k in dQ
+        dk += dot(tl.trans(ds.to(q.dtype)), tl.where(_is_finite(q, DOT_UPCAST), q, 0.0), PRECISION, DOT_UPCAST)
         if DBIAS:
             if BIAS_ROW_BCAST:
                 db_row += tl.sum(ds, 0)
