@@ -13,7 +13,8 @@
 #   report.md         (d) bench/report.py over both JSON files (median, roofline floor, throughput, peak MiB)
 #   tests.log         (e)
 #
-# Usage, from the repository root: bash bench/gpu_run.sh [--dry-run]    (OUT=dir, default ./out; PYTHON=python3;
+# Usage, from the repository root: bash bench/gpu_run.sh [--dry-run]    (OUT=dir, default ./out; PYTHON, default
+# .venv/bin/python where it exists, else python3;
 # GPU_RUN_TOTAL=seconds shortens the whole run below its 525 s, taken from (e), e.g. to leave a lease time to rerun;
 # GPU_RUN_TESTS="tests/test_a.py tests/test_b.py" gives (e) those files or node ids instead of the whole suite, e.g.
 # the files an earlier run's (e) did not reach, most important first: the workers take them in order; a path that
@@ -53,9 +54,18 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
-[[ "${1:-}" == "--dry-run" ]] && DRY=1
+case "${1:-}" in
+  --dry-run) DRY=1 ;;
+  "") ;;
+  *) echo "usage: bash bench/gpu_run.sh [--dry-run] (got '$*')" >&2; exit 2 ;;
+esac
 OUT=${OUT:-out}
-PY=${PYTHON:-python3}
+# the interpreter: PYTHON, else make's .venv where there is one (it sees a system torch too), else python3
+if [[ -n "${PYTHON:-}" ]]; then PY=$PYTHON; elif [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=python3; fi
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  echo "bench/gpu_run.sh: $PY cannot import torch; set PYTHON to an interpreter that can (e.g. PYTHON=.venv/bin/python after make setup)" >&2
+  exit 2
+fi
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=$(nproc)
 # TOTAL leaves 15 s for the last stage's grace period (timeout -k 15): a dry run ends within 115 s, a real one 540 s.

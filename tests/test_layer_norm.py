@@ -358,3 +358,11 @@ def test_torch_compile_fullgraph():
             return self.fc(y) + s
 
     assert_compiles_like_eager(Block(), torch.randn(3, 7, 48, requires_grad=True), torch.randn(3, 7, 48))
+
+
+def test_choose_backend_names_unknown_ops_and_wants_tensors():
+    """An unknown op gave KeyError('layernorm'), no tensor an IndexError."""
+    with pytest.raises(ValueError, match=r"unknown op 'layernorm'; expected one of \[.*'layer_norm'"):
+        vitfast.choose_backend("layernorm", torch.randn(2, 4))
+    with pytest.raises(ValueError, match="give the op's input tensors"):
+        vitfast.choose_backend("layer_norm")

@@ -5,6 +5,7 @@ main job's shapes (tests/test_<op>.py cover them on small shapes)."""
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -70,6 +71,7 @@ def test_bad_flags_are_refused_clearly(capsys):
         main(["info", "--device", "cpu"])
     # refused before any measuring (a path it cannot create, a backend that runs none of the cases on the device)
     for flags, message in ((["--out", "/proc/vitfast-out"], "--out /proc/vitfast-out: "),
+                           (["--out", __file__], f"--out {__file__}: not a directory"),
                            (["--backend", "onednn"], "--backend onednn runs none of these cases on cpu")):
         with pytest.raises(SystemExit) as e:
             main(["check", "--op", "layer_norm", "--device", "cpu", *flags])
@@ -108,3 +110,12 @@ def test_bench_report_refuses_the_main_jobs_json(tmp_path, capsys):
     with pytest.raises(SystemExit):
         report.main([str(path), "--out", str(tmp_path), "--no-plot"])
     assert "not a pytest-benchmark JSON" in capsys.readouterr().err
+
+
+def test_out_without_matplotlib_is_refused_before_measuring(tmp_path, monkeypatch, capsys):
+    """--out writes a plot with matplotlib: without it the job failed with a traceback (exit 1) after measuring."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(SystemExit) as e:
+        main(["check", "--op", "layer_norm", "--device", "cpu", "--out", str(tmp_path)])
+    assert e.value.code == 2 and "needs matplotlib, which is not installed" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

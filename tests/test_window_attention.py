@@ -317,6 +317,10 @@ def test_bad_inputs_raise_clear_errors():
                                          [3, 3])
     with pytest.raises(ValueError, match="divisible"):
         vitfast.nn.ShiftedWindowAttention(30, [7, 7], [3, 3], 4)
+    for qkv_w, proj_w in [((89, 30), (30, 30)), ((90, 30), (29, 30))]:  # (a view failed; a wrong proj was taken)
+        with pytest.raises(ValueError, match=r"qkv_weight must be \(3C, C\) = \(90, 30\) and proj_weight \(C, C\)"):
+            vitfast.shifted_window_attention(x, torch.randn(qkv_w), torch.randn(proj_w), torch.randn(169, 3), [7, 7],
+                                             3, [3, 3])
     qkv = torch.randn(1, 14, 14, 3, 2, 8)
     with pytest.raises(ValueError, match=r"table must be \(169, 2\).*\(169, 3\)"):
         vitfast.window_attention(qkv, torch.randn(169, 3), 7, 3)

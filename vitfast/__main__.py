@@ -14,6 +14,7 @@ skipped with a note); with status 2 on bad arguments (argparse's; a --backend th
 all), a bad VITFAST_BACKEND or an --out it cannot write, all checked before measuring.
 """
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -259,6 +260,10 @@ def main(argv=None) -> int:
         if None not in reasons:
             parser.error(f"--backend {name} runs none of these cases on {args.device}: {'; '.join(sorted(reasons))}")
     if args.out:  # (checked before minutes of measuring, not after; the last check: it creates the folder)
+        if importlib.util.find_spec("matplotlib") is None:
+            parser.error(f"--out {args.out}: writing its plot (vitfast.png) needs matplotlib, which is not installed")
+        if os.path.exists(args.out) and not os.path.isdir(args.out):
+            parser.error(f"--out {args.out}: not a directory")
         try:
             os.makedirs(args.out, exist_ok=True)
         except OSError as e:

@@ -242,10 +242,14 @@ def choose_backend(op: str, *tensors: Optional[torch.Tensor], skip: tuple = ()) 
     ignores it.
 
     Raises:
-        ValueError: when the forced backend, or every backend, cannot take the inputs.
+        ValueError: an unknown op, no tensor, or when the forced backend, or every backend, cannot take the inputs.
     """
+    if op not in _OPS:
+        raise ValueError(f"vitfast.choose_backend: unknown op {op!r}; expected one of {sorted(_OPS)}")
     spec = _OPS[op]
     present = tuple(t for t in tensors if t is not None)
+    if not present:
+        raise ValueError(f"vitfast.choose_backend({op!r}): give the op's input tensors (the choice depends on them)")
     forced = forced_backend()
     if forced:
         candidates = (forced,)

@@ -179,8 +179,11 @@ def _backward(ctx, dy):
     x, weight = ctx.saved_tensors
     # in the forward's dtypes, also when backward() is called inside an autocast region
     with _autocast.disabled(dy.device):
-        # (through the op, which torch.compile keeps opaque: Inductor cannot lower oneDNN's op on a strided weight)
-        dx = _linear_op(dy, weight.t(), None, False) if ctx.needs_input_grad[0] else None
+        # (through the op, which torch.compile keeps opaque: Inductor cannot lower oneDNN's op on a strided weight;
+        # N = 0: zeros, the product of an empty inner dim, which a forced onednn backend refuses)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = _linear_op(dy, weight.t(), None, False) if dy.shape[1] else dy.new_zeros(x.shape)
         dweight = dy.t() @ x if ctx.needs_input_grad[1] else None
         dbias = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
     return dx, dweight, dbias, None

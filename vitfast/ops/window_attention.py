@@ -636,7 +636,8 @@ def shifted_window_attention(input: Tensor, qkv_weight: Tensor, proj_weight: Ten
         (B, H, W, C).
 
     Raises:
-        ValueError: input not (B, H, W, C), C not divisible by num_heads, or as `window_attention`.
+        ValueError: input not (B, H, W, C), C not divisible by num_heads, qkv_weight not (3C, C), proj_weight not
+            (C, C), or as `window_attention`.
         NotImplementedError: an input with a forward-mode AD tangent (torch.func.jvp, torch.autograd.forward_ad).
     """
     _backend.check_transforms("shifted_window_attention", input, qkv_weight, proj_weight, relative_position_bias,
@@ -647,6 +648,10 @@ def shifted_window_attention(input: Tensor, qkv_weight: Tensor, proj_weight: Ten
     if num_heads < 1 or C % num_heads != 0:
         raise ValueError(f"vitfast.shifted_window_attention: channels C={C} must be divisible by num_heads="
                          f"{num_heads}")
+    if tuple(qkv_weight.shape) != (3 * C, C) or tuple(proj_weight.shape) != (C, C):
+        raise ValueError(f"vitfast.shifted_window_attention: qkv_weight must be (3C, C) = ({3 * C}, {C}) and "
+                         f"proj_weight (C, C) = ({C}, {C}) for input {tuple(input.shape)}, got "
+                         f"{tuple(qkv_weight.shape)} and {tuple(proj_weight.shape)}")
     ws = _window_pair(window_size, "shifted_window_attention")
     shift = _used_shift(ws, _pair(shift_size, "shift_size"), H, W, "shifted_window_attention")
     pad_H, pad_W = math.ceil(H / ws[0]) * ws[0], math.ceil(W / ws[1]) * ws[1]
