@@ -203,3 +203,20 @@ def test_window_partition_and_reverse(shape, ws, shift, dtype):
     # A strided (non-contiguous) input moves the same way.
     xt = x.transpose(1, 2).contiguous().transpose(1, 2)
     assert torch.equal(torch.ops.vitfast.window_partition(xt, list(ws), list(shift)), windows)
+
+
+@needs_wp
+def test_window_partition_and_reverse_gradients_and_fakes():
+    """Each is the other's adjoint (zero padding, cropped back): gradients in float64, opcheck (fakes for
+    torch.compile) and a compiled round trip. They had no autograd: backward() left x.grad None."""
+    x = torch.randn(2, 9, 11, 6, dtype=torch.float64, requires_grad=True)
+    args = ([4, 4], [2, 1])
+    windows = torch.ops.vitfast.window_partition(x, *args)
+    assert torch.autograd.gradcheck(lambda t: torch.ops.vitfast.window_partition(t, *args), (x,))
+    w = windows.detach().requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: torch.ops.vitfast.window_reverse(t, 9, 11, *args), (w,))
+    torch.library.opcheck(torch.ops.vitfast.window_partition.default, (x, *args))
+    torch.library.opcheck(torch.ops.vitfast.window_reverse.default, (w, 9, 11, *args))
+    round_trip = torch.compile(lambda t: torch.ops.vitfast.window_reverse(
+        torch.ops.vitfast.window_partition(t, *args) * 2, 9, 11, *args), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(round_trip(x), 2 * x)

@@ -59,6 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vitfast import _ext
 from vitfast import autocast as _autocast
 from vitfast import backend as _backend
 from vitfast.ops.attention import check_dropout_capture
@@ -664,3 +665,49 @@ def shifted_window_attention(input: Tensor, qkv_weight: Tensor, proj_weight: Ten
                         None, attention_dropout if training else 0.0, "shifted_window_attention")
     x = linear(x, proj_weight, proj_bias)
     return F.dropout(x, p=dropout, training=training)
+
+
+
+# torch.ops.vitfast.window_partition / window_reverse (csrc/window_process.cpp, kernels/window_process.cu: the pad,
+# roll and partition of a Swin block and its inverse, for users who keep their own attention) are each other's
+# adjoint: the padding partition adds is zeros and reverse crops it, so the gradient of each is the other applied to
+# the incoming gradient. Their fakes give the shapes (torch.compile, meta tensors).
+def _window_count(H: int, W: int, window_size: Sequence[int]) -> int:
+    return math.ceil(H / window_size[0]) * math.ceil(W / window_size[1])
+
+
+def _partition_fake(x, window_size, shift_size):
+    B, H, W, C = x.shape
+    return x.new_empty(B * _window_count(H, W, window_size), window_size[0] * window_size[1], C)
+
+
+def _reverse_fake(windows, H, W, window_size, shift_size):
+    n = _window_count(H, W, window_size)
+    if n == 0 or windows.dim() != 3 or windows.shape[0] % n:
+        raise ValueError(f"vitfast window_reverse: windows {tuple(windows.shape)} must be (B * nW, N, C) with nW = "
+                         f"{n} windows of a {H}x{W} map in {tuple(window_size)}")
+    return windows.new_empty(windows.shape[0] // n, H, W, windows.shape[2])
+
+
+def _partition_setup(ctx, inputs, output):
+    x, ctx.window_size, ctx.shift_size = inputs
+    ctx.H, ctx.W = x.shape[1], x.shape[2]
+
+
+def _partition_backward(ctx, grad):
+    return torch.ops.vitfast.window_reverse(grad, ctx.H, ctx.W, ctx.window_size, ctx.shift_size), None, None
+
+
+def _reverse_setup(ctx, inputs, output):
+    _, _, _, ctx.window_size, ctx.shift_size = inputs
+
+
+def _reverse_backward(ctx, grad):
+    return torch.ops.vitfast.window_partition(grad, ctx.window_size, ctx.shift_size), None, None, None, None
+
+
+if _ext.HAS_EXT:
+    torch.library.register_fake("vitfast::window_partition")(_partition_fake)
+    torch.library.register_fake("vitfast::window_reverse")(_reverse_fake)
+    torch.library.register_autograd("vitfast::window_partition", _partition_backward, setup_context=_partition_setup)
+    torch.library.register_autograd("vitfast::window_reverse", _reverse_backward, setup_context=_reverse_setup)
