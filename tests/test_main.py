@@ -25,6 +25,17 @@ def test_check_and_out(tmp_path, capsys):
     assert (tmp_path / "vitfast.png").stat().st_size > 1000
 
 
+def test_interpreted_triton_is_left_out_unless_asked_for(capsys, monkeypatch):
+    """With TRITON_INTERPRET=1 in the environment (the tests' own) the default job timed Triton's interpreter at the
+    CPU shapes: minutes a call. It is left out with a note; --backend triton still runs it."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if not vitfast.backend.triton_takes_cpu():
+        pytest.skip("triton is not installed")
+    assert main(["check", "--op", "layer_norm", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "| vitfast triton" not in printed and "Triton interprets CPU tensors" in printed
+
+
 def test_info_only(capsys):
     assert main(["info"]) == 0
     assert "torch" in capsys.readouterr().out

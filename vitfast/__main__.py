@@ -161,6 +161,10 @@ def _run_case(case: Case, device: str, dtype: torch.dtype, reps: int, only: Sequ
     for name in _backends(op, device):
         if only and name not in only:
             continue
+        if not only and name == "triton" and device == "cpu":  # (TRITON_INTERPRET=1: minutes a call at these shapes)
+            skipped.setdefault(name, set()).add("Triton interprets CPU tensors (TRITON_INTERPRET=1), far too slowly "
+                                                "for these shapes; --backend triton runs it")
+            continue
         reason = backend.why_not(op, name, *inputs)
         if reason is None:
             names.append(name)
