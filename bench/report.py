@@ -3,7 +3,8 @@
     python bench/report.py bench.json [more.json ...] --out DIR [--no-plot]
 
 Rows are grouped by benchmark group (one op or model at one shape); within a group each implementation
-(extra_info["impl"]: "vitfast-<backend>", "torch", "sdpa-flash", ...) gets its median time, the roofline
+(extra_info["impl"]: "vitfast-<backend>", "torch", "sdpa-flash", ...; bench_patched_models.py's variants, timed
+in one round: "original", "vitfast-patched", "vitfast-prepacked", "compiled") gets its median time, the roofline
 floor of the shape (bytes over the measured copy bandwidth, FLOPs over the measured matmul peak, whichever
 is larger) with the time's multiple of it, its throughput, its peak memory (on a GPU) and its speedup against
 the fastest non-vitfast implementation of the group. Several JSON files (e.g. one pytest run per part of
@@ -37,8 +38,15 @@ def load(*paths: str) -> tuple:
             data["benchmarks"] += part["benchmarks"]
     groups = defaultdict(list)
     for b in data["benchmarks"]:
-        impl = b["extra_info"].get("impl", b["name"])
-        groups[b["group"] or b["name"]].append((impl, b["stats"]["median"], b["extra_info"]))
+        extra, group = b["extra_info"], b["group"] or b["name"]
+        if "original_ms" in extra:  # bench_patched_models.py: one round times every variant; each its own row
+            for key, ms in extra.items():
+                if key.endswith("_ms"):
+                    name = key[:-3]
+                    groups[group].append((f"vitfast-{name}" if name in ("patched", "prepacked") else name,
+                                          ms / 1e3, {}))
+            continue
+        groups[group].append((extra.get("impl", b["name"]), b["stats"]["median"], extra))
     return data, groups
 
 

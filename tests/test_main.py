@@ -108,19 +108,39 @@ def test_a_bad_vitfast_backend_variable(monkeypatch, capsys):
     assert e.value.code == 2 and "VITFAST_BACKEND='bogus' is not a vitfast backend" in capsys.readouterr().err
 
 
-def test_bench_report_refuses_the_main_jobs_json(tmp_path, capsys):
-    """bench/report.py reads pytest-benchmark JSON; given the main job's vitfast.json it says so (a KeyError)."""
+def _bench_report():
     import importlib.util
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(vitfast.__file__)))
     spec = importlib.util.spec_from_file_location("bench_report", os.path.join(root, "bench", "report.py"))
     report = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(report)
+    return report
+
+
+def test_bench_report_refuses_the_main_jobs_json(tmp_path, capsys):
+    """bench/report.py reads pytest-benchmark JSON; given the main job's vitfast.json it says so (a KeyError)."""
+    report = _bench_report()
     path = tmp_path / "vitfast.json"
     path.write_text(json.dumps({"info": {}, "date": "2026-11-30", "rows": []}))
     with pytest.raises(SystemExit):
         report.main([str(path), "--out", str(tmp_path), "--no-plot"])
     assert "not a pytest-benchmark JSON" in capsys.readouterr().err
+
+
+def test_bench_report_splits_the_patched_model_rounds(tmp_path):
+    """bench_patched_models.py times original, patched and prepacked in one round (one pytest-benchmark entry): the
+    report gave that round one row, "1.00x vs best baseline"; it now gives each variant its row and speedup."""
+    extra = {"original_ms": 120.0, "patched_ms": 100.0, "prepacked_ms": 80.0, "speedup_patched_paired": 1.2}
+    bench = {"name": "test_model[vit]", "group": "vit inference B=1", "stats": {"median": 0.3}, "extra_info": extra}
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"benchmarks": [bench], "datetime": "2026-12-01"}))
+    report = _bench_report()
+    text = report.markdown(*report.load(str(path)))
+    cells = {tuple(c.strip() for c in line.split("|")[2:4]): line.split("|")[-2].strip()
+             for line in text.splitlines() if line.startswith("| vit")}
+    assert cells == {("original", "120.000"): "1.00x", ("vitfast-patched", "100.000"): "1.20x",
+                     ("vitfast-prepacked", "80.000"): "1.50x"}, text
 
 
 def test_out_without_matplotlib_is_refused_before_measuring(tmp_path, monkeypatch, capsys):
