@@ -215,6 +215,19 @@ def test_non_finite_query_that_sees_no_key_leaves_the_gradients_alone(backend, d
     torch.testing.assert_close(dv.double(), want_dv, rtol=1e-4, atol=1e-5)
 
 
+def test_full_mask_under_dynamic_shapes():
+    """A mask of the full (B, H, Nq, Nk) shape under torch.compile(dynamic=True): the shape check `m not in (1, t)`
+    is False under dynamo for a symbolic t equal to m, which refused a valid mask (transformers' Swin on a forced
+    backend)."""
+    q, k, v = _qkv(1, 2, 16, 16, 8, torch.float32, "cpu")
+
+    def f(q, k, v):  # (a mask of static sizes, q's symbolic)
+        return vitfast.attention(q, k, v, torch.arange(256.0).view(1, 1, 16, 16).expand(1, 2, 16, 16) / 256)
+    torch._dynamo.reset()
+    compiled = torch.compile(f, dynamic=True, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(q, k, v), f(q, k, v))
+
+
 @pytest.mark.parametrize("backend", ["cpp", "torch"])
 def test_saturated_softmax_gives_exact_zero_gradients_on_the_reference_paths(backend):
     """Scores past 2**20 take the cpp and torch backends' reference code, where the softmax saturates (one key per row

@@ -222,6 +222,46 @@ def test_patched_eager_model_gradients_where_a_query_sees_no_key():
         torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_patched_eager_models_run_their_own_eager_function():
+    """The eager function a module falls back to is the one its forward names (Llama4's vision attention:
+    vision_eager_attention_forward; Phi4's: simple_eager_attention_forward), not its modeling file's text one, which
+    raised on these modules; and eager's masks carry causality (Phi4's vision attention sets is_causal but runs
+    bidirectionally under eager: vitfast_eager had made it causal)."""
+    phi4 = pytest.importorskip("transformers.models.phi4_multimodal.modeling_phi4_multimodal")
+    llama4 = transformers.Llama4VisionModel(transformers.Llama4VisionConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128, image_size=32,
+        patch_size=8, vision_output_dim=128, projector_input_dim=128, projector_output_dim=128,
+        pixel_shuffle_ratio=0.5))
+    phi = phi4.Phi4MultimodalVisionModel(phi4.Phi4MultimodalVisionConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=28,
+        patch_size=14))
+    for model, size in ((llama4, 32), (phi, 28)):
+        model.set_attn_implementation("eager")
+        model.eval()
+        patched = copy.deepcopy(model)
+        vitfast.patch_model(patched)
+        x = torch.randn(1, 3, size, size)
+        with torch.no_grad():
+            want = model(pixel_values=x).last_hidden_state
+            for backend in ("auto", "torch"):
+                with vitfast.use_backend(backend):
+                    got = patched(pixel_values=x).last_hidden_state
+                torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4, msg=f"{type(model).__name__} {backend}")
+
+
+def test_models_that_pick_attention_classes_by_name_build_from_a_patched_config():
+    """GIT's attention classes by name ("eager" only): a patched eager GitModel's config named vitfast_eager, which
+    its table lacked (KeyError when built from it)."""
+    config = transformers.GitConfig(vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                       intermediate_size=48, image_size=16, patch_size=8),
+                                    hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                    intermediate_size=48, vocab_size=50, max_position_embeddings=16)
+    model = transformers.GitModel._from_config(config, attn_implementation="eager")
+    vitfast.patch_model(model)
+    assert model.config._attn_implementation == vt.NAME_EAGER
+    transformers.GitModel(model.config)
+
+
 def test_swin_backbone_runs_the_fused_window_attention():
     """SwinBackbone (UperNet, MaskFormer) calls its layers with always_partition=True, which changes nothing where
     the map is larger than the window: the fused op runs there (it ran transformers' path on every call) and the

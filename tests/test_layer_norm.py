@@ -256,6 +256,13 @@ def test_use_backend_inside_a_compiled_function():
     with pytest.raises(Exception, match=r"use_backend\('torch'\) inside a function that torch.compile traces"):
         torch.compile(f, fullgraph=True, backend="aot_eager")(x)
     assert vitfast.backend.forced_backend() is None
+
+    def g(t):
+        vitfast.set_backend("torch")
+        return vitfast.layer_norm(t, 8)
+    with pytest.raises(Exception, match=r"set_backend\('torch'\) inside a function that torch.compile traces"):
+        torch.compile(g, fullgraph=True, backend="aot_eager")(x)
+    assert vitfast.backend.forced_backend() is None
     chosen = []
     real = vitfast.backend.choose_backend
 

@@ -805,6 +805,10 @@ def test_patched_methods_take_the_originals_parameter_names():
     assert checked >= 10
     norm = nn.LayerNorm(8)
     vitfast.patch_model(norm)
+    # the bound method shows the original's signature, as torch.export's dynamic_shapes need ((*args, **kwargs) was
+    # refused there)
+    assert str(inspect.signature(norm.forward)) == "(input: torch.Tensor) -> torch.Tensor"
+    torch.export.export(norm, (torch.randn(4, 8),), dynamic_shapes=({0: torch.export.Dim("batch", max=64)},))
     x = torch.randn(2, 8)
     with vitfast.use_backend("cpp"):
         torch.testing.assert_close(norm(input=x), nn.functional.layer_norm(x, (8,), norm.weight, norm.bias))

@@ -91,14 +91,21 @@ def _refresh() -> None:
     _forced = _blocks[-1][1] if _blocks else _set
 
 
+_COMPILING = ("vitfast.{} inside a function that torch.compile traces would not reach vitfast's ops, which choose "
+              "their backend when the compiled graph runs: call it around the compiled call")
+
+
 def set_backend(name: Optional[str]) -> None:
     """Forces `name` for every op ("auto": the automatic choice, whatever VITFAST_BACKEND says; None: back to
     VITFAST_BACKEND, automatic where it is unset). An open use_backend block takes precedence.
 
     Raises:
         ValueError: a name that is not one of BACKENDS, "auto" or None.
+        RuntimeError: called inside a function that torch.compile traces (as use_backend).
     """
     global _set
+    if torch.compiler.is_compiling():
+        raise RuntimeError(_COMPILING.format(f"set_backend({name!r})"))
     with _blocks_lock:
         _set = None if name is None else _check_name(name)
         _refresh()
@@ -118,13 +125,13 @@ def use_backend(name: Optional[str]) -> Iterator[None]:
         ValueError: a name that is not one of BACKENDS, "auto" or None.
         RuntimeError: the block is entered inside a function that torch.compile traces: vitfast's ops choose their
             backend when the compiled graph runs, and dynamo replays the block's setting and restoring around the
-            graph, so it would not reach them.
+            graph, so it would not reach them. Dynamo takes the error as a graph break: without fullgraph the
+            function runs uncompiled from there (the block then works); with fullgraph=True compiling fails
+            (dynamo's "Observed exception", with this message in its debug context).
     """
     name = None if name is None else _check_name(name)
     if torch.compiler.is_compiling():
-        raise RuntimeError(
-            f"vitfast.use_backend({name!r}) inside a function that torch.compile traces would not reach vitfast's "
-            f"ops, which choose their backend when the compiled graph runs: enter it around the compiled call")
+        raise RuntimeError(_COMPILING.format(f"use_backend({name!r})"))
     token = [object(), name]
     with _blocks_lock:
         _blocks.append(token)
@@ -190,6 +197,12 @@ def forward_ad_open() -> bool:
     """Whether a forward-mode AD level is open (torch.autograd.forward_ad.dual_level, torch.func.jvp), under which
     vitfast's ops would drop tangents."""
     return fwAD._current_level >= 0
+
+
+def transforms_open() -> bool:
+    """Whether a torch.func gradient transform or a forward-mode AD level is open: vitfast's ops do not run under
+    either, so patched modules run their original code (functorch_grad_active, forward_ad_open)."""
+    return functorch_grad_active() or forward_ad_open()
 
 
 def check_transforms(op: str, *tensors: Optional[torch.Tensor]) -> None:

@@ -173,8 +173,8 @@ def mlp_chunk_rows(x: Tensor, mlp: nn.Module, hidden: int) -> Optional[int]:
         mlp: the MLP module; all its parameters count (every chunk reads them).
         hidden: its hidden features (fc1's out_features).
     """
-    if not x.is_cpu or x.dtype != torch.float32 or x.dim() == 0 or hidden < 1 or isinstance(x.numel(), torch.SymInt):
-        return None  # (symbolic sizes, torch.export: the rule would become a guard on them; ops/linear.py's symbolic)
+    if not x.is_cpu or x.dtype != torch.float32 or x.dim() == 0 or hidden < 1:
+        return None
     M = x.numel() // x.shape[-1] if x.shape[-1] else 0
     rows = MLP_ROWS_CHUNK_BYTES // (hidden * 4)
     if M * hidden * 4 < MLP_ROWS_MIN_HIDDEN_BYTES or rows < 1 or (

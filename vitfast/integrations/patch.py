@@ -23,6 +23,7 @@ patched module whose submodules carry hooks, or were swapped since patching (a L
 runs its original forward too, since the patched paths read the submodules' parameters directly.
 """
 import functools
+import inspect
 import math
 import re
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ from vitfast import backend as _backend
 from vitfast.integrations.choice import describe, mlp_chunk_rows, runs_original
 from vitfast.ops.attention import attention
 from vitfast.ops.layer_norm import layer_norm
-from vitfast.ops.linear import drop_prepacked, linear, symbolic
+from vitfast.ops.linear import drop_prepacked, linear
 from vitfast.ops.linear_gelu import linear_gelu, uses_onednn as linear_gelu_uses_onednn
 
 KINDS = ("attention", "rel_pos_attention", "window_attention", "layer_norm", "patch_embed", "linear_gelu", "linear")
@@ -249,13 +250,12 @@ def mlp_fc1(x: Tensor, fc1: nn.Module, act: nn.Module) -> Tensor:
     patched method keep them): one vitfast.linear_gelu call, or the modules' own calls where choice.py says ATen
     (the output's size counts in the dtype autocast gives it; without grad on CPU, where linear_gelu's onednn backend
     takes the call, the table's vitfast holds at any size), where x's dtype differs from the weight's outside
-    autocast (F.linear's error) or where the size is symbolic (torch.export: the size rules would become guards on
-    it; ops/linear.py's symbolic)."""
+    autocast (F.linear's error) or under torch.export (the size rules would become guards on the traced sizes)."""
     autocast = _autocast.is_enabled(x.device)
-    M = math.prod(x.shape[:-1])
-    if (x.dtype != fc1.weight.dtype and not autocast) or symbolic(M):
+    if (x.dtype != fc1.weight.dtype and not autocast) or torch.compiler.is_exporting():
         return act(fc1(x))
     itemsize = torch.get_autocast_dtype(x.device.type).itemsize if autocast else x.element_size()
+    M = math.prod(x.shape[:-1])
     prepack = fc1.__dict__.get(_PREPACK, False)
     if runs_original("linear_gelu", x, M * fc1.out_features * itemsize) and (
             autocast or not linear_gelu_uses_onednn(x, fc1.weight, fc1.bias, prepack=prepack)):
@@ -395,7 +395,7 @@ def _guarded(module: nn.Module, kind: str, name: str, fn: Callable, layout: tupl
     tensors), which vitfast's ops do not run under."""
     x = _input(args, kwargs)
     if ((x is not None and runs_original(kind, x)) or not _unchanged(module, layout)
-            or (layout and _global_hooks()) or _backend.functorch_grad_active() or _backend.forward_ad_open()):
+            or (layout and _global_hooks()) or _backend.transforms_open()):
         return getattr(type(module), name)(module, *args, **kwargs)
     return fn(module, *args, **kwargs)
 
@@ -413,10 +413,14 @@ def _bind(module: nn.Module, kind: str, methods: Dict[str, Callable]) -> None:
     # Methods the class has are guarded (_guarded); helpers the adapter adds are called only from those.
     # torch.jit.script calls every submodule's __prepare_scriptable__ first: it gets a clear error there rather
     # than failing on a partial's missing __globals__.
+    # A guarded method keeps the signature of the method it replaces (torch.export's dynamic_shapes are keyed by it).
     layout = _layout(module)
     for name, fn in methods.items():
-        bound = (functools.partial(_guarded, module, kind, name, fn, layout) if hasattr(type(module), name)
-                 else functools.partial(fn, module))
+        if hasattr(type(module), name):
+            bound = functools.partial(_guarded, module, kind, name, fn, layout)
+            bound.__signature__ = inspect.signature(getattr(module, name))
+        else:
+            bound = functools.partial(fn, module)
         object.__setattr__(module, name, bound)
     object.__setattr__(module, _SCRIPT, functools.partial(_refuse_script, module))
     object.__setattr__(module, _MARK, (kind, (*methods, _SCRIPT)))
@@ -440,7 +444,7 @@ def patch_model(model: nn.Module, attention: bool = True, window_attention: bool
         patch_embed: timm PatchEmbed, torchvision VisionTransformer's conv_proj, transformers ViT/DeiT patch
             embeddings.
         mlp: the first Linear + GELU of MLP blocks -> vitfast.linear_gelu (timm Mlp, torchvision MLP / MLPBlock,
-            transformers ViT, DeiT, Swin, CLIP, SAM and ViTDet MLPs, segment_anything MLPBlock; other activations,
+            transformers ViT, DeiT, Swin, CLIP, SAM, SAM-HQ and ViTDet MLPs, segment_anything MLPBlock; other activations,
             e.g. CLIP's quick_gelu, are left with the reason).
         linear: nn.Linear layers (exactly that class and MultiheadAttention's out_proj, not subclasses) ->
             vitfast.linear.

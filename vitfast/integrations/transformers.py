@@ -5,7 +5,8 @@
     model = ViTModel(config, attn_implementation="vitfast")   # or model.set_attn_implementation("vitfast")
 
 Both interfaces are registered: AttentionInterface runs the attention, AttentionMaskInterface builds the
-masks. Without the second, transformers silently drops masks for an unknown implementation name (CLIP's
+masks. (Models that pick attention classes by this name when built, SAM's vision encoder or GIT, take it where their
+modeling file was imported before register(): their own attention then runs, which patch_model's adapters replace.) Without the second, transformers silently drops masks for an unknown implementation name (CLIP's
 text padding would be lost). Masks are the SDPA ones: bool (True = attend) or additive float.
 
 `vitfast.patch_model` also binds forward paths to the vision attention modules that do not use the interface:
@@ -17,6 +18,7 @@ reason).
 """
 import dataclasses
 import functools
+import inspect
 import sys
 from typing import Optional
 
@@ -59,11 +61,14 @@ def eager_masks_attention_forward(module: torch.nn.Module, query: torch.Tensor, 
 
 
 def _forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, eager_masks, **kwargs):
-    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    is_causal = bool(query.shape[2] > 1 and attention_mask is None and is_causal)
+    if eager_masks:  # eager's masks carry any causality (eager functions read no is_causal)
+        is_causal = False
+    else:
+        is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        is_causal = bool(query.shape[2] > 1 and attention_mask is None and is_causal)
     if kwargs.get("output_attentions") or kwargs.get("position_bias") is not None or kwargs.get("softcap"):
         return _eager(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
-    if runs_original("attention", query) or _backend.functorch_grad_active() or _backend.forward_ad_open():
+    if runs_original("attention", query) or _backend.transforms_open():
         if eager_masks:
             return _eager(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -78,8 +83,20 @@ def _forward(module, query, key, value, attention_mask, dropout, scaling, is_cau
     return out.transpose(1, 2).contiguous(), None
 
 
+def _eager_function(module: torch.nn.Module):
+    """The eager attention `module` runs under attn_implementation="eager" (the default its forward gives
+    get_interface): the one function whose name ends in eager_attention_forward that its forward reads (Llama4's
+    vision_eager_attention_forward, Phi4's simple_eager_attention_forward), else its modeling file's
+    eager_attention_forward, else None."""
+    forward = inspect.unwrap(type(module).forward)
+    scope = getattr(forward, "__globals__", None) or vars(sys.modules.get(type(module).__module__, sys))
+    names = {n for n in getattr(getattr(forward, "__code__", None), "co_names", ())
+             if n.endswith("eager_attention_forward") and callable(scope.get(n))}
+    return scope[names.pop()] if len(names) == 1 else scope.get("eager_attention_forward")
+
+
 def _eager(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs):
-    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    eager = _eager_function(module)
     if eager is None:
         raise ValueError(f"vitfast attention returns no attention weights and takes no position_bias or softcap, "
                          f"and {type(module).__name__}'s modeling file has no eager_attention_forward to run them; "
@@ -104,24 +121,24 @@ def register(name: str = NAME, masks: str = "sdpa") -> None:
         raise ValueError(f"vitfast.integrations.transformers.register: masks must be 'sdpa' or 'eager', got {masks!r}")
     AttentionInterface.register(name, attention_forward if masks == "sdpa" else eager_masks_attention_forward)
     AttentionMaskInterface.register(name, sdpa_mask if masks == "sdpa" else eager_mask)
+    # Models that pick attention classes by name when built (SAM's vision encoder: SAM_VISION_ATTENTION_CLASSES[name],
+    # GIT, SuperGlue) get `name` as an alias of the class of its masks, in the modeling files imported so far: a model
+    # built from a patched model's config then builds (it raised KeyError: 'vitfast'). Those classes run their own
+    # attention, which patch_model's adapters (SAM's) replace.
+    base = "sdpa" if masks == "sdpa" else "eager"
+    for module in list(sys.modules.values()):
+        if getattr(module, "__name__", "").startswith("transformers.models."):
+            for key, table in list(vars(module).items()):
+                if key.endswith("ATTENTION_CLASSES") and isinstance(table, dict) and base in table:
+                    table.setdefault(name, table[base])
 
 
 # ------------------------------------------------------------------------------- vitfast.patch_model support
 
 def _register_names() -> None:
-    """Registers the two names patch_model gives models: NAME (SDPA's masks) and NAME_EAGER (eager's). Models that
-    pick attention classes by name when built (SAM's vision encoder: SAM_VISION_ATTENTION_CLASSES[name]) get the
-    names as aliases of "sdpa" and "eager" in those tables, so that a model built from a patched model's config
-    builds (it raised KeyError: 'vitfast')."""
+    """Registers the two names patch_model gives models: NAME (SDPA's masks) and NAME_EAGER (eager's)."""
     register()
     register(NAME_EAGER, "eager")
-    for module in list(sys.modules.values()):
-        if not getattr(module, "__name__", "").startswith("transformers.models."):
-            continue
-        for key, table in list(vars(module).items()):
-            if key.endswith("ATTENTION_CLASSES") and isinstance(table, dict) and {"eager", "sdpa"} <= table.keys():
-                table.setdefault(NAME, table["sdpa"])
-                table.setdefault(NAME_EAGER, table["eager"])
 
 
 _SWIN_LAYER = "transformers.models.swin.modeling_swin.SwinLayer"
@@ -133,14 +150,13 @@ def _swin_layer_forward(self, hidden_states: torch.Tensor, input_dimensions, alw
     vitfast.window_attention call on the image-layout qkv. Falls back to transformers' path where the semantics
     differ: always_partition on a map no larger than the window (SwinBackbone's calls: elsewhere it changes
     nothing), a window clamped to the input, or attention weights requested."""
-    if always_partition and min(input_dimensions) > self.window_size:
-        always_partition = False  # set_shift_and_window_size keeps the window and shift of such a map
-    if not always_partition:
-        self.set_shift_and_window_size(input_dimensions)
+    if always_partition and min(input_dimensions) <= self.window_size:  # (elsewhere it changes nothing)
+        return type(self).forward(self, hidden_states, input_dimensions, always_partition, **kwargs)
+    self.set_shift_and_window_size(input_dimensions)
     attn = self.attention
     ws = attn.relative_position_bias.window_size
-    if always_partition or kwargs.get("output_attentions") or tuple(ws) != (self.window_size, self.window_size):
-        return type(self).forward(self, hidden_states, input_dimensions, always_partition, **kwargs)
+    if kwargs.get("output_attentions") or tuple(ws) != (self.window_size, self.window_size):
+        return type(self).forward(self, hidden_states, input_dimensions, **kwargs)
     height, width = input_dimensions
     batch_size, _, channels = hidden_states.shape
     shortcut = hidden_states

@@ -438,7 +438,8 @@ def _mask_4d(mask: Tensor, q: Tensor, k: Tensor) -> Tensor:
         raise ValueError(f"vitfast.attention: attn_mask must be bool or floating point, got {mask.dtype}")
     if mask.device != q.device:
         raise ValueError(f"vitfast.attention: attn_mask is on {mask.device}, q on {q.device}")
-    if mask.dim() > 4 or any(m not in (1, t) for m, t in zip(mask.shape[::-1], target[::-1])):
+    # (m != 1 and m != t, not m not in (1, t): dynamo takes a symbolic t == m as False inside a tuple)
+    if mask.dim() > 4 or any(m != 1 and m != t for m, t in zip(mask.shape[::-1], target[::-1])):
         raise ValueError(f"vitfast.attention: attn_mask of shape {tuple(mask.shape)} does not broadcast to "
                          f"(B, H, Nq, Nk) = {target}")
     mask = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape)) if mask.dim() < 4 else mask

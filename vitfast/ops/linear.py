@@ -89,13 +89,6 @@ def onednn_pays(M: int, K: int, N: int, mode: str = "plain") -> bool:
     return min(K, N) >= ONEDNN_MIN_DIM[mode] and M * K * N >= ONEDNN_MIN_MACS
 
 
-def symbolic(*sizes) -> bool:
-    """Whether any of these sizes is symbolic: a torch.SymInt, as torch.export's default (non-strict) tracing gives
-    them (dynamo, which torch.compile and strict export run, shows them to Python as ints: there a size rule becomes
-    a guard, which torch.compile honours by recompiling, and strict export with a bounded Dim refuses)."""
-    return any(isinstance(n, torch.SymInt) for n in sizes)
-
-
 def onednn_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], gelu: Optional[str] = None) -> Tensor:
     """oneDNN's inner product: x (M, K), weight (N, K) (any strides: a transposed view is read in place; or its
     prepacked copy, `onednn_weight`), bias (N,) (any strides) or None; float32 CPU tensors, K > 0. gelu: "none"
@@ -258,10 +251,10 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, prepack: bo
     prepack = prepack and not grad and isinstance(weight, nn.Parameter)
     mode = "grad" if grad else "prepacked" if prepack else "plain"
     M, K, N = math.prod(x.shape[:-1]), x.shape[-1], weight.shape[0]
-    # (symbolic sizes, under torch.export: the op, which applies the rule to each call's sizes, as a test here would
-    # become a guard on them; export with a bounded batch failed on it)
+    # (under torch.export the op, which applies the rule to each call's sizes: a test here, on the traced sizes,
+    # would become a guard on them, which export with a bounded dynamic batch refused)
     if _backend.forced_backend() not in ("onednn", "torch") and not (
-            x.is_cpu and (symbolic(M, K, N) or onednn_pays(M, K, N, mode))):
+            x.is_cpu and (torch.compiler.is_exporting() or onednn_pays(M, K, N, mode))):
         return F.linear(x, weight, bias)  # (the op's automatic choice, without its dispatch: ~40 us a call)
     y = _linear_op(x.reshape(M, K), weight, bias, prepack)
     return y.view(*x.shape[:-1], N)

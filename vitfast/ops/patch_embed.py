@@ -433,7 +433,7 @@ def patch_embed(images: Tensor, weight: Tensor, bias: Optional[Tensor], patch_si
             raise ValueError(f"vitfast.patch_embed: prefix_tokens must be (P, {E}) or (1, P, {E}), got "
                              f"{tuple(prefix_tokens.shape)}")
         P = prefix_tokens.shape[-2]
-        if num_prefix_tokens not in (0, P):
+        if num_prefix_tokens != 0 and num_prefix_tokens != P:  # (not `not in (0, P)`: P may be symbolic)
             raise ValueError(f"vitfast.patch_embed: num_prefix_tokens={num_prefix_tokens} but prefix_tokens has "
                              f"{P} rows")
         if not _dtype_fits(prefix_tokens, images) or prefix_tokens.device != images.device:

@@ -294,7 +294,9 @@ _autocast.register("rel_pos_attention_backward", _autocast.keep_dtypes(_rel_pos_
 
 def _check_rel(name: str, rel: Tensor, q: Tensor) -> None:
     B, H, Nq, _ = q.shape
-    if rel.dim() != 4 or rel.shape[0] not in (1, B) or rel.shape[1] not in (1, H) or rel.shape[2] != Nq:
+    # (!= twice, not `not in (1, B)`: dynamo takes a symbolic B equal to the size as False inside a tuple)
+    if (rel.dim() != 4 or (rel.shape[0] != 1 and rel.shape[0] != B) or (rel.shape[1] != 1 and rel.shape[1] != H)
+            or rel.shape[2] != Nq):
         raise ValueError(f"vitfast.rel_pos_attention: {name} must be (B|1, H|1, Nq, n) = ({B}|1, {H}|1, {Nq}, n) "
                          f"for q {tuple(q.shape)}, got {_describe(name, rel)}")
     if not rel.is_floating_point() or rel.device != q.device:
