@@ -61,9 +61,11 @@ case "${1:-}" in
 esac
 OUT=${OUT:-out}
 # the interpreter: PYTHON, else make's .venv where there is one (it sees a system torch too), else python3
-if [[ -n "${PYTHON:-}" ]]; then PY=$PYTHON; elif [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=python3; fi
+PY=python3
+[[ -x .venv/bin/python ]] && PY=.venv/bin/python
+PY=${PYTHON:-$PY}
 if ! "$PY" -c "import torch" 2>/dev/null; then
-  echo "bench/gpu_run.sh: $PY cannot import torch; set PYTHON to an interpreter that can (e.g. PYTHON=.venv/bin/python after make setup)" >&2
+  echo "bench/gpu_run.sh: $PY cannot import torch; set PYTHON to one that can (PYTHON=.venv/bin/python after make setup)" >&2
   exit 2
 fi
 mkdir -p "$OUT"

@@ -444,8 +444,8 @@ def patch_model(model: nn.Module, attention: bool = True, window_attention: bool
         patch_embed: timm PatchEmbed, torchvision VisionTransformer's conv_proj, transformers ViT/DeiT patch
             embeddings.
         mlp: the first Linear + GELU of MLP blocks -> vitfast.linear_gelu (timm Mlp, torchvision MLP / MLPBlock,
-            transformers ViT, DeiT, Swin, CLIP, SAM, SAM-HQ and ViTDet MLPs, segment_anything MLPBlock; other activations,
-            e.g. CLIP's quick_gelu, are left with the reason).
+            transformers ViT, DeiT, Swin, CLIP, SAM, SAM-HQ and ViTDet MLPs, segment_anything MLPBlock; other
+            activations, e.g. CLIP's quick_gelu, are left with the reason).
         linear: nn.Linear layers (exactly that class and MultiheadAttention's out_proj, not subclasses) ->
             vitfast.linear.
         prepack_weights: the nn.Linear layers' products on oneDNN without grad (vitfast.linear's and the MLPs'

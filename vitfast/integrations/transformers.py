@@ -5,9 +5,10 @@
     model = ViTModel(config, attn_implementation="vitfast")   # or model.set_attn_implementation("vitfast")
 
 Both interfaces are registered: AttentionInterface runs the attention, AttentionMaskInterface builds the
-masks. (Models that pick attention classes by this name when built, SAM's vision encoder or GIT, take it where their
-modeling file was imported before register(): their own attention then runs, which patch_model's adapters replace.) Without the second, transformers silently drops masks for an unknown implementation name (CLIP's
-text padding would be lost). Masks are the SDPA ones: bool (True = attend) or additive float.
+masks. Without the second, transformers silently drops masks for an unknown implementation name (CLIP's
+text padding would be lost). Masks are the SDPA ones: bool (True = attend) or additive float. (Models that pick
+attention classes by this name when built, SAM's vision encoder or GIT, take it where their modeling file was
+imported before register(): their own attention then runs, which patch_model's adapters replace.)
 
 `vitfast.patch_model` also binds forward paths to the vision attention modules that do not use the interface:
 SAM's (`SamVisionAttention`, `SamVisionSdpaAttention`, and SAM-HQ's copies) and ViTDet's (`VitDetAttention`), whose
@@ -43,8 +44,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     SDPA's (NAME). Where integrations/choice.py says ATen is faster (CPU and CUDA tensors), and under torch.func's
     gradient transforms and forward-mode AD (as patch_model's other modules), transformers' own SDPA path runs
     instead. A call that asks for the attention weights (output_attentions) or passes a position_bias or
-    softcap runs the module's own eager_attention_forward (its modeling file's), with the mask made additive as eager
-    expects; a module without one raises ValueError."""
+    softcap runs the module's own eager attention (_eager_function), with the mask made additive as eager expects; a
+    module without one raises ValueError."""
     return _forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, eager_masks=False,
                     **kwargs)
 
@@ -53,8 +54,8 @@ def eager_masks_attention_forward(module: torch.nn.Module, query: torch.Tensor, 
                                   value: torch.Tensor, attention_mask, dropout: float = 0.0, scaling=None,
                                   is_causal=None, **kwargs):
     """attention_forward for eager's masks (NAME_EAGER: a model that ran eager attention before patch_model). Where
-    attention_forward runs transformers' SDPA path, this runs the module's own eager_attention_forward, the code the
-    model ran before: SDPA given eager's finfo.min masks gets the gradients of a query that sees no key wrong (off by
+    attention_forward runs transformers' SDPA path, this runs the module's own eager attention, the code the model ran
+    before: SDPA given eager's finfo.min masks gets the gradients of a query that sees no key wrong (off by
     O(1), torch 2.13, CPU)."""
     return _forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, eager_masks=True,
                     **kwargs)

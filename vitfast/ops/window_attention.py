@@ -667,7 +667,6 @@ def shifted_window_attention(input: Tensor, qkv_weight: Tensor, proj_weight: Ten
     return F.dropout(x, p=dropout, training=training)
 
 
-
 # torch.ops.vitfast.window_partition / window_reverse (csrc/window_process.cpp, kernels/window_process.cu: the pad,
 # roll and partition of a Swin block and its inverse, for users who keep their own attention) are each other's
 # adjoint: the padding partition adds is zeros and reverse crops it, so the gradient of each is the other applied to
