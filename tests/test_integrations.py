@@ -228,6 +228,8 @@ def test_patched_eager_models_run_their_own_eager_function():
     raised on these modules; and eager's masks carry causality (Phi4's vision attention sets is_causal but runs
     bidirectionally under eager: vitfast_eager had made it causal)."""
     phi4 = pytest.importorskip("transformers.models.phi4_multimodal.modeling_phi4_multimodal")
+    if not hasattr(transformers, "Llama4VisionModel"):
+        pytest.skip(f"transformers {transformers.__version__} has no Llama4VisionModel")
     llama4 = transformers.Llama4VisionModel(transformers.Llama4VisionConfig(
         hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128, image_size=32,
         patch_size=8, vision_output_dim=128, projector_input_dim=128, projector_output_dim=128,
@@ -252,6 +254,8 @@ def test_patched_eager_models_run_their_own_eager_function():
 def test_models_that_pick_attention_classes_by_name_build_from_a_patched_config():
     """GIT's attention classes by name ("eager" only): a patched eager GitModel's config named vitfast_eager, which
     its table lacked (KeyError when built from it)."""
+    if not hasattr(transformers, "GitModel"):
+        pytest.skip(f"transformers {transformers.__version__} has no GitModel")
     config = transformers.GitConfig(vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                                        intermediate_size=48, image_size=16, patch_size=8),
                                     hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -266,6 +270,8 @@ def test_swin_backbone_runs_the_fused_window_attention():
     """SwinBackbone (UperNet, MaskFormer) calls its layers with always_partition=True, which changes nothing where
     the map is larger than the window: the fused op runs there (it ran transformers' path on every call) and the
     layers on a map no larger than the window keep transformers' path (it partitions them unclamped)."""
+    if not vitfast._ext.HAS_EXT:
+        pytest.skip(vitfast._ext.EXT_ERROR)
     config = transformers.SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 2],
                                      window_size=4, out_features=["stage1", "stage2"])
     model = transformers.SwinBackbone(config).eval()
