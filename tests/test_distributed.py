@@ -84,6 +84,10 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             results["fsdp2"] = _grads(model)
         if rank == 0:
             torch.save(results, os.path.join(out_dir, "grads.pt"))
+        # both ranks past their collectives before either tears its group down: in a loaded CI run one rank's
+        # teardown while the other's gloo work was in flight aborted it ("terminate called without an active
+        # exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
