@@ -125,13 +125,12 @@ def register(name: str = NAME, masks: str = "sdpa") -> None:
     # Models that pick attention classes by name when built (SAM's vision encoder: SAM_VISION_ATTENTION_CLASSES[name],
     # GIT, SuperGlue) get `name` as an alias of the class of its masks, in the modeling files imported so far: a model
     # built from a patched model's config then builds (it raised KeyError: 'vitfast'). Those classes run their own
-    # attention, which patch_model's adapters (SAM's) replace.
-    base = "sdpa" if masks == "sdpa" else "eager"
+    # attention, which patch_model's adapters (SAM's) replace. (`masks` names that class: "sdpa" or "eager".)
     for module in list(sys.modules.values()):
         if getattr(module, "__name__", "").startswith("transformers.models."):
             for key, table in list(vars(module).items()):
-                if key.endswith("ATTENTION_CLASSES") and isinstance(table, dict) and base in table:
-                    table.setdefault(name, table[base])
+                if key.endswith("ATTENTION_CLASSES") and isinstance(table, dict) and masks in table:
+                    table.setdefault(name, table[masks])
 
 
 # ------------------------------------------------------------------------------- vitfast.patch_model support
