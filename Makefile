@@ -28,7 +28,7 @@ $(VENV)/.optional: $(VENV)/.deps
 	  echo "timm/torchvision/open_clip/segment_anything not installed: their tests will skip"
 	touch $@
 
-$(VENV)/.built: $(VENV)/.deps setup.py $(wildcard csrc/*.cpp kernels/*.cu kernels/*.cuh)
+$(VENV)/.built: $(VENV)/.deps setup.py $(wildcard csrc/*.cpp csrc/*.h kernels/*.cu kernels/*.cuh)
 	$(PY) -m pip install --no-build-isolation --no-deps -e .
 	touch $@
 

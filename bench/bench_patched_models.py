@@ -103,11 +103,20 @@ def _runner(model: torch.nn.Module, mode: str, x: torch.Tensor):
     return step
 
 
+@pytest.fixture
+def bench_threads():
+    """Runs the test at THREADS threads and gives the session its own count back after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.skipif(ON_GPU, reason="the CPU choice of vitfast.patch_model; GPU models are in bench_models.py")
+@pytest.mark.usefixtures("bench_threads")
 @pytest.mark.parametrize("mode,batch", MODES, ids=[f"{m}-b{b}" for m, b in MODES])
 @pytest.mark.parametrize("name", list(MODELS))
 def test_patched_model(benchmark, name, mode, batch):
-    torch.set_num_threads(THREADS)
     torch.manual_seed(0)
     build, size = MODELS[name]
     original = build().to(DEVICE)

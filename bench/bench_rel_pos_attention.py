@@ -29,8 +29,8 @@ from torch.nn.attention import sdpa_kernel
 import vitfast
 from vitfast.ops.rel_pos_attention import rel_pos_attention_ref
 
-from conftest import (DEVICE, ON_GPU, SDPA, headline, record_vs_best_sdpa, run_benchmark, skip_unless_it_runs,
-                      vitfast_backends)
+from conftest import (DEVICE, ON_GPU, SDPA, headline, mean_seconds, record_vs_best_sdpa, run_benchmark,
+                      skip_unless_it_runs, vitfast_backends)
 
 # name: (B, H, (kh, kw) = the query and key grid, D).
 if ON_GPU:
@@ -164,4 +164,4 @@ def test_sam_encoder(benchmark, impl):
     benchmark.group = (f"SAM image encoder inference ({config.hidden_size} wide, {config.num_hidden_layers} layers, "
                        f"{size} px) B={batch} {DTYPE}")
     run_benchmark(benchmark, run, lambda: (torch.randn(batch, 3, size, size, device=DEVICE, dtype=DTYPE),), impl=impl)
-    benchmark.extra_info["images/s"] = batch / benchmark.stats.stats.mean
+    benchmark.extra_info["images/s"] = batch / mean_seconds(benchmark)

@@ -95,10 +95,18 @@ def skip_unless_it_runs(impl: str, fn, inputs: tuple, what: str) -> None:
 _best_sdpa: dict = {}  # benchmark group -> best SDPA mean time (s) so far in the session
 
 
+def mean_seconds(benchmark) -> float:
+    """The mean time of the benchmark just run; skips the test where pytest-benchmark timed nothing (it is disabled by
+    --benchmark-disable and under pytest-xdist: the function then ran once, untimed)."""
+    if benchmark.stats is None:
+        pytest.skip("pytest-benchmark is disabled (--benchmark-disable or pytest-xdist): ran once, not timed")
+    return benchmark.stats.stats.mean
+
+
 def record_vs_best_sdpa(benchmark, impl: str) -> None:
     """After a run: an SDPA row updates its group's best SDPA time; a vitfast row of a group whose SDPA rows ran
     earlier in the session gets extra_info["vs_best_sdpa"] = best SDPA mean / its mean (> 1: vitfast faster)."""
-    group, mean = benchmark.group, benchmark.stats.stats.mean
+    group, mean = benchmark.group, mean_seconds(benchmark)
     if impl in SDPA:
         _best_sdpa[group] = min(_best_sdpa.get(group, math.inf), mean)
     elif impl.startswith("vitfast") and group in _best_sdpa:
@@ -151,7 +159,7 @@ def run_benchmark(benchmark, fn, make_inputs, *, impl: str, bytes_moved: int = 0
         if ON_GPU:
             torch.cuda.reset_peak_memory_stats()
         benchmark.pedantic(call, rounds=20 if ON_GPU else 3, iterations=1, warmup_rounds=2 if ON_GPU else 0)
-    mean = benchmark.stats.stats.mean
+    mean = mean_seconds(benchmark)
     benchmark.extra_info.update(device=torch.cuda.get_device_name() if ON_GPU else "cpu", impl=impl,
                                 torch=torch.__version__, cuda=torch.version.cuda, triton=_TRITON_VERSION)
     if bytes_moved:

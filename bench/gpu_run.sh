@@ -20,8 +20,8 @@
 # the files an earlier run's (e) did not reach, most important first: the workers take them in order; a path that
 # does not exist is dropped with a line in the summary (pytest would stop at once); GPU_RUN_SKIP="c d" skips stages
 # (c) and/or (d), leaving their time to (e), for a run that is about the tests)
-# --dry-run runs the same stages on a CPU with tiny shapes (the suites pick them when no GPU is present: Triton under
-# its interpreter) and small budgets, in under 3 minutes: CI runs it.
+# --dry-run runs the same stages on a CPU with tiny shapes (the suites pick them when no GPU is present: the tests run
+# Triton under its interpreter, the benchmarks their CPU rows) and small budgets, in under 3 minutes: CI runs it.
 #
 # Stage plan on the H200 machine (16 CPU cores), budgets in seconds, 525 in all (+15 s for a cut-off's grace); "took":
 # the first run, 2026-11-30 (torch 2.11, triton 3.6; bench/results/h200-2026-11-30):
@@ -49,16 +49,21 @@
 #                        cut-off log still names every finished test: the whole suite needs more than one run gives
 #                        it (the first reached 826 tests in 204 s: each Triton test compiles its autotuned kernels,
 #                        up to ~70 s a test with 16 compiling at once).
-# Exit status: 1 when a stage fails, or (a)-(c) or part 1 of (d) is cut off by its budget; part 2 of (d) and (e)
+# Exit status: 2 for bad arguments; 1 when a stage fails, or (a)-(c) or part 1 of (d) is cut off by its budget or not
+# run for want of time; part 2 of (d) and (e)
 # run with whatever time their budgets leave and may be cut off (and so may (b) in a dry run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
-case "${1:-}" in
-  --dry-run) DRY=1 ;;
-  "") ;;
+case "$#:${1:-}" in
+  1:--dry-run) DRY=1 ;;
+  0:) ;;
   *) echo "usage: bash bench/gpu_run.sh [--dry-run] (got '$*')" >&2; exit 2 ;;
 esac
+if [[ -n ${GPU_RUN_TOTAL:-} ]] && ! [[ $GPU_RUN_TOTAL =~ ^[1-9][0-9]*$ && $GPU_RUN_TOTAL -ge 60 && $GPU_RUN_TOTAL -le 525 ]]; then
+  echo "bench/gpu_run.sh: GPU_RUN_TOTAL must be a whole number of seconds from 60 to 525 (got '$GPU_RUN_TOTAL')" >&2
+  exit 2
+fi
 OUT=${OUT:-out}
 # the interpreter: PYTHON, else make's .venv where there is one (it sees a system torch too), else python3
 PY=python3
@@ -70,10 +75,10 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=$(nproc)
-# TOTAL leaves 15 s for the last stage's grace period (timeout -k 15): a dry run ends within 115 s, a real one 540 s.
+# TOTAL leaves 15 s for the last stage's grace period (timeout -k 15): a dry run ends within 165 s, a real one 540 s.
 # RESERVE: seconds kept for (e) from the stages before it (a dry run exercises every stage).
 if (( DRY )); then
-  TOTAL=100; BUDGET=(20 20 45 40); RESERVE=10
+  TOTAL=150; BUDGET=(20 20 60 50); RESERVE=10
 else
   TOTAL=${GPU_RUN_TOTAL:-525}; BUDGET=(20 120 150 150); RESERVE=0
 fi
@@ -96,7 +101,7 @@ stage() {
   (( budget > avail )) && budget=$avail
   local t0=$SECONDS rc status
   if (( budget < 5 )); then
-    status="not run: no time left"
+    status="not run: no time left"; (( cut_ok )) || FAILED=1
   else
     timeout -k 15 -s INT "$budget" "$@" >>"$log" 2>&1
     rc=$?

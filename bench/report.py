@@ -11,6 +11,7 @@ the fastest non-vitfast implementation of the group. Several JSON files (e.g. on
 bench/gpu_run.sh) make one report.
 """
 import argparse
+import importlib.util
 import json
 import os
 from collections import defaultdict
@@ -22,12 +23,16 @@ def load(*paths: str) -> tuple:
     """The first file's metadata with every file's benchmarks, and those benchmarks by group.
 
     Raises:
-        ValueError: a file that is not pytest-benchmark's JSON (`python -m vitfast --out` writes its own report).
+        ValueError: a file that cannot be read, or is not pytest-benchmark's JSON (`python -m vitfast --out` writes
+            its own report).
     """
     data = None
     for path in paths:
-        with open(path) as f:
-            part = json.load(f)
+        try:
+            with open(path) as f:
+                part = json.load(f)
+        except (OSError, ValueError) as e:  # (json's errors named no file)
+            raise ValueError(f"{path}: {e}") from e
         if not isinstance(part, dict) or "benchmarks" not in part:
             raise ValueError(f"{path} is not a pytest-benchmark JSON (--benchmark-json; no 'benchmarks' key)"
                              + ("; `python -m vitfast --out` writes its report, vitfast.md, next to it"
@@ -98,13 +103,15 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=".")
     parser.add_argument("--no-plot", action="store_true", help="write report.md only, not speedup.png")
     args = parser.parse_args(argv)
+    if not args.no_plot and importlib.util.find_spec("matplotlib") is None:
+        parser.error("the plot (speedup.png) needs matplotlib, which is not installed: install it or pass --no-plot")
     try:
         data, groups = load(*args.json_files)
-    except ValueError as e:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "report.md"), "w") as f:
+            f.write(markdown(data, groups))
+    except (OSError, ValueError) as e:
         parser.error(str(e))
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "report.md"), "w") as f:
-        f.write(markdown(data, groups))
     if not args.no_plot:
         plot(groups, os.path.join(args.out, "speedup.png"))
     print(markdown(data, groups))

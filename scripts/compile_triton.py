@@ -268,12 +268,14 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", default="", help="only the cases whose name contains this text")
     parser.add_argument("--markdown", help="also write the table of compiled kernels to this file")
     args = parser.parse_args(argv)
+    selected = [case for case in cases(args.quick) if args.cases in case.name]
+    if not selected:  # (a typo compiled nothing and passed)
+        parser.error(f"--cases {args.cases!r} is in no case's name; the names: "
+                     + "; ".join(case.name for case in cases(args.quick)))
     torch.manual_seed(0)
     start, failures, lines = time.perf_counter(), [], []
     with compile_only(H100) as records, vitfast.use_backend("triton"):
-        for case in cases(args.quick):
-            if args.cases not in case.name:
-                continue
+        for case in selected:
             case_start = time.perf_counter()
             first_record, first_launch = len(records), len(records.launches)
             try:

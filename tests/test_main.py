@@ -128,6 +128,18 @@ def test_bench_report_refuses_the_main_jobs_json(tmp_path, capsys):
     assert "not a pytest-benchmark JSON" in capsys.readouterr().err
 
 
+def test_bench_report_names_the_file_it_cannot_read(tmp_path, capsys):
+    """A file that is not JSON, or is missing, among several: the error named no file (or was a traceback)."""
+    report = _bench_report()
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    for path in (bad, tmp_path / "missing.json"):
+        with pytest.raises(SystemExit) as e:
+            report.main([str(path), "--out", str(tmp_path), "--no-plot"])
+        assert e.value.code == 2 and f"{path}: " in capsys.readouterr().err
+    assert not (tmp_path / "report.md").exists()
+
+
 def test_bench_report_splits_the_patched_model_rounds(tmp_path):
     """bench_patched_models.py times original, patched and prepacked in one round (one pytest-benchmark entry): the
     report gave that round one row, "1.00x vs best baseline"; it now gives each variant its row and speedup."""
@@ -150,3 +162,58 @@ def test_out_without_matplotlib_is_refused_before_measuring(tmp_path, monkeypatc
         main(["check", "--op", "layer_norm", "--device", "cpu", "--out", str(tmp_path)])
     assert e.value.code == 2 and "needs matplotlib, which is not installed" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_op_names_select_their_cases(capsys):
+    """--op takes an op's own name (window_attention: its case labels are "window attention ...", with a space, and
+    the name matched nothing); a name that matches nothing is refused with the names and labels there are."""
+    assert main(["check", "--op", "patch_merging", "--backend", "cpp", "--device", "cpu"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert len(rows) == 5 and all(r.startswith("| patch merging") for r in rows[1:]), rows  # fwd and fwd+bwd, baseline and vitfast cpp
+    with pytest.raises(SystemExit) as e:
+        main(["check", "--op", "window_attn", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "no case matches --op window_attn" in err and "window_attention" in err
+
+
+def test_a_nan_error_is_reported_as_nan(monkeypatch, capsys):
+    """The table's max error was Python's max() over the tensors, which drops a NaN unless it comes first: a NaN
+    weight gradient printed as the (small) error of the output."""
+    real = vitfast.layer_norm
+
+    def nan_weight_grad(x, normalized_shape, weight, *args, **kwargs):
+        if weight.requires_grad:
+            weight = weight.clone()
+            weight.register_hook(lambda g: torch.full_like(g, torch.nan))
+        return real(x, normalized_shape, weight, *args, **kwargs)
+    monkeypatch.setattr(vitfast, "layer_norm", nan_weight_grad)
+    assert main(["check", "--op", "layer_norm", "--backend", "cpp", "--device", "cpu"]) == 1
+    rows = [r for r in (line.split("|") for line in capsys.readouterr().out.splitlines())
+            if len(r) > 5 and r[1].strip() == "layer_norm" and r[5].strip() == "vitfast cpp"]
+    (fwd,), (bwd,) = ([r for r in rows if r[4].strip() == p] for p in ("fwd", "fwd+bwd"))
+    assert fwd[6].strip() != "nan" and bwd[6].strip() == "nan" and bwd[-2].strip() == "NO", rows
+
+
+def test_triton_on_cpu_names_the_interpreter(monkeypatch, capsys):
+    """--backend triton on CPU tensors without TRITON_INTERPRET=1 said layer_norm "has no triton implementation for
+    cpu tensors"; the reason is the interpreter."""
+    if not vitfast.backend.has_triton():
+        pytest.skip("triton is not installed")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not vitfast.backend.triton_takes_cpu()
+    with pytest.raises(SystemExit) as e:
+        main(["check", "--op", "layer_norm", "--backend", "triton", "--device", "cpu"])
+    assert e.value.code == 2 and "Triton runs CPU tensors only under TRITON_INTERPRET=1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,env,message", [
+    (["--dry-run", "--bogus"], {}, "usage: bash bench/gpu_run.sh [--dry-run]"),
+    ([], {"GPU_RUN_TOTAL": "abc"}, "GPU_RUN_TOTAL must be a whole number of seconds from 60 to 525"),
+    ([], {"GPU_RUN_TOTAL": "09"}, "GPU_RUN_TOTAL must be"),
+    ([], {"GPU_RUN_TOTAL": "4"}, "GPU_RUN_TOTAL must be")])
+def test_gpu_run_refuses_bad_arguments(tmp_path, args, env, message):
+    """bench/gpu_run.sh refuses what it cannot honour before it starts (GPU_RUN_TOTAL=4 ran no stage and said ok)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(vitfast.__file__)))
+    done = subprocess.run(["bash", os.path.join(root, "bench", "gpu_run.sh"), *args], capture_output=True, text=True,
+                          env={**os.environ, "OUT": str(tmp_path / "out"), **env}, timeout=60)
+    assert done.returncode == 2 and message in done.stderr and not (tmp_path / "out").exists(), done.stderr

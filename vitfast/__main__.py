@@ -16,6 +16,7 @@ all), a bad VITFAST_BACKEND or an --out it cannot write, all checked before meas
 import argparse
 import importlib.util
 import json
+import math
 import os
 import statistics
 import sys
@@ -184,13 +185,18 @@ def _run_case(case: Case, device: str, dtype: torch.dtype, reps: int, only: Sequ
         fns += [_with_backend(name, lambda: _outputs(case.fn, inputs, case.grad, weights)) for name in names]
         base_ms, *ms = [1e3 * statistics.median(t) for t in interleaved(fns, reps, device)]
         common = dict(op=case.op, shape=case.shape, dtype=dt, pass_="fwd+bwd" if backward else "fwd")
-        rows.append(dict(common, backend=case.baseline_name, max_err=max(base_err), ms=base_ms, speedup=1.0,
+        rows.append(dict(common, backend=case.baseline_name, max_err=_worst(base_err), ms=base_ms, speedup=1.0,
                          ok=True))
         eps = torch.finfo(dtype).eps
         for name, err, t in zip(names, errs, ms):
             ok = all(e <= 2 * b + 8 * eps * max(1.0, r.abs().max().item()) for e, b, r in zip(err, base_err, ref))
-            rows.append(dict(common, backend=f"vitfast {name}", max_err=max(err), ms=t, speedup=base_ms / t, ok=ok))
+            rows.append(dict(common, backend=f"vitfast {name}", max_err=_worst(err), ms=t, speedup=base_ms / t, ok=ok))
     return rows
+
+
+def _worst(errors: list) -> float:
+    """The largest error, NaN where any is NaN (max() keeps a NaN only where it comes first)."""
+    return math.nan if any(math.isnan(e) for e in errors) else max(errors)
 
 
 def _progress(i: int, n: int, label: str) -> None:
@@ -228,7 +234,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                         help="default: bfloat16 on a GPU, float32 on a CPU")
     parser.add_argument("--op", action="append", default=None,
-                        help="only cases whose name starts with this (repeatable), e.g. attention")
+                        help="only this op's cases (repeatable): its name (e.g. window_attention), or the start of a "
+                             "case's label (e.g. 'attention ViT')")
     parser.add_argument("--backend", action="append", default=None, choices=["triton", "cuda", "cpp", "onednn"],
                         help="only these vitfast backends (repeatable); default: every one available here")
     parser.add_argument("--reps", type=int, default=None,
@@ -256,9 +263,12 @@ def main(argv=None) -> int:
         parser.error(f"--reps must be at least 1, got {args.reps}")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if gpu else torch.float32)
     reps = args.reps or (1 if args.command == "check" else 20 if gpu else 11)
-    cases = [c for c in _cases(gpu) if not args.op or any(c.op.startswith(o) for o in args.op)]
+    every = _cases(gpu)
+    cases = [c for c in every if not args.op or any(c.op.startswith(o) or _registered_op(c) == o for o in args.op)]
     if not cases:
-        parser.error(f"no case matches --op {args.op}")
+        parser.error(f"no case matches --op {' '.join(args.op)}: give an op's name ("
+                     f"{', '.join(sorted({_registered_op(c) for c in every}))}) or the start of a case's label ("
+                     f"{'; '.join(c.op for c in every)})")
     for name in args.backend or ():
         reasons = {backend._unavailable(_registered_op(c), name, torch.device(args.device)) for c in cases}
         if None not in reasons:

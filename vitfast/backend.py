@@ -163,7 +163,10 @@ def forced_backend() -> Optional[str]:
 def _unavailable(op: str, backend: str, device: torch.device) -> Optional[str]:
     """Why `backend` cannot run `op` on `device` at all (None when it can)."""
     spec = _OPS[op]
-    order = spec.gpu_order if device.type == "cuda" else spec.cpu_order + (("triton",) if triton_takes_cpu() else ())
+    # (a Triton kernel runs CPU tensors under the interpreter: triton is in each CPU order, so that a CPU tensor
+    # without TRITON_INTERPRET=1 gets that reason below)
+    order = spec.gpu_order if device.type == "cuda" else spec.cpu_order + tuple(b for b in spec.gpu_order
+                                                                                 if b == "triton")
     if backend not in order:
         return f"{op} has no {backend} implementation for {device.type} tensors"
     if backend == "triton":
