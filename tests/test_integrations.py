@@ -118,6 +118,59 @@ def test_output_attentions_runs_the_eager_attention():
     torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state)
 
 
+def test_attention_weights_recorded_with_hooks_are_returned():
+    """transformers 5 records some models' attention weights with hooks and passes output_attentions no further
+    (SigLIP, GPT2, ...): with a vitfast backend forced they came back empty, where the original returns eager's."""
+    config = transformers.SiglipVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                             intermediate_size=64, image_size=32, patch_size=8)
+    model = transformers.SiglipVisionModel._from_config(config, attn_implementation="eager").eval()
+    patched = copy.deepcopy(model)
+    vitfast.patch_model(patched)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        want = model(pixel_values=x, output_attentions=True).attentions
+        assert len(want) == 2
+        for backend in ("auto", "torch"):
+            with vitfast.use_backend(backend):
+                got = patched(pixel_values=x, output_attentions=True).attentions
+            assert len(got) == len(want), backend
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+def test_value_head_dim_unlike_the_query_takes_the_original_path(backend, device):
+    """ConditionalDETR's decoder cross-attention gives v half q's head dim, which SDPA takes and vitfast.attention
+    does not: a forced backend raised "q, k and v must have one head dim"."""
+    config = transformers.ConditionalDetrConfig(
+        use_timm_backbone=False, use_pretrained_backbone=False,
+        backbone_config=dict(model_type="resnet", depths=[1, 1], hidden_sizes=[8, 16], embedding_size=8,
+                             out_features=["stage2"]),
+        d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=32, decoder_ffn_dim=32, num_queries=5)
+    model = transformers.ConditionalDetrModel(config).eval()
+    patched = copy.deepcopy(model)
+    vitfast.patch_model(patched)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad(), vitfast.use_backend(backend):
+        torch.testing.assert_close(patched.to(device)(pixel_values=x.to(device)).last_hidden_state.cpu(),
+                                   model(pixel_values=x).last_hidden_state, atol=2e-5, rtol=1e-4)
+
+
+def test_patch_embeddings_refuse_what_the_original_refuses_with_its_error():
+    """An image smaller than one patch: the original's RuntimeError (conv2d's), not a ValueError of vitfast's."""
+    model = transformers.ViTModel(_vision_config(transformers.ViTConfig)).eval()
+    patched = copy.deepcopy(model)
+    vitfast.patch_model(patched)
+    x = torch.randn(1, 3, 4, 4)
+    with pytest.raises(RuntimeError) as want:
+        model.embeddings.patch_embeddings(x)
+    for backend in ("auto", "cpp", "torch"):
+        with vitfast.use_backend(backend), pytest.raises(RuntimeError) as got:
+            patched.embeddings.patch_embeddings(x)
+        assert str(got.value) == str(want.value), backend
+
+
 def _detr():
     """A tiny DetrModel with a transformers ResNet backbone (whose own attention implementation is eager)."""
     config = transformers.DetrConfig(

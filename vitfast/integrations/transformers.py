@@ -27,7 +27,7 @@ import torch
 
 from vitfast import backend as _backend
 from vitfast.integrations.choice import runs_original
-from vitfast.integrations.patch import Adapter, mlp_check, mlp_fc1, mlp_rows
+from vitfast.integrations.patch import Adapter, conv_takes, mlp_check, mlp_fc1, mlp_rows
 from vitfast.integrations.segment_anything import SAM_MLP_BLOCK, mlp_block_forward, sam_attention
 from vitfast.ops.attention import attention
 from vitfast.ops.linear import linear
@@ -41,11 +41,13 @@ NAME_EAGER = "vitfast_eager"  # the same attention, with eager's masks: what pat
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask, dropout: float = 0.0, scaling=None, is_causal=None, **kwargs):
     """transformers' attention signature: q, k, v (B, H, S, D) in; (B, S, H, D) out, and no weights; the masks are
-    SDPA's (NAME). Where integrations/choice.py says ATen is faster (CPU and CUDA tensors), and under torch.func's
-    gradient transforms and forward-mode AD (as patch_model's other modules), transformers' own SDPA path runs
-    instead. A call that asks for the attention weights (output_attentions) or passes a position_bias or
-    softcap runs the module's own eager attention (_eager_function), with the mask made additive as eager expects; a
-    module without one raises ValueError."""
+    SDPA's (NAME). Where integrations/choice.py says ATen is faster (CPU and CUDA tensors), under torch.func's
+    gradient transforms and forward-mode AD (as patch_model's other modules), and for what vitfast.attention does not
+    take (a value head dim other than q's, a query batch broadcast against the keys'), transformers' own SDPA path
+    runs instead. A call that asks for the attention weights (output_attentions, or transformers 5's recording of
+    them with hooks) or passes a position_bias or softcap runs the module's own eager attention (_eager_function),
+    with the mask made additive as eager expects (so a model that ran SDPA, whose transformers 5 SDPA path returns no
+    weights, returns eager's); a module without one raises ValueError."""
     return _forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, eager_masks=False,
                     **kwargs)
 
@@ -67,9 +69,13 @@ def _forward(module, query, key, value, attention_mask, dropout, scaling, is_cau
     else:
         is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         is_causal = bool(query.shape[2] > 1 and attention_mask is None and is_causal)
-    if kwargs.get("output_attentions") or kwargs.get("position_bias") is not None or kwargs.get("softcap"):
+    if (kwargs.get("output_attentions") or _attentions_recorded() or kwargs.get("position_bias") is not None
+            or kwargs.get("softcap")):
         return _eager(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
-    if runs_original("attention", query) or _backend.transforms_open():
+    # (transformers' SDPA takes a value head dim other than q's (ConditionalDETR's cross-attention) and a query batch
+    # of 1 against keys of B; vitfast.attention takes neither)
+    if (runs_original("attention", query) or _backend.transforms_open() or value.shape[-1] != query.shape[-1]
+            or query.shape[0] != key.shape[0]):
         if eager_masks:
             return _eager(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -251,10 +257,11 @@ def unpatch(model: torch.nn.Module) -> int:
 
 
 def _patch_embeddings_forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-    if pixel_values.shape[1] != self.num_channels:
-        raise ValueError(f"Make sure that the channel dimension of the pixel values match with the one set in the "
-                         f"configuration. Expected {self.num_channels} but got {pixel_values.shape[1]}.")
     conv = self.projection
+    # (what the original refuses, e.g. an image smaller than a patch, gets the original's error)
+    if (pixel_values.dim() != 4 or pixel_values.shape[1] != self.num_channels or not conv_takes(conv, pixel_values)
+            or pixel_values.shape[2] < conv.kernel_size[0] or pixel_values.shape[3] < conv.kernel_size[1]):
+        return type(self).forward(self, pixel_values)
     return patch_embed(pixel_values, conv.weight, conv.bias, tuple(conv.kernel_size))
 
 
