@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import pytest
 import torch
@@ -239,7 +240,8 @@ def test_attention_dropout_uses_one_mask_forward_and_backward(backend, device):
     pad3 = qkv_pad.view(3, heads, D)
 
     def fused(qkv, table, pad3):
-        return _window_attention_op(qkv, table, pad3, None, [ws, ws], [shift, shift], D ** -0.5, p, seed)[0]
+        return _window_attention_op(qkv, table, pad3, None, [ws, ws], [shift, shift], D ** -0.5, p,
+                                    torch.tensor([seed]))[0]
 
     def ref(qkv, table, pad3):
         return window_attention_ref(qkv, table, ws, shift, pad3, None, D ** -0.5, keep, p).view(B, H, W, -1)
@@ -493,13 +495,36 @@ def test_opcheck():
     table = torch.randn(25, 2, requires_grad=True)
     pad = torch.randn(3, 2, 4, requires_grad=True)
     scale = torch.rand(2, requires_grad=True) + 1
-    for args in [(qkv, table, pad, None, [3, 3], [1, 1], 0.5, 0.0, 0),
-                 (qkv, torch.randn(2, 9, 9, requires_grad=True), None, scale, [3, 3], [0, 0], 0.5, 0.0, 0)]:
+    for args in [(qkv, table, pad, None, [3, 3], [1, 1], 0.5, 0.0, None),
+                 (qkv, torch.randn(2, 9, 9, requires_grad=True), None, scale, [3, 3], [0, 0], 0.5, 0.0, None)]:
         torch.library.opcheck(torch.ops.vitfast.window_attention.default, args)
-    out, lse = _window_attention_op(qkv.detach(), table.detach(), pad.detach(), None, [3, 3], [1, 1], 0.5, 0.0, 0)
+    out, lse = _window_attention_op(qkv.detach(), table.detach(), pad.detach(), None, [3, 3], [1, 1], 0.5, 0.0, None)
     torch.library.opcheck(torch.ops.vitfast.window_attention_backward.default,
                           (torch.randn_like(out), qkv.detach(), table.detach(), pad.detach(), None, out, lse, [3, 3],
-                           [1, 1], 0.5, 0.0, 0))
+                           [1, 1], 0.5, 0.0, None))
+
+
+def test_dropout_draws_stay_in_traced_and_exported_programs():
+    """The dropout seed was a Python int drawn outside the op: torch.jit.trace kept it as a constant (one dropout mask
+    on every call of the traced model) and non-strict torch.export failed on its .item(). It is a tensor now."""
+    from vitfast.ops.window_attention import _window_attention_op
+
+    def fn(qkv, table):
+        return vitfast.window_attention(qkv, table, 3, 1, attention_dropout=0.5)
+    qkv, table = torch.randn(1, 6, 6, 3, 2, 4), torch.randn(25, 2)
+    with torch.no_grad(), vitfast.use_backend("torch"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the tracer's warnings, and trace's deprecation)
+        traced = torch.jit.trace(fn, (qkv, table), check_trace=False)
+        assert not torch.equal(traced(qkv, table), traced(qkv, table))
+
+    class Module(torch.nn.Module):
+        def forward(self, qkv, table):
+            return fn(qkv, table)
+    exported = torch.export.export(Module(), (qkv, table), strict=False).module()
+    with torch.no_grad():
+        assert not torch.equal(exported(qkv, table), exported(qkv, table))
+    with pytest.raises(ValueError, match="needs a seed"):
+        _window_attention_op(qkv, table, None, None, [3, 3], [1, 1], 0.5, 0.5, None)
 
 
 def test_torch_compile_fullgraph():

@@ -9,7 +9,7 @@ aside) or "torch" (the textbook PyTorch below). Every backend shares the schemas
 (out, lse), so forward and backward may run on different backends:
 
     window_attention(Tensor qkv, Tensor bias, Tensor? pad_qkv, Tensor? logit_scale, int[2] window_size,
-                     int[2] shift_size, float softmax_scale, float dropout_p, int seed) -> (Tensor out, Tensor lse)
+                     int[2] shift_size, float softmax_scale, float dropout_p, Tensor? seed) -> (Tensor out, Tensor lse)
 
     qkv:         (B, H, W, 3, heads, D), any strides with stride(-1) == 1 (e.g. a view of the qkv Linear's
                  output); q, k, v of every pixel of the unpadded feature map.
@@ -34,13 +34,17 @@ aside) or "torch" (the textbook PyTorch below). Every backend shares the schemas
                  per axis of the shifted coordinate p: 0 if p < P - w, 1 if p < P - s, else 2), softmax,
                  dropout with probability dropout_p (keep mask a deterministic function of seed and
                  (b, head, w, i, j); each backend draws its own bits), @ v, reverse partition, roll back, crop.
+    seed:        (1,) int64 on the CPU, drawn from torch's default generator, where dropout_p > 0; else None. (A
+                 tensor, not an int: torch.jit.trace and torch.export keep its draw in the program, where an int
+                 became a constant, one dropout mask for every call, or failed non-strict export.) The C++ and
+                 Triton launchers take its value as an int.
     out:         (B, H, W, heads * D), qkv's dtype, contiguous.
     lse:         (B, heads, nW, N) fp32, natural-log log-sum-exp of each score row (before dropout).
     Gradients flow to qkv, bias, pad_qkv and logit_scale; window/shift/scale/p/seed are non-differentiable.
 
     window_attention_backward(Tensor dout, Tensor qkv, Tensor bias, Tensor? pad_qkv, Tensor? logit_scale,
                               Tensor out, Tensor lse, int[2] window_size, int[2] shift_size, float softmax_scale,
-                              float dropout_p, int seed) -> (Tensor dqkv, Tensor dbias, Tensor dpad_qkv,
+                              float dropout_p, Tensor? seed) -> (Tensor dqkv, Tensor dbias, Tensor dpad_qkv,
                               Tensor dlogit_scale)
 
     dout: (B, H, W, heads * D). dqkv: (B, H, W, 3, heads, D) contiguous, qkv's dtype. dbias: bias's shape
@@ -374,11 +378,12 @@ def _geometry(qkv: Tensor, window_size: Sequence[int]) -> tuple:
 @torch.library.custom_op("vitfast::window_attention", mutates_args=())
 def _window_attention_op(qkv: Tensor, bias: Tensor, pad_qkv: Optional[Tensor], logit_scale: Optional[Tensor],
                          window_size: list[int], shift_size: list[int], softmax_scale: float, dropout_p: float,
-                         seed: int) -> tuple[Tensor, Tensor]:
+                         seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """See the module docstring. Returns out (B, H, W, heads*D) and lse (B, heads, nW, N) fp32."""
     if qkv.numel() == 0:
         return _fake_fwd(qkv, window_size)
     check_dropout_capture(OP, dropout_p, qkv.device)
+    seed = _seed_value(seed, dropout_p)
     which = _backend.choose_backend(OP, qkv, bias, pad_qkv, logit_scale)
     if which == "triton":
         from vitfast.triton.window_attention import window_attention_fwd
@@ -388,6 +393,17 @@ def _window_attention_op(qkv: Tensor, bias: Tensor, pad_qkv: Optional[Tensor], l
         return tuple(torch.ops.vitfast.window_attention_fwd(qkv, bias, pad_qkv, logit_scale, window_size, shift_size,
                                                             softmax_scale, dropout_p, seed))
     return _fwd_torch(qkv, bias, pad_qkv, logit_scale, window_size, shift_size, softmax_scale, dropout_p, seed)
+
+
+def _seed_value(seed: Optional[Tensor], dropout_p: float) -> int:
+    if seed is None:
+        if dropout_p > 0:
+            raise ValueError(f"vitfast::{OP}: dropout_p {dropout_p} > 0 needs a seed, a (1,) int64 CPU tensor")
+        return 0
+    if seed.numel() != 1 or seed.dtype != torch.int64 or seed.device.type != "cpu":
+        raise ValueError(f"vitfast::{OP}: seed must be a (1,) int64 CPU tensor, got {tuple(seed.shape)} {seed.dtype} "
+                         f"on {seed.device}")
+    return int(seed.item())
 
 
 def _fake_fwd(qkv, window_size):
@@ -404,11 +420,12 @@ def _(qkv, bias, pad_qkv, logit_scale, window_size, shift_size, softmax_scale, d
 def _window_attention_backward_op(dout: Tensor, qkv: Tensor, bias: Tensor, pad_qkv: Optional[Tensor],
                                   logit_scale: Optional[Tensor], out: Tensor, lse: Tensor, window_size: list[int],
                                   shift_size: list[int], softmax_scale: float, dropout_p: float,
-                                  seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                                  seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns dqkv (B, H, W, 3, heads, D), dbias (like bias), dpad_qkv (3, heads, D) or empty, dlogit_scale."""
     if qkv.numel() == 0:
         return _fake_bwd(qkv, bias, pad_qkv, logit_scale, zero=True)
     check_dropout_capture(OP, dropout_p, qkv.device)
+    seed = _seed_value(seed, dropout_p)
     which = _backend.choose_backend(OP, qkv, bias, pad_qkv, logit_scale)
     if which == "triton":
         from vitfast.triton.window_attention import window_attention_bwd
@@ -438,14 +455,14 @@ def _(dout, qkv, bias, pad_qkv, logit_scale, out, lse, window_size, shift_size, 
 def _setup_context(ctx, inputs, output):
     qkv, bias, pad_qkv, logit_scale, window_size, shift_size, softmax_scale, dropout_p, seed = inputs
     out, lse = output
-    ctx.save_for_backward(qkv, bias, pad_qkv, logit_scale, out, lse)
-    ctx.args = (window_size, shift_size, softmax_scale, dropout_p, seed)
+    ctx.save_for_backward(qkv, bias, pad_qkv, logit_scale, out, lse, seed)
+    ctx.args = (window_size, shift_size, softmax_scale, dropout_p)
 
 
 def _backward(ctx, dout, dlse):
-    qkv, bias, pad_qkv, logit_scale, out, lse = ctx.saved_tensors
+    qkv, bias, pad_qkv, logit_scale, out, lse, seed = ctx.saved_tensors
     dqkv, dbias, dpad, dscale = _window_attention_backward_op(
-        _unit_inner_stride(dout), qkv, bias, pad_qkv, logit_scale, out, lse, *ctx.args)
+        _unit_inner_stride(dout), qkv, bias, pad_qkv, logit_scale, out, lse, *ctx.args, seed)
     return (dqkv, dbias, dpad if pad_qkv is not None else None, dscale if logit_scale is not None else None,
             None, None, None, None, None)
 
@@ -480,8 +497,8 @@ def _check_dense_bias(bias: Tensor, heads: int, n: int, what: str) -> Tensor:
     return bias
 
 
-def _draw_seed(p: float) -> int:
-    return int(torch.randint(0, 2**31 - 1, (1,)).item()) if p > 0 else 0
+def _draw_seed(p: float) -> Optional[Tensor]:
+    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64) if p > 0 else None
 
 
 def _attention_core(qkv: Tensor, bias: Tensor, window_size: list, shift_size: list, qkv_pad: Optional[Tensor],
