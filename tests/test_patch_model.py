@@ -11,6 +11,7 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 import vitfast
@@ -235,6 +236,27 @@ def test_multihead_attention_masks_and_layouts():
     torch.testing.assert_close(out_f, ref_f, rtol=1e-4, atol=2e-5)
     # need_weights=True: the original path, weights included
     assert mha(q, kv, kv, need_weights=True)[1] is not None
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_output_keeps_the_originals_memory_order(batch_first):
+    """The output is in MultiheadAttention's own (L, B, E) memory order: a dropout after the module (torchvision's
+    EncoderBlock) filled its mask for other elements than the original's under the same seed (outputs 0.3 apart),
+    and with batch_first=False .view on the output failed where it works on the original's."""
+    mha = nn.MultiheadAttention(16, 2, batch_first=batch_first, dropout=0.0).train()
+    original = copy.deepcopy(mha)
+    vitfast.patch_model(mha)
+    x = torch.randn(3, 5, 16)
+    for backend in ("cpp", "torch"):
+        outs = []
+        for module in (original, mha):
+            torch.manual_seed(0)
+            with vitfast.use_backend(backend):
+                out = module(x, x, x, need_weights=False)[0]
+            outs.append((out.stride(), F.dropout(out, 0.5)))
+        (stride_want, want), (stride_got, got) = outs
+        assert stride_got == stride_want, backend
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5, msg=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -159,8 +159,12 @@ def _mha_forward(self: nn.MultiheadAttention, query: Tensor, key: Tensor, value:
     mask = _mha_mask(attn_mask, key_padding_mask, B, H, L, S, q.dtype)
     causal = bool(is_causal and attn_mask is None and key_padding_mask is None)
     out = attention(q, k, v, mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0)
-    out = self.out_proj(out.transpose(1, 2).reshape(B, L, E))
-    return (out if self.batch_first else out.transpose(0, 1)), None
+    if self.batch_first and not self.training:  # (B, L, E) rows, as the original's inference fast path gives
+        return self.out_proj(out.transpose(1, 2).reshape(B, L, E)), None
+    # the original's memory order, (L, B, E) rows: a dropout after the module draws for the same elements (seeded
+    # training runs as the original), and .view works on the output where it does on the original's
+    out = self.out_proj(out.permute(2, 0, 1, 3).reshape(L, B, E))
+    return (out.transpose(0, 1) if self.batch_first else out), None
 
 
 def _mha_inputs_fit(self: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor) -> bool:
