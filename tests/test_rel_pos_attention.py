@@ -384,12 +384,31 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match=r"rel_pos_h must be \(L, D\) with L >= 1.*\(0, 16\)"):
         decomposed_rel_pos(qs, torch.randn(0, 16), torch.randn(9, 16), (4, 5), (4, 5))
     for q_size, k_size, bad in [((4, 5), (0, 5), "k_size"), ((-2, -10), (4, 5), "q_size"),
-                                ((4, 5, 1), (4, 5), "q_size")]:
+                                ((4, 5, 1), (4, 5), "q_size"), ((4.5, 5), (4, 5), "q_size")]:  # (4.5 was read as 4)
         size = q_size if bad == "q_size" else k_size
-        with pytest.raises(ValueError, match=rf"{bad} must be two positive sizes \(h, w\), got {re.escape(str(size))}"):
+        with pytest.raises(ValueError,
+                           match=rf"{bad} must be two positive whole sizes \(h, w\), got {re.escape(str(size))}"):
             decomposed_rel_pos(qs, torch.randn(7, 16), torch.randn(9, 16), q_size, k_size)
     with pytest.raises(ValueError, match="rel_pos_h must have q's dtype and device"):
         decomposed_rel_pos(qs, torch.randn(7, 16, dtype=torch.float64), torch.randn(9, 16), (4, 5), (4, 5))
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+def test_the_ops_check_shapes_when_called_directly(backend, device):
+    """torch.ops.vitfast.rel_pos_attention called directly (as a compiled graph or opcheck does) took rel terms of
+    fewer queries, or a key grid smaller than Nk, to the triton kernel: it read past rel_h or skipped keys."""
+    q, k, v, rh, rw = _inputs(1, 1, (2, 3), (2, 3), 16, torch.float32, device=device)
+    op, backward = torch.ops.vitfast.rel_pos_attention, torch.ops.vitfast.rel_pos_attention_backward
+    with vitfast.use_backend(backend):
+        with pytest.raises(ValueError, match=r"rel_h must be \(B\|1, H\|1, Nq, n\)"):
+            op(q, k, v, rh[:, :, :4], rw, None, 0.0, 0.25)
+        with pytest.raises(ValueError, match="k has Nk = 6 keys but rel_h and rel_w give a kh x kw = 2 x 2 = 4"):
+            op(q, k, v, rh, rw[..., :2], None, 0.0, 0.25)
+        out, lse = op(q, k, v, rh, rw, None, 0.0, 0.25)
+        with pytest.raises(ValueError, match="kh x kw = 1 x 3"):
+            backward(torch.ones_like(out), q, k, v, rh[..., :1], rw, out, lse, None, 0.0, 0.25)
+        with pytest.raises(ValueError, match="dout and out must have q's shape"):
+            backward(out[:, :, :2], q, k, v, rh, rw, out, lse, None, 0.0, 0.25)
 
 
 # ---------------------------------------------------------------------------------------------- memory

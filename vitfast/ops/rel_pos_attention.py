@@ -87,12 +87,12 @@ def decomposed_rel_pos(q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, q_size: 
         rel_h (..., Nq, k_h) and rel_w (..., Nq, k_w), in q's dtype: rel_h[..., i, r] = q_i . R_h[y_i, r] and
         rel_w[..., i, c] = q_i . R_w[x_i, c] with R = get_rel_pos(...).
     Raises:
-        ValueError: q_size or k_size is not two positive sizes, q's Nq is not q_h * q_w, a table is not 2-D with q's
+        ValueError: q_size or k_size is not two positive whole sizes, q's Nq is not q_h * q_w, a table is not 2-D with q's
             head dim or is empty, or dtypes/devices differ.
     """
     for name, size in (("q_size", q_size), ("k_size", k_size)):
-        if len(size) != 2 or any(int(s) < 1 for s in size):
-            raise ValueError(f"vitfast.decomposed_rel_pos: {name} must be two positive sizes (h, w), got "
+        if len(size) != 2 or any(int(s) != s or int(s) < 1 for s in size):
+            raise ValueError(f"vitfast.decomposed_rel_pos: {name} must be two positive whole sizes (h, w), got "
                              f"{tuple(size)}")
     q_h, q_w = (int(s) for s in q_size)
     k_h, k_w = (int(s) for s in k_size)
@@ -210,6 +210,7 @@ def _rel_pos_attention_op(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w:
     softmax statistics lse (2, B, H, Nq) in the accumulation dtype, in vitfast.ops.attention's format: lse[0] each
     row's max score m (-inf for a row with no visible key), lse[1] log(sum(exp(s - m))) (0 then), kept apart so
     that a huge finite bias (-1e9, finfo.min) cannot absorb log(l) as m + log(l) would."""
+    _check_shapes(q, k, v, rel_h, rel_w)
     if q.numel() == 0 or k.shape[2] == 0:
         out, lse = _fake_fwd(q)
         lse[0], lse[1] = float("-inf"), 0.0
@@ -243,6 +244,10 @@ def _rel_pos_attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor
                                    scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns dq, dk, dv (in (B, N, H, D) buffers), drel_h and drel_w (the shapes and dtypes of rel_h and rel_w,
     reduced over their broadcast batch and head dims)."""
+    _check_shapes(q, k, v, rel_h, rel_w)
+    if dout.shape != q.shape or out.shape != q.shape:
+        raise ValueError(f"vitfast.rel_pos_attention backward: dout and out must have q's shape {tuple(q.shape)}, "
+                         f"got {tuple(dout.shape)}, {tuple(out.shape)}")
     if q.numel() == 0 or k.shape[2] == 0:
         return tuple(t.zero_() for t in _fake_bwd(q, k, rel_h, rel_w))
     check_dropout_capture(OP, dropout_p, q.device)
@@ -304,6 +309,23 @@ def _check_rel(name: str, rel: Tensor, q: Tensor) -> None:
                          f"{_describe(name, rel)}")
 
 
+def _check_shapes(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor) -> None:
+    """The public function's shape checks, run by the ops too (called directly, torch.ops.vitfast.rel_pos_attention
+    took rel terms of another Nq or key grid to a kernel that read past them)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"vitfast.rel_pos_attention: {name} must be 4-D (B, H, N, D), got rank {t.dim()}: "
+                             f"{_describe(name, t)}")
+    _check_inputs("rel_pos_attention", "(B, H, N, D)", q, k, v)
+    _check_rel("rel_h", rel_h, q)
+    _check_rel("rel_w", rel_w, q)
+    kh, kw = rel_h.shape[-1], rel_w.shape[-1]
+    if kh * kw != k.shape[2]:
+        raise ValueError(f"vitfast.rel_pos_attention: k has Nk = {k.shape[2]} keys but rel_h and rel_w give a "
+                         f"kh x kw = {kh} x {kw} = {kh * kw} key grid ({_describe('k', k)}, "
+                         f"{_describe('rel_h', rel_h)}, {_describe('rel_w', rel_w)})")
+
+
 def rel_pos_attention(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, scale: Optional[float] = None,
                       dropout_p: float = 0.0) -> Tensor:
     """softmax(scale * q @ k^T + rel_h[..., j // kw] + rel_w[..., j % kw]) @ v, never forming the (Nq, Nk) bias.
@@ -334,18 +356,7 @@ def rel_pos_attention(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Ten
         NotImplementedError: an input with a forward-mode AD tangent (torch.func.jvp, torch.autograd.forward_ad).
     """
     _backend.check_transforms("rel_pos_attention", q, k, v, rel_h, rel_w)
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise ValueError(f"vitfast.rel_pos_attention: {name} must be 4-D (B, H, N, D), got rank {t.dim()}: "
-                             f"{_describe(name, t)}")
-    _check_inputs("rel_pos_attention", "(B, H, N, D)", q, k, v)
-    _check_rel("rel_h", rel_h, q)
-    _check_rel("rel_w", rel_w, q)
-    kh, kw = rel_h.shape[-1], rel_w.shape[-1]
-    if kh * kw != k.shape[2]:
-        raise ValueError(f"vitfast.rel_pos_attention: k has Nk = {k.shape[2]} keys but rel_h and rel_w give a "
-                         f"kh x kw = {kh} x {kw} = {kh * kw} key grid ({_describe('k', k)}, "
-                         f"{_describe('rel_h', rel_h)}, {_describe('rel_w', rel_w)})")
+    _check_shapes(q, k, v, rel_h, rel_w)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"vitfast.rel_pos_attention: dropout_p must be in [0, 1), got {dropout_p}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
