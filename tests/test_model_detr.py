@@ -119,6 +119,26 @@ def test_weights_from_transformers_keep_the_three_dropout_rates():
     assert rates == (0.2,) * 4
 
 
+def test_weights_from_transformers_with_a_one_channel_backbone():
+    """A backbone with num_channels = 1 (transformers runs it) failed in load_state_dict with a size mismatch."""
+    transformers = pytest.importorskip("transformers")
+    config = _hf_config()
+    config.backbone_config.num_channels = 1
+    hf = transformers.DetrForObjectDetection(config).eval()
+    _randomize(hf)
+    images = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        ref = hf(pixel_values=images)
+        out = detr_from_transformers(hf).eval()(images)
+    torch.testing.assert_close(out["pred_logits"], ref.logits, rtol=1e-4, atol=1e-4)
+
+
+def test_loader_warns_where_auxiliary_loss_changes_transformers_predictions():
+    transformers = pytest.importorskip("transformers")
+    with pytest.warns(UserWarning, match="auxiliary_loss is set"):
+        detr_from_transformers(transformers.DetrForObjectDetection(_hf_config(auxiliary_loss=True)))
+
+
 def test_loader_rejects_what_it_cannot_convert():
     transformers = pytest.importorskip("transformers")
     config = _hf_config(position_embedding_type="learned")

@@ -10,6 +10,7 @@ vitfast.attention with the image padding as a (B, 1, 1, Nk) key mask read withou
 post-norm LayerNorm is fused with its residual add.
 """
 import math
+import warnings
 from typing import List, Optional, Sequence
 
 import torch
@@ -247,7 +248,7 @@ def box_cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
 class DETR(nn.Module):
     """DETR for object detection.
 
-    forward(images (B, C, H, W), pixel_mask (B, H, W) with 1 = pixel, 0 = padding, or None) -> dict with
+    forward(images (B, in_chans, H, W), pixel_mask (B, H, W) with 1 = pixel, 0 = padding, or None) -> dict with
     "pred_logits" (B, num_queries, num_classes + 1; the last class is "no object"), "pred_boxes" (B, num_queries, 4)
     normalized (cx, cy, w, h), and with aux_loss "aux_outputs": the same pair for every decoder layer but the last.
     `dropout` applies to the transformer's residual branches and, unless given their own rates, to the attention
@@ -259,11 +260,11 @@ class DETR(nn.Module):
                  dropout: float = 0.1, aux_loss: bool = True, backbone_depths: Sequence[int] = (3, 4, 6, 3),
                  backbone_widths: Sequence[int] = (256, 512, 1024, 2048), backbone_stem_width: int = 64,
                  backend: str = "vitfast", attention_dropout: Optional[float] = None,
-                 activation_dropout: Optional[float] = None):
+                 activation_dropout: Optional[float] = None, in_chans: int = 3):
         super().__init__()
         self.backend = check_backend(backend)
         self.aux_loss = aux_loss
-        self.backbone = ResNet(backbone_depths, backbone_widths, backbone_stem_width)
+        self.backbone = ResNet(backbone_depths, backbone_widths, backbone_stem_width, in_chans)
         self.input_proj = nn.Conv2d(self.backbone.num_channels, d_model, 1)
         self.query_embed = nn.Embedding(num_queries, d_model)
         self.transformer = Transformer(d_model, nhead, num_encoder_layers, num_decoder_layers, dim_feedforward,
@@ -345,10 +346,12 @@ def _attn(sd: dict, src: str, dst: str) -> dict:
 def detr_from_transformers(hf_model: nn.Module, backend: str = "vitfast") -> DETR:
     """A DETR with the weights of a Hugging Face DetrForObjectDetection whose backbone is transformers' ResNet
     (use_timm_backbone=False; transformers 5 names). Its three dropout rates are kept; call .eval() for inference.
+    (transformers also drops out the encoder's input at config.dropout, which the original DETR and this model do
+    not: training differs there.)
 
     With config.auxiliary_loss, transformers feeds every decoder layer the final LayerNorm of the previous layer's
     output; this model follows the original DETR (the LayerNorm only on the outputs), so its predictions match
-    transformers' when auxiliary_loss is False (the released checkpoints' setting)."""
+    transformers' when auxiliary_loss is False (the released checkpoints' setting); a warning says so otherwise."""
     check_transformers_model(hf_model, "detr_from_transformers", ("detr",), "a transformers DetrForObjectDetection")
     cfg = hf_model.config
     if not hasattr(hf_model, "bbox_predictor"):
@@ -373,9 +376,14 @@ def detr_from_transformers(hf_model: nn.Module, backend: str = "vitfast") -> DET
                              f"{enc} and {dec}")
     if cfg.dilation:
         raise ValueError("unsupported DETR config: dilation = True")
+    if cfg.auxiliary_loss:
+        warnings.warn("detr_from_transformers: config.auxiliary_loss is set, under which transformers feeds each "
+                      "decoder layer the LayerNorm of the previous layer's output; the converted model follows the "
+                      "original DETR, so its predictions differ from this transformers model's")
     model = DETR(cfg.num_labels, cfg.num_queries, cfg.d_model, cfg.encoder_attention_heads, cfg.encoder_layers,
                  cfg.decoder_layers, cfg.encoder_ffn_dim, cfg.dropout, cfg.auxiliary_loss, bb.depths,
-                 bb.hidden_sizes, bb.embedding_size, backend, cfg.attention_dropout, cfg.activation_dropout)
+                 bb.hidden_sizes, bb.embedding_size, backend, cfg.attention_dropout, cfg.activation_dropout,
+                 in_chans=bb.num_channels)
     sd = hf_model.state_dict()
     out = _backbone_from_transformers(sd, "model.backbone.model.")
     out["query_embed.weight"] = sd["model.query_position_embeddings.weight"]
