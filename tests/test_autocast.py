@@ -355,6 +355,12 @@ def test_mixed_dtypes_outside_autocast_and_float64_under_it_raise():
     with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(
             ValueError, match="layer_norm under autocast: x torch.float64, weight torch.float32"):
         vitfast.layer_norm(x.double(), 8, torch.randn(8))
+    # float64 norm parameters of a fused patch embedding (F.layer_norm refuses them too): the error named
+    # vitfast.layer_norm and a float32 "x" the caller never passed
+    images, w, nw = torch.randn(2, 3, 16, 16), torch.randn(16, 3, 8, 8), torch.ones(16, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(
+            ValueError, match=r"vitfast.patch_embed: norm_weight must have shape \(16,\).*float64 only with float64 "):
+        vitfast.patch_embed(images, w, None, 8, norm_weight=nw, norm_bias=nw)
 
 
 def test_fused_residual_follows_type_promotion_outside_autocast():

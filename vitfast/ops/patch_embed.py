@@ -352,10 +352,13 @@ def _dtype_fits(t: Tensor, images: Tensor) -> bool:
 def _check_vec(name: str, t: Optional[Tensor], images: Tensor, E: int) -> None:
     if t is None:
         return
-    if tuple(t.shape) != (E,) or not _dtype_fits(t, images) or t.device != images.device:
-        raise ValueError(f"vitfast.patch_embed: {name} must have shape ({E},), dtype {images.dtype} (any floating "
-                         f"point under autocast) and device {images.device}, got {tuple(t.shape)} {t.dtype} "
-                         f"{t.device}")
+    # (the LayerNorm's autocast rule takes the tokens in float32: float64 norm parameters only with float64 images,
+    # as F.layer_norm refuses the mix)
+    norm64 = name.startswith("norm") and t.dtype == torch.float64 and images.dtype != torch.float64
+    if tuple(t.shape) != (E,) or not _dtype_fits(t, images) or norm64 or t.device != images.device:
+        raise ValueError(f"vitfast.patch_embed: {name} must have shape ({E},), dtype {images.dtype} (under autocast "
+                         f"any floating point{', float64 only with float64 images' if name.startswith('norm') else ''}"
+                         f") and device {images.device}, got {tuple(t.shape)} {t.dtype} {t.device}")
 
 
 def patch_embed(images: Tensor, weight: Tensor, bias: Optional[Tensor], patch_size: Union[int, Sequence[int]], *,
