@@ -344,6 +344,32 @@ def test_swin_backbone_runs_the_fused_window_attention():
             torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
 
 
+def test_backbones_of_models_off_the_interface_are_switched():
+    """Mask2Former does not use the attention interface; its Swin backbone does and was left on "sdpa" (the whole
+    subtree was taken as handled). It is switched, reported, restored by unpatch, and a second patch changes
+    nothing (its Swin layers were bound and reported again)."""
+    backbone = transformers.SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1],
+                                       num_heads=[1, 1, 2, 2], window_size=2,
+                                       out_features=["stage1", "stage2", "stage3", "stage4"])
+    config = transformers.Mask2FormerConfig(
+        backbone_config=backbone, feature_size=32, mask_feature_size=32, hidden_dim=32, encoder_feedforward_dim=32,
+        dim_feedforward=32, encoder_layers=1, decoder_layers=2, num_attention_heads=2, num_queries=5, num_labels=3)
+    model = transformers.Mask2FormerModel(config).eval()
+    original = copy.deepcopy(model)
+    encoder = model.pixel_level_module.encoder
+    report = vitfast.patch_model(model)
+    switched = [p for p in report.patched if p.kind == "attention" and p.name == "pixel_level_module.encoder"]
+    assert switched and encoder.config._attn_implementation == vt.NAME, str(report)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixel_values=x).pixel_decoder_last_hidden_state,
+                                   original(pixel_values=x).pixel_decoder_last_hidden_state, atol=2e-5, rtol=1e-4)
+    again = vitfast.patch_model(model)
+    assert not again.patched and encoder.config._attn_implementation == vt.NAME, str(again)
+    vitfast.unpatch_model(model)
+    assert encoder.config._attn_implementation == "sdpa"
+
+
 @pytest.mark.parametrize("backend,device", CASES)
 def test_detr_self_and_cross_attention_with_padding(backend, device):
     model = _detr()

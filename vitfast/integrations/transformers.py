@@ -184,7 +184,7 @@ def _swin_layer_forward(self, hidden_states: torch.Tensor, input_dimensions, alw
 def patch(model: torch.nn.Module, prefix: str, attention: bool = True, window_attention: bool = True) -> list:
     """For vitfast.patch_model: switches a PreTrainedModel to attn_implementation="vitfast" and binds the fused
     window-attention forward to its SwinLayers. Returns the `Patched` / `Left` records."""
-    from vitfast.integrations.patch import Left, Patched, _bind, qualname
+    from vitfast.integrations.patch import _MARK, Left, Patched, _bind, _is_transformers_model, qualname
 
     cls, records = qualname(model), []
     if "_vitfast_attn_previous" in model.__dict__:
@@ -193,24 +193,41 @@ def patch(model: torch.nn.Module, prefix: str, attention: bool = True, window_at
         records.append(Left(prefix, cls, "attention=False"))
     elif not model._can_set_attn_implementation():
         records.append(Left(prefix, cls, "the model does not use transformers' AttentionInterface"))
+        # its sub-models that do (Mask2Former's Dinov2 or Swin backbone), each the outermost such
+        switched: list = []
+        for name, module in model.named_modules():
+            if (name and _is_transformers_model(module) and module._can_set_attn_implementation()
+                    and not any(name.startswith(s + ".") for s in switched)):
+                switched.append(name)
+                full = f"{prefix}.{name}" if prefix else name
+                records.append(Left(full, qualname(module), "already patched (attn_implementation)")
+                               if "_vitfast_attn_previous" in module.__dict__ else _switch(module, full))
     else:
-        _register_names()
-        previous = _implementations(model.config)
-        names = _vitfast_names(previous)
-        model.set_attn_implementation(names)
-        model.__dict__["_vitfast_attn_previous"] = _Previous(previous)
-        records.append(Patched(prefix, cls, "attention", f"attn_implementation {previous['']!r} -> {names['']!r}"))
+        records.append(_switch(model, prefix))
     for name, module in model.named_modules():
         if qualname(module) != _SWIN_LAYER:
             continue
         full = f"{prefix}.{name}" if prefix else name
-        if not window_attention:
-            records.append(Left(full, _SWIN_LAYER, "window_attention=False"))
+        if not window_attention or getattr(module, _MARK, None) is not None:
+            records.append(Left(full, _SWIN_LAYER, "already patched" if window_attention else "window_attention=False"))
             continue
         _bind(module, "window_attention", {"forward": _swin_layer_forward})
         records.append(Patched(full, _SWIN_LAYER, "window_attention",
                                "pad/roll/partition/mask/attention -> one fused vitfast.window_attention"))
     return records
+
+
+def _switch(model: torch.nn.Module, prefix: str):
+    """Sets `model` (and its sub-models) to vitfast's attention names, keeping what it had for unpatch; returns the
+    Patched record."""
+    from vitfast.integrations.patch import Patched, qualname
+
+    _register_names()
+    previous = _implementations(model.config)
+    names = _vitfast_names(previous)
+    model.set_attn_implementation(names)
+    model.__dict__["_vitfast_attn_previous"] = _Previous(previous)
+    return Patched(prefix, qualname(model), "attention", f"attn_implementation {previous['']!r} -> {names['']!r}")
 
 
 def _implementations(config) -> dict:
