@@ -370,6 +370,31 @@ def test_backbones_of_models_off_the_interface_are_switched():
     assert encoder.config._attn_implementation == "sdpa"
 
 
+def test_patching_sub_configs_without_sub_models_logs_no_warning():
+    """SamModel's prompt-encoder and mask-decoder configs have no sub-model: transformers warned of "undefined
+    behavior" for each when patch_model set vitfast's name on them (the mask decoder's attention reads it)."""
+    import logging
+
+    config = transformers.SamConfig(
+        vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, output_channels=16,
+                           image_size=64, patch_size=8, window_size=2, global_attn_indexes=[0], mlp_dim=64),
+        prompt_encoder_config=dict(hidden_size=16, image_size=64, patch_size=8),
+        mask_decoder_config=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, mlp_dim=32,
+                                 iou_head_hidden_dim=16))
+    model = transformers.SamModel(config)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    log = logging.getLogger("transformers.modeling_utils")
+    log.addHandler(handler)
+    try:
+        vitfast.patch_model(model)
+    finally:
+        log.removeHandler(handler)
+    assert model.config.mask_decoder_config._attn_implementation == vt.NAME
+    assert not [r for r in records if "without finding the associated sub-model" in r.getMessage()]
+
+
 @pytest.mark.parametrize("backend,device", CASES)
 def test_detr_self_and_cross_attention_with_padding(backend, device):
     model = _detr()

@@ -17,9 +17,11 @@ calls that ask for the attention weights take the original path; and to the MLPs
 SAM-HQ and ViTDet, whose first Linear + GELU becomes vitfast.linear_gelu (CLIP's default quick_gelu is left, with the
 reason).
 """
+import contextlib
 import dataclasses
 import functools
 import inspect
+import logging
 import sys
 from typing import Optional
 
@@ -225,9 +227,32 @@ def _switch(model: torch.nn.Module, prefix: str):
     _register_names()
     previous = _implementations(model.config)
     names = _vitfast_names(previous)
-    model.set_attn_implementation(names)
+    with _quiet_sub_config_warning():
+        model.set_attn_implementation(names)
     model.__dict__["_vitfast_attn_previous"] = _Previous(previous)
     return Patched(prefix, qualname(model), "attention", f"attn_implementation {previous['']!r} -> {names['']!r}")
+
+
+class _SubConfigWarning(logging.Filter):
+    """Drops transformers' "We set the attention implementation for the sub-config ... to `vitfast` without finding
+    the associated sub-model ... undefined behavior": sub-configs read by modules that are not sub-models (SAM's mask
+    decoder, MaskFormer's) take vitfast's name as they took the one it replaces, which is all the warning is about."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("without finding the associated sub-model" in message
+                    and (f"`{NAME}`" in message or f"`{NAME_EAGER}`" in message))
+
+
+@contextlib.contextmanager
+def _quiet_sub_config_warning():
+    log = logging.getLogger("transformers.modeling_utils")
+    quiet = _SubConfigWarning()
+    log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        log.removeFilter(quiet)
 
 
 def _implementations(config) -> dict:
