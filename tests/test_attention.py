@@ -580,3 +580,19 @@ def test_large_grid_and_int64_offsets():
     tail = q[-1:, -1:]
     torch.testing.assert_close(out[-1:, -1:].float(), attention_ref(tail.float(), tail.float(), tail.float()),
                                rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+def test_the_ops_check_shapes_when_called_directly(backend, device):
+    """torch.ops.vitfast.attention called directly (as a compiled graph or opcheck does): k, v or a mask smaller
+    than q says reached the triton kernel, which would read past them."""
+    q, k = torch.randn(1, 2, 5, 8, device=device), torch.randn(1, 2, 6, 8, device=device)
+    op, backward = torch.ops.vitfast.attention, torch.ops.vitfast.attention_backward
+    with vitfast.use_backend(backend):
+        with pytest.raises(ValueError, match=r"q \(B, H, Nq, D\), k and v \(B, H, Nk, D\) do not agree"):
+            op(q, k, k[:, :, :4], None, None, 0.0, False, 0, 1.0)
+        with pytest.raises(ValueError, match=r"mask must broadcast to \(B, H, Nq, Nk\) = \(1, 2, 5, 6\)"):
+            op(q, k, k, torch.zeros(1, 2, 3, 6, device=device), None, 0.0, False, 0, 1.0)
+        out, lse = op(q, k, k, None, None, 0.0, False, 0, 1.0)
+        with pytest.raises(ValueError, match="dout and out must have q's shape"):
+            backward(out[:, :, :2], q, k, k, out, lse, None, None, 0.0, False, 0, 1.0, False, False)

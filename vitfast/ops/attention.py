@@ -221,12 +221,27 @@ def _lse_empty(q: Tensor) -> Tensor:
     return q.new_empty((2, B, H, Nq), dtype=_acc_dtype(q.dtype))
 
 
+def _check_op_shapes(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor]) -> None:
+    """The shapes the kernels index by, checked where the ops are called directly (torch.ops.vitfast.attention: the
+    public functions check more, with their callers' layouts): a triton kernel would read past a smaller k, v or
+    bias."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or q.shape[:2] != k.shape[:2] or k.shape != v.shape or (
+            q.shape[3] != k.shape[3]):
+        raise ValueError(f"vitfast::attention: q (B, H, Nq, D), k and v (B, H, Nk, D) do not agree: "
+                         f"{_describe('q', q)}, {_describe('k', k)}, {_describe('v', v)}")
+    full = (*q.shape[:3], k.shape[2])
+    if bias is not None and (bias.dim() != 4 or any(b != 1 and b != n for b, n in zip(bias.shape, full))):
+        raise ValueError(f"vitfast::attention: the mask must broadcast to (B, H, Nq, Nk) = {full} with its own dims, "
+                         f"got {_describe('mask', bias)}")
+
+
 @torch.library.custom_op("vitfast::attention", mutates_args=())
 def _attention_op(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], seed: Optional[Tensor], dropout_p: float,
                   is_causal: bool, causal_offset: int, scale: float) -> tuple[Tensor, Tensor]:
     """q: (B, H, Nq, D); k, v: (B, H, Nk, D), any strides; bias: (B|1, H|1, Nq|1, Nk|1) bool or float, any
     strides; seed: (1,) int64 on the CPU when dropout_p > 0. Returns out (B, H, Nq, D) in a (B, Nq, H, D)
     buffer and the softmax statistics lse (2, B, H, Nq) (module docstring)."""
+    _check_op_shapes(q, k, v, bias)
     B, H, Nq, D = q.shape
     if q.numel() == 0 or k.shape[2] == 0:
         lse = _lse_empty(q)
@@ -256,6 +271,10 @@ def _attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
                            deterministic: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns dq, dk, dv (in (B, N, H, D) buffers) and dbias (the bias's shape and dtype; empty unless
     bias_requires_grad)."""
+    _check_op_shapes(q, k, v, bias)
+    if dout.shape != q.shape or out.shape != q.shape:
+        raise ValueError(f"vitfast::attention_backward: dout and out must have q's shape {tuple(q.shape)}, got "
+                         f"{tuple(dout.shape)}, {tuple(out.shape)}")
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     if q.numel() == 0 or Nk == 0:
