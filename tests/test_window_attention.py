@@ -571,3 +571,24 @@ def test_kernels_compile_for_hopper(variant):
     if res.returncode != 0 and ("ptxas" in res.stderr or "No module named" in res.stderr):
         pytest.skip(f"no CUDA toolchain for Triton here: {res.stderr.strip().splitlines()[-1][:200]}")
     assert res.returncode == 0, res.stderr[-3000:]
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+def test_the_ops_check_shapes_when_called_directly(backend, device):
+    """torch.ops.vitfast.window_attention called directly (as a compiled graph or opcheck does): a table, pad_qkv or
+    logit_scale smaller than the window and heads say reached the triton kernel, which would read past them."""
+    qkv = torch.randn(1, 6, 6, 3, 2, 4, device=device)
+    table, pad = torch.randn(25, 2, device=device), torch.randn(3, 2, 4, device=device)
+    op, backward = torch.ops.vitfast.window_attention, torch.ops.vitfast.window_attention_backward
+    bad = [((qkv, table[:9], pad, None), r"bias must be a \(25, 2\) table or dense \(2, 9, 9\)"),
+           ((qkv, table, pad[:, :1], None), r"pad_qkv must be \(3, 2, 4\)"),
+           ((qkv, table, pad, torch.ones(1, device=device)), r"logit_scale must be \(2,\)")]
+    with vitfast.use_backend(backend):
+        for args, message in bad:
+            with pytest.raises(ValueError, match=message):
+                op(*args, [3, 3], [1, 1], 0.5, 0.0, None)
+        with pytest.raises(ValueError, match=r"shift_size \(3, 1\) in \[0, window\)"):
+            op(qkv, table, pad, None, [3, 3], [3, 1], 0.5, 0.0, None)
+        out, lse = op(qkv, table, pad, None, [3, 3], [1, 1], 0.5, 0.0, None)
+        with pytest.raises(ValueError, match=r"dout must be \(B, H, W, heads \* D\)"):
+            backward(out[..., :4], qkv, table, pad, None, out, lse, [3, 3], [1, 1], 0.5, 0.0, None)

@@ -380,6 +380,7 @@ def _window_attention_op(qkv: Tensor, bias: Tensor, pad_qkv: Optional[Tensor], l
                          window_size: list[int], shift_size: list[int], softmax_scale: float, dropout_p: float,
                          seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """See the module docstring. Returns out (B, H, W, heads*D) and lse (B, heads, nW, N) fp32."""
+    _check_op_shapes(qkv, bias, pad_qkv, logit_scale, window_size, shift_size)
     if qkv.numel() == 0:
         return _fake_fwd(qkv, window_size)
     check_dropout_capture(OP, dropout_p, qkv.device)
@@ -393,6 +394,26 @@ def _window_attention_op(qkv: Tensor, bias: Tensor, pad_qkv: Optional[Tensor], l
         return tuple(torch.ops.vitfast.window_attention_fwd(qkv, bias, pad_qkv, logit_scale, window_size, shift_size,
                                                             softmax_scale, dropout_p, seed))
     return _fwd_torch(qkv, bias, pad_qkv, logit_scale, window_size, shift_size, softmax_scale, dropout_p, seed)
+
+
+def _check_op_shapes(qkv, bias, pad_qkv, logit_scale, window_size, shift_size) -> None:
+    """The shapes the kernels index by, checked where the ops are called directly (torch.ops.vitfast.window_attention;
+    the public functions check more): a triton kernel would read past a smaller table, pad_qkv or logit_scale."""
+    if qkv.dim() != 6 or qkv.shape[3] != 3:
+        raise ValueError(f"vitfast::{OP}: qkv must be (B, H, W, 3, heads, D), got {tuple(qkv.shape)}")
+    heads, D = qkv.shape[4], qkv.shape[5]
+    wh, ww = window_size
+    if wh < 1 or ww < 1 or not (0 <= shift_size[0] < wh and 0 <= shift_size[1] < ww):
+        raise ValueError(f"vitfast::{OP}: window_size {tuple(window_size)} must be positive and shift_size "
+                         f"{tuple(shift_size)} in [0, window)")
+    N, num_rel = wh * ww, (2 * wh - 1) * (2 * ww - 1)
+    if tuple(bias.shape) not in ((num_rel, heads), (heads, N, N)):
+        raise ValueError(f"vitfast::{OP}: bias must be a ({num_rel}, {heads}) table or dense ({heads}, {N}, {N}) for "
+                         f"window {tuple(window_size)}, got {tuple(bias.shape)}")
+    if pad_qkv is not None and tuple(pad_qkv.shape) != (3, heads, D):
+        raise ValueError(f"vitfast::{OP}: pad_qkv must be (3, {heads}, {D}), got {tuple(pad_qkv.shape)}")
+    if logit_scale is not None and tuple(logit_scale.shape) != (heads,):
+        raise ValueError(f"vitfast::{OP}: logit_scale must be ({heads},), got {tuple(logit_scale.shape)}")
 
 
 def _seed_value(seed: Optional[Tensor], dropout_p: float) -> int:
@@ -422,6 +443,10 @@ def _window_attention_backward_op(dout: Tensor, qkv: Tensor, bias: Tensor, pad_q
                                   shift_size: list[int], softmax_scale: float, dropout_p: float,
                                   seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns dqkv (B, H, W, 3, heads, D), dbias (like bias), dpad_qkv (3, heads, D) or empty, dlogit_scale."""
+    _check_op_shapes(qkv, bias, pad_qkv, logit_scale, window_size, shift_size)
+    if dout.shape[:3] != qkv.shape[:3] or dout.shape[3] != qkv.shape[4] * qkv.shape[5]:
+        raise ValueError(f"vitfast::{OP}_backward: dout must be (B, H, W, heads * D) for qkv {tuple(qkv.shape)}, got "
+                         f"{tuple(dout.shape)}")
     if qkv.numel() == 0:
         return _fake_bwd(qkv, bias, pad_qkv, logit_scale, zero=True)
     check_dropout_capture(OP, dropout_p, qkv.device)
