@@ -373,3 +373,17 @@ def test_choose_backend_names_unknown_ops_and_wants_tensors():
         vitfast.choose_backend("layernorm", torch.randn(2, 4))
     with pytest.raises(ValueError, match="give the op's input tensors"):
         vitfast.choose_backend("layer_norm")
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+def test_the_ops_check_shapes_when_called_directly(backend, device):
+    """torch.ops.vitfast.layer_norm called directly: a weight or residual of another width reached the kernels."""
+    x, w = torch.randn(4, 8, device=device), torch.randn(8, device=device)
+    with vitfast.use_backend(backend):
+        with pytest.raises(ValueError, match=r"shapes do not agree: weight \(6,\) \(expected \(8,\)\)"):
+            torch.ops.vitfast.layer_norm(x, w[:6], None, None, 1e-5)
+        with pytest.raises(ValueError, match=r"residual \(4, 6\) \(expected \(4, 8\)\)"):
+            torch.ops.vitfast.layer_norm(x, w, None, x[:, :6], 1e-5)
+        y, _, mean, rstd = torch.ops.vitfast.layer_norm(x, w, None, None, 1e-5)
+        with pytest.raises(ValueError, match=r"mean \(3,\) \(expected \(4,\)\)"):
+            torch.ops.vitfast.layer_norm_backward(y, None, x, w, mean[:3], rstd, False)

@@ -169,7 +169,8 @@ def test_op_names_select_their_cases(capsys):
     the name matched nothing); a name that matches nothing is refused with the names and labels there are."""
     assert main(["check", "--op", "patch_merging", "--backend", "cpp", "--device", "cpu"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
-    assert len(rows) == 5 and all(r.startswith("| patch merging") for r in rows[1:]), rows  # fwd and fwd+bwd, baseline and vitfast cpp
+    # the header, then fwd and fwd+bwd of the baseline and of vitfast cpp
+    assert len(rows) == 5 and all(r.startswith("| patch merging") for r in rows[1:]), rows
     with pytest.raises(SystemExit) as e:
         main(["check", "--op", "window_attn", "--device", "cpu"])
     err = capsys.readouterr().err

@@ -384,3 +384,23 @@ def test_torch_compile_fullgraph():
             return self.patch_embed(x, pos_embed=self.pos_embed, prefix_tokens=self.cls_token).relu()
 
     assert_compiles_like_eager(ViTStem(), torch.randn(2, 3, 16, 16, requires_grad=True))
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+def test_the_ops_check_shapes_when_called_directly(backend, device):
+    """torch.ops.vitfast.patch_embed called directly: a bias, pos_embed or prefix of another size reached the
+    kernels (a pos_embed with fewer rows than pos_offset + L read past its end)."""
+    images, w = torch.randn(2, 3, 8, 8, device=device), torch.randn(16, 3, 4, 4, device=device)
+    b, pos, cls = torch.randn(16, device=device), torch.randn(5, 16, device=device), torch.randn(1, 16, device=device)
+    op = torch.ops.vitfast.patch_embed
+    with vitfast.use_backend(backend):
+        with pytest.raises(ValueError, match=r"bias \(8,\) \(expected \(16,\)\)"):
+            op(images, w, b[:8], None, 0, None, None, None, False, 0, 1e-5, False)
+        with pytest.raises(ValueError, match=r"pos_embed \(4, 16\) \(expected \(5, 16\)\)"):
+            op(images, w, b, pos[:4], 1, cls, None, None, False, 1, 1e-5, False)
+        with pytest.raises(ValueError, match=r"prefix_tokens \(1, 16\) \(expected \(2, 16\)\)"):
+            op(images, w, b, pos, 0, cls, None, None, False, 2, 1e-5, False)
+        with pytest.raises(ValueError, match="images .* and weight .* do not agree"):
+            op(images[:, :2], w, b, None, 0, None, None, None, False, 0, 1e-5, False)
+        with pytest.raises(ValueError, match=r"dz \(2, 3, 16\) \(expected \(2, 4, 16\)\)"):
+            torch.ops.vitfast.patch_embed_backward(torch.randn(2, 3, 16, device=device), images, w, True, True)

@@ -218,3 +218,19 @@ def test_channel_offsets_past_2_pow_31():
     for got, want in zip(grads[1:], refs[1:]):
         torch.testing.assert_close(got.double(), want, rtol=1e-2, atol=5e-2)
     assert not grads[0][0].any()
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+def test_the_ops_check_shapes_when_called_directly(backend, device):
+    """torch.ops.vitfast.patch_merging called directly: norm or reduction weights of another width reached the
+    kernels."""
+    x = torch.randn(1, 4, 4, 8, device=device)
+    nw, rw = torch.randn(32, device=device), torch.randn(16, 32, device=device)
+    with vitfast.use_backend(backend):
+        with pytest.raises(ValueError, match=r"norm_weight \(16,\) \(expected \(32,\)\)"):
+            torch.ops.vitfast.patch_merging(x, nw[:16], None, rw, 1e-5)
+        with pytest.raises(ValueError, match=r"reduction_weight \(16, 24\) \(expected \(16, 32\)\)"):
+            torch.ops.vitfast.patch_merging(x, nw, None, rw[:, :24], 1e-5)
+        out, mean, rstd = torch.ops.vitfast.patch_merging(x, nw, None, rw, 1e-5)
+        with pytest.raises(ValueError, match=r"dy \(3, 16\) \(expected \(4, 16\)\)"):
+            torch.ops.vitfast.patch_merging_backward(out.reshape(4, 16)[:3], x, nw, None, rw, mean, rstd)

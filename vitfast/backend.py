@@ -245,6 +245,20 @@ def no_double_backward(op: str, backward_op) -> None:
     backward_op.register_autograd(_backward, setup_context=lambda ctx, inputs, output: None)
 
 
+def check_op_shapes(op: str, expected: dict) -> None:
+    """For an op called directly (torch.ops.vitfast.<op>, whose public function checks more): `expected` maps each
+    argument's name to (tensor or None, the shape the kernels index it by); a Triton kernel would read or write past
+    a tensor of another shape.
+
+    Raises:
+        ValueError: naming each tensor whose shape differs, with the shape expected.
+    """
+    bad = [f"{name} {tuple(t.shape)} (expected {tuple(shape)})" for name, (t, shape) in expected.items()
+           if t is not None and tuple(t.shape) != tuple(shape)]
+    if bad:
+        raise ValueError(f"vitfast::{op}: shapes do not agree: {'; '.join(bad)}")
+
+
 def why_not(op: str, backend: str, *tensors: Optional[torch.Tensor]) -> Optional[str]:
     """Why `backend` cannot run `op` for these tensors (None entries are ignored), whatever backend is forced; None
     when it can."""

@@ -93,6 +93,10 @@ def _layer_norm_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], 
                    eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """x, residual: (M, N) with unit inner stride, any row stride; weight, bias: (N,), any stride. Returns y, s
     (x + residual, or empty), mean, rstd."""
+    if x.dim() != 2:
+        raise ValueError(f"vitfast::{OP}: x must be (M, N), got {tuple(x.shape)}")
+    _backend.check_op_shapes(OP, {"weight": (weight, x.shape[1:]), "bias": (bias, x.shape[1:]),
+                                  "residual": (residual, x.shape)})
     if x.numel() == 0:
         return _fwd_torch(x, weight, bias, residual, eps)
     which = _backend.choose_backend(OP, x, weight, bias, residual)
@@ -116,6 +120,11 @@ def _(x, weight, bias, residual, eps):
 def _layer_norm_backward_op(dy: Tensor, ds: Optional[Tensor], s: Tensor, weight: Optional[Tensor], mean: Tensor,
                             rstd: Tensor, has_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Returns dx (M, N), dweight (N,) or empty, dbias (N,) or empty."""
+    if s.dim() != 2:
+        raise ValueError(f"vitfast::{OP}_backward: s must be (M, N), got {tuple(s.shape)}")
+    _backend.check_op_shapes(f"{OP}_backward", {"dy": (dy, s.shape), "ds": (ds, s.shape),
+                                                "weight": (weight, s.shape[1:]), "mean": (mean, s.shape[:1]),
+                                                "rstd": (rstd, s.shape[:1])})
     if s.numel() == 0:
         return _bwd_torch(dy, ds, s, weight, mean, rstd, has_bias)
     which = _backend.choose_backend(OP, s, dy, ds, weight)

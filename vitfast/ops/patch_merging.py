@@ -87,10 +87,21 @@ def _check_support(backend: str, tensors: tuple) -> Optional[str]:
 _backend.register_op(OP, gpu_order=("triton", "torch"), cpu_order=("cpp", "torch"), check=_check_support)
 
 
+def _check_op_shapes(x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
+                     reduction_weight: Tensor) -> None:
+    if x.dim() != 4 or reduction_weight.dim() != 2:
+        raise ValueError(f"vitfast::{OP}: x must be (B, H, W, C) and reduction_weight (N, 4C), got {tuple(x.shape)}, "
+                         f"{tuple(reduction_weight.shape)}")
+    C4 = 4 * x.shape[3]
+    _backend.check_op_shapes(OP, {"norm_weight": (norm_weight, (C4,)), "norm_bias": (norm_bias, (C4,)),
+                                  "reduction_weight": (reduction_weight, (reduction_weight.shape[0], C4))})
+
+
 @torch.library.custom_op("vitfast::patch_merging", mutates_args=())
 def _patch_merging_op(x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
                       reduction_weight: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """x (B, H, W, C); norm (4C,); reduction (N, 4C). Returns out (B, H2, W2, N), mean, rstd (B*H2*W2,)."""
+    _check_op_shapes(x, norm_weight, norm_bias, reduction_weight)
     which = _backend.choose_backend(OP, x, norm_weight, norm_bias, reduction_weight)
     if which == "triton":
         from vitfast.triton.patch_merging import patch_merging_fwd
@@ -116,6 +127,11 @@ def _patch_merging_backward_op(dy: Tensor, x: Tensor, norm_weight: Optional[Tens
                                rstd: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """dy (M, N) unit inner stride. Returns dx (B, H, W, C), dnorm_weight, dnorm_bias (4C,) or empty,
     dreduction_weight (N, 4C)."""
+    _check_op_shapes(x, norm_weight, norm_bias, reduction_weight)
+    B, H, W, _ = x.shape
+    M = B * ((H + 1) // 2) * ((W + 1) // 2)
+    _backend.check_op_shapes(f"{OP}_backward", {"dy": (dy, (M, reduction_weight.shape[0])), "mean": (mean, (M,)),
+                                                "rstd": (rstd, (M,))})
     which = _backend.choose_backend(OP, x, dy, norm_weight, norm_bias, reduction_weight)
     if which == "triton":
         from vitfast.triton.patch_merging import patch_merging_bwd

@@ -87,8 +87,8 @@ def decomposed_rel_pos(q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, q_size: 
         rel_h (..., Nq, k_h) and rel_w (..., Nq, k_w), in q's dtype: rel_h[..., i, r] = q_i . R_h[y_i, r] and
         rel_w[..., i, c] = q_i . R_w[x_i, c] with R = get_rel_pos(...).
     Raises:
-        ValueError: q_size or k_size is not two positive whole sizes, q's Nq is not q_h * q_w, a table is not 2-D with q's
-            head dim or is empty, or dtypes/devices differ.
+        ValueError: q_size or k_size is not two positive whole sizes, q's Nq is not q_h * q_w, a table is not 2-D
+            with q's head dim or is empty, or dtypes/devices differ.
     """
     for name, size in (("q_size", q_size), ("k_size", k_size)):
         if len(size) != 2 or any(int(s) != s or int(s) < 1 for s in size):
