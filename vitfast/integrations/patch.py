@@ -119,8 +119,9 @@ def _layer_norm_check(module: nn.Module) -> Optional[str]:
 def _linear_forward(self: nn.Linear, input: Tensor) -> Tensor:  # (nn.Linear's parameter name)
     """vitfast.linear (oneDNN where its rule says it pays, else F.linear; prepacked weights where patch_model was
     asked for them); the original where x's dtype differs from the weight's outside autocast (F.linear's own error)
-    or x is not floating point."""
-    if not input.is_floating_point() or (input.dtype != self.weight.dtype and not _autocast.is_enabled(input.device)):
+    or x is not floating point, or its last dim is not in_features (F.linear's error)."""
+    if (not input.is_floating_point() or input.dim() == 0 or input.shape[-1] != self.in_features
+            or (input.dtype != self.weight.dtype and not _autocast.is_enabled(input.device))):
         return nn.Linear.forward(self, input)
     return linear(input, self.weight, self.bias, prepack=self.__dict__.get(_PREPACK, False))
 
@@ -362,8 +363,9 @@ def _layout(module: nn.Module) -> tuple:
 
 def _unchanged(module: nn.Module, layout: tuple) -> bool:
     """Whether `module`'s tree still has `layout`'s keys and classes at every depth (no submodule added, removed,
-    or replaced by one of another class; torch.nn.utils.parametrize changes the class) and no submodule carries
-    hooks: a walk of the `_modules` dicts, a few microseconds for a timm Attention."""
+    or replaced by one of another class; torch.nn.utils.parametrize changes the class), no submodule carries
+    hooks and none has a forward of its own set on the instance but vitfast's (accelerate's hooks, a wrapper that
+    records attention maps): a walk of the `_modules` dicts, a few microseconds for a timm Attention."""
     stack = [(module._modules, layout)]
     while stack:
         children, entries = stack.pop()
@@ -374,7 +376,8 @@ def _unchanged(module: nn.Module, layout: tuple) -> bool:
             if type(child) is not cls:
                 return False
             if child is not None:
-                if _has_hooks(child):
+                forward = child.__dict__.get("forward")
+                if _has_hooks(child) or (forward is not None and getattr(forward, "func", None) is not _guarded):
                     return False
                 if below or child._modules:
                     stack.append((child._modules, below))
@@ -398,6 +401,9 @@ def _guarded(module: nn.Module, kind: str, name: str, fn: Callable, layout: tupl
     would skip those hooks and wrappers; and under torch.func's gradient transforms and forward-mode AD (jvp, dual
     tensors), which vitfast's ops do not run under."""
     x = _input(args, kwargs)
+    if x is None and any(isinstance(a, torch.fx.Proxy) for a in (*args, *kwargs.values())):
+        # torch.fx.symbolic_trace (timm's and torchvision's feature extractors): the original code traces
+        return getattr(type(module), name)(module, *args, **kwargs)
     if ((x is not None and runs_original(kind, x)) or not _unchanged(module, layout)
             or (layout and _global_hooks()) or _backend.transforms_open()):
         return getattr(type(module), name)(module, *args, **kwargs)

@@ -31,12 +31,15 @@ from vitfast.ops.window_attention import window_attention
 
 
 def _attention_forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+    if x.dim() != 3:  # (the original's error)
+        return type(self).forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
     gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
     # unflatten infers -1 from the dim's size (a reshape to (B, ..., -1) cannot for an empty batch)
     q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
     q, k = self.q_norm(q), self.k_norm(k)
-    x = attention(q, k, v, attn_mask, is_causal=is_causal, scale=self.scale,
-                  dropout_p=self.attn_drop.p if self.training else 0.0)
+    # (timm's fused path, its default, passes SDPA no scale: a changed self.scale counts on its eager path only)
+    x = attention(q, k, v, attn_mask, is_causal=is_causal, scale=None if getattr(self, "fused_attn", False)
+                  else self.scale, dropout_p=self.attn_drop.p if self.training else 0.0)
     x = x.transpose(1, 2).flatten(2)
     x = self.norm(x)
     if gate is not None:
@@ -95,8 +98,11 @@ def _window_attention_check(module: nn.Module) -> Optional[str]:
 
 
 def _patch_embed_forward(self, x: Tensor) -> Tensor:
-    # an image of a size, channel count or dtype timm refuses: timm's own path, which raises timm's error
-    if not conv_takes(self.proj, x) or _VitfastPatchEmbed._size_error(self, *x.shape[-2:]):
+    # an image of a size, channel count or dtype timm refuses: timm's own path, which raises timm's error; and a
+    # proj replaced since patching by a convolution of another geometry
+    if (not conv_takes(self.proj, x) or _VitfastPatchEmbed._size_error(self, *x.shape[-2:])
+            or _patch_embed_check(self) is not None or (not getattr(self, "dynamic_img_pad", False) and (
+                x.shape[-2] < self.proj.kernel_size[0] or x.shape[-1] < self.proj.kernel_size[1]))):
         return type(self).forward(self, x)
     return _VitfastPatchEmbed.forward(self, x)
 
