@@ -606,6 +606,15 @@ void bwd_items(const Args<scalar_t, A>& a, const Next& next) {
           A* si = s.data() + i * kSp;
           ker.add_bias_max(si, segs.data(), nseg, a.rel_h_row(b, h, i0 + i), a.rel_w_row(b, h, i0 + i));
           ker.exp_sub_sum(si, N, row_max[i], log_sum[i]);
+          if (a.nkb == 1) {
+            // The whole row is in this block: delta = rowsum(P * dP) (as the torch backend), which cancels dP's own
+            // rounding where the softmax saturates (exact dS 0; rowsum(dO * O) left ~1 ulp of dP, summed over the
+            // queries into dK and the rel terms' gradients). Rows over several blocks keep FlashAttention-2's.
+            const A* dpi = dp.data() + i * kSp;
+            A sum = 0;
+            for (int64_t j = 0; j < N; ++j) sum += si[j] == A(0) ? A(0) : si[j] * dpi[j];
+            delta[i] = sum;
+          }
           ker.grad_scores(dp.data() + i * kSp, si, delta[i], segs.data(), nseg, drh.data() + i * kh,
                           drw.data() + i * kw);
         }

@@ -411,6 +411,25 @@ def test_the_ops_check_shapes_when_called_directly(backend, device):
             backward(out[:, :, :2], q, k, v, rh, rw, out, lse, None, 0.0, 0.25)
 
 
+@pytest.mark.parametrize("backend,device", [c for c in CASES if c.values[0] != "triton"])
+def test_saturated_rows_give_exact_zero_key_and_bias_gradients(backend, device):
+    """A bias of +60 on one key makes every softmax row one-hot in fp32: the exact dK, drel_h and drel_w are 0 (dS is
+    0). delta = rowsum(dO * O) left |dS| ~ 1 ulp of dP per row, summed over the queries (dK 2e-5 at 16384 queries);
+    rowsum(P * dP) cancels it, as vitfast.attention's reference paths do."""
+    g = torch.Generator().manual_seed(0)
+    Nq, D = 4096, 16
+    q, k, v = (torch.randn(1, 2, n, D, generator=g).to(device) for n in (Nq, 4, 4))
+    rel_h, rel_w = (torch.randn(1, 2, Nq, 2, generator=g).to(device) for _ in range(2))
+    rel_h[..., 0] += 60.0
+    rel_w[..., 0] += 60.0
+    leaves = [t.requires_grad_() for t in (q, k, rel_h, rel_w)]
+    with vitfast.use_backend(backend):
+        out = vitfast.rel_pos_attention(q, k, v, rel_h, rel_w)
+        grads = torch.autograd.grad(out, leaves, torch.randn(out.shape, generator=g).to(device))
+    for name, grad in zip(("dk", "drel_h", "drel_w"), grads[1:]):
+        assert grad.abs().max().item() < 1e-20, (name, grad.abs().max().item())
+
+
 # ---------------------------------------------------------------------------------------------- memory
 
 _PEAK_RSS_SCRIPT = textwrap.dedent("""

@@ -167,7 +167,10 @@ def _bwd_torch(dout, q, k, v, rel_h, rel_w, out, lse, seed, dropout_p, scale):
     dp = do @ v.to(acc).transpose(-2, -1)
     keep = _dropout_keep(seed, dropout_p, q, k.shape[2])
     p_drop, dp = _dropped(p, keep, dropout_p), _dropped(dp, keep, dropout_p)
-    ds = p * (dp - (do * out.to(acc)).sum(-1, keepdim=True))
+    # delta = rowsum(P * dP), as vitfast.attention's torch backend: rowsum(dO * O) left |dS| ~ 1 ulp of dP where the
+    # softmax saturates (exact dS 0), summed over the queries into dK and the rel terms' gradients
+    delta = (p * dp).masked_fill(p == 0, 0.0).sum(-1, keepdim=True)
+    ds = p * (dp - delta)
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     dq, dk, dv = _bnhd_empty(B, H, Nq, D, q), _bnhd_empty(B, H, Nk, D, k), _bnhd_empty(B, H, Nk, D, v)
