@@ -833,6 +833,60 @@ def test_timm_modules_changed_or_given_what_the_original_refuses():
                 module(bad)
 
 
+def test_swin_attention_subclasses_present_at_patch_time_are_left():
+    """The fused Swin paths read the attention's weights and never call the attention module: a subclass there before
+    patching (one that records attention maps; a LoRA Linear on transformers' q/k/v) was skipped silently (outputs
+    0.06 apart). Such blocks are left, with the reason; MultiheadAttention's out_proj keeps the original's reading
+    of its weights (a subclass's forward is not run by the original either)."""
+    timm = import_or_skip("timm")
+    transformers = pytest.importorskip("transformers")
+    from timm.models.swin_transformer import WindowAttention
+
+    class Recording(WindowAttention):
+        def forward(self, x, mask=None):
+            return super().forward(x, mask=mask) * 2.0
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=16, patch_size=2,
+                              embed_dim=16, depths=(2,), num_heads=(2,), window_size=4, num_classes=5).eval()
+    old = model.layers[0].blocks[1].attn
+    model.layers[0].blocks[1].attn = Recording(16, 2, window_size=4)
+    model.layers[0].blocks[1].attn.load_state_dict(old.state_dict())
+    original = copy.deepcopy(model)
+    report = vitfast.patch_model(model)
+    assert any(left.name == "layers.0.blocks.1" and "not timm's WindowAttention" in left.reason
+               for left in report.left), str(report)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), original(x))
+
+    class Lora(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) + 0.5 * x[..., :1]
+    config = transformers.SwinConfig(image_size=16, patch_size=2, embed_dim=16, depths=[2], num_heads=[2],
+                                     window_size=4)
+    hf = transformers.SwinModel(config).eval()
+    layer = hf.encoder.layers[0].blocks[0]
+    lora = Lora(16, 16)
+    lora.load_state_dict(layer.attention.q_proj.state_dict())
+    layer.attention.q_proj = lora
+    original = copy.deepcopy(hf)
+    report = vitfast.patch_model(hf)
+    assert any("q_proj not plain nn.Linear" in left.reason for left in report.left), str(report)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(pixel_values=x).last_hidden_state,
+                                   original(pixel_values=x).last_hidden_state, atol=2e-5, rtol=1e-4)
+
+    mha = nn.MultiheadAttention(16, 2, batch_first=True).eval()
+    out_proj = Lora(16, 16)
+    out_proj.load_state_dict(mha.out_proj.state_dict())
+    mha.out_proj = out_proj
+    reference = copy.deepcopy(mha)
+    vitfast.patch_model(mha)
+    y = torch.randn(2, 5, 16)
+    with torch.no_grad(), vitfast.use_backend("cpp"):
+        torch.testing.assert_close(mha(y, y, y, need_weights=False)[0], reference(y, y, y, need_weights=False)[0],
+                                   atol=2e-5, rtol=1e-4)
+
+
 def test_fx_symbolic_trace_of_a_patched_model():
     """torch.fx.symbolic_trace (timm's and torchvision's feature extractors) failed on the adapters' checks of a
     Proxy; the original code is traced."""

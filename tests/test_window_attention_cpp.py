@@ -220,3 +220,14 @@ def test_window_partition_and_reverse_gradients_and_fakes():
     round_trip = torch.compile(lambda t: torch.ops.vitfast.window_reverse(
         torch.ops.vitfast.window_partition(t, *args) * 2, 9, 11, *args), fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(round_trip(x), 2 * x)
+
+
+@needs_wp
+@pytest.mark.parametrize("shape", [(2, 0, 7, 4), (2, 7, 0, 4)], ids=["H0", "W0"])
+def test_window_partition_backward_of_an_empty_map(shape):
+    """An empty map has no windows: the backward (window_reverse of the gradient) could not infer B and raised."""
+    x = torch.randn(*shape, requires_grad=True)
+    windows = torch.ops.vitfast.window_partition(x, [7, 7], [3, 3])
+    assert windows.shape == (0, 49, 4)
+    windows.sum().backward()
+    assert x.grad.shape == x.shape

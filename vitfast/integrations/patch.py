@@ -160,11 +160,13 @@ def _mha_forward(self: nn.MultiheadAttention, query: Tensor, key: Tensor, value:
     mask = _mha_mask(attn_mask, key_padding_mask, B, H, L, S, q.dtype)
     causal = bool(is_causal and attn_mask is None and key_padding_mask is None)
     out = attention(q, k, v, mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0)
+    # out_proj's weights read, not the module called, as the original does (a subclass's forward is not run there)
+    w_o, b_o = self.out_proj.weight, self.out_proj.bias
     if self.batch_first and not self.training:  # (B, L, E) rows, as the original's inference fast path gives
-        return self.out_proj(out.transpose(1, 2).reshape(B, L, E)), None
+        return F.linear(out.transpose(1, 2).reshape(B, L, E), w_o, b_o), None
     # the original's memory order, (L, B, E) rows: a dropout after the module draws for the same elements (seeded
     # training runs as the original), and .view works on the output where it does on the original's
-    out = self.out_proj(out.permute(2, 0, 1, 3).reshape(L, B, E))
+    out = F.linear(out.permute(2, 0, 1, 3).reshape(L, B, E), w_o, b_o)
     return (out.transpose(0, 1) if self.batch_first else out), None
 
 

@@ -22,7 +22,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from vitfast.integrations.patch import LAYER_NORM_X, Adapter, conv_takes, mlp_check, mlp_fc1, mlp_rows
+from vitfast.integrations.patch import LAYER_NORM_X, Adapter, conv_takes, mlp_check, mlp_fc1, mlp_rows, qualname
 from vitfast.integrations.segment_anything import sam_attention
 from vitfast.nn.patch_embed import PatchEmbed as _VitfastPatchEmbed
 from vitfast.nn.window_attention import WindowAttention as _VitfastWindowAttention
@@ -88,6 +88,10 @@ def _swin_block_check(module: nn.Module) -> Optional[str]:
     attn = getattr(module, "attn", None)
     if attn is None or not hasattr(attn, "relative_position_bias_table") or not hasattr(module, "_attn"):
         return "SwinTransformerBlock without timm's WindowAttention (relative_position_bias_table) and _attn"
+    # (the fused _attn never calls attn: a subclass's own forward, e.g. one that records attention maps, would be
+    # skipped)
+    if qualname(attn) != "timm.models.swin_transformer.WindowAttention":
+        return f"attn is {qualname(attn)}, not timm's WindowAttention: its own forward would be skipped"
     return None
 
 

@@ -152,6 +152,20 @@ def _register_names() -> None:
 _SWIN_LAYER = "transformers.models.swin.modeling_swin.SwinLayer"
 
 
+def _swin_layer_check(layer: torch.nn.Module) -> Optional[str]:
+    """The fused forward reads the attention's q/k/v weights and never calls the attention module: a subclass of
+    either (a LoRA Linear, a quantized one, an attention that records its maps) would be skipped."""
+    from vitfast.integrations.patch import qualname
+
+    attn = getattr(layer, "attention", None)
+    if qualname(attn) != "transformers.models.swin.modeling_swin.SwinAttention":
+        return f"attention is {qualname(attn)}, not transformers' SwinAttention: its own forward would be skipped"
+    other = [n for n in ("q_proj", "k_proj", "v_proj") if type(getattr(attn, n, None)) is not torch.nn.Linear]
+    if other:
+        return f"attention.{', '.join(other)} not plain nn.Linear (their weights are read, their forward skipped)"
+    return None
+
+
 def _swin_layer_forward(self, hidden_states: torch.Tensor, input_dimensions, always_partition: bool = False,
                         **kwargs):
     """SwinLayer.forward with pad, roll, partition, shift mask, attention and the reverse fused into one
@@ -210,8 +224,10 @@ def patch(model: torch.nn.Module, prefix: str, attention: bool = True, window_at
         if qualname(module) != _SWIN_LAYER:
             continue
         full = f"{prefix}.{name}" if prefix else name
-        if not window_attention or getattr(module, _MARK, None) is not None:
-            records.append(Left(full, _SWIN_LAYER, "already patched" if window_attention else "window_attention=False"))
+        reason = ("window_attention=False" if not window_attention
+                  else "already patched" if getattr(module, _MARK, None) is not None else _swin_layer_check(module))
+        if reason:
+            records.append(Left(full, _SWIN_LAYER, reason))
             continue
         _bind(module, "window_attention", {"forward": _swin_layer_forward})
         records.append(Patched(full, _SWIN_LAYER, "window_attention",

@@ -732,11 +732,14 @@ def _reverse_fake(windows, H, W, window_size, shift_size):
 
 def _partition_setup(ctx, inputs, output):
     x, ctx.window_size, ctx.shift_size = inputs
-    ctx.H, ctx.W = x.shape[1], x.shape[2]
+    ctx.shape = x.shape
 
 
 def _partition_backward(ctx, grad):
-    return torch.ops.vitfast.window_reverse(grad, ctx.H, ctx.W, ctx.window_size, ctx.shift_size), None, None
+    B, H, W, C = ctx.shape
+    if H == 0 or W == 0:  # (no windows: window_reverse cannot infer B from them)
+        return grad.new_zeros(ctx.shape), None, None
+    return torch.ops.vitfast.window_reverse(grad, H, W, ctx.window_size, ctx.shift_size), None, None
 
 
 def _reverse_setup(ctx, inputs, output):
