@@ -887,6 +887,22 @@ def test_swin_attention_subclasses_present_at_patch_time_are_left():
                                    atol=2e-5, rtol=1e-4)
 
 
+def test_data_parallel_replicas_run_their_own_parameters():
+    """nn.DataParallel's replicas (torch.nn.parallel.replicate: a shallow copy, then the replica's own parameters)
+    kept the patched methods bound to the source module, so each replica ran the source's parameters."""
+    mlp = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
+    vitfast.patch_model(mlp)
+    x = torch.randn(2, 8)
+    for module in mlp:
+        replica = module._replicate_for_data_parallel()
+        replica.weight, replica.bias = torch.zeros_like(module.weight), torch.zeros_like(module.bias)
+        with vitfast.use_backend("cpp"):
+            assert torch.equal(replica(x), torch.zeros(2, 8)), type(module)
+            assert not torch.equal(module(x), torch.zeros(2, 8))
+    vitfast.unpatch_model(mlp)
+    assert "_replicate_for_data_parallel" not in mlp[0].__dict__
+
+
 def test_fx_symbolic_trace_of_a_patched_model():
     """torch.fx.symbolic_trace (timm's and torchvision's feature extractors) failed on the adapters' checks of a
     Proxy; the original code is traced."""

@@ -435,7 +435,25 @@ def _bind(module: nn.Module, kind: str, methods: Dict[str, Callable]) -> None:
             bound = functools.partial(fn, module)
         object.__setattr__(module, name, bound)
     object.__setattr__(module, _SCRIPT, functools.partial(_refuse_script, module))
-    object.__setattr__(module, _MARK, (kind, (*methods, _SCRIPT)))
+    object.__setattr__(module, _REPLICATE, functools.partial(_replicate, module))
+    object.__setattr__(module, _MARK, (kind, (*methods, _SCRIPT, _REPLICATE)))
+
+
+_REPLICATE = "_replicate_for_data_parallel"
+
+
+def _replicate(module: nn.Module) -> nn.Module:
+    """nn.DataParallel's replica of a patched module (torch.nn.parallel.replicate): the class's shallow copy, whose
+    copied __dict__ holds methods bound to `module`; rebound to the replica, which would run `module`'s parameters
+    (another device's) otherwise."""
+    replica = getattr(type(module), _REPLICATE)(module)
+    for name in module.__dict__[_MARK][1]:
+        bound = replica.__dict__[name]
+        rebound = functools.partial(bound.func, replica, *bound.args[1:])
+        if hasattr(bound, "__signature__"):
+            rebound.__signature__ = bound.__signature__
+        object.__setattr__(replica, name, rebound)
+    return replica
 
 
 def patch_model(model: nn.Module, attention: bool = True, window_attention: bool = True, layer_norm: bool = True,
