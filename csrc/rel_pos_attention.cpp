@@ -585,9 +585,11 @@ void bwd_items(const Args<scalar_t, A>& a, const Next& next) {
       copy_2d(dout, a.dos[2], a.dos[3], dob.data(), D, int64_t{1}, M, D, one);
       pack_dim_panels(dout, a.dos[2], a.dos[3], M, D, qS, dod.data(), one);
       for (int64_t i = 0; i < M; ++i) {
-        A sum = 0;
-        for (int64_t d = 0; d < D; ++d) sum += dob[i * D + d] * static_cast<A>(o[i * a.os[2] + d * a.os[3]]);
-        delta[i] = sum;
+        if (a.nkb > 1) {  // (one key block: delta is rowsum(P * dP), formed with the scores below)
+          A sum = 0;
+          for (int64_t d = 0; d < D; ++d) sum += dob[i * D + d] * static_cast<A>(o[i * a.os[2] + d * a.os[3]]);
+          delta[i] = sum;
+        }
         // A row with no visible key (m = -inf) has all scores -inf: subtracting +inf keeps its P at 0, not NaN.
         const A mx = a.lse[bh * a.Nq + i0 + i];
         row_max[i] = mx == kNegInf<A> ? std::numeric_limits<A>::infinity() : mx;

@@ -138,6 +138,20 @@ def test_attention_weights_recorded_with_hooks_are_returned():
                 torch.testing.assert_close(a, b)
 
 
+def test_one_layer_of_a_patched_model_compiles_fullgraph():
+    """Compiling one layer (per-layer compilation, as accelerate's compile_regions): the check for attention
+    weights recorded with hooks read transformers' ContextVar, which dynamo cannot trace."""
+    model = transformers.ViTModel(_vision_config(transformers.ViTConfig)).eval()
+    vitfast.patch_model(model)
+    layer = model.encoder.layer[0] if hasattr(model, "encoder") else model.layers[0]
+    x = torch.randn(1, 17, 32)
+    with torch.no_grad(), vitfast.use_backend("cpp"):
+        want = layer(x)
+        got = torch.compile(layer, fullgraph=True, backend="eager")(x)
+    pick = (lambda o: o[0] if isinstance(o, tuple) else o)  # noqa: E731
+    torch.testing.assert_close(pick(got), pick(want))
+
+
 @pytest.mark.parametrize("backend,device", CASES)
 def test_value_head_dim_unlike_the_query_takes_the_original_path(backend, device):
     """ConditionalDETR's decoder cross-attention gives v half q's head dim, which SDPA takes and vitfast.attention

@@ -400,7 +400,8 @@ def test_the_ops_check_shapes_when_called_directly(backend, device):
             op(images, w, b, pos[:4], 1, cls, None, None, False, 1, 1e-5, False)
         with pytest.raises(ValueError, match=r"prefix_tokens \(1, 16\) \(expected \(2, 16\)\)"):
             op(images, w, b, pos, 0, cls, None, None, False, 2, 1e-5, False)
-        with pytest.raises(ValueError, match="images .* and weight .* do not agree"):
-            op(images[:, :2], w, b, None, 0, None, None, None, False, 0, 1e-5, False)
+        for bad_images, bad_w in ((images[:, :2], w), (images, w[..., :0])):  # (a 0-wide patch: no ZeroDivisionError)
+            with pytest.raises(ValueError, match="images .* and weight .* do not agree"):
+                op(bad_images, bad_w, b, None, 0, None, None, None, False, 0, 1e-5, False)
         with pytest.raises(ValueError, match=r"dz \(2, 3, 16\) \(expected \(2, 4, 16\)\)"):
             torch.ops.vitfast.patch_embed_backward(torch.randn(2, 3, 16, device=device), images, w, True, True)

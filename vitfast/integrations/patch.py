@@ -160,13 +160,15 @@ def _mha_forward(self: nn.MultiheadAttention, query: Tensor, key: Tensor, value:
     mask = _mha_mask(attn_mask, key_padding_mask, B, H, L, S, q.dtype)
     causal = bool(is_causal and attn_mask is None and key_padding_mask is None)
     out = attention(q, k, v, mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0)
-    # out_proj's weights read, not the module called, as the original does (a subclass's forward is not run there)
+    # out_proj's weights read, not the module called, as the original does (a subclass's forward is not run there);
+    # on vitfast.linear, as a patched out_proj would run (oneDNN's rule, its prepacked weight)
     w_o, b_o = self.out_proj.weight, self.out_proj.bias
-    if self.batch_first and not self.training:  # (B, L, E) rows, as the original's inference fast path gives
-        return F.linear(out.transpose(1, 2).reshape(B, L, E), w_o, b_o), None
+    prepack = self.out_proj.__dict__.get(_PREPACK, False)
+    if self.batch_first and not self.training:  # (B, L, E) rows, as the original's fast path (inference) gives
+        return linear(out.transpose(1, 2).reshape(B, L, E), w_o, b_o, prepack=prepack), None
     # the original's memory order, (L, B, E) rows: a dropout after the module draws for the same elements (seeded
     # training runs as the original), and .view works on the output where it does on the original's
-    out = F.linear(out.permute(2, 0, 1, 3).reshape(L, B, E), w_o, b_o)
+    out = linear(out.permute(2, 0, 1, 3).reshape(L, B, E), w_o, b_o, prepack=prepack)
     return (out.transpose(0, 1) if self.batch_first else out), None
 
 
@@ -400,8 +402,9 @@ def _guarded(module: nn.Module, kind: str, name: str, fn: Callable, layout: tupl
     project's 2-core CPU), where a
     submodule now carries hooks (a user's forward hook, weight_norm's pre-hook, hooks registered for every module)
     or was swapped since patching (a LoRA wrapper): the patched methods read submodules' parameters directly, which
-    would skip those hooks and wrappers; and under torch.func's gradient transforms and forward-mode AD (jvp, dual
-    tensors), which vitfast's ops do not run under."""
+    would skip those hooks and wrappers (so does a forward set on a submodule's instance: accelerate's hooks); under
+    torch.func's gradient transforms and forward-mode AD (jvp, dual tensors), which vitfast's ops do not run under;
+    and under torch.fx.symbolic_trace (a Proxy input), where the original code is what traces."""
     x = _input(args, kwargs)
     if x is None and any(isinstance(a, torch.fx.Proxy) for a in (*args, *kwargs.values())):
         # torch.fx.symbolic_trace (timm's and torchvision's feature extractors): the original code traces

@@ -337,7 +337,12 @@ def _attentions_recorded() -> bool:
         from transformers.utils.output_capturing import _active_collector
     except ImportError:  # transformers 4: output_attentions reaches the module's forward
         return False
-    collected = _active_collector.get()
+    if torch.compiler.is_compiling():
+        # dynamo cannot trace ContextVar.get: transformers keeps the collector in a plain attribute where its set()
+        # ran under compilation (a compiled model); a compiled sub-module (one layer) sees none
+        collected = _active_collector.global_var if getattr(_active_collector, "compiling", False) else None
+    else:
+        collected = _active_collector.get()
     return collected is not None and "attentions" in collected
 
 

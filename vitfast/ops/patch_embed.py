@@ -222,9 +222,10 @@ def _patch_embed_op(images: Tensor, weight: Tensor, bias: Optional[Tensor], pos_
     tokens z (B*L, E) (empty unless has_norm and store_z), mean, rstd (B*L,) (empty without norm)."""
     if num_prefix < 0 or pos_offset < 0:  # (the kernels would write before the output)
         raise ValueError(f"vitfast.patch_embed: num_prefix and pos_offset must be >= 0, got {num_prefix}, {pos_offset}")
-    if images.dim() != 4 or weight.dim() != 4 or images.shape[1] != weight.shape[1]:
-        raise ValueError(f"vitfast::{OP}: images (B, C, H, W) and weight (E, C, ph, pw) do not agree: "
-                         f"{tuple(images.shape)}, {tuple(weight.shape)}")
+    if (images.dim() != 4 or weight.dim() != 4 or images.shape[1] != weight.shape[1] or weight.shape[2] < 1
+            or weight.shape[3] < 1):
+        raise ValueError(f"vitfast::{OP}: images (B, C, H, W) and weight (E, C, ph, pw) do not agree (or an empty "
+                         f"patch): {tuple(images.shape)}, {tuple(weight.shape)}")
     E, L = weight.shape[0], (images.shape[2] // weight.shape[2]) * (images.shape[3] // weight.shape[3])
     rows = pos_embed.shape[0] if pos_embed is not None and pos_embed.dim() == 2 else pos_offset + L
     _backend.check_op_shapes(OP, {"bias": (bias, (E,)), "norm_weight": (norm_weight, (E,)),
@@ -267,9 +268,10 @@ def _patch_embed_backward_op(dz: Tensor, images: Tensor, weight: Tensor, has_bia
                              need_dimages: bool) -> tuple[Tensor, Tensor, Tensor]:
     """dz (B, L, E), unit inner stride: gradient of the tokens before pos_embed (after the norm's backward).
     Returns dimages (B, C, H, W) or empty, dweight (E, C, ph, pw), dbias (E,) or empty."""
-    if images.dim() != 4 or weight.dim() != 4 or images.shape[1] != weight.shape[1]:
-        raise ValueError(f"vitfast::{OP}_backward: images (B, C, H, W) and weight (E, C, ph, pw) do not agree: "
-                         f"{tuple(images.shape)}, {tuple(weight.shape)}")
+    if (images.dim() != 4 or weight.dim() != 4 or images.shape[1] != weight.shape[1] or weight.shape[2] < 1
+            or weight.shape[3] < 1):
+        raise ValueError(f"vitfast::{OP}_backward: images (B, C, H, W) and weight (E, C, ph, pw) do not agree (or an "
+                         f"empty patch): {tuple(images.shape)}, {tuple(weight.shape)}")
     L = (images.shape[2] // weight.shape[2]) * (images.shape[3] // weight.shape[3])
     _backend.check_op_shapes(f"{OP}_backward", {"dz": (dz, (images.shape[0], L, weight.shape[0]))})
     which = _backend.choose_backend(OP, images, weight, dz)

@@ -249,7 +249,7 @@ def _rel_pos_attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor
     reduced over their broadcast batch and head dims)."""
     _check_shapes(q, k, v, rel_h, rel_w)
     if dout.shape != q.shape or out.shape != q.shape:
-        raise ValueError(f"vitfast.rel_pos_attention backward: dout and out must have q's shape {tuple(q.shape)}, "
+        raise ValueError(f"vitfast::rel_pos_attention_backward: dout and out must have q's shape {tuple(q.shape)}, "
                          f"got {tuple(dout.shape)}, {tuple(out.shape)}")
     if q.numel() == 0 or k.shape[2] == 0:
         return tuple(t.zero_() for t in _fake_bwd(q, k, rel_h, rel_w))
