@@ -211,6 +211,16 @@ def _norm_support(backend: str, E: int) -> Optional[str]:
     return None
 
 
+def _num_patches(op: str, images: Tensor, weight: Tensor) -> int:
+    """L = (H // ph) * (W // pw), for the ops called directly, after checking that images (B, C, H, W) and weight
+    (E, C, ph, pw) agree and the patch is not empty."""
+    if (images.dim() != 4 or weight.dim() != 4 or images.shape[1] != weight.shape[1] or weight.shape[2] < 1
+            or weight.shape[3] < 1):
+        raise ValueError(f"vitfast::{op}: images (B, C, H, W) and weight (E, C, ph, pw) do not agree (or an empty "
+                         f"patch): {tuple(images.shape)}, {tuple(weight.shape)}")
+    return (images.shape[2] // weight.shape[2]) * (images.shape[3] // weight.shape[3])
+
+
 @torch.library.custom_op("vitfast::patch_embed", mutates_args=())
 def _patch_embed_op(images: Tensor, weight: Tensor, bias: Optional[Tensor], pos_embed: Optional[Tensor],
                     pos_offset: int, prefix_tokens: Optional[Tensor], norm_weight: Optional[Tensor],
@@ -222,11 +232,7 @@ def _patch_embed_op(images: Tensor, weight: Tensor, bias: Optional[Tensor], pos_
     tokens z (B*L, E) (empty unless has_norm and store_z), mean, rstd (B*L,) (empty without norm)."""
     if num_prefix < 0 or pos_offset < 0:  # (the kernels would write before the output)
         raise ValueError(f"vitfast.patch_embed: num_prefix and pos_offset must be >= 0, got {num_prefix}, {pos_offset}")
-    if (images.dim() != 4 or weight.dim() != 4 or images.shape[1] != weight.shape[1] or weight.shape[2] < 1
-            or weight.shape[3] < 1):
-        raise ValueError(f"vitfast::{OP}: images (B, C, H, W) and weight (E, C, ph, pw) do not agree (or an empty "
-                         f"patch): {tuple(images.shape)}, {tuple(weight.shape)}")
-    E, L = weight.shape[0], (images.shape[2] // weight.shape[2]) * (images.shape[3] // weight.shape[3])
+    E, L = weight.shape[0], _num_patches(OP, images, weight)
     rows = pos_embed.shape[0] if pos_embed is not None and pos_embed.dim() == 2 else pos_offset + L
     _backend.check_op_shapes(OP, {"bias": (bias, (E,)), "norm_weight": (norm_weight, (E,)),
                                   "norm_bias": (norm_bias, (E,)), "prefix_tokens": (prefix_tokens, (num_prefix, E)),
@@ -268,11 +274,7 @@ def _patch_embed_backward_op(dz: Tensor, images: Tensor, weight: Tensor, has_bia
                              need_dimages: bool) -> tuple[Tensor, Tensor, Tensor]:
     """dz (B, L, E), unit inner stride: gradient of the tokens before pos_embed (after the norm's backward).
     Returns dimages (B, C, H, W) or empty, dweight (E, C, ph, pw), dbias (E,) or empty."""
-    if (images.dim() != 4 or weight.dim() != 4 or images.shape[1] != weight.shape[1] or weight.shape[2] < 1
-            or weight.shape[3] < 1):
-        raise ValueError(f"vitfast::{OP}_backward: images (B, C, H, W) and weight (E, C, ph, pw) do not agree (or an "
-                         f"empty patch): {tuple(images.shape)}, {tuple(weight.shape)}")
-    L = (images.shape[2] // weight.shape[2]) * (images.shape[3] // weight.shape[3])
+    L = _num_patches(f"{OP}_backward", images, weight)
     _backend.check_op_shapes(f"{OP}_backward", {"dz": (dz, (images.shape[0], L, weight.shape[0]))})
     which = _backend.choose_backend(OP, images, weight, dz)
     if which == "triton":

@@ -5,8 +5,8 @@ fake implementations, so torch.compile sees them whole; each picks its backend a
 (vitfast.triton.window_attention: cyclic shift, padding, window partition, bias gather and shift mask by
 index arithmetic in the kernel), "cpp" (csrc/window_attention.cpp, the same fusion on the CPU, registered as
 `vitfast::window_attention_fwd` and `vitfast::window_attention_bwd` with the two schemas below, names aside and
-`int seed` for the seed's value) or "torch" (the textbook PyTorch below). Every backend shares the schemas and the saved state
-(out, lse), so forward and backward may run on different backends:
+`int seed` for the seed's value) or "torch" (the textbook PyTorch below). Every backend shares the schemas and the
+saved state (out, lse), so forward and backward may run on different backends:
 
     window_attention(Tensor qkv, Tensor bias, Tensor? pad_qkv, Tensor? logit_scale, int[2] window_size,
                      int[2] shift_size, float softmax_scale, float dropout_p, Tensor? seed) -> (Tensor out, Tensor lse)
