@@ -379,6 +379,23 @@ def test_dropout_keep_mask_statistics():
     assert not torch.equal(keep, dropout_keep_ref(2**40 + 8, 2, 3, 64, 96, 0.1))
 
 
+@pytest.mark.parametrize("op", ["attention", "rel_pos_attention"])
+def test_ops_called_directly_check_the_dropout_seed(op):
+    """torch.ops.vitfast.attention / rel_pos_attention with dropout_p > 0 need a (1,) int64 CPU seed: without one the
+    triton backend ran seed 0 and the torch backend failed on None.item()."""
+    q = torch.randn(1, 2, 4, 8)
+    extra = (torch.zeros(1, 2, 4, 2), torch.zeros(1, 2, 4, 2)) if op == "rel_pos_attention" else (None,)
+    tail = (0.5, 0.125) if op == "rel_pos_attention" else (0.5, False, 0, 0.125)
+    fn = getattr(torch.ops.vitfast, op)
+    with vitfast.use_backend("torch"):
+        with pytest.raises(ValueError, match=f"vitfast::{op}: dropout_p 0.5 > 0 needs a seed"):
+            fn(q, q, q, *extra, None, *tail)
+        with pytest.raises(ValueError, match=r"seed must be a \(1,\) int64 CPU tensor, got \(2,\) torch.int64"):
+            fn(q, q, q, *extra, torch.zeros(2, dtype=torch.int64), *tail)
+        seed = torch.tensor([2**40 + 3])
+        assert torch.equal(fn(q, q, q, *extra, seed, *tail)[0], fn(q, q, q, *extra, seed, *tail)[0])
+
+
 @pytest.mark.parametrize("backend,device", [c for c in CASES if c.values[0] == "cpp"])
 def test_cpp_backend_rejects_dropout_when_forced(backend, device):
     q, k, v = _qkv(1, 1, 4, 4, 16, torch.float32, device)

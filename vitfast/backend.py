@@ -259,6 +259,36 @@ def check_op_shapes(op: str, expected: dict) -> None:
         raise ValueError(f"vitfast::{op}: shapes do not agree: {'; '.join(bad)}")
 
 
+def draw_seed(fn: str, dropout_p: float) -> Optional[torch.Tensor]:
+    """The dropout seed of the ops that take one (attention, rel_pos_attention, window_attention), for the public
+    function `fn`: a (1,) int64 CPU tensor drawn from torch's default CPU generator (so torch.manual_seed reproduces
+    it) where dropout_p > 0, else None. A tensor, not a Python int, so that torch.jit.trace and torch.export draw it
+    anew at each call.
+
+    Raises:
+        ValueError: dropout_p outside [0, 1).
+    """
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"vitfast.{fn}: dropout_p must be in [0, 1), got {dropout_p}")
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64) if dropout_p > 0 else None
+
+
+def seed_value(op: str, seed: Optional[torch.Tensor], dropout_p: float) -> int:
+    """The value of an op's dropout seed (`draw_seed`), checked where the op is called directly; 0 without dropout.
+
+    Raises:
+        ValueError: dropout_p > 0 without a seed, or a seed that is not a (1,) int64 CPU tensor.
+    """
+    if seed is None:
+        if dropout_p > 0:
+            raise ValueError(f"vitfast::{op}: dropout_p {dropout_p} > 0 needs a seed, a (1,) int64 CPU tensor")
+        return 0
+    if seed.numel() != 1 or seed.dtype != torch.int64 or seed.device.type != "cpu":
+        raise ValueError(f"vitfast::{op}: seed must be a (1,) int64 CPU tensor, got {tuple(seed.shape)} {seed.dtype} "
+                         f"on {seed.device}")
+    return int(seed.item())
+
+
 def why_not(op: str, backend: str, *tensors: Optional[torch.Tensor]) -> Optional[str]:
     """Why `backend` cannot run `op` for these tensors (None entries are ignored), whatever backend is forced; None
     when it can."""

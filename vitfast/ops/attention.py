@@ -141,11 +141,11 @@ def _bnhd_empty(B: int, H: int, N: int, D: int, like: Tensor) -> Tensor:
     return torch.empty((B, N, H, D), dtype=like.dtype, device=like.device).transpose(1, 2)
 
 
-def _dropout_keep(seed: Optional[Tensor], dropout_p: float, q: Tensor, Nk: int) -> Optional[Tensor]:
+def _dropout_keep(seed: int, dropout_p: float, q: Tensor, Nk: int) -> Optional[Tensor]:
     if dropout_p <= 0.0:
         return None
     B, H, Nq, _ = q.shape
-    return dropout_keep_ref(int(seed.item()), B, H, Nq, Nk, dropout_p, q.device)
+    return dropout_keep_ref(seed, B, H, Nq, Nk, dropout_p, q.device)
 
 
 def _dropped(x: Tensor, keep: Optional[Tensor], dropout_p: float) -> Tensor:
@@ -249,13 +249,13 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], seed:
         return torch.zeros_like(_bnhd_empty(B, H, Nq, D, q)), lse
     check_dropout_capture(OP, dropout_p, q.device)
     which = _backend.choose_backend(OP, q, k, v, bias, seed)
+    seed_value = _backend.seed_value(OP, seed, dropout_p)
     if which == "triton":
         from vitfast.triton.attention import attention_fwd
-        return attention_fwd(q, k, v, bias, dropout_p, int(seed.item()) if seed is not None else 0, is_causal,
-                             causal_offset, scale)
+        return attention_fwd(q, k, v, bias, dropout_p, seed_value, is_causal, causal_offset, scale)
     if which == "cpp":
         return tuple(torch.ops.vitfast.attention_fwd(q, k, v, bias, dropout_p, is_causal, causal_offset, scale))
-    return _fwd_torch(q, k, v, bias, seed, dropout_p, is_causal, causal_offset, scale)
+    return _fwd_torch(q, k, v, bias, seed_value, dropout_p, is_causal, causal_offset, scale)
 
 
 @_attention_op.register_fake
@@ -283,14 +283,15 @@ def _attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
                 torch.zeros_like(_bnhd_empty(B, H, Nk, D, v)), dbias)
     check_dropout_capture(OP, dropout_p, q.device)
     which = _backend.choose_backend(OP, q, k, v, bias, seed)
+    seed_value = _backend.seed_value(OP, seed, dropout_p)
     if which == "triton":
         from vitfast.triton.attention import attention_bwd
-        return attention_bwd(dout, q, k, v, out, lse, bias, dropout_p, int(seed.item()) if seed is not None else 0,
-                             is_causal, causal_offset, scale, bias_requires_grad, deterministic)
+        return attention_bwd(dout, q, k, v, out, lse, bias, dropout_p, seed_value, is_causal, causal_offset, scale,
+                             bias_requires_grad, deterministic)
     if which == "cpp":
         return tuple(torch.ops.vitfast.attention_bwd(dout, q, k, v, out, lse, bias, dropout_p, is_causal,
                                                      causal_offset, scale, bias_requires_grad))
-    return _bwd_torch(dout, q, k, v, out, lse, bias, seed, dropout_p, is_causal, causal_offset, scale,
+    return _bwd_torch(dout, q, k, v, out, lse, bias, seed_value, dropout_p, is_causal, causal_offset, scale,
                       bias_requires_grad)
 
 
@@ -353,12 +354,6 @@ def _check_inputs(fn: str, layout: str, q: Tensor, k: Tensor, v: Tensor) -> None
                          f"({layout}); got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
 
 
-def _draw_seed(dropout_p: float) -> Optional[Tensor]:
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"vitfast.attention: dropout_p must be in [0, 1), got {dropout_p}")
-    return torch.randint(0, 2**62, (1,), dtype=torch.int64) if dropout_p > 0.0 else None
-
-
 def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None, *, is_causal: bool = False,
               scale: Optional[float] = None, dropout_p: float = 0.0) -> Tensor:
     """Scaled dot-product attention with the layout and semantics of `F.scaled_dot_product_attention`.
@@ -410,7 +405,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
     _check_inputs("attention", "(B, H, N, D)", q, k, v)
     bias = _mask_4d(attn_mask, q, k) if attn_mask is not None else None
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    out, _ = _attention_op(q, k, v, bias, _draw_seed(dropout_p), float(dropout_p), bool(is_causal), 0, scale)
+    out, _ = _attention_op(q, k, v, bias, _backend.draw_seed("attention", dropout_p), float(dropout_p),
+                           bool(is_causal), 0, scale)
     return out
 
 
@@ -442,7 +438,8 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, sof
     _check_inputs("flash_attn_func", "(B, N, H, D)", qt, kt, vt)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     offset = kt.shape[2] - qt.shape[2]
-    out, _ = _attention_op(qt, kt, vt, None, _draw_seed(dropout_p), float(dropout_p), bool(causal), offset, scale)
+    out, _ = _attention_op(qt, kt, vt, None, _backend.draw_seed("flash_attn_func", dropout_p), float(dropout_p),
+                           bool(causal), offset, scale)
     return out.transpose(1, 2)
 
 

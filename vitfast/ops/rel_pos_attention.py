@@ -37,7 +37,7 @@ from torch import Tensor
 
 from vitfast import autocast as _autocast
 from vitfast import backend as _backend
-from vitfast.ops.attention import (_acc_dtype, _bnhd_empty, _check_inputs, _describe, _draw_seed, _dropout_keep,
+from vitfast.ops.attention import (_acc_dtype, _bnhd_empty, _check_inputs, _describe, _dropout_keep,
                                    _dropped, _probs, _row_stats, check_dropout_capture)
 
 OP = "rel_pos_attention"
@@ -220,13 +220,13 @@ def _rel_pos_attention_op(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w:
         return out.zero_(), lse
     check_dropout_capture(OP, dropout_p, q.device)
     which = _backend.choose_backend(OP, q, k, v, rel_h, rel_w, seed)
+    seed_value = _backend.seed_value(OP, seed, dropout_p)
     if which == "triton":
         from vitfast.triton.rel_pos_attention import rel_pos_attention_fwd
-        return rel_pos_attention_fwd(q, k, v, rel_h, rel_w, dropout_p, int(seed.item()) if seed is not None else 0,
-                                     scale)
+        return rel_pos_attention_fwd(q, k, v, rel_h, rel_w, dropout_p, seed_value, scale)
     if which == "cpp":
         return tuple(torch.ops.vitfast.rel_pos_attention_fwd(q, k, v, rel_h, rel_w, scale))
-    return _fwd_torch(q, k, v, rel_h, rel_w, seed, dropout_p, scale)
+    return _fwd_torch(q, k, v, rel_h, rel_w, seed_value, dropout_p, scale)
 
 
 @_rel_pos_attention_op.register_fake
@@ -255,13 +255,13 @@ def _rel_pos_attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor
         return tuple(t.zero_() for t in _fake_bwd(q, k, rel_h, rel_w))
     check_dropout_capture(OP, dropout_p, q.device)
     which = _backend.choose_backend(OP, q, k, v, rel_h, rel_w, seed)
+    seed_value = _backend.seed_value(OP, seed, dropout_p)
     if which == "triton":
         from vitfast.triton.rel_pos_attention import rel_pos_attention_bwd
-        return rel_pos_attention_bwd(dout, q, k, v, rel_h, rel_w, out, lse, dropout_p,
-                                     int(seed.item()) if seed is not None else 0, scale)
+        return rel_pos_attention_bwd(dout, q, k, v, rel_h, rel_w, out, lse, dropout_p, seed_value, scale)
     if which == "cpp":
         return tuple(torch.ops.vitfast.rel_pos_attention_bwd(dout, q, k, v, rel_h, rel_w, out, lse, scale))
-    return _bwd_torch(dout, q, k, v, rel_h, rel_w, out, lse, seed, dropout_p, scale)
+    return _bwd_torch(dout, q, k, v, rel_h, rel_w, out, lse, seed_value, dropout_p, scale)
 
 
 @_rel_pos_attention_backward_op.register_fake
@@ -360,8 +360,7 @@ def rel_pos_attention(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Ten
     """
     _backend.check_transforms("rel_pos_attention", q, k, v, rel_h, rel_w)
     _check_shapes(q, k, v, rel_h, rel_w)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"vitfast.rel_pos_attention: dropout_p must be in [0, 1), got {dropout_p}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    out, _ = _rel_pos_attention_op(q, k, v, rel_h, rel_w, _draw_seed(dropout_p), float(dropout_p), scale)
+    out, _ = _rel_pos_attention_op(q, k, v, rel_h, rel_w, _backend.draw_seed("rel_pos_attention", dropout_p),
+                                   float(dropout_p), scale)
     return out

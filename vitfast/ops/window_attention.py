@@ -384,7 +384,7 @@ def _window_attention_op(qkv: Tensor, bias: Tensor, pad_qkv: Optional[Tensor], l
     if qkv.numel() == 0:
         return _fake_fwd(qkv, window_size)
     check_dropout_capture(OP, dropout_p, qkv.device)
-    seed = _seed_value(seed, dropout_p)
+    seed = _backend.seed_value(OP, seed, dropout_p)
     which = _backend.choose_backend(OP, qkv, bias, pad_qkv, logit_scale)
     if which == "triton":
         from vitfast.triton.window_attention import window_attention_fwd
@@ -416,17 +416,6 @@ def _check_op_shapes(qkv, bias, pad_qkv, logit_scale, window_size, shift_size) -
         raise ValueError(f"vitfast::{OP}: logit_scale must be ({heads},), got {tuple(logit_scale.shape)}")
 
 
-def _seed_value(seed: Optional[Tensor], dropout_p: float) -> int:
-    if seed is None:
-        if dropout_p > 0:
-            raise ValueError(f"vitfast::{OP}: dropout_p {dropout_p} > 0 needs a seed, a (1,) int64 CPU tensor")
-        return 0
-    if seed.numel() != 1 or seed.dtype != torch.int64 or seed.device.type != "cpu":
-        raise ValueError(f"vitfast::{OP}: seed must be a (1,) int64 CPU tensor, got {tuple(seed.shape)} {seed.dtype} "
-                         f"on {seed.device}")
-    return int(seed.item())
-
-
 def _fake_fwd(qkv, window_size):
     B, H, W, heads, D, nW, N = _geometry(qkv, window_size)
     return qkv.new_empty((B, H, W, heads * D)), qkv.new_empty((B, heads, nW, N), dtype=torch.float32)
@@ -450,7 +439,7 @@ def _window_attention_backward_op(dout: Tensor, qkv: Tensor, bias: Tensor, pad_q
     if qkv.numel() == 0:
         return _fake_bwd(qkv, bias, pad_qkv, logit_scale, zero=True)
     check_dropout_capture(OP, dropout_p, qkv.device)
-    seed = _seed_value(seed, dropout_p)
+    seed = _backend.seed_value(OP, seed, dropout_p)
     which = _backend.choose_backend(OP, qkv, bias, pad_qkv, logit_scale)
     if which == "triton":
         from vitfast.triton.window_attention import window_attention_bwd
@@ -522,10 +511,6 @@ def _check_dense_bias(bias: Tensor, heads: int, n: int, what: str) -> Tensor:
     return bias
 
 
-def _draw_seed(p: float) -> Optional[Tensor]:
-    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64) if p > 0 else None
-
-
 def _attention_core(qkv: Tensor, bias: Tensor, window_size: list, shift_size: list, qkv_pad: Optional[Tensor],
                     logit_scale: Optional[Tensor], softmax_scale: Optional[float], dropout_p: float,
                     what: str) -> Tensor:
@@ -563,7 +548,7 @@ def _attention_core(qkv: Tensor, bias: Tensor, window_size: list, shift_size: li
         qkv_pad = qkv_pad.reshape(3, heads, D).to(qkv.dtype).contiguous()
     softmax_scale = D ** -0.5 if softmax_scale is None else softmax_scale
     out, _ = _window_attention_op(_unit_inner_stride(qkv), bias, qkv_pad, scale, list(window_size), list(shift_size),
-                                  float(softmax_scale), float(dropout_p), _draw_seed(dropout_p))
+                                  float(softmax_scale), float(dropout_p), _backend.draw_seed(what, dropout_p))
     return out
 
 
