@@ -611,5 +611,7 @@ def test_the_ops_check_shapes_when_called_directly(backend, device):
         with pytest.raises(ValueError, match=r"mask must broadcast to \(B, H, Nq, Nk\) = \(1, 2, 5, 6\)"):
             op(q, k, k, torch.zeros(1, 2, 3, 6, device=device), None, 0.0, False, 0, 1.0)
         out, lse = op(q, k, k, None, None, 0.0, False, 0, 1.0)
-        with pytest.raises(ValueError, match="dout and out must have q's shape"):
+        with pytest.raises(ValueError, match=r"shapes do not agree: dout \(1, 2, 2, 8\) \(expected \(1, 2, 5, 8\)\)"):
             backward(out[:, :, :2], q, k, k, out, lse, None, None, 0.0, False, 0, 1.0, False, False)
+        with pytest.raises(ValueError, match=r"lse \(2, 1, 2, 3\) \(expected \(2, 1, 2, 5\)\)"):
+            backward(torch.ones_like(out), q, k, k, out, lse[..., :3], None, None, 0.0, False, 0, 1.0, False, False)

@@ -590,5 +590,7 @@ def test_the_ops_check_shapes_when_called_directly(backend, device):
         with pytest.raises(ValueError, match=r"shift_size \(3, 1\) in \[0, window\)"):
             op(qkv, table, pad, None, [3, 3], [3, 1], 0.5, 0.0, None)
         out, lse = op(qkv, table, pad, None, [3, 3], [1, 1], 0.5, 0.0, None)
-        with pytest.raises(ValueError, match=r"dout must be \(B, H, W, heads \* D\)"):
+        with pytest.raises(ValueError, match=r"shapes do not agree: dout \(.*\) \(expected "):
             backward(out[..., :4], qkv, table, pad, None, out, lse, [3, 3], [1, 1], 0.5, 0.0, None)
+        with pytest.raises(ValueError, match=r"shapes do not agree: lse "):
+            backward(torch.ones_like(out), qkv, table, pad, None, out, lse[:, :1], [3, 3], [1, 1], 0.5, 0.0, None)

@@ -272,9 +272,8 @@ def _attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
     """Returns dq, dk, dv (in (B, N, H, D) buffers) and dbias (the bias's shape and dtype; empty unless
     bias_requires_grad)."""
     _check_op_shapes(q, k, v, bias)
-    if dout.shape != q.shape or out.shape != q.shape:
-        raise ValueError(f"vitfast::attention_backward: dout and out must have q's shape {tuple(q.shape)}, got "
-                         f"{tuple(dout.shape)}, {tuple(out.shape)}")
+    _backend.check_op_shapes("attention_backward", {"dout": (dout, q.shape), "out": (out, q.shape),
+                                                    "lse": (lse, (2, *q.shape[:3]))})
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     if q.numel() == 0 or Nk == 0:

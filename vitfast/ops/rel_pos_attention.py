@@ -248,9 +248,8 @@ def _rel_pos_attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor
     """Returns dq, dk, dv (in (B, N, H, D) buffers), drel_h and drel_w (the shapes and dtypes of rel_h and rel_w,
     reduced over their broadcast batch and head dims)."""
     _check_shapes(q, k, v, rel_h, rel_w)
-    if dout.shape != q.shape or out.shape != q.shape:
-        raise ValueError(f"vitfast::rel_pos_attention_backward: dout and out must have q's shape {tuple(q.shape)}, "
-                         f"got {tuple(dout.shape)}, {tuple(out.shape)}")
+    _backend.check_op_shapes("rel_pos_attention_backward", {"dout": (dout, q.shape), "out": (out, q.shape),
+                                                            "lse": (lse, (2, *q.shape[:3]))})
     if q.numel() == 0 or k.shape[2] == 0:
         return tuple(t.zero_() for t in _fake_bwd(q, k, rel_h, rel_w))
     check_dropout_capture(OP, dropout_p, q.device)

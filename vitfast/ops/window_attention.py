@@ -433,9 +433,9 @@ def _window_attention_backward_op(dout: Tensor, qkv: Tensor, bias: Tensor, pad_q
                                   seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns dqkv (B, H, W, 3, heads, D), dbias (like bias), dpad_qkv (3, heads, D) or empty, dlogit_scale."""
     _check_op_shapes(qkv, bias, pad_qkv, logit_scale, window_size, shift_size)
-    if dout.shape[:3] != qkv.shape[:3] or dout.shape[3] != qkv.shape[4] * qkv.shape[5]:
-        raise ValueError(f"vitfast::{OP}_backward: dout must be (B, H, W, heads * D) for qkv {tuple(qkv.shape)}, got "
-                         f"{tuple(dout.shape)}")
+    B, H, W, heads, D, nW, N = _geometry(qkv, window_size)
+    _backend.check_op_shapes(f"{OP}_backward", {"dout": (dout, (B, H, W, heads * D)),
+                                                "out": (out, (B, H, W, heads * D)), "lse": (lse, (B, heads, nW, N))})
     if qkv.numel() == 0:
         return _fake_bwd(qkv, bias, pad_qkv, logit_scale, zero=True)
     check_dropout_capture(OP, dropout_p, qkv.device)
