@@ -227,3 +227,38 @@ def test_autotuner_prunes_a_spilling_config_on_the_gpu():
     common.launch(tuned, (1,), x, y, x.numel())
     torch.testing.assert_close(y, x.cumsum(0), atol=1e-4, rtol=1e-4)
     assert tuned.best_config is roomy
+
+
+def test_autotuned_launches_from_two_threads_run_one_at_a_time():
+    """nn.DataParallel runs each GPU's replica in its own thread. Triton's Autotuner keeps a call's arguments on the
+    shared object and clears them on exit (triton-lang/triton#11494): two first calls at once failed with
+    "'NoneType' object is not a mapping". Here the benchmark is a sleep (on a GPU it syncs and drops the GIL) and
+    the kernel's launch a no-op; the rest is Triton's Autotuner under vitfast's launch."""
+    import threading
+    import time
+
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(X, n, n_bucket, BLOCK: tl.constexpr):
+        pass
+
+    tuned = triton.autotune([triton.Config({"BLOCK": 64}), triton.Config({"BLOCK": 128})], key=["n_bucket"])(kernel)
+    tuned._do_bench = lambda fn, quantiles=None: (time.sleep(0.05), [1.0, 1.0, 1.0])[1]
+    tuned.__dict__.pop("do_bench", None)
+    tuned.fn.run = lambda *args, **kwargs: None
+    errors = []
+
+    def replica():
+        try:
+            common.launch(tuned, (1,), torch.zeros(4), 4, 4)
+        except Exception as e:  # noqa: BLE001 (any failure of a replica is the bug)
+            errors.append(f"{type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=replica) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []

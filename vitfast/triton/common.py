@@ -6,7 +6,12 @@ Every kernel of vitfast is launched by `launch(kernel, grid, *args, **kwargs)`, 
   and its current stream, so a model on cuda:1 with the current device 0 would otherwise read another GPU's
   memory, unordered with the kernels that produced its inputs);
 - checks the grid against CUDA's limits (x < 2**31, y and z < 65536), raising a ValueError that names the
-  kernel and the tensor shapes instead of failing the launch with an opaque CUDA error.
+  kernel and the tensor shapes instead of failing the launch with an opaque CUDA error;
+- runs an autotuned kernel's launches one thread at a time: Triton's Autotuner keeps each call's arguments on the
+  shared object and clears them on exit (triton-lang/triton#11494), so two threads launching it at once
+  (nn.DataParallel's replicas on several GPUs) failed with "'NoneType' object is not a mapping" or benchmarked one
+  replica's tensors in the other's call. A launch is asynchronous: the lock is held for the launch's Python only,
+  and for the benchmarks of a first call.
 
 fp32 precision rule, for every op: fp32 tensor-core products use TF32 exactly when
 `torch.backends.cuda.matmul.allow_tf32` is True (also set by `torch.set_float32_matmul_precision("high")`),
@@ -34,12 +39,14 @@ import io
 import re
 import shutil
 import tempfile
+import threading
 import time
 from typing import Dict, List, Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.autotuner import Autotuner
 
 from vitfast import backend as _backend
 
@@ -162,6 +169,8 @@ def _shapes(args) -> str:
 
 # Depth of `launch` calls in progress: compile_only flags a kernel launched any other way.
 _launch_depth = 0
+# Held around each launch of an autotuned kernel (module docstring).
+_autotune_lock = threading.RLock()
 
 
 def launch(kernel, grid, *args, **kwargs):
@@ -186,9 +195,10 @@ def launch(kernel, grid, *args, **kwargs):
 
         grid = (lambda meta, g=grid: checked(g(meta))) if callable(grid) else checked(grid)
     guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    serial = _autotune_lock if isinstance(kernel, Autotuner) else contextlib.nullcontext()
     _launch_depth += 1
     try:
-        with guard:
+        with serial, guard:
             return kernel[grid](*args, **kwargs)
     finally:
         _launch_depth -= 1
@@ -319,7 +329,6 @@ def compile_only(gpu: GPU = H100):
         raise RuntimeError("compile_only needs Triton's compiler, but TRITON_INTERPRET=1 made every kernel "
                            "interpreted when it was decorated: run with TRITON_INTERPRET unset")
     from triton.runtime import driver as driver_config
-    from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
 
     records = CompileLog()
