@@ -332,6 +332,8 @@ def test_bad_inputs_raise_clear_errors():
         vitfast.window_attention(qkv, torch.randn(169, 2), 7, 7)
     with pytest.raises(ValueError, match="logit_scale must have 2"):
         vitfast.window_attention(qkv, torch.randn(169, 2), 7, 3, logit_scale=torch.zeros(3))
+    with pytest.raises(ValueError, match="logit_scale must have 2 elements .* on cpu, got shape .* on meta"):
+        vitfast.window_attention(qkv, torch.randn(169, 2), 7, 3, logit_scale=torch.zeros(2, device="meta"))
     x9 = torch.randn(1, 9, 9, 30)
     for shift in ([3, 1], [-1, 1], [5, 0]):  # every backend: a ValueError (cpp raised its own, torch ran)
         for backend in ("cpp", "torch"):

@@ -534,9 +534,9 @@ def _attention_core(qkv: Tensor, bias: Tensor, window_size: list, shift_size: li
                          f"got {bias.dtype} on {bias.device}")
     scale = None
     if logit_scale is not None:
-        if logit_scale.numel() != heads:
-            raise ValueError(f"vitfast.{what}: logit_scale must have {heads} elements (one per head), got shape "
-                             f"{tuple(logit_scale.shape)}")
+        if logit_scale.numel() != heads or logit_scale.device != qkv.device:
+            raise ValueError(f"vitfast.{what}: logit_scale must have {heads} elements (one per head) on {qkv.device}, "
+                             f"got shape {tuple(logit_scale.shape)} on {logit_scale.device}")
         # fp32, as the unfused code's fp32 parameter gives it, but fp64 for fp64 qkv (whose reference is fp64)
         scale = torch.clamp(logit_scale, max=math.log(100.0)).exp().reshape(heads)
         scale = scale.to(torch.float64 if qkv.dtype == torch.float64 else torch.float32)
