@@ -217,3 +217,39 @@ def test_layouts_match_fp64(case, backend, device, layout):
         assert_close_to_ref(o, r, p, f"{case.name} {backend} {layout} output {i}")
     for name in grads:
         assert_close_to_ref(grads[name], ref_grads[name], plain_grads[name], f"{case.name} {backend} {layout} d{name}")
+
+
+@pytest.mark.parametrize("backend,device", backend_cases("layer_norm"))
+def test_ops_called_directly_take_any_layout(backend, device):
+    """torch.ops.vitfast.* called directly with layouts the public functions never pass (a transposed LayerNorm
+    input, a transposed pos_embed, qkv whose head dim has stride 2, non-contiguous statistics): the triton launchers
+    read them as if contiguous (off by 2.4-3.7) where the cpp backend copied them."""
+    g = torch.Generator().manual_seed(3)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(device)
+
+    ops = torch.ops.vitfast
+    x = rand(16, 8).t()
+    imgs, w, pos = rand(1, 3, 8, 8), rand(16, 3, 4, 4), rand(16, 4).t()
+    qkv, table = rand(1, 4, 4, 3, 2, 16)[..., ::2], rand(9, 2)
+    with vitfast.use_backend("torch"):
+        want = [ops.layer_norm(x.contiguous(), None, None, None, 1e-5)[0],
+                ops.patch_embed(imgs, w, None, pos.contiguous(), 0, None, None, None, False, 0, 1e-6, False)[0],
+                ops.window_attention(qkv.contiguous(), table, None, None, [2, 2], [1, 1], 0.35, 0.0, None)[0]]
+    with vitfast.use_backend(backend):
+        got = [ops.layer_norm(x, None, None, None, 1e-5)[0],
+               ops.patch_embed(imgs, w, None, pos, 0, None, None, None, False, 0, 1e-6, False)[0]]
+        if backend != "cpp":  # (the cpp window kernels refuse a strided head dim with their own error)
+            out, lse = ops.window_attention(qkv, table, None, None, [2, 2], [1, 1], 0.35, 0.0, None)
+            got.append(out)
+            dout = rand(*out.shape)
+            want_grads = ops.window_attention_backward(dout, qkv.contiguous(), table, None, None, out,
+                                                       lse.contiguous(), [2, 2], [1, 1], 0.35, 0.0, None)
+            lse_strided = lse.transpose(0, 1).contiguous().transpose(0, 1)
+            grads = ops.window_attention_backward(dout, qkv, table, None, None, out, lse_strided, [2, 2], [1, 1],
+                                                  0.35, 0.0, None)
+            for a, b in zip(grads[:2], want_grads[:2]):
+                torch.testing.assert_close(a, b)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)

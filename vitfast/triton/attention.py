@@ -665,13 +665,14 @@ def attention_bwd(dout, q, k, v, out, lse, bias, dropout_p, seed, is_causal, cau
 
     Args:
         dout, out: (B, H, Nq, D); q, k, v, bias, dropout_p, seed, is_causal, causal_offset, scale: as in
-            `attention_fwd`; lse: its (2, B, H, Nq) output.
+            `attention_fwd`; lse: its (2, B, H, Nq) output (copied when not contiguous).
         bias_requires_grad: also return the gradient of the float bias, reduced over its broadcast dims.
         deterministic: dQ from a separate kernel and dbias from per-(batch, head) partials, no atomics.
     Returns:
         dq, dk, dv like q, k, v (in (B, N, H, D) buffers); dbias of the bias's shape and dtype, or empty.
     """
     dout, q, k, v, out = int32_head_offsets(dout, q, k, v, out)
+    lse = lse.contiguous()
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     block_d = _block_d(D)

@@ -163,11 +163,12 @@ def layer_norm_fwd(x, weight, bias, residual, eps):
     """Launches the forward kernel.
 
     Args:
-        x: (M, N), unit inner stride (any row stride). weight, bias: (N,) or None, any stride (copied when not
-            contiguous). residual: like x, or None.
+        x: (M, N), any strides (copied unless the inner stride is 1). weight, bias: (N,) or None, any stride
+            (copied when not contiguous). residual: like x, or None.
     Returns:
         y (M, N); s = x + residual (M, N), or an empty tensor without residual; mean, rstd (M,) fp32.
     """
+    x, residual = _unit_inner_stride(x), _unit_inner_stride(residual)
     weight = weight.contiguous() if weight is not None else None
     bias = bias.contiguous() if bias is not None else None
     M, N = x.shape
@@ -187,6 +188,11 @@ def layer_norm_fwd(x, weight, bias, residual, eps):
     return y, s, mean, rstd
 
 
+def _unit_inner_stride(t):
+    """t with unit inner stride (the kernels index columns by 1), copied only when it has another; None stays."""
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
 def _num_programs(x: torch.Tensor, row_blocks: int) -> int:
     if compiled(x):
         return max(1, min(row_blocks, 4 * num_sms(x)))
@@ -197,12 +203,13 @@ def layer_norm_bwd(dy, ds, s, weight, mean, rstd, has_bias):
     """Launches the backward kernel and the second stage of the dweight/dbias reduction.
 
     Args:
-        dy, ds (or None), s: (M, N), unit inner stride (any row stride). weight: (N,) or None, any stride.
-        mean, rstd: (M,) fp32, contiguous.
+        dy, ds (or None), s: (M, N), any strides (copied unless the inner stride is 1). weight: (N,) or None, any
+        stride. mean, rstd: (M,) fp32, any stride.
     Returns:
         dx (M, N); dweight (N,) or empty; dbias (N,) or empty.
     """
-    weight = weight.contiguous() if weight is not None else None
+    dy, ds, s = _unit_inner_stride(dy), _unit_inner_stride(ds), _unit_inner_stride(s)
+    weight, mean, rstd = (t.contiguous() if t is not None else None for t in (weight, mean, rstd))
     M, N = s.shape
     block_m, block_n, num_warps = _block_sizes(N)
     programs = _num_programs(s, triton.cdiv(M, block_m))

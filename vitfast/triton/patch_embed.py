@@ -270,7 +270,8 @@ def patch_embed_fwd(images, weight, bias, pos_embed, pos_offset, prefix_rows, no
     Args:
         images: (B, C, H, W), any strides (channels_last too); pixels past the last whole patch are dropped.
         weight: (E, C, ph, pw), any strides. bias: (E,) or None, any stride.
-        pos_embed: (rows, E) contiguous or None; patch token l adds row pos_offset + l.
+        pos_embed: (rows, E), any strides (copied when not contiguous), or None; patch token l adds row
+            pos_offset + l.
         prefix_rows: (num_prefix, E) tensor (class/distillation tokens with their positional rows already
             added) written to the prefix slots, or None (the slots are then zero).
         norm_weight, norm_bias: (E,) or None, any stride; has_norm: apply LayerNorm after the bias.
@@ -294,7 +295,8 @@ def patch_embed_fwd(images, weight, bias, pos_embed, pos_offset, prefix_rows, no
     if M == 0:
         return out, z, mean, rstd
     w2 = weight.reshape(E, K).contiguous()
-    bias, norm_weight, norm_bias = (t.contiguous() if t is not None else None for t in (bias, norm_weight, norm_bias))
+    bias, norm_weight, norm_bias, pos_embed = (t.contiguous() if t is not None else None
+                                               for t in (bias, norm_weight, norm_bias, pos_embed))
     args = (images, w2, bias if bias is not None else w2, pos_embed if pos_embed is not None else w2,
             norm_weight if norm_weight is not None else w2, norm_bias if norm_bias is not None else w2,
             out, z, mean, rstd, *images.stride(), M, E, K, L, Wp, T, num_prefix, pos_offset, eps, tune_bucket(M))

@@ -507,12 +507,21 @@ def _geometry(qkv, window_size, shift_size):
     return B, H, W, heads, D, wh, ww, Hp, Wp, Hp // wh, Wp // ww
 
 
+def _layouts(qkv, pad_qkv, logit_scale):
+    """The layouts the kernels index by: qkv with unit inner stride (any other strides), pad_qkv and logit_scale
+    contiguous; each copied only where it differs (the public functions already pass these)."""
+    qkv = qkv if qkv.stride(-1) == 1 else qkv.contiguous()
+    return qkv, *(t.contiguous() if t is not None else None for t in (pad_qkv, logit_scale))
+
+
 def _bias_strides(bias):
     return (bias.stride(0), bias.stride(1), bias.stride(2)) if bias.dim() == 3 else (bias.stride(0), bias.stride(1), 0)
 
 
 def window_attention_fwd(qkv, bias, pad_qkv, logit_scale, window_size, shift_size, softmax_scale, dropout_p, seed):
-    """Launches the forward kernel. Arguments and results as the op `vitfast::window_attention`."""
+    """Launches the forward kernel. Arguments and results as the op `vitfast::window_attention` (qkv copied unless
+    its inner stride is 1, pad_qkv and logit_scale unless contiguous)."""
+    qkv, pad_qkv, logit_scale = _layouts(qkv, pad_qkv, logit_scale)
     B, H, W, heads, D, wh, ww, Hp, Wp, nWh, nWw = _geometry(qkv, window_size, shift_size)
     nW, N = nWh * nWw, wh * ww
     out = torch.empty((B, H, W, heads, D), dtype=qkv.dtype, device=qkv.device)
@@ -536,7 +545,9 @@ def window_attention_fwd(qkv, bias, pad_qkv, logit_scale, window_size, shift_siz
 def window_attention_bwd(dout, qkv, bias, pad_qkv, logit_scale, out, lse, window_size, shift_size, softmax_scale,
                          dropout_p, seed):
     """Launches the statistics kernel (windows of several tiles), the backward kernel and the reductions. Results as
-    `vitfast::window_attention_backward`."""
+    `vitfast::window_attention_backward` (layouts as in `window_attention_fwd`; lse copied when not contiguous)."""
+    qkv, pad_qkv, logit_scale = _layouts(qkv, pad_qkv, logit_scale)
+    lse = lse.contiguous()
     B, H, W, heads, D, wh, ww, Hp, Wp, nWh, nWw = _geometry(qkv, window_size, shift_size)
     nW, N = nWh * nWw, wh * ww
     block, block_d, n_tiles, warps, stages = _config(N, D, qkv.dtype, backward=True, cosine=logit_scale is not None)
