@@ -1,6 +1,7 @@
 """Reference Swin (V1 and V2): vitfast backend against eager (torchvision's code) and sdpa, and against
 torchvision, timm and transformers."""
 import copy
+import re
 
 import pytest
 import torch
@@ -120,6 +121,13 @@ def test_timm_per_stage_window_is_refused():
                                                           num_heads=(2, 2), window_size=7, num_classes=3)
     with pytest.raises(ValueError, match="per-stage or non-square windows"):
         swin_from_timm(theirs)
+    # non-square windows whose tables have a square number of rows: (5, 13) has 9 * 25 = 225 = 15 * 15, read as an
+    # 8 x 8 window and converted with another model's outputs
+    for window in [(5, 13), (1, 5)]:
+        theirs = timm.models.swin_transformer.SwinTransformer(img_size=(10, 26), patch_size=2, embed_dim=16,
+                                                              depths=(2,), num_heads=(2,), window_size=window)
+        with pytest.raises(ValueError, match=r"non-square windows does not convert: windows \[" + re.escape(str(window))):
+            swin_from_timm(theirs)
 
 
 def test_timm_variants_without_a_torchvision_layout_are_refused():

@@ -285,7 +285,9 @@ def swin_from_timm(timm_model: nn.Module, backend: str = "vitfast") -> SwinTrans
     position embedding, GELU, qkv bias, LayerNorm eps 1e-5, and the same window in every stage (timm shrinks a
     window that covers the whole map, with a smaller bias table; torchvision pads the map instead). On maps that are
     multiples of the window (every standard config) the outputs are timm's; on others they are torchvision's, which
-    pads before the cyclic shift where timm shifts first.
+    pads before the cyclic shift where timm shifts first. A timm model built with strict_img_size=False or
+    dynamic_img_size=True and run at another size keeps its shift where the window covers the map; the converted
+    model follows torchvision there (no shift on such an axis), so their outputs differ at those sizes.
 
     Raises:
         ValueError: a model other than timm's SwinTransformer (V1), or a configuration outside the above (also
@@ -301,13 +303,17 @@ def swin_from_timm(timm_model: nn.Module, backend: str = "vitfast") -> SwinTrans
     sd = timm_model.state_dict()
     if "absolute_pos_embed" in sd:
         raise ValueError("timm Swin with an absolute position embedding (ape=True) does not convert")
-    tables = [(k, v.shape[0]) for k, v in sd.items() if k.endswith("attn.relative_position_bias_table")]
-    side = int(math.isqrt(tables[0][1]))
-    window = (side + 1) // 2
-    if any(n != side * side for _, n in tables):
-        raise ValueError(f"timm Swin with per-stage or non-square windows does not convert: bias tables "
-                         f"{[(k, n) for k, n in tables]} (expected {side * side} rows, window {window}, everywhere)")
     stages = timm_model.layers
+    # (the window from the modules: a bias table's row count alone, (2 wh - 1)(2 ww - 1), also fits other windows,
+    # e.g. (5, 13) and 8 x 8 have 225 rows)
+    windows = {tuple(w) if isinstance(w, (tuple, list)) else (w, w)
+               for w in (b.attn.window_size for s in stages for b in s.blocks)}
+    tables = [(k, v.shape[0]) for k, v in sd.items() if k.endswith("attn.relative_position_bias_table")]
+    window = next(iter(windows))[0]
+    side = 2 * window - 1
+    if len(windows) != 1 or window != next(iter(windows))[1] or any(n != side * side for _, n in tables):
+        raise ValueError(f"timm Swin with per-stage or non-square windows does not convert: windows {sorted(windows)},"
+                         f" bias tables {[(k, n) for k, n in tables]} (one square window everywhere converts)")
     first = stages[0].blocks[0]
     dim = first.norm1.normalized_shape[0]
     kernel = tuple(timm_model.patch_embed.proj.kernel_size)
