@@ -227,6 +227,19 @@ def test_prepacked_weight_follows_new_storage_at_the_old_address():
     assert old() is None
 
 
+@pytest.mark.skipif(not ONEDNN, reason="PyTorch without oneDNN")
+def test_prepacked_weight_follows_another_view_of_its_storage():
+    """`w.data = w.data.t()` keeps the storage, the data pointer and the version: the cache's key also holds the
+    strides and shape (the transposed weight's product ran on the old copy: errors of 3.3 against F.linear)."""
+    lin = torch.nn.Linear(1024, 1024)
+    x = torch.randn(64, 1024)  # 64 x 1024 x 1024 = 2**26 multiply-adds: oneDNN with the prepacked weight
+    with torch.no_grad():
+        vitfast.linear(x, lin.weight, lin.bias, prepack=True)
+        lin.weight.data = lin.weight.data.t()
+        torch.testing.assert_close(vitfast.linear(x, lin.weight, lin.bias, prepack=True),
+                                   F.linear(x, lin.weight, lin.bias))
+
+
 def test_prepacked_weight_follows_the_parameter(monkeypatch):
     """With prepack=True and without grad a Parameter's weight is prepacked once and reused; an in-place update
     (optimizer step, init, load_state_dict), new storage (.data = ...) or a new Parameter is seen at the next call;

@@ -100,8 +100,9 @@ def onednn_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], gelu: Optio
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], gelu)
 
 
-# id(weight Parameter) -> (a weak reference to it, (its version, data pointer), a weak reference to the storage it
-# packed (PyTorch keeps one Python object per live storage), oneDNN's blocked copy of it); an entry leaves with its
+# id(weight Parameter) -> (a weak reference to it, (its version, data pointer, strides, shape: `w.data = w.data.t()`
+# keeps the other three), a weak reference to the storage it packed (PyTorch keeps one Python object per live
+# storage), oneDNN's blocked copy of it); an entry leaves with its
 # Parameter (the weak reference's callback). (Not a WeakKeyDictionary: its lookups compare tensors with ==.) The
 # storage, not only the data pointer, identifies what was packed: after `w.data = new` the allocator may give the new
 # storage the old one's address (the old copy then went on being used), and holding the old storage instead would
@@ -123,7 +124,7 @@ def onednn_weight(weight: Tensor, prepack: bool) -> Tensor:
     if not prepack or weight.is_inference():
         return weight
     storage = weight.untyped_storage()
-    key = (weight._version, weight.data_ptr())
+    key = (weight._version, weight.data_ptr(), weight.stride(), tuple(weight.shape))
     entry = _PACKED.get(id(weight))
     if entry is None or entry[0]() is not weight or entry[1] != key or entry[2]() is not storage:
         ident = id(weight)
