@@ -831,6 +831,12 @@ def test_timm_modules_changed_or_given_what_the_original_refuses():
                 original(bad)
             with pytest.raises(type(want.value), match=re.escape(str(want.value)[:30])):
                 module(bad)
+        # num_heads changed after construction: timm's reshape by head_dim fails; the adapter ran 4 heads of 8
+        attn.num_heads = ref.num_heads = 4
+        with pytest.raises(RuntimeError, match="shape .* is invalid"):
+            ref(x)
+        with pytest.raises(RuntimeError, match="don't multiply up"):
+            attn(x)
 
 
 def test_swin_attention_subclasses_present_at_patch_time_are_left():

@@ -34,8 +34,10 @@ def _attention_forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_c
     if x.dim() != 3:  # (the original's error)
         return type(self).forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
     gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
-    # unflatten infers -1 from the dim's size (a reshape to (B, ..., -1) cannot for an empty batch)
-    q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
+    # unflatten keeps an empty batch (a reshape to (B, ..., -1) cannot infer -1 there); timm's head_dim where the
+    # module has one, so a num_heads changed after construction fails as timm's reshape does
+    head_dim = getattr(self, "head_dim", -1)
+    q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
     q, k = self.q_norm(q), self.k_norm(k)
     # (timm's fused path, its default, passes SDPA no scale: a changed self.scale counts on its eager path only)
     x = attention(q, k, v, attn_mask, is_causal=is_causal, scale=None if getattr(self, "fused_attn", False)
