@@ -1,5 +1,5 @@
 """Shared test set-up: Triton runs under its interpreter on machines without a GPU, fixed seeds per test,
-the backend cases of each op, and the accuracy rule of DESIGN.md."""
+the backend cases of each op, and the accuracy rule (README, "Accuracy rule")."""
 import atexit
 import os
 import shutil
@@ -97,8 +97,8 @@ def rounding_noise(fn, inputs, dtype: torch.dtype, draws: int = 8) -> list:
 
 def assert_close_to_ref(out: torch.Tensor, ref64: torch.Tensor, plain: torch.Tensor, what: str = "output",
                         noise: float = 0.0, scale: float = None):
-    """DESIGN.md's rule: |kernel - fp64 ref| <= 2 |plain PyTorch in the same dtype - fp64 ref| + a floor: the larger of
-    _FLOOR_ULPS ulps of `scale` (default: the reference's largest magnitude, at least 1) and _NOISE_FACTOR x `noise`
+    """The accuracy rule (README): |kernel - fp64 ref| <= 2 |plain PyTorch in the same dtype - fp64 ref| + a floor: the
+    larger of _FLOOR_ULPS ulps of `scale` (default: the reference's largest magnitude, at least 1) and _NOISE_FACTOR x `noise`
     (this result's `rounding_noise`)."""
     assert out.shape == ref64.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
     assert out.dtype == plain.dtype, f"{what}: dtype {out.dtype} != {plain.dtype}"

@@ -126,7 +126,7 @@ def test_timm_per_stage_window_is_refused():
     for window in [(5, 13), (1, 5)]:
         theirs = timm.models.swin_transformer.SwinTransformer(img_size=(10, 26), patch_size=2, embed_dim=16,
                                                               depths=(2,), num_heads=(2,), window_size=window)
-        with pytest.raises(ValueError, match=r"non-square windows does not convert: windows \[" + re.escape(str(window))):
+        with pytest.raises(ValueError, match=r"windows does not convert: windows \[" + re.escape(str(window))):
             swin_from_timm(theirs)
 
 
@@ -210,3 +210,7 @@ def test_bad_images_and_stage_lists_are_refused():
     with pytest.raises(ValueError, match=r"one depth and one head count per stage, got depths \(2, 2, 2\) and "
                                          r"num_heads \(2, 4\)"):
         SwinTransformer(embed_dim=16, depths=(2, 2, 2), num_heads=(2, 4))
+    # torchvision's [7, 7] is taken, a non-square window refused (a TypeError about - on a list)
+    SwinTransformer(**{**TINY, "window_size": [4, 4]})
+    with pytest.raises(ValueError, match=r"SwinTransformer takes a square window_size: .* got \(4, 8\)"):
+        SwinTransformer(**{**TINY, "window_size": (4, 8)})

@@ -79,6 +79,12 @@ def test_bad_backend_and_head_count():
         VisionTransformer(backend="fast", **TINY)
     with pytest.raises(ValueError, match="not divisible by num_heads 3"):
         VisionTransformer(**{**TINY, "num_heads": 3})
+    # square pairs are taken, others refused (a TypeError about // on a tuple)
+    assert VisionTransformer(**{**TINY, "patch_size": (TINY["patch_size"],) * 2}).patch_embed.patch_size == \
+        TINY["patch_size"]
+    with pytest.raises(ValueError, match=r"VisionTransformer takes a square img_size: an int or an \(n, n\) pair, "
+                                         r"got \(32, 48\)"):
+        VisionTransformer(**{**TINY, "img_size": (32, 48)})
 
 
 def test_other_image_sizes_resample_pos_embed_like_timm():

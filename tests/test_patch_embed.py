@@ -162,6 +162,9 @@ def test_bad_inputs_raise_clear_errors():
         patch_embed(torch.randn(1, 3, 16, 16), w, torch.randn(9), 8)
     with pytest.raises(ValueError, match=r"patch_size must be positive, got \(0, 0\)"):
         patch_embed(x, torch.randn(8, 3, 0, 0), None, 0)
+    for bad in ((4, 4, 4), (4,), 4.0):  # (the extra entries were ignored; (4,) raised IndexError)
+        with pytest.raises(ValueError, match=r"patch_size must be an int or a pair of ints \(ph, pw\), got "):
+            patch_embed(x, w, None, bad)
     with pytest.raises(ValueError, match=r"images \(1, 3, 30, 32\) and weight \(0, 3, 8, 8\) must have at least"):
         patch_embed(x, torch.randn(0, 3, 8, 8), None, 8)
     with pytest.raises(ValueError, match=r"images \(1, 0, 30, 32\) and weight \(8, 0, 8, 8\) must have at least"):

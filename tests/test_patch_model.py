@@ -608,6 +608,9 @@ def test_flags_report_and_double_patch():
     assert "patched 0 (torch.nn.modules.normalization.LayerNorm)" in str(report)
     assert vitfast.unpatch_model(model) == 4  # (with the two MultiheadAttentions' out_proj Linears)
     assert vitfast.unpatch_model(model) == 0
+    for fn in (vitfast.patch_model, vitfast.unpatch_model):  # (AttributeError: 'str' object has no attribute 'modules')
+        with pytest.raises(TypeError, match=f"vitfast.{fn.__name__} takes an nn.Module, got str"):
+            fn("model")
 
 
 def test_a_forward_set_on_the_instance_is_left_as_it_is():

@@ -351,6 +351,8 @@ def test_bad_inputs_raise_clear_errors():
         vitfast.shifted_window_attention(x, torch.randn(90, 30), torch.randn(30, 30), torch.randn(169, 5), 0, 5, 0)
     with pytest.raises(ValueError, match=r"\(1, 14, 14, 3, 2, 0\) needs at least one head and a head dim"):
         vitfast.window_attention(torch.randn(1, 14, 14, 3, 2, 0), torch.randn(169, 2), 7)
+    with pytest.raises(ValueError, match=r"\(1, 4, 4, 3, 0, 4\) needs at least one head"):  # (a map under the window:
+        vitfast.window_attention(torch.randn(1, 4, 4, 3, 0, 4), torch.randn(169, 0), 7)  # the crop raised first)
     with pytest.raises(ValueError, match="qkv_pad must be 48 .*got \\(47,\\)"):
         vitfast.window_attention(qkv, torch.randn(169, 2), 7, 3, qkv_pad=torch.randn(47))
     for p in (1.0, 1.5, -0.5, float("nan")):

@@ -459,6 +459,11 @@ def _replicate(module: nn.Module) -> nn.Module:
     return replica
 
 
+def _check_module(fn: str, model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"vitfast.{fn} takes an nn.Module, got {type(model).__name__}")
+
+
 def patch_model(model: nn.Module, attention: bool = True, window_attention: bool = True, layer_norm: bool = True,
                 patch_embed: bool = True, mlp: bool = True, linear: bool = True,
                 prepack_weights: bool = False) -> PatchReport:
@@ -490,7 +495,10 @@ def patch_model(model: nn.Module, attention: bool = True, window_attention: bool
 
     Returns:
         PatchReport: `.patched` and `.left` (with the reason); `print(report)` shows both.
+    Raises:
+        TypeError: `model` is not an nn.Module.
     """
+    _check_module("patch_model", model)
     # kind -> (the flag's name, its value)
     flags = {"attention": ("attention", attention), "rel_pos_attention": ("attention", attention),
              "window_attention": ("window_attention", window_attention), "layer_norm": ("layer_norm", layer_norm),
@@ -555,7 +563,12 @@ def _covered(left: Left, patched: List[Patched]) -> bool:
 
 def unpatch_model(model: nn.Module) -> int:
     """Restores every module `patch_model` changed in `model` and frees the prepacked copies of its Linear weights
-    (prepack_weights=True); returns how many modules were restored."""
+    (prepack_weights=True); returns how many modules were restored.
+
+    Raises:
+        TypeError: `model` is not an nn.Module.
+    """
+    _check_module("unpatch_model", model)
     restored = 0
     for module in model.modules():
         if module.__dict__.pop(_PREPACK, False):

@@ -72,7 +72,10 @@ class Block(nn.Module):
 
 class CLIPVision(nn.Module):
     """CLIP's image tower: patch embedding (conv without bias) + class token + positions, pre-LayerNorm,
-    blocks, post-LayerNorm of the class token, projection without bias.
+    blocks, post-LayerNorm of the class token, projection without bias. Images of another size than image_size take
+    the position embedding resampled as timm does (bicubic with antialiasing), where transformers refuses them
+    unless interpolate_pos_encoding=True (bicubic without antialiasing: outputs ~1e-4 apart) and open_clip refuses
+    them.
 
     forward(images (B, C, H, W)) -> (B, output_dim), not normalized.
     """
@@ -141,6 +144,8 @@ class CLIPText(nn.Module):
         return x[torch.arange(x.shape[0], device=x.device), idx]
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
+        if input_ids.dim() != 2:
+            raise ValueError(f"CLIP's text tower expects input_ids (B, N), got {tuple(input_ids.shape)}")
         N = input_ids.shape[-1]
         if N > self.pos_embed.shape[0]:
             raise ValueError(f"{N} tokens do not fit the context length {self.pos_embed.shape[0]}")

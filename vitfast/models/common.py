@@ -43,6 +43,19 @@ def warn_dropped_regularization(model: nn.Module, loader: str) -> None:
                       stacklevel=3)
 
 
+def square(value, name: str, model: str) -> int:
+    """An int size from an int or an (n, n) pair; the reference models take square sizes only.
+
+    Raises:
+        ValueError: another pair or value, naming `model` and `name`.
+    """
+    if isinstance(value, (tuple, list)) and len(value) == 2 and value[0] == value[1]:
+        value = value[0]
+    if not isinstance(value, int):
+        raise ValueError(f"{model} takes a square {name}: an int or an (n, n) pair, got {value!r}")
+    return value
+
+
 def check_backend(backend: str) -> str:
     if backend not in MODEL_BACKENDS:
         raise ValueError(f"unknown model backend {backend!r}; expected one of {MODEL_BACKENDS}")

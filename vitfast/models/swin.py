@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 import vitfast
 from vitfast.integrations.patch import qualname
-from vitfast.models.common import (LayerNorm, check_backend, check_transformers_model, like, set_backend,
+from vitfast.models.common import (LayerNorm, check_backend, check_transformers_model, like, set_backend, square,
                                    warn_dropped_regularization)
 from vitfast.nn.patch_merging import PatchMerging as _FusedPatchMerging
 from vitfast.nn.window_attention import ShiftedWindowAttention as _FusedWindowAttention
@@ -165,6 +165,10 @@ class SwinTransformer(nn.Module):
 
     forward(images (B, C, H, W)) -> logits (the pooled features when num_classes is 0); forward_features returns
     each stage's output (B, H_i, W_i, C_i), the last one normalized, for detection and segmentation heads.
+    patch_size and window_size: an int or an (n, n) pair (torchvision's [7, 7]).
+
+    Raises:
+        ValueError: a non-square patch_size or window_size, or depths and num_heads of different lengths.
     """
 
     def __init__(self, patch_size: int = 4, embed_dim: int = 96, depths: Sequence[int] = (2, 2, 6, 2),
@@ -172,6 +176,8 @@ class SwinTransformer(nn.Module):
                  num_classes: int = 1000, in_chans: int = 3, v2: bool = False, backend: str = "vitfast"):
         super().__init__()
         self.backend = check_backend(backend)
+        window_size = square(window_size, "window_size", "SwinTransformer")
+        patch_size = square(patch_size, "patch_size", "SwinTransformer")
         if len(depths) != len(num_heads) or not depths:
             raise ValueError(f"SwinTransformer needs one depth and one head count per stage, got depths "
                              f"{tuple(depths)} and num_heads {tuple(num_heads)}")

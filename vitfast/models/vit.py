@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 import vitfast
 from vitfast.models.common import (LayerNorm, attend, check_backend, check_transformers_model, like, set_backend,
-                                   warn_dropped_regularization)
+                                   square, warn_dropped_regularization)
 from vitfast.ops.patch_embed import resample_pos_embed
 
 SIZES = {  # name: (embed_dim, depth, num_heads)
@@ -67,6 +67,8 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int, backend: str):
         super().__init__()
+        img_size, patch_size = square(img_size, "img_size", "VisionTransformer"), square(patch_size, "patch_size",
+                                                                                        "VisionTransformer")
         self.patch_size, self.backend = patch_size, backend
         self.grid = img_size // patch_size
         self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, patch_size)
@@ -91,13 +93,17 @@ class VisionTransformer(nn.Module):
     forward(images (B, C, H, W)) -> logits (B, num_classes); training DeiT returns (cls logits, dist logits).
     With num_classes=0 the heads are nn.Identity (timm's headless models, whose state dicts load): the pooled
     tokens (B, embed_dim) come out instead. forward_features returns the normalized tokens (B, prefix + patches,
-    embed_dim). timm state dicts carry no pooling or activation: models with timm's global_pool='avg' or another
-    act_layer load without error but compute something else (class-token pooling and GELU here). The MLP's hidden
-    width is int(embed_dim * mlp_ratio), as timm rounds it, or mlp_hidden_dim where given. Images of another size
-    than img_size take the position embedding resampled (bicubic, as timm's dynamic_img_size) on every backend.
+    embed_dim). timm state dicts carry no pooling, activation, padding or LayerNorm eps: models with timm's
+    global_pool='avg', another act_layer, dynamic_img_pad=True (timm pads an image to whole patches; here the last
+    H % patch rows and W % patch columns are dropped, as by a stride = kernel convolution) or another norm eps than
+    `eps` load without error but compute something else. img_size and patch_size: an int or an (n, n) pair. The
+    MLP's hidden width is int(embed_dim * mlp_ratio), as timm rounds it, or mlp_hidden_dim where given. Images of
+    another size than img_size take the position embedding resampled (bicubic, as timm's dynamic_img_size) on every
+    backend.
 
     Raises:
-        ValueError: images not (B, C, H, W) or smaller than one patch.
+        ValueError: a non-square img_size or patch_size (at construction); images not (B, C, H, W) or smaller than
+            one patch.
     """
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,

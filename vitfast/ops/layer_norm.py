@@ -200,7 +200,8 @@ def _check_param(name: str, t: Optional[Tensor], x: Tensor, shape: tuple) -> Non
 
 def layer_norm(x: Tensor, normalized_shape: Union[int, Sequence[int]], weight: Optional[Tensor] = None,
                bias: Optional[Tensor] = None, eps: float = 1e-5, residual: Optional[Tensor] = None):
-    """LayerNorm over the trailing `normalized_shape` dims, with an optional fused residual add.
+    """LayerNorm (Ba et al., arXiv:1607.06450) over the trailing `normalized_shape` dims, with an optional fused
+    residual add.
 
     Args:
         x: (*, *normalized_shape), float32/float16/bfloat16 (float64 on the cpp and torch backends). Any strides:

@@ -14,7 +14,7 @@ rows == L (timm's `no_embed_class=True`) gives only the patch tokens one and lea
 Any other row count is taken as a square grid (after P prefix rows if rows - P is a square, else without)
 and resampled to the image's (Hp, Wp) grid with timm's bicubic, antialiased interpolation: the (L, L_old)
 interpolation matrix is computed once per (old grid, new grid, device) and cached, so a call costs one small
-matmul (differentiable, so pos_embed still trains); without grad the resampled table itself is cached too.
+matmul (differentiable, so pos_embed still trains).
 
 `vitfast::patch_embed` (forward) and `vitfast::patch_embed_backward` are torch.library ops with fake
 implementations; each picks its backend at run time: "triton" (vitfast.triton.patch_embed), "cpp" (the
@@ -23,6 +23,7 @@ state (pre-norm tokens, mean, rstd in fp32) is vitfast.layer_norm's, so its back
 layer_norm_backward op. Under autocast the op follows `_autocast_rule` (the rule of the unfused sequence).
 """
 import math
+import numbers
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -63,7 +64,11 @@ def patch_embed_ref(images: Tensor, weight: Tensor, bias: Optional[Tensor], patc
 
 
 def _pair(p) -> Tuple[int, int]:
-    return (int(p), int(p)) if isinstance(p, int) else (int(p[0]), int(p[1]))
+    if isinstance(p, numbers.Integral):
+        return int(p), int(p)
+    if not isinstance(p, (tuple, list)) or len(p) != 2 or not all(isinstance(n, numbers.Integral) for n in p):
+        raise ValueError(f"vitfast.patch_embed: patch_size must be an int or a pair of ints (ph, pw), got {p!r}")
+    return int(p[0]), int(p[1])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -382,7 +387,8 @@ def patch_embed(images: Tensor, weight: Tensor, bias: Optional[Tensor], patch_si
                 pos_embed: Optional[Tensor] = None, num_prefix_tokens: int = 0,
                 prefix_tokens: Optional[Tensor] = None, norm_weight: Optional[Tensor] = None,
                 norm_bias: Optional[Tensor] = None, eps: float = 1e-5, norm: Optional[bool] = None) -> Tensor:
-    """Fused ViT/Swin patch embedding: conv (stride = kernel) + bias (+ LayerNorm) + prefix tokens + pos_embed.
+    """Fused ViT/Swin patch embedding: conv (stride = kernel) + bias (+ LayerNorm) + prefix tokens + pos_embed (ViT:
+    Dosovitskiy et al., arXiv:2010.11929; timm's PatchEmbed).
 
     Args:
         images: (B, C, H, W), H >= ph and W >= pw, any strides (channels_last, slices, expanded dims). As with

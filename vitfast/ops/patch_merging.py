@@ -172,7 +172,8 @@ _autocast.register("patch_merging_backward", _autocast.keep_dtypes(_patch_mergin
 
 def patch_merging(x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], reduction_weight: Tensor,
                   eps: float = 1e-5) -> Tensor:
-    """Swin's PatchMerging: 2x2 gather (odd sizes zero-padded), LayerNorm(4C), Linear(4C -> N, no bias).
+    """Swin's PatchMerging (arXiv:2103.14030; torchvision's PatchMerging): 2x2 gather (odd sizes zero-padded),
+    LayerNorm(4C), Linear(4C -> N, no bias).
 
     Args:
         x: (..., H, W, C) channels-last (timm's and torchvision's Swin layout), any strides: the triton and cpp

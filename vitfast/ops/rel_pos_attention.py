@@ -84,7 +84,8 @@ def decomposed_rel_pos(q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, q_size: 
             dtype under autocast). Resized by linear interpolation when L != 2 * max(q, k) - 1 on that axis.
         q_size: (q_h, q_w); k_size: (k_h, k_w), the query and key grids.
     Returns:
-        rel_h (..., Nq, k_h) and rel_w (..., Nq, k_w), in q's dtype: rel_h[..., i, r] = q_i . R_h[y_i, r] and
+        rel_h (..., Nq, k_h) and rel_w (..., Nq, k_w), in q's dtype (the region's under autocast, whose einsum
+        gives it, as segment_anything's code): rel_h[..., i, r] = q_i . R_h[y_i, r] and
         rel_w[..., i, c] = q_i . R_w[x_i, c] with R = get_rel_pos(...).
     Raises:
         ValueError: q_size or k_size is not two positive whole sizes, q's Nq is not q_h * q_w, a table is not 2-D

@@ -6,7 +6,10 @@ fake implementations, so torch.compile sees them whole; each picks its backend a
 index arithmetic in the kernel), "cpp" (csrc/window_attention.cpp, the same fusion on the CPU, registered as
 `vitfast::window_attention_fwd` and `vitfast::window_attention_bwd` with the two schemas below, names aside and
 `int seed` for the seed's value) or "torch" (the textbook PyTorch below). Every backend shares the schemas and the
-saved state (out, lse), so forward and backward may run on different backends:
+saved state (out, lse), so forward and backward may run on different backends, except with dropout: each backend
+draws its own keep mask from the seed (torch: torch.rand; cpp: a splitmix64 hash; triton: Philox), so a backward on
+another backend than its forward's (a forward under `use_backend` whose backward runs outside it) differentiates
+another mask:
 
     window_attention(Tensor qkv, Tensor bias, Tensor? pad_qkv, Tensor? logit_scale, int[2] window_size,
                      int[2] shift_size, float softmax_scale, float dropout_p, Tensor? seed) -> (Tensor out, Tensor lse)
@@ -511,14 +514,18 @@ def _check_dense_bias(bias: Tensor, heads: int, n: int, what: str) -> Tensor:
     return bias
 
 
+def _check_heads(heads: int, D: int, qkv: Tensor, what: str) -> None:
+    if heads == 0 or D == 0:
+        raise ValueError(f"vitfast.{what}: qkv (B, H, W, 3, heads, D) = {tuple(qkv.shape)} needs at least one head "
+                         f"and a head dim of at least 1")
+
+
 def _attention_core(qkv: Tensor, bias: Tensor, window_size: list, shift_size: list, qkv_pad: Optional[Tensor],
                     logit_scale: Optional[Tensor], softmax_scale: Optional[float], dropout_p: float,
                     what: str) -> Tensor:
     _backend.check_transforms(what, qkv, bias, qkv_pad, logit_scale)
     B, H, W, three, heads, D = qkv.shape
-    if heads == 0 or D == 0:
-        raise ValueError(f"vitfast.{what}: qkv (B, H, W, 3, heads, D) = {tuple(qkv.shape)} needs at least one head "
-                         f"and a head dim of at least 1")
+    _check_heads(heads, D, qkv, what)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"vitfast.{what}: attention_dropout must be in [0, 1), got {dropout_p}")
     N = window_size[0] * window_size[1]
@@ -571,7 +578,8 @@ def window_attention(qkv: Tensor, relative_position_bias: Tensor, window_size: I
                      qkv_pad: Optional[Tensor] = None, logit_scale: Optional[Tensor] = None,
                      softmax_scale: Optional[float] = None, attention_dropout: float = 0.0, training: bool = True,
                      clamp_window: bool = True) -> Tensor:
-    """(Shifted) window attention on a qkv projection in image layout, output in image layout.
+    """(Shifted) window attention on a qkv projection in image layout, output in image layout (Swin: Liu et al.,
+    arXiv:2103.14030; cosine attention with logit_scale: Swin V2, arXiv:2111.09883).
 
     Args:
         qkv: (B, H, W, 3, heads, D), float; any strides: with unit inner stride (a view of a Linear's output) it
@@ -612,6 +620,7 @@ def window_attention(qkv: Tensor, relative_position_bias: Tensor, window_size: I
     if not qkv.is_floating_point():
         raise ValueError(f"vitfast.window_attention: qkv must be floating point, got {qkv.dtype}")
     B, H, W, _, heads, D = qkv.shape
+    _check_heads(heads, D, qkv, "window_attention")
     ws, shift = _window_pair(window_size, "window_attention"), _pair(shift_size, "shift_size")
     table = relative_position_bias
     if clamp_window and 0 < min(H, W) <= max(ws):
@@ -646,7 +655,9 @@ def shifted_window_attention(input: Tensor, qkv_weight: Tensor, proj_weight: Ten
                              dropout: float = 0.0, qkv_bias: Optional[Tensor] = None,
                              proj_bias: Optional[Tensor] = None, logit_scale: Optional[Tensor] = None,
                              training: bool = True) -> Tensor:
-    """Drop-in for torchvision.models.swin_transformer.shifted_window_attention (same arguments and results).
+    """Drop-in for torchvision.models.swin_transformer.shifted_window_attention (same arguments and results, but
+    for where the projection dropout's draws land): Swin's shifted window attention (Liu et al., "Swin Transformer",
+    arXiv:2103.14030; V2's cosine attention: arXiv:2111.09883).
 
     Args:
         input: (B, H, W, C). qkv_weight: (3C, C). proj_weight: (C, C). qkv_bias: (3C,) or None.
@@ -654,6 +665,11 @@ def shifted_window_attention(input: Tensor, qkv_weight: Tensor, proj_weight: Ten
         relative_position_bias: (1, heads, N, N) as torchvision's module gathers it, or the (num_rel, heads)
             table itself (no gather at all); any strides.
         window_size, shift_size: [h, w]; the shift is dropped along an axis the window covers (not mutated).
+        num_heads: heads; C must be divisible by it.
+        attention_dropout: dropout on the attention probabilities, in [0, 1) (as `window_attention`'s).
+        dropout: dropout on the output projection, applied in image layout (torchvision applies it to the shifted,
+            partitioned windows: the same rate, other elements, and fewer draws where the map is padded).
+        training: whether the two dropouts apply.
         logit_scale: Swin-V2's per-head parameter (heads, 1, 1): cosine attention, and the k part of
             qkv_bias is zeroed, as torchvision does.
 
