@@ -1184,3 +1184,42 @@ def test_cpu_choice_fuses_mlps_on_onednn_without_grad(monkeypatch):
     torch.testing.assert_close(mlp(x), original(x), rtol=1e-4, atol=1e-4)
     onednn = vf_backend.why_not("linear_gelu", "onednn", x, mlp.fc1.weight) is None
     assert calls == ([(2, 100, 384)] if onednn else [])
+
+
+def test_flop_counter_counts_the_ops_as_their_references():
+    """torch.utils.flop_counter.FlopCounterMode (fvcore-style FLOP counts of a model) counted 0 for vitfast's ops: a
+    patched MLP reported 0 FLOPs for the original's 1.9e9. Each op's forward and backward now count as the plain
+    PyTorch they replace (matmuls and convolutions; attention as torch counts SDPA's CUDA kernels, its backward with
+    the recomputed scores, where the unfused reference counts four matmuls)."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+    from vitfast.ops.attention import attention_ref
+    from vitfast.ops.linear_gelu import linear_gelu_ref
+    from vitfast.ops.patch_embed import patch_embed_ref
+    from vitfast.ops.patch_merging import patch_merging_ref
+    from vitfast.ops.rel_pos_attention import rel_pos_attention_ref
+    from vitfast.ops.window_attention import window_attention_ref
+
+    def flops(fn, *args):
+        leaves = [a.detach().requires_grad_() if isinstance(a, Tensor) and a.is_floating_point() else a for a in args]
+        with FlopCounterMode(display=False) as fc:
+            fn(*leaves).sum().backward()
+        return fc.get_total_flops()
+
+    x, w, b = torch.randn(64, 48), torch.randn(96, 48), torch.randn(96)
+    images, pw = torch.randn(2, 3, 18, 17), torch.randn(16, 3, 4, 4)
+    merge_x, nw, rw = torch.randn(2, 5, 7, 8), torch.randn(32), torch.randn(12, 32)
+    qkv, table = torch.randn(2, 6, 7, 3, 2, 8), torch.randn(49, 2)
+    with vitfast.use_backend("torch"):
+        assert flops(vitfast.linear, x, w, b) == flops(F.linear, x, w, b) > 0
+        assert flops(vitfast.linear_gelu, x, w, b) == flops(linear_gelu_ref, x, w, b)
+        assert flops(lambda *a: vitfast.patch_embed(*a, 4), images, pw, None) == \
+            flops(lambda *a: patch_embed_ref(*a, 4), images, pw, None) > 0
+        assert flops(vitfast.patch_merging, merge_x, nw, nw, rw) == flops(patch_merging_ref, merge_x, nw, nw, rw) > 0
+        assert flops(lambda *a: vitfast.window_attention(*a, 4, 2), qkv, table) == \
+            flops(lambda *a: window_attention_ref(*a, 4, 2), qkv, table) > 0
+        q, k = torch.randn(2, 3, 10, 8), torch.randn(2, 3, 12, 8)
+        rel_h, rel_w = torch.randn(2, 3, 10, 3), torch.randn(2, 3, 10, 4)
+        want = sdpa_flop_count(q.shape, k.shape, k.shape) + sdpa_backward_flop_count(q.shape, q.shape, k.shape, k.shape)
+        assert flops(vitfast.attention, q, k, k) == flops(vitfast.rel_pos_attention, q, k, k, rel_h, rel_w) == want
+        unfused = 3 * sdpa_flop_count(q.shape, k.shape, k.shape)
+        assert flops(attention_ref, q, k, k) == flops(rel_pos_attention_ref, q, k, k, rel_h, rel_w) == unfused

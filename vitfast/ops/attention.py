@@ -31,6 +31,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
 
 from vitfast import autocast as _autocast
 from vitfast import backend as _backend
@@ -110,8 +111,9 @@ def _probs_at_v(p: Tensor, s: Tensor, v: Tensor) -> Tensor:
     seen = (s != float("-inf")).to(p.dtype)
     nan, pos, neg = ((seen @ which.to(p.dtype)) > 0 for which in (v.isnan(), v == float("inf"), v == float("-inf")))
     out = p @ v.masked_fill(bad, 0.0)
-    return out.masked_fill(pos, float("inf")).masked_fill(neg, float("-inf")).masked_fill(nan | (pos & neg),
-                                                                                           float("nan"))
+    # (a row already NaN, from a NaN score, stays NaN where an infinite v reaches it)
+    nan = nan | (pos & neg) | out.isnan()
+    return out.masked_fill(pos, float("inf")).masked_fill(neg, float("-inf")).masked_fill(nan, float("nan"))
 
 
 def dropout_keep_ref(seed: int, B: int, H: int, Nq: int, Nk: int, dropout_p: float, device=None) -> torch.Tensor:
@@ -324,6 +326,19 @@ def _backward(ctx, dout, dlse):
 
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
 _backend.no_double_backward(OP, _attention_backward_op)
+
+
+@register_flop_formula(torch.ops.vitfast.attention)
+def _flops(q_shape, k_shape, v_shape, *args, **kwargs) -> int:
+    """torch.utils.flop_counter's count (FlopCounterMode), as for F.scaled_dot_product_attention's kernels."""
+    return sdpa_flop_count(q_shape, k_shape, v_shape)
+
+
+@register_flop_formula(torch.ops.vitfast.attention_backward)
+def _backward_flops(dout_shape, q_shape, k_shape, v_shape, *args, **kwargs) -> int:
+    return sdpa_backward_flop_count(dout_shape, q_shape, k_shape, v_shape)
+
+
 # SDPA's autocast rule: q, k, v and a float mask in the region's dtype.
 _autocast.register("attention", _autocast.lower_precision(
     _attention_op, "attention", ("q", "k", "v", "attn_mask")))
@@ -355,7 +370,8 @@ def _check_inputs(fn: str, layout: str, q: Tensor, k: Tensor, v: Tensor) -> None
 
 def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None, *, is_causal: bool = False,
               scale: Optional[float] = None, dropout_p: float = 0.0) -> Tensor:
-    """Scaled dot-product attention with the layout and semantics of `F.scaled_dot_product_attention`.
+    """Scaled dot-product attention with the layout and semantics of `F.scaled_dot_product_attention` (the triton
+    backend: FlashAttention-2's tiling, Dao, arXiv:2307.08691).
 
     Args:
         q: (B, H, Nq, D); k, v: (B, H, Nk, D); one dtype (float16, bfloat16, float32; float64 on the
@@ -391,9 +407,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
         (B, H, Nq, D), stored as (B, Nq, H, D) (so `.transpose(1, 2).reshape(B, Nq, H * D)` is free).
 
     Raises:
-        ValueError: q, k or v not 4-D, of different dtypes (outside autocast), devices, batch, heads or head dims, an unsupported
-            dtype or head dim, a mask that is not bool or float, on another device, or that does not broadcast,
-            dropout_p outside [0, 1), or no backend that takes the inputs.
+        ValueError: q, k or v not 4-D, of different dtypes (outside autocast), devices, batch, heads or head dims, an
+            unsupported dtype or head dim, a mask that is not bool or float, on another device, or that does not
+            broadcast, dropout_p outside [0, 1), or no backend that takes the inputs.
         NotImplementedError: an input with a forward-mode AD tangent (torch.func.jvp, torch.autograd.forward_ad).
     """
     _backend.check_transforms("attention", q, k, v, attn_mask)
@@ -411,11 +427,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
 
 def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
                     causal: bool = False) -> Tensor:
-    """Attention in flash-attn's layout and signature.
+    """Attention in flash-attn's layout and signature (flash_attn.flash_attn_func).
 
     Args:
         q: (B, Nq, H, D); k, v: (B, Nk, H, D); dtypes, head dims and strides as `attention` takes them (any
             strides, e.g. views of a packed (B, N, 3, H, D) qkv).
+        dropout_p: dropout on the attention weights, as `attention`'s.
+        softmax_scale: softmax scale, 1/sqrt(D) by default.
         causal: bottom-right aligned, as flash-attn >= 2.1: query i sees keys j <= i + Nk - Nq; a query that
             sees no key (Nq > Nk) gives zeros.
 

@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.flop_counter import register_flop_formula
 
 from vitfast import autocast as _autocast
 from vitfast import backend as _backend
@@ -184,6 +185,12 @@ def _backward(ctx, dy):
 
 
 _linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@register_flop_formula(torch.ops.vitfast.linear)
+def _flops(x_shape, weight_shape, *args, **kwargs) -> int:
+    """torch.utils.flop_counter's count (FlopCounterMode): F.linear's, 2 M K N."""
+    return 2 * x_shape[0] * x_shape[1] * weight_shape[0]
 
 
 def _autocast_rule(device_type, dtype, x, weight, bias, prepack):

@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 from vitfast import autocast as _autocast
 from vitfast import backend as _backend
@@ -118,6 +119,12 @@ def _backward(ctx, dy, dpreact):
 
 
 _linear_gelu_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@register_flop_formula(torch.ops.vitfast.linear_gelu)
+def _flops(x_shape, weight_shape, *args, **kwargs) -> int:
+    """torch.utils.flop_counter's count (FlopCounterMode): the product's, 2 M K N (GELU, as F.gelu, counts none)."""
+    return 2 * x_shape[0] * x_shape[1] * weight_shape[0]
 
 
 def _autocast_rule(device_type, dtype, x, weight, bias, approximate, save_preact, prepack):

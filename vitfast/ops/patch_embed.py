@@ -29,6 +29,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 from vitfast import autocast as _autocast
 from vitfast import backend as _backend
@@ -338,6 +339,24 @@ def _backward(ctx, dout, dz_unused, dmean, drstd):
 
 _patch_embed_op.register_autograd(_backward, setup_context=_setup_context)
 _backend.no_double_backward(OP, _patch_embed_backward_op)
+
+
+def _conv_flops(images_shape, weight_shape) -> int:
+    """2 B L E K: the stride = kernel convolution's multiply-adds, as torch.utils.flop_counter counts conv2d."""
+    B, C, H, W = images_shape
+    E, _, ph, pw = weight_shape
+    return 2 * B * (H // ph) * (W // pw) * E * C * ph * pw
+
+
+@register_flop_formula(torch.ops.vitfast.patch_embed)
+def _flops(images_shape, weight_shape, *args, **kwargs) -> int:
+    """torch.utils.flop_counter's count (FlopCounterMode): the convolution's (bias, LayerNorm, tokens count none)."""
+    return _conv_flops(images_shape, weight_shape)
+
+
+@register_flop_formula(torch.ops.vitfast.patch_embed_backward)
+def _backward_flops(dz_shape, images_shape, weight_shape, has_bias, need_dimages, *args, **kwargs) -> int:
+    return _conv_flops(images_shape, weight_shape) * (2 if need_dimages else 1)
 
 
 def _autocast_rule(device_type, dtype, images, weight, bias, pos_embed, pos_offset, prefix_tokens, norm_weight,

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 from vitfast import autocast as _autocast
 from vitfast import backend as _backend
@@ -165,6 +166,24 @@ def _backward(ctx, dout, dmean, drstd):
 
 _patch_merging_op.register_autograd(_backward, setup_context=_setup_context)
 _backend.no_double_backward(OP, _patch_merging_backward_op)
+
+
+def _linear_flops(x_shape, reduction_weight_shape) -> int:
+    """2 M 4C N: the reduction Linear's multiply-adds, as torch.utils.flop_counter counts it."""
+    *lead, H, W, C = x_shape
+    return 2 * math.prod(lead) * ((H + 1) // 2) * ((W + 1) // 2) * 4 * C * reduction_weight_shape[0]
+
+
+@register_flop_formula(torch.ops.vitfast.patch_merging)
+def _flops(x_shape, norm_weight_shape, norm_bias_shape, reduction_weight_shape, *args, **kwargs) -> int:
+    """torch.utils.flop_counter's count (FlopCounterMode): the reduction Linear's (LayerNorm counts none)."""
+    return _linear_flops(x_shape, reduction_weight_shape)
+
+
+@register_flop_formula(torch.ops.vitfast.patch_merging_backward)
+def _backward_flops(dy_shape, x_shape, norm_weight_shape, norm_bias_shape, reduction_weight_shape, *args,
+                    **kwargs) -> int:
+    return 2 * _linear_flops(x_shape, reduction_weight_shape)  # dx and dW
 _autocast.register("patch_merging", _autocast.lower_precision(
     _patch_merging_op, "patch_merging", ("x", "norm_weight", "norm_bias", "reduction_weight")))
 _autocast.register("patch_merging_backward", _autocast.keep_dtypes(_patch_merging_backward_op))

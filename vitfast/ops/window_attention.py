@@ -65,6 +65,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula, sdpa_flop_count
 
 from vitfast import _ext
 from vitfast import autocast as _autocast
@@ -486,6 +487,28 @@ def _backward(ctx, dout, dlse):
 
 _window_attention_op.register_autograd(_backward, setup_context=_setup_context)
 _backend.no_double_backward(OP, _window_attention_backward_op)
+
+
+def _windows_as_sdpa(qkv_shape, window_size) -> tuple:
+    """(B * nW, heads, N, D): the windows' attention as one SDPA's q, k and v shape."""
+    B, H, W, _, heads, D = qkv_shape
+    return B * _window_count(H, W, window_size), heads, window_size[0] * window_size[1], D
+
+
+@register_flop_formula(torch.ops.vitfast.window_attention)
+def _flops(qkv_shape, bias_shape, pad_shape, scale_shape, window_size, *args, **kwargs) -> int:
+    """torch.utils.flop_counter's count (FlopCounterMode): the unfused code's, its two matmuls over the (padded
+    map's) windows (the backward: their four, as the unfused backward counts; the kernels' recomputed scores
+    aside)."""
+    s = _windows_as_sdpa(qkv_shape, window_size)
+    return sdpa_flop_count(s, s, s)
+
+
+@register_flop_formula(torch.ops.vitfast.window_attention_backward)
+def _backward_flops(dout_shape, qkv_shape, bias_shape, pad_shape, scale_shape, out_shape_, lse_shape, window_size,
+                    *args, **kwargs) -> int:
+    s = _windows_as_sdpa(qkv_shape, window_size)
+    return 2 * sdpa_flop_count(s, s, s)
 
 
 def _autocast_rule(device_type, dtype, qkv, bias, pad_qkv, logit_scale, *args):
