@@ -174,29 +174,42 @@ def mlp_rows_cases():
                lambda mlp=mlp, x=x: chunked(mlp, x), None)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],  # (its first line stopped mid-sentence)
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("-k", default="", help="only the cases whose name contains this")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.reps < 1 or args.threads < 1:
         ap.error(f"--reps and --threads must be at least 1, got {args.reps} and {args.threads}")
+    try:  # (a forced backend made the "vitfast" column time that backend, e.g. the torch reference, unsaid)
+        forced = vitfast.backend.forced_backend()
+    except ValueError as e:
+        ap.error(str(e))
+    if forced is not None:
+        ap.error(f"vitfast's backend is forced to {forced!r} (VITFAST_BACKEND, use_backend or set_backend): the "
+                 f"table compares vitfast's own choice with ATen; run without it")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{torch.backends.cpu.get_cpu_capability()}, medians of {args.reps} interleaved")
     print("| case | mode | ATen ms | vitfast ms | ATen / vitfast |")
     print("|---|---|---|---|---|")
+    names, matched = [], False
     for cases in (layer_norm_cases, attention_cases, window_attention_cases, rel_pos_attention_cases,
                   patch_embed_cases, linear_gelu_cases, linear_cases, mlp_rows_cases):
         for name, aten, fused, leaves in cases():
+            names.append(name)
             if args.k not in name:
                 continue
+            matched = True
             modes = [("inference", _infer)] + ([("training", lambda f: _train(f, *leaves))] if leaves else [])
             for mode, wrap in modes:
                 ta, tv = map(statistics.median, interleaved([wrap(aten), wrap(fused)], args.reps))
                 print(f"| {name} | {mode} | {ta * 1e3:.3f} | {tv * 1e3:.3f} | {ta / tv:.2f} |", flush=True)
+    if not matched:  # (a typo printed an empty table, exit status 0)
+        ap.error(f"-k {args.k!r} is in no case's name; the names: {'; '.join(names)}")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@
 # GPU_RUN_TESTS="tests/test_a.py tests/test_b.py" gives (e) those files or node ids instead of the whole suite, e.g.
 # the files an earlier run's (e) did not reach, most important first: the workers take them in order; a path that
 # does not exist is dropped with a line in the summary (pytest would stop at once); GPU_RUN_SKIP="c d" skips stages
-# (c) and/or (d), leaving their time to (e), for a run that is about the tests)
+# (c) and/or (d) (the letters with any separators, "c,d" or "cd"; another letter is refused), leaving their time to
+# (e), for a run that is about the tests)
 # --dry-run runs the same stages on a CPU with tiny shapes (the suites pick them when no GPU is present: the tests run
 # Triton under its interpreter, the benchmarks their CPU rows) and small budgets, in under 3 minutes: CI runs it.
 #
@@ -58,10 +59,16 @@ DRY=0
 case "$#:${1:-}" in
   1:--dry-run) DRY=1 ;;
   0:) ;;
+  1:--help|1:-h) sed -n '2,/^set -uo/{/^set -uo/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
   *) echo "usage: bash bench/gpu_run.sh [--dry-run] (got '$*')" >&2; exit 2 ;;
 esac
 if [[ -n ${GPU_RUN_TOTAL:-} ]] && ! [[ $GPU_RUN_TOTAL =~ ^[1-9][0-9]*$ && $GPU_RUN_TOTAL -ge 60 && $GPU_RUN_TOTAL -le 525 ]]; then
   echo "bench/gpu_run.sh: GPU_RUN_TOTAL must be a whole number of seconds from 60 to 525 (got '$GPU_RUN_TOTAL')" >&2
+  exit 2
+fi
+SKIP=${GPU_RUN_SKIP:-}  # the letters c and d, with any separators ("c d", "c,d", "cd")
+if [[ $SKIP == *[!cd[:space:][:punct:]]* ]]; then
+  echo "bench/gpu_run.sh: GPU_RUN_SKIP takes the stages c and d only, e.g. GPU_RUN_SKIP=\"c d\" (got '$SKIP')" >&2
   exit 2
 fi
 OUT=${OUT:-out}
@@ -73,7 +80,11 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   echo "bench/gpu_run.sh: $PY cannot import torch; set PYTHON to one that can (PYTHON=.venv/bin/python after make setup)" >&2
   exit 2
 fi
-mkdir -p "$OUT"
+# (a folder it can write: -w says yes to root on a read-only file system; an existing file gave ~20 errors, exit 1)
+if ! mkdir -p "$OUT" 2>/dev/null || ! [[ -d $OUT && -w $OUT ]] || ! : 2>/dev/null >>"$OUT/summary.md"; then
+  echo "bench/gpu_run.sh: OUT=$OUT is not a writable directory" >&2
+  exit 2
+fi
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=$(nproc)
 # TOTAL leaves 15 s for the last stage's grace period (timeout -k 15): a dry run ends within 165 s, a real one 540 s.
 # RESERVE: seconds kept for (e) from the stages before it (a dry run exercises every stage).
@@ -110,6 +121,7 @@ stage() {
     else status="failed (exit $rc)"; FAILED=1
     fi
   fi
+  (( budget < 0 )) && budget=0
   echo "- $name: budget $budget s, took $(( SECONDS - t0 )) s, $status" >>"$SUMMARY"
   echo "== $name: $status ($(( SECONDS - t0 )) s)"
 }
@@ -157,9 +169,8 @@ export PY PROBE
 export -f probe
 stage "(b) extension error path" 30 "$OUT/build.log" 0 bash -c probe
 
-SKIP=" ${GPU_RUN_SKIP:-} "
 skipped() { echo "- $1: skipped (GPU_RUN_SKIP)" >>"$SUMMARY"; echo "== $1: skipped"; }
-if [[ $SKIP == *" c "* ]]; then
+if [[ $SKIP == *c* ]]; then
   skipped "(c) correctness at model shapes"
 else
   stage "(c) correctness at model shapes" "${BUDGET[2]}" "$OUT/correctness.log" 0 \
@@ -170,7 +181,7 @@ fi
 t_bench=$SECONDS
 BENCH_FILES=(bench/bench_attention.py bench/bench_window_attention.py bench/bench_layer_norm.py
              bench/bench_patch_embed.py bench/bench_rel_pos_attention.py bench/bench_linear_gelu.py)  # FlexAttention first in part 2
-if [[ $SKIP == *" d "* ]]; then
+if [[ $SKIP == *d* ]]; then
   skipped "(d) benchmarks"
 else
   stage "(d) benchmarks, part 1: vitfast, SDPA, eager" "${BUDGET[3]}" "$OUT/bench.log" 0 \

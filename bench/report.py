@@ -13,6 +13,7 @@ bench/gpu_run.sh) make one report.
 import argparse
 import importlib.util
 import json
+import math
 import os
 from collections import defaultdict
 
@@ -60,8 +61,9 @@ def header(data: dict) -> str:
     bench = data["benchmarks"][0]["extra_info"] if data["benchmarks"] else {}
     device = bench.get("device", m.get("cpu", {}).get("brand_raw", "?"))
     peaks = next((b["extra_info"] for b in data["benchmarks"] if "peak_GB/s" in b["extra_info"]), {})
-    roof = (f" Measured peaks: {peaks['peak_GB/s']:.0f} GB/s copy, {peaks['peak_TFLOP/s']:.1f} TFLOP/s matmul."
-            if peaks else "")
+    tflops = peaks.get("peak_TFLOP/s", 0)  # (a CPU's, below 1 TFLOP/s, printed as 0.0 TFLOP/s)
+    matmul = f"{tflops:.1f} TFLOP/s" if tflops >= 1 else f"{tflops * 1e3:.1f} GFLOP/s"
+    roof = f" Measured peaks: {peaks['peak_GB/s']:.0f} GB/s copy, {matmul} matmul." if peaks else ""
     return (f"Device: {device}; torch {bench.get('torch', '?')}; python {m.get('python_version', '?')}; "
             f"date {data.get('datetime', '?')[:10]}; medians of pytest-benchmark rounds.{roof}")
 
@@ -81,7 +83,8 @@ def markdown(data: dict, groups: dict) -> str:
             floor = extra.get("floor_ms")
             roof = f"{floor:.3f} ({t * 1e3 / floor:.1f}x)" if floor else ""
             mem = f"{extra['peak_mem_MiB']:.0f}" if "peak_mem_MiB" in extra else ""
-            rows.append([group, impl, f"{t * 1e3:.3f}", roof, tput, mem, f"{sp[impl]:.2f}x"])
+            vs = "-" if math.isnan(sp[impl]) else f"{sp[impl]:.2f}x"  # (no baseline in the group: it read "nanx")
+            rows.append([group, impl, f"{t * 1e3:.3f}", roof, tput, mem, vs])
     table = markdown_table(["benchmark", "impl", "median (ms)", "roofline floor ms (time/floor)", "throughput",
                             "peak MiB", "vs best baseline"], rows)
     return header(data) + "\n\n" + table + "\n"

@@ -268,6 +268,14 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", default="", help="only the cases whose name contains this text")
     parser.add_argument("--markdown", help="also write the table of compiled kernels to this file")
     args = parser.parse_args(argv)
+    if args.markdown is not None:  # (found after compiling, with a traceback that lost the summary and failures)
+        existed = os.path.exists(args.markdown)
+        try:
+            open(args.markdown, "a").close()
+            if not existed:
+                os.remove(args.markdown)
+        except OSError as e:
+            parser.error(f"--markdown {args.markdown}: {e}")
     selected = [case for case in cases(args.quick) if args.cases in case.name]
     if not selected:  # (a typo compiled nothing and passed)
         parser.error(f"--cases {args.cases!r} is in no case's name; the names: "
@@ -294,16 +302,20 @@ def main(argv=None) -> int:
                f"cores, no GPU), {time.strftime('%Y-%m-%d')}, in {time.perf_counter() - start:.0f} s: "
                f"{dict(counts)}; {len(records.launches)} launches checked against CUDA's grid limits; "
                f"{len(failures)} failures")
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(f"# Triton kernels compiled for {H100.name}, no GPU\n\n{summary}\n\n{_CAVEAT}\n\n"
-                    + "\n".join(table) + "\n")
     spilling = sorted({(row[1], row[2], row[4]) for row in lines if row[4]})
     for kernel, config, spill in spilling:
         print(f"spills {spill} bytes: {kernel} {config}")
     print(summary)
     for f in failures:
         print(f"FAILED {f}", file=sys.stderr)
+    if args.markdown is not None:  # (after the summary and the failures: they are printed whatever happens here)
+        try:
+            with open(args.markdown, "w") as f:
+                f.write(f"# Triton kernels compiled for {H100.name}, no GPU\n\n{summary}\n\n{_CAVEAT}\n\n"
+                        + "\n".join(table) + "\n")
+        except OSError as e:
+            print(f"compile_triton.py: error: --markdown {args.markdown}: {e}", file=sys.stderr)
+            return 2
     return 1 if failures else 0
 
 

@@ -3,6 +3,7 @@
 Only the cpp backend runs here: the Triton kernels are interpreted under pytest on a CPU, far too slow at the
 main job's shapes (tests/test_<op>.py cover them on small shapes)."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -11,7 +12,10 @@ import pytest
 import torch
 
 import vitfast
+import vitfast.__main__ as vitfast_main
 from vitfast.__main__ import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(vitfast.__file__)))
 
 
 def test_check_and_out(tmp_path, capsys):
@@ -108,14 +112,18 @@ def test_a_bad_vitfast_backend_variable(monkeypatch, capsys):
     assert e.value.code == 2 and "VITFAST_BACKEND='bogus' is not a vitfast backend" in capsys.readouterr().err
 
 
-def _bench_report():
+def _script(path: str):
+    """The module of a script of the repository (bench/report.py, ...), for calling its functions."""
     import importlib.util
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(vitfast.__file__)))
-    spec = importlib.util.spec_from_file_location("bench_report", os.path.join(root, "bench", "report.py"))
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
-    return report
+    spec = importlib.util.spec_from_file_location(path.replace("/", "_")[:-3], os.path.join(ROOT, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _bench_report():
+    return _script("bench/report.py")
 
 
 def test_bench_report_refuses_the_main_jobs_json(tmp_path, capsys):
@@ -211,10 +219,166 @@ def test_triton_on_cpu_names_the_interpreter(monkeypatch, capsys):
     (["--dry-run", "--bogus"], {}, "usage: bash bench/gpu_run.sh [--dry-run]"),
     ([], {"GPU_RUN_TOTAL": "abc"}, "GPU_RUN_TOTAL must be a whole number of seconds from 60 to 525"),
     ([], {"GPU_RUN_TOTAL": "09"}, "GPU_RUN_TOTAL must be"),
-    ([], {"GPU_RUN_TOTAL": "4"}, "GPU_RUN_TOTAL must be")])
+    ([], {"GPU_RUN_TOTAL": "4"}, "GPU_RUN_TOTAL must be"),
+    ([], {"GPU_RUN_SKIP": "x"}, "GPU_RUN_SKIP takes the stages c and d only")])
 def test_gpu_run_refuses_bad_arguments(tmp_path, args, env, message):
     """bench/gpu_run.sh refuses what it cannot honour before it starts (GPU_RUN_TOTAL=4 ran no stage and said ok)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(vitfast.__file__)))
     done = subprocess.run(["bash", os.path.join(root, "bench", "gpu_run.sh"), *args], capture_output=True, text=True,
                           env={**os.environ, "OUT": str(tmp_path / "out"), **env}, timeout=60)
     assert done.returncode == 2 and message in done.stderr and not (tmp_path / "out").exists(), done.stderr
+
+
+def _no_measuring(case, *args):
+    raise AssertionError("measured before refusing the arguments")
+
+
+def test_out_it_cannot_write_is_refused_before_measuring(tmp_path, monkeypatch, capsys):
+    """--out was checked with os.access (always yes for root) and not for its files: a folder holding a directory
+    named vitfast.json measured every case, then failed with a traceback (exit 1); an empty --out wrote nothing."""
+    monkeypatch.setattr(vitfast_main, "_run_case", _no_measuring)
+    (tmp_path / "vitfast.json").mkdir()
+    for out, message in ((str(tmp_path), "vitfast.json"), ("", "--out: give a folder")):
+        with pytest.raises(SystemExit) as e:
+            main(["check", "--op", "layer_norm", "--device", "cpu", "--out", out])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["vitfast.json"]  # (the files it tried are not left behind)
+
+
+def _one_row(case, *args):
+    return [dict(op=case.op, shape=case.shape, dtype="float32", pass_="fwd", backend="vitfast cpp",
+                 max_err=math.nan, ms=math.inf, speedup=1.0, ok=False)]
+
+
+def test_out_writes_valid_json_and_a_late_failure_in_one_line(tmp_path, monkeypatch, capsys):
+    """A NaN error was written as NaN, which is not JSON (JSON.parse refuses it); a write that failed after
+    measuring ended in a traceback."""
+    monkeypatch.setattr(vitfast_main, "_run_case", _one_row)
+    assert main(["check", "--op", "layer_norm", "--device", "cpu", "--out", str(tmp_path)]) == 1
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+    data = json.loads((tmp_path / "vitfast.json").read_text(), parse_constant=refuse)
+    assert [(r["max_err"], r["ms"]) for r in data["rows"]] == [(None, None)] * 2
+    capsys.readouterr()
+
+    def no_space(*args):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(vitfast_main, "plot_speedups", no_space)
+    assert main(["check", "--op", "layer_norm", "--device", "cpu", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.endswith(f"error: --out {tmp_path}: [Errno 28] No space left on device\n") and "Traceback" not in err
+
+
+def test_the_header_names_the_device_it_ran_on(monkeypatch, capsys):
+    """--device cpu on a machine with a GPU: the header named the GPU (vitfast.info's device) for CPU timings."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "Some GPU")
+    monkeypatch.setattr(vitfast_main, "_run_case", lambda case, *args: [])
+    assert main(["check", "--op", "layer_norm", "--device", "cpu"]) == 0
+    (header,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("vitfast ")]
+    assert " on cpu (" in header and "Some GPU" not in header, header
+
+
+def test_an_op_name_selects_that_op_only(monkeypatch):
+    """--op linear also ran "linear_gelu Swin-T s1 fc1" (its label starts with linear); a label's start still
+    selects by label."""
+    seen = []
+    monkeypatch.setattr(vitfast_main, "_run_case", lambda case, *args: seen.append(case.op) or [])
+    for op, ops in (("linear", ["linear ViT-B/16 qkv"]), ("linear_gelu", ["linear_gelu Swin-T s1 fc1"]),
+                    ("lin", ["linear_gelu Swin-T s1 fc1", "linear ViT-B/16 qkv"])):
+        seen.clear()
+        assert main(["check", "--op", op, "--device", "cpu"]) == 0
+        assert seen == ops, (op, seen)
+
+
+@pytest.mark.parametrize("value,interprets", [("true", True), ("on", True), ("1", True), ("0", False),
+                                              ("off", False)])
+def test_triton_interpret_reads_tritons_spelling(monkeypatch, value, interprets):
+    """TRITON_INTERPRET=true (or yes, on) makes Triton interpret, but vitfast read only "1": it refused --backend
+    triton on CPU tensors "only under TRITON_INTERPRET=1" and info said triton_interpret: False."""
+    if not vitfast.backend.has_triton():
+        pytest.skip("triton is not installed")
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert vitfast.backend.triton_interpret() is interprets
+
+
+def test_cpu_choice_help_cases_and_forced_backend(monkeypatch, capsys):
+    """bench/cpu_choice.py: --help cut its description mid-sentence; a -k that matches no case printed an empty
+    table (exit 0); with a backend forced, its "vitfast" column timed that backend (e.g. the torch reference)."""
+    cpu_choice = _script("bench/cpu_choice.py")
+    with pytest.raises(SystemExit) as e:
+        cpu_choice.main(["--help"])
+    assert e.value.code == 0 and "training (forward + backward). The table it prints is what" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        cpu_choice.main(["-k", "no such case"])
+    assert e.value.code == 2 and "-k 'no such case' is in no case's name" in capsys.readouterr().err
+    monkeypatch.setenv("VITFAST_BACKEND", "torch")
+    with pytest.raises(SystemExit) as e:
+        cpu_choice.main(["-k", "layer_norm swin s4 b1"])
+    assert e.value.code == 2 and "backend is forced to 'torch'" in capsys.readouterr().err
+    monkeypatch.delenv("VITFAST_BACKEND")
+    with vitfast.use_backend("cpp"), pytest.raises(SystemExit) as e:
+        cpu_choice.main(["-k", "layer_norm swin s4 b1"])
+    assert e.value.code == 2 and "backend is forced to 'cpp'" in capsys.readouterr().err
+
+
+def test_bench_report_on_a_cpu_and_a_group_without_baseline(tmp_path):
+    """A CPU's matmul peak (0.0158 TFLOP/s) printed as "0.0 TFLOP/s", and a group with no baseline row as "nanx"."""
+    report = _bench_report()
+    extra = {"impl": "vitfast-cpp", "peak_GB/s": 3.2, "peak_TFLOP/s": 0.0158}
+    bench = {"name": "test_forward[768-vitfast-cpp]", "group": "layer_norm 768", "stats": {"median": 1e-3},
+             "extra_info": extra}
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"benchmarks": [bench], "datetime": "2026-12-01"}))
+    text = report.markdown(*report.load(str(path)))
+    assert "3 GB/s copy, 15.8 GFLOP/s matmul" in text and text.rstrip().split("|")[-2].strip() == "-", text
+
+
+def test_compile_triton_refuses_a_markdown_path_before_compiling(tmp_path, monkeypatch, capsys):
+    """scripts/compile_triton.py --markdown to a path it cannot write compiled everything first, then failed with a
+    traceback that lost the summary and the failures."""
+    pytest.importorskip("triton")
+    compile_triton = _script("scripts/compile_triton.py")
+    monkeypatch.setattr(compile_triton, "compile_only", _no_measuring)
+    path = tmp_path / "missing" / "kernels.md"
+    with pytest.raises(SystemExit) as e:
+        compile_triton.main(["--quick", "--cases", "layer_norm", "--markdown", str(path)])
+    assert e.value.code == 2 and f"--markdown {path}: " in capsys.readouterr().err
+
+
+def _gpu_run(tmp_path, args=(), **env):
+    """bench/gpu_run.sh with a stand-in PYTHON that does nothing and succeeds: the script's own logic, no stage's."""
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    fake.chmod(0o755)
+    return subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_run.sh"), *args], capture_output=True, text=True,
+                          env={**os.environ, "PYTHON": str(fake), "OUT": str(tmp_path / "out"), **env}, timeout=60)
+
+
+def test_gpu_run_help_out_and_skip(tmp_path):
+    """gpu_run.sh: --help exited 2; an OUT that is a file ran every stage into "Not a directory" errors (exit 1);
+    GPU_RUN_SKIP="c,d" or "cd" skipped nothing (only " c " matched), and a mistyped letter passed silently."""
+    done = _gpu_run(tmp_path, ["--help"])
+    assert done.returncode == 0 and "Usage, from the repository root" in done.stdout, done.stderr
+    (tmp_path / "file").write_text("")
+    done = _gpu_run(tmp_path, OUT=str(tmp_path / "file"))
+    assert done.returncode == 2 and done.stderr == f"bench/gpu_run.sh: OUT={tmp_path / 'file'} is not a writable " \
+        "directory\n" and not done.stdout, done.stdout + done.stderr
+    for skip in ("c,d", "cd"):
+        done = _gpu_run(tmp_path, GPU_RUN_SKIP=skip, GPU_RUN_TESTS="tests/test_main.py")
+        summary = (tmp_path / "out" / "summary.md").read_text()
+        assert done.returncode == 0 and "- (c) correctness at model shapes: skipped" in summary \
+            and "- (d) benchmarks: skipped" in summary, summary
+
+
+def test_gpu_run_prints_a_stage_not_run_with_budget_0(tmp_path):
+    """A stage not run for want of time printed its budget as the (negative) time left: "budget -15 s"."""
+    script = open(os.path.join(ROOT, "bench", "gpu_run.sh")).read()
+    functions = script[script.index("left() {"):script.index("\nENV_PY=")]
+    summary = tmp_path / "summary.md"
+    done = subprocess.run(["bash", "-c", functions + "\nTOTAL=60; START=$(( SECONDS - 75 )); RESERVE=0; "
+                           f"SUMMARY={summary}; stage '(e) full test suite' $(left) /dev/null 1 true"],
+                          capture_output=True, text=True, timeout=10)
+    assert done.returncode == 0 and summary.read_text() == "- (e) full test suite: budget 0 s, took 0 s, not run: no " \
+        "time left\n", done.stderr

@@ -11,7 +11,8 @@ Every command but info exits with status 1 if any backend's error, in the output
 the baseline's error for that tensor in the same dtype (plus a few ulps), or if a backend asked for with --backend
 runs none of the cases (a backend that cannot take a case's inputs, e.g. onednn, float32 only, in bfloat16, is
 skipped with a note); with status 2 on bad arguments (argparse's; a --backend that runs no case on the device at
-all), a bad VITFAST_BACKEND or an --out it cannot write, all checked before measuring.
+all), a bad VITFAST_BACKEND or an --out it cannot write, all checked before measuring (an --out that fails
+while writing, after measuring, also exits with status 2).
 """
 import argparse
 import importlib.util
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 
 import vitfast
 from vitfast import backend
+from vitfast.info import _cpu_model
 from vitfast.ops.layer_norm import layer_norm_ref
 from vitfast.ops.linear import linear_ref
 from vitfast.ops.linear_gelu import linear_gelu_ref
@@ -214,10 +216,25 @@ def _table(rows: list) -> str:
           f"{r['speedup']:.2f}x", "yes" if r["ok"] else "NO"] for r in rows])
 
 
-def _write_out(out_dir: str, rows: list, header: str, env: dict) -> None:
+_OUT_FILES = ("vitfast.json", "vitfast.md", "vitfast.png")
+
+
+def _finite(value):
+    """value with each NaN or infinite float as None (JSON has no NaN: json.dump wrote NaN, which parsers refuse)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _write_out(out_dir: str, rows: list, header: str, env: dict, device: str) -> None:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "vitfast.json"), "w") as f:
-        json.dump({"info": env, "date": time.strftime("%Y-%m-%d"), "rows": rows}, f, indent=1)
+        json.dump(_finite({"info": env, "run_device": device, "date": time.strftime("%Y-%m-%d"), "rows": rows}), f,
+                  indent=1, allow_nan=False)
     with open(os.path.join(out_dir, "vitfast.md"), "w") as f:
         f.write(header + "\n\n" + _table(rows) + "\n")
     fast = [r for r in rows if r["backend"].startswith("vitfast")]
@@ -234,16 +251,16 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                         help="default: bfloat16 on a GPU, float32 on a CPU")
     parser.add_argument("--op", action="append", default=None,
-                        help="only this op's cases (repeatable): its name (e.g. window_attention), or the start of a "
-                             "case's label (e.g. 'attention ViT')")
+                        help="only this op's cases (repeatable): its name (e.g. window_attention; linear is not "
+                             "linear_gelu), or the start of a case's label (e.g. 'attention ViT')")
     parser.add_argument("--backend", action="append", default=None, choices=["triton", "cuda", "cpp", "onednn"],
                         help="only these vitfast backends (repeatable); default: every one available here")
     parser.add_argument("--reps", type=int, default=None,
                         help="timed rounds per measurement (default: 1 for check, 11 on a CPU, 20 on a GPU)")
     parser.add_argument("--out", default=None, help="also write vitfast.json, vitfast.md and vitfast.png here")
     args = parser.parse_args(argv)
-    if args.command == "info" and (args.op or args.backend or args.reps is not None or args.out or args.dtype
-                                   or args.device):
+    if args.command == "info" and (args.op or args.backend or args.reps is not None or args.out is not None
+                                   or args.dtype or args.device):
         parser.error("info takes no --device, --op, --backend, --reps, --out or --dtype")
 
     env = vitfast.info()  # once: it runs git and reads /proc/cpuinfo
@@ -264,16 +281,20 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if gpu else torch.float32)
     reps = args.reps or (1 if args.command == "check" else 20 if gpu else 11)
     every = _cases(gpu)
-    cases = [c for c in every if not args.op or any(c.op.startswith(o) or _registered_op(c) == o for o in args.op)]
+    names = {_registered_op(c) for c in every}  # (an op's name selects that op only: "linear" is not "linear_gelu")
+    cases = [c for c in every
+             if not args.op or any(_registered_op(c) == o if o in names else c.op.startswith(o) for o in args.op)]
     if not cases:
         parser.error(f"no case matches --op {' '.join(args.op)}: give an op's name ("
-                     f"{', '.join(sorted({_registered_op(c) for c in every}))}) or the start of a case's label ("
+                     f"{', '.join(sorted(names))}) or the start of a case's label ("
                      f"{'; '.join(c.op for c in every)})")
     for name in args.backend or ():
         reasons = {backend._unavailable(_registered_op(c), name, torch.device(args.device)) for c in cases}
         if None not in reasons:
             parser.error(f"--backend {name} runs none of these cases on {args.device}: {'; '.join(sorted(reasons))}")
-    if args.out:  # (checked before minutes of measuring, not after; the last check: it creates the folder)
+    if args.out == "":
+        parser.error("--out: give a folder (got an empty path)")
+    if args.out is not None:  # (checked before minutes of measuring, not after; the last check: it creates the folder)
         if importlib.util.find_spec("matplotlib") is None:
             parser.error(f"--out {args.out}: writing its plot (vitfast.png) needs matplotlib, which is not installed")
         if os.path.exists(args.out) and not os.path.isdir(args.out):
@@ -282,8 +303,15 @@ def main(argv=None) -> int:
             os.makedirs(args.out, exist_ok=True)
         except OSError as e:
             parser.error(f"--out {args.out}: {e}")
-        if not os.access(args.out, os.W_OK):
-            parser.error(f"--out {args.out}: not writable")
+        for name in _OUT_FILES:  # (os.access says yes to root on a read-only folder, and nothing of the files)
+            path = os.path.join(args.out, name)
+            existed = os.path.exists(path)
+            try:
+                open(path, "a").close()
+                if not existed:
+                    os.remove(path)
+            except OSError as e:
+                parser.error(f"--out {args.out}: {e}")
     torch.manual_seed(0)
     rows, skipped = [], {}
     for i, case in enumerate(cases):
@@ -293,12 +321,18 @@ def main(argv=None) -> int:
     for name, reasons in skipped.items():
         print(f"note: vitfast {name} skipped where it cannot take the inputs: {'; '.join(sorted(reasons))}")
     commit = f" (commit {env['commit']})" if env["commit"] else ""
-    header = (f"vitfast {vitfast.__version__}{commit} on {env['device']}, {dtype}, torch {torch.__version__}, "
+    device = f"cpu ({_cpu_model()})" if args.device == "cpu" else torch.cuda.get_device_name()  # (env: the GPU's)
+    header = (f"vitfast {vitfast.__version__}{commit} on {device}, {dtype}, torch {torch.__version__}, "
               f"{time.strftime('%Y-%m-%d')}; median of {reps} interleaved round(s); speedup = baseline time / "
               f"vitfast time")
     print("\n" + header + "\n" + _table(rows))
-    if args.out:
-        _write_out(args.out, rows, header, env)
+    unwritten = False
+    if args.out is not None:
+        try:
+            _write_out(args.out, rows, header, env, device)
+        except OSError as e:  # (past the checks above: e.g. the folder changed while measuring)
+            print(f"python -m vitfast: error: --out {args.out}: {e}", file=sys.stderr)
+            unwritten = True
     bad = [r for r in rows if not r["ok"]]
     if bad:
         print(f"\n{len(bad)} backend result(s) exceed 2x the baseline's error: "
@@ -306,7 +340,7 @@ def main(argv=None) -> int:
     idle = [name for name in args.backend or () if not any(r["backend"] == f"vitfast {name}" for r in rows)]
     if idle:
         print(f"\n--backend {', '.join(idle)} ran none of the cases (above: why)")
-    return 1 if bad or idle else 0
+    return 2 if unwritten else 1 if bad or idle else 0
 
 
 if __name__ == "__main__":

@@ -56,7 +56,19 @@ def register_op(op: str, *, gpu_order=("triton", "cuda", "torch"), cpu_order=("c
 
 
 def triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether Triton interprets its kernels: Triton's own reading of TRITON_INTERPRET (1, true, yes, on: it
+    interpreted under TRITON_INTERPRET=true where this said no). Unset, 0 or 1 are read here (no call into triton's
+    knobs on the common path, which each backend choice takes)."""
+    value = os.environ.get("TRITON_INTERPRET", "0")
+    if value in ("0", "1", ""):
+        return value == "1"
+    if has_triton():
+        import triton
+
+        knobs = getattr(triton, "knobs", None)  # (triton >= 3.4)
+        if knobs is not None:
+            return bool(knobs.runtime.interpret)
+    return value.lower() in ("true", "yes", "on")
 
 
 # Set by vitfast.triton.common.compile_only: CPU tensors then stand in for a GPU's and Triton only compiles.
