@@ -333,6 +333,64 @@ def test_module_with_a_float32_norm_in_a_bfloat16_model():
         mine(x, pos_embed=torch.randn(1, 4, 24, dtype=torch.bfloat16))
 
 
+@pytest.mark.parametrize("fmt", [dict(flatten=False), dict(output_fmt="NCHW"), dict(output_fmt="NHWC")],
+                         ids=["flatten_false", "NCHW", "NHWC"])
+@pytest.mark.parametrize("norm", ["BatchNorm2d", "RMSNorm", "LayerNorm"])
+def test_module_norm_runs_where_timms_does(norm, fmt):
+    """timm normalizes the NCHW map where the output is NCHW; vitfast normalized the (B, L, E) tokens (BatchNorm2d
+    raised, RMSNorm gave other values) or fused the LayerNorm over E (timm's runs over W, here equal to E)."""
+    timm = import_or_skip("timm")
+    cfg = dict(img_size=32, patch_size=4, in_chans=3, embed_dim=8, norm_layer=getattr(torch.nn, norm), **fmt)
+    ref = timm.layers.PatchEmbed(**cfg).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_()
+    mine = vitfast.nn.PatchEmbed(**cfg).eval()
+    mine.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(mine(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_module_calls_hooked_proj_and_norm():
+    """Hooks on proj or norm (or for every module) ran never: the fused op reads their parameters. Where they are
+    set, the submodules are called, as timm calls them, with and without fused ViT tokens."""
+    timm = import_or_skip("timm")
+    cfg = dict(img_size=16, patch_size=4, in_chans=3, embed_dim=8, norm_layer=torch.nn.LayerNorm)
+    ref, mine = timm.layers.PatchEmbed(**cfg), vitfast.nn.PatchEmbed(**cfg)
+    torch.nn.init.normal_(ref.norm.weight)
+    torch.nn.init.normal_(ref.norm.bias)
+    mine.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 16, 16)
+    calls = []
+    for m in (ref, mine):
+        m.proj.register_forward_hook(lambda mod, i, o: calls.append("proj") or o + 1)
+        m.norm.register_forward_hook(lambda mod, i, o: calls.append("norm") or o * 2)
+    want = ref(x)
+    calls.clear()
+    torch.testing.assert_close(mine(x), want, rtol=1e-5, atol=1e-5)
+    assert calls == ["proj", "norm"]
+    cls, pos = torch.randn(1, 1, 8), torch.randn(1, 17, 8)
+    n = mine.norm
+    tokens = 2 * F.layer_norm(ref.proj(x).flatten(2).transpose(1, 2), (8,), n.weight, n.bias, n.eps)
+    torch.testing.assert_close(mine(x, pos_embed=pos, prefix_tokens=cls),
+                               torch.cat([(cls + pos[:, :1]).expand(2, 1, 8), tokens + pos[:, 1:]], 1),
+                               rtol=1e-5, atol=1e-5)
+    plain = vitfast.nn.PatchEmbed(**cfg)
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda mod, i: seen.append(mod))
+    try:
+        plain(x)
+    finally:
+        handle.remove()
+    assert plain.proj in seen and plain.norm in seen
+
+
+def test_module_rejects_other_ranks_clearly():
+    """A 3-D input gave "not enough values to unpack"."""
+    with pytest.raises(ValueError, match=r"x must be \(B, C, H, W\) images, got shape \(3, 16, 16\)"):
+        vitfast.nn.PatchEmbed(16, 4, 3, 8)(torch.randn(3, 16, 16))
+
+
 def test_module_fuses_vit_tokens_and_pads_dynamically():
     m = vitfast.nn.PatchEmbed(None, 8, 3, 16, dynamic_img_pad=True)
     x = torch.randn(2, 3, 20, 13)

@@ -181,6 +181,33 @@ def test_module_with_a_float32_norm_in_a_bfloat16_model():
     assert mine(x[:, :0]).shape == (2, 0, 5, 20)
 
 
+def test_module_calls_hooked_norm_and_reduction():
+    """Hooks on norm or reduction (or for every module) ran never: the fused op reads their parameters. Where they
+    are set, the unfused path calls the submodules, as timm and torchvision do."""
+    mine = vitfast.nn.PatchMerging(12, out_dim=20)
+    x = torch.randn(2, 7, 9, 12)
+    want = mine.reduction(2 * mine.norm(_textbook_timm(x, torch.nn.Identity(), torch.nn.Identity())))
+    calls = []
+    mine.norm.register_forward_hook(lambda mod, i, o: calls.append("norm") or o * 2)
+    mine.reduction.register_forward_pre_hook(lambda mod, i: calls.append("reduction"))
+    torch.testing.assert_close(mine(x), want)
+    assert calls == ["norm", "reduction"]
+    plain = vitfast.nn.PatchMerging(12)
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda mod, i, o: seen.append(mod))
+    try:
+        plain(x)
+    finally:
+        handle.remove()
+    assert plain.norm in seen and plain.reduction in seen
+
+
+def test_module_rejects_other_ranks_clearly():
+    """A 2-D input gave "not enough values to unpack"."""
+    with pytest.raises(ValueError, match=r"x must be \(..., H, W, 8\), got shape \(4, 8\)"):
+        vitfast.nn.PatchMerging(8)(torch.randn(4, 8))
+
+
 def test_opcheck():
     x = torch.randn(2, 5, 4, 8, requires_grad=True)
     nw, nb = torch.randn(32, requires_grad=True), torch.randn(32, requires_grad=True)

@@ -9,6 +9,7 @@ import vitfast
 from vitfast.ops.window_attention import (_torch_keep, relative_position_index, shifted_window_attention_ref,
                                           window_attention_ref)
 
+from _optional_libs import import_or_skip
 from conftest import DEVICE, assert_close_to_ref, assert_compiles_like_eager, backend_cases, rounding_noise
 
 CASES = backend_cases("window_attention")
@@ -431,6 +432,56 @@ def test_timm_window_attention_module_where_heads_do_not_divide_dim():
     torch.testing.assert_close(m(img), m(img.reshape(1, 4, 10)).reshape(1, 2, 2, 10))
     with pytest.raises(ValueError, match="head_dim=0"):
         vitfast.nn.WindowAttention(2, num_heads=3)
+
+
+def test_timm_window_attention_module_rebuilds_its_index_after_meta_init():
+    """Built on the meta device, then to_empty() and load_state_dict: the non-persistent relative_position_index
+    held uninitialised memory (the mask path raised IndexError or read garbage) and nothing rebuilt it. timm's
+    init_non_persistent_buffers / _init_buffers / reset_parameters now do; the index is (N, N) as timm's."""
+    ref = vitfast.nn.WindowAttention(16, 2, window_size=3).eval()
+    assert ref.relative_position_index.shape == (9, 9)
+    m = vitfast.nn.WindowAttention(16, 2, window_size=3, device="meta").to_empty(device="cpu").eval()
+    m.load_state_dict(ref.state_dict())
+    m.init_non_persistent_buffers()
+    assert torch.equal(m.relative_position_index, ref.relative_position_index)
+    x, mask = torch.randn(4, 9, 16), torch.zeros(2, 9, 9)
+    mask[1, :, :4] = -100.0
+    torch.testing.assert_close(m(x, mask), ref(x, mask))
+    m.relative_position_index.fill_(-1)
+    m.reset_parameters()
+    assert torch.equal(m.relative_position_index, ref.relative_position_index)
+    assert not torch.equal(m.relative_position_bias_table, ref.relative_position_bias_table)
+
+
+def test_timm_window_attention_module_sets_its_window_size_as_timm():
+    """timm's Swin set_input_size calls attn.set_window_size, which vitfast's module lacked (AttributeError): the
+    table resized by timm's resize_rel_pos_bias_table, index and window_area as timm's."""
+    import_or_skip("timm")
+    from timm.models.swin_transformer import WindowAttention
+
+    ref = WindowAttention(16, 2, window_size=4).eval()
+    mine = vitfast.nn.WindowAttention(16, 2, window_size=4).eval()
+    mine.load_state_dict(ref.state_dict())
+    with warnings.catch_warnings():  # timm's interpolation warns about its own indexing (torch 2.x deprecations)
+        warnings.simplefilter("ignore", UserWarning)
+        for m in (ref, mine):
+            m.set_window_size((3, 5))
+    assert mine.window_size == (3, 5) and mine.window_area == 15
+    assert torch.equal(mine.relative_position_index, ref.relative_position_index)
+    torch.testing.assert_close(mine.relative_position_bias_table, ref.relative_position_bias_table)
+    x = torch.randn(2, 15, 16)
+    torch.testing.assert_close(mine(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_timm_window_attention_module_rejects_other_shapes_clearly():
+    """A 2-D input gave "not enough values to unpack", a mask of the wrong shape a reshape error."""
+    m = vitfast.nn.WindowAttention(16, 2, window_size=3)
+    with pytest.raises(ValueError, match=r"windows or a \(B, H, W, C\) map, got shape \(9, 16\)"):
+        m(torch.randn(9, 16))
+    with pytest.raises(ValueError, match=r"mask must be \(nW, 9, 9\) .* got shape \(3, 9, 9\)"):
+        m(torch.randn(4, 9, 16), torch.zeros(3, 9, 9))
+    with pytest.raises(ValueError, match=r"mask must be \(nW, 9, 9\) .* got shape \(2, 8, 8\)"):
+        m(torch.randn(4, 9, 16), torch.zeros(2, 8, 8))
 
 
 @pytest.mark.parametrize("backend,device", CASES)

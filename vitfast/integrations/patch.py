@@ -380,12 +380,25 @@ def _unchanged(module: nn.Module, layout: tuple) -> bool:
             if type(child) is not cls:
                 return False
             if child is not None:
-                forward = child.__dict__.get("forward")
-                if _has_hooks(child) or (forward is not None and getattr(forward, "func", None) is not _guarded):
+                if _intercepted(child):
                     return False
                 if below or child._modules:
                     stack.append((child._modules, below))
     return True
+
+
+def _intercepted(module: nn.Module) -> bool:
+    """Whether calling `module` runs more than its class's forward: hooks on it, or a forward set on its instance
+    but vitfast's (accelerate's hooks, a wrapper that records attention maps)."""
+    forward = module.__dict__.get("forward")
+    return _has_hooks(module) or (forward is not None and getattr(forward, "func", None) is not _guarded)
+
+
+def submodules_intercepted(*modules: nn.Module) -> bool:
+    """For vitfast.nn's modules, whose fused paths read these submodules' parameters instead of calling them:
+    whether any of them carries hooks or a forward of its own on the instance (`_intercepted`), or hooks for every
+    module are registered. They then call the submodules, so those hooks and wrappers see the call."""
+    return _global_hooks() or any(_intercepted(m) for m in modules)
 
 
 def _input(args: tuple, kwargs: dict) -> Optional[Tensor]:

@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitfast import autocast as _autocast
+from vitfast.integrations.patch import submodules_intercepted
+from vitfast.ops import patch_embed as _pe_ops
 from vitfast.ops.patch_embed import patch_embed
 
 
@@ -17,10 +19,13 @@ def _pair(v) -> Tuple[int, int]:
 class PatchEmbed(nn.Module):
     """timm's PatchEmbed (same arguments, same state dict: `proj.weight`, `proj.bias`, `norm.*`).
 
-    A LayerNorm `norm_layer` (torch's, timm's or vitfast's) is fused into the kernel's epilogue; any other norm
-    runs after it. `forward(x, pos_embed=None, prefix_tokens=None, num_prefix_tokens=0)` also fuses ViT's
-    class/distillation tokens and positional embedding (see vitfast.patch_embed); with them the output is
-    always (B, P + L, E).
+    A LayerNorm `norm_layer` (torch's, timm's or vitfast's) is fused into the kernel's epilogue where timm's norm
+    sees channels-last tokens (not for the NCHW output, where timm normalizes the map); any other norm runs after
+    the layout change, as timm runs it. Where `proj` or `norm` carries hooks (or hooks for every module are
+    registered), they are called instead of read, so the hooks run.
+
+    `forward(x, pos_embed=None, prefix_tokens=None, num_prefix_tokens=0)` also fuses ViT's class/distillation
+    tokens and positional embedding (see vitfast.patch_embed); with them the output is always (B, P + L, E).
 
     Output formats as timm: flatten=True -> (B, L, E); output_fmt "NHWC" -> (B, Hp, Wp, E) (Swin);
     "NCHW" or flatten=False -> (B, E, Hp, Wp); "NLC" -> (B, L, E).
@@ -118,6 +123,8 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: Tensor, pos_embed: Optional[Tensor] = None, prefix_tokens: Optional[Tensor] = None,
                 num_prefix_tokens: int = 0) -> Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"vitfast.nn.PatchEmbed: x must be (B, C, H, W) images, got shape {tuple(x.shape)}")
         B, C, H, W = x.shape
         ph, pw = self.patch_size
         error = self._size_error(H, W)
@@ -126,22 +133,48 @@ class PatchEmbed(nn.Module):
         if self.dynamic_img_pad:
             x = F.pad(x, (0, (pw - W % pw) % pw, 0, (ph - H % ph) % ph))
             H, W = x.shape[-2:]
-        fused = self._fused_norm()
+        tokens = pos_embed is not None or prefix_tokens is not None or bool(num_prefix_tokens)
         n = self.norm
-        out = patch_embed(x, self.proj.weight, self.proj.bias, self.patch_size, pos_embed=pos_embed,
-                          num_prefix_tokens=num_prefix_tokens, prefix_tokens=prefix_tokens,
-                          norm_weight=n.weight if fused else None, norm_bias=n.bias if fused else None,
-                          eps=n.eps if fused else 1e-5, norm=fused)
-        if not fused and not isinstance(n, nn.Identity):
-            if pos_embed is not None or prefix_tokens is not None or num_prefix_tokens:
-                raise ValueError("vitfast.nn.PatchEmbed: pos_embed/prefix tokens can be fused only with a "
-                                 f"LayerNorm (or no) norm_layer in the projection's dtype, not {type(n).__name__} "
-                                 f"({', '.join(str(p.dtype) for p in n.parameters()) or 'no parameters'})")
-            out = n(out)
-        if pos_embed is not None or prefix_tokens is not None or num_prefix_tokens:
-            return out
+        if tokens and not isinstance(n, nn.Identity) and not self._fused_norm():
+            raise ValueError("vitfast.nn.PatchEmbed: pos_embed/prefix tokens can be fused only with a "
+                             f"LayerNorm (or no) norm_layer in the projection's dtype, not {type(n).__name__} "
+                             f"({', '.join(str(p.dtype) for p in n.parameters()) or 'no parameters'})")
+        # hooks on proj or norm (or for every module), or a forward set on their instances: call them, as timm does
+        hooked = submodules_intercepted(self.proj, n)
+        nchw = not self.flatten and self.output_fmt == "NCHW"
+        # timm's norm sees the NCHW map where the output is NCHW: the LayerNorm over E is fused only for tokens
+        fused = not hooked and self._fused_norm() and (tokens or not nchw)
+        if hooked:
+            out = self.proj(x).flatten(2).transpose(1, 2)
+        else:
+            out = patch_embed(x, self.proj.weight, self.proj.bias, self.patch_size, pos_embed=pos_embed,
+                              num_prefix_tokens=num_prefix_tokens, prefix_tokens=prefix_tokens,
+                              norm_weight=n.weight if fused else None, norm_bias=n.bias if fused else None,
+                              eps=n.eps if fused else 1e-5, norm=fused)
+        if tokens:
+            return _prefix_and_pos(n(out), (H // ph, W // pw), pos_embed, prefix_tokens,
+                                   num_prefix_tokens) if hooked else out
         Hp, Wp = H // ph, W // pw
-        if self.flatten or self.output_fmt == "NLC":
-            return out
-        out = out.unflatten(1, (Hp, Wp))
-        return out if self.output_fmt == "NHWC" else out.permute(0, 3, 1, 2)
+        if not (self.flatten or self.output_fmt == "NLC"):
+            out = out.unflatten(1, (Hp, Wp))
+            out = out if self.output_fmt == "NHWC" else out.permute(0, 3, 1, 2)
+        return out if fused or (isinstance(n, nn.Identity) and not hooked) else n(out)
+
+
+def _prefix_and_pos(tokens: Tensor, grid: Tuple[int, int], pos_embed: Optional[Tensor],
+                    prefix_tokens: Optional[Tensor], num_prefix_tokens: int) -> Tensor:
+    """(B, L, E) patch tokens (from the called proj and norm) -> (B, P + L, E) as vitfast.patch_embed adds
+    prefix tokens and pos_embed to them (a pos_embed of another square grid resampled)."""
+    E = tokens.shape[-1]
+    P = prefix_tokens.shape[-2] if prefix_tokens is not None else int(num_prefix_tokens)
+    L = tokens.shape[1]
+    offset = 0
+    if pos_embed is not None:
+        rows = pos_embed.shape[-2]
+        if rows not in (L, P + L):
+            pos_embed = _pe_ops._resample_for(pos_embed, rows, P, grid)
+            rows = pos_embed.shape[-2]
+        offset = P if rows == P + L else 0
+        pos_embed = pos_embed.reshape(rows, E)
+    return _pe_ops._prefix_and_pos(tokens, pos_embed, offset,
+                                   prefix_tokens.reshape(P, E) if prefix_tokens is not None else None, P)

@@ -6,6 +6,7 @@ from typing import Callable, Optional, Union
 from torch import Tensor, nn
 
 from vitfast import autocast as _autocast
+from vitfast.integrations.patch import submodules_intercepted
 from vitfast.ops.patch_merging import _gather, patch_merging
 
 
@@ -17,7 +18,8 @@ class PatchMerging(nn.Module):
     forward(x): (..., H, W, dim) -> (..., ceil(H/2), ceil(W/2), out_dim); odd H or W is zero-padded as Swin does.
     A norm_layer that is not a LayerNorm, or one whose parameters are in another dtype than x and the reduction
     outside autocast (a bfloat16 model that keeps its norms in float32: vitfast's kernels take one dtype), runs
-    unfused (gather, norm, reduction in PyTorch).
+    unfused (gather, norm, reduction in PyTorch), and so does a call where `norm` or `reduction` carries hooks (or
+    hooks for every module are registered), so that the hooks run.
     """
 
     def __init__(self, dim: int, out_dim: Union[int, Callable, None] = None, norm_layer: Callable = nn.LayerNorm,
@@ -33,10 +35,15 @@ class PatchMerging(nn.Module):
         self.reduction = nn.Linear(4 * dim, self.out_dim, bias=False, **dd)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() < 3:
+            raise ValueError(f"vitfast.nn.PatchMerging: x must be (..., H, W, {self.dim}), got shape "
+                             f"{tuple(x.shape)}")
         n = self.norm
-        if isinstance(n, nn.LayerNorm) and tuple(n.normalized_shape) == (4 * self.dim,) and (
-                _autocast.is_enabled(x.device) or all(p.dtype == x.dtype for p in (*n.parameters(),
-                                                                                   self.reduction.weight))):
+        # hooks on norm or reduction (or for every module): the unfused path, which calls them
+        if (not submodules_intercepted(n, self.reduction) and isinstance(n, nn.LayerNorm)
+                and tuple(n.normalized_shape) == (4 * self.dim,)
+                and (_autocast.is_enabled(x.device) or all(p.dtype == x.dtype for p in (*n.parameters(),
+                                                                                        self.reduction.weight)))):
             return patch_merging(x, n.weight, n.bias, self.reduction.weight, n.eps)
         lead, (H, W, C) = x.shape[:-3], x.shape[-3:]
         merged = _gather(x.reshape(math.prod(lead), H, W, C)).view(*lead, (H + 1) // 2, (W + 1) // 2, 4 * C)

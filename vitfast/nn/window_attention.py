@@ -109,6 +109,16 @@ class WindowAttention(nn.Module):
     forward(x, mask=None):
         x (B*nW, N, C) windows as timm passes them, with timm's optional (nW, N, N) shift mask; or an
         image-layout map (B, H, W, C), windowed (and shifted by `shift_size`) inside the kernel.
+
+    The image-layout path follows torchvision's convention: the map is padded to whole windows, then shifted (and
+    masked by regions of the padded map). timm's SwinTransformerBlock shifts first, then pads; on a map that
+    divides into windows the two agree, on one that does not (a (5, 7) map with window 3) the outputs differ.
+    timm's own blocks pass windows, which this module takes as timm does.
+
+    As timm's: `reset_parameters()` (a new bias table and index), `_init_buffers()` /
+    `init_non_persistent_buffers()` (rebuild the non-persistent relative_position_index, (N, N) as timm's, which
+    load_state_dict does not restore: after construction on the meta device and `to_empty()`) and
+    `set_window_size(window_size)` (timm's Swin `set_input_size`).
     """
 
     def __init__(self, dim: int, num_heads: int, head_dim: Optional[int] = None,
@@ -129,13 +139,54 @@ class WindowAttention(nn.Module):
         self.scale = head_dim ** -0.5
         self.relative_position_bias_table = nn.Parameter(
             torch.zeros((2 * self.window_size[0] - 1) * (2 * self.window_size[1] - 1), num_heads, **dd))
-        self.register_buffer("relative_position_index", relative_position_index(self.window_size).to(device),
+        self.register_buffer("relative_position_index", torch.empty(self.window_area, self.window_area,
+                                                                    device=device, dtype=torch.long),
                              persistent=False)
         self.qkv = nn.Linear(dim, attn_dim * 3, bias=qkv_bias, **dd)
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(attn_dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """timm's: the bias table drawn again (trunc_normal, std 0.02) and the index rebuilt."""
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self._init_buffers()
+
+    def _init_buffers(self) -> None:
+        """timm's: fill the non-persistent relative_position_index (N, N) on its device."""
+        with torch.no_grad():
+            self.relative_position_index.copy_(
+                relative_position_index(self.window_size).view(self.window_area, self.window_area))
+
+    def init_non_persistent_buffers(self) -> None:
+        """timm's name for rebuilding the non-persistent buffers (see _init_buffers)."""
+        self._init_buffers()
+
+    def set_window_size(self, window_size: Union[int, Sequence[int]]) -> None:
+        """timm's: a new window size; the bias table is resized with timm's resize_rel_pos_bias_table (so this needs
+        timm, ImportError without it) and the index rebuilt. shift_size (image layout only) is left as it is."""
+        window_size = tuple(_pair(window_size))
+        if window_size == self.window_size:
+            return
+        try:
+            from timm.layers import resize_rel_pos_bias_table
+        except ImportError as e:
+            raise ImportError("vitfast.nn.WindowAttention.set_window_size: resizing the bias table uses timm's "
+                              "resize_rel_pos_bias_table; install timm") from e
+        old_window_size, self.window_size = self.window_size, window_size
+        win_h, win_w = window_size
+        self.window_area = win_h * win_w
+        table = self.relative_position_bias_table
+        with torch.no_grad():
+            self.relative_position_bias_table = nn.Parameter(
+                resize_rel_pos_bias_table(table, new_window_size=window_size,
+                                          new_bias_shape=((2 * win_h - 1) * (2 * win_w - 1), self.num_heads),
+                                          old_window_size=old_window_size),
+                requires_grad=table.requires_grad)
+        self.register_buffer("relative_position_index",
+                             relative_position_index(window_size).view(self.window_area, self.window_area).to(
+                                 table.device), persistent=False)
 
     def _get_rel_pos_bias(self) -> Tensor:
         """(1, heads, N, N), as timm's method returns it."""
@@ -155,6 +206,9 @@ class WindowAttention(nn.Module):
                                    qkv_pad=self.qkv.bias, attention_dropout=p, training=self.training,
                                    softmax_scale=self.scale, clamp_window=False)
             return self.proj_drop(self.proj(out))
+        if x.dim() != 3:
+            raise ValueError(f"vitfast.nn.WindowAttention: x must be (B*nW, {self.window_area}, C) windows or a "
+                             f"(B, H, W, C) map, got shape {tuple(x.shape)}")
         B_, N, C = x.shape
         if N != self.window_area:
             raise ValueError(f"vitfast.nn.WindowAttention: {N} tokens per window, expected {self.window_area} for "
@@ -168,7 +222,10 @@ class WindowAttention(nn.Module):
             return self.proj_drop(self.proj(out.flatten(1, 2)))
         # An arbitrary per-window mask: SDPA with bias + mask folded into one float mask.
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        num_win = mask.shape[0]
+        num_win = mask.shape[0] if mask.dim() else 0
+        if num_win == 0 or mask.numel() != num_win * N * N or B_ % num_win:
+            raise ValueError(f"vitfast.nn.WindowAttention: mask must be (nW, {N}, {N}) with nW dividing the "
+                             f"{B_} windows of x {tuple(x.shape)}, got shape {tuple(mask.shape)}")
         attn_mask = (self._get_rel_pos_bias().to(q.dtype).view(1, 1, heads, N, N)
                      + mask.to(q.dtype).view(1, num_win, 1, N, N)).expand(B_ // num_win, -1, -1, -1, -1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask.reshape(B_, heads, N, N), dropout_p=p,
