@@ -160,10 +160,12 @@ at::Tensor probs_at_v(const at::Tensor& p, const at::Tensor& s, const at::Tensor
   const at::Tensor seen = s.ne(-kInf).to(p.scalar_type());
   auto reached = [&](const at::Tensor& which) { return at::matmul(seen, which.to(p.scalar_type())).gt(0); };
   const at::Tensor nan = reached(at::isnan(v)), pos = reached(v.eq(kInf)), neg = reached(v.eq(-kInf));
-  return at::matmul(p, v.masked_fill(bad, 0.0))
-      .masked_fill_(pos, kInf)
+  at::Tensor out = at::matmul(p, v.masked_fill(bad, 0.0));
+  // (a row already NaN, from a NaN score, stays NaN where an infinite v reaches it)
+  const at::Tensor nan_out = nan.logical_or(pos.logical_and(neg)).logical_or(at::isnan(out));
+  return out.masked_fill_(pos, kInf)
       .masked_fill_(neg, -kInf)
-      .masked_fill_(nan.logical_or(pos.logical_and(neg)), std::numeric_limits<double>::quiet_NaN());
+      .masked_fill_(nan_out, std::numeric_limits<double>::quiet_NaN());
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

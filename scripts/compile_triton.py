@@ -166,6 +166,9 @@ def edge_cases():
     yield Case("edge: attention B*H = 66560 > 65535",
                _attention(520, 128, 16, 16, 64, torch.bfloat16, make=_empty_leaf))
     yield Case("edge: rel_pos_attention D=256 float32", _rel_pos_attention(1, 2, (14, 14), (14, 14), 256, torch.float32))
+    # the widest key rows at the largest tiles (fp32 at D=128 too, 2026-12-01: 0 failures, but 8 minutes to compile)
+    yield Case("edge: rel_pos_attention kw=128 D=256 bfloat16",
+               _rel_pos_attention(1, 2, (2, 128), (2, 128), 256, torch.bfloat16))
     yield Case("edge: rel_pos_attention B*H = 66560 > 65535",
                _rel_pos_attention(520, 128, (4, 4), (4, 4), 64, torch.bfloat16, make=_empty_leaf))
     yield Case("edge: window_attention B*heads = 65536 > 65535",

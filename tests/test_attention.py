@@ -342,6 +342,14 @@ def test_hidden_keys_never_reach_other_rows(backend, device, kind):
     torch.testing.assert_close(out[:, :, :5].double(), expected[:, :, :5], rtol=1e-5, atol=1e-5)
     assert partial[:, :, 5:, 5].all()  # rows 5.. see key 5: NaN exactly in v's NaN component
     assert out[:, :, 5:, 1].isnan().all() and torch.isfinite(out[:, :, 5:, 0]).all()
+    # a key whose score is NaN (NaN in k) and whose v is +inf: the rows that see it are NaN, as the arithmetic gives
+    # (they were +inf: the fill of inf where v's inf reaches a row overwrote the NaN from the score)
+    k_nan, v_inf = k.clone(), v.clone()
+    k_nan[:, :, 5], v_inf[:, :, 5] = float("nan"), float("inf")
+    with vitfast.use_backend(backend):
+        out = vitfast.attention(q, k_nan, v_inf, as_mask(partial))
+    torch.testing.assert_close(out[:, :, :5].double(), expected[:, :, :5], rtol=1e-5, atol=1e-5)
+    assert out[:, :, 5:].isnan().all()
 
 
 @pytest.mark.parametrize("backend,device", CASES)
@@ -377,6 +385,26 @@ def test_dropout_keep_mask_statistics():
     assert abs(keep.float().mean().item() - 0.9) < 0.01
     assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0], keep[1, 0])
     assert not torch.equal(keep, dropout_keep_ref(2**40 + 8, 2, 3, 64, 96, 0.1))
+
+
+@pytest.mark.parametrize("backend,device", [c for c in CASES if c.values[0] != "cpp"])
+def test_saturated_rows_give_exact_zero_query_key_and_bias_gradients(backend, device):
+    """A float mask of -1e4 on all keys but one per row (and a row with one key) makes the softmax one-hot in fp32:
+    the exact dQ, dK and dbias are 0. The triton backward's delta = rowsum(dO * O) left ~1 ulp of dP in dS (1e-3 in
+    dQ at |dO|, |v| ~ 30): dS = 0 in a saturated row. (The cpp backend runs ATen's flash backward, which has it.)"""
+    g = torch.Generator().manual_seed(0)
+    for Nk in (1, 7):
+        q, k = (torch.randn(1, 2, 5, 64, generator=g).to(device) for _ in range(2))
+        k = torch.randn(1, 2, Nk, 64, generator=g).to(device)
+        v = 30 * torch.randn(1, 2, Nk, 64, generator=g).to(device)
+        bias = torch.full((1, 2, 5, Nk), -1e4)
+        bias[..., torch.arange(5), torch.arange(5) % Nk] = 0.0
+        leaves = [t.requires_grad_() for t in (q, k, bias.to(device))]
+        with vitfast.use_backend(backend):
+            out = vitfast.attention(q, k, v, leaves[2])
+            grads = torch.autograd.grad(out, leaves, 30 * torch.randn(out.shape, generator=g).to(device))
+        for name, grad in zip(("dq", "dk", "dbias"), grads):
+            assert grad.abs().max().item() == 0.0, (Nk, name, grad.abs().max().item())
 
 
 @pytest.mark.parametrize("op", ["attention", "rel_pos_attention"])

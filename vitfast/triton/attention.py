@@ -38,8 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from vitfast.triton.common import (autotune, compiled, dot, dot_precision, int32_head_offsets, launch, tune_bucket,
-                                   upcast_bf16)
+from vitfast.triton.common import (autotune, compiled, dot, dot_precision, int32_head_offsets, launch, softmax_grad,
+                                   tune_bucket, upcast_bf16)
 
 MAX_HEAD_DIM = 256
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -278,9 +278,10 @@ def _attention_fwd_kernel(
     empty = l_i == 0.0
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
     if POISON:
+        already_nan = o != o  # (from a NaN score: it stays NaN where an infinite v reaches the row)
         o = tl.where((poison & 2) != 0, float("inf"), o)
         o = tl.where((poison & 4) != 0, float("-inf"), o)
-        o = tl.where(((poison & 1) != 0) | ((poison & 6) == 6), float("nan"), o)
+        o = tl.where(((poison & 1) != 0) | ((poison & 6) == 6) | already_nan, float("nan"), o)
     tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
              o.to(O.dtype.element_ty), mask=(offs_m < Nq)[:, None] & d_mask[None, :])
     if not POISON:  # (the statistics do not depend on v: the first launch's stand)
@@ -453,7 +454,7 @@ def _attention_bwd_dkdv_kernel(
             p_drop = p
         dv += dot(tl.trans(p_drop.to(do.dtype)), do, PRECISION, DOT_UPCAST)
         # Where a row does not see the key, dS is 0 even if dP is NaN (non-finite v of a masked key).
-        ds = tl.where(s == float("-inf"), 0.0, p * (dp - delta[:, None]))
+        ds = tl.where(s == float("-inf"), 0.0, softmax_grad(p, dp, delta, log_l))
         # dK = dS^T @ Q: a row that does not see the key has dS = 0 there, so its non-finite q enter as 0, as k in dQ
         dk += dot(tl.trans(ds.to(q.dtype)), tl.where(_is_finite(q, DOT_UPCAST), q, 0.0), PRECISION, DOT_UPCAST)
         if DBIAS:
@@ -573,7 +574,7 @@ def _attention_bwd_dq_kernel(
             keep = _dropout_keep(seed, bh, offs_m, offs_n, Nq, Nk, dropout_thresh)
             dp = tl.where(keep, dp * dropout_scale, 0.0)
         # As in the dK/dV kernel: dS is 0 where the row does not see the key, and non-finite k enter as 0.
-        ds = tl.where(s == float("-inf"), 0.0, p * (dp - delta[:, None]))
+        ds = tl.where(s == float("-inf"), 0.0, softmax_grad(p, dp, delta, log_l))
         dq += dot(ds.to(k.dtype), tl.where(_is_finite(k, DOT_UPCAST), k, 0.0), PRECISION, DOT_UPCAST)
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)

@@ -30,8 +30,8 @@ import triton.language as tl
 
 from vitfast.triton.attention import (_attention_bwd_preprocess_kernel, _block_d, _bnhd_empty, _dropout_args,
                                       _dropout_keep)
-from vitfast.triton.common import (autotune, compiled, dot, dot_precision, int32_head_offsets, launch, tune_bucket,
-                                   upcast_bf16)
+from vitfast.triton.common import (autotune, compiled, dot, dot_precision, int32_head_offsets, launch, softmax_grad,
+                                   tune_bucket, upcast_bf16)
 
 # Hopper (H100/H200) forward configurations per padded head dim: (BLOCK_M, BLOCK_N, num_warps, num_stages), where
 # BLOCK_N is a target: a tile is BLOCK_KROWS = max(1, BLOCK_N // BLOCK_KW) whole key rows.
@@ -58,6 +58,11 @@ _BWD_CONFIGS = {
 # KBs there): these compile without spills on sm_90 at SAM's global and windowed layers (scripts/compile_triton.py).
 _FWD_CONFIGS_FP32 = {d: [(32, 64, 8, 2), (16, 64, 4, 2)] for d in (16, 32, 64)}
 _BWD_CONFIGS_FP32 = {d: ((16, 64, 8, 1), (32, 32, 8, 1)) for d in (16, 32, 64)}
+# From this padded key-row width a forward tile (at least one whole key row) of fp32 at head dim 65..128 or 16-bit at
+# 129..256 needs more shared memory than an H100 has at 2-3 pipeline stages (fp32 D=80: 328-394 KB of 227 KB; bf16
+# D=256: 288 KB): each config also gets a one-stage variant, which the autotuner's pruning keeps where nothing else
+# fits (scripts/compile_triton.py's kw=128 edge cases).
+_ONE_STAGE_KW = 128
 # Under the interpreter each program costs a fixed overhead, so fewer, larger tiles are faster: at SAM's 14 x 14
 # windows, 64 (4 key rows of 16 per tile) took 1.3 s forward and 3.2 s backward where 32 took 5.1 s and 9.6 s.
 _INTERPRET_BLOCK = 64
@@ -363,7 +368,7 @@ def _rel_pos_attention_bwd_dkdv_kernel(
         else:
             p_drop = p
         dv += dot(tl.trans(p_drop.to(do.dtype)), do, PRECISION, DOT_UPCAST)
-        ds = p * (dp - delta[:, None])
+        ds = softmax_grad(p, dp, delta, log2_l)
         dk += dot(tl.trans(ds.to(q.dtype)), q, PRECISION, DOT_UPCAST)
     tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
              (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
@@ -465,7 +470,7 @@ def _rel_pos_attention_bwd_dq_kernel(
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m, offs_n, Nq, Nk, dropout_thresh)
             dp = tl.where(keep, dp * dropout_scale, 0.0)
-        ds = p * (dp - delta[:, None])  # 0 outside the key grid, where p is
+        ds = softmax_grad(p, dp, delta, log2_l)  # 0 outside the key grid, where p is
         dq += dot(ds.to(k.dtype), k, PRECISION, DOT_UPCAST)
         ds_grid = tl.reshape(ds, (BLOCK_M, BLOCK_KROWS, BLOCK_KW))
         rows = row0 + tl.arange(0, BLOCK_KROWS)
@@ -487,6 +492,8 @@ def _krows(block_n: int, kw_pad: int) -> int:
 @functools.lru_cache(None)
 def _fwd_autotuned(block_d: int, kw_pad: int, fp32: bool):
     shapes = _FWD_CONFIGS_FP32.get(block_d, _FWD_CONFIGS[block_d]) if fp32 else _FWD_CONFIGS[block_d]
+    if kw_pad >= _ONE_STAGE_KW:
+        shapes = shapes + [(m, n, w, 1) for m, n, w, _ in shapes]
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_KROWS": _krows(n, kw_pad)}, num_warps=w, num_stages=s)
                for m, n, w, s in shapes]
     # Configs that give the same tile (kw_pad >= the target BLOCK_N) are compiled and timed once.
