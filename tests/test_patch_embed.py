@@ -335,12 +335,14 @@ def test_module_with_a_float32_norm_in_a_bfloat16_model():
 
 @pytest.mark.parametrize("fmt", [dict(flatten=False), dict(output_fmt="NCHW"), dict(output_fmt="NHWC")],
                          ids=["flatten_false", "NCHW", "NHWC"])
-@pytest.mark.parametrize("norm", ["BatchNorm2d", "RMSNorm", "LayerNorm"])
+@pytest.mark.parametrize("norm", ["BatchNorm2d", "RMSNorm", "LayerNorm", "LayerNorm2d"])
 def test_module_norm_runs_where_timms_does(norm, fmt):
     """timm normalizes the NCHW map where the output is NCHW; vitfast normalized the (B, L, E) tokens (BatchNorm2d
-    raised, RMSNorm gave other values) or fused the LayerNorm over E (timm's runs over W, here equal to E)."""
+    raised, RMSNorm gave other values) or fused the LayerNorm over E (timm's runs over W, here equal to E). timm's
+    LayerNorm2d, an nn.LayerNorm subclass over dim 1, was fused as a LayerNorm over E (4.9 apart at NHWC)."""
     timm = import_or_skip("timm")
-    cfg = dict(img_size=32, patch_size=4, in_chans=3, embed_dim=8, norm_layer=getattr(torch.nn, norm), **fmt)
+    cfg = dict(img_size=32, patch_size=4, in_chans=3, embed_dim=8,
+               norm_layer=getattr(torch.nn, norm, None) or getattr(timm.layers, norm), **fmt)
     ref = timm.layers.PatchEmbed(**cfg).eval()
     with torch.no_grad():
         for p in ref.parameters():
