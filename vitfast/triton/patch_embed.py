@@ -236,7 +236,7 @@ def _patch_embed_bwd_dw_kernel(
             tl.store(DB_partial + split * E + re, db, mask=e_mask)
 
 
-_KEY = ["m_bucket", "E", "K"]
+_KEY = ["m_bucket", "E", "K", "PRECISION"]  # (a config tuned under TF32 is not reused for IEEE fp32, nor back)
 _fwd_tuned = autotune(_configs(True), _KEY)(_patch_embed_fwd_kernel)
 _dx_tuned = autotune(_configs(True), _KEY)(_patch_embed_bwd_dx_kernel)
 _dw_tuned = autotune(_configs(True), _KEY)(_patch_embed_bwd_dw_kernel)

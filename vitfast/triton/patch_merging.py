@@ -313,8 +313,8 @@ def _configs() -> list:
                                      (64, 64, 64, 4, 3), (64, 64, 32, 4, 4)]]
 
 
-_fwd_tuned = autotune(_configs(), ["m_bucket", "N", "K"])(_patch_merging_fwd_kernel)
-_dr_tuned = autotune(_configs(), ["m_bucket", "N", "K"])(_patch_merging_bwd_dr_kernel)
+_fwd_tuned = autotune(_configs(), ["m_bucket", "N", "K", "PRECISION"])(_patch_merging_fwd_kernel)
+_dr_tuned = autotune(_configs(), ["m_bucket", "N", "K", "PRECISION"])(_patch_merging_bwd_dr_kernel)
 
 _INTERPRET_BLOCKS = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32)
 # dln / dx keep fixed blocks on the GPU too: their partial-buffer shapes depend on the block sizes.
