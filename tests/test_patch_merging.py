@@ -4,6 +4,7 @@ import torch
 import vitfast
 from vitfast.ops.patch_merging import patch_merging, patch_merging_ref
 
+from _optional_libs import import_or_skip
 from conftest import assert_close_to_ref, assert_compiles_like_eager, backend_cases, rounding_noise
 
 CASES = backend_cases("patch_merging")
@@ -179,6 +180,17 @@ def test_module_with_a_float32_norm_in_a_bfloat16_model():
     torch.testing.assert_close(out, mine.reduction(mine.norm(_textbook_timm(x, torch.nn.Identity(),
                                                                             torch.nn.Identity()))))
     assert mine(x[:, :0]).shape == (2, 0, 5, 20)
+
+
+def test_module_fuses_only_a_layer_norm_over_the_last_dim():
+    """timm's LayerNorm2d (an nn.LayerNorm subclass over dim 1) was fused as a LayerNorm over the last dim (1.06
+    apart from calling it, as timm's module does)."""
+    timm = import_or_skip("timm")
+    from vitfast.ops.patch_merging import _gather
+
+    m = vitfast.nn.PatchMerging(1, norm_layer=timm.layers.LayerNorm2d)
+    x = torch.randn(2, 8, 8, 1)
+    torch.testing.assert_close(m(x), m.reduction(m.norm(_gather(x).view(2, 4, 4, 4))))
 
 
 def test_module_calls_hooked_norm_and_reduction():

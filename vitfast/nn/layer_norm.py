@@ -24,3 +24,15 @@ class LayerNorm(nn.LayerNorm):
             y = F.layer_norm(s, self.normalized_shape, self.weight, self.bias, self.eps)
             return y if residual is None else (y, s)
         return layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps, residual)
+
+
+# LayerNorms over the last dim, which vitfast's fused ops may stand in for (an nn.LayerNorm subclass may normalize
+# another dim: timm's LayerNorm2d, over dim 1)
+_LAST_DIM = {"torch.nn.modules.normalization.LayerNorm", "timm.layers.norm.LayerNorm",
+             "vitfast.nn.layer_norm.LayerNorm"}
+
+
+def normalizes_last_dim(module: nn.Module, width: int) -> bool:
+    """Whether `module` is a LayerNorm over a last dim of `width` (torch's, timm's or vitfast's class exactly)."""
+    cls = type(module)
+    return f"{cls.__module__}.{cls.__qualname__}" in _LAST_DIM and tuple(module.normalized_shape) == (width,)

@@ -7,18 +7,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitfast import autocast as _autocast
-from vitfast.integrations.patch import qualname, submodules_intercepted
+from vitfast.integrations.patch import submodules_intercepted
+from vitfast.nn.layer_norm import normalizes_last_dim
 from vitfast.ops import patch_embed as _pe_ops
 from vitfast.ops.patch_embed import patch_embed
 
 
 def _pair(v) -> Tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-
-# LayerNorms over the last dim (nn.LayerNorm subclasses may normalize another: timm's LayerNorm2d, over dim 1)
-_LAST_DIM_LAYER_NORMS = {"torch.nn.modules.normalization.LayerNorm", "timm.layers.norm.LayerNorm",
-                         "vitfast.nn.layer_norm.LayerNorm"}
 
 
 class PatchEmbed(nn.Module):
@@ -111,7 +107,7 @@ class PatchEmbed(nn.Module):
         bfloat16 model that keeps its norms in float32 runs the norm unfused: vitfast's kernels take one dtype;
         under autocast every parameter is cast to the region's dtype)."""
         n = self.norm
-        return (qualname(n) in _LAST_DIM_LAYER_NORMS and tuple(n.normalized_shape) == (self.proj.out_channels,)
+        return (normalizes_last_dim(n, self.proj.out_channels)
                 and (_autocast.is_enabled(self.proj.weight.device)
                      or all(p.dtype == self.proj.weight.dtype for p in n.parameters())))
 

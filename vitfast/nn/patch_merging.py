@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from vitfast import autocast as _autocast
 from vitfast.integrations.patch import submodules_intercepted
+from vitfast.nn.layer_norm import normalizes_last_dim
 from vitfast.ops.patch_merging import _gather, patch_merging
 
 
@@ -40,8 +41,7 @@ class PatchMerging(nn.Module):
                              f"{tuple(x.shape)}")
         n = self.norm
         # hooks on norm or reduction (or for every module): the unfused path, which calls them
-        if (not submodules_intercepted(n, self.reduction) and isinstance(n, nn.LayerNorm)
-                and tuple(n.normalized_shape) == (4 * self.dim,)
+        if (not submodules_intercepted(n, self.reduction) and normalizes_last_dim(n, 4 * self.dim)
                 and (_autocast.is_enabled(x.device) or all(p.dtype == x.dtype for p in (*n.parameters(),
                                                                                         self.reduction.weight)))):
             return patch_merging(x, n.weight, n.bias, self.reduction.weight, n.eps)
