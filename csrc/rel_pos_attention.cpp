@@ -611,18 +611,11 @@ void bwd_items(const Args<scalar_t, A>& a, const Next& next) {
           if (a.nkb == 1) {
             // The whole row is in this block: delta = rowsum(P * dP) (as the torch backend), which cancels dP's own
             // rounding where the softmax saturates (exact dS 0; rowsum(dO * O) left ~1 ulp of dP, summed over the
-            // queries into dK and the rel terms' gradients). Rows over several blocks keep FlashAttention-2's, but
-            // with dS = 0 where the row is saturated (below).
+            // queries into dK and the rel terms' gradients). Rows over several blocks keep FlashAttention-2's.
             const A* dpi = dp.data() + i * kSp;
             A sum = 0;
             for (int64_t j = 0; j < N; ++j) sum += si[j] == A(0) ? A(0) : si[j] * dpi[j];
             delta[i] = sum;
-          }
-          if (a.nkb > 1 && log_sum[i] == A(0)) {
-            // A row whose sum of exp(s - max) is exactly 1: saturated on one key, exact dS at most 2^-23 |dP|,
-            // where rowsum(dO * O) would leave ~1 ulp of dP: dS = 0 (as vitfast/triton/common.py's softmax_grad).
-            std::fill(dp.data() + i * kSp, dp.data() + i * kSp + N, A(0));
-            continue;
           }
           ker.grad_scores(dp.data() + i * kSp, si, delta[i], segs.data(), nseg, drh.data() + i * kh,
                           drw.data() + i * kw);

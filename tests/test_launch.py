@@ -262,3 +262,19 @@ def test_autotuned_launches_from_two_threads_run_one_at_a_time():
     for t in threads:
         t.join()
     assert errors == []
+
+
+def test_autotuned_kernels_key_on_the_fp32_precision():
+    """patch_embed's and patch_merging's autotuners left PRECISION out of their keys: a config tuned under TF32 was
+    reused for IEEE fp32. `autotune` refuses such a key."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(X, n_bucket, PRECISION: tl.constexpr, BLOCK: tl.constexpr):
+        pass
+
+    configs = [triton.Config({"BLOCK": 16})]
+    with pytest.raises(ValueError, match="must key on PRECISION"):
+        common.autotune(configs, ["n_bucket"])(kernel)
+    assert common.autotune(configs, ["n_bucket", "PRECISION"])(kernel).keys == ["n_bucket", "PRECISION"]

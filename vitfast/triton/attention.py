@@ -38,8 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from vitfast.triton.common import (autotune, compiled, dot, dot_precision, int32_head_offsets, launch, softmax_grad,
-                                   tune_bucket, upcast_bf16)
+from vitfast.triton.common import (autotune, compiled, dot, dot_precision, int32_head_offsets, launch, tune_bucket,
+                                   upcast_bf16)
 
 MAX_HEAD_DIM = 256
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -454,7 +454,7 @@ def _attention_bwd_dkdv_kernel(
             p_drop = p
         dv += dot(tl.trans(p_drop.to(do.dtype)), do, PRECISION, DOT_UPCAST)
         # Where a row does not see the key, dS is 0 even if dP is NaN (non-finite v of a masked key).
-        ds = tl.where(s == float("-inf"), 0.0, softmax_grad(p, dp, delta, log_l))
+        ds = tl.where(s == float("-inf"), 0.0, p * (dp - delta[:, None]))
         # dK = dS^T @ Q: a row that does not see the key has dS = 0 there, so its non-finite q enter as 0, as k in dQ
         dk += dot(tl.trans(ds.to(q.dtype)), tl.where(_is_finite(q, DOT_UPCAST), q, 0.0), PRECISION, DOT_UPCAST)
         if DBIAS:
@@ -574,7 +574,7 @@ def _attention_bwd_dq_kernel(
             keep = _dropout_keep(seed, bh, offs_m, offs_n, Nq, Nk, dropout_thresh)
             dp = tl.where(keep, dp * dropout_scale, 0.0)
         # As in the dK/dV kernel: dS is 0 where the row does not see the key, and non-finite k enter as 0.
-        ds = tl.where(s == float("-inf"), 0.0, softmax_grad(p, dp, delta, log_l))
+        ds = tl.where(s == float("-inf"), 0.0, p * (dp - delta[:, None]))
         dq += dot(ds.to(k.dtype), tl.where(_is_finite(k, DOT_UPCAST), k, 0.0), PRECISION, DOT_UPCAST)
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)

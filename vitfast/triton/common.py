@@ -95,18 +95,6 @@ def dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     return tl.dot(a, b, input_precision=PRECISION)
 
 
-@triton.jit
-def softmax_grad(p, dp, delta, log_l):
-    """dS = P * (dP - delta) of a softmax backward, delta = rowsum(dO * O) (FlashAttention-2's, from the stored
-    output), but 0 in a row whose sum of exp(s - max) is exactly 1 in fp32 (log_l, the forward's log of it, is 0): the
-    softmax is saturated on one key (the others' P sum under 2^-24: one visible key, or the rest underflowing), the
-    exact dS is at most 2^-23 |dP|, and dO.O, summed in another order than the kernel's dP, left ~1 ulp of dP (an
-    exact 0 became ~1e-3 in dQ, dK and the bias gradients at |dO|, |v| ~ 30). P itself, recomputed from the stored
-    statistics, can miss 1 by an ulp, so the row's log_l decides. (The torch backends take delta = rowsum(P * dP),
-    which needs every key of the row before any dS.)"""
-    return tl.where((log_l == 0.0)[:, None], 0.0, p * (dp - delta[:, None]))
-
-
 @dataclasses.dataclass(frozen=True)
 class GPU:
     """What compile-only mode compiles for: a CUDA compute capability and the SM count that sizes grids."""
@@ -250,8 +238,16 @@ def _prune_configs(kernel, configs, named_args, **kwargs):
 
 def autotune(configs: list, key: List[str]):
     """triton.autotune(configs, key=key) with `_prune_configs` as its early_config_prune hook. Key on
-    `tune_bucket` arguments rather than exact sizes (see the module docstring)."""
+    `tune_bucket` arguments rather than exact sizes (see the module docstring). A kernel with the fp32 precision
+    rule's PRECISION argument must key on it: a config tuned under TF32 would be reused for IEEE fp32, whose FMA
+    products spill where tensor-core ones do not.
+
+    Raises:
+        ValueError: a kernel with a PRECISION argument that `key` leaves out.
+    """
     def decorate(kernel):
+        if "PRECISION" in kernel.arg_names and "PRECISION" not in key:
+            raise ValueError(f"vitfast: autotuned {kernel.__name__} must key on PRECISION (keys {key})")
         prune = functools.partial(_prune_configs, kernel)
         return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
     return decorate

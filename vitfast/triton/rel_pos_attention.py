@@ -30,8 +30,8 @@ import triton.language as tl
 
 from vitfast.triton.attention import (_attention_bwd_preprocess_kernel, _block_d, _bnhd_empty, _dropout_args,
                                       _dropout_keep)
-from vitfast.triton.common import (autotune, compiled, dot, dot_precision, int32_head_offsets, launch, softmax_grad,
-                                   tune_bucket, upcast_bf16)
+from vitfast.triton.common import (autotune, compiled, dot, dot_precision, int32_head_offsets, launch, tune_bucket,
+                                   upcast_bf16)
 
 # Hopper (H100/H200) forward configurations per padded head dim: (BLOCK_M, BLOCK_N, num_warps, num_stages), where
 # BLOCK_N is a target: a tile is BLOCK_KROWS = max(1, BLOCK_N // BLOCK_KW) whole key rows.
@@ -368,7 +368,7 @@ def _rel_pos_attention_bwd_dkdv_kernel(
         else:
             p_drop = p
         dv += dot(tl.trans(p_drop.to(do.dtype)), do, PRECISION, DOT_UPCAST)
-        ds = softmax_grad(p, dp, delta, log2_l)
+        ds = p * (dp - delta[:, None])
         dk += dot(tl.trans(ds.to(q.dtype)), q, PRECISION, DOT_UPCAST)
     tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
              (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
@@ -470,7 +470,7 @@ def _rel_pos_attention_bwd_dq_kernel(
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m, offs_n, Nq, Nk, dropout_thresh)
             dp = tl.where(keep, dp * dropout_scale, 0.0)
-        ds = softmax_grad(p, dp, delta, log2_l)  # 0 outside the key grid, where p is
+        ds = p * (dp - delta[:, None])  # 0 outside the key grid, where p is
         dq += dot(ds.to(k.dtype), k, PRECISION, DOT_UPCAST)
         ds_grid = tl.reshape(ds, (BLOCK_M, BLOCK_KROWS, BLOCK_KW))
         rows = row0 + tl.arange(0, BLOCK_KROWS)
