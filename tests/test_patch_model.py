@@ -500,6 +500,24 @@ def test_jit_script_of_a_patched_model_raises_clearly():
     torch.testing.assert_close(torch.jit.script(model)(x), model(x))
 
 
+@pytest.mark.parametrize("make", [lambda: (vitfast.nn.LayerNorm(8), (2, 5, 8)),
+                                  lambda: (vitfast.nn.PatchEmbed(16, 4, 3, 8), (2, 3, 16, 16)),
+                                  lambda: (vitfast.nn.PatchMerging(8), (1, 6, 6, 8)),
+                                  lambda: (vitfast.nn.ShiftedWindowAttentionV2(16, [3, 3], [1, 1], 2), (1, 6, 6, 16)),
+                                  lambda: (vitfast.nn.WindowAttention(16, 2, window_size=3), (1, 6, 6, 16))],
+                         ids=["LayerNorm", "PatchEmbed", "PatchMerging", "ShiftedWindowAttentionV2", "WindowAttention"])
+def test_jit_script_of_a_vitfast_nn_module_raises_clearly(make):
+    """The vitfast.nn modules failed inside TorchScript's compiler, with its errors (the modules they replace
+    script): a clear error now; torch.jit.trace takes them."""
+    module, shape = make()
+    name = type(module).__name__
+    with pytest.raises(NotImplementedError, match=f"torch.jit.script cannot compile vitfast.nn.{name} "):
+        torch.jit.script(module)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.trace(module, x)(x), module(x))
+
+
 def _mha():
     return nn.MultiheadAttention(16, 2, batch_first=True), torch.randn(2, 5, 16), None
 
