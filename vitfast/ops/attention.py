@@ -328,15 +328,19 @@ _attention_op.register_autograd(_backward, setup_context=_setup_context)
 _backend.no_double_backward(OP, _attention_backward_op)
 
 
-@register_flop_formula(torch.ops.vitfast.attention)
-def _flops(q_shape, k_shape, v_shape, *args, **kwargs) -> int:
-    """torch.utils.flop_counter's count (FlopCounterMode), as for F.scaled_dot_product_attention's kernels."""
+def _sdpa_flops(q_shape, k_shape, v_shape, *args, **kwargs) -> int:
+    """torch.utils.flop_counter's count (FlopCounterMode) of an op taking q, k, v first (attention, rel_pos_attention:
+    its rel terms' additions count none), as for F.scaled_dot_product_attention's kernels."""
     return sdpa_flop_count(q_shape, k_shape, v_shape)
 
 
-@register_flop_formula(torch.ops.vitfast.attention_backward)
-def _backward_flops(dout_shape, q_shape, k_shape, v_shape, *args, **kwargs) -> int:
+def _sdpa_backward_flops(dout_shape, q_shape, k_shape, v_shape, *args, **kwargs) -> int:
+    """The same for their backward ops, taking dout, q, k, v first."""
     return sdpa_backward_flop_count(dout_shape, q_shape, k_shape, v_shape)
+
+
+register_flop_formula(torch.ops.vitfast.attention)(_sdpa_flops)
+register_flop_formula(torch.ops.vitfast.attention_backward)(_sdpa_backward_flops)
 
 
 # SDPA's autocast rule: q, k, v and a float mask in the region's dtype.

@@ -34,12 +34,12 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.flop_counter import register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import register_flop_formula
 
 from vitfast import autocast as _autocast
 from vitfast import backend as _backend
-from vitfast.ops.attention import (_acc_dtype, _bnhd_empty, _check_inputs, _describe, _dropout_keep,
-                                   _dropped, _probs, _row_stats, check_dropout_capture)
+from vitfast.ops.attention import (_acc_dtype, _bnhd_empty, _check_inputs, _describe, _dropout_keep, _dropped, _probs,
+                                   _row_stats, _sdpa_backward_flops, _sdpa_flops, check_dropout_capture)
 
 OP = "rel_pos_attention"
 # The Triton kernels hold a query block's rel_w row (next power of two of kw columns) in registers.
@@ -288,15 +288,8 @@ _rel_pos_attention_op.register_autograd(_backward, setup_context=_setup_context)
 _backend.no_double_backward(OP, _rel_pos_attention_backward_op)
 
 
-@register_flop_formula(torch.ops.vitfast.rel_pos_attention)
-def _flops(q_shape, k_shape, v_shape, *args, **kwargs) -> int:
-    """torch.utils.flop_counter's count (FlopCounterMode): attention's (the rel terms' additions count none)."""
-    return sdpa_flop_count(q_shape, k_shape, v_shape)
-
-
-@register_flop_formula(torch.ops.vitfast.rel_pos_attention_backward)
-def _backward_flops(dout_shape, q_shape, k_shape, v_shape, *args, **kwargs) -> int:
-    return sdpa_backward_flop_count(dout_shape, q_shape, k_shape, v_shape)
+register_flop_formula(torch.ops.vitfast.rel_pos_attention)(_sdpa_flops)  # (attention's counts)
+register_flop_formula(torch.ops.vitfast.rel_pos_attention_backward)(_sdpa_backward_flops)
 
 
 def _autocast_rule(device_type, dtype, q, k, v, rel_h, rel_w, seed, dropout_p, scale):

@@ -118,6 +118,12 @@ def upcast_bf16(t: torch.Tensor) -> bool:
     return not compiled(t) and t.dtype == torch.bfloat16
 
 
+def unit_inner_stride(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """t with unit inner stride (kernels that index their last dim by 1), copied only when it has another; None
+    stays None."""
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
 def dot_precision(t: torch.Tensor) -> str:
     """tl.dot's input_precision for operands of t's dtype: the fp32 rule of the module docstring ("tf32" for fp32
     exactly when torch.backends.cuda.matmul.allow_tf32 is set, else "ieee"; "ieee" for fp16/bf16, where it does

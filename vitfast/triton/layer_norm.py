@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vitfast.triton.common import compiled, launch, num_sms
+from vitfast.triton.common import compiled, launch, num_sms, unit_inner_stride
 
 MAX_N = 8192
 
@@ -168,7 +168,7 @@ def layer_norm_fwd(x, weight, bias, residual, eps):
     Returns:
         y (M, N); s = x + residual (M, N), or an empty tensor without residual; mean, rstd (M,) fp32.
     """
-    x, residual = _unit_inner_stride(x), _unit_inner_stride(residual)
+    x, residual = unit_inner_stride(x), unit_inner_stride(residual)
     weight = weight.contiguous() if weight is not None else None
     bias = bias.contiguous() if bias is not None else None
     M, N = x.shape
@@ -188,11 +188,6 @@ def layer_norm_fwd(x, weight, bias, residual, eps):
     return y, s, mean, rstd
 
 
-def _unit_inner_stride(t):
-    """t with unit inner stride (the kernels index columns by 1), copied only when it has another; None stays."""
-    return t if t is None or t.stride(-1) == 1 else t.contiguous()
-
-
 def _num_programs(x: torch.Tensor, row_blocks: int) -> int:
     if compiled(x):
         return max(1, min(row_blocks, 4 * num_sms(x)))
@@ -208,7 +203,7 @@ def layer_norm_bwd(dy, ds, s, weight, mean, rstd, has_bias):
     Returns:
         dx (M, N); dweight (N,) or empty; dbias (N,) or empty.
     """
-    dy, ds, s = _unit_inner_stride(dy), _unit_inner_stride(ds), _unit_inner_stride(s)
+    dy, ds, s = unit_inner_stride(dy), unit_inner_stride(ds), unit_inner_stride(s)
     weight, mean, rstd = (t.contiguous() if t is not None else None for t in (weight, mean, rstd))
     M, N = s.shape
     block_m, block_n, num_warps = _block_sizes(N)

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from vitfast.ops.window_attention import fold_bias_grad
-from vitfast.triton.common import compiled, dot, dot_precision, launch, num_sms, upcast_bf16
+from vitfast.triton.common import compiled, dot, dot_precision, launch, num_sms, unit_inner_stride, upcast_bf16
 
 
 @triton.jit
@@ -510,7 +510,7 @@ def _geometry(qkv, window_size, shift_size):
 def _layouts(qkv, pad_qkv, logit_scale):
     """The layouts the kernels index by: qkv with unit inner stride (any other strides), pad_qkv and logit_scale
     contiguous; each copied only where it differs (the public functions already pass these)."""
-    qkv = qkv if qkv.stride(-1) == 1 else qkv.contiguous()
+    qkv = unit_inner_stride(qkv)
     return qkv, *(t.contiguous() if t is not None else None for t in (pad_qkv, logit_scale))
 
 
