@@ -168,14 +168,8 @@ def _prefix_and_pos(tokens: Tensor, grid: Tuple[int, int], pos_embed: Optional[T
     prefix tokens and pos_embed to them (a pos_embed of another square grid resampled)."""
     E = tokens.shape[-1]
     P = prefix_tokens.shape[-2] if prefix_tokens is not None else int(num_prefix_tokens)
-    L = tokens.shape[1]
     offset = 0
     if pos_embed is not None:
-        rows = pos_embed.shape[-2]
-        if rows not in (L, P + L):
-            pos_embed = _pe_ops._resample_for(pos_embed, rows, P, grid)
-            rows = pos_embed.shape[-2]
-        offset = P if rows == P + L else 0
-        pos_embed = pos_embed.reshape(rows, E)
+        pos_embed, offset = _pe_ops._pos_rows(pos_embed, P, grid)
     return _pe_ops._prefix_and_pos(tokens, pos_embed, offset,
                                    prefix_tokens.reshape(P, E) if prefix_tokens is not None else None, P)

@@ -471,7 +471,6 @@ def patch_embed(images: Tensor, weight: Tensor, bias: Optional[Tensor], patch_si
     for name, t in (("bias", bias), ("norm_weight", norm_weight), ("norm_bias", norm_bias)):
         _check_vec(name, t, images, E)
     Hp, Wp = H // ph, W // pw
-    L = Hp * Wp
     if prefix_tokens is not None:
         if prefix_tokens.dim() not in (2, 3) or prefix_tokens.shape[-1] != E or (
                 prefix_tokens.dim() == 3 and prefix_tokens.shape[0] != 1):
@@ -499,12 +498,7 @@ def patch_embed(images: Tensor, weight: Tensor, bias: Optional[Tensor], patch_si
         if not _dtype_fits(pos_embed, images) or pos_embed.device != images.device:
             raise ValueError(f"vitfast.patch_embed: pos_embed {pos_embed.dtype} {pos_embed.device} must match "
                              f"the images {images.dtype} {images.device} (in device; in dtype outside autocast)")
-        rows = pos_embed.shape[-2]
-        if rows not in (L, P + L):
-            pos_embed = _resample_for(pos_embed, rows, P, (Hp, Wp))
-            rows = pos_embed.shape[-2]
-        pos_offset = P if rows == P + L else 0
-        pos_embed = pos_embed.reshape(rows, E)
+        pos_embed, pos_offset = _pos_rows(pos_embed, P, (Hp, Wp))
         pos_embed = pos_embed if pos_embed.is_contiguous() else pos_embed.contiguous()
     has_norm = bool(norm) if norm is not None else (norm_weight is not None or norm_bias is not None)
     need_grad = torch.is_grad_enabled() and any(
@@ -513,6 +507,16 @@ def patch_embed(images: Tensor, weight: Tensor, bias: Optional[Tensor], patch_si
     out, _, _, _ = _patch_embed_op(images, weight, bias, pos_embed, pos_offset, prefix_tokens, norm_weight,
                                    norm_bias, has_norm, P, float(eps), need_grad)
     return out
+
+
+def _pos_rows(pos_embed: Tensor, P: int, grid: Tuple[int, int]) -> Tuple[Tensor, int]:
+    """pos_embed (1, rows, E) or (rows, E) as the (rows, E) table the tokens add (resampled from another square grid)
+    and the row the first patch token takes (P where it covers the prefix tokens, else 0)."""
+    L, rows = grid[0] * grid[1], pos_embed.shape[-2]
+    if rows not in (L, P + L):
+        pos_embed = _resample_for(pos_embed, rows, P, grid)
+        rows = pos_embed.shape[-2]
+    return pos_embed.reshape(rows, pos_embed.shape[-1]), P if rows == P + L else 0
 
 
 def _resample_for(pos_embed: Tensor, rows: int, P: int, grid: Tuple[int, int]) -> Tensor:
