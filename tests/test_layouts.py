@@ -219,6 +219,27 @@ def test_layouts_match_fp64(case, backend, device, layout):
         assert_close_to_ref(grads[name], ref_grads[name], plain_grads[name], f"{case.name} {backend} {layout} d{name}")
 
 
+@pytest.mark.parametrize("case,backend,device", [pytest.param(c, *bk.values, id=f"{c.name}-{bk.id}")
+                                                 for c in CASES for bk in backend_cases(c.op)])
+def test_inputs_made_under_inference_mode(case, backend, device):
+    """Inputs made under torch.inference_mode (a frozen backbone's features, a mask built there) beside a parameter
+    that needs grad: the ops saved them for backward, which autograd refuses ("Inference tensors cannot be saved for
+    backward") where the PyTorch code they replace trains. Same output and gradient as with normal tensors."""
+    torch.manual_seed(0)
+    values = {name: _sample(inp, device) for name, inp in case.inputs.items()}
+    trained = [n for n, inp in case.inputs.items() if inp.grad][-1]
+    with torch.inference_mode():
+        frozen = {n: v.clone() for n, v in values.items()}
+    results = []
+    for inputs in (values, frozen):
+        leaf = values[trained].clone().requires_grad_()
+        with vitfast.use_backend(backend):
+            out = case.fn(**{**inputs, trained: leaf})
+            out = out if isinstance(out, tuple) else (out,)
+            results.append((out, torch.autograd.grad(out, leaf, [torch.ones_like(o) for o in out])))
+    torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("backend,device", backend_cases("layer_norm"))
 def test_ops_called_directly_take_any_layout(backend, device):
     """torch.ops.vitfast.* called directly with layouts the public functions never pass (a transposed LayerNorm

@@ -450,6 +450,40 @@ def test_torch_compile_fullgraph():
 
 
 @pytest.mark.parametrize("backend,device", CASES)
+def test_a_graph_traced_without_grad_trains(backend, device):
+    """torch.export under no_grad records the forward that stores no pre-norm tokens; its backward raised where the
+    unfused conv + LayerNorm trains. It recomputes them now (same gradients as eager)."""
+    module = vitfast.nn.PatchEmbed(img_size=8, patch_size=2, in_chans=3, embed_dim=16,
+                                   norm_layer=torch.nn.LayerNorm).to(device)
+    images = torch.randn(2, 3, 8, 8, device=device)
+    with vitfast.use_backend(backend):
+        with torch.no_grad():
+            exported = torch.export.export(module, (images,)).module()
+        exported(images).pow(2).sum().backward()
+        grads = [p.grad for p in exported.parameters()]
+        module(images).pow(2).sum().backward()
+    assert len(grads) == 4 and all(g is not None for g in grads)
+    for got, want in zip(grads, [p.grad for p in module.parameters()]):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("norm", [False, True], ids=["no-norm", "norm"])
+def test_batched_gradients_without_prefix_tokens(norm):
+    """is_grads_batched (jacobian(vectorize=True), gradcheck's batched check) failed in PyTorch's vmap
+    ("Batching rule not implemented for aten::alias") with no prefix tokens (dout[:, 0:] was an alias)."""
+    images = torch.randn(1, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    w, b, nw, nb = (torch.randn(s, dtype=torch.float64) for s in ((6, 3, 2, 2), 6, 6, 6))
+    kw = dict(norm_weight=nw, norm_bias=nb) if norm else {}
+    cotangents = torch.randn(3, 1, 4, 6, dtype=torch.float64)
+    with vitfast.use_backend("cpp"):
+        got, = torch.autograd.grad(vitfast.patch_embed(images, w, b, 2, **kw), images, cotangents,
+                                   is_grads_batched=True)
+    want, = torch.autograd.grad(patch_embed_ref(images, w, b, 2, norm=norm, **kw), images, cotangents,
+                                is_grads_batched=True)
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("backend,device", CASES)
 def test_the_ops_check_shapes_when_called_directly(backend, device):
     """torch.ops.vitfast.patch_embed called directly: a bias, pos_embed or prefix of another size reached the
     kernels (a pos_embed with fewer rows than pos_offset + L read past its end)."""

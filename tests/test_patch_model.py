@@ -342,6 +342,21 @@ def test_transformers_swin_fused_layer(backend, monkeypatch):
     assert len(calls) == 2  # both layers took the fused path (forward only; unpatched runs do not count)
 
 
+def test_transformers_model_patched_twice_reports_each_patched_module_once():
+    """The second patch_model of a transformers model reported the model alone: its patched LayerNorms, Linears,
+    MLPs and SwinLayers went unlisted (a timm model lists each)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.SwinConfig(image_size=8, patch_size=2, embed_dim=16, depths=[2], num_heads=[2],
+                                     window_size=2)
+    model = transformers.SwinModel(config, add_pooling_layer=False)
+    first = vitfast.patch_model(model)
+    again = vitfast.patch_model(model)
+    assert not again.patched
+    names = [l.name for l in again.left if l.reason.startswith("already patched")]
+    assert sorted(names) == sorted(p.name for p in first.patched) and len(set(names)) == len(names), str(again)
+    assert [l for l in again.left if not l.reason.startswith("already patched")] == first.left, str(again)
+
+
 # ----------------------------------------------------------------------------------------------- CPU choice
 
 def test_choice_rule(monkeypatch):
@@ -823,7 +838,8 @@ def test_timm_modules_changed_or_given_what_the_original_refuses():
     """A patch embedding whose proj was replaced by a convolution of another geometry ran vitfast's op with the old
     one's assumptions (wrong tokens); an image smaller than a patch, an attention input that is not (B, N, C) and a
     Linear input of another width raised vitfast's errors where the original raises its own; a changed
-    Attention.scale counted where timm's default fused path ignores it."""
+    Attention.scale counted where timm's default fused path ignores it; timm's eager path (fused_attn=False) drops
+    attn_mask under is_causal, the adapter applied both."""
     timm = import_or_skip("timm")
     from timm.layers import Attention, PatchEmbed
 
@@ -852,6 +868,10 @@ def test_timm_modules_changed_or_given_what_the_original_refuses():
                 original(bad)
             with pytest.raises(type(want.value), match=re.escape(str(want.value)[:30])):
                 module(bad)
+        mask = torch.rand(2, 1, 5, 5) > 0.3
+        for fused in (False, True):
+            attn.fused_attn = ref.fused_attn = fused
+            torch.testing.assert_close(attn(x, attn_mask=mask, is_causal=True), ref(x, attn_mask=mask, is_causal=True))
         # num_heads changed after construction: timm's reshape by head_dim fails; the adapter ran 4 heads of 8
         attn.num_heads = ref.num_heads = 4
         with pytest.raises(RuntimeError, match="shape .* is invalid"):

@@ -257,6 +257,13 @@ def no_double_backward(op: str, backward_op) -> None:
     backward_op.register_autograd(_backward, setup_context=lambda ctx, inputs, output: None)
 
 
+def save_for_backward(ctx, *tensors: Optional[torch.Tensor]) -> None:
+    """ctx.save_for_backward for the ops' setup_context, with the tensors made under torch.inference_mode (a frozen
+    backbone's features, a mask built there), which autograd refuses to save, replaced by normal copies: the PyTorch
+    code each op replaces trains with them (it saves its own intermediates, not such inputs)."""
+    ctx.save_for_backward(*(t.clone() if t is not None and t.is_inference() else t for t in tensors))
+
+
 def check_op_shapes(op: str, expected: dict) -> None:
     """For an op called directly (torch.ops.vitfast.<op>, whose public function checks more): `expected` maps each
     argument's name to (tensor or None, the shape the kernels index it by); a Triton kernel would read or write past

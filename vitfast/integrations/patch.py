@@ -524,13 +524,15 @@ def patch_model(model: nn.Module, attention: bool = True, window_attention: bool
                 object.__setattr__(module, _PREPACK, True)
             elif module.__dict__.pop(_PREPACK, False):
                 drop_prepacked(module.weight)
+    from vitfast.integrations.transformers import _SWIN_LAYER as hf_swin_layer
+
     report = PatchReport()
     hf_prefixes: List[str] = []
     for name, module in model.named_modules():
         cls = qualname(module)
         under_hf = any(name == p or name.startswith(p + ".") or p == "" for p in hf_prefixes)
         if getattr(module, _MARK, None) is not None:
-            if not under_hf:  # (transformers' SwinLayers are patched, and reported, with their model)
+            if not (under_hf and cls == hf_swin_layer):  # (transformers' SwinLayers are reported with their model)
                 report.left.append(Left(name, cls, f"already patched ({getattr(module, _MARK)[0]})"))
             continue
         if _is_transformers_model(module) and not under_hf:

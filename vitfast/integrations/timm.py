@@ -39,9 +39,11 @@ def _attention_forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_c
     head_dim = getattr(self, "head_dim", -1)
     q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
     q, k = self.q_norm(q), self.k_norm(k)
-    # (timm's fused path, its default, passes SDPA no scale: a changed self.scale counts on its eager path only)
-    x = attention(q, k, v, attn_mask, is_causal=is_causal, scale=None if getattr(self, "fused_attn", False)
-                  else self.scale, dropout_p=self.attn_drop.p if self.training else 0.0)
+    # (timm's fused path, its default, passes SDPA no scale and both masks: a changed self.scale counts on its eager
+    # path only, which also drops attn_mask under is_causal, timm's resolve_self_attn_mask)
+    fused = getattr(self, "fused_attn", False)
+    x = attention(q, k, v, attn_mask if fused or not is_causal else None, is_causal=is_causal,
+                  scale=None if fused else self.scale, dropout_p=self.attn_drop.p if self.training else 0.0)
     x = x.transpose(1, 2).flatten(2)
     x = self.norm(x)
     if gate is not None:

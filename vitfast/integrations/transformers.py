@@ -204,8 +204,8 @@ def patch(model: torch.nn.Module, prefix: str, attention: bool = True, window_at
 
     cls, records = qualname(model), []
     if "_vitfast_attn_previous" in model.__dict__:
-        return [Left(prefix, cls, "already patched (attn_implementation)")]
-    if not attention:
+        records.append(Left(prefix, cls, "already patched (attn_implementation)"))
+    elif not attention:
         records.append(Left(prefix, cls, "attention=False"))
     elif not model._can_set_attn_implementation():
         records.append(Left(prefix, cls, "the model does not use transformers' AttentionInterface"))

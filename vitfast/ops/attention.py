@@ -308,7 +308,7 @@ def _(dout, q, k, v, out, lse, bias, seed, dropout_p, is_causal, causal_offset, 
 def _setup_context(ctx, inputs, output):
     q, k, v, bias, seed, dropout_p, is_causal, causal_offset, scale = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, bias, seed)
+    _backend.save_for_backward(ctx, q, k, v, out, lse, bias, seed)
     ctx.dropout_p = dropout_p
     ctx.is_causal = is_causal
     ctx.causal_offset = causal_offset

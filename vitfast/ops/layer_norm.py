@@ -147,7 +147,7 @@ def _(dy, ds, s, weight, mean, rstd, has_bias):
 def _setup_context(ctx, inputs, output):
     x, weight, bias, residual, eps = inputs
     _, s, mean, rstd = output
-    ctx.save_for_backward(s if residual is not None else x, weight, mean, rstd)
+    _backend.save_for_backward(ctx, s if residual is not None else x, weight, mean, rstd)
     ctx.has_bias = bias is not None
     ctx.has_residual = residual is not None
 

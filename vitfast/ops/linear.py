@@ -166,7 +166,7 @@ def _(x, weight, bias, prepack):
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, _ = inputs
-    ctx.save_for_backward(x, weight)
+    _backend.save_for_backward(ctx, x, weight)
     ctx.has_bias = bias is not None
 
 

@@ -98,7 +98,7 @@ def _(x, weight, bias, approximate, save_preact, prepack):
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, approximate, _, _ = inputs
-    ctx.save_for_backward(x, weight, bias, output[1])
+    _backend.save_for_backward(ctx, x, weight, bias, output[1])
     ctx.approximate = approximate
 
 

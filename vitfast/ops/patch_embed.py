@@ -300,7 +300,9 @@ def _(dz, images, weight, has_bias, need_dimages):
 def _setup_context(ctx, inputs, output):
     images, weight, bias, pos, pos_offset, prefix, nw, nb, has_norm, num_prefix, eps, store_z = inputs
     _, z, mean, rstd = output
-    ctx.save_for_backward(images, weight, nw, z, mean, rstd)
+    # (bias for the recomputation of z, which a forward traced without grad, as by torch.export, did not store)
+    _backend.save_for_backward(ctx, images, weight, bias if has_norm and not store_z else None, nw, z, mean, rstd)
+    ctx.eps = eps
     ctx.has_bias = bias is not None
     ctx.has_pos = pos is not None
     ctx.pos_offset = pos_offset
@@ -312,20 +314,20 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dout, dz_unused, dmean, drstd):
-    images, weight, nw, z, mean, rstd = ctx.saved_tensors
+    images, weight, bias, nw, z, mean, rstd = ctx.saved_tensors
     P = ctx.num_prefix
     B, T, E = dout.shape
     L = T - P
-    dpatch = dout[:, P:]
+    dpatch = dout[:, P:] if P else dout  # (P = 0: not an alias view, which is_grads_batched's vmap cannot batch)
     dpos = dprefix = dnw = dnb = None
     if ctx.has_pos and ctx.needs_input_grad[3]:
         dpos = (dout if ctx.pos_offset == P else dpatch).sum(0)
     if ctx.has_prefix and ctx.needs_input_grad[5]:
         dprefix = dout[:, :P].sum(0)
     if ctx.has_norm:
-        if not ctx.store_z:
-            raise RuntimeError("vitfast.patch_embed: backward through a forward that did not save the pre-norm "
-                               "tokens (it ran without grad enabled)")
+        if not ctx.store_z:  # a graph traced without grad (torch.export, jit.trace) run with grad: recompute z
+            z = _patch_embed_op(images, weight, bias, None, 0, None, None, None, False, 0, ctx.eps,
+                                False)[0].view(B * L, E)
         d2 = dpatch.reshape(B * L, E)
         d2 = d2 if d2.stride(-1) == 1 else d2.contiguous()
         dz2, dnw, dnb = _ln._layer_norm_backward_op(d2, None, z, nw, mean, rstd, ctx.has_nb)

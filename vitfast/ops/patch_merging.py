@@ -153,7 +153,7 @@ def _(dy, x, norm_weight, norm_bias, reduction_weight, mean, rstd):
 def _setup_context(ctx, inputs, output):
     x, nw, nb, rw, eps = inputs
     _, mean, rstd = output
-    ctx.save_for_backward(x, nw, nb, rw, mean, rstd)
+    _backend.save_for_backward(ctx, x, nw, nb, rw, mean, rstd)
 
 
 def _backward(ctx, dout, dmean, drstd):

@@ -273,7 +273,7 @@ def _(dout, q, k, v, rel_h, rel_w, out, lse, seed, dropout_p, scale):
 def _setup_context(ctx, inputs, output):
     q, k, v, rel_h, rel_w, seed, dropout_p, scale = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, rel_h, rel_w, out, lse, seed)
+    _backend.save_for_backward(ctx, q, k, v, rel_h, rel_w, out, lse, seed)
     ctx.dropout_p = dropout_p
     ctx.scale = scale
 

@@ -473,7 +473,7 @@ def _(dout, qkv, bias, pad_qkv, logit_scale, out, lse, window_size, shift_size, 
 def _setup_context(ctx, inputs, output):
     qkv, bias, pad_qkv, logit_scale, window_size, shift_size, softmax_scale, dropout_p, seed = inputs
     out, lse = output
-    ctx.save_for_backward(qkv, bias, pad_qkv, logit_scale, out, lse, seed)
+    _backend.save_for_backward(ctx, qkv, bias, pad_qkv, logit_scale, out, lse, seed)
     ctx.args = (window_size, shift_size, softmax_scale, dropout_p)
 
 
