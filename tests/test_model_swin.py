@@ -110,6 +110,13 @@ def test_weights_from_timm():
     for backend in ("eager", "vitfast"):
         mine = swin_from_timm(theirs, backend=backend).eval()
         torch.testing.assert_close(mine(images), ref, rtol=1e-4, atol=1e-4)
+    # built with strict_img_size=False, run at twice the size: timm's stage-2 blocks keep the shift 0 of their
+    # build-time 4x4 map (the converted blocks alternated shifts: 4.5e-4 apart)
+    theirs = timm.models.swin_transformer.SwinTransformer(img_size=16, patch_size=2, embed_dim=16, depths=(2, 2),
+                                                          num_heads=(2, 2), window_size=4, mlp_ratio=1.5,
+                                                          num_classes=3, strict_img_size=False).double().eval()
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    torch.testing.assert_close(swin_from_timm(theirs).eval()(images), theirs(images))
 
 
 def test_timm_per_stage_window_is_refused():

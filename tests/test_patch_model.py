@@ -878,6 +878,15 @@ def test_timm_modules_changed_or_given_what_the_original_refuses():
             ref(x)
         with pytest.raises(RuntimeError, match="don't multiply up"):
             attn(x)
+    # timm's WindowAttention takes windows only: an image-layout map raised AttributeError (shift_size)
+    from timm.models.swin_transformer import WindowAttention
+    windows = WindowAttention(16, 2, window_size=4)
+    ref = copy.deepcopy(windows)
+    vitfast.patch_model(windows)
+    with pytest.raises(Exception) as want:
+        ref(torch.randn(1, 4, 4, 16))
+    with vitfast.use_backend("cpp"), pytest.raises(type(want.value), match=re.escape(str(want.value)[:30])):
+        windows(torch.randn(1, 4, 4, 16))
 
 
 def test_swin_attention_subclasses_present_at_patch_time_are_left():

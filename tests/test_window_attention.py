@@ -222,6 +222,25 @@ def test_every_output_element_is_written_and_backward_is_deterministic(backend, 
 
 
 @pytest.mark.parametrize("backend,device", CASES)
+def test_dropout_backward_outside_the_forwards_backend_block(backend, device):
+    """Each backend draws its own keep mask: a backward run outside the forward's use_backend block chose anew (cpp
+    on CPU) and differentiated another mask (dqkv off by 1.4). It runs on the forward's backend now."""
+    qkv, table, qkv_pad, _ = _inputs(1, 6, 5, 2, 8, 3, torch.float32, device)
+    grads = []
+    for inside in (True, False):
+        leaves = [t.detach().clone().requires_grad_() for t in (qkv, table)]
+        torch.manual_seed(7)
+        with vitfast.use_backend(backend):
+            out = vitfast.window_attention(*leaves, 3, 1, attention_dropout=0.4, training=True)
+            if inside:
+                grads.append(torch.autograd.grad(out.square().sum(), leaves))
+        if not inside:
+            with vitfast.use_backend("torch" if backend != "torch" else "cpp"):
+                grads.append(torch.autograd.grad(out.square().sum(), leaves))
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend,device", CASES)
 def test_attention_dropout_uses_one_mask_forward_and_backward(backend, device):
     """Drop in the kernel, then compare against the textbook path given the same keep mask."""
     if backend == "cpp":
@@ -275,6 +294,13 @@ def test_window_larger_than_map_is_clamped_and_unshifted(backend, device):
     # a table for neither window: the table-size error (cropping it failed inside a view)
     with vitfast.use_backend(backend), pytest.raises(ValueError, match="relative position bias table must be"):
         vitfast.window_attention(qkv, table12[:-1], 12, 6, qkv_pad=qkv_pad)
+    # a non-square window covering neither axis (2 x 8 on 4 x 16) stays whole and shifted (it shrank to 2 x 4)
+    qkv, table, qkv_pad, _ = _inputs(B, 4, 16, heads, D, 8, torch.float32, device)
+    table = table[:(2 * 2 - 1) * (2 * 8 - 1)]
+    with vitfast.use_backend(backend):
+        got = vitfast.window_attention(qkv, table, (2, 8), (1, 4), qkv_pad=qkv_pad)
+    torch.testing.assert_close(got, _ref(qkv, table, (2, 8), (1, 4), qkv_pad.view(3, heads, D), None),
+                               rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend,device", CASES)
@@ -311,6 +337,22 @@ def test_torchvision_drops_the_shift_but_pads():
     args = (x, p["qkv_weight"], p["proj_weight"], p["relative_position_bias"], [7, 7], 2)
     got = vitfast.shifted_window_attention(*args, [3, 3], qkv_bias=p["qkv_bias"])
     torch.testing.assert_close(got, shifted_window_attention_ref(*args, [0, 0], qkv_bias=p["qkv_bias"]))
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+def test_torchvision_shift_of_a_window_or_more(backend, device):
+    """torchvision takes a shift in [window, padded map) and computes the same as shift % window (its roll and mask:
+    each mask region holds whole windows); vitfast refused it, also in a patched torchvision model. At the padded
+    size or more (torchvision then masks nothing of the roll's seam) it stays refused."""
+    x = torch.randn(1, 9, 7, 16, device=device)
+    p = _swin_params(16, 2, 4, torch.float32, device)
+    args = (x, p["qkv_weight"], p["proj_weight"], p["relative_position_bias"], [4, 4], 2)
+    for shift in ([4, 4], [5, 6], [11, 2]):
+        with vitfast.use_backend(backend):
+            got = vitfast.shifted_window_attention(*args, shift, qkv_bias=p["qkv_bias"])
+        torch.testing.assert_close(got, shifted_window_attention_ref(*args, shift, qkv_bias=p["qkv_bias"]))
+    with pytest.raises(ValueError, match=r"shift_size \(12, 1\) must be in \[0, the padded map\)"):
+        vitfast.shifted_window_attention(*args, [12, 1], qkv_bias=p["qkv_bias"])
 
 
 def test_bad_inputs_raise_clear_errors():

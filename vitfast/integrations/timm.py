@@ -74,6 +74,12 @@ def _sam_attention_check(module: nn.Module) -> Optional[str]:
     return None
 
 
+def _window_attention_forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    if x.dim() != 3:  # (timm's takes windows only: the original's error; vitfast.nn's image layout needs shift_size)
+        return type(self).forward(self, x, mask)
+    return _VitfastWindowAttention.forward(self, x, mask)
+
+
 def _swin_block_attn(self, x: Tensor) -> Tensor:
     B, H, W, C = x.shape
     (wh, ww), (sh, sw) = self.window_size, self.shift_size
@@ -161,8 +167,7 @@ ADAPTERS = {
         {"_attn": _swin_block_attn}, _swin_block_check),
     "timm.models.swin_transformer.WindowAttention": Adapter(
         "window_attention", "forward -> vitfast.nn.WindowAttention's (windows in, bias table read in-kernel)",
-        {"forward": _VitfastWindowAttention.forward},
-        _window_attention_check),
+        {"forward": _window_attention_forward}, _window_attention_check),
     "timm.layers.patch_embed.PatchEmbed": Adapter(
         "patch_embed", "conv + flatten + norm -> vitfast.patch_embed",
         {"forward": _patch_embed_forward, "_fused_norm": _VitfastPatchEmbed._fused_norm,

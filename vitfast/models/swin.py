@@ -291,8 +291,9 @@ def swin_from_timm(timm_model: nn.Module, backend: str = "vitfast") -> SwinTrans
     position embedding, GELU, qkv bias, LayerNorm eps 1e-5, and the same window in every stage (timm shrinks a
     window that covers the whole map, with a smaller bias table; torchvision pads the map instead). On maps that are
     multiples of the window (every standard config) the outputs are timm's; on others they are torchvision's, which
-    pads before the cyclic shift where timm shifts first. A timm model built with strict_img_size=False or
-    dynamic_img_size=True and run at another size keeps its shift where the window covers the map; the converted
+    pads before the cyclic shift where timm shifts first. Each block takes timm's shift, which timm fixes at build
+    time (0 in a stage whose map the window covers). A timm model built with strict_img_size=False or
+    dynamic_img_size=True and run at a smaller size keeps its shift where the window covers the map; the converted
     model follows torchvision there (no shift on such an axis), so their outputs differ at those sizes.
 
     Raises:
@@ -370,6 +371,12 @@ def swin_from_timm(timm_model: nn.Module, backend: str = "vitfast") -> SwinTrans
             t, o = f"layers.{i}.downsample.", f"features.{2 * i}."
             out.update({o + "reduction.weight": sd[t + "reduction.weight"], o + "norm.weight": sd[t + "norm.weight"],
                         o + "norm.bias": sd[t + "norm.bias"]})
+    # each block's shift as timm fixed it at build time (0 in a stage whose map the window covered then), which a
+    # timm model built with strict_img_size=False keeps at other sizes
+    for i, stage in enumerate(stages):
+        for j, block in enumerate(stage.blocks):
+            shift = block.shift_size
+            model.features[1 + 2 * i][j].attn.shift_size = list(shift) if isinstance(shift, tuple) else [shift] * 2
     model = like(model, timm_model)
     model.load_state_dict(out)
     return model

@@ -7,9 +7,9 @@ index arithmetic in the kernel), "cpp" (csrc/window_attention.cpp, the same fusi
 `vitfast::window_attention_fwd` and `vitfast::window_attention_bwd` with the two schemas below, names aside and
 `int seed` for the seed's value) or "torch" (the textbook PyTorch below). Every backend shares the schemas and the
 saved state (out, lse), so forward and backward may run on different backends, except with dropout: each backend
-draws its own keep mask from the seed (torch: torch.rand; cpp: a splitmix64 hash; triton: Philox), so a backward on
-another backend than its forward's (a forward under `use_backend` whose backward runs outside it) differentiates
-another mask:
+draws its own keep mask from the seed (torch: torch.rand; cpp: a splitmix64 hash; triton: Philox), so the autograd
+formula passes the backward op the forward's backend (`backend`; also when the backward runs outside the forward's
+`use_backend` block):
 
     window_attention(Tensor qkv, Tensor bias, Tensor? pad_qkv, Tensor? logit_scale, int[2] window_size,
                      int[2] shift_size, float softmax_scale, float dropout_p, Tensor? seed) -> (Tensor out, Tensor lse)
@@ -47,9 +47,10 @@ another mask:
 
     window_attention_backward(Tensor dout, Tensor qkv, Tensor bias, Tensor? pad_qkv, Tensor? logit_scale,
                               Tensor out, Tensor lse, int[2] window_size, int[2] shift_size, float softmax_scale,
-                              float dropout_p, Tensor? seed) -> (Tensor dqkv, Tensor dbias, Tensor dpad_qkv,
-                              Tensor dlogit_scale)
+                              float dropout_p, Tensor? seed, str backend="") -> (Tensor dqkv, Tensor dbias,
+                              Tensor dpad_qkv, Tensor dlogit_scale)
 
+    backend: the one to run ("" or the automatic choice; the forward's where it drew a dropout mask).
     dout: (B, H, W, heads * D). dqkv: (B, H, W, 3, heads, D) contiguous, qkv's dtype. dbias: bias's shape
     and dtype, summed over batch and windows. dpad_qkv: (3, heads, D) in pad_qkv's dtype (its q part is
     zero: padding queries are cropped), or empty without pad_qkv. dlogit_scale: (heads,) in logit_scale's
@@ -434,8 +435,9 @@ def _(qkv, bias, pad_qkv, logit_scale, window_size, shift_size, softmax_scale, d
 def _window_attention_backward_op(dout: Tensor, qkv: Tensor, bias: Tensor, pad_qkv: Optional[Tensor],
                                   logit_scale: Optional[Tensor], out: Tensor, lse: Tensor, window_size: list[int],
                                   shift_size: list[int], softmax_scale: float, dropout_p: float,
-                                  seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns dqkv (B, H, W, 3, heads, D), dbias (like bias), dpad_qkv (3, heads, D) or empty, dlogit_scale."""
+                                  seed: Optional[Tensor], backend: str = "") -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns dqkv (B, H, W, 3, heads, D), dbias (like bias), dpad_qkv (3, heads, D) or empty, dlogit_scale.
+    backend: the forward's, which drew the dropout mask; "": chosen now."""
     _check_op_shapes(qkv, bias, pad_qkv, logit_scale, window_size, shift_size)
     B, H, W, heads, D, nW, N = _geometry(qkv, window_size)
     _backend.check_op_shapes(f"{OP}_backward", {"dout": (dout, (B, H, W, heads * D)),
@@ -444,7 +446,7 @@ def _window_attention_backward_op(dout: Tensor, qkv: Tensor, bias: Tensor, pad_q
         return _fake_bwd(qkv, bias, pad_qkv, logit_scale, zero=True)
     check_dropout_capture(OP, dropout_p, qkv.device)
     seed = _backend.seed_value(OP, seed, dropout_p)
-    which = _backend.choose_backend(OP, qkv, bias, pad_qkv, logit_scale)
+    which = backend or _backend.choose_backend(OP, qkv, bias, pad_qkv, logit_scale)
     if which == "triton":
         from vitfast.triton.window_attention import window_attention_bwd
         return window_attention_bwd(dout, qkv, bias, pad_qkv, logit_scale, out, lse, window_size, shift_size,
@@ -466,7 +468,8 @@ def _fake_bwd(qkv, bias, pad_qkv, logit_scale, zero=False):
 
 
 @_window_attention_backward_op.register_fake
-def _(dout, qkv, bias, pad_qkv, logit_scale, out, lse, window_size, shift_size, softmax_scale, dropout_p, seed):
+def _(dout, qkv, bias, pad_qkv, logit_scale, out, lse, window_size, shift_size, softmax_scale, dropout_p, seed,
+      backend=""):
     return _fake_bwd(qkv, bias, pad_qkv, logit_scale)
 
 
@@ -475,12 +478,14 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     _backend.save_for_backward(ctx, qkv, bias, pad_qkv, logit_scale, out, lse, seed)
     ctx.args = (window_size, shift_size, softmax_scale, dropout_p)
+    # the backend the forward ran, whose dropout mask the backward must regenerate (module docstring)
+    ctx.backend = _backend.choose_backend(OP, qkv, bias, pad_qkv, logit_scale) if dropout_p > 0 else ""
 
 
 def _backward(ctx, dout, dlse):
     qkv, bias, pad_qkv, logit_scale, out, lse, seed = ctx.saved_tensors
     dqkv, dbias, dpad, dscale = _window_attention_backward_op(
-        _unit_inner_stride(dout), qkv, bias, pad_qkv, logit_scale, out, lse, *ctx.args, seed)
+        _unit_inner_stride(dout), qkv, bias, pad_qkv, logit_scale, out, lse, *ctx.args, seed, ctx.backend)
     return (dqkv, dbias, dpad if pad_qkv is not None else None, dscale if logit_scale is not None else None,
             None, None, None, None, None)
 
@@ -582,18 +587,25 @@ def _attention_core(qkv: Tensor, bias: Tensor, window_size: list, shift_size: li
     return out
 
 
-def _used_shift(ws: list, shift: list, H: int, W: int, what: str) -> list:
-    """The shift as used: dropped along an axis the window covers (torchvision's rule), else in [0, window).
+def _used_shift(ws: list, shift: list, H: int, W: int, what: str, modulo: bool = False) -> list:
+    """The shift as used: dropped along an axis the window covers (torchvision's rule), else in [0, window). modulo
+    (torchvision's function): a shift in [window, padded size) is taken modulo the window, as torchvision's roll
+    and shift mask compute (each region of its mask then holds whole windows of the rolled map).
 
     Raises:
-        ValueError: a shift outside [0, window) along an axis the window does not cover.
+        ValueError: a shift outside [0, window) (with modulo, [0, padded size)) along an axis the window does not
+            cover.
     """
     for axis, size in enumerate((H, W)):
-        if ws[axis] >= math.ceil(size / ws[axis]) * ws[axis]:
+        padded = math.ceil(size / ws[axis]) * ws[axis]
+        if ws[axis] >= padded:
             shift[axis] = 0
+        if modulo and ws[axis] <= shift[axis] < padded:
+            shift[axis] %= ws[axis]
         if not 0 <= shift[axis] < ws[axis]:
-            raise ValueError(f"vitfast.{what}: shift_size {tuple(shift)} must be in [0, window) for window "
-                             f"{tuple(ws)}")
+            limit = "the padded map" if modulo else "window"
+            raise ValueError(f"vitfast.{what}: shift_size {tuple(shift)} must be in [0, {limit}) for window "
+                             f"{tuple(ws)} on a {H}x{W} map")
     return shift
 
 
@@ -617,9 +629,10 @@ def window_attention(qkv: Tensor, relative_position_bias: Tensor, window_size: I
         softmax_scale: dot-product scale, default D ** -0.5.
         attention_dropout, training: dropout on the attention probabilities (when training), in [0, 1); refused
             (RuntimeError) inside CUDA graph capture, where every replay would reuse the host-drawn seed.
-        clamp_window: Swin's rule: when min(H, W) <= the window, the window shrinks to min(H, W) per axis
-            and the shift is dropped (a table for the full window is cropped to the small one). Without
-            it, only torchvision's rule applies: a shift is dropped along an axis the window covers.
+        clamp_window: Swin's rule (its square windows: min(H, W) <= window): when the window covers the map
+            along an axis (H <= wh or W <= ww), the window shrinks to min(H, W) per axis and the shift is dropped
+            (a table for the full window is cropped to the small one). Without it, only torchvision's rule
+            applies: a shift is dropped along an axis the window covers.
 
     Autocast: qkv and qkv_pad are cast to the region's dtype, the bias and logit scale are added in fp32
     (as the unfused code's float32 bias promotes the scores), and the output is in the region's dtype.
@@ -646,7 +659,7 @@ def window_attention(qkv: Tensor, relative_position_bias: Tensor, window_size: I
     _check_heads(heads, D, qkv, "window_attention")
     ws, shift = _window_pair(window_size, "window_attention"), _pair(shift_size, "shift_size")
     table = relative_position_bias
-    if clamp_window and 0 < min(H, W) <= max(ws):
+    if clamp_window and min(H, W) > 0 and (H <= ws[0] or W <= ws[1]):
         small = [min(ws[0], H, W), min(ws[1], H, W)]
         if small != ws and not _fits(table, small, heads) and _fits(table, ws, heads):
             table = _crop_bias(table, ws, small, heads)  # (a table fitting neither: _attention_core's error)
@@ -687,7 +700,9 @@ def shifted_window_attention(input: Tensor, qkv_weight: Tensor, proj_weight: Ten
         proj_bias: (C,) or None. Any strides (the projections are vitfast.linear's).
         relative_position_bias: (1, heads, N, N) as torchvision's module gathers it, or the (num_rel, heads)
             table itself (no gather at all); any strides.
-        window_size, shift_size: [h, w]; the shift is dropped along an axis the window covers (not mutated).
+        window_size, shift_size: [h, w]; the shift is dropped along an axis the window covers, and taken modulo
+            the window where it is at least the window but below the padded map (as torchvision computes); not
+            mutated.
         num_heads: heads; C must be divisible by it.
         attention_dropout: dropout on the attention probabilities, in [0, 1) (as `window_attention`'s).
         dropout: dropout on the output projection, applied in image layout (torchvision applies it to the shifted,
@@ -720,7 +735,7 @@ def shifted_window_attention(input: Tensor, qkv_weight: Tensor, proj_weight: Ten
                          f"proj_weight (C, C) = ({C}, {C}) for input {tuple(input.shape)}, got "
                          f"{tuple(qkv_weight.shape)} and {tuple(proj_weight.shape)}")
     ws = _window_pair(window_size, "shifted_window_attention")
-    shift = _used_shift(ws, _pair(shift_size, "shift_size"), H, W, "shifted_window_attention")
+    shift = _used_shift(ws, _pair(shift_size, "shift_size"), H, W, "shifted_window_attention", modulo=True)
     pad_H, pad_W = math.ceil(H / ws[0]) * ws[0], math.ceil(W / ws[1]) * ws[1]
     if logit_scale is not None and qkv_bias is not None:
         qkv_bias = torch.cat([qkv_bias[:C], torch.zeros_like(qkv_bias[C:2 * C]), qkv_bias[2 * C:]])
