@@ -196,6 +196,26 @@ def _detr():
     return transformers.DetrModel(config)
 
 
+def test_output_attentions_keeps_sdpa_zeros_for_a_fully_padded_image():
+    """A patched DETR that ran SDPA, called with output_attentions=True, runs eager attention; eager's finfo.min
+    mask made a query that sees no key (an all-zero pixel_mask) average over all keys (logits 0.1 apart): such
+    queries give zeros, as SDPA and vitfast.attention do."""
+    model = _detr().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "backbone" not in name:
+                p.normal_(std=0.3)
+    patched = copy.deepcopy(model)
+    vitfast.patch_model(patched)
+    x, mask = torch.randn(2, 3, 64, 64), torch.ones(2, 64, 64, dtype=torch.long)
+    mask[1] = 0
+    with torch.no_grad():
+        want = model(pixel_values=x, pixel_mask=mask).last_hidden_state
+        got = patched(pixel_values=x, pixel_mask=mask, output_attentions=True)
+    torch.testing.assert_close(got.last_hidden_state, want)
+    assert got.cross_attentions[0][1].abs().max() == 0  # the padded image's queries see no key
+
+
 def test_unpatch_restores_each_sub_config():
     """unpatch_model gives each sub-model its own previous implementation back: DETR's ResNet backbone was eager,
     and restoring the top model's sdpa on it raised, leaving the model half restored."""

@@ -375,13 +375,20 @@ def test_bad_inputs_raise_clear_errors():
         vitfast.window_attention(qkv, torch.randn(169, 2), 7, 7)
     with pytest.raises(ValueError, match="logit_scale must have 2"):
         vitfast.window_attention(qkv, torch.randn(169, 2), 7, 3, logit_scale=torch.zeros(3))
-    with pytest.raises(ValueError, match="logit_scale must have 2 elements .* on cpu, got shape .* on meta"):
+    with pytest.raises(ValueError, match="logit_scale must have 2 floating-point elements .* on cpu, got shape .* on "
+                                         "meta"):
         vitfast.window_attention(qkv, torch.randn(169, 2), 7, 3, logit_scale=torch.zeros(2, device="meta"))
+    for bad in (torch.tensor([1, 2]), torch.tensor([True, False]), torch.randn(2, dtype=torch.complex64)):
+        with pytest.raises(ValueError, match=f"got shape \\(2,\\) {bad.dtype}"):  # (ran, or failed inside clamp)
+            vitfast.window_attention(qkv, torch.randn(169, 2), 7, 3, logit_scale=bad)
+    with pytest.raises(ValueError, match="shifted_window_attention: input must be floating point"):
+        vitfast.shifted_window_attention(torch.ones(1, 4, 4, 8, dtype=torch.long), torch.randn(24, 8),
+                                         torch.randn(8, 8), torch.randn(9, 2), [2, 2], 2, [1, 1])
     x9 = torch.randn(1, 9, 9, 30)
-    for shift in ([3, 1], [-1, 1], [5, 0]):  # every backend: a ValueError (cpp raised its own, torch ran)
+    for shift in ([9, 1], [-1, 1], [5, 10]):  # every backend: a ValueError (cpp raised its own, torch ran)
         for backend in ("cpp", "torch"):
             with vitfast.use_backend(backend), pytest.raises(ValueError, match=r"shift_size .* must be in \[0, "
-                                                                                 r"window\) for window \(3, 3\)"):
+                                                                                 r"the padded map\) for window \(3, 3\)"):
                 vitfast.shifted_window_attention(x9, torch.randn(90, 30), torch.randn(30, 30), torch.randn(25, 5),
                                                  [3, 3], 5, shift)
     with vitfast.use_backend("triton"), pytest.raises(ValueError, match="float64"):

@@ -112,10 +112,16 @@ def _eager(module, query, key, value, attention_mask, dropout, scaling, is_causa
                          f"use attn_implementation='eager'")
     if attention_mask is None and is_causal:  # the SDPA mask function leaves a plain causal mask to is_causal
         attention_mask = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device).tril()
-    if attention_mask is not None and attention_mask.dtype == torch.bool:
-        attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill_(
-            ~attention_mask, torch.finfo(query.dtype).min)
-    return eager(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if attention_mask is None or attention_mask.dtype != torch.bool:
+        return eager(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    # SDPA's bool mask (True = attend) as eager's additive one; a query that sees no key, which eager's finfo.min
+    # mask averages over all keys, gets zeros (and zero weights), as SDPA and vitfast.attention give it
+    dead = ~attention_mask.any(-1, keepdim=True)  # (B|1, H|1, Nq, 1)
+    mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill_(
+        ~attention_mask, torch.finfo(query.dtype).min)
+    out, weights = eager(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+    out = out.masked_fill(dead.transpose(1, 2), 0)  # out: (B, Nq, H, D)
+    return out, weights.masked_fill(dead, 0) if weights is not None else None
 
 
 def register(name: str = NAME, masks: str = "sdpa") -> None:

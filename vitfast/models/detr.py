@@ -351,7 +351,11 @@ def detr_from_transformers(hf_model: nn.Module, backend: str = "vitfast") -> DET
 
     With config.auxiliary_loss, transformers feeds every decoder layer the final LayerNorm of the previous layer's
     output; this model follows the original DETR (the LayerNorm only on the outputs), so its predictions match
-    transformers' when auxiliary_loss is False (the released checkpoints' setting); a warning says so otherwise."""
+    transformers' when auxiliary_loss is False (the released checkpoints' setting); a warning says so otherwise.
+    An image whose pixel_mask is all zeros gives zeros where no key is seen, as transformers' SDPA attention (its
+    default); its eager attention averages over all keys there. Which parameters train is this model's own (its
+    ResNet freezes the stem and layer1, as the original DETR's): requires_grad is not carried over from hf_model
+    (transformers' DetrConvEncoder freezes more or less of the backbone depending on its version)."""
     check_transformers_model(hf_model, "detr_from_transformers", ("detr",), "a transformers DetrForObjectDetection")
     cfg = hf_model.config
     if not hasattr(hf_model, "bbox_predictor"):

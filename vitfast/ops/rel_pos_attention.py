@@ -98,9 +98,9 @@ def decomposed_rel_pos(q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, q_size: 
                              f"{tuple(size)}")
     q_h, q_w = (int(s) for s in q_size)
     k_h, k_w = (int(s) for s in k_size)
-    if q.dim() < 2 or q.shape[-2] != q_h * q_w:
-        raise ValueError(f"vitfast.decomposed_rel_pos: q must be (..., Nq, D) with Nq = q_h * q_w = {q_h * q_w} for "
-                         f"q_size {(q_h, q_w)}, got {_describe('q', q)}")
+    if q.dim() < 2 or q.shape[-2] != q_h * q_w or not q.is_floating_point():
+        raise ValueError(f"vitfast.decomposed_rel_pos: q must be floating point (..., Nq, D) with Nq = q_h * q_w = "
+                         f"{q_h * q_w} for q_size {(q_h, q_w)}, got {_describe('q', q)}")
     for name, t in (("rel_pos_h", rel_pos_h), ("rel_pos_w", rel_pos_w)):
         if t.dim() != 2 or t.shape[1] != q.shape[-1] or t.shape[0] == 0:
             raise ValueError(f"vitfast.decomposed_rel_pos: {name} must be (L, D) with L >= 1 and D = {q.shape[-1]} "

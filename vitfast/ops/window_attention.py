@@ -569,9 +569,10 @@ def _attention_core(qkv: Tensor, bias: Tensor, window_size: list, shift_size: li
                          f"got {bias.dtype} on {bias.device}")
     scale = None
     if logit_scale is not None:
-        if logit_scale.numel() != heads or logit_scale.device != qkv.device:
-            raise ValueError(f"vitfast.{what}: logit_scale must have {heads} elements (one per head) on {qkv.device}, "
-                             f"got shape {tuple(logit_scale.shape)} on {logit_scale.device}")
+        if logit_scale.numel() != heads or logit_scale.device != qkv.device or not logit_scale.is_floating_point():
+            raise ValueError(f"vitfast.{what}: logit_scale must have {heads} floating-point elements (one per head) "
+                             f"on {qkv.device}, got shape {tuple(logit_scale.shape)} {logit_scale.dtype} on "
+                             f"{logit_scale.device}")
         # fp32, as the unfused code's fp32 parameter gives it, but fp64 for fp64 qkv (whose reference is fp64)
         scale = torch.clamp(logit_scale, max=math.log(100.0)).exp().reshape(heads)
         scale = scale.to(torch.float64 if qkv.dtype == torch.float64 else torch.float32)
@@ -724,8 +725,9 @@ def shifted_window_attention(input: Tensor, qkv_weight: Tensor, proj_weight: Ten
     """
     _backend.check_transforms("shifted_window_attention", input, qkv_weight, proj_weight, relative_position_bias,
                               qkv_bias, proj_bias, logit_scale)
-    if input.dim() != 4:
-        raise ValueError(f"vitfast.shifted_window_attention: input must be (B, H, W, C), got {tuple(input.shape)}")
+    if input.dim() != 4 or not input.is_floating_point():
+        raise ValueError(f"vitfast.shifted_window_attention: input must be floating point (B, H, W, C), got "
+                         f"{tuple(input.shape)} {input.dtype}")
     B, H, W, C = input.shape
     if num_heads < 1 or C % num_heads != 0:
         raise ValueError(f"vitfast.shifted_window_attention: channels C={C} must be divisible by num_heads="
