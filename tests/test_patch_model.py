@@ -134,6 +134,23 @@ def test_a_suspect_is_covered_only_by_what_its_name_suggests():
     assert [(l.name, l.reason) for l in alone.left] == [("", "no vitfast adapter for this class")], str(alone)
     ClassAttn = type("ClassAttn", (PoolAttention,), {})  # timm's CaiT names ("...Attn") count too
     assert [l.name for l in vitfast.patch_model(nn.Sequential(ClassAttn())).left] == ["0"]
+    # a block named like attention whose attention part is itself reported left is listed through that part only
+    Block = type("LayerScaleBlockClassAttn", (nn.Module,), {})
+    block = Block()
+    block.attn = PoolAttention()
+    assert [l.name for l in vitfast.patch_model(block).left] == ["attn"]
+
+
+def test_timm_attention_variants_are_left_with_why():
+    """Rotary (EVA-02, ViT rope), BEiT's relative position bias and CaiT's talking-heads and class attention were
+    left as "no vitfast adapter for this class", CaiT's class-attention blocks listed besides their attention."""
+    timm = import_or_skip("timm")
+    kw = dict(img_size=16, patch_size=8, depth=1, embed_dim=32, num_heads=2, num_classes=5)
+    for name, want in [("eva02_tiny_patch14_224", "rotary"), ("beit_base_patch16_224", "relative position bias"),
+                       ("cait_xxs24_224", "talking heads|class attention")]:
+        report = vitfast.patch_model(timm.create_model(name, pretrained=False, **kw))
+        assert report.left and all(l.name.endswith("attn") and re.search(want, l.reason) for l in report.left), \
+            str(report)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

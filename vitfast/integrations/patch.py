@@ -311,7 +311,8 @@ _LINEAR = Adapter("linear", "Linear -> vitfast.linear", {"forward": _linear_forw
 _TORCH_ADAPTERS = {
     **{cls: _LINEAR for cls in _LINEAR_CLASSES},  # (NonDynamicallyQuantizableLinear: MultiheadAttention's out_proj)
     "torch.nn.modules.activation.MultiheadAttention": Adapter(
-        "attention", "nn.MultiheadAttention -> vitfast.attention (need_weights=False calls)",
+        "attention", "nn.MultiheadAttention -> vitfast.attention in need_weights=False calls (need_weights=True, "
+                     "its default, runs the original)",
         {"forward": _mha_forward}, _mha_check),
 }
 _LAYER_NORM = Adapter("layer_norm", "LayerNorm -> vitfast.layer_norm", {"forward": _layer_norm_forward},
@@ -565,15 +566,22 @@ def patch_model(model: nn.Module, attention: bool = True, window_attention: bool
         report.patched.append(Patched(name, cls, adapter.kind, adapter.what))
     # a suspect whose parts were patched for what its name suggests (e.g. open_clip's ResidualAttentionBlock around
     # its MultiheadAttention) is covered; one with other parts patched is not (timm's AttentionPoolLatent: its
-    # LayerNorm and MLP are patched, its attention is not)
-    report.left = [l for l in report.left if l.reason != _NO_ADAPTER or not _covered(l, report.patched)]
+    # LayerNorm and MLP are patched, its attention is not); one whose part of that kind is reported left is listed
+    # through that part (CaiT's LayerScaleBlockClassAttn through its ClassAttn)
+    report.left = [l for l in report.left if l.reason != _NO_ADAPTER or not _covered(l, report)]
     return report
 
 
-def _covered(left: Left, patched: List[Patched]) -> bool:
-    kinds = {k for word in _SUSPECT.findall(left.cls.rsplit(".", 1)[-1]) for k in _COVERING[word]}
+def _suspect_kinds(cls: str) -> set:
+    return {k for word in _SUSPECT.findall(cls.rsplit(".", 1)[-1]) for k in _COVERING[word]}
+
+
+def _covered(left: Left, report: PatchReport) -> bool:
+    kinds = _suspect_kinds(left.cls)
     prefix = left.name + "." if left.name else ""  # "": the model itself
-    return any(p.name.startswith(prefix) and p.name != left.name and p.kind in kinds for p in patched)
+    return (any(p.name.startswith(prefix) and p.name != left.name and p.kind in kinds for p in report.patched)
+            or any(l.name.startswith(prefix) and l.name != left.name and kinds & _suspect_kinds(l.cls)
+                   for l in report.left))
 
 
 def unpatch_model(model: nn.Module) -> int:

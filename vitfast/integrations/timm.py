@@ -178,7 +178,14 @@ ADAPTERS = {
 _MVITV2 = ("MViTv2 pooling attention (q, k, v pooled to other grids, an optional class token outside the rel-pos key "
            "grid, residual pooling, rel-pos tables indexed without resizing): not covered by "
            "vitfast.rel_pos_attention, timm's path")
+_ROPE = "rotary position embedding applied to q and k inside the attention: timm's path"
 LEFT = {
+    "timm.models.eva.EvaAttention": _ROPE,
+    "timm.layers.attention.AttentionRope": _ROPE,
+    "timm.models.beit.Attention": "relative position bias (BEiT) gathered inside the attention: timm's path",
+    "timm.models.cait.TalkingHeadAttn": "talking heads (linear maps across heads before and after the softmax): "
+                                        "timm's path",
+    "timm.models.cait.ClassAttn": "class attention (the class token's query over all tokens): timm's path",
     "timm.models.mvitv2.MultiScaleAttention": _MVITV2,
     "timm.models.mvitv2.MultiScaleAttentionPoolFirst": _MVITV2,
     "timm.layers.attention_pool.AttentionPoolLatent": (
