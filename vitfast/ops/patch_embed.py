@@ -13,8 +13,8 @@ pos_embed is (1, rows, E) or (rows, E). rows == P + L (timm's default) gives eve
 rows == L (timm's `no_embed_class=True`) gives only the patch tokens one and leaves the prefix tokens without.
 Any other row count is taken as a square grid (after P prefix rows if rows - P is a square, else without)
 and resampled to the image's (Hp, Wp) grid with timm's bicubic, antialiased interpolation: the (L, L_old)
-interpolation matrix is computed once per (old grid, new grid, device) and cached, so a call costs one small
-matmul (differentiable, so pos_embed still trains).
+interpolation matrix is computed once per (old grid, new grid, device) and cached (the last 16), so a call costs
+one small matmul (differentiable, so pos_embed still trains).
 
 `vitfast::patch_embed` (forward) and `vitfast::patch_embed_backward` are torch.library ops with fake
 implementations; each picks its backend at run time: "triton" (vitfast.triton.patch_embed), "cpp" (the
@@ -78,14 +78,19 @@ def _pair(p) -> Tuple[int, int]:
 # or was edited through .data, which bumps no version).
 
 _RESIZE_CACHE: dict = {}
+_RESIZE_CACHE_SIZE = 16  # matrices kept, the oldest dropped first (a server sees many image sizes: 64 MB each at
+# SAM's 64 x 64 grid)
 
 
 def _resize_matrix(old_grid: Tuple[int, int], new_grid: Tuple[int, int], mode: str, antialias: bool,
                    device: torch.device) -> Tensor:
-    """(new_h*new_w, old_h*old_w) fp32 matrix R with interpolate(table) == R @ table, computed once."""
+    """(new_h*new_w, old_h*old_w) fp32 matrix R with interpolate(table) == R @ table, computed once per sizes and
+    device among the last _RESIZE_CACHE_SIZE."""
     key = (old_grid, new_grid, mode, antialias, device)
     mat = _RESIZE_CACHE.get(key)
     if mat is None:
+        while len(_RESIZE_CACHE) >= _RESIZE_CACHE_SIZE:
+            del _RESIZE_CACHE[next(iter(_RESIZE_CACHE))]
         n_old = old_grid[0] * old_grid[1]
         with torch.no_grad():
             basis = torch.eye(n_old, device=device, dtype=torch.float32).reshape(n_old, 1, *old_grid)
@@ -104,7 +109,8 @@ def resample_pos_embed(pos_embed: Tensor, new_grid: Sequence[int], old_grid: Opt
         new_grid: (Hp, Wp). old_grid: (h, w); a square grid when None.
     Returns:
         (1, P + Hp*Wp, E) in pos_embed's dtype. Differentiable in pos_embed. The (Hp*Wp, h*w) interpolation
-        matrix is computed once per sizes and device; each call forms its product with the table.
+        matrix is computed once per sizes and device (the last 16 kept); each call forms its product with the
+        table.
     """
     E = pos_embed.shape[-1]
     table = pos_embed.reshape(-1, E)
