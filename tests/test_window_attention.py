@@ -387,8 +387,8 @@ def test_bad_inputs_raise_clear_errors():
     x9 = torch.randn(1, 9, 9, 30)
     for shift in ([9, 1], [-1, 1], [5, 10]):  # every backend: a ValueError (cpp raised its own, torch ran)
         for backend in ("cpp", "torch"):
-            with vitfast.use_backend(backend), pytest.raises(ValueError, match=r"shift_size .* must be in \[0, "
-                                                                                 r"the padded map\) for window \(3, 3\)"):
+            with vitfast.use_backend(backend), pytest.raises(
+                    ValueError, match=r"shift_size .* must be in \[0, the padded map\) for window \(3, 3\)"):
                 vitfast.shifted_window_attention(x9, torch.randn(90, 30), torch.randn(30, 30), torch.randn(25, 5),
                                                  [3, 3], 5, shift)
     with vitfast.use_backend("triton"), pytest.raises(ValueError, match="float64"):
