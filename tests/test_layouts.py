@@ -224,7 +224,8 @@ def test_layouts_match_fp64(case, backend, device, layout):
 def test_inputs_made_under_inference_mode(case, backend, device):
     """Inputs made under torch.inference_mode (a frozen backbone's features, a mask built there) beside a parameter
     that needs grad: the ops saved them for backward, which autograd refuses ("Inference tensors cannot be saved for
-    backward") where the PyTorch code they replace trains. Same output and gradient as with normal tensors."""
+    backward"; torchvision's PatchMerging, whose slicing makes new tensors, trains). Same output and gradient as with
+    normal tensors."""
     torch.manual_seed(0)
     values = {name: _sample(inp, device) for name, inp in case.inputs.items()}
     trained = [n for n, inp in case.inputs.items() if inp.grad][-1]
@@ -262,7 +263,7 @@ def test_ops_called_directly_take_any_layout(backend, device):
         got = [ops.layer_norm(x, None, None, None, 1e-5)[0],
                ops.patch_embed(imgs, w, None, pos, 0, None, None, None, False, 0, 1e-6, False)[0]]
         if backend != "cpp":  # (the cpp window kernels refuse a strided head dim with their own error)
-            out, lse = ops.window_attention(qkv, table, None, None, [2, 2], [1, 1], 0.35, 0.0, None)
+            out, lse, _ = ops.window_attention(qkv, table, None, None, [2, 2], [1, 1], 0.35, 0.0, None)
             got.append(out)
             dout = rand(*out.shape)
             want_grads = ops.window_attention_backward(dout, qkv.contiguous(), table, None, None, out,

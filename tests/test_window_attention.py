@@ -224,20 +224,29 @@ def test_every_output_element_is_written_and_backward_is_deterministic(backend, 
 @pytest.mark.parametrize("backend,device", CASES)
 def test_dropout_backward_outside_the_forwards_backend_block(backend, device):
     """Each backend draws its own keep mask: a backward run outside the forward's use_backend block chose anew (cpp
-    on CPU) and differentiated another mask (dqkv off by 1.4). It runs on the forward's backend now."""
+    on CPU) and differentiated another mask (dqkv off by 1.4); so did a compiled graph traced under another choice
+    than the one it ran under. The forward returns its backend, the backward runs there."""
     qkv, table, qkv_pad, _ = _inputs(1, 6, 5, 2, 8, 3, torch.float32, device)
+    other = "torch" if backend != "torch" else "cpp"
+
+    def fn(qkv, table):
+        return vitfast.window_attention(qkv, table, 3, 1, attention_dropout=0.4, training=True)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    with vitfast.use_backend(other):  # traced under the other backend
+        compiled(*(t.detach().clone().requires_grad_() for t in (qkv, table)))
     grads = []
-    for inside in (True, False):
+    for run, inside in ((fn, True), (fn, False), (compiled, False)):
         leaves = [t.detach().clone().requires_grad_() for t in (qkv, table)]
         torch.manual_seed(7)
         with vitfast.use_backend(backend):
-            out = vitfast.window_attention(*leaves, 3, 1, attention_dropout=0.4, training=True)
+            out = run(*leaves)
             if inside:
                 grads.append(torch.autograd.grad(out.square().sum(), leaves))
         if not inside:
-            with vitfast.use_backend("torch" if backend != "torch" else "cpp"):
+            with vitfast.use_backend(other):
                 grads.append(torch.autograd.grad(out.square().sum(), leaves))
     torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+    torch.testing.assert_close(grads[2], grads[0], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("backend,device", CASES)
@@ -602,10 +611,20 @@ def test_opcheck():
     for args in [(qkv, table, pad, None, [3, 3], [1, 1], 0.5, 0.0, None),
                  (qkv, torch.randn(2, 9, 9, requires_grad=True), None, scale, [3, 3], [0, 0], 0.5, 0.0, None)]:
         torch.library.opcheck(torch.ops.vitfast.window_attention.default, args)
-    out, lse = _window_attention_op(qkv.detach(), table.detach(), pad.detach(), None, [3, 3], [1, 1], 0.5, 0.0, None)
+    out, lse, _ = _window_attention_op(qkv.detach(), table.detach(), pad.detach(), None, [3, 3], [1, 1], 0.5, 0.0, None)
     torch.library.opcheck(torch.ops.vitfast.window_attention_backward.default,
                           (torch.randn_like(out), qkv.detach(), table.detach(), pad.detach(), None, out, lse, [3, 3],
                            [1, 1], 0.5, 0.0, None))
+    # with dropout: the forward's third output names its backend, which the backward takes
+    seed = torch.tensor([5])
+    torch.library.opcheck(torch.ops.vitfast.window_attention.default,
+                          (qkv, table, pad, None, [3, 3], [1, 1], 0.5, 0.3, seed))
+    out, lse, mask_backend = _window_attention_op(qkv.detach(), table.detach(), pad.detach(), None, [3, 3], [1, 1],
+                                                  0.5, 0.3, seed)
+    assert mask_backend.tolist() == [vitfast.backend.BACKENDS.index("cpp")]
+    torch.library.opcheck(torch.ops.vitfast.window_attention_backward.default,
+                          (torch.randn_like(out), qkv.detach(), table.detach(), pad.detach(), None, out, lse, [3, 3],
+                           [1, 1], 0.5, 0.3, seed, mask_backend))
 
 
 def test_dropout_draws_stay_in_traced_and_exported_programs():
@@ -693,7 +712,7 @@ def test_the_ops_check_shapes_when_called_directly(backend, device):
                 op(*args, [3, 3], [1, 1], 0.5, 0.0, None)
         with pytest.raises(ValueError, match=r"shift_size \(3, 1\) in \[0, window\)"):
             op(qkv, table, pad, None, [3, 3], [3, 1], 0.5, 0.0, None)
-        out, lse = op(qkv, table, pad, None, [3, 3], [1, 1], 0.5, 0.0, None)
+        out, lse, _ = op(qkv, table, pad, None, [3, 3], [1, 1], 0.5, 0.0, None)
         with pytest.raises(ValueError, match=r"shapes do not agree: dout \(.*\) \(expected "):
             backward(out[..., :4], qkv, table, pad, None, out, lse, [3, 3], [1, 1], 0.5, 0.0, None)
         with pytest.raises(ValueError, match=r"shapes do not agree: lse "):

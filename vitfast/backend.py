@@ -259,8 +259,9 @@ def no_double_backward(op: str, backward_op) -> None:
 
 def save_for_backward(ctx, *tensors: Optional[torch.Tensor]) -> None:
     """ctx.save_for_backward for the ops' setup_context, with the tensors made under torch.inference_mode (a frozen
-    backbone's features, a mask built there), which autograd refuses to save, replaced by normal copies: the PyTorch
-    code each op replaces trains with them (it saves its own intermediates, not such inputs)."""
+    backbone's features, a mask built there), which autograd refuses to save, replaced by normal copies: a module
+    whose first step makes new tensors of them (torchvision's PatchMerging slices and concatenates) trains on them,
+    and so does its fused op now."""
     ctx.save_for_backward(*(t.clone() if t is not None and t.is_inference() else t for t in tensors))
 
 

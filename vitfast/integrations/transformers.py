@@ -111,7 +111,8 @@ def _eager(module, query, key, value, attention_mask, dropout, scaling, is_causa
                          f"and {type(module).__name__}'s modeling file has no eager_attention_forward to run them; "
                          f"use attn_implementation='eager'")
     if attention_mask is None and is_causal:  # the SDPA mask function leaves a plain causal mask to is_causal
-        attention_mask = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device).tril()
+        attention_mask = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device).tril()[
+            None, None]
     if attention_mask is None or attention_mask.dtype != torch.bool:
         return eager(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     # SDPA's bool mask (True = attend) as eager's additive one; a query that sees no key, which eager's finfo.min

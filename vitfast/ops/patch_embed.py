@@ -89,8 +89,8 @@ def _resize_matrix(old_grid: Tuple[int, int], new_grid: Tuple[int, int], mode: s
     key = (old_grid, new_grid, mode, antialias, device)
     mat = _RESIZE_CACHE.get(key)
     if mat is None:
-        while len(_RESIZE_CACHE) >= _RESIZE_CACHE_SIZE:
-            del _RESIZE_CACHE[next(iter(_RESIZE_CACHE))]
+        for old in list(_RESIZE_CACHE)[:max(0, len(_RESIZE_CACHE) - _RESIZE_CACHE_SIZE + 1)]:  # (threads may add)
+            _RESIZE_CACHE.pop(old, None)
         n_old = old_grid[0] * old_grid[1]
         with torch.no_grad():
             basis = torch.eye(n_old, device=device, dtype=torch.float32).reshape(n_old, 1, *old_grid)

@@ -7,12 +7,13 @@ index arithmetic in the kernel), "cpp" (csrc/window_attention.cpp, the same fusi
 `vitfast::window_attention_fwd` and `vitfast::window_attention_bwd` with the two schemas below, names aside and
 `int seed` for the seed's value) or "torch" (the textbook PyTorch below). Every backend shares the schemas and the
 saved state (out, lse), so forward and backward may run on different backends, except with dropout: each backend
-draws its own keep mask from the seed (torch: torch.rand; cpp: a splitmix64 hash; triton: Philox), so the autograd
-formula passes the backward op the forward's backend (`backend`; also when the backward runs outside the forward's
-`use_backend` block):
+draws its own keep mask from the seed (torch: torch.rand; cpp: a splitmix64 hash; triton: Philox), so the forward
+returns the backend it ran (mask_backend) and the autograd formula hands it to the backward op, which runs there
+(also when the backward runs outside the forward's `use_backend` block, or in a compiled graph traced under another):
 
     window_attention(Tensor qkv, Tensor bias, Tensor? pad_qkv, Tensor? logit_scale, int[2] window_size,
-                     int[2] shift_size, float softmax_scale, float dropout_p, Tensor? seed) -> (Tensor out, Tensor lse)
+                     int[2] shift_size, float softmax_scale, float dropout_p, Tensor? seed)
+        -> (Tensor out, Tensor lse, Tensor mask_backend)
 
     qkv:         (B, H, W, 3, heads, D), any strides with stride(-1) == 1 (e.g. a view of the qkv Linear's
                  output); q, k, v of every pixel of the unpadded feature map.
@@ -43,14 +44,16 @@ formula passes the backward op the forward's backend (`backend`; also when the b
                  Triton launchers take its value as an int.
     out:         (B, H, W, heads * D), qkv's dtype, contiguous.
     lse:         (B, heads, nW, N) fp32, natural-log log-sum-exp of each score row (before dropout).
+    mask_backend: with dropout_p > 0, (1,) int64 on qkv's device: the index in vitfast.backend.BACKENDS of the
+                 backend that drew the mask (-1: none ran, an empty input); else empty.
     Gradients flow to qkv, bias, pad_qkv and logit_scale; window/shift/scale/p/seed are non-differentiable.
 
     window_attention_backward(Tensor dout, Tensor qkv, Tensor bias, Tensor? pad_qkv, Tensor? logit_scale,
                               Tensor out, Tensor lse, int[2] window_size, int[2] shift_size, float softmax_scale,
-                              float dropout_p, Tensor? seed, str backend="") -> (Tensor dqkv, Tensor dbias,
-                              Tensor dpad_qkv, Tensor dlogit_scale)
+                              float dropout_p, Tensor? seed, Tensor? mask_backend=None) -> (Tensor dqkv,
+                              Tensor dbias, Tensor dpad_qkv, Tensor dlogit_scale)
 
-    backend: the one to run ("" or the automatic choice; the forward's where it drew a dropout mask).
+    mask_backend: the forward's; with dropout the backward runs on that backend (None: the automatic choice).
     dout: (B, H, W, heads * D). dqkv: (B, H, W, 3, heads, D) contiguous, qkv's dtype. dbias: bias's shape
     and dtype, summed over batch and windows. dpad_qkv: (3, heads, D) in pad_qkv's dtype (its q part is
     zero: padding queries are cropped), or empty without pad_qkv. dlogit_scale: (heads,) in logit_scale's
@@ -383,22 +386,36 @@ def _geometry(qkv: Tensor, window_size: Sequence[int]) -> tuple:
 @torch.library.custom_op("vitfast::window_attention", mutates_args=())
 def _window_attention_op(qkv: Tensor, bias: Tensor, pad_qkv: Optional[Tensor], logit_scale: Optional[Tensor],
                          window_size: list[int], shift_size: list[int], softmax_scale: float, dropout_p: float,
-                         seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    """See the module docstring. Returns out (B, H, W, heads*D) and lse (B, heads, nW, N) fp32."""
+                         seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """See the module docstring. Returns out (B, H, W, heads*D), lse (B, heads, nW, N) fp32 and the backend that
+    drew the dropout mask (`_mask_backend`)."""
     _check_op_shapes(qkv, bias, pad_qkv, logit_scale, window_size, shift_size)
     if qkv.numel() == 0:
-        return _fake_fwd(qkv, window_size)
+        return *_fake_fwd(qkv, window_size), _mask_backend(qkv, dropout_p, None)
     check_dropout_capture(OP, dropout_p, qkv.device)
     seed = _backend.seed_value(OP, seed, dropout_p)
     which = _backend.choose_backend(OP, qkv, bias, pad_qkv, logit_scale)
     if which == "triton":
         from vitfast.triton.window_attention import window_attention_fwd
-        return window_attention_fwd(qkv, bias, pad_qkv, logit_scale, window_size, shift_size, softmax_scale,
-                                    dropout_p, seed)
-    if which in ("cpp", "cuda"):
-        return tuple(torch.ops.vitfast.window_attention_fwd(qkv, bias, pad_qkv, logit_scale, window_size, shift_size,
-                                                            softmax_scale, dropout_p, seed))
-    return _fwd_torch(qkv, bias, pad_qkv, logit_scale, window_size, shift_size, softmax_scale, dropout_p, seed)
+        out, lse = window_attention_fwd(qkv, bias, pad_qkv, logit_scale, window_size, shift_size, softmax_scale,
+                                        dropout_p, seed)
+    elif which in ("cpp", "cuda"):
+        out, lse = torch.ops.vitfast.window_attention_fwd(qkv, bias, pad_qkv, logit_scale, window_size, shift_size,
+                                                          softmax_scale, dropout_p, seed)
+    else:
+        out, lse = _fwd_torch(qkv, bias, pad_qkv, logit_scale, window_size, shift_size, softmax_scale, dropout_p,
+                              seed)
+    return out, lse, _mask_backend(qkv, dropout_p, which)
+
+
+def _mask_backend(qkv: Tensor, dropout_p: float, which: Optional[str]) -> Tensor:
+    """The forward's third output: with dropout, the index in backend.BACKENDS of the backend that ran it, whose
+    keep mask the backward must regenerate (each backend draws its own), as a (1,) int64 tensor on qkv's device (a
+    value of the run, not of the trace: a compiled graph or the compile cache keeps no choice of its tracing); -1
+    where nothing ran. Without dropout an empty tensor."""
+    if dropout_p <= 0:
+        return qkv.new_empty((0,), dtype=torch.int64)
+    return torch.full((1,), _backend.BACKENDS.index(which) if which else -1, dtype=torch.int64, device=qkv.device)
 
 
 def _check_op_shapes(qkv, bias, pad_qkv, logit_scale, window_size, shift_size) -> None:
@@ -428,16 +445,17 @@ def _fake_fwd(qkv, window_size):
 
 @_window_attention_op.register_fake
 def _(qkv, bias, pad_qkv, logit_scale, window_size, shift_size, softmax_scale, dropout_p, seed):
-    return _fake_fwd(qkv, window_size)
+    return *_fake_fwd(qkv, window_size), qkv.new_empty((1,) if dropout_p > 0 else (0,), dtype=torch.int64)
 
 
 @torch.library.custom_op("vitfast::window_attention_backward", mutates_args=())
 def _window_attention_backward_op(dout: Tensor, qkv: Tensor, bias: Tensor, pad_qkv: Optional[Tensor],
                                   logit_scale: Optional[Tensor], out: Tensor, lse: Tensor, window_size: list[int],
                                   shift_size: list[int], softmax_scale: float, dropout_p: float,
-                                  seed: Optional[Tensor], backend: str = "") -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                                  seed: Optional[Tensor], mask_backend: Optional[Tensor] = None,
+                                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns dqkv (B, H, W, 3, heads, D), dbias (like bias), dpad_qkv (3, heads, D) or empty, dlogit_scale.
-    backend: the forward's, which drew the dropout mask; "": chosen now."""
+    mask_backend: the forward's third output, whose backend runs a backward with dropout (None: chosen now)."""
     _check_op_shapes(qkv, bias, pad_qkv, logit_scale, window_size, shift_size)
     B, H, W, heads, D, nW, N = _geometry(qkv, window_size)
     _backend.check_op_shapes(f"{OP}_backward", {"dout": (dout, (B, H, W, heads * D)),
@@ -446,7 +464,10 @@ def _window_attention_backward_op(dout: Tensor, qkv: Tensor, bias: Tensor, pad_q
         return _fake_bwd(qkv, bias, pad_qkv, logit_scale, zero=True)
     check_dropout_capture(OP, dropout_p, qkv.device)
     seed = _backend.seed_value(OP, seed, dropout_p)
-    which = backend or _backend.choose_backend(OP, qkv, bias, pad_qkv, logit_scale)
+    index = int(mask_backend.item()) if dropout_p > 0 and mask_backend is not None and mask_backend.numel() else -1
+    if not -1 <= index < len(_backend.BACKENDS):
+        raise ValueError(f"vitfast::{OP}_backward: mask_backend {index} is not an index of {_backend.BACKENDS}")
+    which = _backend.BACKENDS[index] if index >= 0 else _backend.choose_backend(OP, qkv, bias, pad_qkv, logit_scale)
     if which == "triton":
         from vitfast.triton.window_attention import window_attention_bwd
         return window_attention_bwd(dout, qkv, bias, pad_qkv, logit_scale, out, lse, window_size, shift_size,
@@ -469,23 +490,21 @@ def _fake_bwd(qkv, bias, pad_qkv, logit_scale, zero=False):
 
 @_window_attention_backward_op.register_fake
 def _(dout, qkv, bias, pad_qkv, logit_scale, out, lse, window_size, shift_size, softmax_scale, dropout_p, seed,
-      backend=""):
+      mask_backend=None):
     return _fake_bwd(qkv, bias, pad_qkv, logit_scale)
 
 
 def _setup_context(ctx, inputs, output):
     qkv, bias, pad_qkv, logit_scale, window_size, shift_size, softmax_scale, dropout_p, seed = inputs
-    out, lse = output
-    _backend.save_for_backward(ctx, qkv, bias, pad_qkv, logit_scale, out, lse, seed)
+    out, lse, mask_backend = output
+    _backend.save_for_backward(ctx, qkv, bias, pad_qkv, logit_scale, out, lse, seed, mask_backend)
     ctx.args = (window_size, shift_size, softmax_scale, dropout_p)
-    # the backend the forward ran, whose dropout mask the backward must regenerate (module docstring)
-    ctx.backend = _backend.choose_backend(OP, qkv, bias, pad_qkv, logit_scale) if dropout_p > 0 else ""
 
 
-def _backward(ctx, dout, dlse):
-    qkv, bias, pad_qkv, logit_scale, out, lse, seed = ctx.saved_tensors
+def _backward(ctx, dout, dlse, dmask_backend):
+    qkv, bias, pad_qkv, logit_scale, out, lse, seed, mask_backend = ctx.saved_tensors
     dqkv, dbias, dpad, dscale = _window_attention_backward_op(
-        _unit_inner_stride(dout), qkv, bias, pad_qkv, logit_scale, out, lse, *ctx.args, seed, ctx.backend)
+        _unit_inner_stride(dout), qkv, bias, pad_qkv, logit_scale, out, lse, *ctx.args, seed, mask_backend)
     return (dqkv, dbias, dpad if pad_qkv is not None else None, dscale if logit_scale is not None else None,
             None, None, None, None, None)
 
@@ -583,7 +602,7 @@ def _attention_core(qkv: Tensor, bias: Tensor, window_size: list, shift_size: li
         # the q, k, v of a padding pixel, in qkv's dtype as the Linear that makes qkv gives them
         qkv_pad = qkv_pad.reshape(3, heads, D).to(qkv.dtype).contiguous()
     softmax_scale = D ** -0.5 if softmax_scale is None else softmax_scale
-    out, _ = _window_attention_op(_unit_inner_stride(qkv), bias, qkv_pad, scale, list(window_size), list(shift_size),
+    out, _, _ = _window_attention_op(_unit_inner_stride(qkv), bias, qkv_pad, scale, list(window_size), list(shift_size),
                                   float(softmax_scale), float(dropout_p), _backend.draw_seed(what, dropout_p))
     return out
 
@@ -631,7 +650,7 @@ def window_attention(qkv: Tensor, relative_position_bias: Tensor, window_size: I
         attention_dropout, training: dropout on the attention probabilities (when training), in [0, 1); refused
             (RuntimeError) inside CUDA graph capture, where every replay would reuse the host-drawn seed.
         clamp_window: Swin's rule (its square windows: min(H, W) <= window): when the window covers the map
-            along an axis (H <= wh or W <= ww), the window shrinks to min(H, W) per axis and the shift is dropped
+            along an axis (H <= wh or W <= ww), the window shrinks to min(H, W) on both axes and the shift is dropped
             (a table for the full window is cropped to the small one). Without it, only torchvision's rule
             applies: a shift is dropped along an axis the window covers.
 
