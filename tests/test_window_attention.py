@@ -621,10 +621,14 @@ def test_opcheck():
                           (qkv, table, pad, None, [3, 3], [1, 1], 0.5, 0.3, seed))
     out, lse, mask_backend = _window_attention_op(qkv.detach(), table.detach(), pad.detach(), None, [3, 3], [1, 1],
                                                   0.5, 0.3, seed)
-    assert mask_backend.tolist() == [vitfast.backend.BACKENDS.index("cpp")]
-    torch.library.opcheck(torch.ops.vitfast.window_attention_backward.default,
-                          (torch.randn_like(out), qkv.detach(), table.detach(), pad.detach(), None, out, lse, [3, 3],
-                           [1, 1], 0.5, 0.3, seed, mask_backend))
+    assert mask_backend.tolist() == [vitfast.backend.BACKENDS.index("cpp")] and mask_backend.device.type == "cpu"
+    args = (torch.randn_like(out), qkv.detach(), table.detach(), pad.detach(), None, out, lse, [3, 3], [1, 1], 0.5,
+            0.3, seed)
+    torch.library.opcheck(torch.ops.vitfast.window_attention_backward.default, (*args, mask_backend))
+    for bad in (torch.tensor([9]), torch.tensor([-2]), torch.tensor([2, 2]), torch.tensor([2.0]), torch.tensor(2),
+                torch.tensor([vitfast.backend.BACKENDS.index("onednn")])):  # (not a forward's: ran, or torch's error)
+        with pytest.raises(ValueError, match="mask_backend"):
+            torch.ops.vitfast.window_attention_backward(*args, bad)
 
 
 def test_dropout_draws_stay_in_traced_and_exported_programs():

@@ -4,12 +4,14 @@
 fake implementations, so torch.compile sees them whole; each picks its backend at run time: "triton"
 (vitfast.triton.window_attention: cyclic shift, padding, window partition, bias gather and shift mask by
 index arithmetic in the kernel), "cpp" (csrc/window_attention.cpp, the same fusion on the CPU, registered as
-`vitfast::window_attention_fwd` and `vitfast::window_attention_bwd` with the two schemas below, names aside and
-`int seed` for the seed's value) or "torch" (the textbook PyTorch below). Every backend shares the schemas and the
-saved state (out, lse), so forward and backward may run on different backends, except with dropout: each backend
-draws its own keep mask from the seed (torch: torch.rand; cpp: a splitmix64 hash; triton: Philox), so the forward
-returns the backend it ran (mask_backend) and the autograd formula hands it to the backward op, which runs there
-(also when the backward runs outside the forward's `use_backend` block, or in a compiled graph traced under another):
+`vitfast::window_attention_fwd` and `vitfast::window_attention_bwd` with the two schemas below, names aside,
+`int seed` for the seed's value and without mask_backend) or "torch" (the textbook PyTorch below). Every backend
+shares the schemas and the saved state (out, lse), so forward and backward may run on different backends, except
+with dropout: each backend draws its own keep mask from the seed (torch: torch.rand; cpp: a splitmix64 hash; triton:
+Philox), so the forward returns the backend it ran (mask_backend) and the autograd formula hands it to the backward
+op, which runs there (also when the backward runs outside the forward's `use_backend` block, or in a compiled graph
+traced under another choice). Not covered: a checkpointed region (torch.utils.checkpoint) whose backward runs under
+another forced backend than its forward recomputes the forward there, with that backend's mask: run both under one.
 
     window_attention(Tensor qkv, Tensor bias, Tensor? pad_qkv, Tensor? logit_scale, int[2] window_size,
                      int[2] shift_size, float softmax_scale, float dropout_p, Tensor? seed)
@@ -44,8 +46,9 @@ returns the backend it ran (mask_backend) and the autograd formula hands it to t
                  Triton launchers take its value as an int.
     out:         (B, H, W, heads * D), qkv's dtype, contiguous.
     lse:         (B, heads, nW, N) fp32, natural-log log-sum-exp of each score row (before dropout).
-    mask_backend: with dropout_p > 0, (1,) int64 on qkv's device: the index in vitfast.backend.BACKENDS of the
-                 backend that drew the mask (-1: none ran, an empty input); else empty.
+    mask_backend: with dropout_p > 0, (1,) int64 on the CPU (read on the host, as the seed: no device sync): the
+                 index in vitfast.backend.BACKENDS of the backend that drew the mask (-1: none ran, an empty input);
+                 else empty.
     Gradients flow to qkv, bias, pad_qkv and logit_scale; window/shift/scale/p/seed are non-differentiable.
 
     window_attention_backward(Tensor dout, Tensor qkv, Tensor bias, Tensor? pad_qkv, Tensor? logit_scale,
@@ -410,12 +413,12 @@ def _window_attention_op(qkv: Tensor, bias: Tensor, pad_qkv: Optional[Tensor], l
 
 def _mask_backend(qkv: Tensor, dropout_p: float, which: Optional[str]) -> Tensor:
     """The forward's third output: with dropout, the index in backend.BACKENDS of the backend that ran it, whose
-    keep mask the backward must regenerate (each backend draws its own), as a (1,) int64 tensor on qkv's device (a
-    value of the run, not of the trace: a compiled graph or the compile cache keeps no choice of its tracing); -1
-    where nothing ran. Without dropout an empty tensor."""
+    keep mask the backward must regenerate (each backend draws its own), as a (1,) int64 CPU tensor (a value of the
+    run, not of the trace: a compiled graph or the compile cache keeps no choice of its tracing); -1 where nothing
+    ran. Without dropout an empty tensor."""
     if dropout_p <= 0:
         return qkv.new_empty((0,), dtype=torch.int64)
-    return torch.full((1,), _backend.BACKENDS.index(which) if which else -1, dtype=torch.int64, device=qkv.device)
+    return torch.full((1,), _backend.BACKENDS.index(which) if which else -1, dtype=torch.int64)
 
 
 def _check_op_shapes(qkv, bias, pad_qkv, logit_scale, window_size, shift_size) -> None:
@@ -445,7 +448,8 @@ def _fake_fwd(qkv, window_size):
 
 @_window_attention_op.register_fake
 def _(qkv, bias, pad_qkv, logit_scale, window_size, shift_size, softmax_scale, dropout_p, seed):
-    return *_fake_fwd(qkv, window_size), qkv.new_empty((1,) if dropout_p > 0 else (0,), dtype=torch.int64)
+    mask_backend = torch.empty(1, dtype=torch.int64) if dropout_p > 0 else qkv.new_empty((0,), dtype=torch.int64)
+    return *_fake_fwd(qkv, window_size), mask_backend
 
 
 @torch.library.custom_op("vitfast::window_attention_backward", mutates_args=())
@@ -464,10 +468,7 @@ def _window_attention_backward_op(dout: Tensor, qkv: Tensor, bias: Tensor, pad_q
         return _fake_bwd(qkv, bias, pad_qkv, logit_scale, zero=True)
     check_dropout_capture(OP, dropout_p, qkv.device)
     seed = _backend.seed_value(OP, seed, dropout_p)
-    index = int(mask_backend.item()) if dropout_p > 0 and mask_backend is not None and mask_backend.numel() else -1
-    if not -1 <= index < len(_backend.BACKENDS):
-        raise ValueError(f"vitfast::{OP}_backward: mask_backend {index} is not an index of {_backend.BACKENDS}")
-    which = _backend.BACKENDS[index] if index >= 0 else _backend.choose_backend(OP, qkv, bias, pad_qkv, logit_scale)
+    which = _mask_backend_choice(mask_backend, dropout_p, qkv, bias, pad_qkv, logit_scale)
     if which == "triton":
         from vitfast.triton.window_attention import window_attention_bwd
         return window_attention_bwd(dout, qkv, bias, pad_qkv, logit_scale, out, lse, window_size, shift_size,
@@ -476,6 +477,27 @@ def _window_attention_backward_op(dout: Tensor, qkv: Tensor, bias: Tensor, pad_q
         return tuple(torch.ops.vitfast.window_attention_bwd(dout, qkv, bias, pad_qkv, logit_scale, out, lse,
                                                             window_size, shift_size, softmax_scale, dropout_p, seed))
     return _bwd_torch(dout, qkv, bias, pad_qkv, logit_scale, window_size, shift_size, softmax_scale, dropout_p, seed)
+
+
+def _mask_backend_choice(mask_backend: Optional[Tensor], dropout_p: float, *tensors: Optional[Tensor]) -> str:
+    """The backend of a backward: with dropout the forward's (its mask_backend output), else the automatic choice.
+
+    Raises:
+        ValueError: a mask_backend that is not a forward's: not an int64 CPU tensor of 0 or 1 elements, an index
+            outside backend.BACKENDS, or a backend that cannot take the tensors.
+    """
+    if mask_backend is not None and (mask_backend.dtype != torch.int64 or mask_backend.device.type != "cpu"
+                                     or mask_backend.dim() != 1 or mask_backend.numel() > 1):
+        raise ValueError(f"vitfast::{OP}_backward: mask_backend must be the forward's (0,) or (1,) int64 CPU tensor, "
+                         f"got {tuple(mask_backend.shape)} {mask_backend.dtype} on {mask_backend.device}")
+    index = int(mask_backend.item()) if dropout_p > 0 and mask_backend is not None and mask_backend.numel() else -1
+    if index == -1:
+        return _backend.choose_backend(OP, *tensors)
+    which = _backend.BACKENDS[index] if 0 <= index < len(_backend.BACKENDS) else None
+    reason = _backend.why_not(OP, which, *tensors) if which else f"{index} is not an index of {_backend.BACKENDS}"
+    if reason:
+        raise ValueError(f"vitfast::{OP}_backward: mask_backend names no backend for these tensors: {reason}")
+    return which
 
 
 def _fake_bwd(qkv, bias, pad_qkv, logit_scale, zero=False):
