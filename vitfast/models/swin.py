@@ -360,7 +360,11 @@ def swin_from_timm(timm_model: nn.Module, backend: str = "vitfast") -> SwinTrans
     if head is not None:
         out.update({"head.weight": head, "head.bias": sd["head.fc.bias"]})
     for i, stage in enumerate(stages):
-        for j in range(len(stage.blocks)):
+        for j, block in enumerate(stage.blocks):
+            # the shift as timm fixed it at build time (0 in a stage whose map the window covered then), which a
+            # timm model built with strict_img_size=False keeps at other sizes
+            shift = block.shift_size
+            model.features[1 + 2 * i][j].attn.shift_size = list(shift) if isinstance(shift, tuple) else [shift] * 2
             t, o = f"layers.{i}.blocks.{j}.", f"features.{1 + 2 * i}.{j}."
             out[o + "attn.relative_position_bias_table"] = sd[t + "attn.relative_position_bias_table"]
             for part in ("weight", "bias"):
@@ -371,12 +375,6 @@ def swin_from_timm(timm_model: nn.Module, backend: str = "vitfast") -> SwinTrans
             t, o = f"layers.{i}.downsample.", f"features.{2 * i}."
             out.update({o + "reduction.weight": sd[t + "reduction.weight"], o + "norm.weight": sd[t + "norm.weight"],
                         o + "norm.bias": sd[t + "norm.bias"]})
-    # each block's shift as timm fixed it at build time (0 in a stage whose map the window covered then), which a
-    # timm model built with strict_img_size=False keeps at other sizes
-    for i, stage in enumerate(stages):
-        for j, block in enumerate(stage.blocks):
-            shift = block.shift_size
-            model.features[1 + 2 * i][j].attn.shift_size = list(shift) if isinstance(shift, tuple) else [shift] * 2
     model = like(model, timm_model)
     model.load_state_dict(out)
     return model

@@ -448,8 +448,7 @@ def _fake_fwd(qkv, window_size):
 
 @_window_attention_op.register_fake
 def _(qkv, bias, pad_qkv, logit_scale, window_size, shift_size, softmax_scale, dropout_p, seed):
-    mask_backend = torch.empty(1, dtype=torch.int64) if dropout_p > 0 else qkv.new_empty((0,), dtype=torch.int64)
-    return *_fake_fwd(qkv, window_size), mask_backend
+    return *_fake_fwd(qkv, window_size), _mask_backend(qkv, dropout_p, None)
 
 
 @torch.library.custom_op("vitfast::window_attention_backward", mutates_args=())
