@@ -116,7 +116,7 @@ class _CppWindowAttention(torch.autograd.Function):
 @needs_wa
 @pytest.mark.parametrize("cosine", [False, True])
 def test_dropout_backward_matches_forward(cosine):
-    """With dropout the keep mask is this backend's own draw: check the backward against the forward itself."""
+    """With dropout: the backward against the forward itself (gradcheck, float64)."""
     heads, D = 2, 4
     qkv = torch.randn(1, 5, 6, 3, heads, D, dtype=torch.float64, requires_grad=True)
     table = torch.randn(25, heads, dtype=torch.float64, requires_grad=True)

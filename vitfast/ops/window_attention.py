@@ -5,17 +5,13 @@ fake implementations, so torch.compile sees them whole; each picks its backend a
 (vitfast.triton.window_attention: cyclic shift, padding, window partition, bias gather and shift mask by
 index arithmetic in the kernel), "cpp" (csrc/window_attention.cpp, the same fusion on the CPU, registered as
 `vitfast::window_attention_fwd` and `vitfast::window_attention_bwd` with the two schemas below, names aside,
-`int seed` for the seed's value and without mask_backend) or "torch" (the textbook PyTorch below). Every backend
-shares the schemas and the saved state (out, lse), so forward and backward may run on different backends, except
-with dropout: each backend draws its own keep mask from the seed (torch: torch.rand; cpp: a splitmix64 hash; triton:
-Philox), so the forward returns the backend it ran (mask_backend) and the autograd formula hands it to the backward
-op, which runs there (also when the backward runs outside the forward's `use_backend` block, or in a compiled graph
-traced under another choice). Not covered: a checkpointed region (torch.utils.checkpoint) whose backward runs under
-another forced backend than its forward recomputes the forward there, with that backend's mask: run both under one.
+`int seed` for the seed's value) or "torch" (the textbook PyTorch below). Every backend shares the schemas, the
+saved state (out, lse) and the dropout keep mask (the attention kernels' Philox draw, `dropout_keep_ref`, on each
+score's offset in (B, heads, nW, N, N)), so forward and backward may run on different backends, with dropout too.
 
     window_attention(Tensor qkv, Tensor bias, Tensor? pad_qkv, Tensor? logit_scale, int[2] window_size,
                      int[2] shift_size, float softmax_scale, float dropout_p, Tensor? seed)
-        -> (Tensor out, Tensor lse, Tensor mask_backend)
+        -> (Tensor out, Tensor lse)
 
     qkv:         (B, H, W, 3, heads, D), any strides with stride(-1) == 1 (e.g. a view of the qkv Linear's
                  output); q, k, v of every pixel of the unpadded feature map.
@@ -38,25 +34,22 @@ another forced backend than its forward recomputes the forward there, with that 
                  nW = (Hp/wh)(Wp/ww) windows of N = wh*ww tokens (window index w = wy * (Wp/ww) + wx),
                  scores + bias, + (-100) between tokens of different shift regions when sh + sw > 0 (region
                  per axis of the shifted coordinate p: 0 if p < P - w, 1 if p < P - s, else 2), softmax,
-                 dropout with probability dropout_p (keep mask a deterministic function of seed and
-                 (b, head, w, i, j); each backend draws its own bits), @ v, reverse partition, roll back, crop.
+                 dropout with probability dropout_p (score (b, head, w, i, j) kept where
+                 dropout_keep_ref(seed, B, heads * nW, N, N, dropout_p) is, scaled by 1 / (1 - dropout_p)), @ v,
+                 reverse partition, roll back, crop.
     seed:        (1,) int64 on the CPU, drawn from torch's default generator, where dropout_p > 0; else None. (A
                  tensor, not an int: torch.jit.trace and torch.export keep its draw in the program, where an int
                  became a constant, one dropout mask for every call, or failed non-strict export.) The C++ and
                  Triton launchers take its value as an int.
     out:         (B, H, W, heads * D), qkv's dtype, contiguous.
     lse:         (B, heads, nW, N) fp32, natural-log log-sum-exp of each score row (before dropout).
-    mask_backend: with dropout_p > 0, (1,) int64 on the CPU (read on the host, as the seed: no device sync): the
-                 index in vitfast.backend.BACKENDS of the backend that drew the mask (-1: none ran, an empty input);
-                 else empty.
     Gradients flow to qkv, bias, pad_qkv and logit_scale; window/shift/scale/p/seed are non-differentiable.
 
     window_attention_backward(Tensor dout, Tensor qkv, Tensor bias, Tensor? pad_qkv, Tensor? logit_scale,
                               Tensor out, Tensor lse, int[2] window_size, int[2] shift_size, float softmax_scale,
-                              float dropout_p, Tensor? seed, Tensor? mask_backend=None) -> (Tensor dqkv,
-                              Tensor dbias, Tensor dpad_qkv, Tensor dlogit_scale)
+                              float dropout_p, Tensor? seed) -> (Tensor dqkv, Tensor dbias, Tensor dpad_qkv,
+                              Tensor dlogit_scale)
 
-    mask_backend: the forward's; with dropout the backward runs on that backend (None: the automatic choice).
     dout: (B, H, W, heads * D). dqkv: (B, H, W, 3, heads, D) contiguous, qkv's dtype. dbias: bias's shape
     and dtype, summed over batch and windows. dpad_qkv: (3, heads, D) in pad_qkv's dtype (its q part is
     zero: padding queries are cropped), or empty without pad_qkv. dlogit_scale: (heads,) in logit_scale's
@@ -77,7 +70,7 @@ from torch.utils.flop_counter import register_flop_formula, sdpa_flop_count
 from vitfast import _ext
 from vitfast import autocast as _autocast
 from vitfast import backend as _backend
-from vitfast.ops.attention import check_dropout_capture
+from vitfast.ops.attention import check_dropout_capture, dropout_keep_ref
 from vitfast.ops.linear import linear
 
 OP = "window_attention"
@@ -262,21 +255,18 @@ def shifted_window_attention_ref(input: Tensor, qkv_weight: Tensor, proj_weight:
 
 # ----------------------------------------------------------------------------------------------- backends
 
-def _torch_keep(qkv: Tensor, window_size: list, dropout_p: float, seed: int) -> Optional[Tensor]:
-    """The torch backend's keep mask: a function of the seed only, so the backward can redraw it."""
+def _dropout_keep(qkv: Tensor, window_size: list, dropout_p: float, seed: int) -> Optional[Tensor]:
+    """The keep mask every backend draws, (B, heads, nW, N, N) bool, or None without dropout."""
     if dropout_p <= 0:
         return None
-    B, H, W, _, heads, _ = qkv.shape
-    nW = math.ceil(H / window_size[0]) * math.ceil(W / window_size[1])
-    N = window_size[0] * window_size[1]
-    gen = torch.Generator(device=qkv.device).manual_seed(seed)
-    return torch.rand((B, heads, nW, N, N), generator=gen, device=qkv.device) >= dropout_p
+    B, H, W, heads, D, nW, N = _geometry(qkv, window_size)
+    return dropout_keep_ref(seed, B, heads * nW, N, N, dropout_p, qkv.device).view(B, heads, nW, N, N)
 
 
 def _fwd_torch(qkv, bias, pad_qkv, logit_scale, window_size, shift_size, softmax_scale, dropout_p, seed):
     """The reference in fp32 (fp64 for fp64 qkv), as the kernels and `_bwd_torch` compute: the bias enters the scores
     in fp32 whatever qkv's dtype; the output is cast to qkv's dtype once."""
-    keep = _torch_keep(qkv, window_size, dropout_p, seed)
+    keep = _dropout_keep(qkv, window_size, dropout_p, seed)
     acc = torch.float64 if qkv.dtype == torch.float64 else torch.float32
     out, lse = window_attention_ref(qkv.to(acc), bias, window_size, shift_size, pad_qkv, logit_scale, softmax_scale,
                                     keep, dropout_p, return_lse=True)
@@ -341,7 +331,7 @@ def _bwd_torch(dout, qkv, bias, pad_qkv, logit_scale, window_size, shift_size, s
     do = _to_windows(dout.reshape(B, H, W, C).to(acc), window_size, shift_size)
     do = do.view(B, nW, N, heads, D).transpose(2, 3)
     dp = do @ v.transpose(-2, -1)
-    keep = _torch_keep(qkv, window_size, dropout_p, seed)
+    keep = _dropout_keep(qkv, window_size, dropout_p, seed)
     if keep is not None:
         drop = keep.transpose(1, 2).to(acc) / (1.0 - dropout_p)  # (B, nW, heads, N, N)
         pd, dp = p * drop, dp * drop
@@ -389,36 +379,22 @@ def _geometry(qkv: Tensor, window_size: Sequence[int]) -> tuple:
 @torch.library.custom_op("vitfast::window_attention", mutates_args=())
 def _window_attention_op(qkv: Tensor, bias: Tensor, pad_qkv: Optional[Tensor], logit_scale: Optional[Tensor],
                          window_size: list[int], shift_size: list[int], softmax_scale: float, dropout_p: float,
-                         seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """See the module docstring. Returns out (B, H, W, heads*D), lse (B, heads, nW, N) fp32 and the backend that
-    drew the dropout mask (`_mask_backend`)."""
+                         seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """See the module docstring. Returns out (B, H, W, heads*D) and lse (B, heads, nW, N) fp32."""
     _check_op_shapes(qkv, bias, pad_qkv, logit_scale, window_size, shift_size)
     if qkv.numel() == 0:
-        return *_fake_fwd(qkv, window_size), _mask_backend(qkv, dropout_p, None)
+        return _fake_fwd(qkv, window_size)
     check_dropout_capture(OP, dropout_p, qkv.device)
     seed = _backend.seed_value(OP, seed, dropout_p)
     which = _backend.choose_backend(OP, qkv, bias, pad_qkv, logit_scale)
     if which == "triton":
         from vitfast.triton.window_attention import window_attention_fwd
-        out, lse = window_attention_fwd(qkv, bias, pad_qkv, logit_scale, window_size, shift_size, softmax_scale,
-                                        dropout_p, seed)
-    elif which in ("cpp", "cuda"):
-        out, lse = torch.ops.vitfast.window_attention_fwd(qkv, bias, pad_qkv, logit_scale, window_size, shift_size,
-                                                          softmax_scale, dropout_p, seed)
-    else:
-        out, lse = _fwd_torch(qkv, bias, pad_qkv, logit_scale, window_size, shift_size, softmax_scale, dropout_p,
-                              seed)
-    return out, lse, _mask_backend(qkv, dropout_p, which)
-
-
-def _mask_backend(qkv: Tensor, dropout_p: float, which: Optional[str]) -> Tensor:
-    """The forward's third output: with dropout, the index in backend.BACKENDS of the backend that ran it, whose
-    keep mask the backward must regenerate (each backend draws its own), as a (1,) int64 CPU tensor (a value of the
-    run, not of the trace: a compiled graph or the compile cache keeps no choice of its tracing); -1 where nothing
-    ran. Without dropout an empty tensor."""
-    if dropout_p <= 0:
-        return qkv.new_empty((0,), dtype=torch.int64)
-    return torch.full((1,), _backend.BACKENDS.index(which) if which else -1, dtype=torch.int64)
+        return window_attention_fwd(qkv, bias, pad_qkv, logit_scale, window_size, shift_size, softmax_scale,
+                                    dropout_p, seed)
+    if which in ("cpp", "cuda"):
+        return tuple(torch.ops.vitfast.window_attention_fwd(qkv, bias, pad_qkv, logit_scale, window_size, shift_size,
+                                                            softmax_scale, dropout_p, seed))
+    return _fwd_torch(qkv, bias, pad_qkv, logit_scale, window_size, shift_size, softmax_scale, dropout_p, seed)
 
 
 def _check_op_shapes(qkv, bias, pad_qkv, logit_scale, window_size, shift_size) -> None:
@@ -448,17 +424,15 @@ def _fake_fwd(qkv, window_size):
 
 @_window_attention_op.register_fake
 def _(qkv, bias, pad_qkv, logit_scale, window_size, shift_size, softmax_scale, dropout_p, seed):
-    return *_fake_fwd(qkv, window_size), _mask_backend(qkv, dropout_p, None)
+    return _fake_fwd(qkv, window_size)
 
 
 @torch.library.custom_op("vitfast::window_attention_backward", mutates_args=())
 def _window_attention_backward_op(dout: Tensor, qkv: Tensor, bias: Tensor, pad_qkv: Optional[Tensor],
                                   logit_scale: Optional[Tensor], out: Tensor, lse: Tensor, window_size: list[int],
                                   shift_size: list[int], softmax_scale: float, dropout_p: float,
-                                  seed: Optional[Tensor], mask_backend: Optional[Tensor] = None,
-                                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns dqkv (B, H, W, 3, heads, D), dbias (like bias), dpad_qkv (3, heads, D) or empty, dlogit_scale.
-    mask_backend: the forward's third output, whose backend runs a backward with dropout (None: chosen now)."""
+                                  seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns dqkv (B, H, W, 3, heads, D), dbias (like bias), dpad_qkv (3, heads, D) or empty, dlogit_scale."""
     _check_op_shapes(qkv, bias, pad_qkv, logit_scale, window_size, shift_size)
     B, H, W, heads, D, nW, N = _geometry(qkv, window_size)
     _backend.check_op_shapes(f"{OP}_backward", {"dout": (dout, (B, H, W, heads * D)),
@@ -467,7 +441,7 @@ def _window_attention_backward_op(dout: Tensor, qkv: Tensor, bias: Tensor, pad_q
         return _fake_bwd(qkv, bias, pad_qkv, logit_scale, zero=True)
     check_dropout_capture(OP, dropout_p, qkv.device)
     seed = _backend.seed_value(OP, seed, dropout_p)
-    which = _mask_backend_choice(mask_backend, dropout_p, qkv, bias, pad_qkv, logit_scale)
+    which = _backend.choose_backend(OP, qkv, bias, pad_qkv, logit_scale)
     if which == "triton":
         from vitfast.triton.window_attention import window_attention_bwd
         return window_attention_bwd(dout, qkv, bias, pad_qkv, logit_scale, out, lse, window_size, shift_size,
@@ -476,27 +450,6 @@ def _window_attention_backward_op(dout: Tensor, qkv: Tensor, bias: Tensor, pad_q
         return tuple(torch.ops.vitfast.window_attention_bwd(dout, qkv, bias, pad_qkv, logit_scale, out, lse,
                                                             window_size, shift_size, softmax_scale, dropout_p, seed))
     return _bwd_torch(dout, qkv, bias, pad_qkv, logit_scale, window_size, shift_size, softmax_scale, dropout_p, seed)
-
-
-def _mask_backend_choice(mask_backend: Optional[Tensor], dropout_p: float, *tensors: Optional[Tensor]) -> str:
-    """The backend of a backward: with dropout the forward's (its mask_backend output), else the automatic choice.
-
-    Raises:
-        ValueError: a mask_backend that is not a forward's: not an int64 CPU tensor of 0 or 1 elements, an index
-            outside backend.BACKENDS, or a backend that cannot take the tensors.
-    """
-    if mask_backend is not None and (mask_backend.dtype != torch.int64 or mask_backend.device.type != "cpu"
-                                     or mask_backend.dim() != 1 or mask_backend.numel() > 1):
-        raise ValueError(f"vitfast::{OP}_backward: mask_backend must be the forward's (0,) or (1,) int64 CPU tensor, "
-                         f"got {tuple(mask_backend.shape)} {mask_backend.dtype} on {mask_backend.device}")
-    index = int(mask_backend.item()) if dropout_p > 0 and mask_backend is not None and mask_backend.numel() else -1
-    if index == -1:
-        return _backend.choose_backend(OP, *tensors)
-    which = _backend.BACKENDS[index] if 0 <= index < len(_backend.BACKENDS) else None
-    reason = _backend.why_not(OP, which, *tensors) if which else f"{index} is not an index of {_backend.BACKENDS}"
-    if reason:
-        raise ValueError(f"vitfast::{OP}_backward: mask_backend names no backend for these tensors: {reason}")
-    return which
 
 
 def _fake_bwd(qkv, bias, pad_qkv, logit_scale, zero=False):
@@ -510,22 +463,21 @@ def _fake_bwd(qkv, bias, pad_qkv, logit_scale, zero=False):
 
 
 @_window_attention_backward_op.register_fake
-def _(dout, qkv, bias, pad_qkv, logit_scale, out, lse, window_size, shift_size, softmax_scale, dropout_p, seed,
-      mask_backend=None):
+def _(dout, qkv, bias, pad_qkv, logit_scale, out, lse, window_size, shift_size, softmax_scale, dropout_p, seed):
     return _fake_bwd(qkv, bias, pad_qkv, logit_scale)
 
 
 def _setup_context(ctx, inputs, output):
     qkv, bias, pad_qkv, logit_scale, window_size, shift_size, softmax_scale, dropout_p, seed = inputs
-    out, lse, mask_backend = output
-    _backend.save_for_backward(ctx, qkv, bias, pad_qkv, logit_scale, out, lse, seed, mask_backend)
+    out, lse = output
+    _backend.save_for_backward(ctx, qkv, bias, pad_qkv, logit_scale, out, lse, seed)
     ctx.args = (window_size, shift_size, softmax_scale, dropout_p)
 
 
-def _backward(ctx, dout, dlse, dmask_backend):
-    qkv, bias, pad_qkv, logit_scale, out, lse, seed, mask_backend = ctx.saved_tensors
+def _backward(ctx, dout, dlse):
+    qkv, bias, pad_qkv, logit_scale, out, lse, seed = ctx.saved_tensors
     dqkv, dbias, dpad, dscale = _window_attention_backward_op(
-        _unit_inner_stride(dout), qkv, bias, pad_qkv, logit_scale, out, lse, *ctx.args, seed, mask_backend)
+        _unit_inner_stride(dout), qkv, bias, pad_qkv, logit_scale, out, lse, *ctx.args, seed)
     return (dqkv, dbias, dpad if pad_qkv is not None else None, dscale if logit_scale is not None else None,
             None, None, None, None, None)
 
@@ -623,7 +575,7 @@ def _attention_core(qkv: Tensor, bias: Tensor, window_size: list, shift_size: li
         # the q, k, v of a padding pixel, in qkv's dtype as the Linear that makes qkv gives them
         qkv_pad = qkv_pad.reshape(3, heads, D).to(qkv.dtype).contiguous()
     softmax_scale = D ** -0.5 if softmax_scale is None else softmax_scale
-    out, _, _ = _window_attention_op(_unit_inner_stride(qkv), bias, qkv_pad, scale, list(window_size), list(shift_size),
+    out, _ = _window_attention_op(_unit_inner_stride(qkv), bias, qkv_pad, scale, list(window_size), list(shift_size),
                                   float(softmax_scale), float(dropout_p), _backend.draw_seed(what, dropout_p))
     return out
 

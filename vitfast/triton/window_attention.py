@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from vitfast.ops.window_attention import fold_bias_grad
+from vitfast.triton.attention import _dropout_args, _dropout_keep
 from vitfast.triton.common import compiled, dot, dot_precision, launch, num_sms, unit_inner_stride, upcast_bf16
 
 
@@ -138,10 +139,10 @@ def _row_stats(QKV, PAD, BIAS, q, scale, q_base, bias_base, s_qh, s_qw, s_q3, s_
 
 
 @triton.jit
-def _keep(seed, win_base, t_i, t_j, N, dropout_p):
-    """Attention-dropout keep mask of window pairs (i, j): Philox on a unique int64 offset per element."""
-    off = (win_base + t_i[:, None].to(tl.int64)) * N + t_j[None, :]
-    return tl.rand(seed, off) >= dropout_p
+def _keep(seed, win_base, t_i, t_j, N, dropout_thresh):
+    """Attention-dropout keep mask of window pairs (i, j): the attention kernels' Philox draw on the score's offset
+    (win_base + i) * N + j in (B, heads, nW, N, N), as the other backends (vitfast.ops.attention.dropout_keep_ref)."""
+    return _dropout_keep(seed, 0, win_base + t_i.to(tl.int64), t_j, N, N, dropout_thresh)
 
 
 @triton.jit
@@ -179,7 +180,7 @@ def _window_attn_fwd_kernel(
     s_b0, s_b1, s_b2,
     heads, H, W, Hp, Wp, nWw, nW, N, D,
     win_h, win_w, shift_h, shift_w,
-    sm_scale, dropout_p, seed, windows_per_program,
+    sm_scale, seed, dropout_thresh, dropout_scale, windows_per_program,
     HAS_PAD: tl.constexpr,
     DENSE_BIAS: tl.constexpr,
     HAS_MASK: tl.constexpr,
@@ -221,12 +222,12 @@ def _window_attn_fwd_kernel(
                 p = tl.exp(s - m_new[:, None])
                 l = l * alpha + tl.sum(p, axis=1)
                 if DROPOUT:
-                    p = tl.where(_keep(seed, win_base, t_i, t_j, N, dropout_p), p, 0.0)
+                    p = tl.where(_keep(seed, win_base, t_i, t_j, N, dropout_thresh), p, 0.0)
                 acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, DOT_PREC, UPCAST_DOT)
                 m = m_new
             out = acc / l[:, None]
             if DROPOUT:
-                out = out / (1.0 - dropout_p)
+                out = out * dropout_scale
             o_off = ((b * H + sy_i) * W + sx_i) * (heads * D) + h * D
             tl.store(OUT + o_off[:, None] + d[None, :], out.to(OUT.dtype.element_ty),
                      mask=real_i[:, None] & dmask[None, :])
@@ -296,7 +297,7 @@ def _window_attn_bwd_kernel(
     s_b0, s_b1, s_b2,
     heads, H, W, Hp, Wp, nWw, nW, N, D,
     win_h, win_w, shift_h, shift_w,
-    sm_scale, dropout_p, seed, windows_per_program, stats_plane,
+    sm_scale, seed, dropout_thresh, dropout_scale, windows_per_program, stats_plane,
     HAS_PAD: tl.constexpr,
     DENSE_BIAS: tl.constexpr,
     HAS_MASK: tl.constexpr,
@@ -328,7 +329,6 @@ def _window_attn_bwd_kernel(
         scale = tl.load(SCALE + h)
     else:
         scale = sm_scale
-    keep_scale = 1.0 / (1.0 - dropout_p)
     rows = tl.arange(0, BLOCK)
     dbias_acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)  # used when N_TILES == 1
     dpad_k = tl.zeros((BLOCK_D,), dtype=tl.float32)
@@ -378,9 +378,9 @@ def _window_attn_bwd_kernel(
                 p = tl.where(in_i[:, None] & in_j[None, :], p, 0.0)
                 dp = dot(do, tl.trans(v), DOT_PREC, UPCAST_DOT)
                 if DROPOUT:
-                    keep = _keep(seed, win_base, t_i, t_j, N, dropout_p)
-                    pd = tl.where(keep, p * keep_scale, 0.0)
-                    dp = tl.where(keep, dp * keep_scale, 0.0)
+                    keep = _keep(seed, win_base, t_i, t_j, N, dropout_thresh)
+                    pd = tl.where(keep, p * dropout_scale, 0.0)
+                    dp = tl.where(keep, dp * dropout_scale, 0.0)
                 else:
                     pd = p
                 dv += dot(tl.trans(pd.to(dtype)), do, DOT_PREC, UPCAST_DOT)
@@ -443,8 +443,8 @@ def _window_attn_bwd_kernel(
                     p = tl.where(in_i[:, None] & in_j[None, :], tl.exp(s - lse[:, None]) * inv_l[:, None], 0.0)
                     dp = dot(do, tl.trans(v), DOT_PREC, UPCAST_DOT)
                     if DROPOUT:
-                        keep = _keep(seed, win_base, t_i, t_j, N, dropout_p)
-                        dp = tl.where(keep, dp * keep_scale, 0.0)
+                        keep = _keep(seed, win_base, t_i, t_j, N, dropout_thresh)
+                        dp = tl.where(keep, dp * dropout_scale, 0.0)
                     ds = p * (dp - delta[:, None])
                     dq += dot((ds * scale).to(dtype), k, DOT_PREC, UPCAST_DOT)
                 if COSINE:
@@ -458,21 +458,6 @@ def _window_attn_bwd_kernel(
     tl.store(DPAD_P + prog * 2 * BLOCK_D + BLOCK_D + d, dpad_v)
     if COSINE:
         tl.store(DSCALE_P + prog, tl.sum(dscale, axis=0))
-
-
-@triton.jit
-def _dropout_keep_kernel(
-    KEEP,  # (B * heads * nW, N, N) bool out
-    N,
-    dropout_p,
-    seed,
-    BLOCK: tl.constexpr,
-):
-    win = tl.program_id(0).to(tl.int64)
-    t = tl.arange(0, BLOCK)
-    mask = (t < N)[:, None] & (t < N)[None, :]
-    keep = _keep(seed, win * N, t, t, N, dropout_p)
-    tl.store(KEEP + (win * N + t[:, None]) * N + t[None, :], keep, mask=mask)
 
 
 def _config(n: int, d: int, dtype: torch.dtype, backward: bool, cosine: bool) -> tuple:
@@ -533,7 +518,7 @@ def window_attention_fwd(qkv, bias, pad_qkv, logit_scale, window_size, shift_siz
         qkv, pad_qkv if pad_qkv is not None else qkv, bias, logit_scale if logit_scale is not None else lse, out, lse,
         *qkv.stride()[:5], *_bias_strides(bias),
         heads, H, W, Hp, Wp, nWw, nW, N, D, wh, ww, shift_size[0], shift_size[1],
-        softmax_scale, dropout_p, seed, wpp,
+        softmax_scale, *_dropout_args(dropout_p, seed), wpp,
         HAS_PAD=pad_qkv is not None, DENSE_BIAS=bias.dim() == 3, HAS_MASK=shift_size[0] + shift_size[1] > 0,
         COSINE=logit_scale is not None, DROPOUT=dropout_p > 0, DOT_PREC=dot_precision(qkv),
         UPCAST_DOT=upcast_bf16(qkv),
@@ -575,7 +560,7 @@ def window_attention_bwd(dout, qkv, bias, pad_qkv, logit_scale, out, lse, window
     launch(
         _window_attn_bwd_kernel, (B * heads * groups,),
         *common, dout, stats, delta, dqkv, dbias_p, dpad_p, dscale_p, *geometry,
-        softmax_scale, dropout_p, seed, wpp, lse.numel(),
+        softmax_scale, *_dropout_args(dropout_p, seed), wpp, lse.numel(),
         DROPOUT=dropout_p > 0, **flags,
     )
     dbias = dbias_p.view(B, heads, groups, N, N).sum((0, 2))
@@ -587,10 +572,3 @@ def window_attention_bwd(dout, qkv, bias, pad_qkv, logit_scale, out, lse, window
         dpad = qkv.new_empty(0)
     dscale = dscale_p.view(B, heads, groups).sum((0, 2)) if logit_scale is not None else lse.new_empty(0)
     return dqkv, dbias, dpad, dscale
-
-
-def dropout_keep_mask(n_windows_total: int, n: int, dropout_p: float, seed: int, device) -> torch.Tensor:
-    """The keep mask the kernels draw, (B * heads * nW, N, N) bool, for testing against a reference."""
-    keep = torch.empty((n_windows_total, n, n), dtype=torch.bool, device=device)
-    launch(_dropout_keep_kernel, (n_windows_total,), keep, n, dropout_p, seed, BLOCK=triton.next_power_of_2(n))
-    return keep
