@@ -16,10 +16,9 @@ def _build_cuda() -> bool:
     flag = os.environ.get("VITFAST_BUILD_CUDA")
     available = torch.version.cuda is not None and CUDA_HOME is not None
     if flag == "1" and not available:
-        raise RuntimeError(
-            f"VITFAST_BUILD_CUDA=1 but torch {torch.__version__} has CUDA {torch.version.cuda} "
-            f"and nvcc was found at CUDA_HOME={CUDA_HOME}; a CUDA build needs both"
-        )
+        missing = ([f"torch {torch.__version__} is a CPU build"] if torch.version.cuda is None else []) + (
+            ["nvcc was not found (CUDA_HOME unset, no nvcc on PATH)"] if CUDA_HOME is None else [])
+        raise RuntimeError(f"VITFAST_BUILD_CUDA=1 but {' and '.join(missing)}; a CUDA build needs a CUDA torch and nvcc")
     return available if flag is None else flag == "1"
 
 

@@ -136,12 +136,13 @@ if cuda:
     print(subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
                           "--format=csv,noheader"], capture_output=True, text=True).stdout.strip())
 '
-echo "# bench/gpu_run.sh$( (( DRY )) && echo ' --dry-run'), $(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse \
-  --short HEAD 2>/dev/null)" >"$SUMMARY"
+echo "# bench/gpu_run.sh$( (( DRY )) && echo ' --dry-run'), $(date -u +%Y-%m-%dT%H:%MZ), commit $(git describe \
+  --always --dirty --abbrev=12 --exclude='*' 2>/dev/null || echo '(no git checkout)')" >"$SUMMARY"
 stage "(a) device and versions" "${BUDGET[0]}" "$SUMMARY" 0 $PY -c "$ENV_PY"
 
-# In a dry run the build may be cut off (a first build of the CPU extension on 2 cores takes minutes; an incremental
-# one seconds): the extension that `make` built is then used.
+# In a dry run the build, (c) and (d) part 1 may be cut off (a first build of the CPU extension on 2 cores takes
+# minutes, an incremental one seconds: the extension that `make` built is then used; (c) and (d) run long on a loaded
+# machine): the dry run checks the stages' mechanics, `make test` and `make bench` the code.
 stage "(b) build, sm_90 only" "${BUDGET[1]}" "$OUT/build.log" $DRY $PY setup.py build_ext --inplace
 
 # An error raised inside the extension (a TORCH_CHECK) crashed the process on the H200 machine (2026-11-30: a
@@ -150,6 +151,7 @@ stage "(b) build, sm_90 only" "${BUDGET[1]}" "$OUT/build.log" $DRY $PY setup.py 
 PROBE='
 import torch, vitfast._ext as ext
 assert ext.HAS_EXT, ext.EXT_ERROR
+assert ext.EXT_CUDA or not torch.cuda.is_available(), "the extension was built without its CUDA kernels (nvcc not found?)"
 q, k = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 4, 8)
 try:
     torch.ops.vitfast.attention_fwd(q, k, k, torch.ones(1, 2, 3, 5), 0.0, False, 0, 1.0)
@@ -173,7 +175,7 @@ skipped() { echo "- $1: skipped (GPU_RUN_SKIP)" >>"$SUMMARY"; echo "== $1: skipp
 if [[ $SKIP == *c* ]]; then
   skipped "(c) correctness at model shapes"
 else
-  stage "(c) correctness at model shapes" "${BUDGET[2]}" "$OUT/correctness.log" 0 \
+  stage "(c) correctness at model shapes" "${BUDGET[2]}" "$OUT/correctness.log" $DRY \
     $PY -m pytest tests/test_model_shapes.py tests/test_launch.py "${XDIST[@]}" -v -rfEs --durations=15 \
     -p no:cacheprovider
 fi
@@ -184,7 +186,7 @@ BENCH_FILES=(bench/bench_attention.py bench/bench_window_attention.py bench/benc
 if [[ $SKIP == *d* ]]; then
   skipped "(d) benchmarks"
 else
-  stage "(d) benchmarks, part 1: vitfast, SDPA, eager" "${BUDGET[3]}" "$OUT/bench.log" 0 \
+  stage "(d) benchmarks, part 1: vitfast, SDPA, eager" "${BUDGET[3]}" "$OUT/bench.log" $DRY \
     $PY -m pytest "${BENCH_FILES[@]}" -m headline -k "not flex and not compile" --benchmark-only -q \
     --benchmark-json="$OUT/bench.json" -p no:cacheprovider
   stage "(d) benchmarks, part 2: compiled FlexAttention, torch.compile" $(( BUDGET[3] - (SECONDS - t_bench) )) \

@@ -61,11 +61,15 @@ def header(data: dict) -> str:
     bench = data["benchmarks"][0]["extra_info"] if data["benchmarks"] else {}
     device = bench.get("device", m.get("cpu", {}).get("brand_raw", "?"))
     peaks = next((b["extra_info"] for b in data["benchmarks"] if "peak_GB/s" in b["extra_info"]), {})
-    tflops = peaks.get("peak_TFLOP/s", 0)  # (a CPU's, below 1 TFLOP/s, printed as 0.0 TFLOP/s)
-    matmul = f"{tflops:.1f} TFLOP/s" if tflops >= 1 else f"{tflops * 1e3:.1f} GFLOP/s"
-    roof = f" Measured peaks: {peaks['peak_GB/s']:.0f} GB/s copy, {matmul} matmul." if peaks else ""
+    roof = (f" Measured peaks: {peaks['peak_GB/s']:.0f} GB/s copy, {_flops(peaks.get('peak_TFLOP/s', 0))} matmul."
+            if peaks else "")
     return (f"Device: {device}; torch {bench.get('torch', '?')}; python {m.get('python_version', '?')}; "
             f"date {data.get('datetime', '?')[:10]}; medians of pytest-benchmark rounds.{roof}")
+
+
+def _flops(tflops: float) -> str:
+    """A rate in TFLOP/s, or in GFLOP/s below 1 TFLOP/s (a CPU's printed as 0.0 TFLOP/s)."""
+    return f"{tflops:.1f} TFLOP/s" if tflops >= 1 else f"{tflops * 1e3:.1f} GFLOP/s"
 
 
 def speedups(rows: list) -> dict:
@@ -79,7 +83,8 @@ def markdown(data: dict, groups: dict) -> str:
     for group, entries in groups.items():
         sp = speedups(entries)
         for impl, t, extra in sorted(entries, key=lambda r: r[1]):
-            tput = ", ".join(f"{extra[k]:.1f} {k}" for k in ("TFLOP/s", "GB/s") if k in extra)
+            tput = ", ".join(([_flops(extra["TFLOP/s"])] if "TFLOP/s" in extra else [])
+                             + ([f"{extra['GB/s']:.1f} GB/s"] if "GB/s" in extra else []))
             floor = extra.get("floor_ms")
             roof = f"{floor:.3f} ({t * 1e3 / floor:.1f}x)" if floor else ""
             mem = f"{extra['peak_mem_MiB']:.0f}" if "peak_mem_MiB" in extra else ""

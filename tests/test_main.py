@@ -163,6 +163,16 @@ def test_bench_report_splits_the_patched_model_rounds(tmp_path):
                      ("vitfast-prepacked", "80.000"): "1.50x"}, text
 
 
+def test_bench_report_gives_a_cpu_throughput_in_gflops(tmp_path):
+    """A CPU row's throughput (below 1 TFLOP/s) read "0.0 TFLOP/s"; the header already switched to GFLOP/s."""
+    bench = {"name": "test_fwd[cpu]", "group": "ln fwd", "stats": {"median": 0.002},
+             "extra_info": {"impl": "vitfast-cpp", "TFLOP/s": 0.0123, "GB/s": 4.56}}
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"benchmarks": [bench], "datetime": "2026-12-01"}))
+    report = _bench_report()
+    assert "12.3 GFLOP/s, 4.6 GB/s" in report.markdown(*report.load(str(path)))
+
+
 def test_out_without_matplotlib_is_refused_before_measuring(tmp_path, monkeypatch, capsys):
     """--out writes a plot with matplotlib: without it the job failed with a traceback (exit 1) after measuring."""
     monkeypatch.setitem(sys.modules, "matplotlib", None)
@@ -183,6 +193,9 @@ def test_op_names_select_their_cases(capsys):
         main(["check", "--op", "window_attn", "--device", "cpu"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "no case matches --op window_attn" in err and "window_attention" in err
+    with pytest.raises(SystemExit) as e:  # (beside one that matches, the typo was dropped silently)
+        main(["check", "--op", "layer_nrom", "--op", "patch_merging", "--device", "cpu"])
+    assert e.value.code == 2 and "no case matches --op layer_nrom" in capsys.readouterr().err
 
 
 def test_a_nan_error_is_reported_as_nan(monkeypatch, capsys):

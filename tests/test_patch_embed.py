@@ -257,6 +257,39 @@ def test_pos_embed_resampling_matrix_is_cached_and_the_table_read_per_call(new_s
     assert resample_pos_embed(other, (4, 4), num_prefix_tokens=1).shape == (1, 17, 8)
 
 
+def test_pos_embed_resampling_cache_holds_no_fake_or_inference_tensor():
+    """The resampling matrix cached by a first call under torch.export (a fake tensor: every later eager call returned
+    a fake output) or under torch.inference_mode (a later training call failed: inference tensors cannot be saved for
+    backward); a first call under torch.compile(fullgraph=True) caches a real matrix."""
+    class Embed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(4, 3, 2, 2))
+            self.pos = torch.nn.Parameter(torch.randn(1, 1 + 9, 4))  # a 3 x 3 grid, resampled to the image's 4 x 4
+            self.cls = torch.nn.Parameter(torch.randn(1, 4))
+
+        def forward(self, x):
+            return patch_embed(x, self.w, None, 2, pos_embed=self.pos, prefix_tokens=self.cls)
+    model, img = Embed(), torch.randn(1, 3, 8, 8)
+    pe_ops._RESIZE_CACHE.clear()
+    with torch.no_grad():
+        exported = torch.export.export(model, (img,), strict=False).module()
+        want = model(img)
+        assert type(want) is torch.Tensor
+        torch.testing.assert_close(exported(img), want)
+    pe_ops._RESIZE_CACHE.clear()
+    with torch.inference_mode():
+        model(img)
+    model(img).sum().backward()
+    assert model.pos.grad is not None and model.pos.grad.abs().sum() > 0
+    pe_ops._RESIZE_CACHE.clear()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, fullgraph=True)(img), want)
+        assert [type(m) for m in pe_ops._RESIZE_CACHE.values()] == [torch.Tensor]
+        torch.testing.assert_close(model(img), want)
+
+
 def _timm_like(img, patch, C, E, norm, fmt):
     class Ref(torch.nn.Module):
         def __init__(self):

@@ -403,6 +403,15 @@ def test_bad_inputs_raise_clear_errors():
             vitfast.window_attention(qkv, torch.randn(169, 2), ws)
     with pytest.raises(ValueError, match="window_size must be positive"):
         vitfast.shifted_window_attention(x, torch.randn(90, 30), torch.randn(30, 30), torch.randn(169, 5), 0, 5, 0)
+    # sizes that are not integers (a float window was truncated: 7.9 ran as 7; 0.5 as no shift)
+    for ws, shift in ((7.9, 3), ((7, 7), (0.5, 0.5)), (torch.tensor(7), 3), ("77", 3), ((7, 7, 7), 3)):
+        with pytest.raises(ValueError, match="must be an int or a pair of ints"):
+            vitfast.window_attention(qkv, torch.randn(169, 2), ws, shift)
+    with pytest.raises(ValueError, match="divisible by num_heads"):
+        vitfast.shifted_window_attention(x, torch.randn(90, 30), torch.randn(30, 30), torch.randn(169, 5), 7, 5.0, 3)
+    np = pytest.importorskip("numpy")
+    torch.testing.assert_close(vitfast.window_attention(qkv, torch.randn(169, 2).fill_(1), np.int64(7), np.int64(3)),
+                               vitfast.window_attention(qkv, torch.randn(169, 2).fill_(1), 7, 3))
     with pytest.raises(ValueError, match=r"\(1, 14, 14, 3, 2, 0\) needs at least one head and a head dim"):
         vitfast.window_attention(torch.randn(1, 14, 14, 3, 2, 0), torch.randn(169, 2), 7)
     with pytest.raises(ValueError, match=r"\(1, 4, 4, 3, 0, 4\) needs at least one head"):  # (a map under the window:

@@ -282,12 +282,13 @@ def main(argv=None) -> int:
     reps = args.reps or (1 if args.command == "check" else 20 if gpu else 11)
     every = _cases(gpu)
     names = {_registered_op(c) for c in every}  # (an op's name selects that op only: "linear" is not "linear_gelu")
-    cases = [c for c in every
-             if not args.op or any(_registered_op(c) == o if o in names else c.op.startswith(o) for o in args.op)]
-    if not cases:
-        parser.error(f"no case matches --op {' '.join(args.op)}: give an op's name ("
-                     f"{', '.join(sorted(names))}) or the start of a case's label ("
-                     f"{'; '.join(c.op for c in every)})")
+    def selects(c: Case, o: str) -> bool:
+        return _registered_op(c) == o if o in names else c.op.startswith(o)
+    cases = [c for c in every if not args.op or any(selects(c, o) for o in args.op)]
+    for o in args.op or ():
+        if not any(selects(c, o) for c in every):
+            parser.error(f"no case matches --op {o}: give an op's name ({', '.join(sorted(names))}) or the start "
+                         f"of a case's label ({'; '.join(c.op for c in every)})")
     for name in args.backend or ():
         reasons = {backend._unavailable(_registered_op(c), name, torch.device(args.device)) for c in cases}
         if None not in reasons:

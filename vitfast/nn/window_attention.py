@@ -13,11 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitfast.ops.window_attention import relative_position_index, shifted_window_attention, window_attention
-
-
-def _pair(v) -> List[int]:
-    return [int(v), int(v)] if isinstance(v, int) else [int(x) for x in v]
+from vitfast.ops.window_attention import _pair, relative_position_index, shifted_window_attention, window_attention
 
 
 class ShiftedWindowAttention(nn.Module):
@@ -127,8 +123,8 @@ class WindowAttention(nn.Module):
         super().__init__()
         dd = dict(device=device, dtype=dtype)  # timm's factory kwargs
         self.dim = dim
-        self.window_size = tuple(_pair(window_size))
-        self.shift_size = tuple(_pair(shift_size))
+        self.window_size = tuple(_pair(window_size, "window_size"))
+        self.shift_size = tuple(_pair(shift_size, "shift_size"))
         self.window_area = self.window_size[0] * self.window_size[1]
         self.num_heads = num_heads
         head_dim = head_dim or dim // num_heads  # (timm's: dim need not divide; qkv is num_heads * head_dim wide)
@@ -166,7 +162,7 @@ class WindowAttention(nn.Module):
     def set_window_size(self, window_size: Union[int, Sequence[int]]) -> None:
         """timm's: a new window size; the bias table is resized with timm's resize_rel_pos_bias_table (so this needs
         timm, ImportError without it) and the index rebuilt. shift_size (image layout only) is left as it is."""
-        window_size = tuple(_pair(window_size))
+        window_size = tuple(_pair(window_size, "window_size"))
         if window_size == self.window_size:
             return
         try:

@@ -60,6 +60,7 @@ bias and logit_scale are taken as they are and, as in the unfused code (a float3
 scores promotes them to float32), enter the scores in fp32; out is in the region's dtype, as attn @ v is.
 """
 import math
+import numbers
 from typing import Optional, Sequence, Union
 
 import torch
@@ -79,11 +80,23 @@ MASK_VALUE = -100.0
 IntPair = Union[int, Sequence[int]]
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, (numbers.Integral, torch.SymInt))
+
+
 def _pair(v: IntPair, name: str) -> list:
-    p = [int(v), int(v)] if isinstance(v, int) else [int(x) for x in v]
-    if len(p) != 2:
+    """[a, b] from an int or a pair of ints (Python, NumPy or symbolic).
+
+    Raises:
+        ValueError: anything else, e.g. a float (truncated before: window 2.9 ran as 2).
+    """
+    try:
+        p = [v, v] if _is_int(v) else list(v)
+    except TypeError:
+        p = []
+    if len(p) != 2 or not all(_is_int(x) for x in p):
         raise ValueError(f"vitfast: {name} must be an int or a pair of ints, got {v!r}")
-    return p
+    return [x if isinstance(x, torch.SymInt) else int(x) for x in p]
 
 
 def _window_pair(v: IntPair, what: str) -> list:
@@ -721,7 +734,7 @@ def shifted_window_attention(input: Tensor, qkv_weight: Tensor, proj_weight: Ten
         raise ValueError(f"vitfast.shifted_window_attention: input must be floating point (B, H, W, C), got "
                          f"{tuple(input.shape)} {input.dtype}")
     B, H, W, C = input.shape
-    if num_heads < 1 or C % num_heads != 0:
+    if not _is_int(num_heads) or num_heads < 1 or C % num_heads != 0:
         raise ValueError(f"vitfast.shifted_window_attention: channels C={C} must be divisible by num_heads="
                          f"{num_heads}")
     if tuple(qkv_weight.shape) != (3 * C, C) or tuple(proj_weight.shape) != (C, C):
