@@ -16,6 +16,7 @@ mlp_rows, with the chunk size of choice.py's rule, forced also where the rule wo
 """
 import argparse
 import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -192,8 +193,9 @@ def main(argv=None):
                  f"table compares vitfast's own choice with ATen; run without it")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{torch.backends.cpu.get_cpu_capability()}, medians of {args.reps} interleaved")
+    env = vitfast.info()
+    print(f"vitfast {env['vitfast']} (commit {env['commit']}) on {env['cpu']}, torch {torch.__version__}, "
+          f"{time.strftime('%Y-%m-%d')}, medians of {args.reps} interleaved")
     print("| case | mode | ATen ms | vitfast ms | ATen / vitfast |")
     print("|---|---|---|---|---|")
     names, matched = [], False

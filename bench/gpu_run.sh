@@ -10,7 +10,7 @@
 #   bench.log         (d) pytest output of both parts
 #   bench.json        (d) part 1: vitfast, SDPA (flash, efficient, cudnn, math), eager
 #   bench_compiled.json (d) part 2: compiled FlexAttention and torch.compile baselines
-#   report.md         (d) bench/report.py over both JSON files (median, roofline floor, throughput, peak MiB)
+#   report.md         (d) bench/report.py over both JSON files (median, roofline floor, throughput, peak MiB above the inputs)
 #   tests.log         (e)
 #
 # Usage, from the repository root: bash bench/gpu_run.sh [--dry-run]    (OUT=dir, default ./out; PYTHON, default

@@ -87,22 +87,22 @@ def markdown(data: dict, groups: dict) -> str:
                              + ([f"{extra['GB/s']:.1f} GB/s"] if "GB/s" in extra else []))
             floor = extra.get("floor_ms")
             roof = f"{floor:.3f} ({t * 1e3 / floor:.1f}x)" if floor else ""
-            mem = f"{extra['peak_mem_MiB']:.0f}" if "peak_mem_MiB" in extra else ""
+            mem = f"{extra['peak_MiB_above_inputs']:.0f}" if "peak_MiB_above_inputs" in extra else ""
             vs = "-" if math.isnan(sp[impl]) else f"{sp[impl]:.2f}x"  # (no baseline in the group: it read "nanx")
             rows.append([group, impl, f"{t * 1e3:.3f}", roof, tput, mem, vs])
     table = markdown_table(["benchmark", "impl", "median (ms)", "roofline floor ms (time/floor)", "throughput",
-                            "peak MiB", "vs best baseline"], rows)
+                            "peak MiB above inputs", "vs best baseline"], rows)
     return header(data) + "\n\n" + table + "\n"
 
 
-def plot(groups: dict, path: str) -> None:
+def plot(data: dict, groups: dict, path: str) -> None:
     labels, values = [], []
     for group, entries in groups.items():
         best = max((v for impl, v in speedups(entries).items() if impl.startswith("vitfast")), default=None)
         if best is not None:
             labels.append(group)
             values.append(best)
-    plot_speedups(labels, values, "speedup of the fastest vitfast backend vs the fastest baseline", path)
+    plot_speedups(labels, values, "speedup of the fastest vitfast backend vs the fastest baseline", path, header(data))
 
 
 def main(argv=None) -> None:
@@ -121,7 +121,7 @@ def main(argv=None) -> None:
     except (OSError, ValueError) as e:
         parser.error(str(e))
     if not args.no_plot:
-        plot(groups, os.path.join(args.out, "speedup.png"))
+        plot(data, groups, os.path.join(args.out, "speedup.png"))
     print(markdown(data, groups))
 
 

@@ -23,6 +23,7 @@ def test_check_and_out(tmp_path, capsys):
                  "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "layer_norm" in printed and "fwd+bwd" in printed
+    assert "check: accuracy only, its times (one round) are not measurements" in printed
     rows = json.loads((tmp_path / "vitfast.json").read_text())["rows"]
     assert {r["pass_"] for r in rows} == {"fwd", "fwd+bwd"} and all(r["ok"] for r in rows)
     assert (tmp_path / "vitfast.md").read_text().count("|") > 20
@@ -281,6 +282,21 @@ def test_out_writes_valid_json_and_a_late_failure_in_one_line(tmp_path, monkeypa
     assert main(["check", "--op", "layer_norm", "--device", "cpu", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.endswith(f"error: --out {tmp_path}: [Errno 28] No space left on device\n") and "Traceback" not in err
+
+
+def test_plots_carry_their_header_and_mark_inaccurate_rows(tmp_path, monkeypatch):
+    """The PNGs had no device, versions or date, and drew a row outside the accuracy rule like any other."""
+    figure = pytest.importorskip("matplotlib.figure")
+    seen = {}
+
+    def savefig(fig, path, **kwargs):
+        ax = fig.axes[0]
+        seen.update(title=ax.get_title(), hatches=[bar.get_hatch() for bar in ax.patches])
+    monkeypatch.setattr(figure.Figure, "savefig", savefig)
+    rows = [dict(op="layer norm", shape="(8, 16)", dtype="float32", pass_="fwd", backend=f"vitfast {b}", max_err=1e-6,
+                 ms=1.0, speedup=s, ok=ok) for b, s, ok in (("cpp", 1.5, True), ("torch", 0.5, False))]
+    vitfast_main._write_out(str(tmp_path), rows, "vitfast 0.1 on cpu, torch.float32, 2026-12-01", {}, "cpu")
+    assert "vitfast 0.1 on cpu" in seen["title"] and seen["hatches"] == [None, "//"]
 
 
 def test_the_header_names_the_device_it_ran_on(monkeypatch, capsys):

@@ -1,6 +1,7 @@
 """Interleaved timing, markdown tables and speedup plots, shared by `python -m vitfast` and bench/."""
+import textwrap
 import time
-from typing import Callable, List, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
@@ -39,15 +40,24 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in cells[1:]])
 
 
-def plot_speedups(labels: Sequence[str], values: Sequence[float], xlabel: str, path: str) -> None:
-    """A horizontal bar chart of speedups (green at or above 1x, red below) written to `path` as PNG."""
+def plot_speedups(labels: Sequence[str], values: Sequence[float], xlabel: str, path: str, title: str,
+                  ok: Optional[Sequence[bool]] = None) -> None:
+    """A horizontal bar chart of speedups (green at or above 1x, red below; grey and hatched where `ok` is False:
+    a result outside the accuracy rule) written to `path` as PNG, under `title` (the device, versions and date the
+    figures belong to)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 0.32 * len(labels) + 1.5))
-    ax.barh(list(labels), list(values), color=["tab:green" if v >= 1 else "tab:red" for v in values])
+    ok = [True] * len(values) if ok is None else list(ok)
+    fig, ax = plt.subplots(figsize=(9, 0.32 * len(labels) + 1.9))
+    bars = ax.barh(list(labels), list(values),
+                   color=["tab:gray" if not good else "tab:green" if v >= 1 else "tab:red" for v, good in zip(values, ok)])
+    for bar, good in zip(bars, ok):
+        if not good:
+            bar.set_hatch("//")
+    ax.set_title("\n".join(textwrap.wrap(title, 110)), fontsize=8)
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_xlabel(xlabel)
     ax.invert_yaxis()
