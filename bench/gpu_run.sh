@@ -10,7 +10,8 @@
 #   bench.log         (d) pytest output of both parts
 #   bench.json        (d) part 1: vitfast, SDPA (flash, efficient, cudnn, math), eager
 #   bench_compiled.json (d) part 2: compiled FlexAttention and torch.compile baselines
-#   report.md         (d) bench/report.py over both JSON files (median, roofline floor, throughput, peak MiB above the inputs)
+#   report.md         (d) bench/report.py over both JSON files (median, roofline floor, throughput, peak MiB
+#                     above the inputs)
 #   tests.log         (e)
 #
 # Usage, from the repository root: bash bench/gpu_run.sh [--dry-run]    (OUT=dir, default ./out; PYTHON, default
@@ -151,7 +152,7 @@ stage "(b) build, sm_90 only" "${BUDGET[1]}" "$OUT/build.log" $DRY $PY setup.py 
 PROBE='
 import torch, vitfast._ext as ext
 assert ext.HAS_EXT, ext.EXT_ERROR
-assert ext.EXT_CUDA or not torch.cuda.is_available(), "the extension was built without its CUDA kernels (nvcc not found?)"
+assert ext.EXT_CUDA or not torch.cuda.is_available(), "the extension was built without CUDA kernels (no nvcc?)"
 q, k = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 4, 8)
 try:
     torch.ops.vitfast.attention_fwd(q, k, k, torch.ones(1, 2, 3, 5), 0.0, False, 0, 1.0)

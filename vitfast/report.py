@@ -52,8 +52,8 @@ def plot_speedups(labels: Sequence[str], values: Sequence[float], xlabel: str, p
 
     ok = [True] * len(values) if ok is None else list(ok)
     fig, ax = plt.subplots(figsize=(9, 0.32 * len(labels) + 1.9))
-    bars = ax.barh(list(labels), list(values),
-                   color=["tab:gray" if not good else "tab:green" if v >= 1 else "tab:red" for v, good in zip(values, ok)])
+    colors = ["tab:gray" if not good else "tab:green" if v >= 1 else "tab:red" for v, good in zip(values, ok)]
+    bars = ax.barh(list(labels), list(values), color=colors)
     for bar, good in zip(bars, ok):
         if not good:
             bar.set_hatch("//")
