@@ -3,6 +3,8 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "dropout.h"
+
 TORCH_LIBRARY(vitfast, m) {
   // x: (M, N) with unit inner stride; weight/bias: (N,); residual: like x.
   // Returns y (M, N), s = x + residual (M, N) or an empty tensor without residual,
@@ -117,6 +119,7 @@ TORCH_LIBRARY_IMPL(vitfast, AutocastCUDA, m) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("dropout_keep", &vitfast::dropout_keep, "(seed, offset, numel, dropout_p) -> (numel,) bool keep mask (dropout.h)");
   m.def("with_cuda", []() {
 #ifdef VITFAST_WITH_CUDA
     return true;

@@ -32,6 +32,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "dropout.h"
 #include "exp_op.h"
 
 #include <algorithm>
@@ -39,7 +40,6 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
-#include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -89,68 +89,6 @@ C10_ALWAYS_INLINE void window_tokens(const Geometry& g, int64_t w, Token* tok, A
       region[t] = static_cast<A>(g.shifted ? ry * 3 + rx : 0);
     }
   }
-}
-
-// Attention-dropout keep mask of the scores at offsets base .. base + count - 1 of (B, heads, nW, N, N):
-// Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011) of the counter
-// (offset low, offset high, 0, 0) under the key (seed low, seed high), kept where the first word's top 24 bits
-// reach round(dropout_p * 2^24), as vitfast.ops.attention.dropout_keep_ref and the Triton kernels (tl.philox) draw
-// it. The lanes are independent: the loop vectorizes (AVX2 and AVX-512 copies below; 5 and 2 ns per score on a
-// Zen 4 core, 9 without them).
-C10_ALWAYS_INLINE void keep_mask_impl(uint64_t seed, uint64_t base, int64_t count, uint32_t threshold,
-                                      uint8_t* C10_RESTRICT keep) {
-#pragma omp simd
-  for (int64_t e = 0; e < count; ++e) {
-    const uint64_t offset = base + static_cast<uint64_t>(e);
-    uint32_t c0 = static_cast<uint32_t>(offset), c1 = static_cast<uint32_t>(offset >> 32), c2 = 0, c3 = 0;
-    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-    for (int round = 0; round < 10; ++round) {
-      const uint64_t p0 = uint64_t{0xCD9E8D57u} * c2, p1 = uint64_t{0xD2511F53u} * c0;
-      c0 = static_cast<uint32_t>(p0 >> 32) ^ c1 ^ k0;
-      c1 = static_cast<uint32_t>(p0);
-      c2 = static_cast<uint32_t>(p1 >> 32) ^ c3 ^ k1;
-      c3 = static_cast<uint32_t>(p1);
-      k0 += 0x9E3779B9u;
-      k1 += 0xBB67AE85u;
-    }
-    keep[e] = (c0 >> 8) >= threshold;
-  }
-}
-
-void keep_mask_base(uint64_t seed, uint64_t base, int64_t count, uint32_t threshold, uint8_t* keep) {
-  keep_mask_impl(seed, base, count, threshold, keep);
-}
-
-#if VITFAST_WA_AVX
-__attribute__((target("avx2"))) void keep_mask_avx2(uint64_t seed, uint64_t base, int64_t count,
-                                                    uint32_t threshold, uint8_t* keep) {
-  keep_mask_impl(seed, base, count, threshold, keep);
-}
-
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void keep_mask_avx512(
-    uint64_t seed, uint64_t base, int64_t count, uint32_t threshold, uint8_t* keep) {
-  keep_mask_impl(seed, base, count, threshold, keep);
-}
-#endif
-
-using KeepMaskFn = void (*)(uint64_t, uint64_t, int64_t, uint32_t, uint8_t*);
-
-// The widest copy of keep_mask_impl this CPU runs and ATEN_CPU_CAPABILITY allows (all draw the same bits).
-KeepMaskFn keep_mask_fn() {
-#if VITFAST_WA_AVX
-  static const KeepMaskFn fn = [] {
-    const std::string cap = at::get_cpu_capability();
-    if (cap == "AVX512" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
-      return &keep_mask_avx512;
-    }
-    if ((cap == "AVX2" || cap == "AVX512") && __builtin_cpu_supports("avx2")) return &keep_mask_avx2;
-    return &keep_mask_base;
-  }();
-  return fn;
-#else
-  return &keep_mask_base;
-#endif
 }
 
 #if VITFAST_WA_AVX
@@ -397,7 +335,7 @@ struct Args {
   const A* logit_scale;    // (heads,) or nullptr
   A scale;                 // softmax_scale (dot-product attention)
   double dropout_p;
-  uint32_t keep_threshold;  // round(dropout_p * 2^24): see keep_mask_impl
+  uint32_t keep_threshold;  // dropout_threshold(dropout_p): see dropout.h
   uint64_t seed;
   float* lse;              // (B, heads, nW, N), written by the forward
   // Forward only.
@@ -440,7 +378,7 @@ const uint8_t* item_keep_mask(const Args<scalar_t, A>& a, Scratch<A>& sc, int64_
   const int64_t N = a.g.N;
   sc.keep.resize(N * N);
   const uint64_t base = static_cast<uint64_t>((b * a.g.heads + h) * a.g.nW + w) * static_cast<uint64_t>(N * N);
-  keep_mask_fn()(a.seed, base, N * N, a.keep_threshold, sc.keep.data());
+  dropout_keep_mask(a.seed, base, N * N, a.keep_threshold, sc.keep.data());
   return sc.keep.data();
 }
 
@@ -816,7 +754,7 @@ Args<scalar_t, A> make_args(const Geometry& g, const at::Tensor& qkv, const Extr
   a.logit_scale = e.logit_scale.defined() ? e.logit_scale.const_data_ptr<A>() : nullptr;
   a.scale = static_cast<A>(softmax_scale);
   a.dropout_p = dropout_p;
-  a.keep_threshold = static_cast<uint32_t>(std::nearbyint(dropout_p * 16777216.0));
+  a.keep_threshold = dropout_threshold(dropout_p);
   a.seed = static_cast<uint64_t>(seed);
   return a;
 }

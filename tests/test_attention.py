@@ -387,6 +387,21 @@ def test_dropout_keep_mask_statistics():
     assert not torch.equal(keep, dropout_keep_ref(2**40 + 8, 2, 3, 64, 96, 0.1))
 
 
+@pytest.mark.skipif(not vitfast._ext.HAS_EXT, reason="needs the C++ extension")
+def test_cpp_dropout_keep_is_the_reference_philox():
+    """The C++ draw (the torch backends' mask on CPU, the C++ window kernel's) is dropout_keep_ref's bit for bit: seeds
+    with both key words, offsets past 2**32, chunks drawn in parallel, every vector copy (make
+    test-cpu-capabilities runs this again under ATEN_CPU_CAPABILITY=default and avx2)."""
+    from vitfast.ops.attention import _philox_keep, dropout_keep
+    for seed, offset, n in ((0, 0, 40000), (2**40 + 7, 2**32 - 500, 1500), (2**62 - 1, 2**40 + 3, 777)):
+        for p in (0.0, 0.1, 0.5, 0.999):
+            want = _philox_keep(seed, torch.arange(offset, offset + n), p)
+            assert torch.equal(vitfast._ext._C.dropout_keep(seed, offset, n, p), want), (seed, offset, p)
+    assert torch.equal(dropout_keep(5, (2, 3, 7, 9), 0.3, torch.device("cpu")), dropout_keep_ref(5, 2, 3, 7, 9, 0.3))
+    with pytest.raises(RuntimeError, match=r"dropout_p must be in \[0, 1\)"):
+        vitfast._ext._C.dropout_keep(0, 0, 10, 1.0)
+
+
 @pytest.mark.parametrize("backend,device", CASES)
 def test_keys_under_2_pow_minus_24_keep_their_gradient(backend, device):
     """A row whose second key has weight e^-17.5 (its sum of exp is exactly 1 in fp32) but v = 1000: that key moves

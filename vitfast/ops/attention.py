@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
 
+from vitfast import _ext
 from vitfast import autocast as _autocast
 from vitfast import backend as _backend
 
@@ -118,9 +119,16 @@ def _probs_at_v(p: Tensor, s: Tensor, v: Tensor) -> Tensor:
 
 def dropout_keep_ref(seed: int, B: int, H: int, Nq: int, Nk: int, dropout_p: float, device=None) -> torch.Tensor:
     """The kernels' dropout keep-mask, (B, H, Nq, Nk) bool, in plain PyTorch (Philox4x32-10, 64-bit ints)."""
+    return _philox_keep(seed, torch.arange(B * H * Nq * Nk, dtype=torch.int64, device=device),
+                        dropout_p).view(B, H, Nq, Nk)
+
+
+def _philox_keep(seed: int, offsets: Tensor, dropout_p: float) -> Tensor:
+    """Whether the scores at `offsets` (int64) are kept: Philox4x32-10 (Salmon et al., SC 2011) of the counter
+    (offset low, offset high, 0, 0) under the key (seed low, seed high), kept where the first word's top
+    _DROPOUT_BITS bits reach round(dropout_p * 2**_DROPOUT_BITS)."""
     M32 = 0xFFFFFFFF
-    idx = torch.arange(B * H * Nq * Nk, dtype=torch.int64, device=device).view(B, H, Nq, Nk)
-    c0, c1 = idx & M32, idx >> 32
+    c0, c1 = offsets & M32, offsets >> 32
     c2 = torch.zeros_like(c0)
     c3 = torch.zeros_like(c0)
     k0, k1 = int(seed) & M32, (int(seed) >> 32) & M32
@@ -132,6 +140,16 @@ def dropout_keep_ref(seed: int, B: int, H: int, Nq: int, Nk: int, dropout_p: flo
         k0 = (k0 + 0x9E3779B9) & M32
         k1 = (k1 + 0xBB67AE85) & M32
     return (c0 >> (32 - _DROPOUT_BITS)) >= int(round(dropout_p * 2**_DROPOUT_BITS))
+
+
+def dropout_keep(seed: int, shape: tuple, dropout_p: float, device: torch.device) -> Tensor:
+    """`dropout_keep_ref`'s mask for scores of `shape` (flattened in order), as the torch backends draw it: by the
+    C++ extension (vitfast._C.dropout_keep, csrc/dropout.cpp) for CPU tensors, where the PyTorch formula's ten rounds
+    over int64 tensors took 10x the whole attention's time; by that formula elsewhere."""
+    numel = math.prod(shape)
+    if device.type == "cpu" and _ext.HAS_EXT:
+        return _ext._C.dropout_keep(int(seed), 0, numel, dropout_p).view(shape)
+    return _philox_keep(seed, torch.arange(numel, dtype=torch.int64, device=device), dropout_p).view(shape)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -147,7 +165,7 @@ def _dropout_keep(seed: int, dropout_p: float, q: Tensor, Nk: int) -> Optional[T
     if dropout_p <= 0.0:
         return None
     B, H, Nq, _ = q.shape
-    return dropout_keep_ref(seed, B, H, Nq, Nk, dropout_p, q.device)
+    return dropout_keep(seed, (B, H, Nq, Nk), dropout_p, q.device)
 
 
 def _dropped(x: Tensor, keep: Optional[Tensor], dropout_p: float) -> Tensor:

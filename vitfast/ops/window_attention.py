@@ -71,7 +71,7 @@ from torch.utils.flop_counter import register_flop_formula, sdpa_flop_count
 from vitfast import _ext
 from vitfast import autocast as _autocast
 from vitfast import backend as _backend
-from vitfast.ops.attention import check_dropout_capture, dropout_keep_ref
+from vitfast.ops.attention import check_dropout_capture, dropout_keep
 from vitfast.ops.linear import linear
 
 OP = "window_attention"
@@ -273,7 +273,7 @@ def _dropout_keep(qkv: Tensor, window_size: list, dropout_p: float, seed: int) -
     if dropout_p <= 0:
         return None
     B, H, W, heads, D, nW, N = _geometry(qkv, window_size)
-    return dropout_keep_ref(seed, B, heads * nW, N, N, dropout_p, qkv.device).view(B, heads, nW, N, N)
+    return dropout_keep(seed, (B, heads, nW, N, N), dropout_p, qkv.device)
 
 
 def _fwd_torch(qkv, bias, pad_qkv, logit_scale, window_size, shift_size, softmax_scale, dropout_p, seed):
