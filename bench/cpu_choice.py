@@ -194,7 +194,8 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     env = vitfast.info()
-    print(f"vitfast {env['vitfast']} (commit {env['commit']}) on {env['cpu']}, torch {torch.__version__}, "
+    commit = f" (commit {env['commit']})" if env["commit"] else ""
+    print(f"vitfast {env['vitfast']}{commit} on {env['cpu']}, torch {torch.__version__}, "
           f"{time.strftime('%Y-%m-%d')}, medians of {args.reps} interleaved")
     print("| case | mode | ATen ms | vitfast ms | ATen / vitfast |")
     print("|---|---|---|---|---|")

@@ -87,7 +87,8 @@ def markdown(data: dict, groups: dict) -> str:
                              + ([f"{extra['GB/s']:.1f} GB/s"] if "GB/s" in extra else []))
             floor = extra.get("floor_ms")
             roof = f"{floor:.3f} ({t * 1e3 / floor:.1f}x)" if floor else ""
-            mem = f"{extra['peak_MiB_above_inputs']:.0f}" if "peak_MiB_above_inputs" in extra else ""
+            mem = (f"{extra['peak_MiB_above_inputs']:.0f}" if "peak_MiB_above_inputs" in extra
+                   else f"{extra['peak_mem_MiB']:.0f} (with inputs)" if "peak_mem_MiB" in extra else "")  # (before 12-01)
             vs = "-" if math.isnan(sp[impl]) else f"{sp[impl]:.2f}x"  # (no baseline in the group: it read "nanx")
             rows.append([group, impl, f"{t * 1e3:.3f}", roof, tput, mem, vs])
     table = markdown_table(["benchmark", "impl", "median (ms)", "roofline floor ms (time/floor)", "throughput",

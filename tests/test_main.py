@@ -291,7 +291,7 @@ def test_plots_carry_their_header_and_mark_inaccurate_rows(tmp_path, monkeypatch
 
     def savefig(fig, path, **kwargs):
         ax = fig.axes[0]
-        seen.update(title=ax.get_title(), hatches=[bar.get_hatch() for bar in ax.patches])
+        seen.update(title=fig._suptitle.get_text(), hatches=[bar.get_hatch() for bar in ax.patches])
     monkeypatch.setattr(figure.Figure, "savefig", savefig)
     rows = [dict(op="layer norm", shape="(8, 16)", dtype="float32", pass_="fwd", backend=f"vitfast {b}", max_err=1e-6,
                  ms=1.0, speedup=s, ok=ok) for b, s, ok in (("cpp", 1.5, True), ("torch", 0.5, False))]

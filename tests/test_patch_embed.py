@@ -288,6 +288,14 @@ def test_pos_embed_resampling_cache_holds_no_fake_or_inference_tensor():
         torch.testing.assert_close(torch.compile(model, fullgraph=True)(img), want)
         assert [type(m) for m in pe_ops._RESIZE_CACHE.values()] == [torch.Tensor]
         torch.testing.assert_close(model(img), want)
+    # a graph compiled under inference mode stores its own (inference) matrix: read outside it, it is built anew
+    pe_ops._RESIZE_CACHE.clear()
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        torch.testing.assert_close(torch.compile(model, fullgraph=True)(img), want)
+    model.zero_grad()
+    model(img).sum().backward()
+    assert model.pos.grad is not None and model.pos.grad.abs().sum() > 0
 
 
 def _timm_like(img, patch, C, E, norm, fmt):

@@ -407,11 +407,16 @@ def test_bad_inputs_raise_clear_errors():
     for ws, shift in ((7.9, 3), ((7, 7), (0.5, 0.5)), (torch.tensor(7), 3), ("77", 3), ((7, 7, 7), 3)):
         with pytest.raises(ValueError, match="must be an int or a pair of ints"):
             vitfast.window_attention(qkv, torch.randn(169, 2), ws, shift)
-    with pytest.raises(ValueError, match="divisible by num_heads"):
+    with pytest.raises(ValueError, match=r"num_heads must be an int, got 5.0"):
         vitfast.shifted_window_attention(x, torch.randn(90, 30), torch.randn(30, 30), torch.randn(169, 5), 7, 5.0, 3)
     np = pytest.importorskip("numpy")
-    torch.testing.assert_close(vitfast.window_attention(qkv, torch.randn(169, 2).fill_(1), np.int64(7), np.int64(3)),
-                               vitfast.window_attention(qkv, torch.randn(169, 2).fill_(1), 7, 3))
+    table = torch.ones(169, 2)
+    want = vitfast.window_attention(qkv, table, 7, 3)
+    torch.testing.assert_close(vitfast.window_attention(qkv, table, np.int64(7), np.int64(3)), want)
+    # (a pair of NumPy ints under fullgraph compile: Dynamo traces them as tensors)
+    ws = tuple(np.array([7, 7]))
+    torch.testing.assert_close(torch.compile(lambda q: vitfast.window_attention(q, table, ws, (3, 3)),
+                                             fullgraph=True, backend="eager")(qkv), want)
     with pytest.raises(ValueError, match=r"\(1, 14, 14, 3, 2, 0\) needs at least one head and a head dim"):
         vitfast.window_attention(torch.randn(1, 14, 14, 3, 2, 0), torch.randn(169, 2), 7)
     with pytest.raises(ValueError, match=r"\(1, 4, 4, 3, 0, 4\) needs at least one head"):  # (a map under the window:

@@ -51,13 +51,14 @@ def plot_speedups(labels: Sequence[str], values: Sequence[float], xlabel: str, p
     import matplotlib.pyplot as plt
 
     ok = [True] * len(values) if ok is None else list(ok)
-    fig, ax = plt.subplots(figsize=(9, 0.32 * len(labels) + 1.9))
+    width = max(9.0, 5.0 + 0.08 * max((len(label) for label in labels), default=0))  # (room for long labels)
+    fig, ax = plt.subplots(figsize=(width, 0.32 * len(labels) + 1.9))
     colors = ["tab:gray" if not good else "tab:green" if v >= 1 else "tab:red" for v, good in zip(values, ok)]
     bars = ax.barh(list(labels), list(values), color=colors)
     for bar, good in zip(bars, ok):
         if not good:
             bar.set_hatch("//")
-    ax.set_title("\n".join(textwrap.wrap(title, 110)), fontsize=8)
+    fig.suptitle("\n".join(textwrap.wrap(title, 150)), fontsize=8)  # (over the figure: long labels shift the axes)
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_xlabel(xlabel)
     ax.invert_yaxis()

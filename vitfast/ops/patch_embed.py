@@ -87,7 +87,8 @@ def _resize_matrix(old_grid: Tuple[int, int], new_grid: Tuple[int, int], mode: s
     """(new_h*new_w, old_h*old_w) fp32 matrix R with interpolate(table) == R @ table, computed once per sizes and
     device among the last _RESIZE_CACHE_SIZE; built anew, and not cached, while a fake mode traces (torch.export,
     FakeTensorMode: a cached fake matrix gave later eager calls fake outputs, a cached real one failed the trace), and
-    outside inference mode (a cached inference tensor failed a later training call)."""
+    outside inference mode (a cached inference tensor failed a later training call; one that a graph compiled under
+    inference mode stored is built anew when read outside it)."""
     def build():
         n_old = old_grid[0] * old_grid[1]
         with torch.no_grad():
@@ -95,10 +96,13 @@ def _resize_matrix(old_grid: Tuple[int, int], new_grid: Tuple[int, int], mode: s
             resized = F.interpolate(basis, size=new_grid, mode=mode, antialias=antialias, align_corners=False)
             return resized.reshape(n_old, -1).t().contiguous()
 
-    if not torch.compiler.is_dynamo_compiling() and torch._guards.detect_fake_mode() is not None:
+    dynamo = torch.compiler.is_dynamo_compiling()
+    if not dynamo and torch._guards.detect_fake_mode() is not None:
         return build()  # (Dynamo traces with the real cache and cannot trace detect_fake_mode)
     key = (old_grid, new_grid, mode, antialias, device)
     mat = _RESIZE_CACHE.get(key)
+    if mat is not None and not dynamo and mat.is_inference() and not torch.is_inference_mode_enabled():
+        mat = None  # stored by a graph compiled under inference mode (which ignores inference_mode(False) below)
     if mat is None:
         for old in list(_RESIZE_CACHE)[:max(0, len(_RESIZE_CACHE) - _RESIZE_CACHE_SIZE + 1)]:  # (threads may add)
             _RESIZE_CACHE.pop(old, None)

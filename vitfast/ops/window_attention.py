@@ -61,6 +61,7 @@ scores promotes them to float32), enter the scores in fp32; out is in the region
 """
 import math
 import numbers
+import operator
 from typing import Optional, Sequence, Union
 
 import torch
@@ -80,23 +81,20 @@ MASK_VALUE = -100.0
 IntPair = Union[int, Sequence[int]]
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, (numbers.Integral, torch.SymInt))
-
-
 def _pair(v: IntPair, name: str) -> list:
     """[a, b] from an int or a pair of ints (Python, NumPy or symbolic).
 
     Raises:
-        ValueError: anything else, e.g. a float (truncated before: window 2.9 ran as 2).
+        ValueError: anything else, e.g. a float (truncated before: window 2.9 ran as 2), a bool or a tensor.
     """
     try:
-        p = [v, v] if _is_int(v) else list(v)
+        p = [v, v] if isinstance(v, (numbers.Integral, torch.SymInt)) else list(v)
+        if len(p) != 2 or any(isinstance(x, (bool, Tensor)) for x in p):
+            raise TypeError
+        # (operator.index, not isinstance: Dynamo traces a NumPy integer as a tensor, which isinstance refuses)
+        return [x if isinstance(x, torch.SymInt) else operator.index(x) for x in p]
     except TypeError:
-        p = []
-    if len(p) != 2 or not all(_is_int(x) for x in p):
-        raise ValueError(f"vitfast: {name} must be an int or a pair of ints, got {v!r}")
-    return [x if isinstance(x, torch.SymInt) else int(x) for x in p]
+        raise ValueError(f"vitfast: {name} must be an int or a pair of ints, got {v!r}") from None
 
 
 def _window_pair(v: IntPair, what: str) -> list:
@@ -734,7 +732,9 @@ def shifted_window_attention(input: Tensor, qkv_weight: Tensor, proj_weight: Ten
         raise ValueError(f"vitfast.shifted_window_attention: input must be floating point (B, H, W, C), got "
                          f"{tuple(input.shape)} {input.dtype}")
     B, H, W, C = input.shape
-    if not _is_int(num_heads) or num_heads < 1 or C % num_heads != 0:
+    if not isinstance(num_heads, (numbers.Integral, torch.SymInt)) or isinstance(num_heads, bool):
+        raise ValueError(f"vitfast.shifted_window_attention: num_heads must be an int, got {num_heads!r}")
+    if num_heads < 1 or C % num_heads != 0:
         raise ValueError(f"vitfast.shifted_window_attention: channels C={C} must be divisible by num_heads="
                          f"{num_heads}")
     if tuple(qkv_weight.shape) != (3 * C, C) or tuple(proj_weight.shape) != (C, C):
