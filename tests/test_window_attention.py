@@ -718,6 +718,8 @@ def test_the_ops_check_shapes_when_called_directly(backend, device):
                 op(*args, [3, 3], [1, 1], 0.5, 0.0, None)
         with pytest.raises(ValueError, match=r"shift_size \(3, 1\) in \[0, window\)"):
             op(qkv, table, pad, None, [3, 3], [3, 1], 0.5, 0.0, None)
+        with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\), got 1.0"):  # (NaN from torch's)
+            op(qkv, table, pad, None, [3, 3], [1, 1], 0.5, 1.0, torch.tensor([1]))
         out, lse = op(qkv, table, pad, None, [3, 3], [1, 1], 0.5, 0.0, None)
         with pytest.raises(ValueError, match=r"shapes do not agree: dout \(.*\) \(expected "):
             backward(out[..., :4], qkv, table, pad, None, out, lse, [3, 3], [1, 1], 0.5, 0.0, None)

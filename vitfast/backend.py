@@ -297,8 +297,11 @@ def seed_value(op: str, seed: Optional[torch.Tensor], dropout_p: float) -> int:
     """The value of an op's dropout seed (`draw_seed`), checked where the op is called directly; 0 without dropout.
 
     Raises:
-        ValueError: dropout_p > 0 without a seed, or a seed that is not a (1,) int64 CPU tensor.
+        ValueError: dropout_p outside [0, 1) (the torch backends returned NaN at 1), dropout_p > 0 without a seed, or
+            a seed that is not a (1,) int64 CPU tensor.
     """
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"vitfast::{op}: dropout_p must be in [0, 1), got {dropout_p}")
     if seed is None:
         if dropout_p > 0:
             raise ValueError(f"vitfast::{op}: dropout_p {dropout_p} > 0 needs a seed, a (1,) int64 CPU tensor")
