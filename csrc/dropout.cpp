@@ -8,6 +8,7 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <limits>
 #include <string>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -85,7 +86,8 @@ void dropout_keep_mask(uint64_t seed, uint64_t base, int64_t count, uint32_t thr
 }
 
 at::Tensor dropout_keep(int64_t seed, int64_t offset, int64_t numel, double dropout_p) {
-  TORCH_CHECK(numel >= 0 && offset >= 0, "vitfast dropout_keep: offset and numel must be >= 0, got ", offset, " and ",
+  TORCH_CHECK(numel >= 0 && offset >= 0 && offset <= std::numeric_limits<int64_t>::max() - numel,
+              "vitfast dropout_keep: offset and numel must be >= 0 with offset + numel < 2^63, got ", offset, " and ",
               numel);
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "vitfast dropout_keep: dropout_p must be in [0, 1), got ",
               dropout_p);

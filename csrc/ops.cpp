@@ -119,7 +119,8 @@ TORCH_LIBRARY_IMPL(vitfast, AutocastCUDA, m) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("dropout_keep", &vitfast::dropout_keep, "(seed, offset, numel, dropout_p) -> (numel,) bool keep mask (dropout.h)");
+  m.def("dropout_keep", &vitfast::dropout_keep,
+        "(seed, offset, numel, dropout_p) -> (numel,) bool keep mask (dropout.h)");
   m.def("with_cuda", []() {
 #ifdef VITFAST_WITH_CUDA
     return true;
