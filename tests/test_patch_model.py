@@ -153,6 +153,43 @@ def test_timm_attention_variants_are_left_with_why():
             str(report)
 
 
+def test_attention_dropout_follows_the_flags_the_originals_read():
+    """timm's attentions drop by their attn_drop Dropout (eager path) or their own training flag (SDPA path),
+    transformers' Swin by its attention module's flag: with those in eval inside a training model the originals drop
+    nothing, the patched ones dropped (they read the block's flag)."""
+    timm = import_or_skip("timm")
+    transformers = pytest.importorskip("transformers")
+    x = torch.randn(2, 3, 16, 16)
+    swin = dict(pretrained=False, img_size=16, patch_size=2, embed_dim=16, depths=(2,), num_heads=(2,), window_size=4,
+                num_classes=5, attn_drop_rate=0.5, drop_path_rate=0.0)
+    hf = transformers.SwinModel(transformers.SwinConfig(image_size=16, patch_size=2, embed_dim=16, depths=[2],
+                                                        num_heads=[2], window_size=4, attention_probs_dropout_prob=0.5,
+                                                        hidden_dropout_prob=0.0, drop_path_rate=0.0))
+    eager_vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8,
+                                  attn_drop_rate=0.5, num_classes=5)
+    eager_swin = timm.create_model("swin_tiny_patch4_window7_224", **swin)
+    for attn in [blk.attn for blk in eager_vit.blocks] + [blk.attn for blk in eager_swin.layers[0].blocks]:
+        attn.fused_attn = False  # (timm's eager path: the Dropout's flag decides; on the SDPA path the module's)
+    cases = [(eager_swin, nn.Dropout), (timm.create_model("swin_tiny_patch4_window7_224", **swin), "WindowAttention"),
+             (eager_vit, nn.Dropout), (hf, "SwinAttention")]
+    for model, off in cases:
+        patched = copy.deepcopy(model)
+        vitfast.patch_model(patched)
+        for m in (model, patched):
+            m.train()
+            for sub in m.modules():
+                if isinstance(sub, off) if isinstance(off, type) else type(sub).__name__ == off:
+                    sub.eval()
+        with torch.no_grad(), vitfast.use_backend("cpp"):
+            want = model(x)
+            want = want.last_hidden_state if hasattr(want, "last_hidden_state") else want
+            for seed in (1, 2):
+                torch.manual_seed(seed)
+                got = patched(x)
+                got = got.last_hidden_state if hasattr(got, "last_hidden_state") else got
+                torch.testing.assert_close(got, want, msg=lambda m: f"{type(model).__name__}, {off} in eval: {m}")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_timm_swin(backend):
     timm = import_or_skip("timm")

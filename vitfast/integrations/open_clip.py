@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitfast.integrations.patch import LAYER_NORM_X, Adapter
+from vitfast.nn.window_attention import _attn_dropout_p
 from vitfast.ops.attention import attention
 
 
@@ -30,7 +31,7 @@ def _attention_forward(self, x: Tensor, attn_mask: Optional[Tensor] = None) -> T
             attn_mask = attn_mask.reshape(N, self.num_heads, L, L)
         # open_clip's bool masks mean "masked out"; vitfast's (SDPA's) mean "attend"
         attn_mask = ~attn_mask if attn_mask.dtype == torch.bool else attn_mask.to(q.dtype)
-    p = self.attn_drop.p if self.training else 0.0
+    p = _attn_dropout_p(self, self.logit_scale is None and getattr(self, "use_fsdpa", False))
     if self.logit_scale is not None:
         scale = torch.clamp(self.logit_scale, max=self.logit_scale_max).exp()
         x = attention(F.normalize(q, dim=-1) * scale, F.normalize(k, dim=-1), v, attn_mask, scale=1.0, dropout_p=p)

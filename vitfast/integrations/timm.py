@@ -26,6 +26,7 @@ from vitfast.integrations.patch import LAYER_NORM_X, Adapter, conv_takes, mlp_ch
 from vitfast.integrations.segment_anything import sam_attention
 from vitfast.nn.patch_embed import PatchEmbed as _VitfastPatchEmbed
 from vitfast.nn.window_attention import WindowAttention as _VitfastWindowAttention
+from vitfast.nn.window_attention import _attn_dropout_p
 from vitfast.ops.attention import attention
 from vitfast.ops.window_attention import window_attention
 
@@ -43,7 +44,7 @@ def _attention_forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_c
     # path only, which also drops attn_mask under is_causal, timm's resolve_self_attn_mask)
     fused = getattr(self, "fused_attn", False)
     x = attention(q, k, v, attn_mask if fused or not is_causal else None, is_causal=is_causal,
-                  scale=None if fused else self.scale, dropout_p=self.attn_drop.p if self.training else 0.0)
+                  scale=None if fused else self.scale, dropout_p=_attn_dropout_p(self, fused))
     x = x.transpose(1, 2).flatten(2)
     x = self.norm(x)
     if gate is not None:
@@ -60,7 +61,8 @@ def _attention_check(module: nn.Module) -> Optional[str]:
 def _sam_attention_forward(self, x: Tensor) -> Tensor:
     rel_pos = (self.rel_pos_h, self.rel_pos_w) if self.use_rel_pos else (None, None)
     x = sam_attention(x, self.qkv, self.num_heads, self.scale, *rel_pos,
-                      dropout_p=self.attn_drop.p if self.training else 0.0, q_norm=self.q_norm, k_norm=self.k_norm)
+                      dropout_p=_attn_dropout_p(self, getattr(self, "fused_attn", False)), q_norm=self.q_norm,
+                      k_norm=self.k_norm)
     return self.proj_drop(self.proj(x))
 
 
@@ -89,8 +91,8 @@ def _swin_block_attn(self, x: Tensor) -> Tensor:
     attn = self.attn
     qkv = attn.qkv(x).unflatten(-1, (3, attn.num_heads, -1))
     out = window_attention(qkv, attn.relative_position_bias_table, (wh, ww), (sh, sw),
-                           attention_dropout=attn.attn_drop.p, training=self.training, softmax_scale=attn.scale,
-                           clamp_window=False)
+                           attention_dropout=_attn_dropout_p(attn, getattr(attn, "fused_attn", False)),
+                           softmax_scale=attn.scale, clamp_window=False)
     return attn.proj_drop(attn.proj(out))
 
 

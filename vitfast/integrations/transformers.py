@@ -196,7 +196,7 @@ def _swin_layer_forward(self, hidden_states: torch.Tensor, input_dimensions, alw
     qkv = linear(x, weight, bias).unflatten(-1, (3, attn.num_attention_heads, -1))
     out = window_attention(qkv, attn.relative_position_bias.relative_position_bias_table, ws, self.shift_size,
                            qkv_pad=bias, softmax_scale=attn.scaling, attention_dropout=attn.attention_dropout,
-                           training=self.training, clamp_window=False)
+                           training=attn.training, clamp_window=False)  # (the attention module's flag, as transformers)
     out = self.dropout(attn.o_proj(out)).view(batch_size, height * width, channels)
     hidden_states = shortcut + self.drop_path(out)
     residual = hidden_states

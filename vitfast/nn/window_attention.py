@@ -16,6 +16,13 @@ from torch import Tensor, nn
 from vitfast.ops.window_attention import _pair, relative_position_index, shifted_window_attention, window_attention
 
 
+def _attn_dropout_p(module: nn.Module, fused: bool) -> float:
+    """The attention-dropout probability a timm or open_clip attention module applies now: on its SDPA (fused) path
+    the module's own training flag decides, on its eager path the flag of its attn_drop Dropout, which can be in eval
+    alone (the patched modules read the block's or module's flag and dropped where the original did not)."""
+    return module.attn_drop.p if (module.training if fused else module.attn_drop.training) else 0.0
+
+
 class ShiftedWindowAttention(nn.Module):
     """torchvision's ShiftedWindowAttention: forward((B, H, W, C)) -> (B, H, W, C), computed by
     vitfast.shifted_window_attention with the bias table read inside the kernel (never gathered)."""
@@ -191,7 +198,7 @@ class WindowAttention(nn.Module):
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         heads = self.num_heads
-        p = self.attn_drop.p if self.training else 0.0
+        p = _attn_dropout_p(self, getattr(self, "fused_attn", True))  # (timm's WindowAttention has fused_attn)
         if x.dim() == 4:
             if mask is not None:
                 raise ValueError("vitfast.nn.WindowAttention: an image-layout input takes no mask (the shift mask is "
