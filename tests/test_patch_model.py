@@ -411,17 +411,6 @@ def test_transformers_model_patched_twice_reports_each_patched_module_once():
     assert [l for l in again.left if not l.reason.startswith("already patched")] == first.left, str(again)
 
 
-def test_transformers_model_without_attention_is_not_reported_patched():
-    """A ResNet can set an attn_implementation but has no attention: patch_model reported "patched: attention" for it,
-    alone and as DAB-DETR's backbone sub-model."""
-    transformers = pytest.importorskip("transformers")
-    model = transformers.ResNetModel(transformers.ResNetConfig(depths=[1, 1], hidden_sizes=[8, 16], embedding_size=8))
-    report = vitfast.patch_model(model)
-    assert not report.patched and [l.reason for l in report.left] == [
-        "the model does not use transformers' AttentionInterface"], str(report)
-    assert model.config._attn_implementation != "vitfast"
-
-
 # ----------------------------------------------------------------------------------------------- CPU choice
 
 def test_choice_rule(monkeypatch):

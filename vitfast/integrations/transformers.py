@@ -214,12 +214,12 @@ def patch(model: torch.nn.Module, prefix: str, attention: bool = True, window_at
         records.append(Left(prefix, cls, "already patched (attn_implementation)"))
     elif not attention:
         records.append(Left(prefix, cls, "attention=False"))
-    elif not _uses_attention_interface(model):
+    elif not model._can_set_attn_implementation():
         records.append(Left(prefix, cls, "the model does not use transformers' AttentionInterface"))
         # its sub-models that do (Mask2Former's Dinov2 or Swin backbone), each the outermost such
         switched: list = []
         for name, module in model.named_modules():
-            if (name and _is_transformers_model(module) and _uses_attention_interface(module)
+            if (name and _is_transformers_model(module) and module._can_set_attn_implementation()
                     and not any(name.startswith(s + ".") for s in switched)):
                 switched.append(name)
                 full = f"{prefix}.{name}" if prefix else name
@@ -240,14 +240,6 @@ def patch(model: torch.nn.Module, prefix: str, attention: bool = True, window_at
         records.append(Patched(full, _SWIN_LAYER, "window_attention",
                                "pad/roll/partition/mask/attention -> one fused vitfast.window_attention"))
     return records
-
-
-def _uses_attention_interface(model: torch.nn.Module) -> bool:
-    """Whether a PreTrainedModel runs attention by its attn_implementation: it can set one and supports an attention
-    backend beside eager (a ResNet or ConvNeXt can set one too, and has no attention: it was reported patched)."""
-    return model._can_set_attn_implementation() and any(
-        getattr(type(model), flag, False)
-        for flag in ("_supports_attention_backend", "_supports_sdpa", "_supports_flex_attn", "_supports_flash_attn"))
 
 
 def _switch(model: torch.nn.Module, prefix: str):
