@@ -147,7 +147,7 @@ def dropout_keep(seed: int, shape: tuple, dropout_p: float, device: torch.device
     C++ extension (vitfast._C.dropout_keep, csrc/dropout.cpp) for CPU tensors, where the PyTorch formula's ten rounds
     over int64 tensors took 10x the whole attention's time; by that formula elsewhere."""
     numel = math.prod(shape)
-    if device.type == "cpu" and _ext.HAS_EXT:
+    if device.type == "cpu" and _ext.HAS_EXT and hasattr(_ext._C, "dropout_keep"):  # (not in an older build)
         return _ext._C.dropout_keep(int(seed), 0, numel, dropout_p).view(shape)
     return _philox_keep(seed, torch.arange(numel, dtype=torch.int64, device=device), dropout_p).view(shape)
 

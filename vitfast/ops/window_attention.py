@@ -732,8 +732,12 @@ def shifted_window_attention(input: Tensor, qkv_weight: Tensor, proj_weight: Ten
         raise ValueError(f"vitfast.shifted_window_attention: input must be floating point (B, H, W, C), got "
                          f"{tuple(input.shape)} {input.dtype}")
     B, H, W, C = input.shape
-    if not isinstance(num_heads, (numbers.Integral, torch.SymInt)) or isinstance(num_heads, bool):
-        raise ValueError(f"vitfast.shifted_window_attention: num_heads must be an int, got {num_heads!r}")
+    try:  # (operator.index, as _pair: Dynamo traces a NumPy integer as a tensor)
+        if isinstance(num_heads, (bool, Tensor)):
+            raise TypeError
+        num_heads = num_heads if isinstance(num_heads, torch.SymInt) else operator.index(num_heads)
+    except TypeError:
+        raise ValueError(f"vitfast.shifted_window_attention: num_heads must be an int, got {num_heads!r}") from None
     if num_heads < 1 or C % num_heads != 0:
         raise ValueError(f"vitfast.shifted_window_attention: channels C={C} must be divisible by num_heads="
                          f"{num_heads}")
