@@ -81,18 +81,26 @@ MASK_VALUE = -100.0
 IntPair = Union[int, Sequence[int]]
 
 
+def _as_int(x):
+    """x as an int (Python, NumPy or symbolic). Raises TypeError for anything else, e.g. a float (truncated before:
+    window 2.9 ran as 2), a bool or a tensor. (operator.index, not isinstance: Dynamo traces a NumPy integer as a
+    tensor, which isinstance refuses.)"""
+    if isinstance(x, (bool, Tensor)):
+        raise TypeError
+    return x if isinstance(x, torch.SymInt) else operator.index(x)
+
+
 def _pair(v: IntPair, name: str) -> list:
-    """[a, b] from an int or a pair of ints (Python, NumPy or symbolic).
+    """[a, b] from an int or a pair of ints (`_as_int`).
 
     Raises:
-        ValueError: anything else, e.g. a float (truncated before: window 2.9 ran as 2), a bool or a tensor.
+        ValueError: anything else, e.g. a float, a bool or a tensor.
     """
     try:
         p = [v, v] if isinstance(v, (numbers.Integral, torch.SymInt)) else list(v)
-        if len(p) != 2 or any(isinstance(x, (bool, Tensor)) for x in p):
+        if len(p) != 2:
             raise TypeError
-        # (operator.index, not isinstance: Dynamo traces a NumPy integer as a tensor, which isinstance refuses)
-        return [x if isinstance(x, torch.SymInt) else operator.index(x) for x in p]
+        return [_as_int(x) for x in p]
     except TypeError:
         raise ValueError(f"vitfast: {name} must be an int or a pair of ints, got {v!r}") from None
 
@@ -732,10 +740,8 @@ def shifted_window_attention(input: Tensor, qkv_weight: Tensor, proj_weight: Ten
         raise ValueError(f"vitfast.shifted_window_attention: input must be floating point (B, H, W, C), got "
                          f"{tuple(input.shape)} {input.dtype}")
     B, H, W, C = input.shape
-    try:  # (operator.index, as _pair: Dynamo traces a NumPy integer as a tensor)
-        if isinstance(num_heads, (bool, Tensor)):
-            raise TypeError
-        num_heads = num_heads if isinstance(num_heads, torch.SymInt) else operator.index(num_heads)
+    try:
+        num_heads = _as_int(num_heads)
     except TypeError:
         raise ValueError(f"vitfast.shifted_window_attention: num_heads must be an int, got {num_heads!r}") from None
     if num_heads < 1 or C % num_heads != 0:
