@@ -26,7 +26,7 @@ from vitfast.nn.patch_merging import PatchMerging as _FusedPatchMerging
 from vitfast.nn.window_attention import ShiftedWindowAttention as _FusedWindowAttention
 from vitfast.nn.window_attention import ShiftedWindowAttentionV2 as _FusedWindowAttentionV2
 from vitfast.ops.patch_merging import _gather, patch_merging_ref
-from vitfast.ops.window_attention import _from_windows, _shift_mask, _to_windows, shifted_window_attention_ref
+from vitfast.ops.window_attention import _from_windows, _pair, _shift_mask, _to_windows, shifted_window_attention_ref
 
 SIZES = {  # name: (embed_dim, depths, num_heads)
     "tiny": (96, (2, 2, 6, 2), (3, 6, 12, 24)), "small": (96, (2, 2, 18, 2), (3, 6, 12, 24)),
@@ -363,8 +363,7 @@ def swin_from_timm(timm_model: nn.Module, backend: str = "vitfast") -> SwinTrans
         for j, block in enumerate(stage.blocks):
             # the shift as timm fixed it at build time (0 in a stage whose map the window covered then), which a
             # timm model built with strict_img_size=False keeps at other sizes
-            shift = block.shift_size
-            model.features[1 + 2 * i][j].attn.shift_size = list(shift) if isinstance(shift, tuple) else [shift] * 2
+            model.features[1 + 2 * i][j].attn.shift_size = _pair(block.shift_size, "shift_size")
             t, o = f"layers.{i}.blocks.{j}.", f"features.{1 + 2 * i}.{j}."
             out[o + "attn.relative_position_bias_table"] = sd[t + "attn.relative_position_bias_table"]
             for part in ("weight", "bias"):
