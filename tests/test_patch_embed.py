@@ -163,7 +163,7 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match=r"patch_size must be positive, got \(0, 0\)"):
         patch_embed(x, torch.randn(8, 3, 0, 0), None, 0)
     for bad in ((4, 4, 4), (4,), 4.0):  # (the extra entries were ignored; (4,) raised IndexError)
-        with pytest.raises(ValueError, match=r"patch_size must be an int or a pair of ints \(ph, pw\), got "):
+        with pytest.raises(ValueError, match=r"patch_size must be an int or a pair of ints \(h, w\), got "):
             patch_embed(x, w, None, bad)
     with pytest.raises(ValueError, match=r"images \(1, 3, 30, 32\) and weight \(0, 3, 8, 8\) must have at least"):
         patch_embed(x, torch.randn(0, 3, 8, 8), None, 8)
@@ -437,6 +437,19 @@ def test_module_rejects_other_ranks_clearly():
     """A 3-D input gave "not enough values to unpack"."""
     with pytest.raises(ValueError, match=r"x must be \(B, C, H, W\) images, got shape \(3, 16, 16\)"):
         vitfast.nn.PatchEmbed(16, 4, 3, 8)(torch.randn(3, 16, 16))
+
+
+def test_module_refuses_non_integer_sizes():
+    """A float size was truncated (patch 8.5 ran as 8); NumPy integers are ints."""
+    import numpy as np
+    for kw in (dict(patch_size=8.5), dict(img_size=(16.0, 16)), dict(img_size=True)):
+        name = next(iter(kw))
+        with pytest.raises(ValueError, match=rf"{name} must be an int or a pair of ints \(h, w\), got "):
+            vitfast.nn.PatchEmbed(**{"img_size": 16, "patch_size": 8, "in_chans": 3, "embed_dim": 8, **kw})
+    with pytest.raises(ValueError, match=r"patch_size must be an int or a pair of ints \(h, w\), got 4.0"):
+        vitfast.nn.PatchEmbed(16, 8, 3, 8).set_input_size(patch_size=4.0)
+    m = vitfast.nn.PatchEmbed(np.int64(16), (np.int32(8), 8), 3, 8)
+    assert m.patch_size == (8, 8) and m.grid_size == (2, 2) and type(m.patch_size[0]) is int
 
 
 def test_module_fuses_vit_tokens_and_pads_dynamically():

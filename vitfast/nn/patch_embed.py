@@ -10,11 +10,7 @@ from vitfast import autocast as _autocast
 from vitfast.integrations.patch import submodules_intercepted
 from vitfast.nn.layer_norm import normalizes_last_dim
 from vitfast.ops import patch_embed as _pe_ops
-from vitfast.ops.patch_embed import patch_embed
-
-
-def _pair(v) -> Tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+from vitfast.ops.patch_embed import _pair, patch_embed
 
 
 class PatchEmbed(nn.Module):
@@ -59,7 +55,7 @@ class PatchEmbed(nn.Module):
         """img_size as a pair, the token grid and the number of patches it gives (None, None, None without one)."""
         if img_size is None:
             return None, None, None
-        img_size = _pair(img_size)
+        img_size = _pair(img_size, "img_size")
         grid = tuple(s // p for s, p in zip(img_size, self.patch_size))
         return img_size, grid, math.prod(grid)
 

@@ -64,11 +64,14 @@ def patch_embed_ref(images: Tensor, weight: Tensor, bias: Optional[Tensor], patc
     return x
 
 
-def _pair(p) -> Tuple[int, int]:
-    if isinstance(p, numbers.Integral):
+def _pair(p, name: str = "patch_size") -> Tuple[int, int]:
+    """(h, w) from an int or a pair of ints (Python or NumPy). Raises ValueError for anything else (a float was
+    truncated before: 16.5 ran as 16; a bool is refused too)."""
+    if isinstance(p, numbers.Integral) and not isinstance(p, bool):
         return int(p), int(p)
-    if not isinstance(p, (tuple, list)) or len(p) != 2 or not all(isinstance(n, numbers.Integral) for n in p):
-        raise ValueError(f"vitfast.patch_embed: patch_size must be an int or a pair of ints (ph, pw), got {p!r}")
+    if not isinstance(p, (tuple, list)) or len(p) != 2 or \
+            not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in p):
+        raise ValueError(f"vitfast.patch_embed: {name} must be an int or a pair of ints (h, w), got {p!r}")
     return int(p[0]), int(p[1])
 
 
