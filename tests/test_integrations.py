@@ -357,6 +357,28 @@ def test_models_that_pick_attention_classes_by_name_build_from_a_patched_config(
     transformers.GitModel(model.config)
 
 
+def test_models_without_the_attention_interface_are_not_reported_as_switched():
+    """A ResNet and a ConvNeXt can set an attention implementation that none of their modules reads: switching the
+    name was reported as "patched: attention". GIT calls the interface without any _supports_* flag and is still
+    switched, as is DETR's ResNet backbone with DETR."""
+    resnet = transformers.ResNetModel(transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1]))
+    convnext = transformers.ConvNextModel(transformers.ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1],
+                                                                      num_stages=2))
+    for model in (resnet, convnext):
+        before = model.config._attn_implementation
+        report = vitfast.patch_model(model)
+        assert [r.reason for r in report.left if r.name == ""] == [
+            "no module of the model calls transformers' AttentionInterface"], (type(model).__name__, report)
+        assert model.config._attn_implementation == before
+    git = transformers.GitVisionModel(transformers.GitVisionConfig(hidden_size=32, num_hidden_layers=1,
+                                                                   num_attention_heads=2, intermediate_size=48,
+                                                                   image_size=16, patch_size=8))
+    assert [r.kind for r in vitfast.patch_model(git).patched if r.name == ""] == ["attention"]
+    detr = _detr()
+    assert [r.kind for r in vitfast.patch_model(detr).patched if r.name == ""] == ["attention"]
+    assert detr.backbone.model.config._attn_implementation == vt.NAME_EAGER
+
+
 def test_swin_backbone_runs_the_fused_window_attention():
     """SwinBackbone (UperNet, MaskFormer) calls its layers with always_partition=True, which changes nothing where
     the map is larger than the window: the fused op runs there (it ran transformers' path on every call) and the

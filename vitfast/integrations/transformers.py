@@ -220,11 +220,13 @@ def patch(model: torch.nn.Module, prefix: str, attention: bool = True, window_at
         switched: list = []
         for name, module in model.named_modules():
             if (name and _is_transformers_model(module) and module._can_set_attn_implementation()
-                    and not any(name.startswith(s + ".") for s in switched)):
+                    and _calls_attention_interface(module) and not any(name.startswith(s + ".") for s in switched)):
                 switched.append(name)
                 full = f"{prefix}.{name}" if prefix else name
                 records.append(Left(full, qualname(module), "already patched (attn_implementation)")
                                if "_vitfast_attn_previous" in module.__dict__ else _switch(module, full))
+    elif not _calls_attention_interface(model):
+        records.append(Left(prefix, cls, "no module of the model calls transformers' AttentionInterface"))
     else:
         records.append(_switch(model, prefix))
     for name, module in model.named_modules():
@@ -240,6 +242,17 @@ def patch(model: torch.nn.Module, prefix: str, attention: bool = True, window_at
         records.append(Patched(full, _SWIN_LAYER, "window_attention",
                                "pad/roll/partition/mask/attention -> one fused vitfast.window_attention"))
     return records
+
+
+def _calls_attention_interface(model: torch.nn.Module) -> bool:
+    """Whether a module of `model` has a class (its own or a base: a user's subclass) from a Python module that reads
+    transformers' ALL_ATTENTION_FUNCTIONS (every modeling file whose attention goes through the interface does). A model may say it can set an implementation
+    and have no attention at all (ResNet, ConvNeXt), or its own (VitDet, Data2VecVision's classes picked at
+    construction): switching its name changes nothing, and was reported as patched. (The models' _supports_* flags
+    do not tell: GIT, BridgeTower and ALIGN call the interface without any.)"""
+    return any(c.__module__ != "transformers.modeling_utils"  # (where it is defined, and PreTrainedModel)
+               and hasattr(sys.modules.get(c.__module__), "ALL_ATTENTION_FUNCTIONS")
+               for module in model.modules() for c in type(module).__mro__)
 
 
 def _switch(model: torch.nn.Module, prefix: str):
