@@ -112,20 +112,23 @@ def _bench(benchmark, impl, name, backward):
             finally:
                 torch.use_deterministic_algorithms(before[0])
                 torch.utils.deterministic.fill_uninitialized_memory = before[1]
-    elif backward:
-        def fn(q, k, v, mask, dout):
-            return torch.autograd.grad(fwd(q, k, v, mask), (q, k, v), dout)
     else:
-        def fn(q, k, v, mask, dout):
-            return fwd(q, k, v, mask)
+        fn = _run(fwd, backward)
     make = _inputs(shape, backward)
     if impl in SDPA:
         skip_unless_it_runs(impl, fn, make(), name)
     mode = "fwd+bwd" if backward else "fwd"
     benchmark.group = f"attention {mode} {name} (B={B}, H={H}, Nq={Nq}, Nk={Nk}, D={D}) {DTYPE}"
     flops = 4 * B * H * Nq * Nk * D * (0.5 if causal else 1.0) * (3.5 if backward else 1.0)
-    run_benchmark(benchmark, fn, make, impl=impl, flops=int(flops))
+    run_benchmark(benchmark, fn, make, impl=impl, flops=int(flops), reference=_run(_forward("eager", causal)[0], backward))
     record_vs_best_sdpa(benchmark, impl)
+
+
+def _run(fwd, backward):
+    """fn(q, k, v, mask, dout): fwd's output, or with `backward` the gradients of q, k and v for dout."""
+    if backward:
+        return lambda q, k, v, mask, dout: torch.autograd.grad(fwd(q, k, v, mask), (q, k, v), dout)
+    return lambda q, k, v, mask, dout: fwd(q, k, v, mask)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

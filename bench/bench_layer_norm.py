@@ -37,18 +37,19 @@ def _inputs(n, grad):
 def test_forward(benchmark, impl, n):
     fwd = _fn(impl)
     benchmark.group = f"layer_norm fwd ({ROWS}, {n}) {DTYPE}"
-    run_benchmark(benchmark, fwd, _inputs(n, False), impl=impl, bytes_moved=2 * ROWS * n * DTYPE.itemsize)
+    run_benchmark(benchmark, fwd, _inputs(n, False), impl=impl, bytes_moved=2 * ROWS * n * DTYPE.itemsize,
+                  reference=_fn("torch"))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("n", headline(HIDDEN, {768}))
 def test_forward_backward(benchmark, impl, n):
-    fwd = _fn(impl)
-
-    def step(x, w, b, dy):
-        y = fwd(x, w, b, dy)
-        return torch.autograd.grad(y, (x, w, b), dy)
-
     benchmark.group = f"layer_norm fwd+bwd ({ROWS}, {n}) {DTYPE}"
     # forward reads x, writes y; backward reads x, dy and writes dx (stats and params are negligible)
-    run_benchmark(benchmark, step, _inputs(n, True), impl=impl, bytes_moved=5 * ROWS * n * DTYPE.itemsize)
+    run_benchmark(benchmark, _step(_fn(impl)), _inputs(n, True), impl=impl, bytes_moved=5 * ROWS * n * DTYPE.itemsize,
+                  reference=_step(_fn("torch")))
+
+
+def _step(fwd):
+    """fn(x, w, b, dy): the gradients of x, w and b for dy."""
+    return lambda x, w, b, dy: torch.autograd.grad(fwd(x, w, b, dy), (x, w, b), dy)

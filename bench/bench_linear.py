@@ -27,10 +27,10 @@ def _fn(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", CASES)
 def test_forward(benchmark, impl, case):
-    run_linear_benchmark(benchmark, "linear", _fn(impl), impl, case, SHAPES, DTYPE, grad=False)
+    run_linear_benchmark(benchmark, "linear", _fn(impl), impl, case, SHAPES, DTYPE, grad=False, reference=F.linear)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", CASES)
 def test_forward_backward(benchmark, impl, case):
-    run_linear_benchmark(benchmark, "linear", _fn(impl), impl, case, SHAPES, DTYPE, grad=True)
+    run_linear_benchmark(benchmark, "linear", _fn(impl), impl, case, SHAPES, DTYPE, grad=True, reference=F.linear)

@@ -32,10 +32,12 @@ def _fn(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", CASES)
 def test_forward(benchmark, impl, case):
-    run_linear_benchmark(benchmark, "linear_gelu", _fn(impl), impl, case, SHAPES, DTYPE, grad=False, outputs=2)
+    run_linear_benchmark(benchmark, "linear_gelu", _fn(impl), impl, case, SHAPES, DTYPE, grad=False,
+                         reference=_fn("torch"), outputs=2)
 
 
 @pytest.mark.parametrize("impl", [i for i in IMPLS if i != "torch._addmm_activation"])
 @pytest.mark.parametrize("case", CASES)
 def test_forward_backward(benchmark, impl, case):
-    run_linear_benchmark(benchmark, "linear_gelu", _fn(impl), impl, case, SHAPES, DTYPE, grad=True)
+    run_linear_benchmark(benchmark, "linear_gelu", _fn(impl), impl, case, SHAPES, DTYPE, grad=True,
+                         reference=_fn("torch"))

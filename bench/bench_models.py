@@ -1,7 +1,9 @@
 """Reference models: images/s for inference and for training steps, vitfast vs sdpa vs eager backends and
 torch.compile of the sdpa model, at ViT-B/16, DeiT-S, Swin-T, DETR (padded 800x1216 batches) and CLIP
 ViT-B/16 (bf16 autocast on a GPU; tiny configs on a CPU so that CI runs the suite). Peak memory comes from
-run_benchmark on a GPU. The DETR training loss is a stand-in (no Hungarian matching): it times the model."""
+run_benchmark on a GPU. The DETR training loss is a stand-in (no Hungarian matching): it times the model. Inference
+outputs are checked against the eager model in float64 (run_benchmark's `reference`)."""
+import copy
 from dataclasses import dataclass
 from typing import Callable
 
@@ -87,6 +89,24 @@ def _autocast():
     return torch.autocast("cuda", torch.bfloat16) if ON_GPU else torch.autocast("cpu", enabled=False)
 
 
+def _eager_references(name: str) -> dict:
+    """run_benchmark's reference and baseline for inference: the eager model (the same weights as _model's) in float64
+    without autocast, and as benchmarked (in autocast on a GPU)."""
+    spec = MODELS[name]
+    torch.manual_seed(0)
+    eager = set_backend(spec.build(), "eager").to(DEVICE).eval()
+    double = copy.deepcopy(eager).double()
+
+    def reference(*inputs):
+        with torch.no_grad():
+            return spec.run(double, *inputs)
+
+    def baseline(*inputs):
+        with torch.no_grad(), _autocast():
+            return spec.run(eager, *inputs)
+    return dict(reference=reference, baseline=baseline)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("name", list(MODELS))
 def test_inference(benchmark, name, impl):
@@ -98,7 +118,7 @@ def test_inference(benchmark, name, impl):
             return spec.run(model, *inputs)
 
     benchmark.group = f"{name} inference B={spec.batch}"
-    run_benchmark(benchmark, run, lambda: spec.inputs(spec.batch), impl=impl)
+    run_benchmark(benchmark, run, lambda: spec.inputs(spec.batch), impl=impl, **_eager_references(name))
     benchmark.extra_info["images/s"] = spec.batch / mean_seconds(benchmark)
 
 

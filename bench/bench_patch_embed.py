@@ -118,7 +118,8 @@ def test_patch_embed_forward(benchmark, impl, name):
     cfg = EMBED[name]
     benchmark.group = f"patch_embed fwd {name} {DTYPE}"
     with torch.no_grad():
-        run_benchmark(benchmark, _embed_fn(impl), _embed_inputs(cfg, False), impl=impl, flops=_embed_flops(cfg))
+        run_benchmark(benchmark, _embed_fn(impl), _embed_inputs(cfg, False), impl=impl, flops=_embed_flops(cfg),
+                      reference=_embed_eager)
 
 
 @pytest.mark.parametrize("impl", vitfast_backends("patch_embed") + IMPLS)
@@ -127,7 +128,7 @@ def test_patch_embed_forward_backward(benchmark, impl, name):
     cfg = EMBED[name]
     benchmark.group = f"patch_embed fwd+bwd {name} {DTYPE}"
     run_benchmark(benchmark, _fwd_bwd(_embed_fn(impl)), _embed_inputs(cfg, True), impl=impl,
-                  flops=2 * _embed_flops(cfg))  # backward without dimages: one GEMM, dweight
+                  flops=2 * _embed_flops(cfg), reference=_fwd_bwd(_embed_eager))  # backward: one GEMM, dweight
 
 
 @pytest.mark.parametrize("impl", vitfast_backends("patch_merging") + IMPLS)
@@ -136,7 +137,8 @@ def test_patch_merging_forward(benchmark, impl, name):
     cfg = MERGE[name]
     benchmark.group = f"patch_merging fwd {name} {DTYPE}"
     with torch.no_grad():
-        run_benchmark(benchmark, _merge_fn(impl), _merge_inputs(cfg, False), impl=impl, flops=_merge_flops(cfg))
+        run_benchmark(benchmark, _merge_fn(impl), _merge_inputs(cfg, False), impl=impl, flops=_merge_flops(cfg),
+                      reference=patch_merging_ref)
 
 
 @pytest.mark.parametrize("impl", vitfast_backends("patch_merging") + IMPLS)
@@ -145,4 +147,4 @@ def test_patch_merging_forward_backward(benchmark, impl, name):
     cfg = MERGE[name]
     benchmark.group = f"patch_merging fwd+bwd {name} {DTYPE}"
     run_benchmark(benchmark, _fwd_bwd(_merge_fn(impl)), _merge_inputs(cfg, True), impl=impl,
-                  flops=3 * _merge_flops(cfg))
+                  flops=3 * _merge_flops(cfg), reference=_fwd_bwd(patch_merging_ref))

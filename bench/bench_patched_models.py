@@ -7,7 +7,8 @@ the slow drift of a shared VM's speed cancels) in extra_info.
 Models (random weights): timm vit_base_patch16_224 and deit_small_patch16_224, torchvision swin_t, timm
 swin_tiny_patch4_window7_224, Hugging Face CLIPVisionModel (the default config: ViT-B/32) and SwinModel (the default
 config: Swin-T). Modes: inference under torch.inference_mode at batch 1 and 8, and one training step (forward,
-backward, SGD step) at batch 2.
+backward, SGD step) at batch 2. In inference the patched and prepacked outputs are checked against the original
+in float64 after the timing (conftest.check_accuracy; extra_info `patched_err_over_bound`, ...).
 
 By default (CI, `make bench`) tiny configs of the same classes run in a few seconds and torch.compile is left out.
 `VITFAST_BENCH_REAL=1` runs the real sizes (minutes per model on a 2-core CPU), with torch.compile unless
@@ -27,7 +28,7 @@ import torch
 import vitfast
 from vitfast.report import timed_round
 
-from conftest import DEVICE, ON_GPU
+from conftest import DEVICE, ON_GPU, check_accuracy
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tests"))
 from _optional_libs import import_or_skip  # noqa: E402  (the torchvision shim timm and torchvision need here)
@@ -85,14 +86,15 @@ def _tensor(out) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.last_hidden_state
 
 
+def _infer(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return _tensor(model(x))
+
+
 def _runner(model: torch.nn.Module, mode: str, x: torch.Tensor):
     if mode == "inference":
         model.eval()
-
-        def infer():
-            with torch.inference_mode():
-                _tensor(model(x))
-        return infer
+        return lambda: _infer(model, x)
     model.train()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-6)
 
@@ -157,3 +159,8 @@ def test_patched_model(benchmark, name, mode, batch):
     print(f"\n| {name} | {batch} | {mode} | {ms['original']:.1f} | {ms['patched']:.1f} | "
           f"{ms['original'] / ms['patched']:.2f}x | {paired:.2f}x |" + prepacked
           + (f" {ms['compiled']:.1f} |" if COMPILE else ""))
+    if mode == "inference":  # (after the timing and the printed row)
+        double = copy.deepcopy(original).double()
+        for key in ("patched", "prepacked"):
+            check_accuracy(benchmark, f"vitfast-{key}", _infer(impls[key], x), (x,), lambda x: _infer(double, x),
+                           lambda x: _infer(original, x), prefix=f"{key}_")

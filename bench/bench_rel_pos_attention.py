@@ -115,12 +115,7 @@ def _bench(benchmark, impl, name, backward):
     fwd, reason = _forward(impl, kw)
     if fwd is None:
         pytest.skip(reason)
-    if backward:
-        def fn(q, k, v, rel_h, rel_w, dout):
-            return torch.autograd.grad(fwd(q, k, v, rel_h, rel_w), (q, k, v, rel_h, rel_w), dout)
-    else:
-        def fn(q, k, v, rel_h, rel_w, dout):
-            return fwd(q, k, v, rel_h, rel_w)
+    fn = _run(fwd, backward)
     make = _inputs(shape, backward)
     if impl in SDPA or impl == "flex":  # an SDPA backend that does not take a float bias (or its gradient), this
         # head dim or dtype; a FlexAttention that cannot differentiate through the captured rel_h and rel_w
@@ -128,8 +123,17 @@ def _bench(benchmark, impl, name, backward):
     mode = "fwd+bwd" if backward else "fwd"
     N = kh * kw
     benchmark.group = f"rel_pos_attention {mode} {name} (B={B}, H={H}, N={kh}x{kw}, D={D}) {DTYPE}"
-    run_benchmark(benchmark, fn, make, impl=impl, flops=int(4 * B * H * N * N * D * (3.5 if backward else 1.0)))
+    run_benchmark(benchmark, fn, make, impl=impl, flops=int(4 * B * H * N * N * D * (3.5 if backward else 1.0)),
+                  reference=_run(rel_pos_attention_ref, backward))
     record_vs_best_sdpa(benchmark, impl)
+
+
+def _run(fwd, backward):
+    """fn(q, k, v, rel_h, rel_w, dout): fwd's output, or with `backward` the gradients of every input for dout."""
+    if backward:
+        return lambda q, k, v, rel_h, rel_w, dout: torch.autograd.grad(fwd(q, k, v, rel_h, rel_w),
+                                                                      (q, k, v, rel_h, rel_w), dout)
+    return lambda q, k, v, rel_h, rel_w, dout: fwd(q, k, v, rel_h, rel_w)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

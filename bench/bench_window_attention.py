@@ -123,12 +123,7 @@ def _bench(benchmark, impl, name, backward):
         table = torch.randn((2 * WINDOW - 1) ** 2, heads, device=DEVICE, dtype=DTYPE, requires_grad=backward)
         return qkv, table, torch.randn(B, H, W, heads * D, device=DEVICE, dtype=DTYPE)
 
-    if backward:
-        def fn(qkv, table, dout):
-            return torch.autograd.grad(fwd(qkv, table), (qkv, table), dout)
-    else:
-        def fn(qkv, table, dout):
-            return fwd(qkv, table)
+    fn = _run(fwd, backward)
     if impl in SDPA:
         skip_unless_it_runs(impl, fn, make(), name)
     Hp, Wp, shift = _geometry(H, W)
@@ -136,7 +131,14 @@ def _bench(benchmark, impl, name, backward):
     benchmark.group = (f"window_attention {mode} {name} (B={B}, {H}x{W}, heads={heads}, D={D}, window={WINDOW}, "
                        f"shift={shift[0]}) {DTYPE}")
     flops = 4 * B * heads * Hp * Wp * WINDOW * WINDOW * D * (3.5 if backward else 1.0)
-    run_benchmark(benchmark, fn, make, impl=impl, flops=int(flops))
+    run_benchmark(benchmark, fn, make, impl=impl, flops=int(flops), reference=_run(_forward("eager")[0], backward))
+
+
+def _run(fwd, backward):
+    """fn(qkv, table, dout): fwd's output, or with `backward` the gradients of qkv and table for dout."""
+    if backward:
+        return lambda qkv, table, dout: torch.autograd.grad(fwd(qkv, table), (qkv, table), dout)
+    return lambda qkv, table, dout: fwd(qkv, table)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

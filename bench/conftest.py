@@ -41,11 +41,12 @@ def linear_cases(shapes: dict, batches: tuple, chosen: str) -> list:
 
 
 def run_linear_benchmark(benchmark, op: str, fn, impl: str, case: str, shapes: dict, dtype: torch.dtype, grad: bool,
-                         outputs: int = 1) -> None:
+                         reference, outputs: int = 1) -> None:
     """Times fn(x, weight, bias), a Linear-shaped op (bench_linear.py, bench_linear_gelu.py), on a linear_cases
     case (M = tokens per image x batch): x (M, K), weight (N, K) scaled by K**-0.5, bias (N,), on DEVICE in `dtype`.
     Without grad the forward under torch.no_grad (2 M K N flops; bytes: x, weight and `outputs` (M, N) tensors),
-    with grad forward + backward to x, weight and bias (6 M K N flops)."""
+    with grad forward + backward to x, weight and bias (6 M K N flops). `reference(x, weight, bias)`: the eager code
+    its output and gradients are checked against (`check_accuracy`)."""
     name, batch = case.split(" B=")
     tokens, K, N = shapes[name]
     M = tokens * int(batch)
@@ -56,20 +57,24 @@ def run_linear_benchmark(benchmark, op: str, fn, impl: str, case: str, shapes: d
         b = torch.randn(N, device=DEVICE, dtype=dtype, requires_grad=grad)
         return x, w, b
 
-    def step(x, w, b):
-        y = fn(x, w, b)
-        return torch.autograd.grad(y, (x, w, b), torch.ones_like(y))
+    def step(f):
+        def run(x, w, b):
+            y = f(x, w, b)
+            return torch.autograd.grad(y, (x, w, b), torch.ones_like(y))
+        return run
 
-    def fwd(x, w, b):
-        with torch.no_grad():
-            return fn(x, w, b)
+    def fwd(f):
+        def run(x, w, b):
+            with torch.no_grad():
+                return f(x, w, b)
+        return run
 
     benchmark.group = f"{op} {'fwd+bwd' if grad else 'fwd'} {case} ({M}x{K} -> {N}) {dtype}"
     if grad:
-        run_benchmark(benchmark, step, make, impl=impl, flops=6 * M * K * N)
+        run_benchmark(benchmark, step(fn), make, impl=impl, flops=6 * M * K * N, reference=step(reference))
     else:
-        run_benchmark(benchmark, fwd, make, impl=impl, flops=2 * M * K * N,
-                      bytes_moved=(M * K + N * K + outputs * M * N) * dtype.itemsize)
+        run_benchmark(benchmark, fwd(fn), make, impl=impl, flops=2 * M * K * N,
+                      bytes_moved=(M * K + N * K + outputs * M * N) * dtype.itemsize, reference=fwd(reference))
 
 
 def sdpa(impl: str):
@@ -138,11 +143,57 @@ def machine_peaks() -> dict:
     return {"peak_GB/s": bandwidth / 1e9, "peak_TFLOP/s": flops / 1e12}
 
 
-def run_benchmark(benchmark, fn, make_inputs, *, impl: str, bytes_moved: int = 0, flops: int = 0, rotate: int = 3):
+def floating_tensors(out) -> list:
+    """The floating-point tensors of an output (a tensor, or tuples, lists, dicts, named tuples and ModelOutputs of
+    them), in order."""
+    if isinstance(out, torch.Tensor):
+        return [out] if out.is_floating_point() else []
+    if isinstance(out, dict):  # (transformers' ModelOutput is an OrderedDict)
+        out = list(out.values())
+    return [t for o in out for t in floating_tensors(o)] if isinstance(out, (list, tuple)) else []
+
+
+def as_float64(inputs: tuple) -> tuple:
+    """The inputs with each floating-point tensor as a float64 leaf (requires_grad kept); the others as they are."""
+    return tuple(t.detach().double().requires_grad_(t.requires_grad)
+                 if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs)
+
+
+def check_accuracy(benchmark, impl: str, out, inputs: tuple, reference, baseline=None, prefix: str = "") -> None:
+    """Checks the output of the benchmark's function, `out` (output or gradients) for `inputs`, against
+    `reference(*as_float64(inputs))`, float64: each tensor's max abs error may be at most 2x
+    that of `baseline(*inputs)` (default: `reference`, i.e. the eager code in the benchmark's dtype) plus 8 units of
+    its dtype's epsilon times the reference's largest magnitude (at least 1), the main job's rule. extra_info gets
+    `max_err` and `baseline_max_err` (worst over the tensors) and `err_over_bound` (the largest error / bound: at most
+    1 where the rule holds, NaN for a NaN error), each key after `prefix`; a vitfast row that breaks the rule fails,
+    another library's row records it."""
+    outs = floating_tensors(out)
+    refs = [r.detach().double() for r in floating_tensors(reference(*as_float64(inputs)))]
+    bases = floating_tensors((baseline or reference)(*inputs))
+    if not (len(outs) == len(refs) == len(bases)) or any(o.shape != r.shape for o, r in zip(outs, refs)):
+        raise AssertionError(f"{impl}: outputs {[tuple(o.shape) for o in outs]}, reference "
+                             f"{[tuple(r.shape) for r in refs]}, baseline {[tuple(b.shape) for b in bases]}")
+    errs = [(o.detach().double() - r).abs().max().item() if r.numel() else 0.0 for o, r in zip(outs, refs)]
+    base_errs = [(b.detach().double() - r).abs().max().item() if r.numel() else 0.0 for b, r in zip(bases, refs)]
+    bounds = [2 * b + 8 * torch.finfo(o.dtype).eps * max(1.0, r.abs().max().item() if r.numel() else 0.0)
+              for o, b, r in zip(outs, base_errs, refs)]
+    ratios = [e / bound for e, bound in zip(errs, bounds)]
+    worst = math.nan if any(math.isnan(r) for r in ratios) else max(ratios, default=0.0)
+    benchmark.extra_info.update({f"{prefix}max_err": max(errs, default=0.0), f"{prefix}err_over_bound": worst,
+                                 f"{prefix}baseline_max_err": max(base_errs, default=0.0)})
+    if not worst <= 1.0 and impl.startswith("vitfast"):
+        pytest.fail(f"{impl}: max abs errors {errs} against float64 exceed 2x the baseline's {base_errs} plus 8 "
+                    f"eps x scale (bounds {bounds})")
+
+
+def run_benchmark(benchmark, fn, make_inputs, *, impl: str, bytes_moved: int = 0, flops: int = 0, rotate: int = 3,
+                  reference=None, baseline=None):
     """Times `fn(*inputs)` with a pool of `rotate` input sets used in turn, so that caches do not flatter.
 
-    A "vitfast-<backend>[-<variant>]" impl forces that backend. GB/s and TFLOP/s go into extra_info, and the roofline
-    floor: max(bytes / measured bandwidth, FLOPs / measured matmul peak), the least time the work can take.
+    A "vitfast-<backend>[-<variant>]" impl forces that backend. With `reference` (the eager code, run on the inputs
+    in float64; `baseline`, if given, in the benchmark's dtype in its place) the warm-up call's output is checked
+    after the timing (`check_accuracy`: a wrong vitfast row fails, its time recorded with its error). GB/s and TFLOP/s go into extra_info, and the roofline floor: max(bytes / measured
+    bandwidth, FLOPs / measured matmul peak), the least time the work can take.
     """
     pool = [make_inputs() for _ in range(rotate)]
     cycle = itertools.cycle(pool)
@@ -155,7 +206,7 @@ def run_benchmark(benchmark, fn, make_inputs, *, impl: str, bytes_moved: int = 0
         return out
 
     with vitfast.use_backend(forced or "auto"):
-        call()  # warm-up: compilation and autotuning stay out of the timing
+        out = call()  # warm-up: compilation and autotuning stay out of the timing (pool[0]'s output)
         if ON_GPU:
             torch.cuda.reset_peak_memory_stats()
             held = torch.cuda.memory_allocated()  # the input pool (three input sets) and what the warm-up cached
@@ -174,6 +225,8 @@ def run_benchmark(benchmark, fn, make_inputs, *, impl: str, bytes_moved: int = 0
                                                      flops / (peaks["peak_TFLOP/s"] * 1e12))
     if ON_GPU:  # the implementation's own peak: allocated memory above what was held before the timed calls
         benchmark.extra_info["peak_MiB_above_inputs"] = (torch.cuda.max_memory_allocated() - held) / 2**20
+    if reference is not None:
+        check_accuracy(benchmark, impl, out, pool[0], reference, baseline)
 
 
 @pytest.fixture(autouse=True)

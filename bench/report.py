@@ -6,8 +6,9 @@ Rows are grouped by benchmark group (one op or model at one shape); within a gro
 (extra_info["impl"]: "vitfast-<backend>", "torch", "sdpa-flash", ...; bench_patched_models.py's variants, timed
 in one round: "original", "vitfast-patched", "vitfast-prepacked", "compiled") gets its median time, the roofline
 floor of the shape (bytes over the measured copy bandwidth, FLOPs over the measured matmul peak, whichever
-is larger) with the time's multiple of it, its throughput, its peak memory (on a GPU) and its speedup against
-the fastest non-vitfast implementation of the group. Several JSON files (e.g. one pytest run per part of
+is larger) with the time's multiple of it, its throughput, its peak memory (on a GPU), its max abs error against
+float64 with the multiple of the accuracy bound it reaches (bench/conftest.py check_accuracy; above 1 breaks it) and
+its speedup against the fastest non-vitfast implementation of the group. Several JSON files (e.g. one pytest run per part of
 bench/gpu_run.sh) make one report.
 """
 import argparse
@@ -89,10 +90,11 @@ def markdown(data: dict, groups: dict) -> str:
             roof = f"{floor:.3f} ({t * 1e3 / floor:.1f}x)" if floor else ""
             mem = (f"{extra['peak_MiB_above_inputs']:.0f}" if "peak_MiB_above_inputs" in extra
                    else f"{extra['peak_mem_MiB']:.0f} (with inputs)" if "peak_mem_MiB" in extra else "")  # (before 12-01)
+            err = f"{extra['max_err']:.2g} ({extra['err_over_bound']:.2f})" if "max_err" in extra else ""
             vs = "-" if math.isnan(sp[impl]) else f"{sp[impl]:.2f}x"  # (no baseline in the group: it read "nanx")
-            rows.append([group, impl, f"{t * 1e3:.3f}", roof, tput, mem, vs])
+            rows.append([group, impl, f"{t * 1e3:.3f}", roof, tput, mem, err, vs])
     table = markdown_table(["benchmark", "impl", "median (ms)", "roofline floor ms (time/floor)", "throughput",
-                            "peak MiB above inputs", "vs best baseline"], rows)
+                            "peak MiB above inputs", "max err (/ bound)", "vs best baseline"], rows)
     return header(data) + "\n\n" + table + "\n"
 
 

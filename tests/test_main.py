@@ -164,14 +164,49 @@ def test_bench_report_splits_the_patched_model_rounds(tmp_path):
                      ("vitfast-prepacked", "80.000"): "1.50x"}, text
 
 
+def test_benchmarks_check_their_outputs_against_float64():
+    """bench/conftest.py's check_accuracy (run before each benchmark is timed): the main job's rule on every output and
+    gradient; a vitfast row that breaks it fails, another library's row records it; a NaN breaks it."""
+    conftest = _script("bench/conftest.py")
+
+    class Benchmark:
+        def __init__(self):
+            self.extra_info = {}
+
+    x, w = torch.randn(300, 64), torch.randn(64, 64)
+
+    def reference(x, w):
+        return {"out": x @ w, "ids": torch.arange(3)}, (x.sum(0),)  # (nested; the int tensor is not compared)
+    exact = reference(x, w)
+    bench = Benchmark()
+    conftest.check_accuracy(bench, "vitfast-cpp", exact, (x, w), reference)
+    assert bench.extra_info["max_err"] == bench.extra_info["baseline_max_err"] > 0
+    assert bench.extra_info["err_over_bound"] < 1
+    wrong = ({"out": exact[0]["out"] + 1e-3}, exact[1])
+    with pytest.raises(pytest.fail.Exception, match=r"vitfast-cpp: max abs errors \["):
+        conftest.check_accuracy(Benchmark(), "vitfast-cpp", wrong, (x, w), reference)
+    bench = Benchmark()
+    conftest.check_accuracy(bench, "sdpa-flash", wrong, (x, w), reference)
+    assert bench.extra_info["err_over_bound"] > 1
+    nan = (exact[0], (exact[1][0].clone().index_fill_(0, torch.tensor([5]), math.nan),))
+    bench = Benchmark()
+    with pytest.raises(pytest.fail.Exception):
+        conftest.check_accuracy(bench, "vitfast-cpp", nan, (x, w), reference)
+    assert math.isnan(bench.extra_info["err_over_bound"])
+    with pytest.raises(AssertionError, match=r"outputs \[\(300, 64\)\], reference \[\(300, 64\), \(64,\)\]"):
+        conftest.check_accuracy(Benchmark(), "vitfast-cpp", exact[0], (x, w), reference)
+
+
 def test_bench_report_gives_a_cpu_throughput_in_gflops(tmp_path):
     """A CPU row's throughput (below 1 TFLOP/s) read "0.0 TFLOP/s"; the header already switched to GFLOP/s."""
     bench = {"name": "test_fwd[cpu]", "group": "ln fwd", "stats": {"median": 0.002},
-             "extra_info": {"impl": "vitfast-cpp", "TFLOP/s": 0.0123, "GB/s": 4.56}}
+             "extra_info": {"impl": "vitfast-cpp", "TFLOP/s": 0.0123, "GB/s": 4.56, "max_err": 3.21e-6,
+                            "err_over_bound": 0.456}}
     path = tmp_path / "bench.json"
     path.write_text(json.dumps({"benchmarks": [bench], "datetime": "2026-12-01"}))
     report = _bench_report()
-    assert "12.3 GFLOP/s, 4.6 GB/s" in report.markdown(*report.load(str(path)))
+    row = next(line for line in report.markdown(*report.load(str(path))).splitlines() if line.startswith("| ln fwd"))
+    assert [c.strip() for c in row.split("|")[5:8]] == ["12.3 GFLOP/s, 4.6 GB/s", "", "3.2e-06 (0.46)"], row
 
 
 def test_out_without_matplotlib_is_refused_before_measuring(tmp_path, monkeypatch, capsys):
