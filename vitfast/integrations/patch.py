@@ -492,7 +492,8 @@ def patch_model(model: nn.Module, attention: bool = True, window_attention: bool
             SamVisionSdpaAttention and VitDetAttention, timm vision_transformer_sam, segment_anything).
         window_attention: Swin (timm SwinTransformerBlock/WindowAttention, torchvision ShiftedWindowAttention and
             V2, transformers SwinLayer).
-        layer_norm: nn.LayerNorm and the known subclasses that compute a plain LayerNorm.
+        layer_norm: nn.LayerNorm and the known subclasses that compute a plain LayerNorm (not the norm a patched
+            patch embedding fuses into its kernel, e.g. Swin's: that one follows `patch_embed`).
         patch_embed: timm PatchEmbed, torchvision VisionTransformer's conv_proj, transformers ViT/DeiT patch
             embeddings.
         mlp: the first Linear + GELU of MLP blocks -> vitfast.linear_gelu (timm Mlp, torchvision MLP / MLPBlock,

@@ -165,10 +165,12 @@ ADAPTERS = {
                      "(use_rel_pos=False: vitfast.attention)",
         {"forward": _sam_attention_forward}, _sam_attention_check),
     "timm.models.swin_transformer.SwinTransformerBlock": Adapter(
-        "window_attention", "roll/pad/partition/mask/attention -> one fused vitfast.window_attention",
+        "window_attention", "roll/pad/partition/mask/attention -> one fused vitfast.window_attention where the "
+                            "map divides into windows (else timm's _attn: it shifts before padding, vitfast after)",
         {"_attn": _swin_block_attn}, _swin_block_check),
     "timm.models.swin_transformer.WindowAttention": Adapter(
-        "window_attention", "forward -> vitfast.nn.WindowAttention's (windows in, bias table read in-kernel)",
+        "window_attention", "forward -> vitfast.nn.WindowAttention's (windows in, bias table read in-kernel; "
+                            "with a mask, SDPA with the bias and mask folded into one)",
         {"forward": _window_attention_forward}, _window_attention_check),
     "timm.layers.patch_embed.PatchEmbed": Adapter(
         "patch_embed", "conv + flatten + norm -> vitfast.patch_embed",
