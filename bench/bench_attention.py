@@ -120,7 +120,8 @@ def _bench(benchmark, impl, name, backward):
     mode = "fwd+bwd" if backward else "fwd"
     benchmark.group = f"attention {mode} {name} (B={B}, H={H}, Nq={Nq}, Nk={Nk}, D={D}) {DTYPE}"
     flops = 4 * B * H * Nq * Nk * D * (0.5 if causal else 1.0) * (3.5 if backward else 1.0)
-    run_benchmark(benchmark, fn, make, impl=impl, flops=int(flops), reference=_run(_forward("eager", causal)[0], backward))
+    run_benchmark(benchmark, fn, make, impl=impl, flops=int(flops),
+                  reference=_run(_forward("eager", causal)[0], backward))
     record_vs_best_sdpa(benchmark, impl)
 
 

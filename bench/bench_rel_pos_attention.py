@@ -19,6 +19,7 @@ TFLOP/s counts the two (Nq, Nk, D) matmuls of the forward and 2.5x that for the 
 `vs_best_sdpa`: the best SDPA backend's mean time over vitfast's (>1 means vitfast is faster), from the SDPA rows
 of the same group run earlier in the session; the GPU rows record peak memory.
 """
+import copy
 import os
 
 import pytest
@@ -157,15 +158,21 @@ def test_sam_encoder(benchmark, impl):
     torch.manual_seed(0)
     model = transformers.SamVisionModel._from_config(config, attn_implementation="sdpa" if impl == "vitfast" else impl)
     model = model.to(DEVICE, DTYPE).eval()
+    eager = transformers.SamVisionModel._from_config(config, attn_implementation="eager").to(DEVICE, DTYPE).eval()
+    eager.load_state_dict(model.state_dict())
+    double = copy.deepcopy(eager).double()
     if impl == "vitfast":
         vitfast.patch_model(model)
     size = config.image_size
 
-    def run(x):
-        with torch.no_grad():
-            return model(x).last_hidden_state
+    def runner(m):
+        def run(x):
+            with torch.no_grad():
+                return m(x).last_hidden_state
+        return run
 
     benchmark.group = (f"SAM image encoder inference ({config.hidden_size} wide, {config.num_hidden_layers} layers, "
                        f"{size} px) B={batch} {DTYPE}")
-    run_benchmark(benchmark, run, lambda: (torch.randn(batch, 3, size, size, device=DEVICE, dtype=DTYPE),), impl=impl)
+    run_benchmark(benchmark, runner(model), lambda: (torch.randn(batch, 3, size, size, device=DEVICE, dtype=DTYPE),),
+                  impl=impl, reference=runner(double), baseline=runner(eager))
     benchmark.extra_info["images/s"] = batch / mean_seconds(benchmark)

@@ -190,10 +190,11 @@ def run_benchmark(benchmark, fn, make_inputs, *, impl: str, bytes_moved: int = 0
                   reference=None, baseline=None):
     """Times `fn(*inputs)` with a pool of `rotate` input sets used in turn, so that caches do not flatter.
 
-    A "vitfast-<backend>[-<variant>]" impl forces that backend. With `reference` (the eager code, run on the inputs
-    in float64; `baseline`, if given, in the benchmark's dtype in its place) the warm-up call's output is checked
-    after the timing (`check_accuracy`: a wrong vitfast row fails, its time recorded with its error). GB/s and TFLOP/s go into extra_info, and the roofline floor: max(bytes / measured
-    bandwidth, FLOPs / measured matmul peak), the least time the work can take.
+    A "vitfast-<backend>[-<variant>]" impl forces that backend. GB/s and TFLOP/s go into extra_info, and the
+    roofline floor: max(bytes / measured bandwidth, FLOPs / measured matmul peak), the least time the work can take.
+    With `reference` (the eager code, run on the inputs in float64; `baseline`, if given, in the benchmark's dtype in
+    its place) the warm-up call's output is checked after the timing (`check_accuracy`: a wrong vitfast row fails,
+    its time recorded with its error).
     """
     pool = [make_inputs() for _ in range(rotate)]
     cycle = itertools.cycle(pool)

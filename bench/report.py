@@ -8,8 +8,8 @@ in one round: "original", "vitfast-patched", "vitfast-prepacked", "compiled") ge
 floor of the shape (bytes over the measured copy bandwidth, FLOPs over the measured matmul peak, whichever
 is larger) with the time's multiple of it, its throughput, its peak memory (on a GPU), its max abs error against
 float64 with the multiple of the accuracy bound it reaches (bench/conftest.py check_accuracy; above 1 breaks it) and
-its speedup against the fastest non-vitfast implementation of the group. Several JSON files (e.g. one pytest run per part of
-bench/gpu_run.sh) make one report.
+its speedup against the fastest non-vitfast implementation of the group. Several JSON files (e.g. one pytest run
+per part of bench/gpu_run.sh) make one report.
 """
 import argparse
 import importlib.util
@@ -50,8 +50,10 @@ def load(*paths: str) -> tuple:
             for key, ms in extra.items():
                 if key.endswith("_ms"):
                     name = key[:-3]
+                    errors = {k[len(name) + 1:]: v for k, v in extra.items()  # (patched_max_err, ...)
+                              if k in (f"{name}_max_err", f"{name}_err_over_bound")}
                     groups[group].append((f"vitfast-{name}" if name in ("patched", "prepacked") else name,
-                                          ms / 1e3, {}))
+                                          ms / 1e3, errors))
             continue
         groups[group].append((extra.get("impl", b["name"]), b["stats"]["median"], extra))
     return data, groups

@@ -152,20 +152,22 @@ def test_bench_report_names_the_file_it_cannot_read(tmp_path, capsys):
 def test_bench_report_splits_the_patched_model_rounds(tmp_path):
     """bench_patched_models.py times original, patched and prepacked in one round (one pytest-benchmark entry): the
     report gave that round one row, "1.00x vs best baseline"; it now gives each variant its row and speedup."""
-    extra = {"original_ms": 120.0, "patched_ms": 100.0, "prepacked_ms": 80.0, "speedup_patched_paired": 1.2}
+    extra = {"original_ms": 120.0, "patched_ms": 100.0, "prepacked_ms": 80.0, "speedup_patched_paired": 1.2,
+             "patched_max_err": 2.5e-6, "patched_err_over_bound": 0.25}
     bench = {"name": "test_model[vit]", "group": "vit inference B=1", "stats": {"median": 0.3}, "extra_info": extra}
     path = tmp_path / "bench.json"
     path.write_text(json.dumps({"benchmarks": [bench], "datetime": "2026-12-01"}))
     report = _bench_report()
     text = report.markdown(*report.load(str(path)))
-    cells = {tuple(c.strip() for c in line.split("|")[2:4]): line.split("|")[-2].strip()
+    cells = {tuple(c.strip() for c in line.split("|")[2:4]): [c.strip() for c in line.split("|")[-3:-1]]
              for line in text.splitlines() if line.startswith("| vit")}
-    assert cells == {("original", "120.000"): "1.00x", ("vitfast-patched", "100.000"): "1.20x",
-                     ("vitfast-prepacked", "80.000"): "1.50x"}, text
+    assert cells == {("original", "120.000"): ["", "1.00x"],
+                     ("vitfast-patched", "100.000"): ["2.5e-06 (0.25)", "1.20x"],
+                     ("vitfast-prepacked", "80.000"): ["", "1.50x"]}, text
 
 
 def test_benchmarks_check_their_outputs_against_float64():
-    """bench/conftest.py's check_accuracy (run before each benchmark is timed): the main job's rule on every output and
+    """bench/conftest.py's check_accuracy (run after each benchmark is timed): the main job's rule on every output and
     gradient; a vitfast row that breaks it fails, another library's row records it; a NaN breaks it."""
     conftest = _script("bench/conftest.py")
 

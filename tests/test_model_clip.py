@@ -159,6 +159,25 @@ def test_weights_from_open_clip(quick_gelu):
         torch.testing.assert_close(mine(ids, images).logits_per_image, ref_logits, rtol=1e-4, atol=1e-4)
 
 
+def test_open_clip_low_precision_model_converts_to_its_main_dtype():
+    """open_clip's precision="bf16" keeps norms and embeddings in float32: the model came out all float32 (the dtype
+    of its first parameter, positional_embedding), with twice the memory; now all bfloat16, with a warning."""
+    theirs = _open_clip(False)  # (skips without open_clip)
+    import open_clip
+
+    open_clip.model.convert_weights_to_lp(theirs, torch.bfloat16)  # (what precision="bf16" runs)
+    assert {p.dtype for p in theirs.parameters()} == {torch.bfloat16, torch.float32}
+    images = torch.randn(2, 3, 16, 16)
+    with pytest.warns(UserWarning, match=r"clip_from_open_clip: the source's parameters are in several dtypes \(\d+ "
+                                         r"elements bfloat16, \d+ float32\); the converted model is all bfloat16"):
+        mine = clip_from_open_clip(theirs).eval()
+    assert {p.dtype for p in mine.parameters()} == {torch.bfloat16}
+    want = theirs.encode_image(images.bfloat16())
+    got = mine.encode_image(images.bfloat16())
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=0.05, atol=0.05)
+
+
 def test_loaders_refuse_other_models():
     """One tower, or the other library's CLIP: the loader's ValueError (an AttributeError before)."""
     transformers = pytest.importorskip("transformers")

@@ -175,7 +175,7 @@ def test_transformers_variants_that_do_not_convert_are_refused():
     with pytest.raises(ValueError, match="use_absolute_embeddings=True"):
         swin_from_transformers(transformers.SwinModel(transformers.SwinConfig(patch_size=2,
                                                                               use_absolute_embeddings=True, **base)))
-    with pytest.raises(ValueError, match=r"square patch_size .*\(2, 4\)"):
+    with pytest.raises(ValueError, match=r"square patch_size.*\(2, 4\)"):
         swin_from_transformers(transformers.SwinModel(transformers.SwinConfig(patch_size=(2, 4), **base)))
     with pytest.raises(ValueError, match="expects a transformers SwinModel, got SwinForImageClassification"):
         swin_from_transformers(transformers.SwinForImageClassification(transformers.SwinConfig(patch_size=2,

@@ -62,8 +62,24 @@ def test_weights_from_transformers(family):
     with pytest.raises(ValueError, match=f"expects a ViTModel or DeiTModel, got {family}ForImageClassification"):
         vit_from_transformers(getattr(transformers, f"{family}ForImageClassification")(config))
     config.image_size = (32, 48)
-    with pytest.raises(ValueError, match=r"only square images and patches .*\(32, 48\)"):
+    with pytest.raises(ValueError, match=r"vit_from_transformers takes a square image_size: .*\(32, 48\)"):
         vit_from_transformers(getattr(transformers, f"{family}Model")(config))
+
+
+def test_loader_takes_a_compiled_model_and_square_size_pairs():
+    """A torch.compile'd source (its state dict keys start with "_orig_mod.") failed with a bare KeyError, and an
+    (n, n) image_size or patch_size, which transformers runs, was refused as not square."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
+                                    image_size=[32, 32], patch_size=(8, 8))
+    hf = transformers.ViTModel(config, add_pooling_layer=False).eval()
+    for p in hf.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    images = torch.randn(2, 3, 32, 32)
+    model = vit_from_transformers(torch.compile(hf), backend="eager")
+    assert model.patch_embed.patch_size == 8
+    torch.testing.assert_close(model.forward_features(images), hf(pixel_values=images).last_hidden_state,
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_training_lowers_the_loss_like_eager():

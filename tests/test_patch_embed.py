@@ -450,6 +450,11 @@ def test_module_refuses_non_integer_sizes():
         vitfast.nn.PatchEmbed(16, 8, 3, 8).set_input_size(patch_size=4.0)
     m = vitfast.nn.PatchEmbed(np.int64(16), (np.int32(8), 8), 3, 8)
     assert m.patch_size == (8, 8) and m.grid_size == (2, 2) and type(m.patch_size[0]) is int
+    m = vitfast.nn.PatchEmbed(np.array([32, 48]), torch.Size([8, 8]), 3, 8)  # (timm's to_2tuple takes them)
+    assert m.img_size == (32, 48) and m.grid_size == (4, 6) and type(m.img_size[1]) is int
+    for bad in (np.array(16), np.array([16.0, 16.0]), (torch.tensor(16), 16)):
+        with pytest.raises(ValueError, match=r"vitfast.nn.PatchEmbed: img_size must be an int or a pair of ints"):
+            vitfast.nn.PatchEmbed(bad, 8, 3, 8)
 
 
 def test_module_fuses_vit_tokens_and_pads_dynamically():

@@ -23,6 +23,7 @@ import functools
 import inspect
 import logging
 import sys
+import weakref
 from typing import Optional
 
 import torch
@@ -245,14 +246,30 @@ def patch(model: torch.nn.Module, prefix: str, attention: bool = True, window_at
 
 
 def _calls_attention_interface(model: torch.nn.Module) -> bool:
-    """Whether a module of `model` has a class (its own or a base: a user's subclass) from a Python module that reads
-    transformers' ALL_ATTENTION_FUNCTIONS (every modeling file whose attention goes through the interface does). A model may say it can set an implementation
-    and have no attention at all (ResNet, ConvNeXt), or its own (VitDet, Data2VecVision's classes picked at
-    construction): switching its name changes nothing, and was reported as patched. (The models' _supports_* flags
-    do not tell: GIT, BridgeTower and ALIGN call the interface without any.)"""
-    return any(c.__module__ != "transformers.modeling_utils"  # (where it is defined, and PreTrainedModel)
-               and hasattr(sys.modules.get(c.__module__), "ALL_ATTENTION_FUNCTIONS")
-               for module in model.modules() for c in type(module).__mro__)
+    """Whether a module of `model` has a class (its own or a base: a user's subclass) whose code reads transformers'
+    ALL_ATTENTION_FUNCTIONS (the attention of every modeling file that goes through the interface does, imported by
+    name, module-qualified or inside forward). A model may say it can set an implementation and have no attention
+    (ResNet, ConvNeXt), or its own (VitDet, SamVisionModel, Data2VecVision's classes picked at construction):
+    switching its name changes nothing, and was reported as patched. (The models' _supports_* flags do not tell:
+    GIT, BridgeTower and ALIGN call the interface without any.)"""
+    return any(_reads_attention_functions(c) for module in model.modules() for c in type(module).__mro__)
+
+
+_READS: "weakref.WeakKeyDictionary[type, bool]" = weakref.WeakKeyDictionary()
+
+
+def _reads_attention_functions(cls: type) -> bool:
+    """Whether the source of `cls` names ALL_ATTENTION_FUNCTIONS (without its source: whether its Python module
+    imports it); not transformers.modeling_utils's classes (PreTrainedModel names it) nor torch's."""
+    if cls not in _READS:
+        if cls.__module__ == "transformers.modeling_utils" or cls.__module__.split(".")[0] in ("torch", "builtins"):
+            _READS[cls] = False
+        else:
+            try:
+                _READS[cls] = "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(cls)
+            except (OSError, TypeError):  # (a class defined where no source file is kept)
+                _READS[cls] = hasattr(sys.modules.get(cls.__module__), "ALL_ATTENTION_FUNCTIONS")
+    return _READS[cls]
 
 
 def _switch(model: torch.nn.Module, prefix: str):

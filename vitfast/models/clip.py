@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from vitfast.models import vit
 from vitfast.models.common import (LayerNorm, attend, check_backend, check_transformers_model, like, set_backend,
-                                   warn_dropped_regularization)
+                                   uncompiled, warn_dropped_regularization)
 
 
 def quick_gelu(x: Tensor) -> Tensor:
@@ -221,6 +221,7 @@ def clip_from_transformers(hf_model: nn.Module, backend: str = "vitfast") -> CLI
         ValueError: a model that is not a transformers CLIPModel (both towers; not CLIPVisionModel or
             CLIPTextModel), or a configuration it cannot hold.
     """
+    hf_model = uncompiled(hf_model)
     check_transformers_model(hf_model, "clip_from_transformers", ("clip",), "a transformers CLIPModel (both towers)")
     warn_dropped_regularization(hf_model, "clip_from_transformers")
     cfg, vc, tc = hf_model.config, hf_model.config.vision_config, hf_model.config.text_config
@@ -250,7 +251,7 @@ def clip_from_transformers(hf_model: nn.Module, backend: str = "vitfast") -> CLI
         out[f"text.norm.{part}"] = sd[t + f"final_layer_norm.{part}"]
     out.update(_blocks_from_transformers(sd, v, "visual.", vc.num_hidden_layers))
     out.update(_blocks_from_transformers(sd, t, "text.", tc.num_hidden_layers))
-    model = like(model, hf_model)
+    model = like(model, hf_model, "clip_from_transformers")
     model.load_state_dict(out)
     return model
 
@@ -290,6 +291,7 @@ def clip_from_open_clip(oc_model: nn.Module, backend: str = "vitfast") -> CLIP:
     none, no image projection, a bidirectional text tower, and pooling at an eos id of 2 (which transformers' rule
     reads as argmax). The model has no dropout: the source's is not carried over (a warning says so where it has
     some)."""
+    oc_model = uncompiled(oc_model)
     if not hasattr(oc_model, "visual") or not hasattr(oc_model, "encode_text"):
         raise ValueError(f"clip_from_open_clip expects an open_clip CLIP, got {type(oc_model).__name__}")
     warn_dropped_regularization(oc_model, "clip_from_open_clip")
@@ -336,6 +338,6 @@ def clip_from_open_clip(oc_model: nn.Module, backend: str = "vitfast") -> CLIP:
         out[f"text.norm.{part}"] = sd[f"ln_final.{part}"]
     out.update(_blocks_from_open_clip(sd, "visual.", "visual.", vision_cfg["layers"]))
     out.update(_blocks_from_open_clip(sd, "", "text.", text_cfg["layers"]))
-    model = like(model, oc_model)
+    model = like(model, oc_model, "clip_from_open_clip")
     model.load_state_dict(out)
     return model

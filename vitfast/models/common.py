@@ -94,12 +94,32 @@ class LayerNorm(nn.LayerNorm):
         return F.layer_norm(s, self.normalized_shape, self.weight, self.bias, self.eps), s
 
 
-def like(model: nn.Module, source: nn.Module) -> nn.Module:
-    """`model` on the device and in the floating dtype of `source`'s first floating-point parameter: the converters
-    build their model so before loading the source's weights (built in the default dtype on the CPU, a float64 or
-    float16 source was loaded rounded to float32)."""
-    p = next((t for t in source.parameters() if t.is_floating_point()), None)
-    return model if p is None else model.to(device=p.device, dtype=p.dtype)
+def uncompiled(model):
+    """The module a `torch.compile`d model wraps (whose state dict keys start with "_orig_mod."), else `model`: what
+    the converters read."""
+    return getattr(model, "_orig_mod", model) if isinstance(model, nn.Module) else model
+
+
+def like(model: nn.Module, source: nn.Module, fn: str) -> nn.Module:
+    """`model` on the device of `source`'s first floating-point parameter and in the floating dtype that holds most
+    of `source`'s parameter elements: the converters (`fn`, for the warning) build their model so before loading the
+    source's weights (built in the default dtype on the CPU, a float64 or float16 source was loaded rounded to
+    float32). A source with several floating dtypes (open_clip's precision="bf16" keeps its norms and embeddings in
+    float32) is converted whole to that dtype, with a warning: the reference models hold one dtype."""
+    elements: dict = {}
+    for t in source.parameters():
+        if t.is_floating_point():
+            elements[t.dtype] = elements.get(t.dtype, 0) + t.numel()
+    if not elements:
+        return model
+    dtype = max(elements, key=elements.get)
+    if len(elements) > 1:
+        others = ", ".join(f"{n} {str(d).replace('torch.', '')}" for d, n in elements.items() if d != dtype)
+        warnings.warn(f"vitfast.models.{fn}: the source's parameters are in several dtypes ({elements[dtype]} "
+                      f"elements {str(dtype).replace('torch.', '')}, {others}); the converted model is all "
+                      f"{str(dtype).replace('torch.', '')}, the others cast to it", stacklevel=3)
+    device = next(t.device for t in source.parameters() if t.is_floating_point())
+    return model.to(device=device, dtype=dtype)
 
 
 def set_backend(model: nn.Module, backend: str) -> nn.Module:

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitfast.models.common import LayerNorm, attend, check_backend, check_transformers_model, like, set_backend
+from vitfast.models.common import (LayerNorm, attend, check_backend, check_transformers_model, like, set_backend,
+                                   uncompiled)
 
 
 class FrozenBatchNorm2d(nn.Module):
@@ -356,6 +357,7 @@ def detr_from_transformers(hf_model: nn.Module, backend: str = "vitfast") -> DET
     default); its eager attention averages over all keys there. Which parameters train is this model's own (its
     ResNet freezes the stem and layer1, as the original DETR's): requires_grad is not carried over from hf_model
     (transformers' DetrConvEncoder freezes more or less of the backbone depending on its version)."""
+    hf_model = uncompiled(hf_model)
     check_transformers_model(hf_model, "detr_from_transformers", ("detr",), "a transformers DetrForObjectDetection")
     cfg = hf_model.config
     if not hasattr(hf_model, "bbox_predictor"):
@@ -409,6 +411,6 @@ def detr_from_transformers(hf_model: nn.Module, backend: str = "vitfast") -> DET
         out.update(_attn(sd, h + "encoder_attn.", o + "multihead_attn."))
         for src, dst in {**names, "encoder_attn_layer_norm": "norm2", "final_layer_norm": "norm3"}.items():
             out.update({o + f"{dst}.{p}": sd[h + f"{src}.{p}"] for p in ("weight", "bias")})
-    model = like(model, hf_model)
+    model = like(model, hf_model, "detr_from_transformers")
     model.load_state_dict(out)
     return model

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 import vitfast
 from vitfast.integrations.patch import qualname
 from vitfast.models.common import (LayerNorm, check_backend, check_transformers_model, like, set_backend, square,
-                                   warn_dropped_regularization)
+                                   uncompiled, warn_dropped_regularization)
 from vitfast.nn.patch_merging import PatchMerging as _FusedPatchMerging
 from vitfast.nn.window_attention import ShiftedWindowAttention as _FusedWindowAttention
 from vitfast.nn.window_attention import ShiftedWindowAttentionV2 as _FusedWindowAttentionV2
@@ -243,6 +243,7 @@ def swin_from_transformers(hf_model: nn.Module, num_classes: int = 1, backend: s
         ValueError: a model that is not a SwinModel (e.g. SwinForImageClassification: pass its `.swin`; a Swin-V2
             model) or a configuration outside the above.
     """
+    hf_model = uncompiled(hf_model)
     check_transformers_model(hf_model, "swin_from_transformers", ("swin",), "a transformers SwinModel")
     warn_dropped_regularization(hf_model, "swin_from_transformers")
     cfg = hf_model.config
@@ -256,9 +257,8 @@ def swin_from_transformers(hf_model: nn.Module, num_classes: int = 1, backend: s
     if getattr(cfg, "use_absolute_embeddings", False):
         raise ValueError("Hugging Face Swin with an absolute position embedding (use_absolute_embeddings=True) "
                          "does not convert")
-    if not isinstance(cfg.patch_size, int):
-        raise ValueError(f"only a square patch_size (an int) converts, got {cfg.patch_size!r}")
-    model = SwinTransformer(cfg.patch_size, cfg.embed_dim, cfg.depths, cfg.num_heads, cfg.window_size, cfg.mlp_ratio,
+    patch_size = square(cfg.patch_size, "patch_size", "swin_from_transformers")
+    model = SwinTransformer(patch_size, cfg.embed_dim, cfg.depths, cfg.num_heads, cfg.window_size, cfg.mlp_ratio,
                             num_classes, cfg.num_channels, backend=backend)
     out = {"features.0.0.weight": sd["embeddings.patch_embeddings.projection.weight"],
            "features.0.0.bias": sd["embeddings.patch_embeddings.projection.bias"],
@@ -278,7 +278,7 @@ def swin_from_transformers(hf_model: nn.Module, num_classes: int = 1, backend: s
             merge, h = f"features.{2 + 2 * i}.", f"encoder.layers.{i}.downsample."
             out.update({merge + "reduction.weight": sd[h + "reduction.weight"],
                         merge + "norm.weight": sd[h + "norm.weight"], merge + "norm.bias": sd[h + "norm.bias"]})
-    model = like(model, hf_model)
+    model = like(model, hf_model, "swin_from_transformers")
     missing, unexpected = model.load_state_dict(out, strict=False)
     if set(missing) - {"head.weight", "head.bias"} or unexpected:
         raise ValueError(f"state dict conversion left missing={sorted(missing)} unexpected={sorted(unexpected)}")
@@ -294,7 +294,10 @@ def swin_from_timm(timm_model: nn.Module, backend: str = "vitfast") -> SwinTrans
     pads before the cyclic shift where timm shifts first. Each block takes timm's shift, which timm fixes at build
     time (0 in a stage whose map the window covers). A timm model built with strict_img_size=False or
     dynamic_img_size=True and run at a smaller size keeps its shift where the window covers the map; the converted
-    model follows torchvision there (no shift on such an axis), so their outputs differ at those sizes.
+    model follows torchvision there (no shift on such an axis), so their outputs differ at those sizes. The shifts
+    are attributes of the blocks (`attn.shift_size`), not in the state dict: a converted model whose shifts differ
+    from torchvision's for its config (timm's fixed 0 where the window covered the map at build time) keeps them only
+    saved whole (`torch.save(model)`); its state dict loaded into a new SwinTransformer gets torchvision's.
 
     Raises:
         ValueError: a model other than timm's SwinTransformer (V1), or a configuration outside the above (also
@@ -303,6 +306,7 @@ def swin_from_timm(timm_model: nn.Module, backend: str = "vitfast") -> SwinTrans
 
     The model has no dropout or drop path: the source's are not carried over (a warning says so where it has some).
     """
+    timm_model = uncompiled(timm_model)
     cls = qualname(timm_model)
     if cls != "timm.models.swin_transformer.SwinTransformer":
         raise ValueError(f"swin_from_timm expects timm.models.swin_transformer.SwinTransformer, got {cls}")
@@ -374,6 +378,6 @@ def swin_from_timm(timm_model: nn.Module, backend: str = "vitfast") -> SwinTrans
             t, o = f"layers.{i}.downsample.", f"features.{2 * i}."
             out.update({o + "reduction.weight": sd[t + "reduction.weight"], o + "norm.weight": sd[t + "norm.weight"],
                         o + "norm.bias": sd[t + "norm.bias"]})
-    model = like(model, timm_model)
+    model = like(model, timm_model, "swin_from_timm")
     model.load_state_dict(out)
     return model

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 import vitfast
 from vitfast.models.common import (LayerNorm, attend, check_backend, check_transformers_model, like, set_backend,
-                                   square, warn_dropped_regularization)
+                                   square, uncompiled, warn_dropped_regularization)
 from vitfast.ops.patch_embed import resample_pos_embed
 
 SIZES = {  # name: (embed_dim, depth, num_heads)
@@ -156,17 +156,17 @@ def vit_from_transformers(hf_model: nn.Module, num_classes: int = 0, backend: st
     Raises:
         ValueError: a model that is not a transformers ViT or DeiT base model, or a configuration it cannot hold.
     """
+    hf_model = uncompiled(hf_model)
     check_transformers_model(hf_model, "vit_from_transformers", ("vit", "deit"), "a transformers ViTModel or DeiTModel")
     cfg = hf_model.config
     if not hasattr(hf_model, "embeddings"):
         raise ValueError(f"vit_from_transformers expects a ViTModel or DeiTModel, got {type(hf_model).__name__} "
                          f"(for a ...ForImageClassification pass its .vit or .deit)")
     warn_dropped_regularization(hf_model, "vit_from_transformers")
-    if not isinstance(cfg.image_size, int) or not isinstance(cfg.patch_size, int):
-        raise ValueError(f"only square images and patches (int image_size and patch_size) convert, got "
-                         f"{cfg.image_size!r} and {cfg.patch_size!r}")
+    image_size = square(cfg.image_size, "image_size", "vit_from_transformers")
+    patch_size = square(cfg.patch_size, "patch_size", "vit_from_transformers")
     distilled = getattr(hf_model.embeddings, "distillation_token", None) is not None
-    model = VisionTransformer(cfg.image_size, cfg.patch_size, cfg.num_channels, max(num_classes, 1), cfg.hidden_size,
+    model = VisionTransformer(image_size, patch_size, cfg.num_channels, max(num_classes, 1), cfg.hidden_size,
                               cfg.num_hidden_layers, cfg.num_attention_heads, qkv_bias=cfg.qkv_bias,
                               distilled=distilled, eps=cfg.layer_norm_eps, backend=backend,
                               mlp_hidden_dim=cfg.intermediate_size)
@@ -187,7 +187,7 @@ def vit_from_transformers(hf_model: nn.Module, num_classes: int = 0, backend: st
             for src, dst in (("attention.o_proj", "attn.proj"), ("layernorm_before", "norm1"),
                              ("layernorm_after", "norm2"), ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")):
                 out[o + f"{dst}.{part}"] = sd[h + f"{src}.{part}"]
-    model = like(model, hf_model)
+    model = like(model, hf_model, "vit_from_transformers")
     missing, unexpected = model.load_state_dict(out, strict=False)
     heads = {k for k in missing if k.startswith(("head.", "head_dist."))}
     if set(missing) - heads or unexpected:

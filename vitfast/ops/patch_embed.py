@@ -64,15 +64,18 @@ def patch_embed_ref(images: Tensor, weight: Tensor, bias: Optional[Tensor], patc
     return x
 
 
-def _pair(p, name: str = "patch_size") -> Tuple[int, int]:
-    """(h, w) from an int or a pair of ints (Python or NumPy). Raises ValueError for anything else (a float was
-    truncated before: 16.5 ran as 16; a bool is refused too)."""
-    if isinstance(p, numbers.Integral) and not isinstance(p, bool):
+def _pair(p, name: str = "patch_size", fn: str = "vitfast.patch_embed") -> Tuple[int, int]:
+    """(h, w) from an int or two ints (Python or NumPy; a tuple, list, NumPy array or torch.Size). Raises ValueError
+    for anything else (a float was truncated before: 16.5 ran as 16; a bool or a tensor is refused too)."""
+    def integer(n):
+        return isinstance(n, numbers.Integral) and not isinstance(n, bool)
+    if integer(p):
         return int(p), int(p)
-    if not isinstance(p, (tuple, list)) or len(p) != 2 or \
-            not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in p):
-        raise ValueError(f"vitfast.patch_embed: {name} must be an int or a pair of ints (h, w), got {p!r}")
-    return int(p[0]), int(p[1])
+    pair = list(p) if isinstance(p, (tuple, list)) or (type(p).__module__ == "numpy" and getattr(p, "ndim", 0) == 1) \
+        else None
+    if pair is None or len(pair) != 2 or not all(integer(n) for n in pair):
+        raise ValueError(f"{fn}: {name} must be an int or a pair of ints (h, w), got {p!r}")
+    return int(pair[0]), int(pair[1])
 
 
 # ---------------------------------------------------------------------------------------------------------
