@@ -198,3 +198,14 @@ def test_open_clip_variants_without_a_vitfast_layout_are_refused():
     theirs.text_projection = None  # proj_type="none"
     with pytest.raises(ValueError, match="no text projection"):
         clip_from_open_clip(theirs)
+    # another tower: its reason alone (RN50's "no image projection", CoCa's "no text projection", "bidirectional")
+    import open_clip
+
+    text_cfg = dict(context_length=12, vocab_size=VOCAB, width=32, heads=2, layers=1)
+    resnet = open_clip.model.CLIP(24, dict(image_size=32, layers=(1, 1, 1, 1), width=16, head_width=16), text_cfg)
+    with pytest.raises(ValueError, match=r"does not convert: an image tower that is not open_clip's VisionTransformer$"):
+        clip_from_open_clip(resnet)
+    custom = open_clip.model.CustomTextCLIP(24, dict(image_size=16, patch_size=8, width=32, layers=1, head_width=16),
+                                            text_cfg)
+    with pytest.raises(ValueError, match=r"does not convert: a text tower of its own class \(CustomTextCLIP\)$"):
+        clip_from_open_clip(custom)

@@ -296,20 +296,26 @@ def clip_from_open_clip(oc_model: nn.Module, backend: str = "vitfast") -> CLIP:
         raise ValueError(f"clip_from_open_clip expects an open_clip CLIP, got {type(oc_model).__name__}")
     warn_dropped_regularization(oc_model, "clip_from_open_clip")
     visual = oc_model.visual
-    problems = [what for what, bad in (
-        ("an image tower that is not open_clip's VisionTransformer", type(visual).__name__ != "VisionTransformer"),
-        ("attentional pooling", getattr(visual, "attn_pool", None) is not None),
-        ("image pooling other than the class token", getattr(visual, "pool_type", "tok") != "tok"),
-        ("no pre-LayerNorm", isinstance(getattr(visual, "ln_pre", None), nn.Identity)),
-        ("patch dropout", not isinstance(getattr(visual, "patch_dropout", nn.Identity()), nn.Identity)),
-        ("a logit bias", getattr(oc_model, "logit_bias", None) is not None),
-        ("a text tower of its own class (CustomTextCLIP)", not hasattr(oc_model, "token_embedding")),
-        ("a text projection with bias", isinstance(getattr(oc_model, "text_projection", None), nn.Linear)),
-        ("no text projection (proj_type 'none')", getattr(oc_model, "text_projection", None) is None),
-        ("no image projection (proj_type 'none')", getattr(visual, "proj", None) is None),
-        ("a bidirectional text tower", getattr(oc_model, "attn_mask", None) is None),
-        ("text pooling other than argmax or eos", getattr(oc_model, "text_pool_type", "") not in ("argmax", "eos")),
-    ) if bad]
+    vit_tower = type(visual).__name__ == "VisionTransformer"
+    own_text_tower = hasattr(oc_model, "token_embedding")  # (CustomTextCLIP's is a module of its own class)
+    checks = [("an image tower that is not open_clip's VisionTransformer", not vit_tower)]
+    if vit_tower:  # (another tower's attributes say nothing: RN50's projection is its attention pool's)
+        checks += [
+            ("attentional pooling", getattr(visual, "attn_pool", None) is not None),
+            ("image pooling other than the class token", getattr(visual, "pool_type", "tok") != "tok"),
+            ("no pre-LayerNorm", isinstance(getattr(visual, "ln_pre", None), nn.Identity)),
+            ("patch dropout", not isinstance(getattr(visual, "patch_dropout", nn.Identity()), nn.Identity)),
+            ("no image projection (proj_type 'none')", getattr(visual, "proj", None) is None)]
+    checks += [("a logit bias", getattr(oc_model, "logit_bias", None) is not None),
+               ("a text tower of its own class (CustomTextCLIP)", not own_text_tower)]
+    if own_text_tower:
+        checks += [
+            ("a text projection with bias", isinstance(getattr(oc_model, "text_projection", None), nn.Linear)),
+            ("no text projection (proj_type 'none')", getattr(oc_model, "text_projection", None) is None),
+            ("a bidirectional text tower", getattr(oc_model, "attn_mask", None) is None),
+            ("text pooling other than argmax or eos",
+             getattr(oc_model, "text_pool_type", "") not in ("argmax", "eos"))]
+    problems = [what for what, bad in checks if bad]
     if problems:
         raise ValueError(f"open_clip model does not convert: {', '.join(problems)}")
     eos = getattr(oc_model, "text_eos_id", None) if oc_model.text_pool_type == "eos" else None
