@@ -94,7 +94,8 @@ class VisionTransformer(nn.Module):
     With num_classes=0 the heads are nn.Identity (timm's headless models, whose state dicts load): the pooled
     tokens (B, embed_dim) come out instead. forward_features returns the normalized tokens (B, prefix + patches,
     embed_dim). timm state dicts carry no pooling, activation, padding or LayerNorm eps: models with timm's
-    global_pool='avg', another act_layer, dynamic_img_pad=True (timm pads an image to whole patches; here the last
+    global_pool 'avg', 'max' or 'avgmax' and fc_norm=False (with timm's default fc_norm their fc_norm weights do
+    not load), another act_layer, dynamic_img_pad=True (timm pads an image to whole patches; here the last
     H % patch rows and W % patch columns are dropped, as by a stride = kernel convolution) or another norm eps than
     `eps` load without error but compute something else. img_size and patch_size: an int or an (n, n) pair. The
     MLP's hidden width is int(embed_dim * mlp_ratio), as timm rounds it, or mlp_hidden_dim where given. Images of
