@@ -158,7 +158,8 @@ def test_sam_encoder(benchmark, impl):
     torch.manual_seed(0)
     model = transformers.SamVisionModel._from_config(config, attn_implementation="sdpa" if impl == "vitfast" else impl)
     model = model.to(DEVICE, DTYPE).eval()
-    eager = transformers.SamVisionModel._from_config(config, attn_implementation="eager").to(DEVICE, DTYPE).eval()
+    eager = transformers.SamVisionModel._from_config(copy.deepcopy(config), attn_implementation="eager")
+    eager = eager.to(DEVICE, DTYPE).eval()
     eager.load_state_dict(model.state_dict())
     double = copy.deepcopy(eager).double()
     if impl == "vitfast":

@@ -216,7 +216,8 @@ def patch(model: torch.nn.Module, prefix: str, attention: bool = True, window_at
     elif not attention:
         records.append(Left(prefix, cls, "attention=False"))
     elif not model._can_set_attn_implementation():
-        records.append(Left(prefix, cls, "the model does not use transformers' AttentionInterface"))
+        records.append(Left(prefix, cls, "transformers does not let the model set an attention implementation "
+                                         "(_can_set_attn_implementation() is False)"))
         # its sub-models that do (Mask2Former's Dinov2 or Swin backbone), each the outermost such
         switched: list = []
         for name, module in model.named_modules():

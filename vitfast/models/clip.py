@@ -307,7 +307,7 @@ def clip_from_open_clip(oc_model: nn.Module, backend: str = "vitfast") -> CLIP:
             ("patch dropout", not isinstance(getattr(visual, "patch_dropout", nn.Identity()), nn.Identity)),
             ("no image projection (proj_type 'none')", getattr(visual, "proj", None) is None)]
     checks += [("a logit bias", getattr(oc_model, "logit_bias", None) is not None),
-               ("a text tower of its own class (CustomTextCLIP)", not own_text_tower)]
+               (f"a text tower of its own class ({type(oc_model).__name__})", not own_text_tower)]
     if own_text_tower:
         checks += [
             ("a text projection with bias", isinstance(getattr(oc_model, "text_projection", None), nn.Linear)),
