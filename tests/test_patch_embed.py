@@ -457,6 +457,17 @@ def test_module_refuses_non_integer_sizes():
             vitfast.nn.PatchEmbed(bad, 8, 3, 8)
 
 
+def test_numpy_patch_sizes_compile():
+    """A NumPy array patch size ran eagerly and was refused under torch.compile (Dynamo wraps the array); a NumPy
+    scalar compiles too (Dynamo traces it as a 0-d array; its value is data, so fullgraph=True cannot hold it)."""
+    import numpy as np
+    x, w = torch.randn(1, 3, 16, 16), torch.randn(8, 3, 8, 8)
+    want = patch_embed_ref(x, w, None, 8)
+    for size in (np.array([8, 8]), np.int64(8), torch.Size([8, 8])):
+        got = torch.compile(lambda x: vitfast.patch_embed(x, w, None, size), backend="eager")(x)
+        torch.testing.assert_close(got, want, msg=repr(size))
+
+
 def test_module_fuses_vit_tokens_and_pads_dynamically():
     m = vitfast.nn.PatchEmbed(None, 8, 3, 16, dynamic_img_pad=True)
     x = torch.randn(2, 3, 20, 13)

@@ -10,7 +10,8 @@ from vitfast import autocast as _autocast
 from vitfast.integrations.patch import submodules_intercepted
 from vitfast.nn.layer_norm import normalizes_last_dim
 from vitfast.ops import patch_embed as _pe_ops
-from vitfast.ops.patch_embed import _pair, patch_embed
+from vitfast.ops.patch_embed import patch_embed
+from vitfast.ops.window_attention import _pair
 
 
 class PatchEmbed(nn.Module):
@@ -34,7 +35,7 @@ class PatchEmbed(nn.Module):
                  strict_img_size: bool = True, dynamic_img_pad: bool = False, device=None, dtype=None):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
-        self.patch_size = _pair(patch_size, "patch_size", "vitfast.nn.PatchEmbed")
+        self.patch_size = tuple(_pair(patch_size, "patch_size", "vitfast.nn.PatchEmbed"))
         self.img_size, self.grid_size, self.num_patches = self._sizes(img_size)
         if output_fmt is not None:
             self.flatten = False
@@ -55,7 +56,7 @@ class PatchEmbed(nn.Module):
         """img_size as a pair, the token grid and the number of patches it gives (None, None, None without one)."""
         if img_size is None:
             return None, None, None
-        img_size = _pair(img_size, "img_size", "vitfast.nn.PatchEmbed")
+        img_size = tuple(_pair(img_size, "img_size", "vitfast.nn.PatchEmbed"))
         grid = tuple(s // p for s, p in zip(img_size, self.patch_size))
         return img_size, grid, math.prod(grid)
 
@@ -74,7 +75,8 @@ class PatchEmbed(nn.Module):
         """timm's: a new image size (grid_size and num_patches follow) and/or patch size. A new patch size resamples
         the projection with timm's resample_patch_embed (FlexiViT's pseudo-inverse resize, Beyer et al. 2023,
         arXiv:2212.08013), so it needs timm (ImportError without it)."""
-        new_patch = _pair(patch_size, "patch_size", "vitfast.nn.PatchEmbed") if patch_size is not None else None
+        new_patch = (tuple(_pair(patch_size, "patch_size", "vitfast.nn.PatchEmbed")) if patch_size is not None
+                     else None)
         if new_patch is not None and new_patch != self.patch_size:
             try:
                 from timm.layers import resample_patch_embed

@@ -23,7 +23,6 @@ state (pre-norm tokens, mean, rstd in fp32) is vitfast.layer_norm's, so its back
 layer_norm_backward op. Under autocast the op follows `_autocast_rule` (the rule of the unfused sequence).
 """
 import math
-import numbers
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -34,6 +33,7 @@ from torch.utils.flop_counter import register_flop_formula
 from vitfast import autocast as _autocast
 from vitfast import backend as _backend
 from vitfast.ops import layer_norm as _ln
+from vitfast.ops.window_attention import _pair
 
 OP = "patch_embed"
 
@@ -47,7 +47,7 @@ def patch_embed_ref(images: Tensor, weight: Tensor, bias: Optional[Tensor], patc
     pos_embed must already match the grid (rows P + L or L). `norm=True` (or a norm weight/bias) applies it.
     """
     B = images.shape[0]
-    x = F.conv2d(images, weight, bias, stride=_pair(patch_size))
+    x = F.conv2d(images, weight, bias, stride=_pair(patch_size, "patch_size", "vitfast.patch_embed"))
     x = x.flatten(2).transpose(1, 2)
     E = x.shape[-1]
     if norm or norm_weight is not None or norm_bias is not None:
@@ -62,20 +62,6 @@ def patch_embed_ref(images: Tensor, weight: Tensor, bias: Optional[Tensor], patc
     if pos_embed is not None:
         x = x + pos_embed.reshape(1, -1, E)
     return x
-
-
-def _pair(p, name: str = "patch_size", fn: str = "vitfast.patch_embed") -> Tuple[int, int]:
-    """(h, w) from an int or two ints (Python or NumPy; a tuple, list, NumPy array or torch.Size). Raises ValueError
-    for anything else (a float was truncated before: 16.5 ran as 16; a bool or a tensor is refused too)."""
-    def integer(n):
-        return isinstance(n, numbers.Integral) and not isinstance(n, bool)
-    if integer(p):
-        return int(p), int(p)
-    pair = list(p) if isinstance(p, (tuple, list)) or (type(p).__module__ == "numpy" and getattr(p, "ndim", 0) == 1) \
-        else None
-    if pair is None or len(pair) != 2 or not all(integer(n) for n in pair):
-        raise ValueError(f"{fn}: {name} must be an int or a pair of ints (h, w), got {p!r}")
-    return int(pair[0]), int(pair[1])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -474,7 +460,7 @@ def patch_embed(images: Tensor, weight: Tensor, bias: Optional[Tensor], patch_si
     """
     _backend.check_transforms("patch_embed", images, weight, bias, pos_embed, prefix_tokens, norm_weight,
                                  norm_bias)
-    ph, pw = _pair(patch_size)
+    ph, pw = _pair(patch_size, "patch_size", "vitfast.patch_embed")
     if images.dim() != 4:
         raise ValueError(f"vitfast.patch_embed: images must be (B, C, H, W), got shape {tuple(images.shape)}")
     if not images.is_floating_point():

@@ -90,19 +90,24 @@ def _as_int(x):
     return x if isinstance(x, torch.SymInt) else operator.index(x)
 
 
-def _pair(v: IntPair, name: str) -> list:
-    """[a, b] from an int or a pair of ints (`_as_int`).
+def _pair(v: IntPair, name: str, fn: str = "vitfast") -> list:
+    """[a, b] from an int or a pair of ints (`_as_int`; the pair any iterable: tuple, list, NumPy array, torch.Size),
+    for the ops, modules and models that take sizes (window, shift, patch and image sizes); `fn` names the caller in
+    the error.
 
     Raises:
         ValueError: anything else, e.g. a float, a bool or a tensor.
     """
     try:
-        p = [v, v] if isinstance(v, (numbers.Integral, torch.SymInt)) else list(v)
+        # (Dynamo traces a NumPy integer as a 0-d array, not a numbers.Integral; eagerly a 0-d array is refused)
+        scalar = isinstance(v, (numbers.Integral, torch.SymInt)) or (
+            torch.compiler.is_compiling() and getattr(v, "ndim", None) == 0)
+        p = [v, v] if scalar else list(v)
         if len(p) != 2:
             raise TypeError
         return [_as_int(x) for x in p]
     except TypeError:
-        raise ValueError(f"vitfast: {name} must be an int or a pair of ints, got {v!r}") from None
+        raise ValueError(f"{fn}: {name} must be an int or a pair of ints (h, w), got {v!r}") from None
 
 
 def _window_pair(v: IntPair, what: str) -> list:
