@@ -209,3 +209,8 @@ def test_open_clip_variants_without_a_vitfast_layout_are_refused():
                                             text_cfg)
     with pytest.raises(ValueError, match=r"does not convert: a text tower of its own class \(CustomTextCLIP\)$"):
         clip_from_open_clip(custom)
+    # a text class embedding (CoCa's text config on a CLIP): a size mismatch in load_state_dict before
+    vision_cfg = dict(image_size=16, patch_size=8, width=32, layers=1, head_width=16)
+    with_cls = open_clip.model.CLIP(24, vision_cfg, dict(text_cfg, embed_cls=True, pool_type="argmax"))
+    with pytest.raises(ValueError, match=r"does not convert: a text class embedding \(embed_cls"):
+        clip_from_open_clip(with_cls)

@@ -67,7 +67,7 @@ def test_weights_from_transformers(family):
 
 
 def test_loader_takes_a_compiled_model_and_square_size_pairs():
-    """A torch.compile'd source (its state dict keys start with "_orig_mod.") failed with a bare KeyError, and an
+    """A torch.compile'd source or submodule (state dict keys with "_orig_mod.") failed with a bare KeyError, and an
     (n, n) image_size or patch_size, which transformers runs, was refused as not square."""
     transformers = pytest.importorskip("transformers")
     config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
@@ -76,10 +76,16 @@ def test_loader_takes_a_compiled_model_and_square_size_pairs():
     for p in hf.parameters():
         torch.nn.init.normal_(p, std=0.2)
     images = torch.randn(2, 3, 32, 32)
+    ref = hf(pixel_values=images).last_hidden_state
     model = vit_from_transformers(torch.compile(hf), backend="eager")
     assert model.patch_embed.patch_size == 8
-    torch.testing.assert_close(model.forward_features(images), hf(pixel_values=images).last_hidden_state,
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(model.forward_features(images), ref, rtol=1e-4, atol=1e-4)
+    # a compiled submodule (its keys hold "_orig_mod." inside) was a KeyError too; the source is left as it was
+    compiled = torch.compile(hf.embeddings, backend="eager")
+    hf.embeddings = compiled
+    model = vit_from_transformers(hf, backend="eager")
+    assert hf.embeddings is compiled and any("_orig_mod." in key for key in hf.state_dict())
+    torch.testing.assert_close(model.forward_features(images), ref, rtol=1e-4, atol=1e-4)
 
 
 def test_training_lowers_the_loss_like_eager():

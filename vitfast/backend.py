@@ -349,6 +349,7 @@ def choose_backend(op: str, *tensors: Optional[torch.Tensor], skip: tuple = ()) 
             return backend
         log.debug("%s: %s backend skipped: %s", op, backend, reason)
         reasons.append(f"{backend}: {reason}")
-    shapes = ", ".join(f"{tuple(t.shape)} {t.dtype} {t.device}" for t in present)
+    # (an int64 tensor is an op's dropout seed, drawn by vitfast, not one of the caller's inputs)
+    shapes = ", ".join(f"{tuple(t.shape)} {t.dtype} {t.device}" for t in present if t.dtype != torch.int64)
     raise ValueError(f"vitfast.{op}: no backend can take inputs [{shapes}]"
                      f"{' (forced ' + repr(forced) + ')' if forced else ''}; " + "; ".join(reasons))

@@ -288,7 +288,7 @@ def clip_from_open_clip(oc_model: nn.Module, backend: str = "vitfast") -> CLIP:
     """A CLIP with the weights of an open_clip `CLIP` (the ViT image tower and the built-in text tower, as in
     ViT-B-32/B-16/L-14 and their quickgelu variants). Refused with a ValueError: attentional pooling, average
     pooling, no pre-LayerNorm, layer scale, patch dropout, a logit bias (SigLIP), a text projection with bias or
-    none, no image projection, a bidirectional text tower, and pooling at an eos id of 2 (which transformers' rule
+    none, no image projection, a bidirectional text tower, a text class embedding, and pooling at an eos id of 2 (which transformers' rule
     reads as argmax). The model has no dropout: the source's is not carried over (a warning says so where it has
     some)."""
     oc_model = uncompiled(oc_model)
@@ -313,6 +313,8 @@ def clip_from_open_clip(oc_model: nn.Module, backend: str = "vitfast") -> CLIP:
             ("a text projection with bias", isinstance(getattr(oc_model, "text_projection", None), nn.Linear)),
             ("no text projection (proj_type 'none')", getattr(oc_model, "text_projection", None) is None),
             ("a bidirectional text tower", getattr(oc_model, "attn_mask", None) is None),
+            ("a text class embedding (embed_cls: open_clip's CLIP drops it and cannot run)",
+             oc_model.positional_embedding.shape[0] != oc_model.context_length),
             ("text pooling other than argmax or eos",
              getattr(oc_model, "text_pool_type", "") not in ("argmax", "eos"))]
     problems = [what for what, bad in checks if bad]

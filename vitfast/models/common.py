@@ -1,4 +1,5 @@
 """Pieces every reference model shares: the backend switch, attention and LayerNorm on each backend."""
+import copy
 import math
 import warnings
 from typing import Optional
@@ -95,9 +96,19 @@ class LayerNorm(nn.LayerNorm):
 
 
 def uncompiled(model):
-    """The module a `torch.compile`d model wraps (whose state dict keys start with "_orig_mod."), else `model`: what
-    the converters read."""
-    return getattr(model, "_orig_mod", model) if isinstance(model, nn.Module) else model
+    """`model` as the converters read it: a `torch.compile`d module (its state dict keys hold "_orig_mod.") is
+    replaced by the module it wraps, the model itself and any of its submodules (e.g. an open_clip CLIP whose visual
+    tower alone is compiled). The modules above a compiled one are shallow copies sharing the parameters; `model` is
+    not changed."""
+    if not isinstance(model, nn.Module):
+        return model
+    model = getattr(model, "_orig_mod", model)
+    children = {name: uncompiled(child) for name, child in model._modules.items()}
+    if all(children[name] is child for name, child in model._modules.items()):
+        return model
+    model = copy.copy(model)
+    model._modules = children
+    return model
 
 
 def like(model: nn.Module, source: nn.Module, fn: str) -> nn.Module:
