@@ -103,6 +103,7 @@ product size, so the rule is per (kind, mode), with `CPU_MIN_OUTPUT_BYTES` for l
 `onednn_pays` for the oneDNN choices (a backend choice inside the ops, made for every caller); a new shape class that
 measures differently gets its row here (or in that rule), nowhere else.
 """
+import warnings
 from typing import Optional
 
 import torch
@@ -142,6 +143,12 @@ MLP_ROWS_MIN_HIDDEN_BYTES = 2**25
 MLP_ROWS_CHUNK_BYTES = 2**23
 
 
+_TRACE_WITH_GRAD = (
+    "vitfast: torch.jit.trace of a patched model with grad enabled on CPU: trace's check re-traces it without grad, "
+    "where the patched modules choose other code (CPU choices differ with grad), and fails with 'Graphs differed "
+    "across invocations'; trace under torch.no_grad() (what an inference trace runs) or pass check_trace=False")
+
+
 def runs_original(kind: str, x: Tensor, out_bytes: Optional[int] = None) -> bool:
     """Whether a module patched for `kind` should run its original forward for input `x`.
 
@@ -156,6 +163,8 @@ def runs_original(kind: str, x: Tensor, out_bytes: Optional[int] = None) -> bool
         is below the kind's CPU_MIN_OUTPUT_BYTES) and no vitfast backend is forced.
     """
     if x.is_cpu:
+        if torch.jit.is_tracing() and torch.is_grad_enabled():
+            warnings.warn(_TRACE_WITH_GRAD, stacklevel=2)
         if _CPU[kind][torch.is_grad_enabled()] == VITFAST and (
                 out_bytes is None or out_bytes >= CPU_MIN_OUTPUT_BYTES.get(kind, 0)):
             return False
