@@ -79,7 +79,7 @@ TORCH_LIBRARY(vitfast, m) {
       " Tensor lse, int[2] window_size, int[2] shift_size, float softmax_scale, float dropout_p, int seed)"
       " -> (Tensor dqkv, Tensor dbias, Tensor dpad_qkv, Tensor dlogit_scale)");
   m.def("window_partition(Tensor x, int[2] window_size, int[2] shift_size) -> Tensor");
-  m.def("window_reverse(Tensor windows, int H, int W, int[2] window_size, int[2] shift_size) -> Tensor");
+  m.def("window_reverse(Tensor windows, SymInt H, SymInt W, int[2] window_size, int[2] shift_size) -> Tensor");
   // end window attention
   // linear_gelu (vitfast/ops/linear_gelu.py): x (M, K), weight (N, K), bias (N,) or None, one dtype; approximate
   // "none" | "tanh". Returns y = GELU(x @ weight^T + bias) (M, N) and, with save_preact, the pre-activation h (M, N)

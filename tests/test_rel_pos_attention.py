@@ -459,3 +459,15 @@ def test_cpu_forward_never_allocates_the_dense_bias(backend, device):
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["finite"] and result["grown_mib"] < 64, result
+
+
+def test_a_backend_an_op_lacks_is_named_so():
+    """Forcing onednn or cuda, which rel_pos_attention has on no device, said "no cuda implementation for cpu
+    tensors", as if CUDA tensors had one; layer_norm's cuda kernel is for CUDA tensors, and says so."""
+    q, k, v, rh, rw = _inputs(1, 1, (2, 2), (2, 2), 8, torch.float32, device="cpu")
+    for forced in ("cuda", "onednn"):
+        with vitfast.use_backend(forced), pytest.raises(
+                ValueError, match=rf"{forced}: rel_pos_attention has no {forced} implementation$"):
+            vitfast.rel_pos_attention(q, k, v, rh, rw)
+    with vitfast.use_backend("cuda"), pytest.raises(ValueError, match="layer_norm has no cuda implementation for cpu"):
+        vitfast.layer_norm(q, 8)

@@ -385,6 +385,12 @@ def test_bad_inputs_raise_clear_errors():
     for bad in (torch.tensor([1, 2]), torch.tensor([True, False]), torch.randn(2, dtype=torch.complex64)):
         with pytest.raises(ValueError, match=f"got shape \\(2,\\) {bad.dtype}"):  # (ran, or failed inside clamp)
             vitfast.window_attention(qkv, torch.randn(169, 2), 7, 3, logit_scale=bad)
+    # a projection on another device or in another dtype was vitfast.linear's error, with x, weight and bias
+    x8, w24, w8 = torch.randn(1, 4, 4, 8), torch.randn(24, 8), torch.randn(8, 8)
+    for kw, names in ((dict(qkv_bias=torch.randn(24, dtype=torch.float64)), "input, qkv_weight and qkv_bias"),
+                      (dict(proj_bias=torch.empty(8, device="meta")), "input, proj_weight and proj_bias")):
+        with pytest.raises(ValueError, match=f"shifted_window_attention: {names} must share one device"):
+            vitfast.shifted_window_attention(x8, w24, w8, torch.randn(9, 2), [2, 2], 2, [1, 1], **kw)
     with pytest.raises(ValueError, match="shifted_window_attention: input must be floating point"):
         vitfast.shifted_window_attention(torch.ones(1, 4, 4, 8, dtype=torch.long), torch.randn(24, 8),
                                          torch.randn(8, 8), torch.randn(9, 2), [2, 2], 2, [1, 1])

@@ -223,6 +223,41 @@ def test_window_partition_and_reverse_gradients_and_fakes():
 
 
 @needs_wp
+def test_window_reverse_map_size_stays_symbolic_and_fakes_check_sizes():
+    """window_reverse's H and W were ints in its schema: torch.export with a dynamic map size failed ("specialized
+    it to be a constant") and compile(dynamic=True) compiled a graph per size. The fakes checked neither window nor
+    shift (meta tensors: a ZeroDivisionError, an out-of-range shift accepted)."""
+    class Reverse(torch.nn.Module):
+        def forward(self, windows, z):
+            return torch.ops.vitfast.window_reverse(windows, z.shape[1], z.shape[2], [2, 2], [1, 1])
+
+    def inputs(H, W):
+        z = torch.randn(2, H, W, 4)
+        return torch.ops.vitfast.window_partition(z, [2, 2], [1, 1]), z
+
+    h, w, n = (torch.export.Dim(name, min=2, max=64) for name in "hwn")
+    program = torch.export.export(Reverse(), inputs(8, 12), dynamic_shapes={"windows": {0: n}, "z": {1: h, 2: w}})
+    for H, W in ((6, 10), (9, 5)):
+        windows, z = inputs(H, W)
+        assert torch.equal(program.module()(windows, z), z)
+    graphs = []
+    compiled = torch.compile(Reverse(), fullgraph=True, dynamic=True,
+                             backend=lambda gm, example: graphs.append(gm) or gm)
+    for H, W in ((8, 12), (6, 10), (10, 14)):
+        windows, z = inputs(H, W)
+        assert torch.equal(compiled(windows, z), z)
+    assert len(graphs) == 1
+    x = torch.empty(1, 5, 5, 2, device="meta")
+    for ws, shift, message in (([0, 4], [0, 0], r"window_size must be positive, got \[0, 4\]"),
+                               ([4, 4], [4, 1], r"shift_size \[4, 1\] must be in \[0, window\)"),
+                               ([4, 4], [-1, 0], r"shift_size \[-1, 0\] must be in \[0, window\)")):
+        with pytest.raises(RuntimeError, match=f"vitfast window_partition: {message}"):
+            torch.ops.vitfast.window_partition(x, ws, shift)
+        with pytest.raises(RuntimeError, match=f"vitfast window_reverse: {message}"):
+            torch.ops.vitfast.window_reverse(torch.empty(4, 16, 2, device="meta"), 5, 5, ws, shift)
+
+
+@needs_wp
 @pytest.mark.parametrize("shape", [(2, 0, 7, 4), (2, 7, 0, 4)], ids=["H0", "W0"])
 def test_window_partition_backward_of_an_empty_map(shape):
     """An empty map has no windows: the backward (window_reverse of the gradient) could not infer B and raised."""

@@ -180,6 +180,8 @@ def _unavailable(op: str, backend: str, device: torch.device) -> Optional[str]:
     order = spec.gpu_order if device.type == "cuda" else spec.cpu_order + tuple(b for b in spec.gpu_order
                                                                                  if b == "triton")
     if backend not in order:
+        if backend not in spec.gpu_order + spec.cpu_order:
+            return f"{op} has no {backend} implementation"
         return f"{op} has no {backend} implementation for {device.type} tensors"
     if backend == "triton":
         if not has_triton():

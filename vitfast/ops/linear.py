@@ -204,29 +204,32 @@ def _autocast_rule(device_type, dtype, x, weight, bias, prepack):
 _autocast.register("linear", _autocast_rule)
 
 
-def check_linear_args(op: str, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
-    """The argument checks of F.linear-like ops (vitfast.linear, vitfast.linear_gelu), with vitfast's messages.
+def check_linear_args(op: str, x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                      names: tuple = ("x", "weight", "bias")) -> None:
+    """The argument checks of F.linear-like ops (vitfast.linear, vitfast.linear_gelu, shifted_window_attention's
+    projections), with vitfast's messages naming the caller's arguments (`names`: those of x, weight and bias).
 
     Raises:
         ValueError: non-floating x, a weight that is not (N, K) with K = x.shape[-1], a bias that is not (N,),
             tensors on different devices or of different dtypes (outside autocast).
     """
+    nx, nw, nb = names
     if not x.is_floating_point() or x.dim() == 0:
-        raise ValueError(f"vitfast.{op}: x must be a floating-point tensor with at least one dim, got "
+        raise ValueError(f"vitfast.{op}: {nx} must be a floating-point tensor with at least one dim, got "
                          f"{tuple(x.shape)} {x.dtype}")
     K = x.shape[-1]
     if weight.dim() != 2 or weight.shape[1] != K:
-        raise ValueError(f"vitfast.{op}: weight must be (N, {K}) for x of shape {tuple(x.shape)}, got "
+        raise ValueError(f"vitfast.{op}: {nw} must be (N, {K}) for {nx} of shape {tuple(x.shape)}, got "
                          f"{tuple(weight.shape)}")
     N = weight.shape[0]
     if bias is not None and tuple(bias.shape) != (N,):
-        raise ValueError(f"vitfast.{op}: bias must be ({N},) for weight {tuple(weight.shape)}, got "
+        raise ValueError(f"vitfast.{op}: {nb} must be ({N},) for {nw} {tuple(weight.shape)}, got "
                          f"{tuple(bias.shape)}")
-    present = {k: t for k, t in (("x", x), ("weight", weight), ("bias", bias)) if t is not None}
+    present = {k: t for k, t in zip(names, (x, weight, bias)) if t is not None}
     if len({t.device for t in present.values()}) > 1 or (
             not _autocast.is_enabled(x.device) and len({t.dtype for t in present.values()}) > 1):
         listed = ", ".join(f"{k} {t.dtype} {t.device}" for k, t in present.items())
-        raise ValueError(f"vitfast.{op}: x, weight and bias must share one device and (outside autocast) one "
+        raise ValueError(f"vitfast.{op}: {nx}, {nw} and {nb} must share one device and (outside autocast) one "
                          f"dtype, got {listed}")
 
 

@@ -73,7 +73,7 @@ from vitfast import _ext
 from vitfast import autocast as _autocast
 from vitfast import backend as _backend
 from vitfast.ops.attention import check_dropout_capture, dropout_keep
-from vitfast.ops.linear import linear
+from vitfast.ops.linear import check_linear_args, linear
 
 OP = "window_attention"
 MASK_VALUE = -100.0
@@ -756,6 +756,9 @@ def shifted_window_attention(input: Tensor, qkv_weight: Tensor, proj_weight: Ten
         raise ValueError(f"vitfast.shifted_window_attention: qkv_weight must be (3C, C) = ({3 * C}, {C}) and "
                          f"proj_weight (C, C) = ({C}, {C}) for input {tuple(input.shape)}, got "
                          f"{tuple(qkv_weight.shape)} and {tuple(proj_weight.shape)}")
+    for weight, bias, names in ((qkv_weight, qkv_bias, ("input", "qkv_weight", "qkv_bias")),
+                                (proj_weight, proj_bias, ("input", "proj_weight", "proj_bias"))):
+        check_linear_args("shifted_window_attention", input, weight, bias, names)
     ws = _window_pair(window_size, "shifted_window_attention")
     shift = _used_shift(ws, _pair(shift_size, "shift_size"), H, W, "shifted_window_attention", modulo=True)
     pad_H, pad_W = math.ceil(H / ws[0]) * ws[0], math.ceil(W / ws[1]) * ws[1]
@@ -774,17 +777,27 @@ def shifted_window_attention(input: Tensor, qkv_weight: Tensor, proj_weight: Ten
 # roll and partition of a Swin block and its inverse, for users who keep their own attention) are each other's
 # adjoint: the padding partition adds is zeros and reverse crops it, so the gradient of each is the other applied to
 # the incoming gradient. Their fakes give the shapes (torch.compile, meta tensors).
-def _window_count(H: int, W: int, window_size: Sequence[int]) -> int:
-    return math.ceil(H / window_size[0]) * math.ceil(W / window_size[1])
+def _window_count(op: str, H: int, W: int, window_size: Sequence[int], shift_size: Sequence[int]) -> int:
+    """The windows of an H x W map; checks the sizes as the kernels do (csrc/window_process.cpp), with their
+    messages, for the fakes (meta tensors, torch.compile, torch.export)."""
+    ws, ss = list(window_size), list(shift_size)
+    if len(ws) != 2 or len(ss) != 2:
+        raise RuntimeError(f"vitfast {op}: window_size and shift_size must be pairs, got {ws} and {ss}")
+    if ws[0] <= 0 or ws[1] <= 0:
+        raise RuntimeError(f"vitfast {op}: window_size must be positive, got {ws}")
+    if not (0 <= ss[0] < ws[0] and 0 <= ss[1] < ws[1]):
+        raise RuntimeError(f"vitfast {op}: shift_size {ss} must be in [0, window) for window_size {ws}")
+    return (H + ws[0] - 1) // ws[0] * ((W + ws[1] - 1) // ws[1])
 
 
 def _partition_fake(x, window_size, shift_size):
     B, H, W, C = x.shape
-    return x.new_empty(B * _window_count(H, W, window_size), window_size[0] * window_size[1], C)
+    n = _window_count("window_partition", H, W, window_size, shift_size)
+    return x.new_empty(B * n, window_size[0] * window_size[1], C)
 
 
 def _reverse_fake(windows, H, W, window_size, shift_size):
-    n = _window_count(H, W, window_size)
+    n = _window_count("window_reverse", H, W, window_size, shift_size)
     if n == 0 or windows.dim() != 3 or windows.shape[0] % n:
         raise ValueError(f"vitfast window_reverse: windows {tuple(windows.shape)} must be (B * nW, N, C) with nW = "
                          f"{n} windows of a {H}x{W} map in {tuple(window_size)}")
