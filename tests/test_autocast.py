@@ -355,6 +355,9 @@ def test_mixed_dtypes_outside_autocast_and_float64_under_it_raise():
     with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(
             ValueError, match="layer_norm under autocast: x torch.float64, weight torch.float32"):
         vitfast.layer_norm(x.double(), 8, torch.randn(8))
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(  # (a float32 x was named float64)
+            ValueError, match=r"x \(promoted with residual\) torch.float64, weight torch.float32"):
+        vitfast.layer_norm(x, 8, torch.randn(8), residual=x.double())
     # float64 norm parameters of a fused patch embedding (F.layer_norm refuses them too): the error named
     # vitfast.layer_norm and a float32 "x" the caller never passed
     images, w, nw = torch.randn(2, 3, 16, 16), torch.randn(16, 3, 8, 8), torch.ones(16, dtype=torch.float64)

@@ -175,7 +175,9 @@ def _autocast_rule(device_type, dtype, x, weight, bias, residual, eps):
     the dtype of x + residual (type promotion), as the unfused add would give it."""
     s_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
     args = [_autocast.cast(torch.float32, t) for t in (x, weight, bias, residual)]
-    _autocast.check_same_dtype("layer_norm", **dict(zip(("x", "weight", "bias", "residual"), args)))
+    # (the public function hands x over promoted to x + residual's dtype: named so)
+    names = ("x" if residual is None else "x (promoted with residual)", "weight", "bias", "residual")
+    _autocast.check_same_dtype("layer_norm", **dict(zip(names, args)))
     y, s, mean, rstd = _layer_norm_op(*args, eps)
     return y.to(s_dtype if device_type == "cpu" else y.dtype), s.to(s_dtype), mean, rstd
 
