@@ -129,8 +129,15 @@ def test_weights_from_transformers_with_a_one_channel_backbone():
     images = torch.randn(2, 1, 64, 64)
     with torch.no_grad():
         ref = hf(pixel_values=images)
-        out = detr_from_transformers(hf).eval()(images)
+        out = detr_from_transformers(hf)(images)  # (in the source's eval mode: its dropout ran before)
     torch.testing.assert_close(out["pred_logits"], ref.logits, rtol=1e-4, atol=1e-4)
+    assert not detr_from_transformers(hf).training and detr_from_transformers(hf.train()).training
+    # a malformed image: ValueError naming what is expected (a tuple unpacking or ATen's conv error before)
+    model = detr_from_transformers(hf)
+    for bad in (torch.randn(1, 64, 64), torch.randn(1, 3, 64, 64), torch.ones(1, 1, 64, 64, dtype=torch.long)):
+        with pytest.raises(ValueError, match=rf"DETR expects floating-point images \(B, 1, H, W\), got "
+                                             rf"\({', '.join(map(str, bad.shape))}\) {bad.dtype}"):
+            model(bad)
 
 
 def test_loader_warns_where_auxiliary_loss_changes_transformers_predictions():

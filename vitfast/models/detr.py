@@ -276,6 +276,10 @@ class DETR(nn.Module):
         set_backend(self, backend)
 
     def forward(self, images: Tensor, pixel_mask: Optional[Tensor] = None) -> dict:
+        in_chans = self.backbone.conv1.in_channels
+        if images.dim() != 4 or images.shape[1] != in_chans or not images.is_floating_point():
+            raise ValueError(f"DETR expects floating-point images (B, {in_chans}, H, W), got {tuple(images.shape)} "
+                             f"{images.dtype}")
         B, _, H, W = images.shape
         features = self.backbone(images)
         h, w = features.shape[-2:]
@@ -346,7 +350,7 @@ def _attn(sd: dict, src: str, dst: str) -> dict:
 
 def detr_from_transformers(hf_model: nn.Module, backend: str = "vitfast") -> DETR:
     """A DETR with the weights of a Hugging Face DetrForObjectDetection whose backbone is transformers' ResNet
-    (use_timm_backbone=False; transformers 5 names). Its three dropout rates are kept; call .eval() for inference.
+    (use_timm_backbone=False; transformers 5 names). Its three dropout rates are kept (and the source's train/eval mode).
     (transformers also drops out the encoder's input at config.dropout, which the original DETR and this model do
     not: training differs there.)
 
