@@ -13,7 +13,8 @@ in float64 after the timing (conftest.check_accuracy; extra_info `patched_err_ov
 By default (CI, `make bench`) tiny configs of the same classes run in a few seconds and torch.compile is left out.
 `VITFAST_BENCH_REAL=1` runs the real sizes (minutes per model on a 2-core CPU), with torch.compile unless
 `VITFAST_BENCH_COMPILE=0`; `VITFAST_BENCH_THREADS` (default 2) sets torch's CPU threads and `VITFAST_BENCH_REPS`
-(default 7) the rounds. The pytest-benchmark time of a test is that of one whole round.
+(default 7 with VITFAST_BENCH_REAL=1, else 3) the rounds; other values than 1 or 0 for the flags, or than a whole
+number >= 1 for the counts, are errors. The pytest-benchmark time of a test is that of one whole round.
 
     VITFAST_BENCH_REAL=1 python -m pytest bench/bench_patched_models.py --benchmark-only -q -s
 """
@@ -28,15 +29,15 @@ import torch
 import vitfast
 from vitfast.report import timed_round
 
-from conftest import DEVICE, ON_GPU, check_accuracy
+from conftest import DEVICE, ON_GPU, check_accuracy, env_count, env_flag
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tests"))
 from _optional_libs import import_or_skip  # noqa: E402  (the torchvision shim timm and torchvision need here)
 
-REAL = os.environ.get("VITFAST_BENCH_REAL", "0") == "1"
-COMPILE = REAL and os.environ.get("VITFAST_BENCH_COMPILE", "1") == "1"
-REPS = int(os.environ.get("VITFAST_BENCH_REPS", "7" if REAL else "3"))
-THREADS = int(os.environ.get("VITFAST_BENCH_THREADS", "2"))
+REAL = env_flag("VITFAST_BENCH_REAL")
+COMPILE = env_flag("VITFAST_BENCH_COMPILE", default=True) and REAL
+REPS = env_count("VITFAST_BENCH_REPS", 7 if REAL else 3)
+THREADS = env_count("VITFAST_BENCH_THREADS", 2)
 
 
 def _timm(name, **tiny):

@@ -20,7 +20,6 @@ TFLOP/s counts the two (Nq, Nk, D) matmuls of the forward and 2.5x that for the 
 of the same group run earlier in the session; the GPU rows record peak memory.
 """
 import copy
-import os
 
 import pytest
 import torch
@@ -30,7 +29,7 @@ from torch.nn.attention import sdpa_kernel
 import vitfast
 from vitfast.ops.rel_pos_attention import rel_pos_attention_ref
 
-from conftest import (DEVICE, ON_GPU, SDPA, headline, mean_seconds, record_vs_best_sdpa, run_benchmark,
+from conftest import (DEVICE, ON_GPU, SDPA, env_flag, headline, mean_seconds, record_vs_best_sdpa, run_benchmark,
                       skip_unless_it_runs, vitfast_backends)
 
 # name: (B, H, (kh, kw) = the query and key grid, D).
@@ -40,7 +39,7 @@ if ON_GPU:
         "sam_b_window": (8 * 25, 12, (14, 14), 64),
         "sam_h_global": (4, 16, (64, 64), 80),
     }
-elif os.environ.get("VITFAST_BENCH_FULL") == "1":
+elif env_flag("VITFAST_BENCH_FULL"):
     SHAPES = {
         "sam_b_global": (1, 12, (64, 64), 64),
         "sam_b_window": (25, 12, (14, 14), 64),
@@ -53,7 +52,7 @@ else:
 # SamVisionConfig overrides (its defaults are SAM-B's) and the batch.
 if ON_GPU:
     SAM_ENCODER = ({}, 4)
-elif os.environ.get("VITFAST_BENCH_FULL") == "1":
+elif env_flag("VITFAST_BENCH_FULL"):
     SAM_ENCODER = ({}, 1)
 else:
     SAM_ENCODER = (dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, global_attn_indexes=[1],

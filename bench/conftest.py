@@ -10,6 +10,7 @@ import functools
 import importlib
 import itertools
 import math
+import os
 
 import pytest
 import torch
@@ -21,6 +22,23 @@ from vitfast import backend
 from vitfast.report import interleaved
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def env_flag(name: str, default: bool = False) -> bool:
+    """An on/off environment variable of the benchmarks: "1" on, "0" off, unset or "" the default; anything else an
+    error (a "yes" read as off would time the tiny models while the user thinks the real ones ran)."""
+    value = os.environ.get(name) or ("1" if default else "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"{name}={value!r}: expected 1 (on) or 0 (off)")
+    return value == "1"
+
+
+def env_count(name: str, default: int) -> int:
+    """A positive whole-number environment variable of the benchmarks (default where unset or empty)."""
+    value = os.environ.get(name) or str(default)
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{name}={value!r}: expected a whole number of at least 1")
+    return int(value)
 ON_GPU = DEVICE == "cuda"
 _TRITON_VERSION = importlib.import_module("triton").__version__ if backend.has_triton() else None  # (with each result)
 

@@ -26,7 +26,7 @@ def load(*paths: str) -> tuple:
 
     Raises:
         ValueError: a file that cannot be read, or is not pytest-benchmark's JSON (`python -m vitfast --out` writes
-            its own report).
+            its own report), or no benchmark in any file.
     """
     data = None
     for path in paths:
@@ -43,6 +43,8 @@ def load(*paths: str) -> tuple:
             data = part
         else:
             data["benchmarks"] += part["benchmarks"]
+    if not data["benchmarks"]:
+        raise ValueError(f"no benchmarks in {', '.join(paths)} (every benchmark skipped or deselected?)")
     groups = defaultdict(list)
     for b in data["benchmarks"]:
         extra, group = b["extra_info"], b["group"] or b["name"]
@@ -120,11 +122,14 @@ def main(argv=None) -> None:
         parser.error("the plot (speedup.png) needs matplotlib, which is not installed: install it or pass --no-plot")
     try:
         data, groups = load(*args.json_files)
+    except ValueError as e:
+        parser.error(str(e))
+    try:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "report.md"), "w") as f:
             f.write(markdown(data, groups))
-    except (OSError, ValueError) as e:
-        parser.error(str(e))
+    except OSError as e:
+        parser.error(f"--out {args.out}: cannot write report.md there: {e}")
     if not args.no_plot:
         plot(data, groups, os.path.join(args.out, "speedup.png"))
     print(markdown(data, groups))

@@ -149,6 +149,43 @@ def test_bench_report_names_the_file_it_cannot_read(tmp_path, capsys):
     assert not (tmp_path / "report.md").exists()
 
 
+def test_benchmark_environment_variables_are_checked(monkeypatch):
+    """VITFAST_BENCH_REAL=yes was read as off (the tiny models timed while the user meant the real ones), and a
+    VITFAST_BENCH_REPS of 0 or "abc" failed inside pytest-benchmark or int() without naming the variable."""
+    conftest = _script("bench/conftest.py")
+    for value, want in (("1", True), ("0", False), ("", False)):
+        monkeypatch.setenv("VITFAST_BENCH_REAL", value)
+        assert conftest.env_flag("VITFAST_BENCH_REAL") is want
+    monkeypatch.delenv("VITFAST_BENCH_REAL")
+    assert conftest.env_flag("VITFAST_BENCH_REAL", default=True) and conftest.env_count("VITFAST_BENCH_REPS", 3) == 3
+    monkeypatch.setenv("VITFAST_BENCH_REAL", "yes")
+    with pytest.raises(ValueError, match=r"VITFAST_BENCH_REAL='yes': expected 1 \(on\) or 0 \(off\)"):
+        conftest.env_flag("VITFAST_BENCH_REAL")
+    for value in ("0", "abc", "-2", "1.5"):
+        monkeypatch.setenv("VITFAST_BENCH_REPS", value)
+        with pytest.raises(ValueError, match=f"VITFAST_BENCH_REPS='{value}': expected a whole number of at least 1"):
+            conftest.env_count("VITFAST_BENCH_REPS", 3)
+    monkeypatch.setenv("VITFAST_BENCH_REPS", "9")
+    assert conftest.env_count("VITFAST_BENCH_REPS", 3) == 9
+
+
+def test_bench_report_refuses_no_benchmarks_and_names_an_out_it_cannot_write(tmp_path, capsys):
+    """A JSON without benchmarks wrote a report of "?" fields and exited 0; an --out that is a file gave a bare
+    "[Errno 17] File exists"."""
+    report = _bench_report()
+    empty, bench = tmp_path / "empty.json", tmp_path / "bench.json"
+    empty.write_text(json.dumps({"benchmarks": []}))
+    extra = {"original_ms": 2.0, "patched_ms": 1.0}
+    bench.write_text(json.dumps({"benchmarks": [{"name": "t", "group": "g", "stats": {"median": 1e-3},
+                                                 "extra_info": extra}]}))
+    for args, message in (([str(empty), "--out", str(tmp_path)], "no benchmarks in"),
+                          ([str(bench), "--out", str(empty)], f"--out {empty}: cannot write report.md there")):
+        with pytest.raises(SystemExit) as e:
+            report.main(args + ["--no-plot"])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "report.md").exists()
+
+
 def test_bench_report_splits_the_patched_model_rounds(tmp_path):
     """bench_patched_models.py times original, patched and prepacked in one round (one pytest-benchmark entry): the
     report gave that round one row, "1.00x vs best baseline"; it now gives each variant its row and speedup."""
