@@ -288,9 +288,9 @@ def clip_from_open_clip(oc_model: nn.Module, backend: str = "vitfast") -> CLIP:
     """A CLIP with the weights of an open_clip `CLIP` (the ViT image tower and the built-in text tower, as in
     ViT-B-32/B-16/L-14 and their quickgelu variants). Refused with a ValueError: attentional pooling, average
     pooling, no pre-LayerNorm, layer scale, patch dropout, a logit bias (SigLIP), a text projection with bias or
-    none, no image projection, a bidirectional text tower, a text class embedding, and pooling at an eos id of 2 (which transformers' rule
-    reads as argmax). The model has no dropout: the source's is not carried over (a warning says so where it has
-    some)."""
+    none, no image projection, a bidirectional text tower, a text class embedding, and pooling at an eos id of 2
+    (which transformers' rule reads as argmax). The model has no dropout: the source's is not carried over (a
+    warning says so where it has some)."""
     oc_model = uncompiled(oc_model)
     if not hasattr(oc_model, "visual") or not hasattr(oc_model, "encode_text"):
         raise ValueError(f"clip_from_open_clip expects an open_clip CLIP, got {type(oc_model).__name__}")

@@ -114,9 +114,10 @@ def uncompiled(model):
 def like(model: nn.Module, source: nn.Module, fn: str) -> nn.Module:
     """`model` in `source`'s train/eval mode, on the device of `source`'s first floating-point parameter and in the
     floating dtype that holds most of `source`'s parameter elements: the converters (`fn`, for the warning) build
-    their model so before loading the source's weights (built in the default dtype on the CPU, a float64 or float16 source was loaded rounded to
-    float32). A source with several floating dtypes (open_clip's precision="bf16" keeps its norms and embeddings in
-    float32) is converted whole to that dtype, with a warning: the reference models hold one dtype."""
+    their model so before loading the source's weights (built in the default dtype on the CPU, a float64 or float16
+    source was loaded rounded to float32). A source with several floating dtypes (open_clip's precision="bf16" keeps
+    its norms and embeddings in float32) is converted whole to that dtype, with a warning: the reference models hold
+    one dtype."""
     model.train(source.training)  # (a DETR from an eval-mode source ran its dropout)
     elements: dict = {}
     for t in source.parameters():

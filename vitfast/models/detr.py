@@ -350,7 +350,8 @@ def _attn(sd: dict, src: str, dst: str) -> dict:
 
 def detr_from_transformers(hf_model: nn.Module, backend: str = "vitfast") -> DETR:
     """A DETR with the weights of a Hugging Face DetrForObjectDetection whose backbone is transformers' ResNet
-    (use_timm_backbone=False; transformers 5 names). Its three dropout rates are kept (and the source's train/eval mode).
+    (use_timm_backbone=False; transformers 5 names). Its three dropout rates are kept, and the source's train/eval
+    mode.
     (transformers also drops out the encoder's input at config.dropout, which the original DETR and this model do
     not: training differs there.)
 
