@@ -777,9 +777,13 @@ def shifted_window_attention(input: Tensor, qkv_weight: Tensor, proj_weight: Ten
 # roll and partition of a Swin block and its inverse, for users who keep their own attention) are each other's
 # adjoint: the padding partition adds is zeros and reverse crops it, so the gradient of each is the other applied to
 # the incoming gradient. Their fakes give the shapes (torch.compile, meta tensors).
-def _window_count(op: str, H: int, W: int, window_size: Sequence[int], shift_size: Sequence[int]) -> int:
-    """The windows of an H x W map; checks the sizes as the kernels do (csrc/window_process.cpp), with their
-    messages, for the fakes (meta tensors, torch.compile, torch.export)."""
+def _window_count(H: int, W: int, window_size: Sequence[int]) -> int:
+    return (H + window_size[0] - 1) // window_size[0] * ((W + window_size[1] - 1) // window_size[1])
+
+
+def _check_window_args(op: str, window_size: Sequence[int], shift_size: Sequence[int]) -> None:
+    """The kernels' size checks (csrc/window_process.cpp), with their messages, for the fakes (meta tensors,
+    torch.compile, torch.export)."""
     ws, ss = list(window_size), list(shift_size)
     if len(ws) != 2 or len(ss) != 2:
         raise RuntimeError(f"vitfast {op}: window_size and shift_size must be pairs, got {ws} and {ss}")
@@ -787,17 +791,17 @@ def _window_count(op: str, H: int, W: int, window_size: Sequence[int], shift_siz
         raise RuntimeError(f"vitfast {op}: window_size must be positive, got {ws}")
     if not (0 <= ss[0] < ws[0] and 0 <= ss[1] < ws[1]):
         raise RuntimeError(f"vitfast {op}: shift_size {ss} must be in [0, window) for window_size {ws}")
-    return (H + ws[0] - 1) // ws[0] * ((W + ws[1] - 1) // ws[1])
 
 
 def _partition_fake(x, window_size, shift_size):
+    _check_window_args("window_partition", window_size, shift_size)
     B, H, W, C = x.shape
-    n = _window_count("window_partition", H, W, window_size, shift_size)
-    return x.new_empty(B * n, window_size[0] * window_size[1], C)
+    return x.new_empty(B * _window_count(H, W, window_size), window_size[0] * window_size[1], C)
 
 
 def _reverse_fake(windows, H, W, window_size, shift_size):
-    n = _window_count("window_reverse", H, W, window_size, shift_size)
+    _check_window_args("window_reverse", window_size, shift_size)
+    n = _window_count(H, W, window_size)
     if n == 0 or windows.dim() != 3 or windows.shape[0] % n:
         raise ValueError(f"vitfast window_reverse: windows {tuple(windows.shape)} must be (B * nW, N, C) with nW = "
                          f"{n} windows of a {H}x{W} map in {tuple(window_size)}")
