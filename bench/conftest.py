@@ -36,7 +36,7 @@ def env_flag(name: str, default: bool = False) -> bool:
 def env_count(name: str, default: int) -> int:
     """A positive whole-number environment variable of the benchmarks (default where unset or empty)."""
     value = os.environ.get(name) or str(default)
-    if not value.isdigit() or int(value) < 1:
+    if not (value.isascii() and value.isdigit()) or int(value) < 1:
         raise ValueError(f"{name}={value!r}: expected a whole number of at least 1")
     return int(value)
 ON_GPU = DEVICE == "cuda"

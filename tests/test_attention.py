@@ -447,6 +447,8 @@ def test_cpp_backend_rejects_dropout_when_forced(backend, device):
     with vitfast.use_backend("cpp"), pytest.raises(ValueError, match="dropout") as err:
         vitfast.attention(q, k, v, dropout_p=0.5)
     assert "int64" not in str(err.value)  # the inputs listed are the caller's, not the seed vitfast drew
+    with vitfast.use_backend("triton"), pytest.raises(ValueError, match=r"inputs \[\(1, 1, 4, 16\) torch.int64"):
+        vitfast.choose_backend("attention", q.long(), k, v)  # (an int64 input that is no seed stays listed)
     assert vitfast.choose_backend("attention", q, k, v, None, torch.zeros(1, dtype=torch.int64)) == "torch"
 
 

@@ -157,11 +157,12 @@ def test_benchmark_environment_variables_are_checked(monkeypatch):
         monkeypatch.setenv("VITFAST_BENCH_REAL", value)
         assert conftest.env_flag("VITFAST_BENCH_REAL") is want
     monkeypatch.delenv("VITFAST_BENCH_REAL")
+    monkeypatch.delenv("VITFAST_BENCH_REPS", raising=False)
     assert conftest.env_flag("VITFAST_BENCH_REAL", default=True) and conftest.env_count("VITFAST_BENCH_REPS", 3) == 3
     monkeypatch.setenv("VITFAST_BENCH_REAL", "yes")
     with pytest.raises(ValueError, match=r"VITFAST_BENCH_REAL='yes': expected 1 \(on\) or 0 \(off\)"):
         conftest.env_flag("VITFAST_BENCH_REAL")
-    for value in ("0", "abc", "-2", "1.5"):
+    for value in ("0", "abc", "-2", "1.5", "\u00b2"):
         monkeypatch.setenv("VITFAST_BENCH_REPS", value)
         with pytest.raises(ValueError, match=f"VITFAST_BENCH_REPS='{value}': expected a whole number of at least 1"):
             conftest.env_count("VITFAST_BENCH_REPS", 3)

@@ -255,6 +255,11 @@ def test_window_reverse_map_size_stays_symbolic_and_fakes_check_sizes():
             torch.ops.vitfast.window_partition(x, ws, shift)
         with pytest.raises(RuntimeError, match=f"vitfast window_reverse: {message}"):
             torch.ops.vitfast.window_reverse(torch.empty(4, 16, 2, device="meta"), 5, 5, ws, shift)
+    for device in ("cpu", "meta"):  # windows of another size (the fake gave a shape), a negative map size
+        with pytest.raises(RuntimeError, match=r"windows \[4, 9, 2\] must be \(B \* nW, N, C\) with N = 16"):
+            torch.ops.vitfast.window_reverse(torch.empty(4, 9, 2, device=device), 5, 5, [4, 4], [0, 0])
+        with pytest.raises(RuntimeError, match="H and W must be non-negative, got -5, 5"):
+            torch.ops.vitfast.window_reverse(torch.empty(4, 16, 2, device=device), -5, 5, [4, 4], [0, 0])
 
 
 @needs_wp

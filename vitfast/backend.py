@@ -351,7 +351,8 @@ def choose_backend(op: str, *tensors: Optional[torch.Tensor], skip: tuple = ()) 
             return backend
         log.debug("%s: %s backend skipped: %s", op, backend, reason)
         reasons.append(f"{backend}: {reason}")
-    # (an int64 tensor is an op's dropout seed, drawn by vitfast, not one of the caller's inputs)
-    shapes = ", ".join(f"{tuple(t.shape)} {t.dtype} {t.device}" for t in present if t.dtype != torch.int64)
+    # (the ops that take a dropout seed pass it last: drawn by vitfast, it is not one of the caller's inputs)
+    inputs = present[:-1] if len(present) > 1 and present[-1].dtype == torch.int64 else present
+    shapes = ", ".join(f"{tuple(t.shape)} {t.dtype} {t.device}" for t in inputs)
     raise ValueError(f"vitfast.{op}: no backend can take inputs [{shapes}]"
                      f"{' (forced ' + repr(forced) + ')' if forced else ''}; " + "; ".join(reasons))

@@ -144,9 +144,9 @@ MLP_ROWS_CHUNK_BYTES = 2**23
 
 
 _TRACE_WITH_GRAD = (
-    "vitfast: torch.jit.trace of a patched model with grad enabled on CPU: trace's check re-traces it without grad, "
-    "where the patched modules choose other code (CPU choices differ with grad), and fails with 'Graphs differed "
-    "across invocations'; trace under torch.no_grad() (what an inference trace runs) or pass check_trace=False")
+    "vitfast: torch.jit.trace of a patched model with grad enabled on CPU: some patched modules choose other code "
+    "without grad, so trace's check, which re-traces without grad, may fail with 'Graphs differed across "
+    "invocations'; if it does, trace under torch.no_grad() (what an inference trace runs) or pass check_trace=False")
 
 
 def runs_original(kind: str, x: Tensor, out_bytes: Optional[int] = None) -> bool:
@@ -160,7 +160,8 @@ def runs_original(kind: str, x: Tensor, out_bytes: Optional[int] = None) -> bool
 
     Returns:
         True on CPU and CUDA tensors where the device's table says ATen for the current mode (on CPU, or the output
-        is below the kind's CPU_MIN_OUTPUT_BYTES) and no vitfast backend is forced.
+        is below the kind's CPU_MIN_OUTPUT_BYTES) and no vitfast backend is forced. Under torch.jit.trace with grad
+        enabled on CPU it warns that trace's check may fail (the choices differ by grad mode).
     """
     if x.is_cpu:
         if torch.jit.is_tracing() and torch.is_grad_enabled():

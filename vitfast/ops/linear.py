@@ -229,8 +229,9 @@ def check_linear_args(op: str, x: Tensor, weight: Tensor, bias: Optional[Tensor]
     if len({t.device for t in present.values()}) > 1 or (
             not _autocast.is_enabled(x.device) and len({t.dtype for t in present.values()}) > 1):
         listed = ", ".join(f"{k} {t.dtype} {t.device}" for k, t in present.items())
-        raise ValueError(f"vitfast.{op}: {nx}, {nw} and {nb} must share one device and (outside autocast) one "
-                         f"dtype, got {listed}")
+        which = ", ".join(list(present)[:-1]) + " and " + list(present)[-1]
+        raise ValueError(f"vitfast.{op}: {which} must share one device and (outside autocast) one dtype, got "
+                         f"{listed}")
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, prepack: bool = False) -> Tensor:

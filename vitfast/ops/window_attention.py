@@ -736,7 +736,8 @@ def shifted_window_attention(input: Tensor, qkv_weight: Tensor, proj_weight: Ten
 
     Raises:
         ValueError: input not (B, H, W, C), C not divisible by num_heads, qkv_weight not (3C, C), proj_weight not
-            (C, C), or as `window_attention`.
+            (C, C), a projection's weight or bias on another device than input or (outside autocast) in another
+            dtype, or as `window_attention`.
         NotImplementedError: an input with a forward-mode AD tangent (torch.func.jvp, torch.autograd.forward_ad).
     """
     _backend.check_transforms("shifted_window_attention", input, qkv_weight, proj_weight, relative_position_bias,
@@ -781,7 +782,7 @@ def _window_count(H: int, W: int, window_size: Sequence[int]) -> int:
     return (H + window_size[0] - 1) // window_size[0] * ((W + window_size[1] - 1) // window_size[1])
 
 
-def _check_window_args(op: str, window_size: Sequence[int], shift_size: Sequence[int]) -> None:
+def _check_window_args(op: str, window_size: Sequence[int], shift_size: Sequence[int], H: int = 0, W: int = 0) -> None:
     """The kernels' size checks (csrc/window_process.cpp), with their messages, for the fakes (meta tensors,
     torch.compile, torch.export)."""
     ws, ss = list(window_size), list(shift_size)
@@ -791,6 +792,8 @@ def _check_window_args(op: str, window_size: Sequence[int], shift_size: Sequence
         raise RuntimeError(f"vitfast {op}: window_size must be positive, got {ws}")
     if not (0 <= ss[0] < ws[0] and 0 <= ss[1] < ws[1]):
         raise RuntimeError(f"vitfast {op}: shift_size {ss} must be in [0, window) for window_size {ws}")
+    if H < 0 or W < 0:
+        raise RuntimeError(f"vitfast {op}: H and W must be non-negative, got {H}, {W}")
 
 
 def _partition_fake(x, window_size, shift_size):
@@ -800,11 +803,13 @@ def _partition_fake(x, window_size, shift_size):
 
 
 def _reverse_fake(windows, H, W, window_size, shift_size):
-    _check_window_args("window_reverse", window_size, shift_size)
-    n = _window_count(H, W, window_size)
-    if n == 0 or windows.dim() != 3 or windows.shape[0] % n:
-        raise ValueError(f"vitfast window_reverse: windows {tuple(windows.shape)} must be (B * nW, N, C) with nW = "
-                         f"{n} windows of a {H}x{W} map in {tuple(window_size)}")
+    if windows.dim() != 3:
+        raise RuntimeError(f"vitfast window_reverse: windows must be (B * nW, N, C), got {list(windows.shape)}")
+    _check_window_args("window_reverse", window_size, shift_size, H, W)
+    n, N = _window_count(H, W, window_size), window_size[0] * window_size[1]
+    if windows.shape[1] != N or n == 0 or windows.shape[0] % n:
+        raise RuntimeError(f"vitfast window_reverse: windows {list(windows.shape)} must be (B * nW, N, C) with N = "
+                           f"{N} and nW = {n} for H, W = {H}, {W} and window_size {list(window_size)}")
     return windows.new_empty(windows.shape[0] // n, H, W, windows.shape[2])
 
 
