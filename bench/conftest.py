@@ -22,6 +22,8 @@ from vitfast import backend
 from vitfast.report import interleaved
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ON_GPU = DEVICE == "cuda"
+_TRITON_VERSION = importlib.import_module("triton").__version__ if backend.has_triton() else None  # (with each result)
 
 
 def env_flag(name: str, default: bool = False) -> bool:
@@ -39,8 +41,6 @@ def env_count(name: str, default: int) -> int:
     if not (value.isascii() and value.isdigit()) or int(value) < 1:
         raise ValueError(f"{name}={value!r}: expected a whole number of at least 1")
     return int(value)
-ON_GPU = DEVICE == "cuda"
-_TRITON_VERSION = importlib.import_module("triton").__version__ if backend.has_triton() else None  # (with each result)
 
 
 SDPA = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
