@@ -221,3 +221,21 @@ def test_bad_images_and_stage_lists_are_refused():
     SwinTransformer(**{**TINY, "window_size": [4, 4]})
     with pytest.raises(ValueError, match=r"SwinTransformer takes a square window_size: .* got \(4, 8\)"):
         SwinTransformer(**{**TINY, "window_size": (4, 8)})
+
+
+@pytest.mark.parametrize("path", ["features.0.0", "features.0.2", "features.2.norm", "features.2.reduction"])
+def test_hooks_on_the_fused_submodules_run_on_every_backend(path):
+    """The vitfast backend read the patch embedding's conv and norm weights (their hooks never ran), the sdpa and
+    eager backends PatchMerging's norm and reduction weights: a hook, or torch.nn.utils.prune's pre-hook, was skipped
+    on some backends, so the backend switch changed the output (and pruned training failed on its second step)."""
+    torch.manual_seed(0)
+    eager = SwinTransformer(**TINY, backend="eager").eval()
+    images, outputs = torch.randn(2, 3, 12, 12), []
+    for backend in ("vitfast", "sdpa", "eager"):
+        model = set_backend(copy.deepcopy(eager), backend)
+        calls = []
+        model.get_submodule(path).register_forward_hook(lambda mod, args, out: calls.append(1) or out * 2)
+        outputs.append(model(images))
+        assert calls == [1], backend
+    for out in outputs[:2]:
+        torch.testing.assert_close(out, outputs[2], rtol=1e-5, atol=1e-5)

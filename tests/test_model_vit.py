@@ -187,3 +187,18 @@ def test_timm_state_dict_loads_as_is(distilled, num_classes):
     mine.load_state_dict(theirs.state_dict())
     images = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(mine(images), theirs(images), rtol=1e-4, atol=1e-4)
+
+
+def test_a_hook_on_the_patch_embedding_conv_runs_on_every_backend():
+    """The vitfast backend read proj's weights for the fused embedding, so a hook on proj never ran there."""
+    torch.manual_seed(0)
+    eager = VisionTransformer(backend="eager", **TINY).eval()
+    images, outputs = torch.randn(2, 3, 32, 32), []
+    for backend in ("vitfast", "sdpa", "eager"):
+        model = set_backend(copy.deepcopy(eager), backend)
+        calls = []
+        model.patch_embed.proj.register_forward_hook(lambda mod, args, out: calls.append(1) or out * 2)
+        outputs.append(model(images))
+        assert calls == [1], backend
+    for out in outputs[:2]:
+        torch.testing.assert_close(out, outputs[2], rtol=1e-5, atol=1e-5)

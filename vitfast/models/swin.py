@@ -19,13 +19,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import vitfast
-from vitfast.integrations.patch import qualname
+from vitfast.integrations.patch import qualname, submodules_intercepted
 from vitfast.models.common import (LayerNorm, check_backend, check_transformers_model, like, set_backend, square,
                                    uncompiled, warn_dropped_regularization)
 from vitfast.nn.patch_merging import PatchMerging as _FusedPatchMerging
 from vitfast.nn.window_attention import ShiftedWindowAttention as _FusedWindowAttention
 from vitfast.nn.window_attention import ShiftedWindowAttentionV2 as _FusedWindowAttentionV2
-from vitfast.ops.patch_merging import _gather, patch_merging_ref
+from vitfast.ops.patch_merging import _gather, merge_2x2
 from vitfast.ops.window_attention import _from_windows, _pair, _shift_mask, _to_windows, shifted_window_attention_ref
 
 SIZES = {  # name: (embed_dim, depths, num_heads)
@@ -55,9 +55,9 @@ class PatchEmbed(nn.Sequential):
                          LayerNorm(embed_dim, eps=1e-5))
 
     def forward(self, images: Tensor) -> Tensor:
-        if self.backend != "vitfast":
-            return super().forward(images)
         conv, norm = self[0], self[2]
+        if self.backend != "vitfast" or submodules_intercepted(conv, norm):  # (hooks there: called, so they run)
+            return super().forward(images)
         B, _, H, W = images.shape
         p = conv.kernel_size[0]
         tokens = vitfast.patch_embed(images, conv.weight, conv.bias, p, norm_weight=norm.weight, norm_bias=norm.bias,
@@ -115,7 +115,7 @@ class PatchMerging(_FusedPatchMerging):
     def forward(self, x: Tensor) -> Tensor:
         if self.backend == "vitfast":
             return super().forward(x)
-        return patch_merging_ref(x, self.norm.weight, self.norm.bias, self.reduction.weight, self.norm.eps)
+        return self.reduction(self.norm(merge_2x2(x)))  # (calling the submodules: their hooks run)
 
 
 class PatchMergingV2(nn.Module):

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import vitfast
+from vitfast.integrations.patch import submodules_intercepted
 from vitfast.models.common import (LayerNorm, attend, check_backend, check_transformers_model, like, set_backend,
                                    square, uncompiled, warn_dropped_regularization)
 from vitfast.ops.patch_embed import resample_pos_embed
@@ -80,7 +81,7 @@ class PatchEmbed(nn.Module):
         grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
         if grid != (self.grid, self.grid):  # resampled here, where the prefix rows are known to be there
             pos_embed = resample_pos_embed(pos_embed, grid, (self.grid, self.grid), prefix.shape[1])
-        if self.backend == "vitfast":
+        if self.backend == "vitfast" and not submodules_intercepted(self.proj):  # (hooks there: proj is called)
             return vitfast.patch_embed(images, self.proj.weight, self.proj.bias, self.patch_size,
                                        pos_embed=pos_embed, prefix_tokens=prefix)
         x = self.proj(images).flatten(2).transpose(1, 2)

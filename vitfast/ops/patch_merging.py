@@ -31,15 +31,17 @@ OP = "patch_merging"
 def patch_merging_ref(x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
                       reduction_weight: Tensor, eps: float = 1e-5) -> Tensor:
     """The textbook sequence (torchvision's PatchMerging.forward): pad, slice, cat, LayerNorm, linear."""
-    H, W = x.shape[-3:-1]
-    x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
-    x0 = x[..., 0::2, 0::2, :]
-    x1 = x[..., 1::2, 0::2, :]
-    x2 = x[..., 0::2, 1::2, :]
-    x3 = x[..., 1::2, 1::2, :]
-    x = torch.cat([x0, x1, x2, x3], -1)
+    x = merge_2x2(x)
     x = F.layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, eps)
     return F.linear(x, reduction_weight)
+
+
+def merge_2x2(x: Tensor) -> Tensor:
+    """(..., H, W, C) -> (..., ceil(H/2), ceil(W/2), 4C), torchvision's way: zero-pad odd H and W, then concatenate
+    the four pixels of each 2x2 patch, (0, 0), (1, 0), (0, 1), (1, 1)."""
+    H, W = x.shape[-3:-1]
+    x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
+    return torch.cat([x[..., 0::2, 0::2, :], x[..., 1::2, 0::2, :], x[..., 0::2, 1::2, :], x[..., 1::2, 1::2, :]], -1)
 
 
 def _gather(x: Tensor) -> Tensor:
