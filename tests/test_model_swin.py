@@ -90,6 +90,8 @@ def test_torchvision_state_dict_loads_as_is(v2):
         torch.nn.init.normal_(p, std=0.2)  # torchvision zero-initialises biases and the V2 key bias
     mine = SwinTransformer(v2=v2, **TINY).eval()
     mine.load_state_dict(theirs.state_dict())
+    # (parameters in torchvision's order too, as an optimizer's state is matched to them by position)
+    assert [n for n, _ in mine.named_parameters()] == [n for n, _ in theirs.named_parameters()]
     images = torch.randn(1, 3, 14, 14)
     torch.testing.assert_close(mine(images), theirs(images), rtol=1e-4, atol=1e-4)
 

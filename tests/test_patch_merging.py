@@ -164,6 +164,9 @@ def test_module_is_a_drop_in_for_timm_and_torchvision(hw):
     # torchvision's positional PatchMerging(dim, norm_layer), as its SwinTransformer builds downsample layers
     tv_style = vitfast.nn.PatchMerging(12, torch.nn.LayerNorm)
     assert tv_style.reduction.weight.shape == (24, 48) and isinstance(tv_style.norm, torch.nn.LayerNorm)
+    # parameters in the library's order: an optimizer's state, matched by position, resumes (it failed on step)
+    assert [n for n, _ in tv_style.named_parameters()] == ["reduction.weight", "norm.weight", "norm.bias"]
+    assert [n for n, _ in mine.named_parameters()] == ["norm.weight", "norm.bias", "reduction.weight"]
     rms = vitfast.nn.PatchMerging(12, norm_layer=lambda d: torch.nn.RMSNorm(d))
     torch.testing.assert_close(rms(x), rms.reduction(rms.norm(_textbook_timm(x, torch.nn.Identity(),
                                                                              torch.nn.Identity()))))

@@ -190,7 +190,7 @@ class SwinTransformer(nn.Module):
                 for j in range(depth)]))
             if i < len(depths) - 1:
                 layers.append(PatchMergingV2(dim) if v2 else
-                              PatchMerging(dim, norm_layer=lambda d: LayerNorm(d, eps=1e-5)))
+                              PatchMerging(dim, lambda d: LayerNorm(d, eps=1e-5)))
         self.features = nn.Sequential(*layers)
         self.num_features = embed_dim * 2 ** (len(depths) - 1)
         self.norm = LayerNorm(self.num_features, eps=1e-5)

@@ -14,7 +14,9 @@ from vitfast.ops.patch_merging import _gather, patch_merging
 class PatchMerging(nn.Module):
     """Swin patch merging with the parameters of timm (`PatchMerging(dim, out_dim, norm_layer)`) and torchvision
     (`PatchMerging(dim, norm_layer)`): `norm` (LayerNorm(4*dim)) and `reduction` (Linear(4*dim, out_dim,
-    bias=False)), so their state dicts load unchanged.
+    bias=False)), so their state dicts load unchanged. Registered in the order of the library whose call it is
+    (torchvision's positional norm_layer: reduction first; otherwise timm's: norm first), so that an optimizer's
+    state, which PyTorch matches to parameters() by position, resumes on it.
 
     forward(x): (..., H, W, dim) -> (..., ceil(H/2), ceil(W/2), out_dim); odd H or W is zero-padded as Swin does.
     A norm_layer that is not a LayerNorm, or one whose parameters are in another dtype than x and the reduction
@@ -26,14 +28,20 @@ class PatchMerging(nn.Module):
     def __init__(self, dim: int, out_dim: Union[int, Callable, None] = None, norm_layer: Callable = nn.LayerNorm,
                  device=None, dtype=None):
         super().__init__()
-        if callable(out_dim):  # torchvision's positional PatchMerging(dim, norm_layer), as its SwinTransformer calls it
+        torchvision = callable(out_dim)
+        if torchvision:  # torchvision's positional PatchMerging(dim, norm_layer), as its SwinTransformer calls it
             out_dim, norm_layer = None, out_dim
         # torchvision calls norm_layer(4 * dim) without factory kwargs: pass them only when given
         dd = {k: v for k, v in dict(device=device, dtype=dtype).items() if v is not None}
         self.dim = dim
         self.out_dim = out_dim or 2 * dim
+        # in the library's order (torchvision: reduction, then norm; timm: norm first), so that parameters() and an
+        # optimizer's state, which it matches by position, line up with the module replaced
+        if torchvision:
+            self.reduction = nn.Linear(4 * dim, self.out_dim, bias=False, **dd)
         self.norm = norm_layer(4 * dim, **dd)
-        self.reduction = nn.Linear(4 * dim, self.out_dim, bias=False, **dd)
+        if not torchvision:
+            self.reduction = nn.Linear(4 * dim, self.out_dim, bias=False, **dd)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() < 3:
