@@ -241,3 +241,27 @@ def test_hooks_on_the_fused_submodules_run_on_every_backend(path):
         assert calls == [1], backend
     for out in outputs[:2]:
         torch.testing.assert_close(out, outputs[2], rtol=1e-5, atol=1e-5)
+
+
+def test_constructor_arguments_are_checked():
+    """Windows of 0 or below, zero or negative head counts and patch sizes built models (or raised torch's
+    "zeros: Dimension size must be non-negative", a ZeroDivisionError); a Swin-V2 window of 1 gave NaN outputs (its
+    log-spaced coordinates divide by the window minus 1, as torchvision's do)."""
+    for bad, message in (({"window_size": 0}, r"square window_size: a positive int or an \(n, n\) pair, got 0"),
+                         ({"window_size": -3}, r"square window_size: a positive int"),
+                         ({"num_heads": (0, 2)}, r"dim=16 must be divisible by num_heads=0, a positive int"),
+                         ({"patch_size": 0}, r"square patch_size: a positive int"),
+                         ({"window_size": 1, "v2": True}, r"window_size \(or pretrained_window_size\) must be at "
+                                                          r"least 2 on each axis, got \[1, 1\]")):
+        with pytest.raises(ValueError, match=message):
+            SwinTransformer(**{**TINY, **bad})
+    for make, message in ((lambda: vitfast.nn.ShiftedWindowAttention(32, [4.0, 4], [0, 0], 2),
+                           r"nn.ShiftedWindowAttention: window_size must be an int or a pair of ints"),
+                          (lambda: vitfast.nn.ShiftedWindowAttention(32, [4, 4], [0, 0], -2), "num_heads=-2"),
+                          (lambda: vitfast.nn.WindowAttention(32, 0), "num_heads must be a positive int, got 0"),
+                          (lambda: vitfast.nn.WindowAttention(32, 2, window_size=-3), "window_size must be positive"),
+                          (lambda: vitfast.nn.PatchEmbed(32, 0, 3, 8), "patch_size must be positive, got 0"),
+                          (lambda: vitfast.nn.PatchEmbed(-32, 8, 3, 8), r"img_size must be positive, got \(-32, -32\)")):
+        with pytest.raises(ValueError, match=message):
+            make()
+    assert vitfast.nn.ShiftedWindowAttention(32, 4, 2, 2).window_size == [4, 4]  # (an int, as the models take it)

@@ -104,9 +104,16 @@ def test_bad_backend_and_head_count():
     # square pairs are taken, others refused (a TypeError about // on a tuple)
     assert VisionTransformer(**{**TINY, "patch_size": (TINY["patch_size"],) * 2}).patch_embed.patch_size == \
         TINY["patch_size"]
-    with pytest.raises(ValueError, match=r"VisionTransformer takes a square img_size: an int or an \(n, n\) pair, "
-                                         r"got \(32, 48\)"):
+    with pytest.raises(ValueError, match=r"VisionTransformer takes a square img_size: a positive int or an \(n, n\) "
+                                         r"pair, got \(32, 48\)"):
         VisionTransformer(**{**TINY, "img_size": (32, 48)})
+    # sizes and head counts that built a model failing only in forward (or a ZeroDivisionError)
+    for bad, message in (({"num_heads": 0}, "not divisible by num_heads 0, a positive int"),
+                         ({"img_size": -32}, "square img_size: a positive int"),
+                         ({"patch_size": 0}, "square patch_size: a positive int"),
+                         ({"img_size": 4}, "img_size 4 holds no 8x8 patch")):
+        with pytest.raises(ValueError, match=message):
+            VisionTransformer(**{**TINY, **bad})
 
 
 def test_other_image_sizes_resample_pos_embed_like_timm():

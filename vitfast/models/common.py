@@ -48,12 +48,12 @@ def square(value, name: str, model: str) -> int:
     """An int size from an int or an (n, n) pair; the reference models take square sizes only.
 
     Raises:
-        ValueError: another pair or value, naming `model` and `name`.
+        ValueError: another pair or value, or a size below 1, naming `model` and `name`.
     """
     if isinstance(value, (tuple, list)) and len(value) == 2 and value[0] == value[1]:
         value = value[0]
-    if not isinstance(value, int):
-        raise ValueError(f"{model} takes a square {name}: an int or an (n, n) pair, got {value!r}")
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{model} takes a square {name}: a positive int or an (n, n) pair, got {value!r}")
     return value
 
 

@@ -27,8 +27,8 @@ SIZES = {  # name: (embed_dim, depth, num_heads)
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, backend: str = "vitfast"):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"embed dim {dim} is not divisible by num_heads {num_heads}")
+        if not isinstance(num_heads, int) or num_heads < 1 or dim % num_heads:
+            raise ValueError(f"embed dim {dim} is not divisible by num_heads {num_heads!r}, a positive int")
         self.num_heads, self.backend = num_heads, backend
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
@@ -70,6 +70,8 @@ class PatchEmbed(nn.Module):
         super().__init__()
         img_size, patch_size = square(img_size, "img_size", "VisionTransformer"), square(patch_size, "patch_size",
                                                                                         "VisionTransformer")
+        if img_size < patch_size:
+            raise ValueError(f"VisionTransformer: img_size {img_size} holds no {patch_size}x{patch_size} patch")
         self.patch_size, self.backend = patch_size, backend
         self.grid = img_size // patch_size
         self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, patch_size)

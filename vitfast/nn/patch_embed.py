@@ -36,6 +36,8 @@ class PatchEmbed(nn.Module):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
         self.patch_size = tuple(_pair(patch_size, "patch_size", "vitfast.nn.PatchEmbed"))
+        if min(self.patch_size) < 1:
+            raise ValueError(f"vitfast.nn.PatchEmbed: patch_size must be positive, got {patch_size!r}")
         self.img_size, self.grid_size, self.num_patches = self._sizes(img_size)
         if output_fmt is not None:
             self.flatten = False
@@ -57,6 +59,8 @@ class PatchEmbed(nn.Module):
         if img_size is None:
             return None, None, None
         img_size = tuple(_pair(img_size, "img_size", "vitfast.nn.PatchEmbed"))
+        if min(img_size) < 1:
+            raise ValueError(f"vitfast.nn.PatchEmbed: img_size must be positive, got {img_size}")
         grid = tuple(s // p for s, p in zip(img_size, self.patch_size))
         return img_size, grid, math.prod(grid)
 

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitfast.ops.window_attention import _pair, relative_position_index, shifted_window_attention, window_attention
+from vitfast.ops.window_attention import (_as_int, _pair, _window_pair, relative_position_index,
+                                          shifted_window_attention, window_attention)
 
 
 def _attn_dropout_p(module: nn.Module, fused: bool) -> float:
@@ -23,6 +24,15 @@ def _attn_dropout_p(module: nn.Module, fused: bool) -> float:
     return module.attn_drop.p if (module.training if fused else module.attn_drop.training) else 0.0
 
 
+def _positive_int(v) -> Optional[int]:
+    """v as a positive int, or None (a float, bool, tensor or a number below 1)."""
+    try:
+        v = _as_int(v)
+    except TypeError:
+        return None
+    return v if v >= 1 else None
+
+
 class ShiftedWindowAttention(nn.Module):
     """torchvision's ShiftedWindowAttention: forward((B, H, W, C)) -> (B, H, W, C), computed by
     vitfast.shifted_window_attention with the bias table read inside the kernel (never gathered)."""
@@ -30,12 +40,13 @@ class ShiftedWindowAttention(nn.Module):
     def __init__(self, dim: int, window_size: List[int], shift_size: List[int], num_heads: int, qkv_bias: bool = True,
                  proj_bias: bool = True, attention_dropout: float = 0.0, dropout: float = 0.0):
         super().__init__()
-        if len(window_size) != 2 or len(shift_size) != 2:
-            raise ValueError("window_size and shift_size must be of length 2")
-        if dim % num_heads != 0:
-            raise ValueError(f"vitfast.nn.ShiftedWindowAttention: dim={dim} must be divisible by num_heads={num_heads}")
-        self.window_size = list(window_size)
-        self.shift_size = list(shift_size)
+        fn = f"nn.{type(self).__name__}"
+        window_size = _window_pair(window_size, fn)
+        shift_size = _pair(shift_size, "shift_size", "vitfast." + fn)
+        if _positive_int(num_heads) is None or dim % num_heads:
+            raise ValueError(f"vitfast.{fn}: dim={dim} must be divisible by num_heads={num_heads!r}, a positive int")
+        self.window_size = window_size
+        self.shift_size = shift_size
         self.num_heads = num_heads
         self.attention_dropout = attention_dropout
         self.dropout = dropout
@@ -91,6 +102,10 @@ class ShiftedWindowAttentionV2(ShiftedWindowAttention):
         rw = torch.arange(-(ww - 1), ww, dtype=torch.float32)
         table = torch.stack(torch.meshgrid([rh, rw], indexing="ij")).permute(1, 2, 0).contiguous().unsqueeze(0)
         ref = self.pretrained_window_size if self.pretrained_window_size[0] > 0 else self.window_size
+        if min(ref) < 2:  # (torchvision's gives a table of NaN: 0 / 0)
+            raise ValueError(f"vitfast.nn.ShiftedWindowAttentionV2: the log-spaced coordinates divide by the window "
+                             f"minus 1: window_size (or pretrained_window_size) must be at least 2 on each axis, got "
+                             f"{list(ref)}")
         table[:, :, :, 0] /= ref[0] - 1
         table[:, :, :, 1] /= ref[1] - 1
         table *= 8
@@ -130,9 +145,11 @@ class WindowAttention(nn.Module):
         super().__init__()
         dd = dict(device=device, dtype=dtype)  # timm's factory kwargs
         self.dim = dim
-        self.window_size = tuple(_pair(window_size, "window_size"))
-        self.shift_size = tuple(_pair(shift_size, "shift_size"))
+        self.window_size = tuple(_window_pair(window_size, "nn.WindowAttention"))
+        self.shift_size = tuple(_pair(shift_size, "shift_size", "vitfast.nn.WindowAttention"))
         self.window_area = self.window_size[0] * self.window_size[1]
+        if _positive_int(num_heads) is None:
+            raise ValueError(f"vitfast.nn.WindowAttention: num_heads must be a positive int, got {num_heads!r}")
         self.num_heads = num_heads
         head_dim = head_dim or dim // num_heads  # (timm's: dim need not divide; qkv is num_heads * head_dim wide)
         if head_dim < 1:

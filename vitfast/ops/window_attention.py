@@ -111,7 +111,7 @@ def _pair(v: IntPair, name: str, fn: str = "vitfast") -> list:
 
 
 def _window_pair(v: IntPair, what: str) -> list:
-    ws = _pair(v, "window_size")
+    ws = _pair(v, "window_size", f"vitfast.{what}")
     if min(ws) < 1:
         raise ValueError(f"vitfast.{what}: window_size must be positive, got {v!r}")
     return ws
