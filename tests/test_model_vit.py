@@ -209,3 +209,16 @@ def test_a_hook_on_the_patch_embedding_conv_runs_on_every_backend():
         assert calls == [1], backend
     for out in outputs[:2]:
         torch.testing.assert_close(out, outputs[2], rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_model_takes_a_size_an_eager_call_resampled_before():
+    """An eager call at another image size cached the pos-embed resampling matrix; compile(fullgraph=True)'s
+    recompile for symbolic sizes then read it and failed ("pos_embed has 31 rows; expected 31 ...")."""
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    model = VisionTransformer(**{**TINY, "img_size": 16, "patch_size": 4}).eval()
+    model(torch.randn(2, 3, 20, 24))
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    for size in ((16, 16), (20, 24), (28, 20)):
+        images = torch.randn(2, 3, *size)
+        torch.testing.assert_close(compiled(images), model(images), rtol=1e-5, atol=1e-5)

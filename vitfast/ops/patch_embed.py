@@ -14,7 +14,7 @@ rows == L (timm's `no_embed_class=True`) gives only the patch tokens one and lea
 Any other row count is taken as a square grid (after P prefix rows if rows - P is a square, else without)
 and resampled to the image's (Hp, Wp) grid with timm's bicubic, antialiased interpolation: the (L, L_old)
 interpolation matrix is computed once per (old grid, new grid, device) and cached (the last 16), so a call costs
-one small matmul (differentiable, so pos_embed still trains).
+one small matmul (differentiable, so pos_embed still trains); a torch.compile'd graph builds it in the graph.
 
 `vitfast::patch_embed` (forward) and `vitfast::patch_embed_backward` are torch.library ops with fake
 implementations; each picks its backend at run time: "triton" (vitfast.triton.patch_embed), "cpp" (the
@@ -77,10 +77,10 @@ _RESIZE_CACHE_SIZE = 16  # matrices kept, the oldest dropped first (a server see
 def _resize_matrix(old_grid: Tuple[int, int], new_grid: Tuple[int, int], mode: str, antialias: bool,
                    device: torch.device) -> Tensor:
     """(new_h*new_w, old_h*old_w) fp32 matrix R with interpolate(table) == R @ table, computed once per sizes and
-    device among the last _RESIZE_CACHE_SIZE; built anew, and not cached, while a fake mode traces (torch.export,
-    FakeTensorMode: a cached fake matrix gave later eager calls fake outputs, a cached real one failed the trace), and
-    outside inference mode (a cached inference tensor failed a later training call; one that a graph compiled under
-    inference mode stored is built anew when read outside it)."""
+    device among the last _RESIZE_CACHE_SIZE, outside inference mode (a cached inference tensor failed a later
+    training call); built anew in the graph, and not cached, while torch.compile or a fake mode traces
+    (torch.export, FakeTensorMode: a cached fake matrix gave later eager calls fake outputs, a cached real one failed
+    the trace, and so did one an eager call had cached before a compiled call's recompile for symbolic sizes)."""
     def build():
         n_old = old_grid[0] * old_grid[1]
         with torch.no_grad():
@@ -88,13 +88,11 @@ def _resize_matrix(old_grid: Tuple[int, int], new_grid: Tuple[int, int], mode: s
             resized = F.interpolate(basis, size=new_grid, mode=mode, antialias=antialias, align_corners=False)
             return resized.reshape(n_old, -1).t().contiguous()
 
-    dynamo = torch.compiler.is_dynamo_compiling()
-    if not dynamo and torch._guards.detect_fake_mode() is not None:
-        return build()  # (Dynamo traces with the real cache and cannot trace detect_fake_mode)
+    # (Dynamo cannot trace detect_fake_mode: asked second)
+    if torch.compiler.is_dynamo_compiling() or torch._guards.detect_fake_mode() is not None:
+        return build()
     key = (old_grid, new_grid, mode, antialias, device)
     mat = _RESIZE_CACHE.get(key)
-    if mat is not None and not dynamo and mat.is_inference() and not torch.is_inference_mode_enabled():
-        mat = None  # stored by a graph compiled under inference mode (which ignores inference_mode(False) below)
     if mat is None:
         for old in list(_RESIZE_CACHE)[:max(0, len(_RESIZE_CACHE) - _RESIZE_CACHE_SIZE + 1)]:  # (threads may add)
             _RESIZE_CACHE.pop(old, None)
