@@ -220,3 +220,10 @@ def test_default_backbone_is_resnet50():
     params = sum(p.numel() for p in resnet.parameters())
     assert params + 2 * frozen_bn_affine == 23_508_032  # torchvision's resnet50 without its fc layer
     assert resnet(torch.randn(1, 3, 64, 96, device="meta")).shape == (1, 2048, 2, 3)
+
+
+def test_head_counts_below_one_are_refused():
+    """nhead=0 raised a ZeroDivisionError, nhead=-2 built a model failing in forward."""
+    for nhead in (0, -2):
+        with pytest.raises(ValueError, match=f"embed dim 32 is not divisible by num_heads {nhead}, a positive int"):
+            DETR(**{**TINY, "nhead": nhead})

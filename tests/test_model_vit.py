@@ -108,6 +108,8 @@ def test_bad_backend_and_head_count():
                                          r"pair, got \(32, 48\)"):
         VisionTransformer(**{**TINY, "img_size": (32, 48)})
     # sizes and head counts that built a model failing only in forward (or a ZeroDivisionError)
+    np = pytest.importorskip("numpy")
+    assert VisionTransformer(**{**TINY, "num_heads": np.int64(2)}).blocks[0].attn.num_heads == 2
     for bad, message in (({"num_heads": 0}, "not divisible by num_heads 0, a positive int"),
                          ({"img_size": -32}, "square img_size: a positive int"),
                          ({"patch_size": 0}, "square patch_size: a positive int"),

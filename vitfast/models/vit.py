@@ -14,8 +14,8 @@ from torch import Tensor, nn
 
 import vitfast
 from vitfast.integrations.patch import submodules_intercepted
-from vitfast.models.common import (LayerNorm, attend, check_backend, check_transformers_model, like, set_backend,
-                                   square, uncompiled, warn_dropped_regularization)
+from vitfast.models.common import (LayerNorm, attend, check_backend, check_heads, check_transformers_model, like,
+                                   set_backend, square, uncompiled, warn_dropped_regularization)
 from vitfast.ops.patch_embed import resample_pos_embed
 
 SIZES = {  # name: (embed_dim, depth, num_heads)
@@ -27,8 +27,7 @@ SIZES = {  # name: (embed_dim, depth, num_heads)
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, backend: str = "vitfast"):
         super().__init__()
-        if not isinstance(num_heads, int) or num_heads < 1 or dim % num_heads:
-            raise ValueError(f"embed dim {dim} is not divisible by num_heads {num_heads!r}, a positive int")
+        check_heads(dim, num_heads)
         self.num_heads, self.backend = num_heads, backend
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitfast.ops.window_attention import (_as_int, _pair, _window_pair, relative_position_index,
+from vitfast.ops.window_attention import (_pair, _positive_int, _window_pair, relative_position_index,
                                           shifted_window_attention, window_attention)
 
 
@@ -22,15 +22,6 @@ def _attn_dropout_p(module: nn.Module, fused: bool) -> float:
     the module's own training flag decides, on its eager path the flag of its attn_drop Dropout, which can be in eval
     alone (the patched modules read the block's or module's flag and dropped where the original did not)."""
     return module.attn_drop.p if (module.training if fused else module.attn_drop.training) else 0.0
-
-
-def _positive_int(v) -> Optional[int]:
-    """v as a positive int, or None (a float, bool, tensor or a number below 1)."""
-    try:
-        v = _as_int(v)
-    except TypeError:
-        return None
-    return v if v >= 1 else None
 
 
 class ShiftedWindowAttention(nn.Module):

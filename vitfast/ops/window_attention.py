@@ -90,6 +90,15 @@ def _as_int(x):
     return x if isinstance(x, torch.SymInt) else operator.index(x)
 
 
+def _positive_int(v) -> Optional[int]:
+    """v as a positive int, or None (a float, bool, tensor or a number below 1)."""
+    try:
+        v = _as_int(v)
+    except TypeError:
+        return None
+    return v if v >= 1 else None
+
+
 def _pair(v: IntPair, name: str, fn: str = "vitfast") -> list:
     """[a, b] from an int or a pair of ints (`_as_int`; the pair any iterable: tuple, list, NumPy array, torch.Size),
     for the ops, modules and models that take sizes (window, shift, patch and image sizes); `fn` names the caller in
