@@ -259,6 +259,12 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, prepack: bo
     """
     _backend.check_transforms("linear", x, weight, bias)
     check_linear_args("linear", x, weight, bias)
+    return checked_linear(x, weight, bias, prepack)
+
+
+def checked_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, prepack: bool = False) -> Tensor:
+    """`linear` for a caller that has already run its checks (check_transforms, check_linear_args) on these
+    tensors, as shifted_window_attention does with its own argument names."""
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     prepack = prepack and not grad and isinstance(weight, nn.Parameter)
     mode = "grad" if grad else "prepacked" if prepack else "plain"

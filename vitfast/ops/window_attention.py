@@ -73,7 +73,7 @@ from vitfast import _ext
 from vitfast import autocast as _autocast
 from vitfast import backend as _backend
 from vitfast.ops.attention import check_dropout_capture, dropout_keep
-from vitfast.ops.linear import check_linear_args, linear
+from vitfast.ops.linear import check_linear_args, checked_linear
 
 OP = "window_attention"
 MASK_VALUE = -100.0
@@ -775,11 +775,11 @@ def shifted_window_attention(input: Tensor, qkv_weight: Tensor, proj_weight: Ten
     if logit_scale is not None and qkv_bias is not None:
         qkv_bias = torch.cat([qkv_bias[:C], torch.zeros_like(qkv_bias[C:2 * C]), qkv_bias[2 * C:]])
     D = C // num_heads
-    qkv = linear(input, qkv_weight, qkv_bias).view(B, H, W, 3, num_heads, D)
+    qkv = checked_linear(input, qkv_weight, qkv_bias).view(B, H, W, 3, num_heads, D)
     needs_pad = qkv_bias is not None and (pad_H != H or pad_W != W)
     x = _attention_core(qkv, relative_position_bias, ws, shift, qkv_bias if needs_pad else None, logit_scale,
                         None, attention_dropout if training else 0.0, "shifted_window_attention")
-    x = linear(x, proj_weight, proj_bias)
+    x = checked_linear(x, proj_weight, proj_bias)
     return F.dropout(x, p=dropout, training=training)
 
 
