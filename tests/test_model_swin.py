@@ -261,8 +261,10 @@ def test_constructor_arguments_are_checked():
                           (lambda: vitfast.nn.WindowAttention(32, 0), "num_heads must be a positive int, got 0"),
                           (lambda: vitfast.nn.WindowAttention(32, 2, window_size=-3), "window_size must be positive"),
                           (lambda: vitfast.nn.PatchEmbed(32, 0, 3, 8), "patch_size must be positive, got 0"),
+                          (lambda: vitfast.nn.PatchEmbed(32, 8, 3, 8).set_input_size(patch_size=0),
+                           "vitfast.nn.PatchEmbed.set_input_size: patch_size must be positive, got 0"),
                           (lambda: vitfast.nn.PatchEmbed(-32, 8, 3, 8),
-                           r"img_size must be positive, got \(-32, -32\)")):
+                           "vitfast.nn.PatchEmbed: img_size must be positive, got -32")):
         with pytest.raises(ValueError, match=message):
             make()
     assert vitfast.nn.ShiftedWindowAttention(32, 4, 2, 2).window_size == [4, 4]  # (an int, as the models take it)

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import vitfast
-from vitfast.ops.window_attention import _positive_int
 
 MODEL_BACKENDS = ("vitfast", "sdpa", "eager")
 
@@ -56,12 +55,6 @@ def square(value, name: str, model: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{model} takes a square {name}: a positive int or an (n, n) pair, got {value!r}")
     return value
-
-
-def check_heads(dim: int, num_heads) -> None:
-    """Raises a ValueError unless num_heads is a positive int (NumPy's too) that divides dim."""
-    if _positive_int(num_heads) is None or dim % num_heads:
-        raise ValueError(f"embed dim {dim} is not divisible by num_heads {num_heads!r}, a positive int")
 
 
 def check_backend(backend: str) -> str:

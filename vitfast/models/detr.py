@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitfast.models.common import (LayerNorm, attend, check_backend, check_heads, check_transformers_model, like,
+from vitfast.models.common import (LayerNorm, attend, check_backend, check_transformers_model, like,
                                    set_backend, uncompiled)
+from vitfast.ops.window_attention import _check_num_heads
 
 
 class FrozenBatchNorm2d(nn.Module):
@@ -122,7 +123,7 @@ class MultiheadAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, dropout: float = 0.0, backend: str = "vitfast"):
         super().__init__()
-        check_heads(dim, num_heads)
+        _check_num_heads(dim, num_heads, f"vitfast.models.{type(self).__name__}")
         self.num_heads, self.dropout, self.backend = num_heads, dropout, backend
         self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))

@@ -14,9 +14,10 @@ from torch import Tensor, nn
 
 import vitfast
 from vitfast.integrations.patch import submodules_intercepted
-from vitfast.models.common import (LayerNorm, attend, check_backend, check_heads, check_transformers_model, like,
+from vitfast.models.common import (LayerNorm, attend, check_backend, check_transformers_model, like,
                                    set_backend, square, uncompiled, warn_dropped_regularization)
 from vitfast.ops.patch_embed import resample_pos_embed
+from vitfast.ops.window_attention import _check_num_heads
 
 SIZES = {  # name: (embed_dim, depth, num_heads)
     "tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16),
@@ -27,7 +28,7 @@ SIZES = {  # name: (embed_dim, depth, num_heads)
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, backend: str = "vitfast"):
         super().__init__()
-        check_heads(dim, num_heads)
+        _check_num_heads(dim, num_heads, f"vitfast.models.{type(self).__name__}")
         self.num_heads, self.backend = num_heads, backend
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)

@@ -11,7 +11,7 @@ from vitfast.integrations.patch import submodules_intercepted
 from vitfast.nn.layer_norm import normalizes_last_dim
 from vitfast.ops import patch_embed as _pe_ops
 from vitfast.ops.patch_embed import patch_embed
-from vitfast.ops.window_attention import _pair
+from vitfast.ops.window_attention import _positive_pair
 
 
 class PatchEmbed(nn.Module):
@@ -35,9 +35,7 @@ class PatchEmbed(nn.Module):
                  strict_img_size: bool = True, dynamic_img_pad: bool = False, device=None, dtype=None):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
-        self.patch_size = tuple(_pair(patch_size, "patch_size", "vitfast.nn.PatchEmbed"))
-        if min(self.patch_size) < 1:
-            raise ValueError(f"vitfast.nn.PatchEmbed: patch_size must be positive, got {patch_size!r}")
+        self.patch_size = tuple(_positive_pair(patch_size, "patch_size", "vitfast.nn.PatchEmbed"))
         self.img_size, self.grid_size, self.num_patches = self._sizes(img_size)
         if output_fmt is not None:
             self.flatten = False
@@ -58,9 +56,7 @@ class PatchEmbed(nn.Module):
         """img_size as a pair, the token grid and the number of patches it gives (None, None, None without one)."""
         if img_size is None:
             return None, None, None
-        img_size = tuple(_pair(img_size, "img_size", "vitfast.nn.PatchEmbed"))
-        if min(img_size) < 1:
-            raise ValueError(f"vitfast.nn.PatchEmbed: img_size must be positive, got {img_size}")
+        img_size = tuple(_positive_pair(img_size, "img_size", "vitfast.nn.PatchEmbed"))
         grid = tuple(s // p for s, p in zip(img_size, self.patch_size))
         return img_size, grid, math.prod(grid)
 
@@ -79,8 +75,8 @@ class PatchEmbed(nn.Module):
         """timm's: a new image size (grid_size and num_patches follow) and/or patch size. A new patch size resamples
         the projection with timm's resample_patch_embed (FlexiViT's pseudo-inverse resize, Beyer et al. 2023,
         arXiv:2212.08013), so it needs timm (ImportError without it)."""
-        new_patch = (tuple(_pair(patch_size, "patch_size", "vitfast.nn.PatchEmbed")) if patch_size is not None
-                     else None)
+        new_patch = (tuple(_positive_pair(patch_size, "patch_size", "vitfast.nn.PatchEmbed.set_input_size"))
+                     if patch_size is not None else None)
         if new_patch is not None and new_patch != self.patch_size:
             try:
                 from timm.layers import resample_patch_embed

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitfast.ops.window_attention import (_pair, _positive_int, _window_pair, relative_position_index,
-                                          shifted_window_attention, window_attention)
+from vitfast.ops.window_attention import (_check_num_heads, _pair, _positive_int, _positive_pair,
+                                          relative_position_index, shifted_window_attention, window_attention)
 
 
 def _attn_dropout_p(module: nn.Module, fused: bool) -> float:
@@ -31,11 +31,10 @@ class ShiftedWindowAttention(nn.Module):
     def __init__(self, dim: int, window_size: List[int], shift_size: List[int], num_heads: int, qkv_bias: bool = True,
                  proj_bias: bool = True, attention_dropout: float = 0.0, dropout: float = 0.0):
         super().__init__()
-        fn = f"nn.{type(self).__name__}"
-        window_size = _window_pair(window_size, fn)
-        shift_size = _pair(shift_size, "shift_size", "vitfast." + fn)
-        if _positive_int(num_heads) is None or dim % num_heads:
-            raise ValueError(f"vitfast.{fn}: dim={dim} must be divisible by num_heads={num_heads!r}, a positive int")
+        fn = f"vitfast.nn.{type(self).__name__}"
+        window_size = _positive_pair(window_size, "window_size", fn)
+        shift_size = _pair(shift_size, "shift_size", fn)
+        _check_num_heads(dim, num_heads, fn)
         self.window_size = window_size
         self.shift_size = shift_size
         self.num_heads = num_heads
@@ -136,7 +135,7 @@ class WindowAttention(nn.Module):
         super().__init__()
         dd = dict(device=device, dtype=dtype)  # timm's factory kwargs
         self.dim = dim
-        self.window_size = tuple(_window_pair(window_size, "nn.WindowAttention"))
+        self.window_size = tuple(_positive_pair(window_size, "window_size", "vitfast.nn.WindowAttention"))
         self.shift_size = tuple(_pair(shift_size, "shift_size", "vitfast.nn.WindowAttention"))
         self.window_area = self.window_size[0] * self.window_size[1]
         if _positive_int(num_heads) is None:

@@ -119,11 +119,19 @@ def _pair(v: IntPair, name: str, fn: str = "vitfast") -> list:
         raise ValueError(f"{fn}: {name} must be an int or a pair of ints (h, w), got {v!r}") from None
 
 
-def _window_pair(v: IntPair, what: str) -> list:
-    ws = _pair(v, "window_size", f"vitfast.{what}")
-    if min(ws) < 1:
-        raise ValueError(f"vitfast.{what}: window_size must be positive, got {v!r}")
-    return ws
+def _positive_pair(v: IntPair, name: str, fn: str) -> list:
+    """`_pair`, each entry at least 1 (window, patch and image sizes). Raises ValueError naming fn and name."""
+    p = _pair(v, name, fn)
+    if min(p) < 1:
+        raise ValueError(f"{fn}: {name} must be positive, got {v!r}")
+    return p
+
+
+def _check_num_heads(dim: int, num_heads, fn: str) -> None:
+    """For modules and models built with a width and a head count: raises a ValueError naming fn unless num_heads is
+    a positive int (NumPy's too) that divides dim."""
+    if _positive_int(num_heads) is None or dim % num_heads:
+        raise ValueError(f"{fn}: dim={dim} must be divisible by num_heads={num_heads!r}, a positive int")
 
 
 def relative_position_index(window_size: IntPair) -> Tensor:
@@ -683,7 +691,7 @@ def window_attention(qkv: Tensor, relative_position_bias: Tensor, window_size: I
         raise ValueError(f"vitfast.window_attention: qkv must be floating point, got {qkv.dtype}")
     B, H, W, _, heads, D = qkv.shape
     _check_heads(heads, D, qkv, "window_attention")
-    ws, shift = _window_pair(window_size, "window_attention"), _pair(shift_size, "shift_size")
+    ws, shift = _positive_pair(window_size, "window_size", "vitfast.window_attention"), _pair(shift_size, "shift_size")
     table = relative_position_bias
     if clamp_window and min(H, W) > 0 and (H <= ws[0] or W <= ws[1]):
         small = [min(ws[0], H, W), min(ws[1], H, W)]
@@ -769,7 +777,7 @@ def shifted_window_attention(input: Tensor, qkv_weight: Tensor, proj_weight: Ten
     for weight, bias, names in ((qkv_weight, qkv_bias, ("input", "qkv_weight", "qkv_bias")),
                                 (proj_weight, proj_bias, ("input", "proj_weight", "proj_bias"))):
         check_linear_args("shifted_window_attention", input, weight, bias, names)
-    ws = _window_pair(window_size, "shifted_window_attention")
+    ws = _positive_pair(window_size, "window_size", "vitfast.shifted_window_attention")
     shift = _used_shift(ws, _pair(shift_size, "shift_size"), H, W, "shifted_window_attention", modulo=True)
     pad_H, pad_W = math.ceil(H / ws[0]) * ws[0], math.ceil(W / ws[1]) * ws[1]
     if logit_scale is not None and qkv_bias is not None:
