@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One call on a lent GPU (shared/GPU.md), at most 9 minutes, that gets the whole first answer: device and versions,
-# an sm_90 build, every kernel checked natively at real model shapes, the headline benchmarks against SDPA,
-# FlexAttention and eager with peak memory, then the full test suite with the time that is left. Each stage runs
+# One call on a lent GPU (the team's notes: ../shared/GPU.md, outside this repository), at most 9 minutes, that gets
+# the whole first answer: device and versions, an sm_90 build, every kernel checked natively at real model shapes,
+# the headline benchmarks against SDPA, FlexAttention and eager with peak memory, then the full test suite with the
+# time that is left. Each stage runs
 # under its own budget (`timeout`) and writes its results under $OUT as it goes, so a run cut off anywhere still
 # returns everything finished. $OUT holds at most 8 files (the device tool returns no more):
 #   summary.md        device, versions, and one line per stage (budget, time taken, status), appended as it goes

@@ -5,6 +5,7 @@ main job's shapes (tests/test_<op>.py cover them on small shapes)."""
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 
@@ -25,7 +26,7 @@ def test_check_and_out(tmp_path, capsys):
     assert "layer_norm" in printed and "fwd+bwd" in printed
     assert "check: accuracy only, its times (one round) are not measurements" in printed
     rows = json.loads((tmp_path / "vitfast.json").read_text())["rows"]
-    assert {r["pass_"] for r in rows} == {"fwd", "fwd+bwd"} and all(r["ok"] for r in rows)
+    assert {r["pass"] for r in rows} == {"fwd", "fwd+bwd"} and all(r["ok"] for r in rows)
     assert (tmp_path / "vitfast.md").read_text().count("|") > 20
     assert (tmp_path / "vitfast.png").stat().st_size > 1000
 
@@ -98,7 +99,7 @@ def test_backends_that_cannot_take_the_dtype_are_skipped(capsys):
     """onednn (float32 only) is skipped with a note in bfloat16, not a traceback; asked for alone, it ran none of the
     cases: exit status 1."""
     assert main(["check", "--op", "linear ", "--device", "cpu", "--dtype", "bfloat16"]) == 0
-    assert "note: vitfast onednn skipped where it cannot take the inputs" in capsys.readouterr().out
+    assert "note: vitfast onednn skipped: linear" in capsys.readouterr().out
     assert main(["check", "--op", "linear ", "--device", "cpu", "--dtype", "bfloat16", "--backend", "onednn"]) == 1
     assert "--backend onednn ran none of the cases" in capsys.readouterr().out
 
@@ -111,6 +112,45 @@ def test_a_bad_vitfast_backend_variable(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         main(["check", "--op", "layer_norm"])
     assert e.value.code == 2 and "VITFAST_BACKEND='bogus' is not a vitfast backend" in capsys.readouterr().err
+
+
+def test_vitfast_backend_names_the_backend_to_measure(monkeypatch, capsys):
+    """A valid VITFAST_BACKEND was shown as forced_backend, then overridden by each backend's use_backend: every row
+    was cpp's. It now picks the backend measured, as --backend does (torch, the baseline's, and one unlike
+    --backend are refused)."""
+    monkeypatch.setenv("VITFAST_BACKEND", "onednn")
+    assert main(["check", "--op", "layer_norm", "--op", "linear", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "| vitfast onednn" in printed and "vitfast cpp" not in printed
+    # (--backend keeps the cases its backend implements: LayerNorm's baseline alone is not timed)
+    assert "note: left out, implemented by no backend of --backend onednn: layer_norm" in printed
+    assert "| layer_norm" not in printed
+    for env, flags, message in (("torch", [], "VITFAST_BACKEND=torch: the baseline rows are PyTorch's"),
+                                ("onednn", ["--backend", "cpp"], "VITFAST_BACKEND=onednn and --backend cpp disagree")):
+        monkeypatch.setenv("VITFAST_BACKEND", env)
+        with pytest.raises(SystemExit) as e:
+            main(["check", "--op", "linear", "--device", "cpu", *flags])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    monkeypatch.delenv("VITFAST_BACKEND")
+    with pytest.raises(SystemExit) as e:
+        main(["bench"])  # (it ran every case, as run)
+    assert e.value.code == 2 and "bench times the ops named with --op" in capsys.readouterr().err
+
+
+def test_an_output_it_cannot_print(tmp_path):
+    """A closed pipe (| head) or a full disk ended in a traceback and status 1, the status of an accuracy failure;
+    with stderr closed (2>&-) the first progress bar raised and the job exited 1 without a word."""
+    job = [sys.executable, "-m", "vitfast"]
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    with subprocess.Popen(job + ["info"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) as p:
+        p.stdout.close()  # (the reader is gone before the first line)
+        assert p.wait() == -signal.SIGPIPE and b"Traceback" not in p.stderr.read()
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(job + ["info"], stdout=full, stderr=subprocess.PIPE, text=True, env=env)
+    assert done.returncode == 2 and "cannot write its output: [Errno 28]" in done.stderr
+    done = subprocess.run(["bash", "-c", '"$@" 2>&-', "job", *job, "check", "--op", "patch_merging", "--backend",
+                           "cpp", "--device", "cpu"], capture_output=True, text=True, env=env)
+    assert done.returncode == 0 and "| vitfast cpp" in done.stdout
 
 
 def _script(path: str):
@@ -335,8 +375,8 @@ def test_out_it_cannot_write_is_refused_before_measuring(tmp_path, monkeypatch, 
 
 
 def _one_row(case, *args):
-    return [dict(op=case.op, shape=case.shape, dtype="float32", pass_="fwd", backend="vitfast cpp",
-                 max_err=math.nan, ms=math.inf, speedup=1.0, ok=False)]
+    return [{"op": case.op, "shape": case.shape, "dtype": "float32", "pass": "fwd", "backend": "vitfast cpp",
+             "max_err": math.nan, "ms": math.inf, "speedup": 1.0, "ok": False}]
 
 
 def test_out_writes_valid_json_and_a_late_failure_in_one_line(tmp_path, monkeypatch, capsys):
@@ -368,8 +408,9 @@ def test_plots_carry_their_header_and_mark_inaccurate_rows(tmp_path, monkeypatch
         ax = fig.axes[0]
         seen.update(title=fig._suptitle.get_text(), hatches=[bar.get_hatch() for bar in ax.patches])
     monkeypatch.setattr(figure.Figure, "savefig", savefig)
-    rows = [dict(op="layer norm", shape="(8, 16)", dtype="float32", pass_="fwd", backend=f"vitfast {b}", max_err=1e-6,
-                 ms=1.0, speedup=s, ok=ok) for b, s, ok in (("cpp", 1.5, True), ("torch", 0.5, False))]
+    rows = [{"op": "layer norm", "shape": "(8, 16)", "dtype": "float32", "pass": "fwd", "backend": f"vitfast {b}",
+             "max_err": 1e-6, "ms": 1.0, "speedup": s, "ok": ok}
+            for b, s, ok in (("cpp", 1.5, True), ("torch", 0.5, False))]
     vitfast_main._write_out(str(tmp_path), rows, "vitfast 0.1 on cpu, torch.float32, 2026-12-01", {}, "cpu")
     assert "vitfast 0.1 on cpu" in seen["title"] and seen["hatches"] == [None, "//"]
 

@@ -5,20 +5,24 @@ run (default): every op at its default shapes on this machine's device, forward 
     (output and every gradient), median time (baseline and backends timed in turn, round by round, so that a
     shared machine's drift hits them alike), speedup. On a CPU the shapes are small.
 check: the same comparison with one timed repetition (its times are not measurements).
-bench: like run, for the ops named with --op.
+bench: run for the ops named with --op (at least one).
 info: the environment only.
+--backend (or VITFAST_BACKEND, which names the one backend to measure) keeps the cases that backend implements.
 Every command but info exits with status 1 if any backend's error, in the output or any gradient, exceeds twice
 the baseline's error for that tensor in the same dtype (plus a few ulps), or if a backend asked for with --backend
 runs none of the cases (a backend that cannot take a case's inputs, e.g. onednn, float32 only, in bfloat16, is
 skipped with a note); with status 2 on bad arguments (argparse's; a --backend that runs no case on the device at
-all), a bad VITFAST_BACKEND or an --out it cannot write, all checked before measuring (an --out that fails
-while writing, after measuring, also exits with status 2).
+all), a VITFAST_BACKEND that is bad, torch (the baseline's; nothing of vitfast's to measure) or unlike --backend,
+or an --out it cannot write, all checked before measuring (an --out that fails while writing, after measuring, and
+an output it cannot print, e.g. on a full disk, also exit with status 2). A closed pipe (`| head`) ends the job
+quietly, as it does other Unix tools.
 """
 import argparse
 import importlib.util
 import json
 import math
 import os
+import signal
 import statistics
 import sys
 import time
@@ -186,7 +190,7 @@ def _run_case(case: Case, device: str, dtype: torch.dtype, reps: int, only: Sequ
         fns = [lambda: _outputs(case.baseline, inputs, case.grad, weights)]
         fns += [_with_backend(name, lambda: _outputs(case.fn, inputs, case.grad, weights)) for name in names]
         base_ms, *ms = [1e3 * statistics.median(t) for t in interleaved(fns, reps, device)]
-        common = dict(op=case.op, shape=case.shape, dtype=dt, pass_="fwd+bwd" if backward else "fwd")
+        common = {"op": case.op, "shape": case.shape, "dtype": dt, "pass": "fwd+bwd" if backward else "fwd"}
         rows.append(dict(common, backend=case.baseline_name, max_err=_worst(base_err), ms=base_ms, speedup=1.0,
                          ok=True))
         eps = torch.finfo(dtype).eps
@@ -201,7 +205,19 @@ def _worst(errors: list) -> float:
     return math.nan if any(math.isnan(e) for e in errors) else max(errors)
 
 
+def _say(text: str = "") -> None:
+    """print(text) to stdout at once; one that cannot be written (e.g. a full disk) ends the job with status 2."""
+    try:
+        print(text, flush=True)
+    except OSError as e:
+        if sys.stderr is not None:
+            print(f"python -m vitfast: error: cannot write its output: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def _progress(i: int, n: int, label: str) -> None:
+    if sys.stderr is None:  # (started with stderr closed, 2>&-)
+        return
     done = int(30 * i / n)
     sys.stderr.write(f"\r[{'#' * done}{'.' * (30 - done)}] {i}/{n} {label:<45}")
     if i == n:
@@ -212,7 +228,7 @@ def _progress(i: int, n: int, label: str) -> None:
 def _table(rows: list) -> str:
     return markdown_table(
         ["op", "shape", "dtype", "pass", "backend", "max err vs fp64", "time (ms)", "speedup", "ok"],
-        [[r["op"], r["shape"], r["dtype"], r["pass_"], r["backend"], f"{r['max_err']:.2e}", f"{r['ms']:.3f}",
+        [[r["op"], r["shape"], r["dtype"], r["pass"], r["backend"], f"{r['max_err']:.2e}", f"{r['ms']:.3f}",
           f"{r['speedup']:.2f}x", "yes" if r["ok"] else "NO"] for r in rows])
 
 
@@ -238,7 +254,7 @@ def _write_out(out_dir: str, rows: list, header: str, env: dict, device: str) ->
     with open(os.path.join(out_dir, "vitfast.md"), "w") as f:
         f.write(header + "\n\n" + _table(rows) + "\n")
     fast = [r for r in rows if r["backend"].startswith("vitfast")]
-    plot_speedups([f"{r['op']} {r['pass_']} ({r['backend'][8:]})" for r in fast], [r["speedup"] for r in fast],
+    plot_speedups([f"{r['op']} {r['pass']} ({r['backend'][8:]})" for r in fast], [r["speedup"] for r in fast],
                   "speedup vs the PyTorch baseline (hatched: outside the accuracy rule)",
                   os.path.join(out_dir, "vitfast.png"), header, [r["ok"] for r in fast])
 
@@ -265,14 +281,23 @@ def main(argv=None) -> int:
         parser.error("info takes no --device, --op, --backend, --reps, --out or --dtype")
 
     env = vitfast.info()  # once: it runs git and reads /proc/cpuinfo
+    if args.command == "bench" and not args.op:
+        parser.error("bench times the ops named with --op: give at least one (run times them all)")
     for k, v in env.items():
-        print(f"{k:>18}: {v}")
+        _say(f"{k:>18}: {v}")
     if args.command == "info":
         return 0
     try:
-        backend.forced_backend()
+        forced = backend.forced_backend()
     except ValueError as e:  # (a bad VITFAST_BACKEND)
         parser.error(str(e))
+    if forced == "torch":
+        parser.error("VITFAST_BACKEND=torch: the baseline rows are PyTorch's; vitfast's backends are what the job "
+                     "measures: unset it, or name one of them")
+    if forced and args.backend and set(args.backend) != {forced}:
+        parser.error(f"VITFAST_BACKEND={forced} and --backend {' '.join(args.backend)} disagree: give one")
+    if forced:  # (each backend's rows run under use_backend(name), which the variable would not reach)
+        args.backend = [forced]
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     gpu = args.device == "cuda"
     if gpu and not torch.cuda.is_available():
@@ -290,10 +315,15 @@ def main(argv=None) -> int:
         if not any(selects(c, o) for c in every):
             parser.error(f"no case matches --op {o}: give an op's name ({', '.join(sorted(names))}) or the start "
                          f"of a case's label ({'; '.join(c.op for c in every)})")
+    def implements(c: Case, name: str) -> bool:
+        return backend._unavailable(_registered_op(c), name, torch.device(args.device)) is None
     for name in args.backend or ():
         reasons = {backend._unavailable(_registered_op(c), name, torch.device(args.device)) for c in cases}
         if None not in reasons:
             parser.error(f"--backend {name} runs none of these cases on {args.device}: {'; '.join(sorted(reasons))}")
+    if args.backend:  # (the others would time a baseline alone)
+        left = [c.op for c in cases if not any(implements(c, name) for name in args.backend)]
+        cases = [c for c in cases if any(implements(c, name) for name in args.backend)]
     if args.out == "":
         parser.error("--out: give a folder (got an empty path)")
     if args.out is not None:  # (checked before minutes of measuring, not after; the last check: it creates the folder)
@@ -320,15 +350,17 @@ def main(argv=None) -> int:
         _progress(i, len(cases), f"{case.op} {case.shape}")
         rows += _run_case(case, args.device, dtype, reps, args.backend or (), skipped)
     _progress(len(cases), len(cases), "done")
+    if args.backend and left:
+        _say(f"note: left out, implemented by no backend of --backend {' '.join(args.backend)}: {'; '.join(left)}")
     for name, reasons in skipped.items():
-        print(f"note: vitfast {name} skipped where it cannot take the inputs: {'; '.join(sorted(reasons))}")
+        _say(f"note: vitfast {name} skipped: {'; '.join(sorted(reasons))}")
     commit = f" (commit {env['commit']})" if env["commit"] else ""
     device = f"cpu ({_cpu_model()})" if args.device == "cpu" else torch.cuda.get_device_name()  # (env: the GPU's)
     header = (f"vitfast {vitfast.__version__}{commit} on {device}, {dtype}, torch {torch.__version__}, "
               f"{time.strftime('%Y-%m-%d')}; median of {reps} interleaved round(s); speedup = baseline time / "
               f"vitfast time" + ("; check: accuracy only, its times (one round) are not "
                                  "measurements" if args.command == "check" else ""))
-    print("\n" + header + "\n" + _table(rows))
+    _say("\n" + header + "\n" + _table(rows))
     unwritten = False
     if args.out is not None:
         try:
@@ -338,13 +370,14 @@ def main(argv=None) -> int:
             unwritten = True
     bad = [r for r in rows if not r["ok"]]
     if bad:
-        print(f"\n{len(bad)} backend result(s) exceed 2x the baseline's error: "
-              + "; ".join(f"{r['op']} {r['pass_']} {r['backend']}" for r in bad))
+        _say(f"\n{len(bad)} backend result(s) exceed 2x the baseline's error: "
+             + "; ".join(f"{r['op']} {r['pass']} {r['backend']}" for r in bad))
     idle = [name for name in args.backend or () if not any(r["backend"] == f"vitfast {name}" for r in rows)]
     if idle:
-        print(f"\n--backend {', '.join(idle)} ran none of the cases (above: why)")
+        _say(f"\n--backend {', '.join(idle)} ran none of the cases (above: why)")
     return 2 if unwritten else 1 if bad or idle else 0
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # (Python ignores SIGPIPE: a closed pipe raised BrokenPipeError)
     sys.exit(main())

@@ -5,8 +5,9 @@ CUDA kernels), "cpp" (the extension's CPU kernels), "onednn" (oneDNN's primitive
 torch.ops.mkldnn: CPU tensors, where PyTorch was built with oneDNN and torch.backends.mkldnn.enabled), "torch" (the
 plain PyTorch reference). By default CUDA tensors go to each op's GPU preference order and CPU tensors to the op's
 CPU order ("cpp" then "torch" unless the op says otherwise). `VITFAST_BACKEND=<name>` or `use_backend(name)` forces
-one backend; a forced backend that cannot take the inputs raises, it never falls back silently (vitfast.linear, which
-has no kernel of vitfast's, leaves its choice automatic under a forced triton, cuda or cpp).
+one backend; a forced backend that cannot take the inputs raises, it never falls back silently (an op registered with
+`obeys`, vitfast.linear, which has no kernel of vitfast's, leaves its choice automatic under the other backends: a
+forced triton, cuda or cpp).
 """
 import contextlib
 import functools
@@ -35,6 +36,7 @@ class OpSpec:
     gpu_order: tuple  # preference on CUDA tensors
     cpu_order: tuple  # preference on CPU tensors
     check: SupportCheck
+    obeys: tuple  # the forced backends the op runs; under another one its choice stays automatic
 
 
 _OPS: dict = {}
@@ -47,12 +49,13 @@ _blocks_lock = threading.Lock()
 
 
 def register_op(op: str, *, gpu_order=("triton", "cuda", "torch"), cpu_order=("cpp", "torch"),
-                check: SupportCheck = lambda backend, tensors: None) -> None:
-    """Declares which backends implement `op`, in order of preference, and what each accepts."""
-    for b in gpu_order + cpu_order:
+                check: SupportCheck = lambda backend, tensors: None, obeys: tuple = BACKENDS) -> None:
+    """Declares which backends implement `op`, in order of preference, what each accepts, and which forced backends
+    the op obeys (by default all: under one it does not implement it raises)."""
+    for b in gpu_order + cpu_order + tuple(obeys):
         if b not in BACKENDS:
             raise ValueError(f"unknown backend {b!r} for op {op!r}; expected one of {BACKENDS}")
-    _OPS[op] = OpSpec(tuple(gpu_order), tuple(cpu_order), check)
+    _OPS[op] = OpSpec(tuple(gpu_order), tuple(cpu_order), check, tuple(obeys))
 
 
 def triton_interpret() -> bool:
@@ -170,6 +173,12 @@ def forced_backend() -> Optional[str]:
         if name not in _NAMES:
             raise ValueError(f"VITFAST_BACKEND={name!r} is not a vitfast backend; expected one of {_NAMES}")
     return None if name == "auto" else name
+
+
+def forced_for(op: str) -> Optional[str]:
+    """`forced_backend()` where `op` obeys it (register_op's `obeys`), else None: the op's automatic choice."""
+    forced = forced_backend()
+    return forced if forced in _OPS[op].obeys else None
 
 
 def _unavailable(op: str, backend: str, device: torch.device) -> Optional[str]:
@@ -335,7 +344,7 @@ def choose_backend(op: str, *tensors: Optional[torch.Tensor], skip: tuple = ()) 
     present = tuple(t for t in tensors if t is not None)
     if not present:
         raise ValueError(f"vitfast.choose_backend({op!r}): give the op's input tensors (the choice depends on them)")
-    forced = forced_backend()
+    forced = forced_for(op)
     if forced:
         candidates = (forced,)
     else:

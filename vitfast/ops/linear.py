@@ -53,7 +53,9 @@ def check_support(backend: str, tensors: tuple) -> Optional[str]:
     return None
 
 
-_backend.register_op(OP, gpu_order=("torch",), cpu_order=("onednn", "torch"), check=check_support)
+# (a forced triton, cuda or cpp names vitfast's own kernels, of which a GEMM has none: linear's choice stays automatic)
+_backend.register_op(OP, gpu_order=("torch",), cpu_order=("onednn", "torch"), check=check_support,
+                     obeys=("onednn", "torch"))
 
 # oneDNN's inner product costs ~15 us a call more than F.linear (ideep's tensor and primitive-cache set-up: 15.5 vs
 # 2.8 us on a 4 x 8 x 6 product), so it gains only on large enough products; which ones depends on the mode (2
@@ -137,17 +139,10 @@ def onednn_weight(weight: Tensor, prepack: bool) -> Tensor:
 
 def _gemm(x: Tensor, weight: Tensor, bias: Optional[Tensor], prepack: bool = False) -> Tensor:
     """x W^T + b for x (M, K), weight (N, K) on the backend chosen for these tensors. A forced onednn or torch
-    backend is obeyed (onednn raises where it cannot take the tensors); a forced triton, cuda or cpp backend, which
-    names vitfast's own kernels, of which a GEMM has none, leaves the choice automatic: oneDNN where it can take the
-    tensors and `onednn_pays`, else F.linear."""
-    if _backend.forced_backend() in ("onednn", "torch"):
-        which = _backend.choose_backend(OP, x, weight, bias)
-    elif onednn_pays(x.shape[0], x.shape[1], weight.shape[0], "prepacked" if prepack else "plain") and (
-            _backend.why_not(OP, "onednn", x, weight, bias) is None):
-        which = "onednn"
-    else:
-        which = "torch"
-    if which == "torch":
+    backend is obeyed (onednn raises where it cannot take the tensors); else oneDNN where it can take the tensors
+    and `onednn_pays`, else F.linear."""
+    pays = onednn_pays(x.shape[0], x.shape[1], weight.shape[0], "prepacked" if prepack else "plain")
+    if _backend.choose_backend(OP, x, weight, bias, skip=() if pays else ("onednn",)) == "torch":
         return F.linear(x, weight, bias)
     return onednn_linear(x, onednn_weight(weight, prepack), bias)
 
@@ -254,7 +249,8 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, prepack: bo
     Raises:
         ValueError: non-floating x, a weight that is not (N, K) with K = x.shape[-1], a bias that is not (N,),
             tensors on different devices or of different dtypes (outside autocast), or a forced backend that cannot
-            take the inputs (e.g. VITFAST_BACKEND=onednn with float64 or CUDA tensors).
+            take the inputs (e.g. VITFAST_BACKEND=onednn with float64 or CUDA tensors; a forced triton, cuda or cpp,
+            which name vitfast's own kernels, of which it has none, leaves its choice automatic).
         NotImplementedError: an input with a forward-mode AD tangent (torch.func.jvp, torch.autograd.forward_ad).
     """
     _backend.check_transforms("linear", x, weight, bias)
@@ -271,7 +267,7 @@ def checked_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, pre
     M, K, N = math.prod(x.shape[:-1]), x.shape[-1], weight.shape[0]
     # (under torch.export the op, which applies the rule to each call's sizes: a test here, on the traced sizes,
     # would become a guard on them, which export with a bounded dynamic batch refused)
-    if _backend.forced_backend() not in ("onednn", "torch") and not (
+    if _backend.forced_for(OP) is None and not (
             x.is_cpu and (torch.compiler.is_exporting() or onednn_pays(M, K, N, mode))):
         return F.linear(x, weight, bias)  # (the op's automatic choice, without its dispatch: ~40 us a call)
     y = _linear_op(x.reshape(M, K), weight, bias, prepack)
