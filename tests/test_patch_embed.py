@@ -238,6 +238,14 @@ def test_pos_embed_resampling_matrix_is_cached_and_the_table_read_per_call(new_s
         for n in range(2, 2 + 2 * pe_ops._RESIZE_CACHE_SIZE):
             resample_pos_embed(pos, (n, n), num_prefix_tokens=1)
     assert len(pe_ops._RESIZE_CACHE) == pe_ops._RESIZE_CACHE_SIZE
+    # the least recently used go first: a size used between new ones stays (first in, first out rebuilt it)
+    with torch.no_grad():
+        resample_pos_embed(pos, (5, 7), num_prefix_tokens=1)
+        built = len(calls)
+        for n in range(40, 40 + 2 * pe_ops._RESIZE_CACHE_SIZE):
+            resample_pos_embed(pos, (n, 3), num_prefix_tokens=1)
+            resample_pos_embed(pos, (5, 7), num_prefix_tokens=1)
+    assert len(calls) == built + 2 * pe_ops._RESIZE_CACHE_SIZE
     monkeypatch.undo()
 
     def check(table):

@@ -397,6 +397,71 @@ def test_transformers_swin_fused_layer(backend, monkeypatch):
     assert len(calls) == 2  # both layers took the fused path (forward only; unpatched runs do not count)
 
 
+def _swin_models():
+    """Small Swin models of each library that is installed: (name, model, input, its features)."""
+    models = []
+    try:
+        timm = import_or_skip("timm")
+        models.append(("timm", timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=16,
+                                                 patch_size=2, embed_dim=16, depths=(2,), num_heads=(2,),
+                                                 window_size=4, num_classes=5), torch.randn(2, 3, 16, 16),
+                       lambda m, x: m.forward_features(x)))
+    except pytest.skip.Exception:
+        pass
+    try:
+        import_or_skip("torchvision")
+        from torchvision.models import swin_transformer as tvs
+        for extra in ({}, dict(block=tvs.SwinTransformerBlockV2, downsample_layer=tvs.PatchMergingV2)):
+            models.append(("torchvision", tvs.SwinTransformer(patch_size=[2, 2], embed_dim=16, depths=[2],
+                                                              num_heads=[2], window_size=[4, 4], num_classes=5,
+                                                              **extra), torch.randn(2, 3, 16, 16),
+                           lambda m, x: m.features(x)))
+    except pytest.skip.Exception:
+        pass
+    transformers = pytest.importorskip("transformers")
+    config = transformers.SwinConfig(image_size=16, patch_size=2, embed_dim=16, depths=[2], num_heads=[2],
+                                     window_size=4)
+    models.append(("transformers", transformers.SwinModel(config, add_pooling_layer=False).eval(),
+                   torch.randn(2, 3, 16, 16), lambda m, x: m(x).last_hidden_state))
+    return models
+
+
+def test_swin_with_a_changed_relative_position_index_runs_its_original():
+    """The fused window attention computes the relative position index from the window size and never read the
+    modules' relative_position_index buffers: a Swin whose buffers were changed (an EMA of the model with
+    AveragedModel(use_buffers=True) rounds the int64 index) gave other outputs than the original. Such a module
+    runs its original forward, until its buffer holds the index again."""
+    for library, model, x, features in _swin_models():
+        def out(m):
+            with torch.no_grad():
+                return features(m, x)
+        model.eval()
+        with torch.no_grad():  # (the libraries start the tables at std 0.02, where an index changes the output little)
+            for n, p in model.named_parameters():
+                if n.endswith("relative_position_bias_table"):
+                    p.normal_()
+        patched = copy.deepcopy(model)
+        vitfast.patch_model(patched)
+        before = out(model)
+        torch.testing.assert_close(out(patched), before, atol=2e-5, rtol=1e-4)
+        buffers = [(n, b) for n, b in model.named_buffers() if n.endswith("relative_position_index")]
+        assert buffers, library
+        with torch.no_grad():
+            for m in (model, patched):
+                for n, b in m.named_buffers():
+                    if n.endswith("relative_position_index"):
+                        b.copy_(b.flip(0))
+        changed = out(model)
+        assert (changed - before).abs().max() > 0.01, library  # (the index matters: else this proves nothing)
+        torch.testing.assert_close(out(patched), changed, atol=2e-5, rtol=1e-4, msg=library)
+        with torch.no_grad():
+            for m in (model, patched):
+                for n, b in m.named_buffers():
+                    if n.endswith("relative_position_index"):
+                        b.copy_(b.flip(0))
+        torch.testing.assert_close(out(patched), before, atol=2e-5, rtol=1e-4, msg=library)
+
+
 def test_transformers_model_patched_twice_reports_each_patched_module_once():
     """The second patch_model of a transformers model reported the model alone: its patched LayerNorms, Linears,
     MLPs and SwinLayers went unlisted (a timm model lists each)."""

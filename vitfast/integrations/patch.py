@@ -26,6 +26,7 @@ import functools
 import inspect
 import math
 import re
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
@@ -41,6 +42,7 @@ from vitfast.ops.attention import attention
 from vitfast.ops.layer_norm import layer_norm
 from vitfast.ops.linear import drop_prepacked, linear
 from vitfast.ops.linear_gelu import linear_gelu, uses_onednn as linear_gelu_uses_onednn
+from vitfast.ops.window_attention import relative_position_index
 
 KINDS = ("attention", "rel_pos_attention", "window_attention", "layer_norm", "patch_embed", "linear_gelu", "linear")
 _MARK = "_vitfast_patch"  # instance attribute: (kind, names of the instance attributes the patch set)
@@ -246,6 +248,29 @@ def gelu_approximate(act: Optional[nn.Module]) -> Optional[str]:
 def _has_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                 or module._backward_pre_hooks)
+
+
+_INDEX_SEEN: Dict[int, tuple] = {}  # id(buffer) -> (a weak reference to it, its version key, whether it differs)
+
+
+def window_index_changed(index: Optional[Tensor], window_size) -> bool:
+    """Whether a Swin module's relative_position_index buffer (any shape holding the N * N entries) differs from the
+    index that vitfast's window attention computes from the window size: the fused paths never read the buffer, so a
+    module whose buffer was changed (e.g. by an EMA averaging buffers, `AveragedModel(use_buffers=True)`, which
+    rounds the int64 entries) runs its original forward, which reads it. Compared once per version of the buffer (a
+    change in place bumps it; on CUDA one synchronisation each); under torch.compile and tracing, on meta and fake
+    tensors, the buffer is taken as built."""
+    if (index is None or index.is_meta or isinstance(index, torch._subclasses.FakeTensor)
+            or torch.compiler.is_compiling() or torch.jit.is_tracing()):
+        return False
+    key = (None if index.is_inference() else index._version, index.data_ptr(), index.shape)
+    ident = id(index)
+    seen = _INDEX_SEEN.get(ident)
+    if seen is None or seen[0]() is not index or seen[1] != key:
+        changed = not torch.equal(index.reshape(-1).cpu(), relative_position_index(window_size))
+        seen = (weakref.ref(index, lambda _: _INDEX_SEEN.pop(ident, None)), key, changed)
+        _INDEX_SEEN[ident] = seen
+    return seen[2]
 
 
 def _global_hooks() -> bool:

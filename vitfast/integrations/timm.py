@@ -22,7 +22,8 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from vitfast.integrations.patch import LAYER_NORM_X, Adapter, conv_takes, mlp_check, mlp_fc1, mlp_rows, qualname
+from vitfast.integrations.patch import (LAYER_NORM_X, Adapter, conv_takes, mlp_check, mlp_fc1, mlp_rows, qualname,
+                                       window_index_changed)
 from vitfast.integrations.segment_anything import sam_attention
 from vitfast.nn.patch_embed import PatchEmbed as _VitfastPatchEmbed
 from vitfast.nn.window_attention import WindowAttention as _VitfastWindowAttention
@@ -77,7 +78,8 @@ def _sam_attention_check(module: nn.Module) -> Optional[str]:
 
 
 def _window_attention_forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-    if x.dim() != 3:  # (timm's takes windows only: the original's error; vitfast.nn's image layout needs shift_size)
+    # (timm's takes windows only: the original's error; vitfast.nn's image layout needs shift_size)
+    if x.dim() != 3 or window_index_changed(self.relative_position_index, self.window_size):
         return type(self).forward(self, x, mask)
     return _VitfastWindowAttention.forward(self, x, mask)
 
@@ -86,9 +88,9 @@ def _swin_block_attn(self, x: Tensor) -> Tensor:
     B, H, W, C = x.shape
     (wh, ww), (sh, sw) = self.window_size, self.shift_size
     divisible = H % wh == 0 and W % ww == 0 and (sh == 0 or H > wh) and (sw == 0 or W > ww)
-    if not divisible:
-        return type(self)._attn(self, x)
     attn = self.attn
+    if not divisible or window_index_changed(getattr(attn, "relative_position_index", None), (wh, ww)):
+        return type(self)._attn(self, x)
     qkv = attn.qkv(x).unflatten(-1, (3, attn.num_heads, -1))
     out = window_attention(qkv, attn.relative_position_bias_table, (wh, ww), (sh, sw),
                            attention_dropout=_attn_dropout_p(attn, getattr(attn, "fused_attn", False)),

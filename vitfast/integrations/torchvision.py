@@ -18,12 +18,14 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from vitfast.integrations.patch import Adapter, conv_takes, mlp_check, mlp_fc1, mlp_rows
+from vitfast.integrations.patch import Adapter, conv_takes, mlp_check, mlp_fc1, mlp_rows, window_index_changed
 from vitfast.ops.patch_embed import patch_embed
 from vitfast.ops.window_attention import shifted_window_attention
 
 
 def _swa_forward(self, x: Tensor) -> Tensor:
+    if window_index_changed(getattr(self, "relative_position_index", None), self.window_size):
+        return type(self).forward(self, x)
     return shifted_window_attention(
         x, self.qkv.weight, self.proj.weight, self.relative_position_bias_table, self.window_size, self.num_heads,
         shift_size=self.shift_size, attention_dropout=self.attention_dropout, dropout=self.dropout,
@@ -31,6 +33,8 @@ def _swa_forward(self, x: Tensor) -> Tensor:
 
 
 def _swa_v2_forward(self, x: Tensor) -> Tensor:
+    if window_index_changed(getattr(self, "relative_position_index", None), self.window_size):
+        return type(self).forward(self, x)
     table = 16 * torch.sigmoid(self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads))
     return shifted_window_attention(
         x, self.qkv.weight, self.proj.weight, table, self.window_size, self.num_heads,

@@ -30,7 +30,7 @@ import torch
 
 from vitfast import backend as _backend
 from vitfast.integrations.choice import runs_original
-from vitfast.integrations.patch import Adapter, conv_takes, mlp_check, mlp_fc1, mlp_rows
+from vitfast.integrations.patch import Adapter, conv_takes, mlp_check, mlp_fc1, mlp_rows, window_index_changed
 from vitfast.integrations.segment_anything import SAM_MLP_BLOCK, mlp_block_forward, sam_attention
 from vitfast.ops.attention import attention
 from vitfast.ops.linear import linear
@@ -185,7 +185,8 @@ def _swin_layer_forward(self, hidden_states: torch.Tensor, input_dimensions, alw
     self.set_shift_and_window_size(input_dimensions)
     attn = self.attention
     ws = attn.relative_position_bias.window_size
-    if kwargs.get("output_attentions") or tuple(ws) != (self.window_size, self.window_size):
+    if kwargs.get("output_attentions") or tuple(ws) != (self.window_size, self.window_size) or window_index_changed(
+            getattr(attn.relative_position_bias, "relative_position_index", None), ws):
         return type(self).forward(self, hidden_states, input_dimensions, **kwargs)
     height, width = input_dimensions
     batch_size, _, channels = hidden_states.shape

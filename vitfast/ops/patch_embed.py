@@ -13,7 +13,7 @@ pos_embed is (1, rows, E) or (rows, E). rows == P + L (timm's default) gives eve
 rows == L (timm's `no_embed_class=True`) gives only the patch tokens one and leaves the prefix tokens without.
 Any other row count is taken as a square grid (after P prefix rows if rows - P is a square, else without)
 and resampled to the image's (Hp, Wp) grid with timm's bicubic, antialiased interpolation: the (L, L_old)
-interpolation matrix is computed once per (old grid, new grid, device) and cached (the last 16), so a call costs
+interpolation matrix is computed once per (old grid, new grid, device) and cached (the 16 used last), so a call costs
 one small matmul (differentiable, so pos_embed still trains); a torch.compile'd graph builds it in the graph.
 
 `vitfast::patch_embed` (forward) and `vitfast::patch_embed_backward` are torch.library ops with fake
@@ -70,14 +70,14 @@ def patch_embed_ref(images: Tensor, weight: Tensor, bias: Optional[Tensor], patc
 # or was edited through .data, which bumps no version).
 
 _RESIZE_CACHE: dict = {}
-_RESIZE_CACHE_SIZE = 16  # matrices kept, the oldest dropped first (a server sees many image sizes: 64 MB each at
-# SAM's 64 x 64 grid)
+_RESIZE_CACHE_SIZE = 16  # matrices kept, the least recently used dropped first (a server sees many image sizes:
+# 64 MB each at SAM's 64 x 64 grid)
 
 
 def _resize_matrix(old_grid: Tuple[int, int], new_grid: Tuple[int, int], mode: str, antialias: bool,
                    device: torch.device) -> Tensor:
     """(new_h*new_w, old_h*old_w) fp32 matrix R with interpolate(table) == R @ table, computed once per sizes and
-    device among the last _RESIZE_CACHE_SIZE, outside inference mode (a cached inference tensor failed a later
+    device among the _RESIZE_CACHE_SIZE used last, outside inference mode (a cached inference tensor failed a later
     training call); built anew in the graph, and not cached, while torch.compile or a fake mode traces
     (torch.export, FakeTensorMode: a cached fake matrix gave later eager calls fake outputs, a cached real one failed
     the trace, and so did one an eager call had cached before a compiled call's recompile for symbolic sizes)."""
@@ -92,13 +92,13 @@ def _resize_matrix(old_grid: Tuple[int, int], new_grid: Tuple[int, int], mode: s
     if torch.compiler.is_dynamo_compiling() or torch._guards.detect_fake_mode() is not None:
         return build()
     key = (old_grid, new_grid, mode, antialias, device)
-    mat = _RESIZE_CACHE.get(key)
+    mat = _RESIZE_CACHE.pop(key, None)  # (put back last: the least recently used go first)
     if mat is None:
         for old in list(_RESIZE_CACHE)[:max(0, len(_RESIZE_CACHE) - _RESIZE_CACHE_SIZE + 1)]:  # (threads may add)
             _RESIZE_CACHE.pop(old, None)
         with torch.inference_mode(False):
             mat = build()
-        _RESIZE_CACHE[key] = mat
+    _RESIZE_CACHE[key] = mat
     return mat
 
 
@@ -111,7 +111,7 @@ def resample_pos_embed(pos_embed: Tensor, new_grid: Sequence[int], old_grid: Opt
         new_grid: (Hp, Wp). old_grid: (h, w); a square grid when None.
     Returns:
         (1, P + Hp*Wp, E) in pos_embed's dtype. Differentiable in pos_embed. The (Hp*Wp, h*w) interpolation
-        matrix is computed once per sizes and device (the last 16 kept); each call forms its product with the
+        matrix is computed once per sizes and device (the 16 used last kept); each call forms its product with the
         table.
     """
     E = pos_embed.shape[-1]
