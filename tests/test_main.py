@@ -123,7 +123,7 @@ def test_vitfast_backend_names_the_backend_to_measure(monkeypatch, capsys):
     printed = capsys.readouterr().out
     assert "| vitfast onednn" in printed and "vitfast cpp" not in printed
     # (--backend keeps the cases its backend implements: LayerNorm's baseline alone is not timed)
-    assert "note: left out, implemented by no backend of --backend onednn: layer_norm" in printed
+    assert "note: left out, implemented by no backend of VITFAST_BACKEND=onednn: layer_norm" in printed
     assert "| layer_norm" not in printed
     for env, flags, message in (("torch", [], "VITFAST_BACKEND=torch: the baseline rows are PyTorch's"),
                                 ("onednn", ["--backend", "cpp"], "VITFAST_BACKEND=onednn and --backend cpp disagree")):
@@ -139,7 +139,7 @@ def test_vitfast_backend_names_the_backend_to_measure(monkeypatch, capsys):
 
 def test_an_output_it_cannot_print(tmp_path):
     """A closed pipe (| head) or a full disk ended in a traceback and status 1, the status of an accuracy failure;
-    with stderr closed (2>&-) the first progress bar raised and the job exited 1 without a word."""
+    with stderr closed (2>&-) or full the first progress bar raised and the job exited 1 without a word."""
     job = [sys.executable, "-m", "vitfast"]
     env = {**os.environ, "PYTHONPATH": ROOT}
     with subprocess.Popen(job + ["info"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) as p:
@@ -148,9 +148,11 @@ def test_an_output_it_cannot_print(tmp_path):
     with open("/dev/full", "w") as full:
         done = subprocess.run(job + ["info"], stdout=full, stderr=subprocess.PIPE, text=True, env=env)
     assert done.returncode == 2 and "cannot write its output: [Errno 28]" in done.stderr
-    done = subprocess.run(["bash", "-c", '"$@" 2>&-', "job", *job, "check", "--op", "patch_merging", "--backend",
-                           "cpp", "--device", "cpu"], capture_output=True, text=True, env=env)
-    assert done.returncode == 0 and "| vitfast cpp" in done.stdout
+    check = ["check", "--op", "patch_merging", "--backend", "cpp", "--device", "cpu"]
+    for redirect in ("2>&-", "2>/dev/full"):
+        done = subprocess.run(["bash", "-c", f'"$@" {redirect}', "job", *job, *check], capture_output=True, text=True,
+                              env=env)
+        assert done.returncode == 0 and "| vitfast cpp" in done.stdout, redirect
 
 
 def _script(path: str):

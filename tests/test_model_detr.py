@@ -225,6 +225,6 @@ def test_default_backbone_is_resnet50():
 def test_head_counts_below_one_are_refused():
     """nhead=0 raised a ZeroDivisionError, nhead=-2 built a model failing in forward."""
     for nhead in (0, -2):
-        with pytest.raises(ValueError, match=f"vitfast.models.MultiheadAttention: dim=32 must be divisible by "
+        with pytest.raises(ValueError, match=f"vitfast.models.detr.MultiheadAttention: dim=32 must be divisible by "
                                              f"num_heads={nhead}, a positive int"):
             DETR(**{**TINY, "nhead": nhead})

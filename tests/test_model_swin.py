@@ -263,8 +263,14 @@ def test_constructor_arguments_are_checked():
                           (lambda: vitfast.nn.PatchEmbed(32, 0, 3, 8), "patch_size must be positive, got 0"),
                           (lambda: vitfast.nn.PatchEmbed(32, 8, 3, 8).set_input_size(patch_size=0),
                            "vitfast.nn.PatchEmbed.set_input_size: patch_size must be positive, got 0"),
+                          (lambda: vitfast.nn.PatchEmbed(32, 8, 3, 8).set_input_size(img_size=0),
+                           "vitfast.nn.PatchEmbed: img_size must be positive, got 0"),
                           (lambda: vitfast.nn.PatchEmbed(-32, 8, 3, 8),
                            "vitfast.nn.PatchEmbed: img_size must be positive, got -32")):
         with pytest.raises(ValueError, match=message):
             make()
     assert vitfast.nn.ShiftedWindowAttention(32, 4, 2, 2).window_size == [4, 4]  # (an int, as the models take it)
+    np = pytest.importorskip("numpy")  # (a NumPy head count kept as such failed torch.compile(dynamic=True))
+    for module in (vitfast.nn.ShiftedWindowAttention(32, 4, 2, np.int64(2)),
+                   vitfast.nn.WindowAttention(32, np.int64(2))):
+        assert type(module.num_heads) is int

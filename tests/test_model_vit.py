@@ -109,8 +109,9 @@ def test_bad_backend_and_head_count():
         VisionTransformer(**{**TINY, "img_size": (32, 48)})
     # sizes and head counts that built a model failing only in forward (or a ZeroDivisionError)
     np = pytest.importorskip("numpy")
-    assert VisionTransformer(**{**TINY, "num_heads": np.int64(2)}).blocks[0].attn.num_heads == 2
-    for bad, message in (({"num_heads": 0}, r"vitfast.models.Attention: dim=32 must be divisible by num_heads=0, a "
+    heads = VisionTransformer(**{**TINY, "num_heads": np.int64(2)}).blocks[0].attn.num_heads
+    assert heads == 2 and type(heads) is int
+    for bad, message in (({"num_heads": 0}, r"vitfast.models.vit.Attention: dim=32 must be divisible by num_heads=0, a "
                                             r"positive int"),
                          ({"img_size": -32}, "square img_size: a positive int"),
                          ({"patch_size": 0}, "square patch_size: a positive int"),

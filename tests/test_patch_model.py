@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import vitfast
 from vitfast import backend as vf_backend
@@ -426,15 +427,31 @@ def _swin_models():
     return models
 
 
+class _VitfastOps(TorchDispatchMode):
+    """The vitfast ops that ran (their names) while the mode was open."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "vitfast":
+            self.names.add(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))
+
+
 def test_swin_with_a_changed_relative_position_index_runs_its_original():
     """The fused window attention computes the relative position index from the window size and never read the
     modules' relative_position_index buffers: a Swin whose buffers were changed (an EMA of the model with
     AveragedModel(use_buffers=True) rounds the int64 index) gave other outputs than the original. Such a module
     runs its original forward, until its buffer holds the index again."""
     for library, model, x, features in _swin_models():
-        def out(m):
-            with torch.no_grad():
-                return features(m, x)
+        def out(m, fused=None):
+            with torch.no_grad(), _VitfastOps() as ops:
+                y = features(m, x)
+            if fused is not None:
+                assert ("window_attention" in ops.names) == fused, (library, ops.names)
+            return y
         model.eval()
         with torch.no_grad():  # (the libraries start the tables at std 0.02, where an index changes the output little)
             for n, p in model.named_parameters():
@@ -443,7 +460,7 @@ def test_swin_with_a_changed_relative_position_index_runs_its_original():
         patched = copy.deepcopy(model)
         vitfast.patch_model(patched)
         before = out(model)
-        torch.testing.assert_close(out(patched), before, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(out(patched, fused=True), before, atol=2e-5, rtol=1e-4)
         buffers = [(n, b) for n, b in model.named_buffers() if n.endswith("relative_position_index")]
         assert buffers, library
         with torch.no_grad():
@@ -453,13 +470,40 @@ def test_swin_with_a_changed_relative_position_index_runs_its_original():
                         b.copy_(b.flip(0))
         changed = out(model)
         assert (changed - before).abs().max() > 0.01, library  # (the index matters: else this proves nothing)
-        torch.testing.assert_close(out(patched), changed, atol=2e-5, rtol=1e-4, msg=library)
+        torch.testing.assert_close(out(patched, fused=False), changed, atol=2e-5, rtol=1e-4, msg=library)
         with torch.no_grad():
             for m in (model, patched):
                 for n, b in m.named_buffers():
                     if n.endswith("relative_position_index"):
                         b.copy_(b.flip(0))
-        torch.testing.assert_close(out(patched), before, atol=2e-5, rtol=1e-4, msg=library)
+        torch.testing.assert_close(out(patched, fused=True), before, atol=2e-5, rtol=1e-4, msg=library)
+
+
+def test_swin_index_check_in_a_fake_mode_under_vmap_and_fx():
+    """The index check (above) raised in a FakeTensorMode (DataDependentOutputException on aten.equal) and over a
+    vmap of stacked models (no data pointer); fx's symbolic_trace of a patched timm Swin failed (its attention's
+    real attn_mask hid the Proxy input from the guard)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.func import functional_call, stack_module_state, vmap
+
+    for library, model, x, features in _swin_models():
+        model.eval()
+        patched = copy.deepcopy(model)
+        vitfast.patch_model(patched)
+        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            assert features(patched, mode.from_tensor(x)).shape == features(model, x).shape, library
+        models = [copy.deepcopy(patched) for _ in range(2)]
+        params, buffers = stack_module_state(models)
+        base = copy.deepcopy(patched).to("meta")
+        def pick(y):
+            return getattr(y, "last_hidden_state", y)
+        with torch.no_grad():
+            ensemble = vmap(lambda p, b: pick(functional_call(base, (p, b), (x,))))(params, buffers)
+            torch.testing.assert_close(ensemble[1], pick(models[1](x)), atol=2e-5, rtol=1e-4, msg=library)
+        if library == "timm":
+            traced = torch.fx.symbolic_trace(patched)
+            with torch.no_grad():
+                torch.testing.assert_close(traced(x), patched(x), atol=2e-5, rtol=1e-4)
 
 
 def test_transformers_model_patched_twice_reports_each_patched_module_once():

@@ -219,10 +219,11 @@ def _progress(i: int, n: int, label: str) -> None:
     if sys.stderr is None:  # (started with stderr closed, 2>&-)
         return
     done = int(30 * i / n)
-    sys.stderr.write(f"\r[{'#' * done}{'.' * (30 - done)}] {i}/{n} {label:<45}")
-    if i == n:
-        sys.stderr.write("\n")
-    sys.stderr.flush()
+    try:
+        sys.stderr.write(f"\r[{'#' * done}{'.' * (30 - done)}] {i}/{n} {label:<45}" + ("\n" if i == n else ""))
+        sys.stderr.flush()
+    except OSError:  # (a stderr it cannot write, e.g. a full disk: the bar is not the job's output)
+        pass
 
 
 def _table(rows: list) -> str:
@@ -296,6 +297,8 @@ def main(argv=None) -> int:
                      "measures: unset it, or name one of them")
     if forced and args.backend and set(args.backend) != {forced}:
         parser.error(f"VITFAST_BACKEND={forced} and --backend {' '.join(args.backend)} disagree: give one")
+    def asked(names) -> str:  # (how the user asked for these backends, for the messages)
+        return f"VITFAST_BACKEND={forced}" if forced else "--backend " + ", ".join(names)
     if forced:  # (each backend's rows run under use_backend(name), which the variable would not reach)
         args.backend = [forced]
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -320,7 +323,7 @@ def main(argv=None) -> int:
     for name in args.backend or ():
         reasons = {backend._unavailable(_registered_op(c), name, torch.device(args.device)) for c in cases}
         if None not in reasons:
-            parser.error(f"--backend {name} runs none of these cases on {args.device}: {'; '.join(sorted(reasons))}")
+            parser.error(f"{asked([name])} runs none of these cases on {args.device}: {'; '.join(sorted(reasons))}")
     if args.backend:  # (the others would time a baseline alone)
         left = [c.op for c in cases if not any(implements(c, name) for name in args.backend)]
         cases = [c for c in cases if any(implements(c, name) for name in args.backend)]
@@ -351,7 +354,7 @@ def main(argv=None) -> int:
         rows += _run_case(case, args.device, dtype, reps, args.backend or (), skipped)
     _progress(len(cases), len(cases), "done")
     if args.backend and left:
-        _say(f"note: left out, implemented by no backend of --backend {' '.join(args.backend)}: {'; '.join(left)}")
+        _say(f"note: left out, implemented by no backend of {asked(args.backend)}: {'; '.join(left)}")
     for name, reasons in skipped.items():
         _say(f"note: vitfast {name} skipped: {'; '.join(sorted(reasons))}")
     commit = f" (commit {env['commit']})" if env["commit"] else ""
@@ -374,10 +377,11 @@ def main(argv=None) -> int:
              + "; ".join(f"{r['op']} {r['pass']} {r['backend']}" for r in bad))
     idle = [name for name in args.backend or () if not any(r["backend"] == f"vitfast {name}" for r in rows)]
     if idle:
-        _say(f"\n--backend {', '.join(idle)} ran none of the cases (above: why)")
+        _say(f"\n{asked(idle)} ran none of the cases (above: why)")
     return 2 if unwritten else 1 if bad or idle else 0
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # (Python ignores SIGPIPE: a closed pipe raised BrokenPipeError)
+    if hasattr(signal, "SIGPIPE"):  # (not on Windows) Python ignores it: a closed pipe raised BrokenPipeError
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     sys.exit(main())

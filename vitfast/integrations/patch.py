@@ -258,12 +258,17 @@ def window_index_changed(index: Optional[Tensor], window_size) -> bool:
     index that vitfast's window attention computes from the window size: the fused paths never read the buffer, so a
     module whose buffer was changed (e.g. by an EMA averaging buffers, `AveragedModel(use_buffers=True)`, which
     rounds the int64 entries) runs its original forward, which reads it. Compared once per version of the buffer (a
-    change in place bumps it; on CUDA one synchronisation each); under torch.compile and tracing, on meta and fake
-    tensors, the buffer is taken as built."""
-    if (index is None or index.is_meta or isinstance(index, torch._subclasses.FakeTensor)
-            or torch.compiler.is_compiling() or torch.jit.is_tracing()):
+    change in place bumps it; on CUDA one synchronisation each: changes that bump no version, through `.data` or to
+    an inference tensor, are not seen); under torch.compile and torch.export, on meta and fake tensors (and in a
+    fake mode), the buffer is taken as built; under torch.func transforms over a batched buffer (model ensembles),
+    the original runs."""
+    if index is None or torch.compiler.is_compiling():
         return False
-    key = (None if index.is_inference() else index._version, index.data_ptr(), index.shape)
+    if torch._C._functorch.is_functorch_wrapped_tensor(index):
+        return True
+    if index.is_meta or isinstance(index, torch._subclasses.FakeTensor) or torch._guards.detect_fake_mode() is not None:
+        return False
+    key = (None if index.is_inference() else index._version, index.data_ptr(), index.shape, tuple(window_size))
     ident = id(index)
     seen = _INDEX_SEEN.get(ident)
     if seen is None or seen[0]() is not index or seen[1] != key:
@@ -444,10 +449,11 @@ def _guarded(module: nn.Module, kind: str, name: str, fn: Callable, layout: tupl
     would skip those hooks and wrappers (so does a forward set on a submodule's instance: accelerate's hooks); under
     torch.func's gradient transforms and forward-mode AD (jvp, dual tensors), which vitfast's ops do not run under;
     and under torch.fx.symbolic_trace (a Proxy input), where the original code is what traces."""
-    x = _input(args, kwargs)
-    if x is None and any(isinstance(a, torch.fx.Proxy) for a in (*args, *kwargs.values())):
-        # torch.fx.symbolic_trace (timm's and torchvision's feature extractors): the original code traces
+    if any(isinstance(a, torch.fx.Proxy) for a in (*args, *kwargs.values())):
+        # torch.fx.symbolic_trace (timm's and torchvision's feature extractors): the original code traces (a Proxy
+        # among real tensors too: timm's Swin attention with its real attn_mask)
         return getattr(type(module), name)(module, *args, **kwargs)
+    x = _input(args, kwargs)
     if ((x is not None and runs_original(kind, x)) or not _unchanged(module, layout)
             or (layout and _global_hooks()) or _backend.transforms_open()):
         return getattr(type(module), name)(module, *args, **kwargs)

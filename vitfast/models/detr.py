@@ -123,7 +123,7 @@ class MultiheadAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, dropout: float = 0.0, backend: str = "vitfast"):
         super().__init__()
-        _check_num_heads(dim, num_heads, f"vitfast.models.{type(self).__name__}")
+        num_heads = _check_num_heads(dim, num_heads, f"{type(self).__module__}.{type(self).__qualname__}")
         self.num_heads, self.dropout, self.backend = num_heads, dropout, backend
         self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))

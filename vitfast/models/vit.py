@@ -28,7 +28,7 @@ SIZES = {  # name: (embed_dim, depth, num_heads)
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, backend: str = "vitfast"):
         super().__init__()
-        _check_num_heads(dim, num_heads, f"vitfast.models.{type(self).__name__}")
+        num_heads = _check_num_heads(dim, num_heads, f"{type(self).__module__}.{type(self).__qualname__}")
         self.num_heads, self.backend = num_heads, backend
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)

@@ -96,7 +96,7 @@ class PatchEmbed(nn.Module):
             proj.train(old.training)
             self.proj = proj
             self.patch_size = new_patch
-        img_size = img_size or self.img_size
+        img_size = self.img_size if img_size is None else img_size  # (0 was taken as None: ignored)
         if img_size != self.img_size or new_patch is not None:
             self.img_size, self.grid_size, self.num_patches = self._sizes(img_size)
 

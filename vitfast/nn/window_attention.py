@@ -34,7 +34,7 @@ class ShiftedWindowAttention(nn.Module):
         fn = f"vitfast.nn.{type(self).__name__}"
         window_size = _positive_pair(window_size, "window_size", fn)
         shift_size = _pair(shift_size, "shift_size", fn)
-        _check_num_heads(dim, num_heads, fn)
+        num_heads = _check_num_heads(dim, num_heads, fn)
         self.window_size = window_size
         self.shift_size = shift_size
         self.num_heads = num_heads
@@ -138,9 +138,10 @@ class WindowAttention(nn.Module):
         self.window_size = tuple(_positive_pair(window_size, "window_size", "vitfast.nn.WindowAttention"))
         self.shift_size = tuple(_pair(shift_size, "shift_size", "vitfast.nn.WindowAttention"))
         self.window_area = self.window_size[0] * self.window_size[1]
-        if _positive_int(num_heads) is None:
+        heads = _positive_int(num_heads)
+        if heads is None:
             raise ValueError(f"vitfast.nn.WindowAttention: num_heads must be a positive int, got {num_heads!r}")
-        self.num_heads = num_heads
+        self.num_heads = num_heads = heads  # (an int: a NumPy int failed torch.compile(dynamic=True))
         head_dim = head_dim or dim // num_heads  # (timm's: dim need not divide; qkv is num_heads * head_dim wide)
         if head_dim < 1:
             raise ValueError(f"vitfast.nn.WindowAttention: head_dim={head_dim} (dim={dim} // num_heads={num_heads}) "

@@ -127,11 +127,14 @@ def _positive_pair(v: IntPair, name: str, fn: str) -> list:
     return p
 
 
-def _check_num_heads(dim: int, num_heads, fn: str) -> None:
-    """For modules and models built with a width and a head count: raises a ValueError naming fn unless num_heads is
-    a positive int (NumPy's too) that divides dim."""
-    if _positive_int(num_heads) is None or dim % num_heads:
+def _check_num_heads(dim: int, num_heads, fn: str) -> int:
+    """For modules and models built with a width and a head count: num_heads as an int (a NumPy int kept as such
+    failed torch.compile(dynamic=True)). Raises a ValueError naming fn unless num_heads is a positive int (NumPy's
+    too) that divides dim."""
+    heads = _positive_int(num_heads)
+    if heads is None or dim % heads:
         raise ValueError(f"{fn}: dim={dim} must be divisible by num_heads={num_heads!r}, a positive int")
+    return heads
 
 
 def relative_position_index(window_size: IntPair) -> Tensor:
