@@ -471,3 +471,77 @@ def test_swin_bias_and_shift_mask_through_the_interface(backend, device):
     model = transformers.SwinModel(config, add_pooling_layer=False)
     _compare(*_pair(model, device), backend, {"pixel_values": torch.randn(1, 3, 32, 32)},
              lambda o: o.last_hidden_state)
+
+
+def test_attention_sinks_run_the_models_eager_attention():
+    """GPT-OSS's learned sinks join each row's softmax: a forced backend ran vitfast.attention without them (logits
+    off by half their scale), and a model built for flex_attention was switched to vitfast's SDPA path, which has no
+    sinks either (the original refuses sinks on CPU, the patched one answered wrongly). Calls with sinks run the
+    module's eager attention; a model built for flex or flash attention keeps it."""
+    config = transformers.GptOssConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=2,
+                                       num_experts_per_tok=1, sliding_window=4, max_position_embeddings=64,
+                                       layer_types=["sliding_attention", "full_attention"])
+    config._attn_implementation = "eager"
+    model = transformers.GptOssForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("sinks"):
+                p.normal_(0, 2.0)  # (trained sinks are far from their initial zeros)
+    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(1))
+    patched = copy.deepcopy(model)
+    vitfast.patch_model(patched)
+    with torch.no_grad():
+        expected = model(ids).logits
+        for backend in ("auto", "cpp", "torch"):
+            with vitfast.use_backend(backend):
+                torch.testing.assert_close(patched(ids).logits, expected, atol=1e-5, rtol=1e-5, msg=backend)
+    config._attn_implementation = "flex_attention"
+    flex = transformers.GptOssForCausalLM(config)
+    report = vitfast.patch_model(flex)
+    assert flex.config._attn_implementation == "flex_attention"
+    assert any("'flex_attention' kept: vitfast replaces 'eager' and 'sdpa'" in left.reason for left in report.left)
+
+
+def test_a_sub_model_patched_with_and_after_its_model_is_restored():
+    """A VLM patched, then its vision tower (a PreTrainedModel of its own): the tower recorded vitfast's name as its
+    original and was reported patched again; unpatching the VLM left the tower on vitfast's attention (either order)."""
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=4, image_size=32, patch_size=8)
+    text = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                    num_attention_heads=4, num_key_value_heads=2)
+    for tower_first in (False, True):
+        model = transformers.LlavaForConditionalGeneration(
+            transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_id=99))
+        tower = model.model.vision_tower
+        assert tower.config._attn_implementation == "sdpa"
+        first, second = (tower, model) if tower_first else (model, tower)
+        vitfast.patch_model(first)
+        report = vitfast.patch_model(second)
+        assert tower.config._attn_implementation == vt.NAME
+        if not tower_first:
+            assert any(l.name == "" and l.reason == "already patched (attn_implementation)" for l in report.left)
+        vitfast.unpatch_model(first)
+        vitfast.unpatch_model(second)
+        assert (tower.config._attn_implementation, model.config.text_config._attn_implementation) == ("sdpa",
+                                                                                                        "sdpa")
+
+
+def test_eager_masks_under_autocast_average_a_fully_padded_row():
+    """A model that ran eager, patched, under CPU bfloat16 autocast on a forced backend: eager's finfo(float32).min
+    padding became -inf in the region's dtype, so a fully padded text gave zeros where eager averages over the keys
+    (CLIP's text tower: outputs off by O(1))."""
+    config = transformers.CLIPTextConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                         num_attention_heads=2, max_position_embeddings=8)
+    config._attn_implementation = "eager"
+    model = transformers.CLIPTextModel(config).eval()
+    patched = copy.deepcopy(model)
+    vitfast.patch_model(patched)
+    ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0]])  # (the second text: every token padding)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(ids, attention_mask=mask).last_hidden_state.float()
+        for backend in ("cpp", "torch"):
+            with vitfast.use_backend(backend):
+                out = patched(ids, attention_mask=mask).last_hidden_state.float()
+            torch.testing.assert_close(out, expected, atol=0.05, rtol=0.05, msg=backend)

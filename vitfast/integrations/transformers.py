@@ -48,7 +48,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     gradient transforms and forward-mode AD (as patch_model's other modules), and for what vitfast.attention does not
     take (a value head dim other than q's, a query batch broadcast against the keys'), transformers' own SDPA path
     runs instead. A call that asks for the attention weights (output_attentions, or transformers 5's recording of
-    them with hooks) or passes a position_bias or softcap runs the module's own eager attention (_eager_function),
+    them with hooks) or passes a position_bias, softcap or attention sinks runs the module's own eager attention
+    (_eager_function),
     with the mask made additive as eager expects (so a model that ran SDPA, whose transformers 5 SDPA path returns no
     weights, returns eager's); a module without one raises ValueError."""
     return _forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, eager_masks=False,
@@ -73,7 +74,7 @@ def _forward(module, query, key, value, attention_mask, dropout, scaling, is_cau
         is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         is_causal = bool(query.shape[2] > 1 and attention_mask is None and is_causal)
     if (kwargs.get("output_attentions") or _attentions_recorded() or kwargs.get("position_bias") is not None
-            or kwargs.get("softcap")):
+            or kwargs.get("softcap") or _sinks(module, kwargs)):
         return _eager(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
     # (transformers' SDPA takes a value head dim other than q's (ConditionalDETR's cross-attention) and a query batch
     # of 1 against keys of B; vitfast.attention takes neither)
@@ -85,12 +86,24 @@ def _forward(module, query, key, value, attention_mask, dropout, scaling, is_cau
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
+    if eager_masks and attention_mask is not None and attention_mask.is_floating_point() and (
+            torch.is_autocast_enabled(query.device.type)):
+        # eager's finfo(float32).min, which attention's autocast rule casts to the region's dtype, became -inf there:
+        # a query that sees no key got zeros, not eager's average over the keys
+        attention_mask = attention_mask.clamp(min=torch.finfo(torch.get_autocast_dtype(query.device.type)).min)
     groups = getattr(module, "num_key_value_groups", 1)
     if groups > 1:
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
     out = attention(query, key, value, attention_mask, is_causal=is_causal, scale=scaling, dropout_p=dropout)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _sinks(module: torch.nn.Module, kwargs: dict) -> bool:
+    """Whether the call has attention sinks (GPT-OSS's learned per-head logits joining each row's softmax: s_aux or
+    sinks in the call, or the module's `sinks`), which vitfast.attention does not take."""
+    return (kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None
+            or getattr(module, "sinks", None) is not None)
 
 
 def _eager_function(module: torch.nn.Module):
@@ -108,7 +121,8 @@ def _eager_function(module: torch.nn.Module):
 def _eager(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs):
     eager = _eager_function(module)
     if eager is None:
-        raise ValueError(f"vitfast attention returns no attention weights and takes no position_bias or softcap, "
+        raise ValueError(f"vitfast attention returns no attention weights and takes no position_bias, softcap or "
+                         f"attention sinks, "
                          f"and {type(module).__name__}'s modeling file has no eager_attention_forward to run them; "
                          f"use attn_implementation='eager'")
     if attention_mask is None and is_causal:  # the SDPA mask function leaves a plain causal mask to is_causal
@@ -212,7 +226,7 @@ def patch(model: torch.nn.Module, prefix: str, attention: bool = True, window_at
     from vitfast.integrations.patch import _MARK, Left, Patched, _bind, _is_transformers_model, qualname
 
     cls, records = qualname(model), []
-    if "_vitfast_attn_previous" in model.__dict__:
+    if _switched(model):
         records.append(Left(prefix, cls, "already patched (attn_implementation)"))
     elif not attention:
         records.append(Left(prefix, cls, "attention=False"))
@@ -227,7 +241,7 @@ def patch(model: torch.nn.Module, prefix: str, attention: bool = True, window_at
                 switched.append(name)
                 full = f"{prefix}.{name}" if prefix else name
                 records.append(Left(full, qualname(module), "already patched (attn_implementation)")
-                               if "_vitfast_attn_previous" in module.__dict__ else _switch(module, full))
+                               if _switched(module) else _switch(module, full))
     elif not _calls_attention_interface(model):
         records.append(Left(prefix, cls, "no module of the model calls transformers' AttentionInterface"))
     else:
@@ -245,6 +259,12 @@ def patch(model: torch.nn.Module, prefix: str, attention: bool = True, window_at
         records.append(Patched(full, _SWIN_LAYER, "window_attention",
                                "pad/roll/partition/mask/attention -> one fused vitfast.window_attention"))
     return records
+
+
+def _switched(model: torch.nn.Module) -> bool:
+    """Whether `model` runs vitfast's attention names: switched by patch, or a sub-model switched by the model
+    holding it (which restores it at its unpatch)."""
+    return "_vitfast_attn_previous" in model.__dict__ or model.config._attn_implementation in (NAME, NAME_EAGER)
 
 
 def _calls_attention_interface(model: torch.nn.Module) -> bool:
@@ -277,14 +297,17 @@ def _reads_attention_functions(cls: type) -> bool:
 def _switch(model: torch.nn.Module, prefix: str):
     """Sets `model` (and its sub-models) to vitfast's attention names, keeping what it had for unpatch; returns the
     Patched record."""
-    from vitfast.integrations.patch import Patched, qualname
+    from vitfast.integrations.patch import Left, Patched, qualname
 
     _register_names()
     previous = _implementations(model.config)
     names = _vitfast_names(previous)
+    if names[""] == previous[""]:  # (flex_attention, flash_attention_2, ...: vitfast replaces eager and SDPA)
+        return Left(prefix, qualname(model), f"attn_implementation {previous['']!r} kept: vitfast replaces 'eager' "
+                                              f"and 'sdpa'")
     with _quiet_sub_config_warning():
         model.set_attn_implementation(names)
-    model.__dict__["_vitfast_attn_previous"] = _Previous(previous)
+    model.__dict__["_vitfast_attn_previous"] = _Previous(_original_names(previous))
     return Patched(prefix, qualname(model), "attention", f"attn_implementation {previous['']!r} -> {names['']!r}")
 
 
@@ -321,10 +344,22 @@ def _implementations(config) -> dict:
     return out
 
 
+_VITFAST_NAMES = {"eager": NAME_EAGER, "sdpa": NAME}
+_ORIGINAL_NAMES = {v: k for k, v in _VITFAST_NAMES.items()}
+
+
 def _vitfast_names(implementations: dict) -> dict:
-    """`_implementations`' nesting with each implementation replaced by vitfast's: NAME_EAGER for "eager" (its masks
-    decide what a query that sees no key gives: eager's averages the keys, SDPA's differs), NAME for the others."""
-    return {key: _vitfast_names(value) if isinstance(value, dict) else NAME_EAGER if value == "eager" else NAME
+    """`_implementations`' nesting with "eager" replaced by NAME_EAGER (its masks decide what a query that sees no key
+    gives: eager's averages the keys, SDPA's differs) and "sdpa" by NAME; the others kept (flex_attention,
+    flash_attention_2, a user's own: a model built for them may need what SDPA has not, e.g. GPT-OSS's sinks)."""
+    return {key: _vitfast_names(value) if isinstance(value, dict) else _VITFAST_NAMES.get(value, value)
+            for key, value in implementations.items()}
+
+
+def _original_names(implementations: dict) -> dict:
+    """`_implementations`' nesting with vitfast's names as the implementations they replace (a sub-model a user
+    patched first: its model's unpatch restores what it had before that)."""
+    return {key: _original_names(value) if isinstance(value, dict) else _ORIGINAL_NAMES.get(value, value)
             for key, value in implementations.items()}
 
 
