@@ -480,16 +480,31 @@ def test_swin_with_a_changed_relative_position_index_runs_its_original():
 
 
 def test_swin_index_check_in_a_fake_mode_under_vmap_and_fx():
-    """The index check (above) raised in a FakeTensorMode (DataDependentOutputException on aten.equal) and over a
-    vmap of stacked models (no data pointer); fx's symbolic_trace of a patched timm Swin failed (its attention's
-    real attn_mask hid the Proxy input from the guard)."""
+    """The index check (above) raised in a FakeTensorMode (DataDependentOutputException on aten.equal), under
+    make_fx ("get value out of a tracing tensor"), with a default device (the index built there) and over a vmap of
+    stacked models (no data pointer); fx's symbolic_trace of a patched timm Swin failed (its attention's real
+    attn_mask hid the Proxy input from the guard); torch.jit.trace records the path the buffer gives."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
     from torch.func import functional_call, stack_module_state, vmap
 
     for library, model, x, features in _swin_models():
         model.eval()
         patched = copy.deepcopy(model)
         vitfast.patch_model(patched)
+        with torch.no_grad():
+            torch.testing.assert_close(make_fx(lambda z: features(patched, z))(x)(x), features(model, x),
+                                       atol=2e-5, rtol=1e-4, msg=library)
+            with torch.device("meta"):  # (the index check's first call; the originals run so)
+                torch.testing.assert_close(features(copy.deepcopy(patched), x), features(model, x), atol=2e-5,
+                                           rtol=1e-4, msg=library)
+            for m in (model, patched):  # (a changed index: trace records the original path)
+                for n, b in m.named_buffers():
+                    if n.endswith("relative_position_index"):
+                        b.copy_(b.flip(0))
+            frozen = copy.deepcopy(patched).requires_grad_(False)  # (trace takes its weights as constants)
+            traced = torch.jit.trace(lambda z: features(frozen, z), x, check_trace=False)
+            torch.testing.assert_close(traced(x), features(model, x), atol=2e-5, rtol=1e-4, msg=library)
         with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
             assert features(patched, mode.from_tensor(x)).shape == features(model, x).shape, library
         models = [copy.deepcopy(patched) for _ in range(2)]
@@ -1439,3 +1454,26 @@ def test_flop_counter_counts_the_ops_as_their_references():
         assert flops(vitfast.attention, q, k, k) == flops(vitfast.rel_pos_attention, q, k, k, rel_h, rel_w) == want
         unfused = 3 * sdpa_flop_count(q.shape, k.shape, k.shape)
         assert flops(attention_ref, q, k, k) == flops(rel_pos_attention_ref, q, k, k, rel_h, rel_w) == unfused
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_timm_changed_scale_counts_where_timm_reads_it(fused):
+    """timm's fused attention path passes SDPA no scale (a changed `scale` counts on its eager path only): the
+    patched Swin and SAM attention always applied the module's scale, off by 1-5% where timm's fused path ran."""
+    timm = import_or_skip("timm")
+    for model in (timm.create_model("samvit_base_patch16", pretrained=False, num_classes=5, img_size=64, embed_dim=32,
+                                    depth=2, num_heads=2),
+                  timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=16, patch_size=2,
+                                    embed_dim=16, depths=(2,), num_heads=(2,), window_size=4, num_classes=5)):
+        model.eval()
+        for module in model.modules():
+            if hasattr(module, "fused_attn") and hasattr(module, "scale"):
+                module.scale, module.fused_attn = 0.05, fused
+        patched = copy.deepcopy(model)
+        vitfast.patch_model(patched)
+        x = torch.randn(2, 3, *model.patch_embed.img_size)
+        with torch.no_grad():
+            expected = model(x)
+            for backend in ("auto", "cpp"):
+                with vitfast.use_backend(backend):
+                    torch.testing.assert_close(patched(x), expected, atol=1e-5, rtol=1e-4, msg=backend)

@@ -334,7 +334,8 @@ def choose_backend(op: str, *tensors: Optional[torch.Tensor], skip: tuple = ()) 
     """Returns the backend that runs `op` for these tensors (None entries are ignored). skip: backends the automatic
     choice passes over for this call (an op's own rule, e.g. oneDNN below the size where it pays: linear and
     linear_gelu apply `onednn_pays` themselves, so without skip the answer for them is the backend that can take
-    the tensors, not the one a call of that size runs); a forced backend ignores it.
+    the tensors, not the one a call of that size runs); a forced backend the op obeys (register_op's `obeys`)
+    ignores it.
 
     Raises:
         ValueError: an unknown op, no tensor, or when the forced backend, or every backend, cannot take the inputs.

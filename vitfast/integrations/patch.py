@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _nn_module
+from torch.utils._python_dispatch import _disable_current_modes
 
 from vitfast import autocast as _autocast
 from vitfast import backend as _backend
@@ -258,8 +259,8 @@ def window_index_changed(index: Optional[Tensor], window_size) -> bool:
     index that vitfast's window attention computes from the window size: the fused paths never read the buffer, so a
     module whose buffer was changed (e.g. by an EMA averaging buffers, `AveragedModel(use_buffers=True)`, which
     rounds the int64 entries) runs its original forward, which reads it. Compared once per version of the buffer (a
-    change in place bumps it; on CUDA one synchronisation each: changes that bump no version, through `.data` or to
-    an inference tensor, are not seen); under torch.compile and torch.export, on meta and fake tensors (and in a
+    change in place bumps it; on CUDA one synchronisation each: changes that bump no version, through `.data`,
+    `.numpy()` or to an inference tensor, are not seen); under torch.compile and torch.export, on meta and fake tensors (and in a
     fake mode), the buffer is taken as built; under torch.func transforms over a batched buffer (model ensembles),
     the original runs."""
     if index is None or torch.compiler.is_compiling():
@@ -272,7 +273,9 @@ def window_index_changed(index: Optional[Tensor], window_size) -> bool:
     ident = id(index)
     seen = _INDEX_SEEN.get(ident)
     if seen is None or seen[0]() is not index or seen[1] != key:
-        changed = not torch.equal(index.reshape(-1).cpu(), relative_position_index(window_size))
+        # (real values, on the CPU: not through a tracer's mode (make_fx) nor on the default device (set_default_device))
+        with _disable_current_modes(), torch.device("cpu"):
+            changed = not torch.equal(index.reshape(-1).cpu(), relative_position_index(window_size))
         seen = (weakref.ref(index, lambda _: _INDEX_SEEN.pop(ident, None)), key, changed)
         _INDEX_SEEN[ident] = seen
     return seen[2]

@@ -24,7 +24,7 @@ from vitfast.ops.attention import attention
 from vitfast.ops.rel_pos_attention import decomposed_rel_pos, rel_pos_attention
 
 
-def sam_attention(x: Tensor, qkv: nn.Module, num_heads: int, scale: float, rel_pos_h: Optional[Tensor] = None,
+def sam_attention(x: Tensor, qkv: nn.Module, num_heads: int, scale: Optional[float], rel_pos_h: Optional[Tensor] = None,
                   rel_pos_w: Optional[Tensor] = None, dropout_p: float = 0.0, q_norm: Optional[Callable] = None,
                   k_norm: Optional[Callable] = None) -> Tensor:
     """The attention of a SAM / ViTDet image-encoder block on one (window or whole) map, before the output
@@ -35,7 +35,7 @@ def sam_attention(x: Tensor, qkv: nn.Module, num_heads: int, scale: float, rel_p
         x: (B, H, W, C): B windows (or images) of H x W tokens.
         qkv: the block's qkv projection, C -> 3 * C, output laid out (3, heads, D) as in every SAM implementation.
         num_heads: heads; D = C // num_heads.
-        scale: softmax scale (the module's, D ** -0.5 in SAM).
+        scale: softmax scale (the module's, D ** -0.5 in SAM; None: D ** -0.5).
         rel_pos_h, rel_pos_w: (L_h, D), (L_w, D) tables, or None for plain attention; resized by linear
             interpolation when L != 2 * size - 1 (see vitfast.decomposed_rel_pos).
         dropout_p: dropout on the attention weights.

@@ -27,7 +27,7 @@ from vitfast.integrations.patch import (LAYER_NORM_X, Adapter, conv_takes, mlp_c
 from vitfast.integrations.segment_anything import sam_attention
 from vitfast.nn.patch_embed import PatchEmbed as _VitfastPatchEmbed
 from vitfast.nn.window_attention import WindowAttention as _VitfastWindowAttention
-from vitfast.nn.window_attention import _attn_dropout_p
+from vitfast.nn.window_attention import _attn_dropout_p, _timm_scale
 from vitfast.ops.attention import attention
 from vitfast.ops.window_attention import window_attention
 
@@ -45,7 +45,7 @@ def _attention_forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_c
     # path only, which also drops attn_mask under is_causal, timm's resolve_self_attn_mask)
     fused = getattr(self, "fused_attn", False)
     x = attention(q, k, v, attn_mask if fused or not is_causal else None, is_causal=is_causal,
-                  scale=None if fused else self.scale, dropout_p=_attn_dropout_p(self, fused))
+                  scale=_timm_scale(self), dropout_p=_attn_dropout_p(self, fused))
     x = x.transpose(1, 2).flatten(2)
     x = self.norm(x)
     if gate is not None:
@@ -61,7 +61,7 @@ def _attention_check(module: nn.Module) -> Optional[str]:
 
 def _sam_attention_forward(self, x: Tensor) -> Tensor:
     rel_pos = (self.rel_pos_h, self.rel_pos_w) if self.use_rel_pos else (None, None)
-    x = sam_attention(x, self.qkv, self.num_heads, self.scale, *rel_pos,
+    x = sam_attention(x, self.qkv, self.num_heads, _timm_scale(self), *rel_pos,
                       dropout_p=_attn_dropout_p(self, getattr(self, "fused_attn", False)), q_norm=self.q_norm,
                       k_norm=self.k_norm)
     return self.proj_drop(self.proj(x))
@@ -94,7 +94,7 @@ def _swin_block_attn(self, x: Tensor) -> Tensor:
     qkv = attn.qkv(x).unflatten(-1, (3, attn.num_heads, -1))
     out = window_attention(qkv, attn.relative_position_bias_table, (wh, ww), (sh, sw),
                            attention_dropout=_attn_dropout_p(attn, getattr(attn, "fused_attn", False)),
-                           softmax_scale=attn.scale, clamp_window=False)
+                           softmax_scale=_timm_scale(attn), clamp_window=False)
     return attn.proj_drop(attn.proj(out))
 
 
@@ -137,7 +137,8 @@ def _patch_embed_check(module: nn.Module) -> Optional[str]:
         return f"output_fmt {fmt} is not supported"
     norm = module.norm
     if not isinstance(norm, nn.Identity) and not module.flatten and fmt == "NCHW":
-        return "a norm on NCHW output (normalizes over the last spatial dim in timm)"
+        return ("a norm on NCHW output (applied to the channels-first map; vitfast fuses a LayerNorm over the "
+                "embedding dim only)")
     return None
 
 
@@ -186,7 +187,8 @@ _MVITV2 = ("MViTv2 pooling attention (q, k, v pooled to other grids, an optional
            "vitfast.rel_pos_attention, timm's path")
 _ROPE = "rotary position embedding applied to q and k inside the attention: timm's path"
 LEFT = {
-    "timm.models.eva.EvaAttention": _ROPE,
+    "timm.models.eva.EvaAttention": "EVA attention (rotary position embedding on q and k where the model has one): "
+                                    "no adapter, timm's path",
     "timm.layers.attention.AttentionRope": _ROPE,
     "timm.models.beit.Attention": "relative position bias (BEiT) gathered inside the attention: timm's path",
     "timm.models.cait.TalkingHeadAttn": "talking heads (linear maps across heads before and after the softmax): "

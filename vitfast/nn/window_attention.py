@@ -24,6 +24,12 @@ def _attn_dropout_p(module: nn.Module, fused: bool) -> float:
     return module.attn_drop.p if (module.training if fused else module.attn_drop.training) else 0.0
 
 
+def _timm_scale(module: nn.Module) -> Optional[float]:
+    """The softmax scale a timm attention module applies now: its fused path passes SDPA no scale (the head dim's
+    default), so a changed `scale` counts on its eager path only; None for the default."""
+    return None if getattr(module, "fused_attn", False) else module.scale
+
+
 class ShiftedWindowAttention(nn.Module):
     """torchvision's ShiftedWindowAttention: forward((B, H, W, C)) -> (B, H, W, C), computed by
     vitfast.shifted_window_attention with the bias table read inside the kernel (never gathered)."""
@@ -215,7 +221,7 @@ class WindowAttention(nn.Module):
             qkv = self.qkv(x).unflatten(-1, (3, heads, -1))
             out = window_attention(qkv, self.relative_position_bias_table, self.window_size, self.shift_size,
                                    qkv_pad=self.qkv.bias, attention_dropout=p, training=self.training,
-                                   softmax_scale=self.scale, clamp_window=False)
+                                   softmax_scale=_timm_scale(self), clamp_window=False)
             return self.proj_drop(self.proj(out))
         if x.dim() != 3:
             raise ValueError(f"vitfast.nn.WindowAttention: x must be (B*nW, {self.window_area}, C) windows or a "
@@ -229,7 +235,7 @@ class WindowAttention(nn.Module):
             wh, ww = self.window_size
             out = window_attention(qkv.unflatten(1, (wh, ww)), self.relative_position_bias_table,
                                    self.window_size, 0, attention_dropout=p, training=self.training,
-                                   softmax_scale=self.scale, clamp_window=False)
+                                   softmax_scale=_timm_scale(self), clamp_window=False)
             return self.proj_drop(self.proj(out.flatten(1, 2)))
         # An arbitrary per-window mask: SDPA with bias + mask folded into one float mask.
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
@@ -240,5 +246,5 @@ class WindowAttention(nn.Module):
         attn_mask = (self._get_rel_pos_bias().to(q.dtype).view(1, 1, heads, N, N)
                      + mask.to(q.dtype).view(1, num_win, 1, N, N)).expand(B_ // num_win, -1, -1, -1, -1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask.reshape(B_, heads, N, N), dropout_p=p,
-                                             scale=self.scale)
+                                             scale=_timm_scale(self))
         return self.proj_drop(self.proj(out.transpose(1, 2).flatten(2)))
