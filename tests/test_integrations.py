@@ -545,3 +545,17 @@ def test_eager_masks_under_autocast_average_a_fully_padded_row():
             with vitfast.use_backend(backend):
                 out = patched(ids, attention_mask=mask).last_hidden_state.float()
             torch.testing.assert_close(out, expected, atol=0.05, rtol=0.05, msg=backend)
+
+
+def test_attention_of_its_own_in_a_transformers_model_is_reported_left():
+    """Attention modules of a transformers model that do not go through the attention interface (Swin-V2's, MaskFormer's
+    Swin backbone's) are not patched, and were missing from the report, which listed only those that do as covered."""
+    model = transformers.Swinv2Model(transformers.Swinv2Config(embed_dim=16, depths=[2], num_heads=[2], window_size=4,
+                                                               image_size=32))
+    report = vitfast.patch_model(model)
+    left = {l.name: l.reason for l in report.left}
+    assert left.get("encoder.layers.0.blocks.0.attention.self") == "no vitfast adapter for this class", str(report)
+    vit = transformers.ViTModel(transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                       intermediate_size=48, image_size=16, patch_size=8))
+    report = vitfast.patch_model(vit)  # (its attention runs through the interface: covered by the model's record)
+    assert not [l for l in report.left if "Attention" in l.cls], str(report)

@@ -583,9 +583,11 @@ def patch_model(model: nn.Module, attention: bool = True, window_attention: bool
             report.left.append(Left(name, cls, known_left[cls]))
             continue
         if adapter is None:
-            # transformers' attention modules run through the attention interface switched above
+            # transformers' attention modules that run through the attention interface (switched above; they or a
+            # submodule read it) are not left; those with attention of their own (MaskFormer's Swin backbone) are
             if (_SUSPECT.search(type(module).__name__) and not cls.startswith("vitfast.")
-                    and not (under_hf and re.search("Attention|Attn", type(module).__name__))):
+                    and not (under_hf and re.search("Attention|Attn", type(module).__name__)
+                             and _transformers_calls_interface(module))):
                 report.left.append(Left(name, cls, _NO_ADAPTER))
             continue
         flag, on = flags[adapter.kind]
@@ -605,6 +607,12 @@ def patch_model(model: nn.Module, attention: bool = True, window_attention: bool
     # through that part (CaiT's LayerScaleBlockClassAttn through its ClassAttn)
     report.left = [l for l in report.left if l.reason != _NO_ADAPTER or not _covered(l, report)]
     return report
+
+
+def _transformers_calls_interface(module: nn.Module) -> bool:
+    from vitfast.integrations import transformers as hf
+
+    return hf._calls_attention_interface(module)
 
 
 def _suspect_kinds(cls: str) -> set:
