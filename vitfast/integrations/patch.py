@@ -260,9 +260,9 @@ def window_index_changed(index: Optional[Tensor], window_size) -> bool:
     module whose buffer was changed (e.g. by an EMA averaging buffers, `AveragedModel(use_buffers=True)`, which
     rounds the int64 entries) runs its original forward, which reads it. Compared once per version of the buffer (a
     change in place bumps it; on CUDA one synchronisation each: changes that bump no version, through `.data`,
-    `.numpy()` or to an inference tensor, are not seen); under torch.compile and torch.export, on meta and fake tensors (and in a
-    fake mode), the buffer is taken as built; under torch.func transforms over a batched buffer (model ensembles),
-    the original runs."""
+    `.numpy()` or to an inference tensor, are not seen); under torch.compile and torch.export, on meta and fake
+    tensors (and in a fake mode), the buffer is taken as built; under torch.func transforms over a batched buffer
+    (model ensembles), the original runs."""
     if index is None or torch.compiler.is_compiling():
         return False
     if torch._C._functorch.is_functorch_wrapped_tensor(index):
@@ -273,7 +273,7 @@ def window_index_changed(index: Optional[Tensor], window_size) -> bool:
     ident = id(index)
     seen = _INDEX_SEEN.get(ident)
     if seen is None or seen[0]() is not index or seen[1] != key:
-        # (real values, on the CPU: not through a tracer's mode (make_fx) nor on the default device (set_default_device))
+        # (real values, on the CPU: not through a tracer's mode (make_fx), nor on a default device set by the user)
         with _disable_current_modes(), torch.device("cpu"):
             changed = not torch.equal(index.reshape(-1).cpu(), relative_position_index(window_size))
         seen = (weakref.ref(index, lambda _: _INDEX_SEEN.pop(ident, None)), key, changed)

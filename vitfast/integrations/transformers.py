@@ -49,9 +49,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     take (a value head dim other than q's, a query batch broadcast against the keys'), transformers' own SDPA path
     runs instead. A call that asks for the attention weights (output_attentions, or transformers 5's recording of
     them with hooks) or passes a position_bias, softcap or attention sinks runs the module's own eager attention
-    (_eager_function),
-    with the mask made additive as eager expects (so a model that ran SDPA, whose transformers 5 SDPA path returns no
-    weights, returns eager's); a module without one raises ValueError."""
+    (_eager_function), with the mask made additive as eager expects (so a model that ran SDPA, whose transformers 5
+    SDPA path returns no weights, returns eager's); a module without one raises ValueError."""
     return _forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, eager_masks=False,
                     **kwargs)
 
@@ -122,9 +121,8 @@ def _eager(module, query, key, value, attention_mask, dropout, scaling, is_causa
     eager = _eager_function(module)
     if eager is None:
         raise ValueError(f"vitfast attention returns no attention weights and takes no position_bias, softcap or "
-                         f"attention sinks, "
-                         f"and {type(module).__name__}'s modeling file has no eager_attention_forward to run them; "
-                         f"use attn_implementation='eager'")
+                         f"attention sinks, and {type(module).__name__}'s modeling file has no eager_attention_forward "
+                         f"to run them; use attn_implementation='eager'")
     if attention_mask is None and is_causal:  # the SDPA mask function leaves a plain causal mask to is_causal
         attention_mask = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device).tril()[
             None, None]

@@ -694,7 +694,8 @@ def window_attention(qkv: Tensor, relative_position_bias: Tensor, window_size: I
         raise ValueError(f"vitfast.window_attention: qkv must be floating point, got {qkv.dtype}")
     B, H, W, _, heads, D = qkv.shape
     _check_heads(heads, D, qkv, "window_attention")
-    ws, shift = _positive_pair(window_size, "window_size", "vitfast.window_attention"), _pair(shift_size, "shift_size")
+    ws = _positive_pair(window_size, "window_size", "vitfast.window_attention")
+    shift = _pair(shift_size, "shift_size", "vitfast.window_attention")
     table = relative_position_bias
     if clamp_window and min(H, W) > 0 and (H <= ws[0] or W <= ws[1]):
         small = [min(ws[0], H, W), min(ws[1], H, W)]
@@ -781,7 +782,8 @@ def shifted_window_attention(input: Tensor, qkv_weight: Tensor, proj_weight: Ten
                                 (proj_weight, proj_bias, ("input", "proj_weight", "proj_bias"))):
         check_linear_args("shifted_window_attention", input, weight, bias, names)
     ws = _positive_pair(window_size, "window_size", "vitfast.shifted_window_attention")
-    shift = _used_shift(ws, _pair(shift_size, "shift_size"), H, W, "shifted_window_attention", modulo=True)
+    shift = _used_shift(ws, _pair(shift_size, "shift_size", "vitfast.shifted_window_attention"), H, W,
+                        "shifted_window_attention", modulo=True)
     pad_H, pad_W = math.ceil(H / ws[0]) * ws[0], math.ceil(W / ws[1]) * ws[1]
     if logit_scale is not None and qkv_bias is not None:
         qkv_bias = torch.cat([qkv_bias[:C], torch.zeros_like(qkv_bias[C:2 * C]), qkv_bias[2 * C:]])
