@@ -87,9 +87,13 @@ def _forward(module, query, key, value, attention_mask, dropout, scaling, is_cau
                                       is_causal=is_causal, **kwargs)
     if eager_masks and attention_mask is not None and attention_mask.is_floating_point() and (
             torch.is_autocast_enabled(query.device.type)):
-        # eager's finfo(float32).min, which attention's autocast rule casts to the region's dtype, became -inf there:
-        # a query that sees no key got zeros, not eager's average over the keys
-        attention_mask = attention_mask.clamp(min=torch.finfo(torch.get_autocast_dtype(query.device.type)).min)
+        # eager's finfo(float32).min, which attention's autocast rule casts to the region's dtype, became -inf in
+        # bfloat16: a query that sees no key got zeros, not eager's average over the keys. float16's own minimum
+        # (-65504) does not swamp the scores as eager's does: its eager attention runs there.
+        low = torch.get_autocast_dtype(query.device.type)
+        if low == torch.float16:
+            return _eager(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
+        attention_mask = attention_mask.clamp(min=torch.finfo(low).min)
     groups = getattr(module, "num_key_value_groups", 1)
     if groups > 1:
         key = key.repeat_interleave(groups, dim=1)
@@ -300,13 +304,16 @@ def _switch(model: torch.nn.Module, prefix: str):
     _register_names()
     previous = _implementations(model.config)
     names = _vitfast_names(previous)
-    if names[""] == previous[""]:  # (flex_attention, flash_attention_2, ...: vitfast replaces eager and SDPA)
+    if names == previous:  # (flex_attention, flash_attention_2, ...: vitfast replaces eager and SDPA)
         return Left(prefix, qualname(model), f"attn_implementation {previous['']!r} kept: vitfast replaces 'eager' "
                                               f"and 'sdpa'")
     with _quiet_sub_config_warning():
         model.set_attn_implementation(names)
     model.__dict__["_vitfast_attn_previous"] = _Previous(_original_names(previous))
-    return Patched(prefix, qualname(model), "attention", f"attn_implementation {previous['']!r} -> {names['']!r}")
+    what = (f"attn_implementation {previous['']!r} -> {names['']!r}" if names[""] != previous[""] else
+            f"attn_implementation {previous['']!r} kept; sub-configs "
+            f"{', '.join(k for k in names if k and names[k] != previous[k])} -> vitfast's")
+    return Patched(prefix, qualname(model), "attention", what)
 
 
 class _SubConfigWarning(logging.Filter):
