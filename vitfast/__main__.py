@@ -318,15 +318,17 @@ def main(argv=None) -> int:
         if not any(selects(c, o) for c in every):
             parser.error(f"no case matches --op {o}: give an op's name ({', '.join(sorted(names))}) or the start "
                          f"of a case's label ({'; '.join(c.op for c in every)})")
-    def implements(c: Case, name: str) -> bool:
-        return backend._unavailable(_registered_op(c), name, torch.device(args.device)) is None
+    # why each backend asked for cannot run each case on the device (None: it can)
+    unavailable = {(c.op, name): backend._unavailable(_registered_op(c), name, torch.device(args.device))
+                   for c in cases for name in args.backend or ()}
     for name in args.backend or ():
-        reasons = {backend._unavailable(_registered_op(c), name, torch.device(args.device)) for c in cases}
+        reasons = {unavailable[c.op, name] for c in cases}
         if None not in reasons:
             parser.error(f"{asked([name])} runs none of these cases on {args.device}: {'; '.join(sorted(reasons))}")
     if args.backend:  # (the others would time a baseline alone)
-        left = [c.op for c in cases if not any(implements(c, name) for name in args.backend)]
-        cases = [c for c in cases if any(implements(c, name) for name in args.backend)]
+        implemented = [any(unavailable[c.op, name] is None for name in args.backend) for c in cases]
+        left = [c.op for c, kept in zip(cases, implemented) if not kept]
+        cases = [c for c, kept in zip(cases, implemented) if kept]
     if args.out == "":
         parser.error("--out: give a folder (got an empty path)")
     if args.out is not None:  # (checked before minutes of measuring, not after; the last check: it creates the folder)
