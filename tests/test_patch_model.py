@@ -679,6 +679,26 @@ def test_patch_embedding_given_other_channels_or_dtypes_raises_the_originals_err
             patched(x[:1].double())
 
 
+def test_timm_fast_norm_layer_norm_keeps_the_autocast_dtype():
+    """A timm LayerNorm built after set_fast_norm(True) computes in the autocast dtype and returns it: patched, it
+    does so on every backend (on a forced backend it returned float32); outside autocast it runs vitfast's op."""
+    layers = import_or_skip("timm").layers
+    layers.set_fast_norm(True)
+    try:
+        norm = layers.LayerNorm(16)
+    finally:
+        layers.set_fast_norm(False)
+    patched = copy.deepcopy(norm)
+    vitfast.patch_model(patched)
+    x = torch.randn(2, 5, 16)
+    for backend in ("cpp", "torch"):
+        with vitfast.use_backend(backend), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = patched(x)
+            assert out.dtype == torch.bfloat16
+            torch.testing.assert_close(out, norm(x), rtol=0, atol=0)
+    torch.testing.assert_close(patched(x), norm(x))
+
+
 def test_jit_script_of_a_patched_model_raises_clearly():
     """torch.jit.script cannot compile the patched methods: it raises a clear error (it failed on a partial's missing
     __globals__), torch.jit.trace still works, and once unpatched the model scripts again."""

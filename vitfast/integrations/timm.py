@@ -12,7 +12,8 @@
   vitfast.attention; with rotary embeddings (use_rope) it keeps timm's path).
 - `timm.layers.patch_embed.PatchEmbed`: forward -> vitfast.nn.PatchEmbed's (conv + flatten + LayerNorm fused).
 - `timm.layers.mlp.Mlp` (ViT, DeiT, Swin, ...): fc1 + GELU -> vitfast.linear_gelu (other activations: timm's path).
-- timm's LayerNorm: integrations/patch.py's LayerNorm adapter under timm's parameter name (x).
+- timm's LayerNorm: integrations/patch.py's LayerNorm adapter under timm's parameter name (x); timm's own path under
+  autocast for a LayerNorm built after `timm.layers.set_fast_norm(True)` (it computes in the autocast dtype).
 - MViTv2's pooling attention and the attention of `AttentionPoolLatent` ("map" pooling) are left (`LEFT`, with the
   reason in the report).
 
@@ -20,10 +21,11 @@ Nothing here imports timm: modules are matched by class name.
 """
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 
-from vitfast.integrations.patch import (LAYER_NORM_X, Adapter, conv_takes, mlp_check, mlp_fc1, mlp_rows, qualname,
-                                       window_index_changed)
+from vitfast.integrations.patch import (Adapter, _layer_norm_forward, conv_takes, mlp_check, mlp_fc1, mlp_rows,
+                                       qualname, window_index_changed)
 from vitfast.integrations.segment_anything import sam_attention
 from vitfast.nn.patch_embed import PatchEmbed as _VitfastPatchEmbed
 from vitfast.nn.window_attention import WindowAttention as _VitfastWindowAttention
@@ -142,6 +144,13 @@ def _patch_embed_check(module: nn.Module) -> Optional[str]:
     return None
 
 
+def _timm_layer_norm_forward(self, x: Tensor) -> Tensor:
+    # a fast-norm LayerNorm casts to the autocast dtype and returns it (timm.layers.fast_norm.fast_layer_norm)
+    if getattr(self, "_fast_norm", False) and torch.is_autocast_enabled(x.device.type):
+        return type(self).forward(self, x)
+    return _layer_norm_forward(self, x)
+
+
 def _mlp_body(self, x: Tensor) -> Tensor:
     x = self.drop1(mlp_fc1(x, self.fc1, self.act))
     return self.drop2(self.fc2(self.norm(x)))
@@ -179,7 +188,8 @@ ADAPTERS = {
         "patch_embed", "conv + flatten + norm -> vitfast.patch_embed",
         {"forward": _patch_embed_forward, "_fused_norm": _VitfastPatchEmbed._fused_norm,
          "_size_error": _VitfastPatchEmbed._size_error}, _patch_embed_check),
-    "timm.layers.norm.LayerNorm": LAYER_NORM_X,
+    "timm.layers.norm.LayerNorm": Adapter("layer_norm", "LayerNorm -> vitfast.layer_norm",
+                                          {"forward": _timm_layer_norm_forward}),
 }
 
 _MVITV2 = ("MViTv2 pooling attention (q, k, v pooled to other grids, an optional class token outside the rel-pos key "
