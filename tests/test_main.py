@@ -139,7 +139,8 @@ def test_vitfast_backend_names_the_backend_to_measure(monkeypatch, capsys):
 
 def test_an_output_it_cannot_print(tmp_path):
     """A closed pipe (| head) or a full disk ended in a traceback and status 1, the status of an accuracy failure;
-    with stderr closed (2>&-) or full the first progress bar raised and the job exited 1 without a word."""
+    with stderr closed (2>&-) or full the first progress bar raised and the job exited 1 without a word; with stdout
+    closed (>&-) it printed nothing and exited 0."""
     job = [sys.executable, "-m", "vitfast"]
     env = {**os.environ, "PYTHONPATH": ROOT}
     with subprocess.Popen(job + ["info"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) as p:
@@ -148,6 +149,8 @@ def test_an_output_it_cannot_print(tmp_path):
     with open("/dev/full", "w") as full:
         done = subprocess.run(job + ["info"], stdout=full, stderr=subprocess.PIPE, text=True, env=env)
     assert done.returncode == 2 and "cannot write its output: [Errno 28]" in done.stderr
+    done = subprocess.run(["bash", "-c", '"$@" >&-', "job", *job, "info"], capture_output=True, text=True, env=env)
+    assert done.returncode == 2 and "cannot write its output: stdout is closed" in done.stderr  # (it exited 0)
     check = ["check", "--op", "patch_merging", "--backend", "cpp", "--device", "cpu"]
     for redirect in ("2>&-", "2>/dev/full"):
         done = subprocess.run(["bash", "-c", f'"$@" {redirect}', "job", *job, *check], capture_output=True, text=True,

@@ -206,8 +206,11 @@ def _worst(errors: list) -> float:
 
 
 def _say(text: str = "") -> None:
-    """print(text) to stdout at once; one that cannot be written (e.g. a full disk) ends the job with status 2."""
+    """print(text) to stdout at once; one that cannot be written (e.g. a full disk, or closed) ends the job with
+    status 2."""
     try:
+        if sys.stdout is None:  # (started with stdout closed, >&-: print would write nothing)
+            raise OSError("stdout is closed")
         print(text, flush=True)
     except OSError as e:
         if sys.stderr is not None:
