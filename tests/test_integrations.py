@@ -404,6 +404,48 @@ def test_swin_backbone_runs_the_fused_window_attention():
             torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
 
 
+def _old_swin_layer_models():
+    """Donut's and MaskFormer's Swin backbones and CLAP's audio encoder (transformers' older Swin layer), each with
+    maps that divide into windows, that need padding, and (MaskFormer: always partitioned) one no larger than the
+    window; how many Swin layers each has, and how many of them run the fused op."""
+    donut = transformers.DonutSwinModel(transformers.DonutSwinConfig(
+        image_size=[36, 44], patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=3,
+        drop_path_rate=0.0))
+    maskformer = transformers.MaskFormerSwinBackbone(transformers.MaskFormerSwinConfig(
+        image_size=32, patch_size=4, embed_dim=16, depths=[2, 2, 2], num_heads=[2, 2, 4], window_size=3,
+        drop_path_rate=0.0, out_features=["stage1", "stage2", "stage3"]))
+    clap = transformers.ClapAudioModel(transformers.ClapAudioConfig(
+        spec_size=64, window_size=4, num_mel_bins=16, hidden_size=64, patch_embeds_hidden_size=16, depths=[2, 2],
+        num_attention_heads=[2, 4], drop_path_rate=0.0, hidden_dropout_prob=0.0, enable_fusion=False, patch_stride=(4, 4), patch_size=4))
+    return [(donut, {"pixel_values": torch.randn(2, 3, 36, 44)}, lambda o: o.last_hidden_state, 4, 4),  # 9x11, 5x6
+            (maskformer, {"pixel_values": torch.randn(2, 3, 32, 40)}, lambda o: o.feature_maps[-1], 6, 4),  # 2x3 last
+            (clap, {"input_features": torch.randn(2, 1, 100, 16)}, lambda o: o.last_hidden_state, 4, 4)]
+
+
+# (Triton through the one adapter in the MaskFormer case alone: the interpreter takes a minute a model)
+@pytest.mark.parametrize("which,backend,device", [
+    pytest.param(which, *case.values, id=f"{which}-{case.id}") for which in ("donut", "maskformer", "clap")
+    for case in backend_cases("window_attention") if case.values[0] != "triton" or which == "maskformer"])
+def test_older_swin_layers_run_the_fused_window_attention(which, backend, device):
+    """transformers' older Swin layer (Donut's and MaskFormer's Swin backbones, CLAP's audio encoder: its own
+    attention, not the interface's) is fused as SwinLayer is: outputs and every parameter gradient as before
+    patching, the attention inside reported covered, not left; a map no larger than the window keeps
+    transformers' path where the layer partitions it unclamped (MaskFormer)."""
+    model, inputs, pick, layers, fused = _old_swin_layer_models()[["donut", "maskformer", "clap"].index(which)]
+    for name, p in model.named_parameters():
+        if "relative_position_bias_table" in name:
+            torch.nn.init.normal_(p, std=0.5)  # (transformers starts them at zero, which would hide a wrong bias)
+    patched = copy.deepcopy(model).to(device).train()
+    report = vitfast.patch_model(patched)
+    assert len([r for r in report.patched if r.kind == "window_attention"]) == layers, str(report)
+    assert not [r for r in report.left if "Attention" in r.cls], str(report)
+    if backend == "cpp":
+        with torch.no_grad(), vitfast.use_backend("cpp"), torch.profiler.profile() as prof:
+            patched(**inputs)
+        assert sum(e.name == "vitfast::window_attention" for e in prof.events()) == fused
+    _compare(model.to(device).train(), patched, backend, inputs, pick)
+
+
 def test_backbones_of_models_off_the_interface_are_switched():
     """Mask2Former does not use the attention interface; its Swin backbone does and was left on "sdpa" (the whole
     subtree was taken as handled). It is switched, reported, restored by unpatch, and a second patch changes
@@ -560,8 +602,8 @@ def test_eager_masks_under_autocast_average_a_fully_padded_row():
 
 
 def test_attention_of_its_own_in_a_transformers_model_is_reported_left():
-    """Attention modules of a transformers model that do not go through the attention interface (Swin-V2's, MaskFormer's
-    Swin backbone's) are not patched, and were missing from the report, which listed only those that do as covered."""
+    """Attention modules of a transformers model that do not go through the attention interface (Swin-V2's) are not
+    patched, and were missing from the report, which listed only those that do as covered."""
     model = transformers.Swinv2Model(transformers.Swinv2Config(embed_dim=16, depths=[2], num_heads=[2], window_size=4,
                                                                image_size=32))
     report = vitfast.patch_model(model)

@@ -560,7 +560,7 @@ def patch_model(model: nn.Module, attention: bool = True, window_attention: bool
                 object.__setattr__(module, _PREPACK, True)
             elif module.__dict__.pop(_PREPACK, False):
                 drop_prepacked(module.weight)
-    from vitfast.integrations.transformers import _SWIN_LAYER as hf_swin_layer
+    from vitfast.integrations.transformers import SWIN_LAYERS as hf_swin_layers
 
     report = PatchReport()
     hf_prefixes: List[str] = []
@@ -568,7 +568,7 @@ def patch_model(model: nn.Module, attention: bool = True, window_attention: bool
         cls = qualname(module)
         under_hf = any(name == p or name.startswith(p + ".") or p == "" for p in hf_prefixes)
         if getattr(module, _MARK, None) is not None:
-            if not (under_hf and cls == hf_swin_layer):  # (transformers' SwinLayers are reported with their model)
+            if not (under_hf and cls in hf_swin_layers):  # (transformers' Swin layers are reported with their model)
                 report.left.append(Left(name, cls, f"already patched ({getattr(module, _MARK)[0]})"))
             continue
         if _is_transformers_model(module) and not under_hf:
@@ -584,7 +584,7 @@ def patch_model(model: nn.Module, attention: bool = True, window_attention: bool
             continue
         if adapter is None:
             # transformers' attention modules that run through the attention interface (switched above; they or a
-            # submodule read it) are not left; those with attention of their own (MaskFormer's Swin backbone) are
+            # submodule read it) are not left; those with attention of their own (Swin-V2's) are
             if (_SUSPECT.search(type(module).__name__) and not cls.startswith("vitfast.")
                     and not (under_hf and re.search("Attention|Attn", type(module).__name__)
                              and _transformers_calls_interface(module))):
@@ -622,7 +622,11 @@ def _suspect_kinds(cls: str) -> set:
 def _covered(left: Left, report: PatchReport) -> bool:
     kinds = _suspect_kinds(left.cls)
     prefix = left.name + "." if left.name else ""  # "": the model itself
+    # (or inside a layer patched with the fused window attention, which no longer calls it: Donut's Swin layers)
     return (any(p.name.startswith(prefix) and p.name != left.name and p.kind in kinds for p in report.patched)
+            or "window_attention" in kinds and any(
+                p.kind == "window_attention" and p.name != left.name
+                and left.name.startswith(p.name + "." if p.name else "") for p in report.patched)
             or any(l.name.startswith(prefix) and l.name != left.name and kinds & _suspect_kinds(l.cls)
                    for l in report.left))
 

@@ -13,7 +13,9 @@ imported before register(): their own attention then runs, which patch_model's a
 `vitfast.patch_model` also binds forward paths to the vision attention modules that do not use the interface:
 SAM's (`SamVisionAttention`, `SamVisionSdpaAttention`, and SAM-HQ's copies) and ViTDet's (`VitDetAttention`), whose
 dense decomposed relative-position bias becomes vitfast.rel_pos_attention (see integrations/segment_anything.py);
-calls that ask for the attention weights take the original path; and to the MLPs of ViT, DeiT, Swin, CLIP, SAM,
+calls that ask for the attention weights take the original path; to Swin's layers (SwinLayer, and the older layer
+with attention of its own in Donut's, MaskFormer's and CLAP's audio Swin: _OLD_SWIN_LAYERS), whose pad, roll,
+partition, shift mask and attention become one vitfast.window_attention; and to the MLPs of ViT, DeiT, Swin, CLIP, SAM,
 SAM-HQ and ViTDet, whose first Linear + GELU becomes vitfast.linear_gelu (CLIP's default quick_gelu is left, with the
 reason).
 """
@@ -222,6 +224,74 @@ def _swin_layer_forward(self, hidden_states: torch.Tensor, input_dimensions, alw
     return hidden_states, None
 
 
+def _old_swin_layer_check(layer: torch.nn.Module) -> Optional[str]:
+    """As _swin_layer_check, for the older layer (_OLD_SWIN_LAYERS)."""
+    from vitfast.integrations.patch import qualname
+
+    attn = getattr(getattr(layer, "attention", None), "self", None)
+    expected = _OLD_SWIN_LAYERS[qualname(layer)][0]
+    if qualname(attn) != expected:
+        return f"attention.self is {qualname(attn)}, not {expected}: its own forward would be skipped"
+    other = [n for n in ("query", "key", "value") if type(getattr(attn, n, None)) is not torch.nn.Linear]
+    if other:
+        return f"attention.self.{', '.join(other)} not plain nn.Linear (their weights are read, their forward skipped)"
+    return None
+
+
+def _old_swin_layer_forward(self, hidden_states: torch.Tensor, input_dimensions, output_attentions=False,
+                            always_partition=False):
+    """The older SwinLayer.forward (Donut's, CLAP's) as _swin_layer_forward: one vitfast.window_attention call."""
+    if not always_partition:
+        self.set_shift_and_window_size(input_dimensions)
+    return _old_swin_layer(self, hidden_states, input_dimensions, output_attentions, always_partition,
+                           lambda: type(self).forward(self, hidden_states, input_dimensions, output_attentions,
+                                                      always_partition))
+
+
+def _maskformer_swin_layer_forward(self, hidden_states: torch.Tensor, input_dimensions, output_attentions=False):
+    """MaskFormerSwinLayer.forward (it always partitions) as _swin_layer_forward."""
+    return _old_swin_layer(self, hidden_states, input_dimensions, output_attentions, True,
+                           lambda: type(self).forward(self, hidden_states, input_dimensions, output_attentions))
+
+
+def _old_swin_layer(self, hidden_states, input_dimensions, output_attentions, always_partition, original):
+    attn = self.attention.self
+    ws = attn.window_size
+    if (output_attentions or (always_partition and min(input_dimensions) <= self.window_size)
+            or tuple(ws) != (self.window_size, self.window_size)
+            or window_index_changed(getattr(attn, "relative_position_index", None), ws)):
+        return original()
+    height, width = input_dimensions
+    batch_size, _, channels = hidden_states.shape
+    x = self.layernorm_before(hidden_states).view(batch_size, height, width, channels)
+    weight = torch.cat([attn.query.weight, attn.key.weight, attn.value.weight])
+    bias = torch.cat([attn.query.bias, attn.key.bias, attn.value.bias]) if attn.query.bias is not None else None
+    qkv = linear(x, weight, bias).unflatten(-1, (3, attn.num_attention_heads, -1))
+    out = window_attention(qkv, attn.relative_position_bias_table, ws, self.shift_size, qkv_pad=bias,
+                           softmax_scale=attn.attention_head_size ** -0.5, attention_dropout=attn.dropout.p,
+                           training=attn.dropout.training, clamp_window=False)
+    output = self.attention.output
+    out = output.dropout(output.dense(out)).view(batch_size, height * width, channels)
+    hidden_states = hidden_states + self.drop_path(out)
+    return (hidden_states + self.output(self.intermediate(self.layernorm_after(hidden_states))),)
+
+
+# the Swin layer of transformers' older modeling code, copied into Donut's and MaskFormer's Swin backbones and CLAP's
+# audio encoder: its own attention (attention.self: query, key, value, the bias table; attention.output.dense), the MLP
+# as intermediate + output; a tuple out; MaskFormer's always partitions (no always_partition argument). Per layer: its
+# self-attention class and the forward bound to it.
+_OLD_SWIN_LAYERS = {
+    "transformers.models.donut.modeling_donut_swin.DonutSwinLayer": (
+        "transformers.models.donut.modeling_donut_swin.DonutSwinSelfAttention", _old_swin_layer_forward),
+    "transformers.models.maskformer.modeling_maskformer_swin.MaskFormerSwinLayer": (
+        "transformers.models.maskformer.modeling_maskformer_swin.MaskFormerSwinSelfAttention",
+        _maskformer_swin_layer_forward),
+    "transformers.models.clap.modeling_clap.ClapAudioLayer": (
+        "transformers.models.clap.modeling_clap.ClapAudioSelfAttention", _old_swin_layer_forward),
+}
+SWIN_LAYERS = (_SWIN_LAYER, *_OLD_SWIN_LAYERS)
+
+
 def patch(model: torch.nn.Module, prefix: str, attention: bool = True, window_attention: bool = True) -> list:
     """For vitfast.patch_model: switches a PreTrainedModel to attn_implementation="vitfast" and binds the fused
     window-attention forward to its SwinLayers. Returns the `Patched` / `Left` records."""
@@ -249,16 +319,19 @@ def patch(model: torch.nn.Module, prefix: str, attention: bool = True, window_at
     else:
         records.append(_switch(model, prefix))
     for name, module in model.named_modules():
-        if qualname(module) != _SWIN_LAYER:
+        layer = qualname(module)
+        if layer not in SWIN_LAYERS:
             continue
         full = f"{prefix}.{name}" if prefix else name
+        check = _swin_layer_check if layer == _SWIN_LAYER else _old_swin_layer_check
         reason = ("window_attention=False" if not window_attention
-                  else "already patched" if getattr(module, _MARK, None) is not None else _swin_layer_check(module))
+                  else "already patched" if getattr(module, _MARK, None) is not None else check(module))
         if reason:
-            records.append(Left(full, _SWIN_LAYER, reason))
+            records.append(Left(full, layer, reason))
             continue
-        _bind(module, "window_attention", {"forward": _swin_layer_forward})
-        records.append(Patched(full, _SWIN_LAYER, "window_attention",
+        forward = _swin_layer_forward if layer == _SWIN_LAYER else _OLD_SWIN_LAYERS[layer][1]
+        _bind(module, "window_attention", {"forward": forward})
+        records.append(Patched(full, layer, "window_attention",
                                "pad/roll/partition/mask/attention -> one fused vitfast.window_attention"))
     return records
 
