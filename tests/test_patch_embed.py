@@ -201,10 +201,26 @@ def _timm_resample(posemb, new_size, num_prefix):
     """timm.layers.resample_abs_pos_embed (bicubic, antialias), written out."""
     prefix, grid = posemb[:, :num_prefix], posemb[:, num_prefix:]
     side = int(grid.shape[1] ** 0.5)
-    g = grid.float().reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    g = grid.to(torch.float64 if grid.dtype == torch.float64 else torch.float32)  # (timm's float32, but float64 kept)
+    g = g.reshape(1, side, side, -1).permute(0, 3, 1, 2)
     g = F.interpolate(g, size=new_size, mode="bicubic", antialias=True)
     g = g.permute(0, 2, 3, 1).reshape(1, -1, posemb.shape[-1]).to(posemb.dtype)
     return torch.cat([prefix, g], 1)
+
+
+@pytest.mark.parametrize("new_size", [(7, 1), (3, 1), (1, 5), (2, 2), (6, 9)])
+def test_pos_embed_resampling_on_thin_grids_and_in_float64(new_size):
+    """Grids one patch wide resample as timm does (torch 2.13's CPU antialiased kernel for a channels-first input
+    drops the height resize where the new width is 1: every row of vitfast's table was the same, 0.35-0.5 off), and
+    a float64 table is resampled in float64 (it was rounded to float32: gradcheck failed)."""
+    pos = torch.randn(1, 1 + 16, 8, dtype=torch.float64)
+    torch.testing.assert_close(resample_pos_embed(pos, new_size, num_prefix_tokens=1), _timm_resample(pos, new_size, 1),
+                               rtol=1e-12, atol=1e-12)
+    pos32 = pos.float()
+    torch.testing.assert_close(resample_pos_embed(pos32, new_size, num_prefix_tokens=1),
+                               _timm_resample(pos32, new_size, 1), rtol=1e-5, atol=1e-6)
+    assert torch.autograd.gradcheck(lambda t: resample_pos_embed(t, new_size, num_prefix_tokens=1),
+                                    pos[:, :, :2].clone().requires_grad_())
 
 
 @pytest.mark.parametrize("new_size", [(6, 6), (2, 3)])

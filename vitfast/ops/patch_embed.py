@@ -13,8 +13,9 @@ pos_embed is (1, rows, E) or (rows, E). rows == P + L (timm's default) gives eve
 rows == L (timm's `no_embed_class=True`) gives only the patch tokens one and leaves the prefix tokens without.
 Any other row count is taken as a square grid (after P prefix rows if rows - P is a square, else without)
 and resampled to the image's (Hp, Wp) grid with timm's bicubic, antialiased interpolation: the (L, L_old)
-interpolation matrix is computed once per (old grid, new grid, device) and cached (the 16 used last), so a call costs
-one small matmul (differentiable, so pos_embed still trains); a torch.compile'd graph builds it in the graph.
+interpolation matrix is computed once per (old grid, new grid, device, dtype) and cached (the 16 used last), so a
+call costs one small matmul (differentiable, so pos_embed still trains); a torch.compile'd graph builds it in the
+graph. A float64 table is resampled in float64 (timm's in float32), others in float32.
 
 `vitfast::patch_embed` (forward) and `vitfast::patch_embed_backward` are torch.library ops with fake
 implementations; each picks its backend at run time: "triton" (vitfast.triton.patch_embed), "cpp" (the
@@ -75,23 +76,26 @@ _RESIZE_CACHE_SIZE = 16  # matrices kept, the least recently used dropped first 
 
 
 def _resize_matrix(old_grid: Tuple[int, int], new_grid: Tuple[int, int], mode: str, antialias: bool,
-                   device: torch.device) -> Tensor:
-    """(new_h*new_w, old_h*old_w) fp32 matrix R with interpolate(table) == R @ table, computed once per sizes and
-    device among the _RESIZE_CACHE_SIZE used last, outside inference mode (a cached inference tensor failed a later
-    training call); built anew in the graph, and not cached, while torch.compile or a fake mode traces
-    (torch.export, FakeTensorMode: a cached fake matrix gave later eager calls fake outputs, a cached real one failed
-    the trace, and so did one an eager call had cached before a compiled call's recompile for symbolic sizes)."""
+                   device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
+    """(new_h*new_w, old_h*old_w) matrix R (fp32, or fp64 for fp64 tables) with interpolate(table) == R @ table,
+    computed once per sizes, device and dtype among the _RESIZE_CACHE_SIZE used last, outside inference mode (a
+    cached inference tensor failed a later training call); built anew in the graph, and not cached, while
+    torch.compile or a fake mode traces (torch.export, FakeTensorMode: a cached fake matrix gave later eager calls
+    fake outputs, a cached real one failed the trace, and so did one an eager call had cached before a compiled
+    call's recompile for symbolic sizes)."""
     def build():
         n_old = old_grid[0] * old_grid[1]
         with torch.no_grad():
-            basis = torch.eye(n_old, device=device, dtype=torch.float32).reshape(n_old, 1, *old_grid)
+            # the basis as timm lays out the table: one image of n_old channels, channels last (torch 2.13's CPU
+            # antialiased kernel for channels-first inputs drops the height resize where the new width is 1)
+            basis = torch.eye(n_old, device=device, dtype=dtype).reshape(1, *old_grid, n_old).permute(0, 3, 1, 2)
             resized = F.interpolate(basis, size=new_grid, mode=mode, antialias=antialias, align_corners=False)
             return resized.reshape(n_old, -1).t().contiguous()
 
     # (Dynamo cannot trace detect_fake_mode: asked second)
     if torch.compiler.is_dynamo_compiling() or torch._guards.detect_fake_mode() is not None:
         return build()
-    key = (old_grid, new_grid, mode, antialias, device)
+    key = (old_grid, new_grid, mode, antialias, device, dtype)
     mat = _RESIZE_CACHE.pop(key, None)  # (put back last: the least recently used go first)
     if mat is None:
         for old in list(_RESIZE_CACHE)[:max(0, len(_RESIZE_CACHE) - _RESIZE_CACHE_SIZE + 1)]:  # (threads may add)
@@ -111,8 +115,8 @@ def resample_pos_embed(pos_embed: Tensor, new_grid: Sequence[int], old_grid: Opt
         new_grid: (Hp, Wp). old_grid: (h, w); a square grid when None.
     Returns:
         (1, P + Hp*Wp, E) in pos_embed's dtype. Differentiable in pos_embed. The (Hp*Wp, h*w) interpolation
-        matrix is computed once per sizes and device (the 16 used last kept); each call forms its product with the
-        table.
+        matrix is computed once per sizes, device and dtype (float64 for a float64 table, else float32; the 16 used
+        last kept); each call forms its product with the table.
     """
     E = pos_embed.shape[-1]
     table = pos_embed.reshape(-1, E)
@@ -129,9 +133,10 @@ def resample_pos_embed(pos_embed: Tensor, new_grid: Sequence[int], old_grid: Opt
                          f"of pos_embed {tuple(pos_embed.shape)}")
     if old_grid == new_grid:
         return table.unsqueeze(0)
-    mat = _resize_matrix(old_grid, new_grid, mode, antialias, pos_embed.device)
+    dtype = torch.float64 if pos_embed.dtype == torch.float64 else torch.float32
+    mat = _resize_matrix(old_grid, new_grid, mode, antialias, pos_embed.device, dtype)
     with _autocast.disabled(pos_embed.device):  # F.interpolate's result, which autocast leaves in float32
-        patch = (mat @ table[num_prefix_tokens:].float()).to(pos_embed.dtype)
+        patch = (mat @ table[num_prefix_tokens:].to(dtype)).to(pos_embed.dtype)
     return torch.cat([table[:num_prefix_tokens], patch], 0).unsqueeze(0)
 
 
