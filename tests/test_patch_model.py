@@ -1497,3 +1497,22 @@ def test_timm_changed_scale_counts_where_timm_reads_it(fused):
             for backend in ("auto", "cpp"):
                 with vitfast.use_backend(backend):
                     torch.testing.assert_close(patched(x), expected, atol=1e-5, rtol=1e-4, msg=backend)
+
+
+def test_open_clip_changed_scale_counts_where_open_clip_reads_it():
+    """open_clip's SDPA path (use_fsdpa, its default) passes no scale (a changed `scale` counts on its other path
+    only, which open_clip 3.3 cannot run: a 4-D bmm): the patched attention always applied it (2.4 off on a forced
+    backend)."""
+    import_or_skip("open_clip")
+    from open_clip.transformer import Attention
+
+    attn = Attention(64, num_heads=4).eval()
+    attn.scale = 0.05
+    patched = copy.deepcopy(attn)
+    vitfast.patch_model(patched)
+    x = torch.randn(2, 6, 64)
+    with torch.no_grad():
+        expected = attn(x)
+        for backend in ("auto", "cpp", "torch"):
+            with vitfast.use_backend(backend):
+                torch.testing.assert_close(patched(x), expected, atol=1e-5, rtol=1e-4, msg=backend)

@@ -36,7 +36,9 @@ def _attention_forward(self, x: Tensor, attn_mask: Optional[Tensor] = None) -> T
         scale = torch.clamp(self.logit_scale, max=self.logit_scale_max).exp()
         x = attention(F.normalize(q, dim=-1) * scale, F.normalize(k, dim=-1), v, attn_mask, scale=1.0, dropout_p=p)
     else:
-        x = attention(self.ln_q(q), self.ln_k(k), v, attn_mask, scale=self.scale, dropout_p=p)
+        # (open_clip's SDPA path passes SDPA no scale: a changed `scale` attribute counts on its other path alone)
+        scale = None if getattr(self, "use_fsdpa", False) else self.scale
+        x = attention(self.ln_q(q), self.ln_k(k), v, attn_mask, scale=scale, dropout_p=p)
     if self.head_scale is not None:
         x = x * self.head_scale
     x = x.transpose(1, 2).reshape(N, L, C)
