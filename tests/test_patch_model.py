@@ -272,6 +272,24 @@ def test_open_clip_attention_class(backend):
     assert _kinds(report) == {"attention": 1}, str(report)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_open_clip_layer_norm_returns_its_inputs_dtype(backend):
+    """open_clip's LayerNorm casts its output back to the input's dtype: under CUDA autocast a bfloat16 model's
+    patched norm returned float32 (vitfast.layer_norm's rule there, F.layer_norm's). (LayerNormFp32 of a bfloat16
+    model cannot run on CPU: F.layer_norm refuses its float32 input with bfloat16 weights.)"""
+    import_or_skip("open_clip")
+    from open_clip.transformer import LayerNorm
+
+    norm = LayerNorm(16).to(DEVICE, torch.bfloat16)
+    patched = copy.deepcopy(norm)
+    assert _kinds(vitfast.patch_model(patched)) == {"layer_norm": 1}
+    x = torch.randn(2, 5, 16, device=DEVICE, dtype=torch.bfloat16)
+    with vitfast.use_backend(backend), torch.autocast(DEVICE, dtype=torch.bfloat16):
+        out, expected = patched(x), norm(x)
+    assert out.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected)
+
+
 def test_multihead_attention_masks_and_layouts():
     """nn.MultiheadAttention's own conventions: bool True = masked out, key padding, seq-first, cross attention."""
     mha = nn.MultiheadAttention(32, 2, batch_first=False)

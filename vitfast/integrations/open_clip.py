@@ -4,7 +4,8 @@
   forward -> vitfast.attention; its scaled-cosine variant runs as vitfast.attention on unit-norm q (times the
   per-head exp(logit_scale)) and k with scale 1.
 - ResidualAttentionBlock's nn.MultiheadAttention: the torch.nn adapter of integrations/patch.py; open_clip's
-  LayerNorm / LayerNormFp32: its LayerNorm adapter under their parameter name (x).
+  LayerNorm / LayerNormFp32: its LayerNorm adapter under their parameter name (x), the output cast back to x's
+  dtype as theirs is (under CUDA autocast vitfast.layer_norm, as F.layer_norm, returns float32).
 
 Nothing here imports open_clip: modules are matched by class name.
 """
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitfast.integrations.patch import LAYER_NORM_X, Adapter
+from vitfast.integrations.patch import Adapter, _layer_norm_forward
 from vitfast.nn.window_attention import _attn_dropout_p
 from vitfast.ops.attention import attention
 
@@ -46,6 +47,10 @@ def _attention_forward(self, x: Tensor, attn_mask: Optional[Tensor] = None) -> T
     return self.out_drop(self.out_proj(x))
 
 
+def _layer_norm_x_forward(self, x: Tensor) -> Tensor:
+    return _layer_norm_forward(self, x).to(x.dtype)
+
+
 def _attention_check(module: nn.Module) -> Optional[str]:
     missing = [a for a in ("in_proj_weight", "in_proj_bias", "logit_scale", "ln_q", "ln_k", "head_scale", "ln_inner",
                            "out_proj", "out_drop", "attn_drop", "scale") if not hasattr(module, a)]
@@ -56,6 +61,7 @@ ADAPTERS = {
     "open_clip.transformer.Attention": Adapter(
         "attention", "SDPA / scaled-cosine attention -> vitfast.attention", {"forward": _attention_forward},
         _attention_check),
-    "open_clip.transformer.LayerNorm": LAYER_NORM_X,
-    "open_clip.transformer.LayerNormFp32": LAYER_NORM_X,
+    **{f"open_clip.transformer.{name}": Adapter("layer_norm", "LayerNorm -> vitfast.layer_norm",
+                                                {"forward": _layer_norm_x_forward})
+       for name in ("LayerNorm", "LayerNormFp32")},
 }

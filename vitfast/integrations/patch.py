@@ -109,10 +109,6 @@ def _layer_norm_forward(self: nn.LayerNorm, input: Tensor) -> Tensor:  # (nn.Lay
     return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
-def _layer_norm_forward_x(self: nn.LayerNorm, x: Tensor) -> Tensor:  # (timm's and open_clip's parameter name)
-    return _layer_norm_forward(self, x)
-
-
 def _layer_norm_check(module: nn.Module) -> Optional[str]:
     if type(module).forward is not nn.LayerNorm.forward:
         return "nn.LayerNorm subclass with its own forward (not known to compute a plain LayerNorm)"
@@ -350,9 +346,6 @@ _TORCH_ADAPTERS = {
 }
 _LAYER_NORM = Adapter("layer_norm", "LayerNorm -> vitfast.layer_norm", {"forward": _layer_norm_forward},
                       _layer_norm_check)
-# nn.LayerNorm subclasses whose forward(x) is F.layer_norm up to dtype casts (which the fallback keeps): timm's and
-# open_clip's, in their libraries' tables
-LAYER_NORM_X = Adapter("layer_norm", "LayerNorm -> vitfast.layer_norm", {"forward": _layer_norm_forward_x})
 
 
 # --------------------------------------------------------------------------------------- driver
