@@ -142,6 +142,57 @@ def test_attention_weights_recorded_with_hooks_are_returned():
                 torch.testing.assert_close(a, b)
 
 
+def test_models_whose_code_tests_the_implementation_name_are_left():
+    """Modeling code that tests `config._attn_implementation == "sdpa"` (or `in ("eager", "sdpa")`) takes another
+    branch under vitfast's name: DeepSeek-V3.2's sparse attention builds its top-k mask only under "eager" or
+    "sdpa" (patched, every query saw every key: logits 28% off; Gemma 4 sliced its KV-shared layers' queries). Such
+    a model keeps its implementation, reported left with the reason; vision models are switched."""
+    config = transformers.DeepseekV32Config(
+        vocab_size=100, hidden_size=32, intermediate_size=32, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+        topk_group=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+        head_dim=8, index_topk=4, index_head_dim=8, index_n_heads=2, first_k_dense_replace=2,
+        attn_implementation="sdpa")
+    model = transformers.DeepseekV32ForCausalLM(config).eval()
+    patched = copy.deepcopy(model)
+    report = vitfast.patch_model(patched)
+    assert [l.reason for l in report.left if l.name == ""] == [
+        "DeepseekV32Attention (transformers.models.deepseek_v32.modeling_deepseek_v32) tests the attention "
+        "implementation's name against 'sdpa' or 'eager' and would take another branch under vitfast's: left on "
+        "'sdpa'"], str(report)
+    assert patched.config._attn_implementation == "sdpa"
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(ids, use_cache=False).logits
+        for backend in ("auto", "cpp"):
+            with vitfast.use_backend(backend):
+                torch.testing.assert_close(patched(ids, use_cache=False).logits, expected, msg=backend)
+    vit = transformers.ViTModel(_vision_config(transformers.ViTConfig))
+    vitfast.patch_model(vit)
+    assert vit.config._attn_implementation == vt.NAME
+
+
+def test_a_bool_mask_given_to_a_model_that_ran_eager_is_added_as_eager_adds_it():
+    """transformers 5's eager attention adds a 4-D mask it is given to the scores; a bool one (GroundingDINO's
+    phrase mask for its BERT text backbone) adds 1 where True and masks nothing. Patched from "eager", the model read
+    it as a hard mask (text features 7.7e-3 off); it runs its eager attention with the mask as given, as before."""
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                     vocab_size=100, attn_implementation="eager")
+    model = transformers.BertModel(config, add_pooling_layer=False).eval()
+    patched = copy.deepcopy(model)
+    vitfast.patch_model(patched)
+    assert patched.config._attn_implementation == vt.NAME_EAGER
+    ids = torch.randint(1, 100, (2, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 1, 6, 6, dtype=torch.bool)
+    mask[:, :, :3, 3:] = mask[:, :, 3:, :3] = False  # two phrases
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask).last_hidden_state
+        for backend in ("auto", "cpp"):
+            with vitfast.use_backend(backend):
+                torch.testing.assert_close(patched(ids, attention_mask=mask).last_hidden_state, expected,
+                                           msg=backend)
+
+
 def test_one_layer_of_a_patched_model_compiles_fullgraph():
     """Compiling one layer (per-layer compilation, as accelerate's compile_regions): the check for attention
     weights recorded with hooks read transformers' ContextVar, which dynamo cannot trace."""

@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import inspect
 import logging
+import re
 import sys
 import weakref
 from typing import Optional
@@ -74,15 +75,18 @@ def _forward(module, query, key, value, attention_mask, dropout, scaling, is_cau
     else:
         is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         is_causal = bool(query.shape[2] > 1 and attention_mask is None and is_causal)
+    # (a bool mask given to a model that ran eager, whose own masks are float, is the caller's: transformers 5's
+    # eager attention adds it to the scores, 1 where True, masking nothing; its eager attention runs, as before)
     if (kwargs.get("output_attentions") or _attentions_recorded() or kwargs.get("position_bias") is not None
-            or kwargs.get("softcap") or _sinks(module, kwargs)):
-        return _eager(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
+            or kwargs.get("softcap") or _sinks(module, kwargs)
+            or eager_masks and attention_mask is not None and attention_mask.dtype == torch.bool):
+        return _eager(module, query, key, value, attention_mask, dropout, scaling, is_causal, eager_masks, **kwargs)
     # (transformers' SDPA takes a value head dim other than q's (ConditionalDETR's cross-attention) and a query batch
     # of 1 against keys of B; vitfast.attention takes neither)
     if (runs_original("attention", query) or _backend.transforms_open() or value.shape[-1] != query.shape[-1]
             or query.shape[0] != key.shape[0]):
         if eager_masks:
-            return _eager(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
+            return _eager(module, query, key, value, attention_mask, dropout, scaling, is_causal, True, **kwargs)
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
@@ -94,7 +98,7 @@ def _forward(module, query, key, value, attention_mask, dropout, scaling, is_cau
         # (-65504) does not swamp the scores as eager's does: its eager attention runs there.
         low = torch.get_autocast_dtype(query.device.type)
         if low == torch.float16:
-            return _eager(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
+            return _eager(module, query, key, value, attention_mask, dropout, scaling, is_causal, True, **kwargs)
         attention_mask = attention_mask.clamp(min=torch.finfo(low).min)
     groups = getattr(module, "num_key_value_groups", 1)
     if groups > 1:
@@ -123,7 +127,9 @@ def _eager_function(module: torch.nn.Module):
     return scope[names.pop()] if len(names) == 1 else scope.get("eager_attention_forward")
 
 
-def _eager(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs):
+def _eager(module, query, key, value, attention_mask, dropout, scaling, is_causal, eager_masks, **kwargs):
+    """The module's eager attention (_eager_function), given SDPA's masks (NAME) made additive, or eager's masks
+    (eager_masks: NAME_EAGER) as they are."""
     eager = _eager_function(module)
     if eager is None:
         raise ValueError(f"vitfast attention returns no attention weights and takes no position_bias, softcap or "
@@ -132,7 +138,7 @@ def _eager(module, query, key, value, attention_mask, dropout, scaling, is_causa
     if attention_mask is None and is_causal:  # the SDPA mask function leaves a plain causal mask to is_causal
         attention_mask = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device).tril()[
             None, None]
-    if attention_mask is None or attention_mask.dtype != torch.bool:
+    if attention_mask is None or attention_mask.dtype != torch.bool or eager_masks:
         return eager(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     # SDPA's bool mask (True = attend) as eager's additive one; a query that sees no key, which eager's finfo.min
     # mask averages over all keys, gets zeros (and zero weights), as SDPA and vitfast.attention give it
@@ -313,9 +319,12 @@ def patch(model: torch.nn.Module, prefix: str, attention: bool = True, window_at
                 switched.append(name)
                 full = f"{prefix}.{name}" if prefix else name
                 records.append(Left(full, qualname(module), "already patched (attn_implementation)")
-                               if _switched(module) else _switch(module, full))
+                               if _switched(module) else Left(full, qualname(module), _name_tested(module))
+                               if _name_tested(module) else _switch(module, full))
     elif not _calls_attention_interface(model):
         records.append(Left(prefix, cls, "no module of the model calls transformers' AttentionInterface"))
+    elif _name_tested(model):
+        records.append(Left(prefix, cls, _name_tested(model)))
     else:
         records.append(_switch(model, prefix))
     for name, module in model.named_modules():
@@ -367,6 +376,33 @@ def _reads_attention_functions(cls: type) -> bool:
             except (OSError, TypeError):  # (a class defined where no source file is kept)
                 _READS[cls] = hasattr(sys.modules.get(cls.__module__), "ALL_ATTENTION_FUNCTIONS")
     return _READS[cls]
+
+
+# a test of the implementation's name in modeling code: `config._attn_implementation == "sdpa"`, `... in ("eager",
+# "sdpa")`, `!= "eager"` (transformers 5.24: Gemma 4's KV-shared query slicing, DeepSeek-V3.2's and its kin's sparse
+# top-k mask, GPT-2's eager upcast, Falcon's)
+_NAME_TEST = re.compile(r"""_attn_implementation\s*(?:==|!=|(?:not\s+)?in)\s*[(\[{]?\s*["'](?:sdpa|eager)["']""")
+_TESTS_NAME: "weakref.WeakKeyDictionary[type, bool]" = weakref.WeakKeyDictionary()
+
+
+def _name_tested(model: torch.nn.Module) -> Optional[str]:
+    """Why `model` cannot be renamed to vitfast's implementation, or None: a class of its modules (its own or a
+    base) tests the implementation's name against "sdpa" or "eager", and would take another branch under vitfast's
+    (Gemma 4 sliced its KV-shared layers' queries where it must not: logits 85% off; DeepSeek-V3.2's sparse attention
+    turned dense)."""
+    for module in model.modules():
+        for c in type(module).__mro__:
+            if c not in _TESTS_NAME:
+                try:
+                    _TESTS_NAME[c] = (c.__module__.startswith("transformers.models.")
+                                      and _NAME_TEST.search(inspect.getsource(c)) is not None)
+                except (OSError, TypeError):  # (a class defined where no source file is kept)
+                    _TESTS_NAME[c] = False
+            if _TESTS_NAME[c]:
+                return (f"{c.__qualname__} ({c.__module__}) tests the attention implementation's name against "
+                        f"'sdpa' or 'eager' and would take another branch under vitfast's: left on "
+                        f"{model.config._attn_implementation!r}")
+    return None
 
 
 def _switch(model: torch.nn.Module, prefix: str):
