@@ -1,5 +1,6 @@
 """transformers models with attn_implementation="vitfast" against the same weights run eagerly."""
 import copy
+import re
 
 import pytest
 import torch
@@ -453,6 +454,35 @@ def test_swin_backbone_runs_the_fused_window_attention():
             want = model(x).feature_maps
         for a, b in zip(got, want, strict=True):
             torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+def test_swin_projections_swapped_after_patching_run_as_swapped():
+    """HF Swin's fused layer reads q, k and v as one product: a projection swapped since patching without its bias
+    dropped the others' biases (0.24 off) or failed on the missing one (TypeError), and one of another dtype raised
+    vitfast.linear's ValueError where the original raises its own RuntimeError. Those run the original layer."""
+    config = transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[2], num_heads=[2],
+                                     window_size=4)
+    model = transformers.SwinModel(config, add_pooling_layer=False).eval()
+    for name, p in model.named_parameters():
+        if name.endswith("bias") or "relative_position_bias_table" in name:
+            torch.nn.init.normal_(p)  # (transformers starts them at zero)
+    x = torch.randn(2, 3, 32, 32)
+    for which in ("q_proj", "v_proj"):
+        original = copy.deepcopy(model)
+        patched = copy.deepcopy(model)
+        vitfast.patch_model(patched)
+        for m in (original, patched):
+            for layer in m.encoder.layers[0].blocks:
+                setattr(layer.attention, which, torch.nn.Linear(16, 16, bias=False))
+        patched.load_state_dict(original.state_dict())
+        with torch.no_grad(), vitfast.use_backend("cpp"):
+            torch.testing.assert_close(patched(x).last_hidden_state, original(x).last_hidden_state, msg=which)
+    for m in (original, patched):
+        m.encoder.layers[0].blocks[0].attention.k_proj.double()
+    with pytest.raises(RuntimeError) as theirs:
+        original(x)
+    with pytest.raises(RuntimeError, match=re.escape(str(theirs.value))):
+        patched(x)
 
 
 def _old_swin_layer_models():

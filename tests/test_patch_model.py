@@ -697,6 +697,40 @@ def test_patch_embedding_given_other_channels_or_dtypes_raises_the_originals_err
             patched(x[:1].double())
 
 
+@pytest.mark.parametrize("build", [_timm_vit, _torchvision_vit])
+def test_patch_convolution_of_another_geometry_runs_as_it_is(build):
+    """A patch convolution swapped since patching for one with padding, another stride or a dilation (same class) ran
+    as a plain patch embedding (torchvision's: 49 off with padding; transformers' alike): it runs its own call, also
+    swapped in before patching (dilation was not checked)."""
+    model, x, _ = build()
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():  # (torchvision starts its head at zero: every output would be zero)
+                p.normal_()
+    for conv_args in (dict(stride=8, padding=1), dict(stride=8, padding=1, padding_mode="reflect"),
+                      dict(stride=4), dict(stride=8, dilation=2)):
+        for when in ("after", "before"):
+            original = copy.deepcopy(model)
+            patched = copy.deepcopy(model)
+            if when == "after":
+                vitfast.patch_model(patched)
+            for m in (original, patched):
+                name = "conv_proj" if hasattr(m, "conv_proj") else "patch_embed.proj"
+                old = m.get_submodule(name)
+                torch.manual_seed(1)
+                m.set_submodule(name, nn.Conv2d(old.in_channels, old.out_channels, old.kernel_size, **conv_args))
+            if when == "before":
+                vitfast.patch_model(patched)
+            image = x[:1].clone().requires_grad_()  # (with grad the patched embedding runs vitfast's op on CPU)
+            try:
+                expected = original(image)
+            except RuntimeError as e:
+                with pytest.raises(RuntimeError, match=re.escape(str(e)[:60])):
+                    patched(image)
+                continue
+            torch.testing.assert_close(patched(image), expected, msg=f"{conv_args} {when}")
+
+
 def test_timm_fast_norm_layer_norm_keeps_the_autocast_dtype():
     """A timm LayerNorm built after set_fast_norm(True) computes in the autocast dtype and returns it: patched, it
     does so on every backend (on a forced backend it returned float32); outside autocast it runs vitfast's op."""

@@ -125,11 +125,19 @@ def _linear_forward(self: nn.Linear, input: Tensor) -> Tensor:  # (nn.Linear's p
     return linear(input, self.weight, self.bias, prepack=self.__dict__.get(_PREPACK, False))
 
 
+def patch_conv(conv: nn.Module) -> bool:
+    """Whether `conv` is a convolution vitfast.patch_embed computes: an nn.Conv2d with stride = kernel, no padding, no
+    dilation and one group."""
+    return (type(conv) is nn.Conv2d and tuple(conv.stride) == tuple(conv.kernel_size)
+            and conv.padding in ((0, 0), "valid") and tuple(conv.dilation) == (1, 1) and conv.groups == 1)
+
+
 def conv_takes(conv: nn.Conv2d, x: Tensor) -> bool:
-    """Whether `conv`'s own call takes x as vitfast.patch_embed would: an image batch (B, in_channels, H, W), floating
-    point, in the weight's dtype (under autocast any but float64, which autocast does not cast). A patch embedding
-    given anything else runs its original code, whose error (conv2d's) a user of the original model expects."""
-    return (x.dim() == 4 and x.shape[1] == conv.in_channels and x.is_floating_point()
+    """Whether `conv`'s own call takes x as vitfast.patch_embed would: a patch convolution (patch_conv: also one
+    swapped in since patching) given an image batch (B, in_channels, H, W), floating point, in the weight's dtype
+    (under autocast any but float64, which autocast does not cast). A patch embedding given anything else runs its
+    original code, whose error (conv2d's) a user of the original model expects."""
+    return (patch_conv(conv) and x.dim() == 4 and x.shape[1] == conv.in_channels and x.is_floating_point()
             and (x.dtype == conv.weight.dtype or (_autocast.is_enabled(x.device) and x.dtype != torch.float64)))
 
 

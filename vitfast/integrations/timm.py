@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from vitfast.integrations.patch import (Adapter, _layer_norm_forward, conv_takes, mlp_check, mlp_fc1, mlp_rows,
-                                       qualname, window_index_changed)
+                                       patch_conv, qualname, window_index_changed)
 from vitfast.integrations.segment_anything import sam_attention
 from vitfast.nn.patch_embed import PatchEmbed as _VitfastPatchEmbed
 from vitfast.nn.window_attention import WindowAttention as _VitfastWindowAttention
@@ -131,9 +131,9 @@ def _patch_embed_check(module: nn.Module) -> Optional[str]:
     proj = getattr(module, "proj", None)
     if type(proj) is not nn.Conv2d:
         return f"proj is {type(proj).__name__}, not a Conv2d"
-    if (tuple(proj.stride) != tuple(proj.kernel_size) or tuple(proj.kernel_size) != tuple(module.patch_size)
-            or any(proj.padding) or any(d != 1 for d in proj.dilation) or proj.groups != 1):
-        return "proj is not a non-overlapping patch convolution (stride = kernel = patch_size, no padding)"
+    if not patch_conv(proj) or tuple(proj.kernel_size) != tuple(module.patch_size):
+        return ("proj is not a non-overlapping patch convolution (stride = kernel = patch_size, no padding, dilation "
+                "or groups)")
     fmt = str(getattr(module.output_fmt, "value", module.output_fmt))
     if not module.flatten and fmt not in ("NCHW", "NHWC", "NLC"):
         return f"output_fmt {fmt} is not supported"

@@ -18,7 +18,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from vitfast.integrations.patch import Adapter, conv_takes, mlp_check, mlp_fc1, mlp_rows, window_index_changed
+from vitfast.integrations.patch import (Adapter, conv_takes, mlp_check, mlp_fc1, mlp_rows, patch_conv,
+                                       window_index_changed)
 from vitfast.ops.patch_embed import patch_embed
 from vitfast.ops.window_attention import shifted_window_attention
 
@@ -49,7 +50,8 @@ def _swa_check(module: nn.Module) -> Optional[str]:
 
 
 def _vit_process_input(self, x: Tensor) -> Tensor:
-    if not conv_takes(self.conv_proj, x):  # (another channel count or dtype: the original's error)
+    # (another channel count or dtype: the original's error; a conv of another geometry swapped in: its result)
+    if not conv_takes(self.conv_proj, x):
         return type(self)._process_input(self, x)
     n, c, h, w = x.shape
     p = self.patch_size
@@ -62,8 +64,8 @@ def _vit_check(module: nn.Module) -> Optional[str]:
     conv = getattr(module, "conv_proj", None)
     if type(conv) is not nn.Conv2d:
         return "conv_proj is not a single Conv2d (a conv stem): patch embedding left as is"
-    if tuple(conv.stride) != tuple(conv.kernel_size) or any(conv.padding) or conv.groups != 1:
-        return "conv_proj is not a non-overlapping patch convolution"
+    if not patch_conv(conv):
+        return "conv_proj is not a non-overlapping patch convolution (stride = kernel, no padding, dilation or groups)"
     return None
 
 

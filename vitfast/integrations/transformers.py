@@ -33,7 +33,8 @@ import torch
 
 from vitfast import backend as _backend
 from vitfast.integrations.choice import runs_original
-from vitfast.integrations.patch import Adapter, conv_takes, mlp_check, mlp_fc1, mlp_rows, window_index_changed
+from vitfast.integrations.patch import (Adapter, conv_takes, mlp_check, mlp_fc1, mlp_rows, patch_conv,
+                                       window_index_changed)
 from vitfast.integrations.segment_anything import SAM_MLP_BLOCK, mlp_block_forward, sam_attention
 from vitfast.ops.attention import attention
 from vitfast.ops.linear import linear
@@ -198,6 +199,19 @@ def _swin_layer_check(layer: torch.nn.Module) -> Optional[str]:
     return None
 
 
+def _qkv_parameters(q: torch.nn.Linear, k: torch.nn.Linear, v: torch.nn.Linear, x: torch.Tensor):
+    """The (3C, C) weight and (3C,) bias (or None) of one product for a Swin attention's q, k and v Linears, or None
+    where their calls differ from one product: a bias on some of them only (a projection swapped since patching), or
+    another dtype than each other's or, outside autocast, than x's (the original's error)."""
+    weights, biases = (q.weight, k.weight, v.weight), (q.bias, k.bias, v.bias)
+    given = [b for b in biases if b is not None]
+    dtypes = {t.dtype for t in (*weights, *given)}
+    if (given and len(given) != 3 or len(dtypes) != 1
+            or x.dtype not in dtypes and not torch.is_autocast_enabled(x.device.type)):
+        return None
+    return torch.cat(weights), torch.cat(given) if given else None
+
+
 def _swin_layer_forward(self, hidden_states: torch.Tensor, input_dimensions, always_partition: bool = False,
                         **kwargs):
     """SwinLayer.forward with pad, roll, partition, shift mask, attention and the reverse fused into one
@@ -209,16 +223,15 @@ def _swin_layer_forward(self, hidden_states: torch.Tensor, input_dimensions, alw
     self.set_shift_and_window_size(input_dimensions)
     attn = self.attention
     ws = attn.relative_position_bias.window_size
-    if kwargs.get("output_attentions") or tuple(ws) != (self.window_size, self.window_size) or window_index_changed(
-            getattr(attn.relative_position_bias, "relative_position_index", None), ws):
+    params = _qkv_parameters(attn.q_proj, attn.k_proj, attn.v_proj, hidden_states)
+    if (kwargs.get("output_attentions") or params is None or tuple(ws) != (self.window_size, self.window_size)
+            or window_index_changed(getattr(attn.relative_position_bias, "relative_position_index", None), ws)):
         return type(self).forward(self, hidden_states, input_dimensions, **kwargs)
     height, width = input_dimensions
     batch_size, _, channels = hidden_states.shape
     shortcut = hidden_states
     x = self.layernorm_before(hidden_states).view(batch_size, height, width, channels)
-    weight = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
-    bias = (torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
-            if attn.q_proj.bias is not None else None)
+    weight, bias = params
     qkv = linear(x, weight, bias).unflatten(-1, (3, attn.num_attention_heads, -1))
     out = window_attention(qkv, attn.relative_position_bias.relative_position_bias_table, ws, self.shift_size,
                            qkv_pad=bias, softmax_scale=attn.scaling, attention_dropout=attn.attention_dropout,
@@ -263,15 +276,15 @@ def _maskformer_swin_layer_forward(self, hidden_states: torch.Tensor, input_dime
 def _old_swin_layer(self, hidden_states, input_dimensions, output_attentions, always_partition, original):
     attn = self.attention.self
     ws = attn.window_size
-    if (output_attentions or (always_partition and min(input_dimensions) <= self.window_size)
+    params = _qkv_parameters(attn.query, attn.key, attn.value, hidden_states)
+    if (output_attentions or params is None or (always_partition and min(input_dimensions) <= self.window_size)
             or tuple(ws) != (self.window_size, self.window_size)
             or window_index_changed(getattr(attn, "relative_position_index", None), ws)):
         return original()
     height, width = input_dimensions
     batch_size, _, channels = hidden_states.shape
     x = self.layernorm_before(hidden_states).view(batch_size, height, width, channels)
-    weight = torch.cat([attn.query.weight, attn.key.weight, attn.value.weight])
-    bias = torch.cat([attn.query.bias, attn.key.bias, attn.value.bias]) if attn.query.bias is not None else None
+    weight, bias = params
     qkv = linear(x, weight, bias).unflatten(-1, (3, attn.num_attention_heads, -1))
     out = window_attention(qkv, attn.relative_position_bias_table, ws, self.shift_size, qkv_pad=bias,
                            softmax_scale=attn.attention_head_size ** -0.5, attention_dropout=attn.dropout.p,
@@ -512,9 +525,8 @@ def _patch_embeddings_forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
 
 
 def _patch_embeddings_check(module: torch.nn.Module) -> Optional[str]:
-    conv = getattr(module, "projection", None)
-    if type(conv) is not torch.nn.Conv2d or tuple(conv.stride) != tuple(conv.kernel_size) or any(conv.padding):
-        return "projection is not a non-overlapping patch Conv2d"
+    if not patch_conv(getattr(module, "projection", None)):
+        return "projection is not a non-overlapping patch Conv2d (stride = kernel, no padding, dilation or groups)"
     return None
 
 
