@@ -8,6 +8,7 @@ import vitfast
 from vitfast.models import VisionTransformer, vit_from_transformers
 from vitfast.models.common import set_backend
 
+from _optional_libs import import_or_skip
 from conftest import assert_trains_like_eager, backend_cases
 
 # One kernel backend per model test keeps the interpreter's cost down: triton (interpreted) and cpp on CPU.
@@ -226,3 +227,33 @@ def test_compiled_model_takes_a_size_an_eager_call_resampled_before():
     for size in ((16, 16), (20, 24), (28, 20)):
         images = torch.randn(2, 3, *size)
         torch.testing.assert_close(compiled(images), model(images), rtol=1e-5, atol=1e-5)
+
+
+def test_constructors_refuse_impossible_arguments():
+    """A negative depth built an empty stack, a negative num_classes a headless model, a negative eps NaN outputs,
+    in_chans=0 a convolution no image fits; from_size with an unknown name raised a bare KeyError."""
+    from vitfast.models import SwinTransformer
+
+    cases = [(lambda: VisionTransformer(**{**TINY, "depth": -2}), "depth"),
+             (lambda: VisionTransformer(**{**TINY, "num_classes": -1}), "num_classes"),
+             (lambda: VisionTransformer(**{**TINY, "eps": -1.0}), "eps must be positive"),
+             (lambda: VisionTransformer(**{**TINY, "mlp_ratio": 0}), "mlp_hidden_dim"),
+             (lambda: VisionTransformer(**{**TINY, "in_chans": 0}), "in_chans"),
+             (lambda: VisionTransformer.from_size("medium"), r"one of \['tiny', 'small', 'base', 'large', 'huge'\]"),
+             (lambda: SwinTransformer(depths=(-1, 2), num_heads=(1, 2)), r"depths\[0\]"),
+             (lambda: SwinTransformer(num_classes=-3), "num_classes"),
+             (lambda: SwinTransformer.from_size("large"), "one of")]
+    for build, match in cases:
+        with pytest.raises(ValueError, match=match):
+            build()
+
+
+def test_distilled_parameters_in_timms_order():
+    """An optimizer state saved on timm's distilled DeiT maps its tensors by position: dist_token was registered
+    before pos_embed (timm's after), and the first step after resuming failed on a shape mismatch."""
+    names = [n for n, _ in VisionTransformer(distilled=True, **TINY).named_parameters()]
+    assert names[:3] == ["cls_token", "pos_embed", "dist_token"]
+    timm = import_or_skip("timm")
+    source = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                               embed_dim=32, depth=1, num_heads=2)
+    assert [n for n, _ in source.named_parameters()][:3] == names[:3]

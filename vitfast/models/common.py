@@ -57,6 +57,22 @@ def square(value, name: str, model: str) -> int:
     return value
 
 
+def at_least(model: str, minimum: int, **values) -> None:
+    """Raises ValueError naming `model` and the argument where an int argument in `values` is below `minimum` (a
+    negative depth built an empty stack, a negative num_classes a headless model, in_chans=0 a convolution no image
+    fits)."""
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise ValueError(f"{model}: {name} must be an int of at least {minimum}, got {value!r}")
+
+
+def size_entry(table: dict, size: str, model: str):
+    """table[size] for a from_size name, or a ValueError listing the names."""
+    if size not in table:
+        raise ValueError(f"{model}.from_size: size must be one of {list(table)}, got {size!r}")
+    return table[size]
+
+
 def check_backend(backend: str) -> str:
     if backend not in MODEL_BACKENDS:
         raise ValueError(f"unknown model backend {backend!r}; expected one of {MODEL_BACKENDS}")

@@ -20,8 +20,8 @@ from torch import Tensor, nn
 
 import vitfast
 from vitfast.integrations.patch import qualname, submodules_intercepted
-from vitfast.models.common import (LayerNorm, check_backend, check_transformers_model, like, set_backend, square,
-                                   uncompiled, warn_dropped_regularization)
+from vitfast.models.common import (LayerNorm, at_least, check_backend, check_transformers_model, like, set_backend,
+                                   size_entry, square, uncompiled, warn_dropped_regularization)
 from vitfast.nn.patch_merging import PatchMerging as _FusedPatchMerging
 from vitfast.nn.window_attention import ShiftedWindowAttention as _FusedWindowAttention
 from vitfast.nn.window_attention import ShiftedWindowAttentionV2 as _FusedWindowAttentionV2
@@ -168,7 +168,8 @@ class SwinTransformer(nn.Module):
     patch_size and window_size: an int or an (n, n) pair (torchvision's [7, 7]).
 
     Raises:
-        ValueError: a non-square patch_size or window_size, or depths and num_heads of different lengths.
+        ValueError: a non-square patch_size or window_size, depths and num_heads of different lengths, a depth or
+            num_classes below 0, in_chans, embed_dim or the MLP width below 1, a from_size name not in SIZES.
     """
 
     def __init__(self, patch_size: int = 4, embed_dim: int = 96, depths: Sequence[int] = (2, 2, 6, 2),
@@ -181,6 +182,9 @@ class SwinTransformer(nn.Module):
         if len(depths) != len(num_heads) or not depths:
             raise ValueError(f"SwinTransformer needs one depth and one head count per stage, got depths "
                              f"{tuple(depths)} and num_heads {tuple(num_heads)}")
+        at_least("SwinTransformer", 1, in_chans=in_chans, embed_dim=embed_dim,
+                 mlp_hidden_dim=int(embed_dim * mlp_ratio))
+        at_least("SwinTransformer", 0, num_classes=num_classes, **{f"depths[{i}]": d for i, d in enumerate(depths)})
         block = SwinTransformerBlockV2 if v2 else SwinTransformerBlock
         layers: List[nn.Module] = [PatchEmbed(in_chans, embed_dim, patch_size)]
         for i, (depth, heads) in enumerate(zip(depths, num_heads)):
@@ -201,7 +205,7 @@ class SwinTransformer(nn.Module):
     def from_size(cls, size: str, v2: bool = False, **kw) -> "SwinTransformer":
         """Swin-{tiny, small, base} as torchvision's swin_t/s/b (window 7) or, with v2=True, swin_v2_t/s/b
         (window 8)."""
-        dim, depths, heads = SIZES[size]
+        dim, depths, heads = size_entry(SIZES, size, "SwinTransformer")
         kw.setdefault("window_size", 8 if v2 else 7)
         return cls(embed_dim=dim, depths=depths, num_heads=heads, v2=v2, **kw)
 

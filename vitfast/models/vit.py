@@ -14,8 +14,8 @@ from torch import Tensor, nn
 
 import vitfast
 from vitfast.integrations.patch import submodules_intercepted
-from vitfast.models.common import (LayerNorm, attend, check_backend, check_transformers_model, like,
-                                   set_backend, square, uncompiled, warn_dropped_regularization)
+from vitfast.models.common import (LayerNorm, at_least, attend, check_backend, check_transformers_model, like,
+                                   set_backend, size_entry, square, uncompiled, warn_dropped_regularization)
 from vitfast.ops.patch_embed import resample_pos_embed
 from vitfast.ops.window_attention import _check_num_heads
 
@@ -106,8 +106,9 @@ class VisionTransformer(nn.Module):
     backend.
 
     Raises:
-        ValueError: a non-square img_size or patch_size (at construction); images not (B, C, H, W) or smaller than
-            one patch.
+        ValueError: a non-square img_size or patch_size, depth or num_classes below 0, in_chans, embed_dim or the
+            MLP width below 1, eps not positive, a from_size name not in SIZES (at construction); images not
+            (B, C, H, W) or smaller than one patch.
     """
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
@@ -116,12 +117,19 @@ class VisionTransformer(nn.Module):
                  mlp_hidden_dim: Optional[int] = None):
         super().__init__()
         self.backend = check_backend(backend)
+        at_least("VisionTransformer", 1, in_chans=in_chans, embed_dim=embed_dim,
+                 mlp_hidden_dim=int(embed_dim * mlp_ratio) if mlp_hidden_dim is None else mlp_hidden_dim)
+        at_least("VisionTransformer", 0, depth=depth, num_classes=num_classes)
+        if not eps > 0:
+            raise ValueError(f"VisionTransformer: eps must be positive, got {eps!r}")
         self.num_prefix_tokens = 2 if distilled else 1
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, backend)
         self.cls_token = nn.Parameter(torch.randn(1, 1, embed_dim) * 0.02)
-        self.dist_token = nn.Parameter(torch.randn(1, 1, embed_dim) * 0.02) if distilled else None
         self.pos_embed = nn.Parameter(torch.randn(1, self.num_prefix_tokens + self.patch_embed.grid ** 2,
                                                   embed_dim) * 0.02)
+        # (after pos_embed, as timm's VisionTransformerDistilled registers it: an optimizer state saved on timm's
+        # model maps its tensors by position)
+        self.dist_token = nn.Parameter(torch.randn(1, 1, embed_dim) * 0.02) if distilled else None
         hidden = int(embed_dim * mlp_ratio) if mlp_hidden_dim is None else mlp_hidden_dim  # (timm's rounding)
         self.blocks = nn.Sequential(*[Block(embed_dim, num_heads, hidden, qkv_bias, eps, backend)
                                       for _ in range(depth)])
@@ -134,7 +142,7 @@ class VisionTransformer(nn.Module):
     @classmethod
     def from_size(cls, size: str, patch_size: int = 16, **kw) -> "VisionTransformer":
         """ViT-{tiny, small, base, large, huge}/patch_size, e.g. from_size("base", 16)."""
-        dim, depth, heads = SIZES[size]
+        dim, depth, heads = size_entry(SIZES, size, "VisionTransformer")
         return cls(patch_size=patch_size, embed_dim=dim, depth=depth, num_heads=heads, **kw)
 
     def forward_features(self, images: Tensor) -> Tensor:
