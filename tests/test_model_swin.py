@@ -274,3 +274,25 @@ def test_constructor_arguments_are_checked():
     for module in (vitfast.nn.ShiftedWindowAttention(32, 4, 2, np.int64(2)),
                    vitfast.nn.WindowAttention(32, np.int64(2))):
         assert type(module.num_heads) is int
+
+
+def test_loaders_refuse_layer_norms_without_bias():
+    """timm Swin and open_clip towers whose LayerNorms have no bias raised a bare KeyError naming a state-dict key,
+    where the loaders' docstrings promise a ValueError."""
+    from functools import partial
+
+    from _optional_libs import import_or_skip
+
+    from vitfast.models import clip_from_open_clip
+
+    timm_swin = import_or_skip("timm").models.swin_transformer
+    model = timm_swin.SwinTransformer(img_size=56, embed_dim=24, depths=(2, 2), num_heads=(1, 2), num_classes=5,
+                                      norm_layer=partial(torch.nn.LayerNorm, bias=False))
+    with pytest.raises(ValueError, match="LayerNorms without an affine weight and bias"):
+        swin_from_timm(model)
+    open_clip = import_or_skip("open_clip")
+    clip = open_clip.CLIP(embed_dim=24, vision_cfg=dict(layers=1, width=48, head_width=16, patch_size=8, image_size=32,
+                                                        norm_kwargs=dict(bias=False)),
+                          text_cfg=dict(context_length=12, vocab_size=99, width=40, heads=2, layers=1))
+    with pytest.raises(ValueError, match="image tower does not convert: \\['LayerNorm without bias'\\]"):
+        clip_from_open_clip(clip)

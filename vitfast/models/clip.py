@@ -276,6 +276,8 @@ def _open_clip_tower(tower: nn.Module, name: str) -> dict:
     first = blocks[0]
     unsupported = [type(b).__name__ for b in blocks if type(b).__name__ != "ResidualAttentionBlock"]
     unsupported += ["layer scale"] * any(not isinstance(b.ls_1, nn.Identity) for b in blocks)
+    unsupported += ["LayerNorm without bias"] * any(m.bias is None for m in tower.modules()
+                                                    if isinstance(m, nn.LayerNorm))
     acts = {type(b.mlp.gelu).__name__ if not isinstance(b.mlp.gelu, nn.GELU) or b.mlp.gelu.approximate == "none"
             else "tanh GELU" for b in blocks}
     if unsupported or not acts <= {"QuickGELU", "GELU"} or len(acts) != 1:

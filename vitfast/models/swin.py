@@ -353,6 +353,8 @@ def swin_from_timm(timm_model: nn.Module, backend: str = "vitfast") -> SwinTrans
         raise ValueError(f"timm Swin with global_pool={timm_model.global_pool!r} does not convert (torchvision's "
                          f"layout average-pools)")
     norms = [m for m in timm_model.modules() if isinstance(m, nn.LayerNorm)]
+    if any(n.weight is None or n.bias is None for n in norms):
+        raise ValueError("timm Swin with LayerNorms without an affine weight and bias does not convert")
     if not isinstance(first.mlp.act, nn.GELU) or first.attn.qkv.bias is None or any(n.eps != 1e-5 for n in norms):
         raise ValueError(f"only GELU, qkv_bias=True and LayerNorm eps=1e-5 timm Swin models convert, got "
                          f"{type(first.mlp.act).__name__}, qkv bias {first.attn.qkv.bias is not None}, eps "
