@@ -128,14 +128,17 @@ def test_timm_per_stage_window_is_refused():
     # 14x14 images, patch 2, window 7: stage 2's 4x4 map shrinks timm's window (and bias table) to 4x4.
     theirs = timm.models.swin_transformer.SwinTransformer(img_size=14, patch_size=2, embed_dim=16, depths=(2, 2),
                                                           num_heads=(2, 2), window_size=7, num_classes=3)
-    with pytest.raises(ValueError, match="per-stage or non-square windows"):
+    with pytest.raises(ValueError, match=re.escape("windows per stage [(7, 7), (4, 4)] (one square window everywhere "
+                                                   "converts; timm shrinks the window of a stage whose map is smaller: "
+                                                   "a model built for images of at least 28 pixels keeps 7")):
         swin_from_timm(theirs)
     # non-square windows whose tables have a square number of rows: (5, 13) has 9 * 25 = 225 = 15 * 15, read as an
     # 8 x 8 window and converted with another model's outputs
     for window in [(5, 13), (1, 5)]:
         theirs = timm.models.swin_transformer.SwinTransformer(img_size=(10, 26), patch_size=2, embed_dim=16,
                                                               depths=(2,), num_heads=(2,), window_size=window)
-        with pytest.raises(ValueError, match=r"windows does not convert: windows \[" + re.escape(str(window))):
+        with pytest.raises(ValueError, match=r"windows per stage \[" + re.escape(str(window)) + r"\] \(one square window "
+                                             r"everywhere converts\)"):
             swin_from_timm(theirs)
 
 

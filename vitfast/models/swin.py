@@ -329,11 +329,11 @@ def swin_from_timm(timm_model: nn.Module, backend: str = "vitfast") -> SwinTrans
     if len(windows) != 1 or window != next(iter(windows))[1] or any(n != side * side for _, n in tables):
         per_stage = [tuple(s.blocks[0].attn.window_size) if len(s.blocks) else None for s in stages]
         largest, patch = max(max(w) for w in windows), timm_model.patch_embed.proj.kernel_size[0]
-        raise ValueError(
-            f"timm Swin with per-stage or non-square windows does not convert: windows per stage {per_stage} (one "
-            f"square window everywhere converts; timm shrinks the window of a stage whose map is smaller: a model "
-            f"built for images of at least {largest * patch * 2 ** (len(stages) - 1)} pixels keeps {largest} in "
-            f"every stage)")
+        shrunk = ("; timm shrinks the window of a stage whose map is smaller: a model built for images of at least "
+                  f"{largest * patch * 2 ** (len(stages) - 1)} pixels keeps {largest} in every stage"
+                  if all(w[0] == w[1] for w in windows) else "")
+        raise ValueError(f"timm Swin with per-stage or non-square windows does not convert: windows per stage "
+                         f"{per_stage} (one square window everywhere converts{shrunk})")
     first = stages[0].blocks[0]
     dim = first.norm1.normalized_shape[0]
     kernel = tuple(timm_model.patch_embed.proj.kernel_size)
