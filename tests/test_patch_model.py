@@ -1568,3 +1568,27 @@ def test_open_clip_changed_scale_counts_where_open_clip_reads_it():
         for backend in ("auto", "cpp", "torch"):
             with vitfast.use_backend(backend):
                 torch.testing.assert_close(patched(x), expected, atol=1e-5, rtol=1e-4, msg=backend)
+
+
+def test_unpatch_keeps_a_forward_set_since_patching():
+    """unpatch_model deleted a forward a user (or a library's hooks) set on a patched module's instance after
+    patching: the wrapper vanished. It is kept; vitfast's own methods go."""
+    model, x, _ = _timm_vit()
+    model.eval()
+    vitfast.patch_model(model)
+    attn = model.blocks[0].attn
+    seen = []
+    inner = attn.forward
+
+    def recording_forward(*args, **kwargs):
+        out = inner(*args, **kwargs)
+        seen.append(out.shape)
+        return out
+
+    attn.forward = recording_forward
+    model(x)
+    vitfast.unpatch_model(model)
+    assert attn.__dict__.get("forward") is recording_forward
+    assert "forward" not in model.blocks[0].mlp.__dict__ and not any("vitfast" in k for k in attn.__dict__)
+    model(x)
+    assert len(seen) == 2

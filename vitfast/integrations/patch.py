@@ -634,7 +634,9 @@ def _covered(left: Left, report: PatchReport) -> bool:
 
 def unpatch_model(model: nn.Module) -> int:
     """Restores every module `patch_model` changed in `model` and frees the prepacked copies of its Linear weights
-    (prepack_weights=True); returns how many modules were restored.
+    (prepack_weights=True); returns how many modules were restored. A method set on a patched module's instance
+    since patching (a user's or a library's wrapper of its forward) is kept, as it is (one that wraps the patched
+    forward goes on calling it).
 
     Raises:
         TypeError: `model` is not an nn.Module.
@@ -647,7 +649,9 @@ def unpatch_model(model: nn.Module) -> int:
         mark = module.__dict__.pop(_MARK, None)
         if mark is not None:
             for name in mark[1]:
-                module.__dict__.pop(name, None)
+                entry = module.__dict__.get(name)
+                if isinstance(entry, functools.partial) and entry.args and entry.args[0] is module:  # (not set since)
+                    del module.__dict__[name]
             restored += 1
         if _is_transformers_model(module):
             from vitfast.integrations import transformers as hf
