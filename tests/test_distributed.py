@@ -1,4 +1,5 @@
-"""A patched model trains under torch.distributed: DDP, and FSDP2's `fully_shard` where this torch has it.
+"""A patched model trains under torch.distributed: DDP, and FSDP2's `fully_shard` where this torch has it; a patched
+MLP runs under tensor parallelism.
 
 Two CPU processes on gloo each take half of a batch; their synchronised gradients must equal the gradients of
 one process on the whole batch (the loss is a mean over samples, so the halves' average is the whole's).
@@ -68,6 +69,24 @@ def _step(model: nn.Module, x, y) -> None:
     nn.functional.cross_entropy(model(x), y).backward()
 
 
+def _tensor_parallel_error() -> float:
+    """The largest difference between a patched MLP split by tensor parallelism (DTensor weights and inputs) and the
+    whole one, with and without grad (vitfast.linear, which has no sharding rules, raised NotImplementedError on
+    DTensors: the patched module runs its original there)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(384, 1536), nn.ReLU(), nn.Linear(1536, 384))  # (oneDNN's size at 136 rows)
+    x = torch.randn(8, 17, 384, generator=torch.Generator().manual_seed(2))
+    want = mlp(x).detach()
+    vitfast.patch_model(mlp)
+    parallelize_module(mlp, init_device_mesh("cpu", (WORLD,)), {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    with torch.no_grad():
+        error = (mlp(x) - want).abs().max().item()
+    return max(error, (mlp(x) - want).abs().max().item())
+
+
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
@@ -82,6 +101,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             fully_shard(model)
             _step(model, x[shard], y[shard])
             results["fsdp2"] = _grads(model)
+        results["tp"] = _tensor_parallel_error()
         if rank == 0:
             torch.save(results, os.path.join(out_dir, "grads.pt"))
         # both ranks past their collectives before either tears its group down: in a loaded CI run one rank's
@@ -100,6 +120,7 @@ def test_ddp_and_fsdp2_gradients_match_single_process(tmp_path):
 
     mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
     results = torch.load(tmp_path / "grads.pt")
+    assert results.pop("tp") < 1e-5
     assert set(results) == ({"ddp", "fsdp2"} if fully_shard is not None else {"ddp"})
     for mode, grads in results.items():
         assert set(grads) == set(expected), mode

@@ -26,6 +26,7 @@ import functools
 import inspect
 import math
 import re
+import sys
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
@@ -436,6 +437,20 @@ def submodules_intercepted(*modules: nn.Module) -> bool:
     return _global_hooks() or any(_intercepted(m) for m in modules)
 
 
+_PLAIN = (Tensor, nn.Parameter)
+
+
+def _distributed(module: nn.Module, x: Optional[Tensor]) -> bool:
+    """Whether the call runs on DTensors (tensor parallelism: parallelize_module makes the module's parameters and
+    inputs DTensors), which vitfast's ops have no sharding rules for: the original runs, on DTensor's own. (Plain
+    tensors are told apart by type first: importing torch.distributed.tensor takes about a second.)"""
+    params = [p for p in module._parameters.values() if p is not None]
+    if (x is None or type(x) in _PLAIN) and all(type(p) in _PLAIN for p in params):
+        return False
+    dtensor = sys.modules.get("torch.distributed.tensor")  # (imported wherever a DTensor exists)
+    return dtensor is not None and any(isinstance(t, dtensor.DTensor) for t in (x, *params))
+
+
 def _input(args: tuple, kwargs: dict) -> Optional[Tensor]:
     """The first tensor among a call's arguments, positional then keyword (a module's inputs share one device)."""
     if args and isinstance(args[0], Tensor):
@@ -452,14 +467,15 @@ def _guarded(module: nn.Module, kind: str, name: str, fn: Callable, layout: tupl
     or was swapped since patching (a LoRA wrapper): the patched methods read submodules' parameters directly, which
     would skip those hooks and wrappers (so does a forward set on a submodule's instance: accelerate's hooks); under
     torch.func's gradient transforms and forward-mode AD (jvp, dual tensors), which vitfast's ops do not run under;
-    and under torch.fx.symbolic_trace (a Proxy input), where the original code is what traces."""
+    on DTensors (tensor parallelism); and under torch.fx.symbolic_trace (a Proxy input), where the original code is
+    what traces."""
     if any(isinstance(a, torch.fx.Proxy) for a in (*args, *kwargs.values())):
         # torch.fx.symbolic_trace (timm's and torchvision's feature extractors): the original code traces (a Proxy
         # among real tensors too: timm's Swin attention with its real attn_mask)
         return getattr(type(module), name)(module, *args, **kwargs)
     x = _input(args, kwargs)
     if ((x is not None and runs_original(kind, x)) or not _unchanged(module, layout)
-            or (layout and _global_hooks()) or _backend.transforms_open()):
+            or (layout and _global_hooks()) or _backend.transforms_open() or _distributed(module, x)):
         return getattr(type(module), name)(module, *args, **kwargs)
     return fn(module, *args, **kwargs)
 
