@@ -147,7 +147,8 @@ def test_models_whose_code_tests_the_implementation_name_are_left():
     """Modeling code that tests `config._attn_implementation == "sdpa"` (or `in ("eager", "sdpa")`) takes another
     branch under vitfast's name: DeepSeek-V3.2's sparse attention builds its top-k mask only under "eager" or
     "sdpa" (patched, every query saw every key: logits 28% off; Gemma 4 sliced its KV-shared layers' queries). Such
-    a model keeps its implementation, reported left with the reason; vision models are switched."""
+    a model keeps its implementation, reported left with the reason; its sub-models that do not test it (a vision
+    encoder beside a GPT-2 decoder) are switched."""
     config = transformers.DeepseekV32Config(
         vocab_size=100, hidden_size=32, intermediate_size=32, moe_intermediate_size=16, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=2, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
@@ -168,9 +169,23 @@ def test_models_whose_code_tests_the_implementation_name_are_left():
         for backend in ("auto", "cpp"):
             with vitfast.use_backend(backend):
                 torch.testing.assert_close(patched(ids, use_cache=False).logits, expected, msg=backend)
-    vit = transformers.ViTModel(_vision_config(transformers.ViTConfig))
-    vitfast.patch_model(vit)
-    assert vit.config._attn_implementation == vt.NAME
+    # a ViT encoder beside a GPT-2 decoder (whose code tests the name): the encoder is switched on its own
+    encoder = _vision_config(transformers.ViTConfig)
+    decoder = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50, add_cross_attention=True,
+                                      is_decoder=True)
+    model = transformers.VisionEncoderDecoderModel(
+        transformers.VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)).eval()
+    patched = copy.deepcopy(model)
+    report = vitfast.patch_model(patched)
+    assert "GPT2Attention" in {l.name: l.reason for l in report.left}["decoder"], str(report)
+    assert (patched.encoder.config._attn_implementation, patched.decoder.config._attn_implementation) == (
+        vt.NAME, "sdpa")
+    pixels, ids = torch.randn(2, 3, 32, 32), torch.randint(0, 50, (2, 5))
+    with torch.no_grad(), vitfast.use_backend("cpp"):
+        torch.testing.assert_close(patched(pixel_values=pixels, decoder_input_ids=ids).logits,
+                                   model(pixel_values=pixels, decoder_input_ids=ids).logits)
+    vitfast.unpatch_model(patched)
+    assert patched.encoder.config._attn_implementation == "sdpa"
 
 
 def test_a_bool_mask_given_to_a_model_that_ran_eager_is_added_as_eager_adds_it():
@@ -497,7 +512,8 @@ def _old_swin_layer_models():
         drop_path_rate=0.0, out_features=["stage1", "stage2", "stage3"]))
     clap = transformers.ClapAudioModel(transformers.ClapAudioConfig(
         spec_size=64, window_size=4, num_mel_bins=16, hidden_size=64, patch_embeds_hidden_size=16, depths=[2, 2],
-        num_attention_heads=[2, 4], drop_path_rate=0.0, hidden_dropout_prob=0.0, enable_fusion=False, patch_stride=(4, 4), patch_size=4))
+        num_attention_heads=[2, 4], drop_path_rate=0.0, hidden_dropout_prob=0.0, enable_fusion=False,
+        patch_stride=(4, 4), patch_size=4))
     return [(donut, {"pixel_values": torch.randn(2, 3, 36, 44)}, lambda o: o.last_hidden_state, 4, 4),  # 9x11, 5x6
             (maskformer, {"pixel_values": torch.randn(2, 3, 32, 40)}, lambda o: o.feature_maps[-1], 6, 4),  # 2x3 last
             (clap, {"input_features": torch.randn(2, 1, 100, 16)}, lambda o: o.last_hidden_state, 4, 4)]
@@ -525,6 +541,22 @@ def test_older_swin_layers_run_the_fused_window_attention(which, backend, device
             patched(**inputs)
         assert sum(e.name == "vitfast::window_attention" for e in prof.events()) == fused
     _compare(model.to(device).train(), patched, backend, inputs, pick)
+
+
+def test_older_swin_layer_with_an_attention_subclass_is_left():
+    """The fused older Swin layer calls neither its attention nor the attention's output module: a layer whose
+    attention (or output) is a subclass (one that records or changes its output) was fused, skipping it."""
+    model = _old_swin_layer_models()[0][0]
+    layer = model.encoder.layers[0].blocks[0]
+
+    class Recording(type(layer.attention)):
+        pass
+
+    layer.attention.__class__ = Recording
+    report = vitfast.patch_model(model)
+    reason = {l.name: l.reason for l in report.left}["encoder.layers.0.blocks.0"]
+    assert reason.startswith("attention is ") and "its own forward would be skipped" in reason, str(report)
+    assert len([r for r in report.patched if r.kind == "window_attention"]) == 3
 
 
 def test_backbones_of_models_off_the_interface_are_switched():

@@ -275,8 +275,9 @@ def test_open_clip_attention_class(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_open_clip_layer_norm_returns_its_inputs_dtype(backend):
     """open_clip's LayerNorm casts its output back to the input's dtype: under CUDA autocast a bfloat16 model's
-    patched norm returned float32 (vitfast.layer_norm's rule there, F.layer_norm's). (LayerNormFp32 of a bfloat16
-    model cannot run on CPU: F.layer_norm refuses its float32 input with bfloat16 weights.)"""
+    patched norm returned float32 (vitfast.layer_norm's rule there, F.layer_norm's). On CPU, whose autocast rule
+    keeps the input's dtype, it checks that rule only: the fix shows on a GPU. (LayerNormFp32 of a bfloat16 model
+    cannot run on CPU: F.layer_norm refuses its float32 input with bfloat16 weights.)"""
     import_or_skip("open_clip")
     from open_clip.transformer import LayerNorm
 
@@ -699,16 +700,16 @@ def test_patch_embedding_given_other_channels_or_dtypes_raises_the_originals_err
 
 @pytest.mark.parametrize("build", [_timm_vit, _torchvision_vit])
 def test_patch_convolution_of_another_geometry_runs_as_it_is(build):
-    """A patch convolution swapped since patching for one with padding, another stride or a dilation (same class) ran
-    as a plain patch embedding (torchvision's: 49 off with padding; transformers' alike): it runs its own call, also
-    swapped in before patching (dilation was not checked)."""
+    """A patch convolution swapped since patching for one with padding, another stride, a dilation or another kernel
+    than the patch size (same class) ran as a plain patch embedding (torchvision's: 49 off with padding; transformers'
+    alike): it runs its own call, also swapped in before patching (dilation was not checked)."""
     model, x, _ = build()
     with torch.no_grad():
         for p in model.parameters():
             if not p.any():  # (torchvision starts its head at zero: every output would be zero)
                 p.normal_()
     for conv_args in (dict(stride=8, padding=1), dict(stride=8, padding=1, padding_mode="reflect"),
-                      dict(stride=4), dict(stride=8, dilation=2)):
+                      dict(stride=4), dict(stride=8, dilation=2), dict(kernel_size=4, stride=4)):
         for when in ("after", "before"):
             original = copy.deepcopy(model)
             patched = copy.deepcopy(model)
@@ -718,7 +719,8 @@ def test_patch_convolution_of_another_geometry_runs_as_it_is(build):
                 name = "conv_proj" if hasattr(m, "conv_proj") else "patch_embed.proj"
                 old = m.get_submodule(name)
                 torch.manual_seed(1)
-                m.set_submodule(name, nn.Conv2d(old.in_channels, old.out_channels, old.kernel_size, **conv_args))
+                m.set_submodule(name, nn.Conv2d(old.in_channels, old.out_channels,
+                                                **{"kernel_size": old.kernel_size, **conv_args}))
             if when == "before":
                 vitfast.patch_model(patched)
             image = x[:1].clone().requires_grad_()  # (with grad the patched embedding runs vitfast's op on CPU)

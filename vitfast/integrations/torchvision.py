@@ -51,7 +51,7 @@ def _swa_check(module: nn.Module) -> Optional[str]:
 
 def _vit_process_input(self, x: Tensor) -> Tensor:
     # (another channel count or dtype: the original's error; a conv of another geometry swapped in: its result)
-    if not conv_takes(self.conv_proj, x):
+    if not conv_takes(self.conv_proj, x) or tuple(self.conv_proj.kernel_size) != (self.patch_size, self.patch_size):
         return type(self)._process_input(self, x)
     n, c, h, w = x.shape
     p = self.patch_size
@@ -64,8 +64,9 @@ def _vit_check(module: nn.Module) -> Optional[str]:
     conv = getattr(module, "conv_proj", None)
     if type(conv) is not nn.Conv2d:
         return "conv_proj is not a single Conv2d (a conv stem): patch embedding left as is"
-    if not patch_conv(conv):
-        return "conv_proj is not a non-overlapping patch convolution (stride = kernel, no padding, dilation or groups)"
+    if not patch_conv(conv) or tuple(conv.kernel_size) != (module.patch_size, module.patch_size):
+        return ("conv_proj is not a non-overlapping patch convolution (stride = kernel = patch_size, no padding, "
+                "dilation or groups)")
     return None
 
 

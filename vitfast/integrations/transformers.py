@@ -247,10 +247,16 @@ def _old_swin_layer_check(layer: torch.nn.Module) -> Optional[str]:
     """As _swin_layer_check, for the older layer (_OLD_SWIN_LAYERS)."""
     from vitfast.integrations.patch import qualname
 
-    attn = getattr(getattr(layer, "attention", None), "self", None)
-    expected = _OLD_SWIN_LAYERS[qualname(layer)][0]
-    if qualname(attn) != expected:
-        return f"attention.self is {qualname(attn)}, not {expected}: its own forward would be skipped"
+    expected = _OLD_SWIN_LAYERS[qualname(layer)][0]  # (the self-attention's; the attention's and its output's
+    # classes are named alike: DonutSwinAttention, DonutSwinSelfOutput)
+    attention = getattr(layer, "attention", None)
+    for path, module, cls in (("attention", attention, expected.replace("SelfAttention", "Attention")),
+                              ("attention.self", getattr(attention, "self", None), expected),
+                              ("attention.output", getattr(attention, "output", None),
+                               expected.replace("SelfAttention", "SelfOutput"))):
+        if qualname(module) != cls:
+            return f"{path} is {qualname(module)}, not {cls}: its own forward would be skipped"
+    attn = attention.self
     other = [n for n in ("query", "key", "value") if type(getattr(attn, n, None)) is not torch.nn.Linear]
     if other:
         return f"attention.self.{', '.join(other)} not plain nn.Linear (their weights are read, their forward skipped)"
@@ -311,6 +317,29 @@ _OLD_SWIN_LAYERS = {
 SWIN_LAYERS = (_SWIN_LAYER, *_OLD_SWIN_LAYERS)
 
 
+def _sub_models(model: torch.nn.Module, prefix: str) -> list:
+    """The records of the sub-models of a model left as a whole that take vitfast's name on their own (Mask2Former's
+    Dinov2 or Swin backbone; a ViT encoder beside a GPT-2 decoder, whose code tests the name), each the outermost
+    such: switched, or left with the reason (the sub-models of one left for its name test are tried in turn)."""
+    from vitfast.integrations.patch import Left, _is_transformers_model, qualname
+
+    records: list = []
+    outer: list = []
+    for name, module in model.named_modules():
+        if (name and _is_transformers_model(module) and module._can_set_attn_implementation()
+                and _calls_attention_interface(module) and not any(name.startswith(s + ".") for s in outer)):
+            full = f"{prefix}.{name}" if prefix else name
+            if _switched(module):
+                records.append(Left(full, qualname(module), "already patched (attn_implementation)"))
+            elif _name_tested(module):
+                records.append(Left(full, qualname(module), _name_tested(module)))
+                continue
+            else:
+                records.append(_switch(module, full))
+            outer.append(name)
+    return records
+
+
 def patch(model: torch.nn.Module, prefix: str, attention: bool = True, window_attention: bool = True) -> list:
     """For vitfast.patch_model: switches a PreTrainedModel to attn_implementation="vitfast" and binds the fused
     window-attention forward to its SwinLayers. Returns the `Patched` / `Left` records."""
@@ -324,20 +353,12 @@ def patch(model: torch.nn.Module, prefix: str, attention: bool = True, window_at
     elif not model._can_set_attn_implementation():
         records.append(Left(prefix, cls, "transformers does not let the model set an attention implementation "
                                          "(_can_set_attn_implementation() is False)"))
-        # its sub-models that do (Mask2Former's Dinov2 or Swin backbone), each the outermost such
-        switched: list = []
-        for name, module in model.named_modules():
-            if (name and _is_transformers_model(module) and module._can_set_attn_implementation()
-                    and _calls_attention_interface(module) and not any(name.startswith(s + ".") for s in switched)):
-                switched.append(name)
-                full = f"{prefix}.{name}" if prefix else name
-                records.append(Left(full, qualname(module), "already patched (attn_implementation)")
-                               if _switched(module) else Left(full, qualname(module), _name_tested(module))
-                               if _name_tested(module) else _switch(module, full))
+        records += _sub_models(model, prefix)
     elif not _calls_attention_interface(model):
         records.append(Left(prefix, cls, "no module of the model calls transformers' AttentionInterface"))
     elif _name_tested(model):
         records.append(Left(prefix, cls, _name_tested(model)))
+        records += _sub_models(model, prefix)
     else:
         records.append(_switch(model, prefix))
     for name, module in model.named_modules():
