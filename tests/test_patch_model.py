@@ -7,6 +7,7 @@ with the automatic choice (on CPU: ATen or vitfast per kind and mode, integratio
 and open_clip are optional: their tests skip with the reason where they do not import (see _optional_libs.py).
 """
 import copy
+import functools
 import re
 import warnings
 
@@ -1573,8 +1574,8 @@ def test_open_clip_changed_scale_counts_where_open_clip_reads_it():
 
 
 def test_unpatch_keeps_a_forward_set_since_patching():
-    """unpatch_model deleted a forward a user (or a library's hooks) set on a patched module's instance after
-    patching: the wrapper vanished. It is kept; vitfast's own methods go."""
+    """unpatch_model deleted a forward a user (or a library's hooks: accelerate's partial of the module) set on a
+    patched module's instance after patching: the wrapper vanished. It is kept; vitfast's own methods go."""
     model, x, _ = _timm_vit()
     model.eval()
     vitfast.patch_model(model)
@@ -1588,9 +1589,17 @@ def test_unpatch_keeps_a_forward_set_since_patching():
         return out
 
     attn.forward = recording_forward
+    mlp = model.blocks[0].mlp
+    patched_mlp = mlp.forward
+
+    def hooked_forward(module, *args, **kwargs):  # (accelerate's and diffusers' hooks: partial(new_forward, module))
+        seen.append("hook")
+        return patched_mlp(*args, **kwargs)
+
+    mlp.forward = functools.partial(hooked_forward, mlp)
     model(x)
     vitfast.unpatch_model(model)
-    assert attn.__dict__.get("forward") is recording_forward
-    assert "forward" not in model.blocks[0].mlp.__dict__ and not any("vitfast" in k for k in attn.__dict__)
+    assert attn.__dict__.get("forward") is recording_forward and mlp.__dict__["forward"].func is hooked_forward
+    assert "forward" not in model.blocks[0].norm1.__dict__ and not any("vitfast" in k for k in attn.__dict__)
     model(x)
-    assert len(seen) == 2
+    assert len(seen) == 4

@@ -47,7 +47,7 @@ from vitfast.ops.linear_gelu import linear_gelu, uses_onednn as linear_gelu_uses
 from vitfast.ops.window_attention import relative_position_index
 
 KINDS = ("attention", "rel_pos_attention", "window_attention", "layer_norm", "patch_embed", "linear_gelu", "linear")
-_MARK = "_vitfast_patch"  # instance attribute: (kind, names of the instance attributes the patch set)
+_MARK = "_vitfast_patch"  # instance attribute: (kind, {name: each instance attribute the patch set})
 _PREPACK = "_vitfast_prepack"  # instance attribute of an nn.Linear: patch_model(prepack_weights=True)
 _SCRIPT = "__prepare_scriptable__"  # what torch.jit.script asks each module first (_bind: a clear error)
 _LINEAR_CLASSES = ("torch.nn.modules.linear.Linear", "torch.nn.modules.linear.NonDynamicallyQuantizableLinear")
@@ -495,16 +495,19 @@ def _bind(module: nn.Module, kind: str, methods: Dict[str, Callable]) -> None:
     # than failing on a partial's missing __globals__.
     # A guarded method keeps the signature of the method it replaces (torch.export's dynamic_shapes are keyed by it).
     layout = _layout(module)
+    bound: Dict[str, Callable] = {}
     for name, fn in methods.items():
         if hasattr(type(module), name):
-            bound = functools.partial(_guarded, module, kind, name, fn, layout)
-            bound.__signature__ = inspect.signature(getattr(module, name))
+            bound[name] = functools.partial(_guarded, module, kind, name, fn, layout)
+            bound[name].__signature__ = inspect.signature(getattr(module, name))
         else:
-            bound = functools.partial(fn, module)
-        object.__setattr__(module, name, bound)
-    object.__setattr__(module, _SCRIPT, functools.partial(_refuse_script, module))
-    object.__setattr__(module, _REPLICATE, functools.partial(_replicate, module))
-    object.__setattr__(module, _MARK, (kind, (*methods, _SCRIPT, _REPLICATE)))
+            bound[name] = functools.partial(fn, module)
+    bound[_SCRIPT] = functools.partial(_refuse_script, module)
+    bound[_REPLICATE] = functools.partial(_replicate, module)
+    for name, method in bound.items():
+        object.__setattr__(module, name, method)
+    # (the objects themselves: unpatch_model removes an instance attribute only while it is still the one set here)
+    object.__setattr__(module, _MARK, (kind, bound))
 
 
 _REPLICATE = "_replicate_for_data_parallel"
@@ -515,12 +518,14 @@ def _replicate(module: nn.Module) -> nn.Module:
     copied __dict__ holds methods bound to `module`; rebound to the replica, which would run `module`'s parameters
     (another device's) otherwise."""
     replica = getattr(type(module), _REPLICATE)(module)
-    for name in module.__dict__[_MARK][1]:
-        bound = replica.__dict__[name]
-        rebound = functools.partial(bound.func, replica, *bound.args[1:])
-        if hasattr(bound, "__signature__"):
-            rebound.__signature__ = bound.__signature__
-        object.__setattr__(replica, name, rebound)
+    kind, bound = module.__dict__[_MARK]
+    rebound: Dict[str, Callable] = {}
+    for name, method in bound.items():
+        rebound[name] = functools.partial(method.func, replica, *method.args[1:])
+        if hasattr(method, "__signature__"):
+            rebound[name].__signature__ = method.__signature__
+        object.__setattr__(replica, name, rebound[name])
+    object.__setattr__(replica, _MARK, (kind, rebound))
     return replica
 
 
@@ -664,9 +669,8 @@ def unpatch_model(model: nn.Module) -> int:
             drop_prepacked(module.weight)
         mark = module.__dict__.pop(_MARK, None)
         if mark is not None:
-            for name in mark[1]:
-                entry = module.__dict__.get(name)
-                if isinstance(entry, functools.partial) and entry.args and entry.args[0] is module:  # (not set since)
+            for name, method in mark[1].items():
+                if module.__dict__.get(name) is method:  # (not one set since: a user's or a library's wrapper)
                     del module.__dict__[name]
             restored += 1
         if _is_transformers_model(module):
