@@ -552,11 +552,17 @@ def test_older_swin_layer_with_an_attention_subclass_is_left():
     class Recording(type(layer.attention)):
         pass
 
+    class Scaled(type(layer.attention.output)):
+        pass
+
     layer.attention.__class__ = Recording
+    model.encoder.layers[1].blocks[1].attention.output.__class__ = Scaled
     report = vitfast.patch_model(model)
-    reason = {l.name: l.reason for l in report.left}["encoder.layers.0.blocks.0"]
-    assert reason.startswith("attention is ") and "its own forward would be skipped" in reason, str(report)
-    assert len([r for r in report.patched if r.kind == "window_attention"]) == 3
+    left = {l.name: l.reason for l in report.left}
+    assert left["encoder.layers.0.blocks.0"].startswith("attention is "), str(report)
+    assert left["encoder.layers.1.blocks.1"].startswith("attention.output is "), str(report)
+    assert "its own forward would be skipped" in left["encoder.layers.1.blocks.1"]
+    assert len([r for r in report.patched if r.kind == "window_attention"]) == 2
 
 
 def test_backbones_of_models_off_the_interface_are_switched():

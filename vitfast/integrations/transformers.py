@@ -33,7 +33,7 @@ import torch
 
 from vitfast import backend as _backend
 from vitfast.integrations.choice import runs_original
-from vitfast.integrations.patch import (Adapter, conv_takes, mlp_check, mlp_fc1, mlp_rows, patch_conv,
+from vitfast.integrations.patch import (Adapter, _distributed, conv_takes, mlp_check, mlp_fc1, mlp_rows, patch_conv,
                                        window_index_changed)
 from vitfast.integrations.segment_anything import SAM_MLP_BLOCK, mlp_block_forward, sam_attention
 from vitfast.ops.attention import attention
@@ -50,8 +50,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     """transformers' attention signature: q, k, v (B, H, S, D) in; (B, S, H, D) out, and no weights; the masks are
     SDPA's (NAME). Where integrations/choice.py says ATen is faster (CPU and CUDA tensors), under torch.func's
     gradient transforms and forward-mode AD (as patch_model's other modules), and for what vitfast.attention does not
-    take (a value head dim other than q's, a query batch broadcast against the keys'), transformers' own SDPA path
-    runs instead. A call that asks for the attention weights (output_attentions, or transformers 5's recording of
+    take (a value head dim other than q's, a query batch broadcast against the keys', DTensors), transformers' own SDPA
+    path runs instead. A call that asks for the attention weights (output_attentions, or transformers 5's recording of
     them with hooks) or passes a position_bias, softcap or attention sinks runs the module's own eager attention
     (_eager_function), with the mask made additive as eager expects (so a model that ran SDPA, whose transformers 5
     SDPA path returns no weights, returns eager's); a module without one raises ValueError."""
@@ -84,8 +84,9 @@ def _forward(module, query, key, value, attention_mask, dropout, scaling, is_cau
         return _eager(module, query, key, value, attention_mask, dropout, scaling, is_causal, eager_masks, **kwargs)
     # (transformers' SDPA takes a value head dim other than q's (ConditionalDETR's cross-attention) and a query batch
     # of 1 against keys of B; vitfast.attention takes neither)
+    # (and DTensors, tensor parallelism's, which vitfast.attention has no sharding rule for)
     if (runs_original("attention", query) or _backend.transforms_open() or value.shape[-1] != query.shape[-1]
-            or query.shape[0] != key.shape[0]):
+            or query.shape[0] != key.shape[0] or _distributed(module, query)):
         if eager_masks:
             return _eager(module, query, key, value, attention_mask, dropout, scaling, is_causal, True, **kwargs)
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -324,15 +325,21 @@ def _sub_models(model: torch.nn.Module, prefix: str) -> list:
     from vitfast.integrations.patch import Left, _is_transformers_model, qualname
 
     records: list = []
-    outer: list = []
+    outer: list = []  # (sub-models switched, or already)
+    tested: list = []  # (sub-models left for their name test: their own sub-models are tried, reported once)
+    kept = [model.config]  # (configs that must keep their name: a sub-model sharing one is not switched)
     for name, module in model.named_modules():
         if (name and _is_transformers_model(module) and module._can_set_attn_implementation()
                 and _calls_attention_interface(module) and not any(name.startswith(s + ".") for s in outer)):
             full = f"{prefix}.{name}" if prefix else name
             if _switched(module):
                 records.append(Left(full, qualname(module), "already patched (attn_implementation)"))
-            elif _name_tested(module):
-                records.append(Left(full, qualname(module), _name_tested(module)))
+            elif _name_tested(module) or any(module.config is c for c in kept):
+                kept.append(module.config)
+                if not any(name.startswith(s + ".") for s in tested):
+                    records.append(Left(full, qualname(module), _name_tested(module) or
+                                        "shares its config with a model left with its attention implementation"))
+                tested.append(name)
                 continue
             else:
                 records.append(_switch(module, full))
@@ -414,9 +421,17 @@ def _reads_attention_functions(cls: type) -> bool:
 
 # a test of the implementation's name in modeling code: `config._attn_implementation == "sdpa"`, `... in ("eager",
 # "sdpa")`, `!= "eager"` (transformers 5.24: Gemma 4's KV-shared query slicing, DeepSeek-V3.2's and its kin's sparse
-# top-k mask, GPT-2's eager upcast, Falcon's)
+# top-k mask, GPT-2's eager upcast), outside construction (__init__ / post_init: TimmBackbone's and TimmWrapper's
+# warnings there ran before patch_model did)
 _NAME_TEST = re.compile(r"""_attn_implementation\s*(?:==|!=|(?:not\s+)?in)\s*[(\[{]?\s*["'](?:sdpa|eager)["']""")
 _TESTS_NAME: "weakref.WeakKeyDictionary[type, bool]" = weakref.WeakKeyDictionary()
+
+
+def _source(fn) -> str:
+    try:
+        return inspect.getsource(fn)
+    except (OSError, TypeError):  # (a function defined where no source file is kept)
+        return ""
 
 
 def _name_tested(model: torch.nn.Module) -> Optional[str]:
@@ -427,11 +442,10 @@ def _name_tested(model: torch.nn.Module) -> Optional[str]:
     for module in model.modules():
         for c in type(module).__mro__:
             if c not in _TESTS_NAME:
-                try:
-                    _TESTS_NAME[c] = (c.__module__.startswith("transformers.models.")
-                                      and _NAME_TEST.search(inspect.getsource(c)) is not None)
-                except (OSError, TypeError):  # (a class defined where no source file is kept)
-                    _TESTS_NAME[c] = False
+                methods = {name: getattr(f, "__func__", getattr(f, "fget", f)) for name, f in vars(c).items()}
+                _TESTS_NAME[c] = c.__module__.startswith("transformers.models.") and any(
+                    _NAME_TEST.search(_source(f)) for name, f in methods.items()
+                    if inspect.isfunction(f) and name not in ("__init__", "post_init"))
             if _TESTS_NAME[c]:
                 return (f"{c.__qualname__} ({c.__module__}) tests the attention implementation's name against "
                         f"'sdpa' or 'eager' and would take another branch under vitfast's: left on "

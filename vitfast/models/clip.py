@@ -276,8 +276,6 @@ def _open_clip_tower(tower: nn.Module, name: str) -> dict:
     first = blocks[0]
     unsupported = [type(b).__name__ for b in blocks if type(b).__name__ != "ResidualAttentionBlock"]
     unsupported += ["layer scale"] * any(not isinstance(b.ls_1, nn.Identity) for b in blocks)
-    unsupported += ["LayerNorm without bias"] * any(m.bias is None for m in tower.modules()
-                                                    if isinstance(m, nn.LayerNorm))
     acts = {type(b.mlp.gelu).__name__ if not isinstance(b.mlp.gelu, nn.GELU) or b.mlp.gelu.approximate == "none"
             else "tanh GELU" for b in blocks}
     if unsupported or not acts <= {"QuickGELU", "GELU"} or len(acts) != 1:
@@ -309,6 +307,8 @@ def clip_from_open_clip(oc_model: nn.Module, backend: str = "vitfast") -> CLIP:
             ("patch dropout", not isinstance(getattr(visual, "patch_dropout", nn.Identity()), nn.Identity)),
             ("no image projection (proj_type 'none')", getattr(visual, "proj", None) is None)]
     checks += [("a logit bias", getattr(oc_model, "logit_bias", None) is not None),
+               ("a LayerNorm without bias", any(m.bias is None for m in oc_model.modules()
+                                                if isinstance(m, nn.LayerNorm))),
                (f"a text tower of its own class ({type(oc_model).__name__})", not own_text_tower)]
     if own_text_tower:
         checks += [

@@ -1,4 +1,5 @@
 """Pieces every reference model shares: the backend switch, attention and LayerNorm on each backend."""
+import operator
 import copy
 import math
 import warnings
@@ -61,8 +62,8 @@ def at_least(model: str, minimum: int, **values) -> None:
     """Raises ValueError naming `model` and the argument where an int argument in `values` is below `minimum` (a
     negative depth built an empty stack, a negative num_classes a headless model, in_chans=0 a convolution no image
     fits)."""
-    for name, value in values.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+    for name, value in values.items():  # (any integer type: a NumPy int from a config too)
+        if isinstance(value, bool) or not hasattr(type(value), "__index__") or operator.index(value) < minimum:
             raise ValueError(f"{model}: {name} must be an int of at least {minimum}, got {value!r}")
 
 

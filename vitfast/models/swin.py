@@ -329,9 +329,12 @@ def swin_from_timm(timm_model: nn.Module, backend: str = "vitfast") -> SwinTrans
     if len(windows) != 1 or window != next(iter(windows))[1] or any(n != side * side for _, n in tables):
         per_stage = [tuple(s.blocks[0].attn.window_size) if len(s.blocks) else None for s in stages]
         largest, patch = max(max(w) for w in windows), timm_model.patch_embed.proj.kernel_size[0]
+        # (timm clamps a block's window to a smaller map: a model built for small images, not a per-stage choice)
+        clamped = any(tuple(b.attn.window_size) == tuple(getattr(b, "input_resolution", ())) and max(b.attn.window_size)
+                      < largest for st in stages for b in st.blocks)
         shrunk = ("; timm shrinks the window of a stage whose map is smaller: a model built for images of at least "
                   f"{largest * patch * 2 ** (len(stages) - 1)} pixels keeps {largest} in every stage"
-                  if all(w[0] == w[1] for w in windows) else "")
+                  if clamped and all(w[0] == w[1] for w in windows) else "")
         raise ValueError(f"timm Swin with per-stage or non-square windows does not convert: windows per stage "
                          f"{per_stage} (one square window everywhere converts{shrunk})")
     first = stages[0].blocks[0]
