@@ -307,7 +307,7 @@ def test_unpatch_restores_each_sub_config():
 def test_patched_model_saved_whole_runs_in_a_fresh_process(tmp_path):
     """torch.save of a whole patched model, torch.load in another process: its config names vitfast's attention,
     which unpickling registers (the forward raised KeyError: not a registered attention implementation); unpatch
-    there restores the original's."""
+    there restores the original's. So does a part of it saved on its own."""
     import subprocess
     import sys
 
@@ -325,6 +325,31 @@ def test_patched_model_saved_whole_runs_in_a_fresh_process(tmp_path):
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip().splitlines()[-1] == "sdpa"
+    # a part saved on its own (a layer: its attention reads the shared config's name) registers the names too
+    layer, hidden = model.layers[0], torch.randn(2, 5, 32)
+    with torch.no_grad():
+        torch.save({"layer": layer, "h": hidden, "want": layer(hidden)}, tmp_path / "layer.pt")
+    code = (f"import torch\nd = torch.load({str(tmp_path / 'layer.pt')!r}, weights_only=False)\n"
+            "with torch.no_grad():\n    torch.testing.assert_close(d['layer'](d['h']), d['want'])")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
+def test_an_implementation_set_since_patching_is_kept():
+    """A user who sets another implementation on a patched model (set_attn_implementation("eager")): a second
+    patch_model reported it "already patched" while it ran plain eager, and unpatch_model set it back to "sdpa"."""
+    model = transformers.ViTModel(_vision_config(transformers.ViTConfig))
+    vitfast.patch_model(model)
+    model.set_attn_implementation("eager")
+    vitfast.unpatch_model(model)
+    assert model.config._attn_implementation == "eager"
+    vitfast.patch_model(model)
+    model.set_attn_implementation("eager")
+    report = vitfast.patch_model(model)
+    assert [r.kind for r in report.patched if r.name == ""] == ["attention"], str(report)
+    assert model.config._attn_implementation == vt.NAME_EAGER
+    vitfast.unpatch_model(model)
+    assert model.config._attn_implementation == "eager"
 
 
 def test_patched_eager_models_keep_eager_masks():

@@ -387,9 +387,15 @@ def patch(model: torch.nn.Module, prefix: str, attention: bool = True, window_at
 
 
 def _switched(model: torch.nn.Module) -> bool:
-    """Whether `model` runs vitfast's attention names: switched by patch, or a sub-model switched by the model
-    holding it (which restores it at its unpatch)."""
-    return "_vitfast_attn_previous" in model.__dict__ or model.config._attn_implementation in (NAME, NAME_EAGER)
+    """Whether `model`'s config (or a sub-config) names vitfast's attention: switched by patch, or a sub-model switched
+    by the model holding it (which restores it at its unpatch); not one set to another implementation since."""
+    return _names_vitfast(_implementations(model.config))
+
+
+def _names_vitfast(implementations: dict) -> bool:
+    """Whether a nested dict of _implementations names vitfast's attention (a model set to another one since
+    patching, by the user's set_attn_implementation, does not)."""
+    return any(_names_vitfast(v) if isinstance(v, dict) else v in (NAME, NAME_EAGER) for v in implementations.values())
 
 
 def _calls_attention_interface(model: torch.nn.Module) -> bool:
@@ -467,6 +473,9 @@ def _switch(model: torch.nn.Module, prefix: str):
     with _quiet_sub_config_warning():
         model.set_attn_implementation(names)
     model.__dict__["_vitfast_attn_previous"] = _Previous(_original_names(previous))
+    for module in model.modules():  # (a part saved on its own: its attention reads the config's name)
+        if hasattr(module, "config"):
+            module.__dict__[_REGISTERS] = _REGISTRATION
     what = (f"attn_implementation {previous['']!r} -> {names['']!r}" if names[""] != previous[""] else
             f"attn_implementation {previous['']!r} kept; sub-configs "
             f"{', '.join(k for k in names if k and names[k] != previous[k])} -> vitfast's")
@@ -539,11 +548,34 @@ def _restore_previous(implementations: dict) -> _Previous:
     return _Previous(implementations)
 
 
+class _Registration:
+    """Held by each module of a switched model that holds its config: unpickled (the module, or a part of the model
+    holding it, saved with torch.save and loaded in another process), it registers vitfast's names, which the config
+    names, with transformers (a backbone saved alone raised KeyError: 'vitfast' is not a valid attention
+    implementation)."""
+
+    def __reduce__(self):
+        return _registration, ()
+
+
+def _registration() -> "_Registration":
+    _register_names()
+    return _REGISTRATION
+
+
+_REGISTRATION = _Registration()
+_REGISTERS = "_vitfast_registers_names"
+
+
 def unpatch(model: torch.nn.Module) -> int:
     """Restores the attention implementation `patch` replaced (SwinLayers are restored by unpatch_model)."""
     previous = model.__dict__.pop("_vitfast_attn_previous", None)
     if previous is None:
         return 0
+    for module in model.modules():
+        module.__dict__.pop(_REGISTERS, None)
+    if not _names_vitfast(_implementations(model.config)):  # (set to another implementation since: kept)
+        return 1
     # through the config's setter, which takes the nested values as they were (None for a sub-config never set,
     # which set_attn_implementation refuses); sub-models share these config objects
     model.config._attn_implementation = dict(previous)
