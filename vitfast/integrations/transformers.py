@@ -418,10 +418,9 @@ def _reads_attention_functions(cls: type) -> bool:
         if cls.__module__ == "transformers.modeling_utils" or cls.__module__.split(".")[0] in ("torch", "builtins"):
             _READS[cls] = False
         else:
-            try:
-                _READS[cls] = "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(cls)
-            except (OSError, TypeError):  # (a class defined where no source file is kept)
-                _READS[cls] = hasattr(sys.modules.get(cls.__module__), "ALL_ATTENTION_FUNCTIONS")
+            source = _source(cls)
+            _READS[cls] = ("ALL_ATTENTION_FUNCTIONS" in source if source
+                           else hasattr(sys.modules.get(cls.__module__), "ALL_ATTENTION_FUNCTIONS"))
     return _READS[cls]
 
 
@@ -433,10 +432,12 @@ _NAME_TEST = re.compile(r"""_attn_implementation\s*(?:==|!=|(?:not\s+)?in)\s*[(\
 _TESTS_NAME: "weakref.WeakKeyDictionary[type, bool]" = weakref.WeakKeyDictionary()
 
 
-def _source(fn) -> str:
+def _source(obj) -> str:
+    """The source of a class or function, or "" where none is kept (defined in a REPL) or its file no longer parses
+    (edited since it was imported: inspect parses it for a class)."""
     try:
-        return inspect.getsource(fn)
-    except (OSError, TypeError):  # (a function defined where no source file is kept)
+        return inspect.getsource(obj)
+    except (OSError, TypeError, SyntaxError):
         return ""
 
 
