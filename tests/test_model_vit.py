@@ -247,7 +247,8 @@ def test_constructors_refuse_impossible_arguments():
         with pytest.raises(ValueError, match=match):
             build()
     numpy = pytest.importorskip("numpy")  # (integer arguments of any integer type, a config's NumPy ints too)
-    assert len(VisionTransformer(**{**TINY, "depth": numpy.int64(1), "embed_dim": numpy.int32(32)}).blocks) == 1
+    assert len(VisionTransformer(**{**TINY, "depth": numpy.int64(1), "embed_dim": numpy.int32(32),
+                                    "img_size": numpy.int64(32)}).blocks) == 1
 
 
 def test_distilled_parameters_in_timms_order():

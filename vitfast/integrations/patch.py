@@ -524,7 +524,8 @@ def _replicate(module: nn.Module) -> nn.Module:
         rebound[name] = functools.partial(method.func, replica, *method.args[1:])
         if hasattr(method, "__signature__"):
             rebound[name].__signature__ = method.__signature__
-        object.__setattr__(replica, name, rebound[name])
+        if replica.__dict__.get(name) is method:  # (not one set since: a user's or a library's, kept as it is)
+            object.__setattr__(replica, name, rebound[name])
     object.__setattr__(replica, _MARK, (kind, rebound))
     return replica
 

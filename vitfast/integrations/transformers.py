@@ -389,7 +389,8 @@ def patch(model: torch.nn.Module, prefix: str, attention: bool = True, window_at
 def _switched(model: torch.nn.Module) -> bool:
     """Whether `model`'s config (or a sub-config) names vitfast's attention: switched by patch, or a sub-model switched
     by the model holding it (which restores it at its unpatch); not one set to another implementation since."""
-    return _names_vitfast(_implementations(model.config))
+    return (model.config._attn_implementation in (NAME, NAME_EAGER)
+            or "_vitfast_attn_previous" in model.__dict__ and _names_vitfast(_implementations(model.config)))
 
 
 def _names_vitfast(implementations: dict) -> bool:

@@ -53,18 +53,28 @@ def square(value, name: str, model: str) -> int:
     """
     if isinstance(value, (tuple, list)) and len(value) == 2 and value[0] == value[1]:
         value = value[0]
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    if _integer(value) is None or _integer(value) < 1:
         raise ValueError(f"{model} takes a square {name}: a positive int or an (n, n) pair, got {value!r}")
-    return value
+    return _integer(value)
 
 
 def at_least(model: str, minimum: int, **values) -> None:
     """Raises ValueError naming `model` and the argument where an int argument in `values` is below `minimum` (a
     negative depth built an empty stack, a negative num_classes a headless model, in_chans=0 a convolution no image
     fits)."""
-    for name, value in values.items():  # (any integer type: a NumPy int from a config too)
-        if isinstance(value, bool) or not hasattr(type(value), "__index__") or operator.index(value) < minimum:
+    for name, value in values.items():
+        if _integer(value) is None or _integer(value) < minimum:
             raise ValueError(f"{model}: {name} must be an int of at least {minimum}, got {value!r}")
+
+
+def _integer(value) -> Optional[int]:
+    """value as an int where it is one of any integer type (a NumPy int from a config too; not a bool), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:  # (a float, an array, a tensor of several elements)
+        return None
 
 
 def size_entry(table: dict, size: str, model: str):
