@@ -444,8 +444,8 @@ def _distributed(module: nn.Module, x: Optional[Tensor]) -> bool:
     """Whether the call runs on DTensors (tensor parallelism: parallelize_module makes the module's parameters and
     inputs DTensors), which vitfast's ops have no sharding rules for: the original runs, on DTensor's own. (Plain
     tensors are told apart by type first: importing torch.distributed.tensor takes about a second.)"""
-    params = [p for p in module._parameters.values() if p is not None]
-    if (x is None or type(x) in _PLAIN) and all(type(p) in _PLAIN for p in params):
+    params = module._parameters.values()
+    if (x is None or type(x) in _PLAIN) and all(p is None or type(p) in _PLAIN for p in params):
         return False
     dtensor = sys.modules.get("torch.distributed.tensor")  # (imported wherever a DTensor exists)
     return dtensor is not None and any(isinstance(t, dtensor.DTensor) for t in (x, *params))

@@ -334,10 +334,10 @@ def _sub_models(model: torch.nn.Module, prefix: str) -> list:
             full = f"{prefix}.{name}" if prefix else name
             if _switched(module):
                 records.append(Left(full, qualname(module), "already patched (attn_implementation)"))
-            elif _name_tested(module) or any(module.config is c for c in kept):
+            elif (why := _name_tested(module)) is not None or any(module.config is c for c in kept):
                 kept.append(module.config)
                 if not any(name.startswith(s + ".") for s in tested):
-                    records.append(Left(full, qualname(module), _name_tested(module) or
+                    records.append(Left(full, qualname(module), why or
                                         "shares its config with a model left with its attention implementation"))
                 tested.append(name)
                 continue
@@ -363,8 +363,8 @@ def patch(model: torch.nn.Module, prefix: str, attention: bool = True, window_at
         records += _sub_models(model, prefix)
     elif not _calls_attention_interface(model):
         records.append(Left(prefix, cls, "no module of the model calls transformers' AttentionInterface"))
-    elif _name_tested(model):
-        records.append(Left(prefix, cls, _name_tested(model)))
+    elif (why := _name_tested(model)) is not None:
+        records.append(Left(prefix, cls, why))
         records += _sub_models(model, prefix)
     else:
         records.append(_switch(model, prefix))

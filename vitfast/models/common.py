@@ -53,9 +53,10 @@ def square(value, name: str, model: str) -> int:
     """
     if isinstance(value, (tuple, list)) and len(value) == 2 and value[0] == value[1]:
         value = value[0]
-    if _integer(value) is None or _integer(value) < 1:
+    size = _integer(value)
+    if size is None or size < 1:
         raise ValueError(f"{model} takes a square {name}: a positive int or an (n, n) pair, got {value!r}")
-    return _integer(value)
+    return size
 
 
 def at_least(model: str, minimum: int, **values) -> None:
@@ -63,7 +64,8 @@ def at_least(model: str, minimum: int, **values) -> None:
     negative depth built an empty stack, a negative num_classes a headless model, in_chans=0 a convolution no image
     fits)."""
     for name, value in values.items():
-        if _integer(value) is None or _integer(value) < minimum:
+        number = _integer(value)
+        if number is None or number < minimum:
             raise ValueError(f"{model}: {name} must be an int of at least {minimum}, got {value!r}")
 
 

@@ -117,8 +117,8 @@ class VisionTransformer(nn.Module):
                  mlp_hidden_dim: Optional[int] = None):
         super().__init__()
         self.backend = check_backend(backend)
-        at_least("VisionTransformer", 1, in_chans=in_chans, embed_dim=embed_dim,
-                 mlp_hidden_dim=int(embed_dim * mlp_ratio) if mlp_hidden_dim is None else mlp_hidden_dim)
+        hidden = int(embed_dim * mlp_ratio) if mlp_hidden_dim is None else mlp_hidden_dim  # (timm's rounding)
+        at_least("VisionTransformer", 1, in_chans=in_chans, embed_dim=embed_dim, mlp_hidden_dim=hidden)
         at_least("VisionTransformer", 0, depth=depth, num_classes=num_classes)
         if not eps > 0:
             raise ValueError(f"VisionTransformer: eps must be positive, got {eps!r}")
@@ -130,7 +130,6 @@ class VisionTransformer(nn.Module):
         # (after pos_embed, as timm's VisionTransformerDistilled registers it: an optimizer state saved on timm's
         # model maps its tensors by position)
         self.dist_token = nn.Parameter(torch.randn(1, 1, embed_dim) * 0.02) if distilled else None
-        hidden = int(embed_dim * mlp_ratio) if mlp_hidden_dim is None else mlp_hidden_dim  # (timm's rounding)
         self.blocks = nn.Sequential(*[Block(embed_dim, num_heads, hidden, qkv_bias, eps, backend)
                                       for _ in range(depth)])
         self.norm = LayerNorm(embed_dim, eps=eps)
