@@ -352,6 +352,31 @@ def test_an_implementation_set_since_patching_is_kept():
     assert model.config._attn_implementation == "eager"
 
 
+def test_a_sub_config_set_since_patching_is_kept():
+    """The same for one sub-config (set_attn_implementation({"vision_config": "eager"}) on a patched CLIPModel): a
+    second patch_model reported the model "already patched" while its vision tower ran plain eager, and
+    unpatch_model set the tower back to "sdpa"."""
+    text = dict(vocab_size=99, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=16)
+    model = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=_vision_config(dict),
+                                                           projection_dim=16))
+    vitfast.patch_model(model)
+    model.set_attn_implementation({"vision_config": "eager"})
+    vitfast.unpatch_model(model)
+    assert vt._implementations(model.config) == {"": "sdpa", "vision_config": {"": "eager"},
+                                                 "text_config": {"": "sdpa"}}
+    vitfast.patch_model(model)
+    model.set_attn_implementation({"text_config": "sdpa"})
+    report = vitfast.patch_model(model)
+    assert [r.what for r in report.patched if r.name == ""] == [
+        "attn_implementation set since patching (text_config 'sdpa') -> vitfast's"], str(report)
+    assert vt._implementations(model.config) == {"": vt.NAME, "vision_config": {"": vt.NAME_EAGER},
+                                                 "text_config": {"": vt.NAME}}
+    vitfast.unpatch_model(model)
+    assert vt._implementations(model.config) == {"": "sdpa", "vision_config": {"": "eager"},
+                                                 "text_config": {"": "sdpa"}}
+
+
 def test_patched_eager_models_keep_eager_masks():
     """A model built with eager attention keeps eager's masks when patch_model switches it to vitfast's attention
     (NAME_EAGER): a query that sees no key (every pixel of a DETR image padded, left-padded CLIP text tokens) averages

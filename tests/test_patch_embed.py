@@ -4,7 +4,8 @@ import torch.nn.functional as F
 
 import vitfast
 from vitfast.ops import patch_embed as pe_ops
-from vitfast.ops.patch_embed import patch_embed, patch_embed_ref, resample_pos_embed
+from vitfast.ops.patch_embed import patch_embed, patch_embed_ref
+from vitfast import resample_pos_embed  # the public name
 
 from _optional_libs import import_or_skip
 from conftest import assert_close_to_ref, assert_compiles_like_eager, backend_cases, rounding_noise

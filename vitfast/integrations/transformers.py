@@ -333,7 +333,7 @@ def _sub_models(model: torch.nn.Module, prefix: str) -> list:
                 and _calls_attention_interface(module) and not any(name.startswith(s + ".") for s in outer)):
             full = f"{prefix}.{name}" if prefix else name
             if _switched(module):
-                records.append(Left(full, qualname(module), "already patched (attn_implementation)"))
+                records.append(_switch_again(module, full))
             elif (why := _name_tested(module)) is not None or any(module.config is c for c in kept):
                 kept.append(module.config)
                 if not any(name.startswith(s + ".") for s in tested):
@@ -354,7 +354,7 @@ def patch(model: torch.nn.Module, prefix: str, attention: bool = True, window_at
 
     cls, records = qualname(model), []
     if _switched(model):
-        records.append(Left(prefix, cls, "already patched (attn_implementation)"))
+        records.append(_switch_again(model, prefix))
     elif not attention:
         records.append(Left(prefix, cls, "attention=False"))
     elif not model._can_set_attn_implementation():
@@ -484,6 +484,46 @@ def _switch(model: torch.nn.Module, prefix: str):
     return Patched(prefix, qualname(model), "attention", what)
 
 
+def _switch_again(model: torch.nn.Module, prefix: str):
+    """A switched model's record: "already patched", or where the user set "eager" or "sdpa" on it or a sub-config
+    since patching (set_attn_implementation({"vision_config": "eager"})), those switched to vitfast's names, the
+    user's kept for unpatch where the model holds what patch replaced (a sub-model switched by the model holding it
+    is restored by that model's unpatch, to what it had before the first patch)."""
+    from vitfast.integrations.patch import Left, Patched, qualname
+
+    current = _implementations(model.config)
+    names = _vitfast_names(current)
+    if names == current:
+        return Left(prefix, qualname(model), "already patched (attn_implementation)")
+    with _quiet_sub_config_warning():
+        model.set_attn_implementation(names)
+    previous = model.__dict__.get("_vitfast_attn_previous")
+    if previous is not None:
+        model.__dict__["_vitfast_attn_previous"] = _Previous(_restored(current, previous))
+    changed = ", ".join(f"{key or 'model'} {value!r}" for key, value in _changed(current, names))
+    return Patched(prefix, qualname(model), "attention", f"attn_implementation set since patching ({changed}) -> "
+                                                         f"vitfast's")
+
+
+def _changed(current: dict, names: dict, path: str = "") -> list:
+    """(dotted sub-config path, name) of each implementation in `current` that `names` replaces."""
+    out = []
+    for key, value in current.items():
+        where = ".".join(p for p in (path, key) if p)
+        out += _changed(value, names[key], where) if isinstance(value, dict) else [(where, value)] * (
+            value != names[key])
+    return out
+
+
+def _restored(current: dict, previous) -> dict:
+    """`_implementations`' nesting with each of vitfast's names as `previous` (what patch replaced) has it, and the
+    other names as they are now (set by the user since patching)."""
+    previous = previous if isinstance(previous, dict) else {}
+    return {key: _restored(value, previous.get(key)) if isinstance(value, dict)
+            else (previous[key] if key in previous else _ORIGINAL_NAMES[value]) if value in (NAME, NAME_EAGER)
+            else value for key, value in current.items()}
+
+
 class _SubConfigWarning(logging.Filter):
     """Drops transformers' "We set the attention implementation for the sub-config ... to `vitfast` without finding
     the associated sub-model ... undefined behavior": sub-configs read by modules that are not sub-models (SAM's mask
@@ -576,11 +616,13 @@ def unpatch(model: torch.nn.Module) -> int:
         return 0
     for module in model.modules():
         module.__dict__.pop(_REGISTERS, None)
-    if not _names_vitfast(_implementations(model.config)):  # (set to another implementation since: kept)
+    current = _implementations(model.config)
+    if not _names_vitfast(current):  # (set to another implementation since: kept)
         return 1
     # through the config's setter, which takes the nested values as they were (None for a sub-config never set,
-    # which set_attn_implementation refuses); sub-models share these config objects
-    model.config._attn_implementation = dict(previous)
+    # which set_attn_implementation refuses); sub-models share these config objects. A (sub-)config set to another
+    # implementation since patching keeps it.
+    model.config._attn_implementation = _restored(current, previous)
     return 1
 
 

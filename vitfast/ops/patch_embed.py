@@ -117,6 +117,8 @@ def resample_pos_embed(pos_embed: Tensor, new_grid: Sequence[int], old_grid: Opt
         (1, P + Hp*Wp, E) in pos_embed's dtype. Differentiable in pos_embed. The (Hp*Wp, h*w) interpolation
         matrix is computed once per sizes, device and dtype (float64 for a float64 table, else float32; the 16 used
         last kept); each call forms its product with the table.
+    Raises:
+        ValueError: old_grid is None and the h*w patch rows are not a square, or old_grid's h*w is not their count.
     """
     E = pos_embed.shape[-1]
     table = pos_embed.reshape(-1, E)
