@@ -224,6 +224,39 @@ def test_pos_embed_resampling_on_thin_grids_and_in_float64(new_size):
                                     pos[:, :, :2].clone().requires_grad_())
 
 
+@pytest.mark.parametrize("mode,antialias", [("bilinear", False), ("bicubic", False), ("nearest", False),
+                                            ("nearest-exact", False), ("area", False)])
+def test_pos_embed_resampling_modes(mode, antialias):
+    """Every 2-D mode of F.interpolate, as timm's `interpolation` takes them ("nearest" raised PyTorch's
+    align_corners error)."""
+    pos = torch.randn(1, 1 + 12, 8, dtype=torch.float64)
+    grid = pos[:, 1:].reshape(1, 3, 4, 8).permute(0, 3, 1, 2)
+    want = F.interpolate(grid, size=(5, 7), mode=mode, antialias=antialias,
+                         align_corners=False if mode in ("bilinear", "bicubic") else None)
+    want = torch.cat([pos[:, :1], want.permute(0, 2, 3, 1).reshape(1, 35, 8)], 1)
+    got = resample_pos_embed(pos, (5, 7), (3, 4), num_prefix_tokens=1, mode=mode, antialias=antialias)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("args,kwargs,match", [
+    ((torch.zeros(2, 17, 8), (4, 4)), {"num_prefix_tokens": 1}, r"pos_embed must be \(1, rows, E\) .* \(2, 17, 8\)"),
+    ((torch.zeros(8, 8), (3, 3)), {"num_prefix_tokens": -1}, r"num_prefix_tokens=-1 is not in \[0, 8\]"),
+    ((torch.zeros(17, 8), (0, 3)), {"num_prefix_tokens": 1}, r"new_grid must be two positive integers"),
+    ((torch.zeros(17, 8), 4), {"num_prefix_tokens": 1}, r"new_grid must be two positive integers"),
+    ((torch.zeros(17, 8), (2.5, 3)), {"num_prefix_tokens": 1}, r"new_grid must be two positive integers"),
+    ((torch.zeros(17, 8), (3, 3), (4,)), {"num_prefix_tokens": 1}, r"old_grid must be two positive integers"),
+    ((torch.zeros(17, 8), (3, 3)), {"num_prefix_tokens": 1, "mode": "foo"}, r"mode 'foo' is not one of"),
+    ((torch.zeros(17, 8), (3, 3)), {"num_prefix_tokens": 1, "mode": "nearest"}, r"antialias=True takes mode"),
+    ((torch.zeros(18, 8), (3, 3)), {"num_prefix_tokens": 1}, r"17 patch rows .* are not a square grid"),
+    ((torch.zeros(17, 8), (3, 3), (2, 4)), {"num_prefix_tokens": 1}, r"old_grid \(2, 4\) does not match the 16"),
+])
+def test_pos_embed_resampling_refuses_bad_arguments(args, kwargs, match):
+    """Bad arguments get a ValueError naming them (a (2, 8, 8) pair of tables was read as one 4x4 grid: a wrong
+    table, no error; others raised PyTorch's errors about align_corners or matmul shapes)."""
+    with pytest.raises(ValueError, match=r"vitfast.resample_pos_embed: " + match):
+        resample_pos_embed(*args, **kwargs)
+
+
 @pytest.mark.parametrize("new_size", [(6, 6), (2, 3)])
 def test_pos_embed_resampling_matrix_is_cached_and_the_table_read_per_call(new_size, monkeypatch):
     """The interpolation matrix is computed once per sizes; the table itself is read at each call, so an edit of

@@ -34,7 +34,12 @@ def _source_commit() -> Optional[str]:
 
 
 def info() -> dict:
-    """Returns the environment as a dict (printed by `python -m vitfast info`)."""
+    """Returns the environment as a dict (printed by `python -m vitfast info`): vitfast (version), commit (`git
+    describe` of a source checkout, else None), python, torch, torch_cuda (the CUDA torch was built for, None on a
+    CPU build), triton (version or None), triton_interpret (TRITON_INTERPRET=1 set), device (the GPU's name, else
+    "cpu (model)"), cpu (model, torch threads, ATen's CPU capability), extension_cpu / extension_cuda (whether
+    vitfast._C loaded with its CPU / CUDA kernels), extension_error (why it did not load, or None), forced_backend
+    (the backend VITFAST_BACKEND or use_backend forces, None, or "error: ..." for an invalid VITFAST_BACKEND)."""
     cpu = _cpu_model()
     triton_version = None
     if backend.has_triton():

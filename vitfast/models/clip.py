@@ -186,11 +186,15 @@ class CLIP(nn.Module):
         set_backend(self, backend)
 
     def encode_image(self, pixel_values: Tensor, normalize: bool = False) -> Tensor:
+        """(B_img, C, H, W) images -> (B_img, embed_dim) projected features, unit norm where `normalize`
+        (open_clip's encode_image)."""
         x = self.visual(pixel_values)
         return x / x.norm(dim=-1, keepdim=True) if normalize else x
 
     def encode_text(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                     normalize: bool = False) -> Tensor:
+        """(B_txt, N) token ids, attention_mask (B_txt, N) (1 or True: a token to attend, 0 or False: padding) or
+        None -> (B_txt, embed_dim) projected features, unit norm where `normalize` (open_clip's encode_text)."""
         x = self.text(input_ids, attention_mask)
         return x / x.norm(dim=-1, keepdim=True) if normalize else x
 

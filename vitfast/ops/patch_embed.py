@@ -24,6 +24,7 @@ state (pre-norm tokens, mean, rstd in fp32) is vitfast.layer_norm's, so its back
 layer_norm_backward op. Under autocast the op follows `_autocast_rule` (the rule of the unfused sequence).
 """
 import math
+import numbers
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -89,7 +90,8 @@ def _resize_matrix(old_grid: Tuple[int, int], new_grid: Tuple[int, int], mode: s
             # the basis as timm lays out the table: one image of n_old channels, channels last (torch 2.13's CPU
             # antialiased kernel for channels-first inputs drops the height resize where the new width is 1)
             basis = torch.eye(n_old, device=device, dtype=dtype).reshape(1, *old_grid, n_old).permute(0, 3, 1, 2)
-            resized = F.interpolate(basis, size=new_grid, mode=mode, antialias=antialias, align_corners=False)
+            resized = F.interpolate(basis, size=new_grid, mode=mode, antialias=antialias,
+                                    align_corners=False if mode in ("bilinear", "bicubic") else None)
             return resized.reshape(n_old, -1).t().contiguous()
 
     # (Dynamo cannot trace detect_fake_mode: asked second)
@@ -106,30 +108,57 @@ def _resize_matrix(old_grid: Tuple[int, int], new_grid: Tuple[int, int], mode: s
     return mat
 
 
+_MODES = ("bicubic", "bilinear", "nearest", "nearest-exact", "area")
+
+
+def _grid(name: str, what: str, grid) -> Tuple[int, int]:
+    """`grid` as two positive Python ints (NumPy integers taken), else ValueError."""
+    out = tuple(int(v) for v in grid) if isinstance(grid, (tuple, list)) and len(grid) == 2 and all(
+        isinstance(v, (numbers.Integral, torch.SymInt)) for v in grid) else ()
+    if not out or min(out) < 1:
+        raise ValueError(f"{name}: {what} must be two positive integers (h, w), got {grid!r}")
+    return out
+
+
 def resample_pos_embed(pos_embed: Tensor, new_grid: Sequence[int], old_grid: Optional[Sequence[int]] = None,
                        num_prefix_tokens: int = 0, mode: str = "bicubic", antialias: bool = True) -> Tensor:
-    """timm's resample_abs_pos_embed with a cached interpolation matrix.
+    """timm's resample_abs_pos_embed (its `interpolation` is `mode` here) with a cached interpolation matrix.
 
     Args:
         pos_embed: (1, P + h*w, E) or (P + h*w, E), P = num_prefix_tokens leading rows left as they are.
-        new_grid: (Hp, Wp). old_grid: (h, w); a square grid when None.
+        new_grid: (Hp, Wp), positive. old_grid: (h, w); a square grid when None.
+        mode: F.interpolate's 2-D mode: "bicubic" (timm's default), "bilinear", "nearest", "nearest-exact", "area".
+        antialias: F.interpolate's antialias (timm's default True), for "bilinear" and "bicubic" only.
     Returns:
         (1, P + Hp*Wp, E) in pos_embed's dtype. Differentiable in pos_embed. The (Hp*Wp, h*w) interpolation
-        matrix is computed once per sizes, device and dtype (float64 for a float64 table, else float32; the 16 used
-        last kept); each call forms its product with the table.
+        matrix is computed once per sizes, mode, device and dtype (float64 for a float64 table, else float32; the
+        16 used last kept); each call forms its product with the table.
     Raises:
-        ValueError: old_grid is None and the h*w patch rows are not a square, or old_grid's h*w is not their count.
+        ValueError: pos_embed not (1, rows, E) or (rows, E); num_prefix_tokens not in [0, rows]; a grid not two
+        positive integers; old_grid None and the h*w patch rows not a square, or old_grid's h*w not their count;
+        an unknown mode, or antialias with a mode other than "bilinear" or "bicubic".
     """
+    name = "vitfast.resample_pos_embed"
+    if pos_embed.dim() not in (2, 3) or pos_embed.dim() == 3 and pos_embed.shape[0] != 1:
+        raise ValueError(f"{name}: pos_embed must be (1, rows, E) or (rows, E), got {tuple(pos_embed.shape)}")
+    if mode not in _MODES:
+        raise ValueError(f"{name}: mode {mode!r} is not one of {', '.join(map(repr, _MODES))}")
+    if antialias and mode not in ("bilinear", "bicubic"):
+        raise ValueError(f"{name}: antialias=True takes mode 'bilinear' or 'bicubic', not {mode!r}")
     E = pos_embed.shape[-1]
     table = pos_embed.reshape(-1, E)
+    if not 0 <= num_prefix_tokens <= table.shape[0]:
+        raise ValueError(f"{name}: num_prefix_tokens={num_prefix_tokens} is not in [0, {table.shape[0]}], the rows "
+                         f"of pos_embed {tuple(pos_embed.shape)}")
     n_old = table.shape[0] - num_prefix_tokens
+    new_grid = _grid(name, "new_grid", new_grid)
     if old_grid is None:
         side = math.isqrt(max(n_old, 0))
         if side * side != n_old:
             raise ValueError(f"vitfast.resample_pos_embed: {n_old} patch rows of pos_embed {tuple(pos_embed.shape)} "
                              f"are not a square grid; pass old_grid")
         old_grid = (side, side)
-    old_grid, new_grid = tuple(int(v) for v in old_grid), tuple(int(v) for v in new_grid)
+    old_grid = _grid(name, "old_grid", old_grid)
     if old_grid[0] * old_grid[1] != n_old:
         raise ValueError(f"vitfast.resample_pos_embed: old_grid {old_grid} does not match the {n_old} patch rows "
                          f"of pos_embed {tuple(pos_embed.shape)}")
@@ -437,7 +466,8 @@ def patch_embed(images: Tensor, weight: Tensor, bias: Optional[Tensor], patch_si
             Where rows == L and rows - P is also a square grid (a table with prefix rows for another grid whose
             patch count happens to equal rows), it is read as patch rows only: pass such a table resampled to
             P + L rows (resample_pos_embed) instead.
-        num_prefix_tokens: P, the prefix slots at the front of the output (taken from prefix_tokens if given).
+        num_prefix_tokens: P, the prefix slots at the front of the output (taken from prefix_tokens if given;
+            another P given with it raises ValueError).
         prefix_tokens: (P, E) or (1, P, E) (class, distillation tokens), any strides, broadcast over the batch;
             None leaves the P slots zero (plus their positional rows).
         norm_weight, norm_bias: (E,), any stride: LayerNorm on the patch tokens (before pos_embed), eps its
