@@ -8,8 +8,9 @@
 // A constant row gets its own value as the mean exactly (v - mu0 is exact, and so are its sum and the
 // correction), hence v - mean = 0 exactly: LayerNorm returns exactly the bias and a zero weight gradient.
 // A finite row whose squared deviations overflow (|v| around 1e19 and up in fp32) gets var = inf, so rstd = 0 and
-// LayerNorm returns the bias, as ATen's does, where sq - dev^2 / N would be inf - inf (NaN, and the clamp at 0
-// would make rstd 1 / sqrt(eps), outputs of 1e32).
+// LayerNorm returns the bias (ATen's returns the bias or NaN, depending on the row; the exact result would need
+// the deviations rescaled), where sq - dev^2 / N would be inf - inf (NaN, and the clamp at 0 would make rstd
+// 1 / sqrt(eps), outputs of 1e32).
 // The same formula is written for Triton in vitfast/triton/layer_norm.py (`row_stats`), for CUDA in
 // kernels/layer_norm.cu and for PyTorch in vitfast/ops/layer_norm.py (`_row_stats`).
 #pragma once

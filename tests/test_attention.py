@@ -517,6 +517,15 @@ def test_flash_attn_func_layout_and_bottom_right_causal(backend, device, Nq, Nk,
         torch.testing.assert_close(g.double(), r.transpose(1, 2), rtol=1e-4, atol=1e-5)
 
 
+def test_flash_attn_func_errors_name_the_callers_shapes():
+    """Shape errors give the (B, N, H, D) shapes the caller passed (they gave them transposed: (1, 4, 8, 16) for a q
+    of (1, 8, 4, 16), N and H read swapped)."""
+    q, k = torch.randn(1, 8, 4, 16), torch.randn(1, 8, 2, 16)  # (flash-attn's GQA, which vitfast does not take)
+    want = r"\(B, N, H, D\)\); got q \(1, 8, 4, 16\), k \(1, 8, 2, 16\), v \(1, 8, 2, 16\)"
+    with pytest.raises(ValueError, match=want):
+        vitfast.flash_attn_func(q, k, k)
+
+
 @pytest.mark.parametrize("backend,device", [c for c in CASES if c.values[0] != "triton"])
 def test_float64_gradcheck(backend, device):
     q, k, v = (t.requires_grad_() for t in _qkv(1, 2, 5, 6, 8, torch.float64, device))

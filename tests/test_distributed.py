@@ -72,8 +72,10 @@ def _step(model: nn.Module, x, y) -> None:
 def _tensor_parallel_error() -> float:
     """The largest difference between a patched MLP split by tensor parallelism (DTensor weights and inputs) and the
     whole one, with and without grad (vitfast.linear, which has no sharding rules, raised NotImplementedError on
-    DTensors: the patched module runs its original there)."""
+    DTensors: the patched module runs its original there); and vitfast.linear called on DTensors at a size where
+    its rule picks oneDNN (it raised there, and ran F.linear at smaller sizes)."""
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     torch.manual_seed(0)
@@ -81,9 +83,13 @@ def _tensor_parallel_error() -> float:
     x = torch.randn(8, 17, 384, generator=torch.Generator().manual_seed(2))
     want = mlp(x).detach()
     vitfast.patch_model(mlp)
-    parallelize_module(mlp, init_device_mesh("cpu", (WORLD,)), {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    mesh = init_device_mesh("cpu", (WORLD,))
+    parallelize_module(mlp, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    w = torch.randn(1536, 384, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         error = (mlp(x) - want).abs().max().item()
+        got = vitfast.linear(distribute_tensor(x, mesh, [Replicate()]), distribute_tensor(w, mesh, [Replicate()]))
+        error = max(error, (got.full_tensor() - nn.functional.linear(x, w)).abs().max().item())
     return max(error, (mlp(x) - want).abs().max().item())
 
 

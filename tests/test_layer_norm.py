@@ -94,8 +94,9 @@ def test_constant_rows_give_exactly_the_bias(backend, device, dtype):
 @pytest.mark.parametrize("backend,device", CASES)
 def test_rows_whose_squares_overflow_give_the_bias_like_aten(backend, device):
     """fp32 rows around 1e30 (their squared deviations overflow): var is inf, so every backend returns the bias, as
-    F.layer_norm does; before, inf - inf in the variance became 0 and the outputs ~1e32 (cpp, triton) or NaN (torch).
-    A constant row of 1e30 and a normal row in the same call are unaffected."""
+    F.layer_norm does for these rows (it gives NaN for others: README); before, inf - inf in the variance became 0
+    and the outputs ~1e32 (cpp, triton) or NaN (torch). A constant row of 1e30 and a normal row in the same call
+    are unaffected."""
     x = torch.tensor([[1e30, -1e30, 2e30, 0.5e30, -3e30, 1e30, 0.0, 1e29, -2e30],
                       [1e30] * 9,
                       [0.3, -1.2, 2.0, 0.7, -0.1, 1.5, -2.2, 0.9, 0.05]], device=device)

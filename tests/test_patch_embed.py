@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -236,11 +237,17 @@ def test_pos_embed_resampling_modes(mode, antialias):
     want = torch.cat([pos[:, :1], want.permute(0, 2, 3, 1).reshape(1, 35, 8)], 1)
     got = resample_pos_embed(pos, (5, 7), (3, 4), num_prefix_tokens=1, mode=mode, antialias=antialias)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # grids given as NumPy arrays or tensors of integers
+    got = resample_pos_embed(pos, torch.tensor([5, 7]), np.array([3, 4]), num_prefix_tokens=1, mode=mode,
+                             antialias=antialias)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("args,kwargs,match", [
     ((torch.zeros(2, 17, 8), (4, 4)), {"num_prefix_tokens": 1}, r"pos_embed must be \(1, rows, E\) .* \(2, 17, 8\)"),
+    ((torch.zeros(17, 8, dtype=torch.long), (3, 3)), {"num_prefix_tokens": 1}, r"pos_embed must be a floating"),
     ((torch.zeros(8, 8), (3, 3)), {"num_prefix_tokens": -1}, r"num_prefix_tokens=-1 is not in \[0, 8\]"),
+    ((torch.zeros(17, 8), torch.tensor([2.0, 3.0])), {"num_prefix_tokens": 1}, r"new_grid must be two positive"),
     ((torch.zeros(17, 8), (0, 3)), {"num_prefix_tokens": 1}, r"new_grid must be two positive integers"),
     ((torch.zeros(17, 8), 4), {"num_prefix_tokens": 1}, r"new_grid must be two positive integers"),
     ((torch.zeros(17, 8), (2.5, 3)), {"num_prefix_tokens": 1}, r"new_grid must be two positive integers"),

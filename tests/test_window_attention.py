@@ -375,6 +375,8 @@ def test_bad_inputs_raise_clear_errors():
         vitfast.window_attention(qkv, torch.randn(169, 3), 7, 3)
     with pytest.raises(ValueError, match=r"\(B, H, W, 3, heads, D\)"):
         vitfast.window_attention(torch.randn(1, 14, 14, 48), torch.randn(169, 2), 7)
+    with pytest.raises(ValueError, match=r"heads=2, N=49, got \(1, 2, 48, 49\)"):  # (the shape given, not squeezed)
+        vitfast.window_attention(qkv, torch.randn(1, 2, 48, 49), 7, 3)
     with pytest.raises(ValueError, match="shift_size"):
         vitfast.window_attention(qkv, torch.randn(169, 2), 7, 7)
     with pytest.raises(ValueError, match="logit_scale must have 2"):

@@ -371,8 +371,9 @@ def _describe(name: str, t: Tensor) -> str:
     return f"{name} {tuple(t.shape)} {t.dtype} {t.device}"
 
 
-def _check_inputs(fn: str, layout: str, q: Tensor, k: Tensor, v: Tensor) -> None:
-    """q, k, v already in (B, H, N, D); `layout` names the caller's layout for messages."""
+def _check_inputs(fn: str, layout: str, q: Tensor, k: Tensor, v: Tensor, given: Optional[tuple] = None) -> None:
+    """q, k, v already in (B, H, N, D); `layout` names the caller's layout and `given` the caller's q, k, v (their
+    shapes in messages; q, k, v when None)."""
     if q.dtype not in _DTYPES:
         raise ValueError(f"vitfast.{fn}: dtype {q.dtype} is not supported (float16, bfloat16, float32, float64)")
     if not (q.dtype == k.dtype == v.dtype or _autocast.is_enabled(q.device)):
@@ -386,8 +387,9 @@ def _check_inputs(fn: str, layout: str, q: Tensor, k: Tensor, v: Tensor) -> None
     if q.shape[-1] > MAX_HEAD_DIM or q.shape[-1] == 0:
         raise ValueError(f"vitfast.{fn}: head dim {q.shape[-1]} is not supported (1..{MAX_HEAD_DIM})")
     if q.shape[:2] != k.shape[:2] or k.shape != v.shape:
+        gq, gk, gv = given or (q, k, v)
         raise ValueError(f"vitfast.{fn}: batch and heads of q, k, v must agree and k, v must have one shape "
-                         f"({layout}); got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+                         f"({layout}); got q {tuple(gq.shape)}, k {tuple(gk.shape)}, v {tuple(gv.shape)}")
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None, *, is_causal: bool = False,
@@ -449,7 +451,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
 
 def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
                     causal: bool = False) -> Tensor:
-    """Attention in flash-attn's layout and signature (flash_attn.flash_attn_func).
+    """Attention in flash-attn's layout and signature (flash_attn.flash_attn_func: its first six arguments; not its
+    MQA/GQA, k and v with fewer heads than q, nor its keywords after `causal`).
 
     Args:
         q: (B, Nq, H, D); k, v: (B, Nk, H, D); dtypes, head dims and strides as `attention` takes them (any
@@ -474,7 +477,7 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, sof
             raise ValueError(f"vitfast.flash_attn_func: {name} must be 4-D (B, N, H, D), got rank {t.dim()}: "
                              f"{_describe(name, t)}")
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    _check_inputs("flash_attn_func", "(B, N, H, D)", qt, kt, vt)
+    _check_inputs("flash_attn_func", "(B, N, H, D)", qt, kt, vt, (q, k, v))
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     offset = kt.shape[2] - qt.shape[2]
     out, _ = _attention_op(qt, kt, vt, None, _backend.draw_seed("flash_attn_func", dropout_p), float(dropout_p),

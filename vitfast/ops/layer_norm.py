@@ -36,7 +36,7 @@ def _row_stats(x: Tensor, eps: float) -> tuple:
     """Mean and 1 / sqrt(var + eps) of the rows of x (M, N) in x's dtype, by the corrected two-pass algorithm of
     csrc/layer_norm_stats.h (Chan, Golub, LeVeque 1983), which every kernel that normalizes rows uses: accurate
     for rows with a large mean and exact for constant rows (LN(x) is then exactly the bias); var = inf where the
-    squared deviations overflow (the row becomes the bias, as in ATen's LayerNorm)."""
+    squared deviations overflow (the row becomes the bias; ATen's LayerNorm gives the bias or NaN)."""
     mu0 = x.mean(-1, keepdim=True)
     d = x - mu0
     dev = d.mean(-1)

@@ -24,6 +24,7 @@ Backward: dx = dy W is the same primitive with W^T as its weight (a strided view
 ATen's.
 """
 import math
+import sys
 import weakref
 from typing import Optional
 
@@ -258,6 +259,14 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, prepack: bo
     return checked_linear(x, weight, bias, prepack)
 
 
+def _dtensor(x: Tensor, weight: Tensor) -> bool:
+    """Whether x or weight is a DTensor (tensor parallelism), which the op has no sharding rule for: F.linear, with
+    DTensor's, runs at every size (the op raised where oneDNN's rule held). (torch.distributed.tensor is not
+    imported for the test: it takes about a second.)"""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and (isinstance(x, dtensor.DTensor) or isinstance(weight, dtensor.DTensor))
+
+
 def checked_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, prepack: bool = False) -> Tensor:
     """`linear` for a caller that has already run its checks (check_transforms, check_linear_args) on these
     tensors, as shifted_window_attention does with its own argument names."""
@@ -267,8 +276,8 @@ def checked_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, pre
     M, K, N = math.prod(x.shape[:-1]), x.shape[-1], weight.shape[0]
     # (under torch.export the op, which applies the rule to each call's sizes: a test here, on the traced sizes,
     # would become a guard on them, which export with a bounded dynamic batch refused)
-    if _backend.forced_for(OP) is None and not (
-            x.is_cpu and (torch.compiler.is_exporting() or onednn_pays(M, K, N, mode))):
+    if _backend.forced_for(OP) is None and (not (
+            x.is_cpu and (torch.compiler.is_exporting() or onednn_pays(M, K, N, mode))) or _dtensor(x, weight)):
         return F.linear(x, weight, bias)  # (the op's automatic choice, without its dispatch: ~40 us a call)
     y = _linear_op(x.reshape(M, K), weight, bias, prepack)
     return y.view(*x.shape[:-1], N)

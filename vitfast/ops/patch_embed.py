@@ -112,9 +112,11 @@ _MODES = ("bicubic", "bilinear", "nearest", "nearest-exact", "area")
 
 
 def _grid(name: str, what: str, grid) -> Tuple[int, int]:
-    """`grid` as two positive Python ints (NumPy integers taken), else ValueError."""
-    out = tuple(int(v) for v in grid) if isinstance(grid, (tuple, list)) and len(grid) == 2 and all(
-        isinstance(v, (numbers.Integral, torch.SymInt)) for v in grid) else ()
+    """`grid` as two positive Python ints (a tuple, list, NumPy array or tensor of two integers), else
+    ValueError."""
+    items = grid.tolist() if isinstance(grid, torch.Tensor) or type(grid).__module__ == "numpy" else grid
+    out = tuple(int(v) for v in items) if isinstance(items, (tuple, list)) and len(items) == 2 and all(
+        isinstance(v, (numbers.Integral, torch.SymInt)) for v in items) else ()
     if not out or min(out) < 1:
         raise ValueError(f"{name}: {what} must be two positive integers (h, w), got {grid!r}")
     return out
@@ -134,13 +136,16 @@ def resample_pos_embed(pos_embed: Tensor, new_grid: Sequence[int], old_grid: Opt
         matrix is computed once per sizes, mode, device and dtype (float64 for a float64 table, else float32; the
         16 used last kept); each call forms its product with the table.
     Raises:
-        ValueError: pos_embed not (1, rows, E) or (rows, E); num_prefix_tokens not in [0, rows]; a grid not two
-        positive integers; old_grid None and the h*w patch rows not a square, or old_grid's h*w not their count;
-        an unknown mode, or antialias with a mode other than "bilinear" or "bicubic".
+        ValueError: pos_embed not (1, rows, E) or (rows, E), or not floating point; num_prefix_tokens not in
+        [0, rows]; a grid not two positive integers; old_grid None and the h*w patch rows not a square, or
+        old_grid's h*w not their count; an unknown mode, or antialias with a mode other than "bilinear" or
+        "bicubic".
     """
     name = "vitfast.resample_pos_embed"
     if pos_embed.dim() not in (2, 3) or pos_embed.dim() == 3 and pos_embed.shape[0] != 1:
         raise ValueError(f"{name}: pos_embed must be (1, rows, E) or (rows, E), got {tuple(pos_embed.shape)}")
+    if not pos_embed.is_floating_point():
+        raise ValueError(f"{name}: pos_embed must be a floating-point table, got {pos_embed.dtype}")
     if mode not in _MODES:
         raise ValueError(f"{name}: mode {mode!r} is not one of {', '.join(map(repr, _MODES))}")
     if antialias and mode not in ("bilinear", "bicubic"):

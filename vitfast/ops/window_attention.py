@@ -570,11 +570,12 @@ def _unit_inner_stride(t: Tensor) -> Tensor:
 # ------------------------------------------------------------------------------------------ public API
 
 def _check_dense_bias(bias: Tensor, heads: int, n: int, what: str) -> Tensor:
+    given = tuple(bias.shape)
     if bias.dim() == 4 and bias.shape[0] == 1:
         bias = bias[0]
     if tuple(bias.shape) != (heads, n, n):
         raise ValueError(f"vitfast.{what}: relative_position_bias must be a (num_rel, heads) table or a "
-                         f"(1, heads, N, N) / (heads, N, N) tensor with heads={heads}, N={n}, got {tuple(bias.shape)}")
+                         f"(1, heads, N, N) / (heads, N, N) tensor with heads={heads}, N={n}, got {given}")
     return bias
 
 

@@ -33,7 +33,7 @@ def row_stats_from_sums(
     """Mean and 1 / sqrt(var + eps) from the two passes of the corrected two-pass algorithm: the deviations from
     the first-pass mean sum to (almost) zero, and adding their sum back corrects the mean and the variance:
     mean = mu0 + dev / N, var = (sq - dev^2 / N) / N; var = inf where sq overflowed (rstd 0: the row becomes the
-    bias, as ATen's; inf - inf would give NaN, clamped to 0), as csrc/layer_norm_stats.h."""
+    bias, where ATen's gives the bias or NaN; inf - inf would give NaN, clamped to 0), as csrc/layer_norm_stats.h."""
     dmean = tl.math.div_rn(dev, N * 1.0)
     var = tl.where(sq == float("inf"), float("inf"), tl.maximum(tl.math.div_rn(sq - dev * dmean, N * 1.0), 0.0))
     return mu0 + dmean, 1.0 / tl.sqrt(var + eps)
