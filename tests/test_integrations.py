@@ -375,6 +375,36 @@ def test_a_sub_config_set_since_patching_is_kept():
     vitfast.unpatch_model(model)
     assert vt._implementations(model.config) == {"": "sdpa", "vision_config": {"": "eager"},
                                                  "text_config": {"": "sdpa"}}
+    # patch_model(attention=False) leaves such a set; so does patch_model on a model built on vitfast's names
+    vitfast.patch_model(model)
+    model.set_attn_implementation({"vision_config": "sdpa"})
+    vitfast.patch_model(model, attention=False)
+    assert vt._implementations(model.config)["vision_config"] == {"": "sdpa"}
+    vitfast.unpatch_model(model)
+    model.set_attn_implementation({"": vt.NAME, "text_config": vt.NAME, "vision_config": "eager"})
+    assert not [r for r in vitfast.patch_model(model).patched if r.kind == "attention"]
+    assert vt._implementations(model.config)["vision_config"] == {"": "eager"}
+
+
+def test_a_sub_model_set_since_patching_is_kept_in_any_order():
+    """A sub-model patched on its own as well as in its model: the user's set of it since is kept by the unpatch of
+    either, whichever was patched again (a sub-model's older record, or the model's, set it back to "sdpa")."""
+    def model():
+        encoder = _vision_config(transformers.ViTConfig)
+        decoder = transformers.BertConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                          num_attention_heads=2, is_decoder=True, add_cross_attention=True)
+        return transformers.VisionEncoderDecoderModel(
+            transformers.VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder))
+
+    for again, undo in (("model", "encoder"), ("encoder", "model")):
+        m = model()
+        vitfast.patch_model(m.encoder)
+        vitfast.patch_model(m)
+        m.encoder.set_attn_implementation("eager")
+        vitfast.patch_model(m if again == "model" else m.encoder)
+        assert m.config.encoder._attn_implementation == vt.NAME_EAGER
+        vitfast.unpatch_model(m if undo == "model" else m.encoder)
+        assert m.config.encoder._attn_implementation == "eager", (again, undo)
 
 
 def test_patched_eager_models_keep_eager_masks():

@@ -176,6 +176,20 @@ def test_bad_inputs_raise_clear_errors():
         vitfast.linear(x, w, torch.randn(6, device="meta"))
 
 
+def test_jagged_nested_tensors_run_f_linear():
+    """A jagged nested tensor (nn.Linear takes one) runs F.linear: the rule's product of its ragged size raised
+    "ge: relation is indeterminate", also in a patched nn.Linear."""
+    layer = torch.nn.Linear(384, 1536)
+    nt = torch.nested.nested_tensor([torch.randn(60, 384), torch.randn(76, 384)], layout=torch.jagged)
+    with torch.no_grad():
+        want = torch.cat(layer(nt).unbind())
+        got = torch.cat(vitfast.linear(nt, layer.weight, layer.bias).unbind())
+        vitfast.patch_model(layer)
+        patched = torch.cat(layer(nt).unbind())
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(patched, want, rtol=0, atol=0)
+
+
 def test_autocast_follows_linear():
     assert_autocast_follows_linear(vitfast.linear, lambda lin, x: lin(x))
 

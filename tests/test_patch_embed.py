@@ -225,8 +225,9 @@ def test_pos_embed_resampling_on_thin_grids_and_in_float64(new_size):
                                     pos[:, :, :2].clone().requires_grad_())
 
 
-@pytest.mark.parametrize("mode,antialias", [("bilinear", False), ("bicubic", False), ("nearest", False),
-                                            ("nearest-exact", False), ("area", False)])
+@pytest.mark.parametrize("mode,antialias", [("bilinear", False), ("bicubic", False), ("bilinear", True),
+                                            ("bicubic", True), ("nearest", False), ("nearest-exact", False),
+                                            ("area", False)])
 def test_pos_embed_resampling_modes(mode, antialias):
     """Every 2-D mode of F.interpolate, as timm's `interpolation` takes them ("nearest" raised PyTorch's
     align_corners error)."""
@@ -237,16 +238,19 @@ def test_pos_embed_resampling_modes(mode, antialias):
     want = torch.cat([pos[:, :1], want.permute(0, 2, 3, 1).reshape(1, 35, 8)], 1)
     got = resample_pos_embed(pos, (5, 7), (3, 4), num_prefix_tokens=1, mode=mode, antialias=antialias)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    # grids given as NumPy arrays or tensors of integers
-    got = resample_pos_embed(pos, torch.tensor([5, 7]), np.array([3, 4]), num_prefix_tokens=1, mode=mode,
-                             antialias=antialias)
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # grids given as NumPy arrays, tensors of integers, tuples of 0-d integer tensors
+    for new, old in ((torch.tensor([5, 7]), np.array([3, 4])), ((torch.tensor(5), torch.tensor(7)), [3, 4])):
+        got = resample_pos_embed(pos, new, old, num_prefix_tokens=1, mode=mode, antialias=antialias)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("args,kwargs,match", [
     ((torch.zeros(2, 17, 8), (4, 4)), {"num_prefix_tokens": 1}, r"pos_embed must be \(1, rows, E\) .* \(2, 17, 8\)"),
+    ((torch.zeros(17, 0), (3, 3)), {"num_prefix_tokens": 1}, r"pos_embed must be \(1, rows, E\) .* \(17, 0\)"),
     ((torch.zeros(17, 8, dtype=torch.long), (3, 3)), {"num_prefix_tokens": 1}, r"pos_embed must be a floating"),
-    ((torch.zeros(8, 8), (3, 3)), {"num_prefix_tokens": -1}, r"num_prefix_tokens=-1 is not in \[0, 8\]"),
+    ((torch.zeros(8, 8), (3, 3)), {"num_prefix_tokens": -1}, r"num_prefix_tokens=-1 is not an integer in \[0, 8\)"),
+    ((torch.zeros(1, 8), (3, 3)), {"num_prefix_tokens": 1}, r"num_prefix_tokens=1 is not an integer in \[0, 1\)"),
+    ((torch.zeros(17, 8), (3, 3)), {"num_prefix_tokens": 1.5}, r"num_prefix_tokens=1.5 is not an integer"),
     ((torch.zeros(17, 8), torch.tensor([2.0, 3.0])), {"num_prefix_tokens": 1}, r"new_grid must be two positive"),
     ((torch.zeros(17, 8), (0, 3)), {"num_prefix_tokens": 1}, r"new_grid must be two positive integers"),
     ((torch.zeros(17, 8), 4), {"num_prefix_tokens": 1}, r"new_grid must be two positive integers"),

@@ -15,5 +15,6 @@ from vitfast.integrations.patch import patch_model, unpatch_model
 
 __version__ = "0.1.0"
 __all__ = ["attention", "choose_backend", "decomposed_rel_pos", "flash_attn_func", "info", "layer_norm", "linear",
-           "linear_gelu", "nn", "patch_embed", "patch_merging", "patch_model", "rel_pos_attention", "resample_pos_embed",
-           "set_backend", "shifted_window_attention", "unpatch_model", "use_backend", "window_attention"]
+           "linear_gelu", "nn", "patch_embed", "patch_merging", "patch_model", "rel_pos_attention",
+           "resample_pos_embed", "set_backend", "shifted_window_attention", "unpatch_model", "use_backend",
+           "window_attention"]

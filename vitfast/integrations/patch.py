@@ -665,6 +665,7 @@ def unpatch_model(model: nn.Module) -> int:
     """
     _check_module("unpatch_model", model)
     restored = 0
+    hf_models = []
     for module in model.modules():
         if module.__dict__.pop(_PREPACK, False):
             drop_prepacked(module.weight)
@@ -675,7 +676,11 @@ def unpatch_model(model: nn.Module) -> int:
                     del module.__dict__[name]
             restored += 1
         if _is_transformers_model(module):
-            from vitfast.integrations import transformers as hf
+            hf_models.append(module)
+    if hf_models:
+        from vitfast.integrations import transformers as hf
 
-            restored += hf.unpatch(module)
+        # sub-models first: a sub-model's record, kept up to date by a later patch of it, restores its config, and
+        # a model holding it then keeps what its config no longer names as vitfast's
+        restored += sum(hf.unpatch(module) for module in reversed(hf_models))
     return restored

@@ -354,7 +354,8 @@ def patch(model: torch.nn.Module, prefix: str, attention: bool = True, window_at
 
     cls, records = qualname(model), []
     if _switched(model):
-        records.append(_switch_again(model, prefix))
+        records.append(_switch_again(model, prefix) if attention else
+                       Left(prefix, cls, "already patched (attn_implementation)"))
     elif not attention:
         records.append(Left(prefix, cls, "attention=False"))
     elif not model._can_set_attn_implementation():
@@ -486,20 +487,23 @@ def _switch(model: torch.nn.Module, prefix: str):
 
 def _switch_again(model: torch.nn.Module, prefix: str):
     """A switched model's record: "already patched", or where the user set "eager" or "sdpa" on it or a sub-config
-    since patching (set_attn_implementation({"vision_config": "eager"})), those switched to vitfast's names, the
-    user's kept for unpatch where the model holds what patch replaced (a sub-model switched by the model holding it
-    is restored by that model's unpatch, to what it had before the first patch)."""
+    since patch_model switched it (set_attn_implementation({"vision_config": "eager"})), those switched to vitfast's
+    names, the user's kept for unpatch by every record of what patch replaced that the model holds, its own and its
+    sub-models' (not a record of a model holding it: unpatch_model of that model restores the first patch's
+    originals). A model the user built on vitfast's names is left as it is."""
     from vitfast.integrations.patch import Left, Patched, qualname
 
     current = _implementations(model.config)
     names = _vitfast_names(current)
-    if names == current:
+    if names == current or _REGISTERS not in model.__dict__:
         return Left(prefix, qualname(model), "already patched (attn_implementation)")
+    for module in model.modules():
+        previous = module.__dict__.get("_vitfast_attn_previous")
+        if previous is not None:
+            module.__dict__["_vitfast_attn_previous"] = _Previous(_restored(_implementations(module.config),
+                                                                            previous))
     with _quiet_sub_config_warning():
         model.set_attn_implementation(names)
-    previous = model.__dict__.get("_vitfast_attn_previous")
-    if previous is not None:
-        model.__dict__["_vitfast_attn_previous"] = _Previous(_restored(current, previous))
     changed = ", ".join(f"{key or 'model'} {value!r}" for key, value in _changed(current, names))
     return Patched(prefix, qualname(model), "attention", f"attn_implementation set since patching ({changed}) -> "
                                                          f"vitfast's")

@@ -273,11 +273,13 @@ def checked_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, pre
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     prepack = prepack and not grad and isinstance(weight, nn.Parameter)
     mode = "grad" if grad else "prepacked" if prepack else "plain"
+    automatic = _backend.forced_for(OP) is None
+    if automatic and (x.is_nested or _dtensor(x, weight)):  # (a nested tensor's ragged size has no product to test)
+        return F.linear(x, weight, bias)
     M, K, N = math.prod(x.shape[:-1]), x.shape[-1], weight.shape[0]
     # (under torch.export the op, which applies the rule to each call's sizes: a test here, on the traced sizes,
     # would become a guard on them, which export with a bounded dynamic batch refused)
-    if _backend.forced_for(OP) is None and (not (
-            x.is_cpu and (torch.compiler.is_exporting() or onednn_pays(M, K, N, mode))) or _dtensor(x, weight)):
+    if automatic and not (x.is_cpu and (torch.compiler.is_exporting() or onednn_pays(M, K, N, mode))):
         return F.linear(x, weight, bias)  # (the op's automatic choice, without its dispatch: ~40 us a call)
     y = _linear_op(x.reshape(M, K), weight, bias, prepack)
     return y.view(*x.shape[:-1], N)

@@ -112,9 +112,11 @@ _MODES = ("bicubic", "bilinear", "nearest", "nearest-exact", "area")
 
 
 def _grid(name: str, what: str, grid) -> Tuple[int, int]:
-    """`grid` as two positive Python ints (a tuple, list, NumPy array or tensor of two integers), else
-    ValueError."""
+    """`grid` as two positive Python ints (a tuple or list of integers or 0-d integer tensors, a NumPy array or
+    tensor of two integers), else ValueError."""
     items = grid.tolist() if isinstance(grid, torch.Tensor) or type(grid).__module__ == "numpy" else grid
+    if isinstance(items, (tuple, list)):  # (0-d tensors of integers, as timm takes them)
+        items = [v.item() if isinstance(v, torch.Tensor) and v.dim() == 0 else v for v in items]
     out = tuple(int(v) for v in items) if isinstance(items, (tuple, list)) and len(items) == 2 and all(
         isinstance(v, (numbers.Integral, torch.SymInt)) for v in items) else ()
     if not out or min(out) < 1:
@@ -127,7 +129,8 @@ def resample_pos_embed(pos_embed: Tensor, new_grid: Sequence[int], old_grid: Opt
     """timm's resample_abs_pos_embed (its `interpolation` is `mode` here) with a cached interpolation matrix.
 
     Args:
-        pos_embed: (1, P + h*w, E) or (P + h*w, E), P = num_prefix_tokens leading rows left as they are.
+        pos_embed: (1, P + h*w, E) or (P + h*w, E), P = num_prefix_tokens leading rows left as they are (0 by
+            default; timm's resample_abs_pos_embed defaults to 1).
         new_grid: (Hp, Wp), positive. old_grid: (h, w); a square grid when None.
         mode: F.interpolate's 2-D mode: "bicubic" (timm's default), "bilinear", "nearest", "nearest-exact", "area".
         antialias: F.interpolate's antialias (timm's default True), for "bilinear" and "bicubic" only.
@@ -136,14 +139,15 @@ def resample_pos_embed(pos_embed: Tensor, new_grid: Sequence[int], old_grid: Opt
         matrix is computed once per sizes, mode, device and dtype (float64 for a float64 table, else float32; the
         16 used last kept); each call forms its product with the table.
     Raises:
-        ValueError: pos_embed not (1, rows, E) or (rows, E), or not floating point; num_prefix_tokens not in
-        [0, rows]; a grid not two positive integers; old_grid None and the h*w patch rows not a square, or
-        old_grid's h*w not their count; an unknown mode, or antialias with a mode other than "bilinear" or
-        "bicubic".
+        ValueError: pos_embed not (1, rows, E) or (rows, E), or not floating point; num_prefix_tokens not an
+        integer in [0, rows) (no patch rows left); a grid not two positive integers; old_grid None and the h*w
+        patch rows not a square, or old_grid's h*w not their count; an unknown mode, or antialias with a mode other
+        than "bilinear" or "bicubic".
     """
     name = "vitfast.resample_pos_embed"
-    if pos_embed.dim() not in (2, 3) or pos_embed.dim() == 3 and pos_embed.shape[0] != 1:
-        raise ValueError(f"{name}: pos_embed must be (1, rows, E) or (rows, E), got {tuple(pos_embed.shape)}")
+    if pos_embed.dim() not in (2, 3) or pos_embed.dim() == 3 and pos_embed.shape[0] != 1 or pos_embed.shape[-1] < 1:
+        raise ValueError(f"{name}: pos_embed must be (1, rows, E) or (rows, E), E >= 1, got "
+                         f"{tuple(pos_embed.shape)}")
     if not pos_embed.is_floating_point():
         raise ValueError(f"{name}: pos_embed must be a floating-point table, got {pos_embed.dtype}")
     if mode not in _MODES:
@@ -152,9 +156,9 @@ def resample_pos_embed(pos_embed: Tensor, new_grid: Sequence[int], old_grid: Opt
         raise ValueError(f"{name}: antialias=True takes mode 'bilinear' or 'bicubic', not {mode!r}")
     E = pos_embed.shape[-1]
     table = pos_embed.reshape(-1, E)
-    if not 0 <= num_prefix_tokens <= table.shape[0]:
-        raise ValueError(f"{name}: num_prefix_tokens={num_prefix_tokens} is not in [0, {table.shape[0]}], the rows "
-                         f"of pos_embed {tuple(pos_embed.shape)}")
+    if not (isinstance(num_prefix_tokens, numbers.Integral) and 0 <= num_prefix_tokens < table.shape[0]):
+        raise ValueError(f"{name}: num_prefix_tokens={num_prefix_tokens!r} is not an integer in [0, "
+                         f"{table.shape[0]}), below the rows of pos_embed {tuple(pos_embed.shape)}")
     n_old = table.shape[0] - num_prefix_tokens
     new_grid = _grid(name, "new_grid", new_grid)
     if old_grid is None:
@@ -472,7 +476,7 @@ def patch_embed(images: Tensor, weight: Tensor, bias: Optional[Tensor], patch_si
             patch count happens to equal rows), it is read as patch rows only: pass such a table resampled to
             P + L rows (resample_pos_embed) instead.
         num_prefix_tokens: P, the prefix slots at the front of the output (taken from prefix_tokens if given;
-            another P given with it raises ValueError).
+            another P > 0 given with it raises ValueError).
         prefix_tokens: (P, E) or (1, P, E) (class, distillation tokens), any strides, broadcast over the batch;
             None leaves the P slots zero (plus their positional rows).
         norm_weight, norm_bias: (E,), any stride: LayerNorm on the patch tokens (before pos_embed), eps its
