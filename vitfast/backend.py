@@ -14,6 +14,7 @@ import functools
 import importlib.util
 import logging
 import os
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
@@ -229,6 +230,14 @@ def transforms_open() -> bool:
     """Whether a torch.func gradient transform or a forward-mode AD level is open: vitfast's ops do not run under
     either, so patched modules run their original code (functorch_grad_active, forward_ad_open)."""
     return functorch_grad_active() or forward_ad_open()
+
+
+def has_dtensor(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether one of `tensors` is a DTensor (tensor parallelism), which vitfast's ops have no sharding rules for.
+    torch.distributed.tensor is looked up, not imported (importing it takes about a second): it is imported wherever
+    a DTensor exists."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and any(isinstance(t, dtensor.DTensor) for t in tensors)
 
 
 def check_transforms(op: str, *tensors: Optional[torch.Tensor]) -> None:

@@ -26,7 +26,6 @@ import functools
 import inspect
 import math
 import re
-import sys
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
@@ -447,8 +446,7 @@ def _distributed(module: nn.Module, x: Optional[Tensor]) -> bool:
     params = module._parameters.values()
     if (x is None or type(x) in _PLAIN) and all(p is None or type(p) in _PLAIN for p in params):
         return False
-    dtensor = sys.modules.get("torch.distributed.tensor")  # (imported wherever a DTensor exists)
-    return dtensor is not None and any(isinstance(t, dtensor.DTensor) for t in (x, *params))
+    return _backend.has_dtensor(x, *params)
 
 
 def _input(args: tuple, kwargs: dict) -> Optional[Tensor]:

@@ -514,8 +514,10 @@ def _changed(current: dict, names: dict, path: str = "") -> list:
     out = []
     for key, value in current.items():
         where = ".".join(p for p in (path, key) if p)
-        out += _changed(value, names[key], where) if isinstance(value, dict) else [(where, value)] * (
-            value != names[key])
+        if isinstance(value, dict):
+            out += _changed(value, names[key], where)
+        elif value != names[key]:
+            out.append((where, value))
     return out
 
 
@@ -524,7 +526,7 @@ def _restored(current: dict, previous) -> dict:
     other names as they are now (set by the user since patching)."""
     previous = previous if isinstance(previous, dict) else {}
     return {key: _restored(value, previous.get(key)) if isinstance(value, dict)
-            else (previous[key] if key in previous else _ORIGINAL_NAMES[value]) if value in (NAME, NAME_EAGER)
+            else previous.get(key, _ORIGINAL_NAMES[value]) if value in (NAME, NAME_EAGER)
             else value for key, value in current.items()}
 
 

@@ -24,7 +24,6 @@ Backward: dx = dy W is the same primitive with W^T as its weight (a strided view
 ATen's.
 """
 import math
-import sys
 import weakref
 from typing import Optional
 
@@ -259,14 +258,6 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, prepack: bo
     return checked_linear(x, weight, bias, prepack)
 
 
-def _dtensor(x: Tensor, weight: Tensor) -> bool:
-    """Whether x or weight is a DTensor (tensor parallelism), which the op has no sharding rule for: F.linear, with
-    DTensor's, runs at every size (the op raised where oneDNN's rule held). (torch.distributed.tensor is not
-    imported for the test: it takes about a second.)"""
-    dtensor = sys.modules.get("torch.distributed.tensor")
-    return dtensor is not None and (isinstance(x, dtensor.DTensor) or isinstance(weight, dtensor.DTensor))
-
-
 def checked_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, prepack: bool = False) -> Tensor:
     """`linear` for a caller that has already run its checks (check_transforms, check_linear_args) on these
     tensors, as shifted_window_attention does with its own argument names."""
@@ -274,7 +265,9 @@ def checked_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, pre
     prepack = prepack and not grad and isinstance(weight, nn.Parameter)
     mode = "grad" if grad else "prepacked" if prepack else "plain"
     automatic = _backend.forced_for(OP) is None
-    if automatic and (x.is_nested or _dtensor(x, weight)):  # (a nested tensor's ragged size has no product to test)
+    # (a nested tensor's ragged size has no product to test; DTensors, which the op has no sharding rule for, run
+    # F.linear with DTensor's rule at every size: the op raised where oneDNN's rule held)
+    if automatic and (x.is_nested or _backend.has_dtensor(x, weight)):
         return F.linear(x, weight, bias)
     M, K, N = math.prod(x.shape[:-1]), x.shape[-1], weight.shape[0]
     # (under torch.export the op, which applies the rule to each call's sizes: a test here, on the traced sizes,

@@ -162,14 +162,14 @@ def resample_pos_embed(pos_embed: Tensor, new_grid: Sequence[int], old_grid: Opt
     n_old = table.shape[0] - num_prefix_tokens
     new_grid = _grid(name, "new_grid", new_grid)
     if old_grid is None:
-        side = math.isqrt(max(n_old, 0))
+        side = math.isqrt(n_old)
         if side * side != n_old:
-            raise ValueError(f"vitfast.resample_pos_embed: {n_old} patch rows of pos_embed {tuple(pos_embed.shape)} "
+            raise ValueError(f"{name}: {n_old} patch rows of pos_embed {tuple(pos_embed.shape)} "
                              f"are not a square grid; pass old_grid")
         old_grid = (side, side)
     old_grid = _grid(name, "old_grid", old_grid)
     if old_grid[0] * old_grid[1] != n_old:
-        raise ValueError(f"vitfast.resample_pos_embed: old_grid {old_grid} does not match the {n_old} patch rows "
+        raise ValueError(f"{name}: old_grid {old_grid} does not match the {n_old} patch rows "
                          f"of pos_embed {tuple(pos_embed.shape)}")
     if old_grid == new_grid:
         return table.unsqueeze(0)
