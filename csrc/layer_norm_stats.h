@@ -7,10 +7,13 @@
 // error is relative to the spread of the row, not to its mean, so adding them back corrects both statistics.
 // A constant row gets its own value as the mean exactly (v - mu0 is exact, and so are its sum and the
 // correction), hence v - mean = 0 exactly: LayerNorm returns exactly the bias and a zero weight gradient.
-// A finite row whose squared deviations overflow (|v| around 1e19 and up in fp32) gets var = inf, so rstd = 0 and
-// LayerNorm returns the bias (ATen's returns the bias or NaN, depending on the row; the exact result would need
-// the deviations rescaled), where sq - dev^2 / N would be inf - inf (NaN, and the clamp at 0 would make rstd
-// 1 / sqrt(eps), outputs of 1e32).
+// A finite row whose squared deviations overflow (sq = inf: |v| around 1e19 and up in fp32, 1e154 in fp64) has its
+// second pass redone on the deviations times 2^-100 (fp32; 2^-600 fp64), an exact power of two whose squares and
+// sums stay finite: mean = mu0 + dev' * 2^100 / N and var = var' * 2^200, so rstd = 1 / sqrt(var + eps), or
+// 2^-100 / sqrt(var') where var overflows (ATen's LayerNorm returns the bias or NaN for such rows, depending on
+// the row). The deviations whose scaled squares underflow are below 2^-100 of the largest: nothing at this
+// precision. (A constant row of 1e30 lands here too: its first-pass mean is one ulp off, whose square overflows;
+// var' is 0, and the row gives the bias exactly.)
 // The same formula is written for Triton in vitfast/triton/layer_norm.py (`row_stats`), for CUDA in
 // kernels/layer_norm.cu and for PyTorch in vitfast/ops/layer_norm.py (`_row_stats`).
 #pragma once
@@ -21,6 +24,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <tuple>
 #include <utility>
 
 namespace vitfast {
@@ -54,27 +58,31 @@ C10_ALWAYS_INLINE T row_sum(const T* C10_RESTRICT v, int64_t N) {
   return tree_sum(acc);
 }
 
-// Sums of (v - c) and of (v - c)^2 over v[0:N].
+// Sums of (v - c) * scale and of ((v - c) * scale)^2 over v[0:N].
 template <typename T>
-C10_ALWAYS_INLINE std::pair<T, T> row_dev_sq(const T* C10_RESTRICT v, T c, int64_t N) {
+C10_ALWAYS_INLINE std::pair<T, T> row_dev_sq(const T* C10_RESTRICT v, T c, T scale, int64_t N) {
   T dev[kLanes<T>] = {};
   T sq[kLanes<T>] = {};
   int64_t j = 0;
   for (; j + kLanes<T> <= N; j += kLanes<T>) {
 #pragma omp simd
     for (int64_t k = 0; k < kLanes<T>; ++k) {
-      const T d = v[j + k] - c;
+      const T d = (v[j + k] - c) * scale;
       dev[k] += d;
       sq[k] += d * d;
     }
   }
   for (int64_t k = 0; j + k < N; ++k) {
-    const T d = v[j + k] - c;
+    const T d = (v[j + k] - c) * scale;
     dev[k] += d;
     sq[k] += d * d;
   }
   return {tree_sum(dev), tree_sum(sq)};
 }
+
+// The power of two that scales the deviations of a row whose squared deviations overflow (above).
+template <typename T>
+constexpr int kOverflowExponent = sizeof(T) == 4 ? 100 : 600;
 
 template <typename T>
 struct RowStats {
@@ -87,9 +95,18 @@ template <typename T>
 C10_ALWAYS_INLINE RowStats<T> row_stats(const T* C10_RESTRICT v, int64_t N, T eps) {
   const T inv_n = N > 0 ? T(1) / static_cast<T>(N) : T(0);
   const T mu0 = row_sum(v, N) * inv_n;
-  const auto [dev, sq] = row_dev_sq(v, mu0, N);
-  const T var = sq == std::numeric_limits<T>::infinity() ? sq : std::max(T(0), (sq - dev * dev * inv_n) * inv_n);
-  return {mu0 + dev * inv_n, T(1) / std::sqrt(var + eps)};
+  auto [dev, sq] = row_dev_sq(v, mu0, T(1), N);
+  if (C10_LIKELY(sq != std::numeric_limits<T>::infinity())) {
+    const T var = std::max(T(0), (sq - dev * dev * inv_n) * inv_n);
+    return {mu0 + dev * inv_n, T(1) / std::sqrt(var + eps)};
+  }
+  std::tie(dev, sq) = row_dev_sq(v, mu0, std::ldexp(T(1), -kOverflowExponent<T>), N);
+  const T var_down = std::max(T(0), (sq - dev * dev * inv_n) * inv_n);
+  const T var = std::ldexp(var_down, 2 * kOverflowExponent<T>);
+  const T rstd = var == std::numeric_limits<T>::infinity()
+                     ? std::ldexp(T(1) / std::sqrt(var_down), -kOverflowExponent<T>)
+                     : T(1) / std::sqrt(var + eps);
+  return {mu0 + std::ldexp(dev * inv_n, kOverflowExponent<T>), rstd};
 }
 
 }  // namespace vitfast

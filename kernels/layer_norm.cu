@@ -154,7 +154,7 @@ __global__ void __launch_bounds__(RowMapping<TPR>::kBlockThreads) _layer_norm_fw
     const float eps) {
   using Map = RowMapping<TPR>;
   constexpr int ITERS = kFwdElemsPerThread / VEC;
-  __shared__ float red[2][2 * Map::kWarpsPerRow];
+  __shared__ float red[3][2 * Map::kWarpsPerRow];
   const int lane = threadIdx.x % TPR;
   const int group = threadIdx.x / TPR;
   const float inv_n = 1.f / static_cast<float>(N);
@@ -210,10 +210,35 @@ __global__ void __launch_bounds__(RowMapping<TPR>::kBlockThreads) _layer_norm_fw
       }
     }
     row_sum<TPR>(dev_sq, red[1]);
-    const float mu = mu0 + dev_sq[0] * inv_n;
-    // Squared deviations that overflow give var = inf (rstd 0, y = bias), as csrc/layer_norm_stats.h.
-    const float var = fmaxf((dev_sq[1] - dev_sq[0] * dev_sq[0] * inv_n) * inv_n, 0.f);
-    const float rs = dev_sq[1] == INFINITY ? 0.f : rsqrtf(var + eps);
+    float mu = mu0 + dev_sq[0] * inv_n;
+    float rs = rsqrtf(fmaxf((dev_sq[1] - dev_sq[0] * dev_sq[0] * inv_n) * inv_n, 0.f) + eps);
+    // Squared deviations that overflow (sq = inf): the second pass again on the deviations times 2^-100, as
+    // csrc/layer_norm_stats.h. The test is uniform over the warp (and over the block, for a block per row),
+    // so every lane reaches the shuffles and the __syncthreads of row_sum; its buffer is the third, since
+    // the next row's first sum writes red[0].
+    if (__any_sync(kFullMask, dev_sq[1] == INFINITY)) {
+      const float down = dev_sq[1] == INFINITY ? 0x1p-100f : 1.f;
+      float scaled[2] = {0.f, 0.f};
+#pragma unroll
+      for (int it = 0; it < ITERS; ++it) {
+        const int col = (it * TPR + lane) * VEC;
+        if (col < N) {
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) {
+            const float d = (v[it][j] - mu0) * down;
+            scaled[0] += d;
+            scaled[1] += d * d;
+          }
+        }
+      }
+      row_sum<TPR>(scaled, red[2]);
+      if (dev_sq[1] == INFINITY) {
+        mu = mu0 + scaled[0] * inv_n * 0x1p100f;
+        const float var_down = fmaxf((scaled[1] - scaled[0] * scaled[0] * inv_n) * inv_n, 0.f);
+        const float var = var_down * 0x1p100f * 0x1p100f;
+        rs = var == INFINITY ? rsqrtf(var_down) * 0x1p-100f : rsqrtf(var + eps);
+      }
+    }
 
 #pragma unroll
     for (int it = 0; it < ITERS; ++it) {

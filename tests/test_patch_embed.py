@@ -199,6 +199,23 @@ def test_fused_norm_of_constant_tokens_is_exactly_its_bias(backend, device):
     assert torch.equal(dnw, torch.zeros_like(dnw)) and dnb.abs().max() > 0
 
 
+@pytest.mark.parametrize("backend,device", CASES)
+def test_fused_norm_of_tokens_whose_squares_overflow_matches_fp64(backend, device):
+    """Tokens around 1e25 (pixels of 1e25), whose squared deviations overflow float32: the fused LayerNorm takes
+    its statistics again on deviations scaled by 2^-100 (csrc/layer_norm_stats.h), so the output and every
+    gradient match the float64 sequence (before, such tokens were normalized to the bias)."""
+    tensors = {"images": torch.randn(2, 3, 8, 12, device=device) * 1e25,
+               "weight": torch.randn(32, 3, 4, 4, device=device) / 7, "bias": torch.randn(32, device=device),
+               "norm_weight": torch.randn(32, device=device), "norm_bias": torch.randn(32, device=device)}
+    dy = torch.randn(2, 6, 32, device=device)
+    with vitfast.use_backend(backend):
+        out, grads = _run(patch_embed, tensors, 4, {}, True, dy)
+    ref_out, ref_grads = _run(patch_embed_ref, tensors, 4, {}, True, dy, cast=torch.float64)
+    for name, g, r in [("out", out, ref_out)] + [(k, grads[k], ref_grads[k]) for k in ref_grads]:
+        err = ((g.double() - r).abs().max() / r.abs().max()).item()
+        assert err < 2e-5, f"{backend} {name}: relative error {err:.3g}"
+
+
 def _timm_resample(posemb, new_size, num_prefix):
     """timm.layers.resample_abs_pos_embed (bicubic, antialias), written out."""
     prefix, grid = posemb[:, :num_prefix], posemb[:, num_prefix:]

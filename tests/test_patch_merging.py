@@ -97,6 +97,21 @@ def test_constant_rows_give_exactly_the_norm_bias(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", CASES)
+def test_rows_whose_squares_overflow_match_fp64(backend, device):
+    """Merged rows of values around 1e25, whose squared deviations overflow float32: their LayerNorm statistics are
+    taken again on deviations scaled by 2^-100 (csrc/layer_norm_stats.h), so the output and every gradient match
+    the float64 sequence (before, such rows were normalized to the bias)."""
+    x, nw, nb, rw = _inputs((2, 4, 6, 8), 16, torch.float32, device)
+    dy = torch.randn(2, 2, 3, 16, device=device)
+    with vitfast.use_backend(backend):
+        got = _run(patch_merging, x * 1e25, nw, nb, rw, dy)
+    ref = _run(patch_merging_ref, x * 1e25, nw, nb, rw, dy, cast=torch.float64)
+    for name, g, r in zip(["out", "dx", "dnorm_weight", "dnorm_bias", "dreduction"], got, ref):
+        err = ((g.double() - r).abs().max() / r.abs().max()).item()
+        assert err < 2e-5, f"{backend} {name}: relative error {err:.3g}"
+
+
+@pytest.mark.parametrize("backend,device", CASES)
 def test_float64(backend, device):
     x = torch.randn(1, 3, 5, 4, dtype=torch.float64, device=device, requires_grad=True)
     nw = torch.randn(16, dtype=torch.float64, device=device, requires_grad=True)

@@ -35,14 +35,19 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
 def _row_stats(x: Tensor, eps: float) -> tuple:
     """Mean and 1 / sqrt(var + eps) of the rows of x (M, N) in x's dtype, by the corrected two-pass algorithm of
     csrc/layer_norm_stats.h (Chan, Golub, LeVeque 1983), which every kernel that normalizes rows uses: accurate
-    for rows with a large mean and exact for constant rows (LN(x) is then exactly the bias); var = inf where the
-    squared deviations overflow (the row becomes the bias; ATen's LayerNorm gives the bias or NaN)."""
+    for rows with a large mean and exact for constant rows (LN(x) is then exactly the bias); rows whose squared
+    deviations overflow take the deviations times 2^-100 (fp32; 2^-600 fp64), as that header says (ATen's LayerNorm
+    gives the bias or NaN for them)."""
     mu0 = x.mean(-1, keepdim=True)
     d = x - mu0
-    dev = d.mean(-1)
-    sq = d.square().mean(-1)
-    var = (sq - dev * dev).clamp_min(0.0).masked_fill(sq == float("inf"), float("inf"))
-    return mu0[:, 0] + dev, torch.rsqrt(var + eps)
+    over = d.square().sum(-1, keepdim=True) == float("inf")
+    up = torch.exp2(over.to(x.dtype) * (100 if x.dtype == torch.float32 else 600))
+    d = d / up
+    dev = d.mean(-1, keepdim=True)
+    var_down = (d.square().mean(-1, keepdim=True) - dev * dev).clamp_min(0.0)
+    var = var_down * up * up
+    rstd = torch.where(var == float("inf"), torch.rsqrt(var_down) / up, torch.rsqrt(var + eps))
+    return (mu0 + dev * up)[:, 0], rstd[:, 0]
 
 
 def _fwd_torch(x, weight, bias, residual, eps):

@@ -25,18 +25,28 @@ MAX_N = 8192
 @triton.jit
 def row_stats_from_sums(
     mu0,  # (BLOCK_M,) first-pass mean: sum(x) / N
-    dev,  # (BLOCK_M,) sum(x - mu0)
-    sq,  # (BLOCK_M,) sum((x - mu0)^2)
+    dev,  # (BLOCK_M,) sum((x - mu0) / up)
+    sq,  # (BLOCK_M,) sum(((x - mu0) / up)^2)
+    up,  # (BLOCK_M,) 1, or 2^100 for a row whose squared deviations overflow (`overflow_up`)
     N,
     eps,
 ):
     """Mean and 1 / sqrt(var + eps) from the two passes of the corrected two-pass algorithm: the deviations from
     the first-pass mean sum to (almost) zero, and adding their sum back corrects the mean and the variance:
-    mean = mu0 + dev / N, var = (sq - dev^2 / N) / N; var = inf where sq overflowed (rstd 0: the row becomes the
-    bias, where ATen's gives the bias or NaN; inf - inf would give NaN, clamped to 0), as csrc/layer_norm_stats.h."""
+    mean = mu0 + dev / N, var = (sq - dev^2 / N) / N, here of the deviations divided by `up`, as in
+    csrc/layer_norm_stats.h: var = var' * up^2, and rstd = 1 / (sqrt(var') * up) where that overflows."""
     dmean = tl.math.div_rn(dev, N * 1.0)
-    var = tl.where(sq == float("inf"), float("inf"), tl.maximum(tl.math.div_rn(sq - dev * dmean, N * 1.0), 0.0))
-    return mu0 + dmean, 1.0 / tl.sqrt(var + eps)
+    var_down = tl.maximum(tl.math.div_rn(sq - dev * dmean, N * 1.0), 0.0)
+    var = var_down * up * up
+    rstd = tl.where(var == float("inf"), 1.0 / (tl.sqrt(var_down) * up), 1.0 / tl.sqrt(var + eps))
+    return mu0 + dmean * up, rstd
+
+
+@triton.jit
+def overflow_up(sq):
+    """Per row, the power of two that divides the deviations: 2^100 where their squares `sq` overflowed fp32
+    (|x| around 1e19 and up), else 1; exact, and the scaled squares and sums stay finite (csrc/layer_norm_stats.h)."""
+    return tl.where(sq == float("inf"), 1.2676506002282294e30, 1.0)
 
 
 @triton.jit
@@ -49,7 +59,15 @@ def row_stats(
     """LayerNorm statistics (mean, 1 / sqrt(var + eps)) of rows held whole in registers."""
     mu0 = tl.math.div_rn(tl.sum(x, axis=1), N * 1.0)
     d = tl.where(mask, x - mu0[:, None], 0.0)
-    return row_stats_from_sums(mu0, tl.sum(d, axis=1), tl.sum(d * d, axis=1), N, eps)
+    dev = tl.sum(d, axis=1)
+    sq = tl.sum(d * d, axis=1)
+    up = tl.full(sq.shape, 1.0, tl.float32)
+    if tl.sum((sq == float("inf")).to(tl.int32), axis=0) > 0:
+        up = overflow_up(sq)
+        d = tl.math.div_rn(d, up[:, None])
+        dev = tl.sum(d, axis=1)
+        sq = tl.sum(d * d, axis=1)
+    return row_stats_from_sums(mu0, dev, sq, up, N, eps)
 
 
 def _block_sizes(n: int) -> tuple:

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from vitfast.triton.common import autotune, compiled, dot_precision, launch, mma, num_splits, tune_bucket, upcast_bf16
-from vitfast.triton.layer_norm import row_stats_from_sums
+from vitfast.triton.layer_norm import overflow_up, row_stats_from_sums
 
 
 @triton.jit
@@ -113,7 +113,20 @@ def _patch_merging_fwd_kernel(
         d = tl.where(valid, a - mu0[:, None], 0.0)
         dev += tl.sum(d, axis=1)
         sq += tl.sum(d * d, axis=1)
-    mean, rstd = row_stats_from_sums(mu0, dev, sq, K, eps)
+    up = tl.full(sq.shape, 1.0, tl.float32)
+    if tl.sum((sq == float("inf")).to(tl.int32), axis=0) > 0:  # the sums again, scaled, where squares overflowed
+        up = overflow_up(sq)
+        dev = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            offs, inside = _gather_offsets(rm, rk, H, W, H2, W2, C, sxb, sxh, sxw, sxc)
+            valid = m_mask[:, None] & (rk < K)[None, :]
+            a = tl.load(X + offs, mask=valid & inside, other=0.0).to(tl.float32)
+            d = tl.math.div_rn(tl.where(valid, a - mu0[:, None], 0.0), up[:, None])
+            dev += tl.sum(d, axis=1)
+            sq += tl.sum(d * d, axis=1)
+    mean, rstd = row_stats_from_sums(mu0, dev, sq, up, K, eps)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
