@@ -33,8 +33,11 @@ constexpr double kInf = std::numeric_limits<double>::infinity();
 
 bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
+// (B, H, N, D) laid out as (B, N, H, D); not a transposed view, which autograd would refuse to modify in place as
+// an op's output.
 at::Tensor bnhd_empty(const at::Tensor& like, int64_t N, c10::ScalarType dtype) {
-  return at::empty({like.size(0), N, like.size(1), like.size(3)}, like.options().dtype(dtype)).transpose(1, 2);
+  const int64_t H = like.size(1), D = like.size(3);
+  return at::empty_strided({like.size(0), H, N, D}, {N * H * D, D, H * D, 1}, like.options().dtype(dtype));
 }
 
 // t (B, H, N, D) in the (B, N, H, D) buffer layout: t itself when it already is, else a copy.

@@ -191,7 +191,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_merging_fwd(const at::Tenso
                                        static_cast<opmath_t>(eps), nullptr, nullptr, mean.mutable_data_ptr<opmath_t>(),
                                        rstd.mutable_data_ptr<opmath_t>(), ln.mutable_data_ptr<scalar_t>());
   });
-  at::Tensor out = at::mm(ln, reduction_weight.t()).view({g.B, g.H2, g.W2, N});
+  // (_unsafe_view: not a view of the product, which autograd would refuse to modify in place as an op's output)
+  at::Tensor out = at::_unsafe_view(at::mm(ln, reduction_weight.t()), {g.B, g.H2, g.W2, N});
   return {out, mean, rstd};
 }
 

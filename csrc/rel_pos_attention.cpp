@@ -662,6 +662,12 @@ void check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, cons
               " keys but rel_h and rel_w give a kh x kw = ", rel_h.size(3), " x ", rel_w.size(3), " key grid");
 }
 
+// (B, H, N, D) laid out as (B, N, H, D), the layout every backend returns; not a transposed view, which autograd
+// would refuse to modify in place as an op's output.
+at::Tensor bnhd_empty(int64_t B, int64_t H, int64_t N, int64_t D, const at::TensorOptions& options) {
+  return at::empty_strided({B, H, N, D}, {N * H * D, D, H * D, 1}, options);
+}
+
 // The term in op-math with unit inner stride (a copy only where needed), and its strides over (B, H, Nq) with 0 on
 // broadcast dims.
 at::Tensor rel_term(const at::Tensor& rel, at::ScalarType acc, int64_t* strides) {
@@ -716,13 +722,13 @@ std::tuple<at::Tensor, at::Tensor> rel_pos_attention_fwd_cpu(const at::Tensor& q
   check_inputs("rel_pos_attention_fwd", q, k, v, rel_h, rel_w);
   const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), D = q.size(3), Nk = k.size(2);
   const auto acc = at::toOpMathType(q.scalar_type());
-  at::Tensor out = at::empty({B, Nq, H, D}, q.options());
+  at::Tensor out = bnhd_empty(B, H, Nq, D, q.options());
   at::Tensor lse = at::empty({2, B, H, Nq}, q.options().dtype(acc));
   if (B * H * Nq == 0 || Nk == 0) {
     out.zero_();
     lse[0].fill_(-std::numeric_limits<double>::infinity());
     lse[1].zero_();
-    return {out.transpose(1, 2), lse};
+    return {out, lse};
   }
   int64_t hs[3], ws[3];
   const at::Tensor rh = rel_term(rel_h, acc, hs), rw = rel_term(rel_w, acc, ws);
@@ -747,7 +753,7 @@ std::tuple<at::Tensor, at::Tensor> rel_pos_attention_fwd_cpu(const at::Tensor& q
     a.lse = lse.mutable_data_ptr<A>();
     parallel_items(B * H * a.nqb, [&](const auto& next) { fwd_items(a, next); });
   });
-  return {out.transpose(1, 2), lse};
+  return {out, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rel_pos_attention_bwd_cpu(
@@ -765,9 +771,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rel_pos_a
                   lse_in.size(3) == Nq,
               "vitfast ", op, ": lse must be (2, B, H, Nq) for q ", q.sizes(), ", got ", lse_in.sizes());
   const at::Tensor lse = lse_in.to(acc).contiguous();
-  at::Tensor dq = at::empty({B, Nq, H, D}, q.options());
-  at::Tensor dk = at::empty({B, Nk, H, D}, q.options());
-  at::Tensor dv = at::empty({B, Nk, H, D}, q.options());
+  at::Tensor dq = bnhd_empty(B, H, Nq, D, q.options());
+  at::Tensor dk = bnhd_empty(B, H, Nk, D, q.options());
+  at::Tensor dv = bnhd_empty(B, H, Nk, D, q.options());
   at::Tensor drh = at::empty({B, H, Nq, rel_h.size(3)}, q.options().dtype(acc));
   at::Tensor drw = at::empty({B, H, Nq, rel_w.size(3)}, q.options().dtype(acc));
   if (B * H * Nq == 0 || Nk == 0) {
@@ -795,7 +801,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rel_pos_a
   }
   // Gradients of broadcast terms summed over their broadcast dims, in the terms' dtypes (copies: returns must not
   // share storage).
-  return {dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2),
+  return {dq, dk, dv,
           drh.sum_to_size(rel_h.sizes()).to(rel_h.scalar_type(), false, true),
           drw.sum_to_size(rel_w.sizes()).to(rel_w.scalar_type(), false, true)};
 }

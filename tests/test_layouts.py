@@ -241,6 +241,33 @@ def test_inputs_made_under_inference_mode(case, backend, device):
     torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("case,backend,device", [pytest.param(c, *bk.values, id=f"{c.name}-{bk.id}")
+                                                 for c in CASES for bk in backend_cases(c.op)])
+def test_outputs_modified_in_place(case, backend, device):
+    """`out.mul_(2)` (as `out += residual`, in-place dropout) on every output, under autograd: the gradients are twice
+    the plain ones, or, where the op saved that output for its backward (attention), backward raises PyTorch's
+    "modified by an inplace operation", as SDPA's does. Outputs were views of buffers made inside the ops, which
+    autograd refuses to modify in place ("a function that returns multiple views"), on some backends only."""
+    torch.manual_seed(0)
+    values = {name: _sample(inp, device) for name, inp in case.inputs.items()}
+    grads = []
+    for in_place in (False, True):
+        leaves = {n: v.clone().requires_grad_(case.inputs[n].grad) for n, v in values.items()}
+        with vitfast.use_backend(backend):
+            out = case.fn(**leaves)
+        outs = out if isinstance(out, tuple) else (out,)
+        if in_place:
+            outs = [o.mul_(2) for o in outs]
+        trained = [leaves[n] for n, inp in case.inputs.items() if inp.grad]
+        try:
+            grads.append(torch.autograd.grad(outs, trained, [torch.ones_like(o) for o in outs]))
+        except RuntimeError as e:
+            assert in_place and "modified by an inplace operation" in str(e), e
+            return
+    for plain, doubled in zip(*grads):
+        torch.testing.assert_close(doubled, 2 * plain)
+
+
 @pytest.mark.parametrize("backend,device", backend_cases("layer_norm"))
 def test_ops_called_directly_take_any_layout(backend, device):
     """torch.ops.vitfast.* called directly with layouts the public functions never pass (a transposed LayerNorm

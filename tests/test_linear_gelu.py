@@ -87,6 +87,27 @@ def test_no_grad_output_equals_the_grad_path_and_inputs_are_untouched(backend, d
     torch.testing.assert_close(y0[rows], F.gelu(F.linear(x[rows], w, b)))
 
 
+@pytest.mark.parametrize("backend,device", CASES)
+def test_bias_changed_in_place_before_backward(backend, device):
+    """A bias updated in place between forward and backward (an optimizer step of one part of a model before the
+    backward of another): F.gelu(F.linear(...)) does not save the bias, so its backward runs; so does linear_gelu's
+    (it saved the bias and failed autograd's version check), with the same gradients."""
+    x = torch.randn(5, 8, device=device, requires_grad=True)
+    w = torch.randn(6, 8, device=device, requires_grad=True)
+    b = torch.randn(6, device=device, requires_grad=True)
+    dy = torch.randn(5, 6, device=device)
+    grads = []
+    for fn in (lambda: F.gelu(F.linear(x, w, b)), lambda: vitfast.linear_gelu(x, w, b)):
+        with vitfast.use_backend(backend):
+            y = fn()
+        with torch.no_grad():
+            b.add_(1.0)
+        grads.append(torch.autograd.grad(y, (x, w, b), dy))
+        with torch.no_grad():
+            b.sub_(1.0)
+    torch.testing.assert_close(grads[1], grads[0])
+
+
 def test_bad_inputs_raise_clear_errors():
     x, w, b = torch.randn(4, 8), torch.randn(6, 8), torch.randn(6)
     with pytest.raises(ValueError, match=r"weight must be \(N, 8\) for x of shape \(4, 8\), got \(6, 7\)"):

@@ -272,6 +272,8 @@ def test_pos_embed_resampling_modes(mode, antialias):
     ((torch.zeros(17, 8), (0, 3)), {"num_prefix_tokens": 1}, r"new_grid must be two positive integers"),
     ((torch.zeros(17, 8), 4), {"num_prefix_tokens": 1}, r"new_grid must be two positive integers"),
     ((torch.zeros(17, 8), (2.5, 3)), {"num_prefix_tokens": 1}, r"new_grid must be two positive integers"),
+    ((torch.zeros(17, 8), (True, 3)), {"num_prefix_tokens": 1}, r"new_grid must be two positive integers"),
+    ((torch.zeros(17, 8), torch.tensor([True, True])), {"num_prefix_tokens": 1}, r"new_grid must be two positive"),
     ((torch.zeros(17, 8), (3, 3), (4,)), {"num_prefix_tokens": 1}, r"old_grid must be two positive integers"),
     ((torch.zeros(17, 8), (3, 3)), {"num_prefix_tokens": 1, "mode": "foo"}, r"mode 'foo' is not one of"),
     ((torch.zeros(17, 8), (3, 3)), {"num_prefix_tokens": 1, "mode": "nearest"}, r"antialias=True takes mode"),

@@ -285,6 +285,13 @@ def save_for_backward(ctx, *tensors: Optional[torch.Tensor]) -> None:
     ctx.save_for_backward(*(t.clone() if t is not None and t.is_inference() else t for t in tensors))
 
 
+def output_view(t: torch.Tensor, shape) -> torch.Tensor:
+    """`t.view(shape)` (t contiguous) as an op's output: an alias autograd does not track as a view (ATen's
+    _unsafe_view, as torch.matmul returns its folded products). An op's output that is a view of a buffer made in
+    the op cannot be modified in place under autograd ("a function that returns multiple views")."""
+    return torch.ops.aten._unsafe_view(t, shape)
+
+
 def check_op_shapes(op: str, expected: dict) -> None:
     """For an op called directly (torch.ops.vitfast.<op>, whose public function checks more): `expected` maps each
     argument's name to (tensor or None, the shape the kernels index it by); a Triton kernel would read or write past

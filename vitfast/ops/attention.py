@@ -157,8 +157,9 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _bnhd_empty(B: int, H: int, N: int, D: int, like: Tensor) -> Tensor:
-    """(B, H, N, D) view of a (B, N, H, D) buffer: the layout every backend returns out, dq, dk, dv in."""
-    return torch.empty((B, N, H, D), dtype=like.dtype, device=like.device).transpose(1, 2)
+    """(B, H, N, D) tensor laid out as (B, N, H, D): the layout every backend returns out, dq, dk, dv in."""
+    # (not a view, which autograd would refuse to modify in place as an op's output)
+    return torch.empty_strided((B, H, N, D), (N * H * D, D, H * D, 1), dtype=like.dtype, device=like.device)
 
 
 def _dropout_keep(seed: int, dropout_p: float, q: Tensor, Nk: int) -> Optional[Tensor]:

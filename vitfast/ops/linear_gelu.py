@@ -97,9 +97,12 @@ def _(x, weight, bias, approximate, save_preact, prepack):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, approximate, _, _ = inputs
-    _backend.save_for_backward(ctx, x, weight, bias, output[1])
+    x, weight, bias, approximate, save_preact, _ = inputs
+    # the bias only where h is to be recomputed: F.gelu(F.linear(...)) does not save it, so a bias changed in place
+    # between forward and backward passes its version check
+    _backend.save_for_backward(ctx, x, weight, None if save_preact else bias, output[1])
     ctx.approximate = approximate
+    ctx.has_bias = bias is not None
 
 
 def _backward(ctx, dy, dpreact):
@@ -114,7 +117,7 @@ def _backward(ctx, dy, dpreact):
             dh = dh + dpreact
         dx = dh @ weight if ctx.needs_input_grad[0] else None
         dweight = dh.t() @ x if ctx.needs_input_grad[1] else None
-        dbias = dh.sum(0) if bias is not None and ctx.needs_input_grad[2] else None
+        dbias = dh.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
     return dx, dweight, dbias, None, None, None
 
 

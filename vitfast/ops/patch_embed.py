@@ -118,7 +118,7 @@ def _grid(name: str, what: str, grid) -> Tuple[int, int]:
     if isinstance(items, (tuple, list)):  # (0-d tensors of integers, as timm takes them)
         items = [v.item() if isinstance(v, torch.Tensor) and v.dim() == 0 else v for v in items]
     out = tuple(int(v) for v in items) if isinstance(items, (tuple, list)) and len(items) == 2 and all(
-        isinstance(v, (numbers.Integral, torch.SymInt)) for v in items) else ()
+        isinstance(v, (numbers.Integral, torch.SymInt)) and not isinstance(v, bool) for v in items) else ()
     if not out or min(out) < 1:
         raise ValueError(f"{name}: {what} must be two positive integers (h, w), got {grid!r}")
     return out
@@ -227,7 +227,7 @@ def _fwd_torch(images, weight, bias, pos, pos_offset, prefix, nw, nb, has_norm, 
     tokens = z
     if has_norm:
         tokens, _, mean, rstd = _ln._fwd_torch(z, nw, nb, None, eps)
-    out = _prefix_and_pos(tokens.view(B, L, E), pos, pos_offset, prefix, num_prefix)
+    out = _prefix_and_pos(_backend.output_view(tokens, (B, L, E)), pos, pos_offset, prefix, num_prefix)
     return out, (z if has_norm and store_z else images.new_empty(0)), mean, rstd
 
 

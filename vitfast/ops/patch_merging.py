@@ -63,7 +63,7 @@ def _scatter(dxg: Tensor, shape) -> Tensor:
 def _fwd_torch(x, nw, nb, rw, eps):
     B, H, W, _ = x.shape
     y, _, mean, rstd = _ln._fwd_torch(_gather(x), nw, nb, None, eps)
-    return (y @ rw.t()).view(B, (H + 1) // 2, (W + 1) // 2, rw.shape[0]), mean, rstd
+    return _backend.output_view(y @ rw.t(), (B, (H + 1) // 2, (W + 1) // 2, rw.shape[0])), mean, rstd
 
 
 def _bwd_torch(dy, x, nw, nb, rw, mean, rstd):

@@ -315,7 +315,7 @@ def _fwd_torch(qkv, bias, pad_qkv, logit_scale, window_size, shift_size, softmax
     out, lse = window_attention_ref(qkv.to(acc), bias, window_size, shift_size, pad_qkv, logit_scale, softmax_scale,
                                     keep, dropout_p, return_lse=True)
     B, H, W = qkv.shape[:3]
-    return out.to(qkv.dtype).view(B, H, W, -1), lse
+    return _backend.output_view(out.to(qkv.dtype), (B, H, W, -1)), lse
 
 
 def _to_windows(x: Tensor, window_size: list, shift_size: list, fill: Optional[Tensor] = None) -> Tensor:

@@ -616,8 +616,9 @@ def _bias_args(bias, B, H, Nq, Nk, q):
 
 
 def _bnhd_empty(B, H, N, D, like: torch.Tensor) -> torch.Tensor:
-    """(B, H, N, D) view of a (B, N, H, D) buffer: the layout the projections that follow read directly."""
-    return torch.empty((B, N, H, D), dtype=like.dtype, device=like.device).transpose(1, 2)
+    """(B, H, N, D) tensor laid out as (B, N, H, D): the layout the projections that follow read directly."""
+    # (not a view, which autograd would refuse to modify in place as an op's output)
+    return torch.empty_strided((B, H, N, D), (N * H * D, D, H * D, 1), dtype=like.dtype, device=like.device)
 
 
 def attention_fwd(q, k, v, bias, dropout_p, seed, is_causal, causal_offset, scale):

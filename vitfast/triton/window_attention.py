@@ -509,7 +509,7 @@ def window_attention_fwd(qkv, bias, pad_qkv, logit_scale, window_size, shift_siz
     qkv, pad_qkv, logit_scale = _layouts(qkv, pad_qkv, logit_scale)
     B, H, W, heads, D, wh, ww, Hp, Wp, nWh, nWw = _geometry(qkv, window_size, shift_size)
     nW, N = nWh * nWw, wh * ww
-    out = torch.empty((B, H, W, heads, D), dtype=qkv.dtype, device=qkv.device)
+    out = torch.empty((B, H, W, heads * D), dtype=qkv.dtype, device=qkv.device)  # (B, H, W, heads, D) in memory
     lse = torch.empty((B, heads, nW, N), dtype=torch.float32, device=qkv.device)
     block, block_d, n_tiles, warps, stages = _config(N, D, qkv.dtype, backward=False, cosine=logit_scale is not None)
     wpp = _windows_per_program(qkv, nW, B * heads)
@@ -524,7 +524,7 @@ def window_attention_fwd(qkv, bias, pad_qkv, logit_scale, window_size, shift_siz
         UPCAST_DOT=upcast_bf16(qkv),
         BLOCK=block, BLOCK_D=block_d, N_TILES=n_tiles, num_warps=warps, num_stages=stages,
     )
-    return out.view(B, H, W, heads * D), lse
+    return out, lse
 
 
 def window_attention_bwd(dout, qkv, bias, pad_qkv, logit_scale, out, lse, window_size, shift_size, softmax_scale,
