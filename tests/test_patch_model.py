@@ -233,6 +233,23 @@ def test_torchvision_swin(backend, version):
     assert _kinds(report) == {"window_attention": 2, "layer_norm": 6, "linear_gelu": 2}, str(report)
 
 
+def test_torchvision_swin_with_quantized_linears_is_left_with_the_reason():
+    """quantize_dynamic swaps each nn.Linear for a quantized one, whose `weight` is a method: the window attention
+    (it hands qkv.weight to the fused op) and the MLPs are left, with reasons naming the quantized class; before,
+    the attention was reported patched and failed inside vitfast with an AttributeError."""
+    import_or_skip("torchvision")
+    from torchvision.models import swin_transformer as tvs
+
+    model = tvs.SwinTransformer(patch_size=[2, 2], embed_dim=16, depths=[2], num_heads=[2], window_size=[4, 4],
+                                num_classes=5)
+    model = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    report = vitfast.patch_model(model)
+    assert "window_attention" not in _kinds(report) and "linear_gelu" not in _kinds(report), str(report)
+    reasons = {left.reason for left in report.left}
+    assert "qkv is torch.ao.nn.quantized.dynamic.modules.linear.Linear, not torch.nn.Linear" in reasons, reasons
+    assert "0 is torch.ao.nn.quantized.dynamic.modules.linear.Linear, not torch.nn.Linear" in reasons, reasons
+
+
 # ----------------------------------------------------------------------------------------------- open_clip
 
 @pytest.mark.parametrize("backend", BACKENDS)

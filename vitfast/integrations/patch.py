@@ -336,7 +336,7 @@ def mlp_check(module: nn.Module, fc1: str = "fc1", act: str = "act") -> Optional
     and "1") cannot take vitfast.linear_gelu, or None."""
     first, activation = getattr(module, fc1, None), getattr(module, act, None)
     if type(first) is not nn.Linear:
-        return f"{fc1} is {type(first).__name__}, not nn.Linear"
+        return f"{fc1} is {qualname(first)}, not torch.nn.Linear"
     if activation is None:
         return f"no activation {act!r}"
     if gelu_approximate(activation) is None:

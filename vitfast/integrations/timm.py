@@ -130,7 +130,7 @@ def _patch_embed_forward(self, x: Tensor) -> Tensor:
 def _patch_embed_check(module: nn.Module) -> Optional[str]:
     proj = getattr(module, "proj", None)
     if type(proj) is not nn.Conv2d:
-        return f"proj is {type(proj).__name__}, not a Conv2d"
+        return f"proj is {qualname(proj)}, not torch.nn.Conv2d"
     if not patch_conv(proj) or tuple(proj.kernel_size) != tuple(module.patch_size):
         return ("proj is not a non-overlapping patch convolution (stride = kernel = patch_size, no padding, dilation "
                 "or groups)")

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from vitfast.integrations.patch import (Adapter, conv_takes, mlp_check, mlp_fc1, mlp_rows, patch_conv,
+from vitfast.integrations.patch import (Adapter, conv_takes, mlp_check, mlp_fc1, mlp_rows, patch_conv, qualname,
                                        window_index_changed)
 from vitfast.ops.patch_embed import patch_embed
 from vitfast.ops.window_attention import shifted_window_attention
@@ -46,7 +46,12 @@ def _swa_v2_forward(self, x: Tensor) -> Tensor:
 def _swa_check(module: nn.Module) -> Optional[str]:
     missing = [a for a in ("qkv", "proj", "window_size", "shift_size", "num_heads", "attention_dropout", "dropout")
                if not hasattr(module, a)]
-    return f"unexpected ShiftedWindowAttention layout (missing {missing})" if missing else None
+    if missing:
+        return f"unexpected ShiftedWindowAttention layout (missing {missing})"
+    for name in ("qkv", "proj"):  # (a quantized Linear has no weight tensor to hand to the fused op)
+        if type(getattr(module, name)) is not nn.Linear:
+            return f"{name} is {qualname(getattr(module, name))}, not torch.nn.Linear"
+    return None
 
 
 def _vit_process_input(self, x: Tensor) -> Tensor:
