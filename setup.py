@@ -13,7 +13,9 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 
 
 def _build_cuda() -> bool:
-    flag = os.environ.get("VITFAST_BUILD_CUDA")
+    flag = os.environ.get("VITFAST_BUILD_CUDA") or None  # (set but empty: unset)
+    if flag not in (None, "0", "1"):
+        raise RuntimeError(f"VITFAST_BUILD_CUDA must be 0 (no CUDA sources) or 1 (CUDA sources, or fail), got {flag!r}")
     available = torch.version.cuda is not None and CUDA_HOME is not None
     if flag == "1" and not available:
         missing = ([f"torch {torch.__version__} is a CPU build"] if torch.version.cuda is None else []) + (

@@ -51,9 +51,8 @@ def apply_torchvision_shim() -> None:
     _shim_lib = lib
 
 
-_LIBS_DIR = os.environ.get("VITFAST_OPTIONAL_LIBS",
-                           os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".venv",
-                                        "optional-libs"))
+_LIBS_DIR = os.environ.get("VITFAST_OPTIONAL_LIBS") or os.path.join(  # (set but empty: the default)
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".venv", "optional-libs")
 
 
 def _add_libs_dir() -> None:

@@ -317,6 +317,9 @@ def test_op_names_select_their_cases(capsys):
     with pytest.raises(SystemExit) as e:  # (beside one that matches, the typo was dropped silently)
         main(["check", "--op", "layer_nrom", "--op", "patch_merging", "--device", "cpu"])
     assert e.value.code == 2 and "no case matches --op layer_nrom" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # ("" is the start of every label: bench --op "" timed every case)
+        main(["bench", "--op", "", "--device", "cpu"])
+    assert e.value.code == 2 and "--op: an empty name" in capsys.readouterr().err
 
 
 def test_a_nan_error_is_reported_as_nan(monkeypatch, capsys):
@@ -335,6 +338,17 @@ def test_a_nan_error_is_reported_as_nan(monkeypatch, capsys):
             if len(r) > 5 and r[1].strip() == "layer_norm" and r[5].strip() == "vitfast cpp"]
     (fwd,), (bwd,) = ([r for r in rows if r[4].strip() == p] for p in ("fwd", "fwd+bwd"))
     assert fwd[6].strip() != "nan" and bwd[6].strip() == "nan" and bwd[-2].strip() == "NO", rows
+
+
+def test_job_fails_when_the_extension_did_not_load(monkeypatch, capsys):
+    """Without vitfast._C (a failed build, or one against another torch) the default job measured the baseline and
+    oneDNN only, said nothing and exited 0: `make run` passed on a broken build. Now it names the error, exit 1."""
+    monkeypatch.setattr(vitfast._ext, "HAS_EXT", False)
+    monkeypatch.setattr(vitfast._ext, "EXT_ERROR", "vitfast._C could not be imported (simulated)")
+    monkeypatch.setattr(vitfast_main, "_run_case", lambda *args: [])
+    assert main(["check", "--op", "layer_norm", "--device", "cpu"]) == 1
+    assert "the C++ and CUDA kernels are not in this run: vitfast._C could not be imported (simulated)" in (
+        capsys.readouterr().out)
 
 
 def test_triton_on_cpu_names_the_interpreter(monkeypatch, capsys):
@@ -450,7 +464,32 @@ def test_triton_interpret_reads_tritons_spelling(monkeypatch, value, interprets)
     if not vitfast.backend.has_triton():
         pytest.skip("triton is not installed")
     monkeypatch.setenv("TRITON_INTERPRET", value)
-    assert vitfast.backend.triton_interpret() is interprets
+    assert vitfast.backend._interpret_requested() is interprets  # (triton_interpret: also how Triton was imported)
+
+
+def test_triton_interpret_set_after_import_is_refused_clearly():
+    """TRITON_INTERPRET=1 set after `import vitfast` (a notebook cell): vitfast said it interpreted and chose triton
+    for CPU tensors, but Triton, imported by then (through torch._dynamo), had compiled its own helpers (tl.sum, ...):
+    the first call failed inside Triton ("Cannot call @triton.jit'd outside of the scope of a kernel"). Now
+    triton_interpret() is False there and a forced triton backend names the cause."""
+    if not vitfast.backend.has_triton():
+        pytest.skip("triton is not installed")
+    code = """if True:
+        import os, torch, vitfast
+        os.environ["TRITON_INTERPRET"] = "1"
+        assert not vitfast.backend.triton_interpret() and not vitfast.info()["triton_interpret"]
+        x = torch.randn(4, 64)
+        assert vitfast.layer_norm(x, 64).shape == x.shape  # the automatic choice is unaffected
+        try:
+            with vitfast.use_backend("triton"):
+                vitfast.layer_norm(x, 64)
+        except ValueError as e:
+            assert "set before Triton is imported" in str(e), e
+        else:
+            raise AssertionError("ran")
+    """
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300)
 
 
 def test_cpu_choice_help_cases_and_forced_backend(monkeypatch, capsys):

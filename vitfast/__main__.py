@@ -8,14 +8,14 @@ check: the same comparison with one timed repetition (its times are not measurem
 bench: run for the ops named with --op (at least one).
 info: the environment only.
 --backend (or VITFAST_BACKEND, which names the one backend to measure) keeps the cases that backend implements.
-Every command but info exits with status 1 if any backend's error, in the output or any gradient, exceeds twice
-the baseline's error for that tensor in the same dtype (plus a few ulps), or if a backend asked for with --backend
-runs none of the cases (a backend that cannot take a case's inputs, e.g. onednn, float32 only, in bfloat16, is
-skipped with a note); with status 2 on bad arguments (argparse's; a --backend that runs no case on the device at
-all), a VITFAST_BACKEND that is bad, torch (the baseline's; nothing of vitfast's to measure) or unlike --backend,
-or an --out it cannot write, all checked before measuring (an --out that fails while writing, after measuring, and
-an output it cannot print, e.g. on a full disk, also exit with status 2). A closed pipe (`| head`) ends the job
-quietly, as it does other Unix tools.
+Every command but info exits with status 1 if any backend's error, in the output or any gradient, exceeds twice the
+baseline's error for that tensor in the same dtype (plus a few ulps), if, without --backend, the compiled extension
+vitfast._C did not load, or if a backend asked for with --backend runs none of the cases (a backend that cannot
+take a case's inputs, e.g. onednn, float32 only, in bfloat16, is skipped with a note); with status 2 on bad
+arguments (argparse's; a --backend that runs no case on the device at all), a VITFAST_BACKEND that is bad, torch
+(the baseline's; nothing of vitfast's to measure) or unlike --backend, or an --out it cannot write, all checked
+before measuring (an --out that fails while writing, after measuring, and an output it cannot print, e.g. on a full
+disk, also exit with status 2). A closed pipe (`| head`) ends the job quietly, as it does other Unix tools.
 """
 import argparse
 import importlib.util
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 import vitfast
-from vitfast import backend
+from vitfast import _ext, backend
 from vitfast.info import _cpu_model
 from vitfast.ops.layer_norm import layer_norm_ref
 from vitfast.ops.linear import linear_ref
@@ -287,6 +287,8 @@ def main(argv=None) -> int:
     env = vitfast.info()  # once: it runs git and reads /proc/cpuinfo
     if args.command == "bench" and not args.op:
         parser.error("bench times the ops named with --op: give at least one (run times them all)")
+    if any(not o.strip() for o in args.op or ()):
+        parser.error("--op: an empty name (it would match every case)")
     for k, v in env.items():
         _say(f"{k:>18}: {v}")
     if args.command == "info":
@@ -383,7 +385,10 @@ def main(argv=None) -> int:
     idle = [name for name in args.backend or () if not any(r["backend"] == f"vitfast {name}" for r in rows)]
     if idle:
         _say(f"\n{asked(idle)} ran none of the cases (above: why)")
-    return 2 if unwritten else 1 if bad or idle else 0
+    no_ext = not args.backend and not _ext.HAS_EXT  # (a broken build: the job would check none of its kernels)
+    if no_ext:
+        _say(f"\nthe C++ and CUDA kernels are not in this run: {_ext.EXT_ERROR}")
+    return 2 if unwritten else 1 if bad or idle or no_ext else 0
 
 
 if __name__ == "__main__":

@@ -59,10 +59,10 @@ def register_op(op: str, *, gpu_order=("triton", "cuda", "torch"), cpu_order=("c
     _OPS[op] = OpSpec(tuple(gpu_order), tuple(cpu_order), check, tuple(obeys))
 
 
-def triton_interpret() -> bool:
-    """Whether Triton interprets its kernels: Triton's own reading of TRITON_INTERPRET (1, true, yes, on: it
-    interpreted under TRITON_INTERPRET=true where this said no). Unset, 0 or 1 are read here (no call into triton's
-    knobs on the common path, which each backend choice takes)."""
+def _interpret_requested() -> bool:
+    """Triton's own reading of TRITON_INTERPRET (1, true, yes, on: it interpreted under TRITON_INTERPRET=true where
+    this said no). Unset, 0 or 1 are read here (no call into triton's knobs on the common path, which each backend
+    choice takes)."""
     value = os.environ.get("TRITON_INTERPRET", "0")
     if value in ("0", "1", ""):
         return value == "1"
@@ -73,6 +73,30 @@ def triton_interpret() -> bool:
         if knobs is not None:
             return bool(knobs.runtime.interpret)
     return value.lower() in ("true", "yes", "on")
+
+
+_triton_compiled: Optional[bool] = None  # (Triton's mode, once it is imported)
+
+
+def _triton_compiled_at_import() -> bool:
+    """Whether Triton was imported without TRITON_INTERPRET: its own @triton.jit helpers (tl.sum, tl.max, ...) are
+    then compiled functions, which an interpreted kernel cannot call ("Cannot call @triton.jit'd outside of the
+    scope of a kernel"), whatever the variable says later. False while Triton is not imported."""
+    global _triton_compiled
+    if _triton_compiled is None:
+        standard = sys.modules.get("triton.language.standard")
+        if standard is None:
+            return False
+        from triton.runtime.interpreter import InterpretedFunction
+
+        _triton_compiled = not isinstance(standard.sum, InterpretedFunction)
+    return _triton_compiled
+
+
+def triton_interpret() -> bool:
+    """Whether Triton interprets vitfast's kernels: TRITON_INTERPRET asks for it (`_interpret_requested`) and Triton
+    was imported under it (`import vitfast` imports Triton, through torch._dynamo)."""
+    return _interpret_requested() and not _triton_compiled_at_import()
 
 
 # Set by vitfast.triton.common.compile_only: CPU tensors then stand in for a GPU's and Triton only compiles.
@@ -164,9 +188,10 @@ def forced_backend() -> Optional[str]:
     """The backend every op must run (use_backend, set_backend, else VITFAST_BACKEND), or None: the automatic choice.
 
     Raises:
-        ValueError: VITFAST_BACKEND names no backend (read here, at each choice, so it may change at run time; a
-            graph torch.compile traced keeps the variable's choice of its tracing: dynamo guards on use_backend's
-            and set_backend's choice, not on the environment).
+        ValueError: VITFAST_BACKEND names no backend (read here, at each choice, so it may change at run time;
+            the ops choose inside their torch.library implementations, which a compiled graph calls, so they obey
+            a later value, but a choice made in code dynamo traces, as the patched modules' Python, keeps the value
+            of its tracing: dynamo guards on use_backend's and set_backend's choice, not on the environment).
     """
     name = _forced
     if name is None:
@@ -197,6 +222,9 @@ def _unavailable(op: str, backend: str, device: torch.device) -> Optional[str]:
         if not has_triton():
             return "triton is not installed"
         if device.type == "cpu" and not triton_takes_cpu():
+            if _interpret_requested():
+                return ("Triton runs CPU tensors only under TRITON_INTERPRET=1, set before Triton is imported (by "
+                        "`import vitfast`, or torch._dynamo): it was set later, and Triton's own helpers are compiled")
             return "Triton runs CPU tensors only under TRITON_INTERPRET=1"
     if backend in ("cpp", "cuda"):
         if not _ext.HAS_EXT:

@@ -38,8 +38,7 @@ def row_stats_from_sums(
     dmean = tl.math.div_rn(dev, N * 1.0)
     var_down = tl.maximum(tl.math.div_rn(sq - dev * dmean, N * 1.0), 0.0)
     var = var_down * up * up
-    rstd = tl.where(var == float("inf"), 1.0 / (tl.sqrt(var_down) * up), 1.0 / tl.sqrt(var + eps))
-    return mu0 + dmean * up, rstd
+    return mu0 + dmean * up, 1.0 / tl.where(var == float("inf"), tl.sqrt(var_down) * up, tl.sqrt(var + eps))
 
 
 @triton.jit
