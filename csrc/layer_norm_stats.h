@@ -97,11 +97,12 @@ C10_ALWAYS_INLINE RowStats<T> row_stats(const T* C10_RESTRICT v, int64_t N, T ep
   const T mu0 = row_sum(v, N) * inv_n;
   auto [dev, sq] = row_dev_sq(v, mu0, T(1), N);
   if (C10_LIKELY(sq != std::numeric_limits<T>::infinity())) {
-    const T var = std::max(T(0), (sq - dev * dev * inv_n) * inv_n);
+    // (dev * (dev / N): dev^2 itself overflows for rows of a large mean and a spread of a few ulps, where sq does not)
+    const T var = std::max(T(0), (sq - dev * (dev * inv_n)) * inv_n);
     return {mu0 + dev * inv_n, T(1) / std::sqrt(var + eps)};
   }
   std::tie(dev, sq) = row_dev_sq(v, mu0, std::ldexp(T(1), -kOverflowExponent<T>), N);
-  const T var_down = std::max(T(0), (sq - dev * dev * inv_n) * inv_n);
+  const T var_down = std::max(T(0), (sq - dev * (dev * inv_n)) * inv_n);
   const T var = std::ldexp(var_down, 2 * kOverflowExponent<T>);
   const T rstd = var == std::numeric_limits<T>::infinity()
                      ? std::ldexp(T(1) / std::sqrt(var_down), -kOverflowExponent<T>)

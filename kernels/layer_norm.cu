@@ -211,7 +211,7 @@ __global__ void __launch_bounds__(RowMapping<TPR>::kBlockThreads) _layer_norm_fw
     }
     row_sum<TPR>(dev_sq, red[1]);
     float mu = mu0 + dev_sq[0] * inv_n;
-    float rs = rsqrtf(fmaxf((dev_sq[1] - dev_sq[0] * dev_sq[0] * inv_n) * inv_n, 0.f) + eps);
+    float rs = rsqrtf(fmaxf((dev_sq[1] - dev_sq[0] * (dev_sq[0] * inv_n)) * inv_n, 0.f) + eps);
     // Squared deviations that overflow (sq = inf): the second pass again on the deviations times 2^-100, as
     // csrc/layer_norm_stats.h. The test is uniform over the warp (and over the block, for a block per row),
     // so every lane reaches the shuffles and the __syncthreads of row_sum; its buffer is the third, since
@@ -234,7 +234,7 @@ __global__ void __launch_bounds__(RowMapping<TPR>::kBlockThreads) _layer_norm_fw
       row_sum<TPR>(scaled, red[2]);
       if (dev_sq[1] == INFINITY) {
         mu = mu0 + scaled[0] * inv_n * 0x1p100f;
-        const float var_down = fmaxf((scaled[1] - scaled[0] * scaled[0] * inv_n) * inv_n, 0.f);
+        const float var_down = fmaxf((scaled[1] - scaled[0] * (scaled[0] * inv_n)) * inv_n, 0.f);
         const float var = var_down * 0x1p100f * 0x1p100f;
         rs = var == INFINITY ? rsqrtf(var_down) * 0x1p-100f : rsqrtf(var + eps);
       }

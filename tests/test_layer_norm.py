@@ -131,6 +131,19 @@ def test_rows_whose_squares_overflow_match_fp64(backend, device, dtype):
 
 
 @pytest.mark.parametrize("backend,device", CASES)
+def test_rows_of_a_large_mean_whose_deviation_sum_squared_overflows(backend, device):
+    """fp32 rows of mean 1e23 and a spread of a few ulps (4096 values): their squared deviations stay finite, but the
+    sum of the deviations from the first-pass mean (~1e19) squared does not; the C++ kernels formed dev^2 before
+    dividing by N, clamped the variance to 0 and scaled each row by 1 / sqrt(eps): errors of 1e20. A row this narrow
+    carries a few bits, so the float64 LayerNorm of its fp32 values is matched to ~0.03 (the torch backend's error)."""
+    x = (1e23 * (1 + 1e-6 * torch.randn(3, 4096, dtype=torch.float64))).float().to(device)
+    with vitfast.use_backend(backend):
+        y = vitfast.layer_norm(x, 4096)
+    err = (y.double() - F.layer_norm(x.double(), (4096,))).abs().max().item()
+    assert err < 0.25, f"{backend}: max error {err:.3g}"
+
+
+@pytest.mark.parametrize("backend,device", CASES)
 def test_float64(backend, device):
     if backend in ("triton", "cuda"):
         with vitfast.use_backend(backend), pytest.raises(ValueError, match="float64"):
