@@ -137,6 +137,26 @@ __device__ __forceinline__ void row_sum(float (&v)[K], float* buf) {
   }
 }
 
+// A lane's part of a row's sums of the deviations d = (v - mu0) * down and of their squares (`down`: 1, or
+// 2^-100 where the squares overflow; exact), over the columns the lane holds.
+template <int TPR, int ITERS, int VEC>
+__device__ __forceinline__ void deviation_sums(const float (&v)[ITERS][VEC], int lane, int N, float mu0, float down,
+                                               float (&sums)[2]) {
+  sums[0] = sums[1] = 0.f;
+#pragma unroll
+  for (int it = 0; it < ITERS; ++it) {
+    const int col = (it * TPR + lane) * VEC;
+    if (col < N) {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const float d = (v[it][j] - mu0) * down;
+        sums[0] += d;
+        sums[1] += d * d;
+      }
+    }
+  }
+}
+
 template <typename T, int VEC, int TPR>
 __global__ void __launch_bounds__(RowMapping<TPR>::kBlockThreads) _layer_norm_fwd_kernel(
     const T* __restrict__ x,             // (M, N), row stride x_row_stride
@@ -196,19 +216,8 @@ __global__ void __launch_bounds__(RowMapping<TPR>::kBlockThreads) _layer_norm_fw
     row_sum<TPR>(sum, red[0]);
     const float mu0 = sum[0] * inv_n;
 
-    float dev_sq[2] = {0.f, 0.f};
-#pragma unroll
-    for (int it = 0; it < ITERS; ++it) {
-      const int col = (it * TPR + lane) * VEC;
-      if (col < N) {
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-          const float d = v[it][j] - mu0;
-          dev_sq[0] += d;
-          dev_sq[1] += d * d;
-        }
-      }
-    }
+    float dev_sq[2];
+    deviation_sums<TPR>(v, lane, N, mu0, 1.f, dev_sq);
     row_sum<TPR>(dev_sq, red[1]);
     float mu = mu0 + dev_sq[0] * inv_n;
     float rs = rsqrtf(fmaxf((dev_sq[1] - dev_sq[0] * (dev_sq[0] * inv_n)) * inv_n, 0.f) + eps);
@@ -217,20 +226,8 @@ __global__ void __launch_bounds__(RowMapping<TPR>::kBlockThreads) _layer_norm_fw
     // so every lane reaches the shuffles and the __syncthreads of row_sum; its buffer is the third, since
     // the next row's first sum writes red[0].
     if (__any_sync(kFullMask, dev_sq[1] == INFINITY)) {
-      const float down = dev_sq[1] == INFINITY ? 0x1p-100f : 1.f;
-      float scaled[2] = {0.f, 0.f};
-#pragma unroll
-      for (int it = 0; it < ITERS; ++it) {
-        const int col = (it * TPR + lane) * VEC;
-        if (col < N) {
-#pragma unroll
-          for (int j = 0; j < VEC; ++j) {
-            const float d = (v[it][j] - mu0) * down;
-            scaled[0] += d;
-            scaled[1] += d * d;
-          }
-        }
-      }
+      float scaled[2];
+      deviation_sums<TPR>(v, lane, N, mu0, dev_sq[1] == INFINITY ? 0x1p-100f : 1.f, scaled);
       row_sum<TPR>(scaled, red[2]);
       if (dev_sq[1] == INFINITY) {
         mu = mu0 + scaled[0] * inv_n * 0x1p100f;

@@ -36,6 +36,25 @@ def _gather_offsets(rm, rk, H, W, H2, W2, C, sxb, sxh, sxw, sxc):
 
 
 @triton.jit
+def _deviation_sums(
+    X, rm, m_mask, mu0, up, H, W, H2, W2, C, sxb, sxh, sxw, sxc, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr
+):
+    """Per gathered row, the sums of the deviations d = (x - mu0) / up and of their squares (`overflow_up`)."""
+    down = tl.math.div_rn(1.0, up)  # exact: up is a power of two
+    dev = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        offs, inside = _gather_offsets(rm, rk, H, W, H2, W2, C, sxb, sxh, sxw, sxc)
+        valid = m_mask[:, None] & (rk < K)[None, :]
+        a = tl.load(X + offs, mask=valid & inside, other=0.0).to(tl.float32)
+        d = tl.where(valid, a - mu0[:, None], 0.0) * down[:, None]
+        dev += tl.sum(d, axis=1)
+        sq += tl.sum(d * d, axis=1)
+    return dev, sq
+
+
+@triton.jit
 def _normalized(
     x,  # (BLOCK_M, BLOCK_K) fp32 gathered values (0 at padding)
     valid,  # (BLOCK_M, BLOCK_K): inside the (M, K) matrix
@@ -103,29 +122,11 @@ def _patch_merging_fwd_kernel(
         valid = m_mask[:, None] & (rk < K)[None, :]
         s1 += tl.sum(tl.load(X + offs, mask=valid & inside, other=0.0).to(tl.float32), axis=1)
     mu0 = tl.math.div_rn(s1, K * 1.0)
-    dev = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        offs, inside = _gather_offsets(rm, rk, H, W, H2, W2, C, sxb, sxh, sxw, sxc)
-        valid = m_mask[:, None] & (rk < K)[None, :]
-        a = tl.load(X + offs, mask=valid & inside, other=0.0).to(tl.float32)
-        d = tl.where(valid, a - mu0[:, None], 0.0)
-        dev += tl.sum(d, axis=1)
-        sq += tl.sum(d * d, axis=1)
-    up = tl.full(sq.shape, 1.0, tl.float32)
+    up = tl.full((BLOCK_M,), 1.0, tl.float32)
+    dev, sq = _deviation_sums(X, rm, m_mask, mu0, up, H, W, H2, W2, C, sxb, sxh, sxw, sxc, K, BLOCK_M, BLOCK_K)
     if tl.sum((sq == float("inf")).to(tl.int32), axis=0) > 0:  # the sums again, scaled, where squares overflowed
         up = overflow_up(sq)
-        dev = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            offs, inside = _gather_offsets(rm, rk, H, W, H2, W2, C, sxb, sxh, sxw, sxc)
-            valid = m_mask[:, None] & (rk < K)[None, :]
-            a = tl.load(X + offs, mask=valid & inside, other=0.0).to(tl.float32)
-            d = tl.math.div_rn(tl.where(valid, a - mu0[:, None], 0.0), up[:, None])
-            dev += tl.sum(d, axis=1)
-            sq += tl.sum(d * d, axis=1)
+        dev, sq = _deviation_sums(X, rm, m_mask, mu0, up, H, W, H2, W2, C, sxb, sxh, sxw, sxc, K, BLOCK_M, BLOCK_K)
     mean, rstd = row_stats_from_sums(mu0, dev, sq, up, K, eps)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
