@@ -7,6 +7,8 @@ Every model is tiny: 32 x 32 px in patches of 8 (a 4 x 4 grid), one windowed blo
 to 6 x 6, SAM's padding) and one global block. SAM initialises its rel-pos tables to zero, which would hide a wrong
 bias: they are drawn at random here. A spy on the fused op checks that both blocks take it.
 """
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -172,9 +174,9 @@ def test_transformers_vitdet(backend, device, dtype, fused_calls):
 
 def _samvit(**kw):
     timm = import_or_skip("timm")
-    return timm.create_model("samvit_base_patch16", pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=2,
-                             num_heads=2, mlp_ratio=1.5, window_size=3, global_attn_indexes=(1,), neck_chans=16,
-                             num_classes=0, **kw)
+    return timm.create_model("samvit_base_patch16", pretrained=False, **{
+        **dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=1.5, window_size=3,
+               global_attn_indexes=(1,), neck_chans=16, num_classes=0), **kw})
 
 
 @pytest.mark.parametrize("backend,device,dtype", CASES)
@@ -225,6 +227,45 @@ def test_report_names_the_flags_that_left_modules():
     report = vitfast.patch_model(_image_encoder(), attention=False, mlp=False)
     reasons = {l.name: l.reason for l in report.left if l.name.startswith("blocks.0.")}
     assert reasons == {"blocks.0.attn": "attention=False", "blocks.0.mlp": "mlp=False"}, str(report)
+
+
+def _wide(family: str):
+    """A one-block model of head dim 300 (width 600, 2 heads) with rel-pos tables, and its call."""
+    if family == "segment_anything":
+        import_or_skip("segment_anything")
+        from segment_anything.modeling import ImageEncoderViT
+
+        return ImageEncoderViT(img_size=32, patch_size=8, embed_dim=600, depth=1, num_heads=2, mlp_ratio=0.1,
+                               out_chans=16, use_rel_pos=True, window_size=0), lambda m, x: m(x)
+    if family == "timm":
+        return _samvit(embed_dim=600, depth=1, window_size=0, global_attn_indexes=()), lambda m, x: m(x)
+    transformers = pytest.importorskip("transformers")
+    if family == "sam":
+        config = transformers.SamVisionConfig(hidden_size=600, output_channels=16, num_hidden_layers=1, mlp_dim=64,
+                                              num_attention_heads=2, image_size=32, patch_size=8, window_size=0,
+                                              global_attn_indexes=[0])
+        return transformers.SamVisionModel(config), lambda m, x: m(pixel_values=x).last_hidden_state
+    config = transformers.VitDetConfig(hidden_size=600, num_hidden_layers=1, num_attention_heads=2, mlp_ratio=1,
+                                       image_size=32, pretrain_image_size=32, patch_size=8,
+                                       use_relative_position_embeddings=True)
+    return transformers.VitDetModel(config), lambda m, x: m(x).last_hidden_state
+
+
+@pytest.mark.parametrize("family", ["segment_anything", "timm", "sam", "vitdet"])
+def test_head_dims_beyond_the_op_are_left_with_why(family):
+    """vitfast.rel_pos_attention takes head dims up to 256 on every backend: an attention with rel-pos tables of a
+    wider head is left, with the reason, and runs its own code (it was reported patched, and every call raised)."""
+    model, call = _wide(family)
+    model.eval()
+    expected_model = copy.deepcopy(model)
+    report = vitfast.patch_model(model)
+    left = {l.name: l.reason for l in report.left}
+    attn = next(name for name in left if name.endswith("attn") or name.endswith("attention"))
+    assert left[attn] == "head dim 300 > 256 (vitfast.rel_pos_attention takes 1..256)", str(report)
+    assert "rel_pos_attention" not in report.counts(), str(report)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(call(model, x), call(expected_model, x))
 
 
 @pytest.mark.parametrize("backend", ["auto", "cpp"])

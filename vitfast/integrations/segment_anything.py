@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from vitfast.integrations.choice import runs_original
 from vitfast.integrations.patch import Adapter, mlp_check, mlp_fc1
-from vitfast.ops.attention import attention
+from vitfast.ops.attention import MAX_HEAD_DIM, attention
 from vitfast.ops.rel_pos_attention import decomposed_rel_pos, rel_pos_attention
 
 
@@ -66,9 +66,21 @@ def _attention_forward(self, x: Tensor) -> Tensor:
     return self.proj(sam_attention(x, self.qkv, self.num_heads, self.scale, *rel_pos))
 
 
+def rel_pos_check(module: nn.Module, flag: str) -> Optional[str]:
+    """Why a SAM / ViTDet attention with rel-pos tables (its attribute `flag` set) is left: a head dim, the tables'
+    width, above the MAX_HEAD_DIM that vitfast.rel_pos_attention takes on every backend; else None (without tables
+    the plain attention runs ATen's SDPA)."""
+    table = getattr(module, "rel_pos_h", None) if getattr(module, flag, False) else None
+    if isinstance(table, Tensor) and table.shape[-1] > MAX_HEAD_DIM:
+        return f"head dim {table.shape[-1]} > {MAX_HEAD_DIM} (vitfast.rel_pos_attention takes 1..{MAX_HEAD_DIM})"
+    return None
+
+
 def _attention_check(module: nn.Module) -> Optional[str]:
     missing = [a for a in ("qkv", "proj", "num_heads", "scale", "use_rel_pos") if not hasattr(module, a)]
-    return f"unexpected segment_anything Attention layout (missing {missing})" if missing else None
+    if missing:
+        return f"unexpected segment_anything Attention layout (missing {missing})"
+    return rel_pos_check(module, "use_rel_pos")
 
 
 def mlp_block_forward(self, x: Tensor) -> Tensor:

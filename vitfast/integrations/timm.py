@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from vitfast.integrations.patch import (Adapter, _layer_norm_forward, conv_takes, mlp_check, mlp_fc1, mlp_rows,
                                        patch_conv, qualname, window_index_changed)
-from vitfast.integrations.segment_anything import sam_attention
+from vitfast.integrations.segment_anything import rel_pos_check, sam_attention
 from vitfast.nn.patch_embed import PatchEmbed as _VitfastPatchEmbed
 from vitfast.nn.window_attention import WindowAttention as _VitfastWindowAttention
 from vitfast.nn.window_attention import _attn_dropout_p, _timm_scale
@@ -76,7 +76,7 @@ def _sam_attention_check(module: nn.Module) -> Optional[str]:
         return f"unexpected timm vision_transformer_sam Attention layout (missing {missing})"
     if getattr(module, "rope", None) is not None:
         return "rotary position embedding (use_rope): timm's path"
-    return None
+    return rel_pos_check(module, "use_rel_pos")
 
 
 def _window_attention_forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:

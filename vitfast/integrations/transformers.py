@@ -35,7 +35,7 @@ from vitfast import backend as _backend
 from vitfast.integrations.choice import runs_original
 from vitfast.integrations.patch import (Adapter, _distributed, conv_takes, mlp_check, mlp_fc1, mlp_rows, patch_conv,
                                        window_index_changed)
-from vitfast.integrations.segment_anything import SAM_MLP_BLOCK, mlp_block_forward, sam_attention
+from vitfast.integrations.segment_anything import SAM_MLP_BLOCK, mlp_block_forward, rel_pos_check, sam_attention
 from vitfast.ops.attention import attention
 from vitfast.ops.linear import linear
 from vitfast.ops.patch_embed import patch_embed
@@ -685,7 +685,8 @@ def _sam_vision_sdpa_attention_forward(self, hidden_states: torch.Tensor, output
 def _sam_vision_attention_check(module: torch.nn.Module) -> Optional[str]:
     missing = [a for a in ("qkv", "proj", "num_attention_heads", "scale", "dropout", "use_rel_pos")
                if not hasattr(module, a)]
-    return f"unexpected SAM vision attention layout (missing {missing})" if missing else None
+    return (f"unexpected SAM vision attention layout (missing {missing})" if missing
+            else rel_pos_check(module, "use_rel_pos"))
 
 
 def _vitdet_attention_forward(self, hidden_state: torch.Tensor, output_attentions: bool = False):
@@ -698,7 +699,8 @@ def _vitdet_attention_forward(self, hidden_state: torch.Tensor, output_attention
 def _vitdet_attention_check(module: torch.nn.Module) -> Optional[str]:
     missing = [a for a in ("qkv", "proj", "num_heads", "scale", "use_relative_position_embeddings")
                if not hasattr(module, a)]
-    return f"unexpected VitDetAttention layout (missing {missing})" if missing else None
+    return (f"unexpected VitDetAttention layout (missing {missing})" if missing
+            else rel_pos_check(module, "use_relative_position_embeddings"))
 
 
 def _mlp_body(self, hidden_states: torch.Tensor) -> torch.Tensor:
