@@ -125,6 +125,8 @@ def test_bad_activation_and_too_long_text():
     model = CLIP(24, TINY_VISION, TINY_TEXT, backend="eager")
     with pytest.raises(ValueError, match="13 tokens do not fit the context length 12"):
         model.encode_text(torch.zeros(1, 13, dtype=torch.long))
+    with pytest.raises(ValueError, match="0 tokens do not fit"):  # (argmax of an empty row: an IndexError)
+        model.encode_text(torch.zeros(2, 0, dtype=torch.long))
     with pytest.raises(ValueError, match=r"expects input_ids \(B, N\), got \(5,\)"):  # (not enough values to unpack)
         model.encode_text(torch.zeros(5, dtype=torch.long))
 

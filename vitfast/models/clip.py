@@ -147,8 +147,9 @@ class CLIPText(nn.Module):
         if input_ids.dim() != 2:
             raise ValueError(f"CLIP's text tower expects input_ids (B, N), got {tuple(input_ids.shape)}")
         N = input_ids.shape[-1]
-        if N > self.pos_embed.shape[0]:
-            raise ValueError(f"{N} tokens do not fit the context length {self.pos_embed.shape[0]}")
+        if not 1 <= N <= self.pos_embed.shape[0]:
+            raise ValueError(f"{N} tokens do not fit the context length {self.pos_embed.shape[0]} (from 1 token: "
+                             f"the features are taken at a token)")
         x = self.token_embedding(input_ids) + self.pos_embed[:N]
         mask, is_causal = self._mask(attention_mask, N)
         for block in self.blocks:
@@ -194,7 +195,10 @@ class CLIP(nn.Module):
     def encode_text(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                     normalize: bool = False) -> Tensor:
         """(B_txt, N) token ids, attention_mask (B_txt, N) (1 or True: a token to attend, 0 or False: padding) or
-        None -> (B_txt, embed_dim) projected features, unit norm where `normalize` (open_clip's encode_text)."""
+        None -> (B_txt, embed_dim) projected features, unit norm where `normalize` (open_clip's encode_text).
+
+        Raises:
+            ValueError: input_ids not 2-D, or a token count N outside 1 .. the context length."""
         x = self.text(input_ids, attention_mask)
         return x / x.norm(dim=-1, keepdim=True) if normalize else x
 
