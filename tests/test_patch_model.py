@@ -576,9 +576,10 @@ def test_transformers_model_patched_twice_reports_each_patched_module_once():
 # ----------------------------------------------------------------------------------------------- CPU choice
 
 def test_choice_rule(monkeypatch):
-    """The tables' answers. CPU: ATen for LayerNorm and attention, ATen for patch embedding only without grad, vitfast
-    for window attention, rel-pos attention and Linear layers, vitfast for linear_gelu only without grad and for
-    outputs of 32 MiB or more (without the output's size, as the guard of a patched method asks: the table alone).
+    """The tables' answers. CPU: ATen for LayerNorm and attention, vitfast for patch embedding only with grad and an
+    image that requires grad, vitfast for window attention, rel-pos attention and Linear layers, vitfast for
+    linear_gelu only without grad and for outputs of 32 MiB or more (without the output's size, as the guard of a
+    patched method asks: the table alone).
     CUDA: ATen for LayerNorm, attention, linear_gelu at any size and Linear layers, vitfast for the rest. A forced
     backend or a meta tensor always runs vitfast."""
     from torch._subclasses import fake_tensor
@@ -591,12 +592,15 @@ def test_choice_rule(monkeypatch):
         assert not choice.runs_original("linear_gelu", x, out_bytes=2**25)  # 32 MiB outputs: fused
         assert choice.runs_original("linear_gelu", x, out_bytes=2**25 - 1)
     assert ({k: choice.runs_original(k, x) for k in KINDS}
+            == dict(original, patch_embed=True, linear_gelu=True, linear=False))
+    assert ({k: choice.runs_original(k, x.requires_grad_()) for k in KINDS}
             == dict(original, patch_embed=False, linear_gelu=True, linear=False))
     assert choice.runs_original("linear_gelu", x, out_bytes=2**25)  # with grad: ATen at any size
     # a CUDA tensor without a GPU (FakeTensorMode would allocate on the real device where CUDA is present)
     monkeypatch.setattr(fake_tensor, "init_gpu_context", lambda device: None)
     with fake_tensor.FakeTensorMode():
         gpu = torch.empty(2, 3, device="cuda")
+    x = x.detach()
     for grad in (False, True):
         with torch.set_grad_enabled(grad):
             assert ({k: choice.runs_original(k, gpu, out_bytes=2**30) for k in KINDS}
@@ -607,12 +611,14 @@ def test_choice_rule(monkeypatch):
     assert set(choice.CHOICE) == {"cpu", "cuda"} and all(set(t) == set(KINDS) for t in choice.CHOICE.values())
 
 
-@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
-def test_cpu_choice_runs_the_original_code(grad, monkeypatch):
+@pytest.mark.parametrize("grad,image_grad", [(False, False), (True, False), (True, True)],
+                         ids=["no_grad", "grad", "grad_image_grad"])
+def test_cpu_choice_runs_the_original_code(grad, image_grad, monkeypatch):
     """Where the table says ATen, a patched timm ViT calls no vitfast op and its output is bitwise the original's;
-    where it says vitfast (patch embedding with grad), vitfast's op runs. The guard of a patched method asks the
-    table first: only the modules whose kind the table gives vitfast in this mode (the MLP's linear_gelu without
-    grad, whose output-size rule the adapter applies; the patch embedding with grad) get to the layout check."""
+    where it says vitfast (patch embedding with grad, of an image that requires grad), vitfast's op runs. The guard
+    of a patched method asks the table first: only the modules whose kind the table gives vitfast in this mode (the
+    MLP's linear_gelu without grad, whose output-size rule the adapter applies; the patch embedding with grad of an
+    image that requires grad) get to the layout check."""
     timm = import_or_skip("timm")
     from vitfast.integrations import patch as vp
     from vitfast.integrations import timm as vt
@@ -623,7 +629,7 @@ def test_cpu_choice_runs_the_original_code(grad, monkeypatch):
     report = vitfast.patch_model(mine, linear=False)  # (Linear layers run vitfast.linear in both modes)
     assert ("layer_norm: LayerNorm -> vitfast.layer_norm; on CPU and CUDA: original ATen code (faster there)"
             in str(report))
-    assert "on CPU: original ATen code without grad, vitfast with grad" in str(report)
+    assert "on CPU: vitfast with grad where the input (the image) requires grad, else the original" in str(report)
     calls = []
     for module, name in ((vp, "layer_norm"), (vp, "attention"), (vt, "attention")):
         monkeypatch.setattr(module, name, lambda *a, name=name, **k: calls.append(name))
@@ -632,18 +638,19 @@ def test_cpu_choice_runs_the_original_code(grad, monkeypatch):
                         lambda *a, **k: calls.append("patch_embed") or fused(*a, **k))
     unchanged = vp._unchanged
     monkeypatch.setattr(vp, "_unchanged", lambda *a: calls.append("layout check") or unchanged(*a))
-    x = torch.randn(2, 3, 16, 16)
+    x = torch.randn(2, 3, 16, 16, requires_grad=image_grad)
+    fused_here = grad and image_grad
     with torch.set_grad_enabled(grad):
         out, expected = mine(x), model(x)
-    assert calls == (["layout check", "patch_embed"] if grad else ["layout check"])
-    assert torch.equal(out, expected) if not grad else torch.allclose(out, expected, rtol=1e-4, atol=2e-5)
+    assert calls == (["layout check", "patch_embed"] if fused_here else ["layout check"] if not grad else [])
+    assert torch.allclose(out, expected, rtol=1e-4, atol=2e-5) if fused_here else torch.equal(out, expected)
     # keyword calls too: the guard finds the input among the keywords (the adapters leave the choice to it)
     calls.clear()
     tokens = torch.randn(2, 5, 32)
     with torch.set_grad_enabled(grad):
         norm, attn = mine.blocks[0].norm1(x=tokens), mine.blocks[0].attn(x=tokens)
         mine.patch_embed(x=x)
-    assert calls == (["layout check", "patch_embed"] if grad else [])
+    assert calls == (["layout check", "patch_embed"] if fused_here else [])
     assert torch.equal(norm, model.blocks[0].norm1(x=tokens)) and torch.equal(attn, model.blocks[0].attn(x=tokens))
 
 

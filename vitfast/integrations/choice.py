@@ -37,7 +37,7 @@ ViT-B/16, DeiT-S/16, CLIP ViT-B/32 and Swin-T at batch 1 and 8 (rows 49 .. 25088
 |------------------|--------------------------------------------|----------------------------------------|----------------|
 | layer_norm       | 0.29 .. 0.84 (with residual: 0.34 .. 0.93) | 0.37 .. 0.88 (residual: 0.42 .. 0.64)  | ATen           |
 | attention        | 0.62 .. 0.89                               | 0.59 .. 0.93                           | ATen           |
-| patch_embed      | ViT 0.98 .. 1.06, Swin with norm 0.74 .. 0.80 | 1.23 .. 1.97                        | ATen / vitfast |
+| patch_embed      | ViT 0.98 .. 1.06, Swin with norm 0.74 .. 0.80 | 1.23 .. 1.97 (image with grad)      | ATen / vitfast |
 | window_attention | 1.07 .. 1.68                               | 1.00 .. 1.78                           | vitfast        |
 | rel_pos_attention| 1.86 .. 2.06                               | 2.20 .. 2.44                           | vitfast        |
 | linear_gelu      | >= 32 MiB out 1.45, oneDNN 1.00 .. 1.08, else 0.93 .. 1.09 | 0.78 .. 1.01           | see below      |
@@ -46,6 +46,13 @@ ViT-B/16, DeiT-S/16, CLIP ViT-B/32 and Swin-T at batch 1 and 8 (rows 49 .. 25088
 rel_pos_attention (SAM/ViTDet image encoders) is against SDPA with the dense decomposed bias that transformers' and
 timm's SAM attention pass (SAM-B global layer B=1 and windowed layer 25 windows, 12 heads, D=64; same command with
 `-k rel_pos`, 2 threads, same VM, 2026-11-30; the README's table).
+
+patch_embed with grad (2026-12-02, the AVX-512 machine below, same command with `-k patch_embed --reps 21`:
+bench/results/cpu-avx512-2026-12-02/cpu_choice_patch_embed.md): the training rows above had the image require grad,
+so ATen's convolution backward formed the image's gradient too. A model's image does not, and then ATen's backward,
+which forms only the weights' gradients, is the faster: 0.77 .. 0.87 (Swin-T with norm at batch 8: 1.04) at ViT-B/16,
+DeiT-S and Swin-T shapes at batch 1, 2 and 8, against 1.17 .. 2.25 with the image's gradient. So with grad the
+patched patch embedding runs vitfast's op only where its image requires grad (`CPU_WITH_INPUT_GRAD_ONLY`).
 
 linear_gelu (an MLP's fc1 + GELU; 2026-11-30, same command, 15 reps, fc1 of the models above) wins clearly in one
 place: inference where the (M, N) output is at least 32 MiB (Swin-T's first stage at batch 8, 25088 x 384 fp32:
@@ -136,6 +143,9 @@ CHOICE = {
 }
 # kind -> the smallest output (bytes) for which the CPU table's vitfast choice holds; smaller outputs run ATen.
 CPU_MIN_OUTPUT_BYTES = {"linear_gelu": 2**25}
+# kinds whose CPU choice with grad holds only where the input requires grad (patch_embed: a model's image does not,
+# and then only the weights' gradients are formed, which ATen's convolution backward forms faster); others run ATen.
+CPU_WITH_INPUT_GRAD_ONLY = {"patch_embed"}
 _CPU, _CUDA = CHOICE["cpu"], CHOICE["cuda"]
 # patched MLPs without grad on CPU: chunks of rows where the hidden activation is at least MLP_ROWS_MIN_HIDDEN_BYTES
 # and the MLP's parameters at most MLP_ROWS_CHUNK_BYTES, each chunk's hidden activation MLP_ROWS_CHUNK_BYTES
@@ -154,20 +164,23 @@ def runs_original(kind: str, x: Tensor, out_bytes: Optional[int] = None) -> bool
 
     Args:
         kind: one of the tables' keys (vitfast.integrations.patch.KINDS).
-        x: the module's input tensor; only its device is read, with torch.is_grad_enabled() for the mode.
+        x: the module's input tensor: its device is read, with torch.is_grad_enabled() for the mode, and for the
+            kinds in CPU_WITH_INPUT_GRAD_ONLY whether it requires grad.
         out_bytes: the size of the op's output in bytes, for the kinds in CPU_MIN_OUTPUT_BYTES; None (the size not
             known yet: the guard of a patched method asks before the adapter runs) leaves that rule out.
 
     Returns:
         True on CPU and CUDA tensors where the device's table says ATen for the current mode (on CPU, or the output
-        is below the kind's CPU_MIN_OUTPUT_BYTES) and no vitfast backend is forced. Under torch.jit.trace with grad
+        is below the kind's CPU_MIN_OUTPUT_BYTES, or x does not require grad for a kind in CPU_WITH_INPUT_GRAD_ONLY)
+        and no vitfast backend is forced. Under torch.jit.trace with grad
         enabled on CPU it warns that trace's check may fail (the choices differ by grad mode).
     """
     if x.is_cpu:
         if torch.jit.is_tracing() and torch.is_grad_enabled():
             warnings.warn(_TRACE_WITH_GRAD, stacklevel=2)
-        if _CPU[kind][torch.is_grad_enabled()] == VITFAST and (
-                out_bytes is None or out_bytes >= CPU_MIN_OUTPUT_BYTES.get(kind, 0)):
+        grad = torch.is_grad_enabled()
+        if _CPU[kind][grad] == VITFAST and (out_bytes is None or out_bytes >= CPU_MIN_OUTPUT_BYTES.get(kind, 0)) and (
+                not grad or x.requires_grad or kind not in CPU_WITH_INPUT_GRAD_ONLY):
             return False
     elif not x.is_cuda or _CUDA[kind][torch.is_grad_enabled()] == VITFAST:
         return False
@@ -217,5 +230,7 @@ def describe(kind: str) -> str:
     if kind in CPU_MIN_OUTPUT_BYTES:
         cpu = (f"vitfast without grad for outputs of {CPU_MIN_OUTPUT_BYTES[kind] >> 20} MiB or more or where its "
                f"oneDNN backend takes the call, else the original ATen code (the faster of the two)")
+    if kind in CPU_WITH_INPUT_GRAD_ONLY:
+        cpu = "vitfast with grad where the input (the image) requires grad, else the original ATen code (faster there)"
     text = f"on CPU and CUDA: {cpu}" if cpu == cuda else f"on CPU: {cpu}; on CUDA: {cuda}"
     return text + _NOTES.get(kind, "")
