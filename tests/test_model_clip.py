@@ -1,6 +1,7 @@
 """CLIP reference model: the vitfast backend against eager, and against transformers' CLIPModel and open_clip's
 CLIP."""
 import copy
+import re
 
 import pytest
 import torch
@@ -112,11 +113,15 @@ def test_training_lowers_the_loss_like_eager():
 
 
 def test_contrastive_loss_is_symmetric_cross_entropy():
-    logits = torch.randn(4, 4)
-    labels = torch.arange(4)
-    ce = torch.nn.functional.cross_entropy
-    expected = (ce(logits, labels) + ce(logits.t(), labels)) / 2
-    torch.testing.assert_close(contrastive_loss(logits), expected)
+    logits = torch.randn(5, 5)
+    x = logits.double()
+    rows, cols = x.diag() - x.logsumexp(1), x.diag() - x.logsumexp(0)  # log-probability of the pair, both ways
+    expected = -(rows.mean() + cols.mean()) / 2
+    torch.testing.assert_close(contrastive_loss(logits), expected.float())
+    for bad in (torch.randn(4, 3), torch.randn(4), torch.randn(0, 0), torch.ones(3, 3, dtype=torch.long)):
+        shape = re.escape(str(tuple(bad.shape)))
+        with pytest.raises(ValueError, match=rf"contrastive_loss expects square \(B, B\) .*got {shape} {bad.dtype}"):
+            contrastive_loss(bad)
 
 
 def test_bad_activation_and_too_long_text():
@@ -129,6 +134,10 @@ def test_bad_activation_and_too_long_text():
         model.encode_text(torch.zeros(2, 0, dtype=torch.long))
     with pytest.raises(ValueError, match=r"expects input_ids \(B, N\), got \(5,\)"):  # (not enough values to unpack)
         model.encode_text(torch.zeros(5, dtype=torch.long))
+    for mask in (torch.ones(2, 7), torch.ones(3, 6)):  # (an error naming an internal (B, 1, 1, N) view before)
+        shape = re.escape(str(tuple(mask.shape)))
+        with pytest.raises(ValueError, match=rf"attention_mask \(B, N\) = \(2, 6\) like input_ids, got {shape}"):
+            model.encode_text(torch.zeros(2, 6, dtype=torch.long), mask)
 
 
 def _open_clip(quick_gelu: bool):

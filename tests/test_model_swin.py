@@ -59,14 +59,18 @@ def test_weights_from_transformers():
     transformers = pytest.importorskip("transformers")
     config = transformers.SwinConfig(image_size=32, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 2],
                                      window_size=4)
-    hf = transformers.SwinModel(config, add_pooling_layer=False).eval()
+    hf = transformers.SwinModel(config).eval()
     for p in hf.parameters():
         torch.nn.init.normal_(p, std=0.2)
     images = torch.randn(2, 3, 32, 32)
-    ref = hf(pixel_values=images).last_hidden_state
+    ref = hf(pixel_values=images)
     for backend in ("eager", "vitfast"):
         model = swin_from_transformers(hf, backend=backend)
-        torch.testing.assert_close(model.forward_features(images)[-1].flatten(1, 2), ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(model.forward_features(images)[-1].flatten(1, 2), ref.last_hidden_state,
+                                   rtol=1e-4, atol=1e-4)
+        # headless by default (a random one-output head before): forward gives SwinModel's pooled output
+        torch.testing.assert_close(model(images), ref.pooler_output, rtol=1e-4, atol=1e-4)
+    assert swin_from_transformers(hf, num_classes=7)(images).shape == (2, 7)
 
 
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])

@@ -60,6 +60,11 @@ def test_weights_from_transformers(family):
     for backend in ("eager", "vitfast"):
         model = vit_from_transformers(hf, backend=backend)
         torch.testing.assert_close(model.forward_features(images), ref, rtol=1e-4, atol=1e-4)
+        # a base model converts headless (a random one-output head before): forward gives the class token, DeiT
+        # the mean of its class and distillation tokens
+        pooled = ref[:, 0] if family == "ViT" else (ref[:, 0] + ref[:, 1]) / 2
+        torch.testing.assert_close(model.eval()(images), pooled, rtol=1e-4, atol=1e-4)
+    assert vit_from_transformers(hf, num_classes=7).eval()(images).shape == (2, 7)
     with pytest.raises(ValueError, match=f"expects a ViTModel or DeiTModel, got {family}ForImageClassification"):
         vit_from_transformers(getattr(transformers, f"{family}ForImageClassification")(config))
     config.image_size = (32, 48)

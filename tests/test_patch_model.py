@@ -927,6 +927,9 @@ def test_flags_report_and_double_patch():
     for fn in (vitfast.patch_model, vitfast.unpatch_model):  # (AttributeError: 'str' object has no attribute 'modules')
         with pytest.raises(TypeError, match=f"vitfast.{fn.__name__} takes an nn.Module, got str"):
             fn("model")
+    for flag, value in (("prepack_weights", "yes"), ("attention", "False"), ("mlp", None)):  # (read as truthy)
+        with pytest.raises(TypeError, match=f"vitfast.patch_model: {flag} must be True or False, got {value!r}"):
+            vitfast.patch_model(model, **{flag: value})
 
 
 def test_a_forward_set_on_the_instance_is_left_as_it_is():

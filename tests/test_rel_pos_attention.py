@@ -385,7 +385,8 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match=r"rel_pos_h must be \(L, D\) with L >= 1.*\(0, 16\)"):
         decomposed_rel_pos(qs, torch.randn(0, 16), torch.randn(9, 16), (4, 5), (4, 5))
     for q_size, k_size, bad in [((4, 5), (0, 5), "k_size"), ((-2, -10), (4, 5), "q_size"),
-                                ((4, 5, 1), (4, 5), "q_size"), ((4.5, 5), (4, 5), "q_size")]:  # (4.5 was read as 4)
+                                ((4, 5, 1), (4, 5), "q_size"), ((4.5, 5), (4, 5), "q_size"),  # (4.5 was read as 4)
+                                ((4, 5), 5, "k_size")]:  # (an int: TypeError "has no len()")
         size = q_size if bad == "q_size" else k_size
         with pytest.raises(ValueError,
                            match=rf"{bad} must be two positive whole sizes \(h, w\), got {re.escape(str(size))}"):

@@ -557,6 +557,9 @@ def test_timm_window_attention_module_rejects_other_shapes_clearly():
         m(torch.randn(4, 9, 16), torch.zeros(3, 9, 9))
     with pytest.raises(ValueError, match=r"mask must be \(nW, 9, 9\) .* got shape \(2, 8, 8\)"):
         m(torch.randn(4, 9, 16), torch.zeros(2, 8, 8))
+    for x in (torch.randn(4, 9, 12), torch.randn(1, 6, 6, 20)):  # (a raw matmul error before)
+        with pytest.raises(ValueError, match=rf"x has {x.shape[-1]} channels, expected dim=16, got shape"):
+            m(x)
 
 
 @pytest.mark.parametrize("backend,device", CASES)

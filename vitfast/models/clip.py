@@ -124,11 +124,14 @@ class CLIPText(nn.Module):
         self.proj = nn.Linear(width, output_dim, bias=False)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
 
-    def _mask(self, attention_mask: Optional[Tensor], N: int):
+    def _mask(self, attention_mask: Optional[Tensor], B: int, N: int):
         """(attn_mask, is_causal) for the blocks: the padding mask as a (B, 1, 1, N) bool view that vitfast reads
         without expanding, with is_causal; SDPA takes one or the other, so it gets them combined."""
         if attention_mask is None:
             return None, True
+        if attention_mask.shape != (B, N):
+            raise ValueError(f"CLIP's text tower expects attention_mask (B, N) = {(B, N)} like input_ids, got "
+                             f"{tuple(attention_mask.shape)}")
         keep = attention_mask.bool()[:, None, None, :]
         if self.backend != "sdpa":
             return keep, True
@@ -151,7 +154,7 @@ class CLIPText(nn.Module):
             raise ValueError(f"{N} tokens do not fit the context length {self.pos_embed.shape[0]} (from 1 token: "
                              f"the features are taken at a token)")
         x = self.token_embedding(input_ids) + self.pos_embed[:N]
-        mask, is_causal = self._mask(attention_mask, N)
+        mask, is_causal = self._mask(attention_mask, input_ids.shape[0], N)
         for block in self.blocks:
             x = block(x, mask, is_causal)
         return self.proj(self.pool(self.norm(x), input_ids))
@@ -165,7 +168,18 @@ class CLIPOutput(NamedTuple):
 
 
 def contrastive_loss(logits_per_image: Tensor) -> Tensor:
-    """CLIP's symmetric InfoNCE loss: pair i of the batch is the positive of row i and of column i."""
+    """CLIP's symmetric InfoNCE loss (Radford et al. 2021, "Learning Transferable Visual Models From Natural Language
+    Supervision", its Figure 3; open_clip's ClipLoss on one process): the mean of the cross-entropies of the rows and
+    of the columns of logits_per_image, (B, B) floating point (CLIPOutput.logits_per_image), where image i and text i
+    are a pair. Returns a 0-d tensor of the logits' dtype.
+
+    Raises:
+        ValueError: logits that are not a square (B, B) matrix with B >= 1, or not floating point.
+    """
+    if logits_per_image.dim() != 2 or logits_per_image.shape[0] != logits_per_image.shape[1] \
+            or logits_per_image.shape[0] == 0 or not logits_per_image.is_floating_point():
+        raise ValueError(f"contrastive_loss expects square (B, B) floating-point logits with B >= 1 (image i paired "
+                         f"with text i), got {tuple(logits_per_image.shape)} {logits_per_image.dtype}")
     labels = torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_image.t(), labels)) / 2
 
@@ -198,7 +212,8 @@ class CLIP(nn.Module):
         None -> (B_txt, embed_dim) projected features, unit norm where `normalize` (open_clip's encode_text).
 
         Raises:
-            ValueError: input_ids not 2-D, or a token count N outside 1 .. the context length."""
+            ValueError: input_ids not 2-D, a token count N outside 1 .. the context length, or an attention_mask
+                not (B, N)."""
         x = self.text(input_ids, attention_mask)
         return x / x.norm(dim=-1, keepdim=True) if normalize else x
 

@@ -232,14 +232,16 @@ def _own_buffers(model: SwinTransformer) -> dict:
     return {k: v for k, v in model.state_dict().items() if k.endswith("relative_position_index")}
 
 
-def swin_from_transformers(hf_model: nn.Module, num_classes: int = 1, backend: str = "vitfast") -> SwinTransformer:
-    """A SwinTransformer with the weights of a Hugging Face SwinModel (transformers 5 names); the head stays
-    randomly initialised. Only configurations torchvision's layout holds convert: GELU, qkv bias, layer_norm_eps
-    1e-5, no absolute position embedding, a square patch. The converted model follows torchvision's rules, which
-    give Hugging Face's outputs on images whose sides are multiples of the patch and on stage maps that are square
-    or larger than the window; elsewhere they differ: Hugging Face pads the image to whole patches (torchvision's
-    convolution drops the remainder) and, where min(H, W) of a map is at most the window, shrinks the window to it
-    and drops the shift on both axes (torchvision drops it per axis, on an axis the window covers).
+def swin_from_transformers(hf_model: nn.Module, num_classes: int = 0, backend: str = "vitfast") -> SwinTransformer:
+    """A SwinTransformer with the weights of a Hugging Face SwinModel (transformers 5 names). With num_classes 0
+    (the default) the head is nn.Identity and forward returns the pooled features, (B, C) (SwinModel's
+    pooler_output); with num_classes > 0 the head is a new, randomly initialised nn.Linear. Only configurations
+    torchvision's layout holds convert: GELU, qkv bias, layer_norm_eps 1e-5, no absolute position embedding, a
+    square patch. The converted model follows torchvision's rules, which give Hugging Face's outputs on images whose
+    sides are multiples of the patch and on stage maps that are square or larger than the window; elsewhere they
+    differ: Hugging Face pads the image to whole patches (torchvision's convolution drops the remainder) and, where
+    min(H, W) of a map is at most the window, shrinks the window to it and drops the shift on both axes (torchvision
+    drops it per axis, on an axis the window covers).
 
     The model has no dropout or drop path: the source's are not carried over (a warning says so where it has some).
 

@@ -157,12 +157,14 @@ class VisionTransformer(nn.Module):
 
 
 def vit_from_transformers(hf_model: nn.Module, num_classes: int = 0, backend: str = "vitfast") -> VisionTransformer:
-    """A VisionTransformer with the encoder weights of a Hugging Face ViTModel or DeiTModel (transformers 5
-    names; older checkpoints are renamed by transformers when it loads them). The heads stay randomly
-    initialised with max(num_classes, 1) outputs. The model has no dropout: the source's is not carried over (a
-    warning says so where it has some). At another image size it resamples the position embedding as timm does
-    (bicubic with antialiasing, the model's docstring), which differs from transformers' interpolate_pos_encoding
-    (bicubic without antialiasing, on ViT and DeiT: outputs ~1e-2 apart).
+    """A VisionTransformer with the encoder weights of a Hugging Face ViTModel or DeiTModel (transformers 5 names;
+    older checkpoints are renamed by transformers when it loads them). With num_classes 0 (the default) the heads
+    are nn.Identity and forward returns the final-norm class token, (B, hidden_size) (DeiT in eval mode: the mean of
+    the class and distillation tokens); with num_classes > 0 the heads are new, randomly initialised nn.Linear. The
+    model has no dropout: the source's is not carried over (a warning says so where it has some). At another image
+    size it resamples the position embedding as timm does (bicubic with antialiasing, the model's docstring), which
+    differs from transformers' interpolate_pos_encoding (bicubic without antialiasing, on ViT and DeiT: outputs
+    ~1e-2 apart).
 
     Raises:
         ValueError: a model that is not a transformers ViT or DeiT base model, or a configuration it cannot hold.
@@ -177,7 +179,7 @@ def vit_from_transformers(hf_model: nn.Module, num_classes: int = 0, backend: st
     image_size = square(cfg.image_size, "image_size", "vit_from_transformers")
     patch_size = square(cfg.patch_size, "patch_size", "vit_from_transformers")
     distilled = getattr(hf_model.embeddings, "distillation_token", None) is not None
-    model = VisionTransformer(image_size, patch_size, cfg.num_channels, max(num_classes, 1), cfg.hidden_size,
+    model = VisionTransformer(image_size, patch_size, cfg.num_channels, num_classes, cfg.hidden_size,
                               cfg.num_hidden_layers, cfg.num_attention_heads, qkv_bias=cfg.qkv_bias,
                               distilled=distilled, eps=cfg.layer_norm_eps, backend=backend,
                               mlp_hidden_dim=cfg.intermediate_size)

@@ -31,8 +31,18 @@ def _timm_scale(module: nn.Module) -> Optional[float]:
 
 
 class ShiftedWindowAttention(nn.Module):
-    """torchvision's ShiftedWindowAttention: forward((B, H, W, C)) -> (B, H, W, C), computed by
-    vitfast.shifted_window_attention with the bias table read inside the kernel (never gathered)."""
+    """torchvision's ShiftedWindowAttention (Liu et al. 2021, "Swin Transformer"; same arguments, parameters and
+    buffers, so its state dict loads), computed by vitfast.shifted_window_attention with the map padded to whole
+    windows, the cyclic shift, the window partition, the relative position bias (read from the table inside the
+    kernel, never gathered) and the shift mask fused.
+
+    forward(x (B, H, W, C) floating point, C = dim) -> (B, H, W, C) in x's dtype.
+
+    Raises:
+        ValueError: at construction, a window_size or shift_size that is not an int or a pair, num_heads that does
+            not divide dim; in forward, the errors of vitfast.shifted_window_attention (x not (B, H, W, dim),
+            dtypes or devices that differ).
+    """
 
     def __init__(self, dim: int, window_size: List[int], shift_size: List[int], num_heads: int, qkv_bias: bool = True,
                  proj_bias: bool = True, attention_dropout: float = 0.0, dropout: float = 0.0):
@@ -77,7 +87,12 @@ class ShiftedWindowAttention(nn.Module):
 
 
 class ShiftedWindowAttentionV2(ShiftedWindowAttention):
-    """torchvision's ShiftedWindowAttentionV2 (Swin-V2: cosine attention, log-spaced continuous position bias)."""
+    """torchvision's ShiftedWindowAttentionV2 (Liu et al. 2022, "Swin Transformer V2": scaled cosine attention with a
+    learned per-head logit scale clamped at log(100), a continuous position bias from an MLP over log-spaced
+    relative coordinates, 16 * sigmoid of it). Same arguments, parameters and buffers as torchvision's; forward and
+    errors as ShiftedWindowAttention's, and a ValueError at construction where window_size (or
+    pretrained_window_size, where set) is below 2 on an axis (torchvision's table is NaN there).
+    """
 
     def __init__(self, dim: int, window_size: List[int], shift_size: List[int], num_heads: int, qkv_bias: bool = True,
                  proj_bias: bool = True, attention_dropout: float = 0.0, dropout: float = 0.0,
@@ -133,6 +148,10 @@ class WindowAttention(nn.Module):
     `init_non_persistent_buffers()` (rebuild the non-persistent relative_position_index, (N, N) as timm's, which
     load_state_dict does not restore: after construction on the meta device and `to_empty()`) and
     `set_window_size(window_size)` (timm's Swin `set_input_size`).
+
+    Raises:
+        ValueError (forward): x neither 3-D nor 4-D, its last dim not `dim`, windows whose token count is not the
+            window area, a mask with a map input or a mask not (nW, N, N) with nW dividing the windows.
     """
 
     def __init__(self, dim: int, num_heads: int, head_dim: Optional[int] = None,
@@ -213,6 +232,9 @@ class WindowAttention(nn.Module):
     def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         heads = self.num_heads
         p = _attn_dropout_p(self, getattr(self, "fused_attn", True))  # (timm's WindowAttention has fused_attn)
+        if x.dim() in (3, 4) and x.shape[-1] != self.dim:
+            raise ValueError(f"vitfast.nn.WindowAttention: x has {x.shape[-1]} channels, expected dim={self.dim}, "
+                             f"got shape {tuple(x.shape)}")
         if x.dim() == 4:
             if mask is not None:
                 raise ValueError("vitfast.nn.WindowAttention: an image-layout input takes no mask (the shift mask is "

@@ -93,9 +93,9 @@ def decomposed_rel_pos(q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, q_size: 
             with q's head dim or is empty, or dtypes/devices differ.
     """
     for name, size in (("q_size", q_size), ("k_size", k_size)):
-        if len(size) != 2 or any(int(s) != s or int(s) < 1 for s in size):
+        if not hasattr(size, "__len__") or len(size) != 2 or any(int(s) != s or int(s) < 1 for s in size):
             raise ValueError(f"vitfast.decomposed_rel_pos: {name} must be two positive whole sizes (h, w), got "
-                             f"{tuple(size)}")
+                             f"{size!r}")
     q_h, q_w = (int(s) for s in q_size)
     k_h, k_w = (int(s) for s in k_size)
     if q.dim() < 2 or q.shape[-2] != q_h * q_w or not q.is_floating_point():
