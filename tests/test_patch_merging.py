@@ -232,10 +232,12 @@ def test_module_calls_hooked_norm_and_reduction():
     assert plain.norm in seen and plain.reduction in seen
 
 
-def test_module_rejects_other_ranks_clearly():
-    """A 2-D input gave "not enough values to unpack"."""
+def test_module_rejects_other_ranks_and_widths_clearly():
+    """A 2-D input gave "not enough values to unpack", a wrong channel count an error about the norm's weight."""
     with pytest.raises(ValueError, match=r"x must be \(..., H, W, 8\), got shape \(4, 8\)"):
         vitfast.nn.PatchMerging(8)(torch.randn(4, 8))
+    with pytest.raises(ValueError, match=r"x must be \(..., H, W, 8\), got shape \(1, 4, 4, 6\)"):
+        vitfast.nn.PatchMerging(8)(torch.randn(1, 4, 4, 6))
 
 
 def test_opcheck():

@@ -15,6 +15,10 @@ class LayerNorm(nn.LayerNorm):
     floating dtype than the parameters outside autocast (a bfloat16 model that keeps its norms in float32), which
     nn.LayerNorm takes and vitfast's kernels do not (they take one dtype), is computed as nn.LayerNorm computes it
     (F.layer_norm).
+
+    Raises:
+        ValueError (forward): vitfast.layer_norm's (trailing dims of x not normalized_shape, a residual not of x's
+            shape and device).
     """
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None):

@@ -27,6 +27,11 @@ class PatchEmbed(nn.Module):
 
     Output formats as timm: flatten=True -> (B, L, E); output_fmt "NHWC" -> (B, Hp, Wp, E) (Swin);
     "NCHW" or flatten=False -> (B, E, Hp, Wp); "NLC" -> (B, L, E).
+
+    Raises:
+        ValueError: an output_fmt not "NCHW", "NHWC" or "NLC"; in forward, x not (B, C, H, W), an image size that
+            timm's rules refuse (strict_img_size, dynamic_img_pad), pos_embed or prefix tokens with a norm_layer
+            that cannot be fused, and vitfast.patch_embed's errors.
     """
 
     def __init__(self, img_size: Optional[Union[int, Tuple[int, int]]] = 224, patch_size: int = 16,

@@ -23,6 +23,9 @@ class PatchMerging(nn.Module):
     outside autocast (a bfloat16 model that keeps its norms in float32: vitfast's kernels take one dtype), runs
     unfused (gather, norm, reduction in PyTorch), and so does a call where `norm` or `reduction` carries hooks (or
     hooks for every module are registered), so that the hooks run.
+
+    Raises:
+        ValueError (forward): x not (..., H, W, dim).
     """
 
     def __init__(self, dim: int, out_dim: Union[int, Callable, None] = None, norm_layer: Callable = nn.LayerNorm,
@@ -44,7 +47,7 @@ class PatchMerging(nn.Module):
             self.reduction = nn.Linear(4 * dim, self.out_dim, bias=False, **dd)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() < 3:
+        if x.dim() < 3 or x.shape[-1] != self.dim:  # (a wrong C: an error about the norm's weight before)
             raise ValueError(f"vitfast.nn.PatchMerging: x must be (..., H, W, {self.dim}), got shape "
                              f"{tuple(x.shape)}")
         n = self.norm
