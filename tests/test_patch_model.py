@@ -516,6 +516,42 @@ def test_swin_with_a_changed_relative_position_index_runs_its_original():
         torch.testing.assert_close(out(patched, fused=True), before, atol=2e-5, rtol=1e-4, msg=library)
 
 
+def test_timm_swin_with_a_changed_attn_mask_runs_its_original():
+    """The fused timm block computes the shift mask and never read the block's attn_mask buffer: a mask replaced
+    (torch.func.functional_call) or changed in place gave the output of the mask timm built. Such a block runs timm's
+    own attention, until its buffer holds that mask again."""
+    from torch.func import functional_call
+
+    timm = import_or_skip("timm")
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=16, patch_size=2,
+                              embed_dim=16, depths=(2,), num_heads=(2,), window_size=4, num_classes=5).eval()
+    block = model.layers[0].blocks[1]
+    assert block.shift_size == (2, 2) and block.attn_mask is not None
+    patched = copy.deepcopy(block)
+    vitfast.patch_model(patched)
+    x = torch.randn(2, 8, 8, 16)
+
+    def out(m, fused, buffers=None):
+        with torch.no_grad(), _VitfastOps() as ops:
+            y = m(x) if buffers is None else functional_call(m, buffers, (x,))
+        assert ("window_attention" in ops.names) == fused, ops.names
+        return y
+
+    before = out(block, False)
+    torch.testing.assert_close(out(patched, True), before, atol=1e-5, rtol=1e-4)
+    unmasked = {"attn_mask": torch.zeros_like(block.attn_mask)}
+    changed = out(block, False, unmasked)
+    assert (changed - before).abs().max() > 1e-3  # (the mask matters: else this proves nothing)
+    torch.testing.assert_close(out(patched, False, unmasked), changed, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out(patched, True), before, atol=1e-5, rtol=1e-4)
+    saved = patched.attn_mask.clone()
+    for m in (block, patched):
+        m.attn_mask.zero_()
+    torch.testing.assert_close(out(patched, False), out(block, False), atol=1e-5, rtol=1e-4)
+    patched.attn_mask.copy_(saved)
+    torch.testing.assert_close(out(patched, True), before, atol=1e-5, rtol=1e-4)
+
+
 def test_swin_index_check_in_a_fake_mode_under_vmap_and_fx():
     """The index check (above) raised in a FakeTensorMode (DataDependentOutputException on aten.equal), under
     make_fx ("get value out of a tracing tensor"), with a default device (the index built there) and over a vmap of

@@ -28,7 +28,7 @@ import math
 import re
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +43,7 @@ from vitfast.ops.attention import attention
 from vitfast.ops.layer_norm import layer_norm
 from vitfast.ops.linear import drop_prepacked, linear
 from vitfast.ops.linear_gelu import linear_gelu, uses_onednn as linear_gelu_uses_onednn
-from vitfast.ops.window_attention import relative_position_index
+from vitfast.ops.window_attention import _shift_mask, relative_position_index
 
 KINDS = ("attention", "rel_pos_attention", "window_attention", "layer_norm", "patch_embed", "linear_gelu", "linear")
 _MARK = "_vitfast_patch"  # instance attribute: (kind, {name: each instance attribute the patch set})
@@ -255,34 +255,58 @@ def _has_hooks(module: nn.Module) -> bool:
                 or module._backward_pre_hooks)
 
 
-_INDEX_SEEN: Dict[int, tuple] = {}  # id(buffer) -> (a weak reference to it, its version key, whether it differs)
+_BUFFER_SEEN: Dict[int, tuple] = {}  # id(buffer) -> (a weak reference to it, its version key, whether it differs)
+
+
+def _buffer_changed(buffer: Optional[Tensor], key: tuple, expected: Callable[[], Tensor]) -> bool:
+    """Whether a buffer that a fused path never reads differs from `expected()` (a CPU tensor; compared flattened,
+    in its dtype), so that the module runs its original forward, which reads it. Compared once per version of the
+    buffer (a change in place bumps it; on CUDA one synchronisation each: changes that bump no version, through
+    `.data`, `.numpy()` or to an inference tensor, are not seen) and per `key` (what expected() depends on); under
+    torch.compile and torch.export, on meta and fake tensors (and in a fake mode), the buffer is taken as built;
+    under torch.func transforms over a batched buffer (model ensembles), the original runs."""
+    if buffer is None or torch.compiler.is_compiling():
+        return False
+    if torch._C._functorch.is_functorch_wrapped_tensor(buffer):
+        return True
+    if (buffer.is_meta or isinstance(buffer, torch._subclasses.FakeTensor)
+            or torch._guards.detect_fake_mode() is not None):
+        return False
+    key = (None if buffer.is_inference() else buffer._version, buffer.data_ptr(), buffer.shape, key)
+    ident = id(buffer)
+    seen = _BUFFER_SEEN.get(ident)
+    if seen is None or seen[0]() is not buffer or seen[1] != key:
+        # (real values, on the CPU: not through a tracer's mode (make_fx), nor on a default device set by the user)
+        with _disable_current_modes(), torch.device("cpu"):
+            want = expected()
+            changed = not torch.equal(buffer.reshape(-1).cpu().to(want.dtype), want.reshape(-1))
+        seen = (weakref.ref(buffer, lambda _: _BUFFER_SEEN.pop(ident, None)), key, changed)
+        _BUFFER_SEEN[ident] = seen
+    return seen[2]
 
 
 def window_index_changed(index: Optional[Tensor], window_size) -> bool:
     """Whether a Swin module's relative_position_index buffer (any shape holding the N * N entries) differs from the
     index that vitfast's window attention computes from the window size: the fused paths never read the buffer, so a
     module whose buffer was changed (e.g. by an EMA averaging buffers, `AveragedModel(use_buffers=True)`, which
-    rounds the int64 entries) runs its original forward, which reads it. Compared once per version of the buffer (a
-    change in place bumps it; on CUDA one synchronisation each: changes that bump no version, through `.data`,
-    `.numpy()` or to an inference tensor, are not seen); under torch.compile and torch.export, on meta and fake
-    tensors (and in a fake mode), the buffer is taken as built; under torch.func transforms over a batched buffer
-    (model ensembles), the original runs."""
-    if index is None or torch.compiler.is_compiling():
+    rounds the int64 entries) runs its original forward, which reads it (_buffer_changed: when it is compared)."""
+    window_size = tuple(window_size)
+    return _buffer_changed(index, window_size, lambda: relative_position_index(window_size))
+
+
+def shift_mask_changed(mask: Optional[Tensor], map_size: Tuple[int, int], window_size: Tuple[int, int],
+                       shift_size: Tuple[int, int]) -> bool:
+    """Whether a Swin block's attn_mask buffer (timm's: (nW, N, N) of 0 / -100, built for its input resolution)
+    differs from the shift mask that vitfast's window attention computes for an (H, W) map (map_size: whole windows)
+    from the window and the shift: the fused path never reads the buffer, so a block whose buffer was replaced
+    (torch.func.functional_call) or changed in place, or built for another map size, runs its original forward
+    (_buffer_changed: when it is compared). No buffer (None: timm's blocks without a shift, and those with
+    dynamic_mask, which build the mask for each call's map) is taken as right."""
+    if mask is None:
         return False
-    if torch._C._functorch.is_functorch_wrapped_tensor(index):
-        return True
-    if index.is_meta or isinstance(index, torch._subclasses.FakeTensor) or torch._guards.detect_fake_mode() is not None:
-        return False
-    key = (None if index.is_inference() else index._version, index.data_ptr(), index.shape, tuple(window_size))
-    ident = id(index)
-    seen = _INDEX_SEEN.get(ident)
-    if seen is None or seen[0]() is not index or seen[1] != key:
-        # (real values, on the CPU: not through a tracer's mode (make_fx), nor on a default device set by the user)
-        with _disable_current_modes(), torch.device("cpu"):
-            changed = not torch.equal(index.reshape(-1).cpu(), relative_position_index(window_size))
-        seen = (weakref.ref(index, lambda _: _INDEX_SEEN.pop(ident, None)), key, changed)
-        _INDEX_SEEN[ident] = seen
-    return seen[2]
+    return _buffer_changed(mask, (tuple(map_size), tuple(window_size), tuple(shift_size)),
+                           lambda: _shift_mask(*map_size, window_size, shift_size, torch.empty(0)) if any(shift_size)
+                           else torch.empty(0))
 
 
 def _global_hooks() -> bool:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from vitfast.integrations.patch import (Adapter, _layer_norm_forward, conv_takes, mlp_check, mlp_fc1, mlp_rows,
-                                       patch_conv, qualname, window_index_changed)
+                                       patch_conv, qualname, shift_mask_changed, window_index_changed)
 from vitfast.integrations.segment_anything import rel_pos_check, sam_attention
 from vitfast.nn.patch_embed import PatchEmbed as _VitfastPatchEmbed
 from vitfast.nn.window_attention import WindowAttention as _VitfastWindowAttention
@@ -91,7 +91,9 @@ def _swin_block_attn(self, x: Tensor) -> Tensor:
     (wh, ww), (sh, sw) = self.window_size, self.shift_size
     divisible = H % wh == 0 and W % ww == 0 and (sh == 0 or H > wh) and (sw == 0 or W > ww)
     attn = self.attn
-    if not divisible or window_index_changed(getattr(attn, "relative_position_index", None), (wh, ww)):
+    if (not divisible or window_index_changed(getattr(attn, "relative_position_index", None), (wh, ww))
+            or (not getattr(self, "dynamic_mask", False)
+                and shift_mask_changed(getattr(self, "attn_mask", None), (H, W), (wh, ww), (sh, sw)))):
         return type(self)._attn(self, x)
     qkv = attn.qkv(x).unflatten(-1, (3, attn.num_heads, -1))
     out = window_attention(qkv, attn.relative_position_bias_table, (wh, ww), (sh, sw),
