@@ -114,7 +114,7 @@ def _swin_block_check(module: nn.Module) -> Optional[str]:
 
 
 def _window_attention_check(module: nn.Module) -> Optional[str]:
-    if not hasattr(module, "relative_position_bias_table") or not hasattr(module, "window_area"):
+    if not all(hasattr(module, a) for a in ("relative_position_bias_table", "window_area", "dim")):
         return "unexpected timm WindowAttention layout"
     return None
 
