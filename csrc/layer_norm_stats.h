@@ -13,7 +13,8 @@
 // 2^-100 / sqrt(var') where var overflows (ATen's LayerNorm returns the bias or NaN for such rows, depending on
 // the row). The deviations whose scaled squares underflow are below 2^-100 of the largest: nothing at this
 // precision. (A constant row of 1e30 lands here too: its first-pass mean is one ulp off, whose square overflows;
-// var' is 0, and the row gives the bias exactly.)
+// var' is 0, and the row gives the bias exactly.) A row whose sum, or whose deviations v - mu0 themselves, overflow
+// (values within about 2x of the dtype's largest) gives inf or NaN, as ATen's LayerNorm gives NaN.
 // The same formula is written for Triton in vitfast/triton/layer_norm.py (`row_stats`), for CUDA in
 // kernels/layer_norm.cu and for PyTorch in vitfast/ops/layer_norm.py (`_row_stats`).
 #pragma once

@@ -1666,3 +1666,31 @@ def test_unpatch_keeps_a_forward_set_since_patching():
     assert "forward" not in model.blocks[0].norm1.__dict__ and not any("vitfast" in k for k in attn.__dict__)
     model(x)
     assert len(seen) == 4
+
+
+def test_attention_of_heads_wider_than_the_op_is_left_with_why():
+    """vitfast.attention takes head dims up to 256 on every backend: a wider attention (nn.MultiheadAttention, timm's
+    and open_clip's Attention) was reported patched, and every call raised under a forced backend. It is left, with
+    the reason, and runs its own code."""
+    modules = {"mha": nn.MultiheadAttention(600, 2, batch_first=True)}
+    try:
+        timm = import_or_skip("timm")
+        modules["timm"] = timm.models.vision_transformer.Attention(600, num_heads=2)
+    except pytest.skip.Exception:
+        pass
+    try:
+        open_clip = import_or_skip("open_clip")
+        modules["open_clip"] = open_clip.transformer.Attention(600, num_heads=2)
+    except pytest.skip.Exception:
+        pass
+    x = torch.randn(2, 5, 600)
+    for name, module in modules.items():
+        module.eval()
+        call = (lambda m: m(x, x, x)[0]) if name == "mha" else (lambda m: m(x))
+        expected = call(module)
+        report = vitfast.patch_model(module, linear=False)
+        left = {l.name: l.reason for l in report.left}
+        assert left[""] == "head dim 300 > 256 (vitfast.attention takes 1..256)", str(report)
+        assert "attention" not in report.counts(), str(report)
+        with torch.no_grad(), vitfast.use_backend("torch"):
+            torch.testing.assert_close(call(module), expected, msg=name)

@@ -229,16 +229,17 @@ def test_report_names_the_flags_that_left_modules():
     assert reasons == {"blocks.0.attn": "attention=False", "blocks.0.mlp": "mlp=False"}, str(report)
 
 
-def _wide(family: str):
-    """A one-block model of head dim 300 (width 600, 2 heads) with rel-pos tables, and its call."""
+def _wide(family: str, rel_pos: bool = True):
+    """A one-block model of head dim 300 (width 600, 2 heads) with rel-pos tables (or without), and its call."""
     if family == "segment_anything":
         import_or_skip("segment_anything")
         from segment_anything.modeling import ImageEncoderViT
 
         return ImageEncoderViT(img_size=32, patch_size=8, embed_dim=600, depth=1, num_heads=2, mlp_ratio=0.1,
-                               out_chans=16, use_rel_pos=True, window_size=0), lambda m, x: m(x)
+                               out_chans=16, use_rel_pos=rel_pos, window_size=0), lambda m, x: m(x)
     if family == "timm":
-        return _samvit(embed_dim=600, depth=1, window_size=0, global_attn_indexes=()), lambda m, x: m(x)
+        return _samvit(embed_dim=600, depth=1, window_size=0, global_attn_indexes=(), use_rel_pos=rel_pos), \
+            lambda m, x: m(x)
     transformers = pytest.importorskip("transformers")
     if family == "sam":
         config = transformers.SamVisionConfig(hidden_size=600, output_channels=16, num_hidden_layers=1, mlp_dim=64,
@@ -266,6 +267,21 @@ def test_head_dims_beyond_the_op_are_left_with_why(family):
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(call(model, x), call(expected_model, x))
+
+
+@pytest.mark.parametrize("family", ["segment_anything", "timm"])
+def test_wide_heads_without_rel_pos_are_left_with_why(family):
+    """Without tables the attention runs vitfast.attention, which takes head dims up to 256 too: a wider head was
+    reported patched, and every call raised under a forced backend. It is left, with the reason."""
+    model, call = _wide(family, rel_pos=False)
+    model.eval()
+    expected_model = copy.deepcopy(model)
+    report = vitfast.patch_model(model)
+    left = {l.name: l.reason for l in report.left}
+    assert left["blocks.0.attn"] == "head dim 300 > 256 (vitfast.attention takes 1..256)", str(report)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad(), vitfast.use_backend("torch"):  # (the other kinds run vitfast's torch backend: not bitwise)
+        torch.testing.assert_close(call(model, x), call(expected_model, x), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["auto", "cpp"])

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitfast.integrations.patch import Adapter, _layer_norm_forward
+from vitfast.integrations.patch import Adapter, _layer_norm_forward, head_dim_check
 from vitfast.nn.window_attention import _attn_dropout_p
 from vitfast.ops.attention import attention
 
@@ -54,7 +54,8 @@ def _layer_norm_x_forward(self, x: Tensor) -> Tensor:
 def _attention_check(module: nn.Module) -> Optional[str]:
     missing = [a for a in ("in_proj_weight", "in_proj_bias", "logit_scale", "ln_q", "ln_k", "head_scale", "ln_inner",
                            "out_proj", "out_drop", "attn_drop", "scale") if not hasattr(module, a)]
-    return f"unexpected open_clip Attention layout (missing {missing})" if missing else None
+    return f"unexpected open_clip Attention layout (missing {missing})" if missing else head_dim_check(
+        getattr(module, "head_dim", None))
 
 
 ADAPTERS = {

@@ -39,7 +39,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 from vitfast import autocast as _autocast
 from vitfast import backend as _backend
 from vitfast.integrations.choice import describe, mlp_chunk_rows, runs_original
-from vitfast.ops.attention import attention
+from vitfast.ops.attention import MAX_HEAD_DIM, attention
 from vitfast.ops.layer_norm import layer_norm
 from vitfast.ops.linear import drop_prepacked, linear
 from vitfast.ops.linear_gelu import linear_gelu, uses_onednn as linear_gelu_uses_onednn
@@ -227,6 +227,15 @@ def _mha_mask(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], B
     return total
 
 
+def head_dim_check(head_dim: Optional[int], op: str = "attention") -> Optional[str]:
+    """Why an attention of heads `head_dim` wide is left: a width above the MAX_HEAD_DIM that vitfast.attention and
+    vitfast.rel_pos_attention (op) take on every backend (a forced backend would raise at each call); else None
+    (also for None: not known)."""
+    if isinstance(head_dim, int) and head_dim > MAX_HEAD_DIM:
+        return f"head dim {head_dim} > {MAX_HEAD_DIM} (vitfast.{op} takes 1..{MAX_HEAD_DIM})"
+    return None
+
+
 def _mha_check(module: nn.Module) -> Optional[str]:
     if type(module) is not nn.MultiheadAttention:
         return "nn.MultiheadAttention subclass (its forward may differ)"
@@ -234,7 +243,7 @@ def _mha_check(module: nn.Module) -> Optional[str]:
         return "kdim/vdim differ from embed_dim (separate q/k/v projection weights)"
     if module.bias_k is not None or module.add_zero_attn:
         return "add_bias_kv / add_zero_attn are not supported"
-    return None
+    return head_dim_check(module.head_dim)
 
 
 # activation classes that compute F.gelu(x, approximate=...) (transformers' Python variants are the same formulas)

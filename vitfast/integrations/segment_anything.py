@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitfast.integrations.choice import runs_original
-from vitfast.integrations.patch import Adapter, mlp_check, mlp_fc1
-from vitfast.ops.attention import MAX_HEAD_DIM, attention
+from vitfast.integrations.patch import Adapter, head_dim_check, mlp_check, mlp_fc1
+from vitfast.ops.attention import attention
 from vitfast.ops.rel_pos_attention import decomposed_rel_pos, rel_pos_attention
 
 
@@ -67,12 +67,16 @@ def _attention_forward(self, x: Tensor) -> Tensor:
 
 
 def rel_pos_check(module: nn.Module, flag: str) -> Optional[str]:
-    """Why a SAM / ViTDet attention with rel-pos tables (its attribute `flag` set) is left: a head dim, the tables'
-    width, above the MAX_HEAD_DIM that vitfast.rel_pos_attention takes on every backend; else None (without tables
-    the plain attention runs ATen's SDPA)."""
+    """Why a SAM / ViTDet attention is left: a head dim above the MAX_HEAD_DIM that vitfast.rel_pos_attention (with
+    rel-pos tables, its attribute `flag` set: the tables' width) or vitfast.attention (without: qkv's width over 3
+    times the heads) takes on every backend; else None."""
     table = getattr(module, "rel_pos_h", None) if getattr(module, flag, False) else None
-    if isinstance(table, Tensor) and table.shape[-1] > MAX_HEAD_DIM:
-        return f"head dim {table.shape[-1]} > {MAX_HEAD_DIM} (vitfast.rel_pos_attention takes 1..{MAX_HEAD_DIM})"
+    if isinstance(table, Tensor):
+        return head_dim_check(table.shape[-1], "rel_pos_attention")
+    heads = getattr(module, "num_heads", getattr(module, "num_attention_heads", None))
+    qkv = getattr(module, "qkv", None)
+    if isinstance(qkv, nn.Linear) and isinstance(heads, int) and heads > 0:
+        return head_dim_check(qkv.out_features // (3 * heads))
     return None
 
 

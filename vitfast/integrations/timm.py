@@ -24,8 +24,9 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from vitfast.integrations.patch import (Adapter, _layer_norm_forward, conv_takes, mlp_check, mlp_fc1, mlp_rows,
-                                       patch_conv, qualname, shift_mask_changed, window_index_changed)
+from vitfast.integrations.patch import (Adapter, _layer_norm_forward, conv_takes, head_dim_check, mlp_check,
+                                       mlp_fc1, mlp_rows, patch_conv, qualname, shift_mask_changed,
+                                       window_index_changed)
 from vitfast.integrations.segment_anything import rel_pos_check, sam_attention
 from vitfast.nn.patch_embed import PatchEmbed as _VitfastPatchEmbed
 from vitfast.nn.window_attention import WindowAttention as _VitfastWindowAttention
@@ -58,7 +59,8 @@ def _attention_forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_c
 def _attention_check(module: nn.Module) -> Optional[str]:
     missing = [a for a in ("qkv", "q_norm", "k_norm", "norm", "proj", "proj_drop", "attn_drop", "scale")
                if not hasattr(module, a)]
-    return f"unexpected timm Attention layout (missing {missing})" if missing else None
+    return f"unexpected timm Attention layout (missing {missing})" if missing else head_dim_check(
+        getattr(module, "head_dim", None))
 
 
 def _sam_attention_forward(self, x: Tensor) -> Tensor:
