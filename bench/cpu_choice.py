@@ -103,26 +103,27 @@ def rel_pos_attention_cases():
 
 def patch_embed_cases():
     # (a model's image does not require grad, and then neither side forms its gradient; one that does, as in
-    # saliency maps or adversarial training, trains at the same shapes with it)
-    for (what, B, E, p, norm), image_grad in itertools.product(
+    # adversarial training, trains at the same shapes with it; into frozen weights, as saliency maps and adversarial
+    # attacks, only the image's gradient is formed)
+    for (what, B, E, p, norm), (image_grad, weight_grad) in itertools.product(
             [("vit_b b1", 1, 768, 16, False), ("vit_b b2", 2, 768, 16, False), ("vit_b b8", 8, 768, 16, False),
              ("deit_s b2", 2, 384, 16, False), ("deit_s b8", 8, 384, 16, False), ("swin b1", 1, 96, 4, True),
-             ("swin b2", 2, 96, 4, True), ("swin b8", 8, 96, 4, True)], (False, True)):
+             ("swin b2", 2, 96, 4, True), ("swin b8", 8, 96, 4, True)], ((False, True), (True, True), (True, False))):
         img = torch.randn(B, 3, 224, 224, requires_grad=image_grad)
-        w = (torch.randn(E, 3, p, p) * 0.05).requires_grad_()
-        b = torch.randn(E, requires_grad=True)
-        nw = torch.randn(E, requires_grad=True) if norm else None
-        nb = torch.randn(E, requires_grad=True) if norm else None
+        w = (torch.randn(E, 3, p, p) * 0.05).requires_grad_(weight_grad)
+        b = torch.randn(E, requires_grad=weight_grad)
+        nw = torch.randn(E, requires_grad=weight_grad) if norm else None
+        nb = torch.randn(E, requires_grad=weight_grad) if norm else None
 
         def aten(img=img, w=w, b=b, p=p, nw=nw, nb=nb, E=E):
             z = F.conv2d(img, w, b, stride=p).flatten(2).transpose(1, 2)
             return F.layer_norm(z, (E,), nw, nb, 1e-5) if nw is not None else z
 
         yield (f"patch_embed {what} (E={E}, p={p}{', norm' if norm else ''}, image {'with' if image_grad else 'without'}"
-               " grad)", aten,
+               f" grad{'' if weight_grad else ', weights frozen'})", aten,
                lambda img=img, w=w, b=b, p=p, nw=nw, nb=nb: vitfast.patch_embed(img, w, b, p, norm_weight=nw,
                                                                                 norm_bias=nb),
-               tuple(t for t in (w, b, nw, nb) if t is not None))
+               tuple(t for t in (img, w, b, nw, nb) if t is not None and t.requires_grad))
 
 
 def linear_gelu_cases():

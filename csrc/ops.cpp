@@ -51,9 +51,10 @@ TORCH_LIBRARY(vitfast, m) {
       "patch_embed_fwd(Tensor images, Tensor weight, Tensor? bias, Tensor? pos_embed, int pos_offset,"
       " Tensor? prefix_tokens, Tensor? norm_weight, Tensor? norm_bias, bool has_norm, int num_prefix, float eps,"
       " bool store_z) -> (Tensor out, Tensor z, Tensor mean, Tensor rstd)");
-  // dz: (B, L, E), the gradient of the tokens before pos_embed (after the norm's backward).
+  // dz: (B, L, E), the gradient of the tokens before pos_embed (after the norm's backward). dimages, dweight and
+  // dbias are empty where need_dimages, need_dweight (both weight and bias) or has_bias is false.
   m.def(
-      "patch_embed_bwd(Tensor dz, Tensor images, Tensor weight, bool has_bias, bool need_dimages)"
+      "patch_embed_bwd(Tensor dz, Tensor images, Tensor weight, bool has_bias, bool need_dimages, bool need_dweight)"
       " -> (Tensor dimages, Tensor dweight, Tensor dbias)");
   // x: (B, H, W, C); norm_weight/bias: (4C,); reduction_weight: (N, 4C). Returns out (B, ceil(H/2),
   // ceil(W/2), N) and the per-row LayerNorm mean, rstd (M,) in op-math precision.

@@ -168,7 +168,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_embed_fwd(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_embed_bwd(const at::Tensor& dz, const at::Tensor& images,
                                                                const at::Tensor& weight, bool has_bias,
-                                                               bool need_dimages) {
+                                                               bool need_dimages, bool need_dweight) {
   check_geometry(images, weight);
   const int64_t B = images.size(0), C = images.size(1), H = images.size(2), W = images.size(3);
   const int64_t E = weight.size(0), ph = weight.size(2), pw = weight.size(3);
@@ -179,8 +179,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_embed_bwd(const at::Tensor&
               " != images dtype ", images.scalar_type());
   const at::Tensor dz2 = dz.reshape({M, E});
   const auto acc = at::toOpMathType(images.scalar_type());
-  at::Tensor dweight = at::mm(dz2.t(), patches_of(images, ph, pw)).view(weight.sizes());
-  at::Tensor dbias = has_bias ? dz2.sum(0, false, acc).to(weight.scalar_type()) : weight.new_empty({0});
+  at::Tensor dweight = need_dweight ? at::mm(dz2.t(), patches_of(images, ph, pw)).view(weight.sizes())
+                                    : weight.new_empty({0});
+  at::Tensor dbias =
+      has_bias && need_dweight ? dz2.sum(0, false, acc).to(weight.scalar_type()) : weight.new_empty({0});
   at::Tensor dimages;
   if (need_dimages) {
     const at::Tensor dpatches =

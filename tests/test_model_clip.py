@@ -138,6 +138,8 @@ def test_bad_activation_and_too_long_text():
         shape = re.escape(str(tuple(mask.shape)))
         with pytest.raises(ValueError, match=rf"attention_mask \(B, N\) = \(2, 6\) like input_ids, got {shape}"):
             model.encode_text(torch.zeros(2, 6, dtype=torch.long), mask)
+    with pytest.raises(TypeError, match="attention_mask as a tensor \\(B, N\\), got list"):  # (an AttributeError)
+        model.encode_text(torch.zeros(2, 6, dtype=torch.long), [[1] * 6] * 2)
 
 
 def _open_clip(quick_gelu: bool):

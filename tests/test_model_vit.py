@@ -65,6 +65,8 @@ def test_weights_from_transformers(family):
         pooled = ref[:, 0] if family == "ViT" else (ref[:, 0] + ref[:, 1]) / 2
         torch.testing.assert_close(model.eval()(images), pooled, rtol=1e-4, atol=1e-4)
     assert vit_from_transformers(hf, num_classes=7).eval()(images).shape == (2, 7)
+    with pytest.warns(UserWarning, match=r"the source's pooler \(a dense layer and tanh, its pooler_output\) is not"):
+        vit_from_transformers(getattr(transformers, f"{family}Model")(config))  # (with its pooler, the default)
     with pytest.raises(ValueError, match=f"expects a ViTModel or DeiTModel, got {family}ForImageClassification"):
         vit_from_transformers(getattr(transformers, f"{family}ForImageClassification")(config))
     config.image_size = (32, 48)

@@ -1,3 +1,5 @@
+from unittest import mock
+
 import numpy as np
 import pytest
 import torch
@@ -97,6 +99,33 @@ def test_float64_and_gradcheck(backend, device):
         assert torch.autograd.gradcheck(
             lambda *a: patch_embed(a[0], a[1], a[2], 2, pos_embed=a[3], prefix_tokens=a[4], norm_weight=a[5]),
             (x, w, b, pos, cls, nw))
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+def test_frozen_weights_give_the_image_gradient_alone(backend, device):
+    """An image that requires grad into frozen weights (saliency maps, adversarial attacks): the backward formed
+    dweight and dbias anyway (a product as large as the image's gradient) and dropped them. Only the image's
+    gradient, and the norm's where its weight requires grad, is formed, against float64."""
+    x = torch.randn(2, 3, 12, 10, device=device, requires_grad=True)  # (W = 10: the last 2 columns dropped)
+    w, b = torch.randn(16, 3, 4, 4, device=device), torch.randn(16, device=device)
+    nw = torch.randn(16, device=device, requires_grad=True)
+    dy = torch.randn(2, 6, 16, device=device)
+    calls = []
+    real = torch.ops.vitfast.patch_embed_backward
+
+    def spy(*args):
+        out = real(*args)
+        calls.append(tuple(t.numel() for t in out))
+        return out
+    with vitfast.use_backend(backend), mock.patch.object(pe_ops, "_patch_embed_backward_op", spy):
+        out = patch_embed(x, w, b, 4, norm_weight=nw)
+        dx, dnw = torch.autograd.grad(out, (x, nw), dy)
+    assert calls == [(x.numel(), 0, 0)]
+    xd, nwd = x.detach().double().requires_grad_(), nw.detach().double().requires_grad_()
+    ref = patch_embed_ref(xd, w.double(), b.double(), 4, norm_weight=nwd)
+    dx_ref, dnw_ref = torch.autograd.grad(ref, (xd, nwd), dy.double())
+    torch.testing.assert_close(dx.double(), dx_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dnw.double(), dnw_ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("backend,device", CASES)
@@ -580,7 +609,9 @@ def test_opcheck():
     torch.library.opcheck(op, (x, w, None, None, 0, None, nw, nb, True, 0, 1e-6, True))
     torch.library.opcheck(op, (x.detach(), w, b, pos[1:], 0, None, None, None, False, 2, 1e-5, False))
     dz = torch.randn(2, 4, 16)
-    torch.library.opcheck(torch.ops.vitfast.patch_embed_backward.default, (dz, x.detach(), w.detach(), True, True))
+    for need_dimages, need_dweight in ((True, True), (True, False), (False, True)):
+        torch.library.opcheck(torch.ops.vitfast.patch_embed_backward.default,
+                              (dz, x.detach(), w.detach(), True, need_dimages, need_dweight))
 
 
 @pytest.mark.parametrize("backend,device", CASES)
@@ -665,4 +696,4 @@ def test_the_ops_check_shapes_when_called_directly(backend, device):
             with pytest.raises(ValueError, match="images .* and weight .* do not agree"):
                 op(bad_images, bad_w, b, None, 0, None, None, None, False, 0, 1e-5, False)
         with pytest.raises(ValueError, match=r"dz \(2, 3, 16\) \(expected \(2, 4, 16\)\)"):
-            torch.ops.vitfast.patch_embed_backward(torch.randn(2, 3, 16, device=device), images, w, True, True)
+            torch.ops.vitfast.patch_embed_backward(torch.randn(2, 3, 16, device=device), images, w, True, True, True)

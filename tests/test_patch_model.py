@@ -963,9 +963,12 @@ def test_flags_report_and_double_patch():
     for fn in (vitfast.patch_model, vitfast.unpatch_model):  # (AttributeError: 'str' object has no attribute 'modules')
         with pytest.raises(TypeError, match=f"vitfast.{fn.__name__} takes an nn.Module, got str"):
             fn("model")
-    for flag, value in (("prepack_weights", "yes"), ("attention", "False"), ("mlp", None)):  # (read as truthy)
+    for flag, value in (("prepack_weights", "yes"), ("attention", "False"), ("mlp", None), ("linear", 2)):
         with pytest.raises(TypeError, match=f"vitfast.patch_model: {flag} must be True or False, got {value!r}"):
             vitfast.patch_model(model, **{flag: value})
+    np = pytest.importorskip("numpy")
+    report = vitfast.patch_model(model, attention=np.bool_(False), linear=0)  # (values equal to a bool)
+    assert _kinds(report) == {"layer_norm": 1}, str(report)
 
 
 def test_a_forward_set_on_the_instance_is_left_as_it_is():

@@ -386,7 +386,9 @@ def test_bad_inputs_raise_clear_errors():
         decomposed_rel_pos(qs, torch.randn(0, 16), torch.randn(9, 16), (4, 5), (4, 5))
     for q_size, k_size, bad in [((4, 5), (0, 5), "k_size"), ((-2, -10), (4, 5), "q_size"),
                                 ((4, 5, 1), (4, 5), "q_size"), ((4.5, 5), (4, 5), "q_size"),  # (4.5 was read as 4)
-                                ((4, 5), 5, "k_size")]:  # (an int: TypeError "has no len()")
+                                ((4, 5), 5, "k_size"),  # (an int: TypeError "has no len()")
+                                ((float("inf"), 5), (4, 5), "q_size"), ((float("nan"), 5), (4, 5), "q_size"),
+                                ((True, 5), (4, 5), "q_size")]:  # (OverflowError, int()'s ValueError, read as 1)
         size = q_size if bad == "q_size" else k_size
         with pytest.raises(ValueError,
                            match=rf"{bad} must be two positive whole sizes \(h, w\), got {re.escape(str(size))}"):

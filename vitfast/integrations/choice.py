@@ -52,7 +52,10 @@ bench/results/cpu-avx512-2026-12-02/cpu_choice_patch_embed.md): the training row
 so ATen's convolution backward formed the image's gradient too. A model's image does not, and then ATen's backward,
 which forms only the weights' gradients, is the faster: 0.77 .. 0.87 (Swin-T with norm at batch 8: 1.04) at ViT-B/16,
 DeiT-S and Swin-T shapes at batch 1, 2 and 8, against 1.17 .. 2.25 with the image's gradient. So with grad the
-patched patch embedding runs vitfast's op only where its image requires grad (`CPU_WITH_INPUT_GRAD_ONLY`).
+patched patch embedding runs vitfast's op only where its image requires grad (`CPU_WITH_INPUT_GRAD_ONLY`). An image
+that requires grad into frozen weights (saliency maps, adversarial attacks), where both sides form the image's
+gradient alone: 1.20 .. 2.78 at the same shapes (2026-12-03, same machine, `-k frozen --reps 9`:
+bench/results/cpu-avx512-2026-12-03/cpu_choice_patch_embed_frozen.md).
 
 linear_gelu (an MLP's fc1 + GELU; 2026-11-30, same command, 15 reps, fc1 of the models above) wins clearly in one
 place: inference where the (M, N) output is at least 32 MiB (Swin-T's first stage at batch 8, 25088 x 384 fp32:

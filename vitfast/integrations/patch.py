@@ -599,13 +599,14 @@ def patch_model(model: nn.Module, attention: bool = True, window_attention: bool
     Returns:
         PatchReport: `.patched` and `.left` (with the reason); `print(report)` shows both.
     Raises:
-        TypeError: `model` is not an nn.Module, or a flag is not True or False.
+        TypeError: `model` is not an nn.Module, or a flag is not True or False (or equal to one: 0, 1, NumPy's
+            bools).
     """
     _check_module("patch_model", model)
     for flag, value in (("attention", attention), ("window_attention", window_attention), ("layer_norm", layer_norm),
                         ("patch_embed", patch_embed), ("mlp", mlp), ("linear", linear),
                         ("prepack_weights", prepack_weights)):
-        if not isinstance(value, bool):  # ("no" or "False" read as True)
+        if isinstance(value, str) or value is None or value not in (True, False):  # ("no", "False": truthy)
             raise TypeError(f"vitfast.patch_model: {flag} must be True or False, got {value!r}")
     # kind -> (the flag's name, its value)
     flags = {"attention": ("attention", attention), "rel_pos_attention": ("attention", attention),

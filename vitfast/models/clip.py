@@ -129,6 +129,9 @@ class CLIPText(nn.Module):
         without expanding, with is_causal; SDPA takes one or the other, so it gets them combined."""
         if attention_mask is None:
             return None, True
+        if not isinstance(attention_mask, Tensor):
+            raise TypeError(f"CLIP's text tower expects attention_mask as a tensor (B, N), got "
+                            f"{type(attention_mask).__name__}")
         if attention_mask.shape != (B, N):
             raise ValueError(f"CLIP's text tower expects attention_mask (B, N) = {(B, N)} like input_ids, got "
                              f"{tuple(attention_mask.shape)}")
@@ -213,7 +216,8 @@ class CLIP(nn.Module):
 
         Raises:
             ValueError: input_ids not 2-D, a token count N outside 1 .. the context length, or an attention_mask
-                not (B, N)."""
+                not (B, N).
+            TypeError: an attention_mask that is not a tensor."""
         x = self.text(input_ids, attention_mask)
         return x / x.norm(dim=-1, keepdim=True) if normalize else x
 

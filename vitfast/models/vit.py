@@ -6,6 +6,7 @@ the patch embedding (conv + class/distillation tokens + position embedding), the
 LayerNorms run as vitfast ops, with the second LayerNorm of each block fused with its residual add.
 """
 
+import warnings
 from typing import Optional
 
 import torch
@@ -160,11 +161,12 @@ def vit_from_transformers(hf_model: nn.Module, num_classes: int = 0, backend: st
     """A VisionTransformer with the encoder weights of a Hugging Face ViTModel or DeiTModel (transformers 5 names;
     older checkpoints are renamed by transformers when it loads them). With num_classes 0 (the default) the heads
     are nn.Identity and forward returns the final-norm class token, (B, hidden_size) (DeiT in eval mode: the mean of
-    the class and distillation tokens); with num_classes > 0 the heads are new, randomly initialised nn.Linear. The
-    model has no dropout: the source's is not carried over (a warning says so where it has some). At another image
-    size it resamples the position embedding as timm does (bicubic with antialiasing, the model's docstring), which
-    differs from transformers' interpolate_pos_encoding (bicubic without antialiasing, on ViT and DeiT: outputs
-    ~1e-2 apart).
+    the class and distillation tokens; in train mode the pair); with num_classes > 0 the heads are new, randomly
+    initialised nn.Linear. A ViTModel's pooler (a dense layer and tanh: pooler_output) is not carried over (a
+    warning says so). The model has no dropout: the source's is not carried over (a warning says so where it has
+    some). At another image size it resamples the position embedding as timm does (bicubic with antialiasing, the
+    model's docstring), which differs from transformers' interpolate_pos_encoding (bicubic without antialiasing, on
+    ViT and DeiT: outputs ~1e-2 apart).
 
     Raises:
         ValueError: a model that is not a transformers ViT or DeiT base model, or a configuration it cannot hold.
@@ -176,6 +178,10 @@ def vit_from_transformers(hf_model: nn.Module, num_classes: int = 0, backend: st
         raise ValueError(f"vit_from_transformers expects a ViTModel or DeiTModel, got {type(hf_model).__name__} "
                          f"(for a ...ForImageClassification pass its .vit or .deit)")
     warn_dropped_regularization(hf_model, "vit_from_transformers")
+    if getattr(hf_model, "pooler", None) is not None:
+        warnings.warn("vit_from_transformers: the source's pooler (a dense layer and tanh, its pooler_output) is not "
+                      "carried over: the converted model's features are the final-norm class token "
+                      "(last_hidden_state[:, 0])", UserWarning, stacklevel=2)
     image_size = square(cfg.image_size, "image_size", "vit_from_transformers")
     patch_size = square(cfg.patch_size, "patch_size", "vit_from_transformers")
     distilled = getattr(hf_model.embeddings, "distillation_token", None) is not None

@@ -231,14 +231,17 @@ def _fwd_torch(images, weight, bias, pos, pos_offset, prefix, nw, nb, has_norm, 
     return out, (z if has_norm and store_z else images.new_empty(0)), mean, rstd
 
 
-def _bwd_torch(dz, images, weight, has_bias, need_dimages):
+def _bwd_torch(dz, images, weight, has_bias, need_dimages, need_dweight):
     B, C, H, W = images.shape
     E, _, ph, pw = weight.shape
     Hp, Wp = H // ph, W // pw
     dz2 = dz.reshape(B * Hp * Wp, E)
     acc = torch.float64 if images.dtype == torch.float64 else torch.float32
-    dweight = (dz2.t().to(acc) @ _patches(images, ph, pw).to(acc)).to(weight.dtype).view(weight.shape)
-    dbias = dz2.to(acc).sum(0).to(weight.dtype) if has_bias else weight.new_empty(0)
+    dweight, dbias = weight.new_empty(0), weight.new_empty(0)
+    if need_dweight:
+        dweight = (dz2.t().to(acc) @ _patches(images, ph, pw).to(acc)).to(weight.dtype).view(weight.shape)
+        if has_bias:
+            dbias = dz2.to(acc).sum(0).to(weight.dtype)
     if need_dimages:
         cols = dz2 @ weight.reshape(E, -1)  # (B*L, C*ph*pw)
         dpatches = cols.view(B, Hp, Wp, C, ph, pw).permute(0, 3, 1, 4, 2, 5).reshape(B, C, Hp * ph, Wp * pw)
@@ -329,25 +332,27 @@ def _(images, weight, bias, pos_embed, pos_offset, prefix_tokens, norm_weight, n
 
 
 @torch.library.custom_op("vitfast::patch_embed_backward", mutates_args=())
-def _patch_embed_backward_op(dz: Tensor, images: Tensor, weight: Tensor, has_bias: bool,
-                             need_dimages: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _patch_embed_backward_op(dz: Tensor, images: Tensor, weight: Tensor, has_bias: bool, need_dimages: bool,
+                             need_dweight: bool) -> tuple[Tensor, Tensor, Tensor]:
     """dz (B, L, E), unit inner stride: gradient of the tokens before pos_embed (after the norm's backward).
-    Returns dimages (B, C, H, W) or empty, dweight (E, C, ph, pw), dbias (E,) or empty."""
+    Returns dimages (B, C, H, W) or empty (not need_dimages), dweight (E, C, ph, pw) and dbias (E,), or empty (not
+    need_dweight, for both; not has_bias, for dbias)."""
     L = _num_patches(f"{OP}_backward", images, weight)
     _backend.check_op_shapes(f"{OP}_backward", {"dz": (dz, (images.shape[0], L, weight.shape[0]))})
     which = _backend.choose_backend(OP, images, weight, dz)
     if which == "triton":
         from vitfast.triton.patch_embed import patch_embed_bwd
-        return patch_embed_bwd(dz, images, weight, has_bias, need_dimages)
+        return patch_embed_bwd(dz, images, weight, has_bias, need_dimages, need_dweight)
     if which in ("cpp", "cuda"):
-        return tuple(torch.ops.vitfast.patch_embed_bwd(dz, images, weight, has_bias, need_dimages))
-    return _bwd_torch(dz, images, weight, has_bias, need_dimages)
+        return tuple(torch.ops.vitfast.patch_embed_bwd(dz, images, weight, has_bias, need_dimages, need_dweight))
+    return _bwd_torch(dz, images, weight, has_bias, need_dimages, need_dweight)
 
 
 @_patch_embed_backward_op.register_fake
-def _(dz, images, weight, has_bias, need_dimages):
-    return (images.new_empty(images.shape if need_dimages else (0,)), weight.new_empty(weight.shape),
-            weight.new_empty(weight.shape[0] if has_bias else 0))
+def _(dz, images, weight, has_bias, need_dimages, need_dweight):
+    return (images.new_empty(images.shape if need_dimages else (0,)),
+            weight.new_empty(weight.shape if need_dweight else (0,)),
+            weight.new_empty(weight.shape[0] if has_bias and need_dweight else 0))
 
 
 def _setup_context(ctx, inputs, output):
@@ -387,8 +392,12 @@ def _backward(ctx, dout, dz_unused, dmean, drstd):
         dz = dz2.view(B, L, E)
     else:
         dz = dpatch if dpatch.stride(-1) == 1 else dpatch.contiguous()
-    dimages, dweight, dbias = _patch_embed_backward_op(dz, images, weight, ctx.has_bias, ctx.needs_input_grad[0])
-    return (dimages if ctx.needs_input_grad[0] else None, dweight, dbias if ctx.has_bias else None, dpos, None,
+    # (an image that requires grad into a frozen model, as saliency maps and adversarial attacks: no dweight, dbias)
+    need_dweight = ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2])
+    dimages, dweight, dbias = _patch_embed_backward_op(dz, images, weight, ctx.has_bias, ctx.needs_input_grad[0],
+                                                       need_dweight)
+    return (dimages if ctx.needs_input_grad[0] else None, dweight if need_dweight else None,
+            dbias if ctx.has_bias and need_dweight else None, dpos, None,
             dprefix, dnw if nw is not None else None, dnb if ctx.has_nb else None, None, None, None, None)
 
 
@@ -410,8 +419,9 @@ def _flops(images_shape, weight_shape, *args, **kwargs) -> int:
 
 
 @register_flop_formula(torch.ops.vitfast.patch_embed_backward)
-def _backward_flops(dz_shape, images_shape, weight_shape, has_bias, need_dimages, *args, **kwargs) -> int:
-    return _conv_flops(images_shape, weight_shape) * (2 if need_dimages else 1)
+def _backward_flops(dz_shape, images_shape, weight_shape, has_bias, need_dimages, need_dweight, *args,
+                    **kwargs) -> int:
+    return _conv_flops(images_shape, weight_shape) * (int(need_dimages) + int(need_dweight))
 
 
 def _autocast_rule(device_type, dtype, images, weight, bias, pos_embed, pos_offset, prefix_tokens, norm_weight,

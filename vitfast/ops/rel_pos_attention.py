@@ -93,7 +93,9 @@ def decomposed_rel_pos(q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, q_size: 
             with q's head dim or is empty, or dtypes/devices differ.
     """
     for name, size in (("q_size", q_size), ("k_size", k_size)):
-        if not hasattr(size, "__len__") or len(size) != 2 or any(int(s) != s or int(s) < 1 for s in size):
+        if not hasattr(size, "__len__") or len(size) != 2 or any(
+                isinstance(s, (bool, str)) or (isinstance(s, float) and not math.isfinite(s)) or int(s) != s
+                or int(s) < 1 for s in size):
             raise ValueError(f"vitfast.decomposed_rel_pos: {name} must be two positive whole sizes (h, w), got "
                              f"{size!r}")
     q_h, q_w = (int(s) for s in q_size)

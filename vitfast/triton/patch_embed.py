@@ -315,7 +315,7 @@ def patch_embed_fwd(images, weight, bias, pos_embed, pos_offset, prefix_rows, no
     return out, z, mean, rstd
 
 
-def patch_embed_bwd(dz, images, weight, has_bias, need_dimages):
+def patch_embed_bwd(dz, images, weight, has_bias, need_dimages, need_dweight):
     """Launches the backward kernels.
 
     Args:
@@ -323,8 +323,8 @@ def patch_embed_bwd(dz, images, weight, has_bias, need_dimages):
             (after LayerNorm backward when there is a norm). images: (B, C, H, W), any strides.
             weight: (E, C, ph, pw), any strides.
     Returns:
-        dimages (B, C, H, W), contiguous, zero on the pixels past the last whole patch, or empty; dweight
-        (E, C, ph, pw); dbias (E,) or empty.
+        dimages (B, C, H, W), contiguous, zero on the pixels past the last whole patch, or empty (not
+        need_dimages); dweight (E, C, ph, pw) and dbias (E,), or empty (not need_dweight; not has_bias: dbias).
     """
     B, C, H, W = images.shape
     E, _, ph, pw = weight.shape
@@ -335,9 +335,11 @@ def patch_embed_bwd(dz, images, weight, has_bias, need_dimages):
     # The kernel writes every pixel of a whole patch; the others (none when H, W are multiples) stay zero.
     whole = M > 0 and H % ph == 0 and W % pw == 0
     dimages = (torch.empty if whole else torch.zeros)(images.shape if need_dimages else (0,), device=dev, dtype=dt)
+    def empty():  # (a new one for each output: an op's outputs may not alias one another)
+        return torch.empty(0, device=dev, dtype=weight.dtype)
     if M == 0:
-        return (dimages, torch.zeros_like(weight),
-                torch.zeros(E if has_bias else 0, device=dev, dtype=weight.dtype))
+        return (dimages, torch.zeros_like(weight) if need_dweight else empty(),
+                torch.zeros(E if has_bias and need_dweight else 0, device=dev, dtype=weight.dtype))
     w2 = weight.reshape(E, K).contiguous()
     common = dict(PH=ph, PW=pw, PRECISION=dot_precision(images), UPCAST=upcast_bf16(images))
     if need_dimages:
@@ -347,6 +349,8 @@ def patch_embed_bwd(dz, images, weight, has_bias, need_dimages):
         else:
             launch(_patch_embed_bwd_dx_kernel, (_tiles(M, K, _INTERPRET_BLOCKS),), *args, **common,
                    **_INTERPRET_BLOCKS)
+    if not need_dweight:
+        return dimages, empty(), empty()
     tiles = triton.cdiv(E, 64) * triton.cdiv(K, 64)
     splits = num_splits(images, tiles, M)
     dw_part = torch.empty((splits, E, K), device=dev, dtype=torch.float32)
@@ -359,5 +363,5 @@ def patch_embed_bwd(dz, images, weight, has_bias, need_dimages):
         launch(_patch_embed_bwd_dw_kernel, (_tiles(E, K, _INTERPRET_BLOCKS), splits), *args, **common,
                HAS_BIAS=has_bias, **_INTERPRET_BLOCKS)
     dweight = dw_part.sum(0).to(weight.dtype).view(weight.shape)
-    dbias = db_part.sum(0).to(weight.dtype) if has_bias else torch.empty(0, device=dev, dtype=weight.dtype)
+    dbias = db_part.sum(0).to(weight.dtype) if has_bias else empty()
     return dimages, dweight, dbias
