@@ -603,16 +603,14 @@ def patch_model(model: nn.Module, attention: bool = True, window_attention: bool
             bools).
     """
     _check_module("patch_model", model)
-    for flag, value in (("attention", attention), ("window_attention", window_attention), ("layer_norm", layer_norm),
-                        ("patch_embed", patch_embed), ("mlp", mlp), ("linear", linear),
-                        ("prepack_weights", prepack_weights)):
-        if isinstance(value, str) or value is None or value not in (True, False):  # ("no", "False": truthy)
-            raise TypeError(f"vitfast.patch_model: {flag} must be True or False, got {value!r}")
     # kind -> (the flag's name, its value)
     flags = {"attention": ("attention", attention), "rel_pos_attention": ("attention", attention),
              "window_attention": ("window_attention", window_attention), "layer_norm": ("layer_norm", layer_norm),
              "patch_embed": ("patch_embed", patch_embed), "linear_gelu": ("mlp", mlp),
              "linear": ("linear", linear)}
+    for flag, value in (*flags.values(), ("prepack_weights", prepack_weights)):
+        if isinstance(value, str) or value is None or value not in (True, False):  # ("no", "False": truthy)
+            raise TypeError(f"vitfast.patch_model: {flag} must be True or False, got {value!r}")
     table, known_left = _adapters(), _known_left()
     for module in model.modules():
         if qualname(module) in _LINEAR_CLASSES:
