@@ -8,6 +8,7 @@ to 6 x 6, SAM's padding) and one global block. SAM initialises its rel-pos table
 bias: they are drawn at random here. A spy on the fused op checks that both blocks take it.
 """
 import copy
+import importlib
 
 import pytest
 import torch
@@ -100,6 +101,38 @@ def test_transformers_sam_vision(family, attn, backend, device, dtype, fused_cal
     assert [p.name for p in attn_layers] == ["vision_encoder.layers.0.attn", "vision_encoder.layers.1.attn"]
     assert "vitfast.rel_pos_attention" in attn_layers[0].what
     assert _patched(report, "linear_gelu") == ["vision_encoder.layers.0.mlp", "vision_encoder.layers.1.mlp"]
+
+
+# SAM's image encoder copied into other transformers models under their own class names: module -> (config, model,
+# the attention implementations the model takes)
+_SAM_COPIES = {
+    "deepseek_ocr2": ("DeepseekOcr2SamVisionConfig", "DeepseekOcr2SamVisionEncoder", ("eager", "sdpa")),
+    "unlimited_ocr": ("UnlimitedOcrSamVisionConfig", "UnlimitedOcrSamVisionEncoder", ("eager", "sdpa")),
+    "got_ocr2": ("GotOcr2VisionConfig", "GotOcr2VisionEncoder", ("eager",)),
+    "pp_formulanet": ("PPFormulaNetVisionConfig", "PPFormulaNetVisionModel", ("eager",)),
+    "slanext": ("SLANeXtVisionConfig", "SLANeXtVisionEncoder", ("eager",)),
+}
+
+
+@pytest.mark.parametrize("module,attn", [(m, a) for m, (*_, attns) in _SAM_COPIES.items() for a in attns])
+def test_transformers_copies_of_sam_vision(module, attn, fused_calls):
+    transformers = pytest.importorskip("transformers")
+    try:
+        modeling = importlib.import_module(f"transformers.models.{module}.modeling_{module}")
+    except ImportError:
+        pytest.skip(f"transformers {transformers.__version__} has no {module}")
+    config_name, model_name, _ = _SAM_COPIES[module]
+    # (PPFormulaNet's encoder ends in convolutions from 256 channels)
+    config = getattr(modeling, config_name)(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_dim=48, image_size=32, patch_size=8,
+        window_size=3, global_attn_indexes=[1], output_channels=256 if module == "pp_formulanet" else 16,
+        initializer_range=0.1)
+    model = getattr(modeling, model_name)._from_config(config, attn_implementation=attn)
+    pick = lambda o: o[0] if isinstance(o, tuple) else o.last_hidden_state  # noqa: E731
+    report = _check(model, {"pixel_values": torch.randn(2, 3, 32, 32)}, "auto", DEVICE, torch.float32, pick,
+                    fused_calls)
+    assert _patched(report) == ["layers.0.attn", "layers.1.attn"]
+    assert _patched(report, "linear_gelu") == ["layers.0.mlp", "layers.1.mlp"]
 
 
 def _vitdet():

@@ -577,7 +577,10 @@ def patch_model(model: nn.Module, attention: bool = True, window_attention: bool
         attention: global self/cross attention (timm Attention, nn.MultiheadAttention in torchvision's ViT and
             open_clip, open_clip Attention, transformers' attention interface) and the windowed and global attention
             with decomposed relative positions of SAM / ViTDet image encoders (transformers SamVisionAttention,
-            SamVisionSdpaAttention and VitDetAttention, timm vision_transformer_sam, segment_anything).
+            SamVisionSdpaAttention and VitDetAttention and the copies of them in other models, timm
+            vision_transformer_sam, segment_anything). A transformers model switched to vitfast's attention takes
+            `config.output_attentions = True` only if set before patching (transformers 5 accepts it only under the
+            name "eager"); `output_attentions=True` per call works either way.
         window_attention: Swin (timm SwinTransformerBlock/WindowAttention, torchvision ShiftedWindowAttention and
             V2, transformers SwinLayer).
         layer_norm: nn.LayerNorm and the known subclasses that compute a plain LayerNorm (not the norm a patched
@@ -585,8 +588,8 @@ def patch_model(model: nn.Module, attention: bool = True, window_attention: bool
         patch_embed: timm PatchEmbed, torchvision VisionTransformer's conv_proj, transformers ViT/DeiT patch
             embeddings.
         mlp: the first Linear + GELU of MLP blocks -> vitfast.linear_gelu (timm Mlp, torchvision MLP / MLPBlock,
-            transformers ViT, DeiT, Swin, CLIP, SAM, SAM-HQ and ViTDet MLPs, segment_anything MLPBlock; other
-            activations, e.g. CLIP's quick_gelu, are left with the reason).
+            transformers ViT, DeiT, Swin, CLIP, SAM (and its copies), SAM-HQ and ViTDet MLPs, segment_anything
+            MLPBlock; other activations, e.g. CLIP's quick_gelu, are left with the reason).
         linear: nn.Linear layers (exactly that class and MultiheadAttention's out_proj, not subclasses) ->
             vitfast.linear.
         prepack_weights: the nn.Linear layers' products on oneDNN without grad (vitfast.linear's and the MLPs'

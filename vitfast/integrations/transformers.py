@@ -751,3 +751,13 @@ ADAPTERS = {
     "transformers.models.vitdet.modeling_vitdet.VitDetAttention": Adapter(
         "rel_pos_attention", _REL_POS, {"forward": _vitdet_attention_forward}, _vitdet_attention_check),
 }
+# SAM's image encoder copied into other models under their own class names (transformers' "Copied from" code: the
+# same attributes and forwards as SamVisionAttention, SamVisionSdpaAttention and SamMLPBlock), as of transformers 5.24
+_SAM_PARTS = {"VisionAttention": _SAM_VISION_ATTENTION, "VisionSdpaAttention": _SAM_VISION_SDPA_ATTENTION,
+              "MLPBlock": _SAM_MLP_BLOCK}
+_SAM_COPIES = (("deepseek_ocr2", "DeepseekOcr2Sam", _SAM_PARTS), ("unlimited_ocr", "UnlimitedOcrSam", _SAM_PARTS),
+               ("got_ocr2", "GotOcr2", ("VisionAttention", "MLPBlock")),
+               ("pp_formulanet", "PPFormulaNet", ("VisionAttention", "MLPBlock")),
+               ("slanext", "SLANeXt", ("VisionAttention", "MLPBlock")))
+ADAPTERS.update({f"transformers.models.{module}.modeling_{module}.{prefix}{part}": _SAM_PARTS[part]
+                 for module, prefix, parts in _SAM_COPIES for part in parts})
