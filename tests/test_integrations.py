@@ -1,5 +1,6 @@
 """transformers models with attn_implementation="vitfast" against the same weights run eagerly."""
 import copy
+import importlib
 import re
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 import vitfast
 
 from conftest import backend_cases
+from test_patch_model import _patched_equal
 
 transformers = pytest.importorskip("transformers")
 from vitfast.integrations import transformers as vt  # noqa: E402
@@ -812,3 +814,34 @@ def test_attention_of_its_own_in_a_transformers_model_is_reported_left():
                                                        intermediate_size=48, image_size=16, patch_size=8))
     report = vitfast.patch_model(vit)  # (its attention runs through the interface: covered by the model's record)
     assert not [l for l in report.left if "Attention" in l.cls], str(report)
+
+
+def _copied_module(original: str, name: str):
+    """A tiny instance of transformers' class `name` ("<model module>.<class>"), a copy of `original`'s source, built
+    from the config `original` takes, and an input for it."""
+    module, cls = name.split(".")
+    try:
+        cls = getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), cls)
+    except (ImportError, AttributeError):
+        pytest.skip(f"transformers {transformers.__version__} has no {name}")
+    kind = original.rsplit(".", 1)[1]
+    if kind == "ViTPatchEmbeddings":
+        config = transformers.ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=16)
+        return cls(config), torch.randn(2, 3, 16, 16)
+    if kind == "VitDetMlp":
+        return cls(transformers.VitDetConfig(hidden_act="gelu"), in_features=16, hidden_features=24), \
+            torch.randn(2, 3, 3, 16)
+    if kind == "SamMLPBlock":
+        config = transformers.SamVisionConfig(hidden_size=16, mlp_dim=24, hidden_act="gelu")
+        return cls(config), torch.randn(2, 3, 3, 16)
+    return cls(transformers.ViTConfig(hidden_size=16, intermediate_size=24, hidden_act="gelu")), torch.randn(2, 5, 16)
+
+
+@pytest.mark.parametrize("original,name", [
+    pytest.param(original, name, id=name) for original, names in vt.COPIES.items() for name in names
+    if "Attention" not in original])  # (the SAM attention copies: test_sam_integrations.py, in whole encoders)
+def test_copies_of_adapted_classes_are_patched_as_the_original(original, name):
+    module, x = _copied_module(original, name)
+    report = _patched_equal(module, x, "auto")
+    kind = "patch_embed" if original.endswith("PatchEmbeddings") else "linear_gelu"
+    assert [(p.name, p.kind) for p in report.patched if p.kind != "linear"] == [("", kind)], str(report)

@@ -586,10 +586,11 @@ def patch_model(model: nn.Module, attention: bool = True, window_attention: bool
         layer_norm: nn.LayerNorm and the known subclasses that compute a plain LayerNorm (not the norm a patched
             patch embedding fuses into its kernel, e.g. Swin's: that one follows `patch_embed`).
         patch_embed: timm PatchEmbed, torchvision VisionTransformer's conv_proj, transformers ViT/DeiT patch
-            embeddings.
+            embeddings and their copies in other models.
         mlp: the first Linear + GELU of MLP blocks -> vitfast.linear_gelu (timm Mlp, torchvision MLP / MLPBlock,
-            transformers ViT, DeiT, Swin, CLIP, SAM (and its copies), SAM-HQ and ViTDet MLPs, segment_anything
-            MLPBlock; other activations, e.g. CLIP's quick_gelu, are left with the reason).
+            transformers ViT, DeiT, Swin, CLIP, SAM, SAM-HQ and ViTDet MLPs and their copies in other models
+            (vitfast.integrations.transformers.COPIES), segment_anything MLPBlock; other activations, e.g. CLIP's
+            quick_gelu, are left with the reason).
         linear: nn.Linear layers (exactly that class and MultiheadAttention's out_proj, not subclasses) ->
             vitfast.linear.
         prepack_weights: the nn.Linear layers' products on oneDNN without grad (vitfast.linear's and the MLPs'

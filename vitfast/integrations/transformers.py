@@ -751,13 +751,41 @@ ADAPTERS = {
     "transformers.models.vitdet.modeling_vitdet.VitDetAttention": Adapter(
         "rel_pos_attention", _REL_POS, {"forward": _vitdet_attention_forward}, _vitdet_attention_check),
 }
-# SAM's image encoder copied into other models under their own class names (transformers' "Copied from" code: the
-# same attributes and forwards as SamVisionAttention, SamVisionSdpaAttention and SamMLPBlock), as of transformers 5.24
-_SAM_PARTS = {"VisionAttention": _SAM_VISION_ATTENTION, "VisionSdpaAttention": _SAM_VISION_SDPA_ATTENTION,
-              "MLPBlock": _SAM_MLP_BLOCK}
-_SAM_COPIES = (("deepseek_ocr2", "DeepseekOcr2Sam", _SAM_PARTS), ("unlimited_ocr", "UnlimitedOcrSam", _SAM_PARTS),
-               ("got_ocr2", "GotOcr2", ("VisionAttention", "MLPBlock")),
-               ("pp_formulanet", "PPFormulaNet", ("VisionAttention", "MLPBlock")),
-               ("slanext", "SLANeXt", ("VisionAttention", "MLPBlock")))
-ADAPTERS.update({f"transformers.models.{module}.modeling_{module}.{prefix}{part}": _SAM_PARTS[part]
-                 for module, prefix, parts in _SAM_COPIES for part in parts})
+# Classes of other models whose source is that of a class above under other names (transformers' "# Copied from"
+# code, found by comparing the sources of transformers 5.24): the class copied -> "<model module>.<copy>"
+_M = "transformers.models."
+COPIES = {
+    _M + "clip.modeling_clip.CLIPMLP": (
+        "altclip.AltCLIPMLP", "blip.BlipMLP", "blip_2.Blip2MLP", "canary.CanaryDecoderMLP",
+        "chinese_clip.ChineseCLIPVisionMLP", "clipseg.CLIPSegMLP", "cohere_asr.CohereAsrDecoderMLP",
+        "cosmos3_edge.Cosmos3EdgeMLP", "git.GitVisionMLP", "glm_image.GlmImageVisionMLP",
+        "granite_docling.GraniteDoclingVisionMLP", "hunyuan_vl.HunYuanVLVisionMLP", "hy_v4_vl.HYV4VLVisionMLP",
+        "idefics2.Idefics2VisionMLP", "idefics3.Idefics3VisionMLP", "inkling2.Inkling2VisionMLP",
+        "instructblip.InstructBlipMLP", "instructblipvideo.InstructBlipVideoMLP", "internvl.InternVLVisionMLP",
+        "jina_embeddings_v3.JinaEmbeddingsV3MLP", "kosmos2.Kosmos2VisionMLP", "metaclip_2.MetaClip2MLP",
+        "minicpm_ocr.MiniCPMOcrVisionMLP", "minicpmv4_6.MiniCPMV4_6VisionMLP", "minicpmv4_7.MiniCPMV4_7VisionMLP",
+        "minimax_m3_vl.MiniMaxM3VLVisionMLP", "mlcd.MLCDMLP", "mllama.MllamaVisionMLP", "molmo2.Molmo2VisionMLP",
+        "nemotron3_5_transcribe.Nemotron3_5TranscribeMLP", "nemotron3_diarization.Nemotron3DiarizationMLP",
+        "owlv2.Owlv2MLP", "owlvit.OwlViTMLP", "phi.PhiMLP", "phi4_multimodal.Phi4MultimodalVisionMLP",
+        "qianfan_ocr.QianfanOCRVisionMLP", "sam3_lite_text.Sam3LiteTextTextMLP", "siglip.SiglipMLP",
+        "siglip2.Siglip2MLP", "smolvlm.SmolVLMVisionMLP", "step3p7.Step3p7VisionMLP", "tipsv2.Tipsv2MLP",
+        "unlimited_ocr.UnlimitedOcrMLP", "video_llama_3.VideoLlama3VisionMLP"),
+    _M + "vit.modeling_vit.ViTMLP": (
+        "audio_spectrogram_transformer.ASTMLP", "beit.BeitMLP", "ijepa.IJepaMLP", "videoprism.VideoPrismMLP",
+        "vit_mae.ViTMAEMLP", "vit_msn.ViTMSNMLP", "vivit.VivitMLP"),
+    _M + "vit.modeling_vit.ViTPatchEmbeddings": (
+        "beit.BeitPatchEmbeddings", "ijepa.IJepaPatchEmbeddings", "pixio.PixioPatchEmbeddings",
+        "vit_mae.ViTMAEPatchEmbeddings", "vit_msn.ViTMSNPatchEmbeddings"),
+    _M + "vitdet.modeling_vitdet.VitDetMlp": ("lw_detr.LwDetrViTMlp",),
+    _M + "sam.modeling_sam.SamMLPBlock": (
+        "deepseek_ocr2.DeepseekOcr2SamMLPBlock", "unlimited_ocr.UnlimitedOcrSamMLPBlock", "got_ocr2.GotOcr2MLPBlock",
+        "pp_formulanet.PPFormulaNetMLPBlock", "slanext.SLANeXtMLPBlock", "seggpt.SegGptMlp"),
+    _M + "sam.modeling_sam.SamVisionAttention": (
+        "deepseek_ocr2.DeepseekOcr2SamVisionAttention", "unlimited_ocr.UnlimitedOcrSamVisionAttention",
+        "got_ocr2.GotOcr2VisionAttention", "pp_formulanet.PPFormulaNetVisionAttention",
+        "slanext.SLANeXtVisionAttention"),
+    _M + "sam.modeling_sam.SamVisionSdpaAttention": (
+        "deepseek_ocr2.DeepseekOcr2SamVisionSdpaAttention", "unlimited_ocr.UnlimitedOcrSamVisionSdpaAttention"),
+}
+ADAPTERS.update({f"{_M}{name.split('.')[0]}.modeling_{name}": ADAPTERS[original]
+                 for original, names in COPIES.items() for name in names})
