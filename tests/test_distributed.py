@@ -1,5 +1,5 @@
-"""A patched model trains under torch.distributed: DDP, and FSDP2's `fully_shard` where this torch has it; a patched
-MLP runs under tensor parallelism.
+"""A patched model trains under torch.distributed: DDP, and FSDP2's `fully_shard` where this torch has it (patched
+before sharding or after it); a patched MLP runs under tensor parallelism.
 
 Two CPU processes on gloo each take half of a batch; their synchronised gradients must equal the gradients of
 one process on the whole batch (the loss is a mean over samples, so the halves' average is the whole's).
@@ -42,11 +42,15 @@ class TinyViT(nn.Module):
         return self.head(self.norm(x).mean(1))
 
 
-def _model() -> nn.Module:
+COUNTS = {"attention": 1, "layer_norm": 3, "linear": 6}
+
+
+def _model(patch: bool = True) -> nn.Module:
     torch.manual_seed(0)
     model = TinyViT()
-    report = vitfast.patch_model(model)
-    assert report.counts() == {"attention": 1, "layer_norm": 3, "linear": 6}, str(report)
+    if patch:
+        report = vitfast.patch_model(model)
+        assert report.counts() == COUNTS, str(report)
     return model
 
 
@@ -107,6 +111,14 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             fully_shard(model)
             _step(model, x[shard], y[shard])
             results["fsdp2"] = _grads(model)
+            # patched after sharding: the modules fully_shard gave classes of their own (FSDPMultiheadAttention,
+            # FSDPLayerNorm, FSDPLinear) were not recognised, silently
+            model = _model(patch=False)
+            for module in (model.block.self_attn, model.norm, model.head, model.block, model):
+                fully_shard(module)
+            results["counts after fully_shard"] = vitfast.patch_model(model).counts()
+            _step(model, x[shard], y[shard])
+            results["patched after fsdp2"] = _grads(model)
         results["tp"] = _tensor_parallel_error()
         if rank == 0:
             torch.save(results, os.path.join(out_dir, "grads.pt"))
@@ -127,7 +139,9 @@ def test_ddp_and_fsdp2_gradients_match_single_process(tmp_path):
     mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
     results = torch.load(tmp_path / "grads.pt")
     assert results.pop("tp") < 1e-5
-    assert set(results) == ({"ddp", "fsdp2"} if fully_shard is not None else {"ddp"})
+    if fully_shard is not None:
+        assert results.pop("counts after fully_shard") == COUNTS
+    assert set(results) == ({"ddp", "fsdp2", "patched after fsdp2"} if fully_shard is not None else {"ddp"})
     for mode, grads in results.items():
         assert set(grads) == set(expected), mode
         for name, g in grads.items():

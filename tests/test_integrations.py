@@ -582,6 +582,30 @@ def test_swin_projections_swapped_after_patching_run_as_swapped():
         patched(x)
 
 
+
+def test_swin_layer_with_a_forward_set_on_the_instance_is_left_as_it_is():
+    """A forward set on one Swin layer before patching (a user's checkpointing wrapper, accelerate's hooks) was
+    overwritten by the fused layer and not restored by unpatch_model; it is left, with the reason, as in patch_model."""
+    config = transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[2], num_heads=[2],
+                                     window_size=4)
+    model = transformers.SwinModel(config, add_pooling_layer=False).eval()
+    layer = model.encoder.layers[0].blocks[0]
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        return type(layer).forward(layer, *args, **kwargs)
+    layer.forward = wrapped
+    report = vitfast.patch_model(model)
+    swin = [(r.name, getattr(r, "reason", None)) for r in report.patched + report.left if r.cls.endswith(".SwinLayer")]
+    assert sorted(swin) == [("encoder.layers.0.blocks.0", "forward set on the instance (a wrapper's or a hook "
+                                                          "library's): left as it is"),
+                            ("encoder.layers.0.blocks.1", None)], str(report)
+    model(torch.randn(1, 3, 32, 32))
+    vitfast.unpatch_model(model)
+    model(torch.randn(1, 3, 32, 32))
+    assert layer.forward is wrapped and calls == [1, 1]
+
 def _old_swin_layer_models():
     """Donut's and MaskFormer's Swin backbones and CLAP's audio encoder (transformers' older Swin layer), each with
     maps that divide into windows, that need padding, and (MaskFormer: always partitioned) one no larger than the

@@ -99,6 +99,18 @@ def qualname(module: nn.Module) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def adapted_qualname(module: nn.Module) -> str:
+    """The class whose adapter patches `module`: its own, or for a module FSDP2's fully_shard (or replicate) has given
+    a class of its own (FSDP<class>: hooks that unshard its parameters before its forward runs, no forward), the
+    class it wraps. (Not for the submodules an adapter reads the parameters of: those wrapped on their own are
+    sharded outside their own forward, so the checks that name them see the FSDP class and leave the module.)"""
+    cls = type(module)
+    index = getattr(cls, "_orig_cls_mro_index", None)  # (FSDPModule's: where the wrapped class is in the MRO)
+    if isinstance(index, int):
+        cls = cls.__mro__[index]
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 # --------------------------------------------------------------------------------------- torch.nn adapters
 
 def _layer_norm_forward(self: nn.LayerNorm, input: Tensor) -> Tensor:  # (nn.LayerNorm's parameter name)
@@ -237,7 +249,7 @@ def head_dim_check(head_dim: Optional[int], op: str = "attention") -> Optional[s
 
 
 def _mha_check(module: nn.Module) -> Optional[str]:
-    if type(module) is not nn.MultiheadAttention:
+    if adapted_qualname(module) != "torch.nn.modules.activation.MultiheadAttention":
         return "nn.MultiheadAttention subclass (its forward may differ)"
     if not module._qkv_same_embed_dim:
         return "kdim/vdim differ from embed_dim (separate q/k/v projection weights)"
@@ -362,6 +374,14 @@ def mlp_rows(module: nn.Module, x: Tensor, fc1: nn.Linear, body: Callable[[nn.Mo
     for start in range(rows, flat.shape[0], rows):
         out[start:start + rows] = body(module, flat[start:start + rows])
     return out.view(*x.shape[:-1], first.shape[-1])
+
+
+def instance_override(module: nn.Module, methods) -> Optional[str]:
+    """Why `module` is left: those of the adapter's `methods` set on the instance (by a wrapper, a checkpointing
+    helper or a hook library), which binding the adapter would replace; or None."""
+    overridden = [m for m in methods if m in module.__dict__]
+    return (f"{', '.join(overridden)} set on the instance (a wrapper's or a hook library's): left as it is"
+            if overridden else None)
 
 
 def mlp_check(module: nn.Module, fc1: str = "fc1", act: str = "act") -> Optional[str]:
@@ -617,7 +637,7 @@ def patch_model(model: nn.Module, attention: bool = True, window_attention: bool
             raise TypeError(f"vitfast.patch_model: {flag} must be True or False, got {value!r}")
     table, known_left = _adapters(), _known_left()
     for module in model.modules():
-        if qualname(module) in _LINEAR_CLASSES:
+        if adapted_qualname(module) in _LINEAR_CLASSES:
             if prepack_weights:
                 object.__setattr__(module, _PREPACK, True)
             elif module.__dict__.pop(_PREPACK, False):
@@ -627,7 +647,7 @@ def patch_model(model: nn.Module, attention: bool = True, window_attention: bool
     report = PatchReport()
     hf_prefixes: List[str] = []
     for name, module in model.named_modules():
-        cls = qualname(module)
+        cls = adapted_qualname(module)
         under_hf = any(name == p or name.startswith(p + ".") or p == "" for p in hf_prefixes)
         if getattr(module, _MARK, None) is not None:
             if not (under_hf and cls in hf_swin_layers):  # (transformers' Swin layers are reported with their model)
@@ -655,9 +675,7 @@ def patch_model(model: nn.Module, attention: bool = True, window_attention: bool
         flag, on = flags[adapter.kind]
         reason = None if on else f"{flag}=False"
         reason = reason or adapter.check(module)
-        overridden = [m for m in adapter.methods if m in module.__dict__]  # set on the instance by a wrapper
-        reason = reason or (overridden and f"{', '.join(overridden)} set on the instance (a wrapper's or a hook "
-                                           f"library's): left as it is")
+        reason = reason or instance_override(module, adapter.methods)
         if reason:
             report.left.append(Left(name, cls, reason))
             continue

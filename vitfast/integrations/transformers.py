@@ -33,8 +33,8 @@ import torch
 
 from vitfast import backend as _backend
 from vitfast.integrations.choice import runs_original
-from vitfast.integrations.patch import (Adapter, _distributed, conv_takes, mlp_check, mlp_fc1, mlp_rows, patch_conv,
-                                       window_index_changed)
+from vitfast.integrations.patch import (Adapter, _distributed, conv_takes, instance_override, mlp_check, mlp_fc1,
+                                       mlp_rows, patch_conv, window_index_changed)
 from vitfast.integrations.segment_anything import SAM_MLP_BLOCK, mlp_block_forward, rel_pos_check, sam_attention
 from vitfast.ops.attention import attention
 from vitfast.ops.linear import linear
@@ -350,7 +350,8 @@ def _sub_models(model: torch.nn.Module, prefix: str) -> list:
 def patch(model: torch.nn.Module, prefix: str, attention: bool = True, window_attention: bool = True) -> list:
     """For vitfast.patch_model: switches a PreTrainedModel to attn_implementation="vitfast" and binds the fused
     window-attention forward to its SwinLayers. Returns the `Patched` / `Left` records."""
-    from vitfast.integrations.patch import _MARK, Left, Patched, _bind, _is_transformers_model, qualname
+    from vitfast.integrations.patch import (_MARK, Left, Patched, _bind, _is_transformers_model, adapted_qualname,
+                                           qualname)
 
     cls, records = qualname(model), []
     if _switched(model):
@@ -370,13 +371,14 @@ def patch(model: torch.nn.Module, prefix: str, attention: bool = True, window_at
     else:
         records.append(_switch(model, prefix))
     for name, module in model.named_modules():
-        layer = qualname(module)
+        layer = adapted_qualname(module)
         if layer not in SWIN_LAYERS:
             continue
         full = f"{prefix}.{name}" if prefix else name
         check = _swin_layer_check if layer == _SWIN_LAYER else _old_swin_layer_check
         reason = ("window_attention=False" if not window_attention
-                  else "already patched" if getattr(module, _MARK, None) is not None else check(module))
+                  else "already patched" if getattr(module, _MARK, None) is not None
+                  else check(module) or instance_override(module, ("forward",)))
         if reason:
             records.append(Left(full, layer, reason))
             continue
