@@ -667,6 +667,39 @@ def test_dropout_draws_stay_in_traced_and_exported_programs():
         _window_attention_op(qkv, table, None, None, [3, 3], [1, 1], 0.5, 0.5, None)
 
 
+
+@pytest.mark.parametrize("strict", [False, True], ids=["non_strict", "strict"])
+def test_export_with_dynamic_map_size(strict):
+    """shifted_window_attention tested whether the map needs padding (to pass the qkv bias as padding values only
+    then), which fixed that answer in a program exported with a dynamic height or width (torch.export's constraint
+    error, as torchvision's function gives). Exported at an 8 x 8 map, the program must serve padded and unpadded
+    maps of other sizes as eager does; window_attention likewise, from the minimum its docstring gives."""
+    torch.manual_seed(0)
+    C, heads = 16, 2
+    weights = [torch.randn(3 * C, C) * 0.2, torch.randn(C, C) * 0.2, torch.randn(heads, 16, 16)]
+    qkv_bias, proj_bias = torch.randn(3 * C), torch.randn(C)
+
+    class Shifted(torch.nn.Module):
+        def forward(self, x):
+            return vitfast.shifted_window_attention(x, *weights, [4, 4], heads, [2, 2], qkv_bias=qkv_bias,
+                                                    proj_bias=proj_bias, training=False)
+
+    class Windows(torch.nn.Module):
+        def forward(self, qkv, table):
+            return vitfast.window_attention(qkv, table, 4, 2)
+    H, W = torch.export.Dim("H", min=5, max=64), torch.export.Dim("W", min=5, max=64)
+    shifted = torch.export.export(Shifted(), (torch.randn(2, 8, 8, C),), dynamic_shapes={"x": {1: H, 2: W}},
+                                  strict=strict).module()
+    windows = torch.export.export(Windows(), (torch.randn(2, 8, 8, 3, heads, 8), torch.randn(49, heads)),
+                                  dynamic_shapes={"qkv": {1: H, 2: W}, "table": None}, strict=strict).module()
+    with torch.no_grad():
+        for size in [(9, 13), (12, 16), (5, 7)]:
+            x = torch.randn(2, *size, C)
+            torch.testing.assert_close(shifted(x), Shifted()(x), rtol=0, atol=0)
+            qkv, table = torch.randn(2, *size, 3, heads, 8), torch.randn(49, heads)
+            torch.testing.assert_close(windows(qkv, table), Windows()(qkv, table), rtol=0, atol=0)
+
+
 def test_torch_compile_fullgraph():
     assert_compiles_like_eager(vitfast.nn.ShiftedWindowAttention(16, [3, 3], [1, 1], 2),
                                torch.randn(1, 5, 7, 16, requires_grad=True))

@@ -672,6 +672,9 @@ def window_attention(qkv: Tensor, relative_position_bias: Tensor, window_size: I
             (a table for the full window is cropped to the small one). Without it, only torchvision's rule
             applies: a shift is dropped along an axis the window covers.
 
+    torch.export with a dynamic H or W: the rules above test the map's size against the window, so give the
+    dynamic sizes a minimum above it (`torch.export.Dim("H", min=wh + 1)`).
+
     Autocast: qkv and qkv_pad are cast to the region's dtype, the bias and logit scale are added in fp32
     (as the unfused code's float32 bias promotes the scores), and the output is in the region's dtype.
 
@@ -753,6 +756,10 @@ def shifted_window_attention(input: Tensor, qkv_weight: Tensor, proj_weight: Ten
     Autocast: the two Linears follow F.linear's rule and the attention core `window_attention`'s, so the
     output is in the region's dtype, as torchvision's.
 
+    torch.export with a dynamic H or W exports (torchvision's function does not: it tests whether the map needs
+    padding) where the dynamic sizes have a minimum above the window (`torch.export.Dim("H", min=wh + 1)`), as
+    the shift rule tests the map's size.
+
     Returns:
         (B, H, W, C).
 
@@ -790,7 +797,9 @@ def shifted_window_attention(input: Tensor, qkv_weight: Tensor, proj_weight: Ten
         qkv_bias = torch.cat([qkv_bias[:C], torch.zeros_like(qkv_bias[C:2 * C]), qkv_bias[2 * C:]])
     D = C // num_heads
     qkv = checked_linear(input, qkv_weight, qkv_bias).view(B, H, W, 3, num_heads, D)
-    needs_pad = qkv_bias is not None and (pad_H != H or pad_W != W)
+    # (the op reads pad_qkv at padding pixels only, so passing it where there are none changes nothing; under
+    # torch.export it is always passed: a test of the padded size would fix it for a dynamic height or width)
+    needs_pad = qkv_bias is not None and (torch.compiler.is_exporting() or pad_H != H or pad_W != W)
     x = _attention_core(qkv, relative_position_bias, ws, shift, qkv_bias if needs_pad else None, logit_scale,
                         None, attention_dropout if training else 0.0, "shifted_window_attention")
     x = checked_linear(x, proj_weight, proj_bias)
