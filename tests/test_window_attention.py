@@ -667,7 +667,6 @@ def test_dropout_draws_stay_in_traced_and_exported_programs():
         _window_attention_op(qkv, table, None, None, [3, 3], [1, 1], 0.5, 0.5, None)
 
 
-
 @pytest.mark.parametrize("strict", [False, True], ids=["non_strict", "strict"])
 def test_export_with_dynamic_map_size(strict):
     """shifted_window_attention tested whether the map needs padding (to pass the qkv bias as padding values only
